@@ -1,0 +1,313 @@
+/* dot_x86.h: the 256-bit vec_dot kernels of every weight format, included by avx2.c, avx512.c and
+ * avx512_vnni.c, which compile it for their own target. FL_X86_VNNI picks vpdpbusd over the
+ * maddubs+madd pair; FL_X86_TABLE names the level's lookup function.
+ * Each kernel computes what its fl_vec_dot_<t>_<act>_generic computes, up to float rounding. */
+#include <immintrin.h>
+#include <string.h>
+#include "kernels.h"
+#include "quant_generic.h"
+#include "simd.h"
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float half(fl_half h) {
+    return _cvtsh_ss(h);
+}
+
+/* sums of four products of unsigned bytes u and signed bytes s, as 8 int32; u * s pairs stay below 2^15 */
+static inline __m256i dot_u8i8(__m256i u, __m256i s) {
+#if FL_X86_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* signed x signed through the unsigned form: |x| * (y with the sign of x); y is never -128 */
+static inline __m256i dot_i8i8(__m256i x, __m256i y) {
+    return dot_u8i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+/* u8 x i8 products summed in pairs, then times a 16-bit scale per 128-bit half, as 8 int32 */
+static inline __m256i dot_u8i8_scaled(__m256i u, __m256i s, __m256i scales16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scales16);
+}
+
+static inline __m256i scales16_pair(int lo, int hi) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
+}
+
+/* 16 packed nibbles -> 32 bytes: low nibbles first (elements 0..15), then the high ones (16..31) */
+static inline __m256i nibbles_lo_hi(const uint8_t *q) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q);
+    __m128i m4 = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+}
+
+static inline __m256i load256(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* ---------------------------------------------------------------- float formats, f32 activations */
+#define FLOAT_DOT(name, LOAD8, scalar)                                                                   \
+    static void name(int64_t n, float *s, const void *vx, const void *vy) {                             \
+        const uint8_t *x = vx;                                                                         \
+        const float *y = vy;                                                                           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                    \
+        int64_t i = 0;                                                                                 \
+        for (; i + 32 <= n; i += 32) {                                                                 \
+            a0 = _mm256_fmadd_ps(LOAD8(x, i), _mm256_loadu_ps(y + i), a0);                             \
+            a1 = _mm256_fmadd_ps(LOAD8(x, i + 8), _mm256_loadu_ps(y + i + 8), a1);                     \
+            a2 = _mm256_fmadd_ps(LOAD8(x, i + 16), _mm256_loadu_ps(y + i + 16), a2);                   \
+            a3 = _mm256_fmadd_ps(LOAD8(x, i + 24), _mm256_loadu_ps(y + i + 24), a3);                   \
+        }                                                                                              \
+        for (; i + 8 <= n; i += 8)                                                                     \
+            a0 = _mm256_fmadd_ps(LOAD8(x, i), _mm256_loadu_ps(y + i), a0);                             \
+        float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));              \
+        for (; i < n; i++)                                                                             \
+            sum += scalar(x, i) * y[i];                                                                \
+        *s = sum;                                                                                      \
+    }
+
+#define LOAD8_F32(x, i) _mm256_loadu_ps((const float *)(x) + (i))
+#define LOAD8_F16(x, i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(x) + (i))))
+#define LOAD8_BF16(x, i)                                                                                 \
+    _mm256_castsi256_ps(                                                                               \
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(x) + (i)))), 16))
+#define SCALAR_F32(x, i) (((const float *)(x))[i])
+#define SCALAR_F16(x, i) half(((const uint16_t *)(x))[i])
+#define SCALAR_BF16(x, i) fl_bf16_to_fp32(((const uint16_t *)(x))[i])
+
+FLOAT_DOT(dot_f32, LOAD8_F32, SCALAR_F32)
+FLOAT_DOT(dot_f16, LOAD8_F16, SCALAR_F16)
+FLOAT_DOT(dot_bf16, LOAD8_BF16, SCALAR_BF16)
+
+/* ---------------------------------------------------------------- Q8_0 and MXFP4, Q8_0 activations */
+static void dot_q8_0(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q8_0 *x = vx;
+    const block_q8_0 *y = vy;
+    int64_t nb = n / QK8_0, i = 0;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (; i + 2 <= nb; i += 2) {
+        __m256i p0 = dot_i8i8(load256(x[i].qs), load256(y[i].qs));
+        __m256i p1 = dot_i8i8(load256(x[i + 1].qs), load256(y[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i + 1].d) * half(y[i + 1].d)), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++) {
+        __m256i p = dot_i8i8(load256(x[i].qs), load256(y[i].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc0);
+    }
+    *s = hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+static void dot_mxfp4(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_mxfp4 *x = vx;
+    const block_q8_0 *y = vy;
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)fl_kvalues_mxfp4));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_MXFP4; i++) {
+        __m256i q = _mm256_shuffle_epi8(values, nibbles_lo_hi(x[i].qs));
+        __m256i p = dot_i8i8(q, load256(y[i].qs));
+        float d = fl_e8m0_to_fp32_half(x[i].e) * half(y[i].d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+/* ---------------------------------------------------------------- k-quants, Q8_K activations */
+static void dot_q4_K(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q4_K *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        uint8_t sc[8], m[8];
+        int summ = 0;
+        for (int j = 0; j < 8; j++) {
+            fl_get_scale_min_k4(j, x[i].scales, &sc[j], &m[j]);
+            summ += m[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+        }
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256i q4 = load256(x[i].qs + 32 * j);
+            __m256i lo = _mm256_and_si256(q4, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            sumi = _mm256_add_epi32(sumi, dot_u8i8_scaled(lo, load256(y[i].qs + 64 * j), _mm256_set1_epi16(sc[2 * j])));
+            sumi = _mm256_add_epi32(sumi,
+                                    dot_u8i8_scaled(hi, load256(y[i].qs + 64 * j + 32), _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        mins += y[i].d * half(x[i].dmin) * (float)summ;
+    }
+    *s = hsum_ps(acc) - mins;
+}
+
+static void dot_q5_K(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q5_K *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        uint8_t sc[8], m[8];
+        int summ = 0;
+        for (int j = 0; j < 8; j++) {
+            fl_get_scale_min_k4(j, x[i].scales, &sc[j], &m[j]);
+            summ += m[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+        }
+        const __m256i qh = load256(x[i].qh);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256i q4 = load256(x[i].qs + 32 * j);
+            __m256i h_lo = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4);
+            __m256i h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4);
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(q4, m4), h_lo);
+            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h_hi);
+            sumi = _mm256_add_epi32(sumi, dot_u8i8_scaled(lo, load256(y[i].qs + 64 * j), _mm256_set1_epi16(sc[2 * j])));
+            sumi = _mm256_add_epi32(sumi,
+                                    dot_u8i8_scaled(hi, load256(y[i].qs + 64 * j + 32), _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        mins += y[i].d * half(x[i].dmin) * (float)summ;
+    }
+    *s = hsum_ps(acc) - mins;
+}
+
+static void dot_q6_K(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q6_K *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const int8_t *sc = x[i].scales;
+        int offset = 0; /* the -32 of every weight, applied through the block sums of the activations */
+        for (int j = 0; j < 16; j++)
+            offset += sc[j] * y[i].bsums[j];
+        __m256i sumi = _mm256_setzero_si256();
+        for (int half_block = 0; half_block < 2; half_block++) {
+            const uint8_t *ql = x[i].ql + 64 * half_block;
+            const int8_t *q8 = y[i].qs + 128 * half_block;
+            const int8_t *s8 = sc + 8 * half_block;
+            __m256i qh = load256(x[i].qh + 32 * half_block);
+            __m256i ql0 = load256(ql), ql1 = load256(ql + 32);
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4)),
+            };
+            for (int j = 0; j < 4; j++)
+                sumi = _mm256_add_epi32(sumi, dot_u8i8_scaled(q[j], load256(q8 + 32 * j),
+                                                              scales16_pair(s8[2 * j], s8[2 * j + 1])));
+        }
+        sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+static void dot_q2_K(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q2_K *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const uint8_t *sc = x[i].scales;
+        int summ = 0;
+        for (int j = 0; j < 16; j++)
+            summ += (sc[j] >> 4) * y[i].bsums[j];
+        __m256i sumi = _mm256_setzero_si256();
+        for (int half_block = 0; half_block < 2; half_block++) {
+            __m256i qs = load256(x[i].qs + 32 * half_block);
+            const int8_t *q8 = y[i].qs + 128 * half_block;
+            for (int j = 0; j < 4; j++) {
+                int sb = 8 * half_block + 2 * j;
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m2);
+                sumi = _mm256_add_epi32(sumi, dot_u8i8_scaled(q, load256(q8 + 32 * j),
+                                                              scales16_pair(sc[sb] & 15, sc[sb + 1] & 15)));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        mins += y[i].d * half(x[i].dmin) * (float)summ;
+    }
+    *s = hsum_ps(acc) - mins;
+}
+
+/* ---------------------------------------------------------------- i-quants, Q8_K activations */
+static void dot_iq4_xs(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq4_xs *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)fl_kvalues_iq4nl));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            int ls = ((x[i].scales_l[ib / 2] >> 4 * (ib % 2)) & 0xf) | (((x[i].scales_h >> 2 * ib) & 3) << 4);
+            __m256i q = _mm256_shuffle_epi8(values, nibbles_lo_hi(x[i].qs + 16 * ib));
+            __m256i p = dot_i8i8(q, load256(y[i].qs + 32 * ib));
+            sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, _mm256_set1_epi32(ls - 32)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+static void dot_iq2_xxs(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq2_xxs *x = vx;
+    const block_q8_K *y = vy;
+    /* byte j of each 8-byte group tests sign bit j of its group's sign byte */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                            3, 3, 3, 3, 3, 3, 3);
+    const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            uint32_t aux[2];
+            memcpy(aux, x[i].qs + 4 * ib, sizeof(aux));
+            __m256i grid = _mm256_setr_epi64x((long long)fl_iq2xxs_grid[aux[0] & 0xff],
+                                              (long long)fl_iq2xxs_grid[(aux[0] >> 8) & 0xff],
+                                              (long long)fl_iq2xxs_grid[(aux[0] >> 16) & 0xff],
+                                              (long long)fl_iq2xxs_grid[aux[0] >> 24]);
+            uint32_t signs = (uint32_t)fl_iq2_signs(aux[1] & 127) | (uint32_t)fl_iq2_signs((aux[1] >> 7) & 127) << 8 |
+                             (uint32_t)fl_iq2_signs((aux[1] >> 14) & 127) << 16 |
+                             (uint32_t)fl_iq2_signs((aux[1] >> 21) & 127) << 24;
+            __m256i sbytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)signs), spread);
+            __m256i neg = _mm256_cmpeq_epi8(_mm256_and_si256(sbytes, bits), bits);
+            __m256i q8 = load256(y[i].qs + 32 * ib);
+            q8 = _mm256_sub_epi8(_mm256_xor_si256(q8, neg), neg);
+            __m256i p = dot_u8i8(grid, q8);
+            sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, _mm256_set1_epi32(2 * (int)(aux[1] >> 28) + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *s = 0.125f * hsum_ps(acc);
+}
+
+fl_vec_dot_fn FL_X86_TABLE(int type) {
+    switch (type) {
+    case FL_TYPE_F32: return dot_f32;
+    case FL_TYPE_F16: return dot_f16;
+    case FL_TYPE_BF16: return dot_bf16;
+    case FL_TYPE_Q8_0: return dot_q8_0;
+    case FL_TYPE_MXFP4: return dot_mxfp4;
+    case FL_TYPE_Q2_K: return dot_q2_K;
+    case FL_TYPE_Q4_K: return dot_q4_K;
+    case FL_TYPE_Q5_K: return dot_q5_K;
+    case FL_TYPE_Q6_K: return dot_q6_K;
+    case FL_TYPE_IQ2_XXS: return dot_iq2_xxs;
+    case FL_TYPE_IQ4_XS: return dot_iq4_xs;
+    default: return NULL;
+    }
+}

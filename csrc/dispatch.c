@@ -1,0 +1,47 @@
+/* dispatch.c: picks the kernels of the SIMD level in use (cpu.c). A level without a kernel for a type
+ * falls back to the level below it and finally to the plain-C reference of the type's traits. */
+#include "flashlite.h"
+#include "kernels.h"
+#include "simd.h"
+
+fl_vec_dot_fn fl_vec_dot(int type) {
+    const struct fl_type_traits *traits = fl_traits(type);
+    if (!traits)
+        return NULL;
+    fl_vec_dot_fn dot = NULL;
+    switch (fl_simd_level()) {
+#if defined(__x86_64__)
+    case FL_SIMD_AVX512:
+        dot = fl_simd_has_vnni() ? fl_dot_avx512_vnni(type) : fl_dot_avx512(type);
+        if (dot)
+            break;
+        /* fall through */
+    case FL_SIMD_AVX2:
+        dot = fl_dot_avx2(type);
+        break;
+#elif defined(__aarch64__)
+    case FL_SIMD_NEON:
+        dot = fl_dot_neon(type);
+        break;
+#endif
+    default:
+        break;
+    }
+    return dot ? dot : traits->vec_dot_generic;
+}
+
+const struct fl_gemm_kernel *fl_gemm_kernel(void) {
+    switch (fl_simd_level()) {
+#if defined(__x86_64__)
+    case FL_SIMD_AVX512:
+        return &fl_gemm_avx512;
+    case FL_SIMD_AVX2:
+        return &fl_gemm_avx2;
+#elif defined(__aarch64__)
+    case FL_SIMD_NEON:
+        return &fl_gemm_neon;
+#endif
+    default:
+        return &fl_gemm_scalar;
+    }
+}

@@ -1,0 +1,103 @@
+/* flashlite.h: the whole ABI of the flashlite C core, and the source of the cffi cdef.
+ * cdef does not preprocess, so every preprocessor line stands alone and is dropped by the build;
+ * declarations below use only fixed-width integers, opaque handles and int error codes. */
+#ifndef FLASHLITE_H
+#define FLASHLITE_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---------------------------------------------------------------- errors */
+enum fl_status {
+    FL_OK = 0,
+    FL_EINVAL = -1,  /* an argument is out of range or inconsistent */
+    FL_ETYPE = -2,   /* the tensor type is unknown or not supported by this call */
+    FL_ENOMEM = -3,  /* an allocation failed */
+    FL_EIO = -4      /* a read or write failed */
+};
+
+/* ---------------------------------------------------------------- tensor types (ggml/GGUF ids) */
+enum fl_type {
+    FL_TYPE_F32 = 0,
+    FL_TYPE_F16 = 1,
+    FL_TYPE_Q8_0 = 8,
+    FL_TYPE_Q2_K = 10,
+    FL_TYPE_Q4_K = 12,
+    FL_TYPE_Q5_K = 13,
+    FL_TYPE_Q6_K = 14,
+    FL_TYPE_Q8_K = 15,
+    FL_TYPE_IQ2_XXS = 16,
+    FL_TYPE_IQ4_XS = 23,
+    FL_TYPE_BF16 = 30,
+    FL_TYPE_MXFP4 = 39
+};
+
+/* Elements per block and bytes per block of a type; 0 for a type the core does not know. */
+int64_t fl_type_block_elems(int type);
+int64_t fl_type_block_bytes(int type);
+/* Bytes of one row of n elements (n must be a multiple of the block size), or -1. */
+int64_t fl_row_bytes(int type, int64_t n);
+
+/* n elements, n a multiple of the block size. quantize uses the reference (ggml *_ref) algorithm. */
+int fl_dequantize(int type, const void *src, float *dst, int64_t n);
+int fl_quantize(int type, const float *src, void *dst, int64_t n);
+
+/* ---------------------------------------------------------------- CPU features and kernel level */
+enum fl_simd {
+    FL_SIMD_SCALAR = 0,
+    FL_SIMD_AVX2 = 1,
+    FL_SIMD_AVX512 = 2,
+    FL_SIMD_NEON = 3
+};
+/* The best level this CPU supports, and the level in use (FLASHLITE_SIMD=scalar|avx2|avx512|neon forces it). */
+int fl_simd_best(void);
+int fl_simd_level(void);
+/* Select a level; FL_EINVAL when the CPU lacks it. */
+int fl_simd_set(int level);
+/* 1 when the AVX-512 path uses VNNI instructions on this CPU. */
+int fl_simd_has_vnni(void);
+
+/* ---------------------------------------------------------------- threads */
+/* The persistent pool of the core; n <= 0 means one thread per online CPU. */
+int fl_threads_set(int n);
+int fl_threads_get(void);
+
+/* ---------------------------------------------------------------- matmul */
+/* Y[t, r] = sum_k W[r, k] * X[t, k] for t < n_tok, r < rows.
+ * W: rows x k elements of type wtype, row-major, each row fl_row_bytes(wtype, k) bytes.
+ * X: n_tok x k float32, row-major; Y: n_tok x rows float32, row-major.
+ * Decode (fewer than FL_PREFILL_MIN_TOKENS tokens) pairs quantized weights with activations quantized on the
+ * fly (Q8_0 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
+int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y);
+
+/* ---------------------------------------------------------------- block formats: reference dots */
+/* The type activations are converted to before a dot with weights of this type (F32, Q8_0 or Q8_K), or -1. */
+int fl_type_act_type(int type);
+/* *s = the plain-C reference dot of one weight row vx (n elements of type) and one activation row vy already
+ * in fl_type_act_type(type): what every SIMD kernel must reproduce. FL_ETYPE for a type without a dot. */
+int fl_vec_dot_ref(int type, const void *vx, const void *vy, int64_t n, float *s);
+
+/* ---------------------------------------------------------------- DeepSeek V4 forward (attention.c, moe.c) */
+/* out[t, h] = sum_i softmax_i([q[t,h].row_i * scale]_i ++ [sinks[h]])_i * row_i, over the rows each query t sees:
+ * win rows [win_range[2t], win_range[2t+1]) and the cmp rows listed in cmp_idx[t, :k_cmp] (-1 = none).
+ * q, out: [n_tok, n_head, head_dim]; win: [n_win, head_dim]; cmp: [n_cmp, head_dim]; all float32. */
+int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
+                 const float *win, int64_t n_win, const int32_t *win_range,
+                 const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
+                 const float *sinks, float scale, float *out);
+/* Compressor rows before their norm: out[j, c] = sum_s softmax_s(score[s, c]) * kv[s, c] over the slots of row j.
+ * Token logs kv, score: [tokens, width], width = 2d with overlap (ratio 4) and d without. Without overlap row j
+ * pools tokens [j*ratio, (j+1)*ratio). With overlap it pools features [0, d) of the window before and [d, 2d) of
+ * its own; has_prev says the logs start one window early, else the first row's earlier half is empty. */
+int fl_compress_pool(int64_t n_rows, int64_t ratio, int64_t d, int overlap, int has_prev,
+                     const float *kv, const float *score, float *out);
+/* out[t] += sum_k weights[t, k] * down_e(silu(min(gate_e x, limit)) * clamp(up_e x, +-limit)), e = idx[t, k],
+ * over experts in ascending order. Expert e's matrices start at gate_w + e * gate_stride bytes (likewise up,
+ * down): gate, up [inter, dim] and down [dim, inter] rows of their types. x, out: [n_tok, dim] float32. */
+int fl_moe_experts(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, int64_t n_expert,
+                   const float *x, const int32_t *idx, const float *weights,
+                   int gate_type, const void *gate_w, int64_t gate_stride,
+                   int up_type, const void *up_w, int64_t up_stride,
+                   int down_type, const void *down_w, int64_t down_stride,
+                   float limit, float *out);
+
+#endif

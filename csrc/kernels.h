@@ -1,0 +1,37 @@
+/* kernels.h: internal interface between the block formats, the SIMD kernels and the matmul driver.
+ * Follows ggml's split: plain-C *_generic reference kernels per format (quant_*.c), SIMD versions of the
+ * same names per architecture (arch/), and one traits table indexed by type (types.c) that matmul reads. */
+#ifndef FLASHLITE_KERNELS_H
+#define FLASHLITE_KERNELS_H
+#include <stdint.h>
+#include "flashlite.h"
+#include "quants.h"
+
+typedef void (*fl_to_float_fn)(const void *src, float *dst, int64_t n);
+typedef void (*fl_from_float_fn)(const float *src, void *dst, int64_t n);
+/* s = dot(one weight row vx, one activation row vy), both n elements, vy in the type's act_type. */
+typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *vy);
+
+struct fl_type_traits {
+    const char *name;
+    int64_t blck;                  /* elements per block */
+    int64_t bytes;                 /* bytes per block */
+    fl_to_float_fn to_float;       /* dequantize */
+    fl_from_float_fn from_float;   /* reference quantizer; NULL where the format has none */
+    int act_type;                  /* what activations are converted to before vec_dot: F32, Q8_0 or Q8_K */
+    fl_vec_dot_fn vec_dot_generic; /* plain-C reference dot */
+};
+
+/* The traits of a type, or NULL for a type the core does not know. */
+const struct fl_type_traits *fl_traits(int type);
+
+/* The dot kernel of a weight type at the SIMD level in use (falls back to the generic one). */
+fl_vec_dot_fn fl_vec_dot(int type);
+
+/* half-precision conversions shared by every format */
+float fl_fp16_to_fp32(fl_half h);
+fl_half fl_fp32_to_fp16(float f);
+float fl_bf16_to_fp32(uint16_t h);
+uint16_t fl_fp32_to_bf16(float f);
+
+#endif

@@ -1,0 +1,184 @@
+/* matmul.c: Y = X W^T for any weight format, split across the thread pool.
+ * Decode (few tokens) streams each weight row once through the format's SIMD dot, against activations
+ * quantized once per call to the format's act type, as ggml pairs them. It is bound by memory bandwidth.
+ * Prefill (many tokens) is bound by arithmetic instead: each block of weight rows is dequantized once to
+ * f32 and multiplied by every token with a register-tiled FMA kernel, the way ggml's BLAS path does, so
+ * the cost of unpacking a format is spread over all the tokens. */
+#include <stdlib.h>
+#include <string.h>
+#include "flashlite.h"
+#include "kernels.h"
+#include "simd.h"
+#include "threadpool.h"
+
+/* k per GEMM tile call: keeps a tile's slice of weights and tokens in L1 */
+#define KC 256
+/* weight rows dequantized together, in tiles: each dequantized slice is reused by every token block */
+#define TILES_PER_BLOCK 4
+/* at most this many weight rows per decode task: enough to stream, small enough to balance */
+#define DECODE_MAX_ROWS 64
+/* how far ahead of the dot the decode path prefetches weights */
+#define PREFETCH_BYTES 2048
+
+struct decode_job {
+    fl_vec_dot_fn dot;
+    const uint8_t *w;
+    size_t w_row;
+    const uint8_t *xq;
+    size_t x_row;
+    int64_t rows, k, n_tok, chunk;
+    float *y;
+};
+
+static void decode_task(void *ctx, int64_t task, int thread) {
+    const struct decode_job *j = ctx;
+    (void)thread;
+    int64_t r0 = task * j->chunk;
+    int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
+    /* the compute-heavy dots keep few loads in flight, so fetch the row PREFETCH_BYTES ahead by hand */
+    int64_t ahead = (PREFETCH_BYTES + (int64_t)j->w_row - 1) / (int64_t)j->w_row;
+    for (int64_t r = r0; r < r1; r++) {
+        if (r + ahead < r1) {
+            const uint8_t *next = j->w + (r + ahead) * j->w_row;
+            for (size_t off = 0; off < j->w_row; off += 64)
+                __builtin_prefetch(next + off, 0, 0);
+        }
+        for (int64_t t = 0; t < j->n_tok; t++)
+            j->dot(j->k, &j->y[t * j->rows + r], j->w + r * j->w_row, j->xq + t * j->x_row);
+    }
+}
+
+static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
+                  const float *x, int64_t n_tok, float *y) {
+    struct decode_job job = {fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x,
+                             (size_t)k * sizeof(float), rows, k, n_tok, 0, y};
+    uint8_t *xq = NULL;
+    if (wt->act_type != FL_TYPE_F32) {
+        const struct fl_type_traits *at = fl_traits(wt->act_type);
+        if (!at || !at->from_float)
+            return FL_ETYPE;
+        job.x_row = (size_t)fl_row_bytes(wt->act_type, k);
+        xq = malloc(job.x_row * (size_t)n_tok);
+        if (!xq)
+            return FL_ENOMEM;
+        for (int64_t t = 0; t < n_tok; t++)
+            at->from_float(x + t * k, xq + t * job.x_row, k);
+        job.xq = xq;
+    }
+    int threads = fl_threads_get();
+    int64_t per_thread = (rows + threads - 1) / threads;
+    job.chunk = per_thread < DECODE_MAX_ROWS ? per_thread : DECODE_MAX_ROWS;
+    fl_parallel_for((rows + job.chunk - 1) / job.chunk, 0, decode_task, &job);
+    free(xq);
+    return FL_OK;
+}
+
+struct prefill_job {
+    const struct fl_type_traits *wt;
+    const struct fl_gemm_kernel *gk;
+    const uint8_t *w;
+    size_t w_row;
+    int64_t rows, k, n_tok;
+    int64_t n_tb;        /* token blocks of gk->nt */
+    int64_t block_rows;  /* gk->mr * TILES_PER_BLOCK */
+    const float *x;
+    float *xp;           /* tokens packed per block: [n_tb][k][nt], zero past n_tok */
+    float *scratch;      /* per thread: one row, the packed weight block, its accumulators */
+    size_t scratch_floats;
+    float *y;
+};
+
+static void pack_tokens_task(void *ctx, int64_t tb, int thread) {
+    const struct prefill_job *j = ctx;
+    (void)thread;
+    int nt = j->gk->nt;
+    float *dst = j->xp + tb * j->k * nt;
+    for (int c = 0; c < nt; c++) {
+        int64_t t = tb * nt + c;
+        if (t < j->n_tok) {
+            const float *src = j->x + t * j->k;
+            for (int64_t kk = 0; kk < j->k; kk++)
+                dst[kk * nt + c] = src[kk];
+        } else {
+            for (int64_t kk = 0; kk < j->k; kk++)
+                dst[kk * nt + c] = 0.0f;
+        }
+    }
+}
+
+static void prefill_block_task(void *ctx, int64_t block, int thread) {
+    const struct prefill_job *j = ctx;
+    const int mr = j->gk->mr, nt = j->gk->nt;
+    const int64_t k = j->k, n_tb = j->n_tb;
+    float *row = j->scratch + (size_t)thread * j->scratch_floats;
+    float *wpack = row + k;                     /* [tile][k][mr] */
+    float *acc = wpack + j->block_rows * k;     /* [tile][tb][mr][nt] */
+    int64_t r0 = block * j->block_rows;
+    int64_t n_rows = j->rows - r0 < j->block_rows ? j->rows - r0 : j->block_rows;
+    int n_tiles = (int)((n_rows + mr - 1) / mr);
+
+    for (int i = 0; i < n_tiles * mr; i++) {
+        if (i < n_rows)
+            j->wt->to_float(j->w + (r0 + i) * j->w_row, row, k);
+        else
+            memset(row, 0, (size_t)k * sizeof(float));
+        float *dst = wpack + (int64_t)(i / mr) * mr * k + i % mr;
+        for (int64_t kk = 0; kk < k; kk++)
+            dst[kk * mr] = row[kk];
+    }
+    for (int64_t kb = 0; kb < k; kb += KC) {
+        int64_t kc = k - kb < KC ? k - kb : KC;
+        for (int64_t tb = 0; tb < n_tb; tb++)
+            for (int tile = 0; tile < n_tiles; tile++)
+                j->gk->tile(kc, wpack + tile * mr * k + kb * mr, j->xp + tb * k * nt + kb * nt,
+                            acc + (tile * n_tb + tb) * mr * nt, kb == 0);
+    }
+    for (int64_t t = 0; t < j->n_tok; t++) {
+        int64_t tb = t / nt;
+        int c = (int)(t % nt);
+        float *yt = j->y + t * j->rows + r0;
+        for (int64_t i = 0; i < n_rows; i++)
+            yt[i] = acc[((i / mr) * n_tb + tb) * mr * nt + (i % mr) * nt + c];
+    }
+}
+
+static void *alloc_floats(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+static int prefill(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
+                   const float *x, int64_t n_tok, float *y) {
+    const struct fl_gemm_kernel *gk = fl_gemm_kernel();
+    struct prefill_job job = {wt, gk, w, (size_t)fl_row_bytes(wtype, k), rows, k, n_tok,
+                              (n_tok + gk->nt - 1) / gk->nt, (int64_t)gk->mr * TILES_PER_BLOCK, x,
+                              NULL, NULL, 0, y};
+    int threads = fl_threads_get();
+    job.scratch_floats = (size_t)(k + job.block_rows * k + job.block_rows * job.n_tb * gk->nt);
+    job.scratch_floats = (job.scratch_floats + 15) & ~(size_t)15; /* each thread's part on its own lines */
+    job.xp = alloc_floats((size_t)job.n_tb * gk->nt * k);
+    job.scratch = alloc_floats(job.scratch_floats * threads);
+    if (!job.xp || !job.scratch) {
+        free(job.xp);
+        free(job.scratch);
+        return FL_ENOMEM;
+    }
+    fl_parallel_for(job.n_tb, 0, pack_tokens_task, &job);
+    fl_parallel_for((rows + job.block_rows - 1) / job.block_rows, threads, prefill_block_task, &job);
+    free(job.xp);
+    free(job.scratch);
+    return FL_OK;
+}
+
+int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
+    const struct fl_type_traits *wt = fl_traits(wtype);
+    if (!wt || !wt->vec_dot_generic || !wt->to_float)
+        return FL_ETYPE;
+    if (!w || !x || !y || rows <= 0 || k <= 0 || n_tok < 0 || k % wt->blck)
+        return FL_EINVAL;
+    if (n_tok == 0)
+        return FL_OK;
+    if (n_tok >= FL_PREFILL_MIN_TOKENS)
+        return prefill(wtype, wt, w, rows, k, x, n_tok, y);
+    return decode(wtype, wt, w, rows, k, x, n_tok, y);
+}

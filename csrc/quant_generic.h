@@ -1,0 +1,89 @@
+/* quant_generic.h: the plain-C reference kernels of every block format, as ggml names them.
+ * Per type: fl_dequantize_row_<t> (bit-exact with ggml and gguf-py), fl_quantize_row_<t>_ref (ggml's *_ref
+ * algorithm, the one that writes model files) and fl_vec_dot_<t>_<act>_generic (the dot the SIMD kernels
+ * must reproduce). n counts elements and is a multiple of the block size; vy is already in the act type. */
+#ifndef FLASHLITE_QUANT_GENERIC_H
+#define FLASHLITE_QUANT_GENERIC_H
+#include <stdint.h>
+#include <string.h>
+#include "quants.h"
+
+/* round to nearest, ties away from zero on the float's own grid: ggml's nearest_int (valid for |x| < 2^22) */
+static inline int fl_nearest_int(float x) {
+    float shifted = x + 12582912.f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof(bits));
+    return (bits & 0x007fffff) - 0x00400000;
+}
+
+/* the MXFP4 scale: 2^(e-127) / 2, so that the doubled e2m1 values come out right (subnormal for e < 2) */
+static inline float fl_e8m0_to_fp32_half(uint8_t e) {
+    uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+/* ---------------------------------------------------------------- float formats (quant_float.c) */
+void fl_dequantize_row_f32(const void *src, float *dst, int64_t n);
+void fl_quantize_row_f32_ref(const float *src, void *dst, int64_t n);
+void fl_dequantize_row_f16(const void *src, float *dst, int64_t n);
+void fl_quantize_row_f16_ref(const float *src, void *dst, int64_t n);
+void fl_dequantize_row_bf16(const void *src, float *dst, int64_t n);
+void fl_quantize_row_bf16_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_f32_f32_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_vec_dot_f16_f32_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_vec_dot_bf16_f32_generic(int64_t n, float *s, const void *vx, const void *vy);
+
+/* ---------------------------------------------------------------- 8-bit formats (quant_q8.c) */
+void fl_dequantize_row_q8_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q8_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q8_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q8_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q8_K_ref(const float *src, void *dst, int64_t n);
+
+/* ---------------------------------------------------------------- MXFP4 (quant_mxfp4.c) */
+extern const int8_t fl_kvalues_mxfp4[16];
+void fl_dequantize_row_mxfp4(const void *src, float *dst, int64_t n);
+void fl_quantize_row_mxfp4_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_mxfp4_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+
+/* ---------------------------------------------------------------- k-quants (quant_k.c) */
+void fl_dequantize_row_q2_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q2_K_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q2_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q4_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q4_K_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q4_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q5_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q5_K_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q5_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q6_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q6_K_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q6_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+/* the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes of q4_K / q5_K */
+static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* ---------------------------------------------------------------- i-quants (quant_iq.c) */
+extern const int8_t fl_kvalues_iq4nl[16];
+extern const uint64_t fl_iq2xxs_grid[256];
+/* the 8 sign bits of 7 stored ones: the eighth makes the count of minus signs even */
+static inline uint8_t fl_iq2_signs(uint32_t seven) {
+    return (uint8_t)(seven | ((uint32_t)__builtin_parity(seven) << 7));
+}
+void fl_dequantize_row_iq2_xxs(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq4_xs(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq4_xs_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_iq4_xs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+
+#endif

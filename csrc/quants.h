@@ -1,0 +1,89 @@
+/* quants.h: the block layouts of every quantized type, byte-compatible with ggml/GGUF.
+ * One struct per type with its block size, a static size check, and the value formula. */
+#ifndef FLASHLITE_QUANTS_H
+#define FLASHLITE_QUANTS_H
+#include <stdint.h>
+
+typedef uint16_t fl_half;  /* IEEE binary16 bits */
+
+#define QK8_0 32
+/* x = d * qs[i]; 8.5 bits per weight */
+typedef struct {
+    fl_half d;
+    int8_t qs[QK8_0];
+} block_q8_0;
+_Static_assert(sizeof(block_q8_0) == 2 + QK8_0, "wrong q8_0 block size");
+
+#define QK_MXFP4 32
+/* x = kvalues_mxfp4[q] * 2^(e-127) / 2, q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.25 bpw */
+typedef struct {
+    uint8_t e;
+    uint8_t qs[QK_MXFP4 / 2];
+} block_mxfp4;
+_Static_assert(sizeof(block_mxfp4) == 1 + QK_MXFP4 / 2, "wrong mxfp4 block size");
+
+#define QK_K 256
+#define K_SCALE_SIZE 12
+
+/* 16 sub-blocks of 16: x = d * (scales[i] & 15) * q - dmin * (scales[i] >> 4), q in 0..3; 2.625 bpw */
+typedef struct {
+    uint8_t scales[QK_K / 16];
+    uint8_t qs[QK_K / 4];
+    fl_half d;
+    fl_half dmin;
+} block_q2_K;
+_Static_assert(sizeof(block_q2_K) == 2 * 2 + QK_K / 16 + QK_K / 4, "wrong q2_K block size");
+
+/* 8 sub-blocks of 32, 6-bit scales and mins packed in 12 bytes: x = d * sc * q - dmin * m, q in 0..15; 4.5 bpw */
+typedef struct {
+    fl_half d;
+    fl_half dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qs[QK_K / 2];
+} block_q4_K;
+_Static_assert(sizeof(block_q4_K) == 2 * 2 + K_SCALE_SIZE + QK_K / 2, "wrong q4_K block size");
+
+/* as q4_K with a fifth bit per weight in qh: q in 0..31; 5.5 bpw */
+typedef struct {
+    fl_half d;
+    fl_half dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} block_q5_K;
+_Static_assert(sizeof(block_q5_K) == 2 * 2 + K_SCALE_SIZE + QK_K / 8 + QK_K / 2, "wrong q5_K block size");
+
+/* 16 sub-blocks of 16 with int8 scales: x = d * scales[i] * (q - 32), q in 0..63 (4 low bits in ql, 2 in qh); 6.5625 bpw */
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    fl_half d;
+} block_q6_K;
+_Static_assert(sizeof(block_q6_K) == 2 + QK_K / 16 + 3 * QK_K / 4, "wrong q6_K block size");
+
+/* activations for the k-quants: x = d * qs[i]; bsums[j] = sum of qs over the j-th group of 16 */
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} block_q8_K;
+_Static_assert(sizeof(block_q8_K) == 4 + QK_K + QK_K / 16 * 2, "wrong q8_K block size");
+
+/* 8 groups of 32; each group is 4 grid indices (8 bits into iq2xxs_grid) and 4x7 sign bits + a 4-bit scale; 2.0625 bpw */
+typedef struct {
+    fl_half d;
+    uint16_t qs[QK_K / 8];
+} block_iq2_xxs;
+_Static_assert(sizeof(block_iq2_xxs) == 2 + QK_K / 8 * 2, "wrong iq2_xxs block size");
+
+/* 8 sub-blocks of 32 with 6-bit scales: x = d * (ls - 32) * kvalues_iq4nl[q]; 4.25 bpw */
+typedef struct {
+    fl_half d;
+    uint16_t scales_h;
+    uint8_t scales_l[QK_K / 64];
+    uint8_t qs[QK_K / 2];
+} block_iq4_xs;
+_Static_assert(sizeof(block_iq4_xs) == 2 + 2 + QK_K / 64 + QK_K / 2, "wrong iq4_xs block size");
+
+#endif

@@ -1,0 +1,114 @@
+"""Open a GGUF model file: its metadata and its tensors as numpy views into one memory map (no copies).
+
+The file is treated as hostile: every failure raises a ValueError (or FileNotFoundError) naming the file and,
+where there is one, the tensor or key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+# Weight types whose matmul the C core implements (ggml type ids).
+MATMUL_TYPES = tuple(
+    GGMLQuantizationType[n]
+    for n in ("F32", "F16", "BF16", "Q8_0", "Q2_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ4_XS", "MXFP4")
+)
+
+
+@dataclass(frozen=True)
+class WeightView:
+    """One tensor of the file. `data` views the memory map: numpy order (ne reversed); for block-quantized and
+    bf16 types its last axis is bytes. `ne` is the ggml shape (ne[0] fastest)."""
+
+    name: str
+    type: GGMLQuantizationType
+    ne: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        """Rows of a matrix (ne[1]) or of one expert slice (ne[1] of ne [k, rows, experts])."""
+        return self.ne[1] if len(self.ne) > 1 else 1
+
+    @property
+    def k(self) -> int:
+        return self.ne[0]
+
+    def to_f32(self) -> np.ndarray:
+        """The values as float32 in numpy order; a view when stored as F32, a decoded copy otherwise."""
+        if self.type == GGMLQuantizationType.F32:
+            return self.data
+        if self.type == GGMLQuantizationType.BF16:
+            bits = np.ascontiguousarray(self.data).view(np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(tuple(reversed(self.ne)))
+        if self.type == GGMLQuantizationType.F16:
+            return self.data.astype(np.float32)
+        return dequantize(self.data, self.type).reshape(tuple(reversed(self.ne))).astype(np.float32, copy=False)
+
+
+def _field_value(field):
+    """A metadata value as a Python scalar, str, or list."""
+    if field.types[0] == GGUFValueType.ARRAY:
+        if field.types[-1] == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+        return [field.parts[i][0].item() for i in field.data]
+    if field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    return field.parts[field.data[0]][0].item()
+
+
+class GGUFFile:
+    """Metadata and tensor views of one GGUF file, memory-mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: no such model file")
+        try:
+            reader = GGUFReader(self.path, "r")
+        except Exception as exc:  # gguf-py raises bare ValueError/IndexError/KeyError on damaged headers
+            raise ValueError(f"{self.path}: not a readable GGUF file (truncated or corrupt header: {exc})") from exc
+        self._reader = reader
+        size = os.path.getsize(self.path)
+        self.metadata = {}
+        for key, field in reader.fields.items():
+            if not key.startswith("GGUF."):
+                self.metadata[key] = _field_value(field)
+        self.tensors: dict[str, WeightView] = {}
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(
+                    f"{self.path}: tensor '{t.name}' data runs past the end of the file "
+                    f"(needs bytes up to {t.data_offset + t.n_bytes}, file has {size}): the file is truncated"
+                )
+            self.tensors[t.name] = WeightView(t.name, GGMLQuantizationType(t.tensor_type),
+                                              tuple(int(n) for n in t.shape), t.data)
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require_key(self, key: str):
+        if key not in self.metadata:
+            raise ValueError(f"{self.path}: missing metadata key '{key}'")
+        return self.metadata[key]
+
+    def tensor(self, name: str, ne: tuple[int, ...], types: tuple[GGMLQuantizationType, ...]) -> WeightView:
+        """The tensor `name`, checked against the expected ggml shape and the accepted types."""
+        view = self.tensors.get(name)
+        if view is None:
+            raise ValueError(f"{self.path}: missing tensor '{name}'")
+        if view.ne != tuple(ne):
+            raise ValueError(f"{self.path}: tensor '{name}' has shape (ne) {list(view.ne)}, expected {list(ne)}")
+        if view.type not in types:
+            raise ValueError(
+                f"{self.path}: tensor '{name}' has type {view.type.name}, expected one of "
+                f"{', '.join(t.name for t in types)}"
+            )
+        if len(ne) > 1 and view.k % GGML_QUANT_SIZES[view.type][0]:
+            raise ValueError(f"{self.path}: tensor '{name}' row length {view.k} is not a multiple of the "
+                             f"{view.type.name} block")
+        return view

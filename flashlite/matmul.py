@@ -1,0 +1,130 @@
+"""Matrix products of quantized weights with float32 activations, through the C core's SIMD kernels.
+
+`matmul(w, wtype, rows, k, x)` computes x @ W.T for W stored as `rows` rows of `k` elements of `wtype`
+(GGUF layout). One token (x of shape [k]) takes the decode path: activations quantized to the format's
+partner type (Q8_0 or Q8_K) and one SIMD dot per row. Many tokens take the prefill path: W dequantized in
+cache-sized blocks and multiplied in f32. The SIMD level and the thread count of the core can be set here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from flashlite._native import check, ffi, lib
+
+SIMD_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+_LEVEL_NAMES = {v: k for k, v in SIMD_LEVELS.items()}
+
+
+def _type_id(wtype) -> int:
+    """A ggml type id from an int, a gguf.GGMLQuantizationType or its name ("Q4_K", case-insensitive)."""
+    if isinstance(wtype, str):
+        from gguf import GGMLQuantizationType
+
+        names = {t.name.upper(): int(t) for t in GGMLQuantizationType}
+        if wtype.upper() not in names:
+            raise ValueError(f"wtype: unknown type name {wtype!r}")
+        type_id = names[wtype.upper()]
+    elif isinstance(wtype, (int, np.integer)) and not isinstance(wtype, bool):
+        type_id = int(wtype)
+    else:
+        raise TypeError(f"wtype: expected a type id, name or gguf.GGMLQuantizationType, got {type(wtype).__name__}")
+    if lib.fl_type_block_elems(type_id) == 0 or type_id == lib.FL_TYPE_Q8_K:
+        raise ValueError(f"wtype: {wtype!r} is not a weight format of the core")
+    return type_id
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: must be positive, got {value}")
+    return int(value)
+
+
+def _weight_buffer(w):
+    if isinstance(w, np.ndarray):
+        if not w.flags.c_contiguous:
+            raise ValueError("w: array must be C-contiguous")
+        return w, w.nbytes
+    try:
+        view = memoryview(w)
+    except TypeError:
+        raise TypeError(f"w: expected a numpy array or a bytes-like object, got {type(w).__name__}") from None
+    if not view.c_contiguous:
+        raise ValueError("w: buffer must be C-contiguous")
+    return w, view.nbytes
+
+
+def matmul(w, wtype, rows: int, k: int, x) -> np.ndarray:
+    """y = x @ W.T with W = `rows` x `k` elements of `wtype` in `w` (bytes or a C-contiguous array).
+
+    x is float32-convertible of shape [k] (one token, result [rows]) or [n_tok, k] (result [n_tok, rows]).
+    """
+    type_id = _type_id(wtype)
+    rows = _positive_int(rows, "rows")
+    k = _positive_int(k, "k")
+    row_bytes = int(lib.fl_row_bytes(type_id, k))
+    if row_bytes < 0:
+        raise ValueError(f"k: {k} is not a multiple of the block size {lib.fl_type_block_elems(type_id)} of wtype")
+    buf, nbytes = _weight_buffer(w)
+    if nbytes != rows * row_bytes:
+        raise ValueError(f"w: expected {rows} rows x {row_bytes} bytes = {rows * row_bytes} bytes, got {nbytes}")
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"x: expected a float array, got dtype {x.dtype}")
+    if x.ndim not in (1, 2) or x.shape[-1] != k:
+        raise ValueError(f"x: expected shape ({k},) or (n_tok, {k}), got {x.shape}")
+    xs = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok = 1 if x.ndim == 1 else xs.shape[0]
+    y = np.empty((n_tok, rows), dtype=np.float32)
+    status = lib.fl_matmul(type_id, ffi.from_buffer(buf), rows, k, ffi.from_buffer("float[]", xs), n_tok,
+                           ffi.from_buffer("float[]", y, require_writable=True))
+    check(status, f"fl_matmul(wtype={type_id}, rows={rows}, k={k}, n_tok={n_tok})")
+    return y[0] if x.ndim == 1 else y
+
+
+def simd_level() -> str:
+    """The SIMD level the kernels use now: scalar, avx2, avx512 or neon."""
+    return _LEVEL_NAMES[lib.fl_simd_level()]
+
+
+def simd_best() -> str:
+    """The best SIMD level this CPU supports."""
+    return _LEVEL_NAMES[lib.fl_simd_best()]
+
+
+def simd_levels() -> list[str]:
+    """Every level this CPU can run, scalar first."""
+    best = lib.fl_simd_best()
+    if best == SIMD_LEVELS["neon"]:
+        return ["scalar", "neon"]
+    return [name for name, level in SIMD_LEVELS.items() if level <= best and name != "neon"]
+
+
+def set_simd_level(name: str) -> None:
+    """Use the kernels of level `name` from now on (ValueError when this CPU lacks it)."""
+    if name not in SIMD_LEVELS:
+        raise ValueError(f"name: unknown SIMD level {name!r}; expected one of {', '.join(SIMD_LEVELS)}")
+    if lib.fl_simd_set(SIMD_LEVELS[name]) != lib.FL_OK:
+        raise ValueError(f"name: this CPU does not support SIMD level {name!r} (best: {simd_best()})")
+
+
+def has_vnni() -> bool:
+    """Whether the AVX-512 kernels use VNNI on this CPU."""
+    return bool(lib.fl_simd_has_vnni())
+
+
+def set_threads(n: int) -> None:
+    """Size the core's thread pool; n <= 0 means one thread per online CPU."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    check(lib.fl_threads_set(int(n)), f"fl_threads_set({n})")
+
+
+def threads() -> int:
+    """Threads of the core's pool."""
+    return int(lib.fl_threads_get())
+
+
+__all__ = ["matmul", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni", "set_threads",
+           "threads", "SIMD_LEVELS"]

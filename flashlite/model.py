@@ -1,0 +1,84 @@
+"""The object behind flashlite.load: one memory-mapped DeepSeek V4 GGUF, its decode cache, logits and generation."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from flashlite.gguf_model import GGUFFile
+from flashlite.models import deepseek_v4
+
+
+class Model:
+    """A loaded model and the cache of the sequence it is decoding."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, ctx: int | None = None,
+                 rewind: int = 256):
+        if threads is not None:
+            from flashlite._native import check, lib
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            check(lib.fl_threads_set(threads), "fl_threads_set")
+        self.file = GGUFFile(path)
+        self.args = deepseek_v4.ModelArgs.from_gguf(self.file)
+        self.ctx = self.args.max_seq_len if ctx is None else int(ctx)
+        if not 0 < self.ctx <= self.args.max_seq_len:
+            raise ValueError(f"ctx must lie in 1..{self.args.max_seq_len}, got {ctx}")
+        self.net = deepseek_v4.Model(self.args, self.file)
+        self.cache = self.net.make_cache(rewind)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def pos(self) -> int:
+        """Tokens of the current sequence already in the cache."""
+        return self.cache.pos
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def truncate(self, pos: int) -> None:
+        """Roll the current sequence back to its first pos tokens."""
+        self.cache.truncate(pos)
+
+    def forward(self, token_ids: Sequence[int], dump: dict | None = None) -> np.ndarray:
+        """Feed token_ids after the cached ones; float32 logits [len, vocab]. `dump`, when a dict, receives the
+        hidden streams [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        if self.cache.pos + ids.size > self.ctx:
+            raise ValueError(f"{self.cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
+        return self.net(ids, self.cache, dump)
+
+    def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
+        """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
+        `chunk` tokens when given)."""
+        self.reset()
+        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        step = ids.size if chunk is None else int(chunk)
+        if step < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
+
+    def generate(self, token_ids: Sequence[int], max_tokens: int, sampler=None,
+                 stop: Sequence[int] = ()) -> Iterator[int]:
+        """Prefill token_ids as a fresh sequence, then yield up to max_tokens ids one decode step at a time.
+        `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded)."""
+        pick = sampler or (lambda row: int(np.argmax(row)))
+        self.reset()
+        if max_tokens <= 0:
+            return
+        row = self.forward(token_ids)[-1]
+        for i in range(max_tokens):
+            token = int(pick(row))
+            yield token
+            if token in stop or i + 1 == max_tokens:
+                return
+            row = self.forward([token])[-1]
+
+
+def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None) -> Model:
+    """Open a deepseek4 GGUF (memory-mapped) for CPU inference."""
+    return Model(path, threads=threads, ctx=ctx)

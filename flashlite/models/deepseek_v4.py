@@ -1,0 +1,633 @@
+"""DeepSeek V4 (architecture notes sections 2 to 8), computed in float32 the way transformers' DeepseekV4ForCausalLM
+computes it: one class per concept of the paper, attributes named as the checkpoint names them.
+
+Shapes: T tokens of one chunk, D = dim, hc = hyper-connection streams, H heads of head_dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from flashlite._native import check, ffi, lib
+from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
+from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
+try:
+    from flashlite.matmul import matmul
+except ImportError:
+    def matmul(w, wtype, rows, k, x):
+        if wtype == int(Q.F32):
+            return np.asarray(x, np.float32) @ w.reshape(rows, k).T
+        from gguf.quants import dequantize
+        return np.asarray(x, np.float32) @ dequantize(w, Q(wtype)).reshape(rows, k).T.astype(np.float32)
+
+ARCH = "deepseek4"
+_F32 = (Q.F32,)
+_SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
+
+
+@dataclass
+class ModelArgs:
+    """Hyperparameters; defaults are V4-Flash's."""
+
+    vocab_size: int = 129280
+    dim: int = 4096
+    n_layers: int = 43
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: tuple = (0, 0) + (4, 128) * 20 + (4,)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    n_activated_experts: int = 6
+    n_shared_experts: int = 1
+    moe_inter_dim: int = 2048
+    n_hash_layers: int = 3
+    route_scale: float = 1.5
+    swiglu_limits: tuple = (10.0,) * 43
+    swiglu_limits_shared: tuple = (10.0,) * 43
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    max_seq_len: int = 1048576
+    n_mtp_layers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.compress_ratios = tuple(int(r) for r in self.compress_ratios[:self.n_layers])
+        if len(self.compress_ratios) != self.n_layers:
+            raise ValueError(f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layers} layers")
+        bad = [r for r in self.compress_ratios if r not in (0, 4, 128)]
+        if bad:
+            raise ValueError(f"unsupported DeepSeek-V4 compress ratios: {bad} (0, 4 and 128 only)")
+        for name in ("swiglu_limits", "swiglu_limits_shared"):
+            limits = tuple(float(v) for v in getattr(self, name))
+            if len(limits) < self.n_layers:
+                raise ValueError(f"{name} has {len(limits)} entries for {self.n_layers} layers")
+            setattr(self, name, limits[:self.n_layers])
+        if self.rope_head_dim % 2 or not 0 < self.rope_head_dim < self.head_dim:
+            raise ValueError(f"rope_head_dim {self.rope_head_dim} must be even and below head_dim {self.head_dim}")
+        if self.index_head_dim < self.rope_head_dim:
+            raise ValueError(f"index_head_dim {self.index_head_dim} is below rope_head_dim {self.rope_head_dim}")
+        if self.n_heads % self.o_groups:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of o_groups {self.o_groups}")
+        if not 0 < self.n_activated_experts <= self.n_routed_experts:
+            raise ValueError(f"n_activated_experts {self.n_activated_experts} not in 1..{self.n_routed_experts}")
+        if self.n_shared_experts != 1:
+            raise ValueError(f"n_shared_experts {self.n_shared_experts}: only one shared expert is supported")
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+        arch = f.get("general.architecture")
+        if arch != ARCH:
+            raise ValueError(f"{f.path}: general.architecture is {arch!r}, expected {ARCH!r}")
+
+        def key(name, default=None):
+            full = f"{ARCH}.{name}"
+            return f.require_key(full) if default is None else f.get(full, default)
+
+        gating = key("expert_gating_func")
+        if gating != _SQRT_SOFTPLUS:
+            raise ValueError(f"{f.path}: {ARCH}.expert_gating_func is {gating}, expected {_SQRT_SOFTPLUS} (sqrtsoftplus)")
+        n_mtp = int(key("nextn_predict_layers", 0))
+        n_layers = int(key("block_count")) - n_mtp
+        embd = f.tensors.get("token_embd.weight")
+        if embd is None:
+            raise ValueError(f"{f.path}: missing tensor 'token_embd.weight'")
+        limits = key("swiglu_clamp_exp")
+        limits = list(limits) if isinstance(limits, list) else [limits] * (n_layers + n_mtp)
+        shared = key("swiglu_clamp_shexp", limits)
+        shared = list(shared) if isinstance(shared, list) else [shared] * (n_layers + n_mtp)
+        head_dim = int(key("attention.key_length"))
+        value_dim = int(key("attention.value_length", head_dim))
+        if value_dim != head_dim or int(key("attention.head_count_kv", 1)) != 1:
+            raise ValueError(f"{f.path}: DeepSeek V4 shares one KV head with key_length == value_length")
+        return cls(
+            vocab_size=int(key("vocab_size", embd.ne[1])),
+            dim=int(key("embedding_length")),
+            n_layers=n_layers,
+            n_heads=int(key("attention.head_count")),
+            head_dim=head_dim,
+            rope_head_dim=int(key("rope.dimension_count")),
+            q_lora_rank=int(key("attention.q_lora_rank")),
+            o_groups=int(key("attention.output_group_count")),
+            o_lora_rank=int(key("attention.output_lora_rank")),
+            window_size=int(key("attention.sliding_window")),
+            compress_ratios=tuple(key("attention.compress_ratios")),
+            index_n_heads=int(key("attention.indexer.head_count")),
+            index_head_dim=int(key("attention.indexer.key_length")),
+            index_topk=int(key("attention.indexer.top_k")),
+            n_routed_experts=int(key("expert_count")),
+            n_activated_experts=int(key("expert_used_count")),
+            n_shared_experts=int(key("expert_shared_count")),
+            moe_inter_dim=int(key("expert_feed_forward_length")),
+            n_hash_layers=int(key("hash_layer_count")),
+            route_scale=float(key("expert_weights_scale")),
+            swiglu_limits=tuple(limits),
+            swiglu_limits_shared=tuple(shared),
+            hc_mult=int(key("hyper_connection.count")),
+            hc_sinkhorn_iters=int(key("hyper_connection.sinkhorn_iterations")),
+            hc_eps=float(key("hyper_connection.epsilon")),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base")),
+            compress_rope_theta=float(key("attention.compress_rope_freq_base")),
+            rope_factor=float(key("rope.scaling.factor", 1.0)),
+            original_seq_len=int(key("rope.scaling.original_context_length", 0)),
+            beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
+            max_seq_len=int(key("context_length")),
+            n_mtp_layers=n_mtp,
+        )
+
+
+# ---------------------------------------------------------------- primitives
+
+def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarray:
+    """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
+    data = w.data if expert is None else w.data[expert]
+    return matmul(data, int(w.type), w.rows, w.k, x)
+
+
+def _f32(a: np.ndarray):
+    """A C float pointer to a C-contiguous float32 array."""
+    return ffi.from_buffer("float[]", a)
+
+
+def _i32(a: np.ndarray):
+    return ffi.from_buffer("int32_t[]", a)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """x * rsqrt(mean(x^2) + eps), then times the weight (after the normalisation, as transformers does)."""
+    y = x * (1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))).astype(np.float32)
+    return y if weight is None else weight * y
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def sinkhorn(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """Project [..., a, b] mixing logits onto (nearly) doubly stochastic matrices: softmax over b, then one column
+    normalisation and iters-1 row-then-column rounds; it ends on a column step, so rows are only close to 1."""
+    eps = np.float32(eps)
+    comb = softmax(comb, axis=-1) + eps
+    comb = comb / (np.sum(comb, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (np.sum(comb, axis=-1, keepdims=True) + eps)
+        comb = comb / (np.sum(comb, axis=-2, keepdims=True) + eps)
+    return comb
+
+
+def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row (in no particular order)."""
+    if k >= scores.shape[-1]:
+        return np.broadcast_to(np.arange(scores.shape[-1]), scores.shape).copy()
+    return np.argpartition(-scores, k - 1, axis=-1)[..., :k]
+
+
+# ---------------------------------------------------------------- RoPE
+
+class RoPE:
+    """Interleaved (GPT-J) rotary embedding of the last rope_dim dims; YaRN frequencies when `yarn` is given as
+    (factor, original_seq_len, beta_fast, beta_slow), without magnitude scaling (transformers forces it to 1)."""
+
+    def __init__(self, rope_dim: int, base: float, yarn: tuple | None = None):
+        self.rope_dim = rope_dim
+        exps = np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)
+        pos_freqs = np.power(np.float32(base), exps).astype(np.float32)
+        inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+        if yarn is not None:
+            factor, original, beta_fast, beta_slow = yarn
+            low, high = self.correction_range(rope_dim, base, original, beta_fast, beta_slow)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(rope_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low),
+                           0, 1).astype(np.float32)
+            extrapolation = np.float32(1) - ramp
+            interpolated = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+            inv_freq = interpolated * (np.float32(1) - extrapolation) + inv_freq * extrapolation
+        self.inv_freq = inv_freq.astype(np.float32)
+
+    @staticmethod
+    def correction_range(dim: int, base: float, original: int, beta_fast: float, beta_slow: float):
+        """The dims [low, high] over which YaRN ramps from extrapolation to interpolation."""
+        def dim_of(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), dim - 1)
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [T, rope_dim/2] of the angles f32(pos) * inv_freq, rounded to float32 like the oracle."""
+        angles = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
+        """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim]; inverse rotates by -angle."""
+        shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+        c, s = cos.reshape(shape), sin.reshape(shape)
+        if inverse:
+            s = -s
+        out = x.copy()
+        even, odd = x[..., -self.rope_dim::2], x[..., -self.rope_dim + 1::2]
+        out[..., -self.rope_dim::2] = even * c - odd * s
+        out[..., -self.rope_dim + 1::2] = odd * c + even * s
+        return out
+
+
+# ---------------------------------------------------------------- hyper-connections
+
+class HyperConnection:
+    """mHC around one sublayer: collapse the hc streams into the sublayer input, expand its output back."""
+
+    def __init__(self, args: ModelArgs, fn: WeightView, base: np.ndarray, scale: np.ndarray):
+        self.hc, self.args = args.hc_mult, args
+        self.fn, self.base, self.scale = fn, base, scale
+
+    def __call__(self, h: np.ndarray):
+        """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc] with comb[a, b] from stream a to b)."""
+        t, hc = h.shape[0], self.hc
+        mixes = linear(self.fn, rms_norm(h.reshape(t, -1), None, self.args.norm_eps))
+        pre = sigmoid(mixes[:, :hc] * self.scale[0] + self.base[:hc]) + np.float32(self.args.hc_eps)
+        post = np.float32(2) * sigmoid(mixes[:, hc:2 * hc] * self.scale[1] + self.base[hc:2 * hc])
+        comb = (mixes[:, 2 * hc:] * self.scale[2] + self.base[2 * hc:]).reshape(t, hc, hc)
+        comb = sinkhorn(comb, self.args.hc_sinkhorn_iters, self.args.hc_eps)
+        return np.sum(pre[:, :, None] * h, axis=1), post, comb
+
+    @staticmethod
+    def expand(out: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
+        """H'_b = post_b * out + sum_a comb[a, b] * residual_a."""
+        return post[:, :, None] * out[:, None, :] + np.matmul(comb.transpose(0, 2, 1), residual)
+
+
+class HyperHead:
+    """The final collapse of the hc streams before the output norm."""
+
+    def __init__(self, args: ModelArgs, fn: WeightView, base: np.ndarray, scale: np.ndarray):
+        self.args, self.fn, self.base, self.scale = args, fn, base, scale
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        mixes = linear(self.fn, rms_norm(h.reshape(h.shape[0], -1), None, self.args.norm_eps))
+        pre = sigmoid(mixes * self.scale[0] + self.base) + np.float32(self.args.hc_eps)
+        return np.sum(pre[:, :, None] * h, axis=1)
+
+
+# ---------------------------------------------------------------- attention
+
+class Compressor:
+    """Pools every `ratio` tokens into one KV row: a per-channel softmax over the window's scores weights its kv.
+    With ratio 4 (overlap) a row pools 8 slots: the first half of the previous window's features and the second
+    half of its own; ratio 128 pools its own 128 tokens."""
+
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, wkv: WeightView, wgate: WeightView,
+                 ape: np.ndarray, norm: np.ndarray, rope: RoPE):
+        self.args, self.ratio, self.head_dim = args, ratio, head_dim
+        self.overlap = ratio == 4
+        self.wkv, self.wgate, self.ape, self.norm, self.rope = wkv, wgate, ape, norm, rope
+
+    def __call__(self, x: np.ndarray, start: int, state: CompressorState) -> None:
+        """Project the chunk's tokens at positions start.., and append every row whose window closed."""
+        t, r, d = x.shape[0], self.ratio, self.head_dim
+        positions = np.arange(start, start + t)
+        state.kv.append(linear(self.wkv, x))
+        state.score.append(linear(self.wgate, x) + self.ape[positions % r])
+        first, last = state.rows.end, (start + t) // r
+        if last <= first:
+            return
+        has_prev = self.overlap and first > 0
+        lo = (first - 1) * r if has_prev else first * r
+        kv, score = state.kv.rows(lo, last * r), state.score.rows(lo, last * r)
+        pooled = np.empty((last - first, d), np.float32)
+        check(lib.fl_compress_pool(last - first, r, d, self.overlap, has_prev, _f32(kv), _f32(score), _f32(pooled)),
+              f"fl_compress_pool ({self.wkv.name})")
+        rows = rms_norm(pooled, self.norm, self.args.norm_eps)
+        cos, sin = self.rope.cos_sin(np.arange(first, last) * r)
+        state.rows.append(self.rope.apply(rows, cos, sin))
+
+
+class Indexer:
+    """The lightning indexer of ratio-4 layers: scores each visible compressed row for a query with
+    sum_h w_h * relu(q_h . k) (no Hadamard, no FP4, as transformers) and keeps the top index_topk."""
+
+    def __init__(self, args: ModelArgs, wq_b: WeightView, weights_proj: WeightView, compressor: Compressor,
+                 rope: RoPE):
+        self.args, self.wq_b, self.weights_proj, self.compressor, self.rope = args, wq_b, weights_proj, compressor, rope
+
+    def __call__(self, x, qr, positions, cos, sin, state: CompressorState) -> np.ndarray:
+        """Per query of the chunk, the picked compressed rows [T, k] (-1 pads): all visible rows while no more
+        than index_topk are visible, else the index_topk best scores."""
+        a = self.args
+        self.compressor(x, int(positions[0]), state)
+        visible = (positions + 1) // 4
+        k = int(min(a.index_topk, visible.max()))
+        picks = np.where(np.arange(k)[None, :] < visible[:, None], np.arange(k, dtype=np.int32)[None, :], -1)
+        crowded = np.nonzero(visible > a.index_topk)[0]
+        if crowded.size == 0:
+            return picks.astype(np.int32)
+        q = linear(self.wq_b, qr[crowded]).reshape(crowded.size, a.index_n_heads, a.index_head_dim)
+        q = self.rope.apply(q, cos[crowded], sin[crowded])
+        keys = state.rows.rows(0, int(visible[crowded].max()))
+        scores = np.maximum(np.matmul(q, keys.T), 0) * np.float32(a.index_head_dim ** -0.5)   # [t, H, N]
+        weights = linear(self.weights_proj, x[crowded]) * np.float32(a.index_n_heads ** -0.5)  # [t, H]
+        total = np.sum(scores * weights[:, :, None], axis=1)                                    # [t, N]
+        total[np.arange(keys.shape[0])[None, :] >= visible[crowded][:, None]] = -np.inf
+        picks[crowded] = topk_indices(total, a.index_topk)
+        return picks.astype(np.int32)
+
+
+class Attention:
+    """One query path with low-rank q and per-head norm, one shared KV head (K = V), sliding window plus compressed
+    rows (all of them with ratio 128, the indexer's top-k with ratio 4), a per-head sink in the softmax, the
+    rotation undone on the output, and the grouped low-rank output projection."""
+
+    def __init__(self, args: ModelArgs, layer: int, w: dict, rope: RoPE, compressor: Compressor | None,
+                 indexer: Indexer | None):
+        self.args, self.layer, self.ratio = args, layer, args.compress_ratios[layer]
+        self.wq_a, self.q_norm, self.wq_b = w["attn_q_a"], w["attn_q_a_norm"], w["attn_q_b"]
+        self.wkv, self.kv_norm = w["attn_kv"], w["attn_kv_a_norm"]
+        self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
+        self.rope, self.compressor, self.indexer = rope, compressor, indexer
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache) -> np.ndarray:
+        a, t = self.args, x.shape[0]
+        start = int(positions[0])
+        cos, sin = self.rope.cos_sin(positions)
+        qr = rms_norm(linear(self.wq_a, x), self.q_norm, a.norm_eps)
+        q = rms_norm(linear(self.wq_b, qr).reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
+        q = self.rope.apply(q, cos, sin)
+        kv = self.rope.apply(rms_norm(linear(self.wkv, x), self.kv_norm, a.norm_eps), cos, sin)
+        cache.kv.append(kv)
+        picks = None
+        if self.compressor is not None:
+            self.compressor(x, start, cache.compressor)
+        if self.indexer is not None:
+            picks = self.indexer(x, qr, positions, cos, sin, cache.indexer)
+        o = self.attend(q, positions, cache, picks)
+        o = self.rope.apply(o, cos, sin, inverse=True)
+        return linear(self.wo_b, self.grouped_output(o))
+
+    def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks) -> np.ndarray:
+        """Softmax with sink over each query's window rows and visible compressed rows: [T, H, hd]."""
+        a, t = self.args, q.shape[0]
+        lo, hi = max(0, int(positions[0]) - a.window_size + 1), int(positions[-1]) + 1
+        window = cache.kv.rows(lo, hi)
+        ranges = np.stack([np.maximum(positions - a.window_size + 1, lo) - lo, positions + 1 - lo], axis=1)
+        ranges = np.ascontiguousarray(ranges, np.int32)
+        rows, idx = np.empty((0, a.head_dim), np.float32), np.empty((t, 0), np.int32)
+        if self.ratio:
+            rows = cache.compressor.rows.rows(0, cache.compressor.rows.end)
+            if picks is None:
+                visible = (positions + 1) // self.ratio
+                k = np.arange(int(visible.max()), dtype=np.int32)
+                picks = np.where(k[None, :] < visible[:, None], k[None, :], -1).astype(np.int32)
+            idx = picks
+        out = np.empty_like(q)
+        check(lib.fl_attn_sink(t, a.n_heads, a.head_dim, _f32(q), _f32(window), window.shape[0], _i32(ranges),
+                               _f32(rows), rows.shape[0], _i32(idx), idx.shape[1], _f32(self.attn_sink),
+                               a.head_dim ** -0.5, _f32(out)), f"fl_attn_sink (layer {self.layer})")
+        return out
+
+    def grouped_output(self, o: np.ndarray) -> np.ndarray:
+        """Group g (heads g*H/G..) goes through its own o_lora_rank rows of wo_a: [T, H, hd] -> [T, G*rank]."""
+        a, t = self.args, o.shape[0]
+        groups = o.reshape(t, a.o_groups, -1)
+        w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
+        k = groups.shape[2]
+        return np.concatenate([matmul(w[g], int(self.wo_a.type), a.o_lora_rank, k, np.ascontiguousarray(groups[:, g]))
+                               for g in range(a.o_groups)], axis=1)
+
+
+# ---------------------------------------------------------------- MoE
+
+class MoEGate:
+    """sqrt(softplus) scores; the top-k of scores + bias (the bias only selects), or on the first n_hash_layers
+    the token's fixed tid2eid row; weights are the picked scores renormalised and scaled by route_scale."""
+
+    def __init__(self, args: ModelArgs, weight: WeightView, bias: np.ndarray | None, tid2eid: np.ndarray | None):
+        self.args, self.weight, self.bias, self.tid2eid = args, weight, bias, tid2eid
+
+    def __call__(self, x: np.ndarray, token_ids: np.ndarray):
+        logits = linear(self.weight, x)
+        scores = np.sqrt(np.where(logits > 20, logits, np.log1p(np.exp(np.minimum(logits, 20))))).astype(np.float32)
+        if self.tid2eid is not None:
+            idx = self.tid2eid[token_ids].astype(np.int64)
+        else:
+            idx = topk_indices(scores + self.bias, self.args.n_activated_experts)
+        w = np.take_along_axis(scores, idx, axis=1)
+        w = w / (np.sum(w, axis=1, keepdims=True) + np.float32(1e-20))
+        return w * np.float32(self.args.route_scale), idx
+
+
+class MoE:
+    """Routed experts (SwiGLU with gate clamped above and up clamped both ways; the routing weight scales the
+    down projection's output) plus the shared expert."""
+
+    def __init__(self, args: ModelArgs, layer: int, w: dict, gate: MoEGate):
+        self.args, self.gate = args, gate
+        self.limit, self.shared_limit = args.swiglu_limits[layer], args.swiglu_limits_shared[layer]
+        self.w1, self.w3, self.w2 = w["ffn_gate_exps"], w["ffn_up_exps"], w["ffn_down_exps"]
+        self.s1, self.s3, self.s2 = w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"]
+
+    @staticmethod
+    def experts(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
+        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights."""
+        n_expert = w1.ne[2] if len(w1.ne) == 3 else 1
+
+        def stride(w):
+            return w.data.strides[0] if len(w.ne) == 3 else 0
+
+        check(lib.fl_moe_experts(x.shape[0], x.shape[1], w1.rows, idx.shape[1], n_expert, _f32(x), _i32(idx),
+                                 _f32(weights), int(w1.type), ffi.from_buffer(w1.data), stride(w1),
+                                 int(w3.type), ffi.from_buffer(w3.data), stride(w3),
+                                 int(w2.type), ffi.from_buffer(w2.data), stride(w2), limit, _f32(out)),
+              f"fl_moe_experts ({w1.name})")
+
+    def __call__(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        weights, idx = self.gate(x, token_ids)
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros_like(x)
+        self.experts(x, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32),
+                     self.w1, self.w3, self.w2, self.limit, out)
+        t = x.shape[0]
+        self.experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
+                     self.shared_limit, out)
+        return out
+
+
+# ---------------------------------------------------------------- model
+
+class Block:
+    """Attention then MoE, each wrapped in its hyper-connection."""
+
+    def __init__(self, args: ModelArgs, layer: int, w: dict, attn: Attention, ffn: MoE):
+        self.layer = layer
+        self.attn_hc = HyperConnection(args, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"])
+        self.ffn_hc = HyperConnection(args, w["hc_ffn_fn"], w["hc_ffn_base"], w["hc_ffn_scale"])
+        self.attn_norm, self.ffn_norm, self.eps = w["attn_norm"], w["ffn_norm"], args.norm_eps
+        self.attn, self.ffn = attn, ffn
+
+    def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
+        x, post, comb = self.attn_hc(h)
+        h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache), h, post, comb)
+        if dump is not None:
+            dump[f"blk.{self.layer}.attn"] = h.copy()
+        x, post, comb = self.ffn_hc(h)
+        h = HyperConnection.expand(self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids), h, post, comb)
+        if dump is not None:
+            dump[f"blk.{self.layer}.ffn"] = h.copy()
+        return h
+
+
+def _ne(*dims):
+    return tuple(int(d) for d in dims)
+
+
+def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """Every tensor the forward pass reads: GGUF name -> (ggml shape, accepted types)."""
+    d, hc = a.dim, a.hc_mult
+    mix = (2 + hc) * hc
+    spec = {
+        "token_embd.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
+        "output.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
+        "output_norm.weight": (_ne(d), _F32),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL_TYPES),
+        "output_hc_base.weight": (_ne(hc), _F32),
+        "output_hc_scale.weight": (_ne(1), _F32),
+    }
+    for i in range(a.n_layers):
+        b, r = f"blk.{i}.", a.compress_ratios[i]
+        layer = {
+            "attn_norm.weight": (_ne(d), _F32), "ffn_norm.weight": (_ne(d), _F32),
+            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_attn_base.weight": (_ne(mix), _F32),
+            "hc_attn_scale.weight": (_ne(3), _F32),
+            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_ffn_base.weight": (_ne(mix), _F32),
+            "hc_ffn_scale.weight": (_ne(3), _F32),
+            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL_TYPES),
+            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), _F32),
+            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL_TYPES),
+            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL_TYPES),
+            "attn_kv_a_norm.weight": (_ne(a.head_dim), _F32),
+            "attn_sinks.weight": (_ne(a.n_heads), _F32),
+            "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
+                                     MATMUL_TYPES),
+            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL_TYPES),
+            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL_TYPES),
+            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
+            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
+            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL_TYPES),
+            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
+            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
+            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL_TYPES),
+        }
+        if i < a.n_hash_layers:
+            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), (Q.I32,))
+        else:
+            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), _F32)
+        if r:
+            c = 2 if r == 4 else 1
+            layer.update({
+                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
+                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
+                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), _F32),
+                "attn_compressor_norm.weight": (_ne(a.head_dim), _F32),
+            })
+        if r == 4:
+            layer.update({
+                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL_TYPES),
+                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL_TYPES),
+                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
+                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
+                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), _F32),
+                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), _F32),
+            })
+        spec.update({b + k: v for k, v in layer.items()})
+    return spec
+
+
+class Model:
+    """DeepSeek V4 over the weights of one GGUF file."""
+
+    def __init__(self, args: ModelArgs, f: GGUFFile):
+        self.args = args
+        spec = expected_tensors(args)
+        t = {}
+        for name, (ne, types) in spec.items():
+            view = f.tensor(name, ne, types)
+            t[name] = view.data if types == (Q.I32,) else view.to_f32() if types == _F32 else view
+        self.mtp = {n: v for n, v in f.tensors.items() if n not in spec and n.startswith(f"blk.{args.n_layers}.")}
+        self.embed = t["token_embd.weight"]
+        self.head = t["output.weight"]
+        self.norm = t["output_norm.weight"]
+        self.hc_head = HyperHead(args, t["output_hc_fn.weight"], t["output_hc_base.weight"],
+                                 t["output_hc_scale.weight"])
+        yarn = (args.rope_factor, args.original_seq_len, args.beta_fast, args.beta_slow) \
+            if args.original_seq_len and args.rope_factor > 1 else None
+        self.rope_main = RoPE(args.rope_head_dim, args.rope_theta)
+        self.rope_compress = RoPE(args.rope_head_dim, args.compress_rope_theta, yarn)
+        self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
+                       for i in range(args.n_layers)]
+
+    def _block(self, i: int, w: dict) -> Block:
+        a, r = self.args, self.args.compress_ratios[i]
+        rope = self.rope_compress if r else self.rope_main
+        compressor = indexer = None
+        if r:
+            compressor = Compressor(a, r, a.head_dim, w["attn_compressor_kv.weight"],
+                                    w["attn_compressor_gate.weight"], w["attn_compressor_ape.weight"],
+                                    w["attn_compressor_norm.weight"], rope)
+        if r == 4:
+            index_compressor = Compressor(a, r, a.index_head_dim, w["indexer_compressor_kv.weight"],
+                                          w["indexer_compressor_gate.weight"], w["indexer_compressor_ape.weight"],
+                                          w["indexer_compressor_norm.weight"], rope)
+            indexer = Indexer(a, w["indexer.attn_q_b.weight"], w["indexer.proj.weight"], index_compressor, rope)
+        w = {k.rsplit(".", 1)[0]: v for k, v in w.items()}
+        attn = Attention(a, i, w, rope, compressor, indexer)
+        gate = MoEGate(a, w["ffn_gate_inp"], w.get("exp_probs_b"), w.get("ffn_gate_tid2eid"))
+        return Block(a, i, w, attn, MoE(a, i, w, gate))
+
+    def make_cache(self, rewind: int = 256) -> ModelCache:
+        a = self.args
+        return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim) for r in a.compress_ratios],
+                          rewind)
+
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        rows = self.embed.data[token_ids]
+        if self.embed.type == Q.F32:
+            return rows.astype(np.float32)
+        return WeightView("token_embd", self.embed.type, (self.args.dim, len(token_ids)), rows).to_f32()
+
+    def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None) -> np.ndarray:
+        """Logits [T, vocab] of the chunk token_ids that follows the cache's pos tokens; advances the cache."""
+        token_ids = np.asarray(token_ids, np.int64)
+        if token_ids.ndim != 1 or token_ids.size == 0:
+            raise ValueError("token_ids must be a non-empty 1-D sequence")
+        if token_ids.min() < 0 or token_ids.max() >= self.args.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
+        positions = np.arange(cache.pos, cache.pos + len(token_ids))
+        h = np.repeat(self.embed_tokens(token_ids)[:, None, :], self.args.hc_mult, axis=1)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            h = block(h, positions, token_ids, layer_cache, dump)
+        x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
+        if dump is not None:
+            dump["output_norm"] = x.copy()
+        cache.advance(len(token_ids))
+        return linear(self.head, x)

@@ -1,0 +1,55 @@
+"""`flashlite quantize`: a DeepSeek V4 safetensors folder -> a deepseek4 GGUF file."""
+from __future__ import annotations
+
+import signal
+
+import click
+
+
+def _recipes_help() -> str:
+    from quant.recipes import NAMED_RECIPES, TYPES
+
+    return (f"one type for every weight matrix ({', '.join(t for t in TYPES if t != 'mxfp4')}), or EXPERTS-REST "
+            f"for the routed experts and the rest apart, e.g. {', '.join(NAMED_RECIPES)} (mxfp4 experts are a "
+            "lossless repack of the checkpoint's FP4)")
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+@click.command("quantize", help="Convert the checkpoint folder SRC (safetensors + config.json + tokenizer.json, "
+                                "release or save_pretrained layout) into the deepseek4 GGUF file OUT.")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--type", "type_name", default="mxfp4-q8_0", show_default=True, help=_recipes_help())
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="override the type of the GGUF tensors whose name matches the regex PATTERN (repeatable; "
+                   "the last match wins), e.g. 'ffn_down_exps=q8_0'")
+@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def quantize(src, out, type_name, tensor_types, force, quiet):
+    from quant.convert import convert
+    from quant.recipes import Recipe
+
+    try:
+        recipe = Recipe.parse(type_name, tensor_types)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    try:  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
+    except (OSError, ValueError, _Terminated) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: {out} was not written") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

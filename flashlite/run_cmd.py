@@ -1,0 +1,67 @@
+"""`flashlite run`: greedy generation from a GGUF, with prefill and decode speed."""
+from __future__ import annotations
+
+import time
+
+import click
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--tokens") from exc
+    if not ids:
+        raise click.BadParameter("no token ids given", param_hint="--tokens")
+    return ids
+
+
+@click.command("run")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="deepseek4 GGUF file")
+@click.option("-p", "--prompt", default=None, help="prompt text (needs the tokenizer in the GGUF)")
+@click.option("--tokens", default=None, help="prompt as comma-separated token ids")
+@click.option("-n", "--n-predict", "n_predict", default=32, show_default=True, type=click.IntRange(min=1),
+              help="tokens to generate")
+@click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")
+@click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
+def run(model_path, prompt, tokens, n_predict, threads, ctx):
+    """Generate N tokens greedily after a prompt and report tokens/s."""
+    if (prompt is None) == (tokens is None):
+        raise click.UsageError("give exactly one of -p/--prompt and --tokens")
+    from flashlite.model import load
+
+    t0 = time.perf_counter()
+    try:
+        model = load(model_path, threads=threads, ctx=ctx)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
+    tokenizer = None
+    if prompt is not None:
+        try:
+            from flashlite.tokenizer import Tokenizer
+        except ImportError as exc:
+            raise click.UsageError("this build has no tokenizer yet: pass --tokens") from exc
+        tokenizer = Tokenizer.from_gguf(model.file)
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = _parse_tokens(tokens)
+
+    out = []
+    t0 = time.perf_counter()
+    t_first = None
+    try:
+        for token in model.generate(ids, n_predict):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(token)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    t_end = time.perf_counter()
+    click.echo(tokenizer.decode(out) if tokenizer else ",".join(str(t) for t in out))
+    prefill = t_first - t0
+    click.echo(f"prefill: {len(ids)} tokens in {prefill:.3f} s ({len(ids) / prefill:.2f} tok/s)", err=True)
+    if len(out) > 1:
+        decode = t_end - t_first
+        click.echo(f"decode: {len(out) - 1} tokens in {decode:.3f} s ({(len(out) - 1) / decode:.2f} tok/s)", err=True)

@@ -1,0 +1,225 @@
+"""DeepSeek V4 hyperparameters from config.json (release or transformers style) and the deepseek4 GGUF keys.
+
+The keys, value types and values are the ones llama.cpp's converter writes (conversion/deepseek.py
+DeepseekV4Model over TextModel.set_gguf_parameters) and its loader reads (src/models/deepseek4.cpp plus
+llama_model_base::load_hparams). gguf 0.19.0 has no DEEPSEEK4 constants, so key names are spelled out here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGUFValueType
+
+from quant.safetensors_source import CheckpointError
+
+ARCH = "deepseek4"
+SQRT_SOFTPLUS = 4  # llama.cpp ExpertGatingFuncType.SQRTSOFTPLUS
+_RATIO_OF_LAYER_TYPE = {"sliding_attention": 0}
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The model's shape and constants, named as REF's ModelArgs names them."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_mtp_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    window_size: int
+    compress_ratios: tuple[int, ...]
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_routed_experts: int
+    n_activated_experts: int
+    n_shared_experts: int
+    moe_inter_dim: int
+    n_hash_layers: int
+    route_scale: float
+    norm_topk_prob: bool
+    swiglu_limit: float
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    norm_eps: float
+    rope_theta: float
+    compress_rope_theta: float
+    rope_factor: float
+    original_seq_len: int
+    beta_fast: float
+    beta_slow: float
+    max_seq_len: int
+
+
+class _Config:
+    """config.json with lookups that fail naming the file and the key."""
+
+    def __init__(self, raw, path: Path):
+        self.path = path
+        self.raw = raw
+        if not isinstance(self.raw, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+
+    def get(self, *keys, default=None, kind=int):
+        for key in keys:
+            if key in self.raw and self.raw[key] is not None:
+                value = self.raw[key]
+                try:
+                    return kind(value)
+                except (TypeError, ValueError) as exc:
+                    raise CheckpointError(f"{self.path}: '{key}' is {value!r}, expected {kind.__name__}") from exc
+        if default is None:
+            raise CheckpointError(f"{self.path}: missing key '{keys[0]}'")
+        return default
+
+
+def _compress_ratios(c: _Config, n_layers: int) -> tuple[int, ...]:
+    if "compress_ratios" in c.raw:
+        ratios = c.raw["compress_ratios"]
+    elif "layer_types" in c.raw:
+        rates = {**{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+                 **(c.raw.get("compress_rates") or {}), **_RATIO_OF_LAYER_TYPE}
+        unknown = sorted({t for t in c.raw["layer_types"] if t not in rates})
+        if unknown:
+            raise CheckpointError(f"{c.path}: unknown layer_types {unknown}")
+        ratios = [rates[t] for t in c.raw["layer_types"]]
+    else:
+        raise CheckpointError(f"{c.path}: missing key 'compress_ratios' (or transformers' 'layer_types')")
+    if not isinstance(ratios, list) or not all(isinstance(r, int) for r in ratios):
+        raise CheckpointError(f"{c.path}: compress ratios must be a list of integers, got {ratios!r}")
+    if len(ratios) < n_layers:
+        raise CheckpointError(f"{c.path}: {len(ratios)} compress ratios for num_hidden_layers={n_layers}")
+    bad = sorted({r for r in ratios if r not in (0, 4, 128)})
+    if bad:
+        raise CheckpointError(f"{c.path}: unsupported compress ratios {bad} (DeepSeek V4 uses 0, 4 and 128)")
+    return tuple(ratios)
+
+
+def _rope(c: _Config) -> tuple[float, float, dict]:
+    """(rope_theta, compress_rope_theta, yarn parameters) from release or transformers-5 keys."""
+    params = c.raw.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("compress"), dict):
+        main, compress = params.get("main") or {}, params["compress"]
+        theta = float(main["rope_theta"]) if "rope_theta" in main else c.get("rope_theta", kind=float)
+        compress_theta = (float(compress["rope_theta"]) if "rope_theta" in compress
+                          else c.get("compress_rope_theta", kind=float))
+        return theta, compress_theta, compress
+    scaling = c.raw.get("rope_scaling")
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{c.path}: missing key 'rope_scaling' (yarn parameters)")
+    return c.get("rope_theta", kind=float), c.get("compress_rope_theta", kind=float), scaling
+
+
+def read_hparams(folder: str | Path) -> Hparams:
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing (the checkpoint folder needs its config.json)") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable config ({exc})") from exc
+    return parse_hparams(raw, path)
+
+
+def parse_hparams(raw: dict, path: Path) -> Hparams:
+    """Hparams from a parsed config.json (`path` names it in errors)."""
+    c = _Config(raw, path)
+    score = c.get("scoring_func", default="sqrtsoftplus", kind=str)
+    if score != "sqrtsoftplus":
+        raise CheckpointError(f"{c.path}: scoring_func is {score!r}; deepseek4 GGUF supports only 'sqrtsoftplus'")
+    n_layers = c.get("num_hidden_layers")
+    ratios = _compress_ratios(c, n_layers)
+    if "num_hash_layers" in c.raw:
+        n_hash = c.get("num_hash_layers")
+    else:
+        n_hash = sum(t == "hash_moe" for t in c.raw.get("mlp_layer_types") or [])
+    if not 0 <= n_hash <= n_layers:
+        raise CheckpointError(f"{c.path}: num_hash_layers={n_hash} for num_hidden_layers={n_layers}")
+    theta, compress_theta, yarn = _rope(c)
+    head_dim = c.get("head_dim")
+    rope_dim = c.get("qk_rope_head_dim", default=int(head_dim * float(c.raw.get("partial_rotary_factor") or 0)))
+    if not 0 < rope_dim < head_dim:
+        raise CheckpointError(f"{c.path}: missing key 'qk_rope_head_dim'")
+
+    def yarn_value(key, kind):
+        if key not in yarn:
+            raise CheckpointError(f"{c.path}: rope scaling lacks '{key}'")
+        return kind(yarn[key])
+
+    return Hparams(
+        vocab_size=c.get("vocab_size"), dim=c.get("hidden_size"), n_layers=n_layers,
+        n_mtp_layers=c.get("num_nextn_predict_layers", default=0),
+        n_heads=c.get("num_attention_heads"), n_kv_heads=c.get("num_key_value_heads", default=1),
+        head_dim=head_dim, rope_head_dim=rope_dim, q_lora_rank=c.get("q_lora_rank"),
+        o_groups=c.get("o_groups"), o_lora_rank=c.get("o_lora_rank"), window_size=c.get("sliding_window"),
+        compress_ratios=ratios, index_n_heads=c.get("index_n_heads"), index_head_dim=c.get("index_head_dim"),
+        index_topk=c.get("index_topk"), n_routed_experts=c.get("n_routed_experts"),
+        n_activated_experts=c.get("num_experts_per_tok"), n_shared_experts=c.get("n_shared_experts"),
+        moe_inter_dim=c.get("moe_intermediate_size"), n_hash_layers=n_hash,
+        route_scale=c.get("routed_scaling_factor", kind=float),
+        norm_topk_prob=c.get("norm_topk_prob", default=True, kind=bool),
+        swiglu_limit=c.get("swiglu_limit", kind=float), hc_mult=c.get("hc_mult"),
+        hc_sinkhorn_iters=c.get("hc_sinkhorn_iters"), hc_eps=c.get("hc_eps", kind=float),
+        norm_eps=c.get("rms_norm_eps", kind=float), rope_theta=theta, compress_rope_theta=compress_theta,
+        rope_factor=yarn_value("factor", float),
+        original_seq_len=yarn_value("original_max_position_embeddings", int),
+        beta_fast=yarn_value("beta_fast", float), beta_slow=yarn_value("beta_slow", float),
+        max_seq_len=c.get("max_position_embeddings"),
+    )
+
+
+def hparam_kv(h: Hparams) -> list[tuple[str, object, GGUFValueType]]:
+    """(key, value, type) of every deepseek4 hyperparameter key, for a GGUF holding the n_layers trunk blocks."""
+    u32, f32, i32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.INT32
+    a = ARCH
+    blocks = h.n_layers
+    return [
+        (f"{a}.block_count", blocks, u32),
+        (f"{a}.context_length", h.max_seq_len, u32),
+        (f"{a}.embedding_length", h.dim, u32),
+        (f"{a}.embedding_length_out", h.dim * h.hc_mult, u32),
+        (f"{a}.vocab_size", h.vocab_size, u32),
+        (f"{a}.attention.head_count", h.n_heads, u32),
+        (f"{a}.attention.head_count_kv", h.n_kv_heads, u32),
+        (f"{a}.attention.key_length", h.head_dim, u32),
+        (f"{a}.attention.value_length", h.head_dim, u32),
+        (f"{a}.attention.layer_norm_rms_epsilon", h.norm_eps, f32),
+        (f"{a}.attention.q_lora_rank", h.q_lora_rank, u32),
+        (f"{a}.attention.output_lora_rank", h.o_lora_rank, u32),
+        (f"{a}.attention.output_group_count", h.o_groups, u32),
+        (f"{a}.attention.sliding_window", h.window_size, u32),
+        (f"{a}.attention.compress_rope_freq_base", h.compress_rope_theta, f32),
+        (f"{a}.attention.compress_ratios", list(h.compress_ratios), i32),
+        (f"{a}.attention.indexer.head_count", h.index_n_heads, u32),
+        (f"{a}.attention.indexer.key_length", h.index_head_dim, u32),
+        (f"{a}.attention.indexer.top_k", h.index_topk, u32),
+        (f"{a}.rope.dimension_count", h.rope_head_dim, u32),
+        (f"{a}.rope.freq_base", h.rope_theta, f32),
+        (f"{a}.rope.scaling.type", "yarn", GGUFValueType.STRING),
+        (f"{a}.rope.scaling.factor", h.rope_factor, f32),
+        (f"{a}.rope.scaling.original_context_length", h.original_seq_len, u32),
+        (f"{a}.rope.scaling.yarn_beta_fast", h.beta_fast, f32),
+        (f"{a}.rope.scaling.yarn_beta_slow", h.beta_slow, f32),
+        (f"{a}.expert_count", h.n_routed_experts, u32),
+        (f"{a}.expert_used_count", h.n_activated_experts, u32),
+        (f"{a}.expert_shared_count", h.n_shared_experts, u32),
+        (f"{a}.expert_feed_forward_length", h.moe_inter_dim, u32),
+        (f"{a}.expert_weights_scale", h.route_scale, f32),
+        (f"{a}.expert_weights_norm", h.norm_topk_prob, GGUFValueType.BOOL),
+        (f"{a}.expert_gating_func", SQRT_SOFTPLUS, u32),
+        (f"{a}.hash_layer_count", h.n_hash_layers, u32),
+        (f"{a}.swiglu_clamp_exp", [h.swiglu_limit] * blocks, f32),
+        (f"{a}.swiglu_clamp_shexp", [h.swiglu_limit] * blocks, f32),
+        (f"{a}.hyper_connection.count", h.hc_mult, u32),
+        (f"{a}.hyper_connection.sinkhorn_iterations", h.hc_sinkhorn_iters, u32),
+        (f"{a}.hyper_connection.epsilon", h.hc_eps, f32),
+    ]

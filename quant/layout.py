@@ -1,0 +1,310 @@
+"""Checkpoint tensor names and shapes -> llama.cpp deepseek4 GGUF tensors.
+
+Two checkpoint layouts are read: DeepSeek's release (`layers.N.attn.wq_a.weight` + FP8 `.scale`, FP4 experts) and
+transformers' save_pretrained (`model.` prefix, `model.embed_tokens`, `model.hc_head.hc_fn`, the main attention's
+kv_norm saved as `attn.norm`, plain float tensors). Both are renamed to the release's names, checked against the
+shapes config.json implies, then mapped to GGUF names; the routed experts of a layer are stacked into
+ffn_{gate,up,down}_exps. MTP (`mtp.*`) is left out, as llama.cpp's converter does by default.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from quant import fp8
+from quant.gguf_meta import Hparams
+from quant.safetensors_source import Checkpoint, CheckpointError, SourceTensor
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+INDEX_DTYPES = ("I64", "I32")
+
+# GGUF tensor roles, which recipes give types to
+EXPERT = "expert"   # stacked routed experts
+MATRIX = "matrix"   # every other weight matrix
+ROUTER = "router"   # ffn_gate_inp: F32 unless overridden (ggml rounds a BF16 router's input to BF16)
+HC = "hc"           # hyper-connection mixing matrices: F32 unless overridden
+PINNED = "pinned"   # 1-D tensors and the compressor position biases: always F32
+INDEX = "index"     # tid2eid: always I32
+
+_ROOT = {  # release name -> (GGUF name, role)
+    "embed.weight": ("token_embd.weight", MATRIX),
+    "norm.weight": ("output_norm.weight", PINNED),
+    "hc_head_fn": ("output_hc_fn.weight", HC),
+    "hc_head_base": ("output_hc_base.weight", PINNED),
+    "hc_head_scale": ("output_hc_scale.weight", PINNED),
+    "head.weight": ("output.weight", MATRIX),
+}
+_LAYER = {  # release name after `layers.N.` -> (GGUF name after `blk.N.`, role)
+    "attn_norm.weight": ("attn_norm.weight", PINNED),
+    "ffn_norm.weight": ("ffn_norm.weight", PINNED),
+    "hc_attn_fn": ("hc_attn_fn.weight", HC),
+    "hc_attn_base": ("hc_attn_base.weight", PINNED),
+    "hc_attn_scale": ("hc_attn_scale.weight", PINNED),
+    "hc_ffn_fn": ("hc_ffn_fn.weight", HC),
+    "hc_ffn_base": ("hc_ffn_base.weight", PINNED),
+    "hc_ffn_scale": ("hc_ffn_scale.weight", PINNED),
+    "attn.attn_sink": ("attn_sinks.weight", PINNED),
+    "attn.wq_a.weight": ("attn_q_a.weight", MATRIX),
+    "attn.q_norm.weight": ("attn_q_a_norm.weight", PINNED),
+    "attn.wq_b.weight": ("attn_q_b.weight", MATRIX),
+    "attn.wkv.weight": ("attn_kv.weight", MATRIX),
+    "attn.kv_norm.weight": ("attn_kv_a_norm.weight", PINNED),
+    "attn.wo_a.weight": ("attn_output_a.weight", MATRIX),
+    "attn.wo_b.weight": ("attn_output_b.weight", MATRIX),
+    "attn.compressor.wkv.weight": ("attn_compressor_kv.weight", MATRIX),
+    "attn.compressor.wgate.weight": ("attn_compressor_gate.weight", MATRIX),
+    "attn.compressor.ape": ("attn_compressor_ape.weight", PINNED),
+    "attn.compressor.norm.weight": ("attn_compressor_norm.weight", PINNED),
+    "attn.indexer.wq_b.weight": ("indexer.attn_q_b.weight", MATRIX),
+    "attn.indexer.weights_proj.weight": ("indexer.proj.weight", MATRIX),
+    "attn.indexer.compressor.wkv.weight": ("indexer_compressor_kv.weight", MATRIX),
+    "attn.indexer.compressor.wgate.weight": ("indexer_compressor_gate.weight", MATRIX),
+    "attn.indexer.compressor.ape": ("indexer_compressor_ape.weight", PINNED),
+    "attn.indexer.compressor.norm.weight": ("indexer_compressor_norm.weight", PINNED),
+    "ffn.gate.weight": ("ffn_gate_inp.weight", ROUTER),
+    "ffn.gate.bias": ("exp_probs_b.bias", PINNED),
+    "ffn.gate.tid2eid": ("ffn_gate_tid2eid.weight", INDEX),
+    "ffn.shared_experts.w1.weight": ("ffn_gate_shexp.weight", MATRIX),
+    "ffn.shared_experts.w3.weight": ("ffn_up_shexp.weight", MATRIX),
+    "ffn.shared_experts.w2.weight": ("ffn_down_shexp.weight", MATRIX),
+}
+_EXPERTS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+_EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the release's tensors, as config.json implies them
+# ---------------------------------------------------------------------------------------------------
+
+def expected_tensors(h: Hparams) -> dict[str, tuple[int, ...]]:
+    """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one)."""
+    d, hc, hd, nh = h.dim, h.hc_mult, h.head_dim, h.n_heads
+    mix = (2 + hc) * hc
+    spec = {
+        "embed.weight": (h.vocab_size, d), "head.weight": (h.vocab_size, d), "norm.weight": (d,),
+        "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
+    }
+    for i in range(h.n_layers):
+        layer = {
+            "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
+            "hc_attn_fn": (mix, hc * d), "hc_attn_base": (mix,), "hc_attn_scale": (3,),
+            "hc_ffn_fn": (mix, hc * d), "hc_ffn_base": (mix,), "hc_ffn_scale": (3,),
+            "attn.attn_sink": (nh,),
+            "attn.wq_a.weight": (h.q_lora_rank, d), "attn.q_norm.weight": (h.q_lora_rank,),
+            "attn.wq_b.weight": (nh * hd, h.q_lora_rank),
+            "attn.wkv.weight": (hd, d), "attn.kv_norm.weight": (hd,),
+            "attn.wo_a.weight": (h.o_groups * h.o_lora_rank, nh * hd // h.o_groups),
+            "attn.wo_b.weight": (d, h.o_groups * h.o_lora_rank),
+            "ffn.gate.weight": (h.n_routed_experts, d),
+            "ffn.shared_experts.w1.weight": (h.moe_inter_dim * h.n_shared_experts, d),
+            "ffn.shared_experts.w3.weight": (h.moe_inter_dim * h.n_shared_experts, d),
+            "ffn.shared_experts.w2.weight": (d, h.moe_inter_dim * h.n_shared_experts),
+        }
+        if i < h.n_hash_layers:
+            layer["ffn.gate.tid2eid"] = (h.vocab_size, h.n_activated_experts)
+        else:
+            layer["ffn.gate.bias"] = (h.n_routed_experts,)
+        ratio = h.compress_ratios[i]
+        if ratio:
+            width = (2 if ratio == 4 else 1) * hd
+            layer.update({
+                "attn.compressor.wkv.weight": (width, d), "attn.compressor.wgate.weight": (width, d),
+                "attn.compressor.ape": (ratio, width), "attn.compressor.norm.weight": (hd,),
+            })
+        if ratio == 4:
+            ihd = h.index_head_dim
+            layer.update({
+                "attn.indexer.wq_b.weight": (h.index_n_heads * ihd, h.q_lora_rank),
+                "attn.indexer.weights_proj.weight": (h.index_n_heads, d),
+                "attn.indexer.compressor.wkv.weight": (2 * ihd, d),
+                "attn.indexer.compressor.wgate.weight": (2 * ihd, d),
+                "attn.indexer.compressor.ape": (ratio, 2 * ihd),
+                "attn.indexer.compressor.norm.weight": (ihd,),
+            })
+        for e in range(h.n_routed_experts):
+            layer[f"ffn.experts.{e}.w1.weight"] = (h.moe_inter_dim, d)
+            layer[f"ffn.experts.{e}.w3.weight"] = (h.moe_inter_dim, d)
+            layer[f"ffn.experts.{e}.w2.weight"] = (d, h.moe_inter_dim)
+        spec.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------
+# stored tensors: one weight, its scale when quantized, and how to decode it
+# ---------------------------------------------------------------------------------------------------
+
+def _release_name(stored: str) -> str:
+    """transformers' save_pretrained name -> the release's name (release names pass through)."""
+    name = stored[len("model."):] if stored.startswith("model.") else stored
+    name = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight",
+            "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
+            "hc_head.hc_scale": "hc_head_scale"}.get(name, name)
+    return re.sub(r"^(layers\.\d+\.attn)\.norm\.weight$", r"\1.kv_norm.weight", name)
+
+
+@dataclass
+class Stored:
+    """A weight as the checkpoint stores it: float, FP8 (+ block scales) or packed FP4 (+ per-32 scales)."""
+
+    name: str                # release name
+    shape: tuple[int, ...]   # logical PyTorch shape
+    weight: SourceTensor
+    scale: SourceTensor | None = None
+
+    @property
+    def format(self) -> str:
+        if self.weight.dtype == "F8_E4M3":
+            return "fp8"
+        if self.weight.dtype in ("I8", "U8"):
+            return "fp4"
+        return self.weight.dtype
+
+    def _scale_values(self, rows: slice) -> np.ndarray:
+        return self.scale.array()[rows]
+
+    def f32_rows(self, r0: int, r1: int) -> np.ndarray:
+        """float32 values of rows r0:r1 (of the flattened leading dims), exact."""
+        w = self.weight.array()
+        w = w.reshape(-1, w.shape[-1]) if w.ndim != 2 else w
+        if self.format == "fp8":
+            b0, b1 = r0 // fp8.FP8_BLOCK, -(-r1 // fp8.FP8_BLOCK)
+            return fp8.dequant_fp8(w[r0:r1], self._scale_values(slice(b0, b1)), r0 - b0 * fp8.FP8_BLOCK)
+        if self.format == "fp4":
+            return fp8.dequant_fp4(w[r0:r1], self._scale_values(slice(r0, r1)))
+        if self.weight.dtype == "BF16":
+            return fp8.bf16_to_f32(w[r0:r1])
+        if self.weight.dtype == "F32":
+            return w[r0:r1]
+        return w[r0:r1].astype(np.float32)
+
+    def mxfp4_rows(self, r0: int, r1: int) -> np.ndarray:
+        """ggml MXFP4 blocks of rows r0:r1 of a packed FP4 expert: the stored codes and scales, reordered."""
+        return fp8.fp4_to_mxfp4(self.weight.array()[r0:r1], self._scale_values(slice(r0, r1)))
+
+    def index_values(self) -> np.ndarray:
+        return self.weight.array()
+
+    def release_rows(self, r0: int, r1: int) -> None:
+        """Drop the pages of weight rows r0:r1 (the whole shard is dropped when the GGUF tensor is done)."""
+        row_bytes = self.weight.nbytes // max(1, math.prod(self.shape[:-1]))
+        self.weight.release(r0 * row_bytes, (r1 - r0) * row_bytes)
+
+
+def _stored(ck: Checkpoint, names: dict[str, str], name: str, shape: tuple[int, ...], role: str, h: Hparams
+            ) -> Stored:
+    """The stored form of release tensor `name`, with its dtype and shape (and its scale's) checked."""
+    if name not in names:
+        raise CheckpointError(f"{ck.folder}: tensor '{name}' is missing (config.json implies shape {list(shape)})")
+    weight = ck[names[name]]
+    where = f"{weight.file}: tensor '{weight.name}'"
+    scale_name = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
+    scale = ck[names[scale_name]] if scale_name in names else None
+    matrix = role in (MATRIX, EXPERT, ROUTER, HC) and len(shape) == 2
+    if role == INDEX:
+        allowed = INDEX_DTYPES
+    elif matrix:
+        allowed = FLOAT_DTYPES + ("F8_E4M3",) + (("I8", "U8") if role == EXPERT else ())
+    else:
+        allowed = FLOAT_DTYPES
+    if weight.dtype not in allowed:
+        raise CheckpointError(f"{where} has dtype {weight.dtype}, expected one of {', '.join(allowed)}")
+    stored = Stored(name, shape, weight, scale if weight.dtype in ("F8_E4M3", "I8", "U8") else None)
+    if stored.format == "fp4":
+        if shape[-1] % fp8.FP4_BLOCK:
+            raise CheckpointError(f"{where}: FP4 rows of {shape[-1]} are not whole blocks of {fp8.FP4_BLOCK}")
+        stored_shape, scale_shape = (shape[0], shape[1] // 2), (shape[0], shape[1] // fp8.FP4_BLOCK)
+    else:
+        stored_shape = shape
+        scale_shape = tuple(-(-n // fp8.FP8_BLOCK) for n in shape)
+    if weight.shape != stored_shape:
+        raise CheckpointError(f"{where} has shape {list(weight.shape)}, but config.json implies "
+                              f"{list(stored_shape)}{' (packed FP4)' if stored.format == 'fp4' else ''} "
+                              f"(hidden_size={h.dim}, vocab_size={h.vocab_size}, n_routed_experts="
+                              f"{h.n_routed_experts}, moe_intermediate_size={h.moe_inter_dim})")
+    if stored.format in ("fp8", "fp4"):
+        if scale is None:
+            raise CheckpointError(f"{where}: {weight.dtype} weight without its scale tensor '{scale_name}'")
+        swhere = f"{scale.file}: tensor '{scale.name}'"
+        if scale.dtype != "F8_E8M0":
+            raise CheckpointError(f"{swhere} has dtype {scale.dtype}, expected F8_E8M0")
+        if scale.shape != scale_shape:
+            raise CheckpointError(f"{swhere} has shape {list(scale.shape)}, expected {list(scale_shape)} "
+                                  f"for weight {list(shape)}")
+    return stored
+
+
+# ---------------------------------------------------------------------------------------------------
+# the GGUF tensors
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFTensor:
+    """One GGUF tensor: its name, numpy-order shape, role, and the stored tensors it is made of (one per expert
+    for stacked experts, rows in order)."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    parts: list[Stored]
+
+
+@dataclass
+class Layout:
+    tensors: list[GGUFTensor]
+    style: str            # "release" or "save_pretrained"
+    skipped: list[str]    # stored names left out (MTP, hash layers' unused gate bias)
+
+
+def plan_tensors(ck: Checkpoint, h: Hparams) -> Layout:
+    """Map every stored tensor of `ck` to its GGUF tensor, checking that stored and expected tensors agree."""
+    style = "save_pretrained" if any(n.startswith("model.") for n in ck.tensors) else "release"
+    names: dict[str, str] = {}
+    skipped = []
+    for stored in ck.tensors:
+        name = _release_name(stored)
+        if name in names:
+            raise CheckpointError(f"{ck[stored].file}: tensors '{stored}' and '{names[name]}' are the same tensor")
+        names[name] = stored
+    expected = expected_tensors(h)
+    for name, stored in names.items():
+        if name in expected or (name.endswith(".scale") and name[: -len(".scale")] + ".weight" in expected):
+            continue
+        hash_bias = re.fullmatch(r"layers\.(\d+)\.ffn\.gate\.bias", name)
+        if name.startswith("mtp.") or (hash_bias and int(hash_bias.group(1)) < h.n_hash_layers):
+            skipped.append(stored)
+            continue
+        layer = re.match(r"layers\.(\d+)\.", name)
+        why = (f"layer {layer.group(1)} is beyond num_hidden_layers={h.n_layers}"
+               if layer and int(layer.group(1)) >= h.n_layers else "it is not a DeepSeek V4 tensor of this config")
+        raise CheckpointError(f"{ck[stored].file}: unexpected tensor '{stored}': {why} (config.json)")
+
+    def one(release: str, gguf: str, role: str) -> GGUFTensor:
+        shape = expected[release]
+        return GGUFTensor(gguf, shape, role, [_stored(ck, names, release, shape, role, h)])
+
+    out = [one("embed.weight", *_ROOT["embed.weight"])]
+    for i in range(h.n_layers):
+        for suffix, (gguf, role) in _LAYER.items():
+            if f"layers.{i}.{suffix}" in expected:
+                out.append(one(f"layers.{i}.{suffix}", f"blk.{i}.{gguf}", role))
+        for proj, gguf in _EXPERTS.items():
+            parts = [_stored(ck, names, f"layers.{i}.ffn.experts.{e}.{proj}.weight",
+                             expected[f"layers.{i}.ffn.experts.{e}.{proj}.weight"], EXPERT, h)
+                     for e in range(h.n_routed_experts)]
+            out.append(GGUFTensor(f"blk.{i}.{gguf}", (h.n_routed_experts, *parts[0].shape), EXPERT, parts))
+    for release in ("norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight"):
+        out.append(one(release, *_ROOT[release]))
+    return Layout(out, style, skipped)
+
+
+def check_index(stored: Stored, h: Hparams) -> np.ndarray:
+    """tid2eid as int32, every entry an expert id."""
+    values = stored.index_values()
+    bad = (values < 0) | (values >= h.n_routed_experts)
+    if bad.any():
+        raise CheckpointError(f"{stored.weight.file}: tensor '{stored.weight.name}' holds expert id "
+                              f"{int(values[bad][0])} outside 0..{h.n_routed_experts - 1}")
+    return values.astype(np.int32)

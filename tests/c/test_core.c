@@ -1,0 +1,258 @@
+/* test_core.c: the C core on its own, built with the sanitizers by tests/test_c_sanitizers.py.
+ * Every SIMD kernel table this CPU can run against the generic reference dot, fl_matmul at every level,
+ * thread count and odd shape against a double-precision product of the dequantized operands, the pool,
+ * and the error codes. Prints one line per failure and exits non-zero if there was any. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "flashlite.h"
+#include "kernels.h"
+#include "simd.h"
+#include "threadpool.h"
+
+static int failures;
+static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
+
+#define CHECK(cond, ...)                                                                                     \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            failures++;                                                                                      \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
+            printf(__VA_ARGS__);                                                                             \
+            printf("\n");                                                                                    \
+        }                                                                                                    \
+    } while (0)
+
+static uint32_t rng_u32(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 32);
+}
+
+static float rng_uniform(void) { /* in [-1, 1) */
+    return (float)((double)rng_u32() / 2147483648.0 - 1.0);
+}
+
+static const int formats[] = {FL_TYPE_F32,  FL_TYPE_F16,  FL_TYPE_BF16,    FL_TYPE_Q8_0,  FL_TYPE_MXFP4, FL_TYPE_Q2_K,
+                              FL_TYPE_Q4_K, FL_TYPE_Q5_K, FL_TYPE_Q6_K, FL_TYPE_IQ2_XXS, FL_TYPE_IQ4_XS};
+#define N_FORMATS (int)(sizeof(formats) / sizeof(formats[0]))
+
+static void put_half(uint8_t *p, float v) {
+    fl_half h = fl_fp32_to_fp16(v);
+    memcpy(p, &h, sizeof(h));
+}
+
+/* random bits in every block, with each scale field set to a small positive half so values stay finite */
+static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
+    int64_t n = rows * k;
+    if (type == FL_TYPE_F32 || type == FL_TYPE_F16 || type == FL_TYPE_BF16) {
+        for (int64_t i = 0; i < n; i++) {
+            float v = rng_uniform();
+            if (type == FL_TYPE_F32)
+                memcpy(w + 4 * i, &v, 4);
+            else if (type == FL_TYPE_F16)
+                put_half(w + 2 * i, v);
+            else {
+                uint16_t b = fl_fp32_to_bf16(v);
+                memcpy(w + 2 * i, &b, 2);
+            }
+        }
+        return;
+    }
+    int64_t bytes = fl_type_block_bytes(type), blocks = n / fl_type_block_elems(type);
+    for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *blk = w + b * bytes;
+        for (int64_t i = 0; i < bytes; i++)
+            blk[i] = (uint8_t)rng_u32();
+        float d = 0.005f + 0.01f * (rng_uniform() + 1.0f);
+        switch (type) {
+        case FL_TYPE_MXFP4: blk[0] = (uint8_t)(118 + rng_u32() % 9); break;
+        case FL_TYPE_Q2_K: put_half(blk + 80, d); put_half(blk + 82, d); break;
+        case FL_TYPE_Q4_K:
+        case FL_TYPE_Q5_K: put_half(blk, d); put_half(blk + 2, d); break;
+        case FL_TYPE_Q6_K: put_half(blk + 208, d); break;
+        default: put_half(blk, d); break; /* Q8_0, IQ2_XXS, IQ4_XS: d leads the block */
+        }
+    }
+}
+
+/* the activations as the dot sees them: quantized to the act type (or copied), and dequantized back */
+static void act_roundtrip(int type, const float *x, int64_t k, uint8_t *xq, float *xd) {
+    const struct fl_type_traits *t = fl_traits(type);
+    const struct fl_type_traits *a = fl_traits(t->act_type);
+    a->from_float(x, xq, k);
+    a->to_float(xq, xd, k);
+}
+
+static double dot_double(const float *a, const float *b, int64_t k, double *abs_sum) {
+    double s = 0, m = 0;
+    for (int64_t i = 0; i < k; i++) {
+        s += (double)a[i] * b[i];
+        m += fabs((double)a[i] * b[i]);
+    }
+    *abs_sum = m;
+    return s;
+}
+
+struct table {
+    const char *name;
+    fl_vec_dot_fn (*lookup)(int type);
+    int runs_here;
+};
+
+static void test_vec_dots(void) {
+    struct table tables[] = {
+#if defined(__x86_64__)
+        {"avx2", fl_dot_avx2, fl_simd_best() >= FL_SIMD_AVX2},
+        {"avx512", fl_dot_avx512, fl_simd_best() >= FL_SIMD_AVX512},
+        {"avx512_vnni", fl_dot_avx512_vnni, fl_simd_best() >= FL_SIMD_AVX512 && fl_simd_has_vnni()},
+#elif defined(__aarch64__)
+        {"neon", fl_dot_neon, 1},
+#endif
+        {"none", NULL, 0},
+    };
+    for (int f = 0; f < N_FORMATS; f++) {
+        int type = formats[f];
+        const struct fl_type_traits *t = fl_traits(type);
+        int64_t ks[] = {t->blck, 2 * t->blck, t->blck == 1 ? 37 : 5 * t->blck};
+        for (int ki = 0; ki < 3; ki++) {
+            int64_t k = ks[ki];
+            uint8_t *w = malloc((size_t)fl_row_bytes(type, k));
+            float *x = malloc((size_t)k * sizeof(float)), *xd = malloc((size_t)k * sizeof(float));
+            float *wd = malloc((size_t)k * sizeof(float));
+            uint8_t *xq = malloc((size_t)fl_row_bytes(t->act_type, k));
+            random_weights(type, w, 1, k);
+            for (int64_t i = 0; i < k; i++)
+                x[i] = rng_uniform();
+            act_roundtrip(type, x, k, xq, xd);
+            t->to_float(w, wd, k);
+            double mag, want = dot_double(wd, xd, k, &mag);
+            float ref;
+            t->vec_dot_generic(k, &ref, w, xq);
+            CHECK(fabs(ref - want) <= 1e-5 * mag + 1e-6, "%s k=%ld generic %g vs double %g", t->name, (long)k, ref,
+                  want);
+            for (int l = 0; tables[l].lookup; l++) {
+                if (!tables[l].runs_here)
+                    continue;
+                fl_vec_dot_fn dot = tables[l].lookup(type);
+                CHECK(dot != NULL, "%s has no %s kernel", tables[l].name, t->name);
+                if (!dot)
+                    continue;
+                float got;
+                dot(k, &got, w, xq);
+                CHECK(fabs(got - ref) <= 1e-5 * mag + 1e-6, "%s %s k=%ld: %g vs generic %g", tables[l].name,
+                      t->name, (long)k, got, ref);
+            }
+            free(w), free(x), free(xd), free(wd), free(xq);
+        }
+    }
+}
+
+/* fl_matmul against the double product: decode sees quantized activations, prefill the f32 ones */
+static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const char *level, int threads) {
+    const struct fl_type_traits *t = fl_traits(type);
+    size_t row_bytes = (size_t)fl_row_bytes(type, k);
+    uint8_t *w = malloc(row_bytes * rows);
+    float *x = malloc(sizeof(float) * k * n_tok), *y = malloc(sizeof(float) * rows * n_tok);
+    float *wd = malloc(sizeof(float) * k * rows), *xd = malloc(sizeof(float) * k);
+    uint8_t *xq = malloc((size_t)fl_row_bytes(t->act_type, k));
+    random_weights(type, w, rows, k);
+    for (int64_t i = 0; i < k * n_tok; i++)
+        x[i] = rng_uniform();
+    t->to_float(w, wd, k * rows);
+    CHECK(fl_matmul(type, w, rows, k, x, n_tok, y) == FL_OK, "fl_matmul %s", t->name);
+    int decode = n_tok < FL_PREFILL_MIN_TOKENS;
+    for (int64_t tk = 0; tk < n_tok; tk++) {
+        if (decode)
+            act_roundtrip(type, x + tk * k, k, xq, xd);
+        else
+            memcpy(xd, x + tk * k, sizeof(float) * k);
+        for (int64_t r = 0; r < rows; r++) {
+            double mag, want = dot_double(wd + r * k, xd, k, &mag);
+            float got = y[tk * rows + r];
+            if (!(fabs(got - want) <= 1e-5 * mag + 1e-6)) {
+                CHECK(0, "matmul %s %s threads=%d rows=%ld k=%ld n_tok=%ld: y[%ld,%ld] = %g, want %g", level,
+                      t->name, threads, (long)rows, (long)k, (long)n_tok, (long)tk, (long)r, got, want);
+                tk = n_tok;
+                break;
+            }
+        }
+    }
+    free(w), free(x), free(y), free(wd), free(xd), free(xq);
+}
+
+static void test_matmul(void) {
+    static const char *names[] = {"scalar", "avx2", "avx512", "neon"};
+    const int64_t rows_list[] = {1, 7, 37};
+    const int64_t tok_list[] = {1, 3, 17, 45};
+    for (int level = 0; level < 4; level++) {
+        if (fl_simd_set(level) != FL_OK)
+            continue;
+        for (int threads = 1; threads <= 3; threads++) {
+            CHECK(fl_threads_set(threads) == FL_OK && fl_threads_get() == threads, "threads %d", threads);
+            for (int f = 0; f < N_FORMATS; f++) {
+                const struct fl_type_traits *t = fl_traits(formats[f]);
+                int64_t k = t->blck == 1 ? 33 : t->blck == 32 ? 96 : 256;
+                for (int ri = 0; ri < 3; ri++)
+                    for (int ti = 0; ti < 4; ti++)
+                        check_matmul(formats[f], rows_list[ri], k, tok_list[ti], names[level], threads);
+            }
+        }
+    }
+    fl_simd_set(fl_simd_best());
+}
+
+static void test_matmul_errors(void) {
+    float x[256] = {0}, y[4];
+    uint8_t w[1024] = {0};
+    CHECK(fl_matmul(999, w, 1, 32, x, 1, y) == FL_ETYPE, "unknown type");
+    CHECK(fl_matmul(FL_TYPE_Q8_K, w, 1, 256, x, 1, y) == FL_ETYPE, "Q8_K is no weight format");
+    CHECK(fl_matmul(FL_TYPE_Q4_K, w, 1, 100, x, 1, y) == FL_EINVAL, "k not whole blocks");
+    CHECK(fl_matmul(FL_TYPE_Q8_0, w, 0, 32, x, 1, y) == FL_EINVAL, "no rows");
+    CHECK(fl_matmul(FL_TYPE_Q8_0, NULL, 1, 32, x, 1, y) == FL_EINVAL, "no weights");
+    CHECK(fl_matmul(FL_TYPE_Q8_0, w, 1, 32, x, -1, y) == FL_EINVAL, "negative tokens");
+    CHECK(fl_matmul(FL_TYPE_Q8_0, w, 1, 32, x, 0, y) == FL_OK, "zero tokens");
+    CHECK(fl_simd_set(99) == FL_EINVAL, "unknown level");
+#if defined(__x86_64__)
+    CHECK(fl_simd_set(FL_SIMD_NEON) == FL_EINVAL, "neon on x86");
+#endif
+}
+
+static int pool_threads;
+
+static void count_task(void *ctx, int64_t task, int thread) {
+    int64_t *hits = ctx;
+    /* a thread index out of range counts as a second visit */
+    __atomic_fetch_add(&hits[task], thread < pool_threads ? 1 : 2, __ATOMIC_RELAXED);
+}
+
+static void test_pool(void) {
+    int64_t hits[1000];
+    for (int n = 1; n <= 4; n++) {
+        fl_threads_set(n);
+        for (int max = 0; max <= 2; max++) {
+            memset(hits, 0, sizeof(hits));
+            pool_threads = max > 0 && max < n ? max : n;
+            fl_parallel_for(1000, max, count_task, hits);
+            int ok = 1;
+            for (int i = 0; i < 1000; i++)
+                ok &= hits[i] == 1;
+            CHECK(ok, "every task exactly once with %d threads, max %d", n, max);
+        }
+    }
+    CHECK(fl_threads_set(100000) == FL_EINVAL, "absurd thread count");
+    fl_threads_set(0);
+    CHECK(fl_threads_get() >= 1, "default pool");
+}
+
+int main(void) {
+    test_pool();
+    test_vec_dots();
+    test_matmul();
+    test_matmul_errors();
+    printf("%s: %d failure(s), best level %d, vnni %d\n", failures ? "FAILED" : "ok", failures, fl_simd_best(),
+           fl_simd_has_vnni());
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,190 @@
+"""flashlite.matmul against numpy float64 on weights dequantized by gguf-py, at every SIMD level of this CPU.
+
+Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_K, so it is checked twice:
+tightly against float64 with the activations put through the same quantization (done here in numpy), and
+within a per-format bound against the plain float64 product. Prefill multiplies f32 activations and is held
+to f32 rounding. Every level must also agree with the scalar reference level.
+"""
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from flashlite import matmul as fm
+
+FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ4_XS]
+ACT_Q8_0 = {T.Q8_0, T.MXFP4}
+FLOATS = {T.F32, T.F16, T.BF16}
+# byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks
+SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,)}
+# ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 (blocks
+# of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
+DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 else 5e-2 for t in FORMATS}
+TIGHT = 2e-5
+PREFILL_MIN_TOKENS = 16
+
+
+def make_weights(wtype, rows, k, rng):
+    """Weights of `wtype`: gguf-py's quantizer where it has one, else random bits with sane scales."""
+    values = rng.standard_normal((rows, k)).astype(np.float32)
+    if wtype == T.F32:
+        return values
+    if wtype == T.F16:
+        return values.astype(np.float16)
+    if wtype in (T.BF16, T.Q8_0, T.MXFP4):
+        return gguf.quants.quantize(values, wtype)
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[wtype]
+    n_blocks = rows * k // block_elems
+    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[wtype]:
+        scales = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16)
+        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(rows, -1)
+
+
+def dequantized(w, wtype, rows, k):
+    if wtype == T.F32:
+        return w.astype(np.float64)
+    if wtype == T.F16:
+        return w.astype(np.float64)
+    return gguf.quants.dequantize(np.ascontiguousarray(w).view(np.uint8), wtype).reshape(rows, k).astype(np.float64)
+
+
+def quantized_activations(x, wtype):
+    """x as the decode kernels see it: Q8_0 through gguf-py, Q8_K as ggml's quantize_row_q8_K_ref."""
+    if wtype in FLOATS:
+        return x.astype(np.float64)
+    if wtype in ACT_Q8_0:
+        return gguf.quants.dequantize(gguf.quants.quantize(x, T.Q8_0), T.Q8_0).astype(np.float64)
+    blocks = x.reshape(-1, 256).astype(np.float32)
+    pick = np.argmax(np.abs(blocks), axis=1)
+    signed_max = blocks[np.arange(len(blocks)), pick]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(signed_max != 0, np.float32(-127.0) / signed_max, 0).astype(np.float32)
+    q = np.minimum(np.rint(iscale[:, None] * blocks), 127)
+    d = np.where(iscale != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
+    return (q * d[:, None]).reshape(x.shape).astype(np.float64)
+
+
+def rel_err(y, ref):
+    return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(params=fm.simd_levels())
+def level(request):
+    before = fm.simd_level()
+    fm.set_simd_level(request.param)
+    yield request.param
+    fm.set_simd_level(before)
+
+
+@pytest.fixture
+def threads():
+    before = fm.threads()
+    yield fm.set_threads
+    fm.set_threads(before)
+
+
+@pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
+def test_decode_and_prefill_against_float64(wtype, level):
+    rng = np.random.default_rng(int(wtype))
+    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    rows, k = 45, 4 * max(block, 64)
+    w = make_weights(wtype, rows, k, rng)
+    w64 = dequantized(w, wtype, rows, k)
+    x = rng.standard_normal((40, k)).astype(np.float32)
+
+    for n_tok in (1, 3):
+        xs = x[0] if n_tok == 1 else x[:n_tok]
+        y = fm.matmul(w, wtype, rows, k, xs)
+        assert y.shape == ((rows,) if n_tok == 1 else (n_tok, rows)) and y.dtype == np.float32
+        xq = np.stack([quantized_activations(x[i], wtype) for i in range(n_tok)])
+        assert rel_err(y.reshape(n_tok, rows), xq @ w64.T) < TIGHT
+        assert rel_err(y.reshape(n_tok, rows), x[:n_tok].astype(np.float64) @ w64.T) < DECODE_BOUND[wtype]
+
+    y = fm.matmul(w, wtype, rows, k, x)
+    assert rel_err(y, x.astype(np.float64) @ w64.T) < TIGHT
+
+
+@pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
+def test_levels_agree_with_scalar(wtype, level):
+    rng = np.random.default_rng(100 + int(wtype))
+    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    rows, k = 13, 2 * block
+    w = make_weights(wtype, rows, k, rng)
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    got = [fm.matmul(w, wtype, rows, k, x[0]), fm.matmul(w, wtype, rows, k, x[:5]), fm.matmul(w, wtype, rows, k, x)]
+    fm.set_simd_level("scalar")
+    want = [fm.matmul(w, wtype, rows, k, x[0]), fm.matmul(w, wtype, rows, k, x[:5]), fm.matmul(w, wtype, rows, k, x)]
+    for g, r in zip(got, want):
+        assert rel_err(g, r.astype(np.float64)) < TIGHT
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_K, T.IQ2_XXS], ids=lambda t: t.name)
+def test_odd_shapes(wtype, n_threads, threads):
+    """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
+    threads(n_threads)
+    rng = np.random.default_rng(7)
+    k = gguf.GGML_QUANT_SIZES[wtype][0] if wtype not in FLOATS else 1
+    for rows in (1, 5, 31):
+        w = make_weights(wtype, rows, k, rng)
+        w64 = dequantized(w, wtype, rows, k)
+        for n_tok in (1, 2, PREFILL_MIN_TOKENS, 37):
+            x = rng.standard_normal((n_tok, k)).astype(np.float32)
+            y = fm.matmul(w, wtype, rows, k, x)
+            xa = np.stack([quantized_activations(r, wtype) for r in x]) if n_tok < PREFILL_MIN_TOKENS else x
+            ref = xa.astype(np.float64) @ w64.T
+            np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_bad_input_names_the_argument():
+    w = make_weights(T.Q8_0, 4, 64, np.random.default_rng(0))
+    x = np.ones(64, np.float32)
+    with pytest.raises(ValueError, match="^x:"):
+        fm.matmul(w, T.Q8_0, 4, 64, np.ones(63, np.float32))
+    with pytest.raises(ValueError, match="^x:"):
+        fm.matmul(w, T.Q8_0, 4, 64, np.ones((2, 2, 64), np.float32))
+    with pytest.raises(TypeError, match="^x:"):
+        fm.matmul(w, T.Q8_0, 4, 64, np.array(["a"] * 64))
+    with pytest.raises(ValueError, match="^w:"):
+        fm.matmul(w[:3], T.Q8_0, 4, 64, x)
+    with pytest.raises(ValueError, match="^w:"):
+        fm.matmul(w.tobytes()[:-1], T.Q8_0, 4, 64, x)
+    with pytest.raises(TypeError, match="^w:"):
+        fm.matmul(12, T.Q8_0, 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, 7, 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, "Q9_X", 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, T.Q8_K, 4, 64, x)
+    with pytest.raises(TypeError, match="^wtype:"):
+        fm.matmul(w, 8.0, 4, 64, x)
+    with pytest.raises(ValueError, match="^k:"):
+        fm.matmul(w, T.Q4_K, 4, 64, x)
+    with pytest.raises(ValueError, match="^rows:"):
+        fm.matmul(w, T.Q8_0, 0, 64, x)
+    with pytest.raises(ValueError, match="^name:"):
+        fm.set_simd_level("sse9")
+    with pytest.raises(TypeError, match="^n:"):
+        fm.set_threads("4")
+    assert fm.matmul(w, "q8_0", 4, 64, x).shape == (4,)
+
+
+def test_unsupported_level_is_refused():
+    other = "neon" if fm.simd_best() != "neon" else "avx2"
+    with pytest.raises(ValueError, match="^name:"):
+        fm.set_simd_level(other)
+
+
+@pytest.mark.parametrize("forced", fm.simd_levels())
+def test_environment_forces_the_level(forced):
+    code = "from flashlite import matmul as m; print(m.simd_level(), m.simd_best())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, FLASHLITE_SIMD=forced)).stdout.split()
+    assert out == [forced, fm.simd_best()]

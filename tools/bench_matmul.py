@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Matmul benchmark of the C core on V4-Flash shapes, next to memory bandwidth and numpy float32.
+
+Per weight format and shape: decode GB/s (one token; weight bytes streamed per second) and prefill GFLOP/s
+(512 tokens by default). Decode rotates through copies of the weights spread over an arena larger than the
+last-level cache, so each call streams from memory as a 284B-parameter model does. The same run measures
+memory bandwidth with a STREAM-like probe (copy and add, numpy, one thread per core) and numpy float32
+matmul GFLOP/s on the same shapes. --json prints one JSON object instead of the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flashlite import matmul as fm  # noqa: E402
+from flashlite._native import ffi, lib  # noqa: E402
+
+# V4-Flash weights as rows x k (output x input)
+SHAPES = {
+    "expert_up": (2048, 4096),
+    "expert_down": (4096, 2048),
+    "wo_b": (4096, 8192),
+    "wq_b": (32768, 1024),
+    "head": (129280, 4096),
+}
+FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "MXFP4", "IQ2_XXS", "IQ4_XS"]
+TYPE_IDS = {"F32": 0, "F16": 1, "Q8_0": 8, "Q2_K": 10, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16,
+            "IQ4_XS": 23, "BF16": 30, "MXFP4": 39}
+# byte offsets of fp16 scales per block, and of the e8m0 exponent of MXFP4: set to sane values in the arena
+HALF_SCALES = {"Q8_0": (0,), "Q2_K": (80, 82), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ2_XXS": (0,),
+               "IQ4_XS": (0,)}
+TARGET_DECODE = {"Q4_K", "MXFP4", "Q8_0"}
+
+
+def llc_bytes() -> int:
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return best
+
+
+def median_time(fn, min_runs: int, min_seconds: float) -> float:
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def stream_probe(n_threads: int, nbytes: int) -> dict:
+    """STREAM copy (a = b) and add (a = b + c), bytes counted as STREAM does, in GB/s, best of 5."""
+    n = nbytes // 8
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+    bounds = np.linspace(0, n, n_threads + 1).astype(int)
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def run(kernel):
+        with ThreadPoolExecutor(n_threads) as pool:
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                list(pool.map(kernel, slices))
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    copy_s = run(lambda s: np.copyto(a[s], b[s]))
+    add_s = run(lambda s: np.add(b[s], c[s], out=a[s]))
+    return {"copy_gbps": 2 * 8 * n / copy_s / 1e9, "add_gbps": 3 * 8 * n / add_s / 1e9}
+
+
+def fill_arena(arena: np.ndarray, fmt: str) -> None:
+    """Make the random arena valid weights of `fmt`: finite floats, sane block scales."""
+    rng = np.random.default_rng(1)
+    if fmt in ("F32", "F16", "BF16"):
+        elem = 4 if fmt == "F32" else 2
+        top = arena[: arena.size // elem * elem].reshape(-1, elem)[:, elem - 1]
+        # sign kept, exponent pinned near 1.0: no NaN, infinity or subnormal to slow or spoil the arithmetic
+        top[:] = (top & 0x80) | (0x3F if fmt in ("F32", "BF16") else 0x3B & 0x7F)
+        return
+    block_elems = int(lib.fl_type_block_elems(TYPE_IDS[fmt]))
+    block_bytes = int(lib.fl_type_block_bytes(TYPE_IDS[fmt]))
+    blocks = arena[: arena.size // block_bytes * block_bytes].reshape(-1, block_bytes)
+    if fmt == "MXFP4":
+        blocks[:, 0] = rng.integers(118, 127, len(blocks), dtype=np.uint8)
+        return
+    del block_elems
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for off in HALF_SCALES[fmt]:
+        blocks[:, off:off + 2] = scale
+
+
+def bench(args) -> dict:
+    fm.set_threads(args.threads)
+    threads = fm.threads()
+    if args.simd:
+        fm.set_simd_level(args.simd)
+    llc = llc_bytes()
+    shapes = {name: SHAPES[name] for name in args.shapes}
+    row_bytes = {(f, s): int(lib.fl_row_bytes(TYPE_IDS[f], SHAPES[s][1])) * SHAPES[s][0]
+                 for f in args.formats for s in shapes}
+    largest = max(row_bytes.values())
+    arena_bytes = max(args.arena_mib << 20, largest + (args.arena_mib << 20) // 2)
+    rng = np.random.default_rng(0)
+    arena = rng.integers(0, 256, arena_bytes, dtype=np.uint8)
+    stream = stream_probe(threads, args.stream_mib << 20)
+    results = {}
+    for fmt in args.formats:
+        fill_arena(arena, fmt)
+        results[fmt] = {}
+        for shape_name, (rows, k) in shapes.items():
+            wbytes = row_bytes[(fmt, shape_name)]
+            x = rng.standard_normal((args.tokens, k)).astype(np.float32)
+            y1 = np.empty(rows, np.float32)
+            yp = np.empty((args.tokens, rows), np.float32)
+            # rotate the weight slice: each call streams bytes the previous calls did not leave in cache
+            n_slots = max(1, arena_bytes // wbytes)
+            slots = [ffi.from_buffer(arena[i * wbytes:(i + 1) * wbytes]) for i in range(n_slots)]
+            x1 = ffi.from_buffer("float[]", x[0])
+            y1p = ffi.from_buffer("float[]", y1, require_writable=True)
+            turn = [0]
+
+            def decode():
+                turn[0] = (turn[0] + 1) % n_slots
+                lib.fl_matmul(TYPE_IDS[fmt], slots[turn[0]], rows, k, x1, 1, y1p)
+
+            decode()
+            t_dec = median_time(decode, 5, args.seconds)
+            xp, ypp = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", yp, require_writable=True)
+
+            def prefill():
+                status = lib.fl_matmul(TYPE_IDS[fmt], slots[0], rows, k, xp, args.tokens, ypp)
+                assert status == 0, status
+
+            t_pre = median_time(prefill, 1 if rows * k > 1 << 26 else 3, 0.0)
+            results[fmt][shape_name] = {
+                "decode_gbps": wbytes / t_dec / 1e9,
+                "prefill_gflops": 2.0 * rows * k * args.tokens / t_pre / 1e9,
+                "weight_bytes": wbytes,
+                "exceeds_llc": wbytes > llc if llc else None,
+                "decode_rotated_over_bytes": n_slots * wbytes,
+            }
+            if not args.json:
+                r = results[fmt][shape_name]
+                print(f"  {fmt:8s} {shape_name:12s} decode {r['decode_gbps']:7.2f} GB/s "
+                      f"prefill {r['prefill_gflops']:7.1f} GFLOP/s", file=sys.stderr, flush=True)
+    del arena, slots
+    numpy_gflops = {}
+    for shape_name, (rows, k) in shapes.items():
+        w = rng.standard_normal((rows, k), dtype=np.float32)
+        x = rng.standard_normal((args.tokens, k), dtype=np.float32)
+        t = median_time(lambda: x @ w.T, 1 if rows * k > 1 << 26 else 3, 0.0)
+        numpy_gflops[shape_name] = 2.0 * rows * k * args.tokens / t / 1e9
+        del w
+    # the best rate the probe reached: with few cores, the cores rather than the DIMMs set it
+    mem_bw = max(stream.values())
+    for fmt, per_shape in results.items():
+        for shape_name, r in per_shape.items():
+            r["decode_vs_mem_bw"] = r["decode_gbps"] / mem_bw
+            r["prefill_vs_numpy"] = r["prefill_gflops"] / numpy_gflops[shape_name]
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
+                    "simd": fm.simd_level(), "vnni": fm.has_vnni(), "llc_bytes": llc,
+                    "cpus": os.cpu_count()},
+        "tokens": args.tokens,
+        "mem_bw_gbps": mem_bw,
+        "stream": stream,
+        "numpy_f32_gflops": numpy_gflops,
+        "results": results,
+    }
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"threads {m['threads']}, simd {m['simd']} (vnni {m['vnni']}), LLC {m['llc_bytes'] >> 20} MiB, "
+          f"STREAM copy {report['stream']['copy_gbps']:.1f} GB/s, add {report['stream']['add_gbps']:.1f} GB/s "
+          f"(mem_bw_gbps = the best of them)")
+    print("numpy f32 GFLOP/s (" + str(report["tokens"]) + " tokens): "
+          + ", ".join(f"{s} {v:.1f}" for s, v in report["numpy_f32_gflops"].items()))
+    print(f"{'format':8s} {'shape':12s} {'MiB':>8s} {'>LLC':>5s} {'decode GB/s':>12s} {'% mem bw':>9s} "
+          f"{'prefill GFLOP/s':>16s} {'% numpy':>8s}")
+    for fmt, per_shape in report["results"].items():
+        for shape_name, r in per_shape.items():
+            print(f"{fmt:8s} {shape_name:12s} {r['weight_bytes'] / 2**20:8.1f} {'yes' if r['exceeds_llc'] else 'no':>5s} "
+                  f"{r['decode_gbps']:12.2f} {100 * r['decode_vs_mem_bw']:8.0f}% "
+                  f"{r['prefill_gflops']:16.1f} {100 * r['prefill_vs_numpy']:7.0f}%")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS, metavar="FMT")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE")
+    parser.add_argument("--tokens", type=int, default=512, help="prefill tokens (default 512)")
+    parser.add_argument("--threads", type=int, default=0, help="core threads (default: one per CPU)")
+    parser.add_argument("--simd", choices=list(fm.SIMD_LEVELS), help="force a SIMD level")
+    parser.add_argument("--seconds", type=float, default=0.5, help="minimum time per decode measurement")
+    parser.add_argument("--arena-mib", type=int, default=1024, help="decode rotates over at least this much")
+    parser.add_argument("--stream-mib", type=int, default=512, help="bytes per STREAM array")
+    args = parser.parse_args(argv)
+    if args.tokens < 16:
+        parser.error("--tokens: prefill needs at least 16 tokens")
+    report = bench(args)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
