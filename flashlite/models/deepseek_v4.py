@@ -14,14 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from flashlite._native import check, ffi, lib
 from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
-try:
-    from flashlite.matmul import matmul
-except ImportError:
-    def matmul(w, wtype, rows, k, x):
-        if wtype == int(Q.F32):
-            return np.asarray(x, np.float32) @ w.reshape(rows, k).T
-        from gguf.quants import dequantize
-        return np.asarray(x, np.float32) @ dequantize(w, Q(wtype)).reshape(rows, k).T.astype(np.float32)
+from flashlite.matmul import matmul
 
 ARCH = "deepseek4"
 _F32 = (Q.F32,)
