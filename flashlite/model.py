@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from flashlite import chat as chat_api
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4
 
@@ -44,13 +45,19 @@ class Model:
         """Roll the current sequence back to its first pos tokens."""
         self.cache.truncate(pos)
 
-    def forward(self, token_ids: Sequence[int], dump: dict | None = None) -> np.ndarray:
-        """Feed token_ids after the cached ones; float32 logits [len, vocab]. `dump`, when a dict, receives the
-        hidden streams [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+    def new_cache(self):
+        """A decode cache of its own for another sequence on the same weights; pass it to forward(cache=...)."""
+        return self.net.make_cache(self.cache.rewind)
+
+    def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
+        """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
+        `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,
+        blk.N.ffn) and the final normed state."""
+        cache = self.cache if cache is None else cache
         ids = np.asarray(token_ids, np.int64).reshape(-1)
-        if self.cache.pos + ids.size > self.ctx:
-            raise ValueError(f"{self.cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-        return self.net(ids, self.cache, dump)
+        if cache.pos + ids.size > self.ctx:
+            raise ValueError(f"{cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
+        return self.net(ids, cache, dump)
 
     def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
         """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
@@ -77,6 +84,14 @@ class Model:
             if token in stop or i + 1 == max_tokens:
                 return
             row = self.forward([token])[-1]
+
+    def chat(self, messages: list[dict], **kwargs):
+        """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.chat."""
+        return chat_api.chat(self, messages, **kwargs)
+
+    def create_chat_completion(self, messages: list[dict], **kwargs):
+        """An OpenAI-shaped chat completion (or chunk stream): see flashlite.chat.create_chat_completion."""
+        return chat_api.create_chat_completion(self, messages, **kwargs)
 
 
 def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None) -> Model:

@@ -1,0 +1,206 @@
+"""Chat for apps: messages in, reasoning / content / tool-call pieces out, or OpenAI-shaped completion dicts.
+
+Every call decodes in a cache of its own, so conversations interleave on one loaded model; their forward passes
+take turns through a per-model lock. A `cancel` threading.Event set from another thread ends generation between
+two tokens with finish_reason "cancelled".
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flashlite.chat_format import OutputParser, encode_messages
+from flashlite.sampling import Sampler, StopChecker
+from flashlite.tokenizer import Tokenizer
+
+
+@dataclass
+class ChatPiece:
+    """One streamed item: "reasoning" / "content" text, a parsed "tool_call", or the final "done" piece that
+    carries finish_reason ("stop", "length", "tool_calls", "cancelled"), the token counts and the generated ids."""
+
+    kind: str
+    text: str = ""
+    tool_call: dict | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+
+class TokenRouter:
+    """Turns generated token ids into pieces: stream-decodes them, applies the stop rules, parses the markup."""
+
+    def __init__(self, tokenizer: Tokenizer, think: str = "none", stop=(), max_tokens: int | None = None):
+        self._decoder = tokenizer.stream_decoder()
+        self._checker = StopChecker(stop or (), max_tokens, (tokenizer.eos_id,))
+        self._parser = OutputParser(think)
+        self.finish_reason: str | None = None
+
+    def feed(self, token_id: int) -> list[ChatPiece]:
+        """Pieces that token_id completes; sets finish_reason when it ends generation."""
+        text, reason = self._checker.feed(token_id, self._decoder.feed(token_id))
+        if reason is None:
+            return self._pieces(self._parser.feed(text))
+        # a stop (EOS or stop string) drops what follows it; a length cut keeps any half-decoded character
+        tail = self._decoder.flush() if reason == "length" else ""
+        return self._close(reason, text + tail)
+
+    def finish(self, reason: str) -> list[ChatPiece]:
+        """End generation for a reason of the caller's (cancel, context full); flushes the held text."""
+        return self._close(reason, self._checker.flush() + self._decoder.flush())
+
+    def _close(self, reason: str, text: str) -> list[ChatPiece]:
+        pieces = self._pieces(self._parser.feed(text) + self._parser.finish())
+        self.finish_reason = "tool_calls" if reason == "stop" and self._parser.tool_calls else reason
+        return pieces
+
+    @staticmethod
+    def _pieces(events) -> list[ChatPiece]:
+        return [ChatPiece(e.kind, e.text, e.tool_call) for e in events]
+
+
+class _Shared:
+    """What the conversations on one model share: its tokenizer and the lock its forward passes take turns on."""
+
+    def __init__(self, model):
+        self.tokenizer = Tokenizer.from_gguf(model.file)
+        self.lock = threading.Lock()
+
+
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def _shared_of(model) -> _Shared:
+    with _shared_lock:
+        if model not in _shared:
+            _shared[model] = _Shared(model)
+        return _shared[model]
+
+
+def tokenizer_of(model) -> Tokenizer:
+    """The model's tokenizer, built once per loaded model."""
+    return _shared_of(model).tokenizer
+
+
+def chat(model, messages: list[dict], think: str = "none", stream: bool = True, cancel: threading.Event | None = None,
+         tools: list[dict] | None = None, max_tokens: int | None = None, stop=None, temperature: float = 1.0,
+         top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+         seed: int | None = None) -> Iterator[ChatPiece] | list[ChatPiece]:
+    """Answer `messages` (OpenAI-style) with DeepSeek V4's chat format.
+
+    stream=True: an iterator of pieces as they decode, the "done" piece last. stream=False: the same pieces with
+    consecutive text of one kind merged. `max_tokens` None runs until EOS, a stop string or the context's end."""
+    shared = _shared_of(model)
+    prompt_ids = shared.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
+    if len(prompt_ids) >= model.ctx:
+        raise ValueError(f"messages: the prompt is {len(prompt_ids)} tokens, the context holds {model.ctx}")
+    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)
+    router = TokenRouter(shared.tokenizer, think, stop, max_tokens)
+    pieces = _decode(model, shared.lock, prompt_ids, sampler, router, cancel)
+    return pieces if stream else _merged(pieces)
+
+
+def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler, router: TokenRouter,
+            cancel: threading.Event | None) -> Iterator[ChatPiece]:
+    cache = model.new_cache()
+    history = list(prompt_ids)
+    generated: list[int] = []
+    row = None
+    while router.finish_reason is None:
+        if cancel is not None and cancel.is_set():
+            yield from router.finish("cancelled")
+            break
+        if row is None:
+            with lock:
+                row = model.forward(prompt_ids, cache=cache)[-1]
+            continue
+        token = sampler(row, history)
+        history.append(token)
+        generated.append(token)
+        yield from router.feed(token)
+        if router.finish_reason is not None:
+            break
+        if cache.pos >= model.ctx:
+            yield from router.finish("length")
+            break
+        with lock:
+            row = model.forward([token], cache=cache)[-1]
+    yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids),
+                    completion_tokens=len(generated), token_ids=generated)
+
+
+def _merged(pieces) -> list[ChatPiece]:
+    out: list[ChatPiece] = []
+    for piece in pieces:
+        if out and piece.kind in ("reasoning", "content") and out[-1].kind == piece.kind:
+            out[-1].text += piece.text
+        else:
+            out.append(piece)
+    return out
+
+
+def _openai_call(call: dict, index: int | None = None) -> dict:
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": dict(call["function"])}
+    return out if index is None else {"index": index, **out}
+
+
+def _usage(done: ChatPiece) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def create_chat_completion(model, messages: list[dict], stream: bool = False, think: str = "none",
+                           tools: list[dict] | None = None, max_tokens: int | None = None, temperature: float = 1.0,
+                           top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                           seed: int | None = None, stop=None, cancel: threading.Event | None = None):
+    """An OpenAI `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts (the
+    role first, then content / reasoning_content / tool_calls deltas, the finish_reason and usage last)."""
+    pieces = chat(model, messages, think=think, stream=True, cancel=cancel, tools=tools, max_tokens=max_tokens,
+                  stop=stop, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                  repetition_penalty=repetition_penalty, seed=seed)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model.file.get("general.name") or os.path.basename(model.file.path)}
+    return _chunks(pieces, head) if stream else _completion(pieces, head)
+
+
+def _completion(pieces, head: dict) -> dict:
+    text = {"reasoning": "", "content": ""}
+    calls: list[dict] = []
+    done = None
+    for piece in pieces:
+        if piece.kind == "tool_call":
+            calls.append(_openai_call(piece.tool_call))
+        elif piece.kind == "done":
+            done = piece
+        else:
+            text[piece.kind] += piece.text
+    message = {"role": "assistant", "content": text["content"] if text["content"] or not calls else None,
+               "reasoning_content": text["reasoning"] or None, "tool_calls": calls or None}
+    return {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason}],
+            "usage": _usage(done)}
+
+
+def _chunks(pieces, head: dict) -> Iterator[dict]:
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        return {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    n_calls = 0
+    for piece in pieces:
+        if piece.kind == "done":
+            yield {**chunk({}, piece.finish_reason), "usage": _usage(piece)}
+        elif piece.kind == "tool_call":
+            yield chunk({"tool_calls": [_openai_call(piece.tool_call, n_calls)]})
+            n_calls += 1
+        elif piece.text:
+            yield chunk({"reasoning_content" if piece.kind == "reasoning" else "content": piece.text})
