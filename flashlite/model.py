@@ -30,6 +30,11 @@ class Model:
         self.cache = self.net.make_cache(rewind)
 
     @property
+    def tokenizer(self):
+        """The model's byte-level BPE tokenizer, built once from the GGUF metadata."""
+        return chat_api.tokenizer_of(self)
+
+    @property
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
