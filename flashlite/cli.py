@@ -1,6 +1,7 @@
 """The `flashlite` command line: a thin click layer over the Python API."""
 import click
 
+from flashlite.chat_cmd import chat
 from flashlite.quantize_cmd import quantize
 from flashlite.run_cmd import run
 
@@ -11,6 +12,7 @@ def main() -> None:
     """CPU-first inference for DeepSeek V4-Flash."""
 
 
+main.add_command(chat)
 main.add_command(quantize)
 main.add_command(run)
 
