@@ -249,6 +249,6 @@ def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think
     session = Session(model, system, think, sampling)
     if first is not None and first.strip():
         session.ask(first)
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():  # a closed stdin: answer once, as for a pipe
             return
     _interact(session)
