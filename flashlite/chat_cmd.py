@@ -11,6 +11,8 @@ import time
 
 import click
 
+from flashlite.run_cmd import load_model
+
 THINK_CHOICES = ("none", "high", "max")
 ROLES = ("system", "user", "assistant")
 PROMPT, MORE = "> ", "... "
@@ -236,14 +238,7 @@ def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give at most one of -p/--prompt and -f/--file")
     first = prompt_file.read() if prompt_file is not None else prompt
-    from flashlite.model import load
-
-    t0 = time.perf_counter()
-    try:
-        model = load(model_path, threads=threads, ctx=ctx)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
+    model = load_model(model_path, threads, ctx)
     sampling = {"max_tokens": n_predict, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "min_p": min_p, "seed": seed}
     session = Session(model, system, think, sampling)

@@ -16,6 +16,19 @@ def _parse_tokens(text: str) -> list[int]:
     return ids
 
 
+def load_model(model_path, threads, ctx):
+    """Load a GGUF for a command: a bad file is a clean click error, and the load time is reported."""
+    from flashlite.model import load
+
+    t0 = time.perf_counter()
+    try:
+        model = load(model_path, threads=threads, ctx=ctx)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
+    return model
+
+
 @click.command("run")
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
@@ -29,14 +42,7 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx):
     """Generate N tokens greedily after a prompt and report tokens/s."""
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of -p/--prompt and --tokens")
-    from flashlite.model import load
-
-    t0 = time.perf_counter()
-    try:
-        model = load(model_path, threads=threads, ctx=ctx)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
+    model = load_model(model_path, threads, ctx)
     tokenizer = None
     if prompt is not None:
         try:
