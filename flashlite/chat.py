@@ -10,7 +10,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -65,30 +64,6 @@ class TokenRouter:
         return [ChatPiece(e.kind, e.text, e.tool_call) for e in events]
 
 
-class _Shared:
-    """What the conversations on one model share: its tokenizer and the lock its forward passes take turns on."""
-
-    def __init__(self, model):
-        self.tokenizer = Tokenizer.from_gguf(model.file)
-        self.lock = threading.Lock()
-
-
-_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_shared_lock = threading.Lock()
-
-
-def _shared_of(model) -> _Shared:
-    with _shared_lock:
-        if model not in _shared:
-            _shared[model] = _Shared(model)
-        return _shared[model]
-
-
-def tokenizer_of(model) -> Tokenizer:
-    """The model's tokenizer, built once per loaded model."""
-    return _shared_of(model).tokenizer
-
-
 def chat(model, messages: list[dict], think: str = "none", stream: bool = True, cancel: threading.Event | None = None,
          tools: list[dict] | None = None, max_tokens: int | None = None, stop=None, temperature: float = 1.0,
          top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -97,14 +72,13 @@ def chat(model, messages: list[dict], think: str = "none", stream: bool = True, 
 
     stream=True: an iterator of pieces as they decode, the "done" piece last. stream=False: the same pieces with
     consecutive text of one kind merged. `max_tokens` None runs until EOS, a stop string or the context's end."""
-    shared = _shared_of(model)
-    prompt_ids = shared.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
+    prompt_ids = model.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
     if len(prompt_ids) >= model.ctx:
         raise ValueError(f"messages: the prompt is {len(prompt_ids)} tokens, the context holds {model.ctx}")
     sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)
-    router = TokenRouter(shared.tokenizer, think, stop, max_tokens)
-    pieces = _decode(model, shared.lock, prompt_ids, sampler, router, cancel)
+    router = TokenRouter(model.tokenizer, think, stop, max_tokens)
+    pieces = _decode(model, model.lock, prompt_ids, sampler, router, cancel)
     return pieces if stream else _merged(pieces)
 
 

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 
 import numpy as np
 
 from flashlite import chat as chat_api
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4
+from flashlite.tokenizer import Tokenizer
 
 
 class Model:
@@ -28,11 +31,12 @@ class Model:
             raise ValueError(f"ctx must lie in 1..{self.args.max_seq_len}, got {ctx}")
         self.net = deepseek_v4.Model(self.args, self.file)
         self.cache = self.net.make_cache(rewind)
+        self.lock = threading.Lock()  # conversations sharing these weights take turns on forward passes
 
-    @property
-    def tokenizer(self):
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
         """The model's byte-level BPE tokenizer, built once from the GGUF metadata."""
-        return chat_api.tokenizer_of(self)
+        return Tokenizer.from_gguf(self.file)
 
     @property
     def vocab_size(self) -> int:

@@ -45,11 +45,7 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx):
     model = load_model(model_path, threads, ctx)
     tokenizer = None
     if prompt is not None:
-        try:
-            from flashlite.tokenizer import Tokenizer
-        except ImportError as exc:
-            raise click.UsageError("this build has no tokenizer yet: pass --tokens") from exc
-        tokenizer = Tokenizer.from_gguf(model.file)
+        tokenizer = model.tokenizer
         ids = tokenizer.encode(prompt)
     else:
         ids = _parse_tokens(tokens)

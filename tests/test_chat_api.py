@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flashlite.chat import ChatPiece, TokenRouter, chat, tokenizer_of
+from flashlite.chat import ChatPiece, TokenRouter, chat
 from flashlite.chat_format import encode_messages
 from flashlite.cli import main
 from flashlite.model import load
@@ -30,7 +30,7 @@ def _done(pieces) -> ChatPiece:
 
 
 def _prompt_ids(model, think="none"):
-    return tokenizer_of(model).encode(encode_messages(MESSAGES, think=think))
+    return model.tokenizer.encode(encode_messages(MESSAGES, think=think))
 
 
 def test_same_seed_same_output_and_other_seed_differs(model):
@@ -40,7 +40,7 @@ def test_same_seed_same_output_and_other_seed_differs(model):
 
 
 def test_temperature_zero_is_model_generate(model):
-    eos = tokenizer_of(model).eos_id
+    eos = model.tokenizer.eos_id
     expected = list(model.generate(_prompt_ids(model), 16, stop=(eos,)))
     done = _done(model.chat(MESSAGES, temperature=0, max_tokens=16))
     assert done.token_ids == expected
@@ -60,7 +60,7 @@ def test_completion_dict_shape_and_usage(model):
     assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": len(done.token_ids),
                             "total_tokens": n_prompt + len(done.token_ids)}
     assert 1 <= len(done.token_ids) <= 10
-    text = tokenizer_of(model).decode(done.token_ids)
+    text = model.tokenizer.decode(done.token_ids)
     assert text.startswith(choice["message"]["content"])
 
 
@@ -80,7 +80,7 @@ def test_max_tokens_finishes_with_length(model):
     # sample away from EOS so the limit, not the model, ends the answer
     pieces = list(chat(model, MESSAGES, max_tokens=5, seed=1, stop=None))
     done = _done(pieces)
-    if tokenizer_of(model).eos_id in done.token_ids:
+    if model.tokenizer.eos_id in done.token_ids:
         pytest.skip("the fixture happened to sample EOS within 5 tokens")
     assert done.finish_reason == "length" and len(done.token_ids) == 5
     assert model.create_chat_completion(MESSAGES, max_tokens=5, seed=1)["choices"][0]["finish_reason"] == "length"
@@ -123,7 +123,7 @@ def _route(router, ids):
 
 
 def test_router_splits_reasoning_from_content(model):
-    tok = tokenizer_of(model)
+    tok = model.tokenizer
     ids = tok.encode("<think>colours are hues</think>red, green") + [tok.eos_id] + tok.encode("ignored")
     router = TokenRouter(tok, think="high")
     pieces = _route(router, ids)
@@ -134,7 +134,7 @@ def test_router_splits_reasoning_from_content(model):
 
 
 def test_router_without_thinking_keeps_markup_as_content(model):
-    tok = tokenizer_of(model)
+    tok = model.tokenizer
     router = TokenRouter(tok, think="none")
     pieces = _route(router, tok.encode("a</think>b") + [tok.eos_id])
     assert router.finish_reason == "stop"
@@ -142,7 +142,7 @@ def test_router_without_thinking_keeps_markup_as_content(model):
 
 
 def test_router_tool_call_finishes_with_tool_calls(model):
-    tok = tokenizer_of(model)
+    tok = model.tokenizer
     dsml = "｜DSML｜"
     text = (f'ok\n\n<{dsml}tool_calls>\n<{dsml}invoke name="lookup">\n<{dsml}parameter name="n" string="false">3'
             f'</{dsml}parameter>\n</{dsml}invoke>\n</{dsml}tool_calls>')
@@ -155,7 +155,7 @@ def test_router_tool_call_finishes_with_tool_calls(model):
 
 
 def test_router_stop_string_and_length(model):
-    tok = tokenizer_of(model)
+    tok = model.tokenizer
     router = TokenRouter(tok, stop=["green"])
     pieces = _route(router, tok.encode("red, green, blue"))
     assert router.finish_reason == "stop" and "".join(p.text for p in pieces) == "red, "
