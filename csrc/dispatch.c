@@ -30,6 +30,15 @@ fl_vec_dot_fn fl_vec_dot(int type) {
     return dot ? dot : traits->vec_dot_generic;
 }
 
+const struct fl_decode_kernel *fl_decode_kernel(int type) {
+#if defined(__x86_64__)
+    if (fl_simd_level() == FL_SIMD_AVX512 && fl_simd_has_vnni() && __builtin_cpu_supports("avx512vbmi"))
+        return fl_decode_avx512_vbmi(type);
+#endif
+    (void)type;
+    return NULL;
+}
+
 const struct fl_gemm_kernel *fl_gemm_kernel(void) {
     switch (fl_simd_level()) {
 #if defined(__x86_64__)

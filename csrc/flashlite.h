@@ -100,4 +100,76 @@ int fl_moe_experts(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, in
                    int down_type, const void *down_w, int64_t down_stride,
                    float limit, float *out);
 
+/* ---------------------------------------------------------------- routed experts read from disk (expert_cache.c) */
+/* The experts of every MoE layer stay in the GGUF file; a cache of fixed-size slots, split evenly between the
+ * layers, holds the ones in use. A read is one aligned pread per matrix, O_DIRECT where the file system allows
+ * (else buffered, with the pages dropped after the read), done by background I/O threads: demand reads first,
+ * prefetches after them. */
+typedef struct fl_expert_cache fl_expert_cache;
+
+enum fl_expert_policy {
+    FL_EXPERT_LRU = 0,  /* evict the slot of the layer used longest ago */
+    FL_EXPERT_LFU = 1   /* evict the slot of the layer whose expert was demanded least often (then LRU) */
+};
+
+/* Where one layer's stacked expert matrices lie in the file: expert e of matrix m starts at
+ * offset[m] + e * bytes[m]; m = 0 gate, 1 up, 2 down; type[m] is its fl_type. */
+struct fl_expert_layer {
+    int64_t offset[3];
+    int64_t bytes[3];
+    int type[3];
+};
+
+struct fl_expert_stats {
+    int64_t hits;              /* demanded experts found in a slot (or already being read by a prefetch) */
+    int64_t misses;            /* demanded experts that had to be read */
+    int64_t bytes_read;        /* bytes read from the file, alignment padding included */
+    int64_t prefetches;        /* prefetch reads done */
+    int64_t prefetch_hits;     /* prefetched experts later demanded before their eviction */
+    int64_t prefetch_dropped;  /* prefetches skipped: no evictable slot, or their layer was demanded first */
+    double io_seconds;         /* time the I/O threads spent reading */
+    double stall_seconds;      /* time the computing thread waited for a read */
+    int64_t slots;             /* slots in the cache */
+    int64_t slot_bytes;        /* bytes of one slot */
+    int direct_io;             /* 1 when reads bypass the page cache with O_DIRECT */
+};
+
+/* Open `path` for n_layer MoE layers of n_expert experts each, with budget_bytes of slots (at least one slot
+ * per layer, else FL_EINVAL) and io_threads background readers (>= 1); direct_io 0 reads through the page cache
+ * (dropping what it read) even where O_DIRECT works. */
+int fl_expert_cache_open(const char *path, int n_layer, int n_expert, const struct fl_expert_layer *layers,
+                         int64_t budget_bytes, int policy, int io_threads, int direct_io, fl_expert_cache **out);
+void fl_expert_cache_close(fl_expert_cache *c);
+/* Bytes of one slot for these layers (the size a budget is counted in). */
+int64_t fl_expert_cache_slot_bytes(int n_layer, const struct fl_expert_layer *layers);
+/* Read the experts now and keep them for good; a layer keeps at least one slot unpinned (else FL_EINVAL). */
+int fl_expert_cache_pin(fl_expert_cache *c, int layer, const int32_t *experts, int n);
+/* Queue background reads of experts the layer is expected to need; returns at once. */
+int fl_expert_cache_prefetch(fl_expert_cache *c, int layer, const int32_t *experts, int n);
+int fl_expert_cache_stats(const fl_expert_cache *c, struct fl_expert_stats *out);
+void fl_expert_cache_reset_stats(fl_expert_cache *c);
+/* counts[layer * n_expert + e] = how often expert e of the layer was demanded since open. */
+int fl_expert_cache_usage(const fl_expert_cache *c, int64_t *counts);
+/* fl_moe_experts for MoE layer `layer` with its experts taken from the cache: the resident experts are computed
+ * while the missing ones are read; the sum into out keeps ascending expert order, so out is bitwise the same as
+ * fl_moe_experts over the memory-mapped file. */
+int fl_moe_experts_cached(fl_expert_cache *c, int layer, int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used,
+                          const float *x, const int32_t *idx, const float *weights, float limit, float *out);
+/* Bytes of [offset, offset + len) of the file now in the page cache (mincore), or -1. */
+int64_t fl_file_cached_bytes(const char *path, int64_t offset, int64_t len);
+
+/* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
+enum fl_kv_kind {
+    FL_KV_FP8 = 1,  /* bf16 last rope_dim dims, then e4m3 first dims with a ue8m0 scale per 64 */
+    FL_KV_FP4 = 2   /* e2m1 with an e8m0 scale per 32; rope_dim must be 0 */
+};
+/* Bytes of one packed row of dim floats, or -1 when dim, rope_dim do not fit the kind's blocks. */
+int64_t fl_kv_row_bytes(int kind, int64_t dim, int64_t rope_dim);
+/* Round n_rows float32 rows [n_rows, dim] onto the kind's grid (the reference's scales, nearest even) and pack. */
+int fl_kv_pack(int kind, int64_t n_rows, int64_t dim, int64_t rope_dim, const float *src, uint8_t *dst);
+/* dst[r] = packed row idx[r] (r when idx is NULL) of the n_src rows at src, as float32 [n_rows, dim];
+ * FL_EINVAL for an index outside 0..n_src-1. */
+int fl_kv_unpack(int kind, int64_t n_rows, int64_t dim, int64_t rope_dim, const uint8_t *src, int64_t n_src,
+                 const int32_t *idx, float *dst);
+
 #endif

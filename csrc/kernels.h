@@ -3,6 +3,7 @@
  * same names per architecture (arch/), and one traits table indexed by type (types.c) that matmul reads. */
 #ifndef FLASHLITE_KERNELS_H
 #define FLASHLITE_KERNELS_H
+#include <stddef.h>
 #include <stdint.h>
 #include "flashlite.h"
 #include "quants.h"
@@ -27,6 +28,19 @@ const struct fl_type_traits *fl_traits(int type);
 
 /* The dot kernel of a weight type at the SIMD level in use (falls back to the generic one). */
 fl_vec_dot_fn fl_vec_dot(int type);
+
+/* A decode kernel that reads its activation row in a layout of its own (blocks regrouped for wide loads,
+ * block sums and float scales precomputed): prep quantizes one f32 row of k elements exactly as the
+ * act_type's reference quantizer does, into act_bytes(k) bytes of that layout, once per call; dot then
+ * takes it in place of the act_type row. */
+struct fl_decode_kernel {
+    size_t (*act_bytes)(int64_t k);
+    void (*prep)(int64_t k, const float *x, void *out);
+    fl_vec_dot_fn dot;
+};
+
+/* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */
+const struct fl_decode_kernel *fl_decode_kernel(int type);
 
 /* half-precision conversions shared by every format */
 float fl_fp16_to_fp32(fl_half h);

@@ -51,19 +51,25 @@ static void decode_task(void *ctx, int64_t task, int thread) {
 
 static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
                   const float *x, int64_t n_tok, float *y) {
-    struct decode_job job = {fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x,
-                             (size_t)k * sizeof(float), rows, k, n_tok, 0, y};
+    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
+    struct decode_job job = {dk ? dk->dot : fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k),
+                             (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y};
     uint8_t *xq = NULL;
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
         if (!at || !at->from_float)
             return FL_ETYPE;
-        job.x_row = (size_t)fl_row_bytes(wt->act_type, k);
-        xq = malloc(job.x_row * (size_t)n_tok);
+        /* prepared rows go on whole cache lines */
+        job.x_row = dk ? (dk->act_bytes(k) + 63) & ~(size_t)63 : (size_t)fl_row_bytes(wt->act_type, k);
+        xq = aligned_alloc(64, (job.x_row * (size_t)n_tok + 63) & ~(size_t)63);
         if (!xq)
             return FL_ENOMEM;
-        for (int64_t t = 0; t < n_tok; t++)
-            at->from_float(x + t * k, xq + t * job.x_row, k);
+        for (int64_t t = 0; t < n_tok; t++) {
+            if (dk)
+                dk->prep(k, x + t * k, xq + t * job.x_row);
+            else
+                at->from_float(x + t * k, xq + t * job.x_row, k);
+        }
         job.xq = xq;
     }
     int threads = fl_threads_get();

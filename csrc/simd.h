@@ -21,6 +21,8 @@ fl_vec_dot_fn fl_dot_avx2(int type);
 fl_vec_dot_fn fl_dot_avx512(int type);
 fl_vec_dot_fn fl_dot_avx512_vnni(int type);
 fl_vec_dot_fn fl_dot_neon(int type);
+/* the prepared-activation decode kernels of AVX512-VNNI CPUs with VBMI (NULL for a type without one) */
+const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type);
 extern const struct fl_gemm_kernel fl_gemm_scalar;
 extern const struct fl_gemm_kernel fl_gemm_avx2;
 extern const struct fl_gemm_kernel fl_gemm_avx512;

@@ -4,6 +4,7 @@ import click
 from flashlite.chat_cmd import chat
 from flashlite.quantize_cmd import quantize
 from flashlite.run_cmd import run
+from flashlite.serve_cmd import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ def main() -> None:
 main.add_command(chat)
 main.add_command(quantize)
 main.add_command(run)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ where there is one, the tensor or key.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class WeightView:
     type: GGMLQuantizationType
     ne: tuple[int, ...]
     data: np.ndarray
+    offset: int = -1  # where data starts in the file; -1 for an array made in memory
 
     @property
     def rows(self) -> int:
@@ -86,7 +88,20 @@ class GGUFFile:
                     f"(needs bytes up to {t.data_offset + t.n_bytes}, file has {size}): the file is truncated"
                 )
             self.tensors[t.name] = WeightView(t.name, GGMLQuantizationType(t.tensor_type),
-                                              tuple(int(n) for n in t.shape), t.data)
+                                              tuple(int(n) for n in t.shape), t.data,
+                                              int(t.data_offset))
+
+    def keep_out(self, names: list[str]) -> None:
+        """Never let the kernel read the tensors `names` through the map: faults read only their own page
+        (no read-ahead that would drag neighbouring tensors into the page cache), and every other tensor is
+        asked for up front, in the background, so that it is resident by the time it is used."""
+        mm = self._reader.data._mmap
+        mm.madvise(mmap.MADV_RANDOM)
+        page = mmap.PAGESIZE
+        for name, view in self.tensors.items():
+            if name not in names and view.data.nbytes:
+                start = view.offset // page * page
+                mm.madvise(mmap.MADV_WILLNEED, start, view.offset + view.data.nbytes - start)
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)

@@ -9,16 +9,21 @@ from functools import cached_property
 import numpy as np
 
 from flashlite import chat as chat_api
+from flashlite.expert_offload import default_usage_path, parse_bytes
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4
 from flashlite.tokenizer import Tokenizer
+
+REPLAY_CHUNK = 512  # tokens per forward when truncate feeds tokens again: bounds the activations' memory
 
 
 class Model:
     """A loaded model and the cache of the sequence it is decoding."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, ctx: int | None = None,
-                 rewind: int = 256):
+                 rewind: int = 256, ram_budget: int | str | None = None, expert_policy: str = "lru",
+                 expert_prefetch: bool = True, expert_usage: str | os.PathLike | bool = True,
+                 pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32"):
         if threads is not None:
             from flashlite._native import check, lib
             if threads < 1:
@@ -29,8 +34,17 @@ class Model:
         self.ctx = self.args.max_seq_len if ctx is None else int(ctx)
         if not 0 < self.ctx <= self.args.max_seq_len:
             raise ValueError(f"ctx must lie in 1..{self.args.max_seq_len}, got {ctx}")
-        self.net = deepseek_v4.Model(self.args, self.file)
-        self.cache = self.net.make_cache(rewind)
+        offload = None
+        if ram_budget is not None:
+            usage = expert_usage
+            if usage is True:
+                usage = default_usage_path(self.file.path)
+            offload = dict(ram_budget=parse_bytes(ram_budget), policy=expert_policy, prefetch=expert_prefetch,
+                           usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
+                           direct_io=direct_io)
+        self.net = deepseek_v4.Model(self.args, self.file, offload)
+        self.tokens = 0
+        self.cache = self.net.make_cache(rewind, kv_format)
         self.lock = threading.Lock()  # conversations sharing these weights take turns on forward passes
 
     @cached_property
@@ -50,13 +64,19 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
 
-    def truncate(self, pos: int) -> None:
-        """Roll the current sequence back to its first pos tokens."""
-        self.cache.truncate(pos)
+    def truncate(self, pos: int, cache=None) -> None:
+        """Roll the sequence of `cache` (else the model's own) back to its first pos tokens, for any
+        0 <= pos <= cache.pos: the cache goes back in place or to its nearest checkpoint, and the tokens from
+        there to pos are fed again in chunks of REPLAY_CHUNK."""
+        cache = self.cache if cache is None else cache
+        replay = cache.rollback(pos)
+        for s in range(0, replay.size, REPLAY_CHUNK):
+            self.forward(replay[s:s + REPLAY_CHUNK], cache=cache)
 
     def new_cache(self):
         """A decode cache of its own for another sequence on the same weights; pass it to forward(cache=...)."""
-        return self.net.make_cache(self.cache.rewind)
+        c = self.cache
+        return self.net.make_cache(c.rewind, c.kv_format)
 
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
@@ -66,7 +86,35 @@ class Model:
         ids = np.asarray(token_ids, np.int64).reshape(-1)
         if cache.pos + ids.size > self.ctx:
             raise ValueError(f"{cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-        return self.net(ids, cache, dump)
+        logits = self.net(ids, cache, dump)
+        self.tokens += ids.size
+        return logits
+
+    def stats(self) -> dict:
+        """Counters since load (or the last reset_stats): tokens forwarded and, with a ram_budget, the expert
+        cache's expert_hits, expert_misses, expert_bytes_read, io_seconds, io_stall_seconds, prefetches,
+        prefetch_hits, prefetch_dropped, slots, slot_bytes and direct_io."""
+        out = {"tokens": self.tokens, "expert_hits": 0, "expert_misses": 0, "expert_bytes_read": 0,
+               "io_seconds": 0.0, "io_stall_seconds": 0.0}
+        if self.net.offload is not None:
+            out.update(self.net.offload.stats())
+        return out
+
+    def reset_stats(self) -> None:
+        self.tokens = 0
+        if self.net.offload is not None:
+            self.net.offload.reset_stats()
+
+    def close(self) -> None:
+        """Save the expert-usage histogram and stop the expert cache's I/O threads (also done at exit)."""
+        if self.net.offload is not None:
+            self.net.offload.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
         """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
@@ -103,6 +151,13 @@ class Model:
         return chat_api.create_chat_completion(self, messages, **kwargs)
 
 
-def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None) -> Model:
-    """Open a deepseek4 GGUF (memory-mapped) for CPU inference."""
-    return Model(path, threads=threads, ctx=ctx)
+def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = None, **options) -> Model:
+    """Open a deepseek4 GGUF (memory-mapped) for CPU inference.
+
+    With ram_budget (bytes, or a size such as "24G") the routed experts stay in the file and a cache of that many
+    bytes holds the ones in use: expert_policy "lru" or "lfu"; expert_prefetch reads the next layer's predicted
+    experts in the background; expert_usage is where the usage histogram is kept between runs (True: under
+    ~/.cache/flashlite, False: nowhere), and pin_fraction of each layer's slots hold its hottest experts;
+    io_threads read in parallel; direct_io=False reads through the page cache (dropping the pages after) even
+    where O_DIRECT works."""
+    return Model(path, threads=threads, ctx=ctx, **options)

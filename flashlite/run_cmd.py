@@ -16,13 +16,23 @@ def _parse_tokens(text: str) -> list[int]:
     return ids
 
 
-def load_model(model_path, threads, ctx):
+def offload_options(command):
+    """--ram-budget and --expert-policy, shared by every command that loads a model."""
+    command = click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
+                           help="which cached expert a miss evicts")(command)
+    return click.option("--ram-budget", default=None, metavar="SIZE",
+                        help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped")(
+        command)
+
+
+def load_model(model_path, threads, ctx, ram_budget=None, expert_policy="lru"):
     """Load a GGUF for a command: a bad file is a clean click error, and the load time is reported."""
     from flashlite.model import load
 
     t0 = time.perf_counter()
+    options = {} if ram_budget is None else {"ram_budget": ram_budget, "expert_policy": expert_policy}
     try:
-        model = load(model_path, threads=threads, ctx=ctx)
+        model = load(model_path, threads=threads, ctx=ctx, **options)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
@@ -38,11 +48,12 @@ def load_model(model_path, threads, ctx):
               help="tokens to generate")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
-def run(model_path, prompt, tokens, n_predict, threads, ctx):
+@offload_options
+def run(model_path, prompt, tokens, n_predict, threads, ctx, ram_budget, expert_policy):
     """Generate N tokens greedily after a prompt and report tokens/s."""
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of -p/--prompt and --tokens")
-    model = load_model(model_path, threads, ctx)
+    model = load_model(model_path, threads, ctx, ram_budget, expert_policy)
     tokenizer = None
     if prompt is not None:
         tokenizer = model.tokenizer
@@ -67,3 +78,10 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx):
     if len(out) > 1:
         decode = t_end - t_first
         click.echo(f"decode: {len(out) - 1} tokens in {decode:.3f} s ({(len(out) - 1) / decode:.2f} tok/s)", err=True)
+    if ram_budget is not None:
+        st = model.stats()
+        demanded = st["expert_hits"] + st["expert_misses"]
+        click.echo(f"experts: {st['expert_hits'] / max(demanded, 1):.1%} hits, "
+                   f"{st['expert_bytes_read'] / max(st['tokens'], 1) / 2**20:.1f} MiB read per token, "
+                   f"{st['io_stall_seconds']:.3f} s waiting for the disk", err=True)
+    model.close()

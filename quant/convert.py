@@ -227,6 +227,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private to its writer
         writer = GGUFWriter(tmp, ARCH)
+        writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
         writer.add_string("general.name", src.resolve().name)
         writer.add_uint32("general.file_type", recipe.file_type)
         writer.add_uint32("general.quantization_version", 2)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from flashlite._native import check, ffi, lib
+from flashlite.expert_offload import ExpertCache
 from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.matmul import matmul
@@ -199,6 +201,22 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-scores, k - 1, axis=-1)[..., :k]
 
 
+@lru_cache(maxsize=4)
+def _hadamard_matrix(n: int) -> np.ndarray:
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != n:
+        raise ValueError(f"hadamard: the last dim {n} is not a power of two")
+    return h * np.float32(n ** -0.5)
+
+
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """The natural-order Sylvester Walsh-Hadamard transform of the last dim (a power of two), scaled by n^-1/2
+    so that it is orthogonal: the reference rotates indexer queries and keys with it before their FP4 rounding."""
+    return np.matmul(x, _hadamard_matrix(x.shape[-1]))
+
+
 # ---------------------------------------------------------------- RoPE
 
 class RoPE:
@@ -314,7 +332,8 @@ class Compressor:
               f"fl_compress_pool ({self.wkv.name})")
         rows = rms_norm(pooled, self.norm, self.args.norm_eps)
         cos, sin = self.rope.cos_sin(np.arange(first, last) * r)
-        state.rows.append(self.rope.apply(rows, cos, sin))
+        rows = self.rope.apply(rows, cos, sin)
+        state.rows.append(hadamard(rows) if state.rotated else rows)
 
 
 class Indexer:
@@ -338,6 +357,8 @@ class Indexer:
             return picks.astype(np.int32)
         q = linear(self.wq_b, qr[crowded]).reshape(crowded.size, a.index_n_heads, a.index_head_dim)
         q = self.rope.apply(q, cos[crowded], sin[crowded])
+        if state.rotated:
+            q = state.rows.fmt.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
         scores = np.maximum(np.matmul(q, keys.T), 0) * np.float32(a.index_head_dim ** -0.5)   # [t, H, N]
         weights = linear(self.weights_proj, x[crowded]) * np.float32(a.index_n_heads ** -0.5)  # [t, H]
@@ -387,12 +408,11 @@ class Attention:
         ranges = np.ascontiguousarray(ranges, np.int32)
         rows, idx = np.empty((0, a.head_dim), np.float32), np.empty((t, 0), np.int32)
         if self.ratio:
-            rows = cache.compressor.rows.rows(0, cache.compressor.rows.end)
             if picks is None:
                 visible = (positions + 1) // self.ratio
                 k = np.arange(int(visible.max()), dtype=np.int32)
                 picks = np.where(k[None, :] < visible[:, None], k[None, :], -1).astype(np.int32)
-            idx = picks
+            rows, idx = cache.compressor.rows.gather(picks)
         out = np.empty_like(q)
         check(lib.fl_attn_sink(t, a.n_heads, a.head_dim, _f32(q), _f32(window), window.shape[0], _i32(ranges),
                                _f32(rows), rows.shape[0], _i32(idx), idx.shape[1], _f32(self.attn_sink),
@@ -418,9 +438,12 @@ class MoEGate:
     def __init__(self, args: ModelArgs, weight: WeightView, bias: np.ndarray | None, tid2eid: np.ndarray | None):
         self.args, self.weight, self.bias, self.tid2eid = args, weight, bias, tid2eid
 
-    def __call__(self, x: np.ndarray, token_ids: np.ndarray):
+    def scores(self, x: np.ndarray) -> np.ndarray:
         logits = linear(self.weight, x)
-        scores = np.sqrt(np.where(logits > 20, logits, np.log1p(np.exp(np.minimum(logits, 20))))).astype(np.float32)
+        return np.sqrt(np.where(logits > 20, logits, np.log1p(np.exp(np.minimum(logits, 20))))).astype(np.float32)
+
+    def __call__(self, x: np.ndarray, token_ids: np.ndarray):
+        scores = self.scores(x)
         if self.tid2eid is not None:
             idx = self.tid2eid[token_ids].astype(np.int64)
         else:
@@ -429,13 +452,23 @@ class MoEGate:
         w = w / (np.sum(w, axis=1, keepdims=True) + np.float32(1e-20))
         return w * np.float32(self.args.route_scale), idx
 
+    def predict(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        """The experts this gate will likely pick, most picked first: exact on hash layers, else the top-k for x
+        (another layer's hidden state put through this layer's norm)."""
+        if self.tid2eid is not None:
+            idx = self.tid2eid[token_ids]
+        else:
+            idx = topk_indices(self.scores(x) + self.bias, self.args.n_activated_experts)
+        experts, counts = np.unique(idx, return_counts=True)
+        return experts[np.argsort(-counts, kind="stable")]
+
 
 class MoE:
     """Routed experts (SwiGLU with gate clamped above and up clamped both ways; the routing weight scales the
     down projection's output) plus the shared expert."""
 
-    def __init__(self, args: ModelArgs, layer: int, w: dict, gate: MoEGate):
-        self.args, self.gate = args, gate
+    def __init__(self, args: ModelArgs, layer: int, w: dict, gate: MoEGate, offload: ExpertCache | None = None):
+        self.args, self.gate, self.layer, self.offload = args, gate, layer, offload
         self.limit, self.shared_limit = args.swiglu_limits[layer], args.swiglu_limits_shared[layer]
         self.w1, self.w3, self.w2 = w["ffn_gate_exps"], w["ffn_up_exps"], w["ffn_down_exps"]
         self.s1, self.s3, self.s2 = w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"]
@@ -458,8 +491,14 @@ class MoE:
         weights, idx = self.gate(x, token_ids)
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros_like(x)
-        self.experts(x, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32),
-                     self.w1, self.w3, self.w2, self.limit, out)
+        idx, weights = np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32)
+        if self.offload is None:
+            self.experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
+        else:
+            check(lib.fl_moe_experts_cached(self.offload.handle, self.layer, x.shape[0], x.shape[1], self.w1.rows,
+                                            idx.shape[1], _f32(x), _i32(idx), _f32(weights), self.limit,
+                                            _f32(out)),
+                  f"{self.offload.path}: routed experts of layer {self.layer}")
         t = x.shape[0]
         self.experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
                      self.shared_limit, out)
@@ -477,6 +516,7 @@ class Block:
         self.ffn_hc = HyperConnection(args, w["hc_ffn_fn"], w["hc_ffn_base"], w["hc_ffn_scale"])
         self.attn_norm, self.ffn_norm, self.eps = w["attn_norm"], w["ffn_norm"], args.norm_eps
         self.attn, self.ffn = attn, ffn
+        self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
 
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
         x, post, comb = self.attn_hc(h)
@@ -484,7 +524,11 @@ class Block:
         if dump is not None:
             dump[f"blk.{self.layer}.attn"] = h.copy()
         x, post, comb = self.ffn_hc(h)
-        h = HyperConnection.expand(self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids), h, post, comb)
+        y = rms_norm(x, None, self.eps)
+        if self.next is not None:
+            # While this layer computes, the disk reads what the next layer's router would pick for this state.
+            self.ffn.offload.prefetch(self.next.layer, self.next.ffn.gate.predict(self.next.ffn_norm * y, token_ids))
+        h = HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
         if dump is not None:
             dump[f"blk.{self.layer}.ffn"] = h.copy()
         return h
@@ -559,7 +603,9 @@ def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
 class Model:
     """DeepSeek V4 over the weights of one GGUF file."""
 
-    def __init__(self, args: ModelArgs, f: GGUFFile):
+    def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None):
+        """offload: None keeps every expert memory-mapped; else ExpertCache options (ram_budget, policy,
+        io_threads, usage_path, pin_fraction) plus prefetch (bool)."""
         self.args = args
         spec = expected_tensors(args)
         t = {}
@@ -576,8 +622,19 @@ class Model:
             if args.original_seq_len and args.rope_factor > 1 else None
         self.rope_main = RoPE(args.rope_head_dim, args.rope_theta)
         self.rope_compress = RoPE(args.rope_head_dim, args.compress_rope_theta, yarn)
+        self.offload = None
+        if offload is not None:
+            offload = dict(offload)
+            prefetch = offload.pop("prefetch", True)
+            mats = [tuple(t[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down"))
+                    for i in range(args.n_layers)]
+            self.offload = ExpertCache(f.path, mats, args.n_routed_experts, **offload)
+            f.keep_out([w.name for layer in mats for w in layer])
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
                        for i in range(args.n_layers)]
+        if self.offload is not None and prefetch:
+            for block, following in zip(self.layers, self.layers[1:]):
+                block.next = following
 
     def _block(self, i: int, w: dict) -> Block:
         a, r = self.args, self.args.compress_ratios[i]
@@ -595,12 +652,14 @@ class Model:
         w = {k.rsplit(".", 1)[0]: v for k, v in w.items()}
         attn = Attention(a, i, w, rope, compressor, indexer)
         gate = MoEGate(a, w["ffn_gate_inp"], w.get("exp_probs_b"), w.get("ffn_gate_tid2eid"))
-        return Block(a, i, w, attn, MoE(a, i, w, gate))
+        return Block(a, i, w, attn, MoE(a, i, w, gate, self.offload))
 
-    def make_cache(self, rewind: int = 256) -> ModelCache:
+    def make_cache(self, rewind: int = 256, kv_format: str = "f32") -> ModelCache:
+        """A decode cache; kv_format "f32" (rows as computed, transformers' semantics) or "fp8" (rows rounded and
+        packed as DeepSeek's reference stores them, a quarter of the bytes: see flashlite/kv_cache.py)."""
         a = self.args
-        return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim) for r in a.compress_ratios],
-                          rewind)
+        return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim, a.rope_head_dim, kv_format)
+                           for r in a.compress_ratios], rewind)
 
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
         rows = self.embed.data[token_ids]
@@ -622,5 +681,5 @@ class Model:
         x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
         if dump is not None:
             dump["output_norm"] = x.copy()
-        cache.advance(len(token_ids))
+        cache.advance(token_ids)
         return linear(self.head, x)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "flashlite.h"
 #include "kernels.h"
 #include "simd.h"
@@ -247,11 +248,87 @@ static void test_pool(void) {
     CHECK(fl_threads_get() >= 1, "default pool");
 }
 
+/* The disk-cached MoE against the in-memory one on the same bytes: bitwise equal outputs for every budget from
+ * one slot per layer up to all experts, LRU and LFU, with prefetches and pins in the way; hit and miss counts
+ * add up to the experts demanded. */
+static void test_expert_cache(void) {
+    enum { LAYERS = 3, EXPERTS = 8, DIM = 64, INTER = 32, TOK = 5, USED = 3 };
+    int64_t mat_bytes[3] = {fl_row_bytes(FL_TYPE_Q8_0, DIM) * INTER, fl_row_bytes(FL_TYPE_Q8_0, DIM) * INTER,
+                            fl_row_bytes(FL_TYPE_Q8_0, INTER) * DIM};
+    char path[] = "/tmp/fl_test_experts_XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0) { CHECK(0, "expert cache: %s", "mkstemp failed"); return; }
+    struct fl_expert_layer layers[LAYERS];
+    uint8_t *blob[LAYERS][3];
+    int64_t offset = 800; /* 32-aligned, as GGUF aligns tensors, but not to the 4 KiB of a direct read */
+    uint8_t pad[800] = {0};
+    if (write(fd, pad, sizeof pad) != (ssize_t)sizeof pad) CHECK(0, "expert cache: %s", "write failed");
+    for (int l = 0; l < LAYERS; l++)
+        for (int m = 0; m < 3; m++) {
+            int64_t rows = m < 2 ? INTER : DIM, k = m < 2 ? DIM : INTER;
+            blob[l][m] = malloc((size_t)(mat_bytes[m] * EXPERTS));
+            random_weights(FL_TYPE_Q8_0, blob[l][m], rows * EXPERTS, k);
+            if (write(fd, blob[l][m], (size_t)(mat_bytes[m] * EXPERTS)) != (ssize_t)(mat_bytes[m] * EXPERTS))
+                CHECK(0, "expert cache: %s", "write failed");
+            layers[l].offset[m] = offset;
+            layers[l].bytes[m] = mat_bytes[m];
+            layers[l].type[m] = FL_TYPE_Q8_0;
+            offset += mat_bytes[m] * EXPERTS;
+        }
+    close(fd);
+    float x[TOK * DIM], w[TOK * USED], want[TOK * DIM], got[TOK * DIM];
+    int32_t idx[TOK * USED];
+    for (int i = 0; i < TOK * DIM; i++) x[i] = rng_uniform();
+    for (int i = 0; i < TOK * USED; i++) {
+        idx[i] = (int32_t)(rng_u32() % EXPERTS);
+        w[i] = rng_uniform();
+    }
+    int64_t slot = fl_expert_cache_slot_bytes(LAYERS, layers);
+    fl_expert_cache *c = NULL;
+    if (fl_expert_cache_open(path, LAYERS, EXPERTS, layers, slot * LAYERS - 1, FL_EXPERT_LRU, 1, 1, &c) != FL_EINVAL)
+        CHECK(0, "expert cache: %s", "a budget under one slot per layer is accepted");
+    for (int policy = 0; policy < 2; policy++)
+        for (int per_layer = 1; per_layer <= EXPERTS; per_layer += 3) {
+            if (fl_expert_cache_open(path, LAYERS, EXPERTS, layers, slot * LAYERS * per_layer, policy, 2,
+                                     per_layer % 2, &c)) {
+                CHECK(0, "expert cache: %s", "open failed");
+                continue;
+            }
+            int32_t pin[1] = {idx[0]};
+            if (per_layer > 1 && fl_expert_cache_pin(c, 1, pin, 1)) CHECK(0, "expert cache: %s", "pin failed");
+            int64_t demanded = 0;
+            for (int round = 0; round < 3; round++)
+                for (int l = 0; l < LAYERS; l++) {
+                    int32_t guess[4] = {0, 3, 5, 7};
+                    fl_expert_cache_prefetch(c, (l + 1) % LAYERS, guess, 4);
+                    memset(want, 0, sizeof want);
+                    memset(got, 0, sizeof got);
+                    fl_moe_experts(TOK, DIM, INTER, USED, EXPERTS, x, idx, w, FL_TYPE_Q8_0, blob[l][0], mat_bytes[0],
+                                   FL_TYPE_Q8_0, blob[l][1], mat_bytes[1], FL_TYPE_Q8_0, blob[l][2], mat_bytes[2],
+                                   4.0f, want);
+                    if (fl_moe_experts_cached(c, l, TOK, DIM, INTER, USED, x, idx, w, 4.0f, got))
+                        CHECK(0, "expert cache: %s", "fl_moe_experts_cached failed");
+                    if (memcmp(want, got, sizeof want)) CHECK(0, "expert cache: %s", "cached MoE differs from mapped MoE");
+                    uint8_t seen[EXPERTS] = {0};
+                    for (int i = 0; i < TOK * USED; i++) demanded += !seen[idx[i]]++;
+                }
+            struct fl_expert_stats st;
+            fl_expert_cache_stats(c, &st);
+            if (st.hits + st.misses != demanded || st.slots != LAYERS * per_layer)
+                CHECK(0, "expert cache: %s", "hits + misses differ from the experts demanded");
+            fl_expert_cache_close(c);
+        }
+    unlink(path);
+    for (int l = 0; l < LAYERS; l++)
+        for (int m = 0; m < 3; m++) free(blob[l][m]);
+}
+
 int main(void) {
     test_pool();
     test_vec_dots();
     test_matmul();
     test_matmul_errors();
+    test_expert_cache();
     printf("%s: %d failure(s), best level %d, vnni %d\n", failures ? "FAILED" : "ok", failures, fl_simd_best(),
            fl_simd_has_vnni());
     return failures ? 1 : 0;

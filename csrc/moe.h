@@ -1,0 +1,25 @@
+/* moe.h: the routed-expert computation shared by the memory-mapped and the disk-cached paths of moe.c and
+ * expert_cache.c. Only where an expert's matrices come from differs between them. */
+#ifndef FL_MOE_H
+#define FL_MOE_H
+#include <stdint.h>
+
+struct moe_source {
+    int type[3];  /* gate, up, down */
+    void *ctx;
+    /* Point w[0..2] at expert e's gate, up and down matrices, waiting for them if need be. */
+    int (*acquire)(void *ctx, int32_t e, const void *w[3]);
+    void (*release)(void *ctx, int32_t e);
+};
+
+/* The experts listed in `order` (each expert of idx once, in the order to compute them) add into out in
+ * ascending expert id, whatever that order, so every order gives bitwise the same out. */
+int moe_run(const struct moe_source *src, const int32_t *order, int64_t n_order, int64_t n_tok, int64_t dim,
+            int64_t inter, int64_t n_used, int64_t n_expert, const float *x, const int32_t *idx,
+            const float *weights, float limit, float *out);
+
+/* FL_OK when the sizes are positive, the pointers set and every route an expert id below n_expert. */
+int moe_check_routes(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, int64_t n_expert,
+                     const float *x, const int32_t *idx, const float *weights, const float *out);
+
+#endif
