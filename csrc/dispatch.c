@@ -39,6 +39,18 @@ const struct fl_decode_kernel *fl_decode_kernel(int type) {
     return NULL;
 }
 
+fl_to_float_fn fl_to_float(int type) {
+    const struct fl_type_traits *traits = fl_traits(type);
+    if (!traits)
+        return NULL;
+    fl_to_float_fn fn = NULL;
+#if defined(__x86_64__)
+    if (fl_simd_level() == FL_SIMD_AVX512)
+        fn = fl_to_float_avx512(type);
+#endif
+    return fn ? fn : traits->to_float;
+}
+
 const struct fl_gemm_kernel *fl_gemm_kernel(void) {
     switch (fl_simd_level()) {
 #if defined(__x86_64__)

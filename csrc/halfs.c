@@ -5,40 +5,28 @@
 #include <string.h>
 #include "kernels.h"
 
-static inline uint32_t float_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    return u;
-}
-
-static inline float bits_float(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof(f));
-    return f;
-}
-
 float fl_fp16_to_fp32(fl_half h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f;
     uint32_t mant = h & 0x3ff;
     if (exp == 0x1f)
-        return bits_float(sign | 0x7f800000u | (mant << 13));
+        return fl_bits_float(sign | 0x7f800000u | (mant << 13));
     if (exp == 0) {
         if (mant == 0)
-            return bits_float(sign);
+            return fl_bits_float(sign);
         /* subnormal: shift the leading one up to the implicit bit, lowering the exponent per step */
         exp = 113;
         while (!(mant & 0x400)) {
             mant <<= 1;
             exp--;
         }
-        return bits_float(sign | (exp << 23) | ((mant & 0x3ff) << 13));
+        return fl_bits_float(sign | (exp << 23) | ((mant & 0x3ff) << 13));
     }
-    return bits_float(sign | ((exp + 112) << 23) | (mant << 13));
+    return fl_bits_float(sign | ((exp + 112) << 23) | (mant << 13));
 }
 
 fl_half fl_fp32_to_fp16(float f) {
-    uint32_t u = float_bits(f);
+    uint32_t u = fl_float_bits(f);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
     u &= 0x7fffffffu;
     if (u > 0x7f800000u) { /* NaN: a payload living only in the dropped bits must not turn it into infinity */
@@ -66,11 +54,11 @@ fl_half fl_fp32_to_fp16(float f) {
 }
 
 float fl_bf16_to_fp32(uint16_t h) {
-    return bits_float((uint32_t)h << 16);
+    return fl_bits_float((uint32_t)h << 16);
 }
 
 uint16_t fl_fp32_to_bf16(float f) {
-    uint32_t u = float_bits(f);
+    uint32_t u = fl_float_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it quiet, since truncation could empty the payload */
         return (uint16_t)((u >> 16) | 64);
     return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);

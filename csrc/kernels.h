@@ -5,6 +5,7 @@
 #define FLASHLITE_KERNELS_H
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "flashlite.h"
 #include "quants.h"
 
@@ -41,6 +42,19 @@ struct fl_decode_kernel {
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */
 const struct fl_decode_kernel *fl_decode_kernel(int type);
+
+/* A float's bits and back, without breaking aliasing rules. */
+static inline uint32_t fl_float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    return u;
+}
+
+static inline float fl_bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
 
 /* half-precision conversions shared by every format */
 float fl_fp16_to_fp32(fl_half h);

@@ -11,22 +11,10 @@
 #define FP8_BLOCK 64
 #define FP4_BLOCK 32
 
-static inline uint32_t float_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    return u;
-}
-
-static inline float bits_float(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof(f));
-    return f;
-}
-
 /* The exponent e of the scale 2^e: ceil(log2(t)) read off t's bits, t = max(amax, floor) * recip in float32. */
 static int scale_exp(float amax, float floor_, float recip) {
     float t = (amax > floor_ ? amax : floor_) * recip;
-    uint32_t u = float_bits(t);
+    uint32_t u = fl_float_bits(t);
     int e = (int)((u >> 23) & 0xff) - 127 + ((u & 0x7fffffu) != 0);
     return e < -127 ? -127 : e > 127 ? 127 : e;
 }
@@ -46,7 +34,7 @@ static uint8_t e4m3_encode(float v) {
     float a = fabsf(v);
     if (!(a <= 448.0f)) a = 448.0f;
     if (a < 0.015625f) return sign | (uint8_t)nearbyintf(a * 512.0f); /* subnormals step by 2^-9; 8 is 2^-6 */
-    uint32_t u = float_bits(a);
+    uint32_t u = fl_float_bits(a);
     u += 0x7ffffu + ((u >> 20) & 1);
     int exp = (int)(u >> 23) - 127 + 7;
     return sign | (uint8_t)(exp << 3) | (uint8_t)((u >> 20) & 7);
@@ -56,9 +44,9 @@ static uint8_t e4m3_encode(float v) {
  * position with the bias moved from 7 to 127; subnormal codes are mant * 2^-9. */
 static inline float e4m3_decode(uint8_t c) {
     uint32_t mag = c & 0x7fu;
-    float normal = bits_float((mag << 20) + (120u << 23));
+    float normal = fl_bits_float((mag << 20) + (120u << 23));
     float sub = (float)(mag & 7) * 0x1p-9f;
-    return bits_float(float_bits(mag >= 8 ? normal : sub) | (uint32_t)(c & 0x80) << 24);
+    return fl_bits_float(fl_float_bits(mag >= 8 ? normal : sub) | (uint32_t)(c & 0x80) << 24);
 }
 
 /* e2m1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}; halfway cases go to the even code. */
@@ -75,11 +63,11 @@ static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
 
 /* 2^e as a float for -127 <= e <= 127: multiplying by it is exact wherever the product is a normal float. */
 static inline float pow2(int e) {
-    return e > -127 ? bits_float((uint32_t)(e + 127) << 23) : bits_float(1u << 22);
+    return e > -127 ? fl_bits_float((uint32_t)(e + 127) << 23) : fl_bits_float(1u << 22);
 }
 
 static inline float bf16_value(uint16_t h) {
-    return bits_float((uint32_t)h << 16);
+    return fl_bits_float((uint32_t)h << 16);
 }
 
 int64_t fl_kv_row_bytes(int kind, int64_t dim, int64_t rope_dim) {

@@ -81,7 +81,7 @@ static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int
 }
 
 struct prefill_job {
-    const struct fl_type_traits *wt;
+    fl_to_float_fn to_float;
     const struct fl_gemm_kernel *gk;
     const uint8_t *w;
     size_t w_row;
@@ -126,7 +126,7 @@ static void prefill_block_task(void *ctx, int64_t block, int thread) {
 
     for (int i = 0; i < n_tiles * mr; i++) {
         if (i < n_rows)
-            j->wt->to_float(j->w + (r0 + i) * j->w_row, row, k);
+            j->to_float(j->w + (r0 + i) * j->w_row, row, k);
         else
             memset(row, 0, (size_t)k * sizeof(float));
         float *dst = wpack + (int64_t)(i / mr) * mr * k + i % mr;
@@ -154,10 +154,9 @@ static void *alloc_floats(size_t n) {
     return aligned_alloc(64, bytes ? bytes : 64);
 }
 
-static int prefill(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
-                   const float *x, int64_t n_tok, float *y) {
+static int prefill(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
     const struct fl_gemm_kernel *gk = fl_gemm_kernel();
-    struct prefill_job job = {wt, gk, w, (size_t)fl_row_bytes(wtype, k), rows, k, n_tok,
+    struct prefill_job job = {fl_to_float(wtype), gk, w, (size_t)fl_row_bytes(wtype, k), rows, k, n_tok,
                               (n_tok + gk->nt - 1) / gk->nt, (int64_t)gk->mr * TILES_PER_BLOCK, x,
                               NULL, NULL, 0, y};
     int threads = fl_threads_get();
@@ -186,6 +185,6 @@ int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x,
     if (n_tok == 0)
         return FL_OK;
     if (n_tok >= FL_PREFILL_MIN_TOKENS)
-        return prefill(wtype, wt, w, rows, k, x, n_tok, y);
+        return prefill(wtype, w, rows, k, x, n_tok, y);
     return decode(wtype, wt, w, rows, k, x, n_tok, y);
 }

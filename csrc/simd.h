@@ -21,6 +21,8 @@ fl_vec_dot_fn fl_dot_avx2(int type);
 fl_vec_dot_fn fl_dot_avx512(int type);
 fl_vec_dot_fn fl_dot_avx512_vnni(int type);
 fl_vec_dot_fn fl_dot_neon(int type);
+/* AVX-512 dequantizers for prefill (NULL for a type without one) */
+fl_to_float_fn fl_to_float_avx512(int type);
 /* the prepared-activation decode kernels of AVX512-VNNI CPUs with VBMI (NULL for a type without one) */
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type);
 extern const struct fl_gemm_kernel fl_gemm_scalar;
@@ -31,6 +33,9 @@ extern const struct fl_gemm_kernel fl_gemm_neon;
 /* fl_matmul takes the prefill path (f32 activations, tiled GEMM) from this many tokens on: below it
  * one dot per row and token against quantized activations is faster */
 #define FL_PREFILL_MIN_TOKENS 16
+
+/* the dequantizer of a weight type at the level in use (falls back to the generic to_float) */
+fl_to_float_fn fl_to_float(int type);
 
 /* the GEMM tile kernel at the level in use */
 const struct fl_gemm_kernel *fl_gemm_kernel(void);

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from flashlite.run_cmd import load_model, offload_options
+from flashlite.run_cmd import load_model, load_options
 
 THINK_CHOICES = ("none", "high", "max")
 ROLES = ("system", "user", "assistant")
@@ -232,14 +232,14 @@ def _interact(session: Session) -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: off")
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=None, type=int, help="sampling seed (default: random)")
-@offload_options
+@load_options
 def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think, temperature, top_p, top_k, min_p,
-         seed, ram_budget, expert_policy):
+         seed, load_opts):
     """Chat with a model in the terminal; /help lists the commands."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give at most one of -p/--prompt and -f/--file")
     first = prompt_file.read() if prompt_file is not None else prompt
-    model = load_model(model_path, threads, ctx, ram_budget, expert_policy)
+    model = load_model(model_path, threads, ctx, load_opts)
     sampling = {"max_tokens": n_predict, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "min_p": min_p, "seed": seed}
     session = Session(model, system, think, sampling)

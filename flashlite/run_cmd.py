@@ -1,6 +1,7 @@
 """`flashlite run`: greedy generation from a GGUF, with prefill and decode speed."""
 from __future__ import annotations
 
+import functools
 import time
 
 import click
@@ -16,21 +17,36 @@ def _parse_tokens(text: str) -> list[int]:
     return ids
 
 
-def offload_options(command):
-    """--ram-budget and --expert-policy, shared by every command that loads a model."""
-    command = click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
-                           help="which cached expert a miss evicts")(command)
-    return click.option("--ram-budget", default=None, metavar="SIZE",
-                        help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped")(
-        command)
+def load_options(command):
+    """--ram-budget, --expert-policy and --kv-format, shared by every command that loads a model; the command
+    receives them as one `load_opts` dict for load_model."""
+    names = ("ram_budget", "expert_policy", "kv_format")
+
+    @functools.wraps(command)
+    def with_load_opts(**kwargs):
+        return command(load_opts={n: kwargs.pop(n) for n in names}, **kwargs)
+
+    options = (
+        click.option("--ram-budget", default=None, metavar="SIZE",
+                     help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
+        click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
+                     help="which cached expert a miss evicts (with --ram-budget)"),
+        click.option("--kv-format", default="f32", show_default=True, type=click.Choice(["f32", "fp8"]),
+                     help="KV rows as computed, or rounded and packed as DeepSeek's reference (4x smaller)"),
+    )
+    for option in reversed(options):
+        with_load_opts = option(with_load_opts)
+    return with_load_opts
 
 
-def load_model(model_path, threads, ctx, ram_budget=None, expert_policy="lru"):
+def load_model(model_path, threads, ctx, load_opts):
     """Load a GGUF for a command: a bad file is a clean click error, and the load time is reported."""
     from flashlite.model import load
 
     t0 = time.perf_counter()
-    options = {} if ram_budget is None else {"ram_budget": ram_budget, "expert_policy": expert_policy}
+    options = dict(load_opts)
+    if options["ram_budget"] is None:
+        del options["ram_budget"], options["expert_policy"]
     try:
         model = load(model_path, threads=threads, ctx=ctx, **options)
     except (OSError, ValueError) as exc:
@@ -48,12 +64,12 @@ def load_model(model_path, threads, ctx, ram_budget=None, expert_policy="lru"):
               help="tokens to generate")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
-@offload_options
-def run(model_path, prompt, tokens, n_predict, threads, ctx, ram_budget, expert_policy):
+@load_options
+def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts):
     """Generate N tokens greedily after a prompt and report tokens/s."""
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of -p/--prompt and --tokens")
-    model = load_model(model_path, threads, ctx, ram_budget, expert_policy)
+    model = load_model(model_path, threads, ctx, load_opts)
     tokenizer = None
     if prompt is not None:
         tokenizer = model.tokenizer
@@ -78,7 +94,7 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx, ram_budget, expert_
     if len(out) > 1:
         decode = t_end - t_first
         click.echo(f"decode: {len(out) - 1} tokens in {decode:.3f} s ({(len(out) - 1) / decode:.2f} tok/s)", err=True)
-    if ram_budget is not None:
+    if load_opts["ram_budget"] is not None:
         st = model.stats()
         demanded = st["expert_hits"] + st["expert_misses"]
         click.echo(f"experts: {st['expert_hits'] / max(demanded, 1):.1%} hits, "

@@ -6,7 +6,7 @@ import signal
 
 import click
 
-from flashlite.run_cmd import load_model, offload_options
+from flashlite.run_cmd import load_model, load_options
 
 
 def _interrupt(signum, frame):
@@ -26,13 +26,13 @@ def _interrupt(signum, frame):
 @click.option("--api-key", envvar="FLASHLITE_API_KEY", default=None,
               help="require `Authorization: Bearer KEY` (also from $FLASHLITE_API_KEY)")
 @click.option("-a", "--alias", default=None, help="model id in the API (default: the GGUF's general.name)")
-@offload_options
-def serve(model_path, host, port, threads, ctx, parallel, api_key, alias, ram_budget, expert_policy):
+@load_options
+def serve(model_path, host, port, threads, ctx, parallel, api_key, alias, load_opts):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
     from flashlite.server import ChatServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    model = load_model(model_path, threads, ctx, ram_budget, expert_policy)
+    model = load_model(model_path, threads, ctx, load_opts)
     try:
         server = ChatServer(model, host, port, api_key=api_key, parallel=parallel, model_id=alias)
     except OSError as exc:

@@ -4,11 +4,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from flashlite.chat import ChatPiece, TokenRouter, chat
 from flashlite.chat_format import encode_messages
-from flashlite.cli import main
 from flashlite.model import load
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
@@ -16,11 +14,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "tiny_v4-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--type", "f32"])
-    assert result.exit_code == 0, result.output
-    return load(out)
+def model(tiny_gguf):
+    return load(tiny_gguf("--type", "f32"))
 
 
 def _done(pieces) -> ChatPiece:

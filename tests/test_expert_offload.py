@@ -2,7 +2,6 @@
 model for every budget and policy, the counters add up to the experts the oracle's router picked, the usage
 histogram survives a restart, and the experts' pages stay out of the process and out of the page cache."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +19,9 @@ FIXTURE = ROOT / "tests" / "fixtures" / "tiny_v4"
 
 
 @pytest.fixture(scope="module")
-def goldens():
-    return np.load(FIXTURE / "goldens.npz")
-
-
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
+def gguf(tiny_gguf):
     """The oracle model in the default recipe: MXFP4 experts, Q8_0 elsewhere."""
-    out = tmp_path_factory.mktemp("offload") / "tiny_v4.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return tiny_gguf()
 
 
 @pytest.fixture(scope="module")

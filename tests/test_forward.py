@@ -6,11 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from flashlite._native import ffi, lib
-from flashlite.cli import main
 from flashlite.gguf_model import GGUFFile
 from flashlite.model import load
 from flashlite.models.deepseek_v4 import RoPE, sinkhorn
@@ -20,20 +18,8 @@ CLEAR = 1e-4  # decision gaps at or below this are near-ties: judged apart
 
 
 @pytest.fixture(scope="module")
-def goldens():
-    return np.load(FIXTURE / "goldens.npz")
-
-
-def _quantize(tmp_path_factory, qtype: str) -> Path:
-    out = tmp_path_factory.mktemp("gguf") / f"tiny_v4-{qtype}.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--type", qtype])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def f32_path(tmp_path_factory):
-    return _quantize(tmp_path_factory, "f32")
+def f32_path(tiny_gguf):
+    return tiny_gguf("--type", "f32")
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +69,8 @@ def test_truncate_then_continue_equals_one_prefill(model, goldens):
     "issue 4 target (>= 99% top-1 at clear positions) not met: 87.4% measured. The q8_0 bytes equal gguf-py's and "
     "prefill runs in f32, so the loss is Q8_0 weight rounding amplified by a tiny random model where 169 of 312 "
     "positions have a routing/indexer decision within 1% of the score spread."))
-def test_q8_0_agrees_on_top1(tmp_path_factory, goldens):
-    logits = load(_quantize(tmp_path_factory, "q8_0")).logits(goldens["prompt_ids"])
+def test_q8_0_agrees_on_top1(tiny_gguf, goldens):
+    logits = load(tiny_gguf("--type", "q8_0")).logits(goldens["prompt_ids"])
     clear = goldens["decision_gap"] > CLEAR
     agree = (logits.argmax(1) == goldens["logits"].argmax(1))[clear].mean()
     print(f"q8_0 top-1 agreement at clear positions: {agree:.4f}")

@@ -5,10 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from flashlite._native import ffi, lib
-from flashlite.cli import main
 from flashlite.kv_cache import LayerCache, ModelCache, RowFormat
 from flashlite.model import load
 from flashlite.models.deepseek_v4 import ModelArgs, hadamard
@@ -165,16 +163,8 @@ def test_checkpoints_thin_out_with_age_and_bound_the_replay():
 
 
 @pytest.fixture(scope="module")
-def goldens():
-    return np.load(FIXTURE / "goldens.npz")
-
-
-@pytest.fixture(scope="module")
-def f32_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "tiny_v4-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--type", "f32"])
-    assert result.exit_code == 0, result.output
-    return out
+def f32_path(tiny_gguf):
+    return tiny_gguf("--type", "f32")
 
 
 @pytest.fixture(scope="module")
@@ -280,5 +270,6 @@ def test_fp8_rows_stay_near_the_unrounded_oracle(f32_path, goldens):
     clear = goldens["decision_gap"] > CLEAR
     assert np.median(np.abs(logits - goldens["logits"]).max(axis=1)) <= 0.2
     assert (logits.argmax(1) == goldens["logits"].argmax(1))[clear].mean() >= 0.8
+    assert m.new_cache().kv_format == "fp8"
     with pytest.raises(ValueError, match="kv_format"):
         m.net.make_cache(kv_format="fp16")

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q, GGUFReader
 from gguf.quants import dequantize
 from tokenizer_corpus import corpus
 
-from flashlite.cli import main
 from flashlite.model import load
 from flashlite.tokenizer import Tokenizer
 from quant.gguf_meta import read_hparams
@@ -47,16 +45,8 @@ _CONVERTER_TOOL = ROOT / "tools" / "make_llamacpp_gguf.py"
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
-    out = tmp_path_factory.mktemp("interop") / "tiny_v4-ours.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--quiet", *MATCHING_TYPES])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def goldens():
-    return np.load(FIXTURE / "goldens.npz")
+def ours(tiny_gguf):
+    return tiny_gguf(*MATCHING_TYPES)
 
 
 def _tensors(path: Path) -> dict:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from click.testing import CliRunner
 
-from flashlite.cli import main
 from flashlite.model import load
 from flashlite.server import MAX_BODY, ChatServer
 
@@ -33,11 +31,8 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "tiny_v4-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--type", "f32"])
-    assert result.exit_code == 0, result.output
-    return out
+def gguf(tiny_gguf):
+    return tiny_gguf("--type", "f32")
 
 
 @pytest.fixture(scope="module")

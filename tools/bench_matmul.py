@@ -150,21 +150,22 @@ def bench(args) -> dict:
                 status = lib.fl_matmul(TYPE_IDS[fmt], slots[0], rows, k, xp, args.tokens, ypp)
                 assert status == 0, status
 
-            t_pre = median_time(prefill, 1 if rows * k > 1 << 26 else 3, 0.0)
+            t_pre = median_time(prefill, 1 if rows * k > 1 << 26 else 3, 0.0) if args.prefill else None
             results[fmt][shape_name] = {
                 "decode_gbps": wbytes / t_dec / 1e9,
-                "prefill_gflops": 2.0 * rows * k * args.tokens / t_pre / 1e9,
+                "prefill_gflops": 2.0 * rows * k * args.tokens / t_pre / 1e9 if t_pre else None,
                 "weight_bytes": wbytes,
                 "exceeds_llc": wbytes > llc if llc else None,
                 "decode_rotated_over_bytes": n_slots * wbytes,
             }
             if not args.json:
                 r = results[fmt][shape_name]
-                print(f"  {fmt:8s} {shape_name:12s} decode {r['decode_gbps']:7.2f} GB/s "
-                      f"prefill {r['prefill_gflops']:7.1f} GFLOP/s", file=sys.stderr, flush=True)
+                prefill_text = f"prefill {r['prefill_gflops']:7.1f} GFLOP/s" if t_pre else ""
+                print(f"  {fmt:8s} {shape_name:12s} decode {r['decode_gbps']:7.2f} GB/s {prefill_text}",
+                      file=sys.stderr, flush=True)
     del arena, slots
     numpy_gflops = {}
-    for shape_name, (rows, k) in shapes.items():
+    for shape_name, (rows, k) in (shapes.items() if args.prefill else ()):
         w = rng.standard_normal((rows, k), dtype=np.float32)
         x = rng.standard_normal((args.tokens, k), dtype=np.float32)
         t = median_time(lambda: x @ w.T, 1 if rows * k > 1 << 26 else 3, 0.0)
@@ -175,7 +176,7 @@ def bench(args) -> dict:
     for fmt, per_shape in results.items():
         for shape_name, r in per_shape.items():
             r["decode_vs_mem_bw"] = r["decode_gbps"] / mem_bw
-            r["prefill_vs_numpy"] = r["prefill_gflops"] / numpy_gflops[shape_name]
+            r["prefill_vs_numpy"] = r["prefill_gflops"] / numpy_gflops[shape_name] if args.prefill else None
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                     "simd": fm.simd_level(), "vnni": fm.has_vnni(), "llc_bytes": llc,
@@ -193,15 +194,17 @@ def print_table(report: dict) -> None:
     print(f"threads {m['threads']}, simd {m['simd']} (vnni {m['vnni']}), LLC {m['llc_bytes'] >> 20} MiB, "
           f"STREAM copy {report['stream']['copy_gbps']:.1f} GB/s, add {report['stream']['add_gbps']:.1f} GB/s "
           f"(mem_bw_gbps = the best of them)")
-    print("numpy f32 GFLOP/s (" + str(report["tokens"]) + " tokens): "
-          + ", ".join(f"{s} {v:.1f}" for s, v in report["numpy_f32_gflops"].items()))
+    if report["numpy_f32_gflops"]:
+        print("numpy f32 GFLOP/s (" + str(report["tokens"]) + " tokens): "
+              + ", ".join(f"{s} {v:.1f}" for s, v in report["numpy_f32_gflops"].items()))
     print(f"{'format':8s} {'shape':12s} {'MiB':>8s} {'>LLC':>5s} {'decode GB/s':>12s} {'% mem bw':>9s} "
           f"{'prefill GFLOP/s':>16s} {'% numpy':>8s}")
     for fmt, per_shape in report["results"].items():
         for shape_name, r in per_shape.items():
+            prefill = (f"{r['prefill_gflops']:16.1f} {100 * r['prefill_vs_numpy']:7.0f}%"
+                       if r["prefill_gflops"] else f"{'-':>16s} {'-':>8s}")
             print(f"{fmt:8s} {shape_name:12s} {r['weight_bytes'] / 2**20:8.1f} {'yes' if r['exceeds_llc'] else 'no':>5s} "
-                  f"{r['decode_gbps']:12.2f} {100 * r['decode_vs_mem_bw']:8.0f}% "
-                  f"{r['prefill_gflops']:16.1f} {100 * r['prefill_vs_numpy']:7.0f}%")
+                  f"{r['decode_gbps']:12.2f} {100 * r['decode_vs_mem_bw']:8.0f}% {prefill}")
 
 
 def main(argv=None) -> int:
@@ -215,6 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="minimum time per decode measurement")
     parser.add_argument("--arena-mib", type=int, default=1024, help="decode rotates over at least this much")
     parser.add_argument("--stream-mib", type=int, default=512, help="bytes per STREAM array")
+    parser.add_argument("--no-prefill", dest="prefill", action="store_false", help="measure decode only")
     args = parser.parse_args(argv)
     if args.tokens < 16:
         parser.error("--tokens: prefill needs at least 16 tokens")

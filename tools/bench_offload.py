@@ -29,10 +29,16 @@ DONTNEED; the dense weights stay resident, as they would in use), decodes --warm
   with prefetch, read/need above 1 is what wrong predictions cost;
 - hit %: expert_hits / (hits + misses) (an expert a prefetch is still reading counts as a hit);
 - pf %: prefetch_hits / prefetches, the share of prefetched experts that were used;
-- io s/tok: seconds the I/O threads spent reading, summed over threads; stall s/tok: seconds the computing thread
-  waited for experts; hidden %: 1 - stall / io, the share of read time that did not hold up the computation
-  (summed over --io-threads threads, so two overlapping reads count twice: compare stall s/tok with the
-  resident row's time per token for the absolute cost).
+- stall s/tok: seconds the computing thread waited for experts; hidden %: 1 - stall / disk time, where disk time
+  is read bytes / the disk's measured random whole-expert rate: the share of the time the disk needs for these
+  bytes that the computation did not wait for. (1 - io_stall_seconds / io_seconds, also in --json as
+  io_hidden_thread_time, overstates it: io_seconds adds up the --io-threads readers, which share the disk.);
+- ideal tok/s: 1 / max(the resident row's seconds per token, disk time per token), what full overlap of reads and
+  compute would give at this read volume.
+
+Under lfu the modelled misses can differ from the measured ones by a few: an expert the current call has computed
+and released can be evicted for one of the same call's later reads, depending on how the I/O threads and the
+computation interleave; the model keeps every expert of the call until the call ends.
 """
 from __future__ import annotations
 
@@ -385,7 +391,8 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
         out["prefetch_precision"] = stats["prefetch_hits"] / stats["prefetches"] if stats["prefetches"] else None
         out["io_s_per_token"] = stats["io_seconds"] / opts.tokens
         out["stall_s_per_token"] = stats["io_stall_seconds"] / opts.tokens
-        out["io_hidden"] = 1 - stats["io_stall_seconds"] / stats["io_seconds"] if stats["io_seconds"] else None
+        out["io_hidden_thread_time"] = 1 - stats["io_stall_seconds"] / stats["io_seconds"] \
+            if stats["io_seconds"] else None
     else:
         out["read_bytes_per_token"] = (page_cache_after - page_cache_before) / opts.tokens
     out["_idx"] = recorded_idx if recorded_idx is not None else routing["idx"][:steps]
@@ -418,6 +425,18 @@ def prediction_precision(idx: np.ndarray, pred: list) -> float | None:
     return right / total if total else None
 
 
+def add_overlap(results: list[dict], disk_bytes_per_s: float) -> None:
+    """Disk time per token, the share of it hidden behind compute, and the tok/s of perfect overlap."""
+    for r in results:
+        if "expert_bytes_read" not in r:
+            continue
+        r["disk_s_per_token"] = r["read_bytes_per_token"] / disk_bytes_per_s
+        r["io_hidden"] = 1 - r["stall_s_per_token"] / r["disk_s_per_token"] if r["disk_s_per_token"] else None
+        resident = next((x for x in results if x["routing"] == r["routing"] and x["policy"] == "resident"), None)
+        if resident is not None:
+            r["ideal_tok_s"] = 1 / max(1 / resident["tok_s"], r["disk_s_per_token"])
+
+
 def write_histogram(path: Path, routing: dict, opts, budget: int, usage_path: Path) -> np.ndarray:
     """A separate warm-up run under the budget that leaves its usage histogram at usage_path."""
     usage_path.unlink(missing_ok=True)
@@ -445,8 +464,9 @@ COLUMNS = (("routing", "routing", "{}"), ("policy", "policy", "{}"), ("prefetch"
            ("tok_s", "tok/s", "{:.2f}"), ("read_bytes_per_token", "read MB/tok", "{:.0f}"),
            ("need_bytes_per_token", "need MB/tok", "{:.0f}"), ("read_over_need", "read/need", "{:.3f}"),
            ("expert_misses", "misses", "{}"), ("sim_misses", "sim", "{}"), ("hit_rate", "hit %", "{:.1%}"),
-           ("prefetch_precision", "pf %", "{:.0%}"), ("io_s_per_token", "io s/tok", "{:.3f}"),
-           ("stall_s_per_token", "stall s/tok", "{:.3f}"), ("io_hidden", "hidden %", "{:.0%}"))
+           ("prefetch_precision", "pf %", "{:.0%}"), ("disk_s_per_token", "disk s/tok", "{:.3f}"),
+           ("stall_s_per_token", "stall s/tok", "{:.3f}"), ("io_hidden", "hidden %", "{:.0%}"),
+           ("ideal_tok_s", "ideal tok/s", "{:.2f}"))
 
 
 def _cell(res: dict, key: str, fmt: str) -> str:
@@ -478,7 +498,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int, default=16, help="budget: expert slots per layer")
     ap.add_argument("--tokens", type=int, default=24, help="measured decode tokens per configuration")
     ap.add_argument("--warmup", type=int, default=8, help="decode tokens before measuring (cache filling)")
-    ap.add_argument("--hist-tokens", type=int, default=24, help="tokens of the run that writes the histogram")
+    ap.add_argument("--hist-tokens", type=int, default=16, help="tokens of the run that writes the histogram")
     ap.add_argument("--pin-fraction", type=float, default=0.5)
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -561,10 +581,13 @@ def main(argv=None) -> None:
                         first = next((r for r in results if r["routing"] == "model"), None)
                         res["same_routing_as_first"] = bool(first is None or np.array_equal(first["_idx"],
                                                                                              res["_idx"]))
+                        if not res["same_routing_as_first"]:
+                            log(f"[model] {policy}: the model routed differently than under {first['policy']}")
                     results.append(res)
                     log(f"[{name}] {policy:8s} prefetch {'on ' if prefetch else 'off'}: {res['tok_s']:.2f} tok/s, "
                         f"read {res['read_bytes_per_token'] / 1e6:.0f} MB/tok, need "
                         f"{res['need_bytes_per_token'] / 1e6:.0f} MB/tok")
+    add_overlap(results, disk["random_expert_gbps"] * 1e9)
     for r in results:
         r.pop("_idx")
         r.pop("_pred")

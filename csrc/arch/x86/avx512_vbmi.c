@@ -198,12 +198,53 @@ static size_t q8k_sb_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_sb);
 }
 
+/* Quantizes one superblock to Q8_K (fl_quantize_row_q8_K_ref, bit for bit: the same single product per value,
+ * rounded to nearest even as its magic-number rounding does) straight into the regrouped layout. Returns 0,
+ * leaving the rest to the reference, for a block with a NaN or an infinity. */
+static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
+    __m512 v[16], amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int j = 0; j < 16; j++) {
+        v[j] = _mm512_loadu_ps(x + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+        nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    if (nan || !(m <= 3.4028235e38f))
+        return 0;
+    memset(sb, 0, sizeof(*sb));
+    if (m == 0.0f)
+        return 1;
+    float max = 0.0f; /* the first value of the largest magnitude, with its sign */
+    for (int j = 0; j < 16; j++) {
+        __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(v[j]), _mm512_set1_ps(m), _CMP_EQ_OQ);
+        if (at) {
+            max = x[16 * j + __builtin_ctz(at)];
+            break;
+        }
+    }
+    const float iscale = -127.f / max;
+    const __m512 vs = _mm512_set1_ps(iscale);
+    for (int s = 0; s < 8; s++) {
+        int8_t *dst = sb->q[(s / 4) * 2 + s % 2] + 32 * ((s % 4) / 2);
+        __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s], vs)), _mm512_set1_epi32(127));
+        __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s + 1], vs)), _mm512_set1_epi32(127));
+        _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(q1));
+        sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    sb->d = 1 / iscale;
+    return 1;
+}
+
 static void prep_q4_K(int64_t k, const float *x, void *out) {
     struct q8k_sb *sb = out;
-    memset(out, 0, q8k_sb_bytes(k));
     for (int64_t i = 0; i < k / QK_K; i++) {
+        if (prep_q8k_sb(x + i * QK_K, &sb[i]))
+            continue;
         block_q8_K y[1];
         fl_quantize_row_q8_K_ref(x + i * QK_K, y, QK_K);
+        memset(&sb[i], 0, sizeof(sb[i]));
         for (int c = 0; c < 4; c++) {
             int first = (c / 2) * 4 + c % 2; /* sub-blocks first and first + 2 */
             memcpy(sb[i].q[c], y->qs + 32 * first, 32);

@@ -1,0 +1,33 @@
+"""Fixtures shared by the test files: the oracle checkpoint quantized to GGUF, once per session and recipe."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from flashlite.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """tiny_gguf(*quantize_args) -> tiny_v4.gguf quantized from the oracle checkpoint with those arguments of
+    `flashlite quantize` (none: the default recipe); made once per session for each distinct list."""
+    made = {}
+
+    def make(*args: str) -> Path:
+        if args not in made:
+            out = tmp_path_factory.mktemp("gguf") / "tiny_v4.gguf"
+            result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--quiet", *args])
+            assert result.exit_code == 0, result.output
+            made[args] = out
+        return made[args]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def goldens():
+    """transformers' float32 logits, routing and hidden states for the oracle prompt (tools/make_reference.py)."""
+    return np.load(FIXTURE / "goldens.npz")
