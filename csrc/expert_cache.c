@@ -29,6 +29,7 @@ struct slot {
     int refs;                /* computations reading the slot now */
     int pinned;
     int prefetched;          /* read by a prefetch and not yet demanded */
+    int expected;            /* resident and in its layer's latest prediction: that layer's prefetches keep it */
     uint64_t last_use;
     char *mem;
     const char *w[3];        /* the matrices inside mem, past their alignment padding */
@@ -126,7 +127,7 @@ static int64_t pick_victim(struct fl_expert_cache *c, int layer, int policy_lfu,
         struct slot *sl = &c->slots[s];
         if (sl->state == SLOT_EMPTY) return s;
         if (sl->state == SLOT_LOADING || sl->pinned || sl->refs || c->wanted[sl->key]) continue;
-        if (prefetch && sl->prefetched) continue;
+        if (prefetch && (sl->prefetched || sl->expected)) continue;
         if (best < 0) { best = s; continue; }
         struct slot *b = &c->slots[best];
         int older = sl->last_use < b->last_use;
@@ -182,6 +183,7 @@ static int fetch_locked(struct fl_expert_cache *c, int32_t key, int prefetch) {
     sl->key = key;
     sl->state = SLOT_LOADING;
     sl->prefetched = prefetch;
+    sl->expected = 0;
     sl->last_use = ++c->tick;
     c->where[key] = (int32_t)s;
     pthread_mutex_unlock(&c->mu);
@@ -398,7 +400,10 @@ int fl_expert_cache_prefetch(fl_expert_cache *c, int layer, const int32_t *exper
     int64_t room = c->layer_count[layer];
     for (int i = 0; i < n && i < room && status == FL_OK; i++) {
         int32_t key = layer * c->n_expert + experts[i];
-        if (c->where[key] < 0) status = queue_push(&c->prefetch, key);
+        if (c->where[key] < 0)
+            status = queue_push(&c->prefetch, key);
+        else
+            c->slots[c->where[key]].expected = 1;
     }
     pthread_cond_broadcast(&c->work);
     pthread_mutex_unlock(&c->mu);
@@ -523,7 +528,7 @@ static int plan_call(struct fl_expert_cache *c, int layer, const uint8_t *used, 
             }
         }
     for (int64_t s = c->layer_first[layer]; s < c->layer_first[layer] + c->layer_count[layer]; s++)
-        c->slots[s].prefetched = 0;
+        c->slots[s].prefetched = c->slots[s].expected = 0;
     pthread_cond_broadcast(&c->work);
     *n_order = n;
     return status;

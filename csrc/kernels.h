@@ -30,10 +30,14 @@ const struct fl_type_traits *fl_traits(int type);
 /* The dot kernel of a weight type at the SIMD level in use (falls back to the generic one). */
 fl_vec_dot_fn fl_vec_dot(int type);
 
+/* how far ahead of the dot decode prefetches weights, into L2 */
+#define FL_PREFETCH_BYTES 2048
+
 /* A decode kernel that reads its activation row in a layout of its own (blocks regrouped for wide loads,
  * block sums and float scales precomputed): prep quantizes one f32 row of k elements exactly as the
  * act_type's reference quantizer does, into act_bytes(k) bytes of that layout, once per call; dot then
- * takes it in place of the act_type row. */
+ * takes it in place of the act_type row. dot also prefetches FL_PREFETCH_BYTES ahead as it goes, past the
+ * end of its row into the next, so the driver does not. */
 struct fl_decode_kernel {
     size_t (*act_bytes)(int64_t k);
     void (*prep)(int64_t k, const float *x, void *out);

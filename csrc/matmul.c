@@ -17,8 +17,6 @@
 #define TILES_PER_BLOCK 4
 /* at most this many weight rows per decode task: enough to stream, small enough to balance */
 #define DECODE_MAX_ROWS 64
-/* how far ahead of the dot the decode path prefetches weights */
-#define PREFETCH_BYTES 2048
 
 struct decode_job {
     fl_vec_dot_fn dot;
@@ -28,6 +26,7 @@ struct decode_job {
     size_t x_row;
     int64_t rows, k, n_tok, chunk;
     float *y;
+    int dot_prefetches; /* the dot streams its own prefetches (struct fl_decode_kernel) */
 };
 
 static void decode_task(void *ctx, int64_t task, int thread) {
@@ -35,11 +34,12 @@ static void decode_task(void *ctx, int64_t task, int thread) {
     (void)thread;
     int64_t r0 = task * j->chunk;
     int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-    /* the compute-heavy dots keep few loads in flight, so fetch the row PREFETCH_BYTES ahead by hand, into
-     * L2 (T1): a non-temporal hint, which skips L2, halved the decode rate of every format measured */
-    int64_t ahead = (PREFETCH_BYTES + (int64_t)j->w_row - 1) / (int64_t)j->w_row;
+    /* the compute-heavy dots keep few loads in flight, so fetch the row FL_PREFETCH_BYTES ahead by hand, into
+     * L2 (T1): a non-temporal hint, which skips L2, halved the decode rate of every format measured. A dot
+     * that prefetches as it goes does better still: 5-25% faster for Q8_0 and Q4_K than this burst per row */
+    int64_t ahead = (FL_PREFETCH_BYTES + (int64_t)j->w_row - 1) / (int64_t)j->w_row;
     for (int64_t r = r0; r < r1; r++) {
-        if (r + ahead < r1) {
+        if (!j->dot_prefetches && r + ahead < r1) {
             const uint8_t *next = j->w + (r + ahead) * j->w_row;
             for (size_t off = 0; off < j->w_row; off += 64)
                 __builtin_prefetch(next + off, 0, 2);
@@ -53,7 +53,7 @@ static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int
                   const float *x, int64_t n_tok, float *y) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
     struct decode_job job = {dk ? dk->dot : fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k),
-                             (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y};
+                             (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
     uint8_t *xq = NULL;
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);

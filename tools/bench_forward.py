@@ -1,6 +1,7 @@
 """Prefill and decode speed of the DeepSeek V4 forward pass, and the share of decode time spent outside the C core.
 
-    python tools/bench_forward.py MODEL.gguf [--prompt 64] [--decode 16] [--threads N]
+    python tools/bench_forward.py MODEL.gguf [--prompt 64] [--decode 16] [--threads N] [--kv-format f32|fp8]
+        [--ram-budget SIZE]
 
 Use a synthetic full-width model (tools/make_synthetic.py, then `flashlite quantize`) with a few layers: the
 orchestration share measured there is what a 43-layer V4-Flash sees per layer.
@@ -10,14 +11,16 @@ import time
 
 import numpy as np
 
-from flashlite import model as model_module
+from flashlite import kv_cache, model as model_module
 from flashlite.models import deepseek_v4
 
 
 class CoreTimer:
     """Wraps the C entry points the forward pass calls and adds up the seconds spent inside them."""
 
-    NAMES = ("fl_attn_sink", "fl_compress_pool", "fl_moe_experts")
+    NAMES = ("fl_attn_sink", "fl_compress_pool", "fl_moe_experts", "fl_moe_experts_cached", "fl_kv_pack",
+             "fl_kv_unpack")
+    MODULES = (deepseek_v4, kv_cache)
 
     def __init__(self):
         self.seconds = 0.0
@@ -39,12 +42,15 @@ class CoreTimer:
             setattr(timed_lib, name, getattr(self._lib, name))
         for name in self.NAMES:
             setattr(timed_lib, name, self._timed(getattr(self._lib, name)))
-        deepseek_v4.lib = timed_lib
+        for module in self.MODULES:
+            module.lib = timed_lib
         deepseek_v4.matmul = self._timed(self._matmul)
         return self
 
     def __exit__(self, *exc):
-        deepseek_v4.lib, deepseek_v4.matmul = self._lib, self._matmul
+        for module in self.MODULES:
+            module.lib = self._lib
+        deepseek_v4.matmul = self._matmul
 
 
 def main():
@@ -53,10 +59,15 @@ def main():
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=16, help="decode steps")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-format", choices=("f32", "fp8"), default="f32")
+    ap.add_argument("--ram-budget", default=None, help="routed experts from disk with this cache (e.g. 2G)")
     opts = ap.parse_args()
 
     t0 = time.perf_counter()
-    m = model_module.load(opts.model, threads=opts.threads)
+    load_opts = {"kv_format": opts.kv_format}
+    if opts.ram_budget:
+        load_opts.update(ram_budget=opts.ram_budget, expert_usage=False)
+    m = model_module.load(opts.model, threads=opts.threads, **load_opts)
     print(f"load: {time.perf_counter() - t0:.2f} s ({m.args.n_layers} layers, dim {m.args.dim})")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, opts.prompt)
@@ -73,7 +84,11 @@ def main():
     outside = decode - core.seconds
     print(f"decode: {opts.decode} tokens, {opts.decode / decode:.2f} tok/s; outside the C core "
           f"{outside / opts.decode * 1e3:.2f} ms/token = {100 * outside / decode:.1f}% of decode time")
-    print(f"compressed KV rows as stored now: {m.cache.row_bytes_per_token():.0f} B/token")
+    print(f"compressed KV rows as stored now ({opts.kv_format}): {m.cache.row_bytes_per_token():.0f} B/token")
+    if opts.ram_budget:
+        st = m.stats()
+        print(f"experts: {st['expert_hits']} hits, {st['expert_misses']} misses, "
+              f"{st['expert_bytes_read'] / 2**20:.0f} MiB read, {st['io_stall_seconds']:.2f} s waiting")
 
 
 if __name__ == "__main__":

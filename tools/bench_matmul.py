@@ -4,8 +4,10 @@
 Per weight format and shape: decode GB/s (one token; weight bytes streamed per second) and prefill GFLOP/s
 (512 tokens by default). Decode rotates through copies of the weights spread over an arena larger than the
 last-level cache, so each call streams from memory as a 284B-parameter model does. The same run measures
-memory bandwidth with a STREAM-like probe (copy and add, numpy, one thread per core) and numpy float32
-matmul GFLOP/s on the same shapes. --json prints one JSON object instead of the table.
+memory bandwidth with a STREAM-like probe (copy and add, numpy, one thread per core; "% mem bw" is decode
+against the best of them) plus a read-only pass ("% read": decode only reads, so the copy's write stream is
+bandwidth it cannot use), and numpy float32 matmul GFLOP/s on the same shapes. --no-prefill skips the
+prefill and numpy columns; --json prints one JSON object instead of the table.
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ def median_time(fn, min_runs: int, min_seconds: float) -> float:
 
 
 def stream_probe(n_threads: int, nbytes: int) -> dict:
-    """STREAM copy (a = b) and add (a = b + c), bytes counted as STREAM does, in GB/s, best of 5."""
+    """STREAM copy (a = b) and add (a = b + c), bytes counted as STREAM does (reads plus writes), in GB/s,
+    best of 5; and a read-only pass (sum of b), the traffic decode makes, which no write stream helps."""
     n = nbytes // 8
     a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
     bounds = np.linspace(0, n, n_threads + 1).astype(int)
@@ -84,7 +87,9 @@ def stream_probe(n_threads: int, nbytes: int) -> dict:
 
     copy_s = run(lambda s: np.copyto(a[s], b[s]))
     add_s = run(lambda s: np.add(b[s], c[s], out=a[s]))
-    return {"copy_gbps": 2 * 8 * n / copy_s / 1e9, "add_gbps": 3 * 8 * n / add_s / 1e9}
+    read_s = run(lambda s: b[s].sum())
+    return {"copy_gbps": 2 * 8 * n / copy_s / 1e9, "add_gbps": 3 * 8 * n / add_s / 1e9,
+            "read_gbps": 8 * n / read_s / 1e9}
 
 
 def fill_arena(arena: np.ndarray, fmt: str) -> None:
@@ -172,10 +177,11 @@ def bench(args) -> dict:
         numpy_gflops[shape_name] = 2.0 * rows * k * args.tokens / t / 1e9
         del w
     # the best rate the probe reached: with few cores, the cores rather than the DIMMs set it
-    mem_bw = max(stream.values())
+    mem_bw = max(stream["copy_gbps"], stream["add_gbps"])
     for fmt, per_shape in results.items():
         for shape_name, r in per_shape.items():
             r["decode_vs_mem_bw"] = r["decode_gbps"] / mem_bw
+            r["decode_vs_read_bw"] = r["decode_gbps"] / stream["read_gbps"]
             r["prefill_vs_numpy"] = r["prefill_gflops"] / numpy_gflops[shape_name] if args.prefill else None
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
@@ -193,18 +199,19 @@ def print_table(report: dict) -> None:
     m = report["machine"]
     print(f"threads {m['threads']}, simd {m['simd']} (vnni {m['vnni']}), LLC {m['llc_bytes'] >> 20} MiB, "
           f"STREAM copy {report['stream']['copy_gbps']:.1f} GB/s, add {report['stream']['add_gbps']:.1f} GB/s "
-          f"(mem_bw_gbps = the best of them)")
+          f"(mem_bw_gbps = the best of them), read-only {report['stream']['read_gbps']:.1f} GB/s")
     if report["numpy_f32_gflops"]:
         print("numpy f32 GFLOP/s (" + str(report["tokens"]) + " tokens): "
               + ", ".join(f"{s} {v:.1f}" for s, v in report["numpy_f32_gflops"].items()))
     print(f"{'format':8s} {'shape':12s} {'MiB':>8s} {'>LLC':>5s} {'decode GB/s':>12s} {'% mem bw':>9s} "
-          f"{'prefill GFLOP/s':>16s} {'% numpy':>8s}")
+          f"{'% read':>7s} {'prefill GFLOP/s':>16s} {'% numpy':>8s}")
     for fmt, per_shape in report["results"].items():
         for shape_name, r in per_shape.items():
             prefill = (f"{r['prefill_gflops']:16.1f} {100 * r['prefill_vs_numpy']:7.0f}%"
                        if r["prefill_gflops"] else f"{'-':>16s} {'-':>8s}")
             print(f"{fmt:8s} {shape_name:12s} {r['weight_bytes'] / 2**20:8.1f} {'yes' if r['exceeds_llc'] else 'no':>5s} "
-                  f"{r['decode_gbps']:12.2f} {100 * r['decode_vs_mem_bw']:8.0f}% {prefill}")
+                  f"{r['decode_gbps']:12.2f} {100 * r['decode_vs_mem_bw']:8.0f}% {100 * r['decode_vs_read_bw']:6.0f}% "
+                  f"{prefill}")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Decode with the routed experts read from disk under a RAM budget: every cache policy, with and without prefetch.
 
-    python tools/bench_offload.py [--json] [--tokens 24] [--slots 16] [--model-dir DIR]
+    python tools/bench_offload.py [--json] [--repeats N] [--tokens 24] [--slots 16] [--model-dir DIR]
 
 The model is a synthetic GGUF of V4-Flash's real widths (4096 hidden, experts 2048 wide, 13.4 MB each at MXFP4)
 with --layers layers of --experts routed experts, built once with tools/make_synthetic.py and `flashlite quantize`
@@ -10,23 +10,28 @@ One run measures:
 
 - the disk: O_DIRECT sequential reads of large blocks over the expert tensors of the same file, and random reads
   of whole experts (three aligned spans each, as the cache reads them) from --io-threads threads;
-- for two routings, (a) the model's own router on random weights (close to uniform) and (b) a replayed skewed trace
-  (tools/make_routing_trace.py: Zipf popularity, reuse across consecutive tokens, prefetch predictions of a
-  chosen accuracy), each configuration: all experts resident (page cache warm; the compute-only ceiling), mmap
+- for the routings (a) "model", the model's own router on random weights (close to uniform), (b) "trace", a
+  replayed skewed trace (tools/make_routing_trace.py: Zipf popularity, reuse across consecutive tokens, prefetch
+  predictions of a chosen accuracy) and (c) "exact", the same trace with every prediction right (only the cached
+  configurations with prefetch, the others being the trace's), each configuration: all experts resident (page cache warm; the compute-only ceiling), mmap
   with no budget (the reference: the page cache holds whatever is read), and the cache under the budget with lru,
   lfu and lfu + pinning (pin_fraction of each layer's slots hold the hottest experts of a usage histogram written
   by a separate warm-up run), each with and without prefetch.
+
+--repeats N runs the whole sequence N times and reports the median of every number (JSON: "runs" has each).
 
 Every configuration loads the model afresh with the expert tensors dropped from the page cache (posix_fadvise
 DONTNEED; the dense weights stay resident, as they would in use), decodes --warmup tokens to fill the cache, then
 --tokens measured tokens one forward call each. Reported per configuration, over the measured tokens:
 
 - tok/s: measured tokens / their wall time;
-- read MB/tok: expert bytes the cache read (for mmap: growth of the expert tensors' page-cache residency);
+- read MB/tok: expert bytes the cache read (for mmap: growth of the expert tensors' page-cache residency over the
+  whole run, warm-up included, since the kernel's read-around on faults already reads neighbouring experts then;
+  its need is every expert the run used, once);
 - need MB/tok: the bytes the policy makes necessary: the same routing replayed through a pure-Python model of the
   same policy (same slot counts, pins, eviction order) without prefetch, misses x each expert's aligned read size.
-  Without prefetch the measured and modelled misses must agree exactly ("sim" column shows the modelled misses);
-  with prefetch, read/need above 1 is what wrong predictions cost;
+  Without prefetch (and with exact predictions) the measured and modelled misses agree ("sim" column shows the
+  modelled misses); with prefetch, read/need above 1 is what wrong predictions cost;
 - hit %: expert_hits / (hits + misses) (an expert a prefetch is still reading counts as a hit);
 - pf %: prefetch_hits / prefetches, the share of prefetched experts that were used;
 - stall s/tok: seconds the computing thread waited for experts; hidden %: 1 - stall / disk time, where disk time
@@ -297,7 +302,7 @@ def simulate(idx: np.ndarray, n_expert: int, slots: int | None, policy: str, pin
     steps, n_layer, _ = idx.shape
     missed = np.zeros((steps, n_layer, n_expert), bool)
     usage = np.zeros((n_layer, n_expert), np.int64)
-    resident = [dict() for _ in range(n_layer)]  # expert -> last use tick
+    resident: list[dict[int, int]] = [{} for _ in range(n_layer)]  # expert -> last use tick
     pins = [set(pinned[i]) if pinned else set() for i in range(n_layer)]
     tick = 0
     for layer in range(n_layer):
@@ -343,9 +348,9 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
     cold = cached_bytes(path, layout.ranges)
     kwargs = {}
     if policy in ("lru", "lfu", "lfu+pin"):
-        kwargs = dict(ram_budget=budget, expert_policy="lfu" if policy == "lfu+pin" else policy,
-                      expert_prefetch=cfg["prefetch"], expert_usage=cfg.get("usage_path") or False,
-                      pin_fraction=opts.pin_fraction if policy == "lfu+pin" else 0.0, io_threads=opts.io_threads)
+        kwargs = {"ram_budget": budget, "expert_policy": "lfu" if policy == "lfu+pin" else policy,
+                  "expert_prefetch": cfg["prefetch"], "expert_usage": cfg.get("usage_path") or False,
+                  "pin_fraction": opts.pin_fraction if policy == "lfu+pin" else 0.0, "io_threads": opts.io_threads}
     t0 = time.perf_counter()
     model = flashlite.load(path, threads=opts.threads, **kwargs)
     load_s = time.perf_counter() - t0
@@ -362,12 +367,10 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
                 recorded_pred = [[None] * layout.n_layer for _ in range(steps)]
             block.ffn.gate = RecordingGate(block.ffn.gate, clock, recorded_idx, recorded_pred, layer)
     times = []
-    page_cache_before = 0
     with np.errstate(over="ignore"):
         for step in range(steps):
             if step == opts.warmup:
                 model.reset_stats()
-                page_cache_before = cached_bytes(path, layout.ranges)
             clock.t = step
             t0 = time.perf_counter()
             model.forward([int(routing["tokens"][step])])
@@ -394,7 +397,10 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
         out["io_hidden_thread_time"] = 1 - stats["io_stall_seconds"] / stats["io_seconds"] \
             if stats["io_seconds"] else None
     else:
-        out["read_bytes_per_token"] = (page_cache_after - page_cache_before) / opts.tokens
+        # The kernel's read-ahead around mmap faults (read_ahead_kb) pulls in neighbouring experts during the
+        # warm-up already, so only the whole run compares with what the routing needs.
+        out["measured_over"] = "run"
+        out["read_bytes_per_token"] = (page_cache_after - cold) / steps
     out["_idx"] = recorded_idx if recorded_idx is not None else routing["idx"][:steps]
     out["_pred"] = recorded_pred
     return out
@@ -402,14 +408,19 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
 
 def add_model_of_policy(res: dict, layout: ExpertLayout, slots: int, pinned) -> None:
     """The bytes per token the policy makes necessary on the routing this configuration saw."""
+    if res["policy"] == "resident":
+        res["need_bytes_per_token"] = 0.0
+        return
     idx = res["_idx"]
     policy = {"lfu+pin": "lfu"}.get(res["policy"], res["policy"])
     limit = slots if res["policy"] in ("lru", "lfu", "lfu+pin") else None
     missed = simulate(idx, layout.n_expert, limit, policy, pinned if res["policy"] == "lfu+pin" else None)
-    window = missed[-res["tokens"]:]
+    window = missed if res.get("measured_over") == "run" else missed[-res["tokens"]:]
+    demands = sum(len(set(r)) for r in idx[-len(window):].reshape(-1, idx.shape[2]))
     res["sim_misses"] = int(window.sum())
-    res["sim_hit_rate"] = 1 - window.sum() / sum(len(set(r)) for r in idx[-res["tokens"]:].reshape(-1, idx.shape[2]))
-    res["need_bytes_per_token"] = float((window * layout.read_bytes[None]).sum() / res["tokens"])
+    res["sim_hit_rate"] = 1 - window.sum() / demands
+    res["sim_layer0_miss_share"] = float(window[:, 0].sum() / window.sum()) if window.sum() else None
+    res["need_bytes_per_token"] = float((window * layout.read_bytes[None]).sum() / len(window))
     res["read_over_need"] = res["read_bytes_per_token"] / res["need_bytes_per_token"] \
         if res["need_bytes_per_token"] else None
 
@@ -420,9 +431,31 @@ def prediction_precision(idx: np.ndarray, pred: list) -> float | None:
     for t, row in enumerate(pred):
         for layer, guess in enumerate(row):
             if guess is not None:
-                right += len(set(int(e) for e in guess) & set(int(e) for e in idx[t, layer]))
+                right += len({int(e) for e in guess} & {int(e) for e in idx[t, layer]})
                 total += len(guess)
     return right / total if total else None
+
+
+def plan(routings: list[str], policies: list[str], repeats: int):
+    """(repeat, routing, policy, prefetch) in run order; the exact-prediction routing only runs what differs from
+    the trace (the cache with prefetch)."""
+    for repeat in range(repeats):
+        for name in routings:
+            for policy in policies:
+                budgeted = policy in ("lru", "lfu", "lfu+pin")
+                if name == "exact" and not budgeted:
+                    continue
+                for prefetch in ((True,) if name == "exact" else (False, True)) if budgeted else (False,):
+                    yield repeat, name, policy, prefetch
+
+
+def median_of(same: tuple[dict, ...]) -> dict:
+    """One configuration over its repeats: the median of every number, the first repeat's other fields."""
+    out = dict(same[0])
+    for key, v in same[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(key) is not None for r in same):
+            out[key] = statistics.median(r[key] for r in same)
+    return out
 
 
 def add_overlap(results: list[dict], disk_bytes_per_s: float) -> None:
@@ -432,7 +465,8 @@ def add_overlap(results: list[dict], disk_bytes_per_s: float) -> None:
             continue
         r["disk_s_per_token"] = r["read_bytes_per_token"] / disk_bytes_per_s
         r["io_hidden"] = 1 - r["stall_s_per_token"] / r["disk_s_per_token"] if r["disk_s_per_token"] else None
-        resident = next((x for x in results if x["routing"] == r["routing"] and x["policy"] == "resident"), None)
+        same_experts = {"exact": "trace"}.get(r["routing"], r["routing"])
+        resident = next((x for x in results if x["routing"] == same_experts and x["policy"] == "resident"), None)
         if resident is not None:
             r["ideal_tok_s"] = 1 / max(1 / resident["tok_s"], r["disk_s_per_token"])
 
@@ -463,7 +497,7 @@ def write_histogram(path: Path, routing: dict, opts, budget: int, usage_path: Pa
 COLUMNS = (("routing", "routing", "{}"), ("policy", "policy", "{}"), ("prefetch", "pf", "{}"),
            ("tok_s", "tok/s", "{:.2f}"), ("read_bytes_per_token", "read MB/tok", "{:.0f}"),
            ("need_bytes_per_token", "need MB/tok", "{:.0f}"), ("read_over_need", "read/need", "{:.3f}"),
-           ("expert_misses", "misses", "{}"), ("sim_misses", "sim", "{}"), ("hit_rate", "hit %", "{:.1%}"),
+           ("expert_misses", "misses", "{:.0f}"), ("sim_misses", "sim", "{:.0f}"), ("hit_rate", "hit %", "{:.1%}"),
            ("prefetch_precision", "pf %", "{:.0%}"), ("disk_s_per_token", "disk s/tok", "{:.3f}"),
            ("stall_s_per_token", "stall s/tok", "{:.3f}"), ("io_hidden", "hidden %", "{:.0%}"),
            ("ideal_tok_s", "ideal tok/s", "{:.2f}"))
@@ -507,7 +541,10 @@ def main(argv=None) -> None:
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--reuse", type=float, default=0.3)
     ap.add_argument("--accuracy", type=float, default=0.8, help="prefetch prediction accuracy of the trace")
-    ap.add_argument("--routings", default="model,trace", help="comma-separated subset of model,trace")
+    ap.add_argument("--routings", default="model,trace,exact",
+                    help="comma-separated subset of model (its own router), trace (the replayed trace), exact (the "
+                         "trace with every prefetch prediction right)")
+    ap.add_argument("--repeats", type=int, default=1, help="run every configuration this often (medians)")
     ap.add_argument("--policies", default="resident,mmap,lru,lfu,lfu+pin")
     ap.add_argument("--disk-mib", type=int, default=512, help="MiB per disk-speed run (3 runs, median)")
     ap.add_argument("--seed", type=int, default=0)
@@ -516,15 +553,21 @@ def main(argv=None) -> None:
         (lambda msg: print(msg, flush=True))
     routings = [r for r in opts.routings.split(",") if r]
     policies = [p for p in opts.policies.split(",") if p]
-    if set(routings) - {"model", "trace"} or set(policies) - {"resident", "mmap", "lru", "lfu", "lfu+pin"}:
+    if set(routings) - {"model", "trace", "exact"} or set(policies) - {"resident", "mmap", "lru", "lfu", "lfu+pin"}:
         ap.error(f"unknown routing or policy in {opts.routings!r} / {opts.policies!r}")
-    if opts.tokens < 1 or opts.warmup < 0 or opts.hist_tokens < 1:
-        ap.error("--tokens and --hist-tokens must be >= 1, --warmup >= 0")
+    if opts.tokens < 1 or opts.warmup < 0 or opts.hist_tokens < 1 or opts.repeats < 1:
+        ap.error("--tokens, --hist-tokens and --repeats must be >= 1, --warmup >= 0")
 
     path = ensure_model(opts.model_dir, opts.layers, opts.experts, log)
     layout = ExpertLayout(path)
-    if not 1 <= opts.slots <= layout.n_expert // 2:
-        ap.error(f"--slots must lie in 1..{layout.n_expert // 2} so that the experts are at least twice the budget")
+    k = int(GGUFFile(path).get("deepseek4.expert_used_count"))
+    if not k <= opts.slots <= layout.n_expert // 2:
+        ap.error(f"--slots must lie in {k}..{layout.n_expert // 2}: room for one token's {k} experts, and the "
+                 "experts at least twice the budget")
+    n_pin = min(int(opts.slots * opts.pin_fraction), opts.slots - 1)
+    if "lfu+pin" in policies and opts.slots - n_pin < k:
+        ap.error(f"--slots {opts.slots} with --pin-fraction {opts.pin_fraction} pins {n_pin} slots per layer, "
+                 f"leaving fewer than one token's {k} experts for the rest")
     budget = opts.slots * layout.n_layer * layout.slot_bytes
     experts_total = int(layout.read_bytes.sum())
     log(f"model {path}: {layout.n_layer} layers x {layout.n_expert} experts of {layout.expert_bytes / 1e6:.1f} MB "
@@ -547,7 +590,7 @@ def main(argv=None) -> None:
                      f"{layout.n_expert} experts; has {trace['idx'].shape} of {int(trace['n_expert'])}")
     else:
         trace = make_trace(opts.hist_tokens + steps, layout.n_layer, layout.n_expert,
-                           int(GGUFFile(path).get("deepseek4.expert_used_count")), opts.zipf, opts.reuse,
+                           k, opts.zipf, opts.reuse,
                            opts.accuracy, n_hash, opts.seed)
     tokens = rng.integers(1000, vocab, size=steps)
     hist_tokens = rng.integers(1000, vocab, size=opts.hist_tokens)
@@ -556,41 +599,45 @@ def main(argv=None) -> None:
         "trace": {"name": "trace", "kind": "trace", "tokens": tokens, "hist_tokens": hist_tokens,
                   "idx": trace["idx"][opts.hist_tokens:], "pred": trace["pred"][opts.hist_tokens:],
                   "hist_idx": trace["idx"][:opts.hist_tokens]},
+        # The same trace with every prediction right: what prefetch costs when the predictor is perfect.
+        "exact": {"name": "exact", "kind": "trace", "tokens": tokens, "hist_tokens": hist_tokens,
+                  "idx": trace["idx"][opts.hist_tokens:], "pred": trace["idx"][opts.hist_tokens:],
+                  "hist_idx": trace["idx"][:opts.hist_tokens]},
     }
 
-    results = []
+    runs: list[list[dict]] = [[] for _ in range(opts.repeats)]
+    histograms = {}
     with tempfile.TemporaryDirectory(prefix="fl-bench-offload-") as tmp:
-        for name in routings:
-            routing = all_routings[name]
-            counts = pins = None
-            if "lfu+pin" in policies:
-                log(f"[{name}] warm-up run of {opts.hist_tokens} tokens for the usage histogram")
-                counts = write_histogram(path, routing, opts, budget, Path(tmp) / f"{name}-hist.npy")
-                pins = pinned_sets(counts, opts.slots, opts.pin_fraction)
-            for policy in policies:
-                for prefetch in ((False, True) if policy in ("lru", "lfu", "lfu+pin") else (False,)):
-                    cfg = {"policy": policy, "prefetch": prefetch}
-                    if policy == "lfu+pin":
-                        cfg["usage_path"] = Path(tmp) / "pin-usage.npy"
-                        np.save(cfg["usage_path"], counts)
-                    res = run_config(path, layout, cfg, routing, opts, budget)
-                    add_model_of_policy(res, layout, opts.slots, pins)
-                    if res["_pred"] is not None:
-                        res["prediction_precision"] = prediction_precision(res["_idx"], res["_pred"])
-                    if name == "model":
-                        first = next((r for r in results if r["routing"] == "model"), None)
-                        res["same_routing_as_first"] = bool(first is None or np.array_equal(first["_idx"],
-                                                                                             res["_idx"]))
-                        if not res["same_routing_as_first"]:
-                            log(f"[model] {policy}: the model routed differently than under {first['policy']}")
-                    results.append(res)
-                    log(f"[{name}] {policy:8s} prefetch {'on ' if prefetch else 'off'}: {res['tok_s']:.2f} tok/s, "
-                        f"read {res['read_bytes_per_token'] / 1e6:.0f} MB/tok, need "
-                        f"{res['need_bytes_per_token'] / 1e6:.0f} MB/tok")
-    add_overlap(results, disk["random_expert_gbps"] * 1e9)
-    for r in results:
-        r.pop("_idx")
-        r.pop("_pred")
+        for repeat, name, policy, prefetch in plan(routings, policies, opts.repeats):
+            source = {"exact": "trace"}.get(name, name)
+            if policy == "lfu+pin" and source not in histograms:
+                log(f"[{source}] warm-up run of {opts.hist_tokens} tokens for the usage histogram")
+                counts = write_histogram(path, all_routings[source], opts, budget, Path(tmp) / f"{source}.npy")
+                histograms[source] = counts, pinned_sets(counts, opts.slots, opts.pin_fraction)
+            counts, pins = histograms.get(source, (None, None))
+            cfg = {"policy": policy, "prefetch": prefetch}
+            if policy == "lfu+pin":
+                cfg["usage_path"] = Path(tmp) / "pin-usage.npy"
+                np.save(cfg["usage_path"], counts)  # afresh each time: closing the model adds its own usage
+            res = run_config(path, layout, cfg, all_routings[name], opts, budget)
+            add_model_of_policy(res, layout, opts.slots, pins)
+            if res["_pred"] is not None:
+                res["prediction_precision"] = prediction_precision(res["_idx"], res["_pred"])
+            if name == "model":
+                first = next((r for run in runs for r in run if r["routing"] == "model"), None)
+                res["same_routing_as_first"] = first is None or bool(np.array_equal(first["_idx"], res["_idx"]))
+                if not res["same_routing_as_first"]:
+                    log(f"[model] {policy}: the model routed differently than under {first['policy']}")
+            runs[repeat].append(res)
+            log(f"[{name} #{repeat + 1}] {policy:8s} prefetch {'on ' if prefetch else 'off'}: {res['tok_s']:.2f} "
+                f"tok/s, read {res['read_bytes_per_token'] / 1e6:.0f} MB/tok, need "
+                f"{res['need_bytes_per_token'] / 1e6:.0f} MB/tok")
+    for run in runs:
+        add_overlap(run, disk["random_expert_gbps"] * 1e9)
+        for r in run:
+            r.pop("_idx")
+            r.pop("_pred")
+    results = [median_of(same) for same in zip(*runs)]
     summary = {
         "model": {"path": str(path), "layers": layout.n_layer, "experts": layout.n_expert,
                   "expert_bytes": layout.expert_bytes, "routed_expert_bytes": experts_total,
@@ -602,7 +649,7 @@ def main(argv=None) -> None:
                   "accuracy": float(trace["accuracy"]), "n_hash_layers": int(trace["n_hash_layers"]),
                   "seed": int(trace["seed"])},
         "tokens": opts.tokens, "warmup": opts.warmup, "threads": opts.threads, "io_threads": opts.io_threads,
-        "configs": results,
+        "repeats": opts.repeats, "configs": results, "runs": runs if opts.repeats > 1 else None,
     }
     if opts.json:
         print(json.dumps(summary, default=_jsonable))

@@ -59,8 +59,8 @@ def make_trace(tokens: int, layers: int, experts: int, k: int = 6, zipf: float =
             idx[t, layer] = _pick(rng, popularity[layer], idx[t - 1, layer] if t else (), k, reuse)
             exact = layer < n_hash_layers
             pred[t, layer] = idx[t, layer] if exact else _guess(rng, idx[t, layer], experts, accuracy)
-    scalars = dict(n_expert=experts, k=k, n_hash_layers=n_hash_layers, zipf=zipf, reuse=reuse, accuracy=accuracy,
-                   seed=seed)
+    scalars = {"n_expert": experts, "k": k, "n_hash_layers": n_hash_layers, "zipf": zipf, "reuse": reuse,
+               "accuracy": accuracy, "seed": seed}
     return {"idx": idx, "pred": pred, "popularity": popularity, **{n: np.array(v) for n, v in scalars.items()}}
 
 

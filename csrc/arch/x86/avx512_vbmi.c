@@ -3,18 +3,27 @@
  *
  * Why this shape: the ymm dots of dot_x86.h spent most of their instructions on per-block scalar work
  * (two scale conversions and a broadcast per 32 weights) and on the sign trick of signed x signed bytes.
- * Here one vpermt2b gathers the quants of four Q8_0 / MXFP4 blocks into the four 128-bit lanes of a zmm and
- * another their scales, so all per-block work is vector work; the weights are made unsigned by an offset
- * (q + 128 for Q8_0, the e2m1 table + 12 for MXFP4), whose cost, offset * sum of the activation block, is
- * precomputed with the activation and seeds the vpdpbusd accumulator. Q4_K takes its 128 quant bytes in
- * two zmm loads, unpacks its 6-bit scales in one xmm and applies them with vpdpwssd. */
+ * Here byte permutes gather the quants of four Q8_0 / MXFP4 blocks into the four 128-bit lanes of a zmm
+ * and their scales into the matching dwords, so all per-block work is vector work; the weights are made
+ * unsigned by an offset (q + 128 for Q8_0, the e2m1 table + 12 for MXFP4), whose cost, offset * sum of the
+ * activation block, is precomputed with the activation and seeds the vpdpbusd accumulator. Q4_K takes its
+ * 128 quant bytes in two zmm loads, unpacks its 6-bit scales in one xmm and applies them with vpdpwssd.
+ * The activations are quantized here too, vectorized, bit for bit as the reference quantizers do. */
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi")
+#include <float.h>
 #include <immintrin.h>
 #include <string.h>
 #include "kernels.h"
 #include "quant_generic.h"
 #include "simd.h"
+
+/* the lines from p + FL_PREFETCH_BYTES on, into L2, for a group of `bytes` weight bytes at p: prefetching
+ * evenly as the dot consumes the row measured faster than a burst per row (decode_task) */
+static inline void prefetch_ahead(const uint8_t *p, int bytes) {
+    for (int off = 0; off < bytes; off += 64)
+        _mm_prefetch((const char *)p + FL_PREFETCH_BYTES + off, _MM_HINT_T1);
+}
 
 static inline __mmask64 first_bytes(int64_t n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
@@ -59,7 +68,7 @@ static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, flo
         __m128i q0, q1;
         fl_half dh;
         int nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
-        if (!nan && amax <= 3.4028235e38f) {
+        if (!nan && amax <= FLT_MAX) {
             const float d = amax / 127;
             const __m512 id = _mm512_set1_ps(d ? 1.0f / d : 0.0f);
             __m512i r0 = round_away(_mm512_mul_ps(v0, id)), r1 = round_away(_mm512_mul_ps(v1, id));
@@ -109,6 +118,7 @@ static void dot_q8_0_groups(int64_t n, float *s, const void *vx, const void *vy)
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     for (int64_t g = 0, off = 0; off < bytes; g++, off += GROUP * (int64_t)sizeof(block_q8_0)) {
         const uint8_t *p = x + off;
+        prefetch_ahead(p, GROUP * (int)sizeof(block_q8_0));
         int64_t left = bytes - off;
         __m512i a, b, c, e;
         if (left >= GROUP * (int64_t)sizeof(block_q8_0)) {
@@ -155,6 +165,7 @@ static void dot_mxfp4_groups(int64_t n, float *s, const void *vx, const void *vy
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     for (int64_t g = 0, off = 0; off < bytes; g++, off += GROUP * (int64_t)sizeof(block_mxfp4)) {
         const uint8_t *p = x + off;
+        prefetch_ahead(p, GROUP * (int)sizeof(block_mxfp4));
         int64_t left = bytes - off;
         /* blocks 0-2 lie within the first 64 bytes, gathered by vpermb; block 3's quants end at byte 67 and
          * are inserted from their own load (vpermt2b, or a masked load into lane 3, measured slower) */
@@ -210,7 +221,7 @@ static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
         nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
     }
     float m = _mm512_reduce_max_ps(amax);
-    if (nan || !(m <= 3.4028235e38f))
+    if (nan || !(m <= FLT_MAX))
         return 0;
     memset(sb, 0, sizeof(*sb));
     if (m == 0.0f)
@@ -280,6 +291,7 @@ static void dot_q4_K_sb(int64_t n, float *s, const void *vx, const void *vy) {
     for (int64_t i = 0; i < n / QK_K; i++) {
         __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins(x[i].scales)); /* words sc0..7, m0..7 */
         __m512i scales = _mm512_castsi256_si512(sm);
+        prefetch_ahead((const uint8_t *)&x[i], (int)sizeof(block_q4_K));
         __m512i z0 = _mm512_loadu_si512(x[i].qs), z1 = _mm512_loadu_si512(x[i].qs + 64);
         __m512i q[4] = {_mm512_and_si512(z0, m4), _mm512_and_si512(_mm512_srli_epi16(z0, 4), m4),
                         _mm512_and_si512(z1, m4), _mm512_and_si512(_mm512_srli_epi16(z1, 4), m4)};
