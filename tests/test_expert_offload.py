@@ -51,8 +51,8 @@ def test_logits_bitwise_equal_to_mapped_experts(gguf, goldens, mapped, policy, p
     assert np.array_equal(logits, mapped[0])
     assert generated == mapped[1]
     assert st["slots"] == n_layers * per_layer
-    assert st["expert_misses"] > 0 and st["expert_bytes_read"] > 0
-    assert (st["prefetches"] > 0) == prefetch
+    assert st["expert_bytes_read"] >= (st["expert_misses"] + st["prefetches"]) * st["slot_bytes"] // 2 > 0
+    assert (st["prefetches"] + st["prefetch_dropped"] > 0) == prefetch  # read, or overtaken by the demand
 
 
 def test_counters_match_the_oracle_routing(gguf, goldens):
@@ -189,7 +189,7 @@ def test_footprint_stays_within_the_budget(wide_experts):
     assert mapped["expert_bytes"] > 100e6
     assert mapped["rss_growth"] > 0.5 * mapped["expert_bytes"]
     assert mapped["experts_cached"] > 0.5 * mapped["expert_bytes"]
-    assert budgeted["stats"]["expert_misses"] > 500
+    assert budgeted["stats"]["expert_misses"] + budgeted["stats"]["prefetches"] > 500
     assert budgeted["rss_growth"] < 8 * 2**20 + 24 * 2**20
     assert budgeted["experts_cached"] <= 16 * 4096
     assert budgeted["stats"]["direct_io"] and not buffered["stats"]["direct_io"]

@@ -123,7 +123,8 @@ class ExpertLayout:
                 spec[i].offset[m], spec[i].bytes[m], spec[i].type[m] = v.offset, v.data.strides[0], int(v.type)
         self.slot_bytes = int(lib.fl_expert_cache_slot_bytes(self.n_layer, spec))
         self.spans = [[(v.offset, v.data.strides[0]) for v in layer] for layer in views]
-        del f
+        self.vocab = int(f.tensors["token_embd.weight"].ne[1])
+        self.k = int(f.get("deepseek4.expert_used_count"))
 
     def expert_spans(self, layer: int, expert: int) -> list[tuple[int, int]]:
         """The aligned (start, length) reads of one expert's three matrices."""
@@ -560,7 +561,7 @@ def main(argv=None) -> None:
 
     path = ensure_model(opts.model_dir, opts.layers, opts.experts, log)
     layout = ExpertLayout(path)
-    k = int(GGUFFile(path).get("deepseek4.expert_used_count"))
+    k = layout.k
     if not k <= opts.slots <= layout.n_expert // 2:
         ap.error(f"--slots must lie in {k}..{layout.n_expert // 2}: room for one token's {k} experts, and the "
                  "experts at least twice the budget")
@@ -579,7 +580,7 @@ def main(argv=None) -> None:
         f"(16 MiB blocks), random whole experts {disk['random_expert_gbps']:.2f} GB/s ({opts.io_threads} threads)")
 
     steps = opts.warmup + opts.tokens
-    vocab = int(GGUFFile(path).tensors["token_embd.weight"].ne[1])
+    vocab = layout.vocab
     rng = np.random.default_rng(opts.seed)
     n_hash = min(3, layout.n_layer)
     if opts.trace:

@@ -518,6 +518,11 @@ class Block:
         self.attn, self.ffn = attn, ffn
         self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
 
+    def prefetch_experts(self, y: np.ndarray, token_ids: np.ndarray) -> None:
+        """Queue disk reads of the experts this block's router is expected to pick for y, an earlier hidden state
+        already RMS-normalised (without weight)."""
+        self.ffn.offload.prefetch(self.layer, self.ffn.gate.predict(self.ffn_norm * y, token_ids))
+
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
         x, post, comb = self.attn_hc(h)
         h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache), h, post, comb)
@@ -527,7 +532,7 @@ class Block:
         y = rms_norm(x, None, self.eps)
         if self.next is not None:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
-            self.ffn.offload.prefetch(self.next.layer, self.next.ffn.gate.predict(self.next.ffn_norm * y, token_ids))
+            self.next.prefetch_experts(y, token_ids)
         h = HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
         if dump is not None:
             dump[f"blk.{self.layer}.ffn"] = h.copy()
@@ -632,7 +637,8 @@ class Model:
             f.keep_out([w.name for layer in mats for w in layer])
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
                        for i in range(args.n_layers)]
-        if self.offload is not None and prefetch:
+        self.prefetch = self.offload is not None and prefetch
+        if self.prefetch:
             for block, following in zip(self.layers, self.layers[1:]):
                 block.next = following
 
@@ -675,7 +681,10 @@ class Model:
         if token_ids.min() < 0 or token_ids.max() >= self.args.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
         positions = np.arange(cache.pos, cache.pos + len(token_ids))
-        h = np.repeat(self.embed_tokens(token_ids)[:, None, :], self.args.hc_mult, axis=1)
+        e = self.embed_tokens(token_ids)
+        if self.prefetch:  # the first layer's experts, from the embedding (exactly, when it routes by hash)
+            self.layers[0].prefetch_experts(rms_norm(e, None, self.args.norm_eps), token_ids)
+        h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
         x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)

@@ -318,6 +318,34 @@ static void test_expert_cache(void) {
                 CHECK(0, "expert cache: %s", "hits + misses differ from the experts demanded");
             fl_expert_cache_close(c);
         }
+    /* A prefetch keeps the resident experts it names: with 2 slots, after {0} and {1}, prefetching {0, 2} must
+     * evict 1, so that {0, 2} then reads nothing. */
+    if (fl_expert_cache_open(path, 1, EXPERTS, layers, slot * 2, FL_EXPERT_LRU, 1, 1, &c) == FL_OK) {
+        int32_t one[1][TOK * USED], guess[2] = {0, 2};
+        float tiny_w[TOK * USED];
+        for (int i = 0; i < TOK * USED; i++) tiny_w[i] = 1.0f;
+        int32_t calls[3][2] = {{0, 0}, {1, 1}, {0, 2}};
+        for (int call = 0; call < 3; call++) {
+            if (call == 2) {
+                fl_expert_cache_prefetch(c, 0, guess, 2);
+                struct fl_expert_stats st = {0};
+                for (int spin = 0; spin < 5000 && st.prefetches < 1; spin++) {
+                    fl_expert_cache_stats(c, &st);
+                    usleep(1000);
+                }
+            }
+            for (int i = 0; i < TOK * USED; i++) one[0][i] = calls[call][i % 2];
+            memset(got, 0, sizeof got);
+            if (fl_moe_experts_cached(c, 0, TOK, DIM, INTER, USED, x, one[0], tiny_w, 4.0f, got))
+                CHECK(0, "expert cache: %s", "fl_moe_experts_cached failed");
+        }
+        struct fl_expert_stats st;
+        fl_expert_cache_stats(c, &st);
+        CHECK(st.misses == 2 && st.prefetches == 1 && st.hits == 2,
+              "expert cache: prefetch evicted a predicted expert (misses %ld, prefetches %ld, hits %ld)",
+              (long)st.misses, (long)st.prefetches, (long)st.hits);
+        fl_expert_cache_close(c);
+    }
     unlink(path);
     for (int l = 0; l < LAYERS; l++)
         for (int m = 0; m < 3; m++) free(blob[l][m]);
