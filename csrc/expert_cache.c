@@ -481,6 +481,23 @@ static int cached_acquire(void *ctx, int32_t e, const void *w[3]) {
     return status;
 }
 
+static int cached_try_acquire(void *ctx, int32_t e, const void *w[3]) {
+    struct cached_layer *cl = ctx;
+    struct fl_expert_cache *c = cl->c;
+    int status = FL_BUSY;
+    pthread_mutex_lock(&c->mu);
+    int32_t s = c->where[cl->layer * c->n_expert + e];
+    if (s >= 0 && c->slots[s].state == SLOT_READY) {
+        struct slot *sl = &c->slots[s];
+        sl->refs++;
+        sl->last_use = ++c->tick;
+        for (int m = 0; m < 3; m++) w[m] = sl->w[m];
+        status = FL_OK;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return status;
+}
+
 static void cached_release(void *ctx, int32_t e) {
     struct cached_layer *cl = ctx;
     struct fl_expert_cache *c = cl->c;
@@ -556,7 +573,8 @@ int fl_moe_experts_cached(fl_expert_cache *c, int layer, int64_t n_tok, int64_t 
     status = plan_call(c, layer, used, order, &n_order);
     pthread_mutex_unlock(&c->mu);
     struct cached_layer cl = {c, layer};
-    struct moe_source src = {{L->type[0], L->type[1], L->type[2]}, &cl, cached_acquire, cached_release};
+    struct moe_source src = {{L->type[0], L->type[1], L->type[2]}, &cl, cached_acquire, cached_try_acquire,
+                             cached_release};
     if (status == FL_OK)
         status = moe_run(&src, order, n_order, n_tok, dim, inter, n_used, c->n_expert, x, idx, weights, limit, out);
     if (status != FL_OK) {

@@ -69,6 +69,19 @@ int fl_threads_get(void);
  * fly (Q8_0 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
 int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y);
 
+/* One product of a batch: y = x W^T as fl_matmul computes it. */
+struct fl_matmul_item {
+    int wtype;
+    const void *w;
+    int64_t rows, k;
+    const float *x;
+    int64_t n_tok;
+    float *y;
+};
+/* Each item as fl_matmul computes it (bitwise the same y), with every decode-sized item in one parallel run that
+ * quantizes an activation shared by several items once: many small matrices then stream like one large one. */
+int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items);
+
 /* ---------------------------------------------------------------- block formats: reference dots */
 /* The type activations are converted to before a dot with weights of this type (F32, Q8_0 or Q8_K), or -1. */
 int fl_type_act_type(int type);

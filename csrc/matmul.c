@@ -49,35 +49,53 @@ static void decode_task(void *ctx, int64_t task, int thread) {
     }
 }
 
-static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
-                  const float *x, int64_t n_tok, float *y) {
+/* Fill job for a decode of W (rows x k) by the n_tok rows of x into y, quantizing the activations into *xq
+ * (which the caller frees) unless `shared` already holds them prepared for the same x and kernel. */
+static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_traits *wt, const void *w,
+                        int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y, const uint8_t *shared,
+                        uint8_t **xq) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    struct decode_job job = {dk ? dk->dot : fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k),
-                             (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
-    uint8_t *xq = NULL;
+    *job = (struct decode_job){dk ? dk->dot : fl_vec_dot(wtype), w, (size_t)fl_row_bytes(wtype, k),
+                               (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
+    *xq = NULL;
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
         if (!at || !at->from_float)
             return FL_ETYPE;
         /* prepared rows go on whole cache lines */
-        job.x_row = dk ? (dk->act_bytes(k) + 63) & ~(size_t)63 : (size_t)fl_row_bytes(wt->act_type, k);
-        xq = aligned_alloc(64, (job.x_row * (size_t)n_tok + 63) & ~(size_t)63);
-        if (!xq)
-            return FL_ENOMEM;
-        for (int64_t t = 0; t < n_tok; t++) {
-            if (dk)
-                dk->prep(k, x + t * k, xq + t * job.x_row);
-            else
-                at->from_float(x + t * k, xq + t * job.x_row, k);
+        job->x_row = dk ? (dk->act_bytes(k) + 63) & ~(size_t)63 : (size_t)fl_row_bytes(wt->act_type, k);
+        if (shared) {
+            job->xq = shared;
+        } else {
+            *xq = aligned_alloc(64, (job->x_row * (size_t)n_tok + 63) & ~(size_t)63);
+            if (!*xq)
+                return FL_ENOMEM;
+            for (int64_t t = 0; t < n_tok; t++) {
+                if (dk)
+                    dk->prep(k, x + t * k, *xq + t * job->x_row);
+                else
+                    at->from_float(x + t * k, *xq + t * job->x_row, k);
+            }
+            job->xq = *xq;
         }
-        job.xq = xq;
     }
     int threads = fl_threads_get();
     int64_t per_thread = (rows + threads - 1) / threads;
-    job.chunk = per_thread < DECODE_MAX_ROWS ? per_thread : DECODE_MAX_ROWS;
-    fl_parallel_for((rows + job.chunk - 1) / job.chunk, 0, decode_task, &job);
-    free(xq);
+    job->chunk = per_thread < DECODE_MAX_ROWS ? per_thread : DECODE_MAX_ROWS;
     return FL_OK;
+}
+
+static int64_t decode_tasks(const struct decode_job *job) { return (job->rows + job->chunk - 1) / job->chunk; }
+
+static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
+                  const float *x, int64_t n_tok, float *y) {
+    struct decode_job job;
+    uint8_t *xq;
+    int status = decode_setup(&job, wtype, wt, w, rows, k, x, n_tok, y, NULL, &xq);
+    if (status == FL_OK)
+        fl_parallel_for(decode_tasks(&job), 0, decode_task, &job);
+    free(xq);
+    return status;
 }
 
 struct prefill_job {
@@ -176,15 +194,107 @@ static int prefill(int wtype, const void *w, int64_t rows, int64_t k, const floa
     return FL_OK;
 }
 
-int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
+static int check_args(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok,
+                      const float *y) {
     const struct fl_type_traits *wt = fl_traits(wtype);
     if (!wt || !wt->vec_dot_generic || !wt->to_float)
         return FL_ETYPE;
     if (!w || !x || !y || rows <= 0 || k <= 0 || n_tok < 0 || k % wt->blck)
         return FL_EINVAL;
-    if (n_tok == 0)
-        return FL_OK;
+    return FL_OK;
+}
+
+int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
+    int status = check_args(wtype, w, rows, k, x, n_tok, y);
+    const struct fl_type_traits *wt = fl_traits(wtype);
+    if (status != FL_OK || n_tok == 0)
+        return status;
     if (n_tok >= FL_PREFILL_MIN_TOKENS)
         return prefill(wtype, w, rows, k, x, n_tok, y);
     return decode(wtype, wt, w, rows, k, x, n_tok, y);
+}
+
+/* ---------------------------------------------------------------- several decodes in one parallel run */
+
+struct batch_job {
+    const struct decode_job *jobs;
+    const int64_t *first; /* task index where each job starts; first[n] = all tasks */
+    int64_t n;
+};
+
+static void batch_task(void *ctx, int64_t task, int thread) {
+    const struct batch_job *b = ctx;
+    int64_t lo = 0, hi = b->n - 1;
+    while (lo < hi) { /* the last job whose first task is <= task */
+        int64_t mid = (lo + hi + 1) / 2;
+        if (b->first[mid] <= task)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    decode_task((void *)&b->jobs[lo], task - b->first[lo], thread);
+}
+
+/* What turns f32 activations into the form a weight type's decode dots read (NULL: they read f32): two types
+ * with the same preparation can share it. */
+static const void *activation_prep(int wtype) {
+    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
+    if (dk)
+        return (const void *)dk->prep;
+    const struct fl_type_traits *at = fl_traits(fl_traits(wtype)->act_type);
+    return fl_traits(wtype)->act_type == FL_TYPE_F32 || !at ? NULL : (const void *)at->from_float;
+}
+
+int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
+    if (n < 0 || (n && !items))
+        return FL_EINVAL;
+    for (int64_t i = 0; i < n; i++) {
+        const struct fl_matmul_item *it = &items[i];
+        int status = check_args(it->wtype, it->w, it->rows, it->k, it->x, it->n_tok, it->y);
+        if (status != FL_OK)
+            return status;
+    }
+    struct decode_job *jobs = malloc(sizeof(*jobs) * (size_t)(n + 1));
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    uint8_t **owned = calloc((size_t)n + 1, sizeof(uint8_t *));
+    const float **x_of = malloc(sizeof(float *) * (size_t)(n + 1));
+    const void **prep_of = malloc(sizeof(void *) * (size_t)(n + 1));
+    int status = jobs && first && owned && x_of && prep_of ? FL_OK : FL_ENOMEM;
+    int64_t n_jobs = 0;
+    if (first)
+        first[0] = 0;
+    for (int64_t i = 0; i < n && status == FL_OK; i++) {
+        const struct fl_matmul_item *it = &items[i];
+        if (it->n_tok == 0)
+            continue;
+        if (it->n_tok >= FL_PREFILL_MIN_TOKENS) { /* arithmetic-bound: nothing to win by sharing a run */
+            status = prefill(it->wtype, it->w, it->rows, it->k, it->x, it->n_tok, it->y);
+            continue;
+        }
+        /* matrices multiplied by the same activations share their quantized form */
+        const uint8_t *shared = NULL;
+        prep_of[n_jobs] = activation_prep(it->wtype);
+        for (int64_t j = 0; j < n_jobs && !shared && prep_of[n_jobs]; j++)
+            if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok)
+                shared = jobs[j].xq;
+        x_of[n_jobs] = it->x;
+        status = decode_setup(&jobs[n_jobs], it->wtype, fl_traits(it->wtype), it->w, it->rows, it->k, it->x,
+                              it->n_tok, it->y, shared, &owned[n_jobs]);
+        if (status == FL_OK) {
+            first[n_jobs + 1] = first[n_jobs] + decode_tasks(&jobs[n_jobs]);
+            n_jobs++;
+        }
+    }
+    if (status == FL_OK && n_jobs) {
+        struct batch_job b = {jobs, first, n_jobs};
+        fl_parallel_for(first[n_jobs], 0, batch_task, &b);
+    }
+    for (int64_t j = 0; j < n_jobs; j++)
+        free(owned[j]);
+    free(jobs);
+    free(first);
+    free(owned);
+    free(x_of);
+    free(prep_of);
+    return status;
 }

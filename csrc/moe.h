@@ -4,11 +4,16 @@
 #define FL_MOE_H
 #include <stdint.h>
 
+/* try_acquire: the expert is not at hand yet (not an error) */
+#define FL_BUSY 1
+
 struct moe_source {
     int type[3];  /* gate, up, down */
     void *ctx;
     /* Point w[0..2] at expert e's gate, up and down matrices, waiting for them if need be. */
     int (*acquire)(void *ctx, int32_t e, const void *w[3]);
+    /* The same without waiting: FL_BUSY when expert e is not at hand yet. */
+    int (*try_acquire)(void *ctx, int32_t e, const void *w[3]);
     void (*release)(void *ctx, int32_t e);
 };
 

@@ -116,11 +116,13 @@ class Session:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def ask(self, text: str) -> None:
-        """Stream the answer to text; Ctrl-C stops it and keeps what came so far."""
-        self.messages.append({"role": "user", "content": text})
+    def ask(self, text: str, stopped: bool = False) -> None:
+        """Stream the answer to text; Ctrl-C stops it and keeps what came so far (stopped: before it starts)."""
         cancel = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+        if stopped:
+            cancel.set()
+        self.messages.append({"role": "user", "content": text})
         styler = Styler(sys.stdout.isatty())
         content = []
         done = None
@@ -209,8 +211,14 @@ def _interact(session: Session) -> None:
             continue
         if text.startswith("/"):
             session.command(text)
-        else:
+            continue
+        asked = len(session.messages)
+        try:
             session.ask(text)
+        except KeyboardInterrupt:
+            # Ctrl-C pressed with the Enter reaches Python at the call above, before ask() takes Ctrl-C over
+            if len(session.messages) == asked:
+                session.ask(text, stopped=True)
 
 
 @click.command("chat")

@@ -351,11 +351,43 @@ static void test_expert_cache(void) {
         for (int m = 0; m < 3; m++) free(blob[l][m]);
 }
 
+/* fl_matmul_batch: every item bitwise as fl_matmul computes it alone, with activations shared between items of the
+ * same and of different types, decode- and prefill-sized items mixed, an empty item, and a bad item refused. */
+static void test_matmul_batch(void) {
+    enum { K = 256, ROWS = 37, N = 7 };
+    static const int types[N] = {FL_TYPE_Q8_0, FL_TYPE_Q8_0, FL_TYPE_MXFP4, FL_TYPE_Q4_K, FL_TYPE_F32,
+                                 FL_TYPE_Q6_K, FL_TYPE_Q8_0};
+    static const int64_t toks[N] = {1, 1, 1, 3, 2, 0, 20};
+    uint8_t *w[N];
+    float *x = malloc(sizeof(float) * K * 20), *x2 = malloc(sizeof(float) * K * 20);
+    float *want[N], *got[N];
+    struct fl_matmul_item items[N];
+    for (int i = 0; i < K * 20; i++) x[i] = rng_uniform(), x2[i] = rng_uniform();
+    for (int i = 0; i < N; i++) {
+        w[i] = malloc((size_t)fl_row_bytes(types[i], K) * ROWS);
+        random_weights(types[i], w[i], ROWS, K);
+        want[i] = calloc((size_t)ROWS * 20, sizeof(float));
+        got[i] = calloc((size_t)ROWS * 20, sizeof(float));
+        const float *xi = i == 3 ? x2 : x; /* item 3 alone reads other activations */
+        items[i] = (struct fl_matmul_item){types[i], w[i], ROWS, K, xi, toks[i], got[i]};
+        if (toks[i]) CHECK(fl_matmul(types[i], w[i], ROWS, K, xi, toks[i], want[i]) == FL_OK, "fl_matmul %d", i);
+    }
+    CHECK(fl_matmul_batch(N, items) == FL_OK, "fl_matmul_batch");
+    for (int i = 0; i < N; i++) {
+        CHECK(memcmp(want[i], got[i], sizeof(float) * ROWS * 20) == 0, "fl_matmul_batch item %d differs", i);
+    }
+    items[2].k = K + 1;
+    CHECK(fl_matmul_batch(N, items) == FL_EINVAL, "fl_matmul_batch accepts a k off the block size");
+    for (int i = 0; i < N; i++) free(w[i]), free(want[i]), free(got[i]);
+    free(x), free(x2);
+}
+
 int main(void) {
     test_pool();
     test_vec_dots();
     test_matmul();
     test_matmul_errors();
+    test_matmul_batch();
     test_expert_cache();
     printf("%s: %d failure(s), best level %d, vnni %d\n", failures ? "FAILED" : "ok", failures, fl_simd_best(),
            fl_simd_has_vnni());
