@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from flashlite import matmul as fm
 from flashlite.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
@@ -31,3 +32,12 @@ def tiny_gguf(tmp_path_factory):
 def goldens():
     """transformers' float32 logits, routing and hidden states for the oracle prompt (tools/make_reference.py)."""
     return np.load(FIXTURE / "goldens.npz")
+
+
+@pytest.fixture(params=fm.simd_levels())
+def level(request):
+    """Each SIMD level this CPU runs, forced for the test and restored after."""
+    before = fm.simd_level()
+    fm.set_simd_level(request.param)
+    yield request.param
+    fm.set_simd_level(before)

@@ -9,14 +9,6 @@ from gguf import GGMLQuantizationType as T
 from flashlite import matmul as fm
 
 
-@pytest.fixture(params=fm.simd_levels())
-def level(request):
-    before = fm.simd_level()
-    fm.set_simd_level(request.param)
-    yield request.param
-    fm.set_simd_level(before)
-
-
 def tie_heavy_activation(k, rng):
     """Blocks whose scale is exactly 1 or 1/2, filled with halves: every quantized value is a rounding tie."""
     x = rng.integers(-250, 251, k).astype(np.float32) / 2

@@ -74,14 +74,6 @@ def rel_err(y, ref):
     return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
 
 
-@pytest.fixture(params=fm.simd_levels())
-def level(request):
-    before = fm.simd_level()
-    fm.set_simd_level(request.param)
-    yield request.param
-    fm.set_simd_level(before)
-
-
 @pytest.fixture
 def threads():
     before = fm.threads()
