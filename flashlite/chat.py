@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from flashlite.chat_format import OutputParser, encode_messages
 from flashlite.sampling import Sampler, StopChecker
 from flashlite.tokenizer import Tokenizer
@@ -67,24 +69,48 @@ class TokenRouter:
 def chat(model, messages: list[dict], think: str = "none", stream: bool = True, cancel: threading.Event | None = None,
          tools: list[dict] | None = None, max_tokens: int | None = None, stop=None, temperature: float = 1.0,
          top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-         seed: int | None = None) -> Iterator[ChatPiece] | list[ChatPiece]:
+         seed: int | None = None, cache=None) -> Iterator[ChatPiece] | list[ChatPiece]:
     """Answer `messages` (OpenAI-style) with DeepSeek V4's chat format.
 
     stream=True: an iterator of pieces as they decode, the "done" piece last. stream=False: the same pieces with
-    consecutive text of one kind merged. `max_tokens` None runs until EOS, a stop string or the context's end."""
-    prompt_ids = model.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
-    if len(prompt_ids) >= model.ctx:
-        raise ValueError(f"messages: the prompt is {len(prompt_ids)} tokens, the context holds {model.ctx}")
+    consecutive text of one kind merged. `max_tokens` None runs until EOS, a stop string or the context's end.
+    `cache` (from model.new_cache()), kept by the caller from one turn to the next, lets a turn reuse the longest
+    prefix of its prompt already in the cache and prefill only the rest; without it every call prefills it all."""
+    ids = prompt_ids(model, messages, think, tools)
+    if len(ids) >= model.ctx:
+        raise ValueError(f"messages: the prompt is {len(ids)} tokens, the context holds {model.ctx}")
     sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)
     router = TokenRouter(model.tokenizer, think, stop, max_tokens)
-    pieces = _decode(model, model.lock, prompt_ids, sampler, router, cancel)
+    pieces = _decode(model, model.lock, ids, sampler, router, cancel, cache)
     return pieces if stream else _merged(pieces)
 
 
+def prompt_ids(model, messages: list[dict], think: str = "none", tools: list[dict] | None = None) -> list[int]:
+    """The token ids chat() feeds for these messages."""
+    return model.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
+
+
+def shared_prefix(cache, ids: list[int]) -> int:
+    """How many leading tokens of ids the cache already holds."""
+    seen = cache.token_ids
+    n = min(seen.size, len(ids))
+    differ = np.flatnonzero(seen[:n] != np.asarray(ids[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+def _reuse_prefix(model, cache, prompt_ids: list[int]) -> int:
+    """Roll cache back to the longest prefix it shares with prompt_ids (keeping at least one token to feed, for
+    the logits); returns that prefix's length."""
+    keep = min(shared_prefix(cache, prompt_ids), len(prompt_ids) - 1)
+    if keep < cache.pos:
+        model.truncate(keep, cache=cache)
+    return keep
+
+
 def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler, router: TokenRouter,
-            cancel: threading.Event | None) -> Iterator[ChatPiece]:
-    cache = model.new_cache()
+            cancel: threading.Event | None, cache) -> Iterator[ChatPiece]:
+    cache = model.new_cache() if cache is None else cache
     history = list(prompt_ids)
     generated: list[int] = []
     row = None
@@ -94,7 +120,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
             break
         if row is None:
             with lock:
-                row = model.forward(prompt_ids, cache=cache)[-1]
+                row = model.forward(prompt_ids[_reuse_prefix(model, cache, prompt_ids):], cache=cache)[-1]
             continue
         token = sampler(row, history)
         history.append(token)
@@ -134,12 +160,13 @@ def _usage(done: ChatPiece) -> dict:
 def create_chat_completion(model, messages: list[dict], stream: bool = False, think: str = "none",
                            tools: list[dict] | None = None, max_tokens: int | None = None, temperature: float = 1.0,
                            top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                           seed: int | None = None, stop=None, cancel: threading.Event | None = None):
+                           seed: int | None = None, stop=None, cancel: threading.Event | None = None, cache=None):
     """An OpenAI `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts (the
-    role first, then content / reasoning_content / tool_calls deltas, the finish_reason and usage last)."""
+    role first, then content / reasoning_content / tool_calls deltas, the finish_reason and usage last).
+    `cache`: as for chat(), a conversation's cache reused from turn to turn."""
     pieces = chat(model, messages, think=think, stream=True, cancel=cancel, tools=tools, max_tokens=max_tokens,
                   stop=stop, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                  repetition_penalty=repetition_penalty, seed=seed)
+                  repetition_penalty=repetition_penalty, seed=seed, cache=cache)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model.file.get("general.name") or os.path.basename(model.file.path)}
     return _chunks(pieces, head) if stream else _completion(pieces, head)

@@ -111,6 +111,7 @@ class Session:
         self.think = think
         self.sampling = sampling
         self.messages: list[dict] = []
+        self.cache = model.new_cache()  # kept across turns: each answer prefills only what the last one did not
         self.reset()
 
     def reset(self) -> None:
@@ -130,7 +131,7 @@ class Session:
         t_first = None
         try:
             for piece in self.model.chat(self.messages, think=self.think, stream=True, cancel=cancel,
-                                         **self.sampling):
+                                         cache=self.cache, **self.sampling):
                 if t_first is None:
                     t_first = time.perf_counter()
                 if piece.kind == "done":

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+from flashlite.chat import prompt_ids, shared_prefix
+
 log = logging.getLogger("flashlite.server")
 
 MAX_BODY = 32 << 20  # bytes; a prompt filling a 1M-token context is about 4 MB of text
@@ -266,6 +268,8 @@ class ChatServer(ThreadingHTTPServer):
         self.model_id = model_id or model.file.get("general.name") or os.path.basename(model.file.path)
         self.created = int(time.time())
         self._slots = threading.BoundedSemaphore(parallel)
+        # one decode cache per slot, kept between requests: a conversation's next request reuses its prefix
+        self._free_caches = [model.new_cache() for _ in range(parallel)]
         self._running: set[threading.Event] = set()
         self._changed = threading.Condition()
         self._closing = threading.Event()
@@ -279,8 +283,9 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @contextmanager
-    def slot(self, cancel: threading.Event):
-        """Hold one of the `parallel` generation slots; `cancel` is set when the server closes."""
+    def slot(self, cancel: threading.Event, prompt: list[int]):
+        """Hold one of the `parallel` generation slots and its cache, the free one sharing the longest prefix with
+        the prompt's token ids; `cancel` is set when the server closes."""
         while not self._slots.acquire(timeout=DisconnectWatch.POLL_S):
             if self._closing.is_set():
                 raise RequestError("the server is shutting down", status=503, kind="server_error")
@@ -288,12 +293,15 @@ class ChatServer(ThreadingHTTPServer):
                 raise ClientGone
         with self._changed:
             self._running.add(cancel)
+            cache = max(self._free_caches, key=lambda c: shared_prefix(c, prompt))
+            self._free_caches.remove(cache)
         try:
             if self._closing.is_set():
                 cancel.set()
-            yield
+            yield cache
         finally:
             with self._changed:
+                self._free_caches.append(cache)
                 self._running.discard(cancel)
                 self._changed.notify_all()
             self._slots.release()
@@ -379,10 +387,15 @@ class ChatHandler(BaseHTTPRequestHandler):
         request = parse_chat_request(self._read_json())
         cancel = threading.Event()
         started = time.perf_counter()
-        with DisconnectWatch(self.connection, cancel), self.server.slot(cancel):
+        model = self.server.model
+        try:
+            prompt = prompt_ids(model, request.messages, request.options["think"], request.options["tools"])
+        except ValueError as exc:
+            raise _value_error(exc) from None
+        with DisconnectWatch(self.connection, cancel), self.server.slot(cancel, prompt) as cache:
             try:
-                answer = self.server.model.create_chat_completion(request.messages, stream=request.stream,
-                                                                  cancel=cancel, **request.options)
+                answer = model.create_chat_completion(request.messages, stream=request.stream, cancel=cancel,
+                                                      cache=cache, **request.options)
             except ValueError as exc:
                 raise _value_error(exc) from None
             if request.stream:

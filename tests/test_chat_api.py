@@ -107,6 +107,32 @@ def test_interleaved_conversations_keep_their_own_cache(model):
     assert interleaved == alone
 
 
+def test_a_kept_cache_prefills_only_the_new_turn_and_answers_the_same(model):
+    """Turn after turn through one cache: each prefill covers only what the cache lacks, the answers equal those
+    of a fresh cache, and an edited earlier message rolls the cache back to where the prompts part."""
+    cache = model.new_cache()
+    messages = list(MESSAGES)
+    for turn in range(3):
+        fresh = _done(chat(model, messages, max_tokens=6, temperature=0)).token_ids
+        model.reset_stats()
+        done = _done(chat(model, messages, max_tokens=6, temperature=0, cache=cache))
+        prompt = len(_prompt_ids_of(model, messages))
+        assert done.token_ids == fresh
+        if turn:
+            assert model.stats()["tokens"] < prompt // 2 + len(done.token_ids)
+        messages = messages + [{"role": "assistant", "content": model.tokenizer.decode(done.token_ids)},
+                               {"role": "user", "content": f"And {turn}?"}]
+    edited = [MESSAGES[0], {"role": "user", "content": "Name two colours."}] + messages[2:]
+    fresh = _done(chat(model, edited, max_tokens=6, temperature=0)).token_ids
+    model.reset_stats()
+    assert _done(chat(model, edited, max_tokens=6, temperature=0, cache=cache)).token_ids == fresh
+    assert model.stats()["tokens"] > len(_prompt_ids_of(model, edited)) // 2  # most of it fed again
+
+
+def _prompt_ids_of(model, messages):
+    return model.tokenizer.encode(encode_messages(messages))
+
+
 def _route(router, ids):
     """Feed ids until the router finishes, as the decode loop does."""
     pieces = []

@@ -163,6 +163,22 @@ def test_stream_chunks_concatenate_to_the_answer(server, model, think):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def test_a_growing_conversation_reuses_its_cached_prefix(server, model):
+    """The second request of a conversation (the first's messages plus an answer and a question) prefills only
+    what the server's caches do not hold, and still answers as the Python API does from scratch."""
+    first = [{"role": "user", "content": "Describe the sea in many words. " * 8}]
+    status, _, one = call(server, "POST", "/v1/chat/completions", {"messages": first, "max_tokens": 4, "seed": 3})
+    assert status == 200
+    second = first + [{"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "Shorter?"}]
+    before = model.stats()["tokens"]
+    status, _, two = call(server, "POST", "/v1/chat/completions", {"messages": second, "max_tokens": 4, "seed": 3})
+    fed = model.stats()["tokens"] - before
+    assert status == 200
+    assert fed < two["usage"]["prompt_tokens"] // 2
+    assert two["choices"] == model.create_chat_completion(second, max_tokens=4, seed=3)["choices"]
+
+
 def test_openai_client_in_both_modes(server, model):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["tiny_v4"]
