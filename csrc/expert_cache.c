@@ -42,8 +42,10 @@ struct queue {
 };
 
 struct fl_expert_cache {
-    int fd;
-    int direct;
+    int n_files;
+    int *fd;                             /* one per file of a split model */
+    int direct;                          /* 1 when every file reads with O_DIRECT */
+    int *direct_fd;
     int lfu;
     int n_layer, n_expert;
     struct fl_expert_layer *layers;
@@ -144,18 +146,19 @@ static int64_t pick_victim(struct fl_expert_cache *c, int layer, int policy_lfu,
     return best;
 }
 
-static int read_matrix(struct fl_expert_cache *c, char *room, int64_t offset, int64_t bytes, const char **data,
-                       int64_t *read_bytes) {
+static int read_matrix(struct fl_expert_cache *c, int file, char *room, int64_t offset, int64_t bytes,
+                       const char **data, int64_t *read_bytes) {
+    int fd = c->fd[file];
     int64_t start = offset / IO_ALIGN * IO_ALIGN;
     int64_t end = align_up(offset + bytes, IO_ALIGN);
     int64_t done = 0, want = end - start;
     while (done < offset + bytes - start) {
-        ssize_t r = pread(c->fd, room + done, (size_t)(want - done), start + done);
+        ssize_t r = pread(fd, room + done, (size_t)(want - done), start + done);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return FL_EIO;
         done += r;
     }
-    if (!c->direct) posix_fadvise(c->fd, start, end - start, POSIX_FADV_DONTNEED);
+    if (!c->direct_fd[file]) posix_fadvise(fd, start, end - start, POSIX_FADV_DONTNEED);
     *data = room + (offset - start);
     *read_bytes += done;
     return FL_OK;
@@ -167,8 +170,8 @@ static int load_slot(struct fl_expert_cache *c, int64_t s, int32_t key, int64_t 
     int64_t e = key % c->n_expert;
     char *room = c->slots[s].mem;
     for (int m = 0; m < 3; m++) {
-        int status = read_matrix(c, room, L->offset[m] + e * L->bytes[m], L->bytes[m], &c->slots[s].w[m],
-                                 read_bytes);
+        int status = read_matrix(c, L->file[m], room, L->offset[m] + e * L->bytes[m], L->bytes[m],
+                                 &c->slots[s].w[m], read_bytes);
         if (status != FL_OK) return status;
         room += matrix_room(L->bytes[m]);
     }
@@ -247,7 +250,10 @@ static int open_for_reads(const char *path, int try_direct, int *direct) {
 
 static void cache_free(struct fl_expert_cache *c) {
     if (c->map) munmap(c->map, c->map_bytes);
-    if (c->fd >= 0) close(c->fd);
+    for (int i = 0; c->fd && i < c->n_files; i++)
+        if (c->fd[i] >= 0) close(c->fd[i]);
+    free(c->fd);
+    free(c->direct_fd);
     free(c->layers);
     free(c->slots);
     free(c->layer_first);
@@ -261,32 +267,50 @@ static void cache_free(struct fl_expert_cache *c) {
     free(c);
 }
 
-int fl_expert_cache_open(const char *path, int n_layer, int n_expert, const struct fl_expert_layer *layers,
-                         int64_t budget_bytes, int policy, int io_threads, int direct_io, fl_expert_cache **out) {
-    if (!path || !out || n_layer <= 0 || n_expert <= 0 || io_threads < 1 || io_threads > 64) return FL_EINVAL;
+int fl_expert_cache_open(const char *const *paths, int n_files, int n_layer, int n_expert,
+                         const struct fl_expert_layer *layers, int64_t budget_bytes, int policy, int io_threads,
+                         int direct_io, fl_expert_cache **out) {
+    if (!paths || n_files <= 0 || !out || n_layer <= 0 || n_expert <= 0 || io_threads < 1 || io_threads > 64)
+        return FL_EINVAL;
     if (policy != FL_EXPERT_LRU && policy != FL_EXPERT_LFU) return FL_EINVAL;
     int64_t slot_bytes = fl_expert_cache_slot_bytes(n_layer, layers);
     if (slot_bytes <= 0 || budget_bytes / slot_bytes < n_layer) return FL_EINVAL;
     struct fl_expert_cache *c = calloc(1, sizeof(*c));
     if (!c) return FL_ENOMEM;
     c->lfu = policy == FL_EXPERT_LFU;
-    c->fd = open_for_reads(path, direct_io, &c->direct);
-    if (c->fd < 0) {
-        free(c);
-        return FL_EIO;
-    }
-    struct stat sb;
-    if (fstat(c->fd, &sb) != 0) {
+    c->fd = malloc(sizeof(int) * (size_t)n_files);
+    c->direct_fd = calloc((size_t)n_files, sizeof(int));
+    int64_t *size = calloc((size_t)n_files, sizeof(int64_t));
+    if (!c->fd || !c->direct_fd || !size) {
+        free(size);
         cache_free(c);
-        return FL_EIO;
+        return FL_ENOMEM;
     }
-    for (int l = 0; l < n_layer; l++)
+    c->direct = 1;
+    int status = FL_OK;
+    for (c->n_files = 0; c->n_files < n_files; c->n_files++) {
+        int i = c->n_files;
+        struct stat sb;
+        c->fd[i] = paths[i] ? open_for_reads(paths[i], direct_io, &c->direct_fd[i]) : -1;
+        c->direct &= c->direct_fd[i];
+        if (c->fd[i] < 0 || fstat(c->fd[i], &sb) != 0) {
+            c->n_files++;
+            status = FL_EIO;
+            break;
+        }
+        size[i] = sb.st_size;
+    }
+    for (int l = 0; l < n_layer && status == FL_OK; l++)
         for (int m = 0; m < 3; m++)
-            if (layers[l].offset[m] + n_expert * layers[l].bytes[m] > sb.st_size ||
-                fl_type_block_bytes(layers[l].type[m]) == 0) {
-                cache_free(c);
-                return FL_EINVAL;
-            }
+            if (layers[l].file[m] < 0 || layers[l].file[m] >= n_files ||
+                layers[l].offset[m] + n_expert * layers[l].bytes[m] > size[layers[l].file[m]] ||
+                fl_type_block_bytes(layers[l].type[m]) == 0)
+                status = FL_EINVAL;
+    free(size);
+    if (status != FL_OK) {
+        cache_free(c);
+        return status;
+    }
     c->n_layer = n_layer;
     c->n_expert = n_expert;
     c->slot_bytes = slot_bytes;

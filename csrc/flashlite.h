@@ -125,12 +125,14 @@ enum fl_expert_policy {
     FL_EXPERT_LFU = 1   /* evict the slot of the layer whose expert was demanded least often (then LRU) */
 };
 
-/* Where one layer's stacked expert matrices lie in the file: expert e of matrix m starts at
- * offset[m] + e * bytes[m]; m = 0 gate, 1 up, 2 down; type[m] is its fl_type. */
+/* Where one layer's stacked expert matrices lie: expert e of matrix m starts at offset[m] + e * bytes[m] of
+ * file file[m] (an index into the paths given to open: a split model has several); m = 0 gate, 1 up, 2 down;
+ * type[m] is its fl_type. */
 struct fl_expert_layer {
     int64_t offset[3];
     int64_t bytes[3];
     int type[3];
+    int file[3];
 };
 
 struct fl_expert_stats {
@@ -147,11 +149,12 @@ struct fl_expert_stats {
     int direct_io;             /* 1 when reads bypass the page cache with O_DIRECT */
 };
 
-/* Open `path` for n_layer MoE layers of n_expert experts each, with budget_bytes of slots (at least one slot
- * per layer, else FL_EINVAL) and io_threads background readers (>= 1); direct_io 0 reads through the page cache
- * (dropping what it read) even where O_DIRECT works. */
-int fl_expert_cache_open(const char *path, int n_layer, int n_expert, const struct fl_expert_layer *layers,
-                         int64_t budget_bytes, int policy, int io_threads, int direct_io, fl_expert_cache **out);
+/* Open the n_files files `paths` for n_layer MoE layers of n_expert experts each, with budget_bytes of slots
+ * (at least one slot per layer, else FL_EINVAL) and io_threads background readers (>= 1); direct_io 0 reads
+ * through the page cache (dropping what it read) even where O_DIRECT works. */
+int fl_expert_cache_open(const char *const *paths, int n_files, int n_layer, int n_expert,
+                         const struct fl_expert_layer *layers, int64_t budget_bytes, int policy, int io_threads,
+                         int direct_io, fl_expert_cache **out);
 void fl_expert_cache_close(fl_expert_cache *c);
 /* Bytes of one slot for these layers (the size a budget is counted in). */
 int64_t fl_expert_cache_slot_bytes(int n_layer, const struct fl_expert_layer *layers);

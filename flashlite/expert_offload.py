@@ -49,20 +49,23 @@ class ExpertCache:
         if not 0.0 <= pin_fraction < 1.0:
             raise ValueError(f"pin_fraction must lie in [0, 1), got {pin_fraction}")
         self.path, self.n_layer, self.n_expert = path, len(layers), n_expert
+        files = sorted({w.path for mats in layers for w in mats})  # the shards holding experts, for a split model
         spec = ffi.new("struct fl_expert_layer[]", self.n_layer)
         for i, mats in enumerate(layers):
             for m, w in enumerate(mats):
                 spec[i].offset[m] = w.offset
                 spec[i].bytes[m] = w.data.strides[0]
                 spec[i].type[m] = int(w.type)
+                spec[i].file[m] = files.index(w.path)
         self.slot_bytes = int(lib.fl_expert_cache_slot_bytes(self.n_layer, spec))
         least = self.slot_bytes * self.n_layer
         if ram_budget < least:
             raise ValueError(f"ram_budget {ram_budget} bytes is below one expert per MoE layer: at least {least} "
                              f"bytes ({self.n_layer} layers x {self.slot_bytes} bytes per expert slot)")
         handle = ffi.new("fl_expert_cache **")
-        check(lib.fl_expert_cache_open(os.fsencode(path), self.n_layer, n_expert, spec, ram_budget,
-                                       POLICIES[policy], io_threads, int(direct_io), handle),
+        names = [ffi.new("char[]", os.fsencode(f)) for f in files]
+        check(lib.fl_expert_cache_open(ffi.new("const char *[]", names), len(names), self.n_layer, n_expert, spec,
+                                       ram_budget, POLICIES[policy], io_threads, int(direct_io), handle),
               f"{path}: opening the expert cache")
         self._c = handle[0]
         self.usage_path = Path(usage_path) if usage_path else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ class WeightView:
     ne: tuple[int, ...]
     data: np.ndarray
     offset: int = -1  # where data starts in the file; -1 for an array made in memory
+    path: str = ""  # the file (of a split model: the shard) holding the data
 
     @property
     def rows(self) -> int:
@@ -63,45 +65,76 @@ def _field_value(field):
     return field.parts[field.data[0]][0].item()
 
 
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _open_reader(path: str) -> GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as exc:  # gguf-py raises bare ValueError/IndexError/KeyError on damaged headers
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt header: {exc})") from exc
+
+
 class GGUFFile:
-    """Metadata and tensor views of one GGUF file, memory-mapped read-only."""
+    """Metadata and tensor views of one GGUF model, memory-mapped read-only. A model split by llama.cpp's
+    gguf-split (or gguf-py's writer) into NAME-00001-of-0000N.gguf files is opened from its first file; the
+    metadata is the first file's and the tensors are those of all files."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such model file")
-        try:
-            reader = GGUFReader(self.path, "r")
-        except Exception as exc:  # gguf-py raises bare ValueError/IndexError/KeyError on damaged headers
-            raise ValueError(f"{self.path}: not a readable GGUF file (truncated or corrupt header: {exc})") from exc
-        self._reader = reader
-        size = os.path.getsize(self.path)
-        self.metadata = {}
-        for key, field in reader.fields.items():
-            if not key.startswith("GGUF."):
-                self.metadata[key] = _field_value(field)
+        first = _open_reader(self.path)
+        self.metadata = {key: _field_value(field) for key, field in first.fields.items()
+                         if not key.startswith("GGUF.")}
+        self._readers = {self.path: first}
+        count = int(self.metadata.get("split.count", 1))
+        if count > 1:
+            self._open_other_shards(count)
         self.tensors: dict[str, WeightView] = {}
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(
-                    f"{self.path}: tensor '{t.name}' data runs past the end of the file "
-                    f"(needs bytes up to {t.data_offset + t.n_bytes}, file has {size}): the file is truncated"
-                )
-            self.tensors[t.name] = WeightView(t.name, GGMLQuantizationType(t.tensor_type),
-                                              tuple(int(n) for n in t.shape), t.data,
-                                              int(t.data_offset))
+        for shard, reader in self._readers.items():
+            size = os.path.getsize(shard)
+            for t in reader.tensors:
+                if t.data_offset + t.n_bytes > size:
+                    raise ValueError(
+                        f"{shard}: tensor '{t.name}' data runs past the end of the file "
+                        f"(needs bytes up to {t.data_offset + t.n_bytes}, file has {size}): the file is truncated"
+                    )
+                if t.name in self.tensors:
+                    raise ValueError(f"{shard}: tensor '{t.name}' is also in another file of the model")
+                self.tensors[t.name] = WeightView(t.name, GGMLQuantizationType(t.tensor_type),
+                                                  tuple(int(n) for n in t.shape), t.data, int(t.data_offset), shard)
+        expected = self.metadata.get("split.tensors.count")
+        if expected is not None and int(expected) != len(self.tensors):
+            raise ValueError(f"{self.path}: split.tensors.count says {expected} tensors, the {count} files hold "
+                             f"{len(self.tensors)}")
+
+    def _open_other_shards(self, count: int) -> None:
+        m = _SHARD_NAME.match(os.path.basename(self.path))
+        if not m or int(m["no"]) != 1 or int(m["count"]) != count:
+            raise ValueError(f"{self.path}: split.count is {count}, so this should be the first file of a split "
+                             f"model, named NAME-00001-of-{count:05d}.gguf")
+        folder = os.path.dirname(self.path)
+        for no in range(2, count + 1):
+            shard = os.path.join(folder, f"{m['stem']}-{no:05d}-of-{count:05d}.gguf")
+            reader = _open_reader(shard)
+            got = reader.fields.get("split.no")
+            if got is None or _field_value(got) != no - 1:
+                raise ValueError(f"{shard}: expected split.no {no - 1} as file {no} of {count}")
+            self._readers[shard] = reader
 
     def keep_out(self, names: list[str]) -> None:
         """Never let the kernel read the tensors `names` through the map: faults read only their own page
         (no read-ahead that would drag neighbouring tensors into the page cache), and every other tensor is
         asked for up front, in the background, so that it is resident by the time it is used."""
-        mm = self._reader.data._mmap
-        mm.madvise(mmap.MADV_RANDOM)
+        for reader in self._readers.values():
+            reader.data._mmap.madvise(mmap.MADV_RANDOM)
         page = mmap.PAGESIZE
         for name, view in self.tensors.items():
             if name not in names and view.data.nbytes:
                 start = view.offset // page * page
-                mm.madvise(mmap.MADV_WILLNEED, start, view.offset + view.data.nbytes - start)
+                self._readers[view.path].data._mmap.madvise(mmap.MADV_WILLNEED, start,
+                                                            view.offset + view.data.nbytes - start)
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)

@@ -273,9 +273,21 @@ static void test_expert_cache(void) {
             layers[l].offset[m] = offset;
             layers[l].bytes[m] = mat_bytes[m];
             layers[l].type[m] = FL_TYPE_Q8_0;
+            layers[l].file[m] = l % 2; /* the second file, a copy, stands for another shard of a split model */
             offset += mat_bytes[m] * EXPERTS;
         }
     close(fd);
+    char path2[] = "/tmp/fl_test_experts_XXXXXX";
+    int fd2 = mkstemp(path2);
+    FILE *src = fopen(path, "rb");
+    uint8_t *copy = malloc((size_t)offset);
+    if (fd2 < 0 || !src || !copy || fread(copy, 1, (size_t)offset, src) != (size_t)offset ||
+        write(fd2, copy, (size_t)offset) != (ssize_t)offset)
+        CHECK(0, "expert cache: %s", "copying the file failed");
+    free(copy);
+    if (src) fclose(src);
+    if (fd2 >= 0) close(fd2);
+    const char *paths[2] = {path, path2};
     float x[TOK * DIM], w[TOK * USED], want[TOK * DIM], got[TOK * DIM];
     int32_t idx[TOK * USED];
     for (int i = 0; i < TOK * DIM; i++) x[i] = rng_uniform();
@@ -285,11 +297,12 @@ static void test_expert_cache(void) {
     }
     int64_t slot = fl_expert_cache_slot_bytes(LAYERS, layers);
     fl_expert_cache *c = NULL;
-    if (fl_expert_cache_open(path, LAYERS, EXPERTS, layers, slot * LAYERS - 1, FL_EXPERT_LRU, 1, 1, &c) != FL_EINVAL)
+    if (fl_expert_cache_open(paths, 2, LAYERS, EXPERTS, layers, slot * LAYERS - 1, FL_EXPERT_LRU, 1, 1, &c) !=
+        FL_EINVAL)
         CHECK(0, "expert cache: %s", "a budget under one slot per layer is accepted");
     for (int policy = 0; policy < 2; policy++)
         for (int per_layer = 1; per_layer <= EXPERTS; per_layer += 3) {
-            if (fl_expert_cache_open(path, LAYERS, EXPERTS, layers, slot * LAYERS * per_layer, policy, 2,
+            if (fl_expert_cache_open(paths, 2, LAYERS, EXPERTS, layers, slot * LAYERS * per_layer, policy, 2,
                                      per_layer % 2, &c)) {
                 CHECK(0, "expert cache: %s", "open failed");
                 continue;
@@ -320,7 +333,7 @@ static void test_expert_cache(void) {
         }
     /* A prefetch keeps the resident experts it names: with 2 slots, after {0} and {1}, prefetching {0, 2} must
      * evict 1, so that {0, 2} then reads nothing. */
-    if (fl_expert_cache_open(path, 1, EXPERTS, layers, slot * 2, FL_EXPERT_LRU, 1, 1, &c) == FL_OK) {
+    if (fl_expert_cache_open(paths, 1, 1, EXPERTS, layers, slot * 2, FL_EXPERT_LRU, 1, 1, &c) == FL_OK) {
         int32_t one[1][TOK * USED], guess[2] = {0, 2};
         float tiny_w[TOK * USED];
         for (int i = 0; i < TOK * USED; i++) tiny_w[i] = 1.0f;
@@ -347,6 +360,7 @@ static void test_expert_cache(void) {
         fl_expert_cache_close(c);
     }
     unlink(path);
+    unlink(path2);
     for (int l = 0; l < LAYERS; l++)
         for (int m = 0; m < 3; m++) free(blob[l][m]);
 }
