@@ -223,7 +223,7 @@ def _interact(session: Session) -> None:
 
 
 @click.command("chat")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")

@@ -18,15 +18,17 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def load_options(command):
-    """--ram-budget, --expert-policy and --kv-format, shared by every command that loads a model; the command
-    receives them as one `load_opts` dict for load_model."""
-    names = ("ram_budget", "expert_policy", "kv_format")
+    """-hf, --ram-budget, --expert-policy and --kv-format, shared by every command that loads a model; the
+    command receives them as one `load_opts` dict for load_model."""
+    names = ("hf_repo", "ram_budget", "expert_policy", "kv_format")
 
     @functools.wraps(command)
     def with_load_opts(**kwargs):
         return command(load_opts={n: kwargs.pop(n) for n in names}, **kwargs)
 
     options = (
+        click.option("-hf", "--hf-repo", default=None, metavar="ORG/REPO[:QUANT]",
+                     help="a GGUF from the Hugging Face Hub instead of -m (QUANT default Q4_K_M), kept in its cache"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
         click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
@@ -41,10 +43,19 @@ def load_options(command):
 
 def load_model(model_path, threads, ctx, load_opts):
     """Load a GGUF for a command: a bad file is a clean click error, and the load time is reported."""
+    from flashlite.hub import download_gguf
     from flashlite.model import load
 
-    t0 = time.perf_counter()
     options = dict(load_opts)
+    hf = options.pop("hf_repo")
+    if (model_path is None) == (hf is None):
+        raise click.UsageError("give exactly one of -m/--model and -hf/--hf-repo")
+    if hf is not None:
+        try:
+            model_path = download_gguf(hf)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+    t0 = time.perf_counter()
     if options["ram_budget"] is None:
         del options["ram_budget"], options["expert_policy"]
     try:
@@ -56,7 +67,7 @@ def load_model(model_path, threads, ctx, load_opts):
 
 
 @click.command("run")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
 @click.option("-p", "--prompt", default=None, help="prompt text (needs the tokenizer in the GGUF)")
 @click.option("--tokens", default=None, help="prompt as comma-separated token ids")

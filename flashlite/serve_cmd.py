@@ -14,7 +14,7 @@ def _interrupt(signum, frame):
 
 
 @click.command("serve")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")

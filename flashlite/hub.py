@@ -1,0 +1,41 @@
+"""Models from the Hugging Face Hub: `-hf org/repo[:QUANT]` as llama.cpp takes it, through huggingface_hub's cache
+($HF_HOME/hub, shared with llama.cpp and transformers; HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE apply)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's choice when -hf names no quantization
+_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def parse_hf(spec: str) -> tuple[str, str]:
+    """'org/repo[:QUANT]' -> (repo, quant)."""
+    repo, _, quant = spec.partition(":")
+    if not _REPO.match(repo):
+        raise ValueError(f"-hf: expected org/repo[:QUANT], got {spec!r}")
+    return repo, quant or DEFAULT_QUANT
+
+
+def download_gguf(spec: str) -> str:
+    """The local path of the GGUF that `org/repo[:QUANT]` names (the first file of a split model), downloaded
+    into the Hub cache unless it is there already. The quantization is matched case-insensitively in file and
+    folder names, as llama.cpp does."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, quant = parse_hf(spec)
+    patterns = [f"*{q}*.gguf" for q in {quant, quant.lower(), quant.upper()}]
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise ValueError(f"-hf {spec}: cannot get {repo} from the Hugging Face Hub ({exc})") from exc
+    found = sorted(p for p in folder.rglob("*.gguf") if quant.lower() in p.relative_to(folder).as_posix().lower())
+    firsts = [p for p in found if not _SHARD.search(p.name) or _SHARD.search(p.name).group(1) == "00001"]
+    if not firsts:
+        raise ValueError(f"-hf {spec}: {repo} has no GGUF file whose name contains {quant!r}")
+    if len(firsts) > 1:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in firsts)
+        raise ValueError(f"-hf {spec}: {quant!r} matches several models in {repo} ({names}); name one exactly")
+    return str(firsts[0])
