@@ -1,5 +1,6 @@
-"""Models from the Hugging Face Hub: `-hf org/repo[:QUANT]` as llama.cpp takes it, through huggingface_hub's cache
-($HF_HOME/hub, shared with llama.cpp and transformers; HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE apply)."""
+"""Models from the Hugging Face Hub, through huggingface_hub's cache ($HF_HOME/hub, shared with llama.cpp and
+transformers; HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE apply): `-hf org/repo[:QUANT]` for a GGUF, as llama.cpp
+takes it, and `flashlite quantize org/repo` for a safetensors checkpoint."""
 from __future__ import annotations
 
 import re
@@ -18,19 +19,32 @@ def parse_hf(spec: str) -> tuple[str, str]:
     return repo, quant or DEFAULT_QUANT
 
 
+def is_repo_id(text: str) -> bool:
+    return bool(_REPO.match(text))
+
+
+def _snapshot(repo: str, patterns: list[str], what: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise ValueError(f"{what}: cannot get {repo} from the Hugging Face Hub ({exc})") from exc
+
+
+def download_checkpoint(repo: str) -> str:
+    """The local folder of the safetensors checkpoint `org/repo` (weights, configs, tokenizer), downloaded into
+    the Hub cache unless it is there already."""
+    return str(_snapshot(repo, ["*.safetensors", "*.json", "tokenizer*"], "quantize"))
+
+
 def download_gguf(spec: str) -> str:
     """The local path of the GGUF that `org/repo[:QUANT]` names (the first file of a split model), downloaded
     into the Hub cache unless it is there already. The quantization is matched case-insensitively in file and
     folder names, as llama.cpp does."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     repo, quant = parse_hf(spec)
-    patterns = [f"*{q}*.gguf" for q in {quant, quant.lower(), quant.upper()}]
-    try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise ValueError(f"-hf {spec}: cannot get {repo} from the Hugging Face Hub ({exc})") from exc
+    folder = _snapshot(repo, [f"*{q}*.gguf" for q in {quant, quant.lower(), quant.upper()}], f"-hf {spec}")
     found = sorted(p for p in folder.rglob("*.gguf") if quant.lower() in p.relative_to(folder).as_posix().lower())
     firsts = [p for p in found if not _SHARD.search(p.name) or _SHARD.search(p.name).group(1) == "00001"]
     if not firsts:

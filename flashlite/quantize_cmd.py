@@ -1,6 +1,7 @@
 """`flashlite quantize`: a DeepSeek V4 safetensors folder -> a deepseek4 GGUF file."""
 from __future__ import annotations
 
+import os
 import signal
 
 import click
@@ -23,7 +24,8 @@ def _raise_terminated(signum, frame):
 
 
 @click.command("quantize", help="Convert the checkpoint folder SRC (safetensors + config.json + tokenizer.json, "
-                                "release or save_pretrained layout) into the deepseek4 GGUF file OUT.")
+                                "release or save_pretrained layout) into the deepseek4 GGUF file OUT. SRC may also "
+                                "be a Hugging Face repo id (org/repo), fetched into the Hub cache first.")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--type", "type_name", default="mxfp4-q8_0", show_default=True, help=_recipes_help())
@@ -33,6 +35,7 @@ def _raise_terminated(signum, frame):
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize(src, out, type_name, tensor_types, force, quiet):
+    from flashlite.hub import download_checkpoint, is_repo_id
     from quant.convert import convert
     from quant.recipes import Recipe
 
@@ -40,12 +43,20 @@ def quantize(src, out, type_name, tensor_types, force, quiet):
         recipe = Recipe.parse(type_name, tensor_types)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    name = None  # the folder's name, or for a repo id the repo's (its cached folder is named by a commit)
+    if not os.path.isdir(src) and is_repo_id(src):
+        name = src.split("/")[1]
+        try:
+            src = download_checkpoint(src)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
     try:  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
+        convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
+                name=name)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -203,10 +203,11 @@ def plan(src: str | os.PathLike, recipe: Recipe) -> Plan:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
-            slab_bytes: int = SLAB_BYTES, workers: int | None = None) -> Summary:
+            slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None) -> Summary:
     """Write `src` (a checkpoint folder) as the deepseek4 GGUF `out`; returns what was written.
 
-    `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time."""
+    `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
+    `name` is the model's general.name (default: the folder's name)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -228,7 +229,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private to its writer
         writer = GGUFWriter(tmp, ARCH)
         writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
-        writer.add_string("general.name", src.resolve().name)
+        writer.add_string("general.name", name or src.resolve().name)
         writer.add_uint32("general.file_type", recipe.file_type)
         writer.add_uint32("general.quantization_version", 2)
         for key, value, vtype in p.metadata:
