@@ -30,6 +30,7 @@ class ChatPiece:
     tool_call: dict | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, taken from a kept cache instead of prefilled
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
 
@@ -114,13 +115,15 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
     history = list(prompt_ids)
     generated: list[int] = []
     row = None
+    cached = 0
     while router.finish_reason is None:
         if cancel is not None and cancel.is_set():
             yield from router.finish("cancelled")
             break
         if row is None:
             with lock:
-                row = model.forward(prompt_ids[_reuse_prefix(model, cache, prompt_ids):], cache=cache)[-1]
+                cached = _reuse_prefix(model, cache, prompt_ids)
+                row = model.forward(prompt_ids[cached:], cache=cache)[-1]
             continue
         token = sampler(row, history)
         history.append(token)
@@ -133,7 +136,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
             break
         with lock:
             row = model.forward([token], cache=cache)[-1]
-    yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids),
+    yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids), cached_tokens=cached,
                     completion_tokens=len(generated), token_ids=generated)
 
 
@@ -154,7 +157,8 @@ def _openai_call(call: dict, index: int | None = None) -> dict:
 
 def _usage(done: ChatPiece) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 def create_chat_completion(model, messages: list[dict], stream: bool = False, think: str = "none",

@@ -16,12 +16,13 @@ from flashlite.run_cmd import load_model, load_options
 THINK_CHOICES = ("none", "high", "max")
 ROLES = ("system", "user", "assistant")
 PROMPT, MORE = "> ", "... "
+CACHE_SUFFIX = ".kv.npz"  # /save writes the conversation's KV cache next to its JSON
 BLOCK = '"""'
 HELP = f"""commands:
   /think none|high|max   switch reasoning (no argument: show the current mode)
   /reset                 forget the conversation (keeps --system)
-  /save FILE             write the conversation as a JSON list of messages
-  /load FILE             replace the conversation with one saved by /save
+  /save FILE             write the conversation as a JSON list of messages (and its KV cache as FILE.kv.npz)
+  /load FILE             replace the conversation with one saved by /save (its cache too: no prefill again)
   /help                  this text
 multi-line input: end a line with a backslash to continue it, or put {BLOCK} alone on a line to open a block and
 again to close it. Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt exits."""
@@ -151,7 +152,8 @@ class Session:
         self.messages.append({"role": "assistant", "content": "".join(content)})
         if done.finish_reason == "cancelled":
             click.echo("[stopped]", err=True)
-        click.echo(_speed(done.prompt_tokens, done.completion_tokens, t0, t_first or t_end, t_end), err=True)
+        click.echo(_speed(done.prompt_tokens, done.cached_tokens, done.completion_tokens, t0, t_first or t_end, t_end),
+                   err=True)
 
     def command(self, line: str) -> None:
         name, _, arg = line.partition(" ")
@@ -170,29 +172,39 @@ class Session:
         elif name == "/save":
             try:
                 save_conversation(arg, self.messages)
+                self.model.save_cache(arg + CACHE_SUFFIX, self.cache)
             except OSError as exc:
                 click.echo(f"error: cannot write {arg}: {exc.strerror or exc}", err=True)
                 return
-            click.echo(f"saved {len(self.messages)} messages to {arg}")
+            click.echo(f"saved {len(self.messages)} messages to {arg} ({self.cache.pos} cached tokens to "
+                       f"{arg + CACHE_SUFFIX})")
         elif name == "/load":
             try:
                 self.messages = load_conversation(arg)
             except ConversationFileError as exc:
                 click.echo(f"error: cannot load {exc}", err=True)
                 return
-            click.echo(f"loaded {len(self.messages)} messages from {arg}")
+            note = ""
+            if os.path.exists(arg + CACHE_SUFFIX):
+                try:
+                    self.cache = self.model.load_cache(arg + CACHE_SUFFIX)
+                    note = f", {self.cache.pos} cached tokens"
+                except ValueError as exc:  # the next answer prefills it all instead
+                    note = f"; its cache is not used: {exc}"
+            click.echo(f"loaded {len(self.messages)} messages from {arg}{note}")
         elif name == "/help":
             click.echo(HELP)
         else:
             click.echo(f"error: unknown command {name!r} (try /help)", err=True)
 
 
-def _speed(n_prompt: int, n_out: int, t0: float, t_first: float, t_end: float) -> str:
+def _speed(n_prompt: int, n_cached: int, n_out: int, t0: float, t_first: float, t_end: float) -> str:
     def rate(n, seconds):
         return f"{n / seconds:.1f} tok/s" if seconds > 0 else "- tok/s"
 
     prefill, decode = t_first - t0, t_end - t_first
-    return (f"[prefill {n_prompt} tokens in {prefill:.2f} s, {rate(n_prompt, prefill)} | "
+    fed = n_prompt - n_cached
+    return (f"[prefill {fed} tokens ({n_cached} cached) in {prefill:.2f} s, {rate(fed, prefill)} | "
             f"decode {max(n_out - 1, 0)} tokens in {decode:.2f} s, {rate(max(n_out - 1, 0), decode)}]")
 
 

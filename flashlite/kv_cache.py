@@ -205,6 +205,10 @@ class LayerCache:
             s.truncate(pos)
         self.kv.truncate(pos)
 
+    def logs(self) -> list[RowLog]:
+        """Every log of the layer, the compressed rows included, in a fixed order."""
+        return [self.kv] + [log for s in self.states() for log in (s.kv, s.score, s.rows)]
+
     def checkpoint(self, pos: int) -> list[tuple[int, np.ndarray]]:
         """Copies of what continuing from position pos reads besides the compressed rows (which are never dropped)."""
         return [(first(pos), log.packed(first(pos), pos).copy()) for log, first in self._token_logs()]
@@ -309,6 +313,39 @@ class ModelCache:
         replay = self._ids[at:pos].copy()
         self.pos = self._floor = at
         return replay
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The whole state as named arrays (for np.savez): position, token ids, every log, every checkpoint."""
+        out = {"pos": np.array([self.pos, self._floor]), "ids": self.token_ids.copy()}
+        for i, layer in enumerate(self.layers):
+            for j, log in enumerate(layer.logs()):
+                out[f"log.{i}.{j}.start"] = np.array(log.start)
+                out[f"log.{i}.{j}"] = log.packed(log.start, log.end)
+        for at, layers in self._checkpoints.items():
+            for i, parts in enumerate(layers):
+                for j, (lo, packed) in enumerate(parts):
+                    out[f"ckpt.{at}.{i}.{j}.start"] = np.array(lo)
+                    out[f"ckpt.{at}.{i}.{j}"] = packed
+        return out
+
+    def load_arrays(self, arrays) -> None:
+        """Take the state to_arrays() wrote, into this cache of the same layout (KeyError/ValueError otherwise)."""
+        self.pos, self._floor = (int(v) for v in arrays["pos"])
+        self._ids = np.array(arrays["ids"], np.int32)
+        if self._ids.size != self.pos:
+            raise ValueError(f"{self._ids.size} token ids for {self.pos} positions")
+        for i, layer in enumerate(self.layers):
+            layer.clear()
+            for j, log in enumerate(layer.logs()):
+                log.restore(int(arrays[f"log.{i}.{j}.start"]), arrays[f"log.{i}.{j}"])
+        self._checkpoints = {}
+        for key in arrays:
+            part = key.split(".")
+            if part[0] == "ckpt" and len(part) == 4:
+                at, i, j = int(part[1]), int(part[2]), int(part[3])
+                layer = self._checkpoints.setdefault(at, [[] for _ in self.layers])[i]
+                layer.extend([None] * (j + 1 - len(layer)))
+                layer[j] = (int(arrays[key + ".start"]), np.array(arrays[key]))
 
     def checkpoint_positions(self) -> list[int]:
         return sorted(self._checkpoints)

@@ -3,7 +3,9 @@
 `matmul(w, wtype, rows, k, x)` computes x @ W.T for W stored as `rows` rows of `k` elements of `wtype`
 (GGUF layout). One token (x of shape [k]) takes the decode path: activations quantized to the format's
 partner type (Q8_0 or Q8_K) and one SIMD dot per row. Many tokens take the prefill path: W dequantized in
-cache-sized blocks and multiplied in f32. The SIMD level and the thread count of the core can be set here.
+cache-sized blocks and multiplied in f32. `matmul_batch` computes several products in one parallel run of the
+core (bitwise what separate calls give), quantizing an activation that several share once. The SIMD level and the
+thread count of the core can be set here.
 """
 from __future__ import annotations
 
@@ -55,11 +57,8 @@ def _weight_buffer(w):
     return w, view.nbytes
 
 
-def matmul(w, wtype, rows: int, k: int, x) -> np.ndarray:
-    """y = x @ W.T with W = `rows` x `k` elements of `wtype` in `w` (bytes or a C-contiguous array).
-
-    x is float32-convertible of shape [k] (one token, result [rows]) or [n_tok, k] (result [n_tok, rows]).
-    """
+def _checked_weight(w, wtype, rows, k, name: str = "w"):
+    """(type id, rows, k, weight buffer) after checking that `w` holds rows x k elements of wtype."""
     type_id = _type_id(wtype)
     rows = _positive_int(rows, "rows")
     k = _positive_int(k, "k")
@@ -68,12 +67,26 @@ def matmul(w, wtype, rows: int, k: int, x) -> np.ndarray:
         raise ValueError(f"k: {k} is not a multiple of the block size {lib.fl_type_block_elems(type_id)} of wtype")
     buf, nbytes = _weight_buffer(w)
     if nbytes != rows * row_bytes:
-        raise ValueError(f"w: expected {rows} rows x {row_bytes} bytes = {rows * row_bytes} bytes, got {nbytes}")
+        raise ValueError(f"{name}: expected {rows} rows x {row_bytes} bytes = {rows * row_bytes} bytes, got {nbytes}")
+    return type_id, rows, k, buf
+
+
+def _checked_activations(x, k: int, name: str = "x") -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
-        raise TypeError(f"x: expected a float array, got dtype {x.dtype}")
+        raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")
     if x.ndim not in (1, 2) or x.shape[-1] != k:
-        raise ValueError(f"x: expected shape ({k},) or (n_tok, {k}), got {x.shape}")
+        raise ValueError(f"{name}: expected shape ({k},) or (n_tok, {k}), got {x.shape}")
+    return x
+
+
+def matmul(w, wtype, rows: int, k: int, x) -> np.ndarray:
+    """y = x @ W.T with W = `rows` x `k` elements of `wtype` in `w` (bytes or a C-contiguous array).
+
+    x is float32-convertible of shape [k] (one token, result [rows]) or [n_tok, k] (result [n_tok, rows]).
+    """
+    type_id, rows, k, buf = _checked_weight(w, wtype, rows, k)
+    x = _checked_activations(x, k)
     xs = np.ascontiguousarray(x, dtype=np.float32)
     n_tok = 1 if x.ndim == 1 else xs.shape[0]
     y = np.empty((n_tok, rows), dtype=np.float32)
@@ -81,6 +94,33 @@ def matmul(w, wtype, rows: int, k: int, x) -> np.ndarray:
                            ffi.from_buffer("float[]", y, require_writable=True))
     check(status, f"fl_matmul(wtype={type_id}, rows={rows}, k={k}, n_tok={n_tok})")
     return y[0] if x.ndim == 1 else y
+
+
+def matmul_batch(products) -> list[np.ndarray]:
+    """[matmul(w, wtype, rows, k, x) for (w, wtype, rows, k, x) in products], computed in one parallel run of the
+    core: small decode products then stream like one large one, and an activation that several products share
+    (the same array object) is quantized once. The results are bitwise those of separate matmul calls."""
+    products = list(products)
+    items = ffi.new("struct fl_matmul_item[]", max(len(products), 1))
+    keep, results, prepared = [], [], {}
+    for i, product in enumerate(products):
+        if len(product) != 5:
+            raise ValueError(f"products[{i}]: expected (w, wtype, rows, k, x), got {len(product)} fields")
+        w, wtype, rows, k, x = product
+        type_id, rows, k, buf = _checked_weight(w, wtype, rows, k, f"products[{i}].w")
+        x = _checked_activations(x, k, f"products[{i}].x")
+        if id(x) not in prepared:  # one f32 copy per shared activation, so the core sees one pointer
+            xs = np.ascontiguousarray(x, dtype=np.float32)
+            prepared[id(x)] = (x, xs, ffi.from_buffer("float[]", xs))
+        xs, x_ptr = prepared[id(x)][1:]
+        n_tok = 1 if x.ndim == 1 else xs.shape[0]
+        y = np.empty((n_tok, rows), dtype=np.float32)
+        w_ptr, y_ptr = ffi.from_buffer(buf), ffi.from_buffer("float[]", y, require_writable=True)
+        keep += [w_ptr, y_ptr]
+        items[i] = {"wtype": type_id, "w": w_ptr, "rows": rows, "k": k, "x": x_ptr, "n_tok": n_tok, "y": y_ptr}
+        results.append(y[0] if x.ndim == 1 else y)
+    check(lib.fl_matmul_batch(len(products), items), f"fl_matmul_batch({len(products)} products)")
+    return results
 
 
 def simd_level() -> str:
@@ -126,5 +166,5 @@ def threads() -> int:
     return int(lib.fl_threads_get())
 
 
-__all__ = ["matmul", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni", "set_threads",
-           "threads", "SIMD_LEVELS"]
+__all__ = ["matmul", "matmul_batch", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni",
+           "set_threads", "threads", "SIMD_LEVELS"]

@@ -78,6 +78,46 @@ class Model:
         c = self.cache
         return self.net.make_cache(c.rewind, c.kv_format)
 
+    def save_cache(self, path: str | os.PathLike, cache=None) -> None:
+        """Write a decode cache (else the model's own) to path (a temporary file, then a rename), so that a long
+        conversation resumes later without its prefill."""
+        cache = self.cache if cache is None else cache
+        path = os.fspath(path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, model=np.array(self._fingerprint(cache.kv_format)), **cache.to_arrays())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_cache(self, path: str | os.PathLike):
+        """A decode cache read from a file save_cache wrote for this model (ValueError naming the file when it
+        was written for another model, format or layout, or is damaged)."""
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                saved = str(arrays["model"])
+                kv_format = saved.rsplit(" kv=", 1)[-1]
+                if saved != self._fingerprint(kv_format):
+                    raise ValueError(f"{path}: a cache of another model ({saved}); this is "
+                                     f"{self._fingerprint(kv_format)}")
+                cache = self.net.make_cache(self.cache.rewind, kv_format)
+                cache.load_arrays(arrays)
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith(path):
+                raise
+            raise ValueError(f"{path}: not a readable flashlite cache ({exc})") from exc
+        if cache.pos > self.ctx:
+            raise ValueError(f"{path}: holds {cache.pos} tokens, more than the context of {self.ctx}")
+        return cache
+
+    def _fingerprint(self, kv_format: str) -> str:
+        """What a saved cache must match: the model file (name and size) and the cache's row format."""
+        first = self.file.path
+        return f"{os.path.basename(first)} {os.path.getsize(first)} B kv={kv_format}"
+
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
         `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,

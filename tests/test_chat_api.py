@@ -53,7 +53,8 @@ def test_completion_dict_shape_and_usage(model):
     assert choice["finish_reason"] == done.finish_reason
     n_prompt = len(_prompt_ids(model))
     assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": len(done.token_ids),
-                            "total_tokens": n_prompt + len(done.token_ids)}
+                            "total_tokens": n_prompt + len(done.token_ids),
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     assert 1 <= len(done.token_ids) <= 10
     text = model.tokenizer.decode(done.token_ids)
     assert text.startswith(choice["message"]["content"])

@@ -8,7 +8,8 @@ import pexpect
 import pytest
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_v4")
-SPEED = r"\[prefill \d+ tokens in [\d.]+ s, [\d.]+ tok/s \| decode \d+ tokens in [\d.]+ s, [\d.-]+ tok/s\]"
+SPEED = (r"\[prefill \d+ tokens \(\d+ cached\) in [\d.]+ s, [\d.-]+ tok/s \| "
+         r"decode \d+ tokens in [\d.]+ s, [\d.-]+ tok/s\]")
 PROMPT = "> "
 
 
@@ -71,7 +72,8 @@ def test_save_reset_load_keeps_history(gguf, tmp_path):
     child.expect(SPEED)
     child.expect_exact(PROMPT)
     child.sendline(f"/save {saved}")
-    child.expect_exact("saved 7 messages")
+    child.expect(r"saved 7 messages to \S+ \((\d+) cached tokens")
+    cached_at_save = int(child.match.group(1))
     child.expect_exact(PROMPT)
     history = json.loads(saved.read_text())
     assert [m["role"] for m in history] == ["system"] + ["user", "assistant"] * 3
@@ -85,16 +87,18 @@ def test_save_reset_load_keeps_history(gguf, tmp_path):
     child.sendline(f"/save {tmp_path / 'empty.json'}")
     child.expect_exact("saved 1 messages")
     child.sendline(f"/load {saved}")
-    child.expect_exact("loaded 7 messages")
+    child.expect(r"loaded 7 messages from \S+, (\d+) cached tokens")
+    assert int(child.match.group(1)) == cached_at_save > 20
     child.expect_exact(PROMPT)
     child.sendline(f"/save {tmp_path / 'again.json'}")
     child.expect_exact("saved 7 messages")
     child.expect_exact(PROMPT)
     assert json.loads((tmp_path / "again.json").read_text()) == history
-    # the loaded history goes into the next prompt: it is longer than a fresh one
+    # the loaded history goes into the next prompt, and the loaded cache spares most of its prefill
     child.sendline("next")
-    child.expect(r"\[prefill (\d+) tokens")
-    assert int(child.match.group(1)) > 20
+    child.expect(r"\[prefill (\d+) tokens \((\d+) cached\)")
+    fed, cached = int(child.match.group(1)), int(child.match.group(2))
+    assert cached > 20 and fed < cached
     child.expect_exact(PROMPT)
 
     (tmp_path / "bad.json").write_text('{"role": "user"')

@@ -1,5 +1,6 @@
-"""-hf org/repo[:QUANT] on the commands and `quantize org/repo`, resolved through huggingface_hub's cache. No network here: the tests lay
-out a Hub cache as huggingface_hub writes it (refs/main, snapshots/<commit>/...) and run offline."""
+"""-hf org/repo[:QUANT] on the commands and `quantize org/repo`, resolved through huggingface_hub's cache.
+No network here: the tests lay out a Hub cache as huggingface_hub writes it (refs/main, snapshots/<commit>/...)
+and run offline."""
 import os
 import shutil
 import subprocess

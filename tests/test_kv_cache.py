@@ -273,3 +273,24 @@ def test_fp8_rows_stay_near_the_unrounded_oracle(f32_path, goldens):
     assert m.new_cache().kv_format == "fp8"
     with pytest.raises(ValueError, match="kv_format"):
         m.net.make_cache(kv_format="fp16")
+
+
+def test_a_saved_cache_continues_bitwise_and_refuses_another_model(model, goldens, tmp_path, tiny_gguf):
+    """save_cache / load_cache: the loaded cache continues (and rolls back) exactly as the one saved; a cache of
+    another model file or a damaged file is refused with its name."""
+    ids = goldens["prompt_ids"]
+    cache = model.new_cache()
+    model.forward(ids[:300], cache=cache)
+    model.save_cache(tmp_path / "c.npz", cache)
+    loaded = model.load_cache(tmp_path / "c.npz")
+    assert loaded.pos == 300 and np.array_equal(loaded.token_ids, cache.token_ids)
+    assert np.array_equal(model.forward(ids[300:], cache=loaded), model.forward(ids[300:], cache=cache))
+    model.truncate(150, cache=cache)
+    model.truncate(150, cache=loaded)
+    assert np.array_equal(model.forward(ids[150:160], cache=loaded), model.forward(ids[150:160], cache=cache))
+    other = load(tiny_gguf("--type", "q8_0"))
+    with pytest.raises(ValueError, match="c.npz: a cache of another model"):
+        other.load_cache(tmp_path / "c.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a cache")
+    with pytest.raises(ValueError, match="bad.npz: not a readable flashlite cache"):
+        model.load_cache(tmp_path / "bad.npz")

@@ -168,6 +168,19 @@ def test_bad_input_names_the_argument():
     assert fm.matmul(w, "q8_0", 4, 64, x).shape == (4,)
 
 
+def test_batch_is_bitwise_each_matmul_alone(level):
+    """matmul_batch against separate matmul calls: shared and separate activations, several formats, a
+    prefill-sized product among decode ones; and a bad product is named by its index."""
+    rng = np.random.default_rng(5)
+    x, other, many = (rng.standard_normal(s).astype(np.float32) for s in (256, 256, (PREFILL_MIN_TOKENS + 3, 256)))
+    products = [(make_weights(t, 37, 256, rng), t, 37, 256, a)
+                for t, a in ((T.Q8_0, x), (T.Q8_0, x), (T.MXFP4, x), (T.Q4_K, other), (T.F32, x), (T.Q6_K, many))]
+    for got, (w, t, rows, k, a) in zip(fm.matmul_batch(products), products):
+        assert np.array_equal(got, fm.matmul(w, t, rows, k, a)), t.name
+    with pytest.raises(ValueError, match=r"^products\[1\]\.x:"):
+        fm.matmul_batch([products[0], products[1][:4] + (np.ones(255, np.float32),)])
+
+
 def test_unsupported_level_is_refused():
     other = "neon" if fm.simd_best() != "neon" else "avx2"
     with pytest.raises(ValueError, match="^name:"):

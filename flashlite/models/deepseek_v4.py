@@ -16,7 +16,7 @@ from flashlite._native import check, ffi, lib
 from flashlite.expert_offload import ExpertCache
 from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
-from flashlite.matmul import matmul
+from flashlite.matmul import matmul, matmul_batch
 
 ARCH = "deepseek4"
 _F32 = (Q.F32,)
@@ -156,6 +156,24 @@ def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarra
     """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
     data = w.data if expert is None else w.data[expert]
     return matmul(data, int(w.type), w.rows, w.k, x)
+
+
+def linear_groups(*groups: list) -> list[list[np.ndarray]]:
+    """Each group's products [(w, x), ...] computed as linear(w, x), all in one parallel run of the core (bitwise
+    the same results): an x that several products share (the same array) is quantized once, and the small
+    matrices of a decode step stream like one large one. The results come back grouped as the products were."""
+    ys = matmul_batch([(w.data, int(w.type), w.rows, w.k, x) for group in groups for w, x in group])
+    out, lo = [], 0
+    for group in groups:
+        out.append(ys[lo:lo + len(group)])
+        lo += len(group)
+    return out
+
+
+def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """a[idx], or a itself when idx takes every row in order (then a product batched with others of a shares
+    their quantized activation)."""
+    return a if idx.size == a.shape[0] else a[idx]
 
 
 def _f32(a: np.ndarray):
@@ -315,12 +333,18 @@ class Compressor:
         self.overlap = ratio == 4
         self.wkv, self.wgate, self.ape, self.norm, self.rope = wkv, wgate, ape, norm, rope
 
-    def __call__(self, x: np.ndarray, start: int, state: CompressorState) -> None:
-        """Project the chunk's tokens at positions start.., and append every row whose window closed."""
-        t, r, d = x.shape[0], self.ratio, self.head_dim
+    def projections(self, x: np.ndarray) -> list:
+        """The products of the chunk's input x this compressor needs (kv, score), for the caller to batch."""
+        return [(self.wkv, x), (self.wgate, x)]
+
+    def __call__(self, projected: list, start: int, state: CompressorState) -> None:
+        """Take the results of projections() for the chunk's tokens at positions start.., and append every row
+        whose window closed."""
+        kv, score = projected
+        t, r, d = kv.shape[0], self.ratio, self.head_dim
         positions = np.arange(start, start + t)
-        state.kv.append(linear(self.wkv, x))
-        state.score.append(linear(self.wgate, x) + self.ape[positions % r])
+        state.kv.append(kv)
+        state.score.append(score + self.ape[positions % r])
         first, last = state.rows.end, (start + t) // r
         if last <= first:
             return
@@ -344,24 +368,40 @@ class Indexer:
                  rope: RoPE):
         self.args, self.wq_b, self.weights_proj, self.compressor, self.rope = args, wq_b, weights_proj, compressor, rope
 
-    def __call__(self, x, qr, positions, cos, sin, state: CompressorState) -> np.ndarray:
+    def crowded(self, positions: np.ndarray) -> np.ndarray:
+        """The queries of the chunk that see more than index_topk compressed rows: only they are scored."""
+        return np.nonzero((positions + 1) // 4 > self.args.index_topk)[0]
+
+    def projections(self, x: np.ndarray, crowded: np.ndarray) -> list:
+        """The products of the chunk's input x, for the caller to batch: the compressor's, then the crowded
+        queries' head weights."""
+        return self.compressor.projections(x) + ([(self.weights_proj, _rows(x, crowded))] if crowded.size else [])
+
+    def query_projections(self, qr: np.ndarray, crowded: np.ndarray) -> list:
+        """The products of the query latent qr, for the caller to batch: the crowded queries' indexer queries."""
+        return [(self.wq_b, _rows(qr, crowded))] if crowded.size else []
+
+    def __call__(self, projected: list, projected_q: list, positions, cos, sin, state: CompressorState,
+                 crowded: np.ndarray) -> np.ndarray:
         """Per query of the chunk, the picked compressed rows [T, k] (-1 pads): all visible rows while no more
-        than index_topk are visible, else the index_topk best scores."""
+        than index_topk are visible, else the index_topk best scores. projected and projected_q: the results of
+        projections() and query_projections()."""
         a = self.args
-        self.compressor(x, int(positions[0]), state)
+        self.compressor(projected[:2], int(positions[0]), state)  # projections() lists the compressor's first
         visible = (positions + 1) // 4
         k = int(min(a.index_topk, visible.max()))
         picks = np.where(np.arange(k)[None, :] < visible[:, None], np.arange(k, dtype=np.int32)[None, :], -1)
-        crowded = np.nonzero(visible > a.index_topk)[0]
         if crowded.size == 0:
             return picks.astype(np.int32)
-        q = linear(self.wq_b, qr[crowded]).reshape(crowded.size, a.index_n_heads, a.index_head_dim)
+        head_weights, = projected[2:]
+        q, = projected_q
+        q = q.reshape(crowded.size, a.index_n_heads, a.index_head_dim)
         q = self.rope.apply(q, cos[crowded], sin[crowded])
         if state.rotated:
             q = state.rows.fmt.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
         scores = np.maximum(np.matmul(q, keys.T), 0) * np.float32(a.index_head_dim ** -0.5)   # [t, H, N]
-        weights = linear(self.weights_proj, x[crowded]) * np.float32(a.index_n_heads ** -0.5)  # [t, H]
+        weights = head_weights * np.float32(a.index_n_heads ** -0.5)                            # [t, H]
         total = np.sum(scores * weights[:, :, None], axis=1)                                    # [t, N]
         total[np.arange(keys.shape[0])[None, :] >= visible[crowded][:, None]] = -np.inf
         picks[crowded] = topk_indices(total, a.index_topk)
@@ -385,16 +425,24 @@ class Attention:
         a, t = self.args, x.shape[0]
         start = int(positions[0])
         cos, sin = self.rope.cos_sin(positions)
-        qr = rms_norm(linear(self.wq_a, x), self.q_norm, a.norm_eps)
-        q = rms_norm(linear(self.wq_b, qr).reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
+        crowded = self.indexer.crowded(positions) if self.indexer is not None else None
+        # The products of x in one run of the core, then those of the query latent qr in another.
+        (qa, kv), compressed, indexed = linear_groups(
+            [(self.wq_a, x), (self.wkv, x)],
+            self.compressor.projections(x) if self.compressor is not None else [],
+            self.indexer.projections(x, crowded) if self.indexer is not None else [])
+        qr = rms_norm(qa, self.q_norm, a.norm_eps)
+        (q,), indexed_q = linear_groups([(self.wq_b, qr)],
+                                        self.indexer.query_projections(qr, crowded) if self.indexer is not None else [])
+        q = rms_norm(q.reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
         q = self.rope.apply(q, cos, sin)
-        kv = self.rope.apply(rms_norm(linear(self.wkv, x), self.kv_norm, a.norm_eps), cos, sin)
+        kv = self.rope.apply(rms_norm(kv, self.kv_norm, a.norm_eps), cos, sin)
         cache.kv.append(kv)
         picks = None
         if self.compressor is not None:
-            self.compressor(x, start, cache.compressor)
+            self.compressor(compressed, start, cache.compressor)
         if self.indexer is not None:
-            picks = self.indexer(x, qr, positions, cos, sin, cache.indexer)
+            picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
         o = self.attend(q, positions, cache, picks)
         o = self.rope.apply(o, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
@@ -425,8 +473,9 @@ class Attention:
         groups = o.reshape(t, a.o_groups, -1)
         w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
         k = groups.shape[2]
-        return np.concatenate([matmul(w[g], int(self.wo_a.type), a.o_lora_rank, k, np.ascontiguousarray(groups[:, g]))
-                               for g in range(a.o_groups)], axis=1)
+        # one run of the core for all groups: eight small products then stream like one large one
+        return np.concatenate(matmul_batch([(w[g], int(self.wo_a.type), a.o_lora_rank, k,
+                                             np.ascontiguousarray(groups[:, g])) for g in range(a.o_groups)]), axis=1)
 
 
 # ---------------------------------------------------------------- MoE
