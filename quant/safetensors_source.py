@@ -10,6 +10,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class Shard:
         self.path = os.fspath(path)
         self._file = None
         self._map = None
+        self._lock = threading.Lock()
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as fh:
@@ -113,12 +115,15 @@ class Shard:
         return SourceTensor(name, dtype, tuple(shape), self, self.data_start + offsets[0], nbytes)
 
     def map(self) -> mmap.mmap:
-        if self._map is None:
-            self._file = open(self.path, "rb")
-            if os.fstat(self._file.fileno()).st_size != self.size:
-                raise CheckpointError(f"{self.path}: file changed size while being read")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
+        # The quantizer's worker threads ask at once: without the lock each opened the file, and one closed the
+        # file object another was still reading the descriptor of (EBADF).
+        with self._lock:
+            if self._map is None:
+                self._file = open(self.path, "rb")
+                if os.fstat(self._file.fileno()).st_size != self.size:
+                    raise CheckpointError(f"{self.path}: file changed size while being read")
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._map
 
     def release(self, start: int, nbytes: int) -> None:
         if self._map is None or nbytes == 0:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -659,3 +660,25 @@ def test_peak_rss_is_bounded_whatever_the_checkpoint_size(tmp_path):
     assert sizes[2] > 2 * 64 * 1024 * 1024 and sizes[3] > 4 * sizes[2]
     assert peaks[1] < bound_kb
     assert peaks[1] - peaks[0] < 24 * 1024  # headers and plan of 8x the tensors: ~2 KB each, no data
+
+
+def test_shard_maps_once_when_workers_ask_at_once():
+    """The quantizer's threads read one shard together: they must share one map, and none may see its file
+    closed under it (once an intermittent 'Bad file descriptor')."""
+    from quant.safetensors_source import Shard
+
+    for _ in range(50):
+        shard = Shard(FIXTURE / "model-00001-of-00002.safetensors")
+        start, maps = threading.Barrier(8), []
+
+        def take():
+            start.wait()
+            maps.append(shard.map())
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(maps) == 8 and len({id(m) for m in maps}) == 1
+        shard.close()
