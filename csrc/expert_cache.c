@@ -475,6 +475,17 @@ struct cached_layer {
     int layer;
 };
 
+/* Under the lock: take key's slot for a computation when its read is done; 0 when it is not ready. */
+static int take_ready(struct fl_expert_cache *c, int32_t key, const void *w[3]) {
+    int32_t s = c->where[key];
+    if (s < 0 || c->slots[s].state != SLOT_READY) return 0;
+    struct slot *sl = &c->slots[s];
+    sl->refs++;
+    sl->last_use = ++c->tick;
+    for (int m = 0; m < 3; m++) w[m] = sl->w[m];
+    return 1;
+}
+
 static int cached_acquire(void *ctx, int32_t e, const void *w[3]) {
     struct cached_layer *cl = ctx;
     struct fl_expert_cache *c = cl->c;
@@ -482,15 +493,8 @@ static int cached_acquire(void *ctx, int32_t e, const void *w[3]) {
     int status = FL_OK;
     double waited = 0;
     pthread_mutex_lock(&c->mu);
-    for (;;) {
+    while (!take_ready(c, key, w)) {
         int32_t s = c->where[key];
-        if (s >= 0 && c->slots[s].state == SLOT_READY) {
-            struct slot *sl = &c->slots[s];
-            sl->refs++;
-            sl->last_use = ++c->tick;
-            for (int m = 0; m < 3; m++) w[m] = sl->w[m];
-            break;
-        }
         if (s >= 0 && c->slots[s].state == SLOT_FAILED) {
             /* Forget the failed read so that a later call tries again. */
             c->slots[s].state = SLOT_EMPTY;
@@ -517,18 +521,10 @@ static int cached_acquire(void *ctx, int32_t e, const void *w[3]) {
 static int cached_try_acquire(void *ctx, int32_t e, const void *w[3]) {
     struct cached_layer *cl = ctx;
     struct fl_expert_cache *c = cl->c;
-    int status = FL_BUSY;
     pthread_mutex_lock(&c->mu);
-    int32_t s = c->where[cl->layer * c->n_expert + e];
-    if (s >= 0 && c->slots[s].state == SLOT_READY) {
-        struct slot *sl = &c->slots[s];
-        sl->refs++;
-        sl->last_use = ++c->tick;
-        for (int m = 0; m < 3; m++) w[m] = sl->w[m];
-        status = FL_OK;
-    }
+    int taken = take_ready(c, cl->layer * c->n_expert + e, w);
     pthread_mutex_unlock(&c->mu);
-    return status;
+    return taken ? FL_OK : FL_BUSY;
 }
 
 static void cached_release(void *ctx, int32_t e) {

@@ -87,17 +87,6 @@ static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_
 
 static int64_t decode_tasks(const struct decode_job *job) { return (job->rows + job->chunk - 1) / job->chunk; }
 
-static int decode(int wtype, const struct fl_type_traits *wt, const void *w, int64_t rows, int64_t k,
-                  const float *x, int64_t n_tok, float *y) {
-    struct decode_job job;
-    uint8_t *xq;
-    int status = decode_setup(&job, wtype, wt, w, rows, k, x, n_tok, y, NULL, &xq);
-    if (status == FL_OK)
-        fl_parallel_for(decode_tasks(&job), 0, decode_task, &job);
-    free(xq);
-    return status;
-}
-
 struct prefill_job {
     fl_to_float_fn to_float;
     const struct fl_gemm_kernel *gk;
@@ -205,13 +194,8 @@ static int check_args(int wtype, const void *w, int64_t rows, int64_t k, const f
 }
 
 int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
-    int status = check_args(wtype, w, rows, k, x, n_tok, y);
-    const struct fl_type_traits *wt = fl_traits(wtype);
-    if (status != FL_OK || n_tok == 0)
-        return status;
-    if (n_tok >= FL_PREFILL_MIN_TOKENS)
-        return prefill(wtype, w, rows, k, x, n_tok, y);
-    return decode(wtype, wt, w, rows, k, x, n_tok, y);
+    struct fl_matmul_item item = {wtype, w, rows, k, x, n_tok, y};
+    return fl_matmul_batch(1, &item);
 }
 
 /* ---------------------------------------------------------------- several decodes in one parallel run */

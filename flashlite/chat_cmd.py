@@ -5,12 +5,12 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import click
 
+from flashlite.atomic import atomic_write
 from flashlite.run_cmd import load_model, load_options
 
 THINK_CHOICES = ("none", "high", "max")
@@ -33,16 +33,9 @@ class ConversationFileError(Exception):
 
 
 def save_conversation(path: str, messages: list[dict]) -> None:
-    """Write messages as JSON next to path, then rename over it, so a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chat-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(messages, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write messages as JSON to path, whole or not at all."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(messages, f, ensure_ascii=False, indent=1)
 
 
 def load_conversation(path: str) -> list[dict]:

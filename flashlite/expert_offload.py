@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flashlite._native import check, ffi, lib
+from flashlite.atomic import atomic_write
 from flashlite.gguf_model import WeightView
 
 POLICIES = {"lru": lib.FL_EXPERT_LRU, "lfu": lib.FL_EXPERT_LFU}
@@ -100,10 +101,6 @@ class ExpertCache:
                 check(lib.fl_expert_cache_pin(self._c, layer, ffi.new("int32_t[]", hot), len(hot)),
                       f"{self.path}: pinning the hottest experts of MoE layer {layer}")
 
-    def usage(self) -> np.ndarray:
-        """How often each [layer, expert] was demanded since the cache opened."""
-        return _usage(self._c, self.n_layer, self.n_expert)
-
     def stats(self) -> dict:
         st = ffi.new("struct fl_expert_stats *")
         check(lib.fl_expert_cache_stats(self._c, st), "fl_expert_cache_stats")
@@ -135,16 +132,14 @@ def _usage(handle, n_layer: int, n_expert: int) -> np.ndarray:
 
 
 def _shut_down(handle, n_layer: int, n_expert: int, usage_path: Path | None, saved: np.ndarray | None) -> None:
-    """Write saved + this run's usage (temporary file, then rename), then close the C cache."""
+    """Write saved + this run's usage (whole or not at all), then close the C cache."""
     try:
         if usage_path is not None:
             counts = _usage(handle, n_layer, n_expert) + (saved if saved is not None else 0)
-            tmp = usage_path.with_name(usage_path.name + f".tmp{os.getpid()}")
             try:
                 usage_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
+                with atomic_write(usage_path) as f:
                     np.save(f, counts)
-                os.replace(tmp, usage_path)
             except OSError as exc:
                 warnings.warn(f"{usage_path}: expert-usage histogram not saved ({exc})", stacklevel=2)
     finally:

@@ -68,6 +68,12 @@ def _field_value(field):
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
+def shard_number(name: str) -> int | None:
+    """i for a file named NAME-0000i-of-0000N.gguf (a part of a split model), else None."""
+    m = _SHARD_NAME.match(name)
+    return int(m["no"]) if m else None
+
+
 def _open_reader(path: str) -> GGUFReader:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such model file")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from flashlite.gguf_model import shard_number
+
 DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's choice when -hf names no quantization
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def parse_hf(spec: str) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def download_gguf(spec: str) -> str:
     repo, quant = parse_hf(spec)
     folder = _snapshot(repo, [f"*{q}*.gguf" for q in {quant, quant.lower(), quant.upper()}], f"-hf {spec}")
     found = sorted(p for p in folder.rglob("*.gguf") if quant.lower() in p.relative_to(folder).as_posix().lower())
-    firsts = [p for p in found if not _SHARD.search(p.name) or _SHARD.search(p.name).group(1) == "00001"]
+    firsts = [p for p in found if shard_number(p.name) in (None, 1)]
     if not firsts:
         raise ValueError(f"-hf {spec}: {repo} has no GGUF file whose name contains {quant!r}")
     if len(firsts) > 1:

@@ -186,7 +186,7 @@ class LayerCache:
     def states(self) -> list[CompressorState]:
         return [s for s in (self.compressor, self.indexer) if s is not None]
 
-    def _token_logs(self):
+    def checkpoint_logs(self):
         """The logs a checkpoint copies, each with the first position a continuation from `pos` reads."""
         logs = [(self.kv, lambda pos: max(0, pos - self.window + 1))]
         for s in self.states():
@@ -211,17 +211,17 @@ class LayerCache:
 
     def checkpoint(self, pos: int) -> list[tuple[int, np.ndarray]]:
         """Copies of what continuing from position pos reads besides the compressed rows (which are never dropped)."""
-        return [(first(pos), log.packed(first(pos), pos).copy()) for log, first in self._token_logs()]
+        return [(first(pos), log.packed(first(pos), pos).copy()) for log, first in self.checkpoint_logs()]
 
     def restore(self, pos: int, checkpoint: list[tuple[int, np.ndarray]]) -> None:
         """Go back to position pos from checkpoint(pos)."""
-        for (log, _), (lo, packed) in zip(self._token_logs(), checkpoint):
+        for (log, _), (lo, packed) in zip(self.checkpoint_logs(), checkpoint):
             log.restore(lo, packed)
         for s in self.states():
             s.rows.truncate(pos // s.ratio)
 
     def nbytes(self) -> int:
-        return sum(log.nbytes() for log, _ in self._token_logs()) + sum(s.rows.nbytes() for s in self.states())
+        return sum(log.nbytes() for log, _ in self.checkpoint_logs()) + sum(s.rows.nbytes() for s in self.states())
 
     def row_bytes_per_token(self) -> float:
         """Bytes the growing part (compressed and indexer rows) costs per token, as stored."""
@@ -316,7 +316,8 @@ class ModelCache:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The whole state as named arrays (for np.savez): position, token ids, every log, every checkpoint."""
-        out = {"pos": np.array([self.pos, self._floor]), "ids": self.token_ids.copy()}
+        out = {"pos": np.array([self.pos, self._floor]), "ids": self.token_ids.copy(),
+               "checkpoints": np.array(sorted(self._checkpoints), np.int64)}
         for i, layer in enumerate(self.layers):
             for j, log in enumerate(layer.logs()):
                 out[f"log.{i}.{j}.start"] = np.array(log.start)
@@ -338,14 +339,10 @@ class ModelCache:
             layer.clear()
             for j, log in enumerate(layer.logs()):
                 log.restore(int(arrays[f"log.{i}.{j}.start"]), arrays[f"log.{i}.{j}"])
-        self._checkpoints = {}
-        for key in arrays:
-            part = key.split(".")
-            if part[0] == "ckpt" and len(part) == 4:
-                at, i, j = int(part[1]), int(part[2]), int(part[3])
-                layer = self._checkpoints.setdefault(at, [[] for _ in self.layers])[i]
-                layer.extend([None] * (j + 1 - len(layer)))
-                layer[j] = (int(arrays[key + ".start"]), np.array(arrays[key]))
+        self._checkpoints = {
+            int(at): [[(int(arrays[f"ckpt.{at}.{i}.{j}.start"]), np.array(arrays[f"ckpt.{at}.{i}.{j}"]))
+                       for j in range(len(layer.checkpoint_logs()))] for i, layer in enumerate(self.layers)]
+            for at in arrays["checkpoints"]}
 
     def checkpoint_positions(self) -> list[int]:
         return sorted(self._checkpoints)

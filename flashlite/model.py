@@ -9,6 +9,7 @@ from functools import cached_property
 import numpy as np
 
 from flashlite import chat as chat_api
+from flashlite.atomic import atomic_write
 from flashlite.expert_offload import default_usage_path, parse_bytes
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4
@@ -82,33 +83,25 @@ class Model:
         """Write a decode cache (else the model's own) to path (a temporary file, then a rename), so that a long
         conversation resumes later without its prefill."""
         cache = self.cache if cache is None else cache
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, model=np.array(self._fingerprint(cache.kv_format)), **cache.to_arrays())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path) as f:
+            np.savez(f, model=np.array(self._fingerprint(cache.kv_format)), **cache.to_arrays())
 
     def load_cache(self, path: str | os.PathLike):
         """A decode cache read from a file save_cache wrote for this model (ValueError naming the file when it
         was written for another model, format or layout, or is damaged)."""
         path = os.fspath(path)
+        cache = None
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 saved = str(arrays["model"])
                 kv_format = saved.rsplit(" kv=", 1)[-1]
-                if saved != self._fingerprint(kv_format):
-                    raise ValueError(f"{path}: a cache of another model ({saved}); this is "
-                                     f"{self._fingerprint(kv_format)}")
-                cache = self.net.make_cache(self.cache.rewind, kv_format)
-                cache.load_arrays(arrays)
+                if saved == self._fingerprint(kv_format):
+                    cache = self.net.make_cache(self.cache.rewind, kv_format)
+                    cache.load_arrays(arrays)
         except (OSError, KeyError, ValueError, EOFError) as exc:
-            if isinstance(exc, ValueError) and str(exc).startswith(path):
-                raise
             raise ValueError(f"{path}: not a readable flashlite cache ({exc})") from exc
+        if cache is None:
+            raise ValueError(f"{path}: a cache of another model ({saved}); this is {self._fingerprint(kv_format)}")
         if cache.pos > self.ctx:
             raise ValueError(f"{path}: holds {cache.pos} tokens, more than the context of {self.ctx}")
         return cache
