@@ -147,6 +147,7 @@ struct fl_expert_stats {
     int64_t slots;             /* slots in the cache */
     int64_t slot_bytes;        /* bytes of one slot */
     int direct_io;             /* 1 when reads bypass the page cache with O_DIRECT */
+    int64_t populated_bytes;   /* slot bytes faulted in ahead of their first read (a background thread) */
 };
 
 /* Open the n_files files `paths` for n_layer MoE layers of n_expert experts each, with budget_bytes of slots

@@ -109,7 +109,7 @@ class ExpertCache:
             "io_seconds": st.io_seconds, "io_stall_seconds": st.stall_seconds,
             "prefetches": st.prefetches, "prefetch_hits": st.prefetch_hits,
             "prefetch_dropped": st.prefetch_dropped, "slots": st.slots, "slot_bytes": st.slot_bytes,
-            "direct_io": bool(st.direct_io),
+            "direct_io": bool(st.direct_io), "populated_bytes": st.populated_bytes,
         }
 
     def reset_stats(self) -> None:

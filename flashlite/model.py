@@ -126,7 +126,7 @@ class Model:
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): tokens forwarded and, with a ram_budget, the expert
         cache's expert_hits, expert_misses, expert_bytes_read, io_seconds, io_stall_seconds, prefetches,
-        prefetch_hits, prefetch_dropped, slots, slot_bytes and direct_io."""
+        prefetch_hits, prefetch_dropped, slots, slot_bytes, direct_io and populated_bytes."""
         out = {"tokens": self.tokens, "expert_hits": 0, "expert_misses": 0, "expert_bytes_read": 0,
                "io_seconds": 0.0, "io_stall_seconds": 0.0}
         if self.net.offload is not None:

@@ -2,8 +2,10 @@
 model for every budget and policy, the counters add up to the experts the oracle's router picked, the usage
 histogram survives a restart, and the experts' pages stay out of the process and out of the page cache."""
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,23 @@ def test_logits_bitwise_equal_to_mapped_experts(gguf, goldens, mapped, policy, p
     assert st["slots"] == n_layers * per_layer
     assert st["expert_bytes_read"] >= (st["expert_misses"] + st["prefetches"]) * st["slot_bytes"] // 2 > 0
     assert (st["prefetches"] + st["prefetch_dropped"] > 0) == prefetch  # read, or overtaken by the demand
+
+
+@pytest.mark.skipif(tuple(int(v) for v in os.uname().release.split(".")[:2] if v.isdigit()) < (5, 14),
+                    reason="MADV_POPULATE_WRITE needs Linux 5.14")
+def test_slots_are_faulted_in_ahead_of_their_first_read(gguf, mapped, goldens):
+    """A background thread faults the whole budget in while the model is idle, and reads landing in slots it is
+    populating at the same time come out whole."""
+    budget = _slot_bytes(gguf) * 6 * 3  # three slots for each of the 6 MoE layers
+    with load(gguf, ram_budget=budget, expert_usage=False) as model:
+        np.testing.assert_array_equal(model.logits(goldens["prompt_ids"], chunk=100), mapped[0])
+        deadline = time.monotonic() + 60
+        while model.stats()["populated_bytes"] < model.stats()["slots"] * model.stats()["slot_bytes"]:
+            assert time.monotonic() < deadline, model.stats()
+            time.sleep(0.01)
+        assert model.stats()["populated_bytes"] == model.stats()["slots"] * model.stats()["slot_bytes"]
+        model.reset_stats()
+        assert model.stats()["populated_bytes"] == model.stats()["slots"] * model.stats()["slot_bytes"]
 
 
 def test_counters_match_the_oracle_routing(gguf, goldens):

@@ -24,7 +24,7 @@ class CoreTimer:
 
     def __init__(self):
         self.seconds = 0.0
-        self._matmul = deepseek_v4.matmul
+        self._matmul, self._matmul_batch = deepseek_v4.matmul, deepseek_v4.matmul_batch
         self._lib = deepseek_v4.lib
 
     def _timed(self, fn):
@@ -45,12 +45,13 @@ class CoreTimer:
         for module in self.MODULES:
             module.lib = timed_lib
         deepseek_v4.matmul = self._timed(self._matmul)
+        deepseek_v4.matmul_batch = self._timed(self._matmul_batch)
         return self
 
     def __exit__(self, *exc):
         for module in self.MODULES:
             module.lib = self._lib
-        deepseek_v4.matmul = self._matmul
+        deepseek_v4.matmul, deepseek_v4.matmul_batch = self._matmul, self._matmul_batch
 
 
 def main():
