@@ -688,8 +688,10 @@ class Model:
                        for i in range(args.n_layers)]
         self.prefetch = self.offload is not None and prefetch
         if self.prefetch:
+            # hash-routed layers are queued exactly when the token ids are known (see __call__); each other layer
+            # from the layer before it
             for block, following in zip(self.layers, self.layers[1:]):
-                block.next = following
+                block.next = None if following.ffn.gate.tid2eid is not None else following
 
     def _block(self, i: int, w: dict) -> Block:
         a, r = self.args, self.args.compress_ratios[i]
@@ -731,8 +733,14 @@ class Model:
             raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
         positions = np.arange(cache.pos, cache.pos + len(token_ids))
         e = self.embed_tokens(token_ids)
-        if self.prefetch:  # the first layer's experts, from the embedding (exactly, when it routes by hash)
-            self.layers[0].prefetch_experts(rms_norm(e, None, self.args.norm_eps), token_ids)
+        if self.prefetch:
+            # The disk starts on the first layer's experts, predicted from the embedding, and on those of every
+            # hash-routed layer, which the token ids decide: the later of these get several layers of compute
+            # to arrive in.
+            y = rms_norm(e, None, self.args.norm_eps)
+            for i, block in enumerate(self.layers):
+                if i == 0 or block.ffn.gate.tid2eid is not None:
+                    block.prefetch_experts(y, token_ids)
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
