@@ -101,13 +101,11 @@ def fill_arena(arena: np.ndarray, fmt: str) -> None:
         # sign kept, exponent pinned near 1.0: no NaN, infinity or subnormal to slow or spoil the arithmetic
         top[:] = (top & 0x80) | (0x3F if fmt in ("F32", "BF16") else 0x3B & 0x7F)
         return
-    block_elems = int(lib.fl_type_block_elems(TYPE_IDS[fmt]))
     block_bytes = int(lib.fl_type_block_bytes(TYPE_IDS[fmt]))
     blocks = arena[: arena.size // block_bytes * block_bytes].reshape(-1, block_bytes)
     if fmt == "MXFP4":
         blocks[:, 0] = rng.integers(118, 127, len(blocks), dtype=np.uint8)
         return
-    del block_elems
     scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     for off in HALF_SCALES[fmt]:
         blocks[:, off:off + 2] = scale

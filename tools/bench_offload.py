@@ -21,7 +21,8 @@ One run measures:
 --repeats N runs the whole sequence N times and reports the median of every number (JSON: "runs" has each).
 
 Every configuration loads the model afresh with the expert tensors dropped from the page cache (posix_fadvise
-DONTNEED; the dense weights stay resident, as they would in use), decodes --warmup tokens to fill the cache, then
+DONTNEED; the dense weights stay resident, as they would in use), waits until the cache's background thread has
+faulted its slots in (populate_s in --json), decodes --warmup tokens to fill the cache, then
 --tokens measured tokens one forward call each. Reported per configuration, over the measured tokens:
 
 - tok/s: measured tokens / their wall time;

@@ -192,7 +192,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp(-x) is inf below x = -88, and 1 / (1 + inf) the right 0
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -687,11 +688,14 @@ class Model:
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
                        for i in range(args.n_layers)]
         self.prefetch = self.offload is not None and prefetch
+        # Prefetch: the disk starts on the first layer's experts, predicted from the embedding, and on those of
+        # every hash-routed layer, which the token ids decide, as soon as the ids are known: the later of these
+        # get several layers of compute to arrive in. Each other layer's are predicted by the layer before it.
+        self.prefetch_at_start = []
         if self.prefetch:
-            # hash-routed layers are queued exactly when the token ids are known (see __call__); each other layer
-            # from the layer before it
+            self.prefetch_at_start = [b for i, b in enumerate(self.layers) if i == 0 or b.ffn.gate.tid2eid is not None]
             for block, following in zip(self.layers, self.layers[1:]):
-                block.next = None if following.ffn.gate.tid2eid is not None else following
+                block.next = None if following in self.prefetch_at_start else following
 
     def _block(self, i: int, w: dict) -> Block:
         a, r = self.args, self.args.compress_ratios[i]
@@ -733,14 +737,10 @@ class Model:
             raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
         positions = np.arange(cache.pos, cache.pos + len(token_ids))
         e = self.embed_tokens(token_ids)
-        if self.prefetch:
-            # The disk starts on the first layer's experts, predicted from the embedding, and on those of every
-            # hash-routed layer, which the token ids decide: the later of these get several layers of compute
-            # to arrive in.
+        if self.prefetch_at_start:
             y = rms_norm(e, None, self.args.norm_eps)
-            for i, block in enumerate(self.layers):
-                if i == 0 or block.ffn.gate.tid2eid is not None:
-                    block.prefetch_experts(y, token_ids)
+            for block in self.prefetch_at_start:
+                block.prefetch_experts(y, token_ids)
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
