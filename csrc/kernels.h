@@ -42,6 +42,8 @@ struct fl_decode_kernel {
     size_t (*act_bytes)(int64_t k);
     void (*prep)(int64_t k, const float *x, void *out);
     fl_vec_dot_fn dot;
+    /* four rows at a time (rows[0..3]), bitwise as dot does each; NULL where not written */
+    void (*dot4)(int64_t k, float *s, const void *const *rows, const void *act);
 };
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */

@@ -181,6 +181,21 @@ def test_batch_is_bitwise_each_matmul_alone(level):
         fm.matmul_batch([products[0], products[1][:4] + (np.ones(255, np.float32),)])
 
 
+@pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
+def test_decode_row_does_not_depend_on_its_neighbours(wtype, level, threads):
+    """Decode runs four rows at a time where a kernel can (rows from four quarters of a thread's range): each row
+    must come out bitwise as when it is multiplied alone, for every row count around the grouping."""
+    rng = np.random.default_rng(9)
+    k = 512
+    x = rng.standard_normal(k).astype(np.float32)
+    for n_threads in (1, 2):
+        threads(n_threads)
+        for rows in (4, 7, 16, 33, 131):
+            w = make_weights(wtype, rows, k, rng)
+            alone = np.array([fm.matmul(w[r:r + 1], wtype, 1, k, x)[0] for r in range(rows)], np.float32)
+            assert np.array_equal(fm.matmul(w, wtype, rows, k, x), alone), (rows, n_threads)
+
+
 def test_unsupported_level_is_refused():
     other = "neon" if fm.simd_best() != "neon" else "avx2"
     with pytest.raises(ValueError, match="^name:"):
