@@ -15,8 +15,9 @@
 #define KC 256
 /* weight rows dequantized together, in tiles: each dequantized slice is reused by every token block */
 #define TILES_PER_BLOCK 4
-/* at most this many weight rows per decode task: enough to stream, small enough to balance */
-#define DECODE_MAX_ROWS 64
+/* a decode task takes at least this many weight bytes (and rows), enough for four long read streams */
+#define DECODE_TASK_BYTES (512 << 10)
+#define DECODE_TASK_ROWS 64
 
 struct decode_job {
     fl_vec_dot_fn dot;
@@ -97,7 +98,10 @@ static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_
     }
     int threads = fl_threads_get();
     int64_t per_thread = (rows + threads - 1) / threads;
-    job->chunk = per_thread < DECODE_MAX_ROWS ? per_thread : DECODE_MAX_ROWS;
+    int64_t most = DECODE_TASK_BYTES / (int64_t)job->w_row;
+    if (most < DECODE_TASK_ROWS)
+        most = DECODE_TASK_ROWS;
+    job->chunk = per_thread < most ? per_thread : most;
     return FL_OK;
 }
 

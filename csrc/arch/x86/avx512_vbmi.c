@@ -31,7 +31,7 @@ static inline __mmask64 first_bytes(int64_t n) {
 
 /* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS makes of it
  * the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
- * (matmul.c takes them from four quarters of a thread's range) keep four streams of reads in flight where one
+ * (matmul.c takes them from the four quarters of a decode task) keep four streams of reads in flight where one
  * row keeps one: MXFP4 decode from memory went 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b.
  * Each row is summed exactly as the one-row dot sums it. */
 #define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
