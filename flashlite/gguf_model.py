@@ -108,8 +108,11 @@ class GGUFFile:
                     )
                 if t.name in self.tensors:
                     raise ValueError(f"{shard}: tensor '{t.name}' is also in another file of the model")
+                # a plain ndarray over the map: numpy's memmap subclass runs Python code on every slice (its
+                # __getitem__ and __array_finalize__, about 440 calls per decode token of a 6-layer model)
                 self.tensors[t.name] = WeightView(t.name, GGMLQuantizationType(t.tensor_type),
-                                                  tuple(int(n) for n in t.shape), t.data, int(t.data_offset), shard)
+                                                  tuple(int(n) for n in t.shape), np.asarray(t.data),
+                                                  int(t.data_offset), shard)
         expected = self.metadata.get("split.tensors.count")
         if expected is not None and int(expected) != len(self.tensors):
             raise ValueError(f"{self.path}: split.tensors.count says {expected} tensors, the {count} files hold "

@@ -33,7 +33,9 @@ static inline __mmask64 first_bytes(int64_t n) {
  * the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
  * (matmul.c takes them from the four quarters of a decode task) keep four streams of reads in flight where one
  * row keeps one: MXFP4 decode from memory went 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b.
- * Each row is summed exactly as the one-row dot sums it. */
+ * Each row is summed exactly as the one-row dot sums it. A format provides name_consts() (what every step
+ * reuses), name_init() and name_finish() (its accumulators, and the row's sum from them) and name_step()
+ * (step g of the row at vx against the prepared activations vy); n_steps(n) counts the steps of k = n. */
 #define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
     static void name(int64_t n, float *s, const void *vx, const void *vy) {                         \
         const consts_t c = name##_consts();                                                         \
