@@ -35,8 +35,9 @@ faulted its slots in (populate_s in --json), decodes --warmup tokens to fill the
   modelled misses); with prefetch, read/need above 1 is what wrong predictions cost;
 - hit %: expert_hits / (hits + misses) (an expert a prefetch is still reading counts as a hit);
 - pf %: prefetch_hits / prefetches, the share of prefetched experts that were used;
-- stall s/tok: seconds the computing thread waited for experts; hidden %: 1 - stall / disk time, where disk time
-  is read bytes / the disk's measured random whole-expert rate: the share of the time the disk needs for these
+- stall s/tok: seconds the computing thread waited for experts, "of it L0" the first MoE layer's part (its experts
+  are known only with the token, so only its attention can hide their reads; JSON: stall per layer);
+  hidden %: 1 - stall / disk time, where disk time is read bytes / the disk's measured random whole-expert rate: the share of the time the disk needs for these
   bytes that the computation did not wait for. (1 - io_stall_seconds / io_seconds, also in --json as
   io_hidden_thread_time, overstates it: io_seconds adds up the --io-threads readers, which share the disk.);
 - ideal tok/s: 1 / max(the resident row's seconds per token, disk time per token), what full overlap of reads and
@@ -71,6 +72,7 @@ sys.path.insert(0, str(TOOLS))
 import flashlite  # noqa: E402
 from flashlite._native import ffi, lib  # noqa: E402
 from flashlite.gguf_model import GGUFFile  # noqa: E402
+from flashlite.models import deepseek_v4  # noqa: E402
 from make_routing_trace import load_trace, make_trace  # noqa: E402
 
 IO_ALIGN = 4096
@@ -341,6 +343,36 @@ def pinned_sets(counts: np.ndarray, slots_per_layer: int, fraction: float) -> li
 
 # ---------------------------------------------------------------- one configuration
 
+class StallByLayer:
+    """Adds each MoE layer's wait for experts (io_stall_seconds across its fl_moe_experts_cached call) into
+    `into[layer]` while active: the first layer's experts are known only when the token is, so its attention
+    alone can hide their reads, and its share of the stall is structural."""
+
+    def __init__(self, model, into: np.ndarray):
+        self.model, self.into = model, into
+
+    def __enter__(self):
+        real = deepseek_v4.lib
+        model, into = self.model, self.into
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def fl_moe_experts_cached(handle, layer, *args):
+                before = model.stats()["io_stall_seconds"]
+                status = real.fl_moe_experts_cached(handle, layer, *args)
+                into[layer] += model.stats()["io_stall_seconds"] - before
+                return status
+
+        self.real, deepseek_v4.lib = real, Timed()
+        return self
+
+    def __exit__(self, *exc):
+        deepseek_v4.lib = self.real
+
+
 def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts, budget: int) -> dict:
     """Load, decode warmup + tokens steps, and measure the last `tokens` of them."""
     policy = cfg["policy"]
@@ -375,10 +407,12 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
                 recorded_pred = [[None] * layout.n_layer for _ in range(steps)]
             block.ffn.gate = RecordingGate(block.ffn.gate, clock, recorded_idx, recorded_pred, layer)
     times = []
-    with np.errstate(over="ignore"):
+    stall_by_layer = np.zeros(layout.n_layer)
+    with np.errstate(over="ignore"), StallByLayer(model, stall_by_layer):
         for step in range(steps):
             if step == opts.warmup:
                 model.reset_stats()
+                stall_by_layer[:] = 0
             clock.t = step
             t0 = time.perf_counter()
             model.forward([int(routing["tokens"][step])])
@@ -403,6 +437,8 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
         out["prefetch_precision"] = stats["prefetch_hits"] / stats["prefetches"] if stats["prefetches"] else None
         out["io_s_per_token"] = stats["io_seconds"] / opts.tokens
         out["stall_s_per_token"] = stats["io_stall_seconds"] / opts.tokens
+        out["stall_s_per_token_by_layer"] = (stall_by_layer / opts.tokens).tolist()
+        out["stall_s_per_token_layer0"] = out["stall_s_per_token_by_layer"][0]
         out["io_hidden_thread_time"] = 1 - stats["io_stall_seconds"] / stats["io_seconds"] \
             if stats["io_seconds"] else None
     else:
@@ -508,7 +544,8 @@ COLUMNS = (("routing", "routing", "{}"), ("policy", "policy", "{}"), ("prefetch"
            ("need_bytes_per_token", "need MB/tok", "{:.0f}"), ("read_over_need", "read/need", "{:.3f}"),
            ("expert_misses", "misses", "{:.0f}"), ("sim_misses", "sim", "{:.0f}"), ("hit_rate", "hit %", "{:.1%}"),
            ("prefetch_precision", "pf %", "{:.0%}"), ("disk_s_per_token", "disk s/tok", "{:.3f}"),
-           ("stall_s_per_token", "stall s/tok", "{:.3f}"), ("io_hidden", "hidden %", "{:.0%}"),
+           ("stall_s_per_token", "stall s/tok", "{:.3f}"), ("stall_s_per_token_layer0", "of it L0", "{:.3f}"),
+           ("io_hidden", "hidden %", "{:.0%}"),
            ("ideal_tok_s", "ideal tok/s", "{:.2f}"))
 
 
