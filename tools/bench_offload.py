@@ -38,8 +38,9 @@ faulted its slots in (populate_s in --json), decodes --warmup tokens to fill the
 - stall s/tok: seconds the computing thread waited for experts, "of it L0" the first MoE layer's part (its experts
   are known only with the token, so only its attention can hide their reads; JSON: stall per layer);
   hidden %: 1 - stall / disk time, where disk time is read bytes / the disk's measured random whole-expert rate:
-  the share of the time the disk needs for these bytes that the computation did not wait for. (1 - io_stall_seconds / io_seconds, also in --json as
-  io_hidden_thread_time, overstates it: io_seconds adds up the --io-threads readers, which share the disk.);
+  the share of the time the disk needs for these bytes that the computation did not wait for.
+  (1 - io_stall_seconds / io_seconds, also in --json as io_hidden_thread_time, overstates it: io_seconds adds up
+  the --io-threads readers, which share the disk.);
 - ideal tok/s: 1 / max(the resident row's seconds per token, disk time per token), what full overlap of reads and
   compute would give at this read volume.
 
