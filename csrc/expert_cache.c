@@ -9,7 +9,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -236,13 +235,12 @@ static void *io_main(void *arg) {
 /* Faults the slots in, 2 MiB at a time, in the order empty slots are taken (the first of every layer, then the
  * second...). A first read into a fresh slot otherwise waits for the page faults as well as for the disk: on a
  * virtual machine, huge pages the host has not backed yet fault in at about 0.5 GB/s, 27 ms for one expert,
- * more than its read. SCHED_IDLE: the work is done on cores the computation leaves idle (waiting for the disk,
- * between tokens), and a read that gets to a slot first faults it in itself as before. Populating never writes,
+ * more than its read. The CPU spent is what the first reads would spend faulting; it runs at normal priority,
+ * because a starved idle-priority thread would hold the address space's lock mid-fault and stall every thread
+ * that maps memory. A read that gets to a slot first faults it in itself, as before. Populating never writes,
  * so it cannot disturb a slot a read has filled. */
 static void *populate_main(void *arg) {
     struct fl_expert_cache *c = arg;
-    struct sched_param idle = {0};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
     int64_t most = 0;
     for (int l = 0; l < c->n_layer; l++) most = c->layer_count[l] > most ? c->layer_count[l] : most;
     for (int64_t j = 0; j < most; j++)
