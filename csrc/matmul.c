@@ -36,9 +36,6 @@ static void decode_task(void *ctx, int64_t task, int thread) {
     (void)thread;
     int64_t r0 = task * j->chunk;
     int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-    /* the compute-heavy dots keep few loads in flight, so fetch the row FL_PREFETCH_BYTES ahead by hand, into
-     * L2 (T1): a non-temporal hint, which skips L2, halved the decode rate of every format measured. A dot
-     * that prefetches as it goes does better still: 5-25% faster for Q8_0 and Q4_K than this burst per row */
     if (j->dot4 && j->n_tok == 1) {
         /* rows from four quarters of the range at once: four streams far apart keep more reads in flight
          * than one, which the hardware prefetcher follows page by page */
@@ -54,6 +51,9 @@ static void decode_task(void *ctx, int64_t task, int thread) {
         }
         r0 += 4 * q;
     }
+    /* the compute-heavy dots keep few loads in flight, so fetch the row FL_PREFETCH_BYTES ahead by hand, into
+     * L2 (T1): a non-temporal hint, which skips L2, halved the decode rate of every format measured. A dot
+     * that prefetches as it goes does better still: 5-25% faster for Q8_0 and Q4_K than this burst per row */
     int64_t ahead = (FL_PREFETCH_BYTES + (int64_t)j->w_row - 1) / (int64_t)j->w_row;
     for (int64_t r = r0; r < r1; r++) {
         if (!j->dot_prefetches && r + ahead < r1) {
@@ -72,8 +72,8 @@ static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_
                         int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y, const uint8_t *shared,
                         uint8_t **xq) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    *job = (struct decode_job){dk ? dk->dot : fl_vec_dot(wtype), dk ? dk->dot4 : NULL, w, (size_t)fl_row_bytes(wtype, k),
-                               (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
+    *job = (struct decode_job){dk ? dk->dot : fl_vec_dot(wtype), dk ? dk->dot4 : NULL, w,
+                               (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
     *xq = NULL;
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
