@@ -73,7 +73,8 @@ static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_
                         uint8_t **xq) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
     *job = (struct decode_job){dk ? dk->dot : fl_vec_dot(wtype), dk ? dk->dot4 : NULL, w,
-                               (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x, (size_t)k * sizeof(float), rows, k, n_tok, 0, y, dk != NULL};
+                               (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x, (size_t)k * sizeof(float),
+                               rows, k, n_tok, 0, y, dk != NULL};
     *xq = NULL;
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
