@@ -13,6 +13,8 @@ typedef void (*fl_to_float_fn)(const void *src, float *dst, int64_t n);
 typedef void (*fl_from_float_fn)(const float *src, void *dst, int64_t n);
 /* s = dot(one weight row vx, one activation row vy), both n elements, vy in the type's act_type. */
 typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *vy);
+/* s[0..3] = the dots of four weight rows vx[0..3] with one activation row, each bitwise as the one-row dot. */
+typedef void (*fl_vec_dot4_fn)(int64_t n, float *s, const void *const *vx, const void *vy);
 
 struct fl_type_traits {
     const char *name;
@@ -42,8 +44,7 @@ struct fl_decode_kernel {
     size_t (*act_bytes)(int64_t k);
     void (*prep)(int64_t k, const float *x, void *out);
     fl_vec_dot_fn dot;
-    /* four rows at a time (rows[0..3]), bitwise as dot does each; NULL where not written */
-    void (*dot4)(int64_t k, float *s, const void *const *rows, const void *act);
+    fl_vec_dot4_fn dot4; /* four rows at a time; NULL where not written */
 };
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */

@@ -21,7 +21,7 @@
 
 struct decode_job {
     fl_vec_dot_fn dot;
-    void (*dot4)(int64_t k, float *s, const void *const *rows, const void *act);
+    fl_vec_dot4_fn dot4;
     const uint8_t *w;
     size_t w_row;
     const uint8_t *xq;

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from flashlite import matmul as fm
 from flashlite.cli import main
+from flashlite.model import load
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 
@@ -26,6 +27,18 @@ def tiny_gguf(tmp_path_factory):
         return made[args]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def f32_gguf(tiny_gguf):
+    """The oracle model with every tensor f32: its logits follow transformers' to about 1e-5."""
+    return tiny_gguf("--type", "f32")
+
+
+@pytest.fixture(scope="module")
+def model(f32_gguf):
+    """The f32 oracle model, loaded once per test file (a file may define a model of its own instead)."""
+    return load(f32_gguf)
 
 
 @pytest.fixture(scope="session")

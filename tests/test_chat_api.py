@@ -7,15 +7,9 @@ import pytest
 
 from flashlite.chat import ChatPiece, TokenRouter, chat
 from flashlite.chat_format import encode_messages
-from flashlite.model import load
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_gguf):
-    return load(tiny_gguf("--type", "f32"))
 
 
 def _done(pieces) -> ChatPiece:

@@ -17,16 +17,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 CLEAR = 1e-4  # decision gaps at or below this are near-ties: judged apart
 
 
-@pytest.fixture(scope="module")
-def f32_path(tiny_gguf):
-    return tiny_gguf("--type", "f32")
-
-
-@pytest.fixture(scope="module")
-def model(f32_path):
-    return load(f32_path)
-
-
 @pytest.mark.parametrize("chunk", [None, 7, 1], ids=["at-once", "chunks-of-7", "token-by-token"])
 def test_prompt_logits_match_goldens(model, goldens, chunk):
     logits = model.logits(goldens["prompt_ids"], chunk=chunk)
@@ -242,18 +232,18 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
     (dict(reshape="blk.2.attn_kv.weight"), "tensor 'blk.2.attn_kv.weight' has shape"),
     (dict(retype="blk.4.attn_sinks.weight"), "tensor 'blk.4.attn_sinks.weight' has type F16"),
 ], ids=["architecture", "missing", "shape", "type"])
-def test_bad_file_fails_at_load_naming_it(f32_path, tmp_path, change, message):
-    bad = _rewrite(f32_path, tmp_path / "bad.gguf", **change)
+def test_bad_file_fails_at_load_naming_it(f32_gguf, tmp_path, change, message):
+    bad = _rewrite(f32_gguf, tmp_path / "bad.gguf", **change)
     with pytest.raises(ValueError, match=message) as err:
         load(bad)
     assert str(bad) in str(err.value)
 
 
-def test_truncated_file_fails_at_load(f32_path, tmp_path):
+def test_truncated_file_fails_at_load(f32_gguf, tmp_path):
     bad = tmp_path / "short.gguf"
-    shutil.copyfile(f32_path, bad)
+    shutil.copyfile(f32_gguf, bad)
     with open(bad, "r+b") as fh:
-        fh.truncate(f32_path.stat().st_size - 4096)
+        fh.truncate(f32_gguf.stat().st_size - 4096)
     with pytest.raises(ValueError, match="truncated") as err:
         load(bad)
     assert str(bad) in str(err.value)

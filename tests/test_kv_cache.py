@@ -163,13 +163,8 @@ def test_checkpoints_thin_out_with_age_and_bound_the_replay():
 
 
 @pytest.fixture(scope="module")
-def f32_path(tiny_gguf):
-    return tiny_gguf("--type", "f32")
-
-
-@pytest.fixture(scope="module")
-def model(f32_path):
-    return load(f32_path, rewind=40)
+def model(f32_gguf):
+    return load(f32_gguf, rewind=40)
 
 
 def test_cache_bytes_match_the_rows_it_holds(model, goldens):
@@ -216,9 +211,9 @@ def test_truncate_anywhere_then_continue_equals_a_fresh_prefill(model, goldens, 
 
 
 @pytest.mark.parametrize("kv_format", ["f32", "fp8"])
-def test_truncate_in_place_or_to_a_checkpoint_restores_the_state_bit_for_bit(f32_path, goldens, kv_format):
+def test_truncate_in_place_or_to_a_checkpoint_restores_the_state_bit_for_bit(f32_gguf, goldens, kv_format):
     ids = goldens["prompt_ids"]
-    m = load(f32_path, rewind=40, kv_format=kv_format)
+    m = load(f32_gguf, rewind=40, kv_format=kv_format)
     pieces = [m.forward(ids[lo:hi]) for lo, hi in [(0, 128), (128, 256), (256, 290), (290, 300), (300, 312)]]
     m.truncate(290)   # within rewind: in place
     np.testing.assert_array_equal(m.forward(ids[290:300]), pieces[3])
@@ -232,9 +227,9 @@ def test_truncate_in_place_or_to_a_checkpoint_restores_the_state_bit_for_bit(f32
     np.testing.assert_array_equal(m.forward(ids[200:212]), after)
 
 
-def test_packed_window_rows_are_the_reference_rounding_of_the_f32_rows(f32_path, goldens):
+def test_packed_window_rows_are_the_reference_rounding_of_the_f32_rows(f32_gguf, goldens):
     ids = goldens["prompt_ids"][:40]
-    m = load(f32_path)
+    m = load(f32_gguf)
     caches = {}
     for kv_format in ("f32", "fp8"):
         caches[kv_format] = m.net.make_cache(kv_format=kv_format)
@@ -262,10 +257,10 @@ def test_bad_truncate_positions_raise(model, goldens):
     assert model.pos == 20
 
 
-def test_fp8_rows_stay_near_the_unrounded_oracle(f32_path, goldens):
+def test_fp8_rows_stay_near_the_unrounded_oracle(f32_gguf, goldens):
     # The reference's FP8 KV rounding is not in transformers: measured median 0.14 (max 2.2) per position and 85%
     # top-1 at clear positions; an indexer query left unrotated against rotated keys measures 0.26 and 81%.
-    m = load(f32_path, kv_format="fp8")
+    m = load(f32_gguf, kv_format="fp8")
     logits = m.logits(goldens["prompt_ids"])
     clear = goldens["decision_gap"] > CLEAR
     assert np.median(np.abs(logits - goldens["logits"]).max(axis=1)) <= 0.2

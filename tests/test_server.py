@@ -19,7 +19,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from flashlite.model import load
 from flashlite.server import MAX_BODY, ChatServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,16 +27,6 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 OTHER = [{"role": "user", "content": "Count to five."}]
 LONG = 900  # tokens a greedy answer runs for unless cancelled: seconds of work on the tiny model
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture(scope="module")
-def gguf(tiny_gguf):
-    return tiny_gguf("--type", "f32")
-
-
-@pytest.fixture(scope="module")
-def model(gguf):
-    return load(gguf)
 
 
 @contextmanager
@@ -376,9 +365,9 @@ def test_api_doc_client_example_runs(model):
     assert "completion_tokens=" in run.stdout
 
 
-def test_serve_command_answers_and_stops_on_ctrl_c(gguf, model):
+def test_serve_command_answers_and_stops_on_ctrl_c(f32_gguf, model):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "flashlite.cli", "serve", "-m", str(gguf), "--port", "0", "--api-key", "k"]
+    command = [sys.executable, "-m", "flashlite.cli", "serve", "-m", str(f32_gguf), "--port", "0", "--api-key", "k"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         banner = proc.stdout.readline()

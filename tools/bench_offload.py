@@ -391,8 +391,10 @@ def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts,
     load_s = time.perf_counter() - t0
     # steady state: the slots faulted in (the cache does it in the background; here a first read would pay for it)
     t0 = time.perf_counter()
-    while kwargs and model.stats()["populated_bytes"] < model.stats()["slots"] * model.stats()["slot_bytes"] \
-            and time.perf_counter() - t0 < 300:
+    while kwargs and time.perf_counter() - t0 < 300:
+        st = model.stats()
+        if st["populated_bytes"] >= st["slots"] * st["slot_bytes"]:
+            break
         time.sleep(0.05)
     populate_s = time.perf_counter() - t0 if kwargs else 0.0
     clock = Clock()
