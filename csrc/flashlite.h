@@ -19,17 +19,37 @@ enum fl_status {
 enum fl_type {
     FL_TYPE_F32 = 0,
     FL_TYPE_F16 = 1,
+    FL_TYPE_Q4_0 = 2,
+    FL_TYPE_Q4_1 = 3,
+    FL_TYPE_Q5_0 = 6,
+    FL_TYPE_Q5_1 = 7,
     FL_TYPE_Q8_0 = 8,
+    FL_TYPE_Q8_1 = 9,
     FL_TYPE_Q2_K = 10,
+    FL_TYPE_Q3_K = 11,
     FL_TYPE_Q4_K = 12,
     FL_TYPE_Q5_K = 13,
     FL_TYPE_Q6_K = 14,
     FL_TYPE_Q8_K = 15,
     FL_TYPE_IQ2_XXS = 16,
+    FL_TYPE_IQ2_XS = 17,
+    FL_TYPE_IQ3_XXS = 18,
+    FL_TYPE_IQ1_S = 19,
+    FL_TYPE_IQ4_NL = 20,
+    FL_TYPE_IQ3_S = 21,
+    FL_TYPE_IQ2_S = 22,
     FL_TYPE_IQ4_XS = 23,
+    FL_TYPE_IQ1_M = 29,
     FL_TYPE_BF16 = 30,
-    FL_TYPE_MXFP4 = 39
+    FL_TYPE_TQ1_0 = 34,
+    FL_TYPE_TQ2_0 = 35,
+    FL_TYPE_MXFP4 = 39,
+    FL_TYPE_NVFP4 = 40,
+    FL_TYPE_Q1_0 = 41,
+    FL_TYPE_Q2_0 = 42
 };
+/* One past the largest type id the core may know (ggml's GGML_TYPE_COUNT of the llama.cpp it follows). */
+enum { FL_TYPE_COUNT = 43 };
 
 /* Elements per block and bytes per block of a type; 0 for a type the core does not know. */
 int64_t fl_type_block_elems(int type);
@@ -40,6 +60,13 @@ int64_t fl_row_bytes(int type, int64_t n);
 /* n elements, n a multiple of the block size. quantize uses the reference (ggml *_ref) algorithm. */
 int fl_dequantize(int type, const void *src, float *dst, int64_t n);
 int fl_quantize(int type, const float *src, void *dst, int64_t n);
+/* n_rows rows of n_per_row elements, as llama.cpp's quantizer writes them (ggml_quantize_chunk): with importance
+ * (n_per_row weights, an importance matrix's row for this tensor) the search of each type weighs its error by it,
+ * as ggml's quantize_<type> does; importance NULL is fl_quantize row by row, except for the types whose search
+ * ggml only runs with weights (IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M), which then weigh every element alike. Types
+ * without a search (F32, F16, BF16, Q8_0, MXFP4, ...) ignore importance, as ggml does. */
+int fl_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int64_t n_per_row,
+                     const float *importance);
 
 /* ---------------------------------------------------------------- CPU features and kernel level */
 enum fl_simd {

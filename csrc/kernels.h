@@ -11,6 +11,9 @@
 
 typedef void (*fl_to_float_fn)(const void *src, float *dst, int64_t n);
 typedef void (*fl_from_float_fn)(const float *src, void *dst, int64_t n);
+/* n_rows rows of n_per_row elements with importance weights (n_per_row of them, or NULL): ggml's quantize_<type> */
+typedef void (*fl_quantize_rows_fn)(const float *src, void *dst, int64_t n_rows, int64_t n_per_row,
+                                    const float *importance);
 /* s = dot(one weight row vx, one activation row vy), both n elements, vy in the type's act_type. */
 typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *vy);
 /* s[0..3] = the dots of four weight rows vx[0..3] with one activation row, each bitwise as the one-row dot. */
@@ -22,6 +25,7 @@ struct fl_type_traits {
     int64_t bytes;                 /* bytes per block */
     fl_to_float_fn to_float;       /* dequantize */
     fl_from_float_fn from_float;   /* reference quantizer; NULL where the format has none */
+    fl_quantize_rows_fn quantize;  /* the search with importance weights; NULL where importance changes nothing */
     int act_type;                  /* what activations are converted to before vec_dot: F32, Q8_0 or Q8_K */
     fl_vec_dot_fn vec_dot_generic; /* plain-C reference dot */
 };

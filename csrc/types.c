@@ -3,38 +3,49 @@
 #include "kernels.h"
 #include "quant_generic.h"
 
-#define FL_TYPE_MAX 40
-
-static const struct fl_type_traits traits[FL_TYPE_MAX] = {
-    [FL_TYPE_F32] = {"f32", 1, 4, fl_dequantize_row_f32, fl_quantize_row_f32_ref, FL_TYPE_F32,
-                     fl_vec_dot_f32_f32_generic},
-    [FL_TYPE_F16] = {"f16", 1, 2, fl_dequantize_row_f16, fl_quantize_row_f16_ref, FL_TYPE_F32,
-                     fl_vec_dot_f16_f32_generic},
-    [FL_TYPE_BF16] = {"bf16", 1, 2, fl_dequantize_row_bf16, fl_quantize_row_bf16_ref, FL_TYPE_F32,
-                      fl_vec_dot_bf16_f32_generic},
-    [FL_TYPE_Q8_0] = {"q8_0", QK8_0, sizeof(block_q8_0), fl_dequantize_row_q8_0, fl_quantize_row_q8_0_ref,
-                      FL_TYPE_Q8_0, fl_vec_dot_q8_0_q8_0_generic},
-    [FL_TYPE_MXFP4] = {"mxfp4", QK_MXFP4, sizeof(block_mxfp4), fl_dequantize_row_mxfp4, fl_quantize_row_mxfp4_ref,
-                       FL_TYPE_Q8_0, fl_vec_dot_mxfp4_q8_0_generic},
-    [FL_TYPE_Q2_K] = {"q2_K", QK_K, sizeof(block_q2_K), fl_dequantize_row_q2_K, fl_quantize_row_q2_K_ref,
-                      FL_TYPE_Q8_K, fl_vec_dot_q2_K_q8_K_generic},
-    [FL_TYPE_Q4_K] = {"q4_K", QK_K, sizeof(block_q4_K), fl_dequantize_row_q4_K, fl_quantize_row_q4_K_ref,
-                      FL_TYPE_Q8_K, fl_vec_dot_q4_K_q8_K_generic},
-    [FL_TYPE_Q5_K] = {"q5_K", QK_K, sizeof(block_q5_K), fl_dequantize_row_q5_K, fl_quantize_row_q5_K_ref,
-                      FL_TYPE_Q8_K, fl_vec_dot_q5_K_q8_K_generic},
-    [FL_TYPE_Q6_K] = {"q6_K", QK_K, sizeof(block_q6_K), fl_dequantize_row_q6_K, fl_quantize_row_q6_K_ref,
-                      FL_TYPE_Q8_K, fl_vec_dot_q6_K_q8_K_generic},
-    /* activations only: no dot of their own */
-    [FL_TYPE_Q8_K] = {"q8_K", QK_K, sizeof(block_q8_K), fl_dequantize_row_q8_K, fl_quantize_row_q8_K_ref,
-                      FL_TYPE_Q8_K, NULL},
-    [FL_TYPE_IQ2_XXS] = {"iq2_xxs", QK_K, sizeof(block_iq2_xxs), fl_dequantize_row_iq2_xxs,
-                         fl_quantize_row_iq2_xxs_ref, FL_TYPE_Q8_K, fl_vec_dot_iq2_xxs_q8_K_generic},
-    [FL_TYPE_IQ4_XS] = {"iq4_xs", QK_K, sizeof(block_iq4_xs), fl_dequantize_row_iq4_xs, fl_quantize_row_iq4_xs_ref,
-                        FL_TYPE_Q8_K, fl_vec_dot_iq4_xs_q8_K_generic},
+/* One entry per type: .quantize is the search with importance weights (NULL where the type has none and the
+ * row quantizer serves); .vec_dot_generic is NULL for activation-only types. */
+static const struct fl_type_traits traits[FL_TYPE_COUNT] = {
+    [FL_TYPE_F32] = {.name = "f32", .blck = 1, .bytes = 4,
+                     .to_float = fl_dequantize_row_f32, .from_float = fl_quantize_row_f32_ref,
+                     .act_type = FL_TYPE_F32, .vec_dot_generic = fl_vec_dot_f32_f32_generic},
+    [FL_TYPE_F16] = {.name = "f16", .blck = 1, .bytes = 2,
+                     .to_float = fl_dequantize_row_f16, .from_float = fl_quantize_row_f16_ref,
+                     .act_type = FL_TYPE_F32, .vec_dot_generic = fl_vec_dot_f16_f32_generic},
+    [FL_TYPE_BF16] = {.name = "bf16", .blck = 1, .bytes = 2,
+                     .to_float = fl_dequantize_row_bf16, .from_float = fl_quantize_row_bf16_ref,
+                     .act_type = FL_TYPE_F32, .vec_dot_generic = fl_vec_dot_bf16_f32_generic},
+    [FL_TYPE_Q8_0] = {.name = "q8_0", .blck = QK8_0, .bytes = sizeof(block_q8_0),
+                     .to_float = fl_dequantize_row_q8_0, .from_float = fl_quantize_row_q8_0_ref,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q8_0_q8_0_generic},
+    [FL_TYPE_MXFP4] = {.name = "mxfp4", .blck = QK_MXFP4, .bytes = sizeof(block_mxfp4),
+                     .to_float = fl_dequantize_row_mxfp4, .from_float = fl_quantize_row_mxfp4_ref,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_mxfp4_q8_0_generic},
+    [FL_TYPE_Q2_K] = {.name = "q2_K", .blck = QK_K, .bytes = sizeof(block_q2_K),
+                     .to_float = fl_dequantize_row_q2_K, .from_float = fl_quantize_row_q2_K_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q2_K_q8_K_generic},
+    [FL_TYPE_Q4_K] = {.name = "q4_K", .blck = QK_K, .bytes = sizeof(block_q4_K),
+                     .to_float = fl_dequantize_row_q4_K, .from_float = fl_quantize_row_q4_K_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q4_K_q8_K_generic},
+    [FL_TYPE_Q5_K] = {.name = "q5_K", .blck = QK_K, .bytes = sizeof(block_q5_K),
+                     .to_float = fl_dequantize_row_q5_K, .from_float = fl_quantize_row_q5_K_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q5_K_q8_K_generic},
+    [FL_TYPE_Q6_K] = {.name = "q6_K", .blck = QK_K, .bytes = sizeof(block_q6_K),
+                     .to_float = fl_dequantize_row_q6_K, .from_float = fl_quantize_row_q6_K_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q6_K_q8_K_generic},
+    [FL_TYPE_Q8_K] = {.name = "q8_K", .blck = QK_K, .bytes = sizeof(block_q8_K),
+                     .to_float = fl_dequantize_row_q8_K, .from_float = fl_quantize_row_q8_K_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = NULL},
+    [FL_TYPE_IQ2_XXS] = {.name = "iq2_xxs", .blck = QK_K, .bytes = sizeof(block_iq2_xxs),
+                     .to_float = fl_dequantize_row_iq2_xxs, .from_float = fl_quantize_row_iq2_xxs_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_iq2_xxs_q8_K_generic},
+    [FL_TYPE_IQ4_XS] = {.name = "iq4_xs", .blck = QK_K, .bytes = sizeof(block_iq4_xs),
+                     .to_float = fl_dequantize_row_iq4_xs, .from_float = fl_quantize_row_iq4_xs_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_iq4_xs_q8_K_generic},
 };
 
 const struct fl_type_traits *fl_traits(int type) {
-    if (type < 0 || type >= FL_TYPE_MAX || !traits[type].name)
+    if (type < 0 || type >= FL_TYPE_COUNT || !traits[type].name)
         return NULL;
     return &traits[type];
 }
@@ -84,6 +95,27 @@ int fl_quantize(int type, const float *src, void *dst, int64_t n) {
         return FL_ETYPE;
     if (n > 0)
         t->from_float(src, dst, n);
+    return FL_OK;
+}
+
+int fl_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int64_t n_per_row,
+                     const float *importance) {
+    const struct fl_type_traits *t = fl_traits(type);
+    if (!t)
+        return FL_ETYPE;
+    if (n_rows < 0 || n_per_row < 0 || n_per_row % t->blck || (n_rows && n_per_row && (!src || !dst)))
+        return FL_EINVAL;
+    if (!t->from_float && !t->quantize)
+        return FL_ETYPE;
+    if (n_rows == 0 || n_per_row == 0)
+        return FL_OK;
+    if (t->quantize) {
+        t->quantize(src, dst, n_rows, n_per_row, importance);
+        return FL_OK;
+    }
+    size_t row = (size_t)(n_per_row / t->blck * t->bytes);
+    for (int64_t r = 0; r < n_rows; r++)
+        t->from_float(src + r * n_per_row, (uint8_t *)dst + r * row, n_per_row);
     return FL_OK;
 }
 

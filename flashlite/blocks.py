@@ -88,11 +88,13 @@ def dequantize(data, qtype, n: int | None = None) -> np.ndarray:
     return out
 
 
-def quantize(x: np.ndarray, qtype) -> np.ndarray:
+def quantize(x: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.ndarray:
     """Quantize float32 `x` of shape [..., n] to `qtype` blocks: uint8 of shape [..., row_bytes(qtype, n)].
 
-    Uses ggml's reference quantizer: bit-exact with gguf-py where gguf-py has one, and with ggml's
-    quantize_row_*_ref elsewhere (IQ2_XXS: ggml's search with unit importance weights).
+    Without `importance`, ggml's reference quantizer: bit-exact with gguf-py where gguf-py has one, and with
+    ggml's quantize_row_*_ref elsewhere (the IQ types ggml only quantizes with an importance matrix weigh every
+    element alike). With `importance` (float32 [n], a tensor's row of an importance matrix) each type's search
+    weighs its error by it, as llama.cpp's quantizer does; types without a search ignore it, as ggml does.
     """
     type_id = _type_id(qtype)
     name = _type_name(type_id)
@@ -107,10 +109,22 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     belems = int(lib.fl_type_block_elems(type_id))
     if x.shape[-1] % belems:
         raise ValueError(f"x: last dimension {x.shape[-1]} is not a multiple of the {name} block size {belems}")
+    weights = ffi.NULL
+    if importance is not None:
+        if not isinstance(importance, np.ndarray) or importance.dtype != np.float32:
+            raise TypeError("importance: expected a float32 numpy array")
+        if importance.shape != (x.shape[-1],):
+            raise ValueError(f"importance: shape {importance.shape}, expected ({x.shape[-1]},), one weight per "
+                             f"element of a row")
+        if not np.all(np.isfinite(importance)) or np.any(importance < 0):
+            raise ValueError("importance: weights must be finite and non-negative")
+        importance = np.ascontiguousarray(importance)
+        weights = ffi.from_buffer("float[]", importance)
     out = np.empty((*x.shape[:-1], row_bytes(type_id, x.shape[-1])), dtype=np.uint8)
     if x.size:
-        check(lib.fl_quantize(type_id, ffi.from_buffer("float[]", x), ffi.from_buffer(out), x.size),
-              f"quantize {name}")
+        n = x.shape[-1]
+        check(lib.fl_quantize_rows(type_id, ffi.from_buffer("float[]", x), ffi.from_buffer(out), x.size // n, n,
+                                   weights), f"quantize {name}")
     return out
 
 
