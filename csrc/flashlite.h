@@ -62,9 +62,11 @@ int fl_dequantize(int type, const void *src, float *dst, int64_t n);
 int fl_quantize(int type, const float *src, void *dst, int64_t n);
 /* n_rows rows of n_per_row elements, as llama.cpp's quantizer writes them (ggml_quantize_chunk): with importance
  * (n_per_row weights, an importance matrix's row for this tensor) the search of each type weighs its error by it,
- * as ggml's quantize_<type> does; importance NULL is fl_quantize row by row, except for the types whose search
- * ggml only runs with weights (IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M), which then weigh every element alike. Types
- * without a search (F32, F16, BF16, Q8_0, MXFP4, ...) ignore importance, as ggml does. */
+ * as ggml's quantize_<type> does; importance NULL is fl_quantize row by row, except for IQ4_NL (ggml runs its full
+ * search with error weights x^2 here, where its reference quantizer keeps the first scale it finds) and for the
+ * types whose search ggml only runs with weights (IQ2_XXS, IQ2_XS, IQ1_S: ggml_quantize_requires_imatrix), which
+ * then weigh every element alike. Types without a search (F32, F16, BF16, Q8_0, MXFP4, ...) ignore importance,
+ * as ggml does. */
 int fl_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int64_t n_per_row,
                      const float *importance);
 

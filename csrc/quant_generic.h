@@ -72,18 +72,57 @@ static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uin
     }
 }
 
-/* ---------------------------------------------------------------- i-quants (quant_iq.c) */
+/* ---------------------------------------------------------------- i-quants
+ * quant_iq.c (IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S), quant_iq3.c (IQ3_XXS, IQ3_S), quant_iq1.c (IQ1_S, IQ1_M);
+ * grids in iq_grids.c (iq2xxs_grid in quant_iq.c), their search tables in iq_lattice.c. fl_quantize_<t> is ggml's
+ * quantize_<t>: rows with importance weights (n_per_row of them, or NULL), the traits' .quantize. For IQ2_XXS,
+ * IQ2_XS and IQ1_S, which ggml only quantizes with an importance matrix, *_ref is that search with unit weights. */
 extern const int8_t fl_kvalues_iq4nl[16];
 extern const uint64_t fl_iq2xxs_grid[256];
-/* the 8 sign bits of 7 stored ones: the eighth makes the count of minus signs even */
+extern const uint64_t fl_iq2xs_grid[512];
+extern const uint64_t fl_iq2s_grid[1024];
+extern const uint32_t fl_iq3xxs_grid[256];
+extern const uint32_t fl_iq3s_grid[512];
+extern const uint64_t fl_iq1s_grid[2048];
+/* the 8 sign bits of 7 stored ones: the eighth makes the count of minus signs even (ggml's ksigns_iq2xs) */
 static inline uint8_t fl_iq2_signs(uint32_t seven) {
     return (uint8_t)(seven | ((uint32_t)__builtin_parity(seven) << 7));
 }
-void fl_dequantize_row_iq2_xxs(const void *src, float *dst, int64_t n);
-void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n);
-void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq4_nl(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq4_nl_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq4_nl(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq4_nl_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
 void fl_dequantize_row_iq4_xs(const void *src, float *dst, int64_t n);
 void fl_quantize_row_iq4_xs_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq4_xs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_iq4_xs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq2_xxs(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq2_xxs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq2_xs(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq2_xs_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq2_xs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq2_xs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq2_s(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq2_s_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq2_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq2_s_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq3_xxs(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq3_xxs_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq3_xxs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq3_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq3_s(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq3_s_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq3_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq3_s_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq1_s(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq1_s_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq1_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq1_s_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_iq1_m(const void *src, float *dst, int64_t n);
+void fl_quantize_row_iq1_m_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_iq1_m(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_iq1_m_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 
 #endif

@@ -1,8 +1,11 @@
-/* quant_iq.c: the i-quants IQ4_XS (non-linear 4-bit values, 6-bit sub-block scales) and IQ2_XXS (8 weights
- * from a 256-entry lattice grid plus 7 stored sign bits per 8), both paired with Q8_K activations. */
+/* quant_iq.c: the i-quants with non-linear 4-bit values, IQ4_NL (blocks of 32, Q8_0 activations) and IQ4_XS
+ * (6-bit sub-block scales), and the 2-bit lattice ones, IQ2_XXS, IQ2_XS and IQ2_S: 8 weights from a grid of
+ * magnitudes (256, 512 or 1024 points) with 7 or 8 stored sign bits, Q8_K activations. The quantizers are ggml's
+ * searches (quantize_<t>, with importance weights where given), kept in ggml's order of float operations so that
+ * files match what llama.cpp writes; the dequantizers are bit-exact with gguf-py. */
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
+#include "iq_lattice.h"
 #include "kernels.h"
 #include "quant_generic.h"
 
@@ -15,6 +18,7 @@
 #endif
 
 #define GROUP_MAX_EPS 1e-15f
+#define GROUP_MAX_EPS_IQ2_S 1e-8f
 
 const int8_t fl_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -94,7 +98,20 @@ static inline int clampi(int v, int lo, int hi) {
     return v < lo ? lo : v > hi ? hi : v;
 }
 
-/* ---------------------------------------------------------------- IQ4_XS */
+/* ---------------------------------------------------------------- IQ4_NL and IQ4_XS */
+
+void fl_dequantize_row_iq4_nl(const void *src, float *dst, int64_t n) {
+    const block_iq4_nl *x = src;
+    float *y = dst;
+    for (int64_t i = 0; i < n / QK4_NL; i++, y += QK4_NL) {
+        const float d = fl_fp16_to_fp32(x[i].d);
+        for (int j = 0; j < QK4_NL / 2; j++) {
+            y[j] = d * fl_kvalues_iq4nl[x[i].qs[j] & 0xf];
+            y[j + QK4_NL / 2] = d * fl_kvalues_iq4nl[x[i].qs[j] >> 4];
+        }
+    }
+}
+
 void fl_dequantize_row_iq4_xs(const void *src, float *dst, int64_t n) {
     const block_iq4_xs *x = src;
     float *y = dst;
@@ -130,19 +147,28 @@ static inline int best_index_iq4nl(float x) {
     return x - val[hi - 1] < val[hi] - x ? hi - 1 : hi;
 }
 
-/* ggml's quantize_row_iq4_nl_impl for one super-block of 256 without importance weights (weights x^2):
- * per sub-block of 32, the best of 15 scales near -max/127 by weighted least squares, then the scales
- * quantized to 6 bits against the super-block scale and every value requantized against its rounded scale. */
-static void quantize_block_iq4_xs(const float *x, block_iq4_xs *y) {
-    const int ntry = 7;
+/* ggml's quantize_row_iq4_nl_impl for one block of `super` values (32 for IQ4_NL, 256 for IQ4_XS) in sub-blocks
+ * of 32. The error weights are qw * sqrt(sigma2 + x^2) with importance qw, else x^2. Per sub-block the scale is
+ * the best of 2 ntry + 1 tries near -max/127 by weighted least squares (ntry < 0: only the first guess, at
+ * +max/-127, as ggml's IQ4_NL reference quantizer has it). IQ4_XS then quantizes the sub-block scales to 6 bits
+ * against d = -max_scale/32 and requantizes every value against its rounded scale; IQ4_NL stores its scale as it
+ * is and, searching (ntry > 0), requantizes against it. L (super levels) is the caller's: a sub-block that is all
+ * but zero keeps the levels L had from the block before, as ggml's reused array does, where nothing rewrites them
+ * (the IQ4_NL reference; its scale is 0 then, so only the bytes, not the values, depend on it). */
+static void quantize_iq4(int super, const float *x, const float *qw, int ntry, fl_half *dh, uint8_t *q4,
+                         uint16_t *scales_h, uint8_t *scales_l, uint8_t *L) {
     const int8_t *values = fl_kvalues_iq4nl;
-    float scales[QK_K / 32];
-    uint8_t L[QK_K];
+    float scales[QK_K / 32], weight[32];
+    float sigma2 = 0;
+    for (int j = 0; j < super; j++)
+        sigma2 += x[j] * x[j];
+    sigma2 *= 2.f / super;
     float max_scale = 0, amax_scale = 0;
-    memset(y->qs, 0, sizeof(y->qs));
-    for (int ib = 0; ib < QK_K / 32; ib++) {
+    for (int ib = 0; ib < super / 32; ib++) {
         const float *xb = x + 32 * ib;
         uint8_t *Lb = L + 32 * ib;
+        for (int j = 0; j < 32; j++)
+            weight[j] = qw ? qw[32 * ib + j] * sqrtf(sigma2 + xb[j] * xb[j]) : xb[j] * xb[j];
         float amax = 0, max = 0;
         for (int j = 0; j < 32; j++) {
             if (fabsf(xb[j]) > amax) {
@@ -154,16 +180,15 @@ static void quantize_block_iq4_xs(const float *x, block_iq4_xs *y) {
             scales[ib] = 0;
             continue;
         }
-        float d = -max / values[0];
+        float d = ntry > 0 ? -max / values[0] : max / values[0];
         float id = 1 / d;
         float sumqx = 0, sumq2 = 0;
         for (int j = 0; j < 32; j++) {
             int l = best_index_iq4nl(id * xb[j]);
             Lb[j] = (uint8_t)l;
             float q = values[l];
-            float w = xb[j] * xb[j];
-            sumqx += w * q * xb[j];
-            sumq2 += w * q * q;
+            sumqx += weight[j] * q * xb[j];
+            sumq2 += weight[j] * q * q;
         }
         d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
         float best = d * sumqx;
@@ -172,9 +197,8 @@ static void quantize_block_iq4_xs(const float *x, block_iq4_xs *y) {
             sumqx = sumq2 = 0;
             for (int j = 0; j < 32; j++) {
                 float q = values[best_index_iq4nl(id * xb[j])];
-                float w = xb[j] * xb[j];
-                sumqx += w * q * xb[j];
-                sumq2 += w * q * q;
+                sumqx += weight[j] * q * xb[j];
+                sumq2 += weight[j] * q * q;
             }
             if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
                 d = sumqx / sumq2;
@@ -187,32 +211,83 @@ static void quantize_block_iq4_xs(const float *x, block_iq4_xs *y) {
             max_scale = d;
         }
     }
-    y->scales_h = 0;
-    float d = -max_scale / 32;
-    y->d = fl_fp32_to_fp16(d);
-    float id = d ? 1 / d : 0.f;
-    for (int ib = 0; ib < QK_K / 32; ib++) {
-        int l = clampi(fl_nearest_int(id * scales[ib]), -32, 31);
-        float dl = d * l;
-        float idl = dl ? 1 / dl : 0.f;
-        for (int j = 0; j < 32; j++)
-            L[32 * ib + j] = (uint8_t)best_index_iq4nl(idl * x[32 * ib + j]);
-        l += 32;
-        if (ib % 2 == 0)
-            y->scales_l[ib / 2] = (uint8_t)(l & 0xf);
-        else
-            y->scales_l[ib / 2] |= (uint8_t)((l & 0xf) << 4);
-        y->scales_h |= (uint16_t)((l >> 4) << (2 * ib));
+    if (super > 32) {
+        *scales_h = 0;
+        float d = -max_scale / 32;
+        *dh = fl_fp32_to_fp16(d);
+        float id = d ? 1 / d : 0.f;
+        for (int ib = 0; ib < super / 32; ib++) {
+            int l = clampi(fl_nearest_int(id * scales[ib]), -32, 31);
+            float dl = d * l;
+            float idl = dl ? 1 / dl : 0.f;
+            for (int j = 0; j < 32; j++)
+                L[32 * ib + j] = (uint8_t)best_index_iq4nl(idl * x[32 * ib + j]);
+            l += 32;
+            if (ib % 2 == 0)
+                scales_l[ib / 2] = (uint8_t)(l & 0xf);
+            else
+                scales_l[ib / 2] |= (uint8_t)((l & 0xf) << 4);
+            *scales_h |= (uint16_t)((l >> 4) << (2 * ib));
+        }
+    } else {
+        *dh = fl_fp32_to_fp16(scales[0]);
+        if (ntry > 0) {
+            float id = scales[0] ? 1 / scales[0] : 0;
+            for (int j = 0; j < 32; j++)
+                L[j] = (uint8_t)best_index_iq4nl(id * x[j]);
+        }
     }
-    for (int ib = 0; ib < QK_K / 32; ib++)
+    for (int i = 0; i < super / 32; i++)
         for (int j = 0; j < 16; j++)
-            y->qs[16 * ib + j] = L[32 * ib + j] | (uint8_t)(L[32 * ib + 16 + j] << 4);
+            q4[16 * i + j] = L[32 * i + j] | (uint8_t)(L[32 * i + 16 + j] << 4);
 }
 
-void fl_quantize_row_iq4_xs_ref(const float *src, void *dst, int64_t n) {
+/* quantize_row_iq4_nl_ref: the first guess of each block's scale, error weights x^2 */
+void fl_quantize_row_iq4_nl_ref(const float *src, void *dst, int64_t n) {
+    block_iq4_nl *y = dst;
+    uint8_t L[QK4_NL] = {0};
+    for (int64_t i = 0; i < n / QK4_NL; i++)
+        quantize_iq4(QK4_NL, src + i * QK4_NL, NULL, -1, &y[i].d, y[i].qs, NULL, NULL, L);
+}
+
+/* quantize_iq4_nl: the full search, weighted by importance or, without, by x^2 (what llama.cpp writes) */
+void fl_quantize_iq4_nl(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
+    block_iq4_nl *y = dst;
+    uint8_t L[QK4_NL] = {0};
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK4_NL; i++, y++)
+            quantize_iq4(QK4_NL, src + r * n_per_row + i * QK4_NL, importance ? importance + i * QK4_NL : NULL, 7,
+                         &y->d, y->qs, NULL, NULL, L);
+}
+
+void fl_quantize_iq4_xs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
     block_iq4_xs *y = dst;
-    for (int64_t i = 0; i < n / QK_K; i++)
-        quantize_block_iq4_xs(src + i * QK_K, &y[i]);
+    uint8_t L[QK_K];
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
+            quantize_iq4(QK_K, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, 7, &y->d,
+                         y->qs, &y->scales_h, y->scales_l, L);
+}
+
+/* quantize_row_iq4_xs_ref is quantize_iq4_xs without importance */
+void fl_quantize_row_iq4_xs_ref(const float *src, void *dst, int64_t n) {
+    fl_quantize_iq4_xs(src, dst, 1, n, NULL);
+}
+
+void fl_vec_dot_iq4_nl_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq4_nl *x = vx;
+    const block_q8_0 *y = vy;
+    float sumf = 0;
+    for (int64_t i = 0; i < n / QK4_NL; i++) {
+        const float d = fl_fp16_to_fp32(y[i].d) * fl_fp16_to_fp32(x[i].d);
+        int sumi1 = 0, sumi2 = 0;
+        for (int j = 0; j < QK4_NL / 2; j++) {
+            sumi1 += y[i].qs[j] * fl_kvalues_iq4nl[x[i].qs[j] & 0xf];
+            sumi2 += y[i].qs[j + QK4_NL / 2] * fl_kvalues_iq4nl[x[i].qs[j] >> 4];
+        }
+        sumf += d * (sumi1 + sumi2);
+    }
+    *s = sumf;
 }
 
 void fl_vec_dot_iq4_xs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy) {
@@ -236,7 +311,7 @@ void fl_vec_dot_iq4_xs_q8_K_generic(int64_t n, float *s, const void *vx, const v
     *s = sumf;
 }
 
-/* ---------------------------------------------------------------- IQ2_XXS */
+/* ---------------------------------------------------------------- IQ2_XXS, IQ2_XS, IQ2_S */
 
 /* Each group of 32 is two 32-bit words: grid indices in the bytes of the first; in the second, 4x7 sign bits
  * and a 4-bit scale on top, giving the group scale d * (0.5 + s) / 4. */
@@ -259,6 +334,55 @@ void fl_dequantize_row_iq2_xxs(const void *src, float *dst, int64_t n) {
     }
 }
 
+/* each 16-bit qs word: a 9-bit grid index and 7 sign bits; each half group of 16 its own 4-bit scale */
+void fl_dequantize_row_iq2_xs(const void *src, float *dst, int64_t n) {
+    const block_iq2_xs *x = src;
+    float *y = dst;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fl_fp16_to_fp32(x[i].d);
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            const float db[2] = {d * (0.5f + (x[i].scales[ib] & 0xf)) * 0.25f, d * (0.5f + (x[i].scales[ib] >> 4)) * 0.25f};
+            for (int l = 0; l < 4; l++, y += 8) {
+                const uint16_t q = x[i].qs[4 * ib + l];
+                const uint64_t grid = fl_iq2xs_grid[q & 511];
+                const uint8_t signs = fl_iq2_signs(q >> 9);
+                for (int j = 0; j < 8; j++)
+                    y[j] = db[l / 2] * grid_byte(grid, j) * (signs & (1u << j) ? -1.f : 1.f);
+            }
+        }
+    }
+}
+
+/* the 10-bit grid index of 8 weights l (0..3) of group ib: 8 bits in qs, 2 in qh[ib] */
+static inline int iq2_s_index(const block_iq2_s *b, int ib, int l) {
+    return b->qs[4 * ib + l] | ((b->qh[ib] << (8 - 2 * l)) & 0x300);
+}
+
+void fl_dequantize_row_iq2_s(const void *src, float *dst, int64_t n) {
+    const block_iq2_s *x = src;
+    float *y = dst;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fl_fp16_to_fp32(x[i].d);
+        const uint8_t *signs = x[i].qs + QK_K / 8;
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            const float db[2] = {d * (0.5f + (x[i].scales[ib] & 0xf)) * 0.25f, d * (0.5f + (x[i].scales[ib] >> 4)) * 0.25f};
+            for (int l = 0; l < 4; l++, y += 8) {
+                const uint64_t grid = fl_iq2s_grid[iq2_s_index(&x[i], ib, l)];
+                for (int j = 0; j < 8; j++)
+                    y[j] = db[l / 2] * grid_byte(grid, j) * (signs[4 * ib + l] & (1u << j) ? -1.f : 1.f);
+            }
+        }
+    }
+}
+
+/* the dot of 8 grid magnitudes under signs with 8 activations */
+static inline int32_t signed_grid_dot(uint64_t grid, uint8_t signs, const int8_t *q8) {
+    int32_t sum = 0;
+    for (int j = 0; j < 8; j++)
+        sum += grid_byte(grid, j) * q8[j] * (signs & (1u << j) ? -1 : 1);
+    return sum;
+}
+
 void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy) {
     const block_iq2_xxs *x = vx;
     const block_q8_K *y = vy;
@@ -272,12 +396,9 @@ void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const 
             memcpy(aux, x[i].qs + 4 * ib, sizeof(aux));
             const int32_t ls = 2 * (int32_t)(aux[1] >> 28) + 1;
             int32_t sumi = 0;
-            for (int l = 0; l < 4; l++, q8 += 8) {
-                const uint64_t grid = fl_iq2xxs_grid[(aux[0] >> (8 * l)) & 0xff];
-                const uint8_t signs = fl_iq2_signs((aux[1] >> (7 * l)) & 127);
-                for (int j = 0; j < 8; j++)
-                    sumi += grid_byte(grid, j) * q8[j] * (signs & (1u << j) ? -1 : 1);
-            }
+            for (int l = 0; l < 4; l++, q8 += 8)
+                sumi += signed_grid_dot(fl_iq2xxs_grid[(aux[0] >> (8 * l)) & 0xff],
+                                        fl_iq2_signs((aux[1] >> (7 * l)) & 127), q8);
             bsum += sumi * ls;
         }
         sumf += d * bsum;
@@ -285,101 +406,48 @@ void fl_vec_dot_iq2_xxs_q8_K_generic(int64_t n, float *s, const void *vx, const 
     *s = 0.125f * sumf;
 }
 
-/* ---------------------------------------------------------------- IQ2_XXS quantization
- * ggml's quantize_row_iq2_xxs_impl with unit importance weights (ggml insists on an imatrix; without one
- * every weight counts as 1, so the error weights are sqrt(mean x^2 + x^2)). Each group of 8 is matched to
- * the grid through a map from its 8 two-bit levels to a grid index, or, off the grid, to the nearest points. */
-
-#define IQ2_MAP_SIZE 43692     /* one past the largest key, level 2 in all 8 positions (0xAAAA) */
-#define IQ2_NEIGHBOURS 417400  /* off-grid keys plus their shell members, a fact of the grid (ggml counts it too) */
-
-static struct {
-    int8_t pos[256][8];        /* grid point i as odd levels 1, 3, 5 */
-    int32_t map[IQ2_MAP_SIZE]; /* key (8 two-bit levels) -> grid index, or -(1 + offset into neighbours) */
-    uint16_t neighbours[IQ2_NEIGHBOURS]; /* per off-grid key: a count, then the two nearest shells of grid points */
-} iq2;
-static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
-
-/* Lists, for every key off the grid, the grid points at the two smallest squared distances, by distance then
- * index: the order ggml's qsort leaves them in, which decides ties in iq2_best_neighbour. */
-static void iq2_init(void) {
-    for (int i = 0; i < 256; i++)
-        for (int j = 0; j < 8; j++)
-            iq2.pos[i][j] = (int8_t)(2 * ((grid_byte(fl_iq2xxs_grid[i], j) - 0x08) / 17) + 1);
-    for (int u = 0; u < IQ2_MAP_SIZE; u++)
-        iq2.map[u] = -1;
-    for (int i = 0; i < 256; i++) {
-        int u = 0;
-        for (int j = 0; j < 8; j++)
-            u |= ((iq2.pos[i][j] - 1) / 2) << (2 * j);
-        iq2.map[u] = i;
-    }
-    int at = 0;
-    for (int u = 0; u < IQ2_MAP_SIZE; u++) {
-        if (iq2.map[u] >= 0)
-            continue;
-        int d2[256], first = INT32_MAX, second = INT32_MAX;
-        for (int i = 0; i < 256; i++) {
-            d2[i] = 0;
-            for (int j = 0; j < 8; j++) {
-                int diff = iq2.pos[i][j] - (2 * ((u >> (2 * j)) & 3) + 1);
-                d2[i] += diff * diff;
-            }
-            if (d2[i] < first) {
-                second = first;
-                first = d2[i];
-            } else if (d2[i] > first && d2[i] < second) {
-                second = d2[i];
+void fl_vec_dot_iq2_xs_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq2_xs *x = vx;
+    const block_q8_K *y = vy;
+    float sumf = 0.f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fl_fp16_to_fp32(x[i].d) * y[i].d;
+        const int8_t *q8 = y[i].qs;
+        int32_t bsum = 0;
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            for (int h = 0; h < 2; h++) {
+                const int32_t ls = 2 * ((x[i].scales[ib] >> (4 * h)) & 0xf) + 1;
+                int32_t sumi = 0;
+                for (int l = 2 * h; l < 2 * h + 2; l++, q8 += 8) {
+                    const uint16_t q = x[i].qs[4 * ib + l];
+                    sumi += signed_grid_dot(fl_iq2xs_grid[q & 511], fl_iq2_signs(q >> 9), q8);
+                }
+                bsum += sumi * ls;
             }
         }
-        int n = 0;
-        for (int i = 0; i < 256; i++)
-            n += d2[i] <= second;
-        if (at + 1 + n > IQ2_NEIGHBOURS) /* unreachable with this grid: a wrong count must not write past */
-            return;
-        iq2.map[u] = -(at + 1);
-        uint16_t *list = iq2.neighbours + at;
-        list[0] = (uint16_t)n;
-        for (int shell = 0, k = 1; shell < 2; shell++)
-            for (int i = 0; i < 256; i++)
-                if (d2[i] == (shell ? second : first))
-                    list[k++] = (uint16_t)i;
-        at += n + 1;
+        sumf += d * bsum;
     }
+    *s = 0.125f * sumf;
 }
 
-/* the grid point among the neighbours of an off-grid key closest to xval at this scale; writes its levels */
-static int iq2_best_neighbour(const uint16_t *neighbours, const float *xval, const float *weight, float scale,
-                              int8_t *L) {
-    float best_d2 = FLT_MAX;
-    int best = neighbours[1];
-    for (int j = 1; j <= neighbours[0]; j++) {
-        float d2 = 0;
-        for (int i = 0; i < 8; i++) {
-            float diff = scale * iq2.pos[neighbours[j]][i] - xval[i];
-            d2 += weight[i] * diff * diff;
+void fl_vec_dot_iq2_s_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq2_s *x = vx;
+    const block_q8_K *y = vy;
+    float sumf = 0;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fl_fp16_to_fp32(x[i].d) * y[i].d;
+        const int8_t *q8 = y[i].qs;
+        const uint8_t *signs = x[i].qs + QK_K / 8;
+        int bsum = 0;
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            int sumi[2] = {0, 0};
+            for (int l = 0; l < 4; l++, q8 += 8)
+                sumi[l / 2] += signed_grid_dot(fl_iq2s_grid[iq2_s_index(&x[i], ib, l)], signs[4 * ib + l], q8);
+            bsum += (1 + 2 * (x[i].scales[ib] & 0xf)) * sumi[0] + (1 + 2 * (x[i].scales[ib] >> 4)) * sumi[1];
         }
-        if (d2 < best_d2) {
-            best_d2 = d2;
-            best = neighbours[j];
-        }
+        sumf += d * bsum;
     }
-    for (int i = 0; i < 8; i++)
-        L[i] = (int8_t)((iq2.pos[best][i] - 1) / 2);
-    return best;
-}
-
-/* the grid index of the 8 levels at 0.5 * (id * x - 1), snapped to the nearest grid point when off the grid */
-static int iq2_grid_index(const float *xval, const float *waux, float id, float scale, int8_t *L) {
-    int u = 0;
-    for (int i = 0; i < 8; i++) {
-        L[i] = (int8_t)clampi(fl_nearest_int(0.5f * (id * xval[i] - 1)), 0, 2);
-        u |= L[i] << (2 * i);
-    }
-    int index = iq2.map[u];
-    if (index < 0)
-        index = iq2_best_neighbour(iq2.neighbours - iq2.map[u] - 1, xval, waux, scale, L);
-    return index;
+    *s = 0.125f * sumf;
 }
 
 /* ggml's make_qp_quants: x >= 0 to levels 0..nmax, a scale search and a few rounds of coordinate descent */
@@ -451,7 +519,61 @@ static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const f
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
+/* Magnitudes of n groups of 8 to xval, with 7 sign bits per group in signs: an odd count of minus signs flips
+ * the sign of the weight with the least weight * x^2 (the stored eighth bit is the parity of the other seven). */
+static void split_signs_parity(const float *xb, const float *weight, int n_groups, float *xval, uint8_t *signs) {
+    for (int k = 0; k < n_groups; k++) {
+        int nflip = 0;
+        uint8_t s = 0;
+        for (int i = 0; i < 8; i++) {
+            if (xb[8 * k + i] >= 0) {
+                xval[8 * k + i] = xb[8 * k + i];
+            } else {
+                xval[8 * k + i] = -xb[8 * k + i];
+                nflip++;
+                s |= (uint8_t)(1 << i);
+            }
+        }
+        if (nflip % 2) {
+            int imin = 0;
+            float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
+            for (int i = 1; i < 8; i++) {
+                float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+                if (ax < min) {
+                    min = ax;
+                    imin = i;
+                }
+            }
+            xval[8 * k + imin] = -xval[8 * k + imin];
+            s ^= (uint8_t)(1 << imin);
+        }
+        signs[k] = s & 127;
+    }
+}
+
+/* the weighted least-squares scale of levels L (values 2 L + 1) for xval: *sumqx / *sumq2 */
+static void lsq_sums(int n, const float *xval, const float *weight, const int8_t *L, float *sumqx, float *sumq2) {
+    float sx = 0, s2 = 0;
+    for (int i = 0; i < n; i++) {
+        float q = 2 * L[i] + 1;
+        sx += weight[i] * xval[i] * q;
+        s2 += weight[i] * q * q;
+    }
+    *sumqx = sx;
+    *sumq2 = s2;
+}
+
+/* The grid index of 8 levels for the stored block. For finite input the levels are on the grid here; non-finite
+ * input can leave others (where ggml aborts): they are clamped, and a key off the grid takes grid point 0. */
+static int final_index(const struct fl_lattice *lat, const int8_t *L) {
+    return fl_lattice_index_or(lat, fl_lattice_key(lat, L), 0);
+}
+
+/* ggml's quantize_row_iq2_xxs_impl for one super-block: per group of 32, signs split off, make_qp_quants' scale
+ * refined over 13 tries, groups of 8 rounded to the grid; error weights qw * sqrt(mean x^2 + x^2), qw the
+ * importance or (ggml insists on one; its quantizer without is this one) 1. */
+static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x, const float *qw,
+                                   block_iq2_xxs *y) {
     const int kMaxQ = 3;
     float scales[QK_K / 32], weight[32], waux[32], xval[32];
     int8_t L[32], Laux[32];
@@ -466,37 +588,10 @@ static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
     for (int ib = 0; ib < QK_K / 32; ib++) {
         const float *xb = x + 32 * ib;
         for (int i = 0; i < 32; i++) {
-            weight[i] = sqrtf(sigma2 + xb[i] * xb[i]);
+            weight[i] = (qw ? qw[32 * ib + i] : 1.f) * sqrtf(sigma2 + xb[i] * xb[i]);
             waux[i] = sqrtf(weight[i]);
         }
-        /* magnitudes go to the grid, signs to 7 bits per 8: an odd count of minus signs flips the cheapest one */
-        for (int k = 0; k < 4; k++) {
-            int nflip = 0;
-            uint8_t s = 0;
-            for (int i = 0; i < 8; i++) {
-                if (xb[8 * k + i] >= 0) {
-                    xval[8 * k + i] = xb[8 * k + i];
-                } else {
-                    xval[8 * k + i] = -xb[8 * k + i];
-                    nflip++;
-                    s |= (uint8_t)(1 << i);
-                }
-            }
-            if (nflip % 2) {
-                int imin = 0;
-                float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-                for (int i = 1; i < 8; i++) {
-                    float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-                    if (ax < min) {
-                        min = ax;
-                        imin = i;
-                    }
-                }
-                xval[8 * k + imin] = -xval[8 * k + imin];
-                s ^= (uint8_t)(1 << imin);
-            }
-            block_signs[k] = s & 127;
-        }
+        split_signs_parity(xb, weight, 4, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 32; i++)
             max = max > xval[i] ? max : xval[i];
@@ -515,13 +610,9 @@ static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
             float id = (2 * kMaxQ - 1 + is * 0.1f) / eff_max;
             float this_scale = 1 / id;
             for (int k = 0; k < 4; k++)
-                iq2_grid_index(xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k);
-            float sumqx = 0, sumq2 = 0;
-            for (int i = 0; i < 32; i++) {
-                float q = 2 * Laux[i] + 1;
-                sumqx += weight[i] * xval[i] * q;
-                sumq2 += weight[i] * q * q;
-            }
+                fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, NULL);
+            float sumqx, sumq2;
+            lsq_sums(32, xval, weight, Laux, &sumqx, &sumq2);
             if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
                 scale = sumqx / sumq2;
                 best = scale * sumqx;
@@ -530,17 +621,10 @@ static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
         }
         if (scale > 0) {
             float id = 1 / scale;
-            for (int k = 0; k < 4; k++) {
-                int index = iq2_grid_index(xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k);
-                for (int i = 0; i < 8; i++)
-                    L[8 * k + i] = (int8_t)((iq2.pos[index][i] - 1) / 2);
-            }
-            float sumqx = 0, sumq2 = 0;
-            for (int i = 0; i < 32; i++) {
-                float q = 2 * L[i] + 1;
-                sumqx += weight[i] * xval[i] * q;
-                sumq2 += weight[i] * q * q;
-            }
+            for (int k = 0; k < 4; k++)
+                fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, NULL);
+            float sumqx, sumq2;
+            lsq_sums(32, xval, weight, L, &sumqx, &sumq2);
             if (sumq2 > 0)
                 scale = sumqx / sumq2;
         }
@@ -549,14 +633,8 @@ static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
             for (int k = 0; k < 4; k++)
                 block_signs[k] = (~block_signs[k]) & 127;
         }
-        /* the levels are on the grid here for any finite input; non-finite input can leave make_qp_quants' levels,
-         * where ggml aborts and we clamp and fall back to grid point 0 */
         for (int k = 0; k < 4; k++) {
-            int u = 0;
-            for (int i = 0; i < 8; i++)
-                u |= clampi(L[8 * k + i], 0, 2) << (2 * i);
-            const int index = iq2.map[u] >= 0 ? iq2.map[u] : 0;
-            q2[2 * ib] |= (uint32_t)index << (8 * k);
+            q2[2 * ib] |= (uint32_t)final_index(lat, L + 8 * k) << (8 * k);
             q2[2 * ib + 1] |= (uint32_t)block_signs[k] << (7 * k);
         }
         scales[ib] = scale;
@@ -576,9 +654,204 @@ static void quantize_block_iq2_xxs(const float *x, block_iq2_xxs *y) {
     memcpy(y->qs, q2, sizeof(y->qs));
 }
 
-void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n) {
-    pthread_once(&iq2_once, iq2_init);
+/* The scale search of IQ2_XS and IQ2_S for one half group of 16 magnitudes: 19 tries around max / 5, then the
+ * groups of 8 whose rounding fell off the grid rounded again at the best scale. Returns the scale, levels in L. */
+static float search_16(const struct fl_lattice *lat, const float *xval, const float *weight, const float *waux,
+                       int8_t *L) {
+    const int kMaxQ = 3;
+    int8_t Laux[16];
+    int on_grid[2] = {1, 1}, on_aux[2];
+    float max = xval[0];
+    for (int i = 1; i < 16; i++)
+        max = max > xval[i] ? max : xval[i];
+    memset(L, 0, 16);
+    float best = 0;
+    float scale = max / (2 * kMaxQ - 1);
+    for (int is = -9; is <= 9; is++) {
+        float id = (2 * kMaxQ - 1 + is * 0.1f) / max;
+        float this_scale = 1 / id;
+        for (int k = 0; k < 2; k++)
+            fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_aux[k]);
+        float sumqx, sumq2;
+        lsq_sums(16, xval, weight, Laux, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(L, Laux, 16);
+            on_grid[0] = on_aux[0];
+            on_grid[1] = on_aux[1];
+        }
+    }
+    if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
+        float id = 1 / scale;
+        for (int k = 0; k < 2; k++)
+            if (!on_grid[k])
+                fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, NULL);
+        float sumqx, sumq2;
+        lsq_sums(16, xval, weight, L, &sumqx, &sumq2);
+        if (sumq2 > 0)
+            scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* ggml's quantize_row_iq2_xs_impl for one super-block: half groups of 16 searched on their own, error weights as
+ * IQ2_XXS's; each half group's scale to 4 bits against max_scale / 31 */
+static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, const float *qw, block_iq2_xs *y) {
+    float scales[QK_K / 16], weight[16], waux[16], xval[16];
+    int8_t L[16];
+    uint8_t block_signs[2];
+    uint16_t q2[QK_K / 8] = {0};
+    y->d = fl_fp32_to_fp16(0.f);
+    memset(y->scales, 0, sizeof(y->scales));
+    float max_scale = 0;
+    float sumx2 = 0;
+    for (int i = 0; i < QK_K; i++)
+        sumx2 += x[i] * x[i];
+    const float sigma2 = sumx2 / QK_K;
+    for (int ib = 0; ib < QK_K / 16; ib++) {
+        const float *xb = x + 16 * ib;
+        for (int i = 0; i < 16; i++) {
+            weight[i] = (qw ? qw[16 * ib + i] : 1.f) * sqrtf(sigma2 + xb[i] * xb[i]);
+            waux[i] = sqrtf(weight[i]);
+        }
+        split_signs_parity(xb, weight, 2, xval, block_signs);
+        float max = xval[0];
+        for (int i = 1; i < 16; i++)
+            max = max > xval[i] ? max : xval[i];
+        if (max < GROUP_MAX_EPS) {
+            scales[ib] = 0;
+            continue;
+        }
+        float scale = search_16(lat, xval, weight, waux, L);
+        if (scale < 0) {
+            scale = -scale;
+            for (int k = 0; k < 2; k++)
+                block_signs[k] = (~block_signs[k]) & 127;
+        }
+        for (int k = 0; k < 2; k++)
+            q2[2 * ib + k] = (uint16_t)(final_index(lat, L + 8 * k) | (block_signs[k] << 9));
+        scales[ib] = scale;
+        max_scale = max_scale > scale ? max_scale : scale;
+    }
+    if (!max_scale) {
+        memset(y->qs, 0, sizeof(y->qs));
+        return;
+    }
+    float d = max_scale / 31;
+    y->d = fl_fp32_to_fp16(d);
+    float id = 1 / d;
+    for (int ib = 0; ib < QK_K / 16; ib++) {
+        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        if (ib % 2 == 0)
+            y->scales[ib / 2] = (uint8_t)l;
+        else
+            y->scales[ib / 2] |= (uint8_t)(l << 4);
+    }
+    memcpy(y->qs, q2, sizeof(y->qs));
+}
+
+/* ggml's quantize_row_iq2_s_impl for one super-block: as IQ2_XS with all 8 sign bits stored, error weights
+ * qw * sqrt(2 mean x^2 + x^2), or without importance x^2 + mean x^2 / 2; the super-block scale d * 0.9875 */
+static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, const float *qw, block_iq2_s *y) {
+    float scales[QK_K / 16], weight[16], waux[16], xval[16];
+    int8_t L[16];
+    uint8_t block_signs[2];
+    memset(y, 0, sizeof(*y));
+    float max_scale = 0;
+    float sumx2 = 0;
+    for (int i = 0; i < QK_K; i++)
+        sumx2 += x[i] * x[i];
+    const float sigma2 = 2 * sumx2 / QK_K;
+    for (int ib = 0; ib < QK_K / 16; ib++) {
+        const float *xb = x + 16 * ib;
+        for (int i = 0; i < 16; i++) {
+            weight[i] = qw ? qw[16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]) : 0.25f * sigma2 + xb[i] * xb[i];
+            waux[i] = sqrtf(weight[i]);
+        }
+        for (int k = 0; k < 2; k++) {
+            uint8_t s = 0;
+            for (int i = 0; i < 8; i++) {
+                if (xb[8 * k + i] >= 0) {
+                    xval[8 * k + i] = xb[8 * k + i];
+                } else {
+                    xval[8 * k + i] = -xb[8 * k + i];
+                    s |= (uint8_t)(1 << i);
+                }
+            }
+            block_signs[k] = s;
+        }
+        float max = xval[0];
+        for (int i = 1; i < 16; i++)
+            max = max > xval[i] ? max : xval[i];
+        if (max < GROUP_MAX_EPS_IQ2_S) {
+            scales[ib] = 0;
+            continue;
+        }
+        float scale = search_16(lat, xval, weight, waux, L);
+        if (scale < 0) {
+            scale = -scale;
+            for (int k = 0; k < 2; k++)
+                block_signs[k] = (uint8_t)~block_signs[k];
+        }
+        for (int k = 0; k < 2; k++) {
+            const int i8 = 2 * ib + k, index = final_index(lat, L + 8 * k);
+            y->qs[i8] = (uint8_t)(index & 255);
+            y->qh[i8 / 4] |= (uint8_t)((index >> 8) << 2 * (i8 % 4));
+            y->qs[QK_K / 8 + i8] = block_signs[k];
+        }
+        scales[ib] = scale;
+        max_scale = max_scale > scale ? max_scale : scale;
+    }
+    if (!max_scale)
+        return;
+    float d = max_scale / 31;
+    y->d = fl_fp32_to_fp16(d * 0.9875f);
+    float id = 1 / d;
+    for (int ib = 0; ib < QK_K / 16; ib++) {
+        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        if (ib % 2 == 0)
+            y->scales[ib / 2] = (uint8_t)l;
+        else
+            y->scales[ib / 2] |= (uint8_t)(l << 4);
+    }
+}
+
+/* ggml only quantizes IQ2_XXS and IQ2_XS with an importance matrix (ggml_quantize_requires_imatrix; its
+ * ggml_quantize_chunk asserts one is given): without, these run its search with every importance 1 */
+void fl_quantize_iq2_xxs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
+    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2XXS);
     block_iq2_xxs *y = dst;
-    for (int64_t i = 0; i < n / QK_K; i++)
-        quantize_block_iq2_xxs(src + i * QK_K, &y[i]);
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
+            quantize_block_iq2_xxs(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+}
+
+void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n) {
+    fl_quantize_iq2_xxs(src, dst, 1, n, NULL);
+}
+
+void fl_quantize_iq2_xs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
+    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2XS);
+    block_iq2_xs *y = dst;
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
+            quantize_block_iq2_xs(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+}
+
+void fl_quantize_row_iq2_xs_ref(const float *src, void *dst, int64_t n) {
+    fl_quantize_iq2_xs(src, dst, 1, n, NULL);
+}
+
+/* quantize_iq2_s, and without importance quantize_row_iq2_s_ref */
+void fl_quantize_iq2_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
+    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2S);
+    block_iq2_s *y = dst;
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
+            quantize_block_iq2_s(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+}
+
+void fl_quantize_row_iq2_s_ref(const float *src, void *dst, int64_t n) {
+    fl_quantize_iq2_s(src, dst, 1, n, NULL);
 }

@@ -86,4 +86,73 @@ typedef struct {
 } block_iq4_xs;
 _Static_assert(sizeof(block_iq4_xs) == 2 + 2 + QK_K / 64 + QK_K / 2, "wrong iq4_xs block size");
 
+/* 8 groups of 32, each of two halves of 16 with a 4-bit scale (scales[i] & 15, then >> 4): x = d * (0.5 + s) / 4 *
+ * grid * sign, each 8 weights one qs word of a 9-bit iq2xs_grid index and 7 sign bits (the eighth by parity);
+ * 2.3125 bpw */
+typedef struct {
+    fl_half d;
+    uint16_t qs[QK_K / 8];
+    uint8_t scales[QK_K / 32];
+} block_iq2_xs;
+_Static_assert(sizeof(block_iq2_xs) == 2 + QK_K / 8 * 2 + QK_K / 32, "wrong iq2_xs block size");
+
+/* as iq2_xs with 10-bit iq2s_grid indices (low 8 bits in qs[0..31], 2 high bits per index in qh) and all 8 sign
+ * bits stored (qs[32..63]); 2.5625 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK_K / 4];
+    uint8_t qh[QK_K / 32];
+    uint8_t scales[QK_K / 32];
+} block_iq2_s;
+_Static_assert(sizeof(block_iq2_s) == 2 + QK_K / 4 + QK_K / 16, "wrong iq2_s block size");
+
+/* 8 groups of 32: 8 indices into iq3xxs_grid (4 magnitudes each) in qs[0..63], then per group a 32-bit word of
+ * 4x7 sign bits and a 4-bit scale on top: x = d * (0.5 + s) / 2 * grid * sign; 3.0625 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[3 * QK_K / 8];
+} block_iq3_xxs;
+_Static_assert(sizeof(block_iq3_xxs) == 2 + 3 * (QK_K / 8), "wrong iq3_xxs block size");
+
+/* 8 groups of 32: 9-bit iq3s_grid indices (low 8 bits in qs, the ninth in qh), 8 stored sign bits per 8 weights,
+ * a 4-bit scale per group (two per byte): x = d * (1 + 2 s) * grid * sign; 3.4375 bpw */
+#define IQ3S_N_SCALE (QK_K / 64)
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK_K / 4];
+    uint8_t qh[QK_K / 32];
+    uint8_t signs[QK_K / 8];
+    uint8_t scales[IQ3S_N_SCALE];
+} block_iq3_s;
+_Static_assert(sizeof(block_iq3_s) == 2 + 13 * (QK_K / 32) + IQ3S_N_SCALE, "wrong iq3_s block size");
+
+/* 8 groups of 32, each 4 x 8 weights from iq1s_grid (-1, 0, 1; 11-bit index: 8 bits in qs, 3 in qh), a 3-bit
+ * scale and a shift sign in qh's top bits: x = d * (2 s + 1) * (grid +- IQ1S_DELTA); 1.5625 bpw */
+#define IQ1S_DELTA 0.125f
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK_K / 8];
+    uint16_t qh[QK_K / 32];
+} block_iq1_s;
+_Static_assert(sizeof(block_iq1_s) == 2 + QK_K / 8 + QK_K / 16, "wrong iq1_s block size");
+
+/* 16 groups of 16 with 3-bit scales, 8 weights from iq1s_grid with their own shift sign in qh; the fp16 super-block
+ * scale d lives in the top 4 bits of the four 16-bit words of scales: x = d * (2 s + 1) * (grid +- IQ1M_DELTA);
+ * 1.75 bpw */
+#define IQ1M_DELTA 0.125f
+typedef struct {
+    uint8_t qs[QK_K / 8];
+    uint8_t qh[QK_K / 16];
+    uint8_t scales[QK_K / 32];
+} block_iq1_m;
+_Static_assert(sizeof(block_iq1_m) == QK_K / 8 + QK_K / 16 + QK_K / 32, "wrong iq1_m block size");
+
+#define QK4_NL 32
+/* x = d * kvalues_iq4nl[q], q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.5 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK4_NL / 2];
+} block_iq4_nl;
+_Static_assert(sizeof(block_iq4_nl) == 2 + QK4_NL / 2, "wrong iq4_nl block size");
+
 #endif

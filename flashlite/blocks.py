@@ -91,10 +91,12 @@ def dequantize(data, qtype, n: int | None = None) -> np.ndarray:
 def quantize(x: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.ndarray:
     """Quantize float32 `x` of shape [..., n] to `qtype` blocks: uint8 of shape [..., row_bytes(qtype, n)].
 
-    Without `importance`, ggml's reference quantizer: bit-exact with gguf-py where gguf-py has one, and with
-    ggml's quantize_row_*_ref elsewhere (the IQ types ggml only quantizes with an importance matrix weigh every
-    element alike). With `importance` (float32 [n], a tensor's row of an importance matrix) each type's search
-    weighs its error by it, as llama.cpp's quantizer does; types without a search ignore it, as ggml does.
+    Without `importance`, what llama.cpp writes without an importance matrix (ggml_quantize_chunk): ggml's
+    reference quantizer, bit-exact with gguf-py where gguf-py has one and with ggml's quantize_row_*_ref elsewhere;
+    IQ4_NL's full search rather than its reference; the IQ types ggml only quantizes with an importance matrix
+    (IQ2_XXS, IQ2_XS, IQ1_S) weigh every element alike. With `importance` (float32 [n], a tensor's row of an
+    importance matrix) each type's search weighs its error by it, as llama.cpp's quantizer does; types without a
+    search ignore it, as ggml does.
     """
     type_id = _type_id(qtype)
     name = _type_name(type_id)
