@@ -16,11 +16,15 @@ from gguf import GGMLQuantizationType as T
 
 from flashlite import matmul as fm
 
-FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ4_XS]
-ACT_Q8_0 = {T.Q8_0, T.MXFP4}
+FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ4_XS, T.IQ4_NL,
+           T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.IQ4_NL}
 FLOATS = {T.F32, T.F16, T.BF16}
-# byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks
-SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,)}
+# byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks (IQ1_M's is
+# spread over the top nibbles of the four 16-bit words at byte 48)
+SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,),
+                 T.IQ4_NL: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
+                 T.IQ1_M: ()}
 # ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 (blocks
 # of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
 DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 else 5e-2 for t in FORMATS}
@@ -43,6 +47,12 @@ def make_weights(wtype, rows, k, rng):
     for off in SCALE_OFFSETS[wtype]:
         scales = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16)
         blocks[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    if wtype == T.IQ1_M:
+        half = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16).view(np.uint16)
+        words = blocks[:, 48:56].copy().view("<u2")
+        for i in range(4):
+            words[:, i] = (words[:, i] & 0x0FFF) | (((half >> (4 * i)) & 0xF) << 12)
+        blocks[:, 48:56] = words.view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -117,7 +127,7 @@ def test_levels_agree_with_scalar(wtype, level):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_K, T.IQ2_XXS], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_K, T.IQ2_XXS, T.IQ4_NL, T.IQ1_M], ids=lambda t: t.name)
 def test_odd_shapes(wtype, n_threads, threads):
     """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
     threads(n_threads)

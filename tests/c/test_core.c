@@ -36,9 +36,17 @@ static float rng_uniform(void) { /* in [-1, 1) */
     return (float)((double)rng_u32() / 2147483648.0 - 1.0);
 }
 
-static const int formats[] = {FL_TYPE_F32,  FL_TYPE_F16,  FL_TYPE_BF16,    FL_TYPE_Q8_0,  FL_TYPE_MXFP4, FL_TYPE_Q2_K,
-                              FL_TYPE_Q4_K, FL_TYPE_Q5_K, FL_TYPE_Q6_K, FL_TYPE_IQ2_XXS, FL_TYPE_IQ4_XS};
+static const int formats[] = {FL_TYPE_F32,    FL_TYPE_F16,    FL_TYPE_BF16,   FL_TYPE_Q8_0,   FL_TYPE_MXFP4,
+                              FL_TYPE_Q2_K,   FL_TYPE_Q4_K,   FL_TYPE_Q5_K,   FL_TYPE_Q6_K,   FL_TYPE_IQ2_XXS,
+                              FL_TYPE_IQ4_XS, FL_TYPE_IQ4_NL, FL_TYPE_IQ2_XS, FL_TYPE_IQ2_S,  FL_TYPE_IQ3_XXS,
+                              FL_TYPE_IQ3_S,  FL_TYPE_IQ1_S,  FL_TYPE_IQ1_M};
 #define N_FORMATS (int)(sizeof(formats) / sizeof(formats[0]))
+
+/* formats with no SIMD dot yet: every level must fall back to the generic one (dispatch.c) */
+static int generic_only(int type) {
+    return type == FL_TYPE_IQ4_NL || type == FL_TYPE_IQ2_XS || type == FL_TYPE_IQ2_S || type == FL_TYPE_IQ3_XXS ||
+           type == FL_TYPE_IQ3_S || type == FL_TYPE_IQ1_S || type == FL_TYPE_IQ1_M;
+}
 
 static void put_half(uint8_t *p, float v) {
     fl_half h = fl_fp32_to_fp16(v);
@@ -74,7 +82,13 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
         case FL_TYPE_Q4_K:
         case FL_TYPE_Q5_K: put_half(blk, d); put_half(blk + 2, d); break;
         case FL_TYPE_Q6_K: put_half(blk + 208, d); break;
-        default: put_half(blk, d); break; /* Q8_0, IQ2_XXS, IQ4_XS: d leads the block */
+        case FL_TYPE_IQ1_M: { /* d in the top 4 bits of the four 16-bit scale words */
+            fl_half h = fl_fp32_to_fp16(d);
+            for (int i = 0; i < 4; i++)
+                blk[48 + 2 * i + 1] = (uint8_t)((blk[48 + 2 * i + 1] & 0x0f) | (((h >> (4 * i)) & 0xf) << 4));
+            break;
+        }
+        default: put_half(blk, d); break; /* Q8_0, IQ2_XXS ... IQ1_S (not IQ1_M), IQ4_XS, IQ4_NL: d leads the block */
         }
     }
 }
@@ -135,7 +149,7 @@ static void test_vec_dots(void) {
             CHECK(fabs(ref - want) <= 1e-5 * mag + 1e-6, "%s k=%ld generic %g vs double %g", t->name, (long)k, ref,
                   want);
             for (int l = 0; tables[l].lookup; l++) {
-                if (!tables[l].runs_here)
+                if (!tables[l].runs_here || generic_only(type))
                     continue;
                 fl_vec_dot_fn dot = tables[l].lookup(type);
                 CHECK(dot != NULL, "%s has no %s kernel", tables[l].name, t->name);
@@ -149,6 +163,48 @@ static void test_vec_dots(void) {
             free(w), free(x), free(xd), free(wd), free(xq);
         }
     }
+}
+
+/* the formats without SIMD dots get the generic one at every level this CPU runs */
+static void test_generic_fallback(void) {
+    for (int level = 0; level < 4; level++) {
+        if (fl_simd_set(level) != FL_OK)
+            continue;
+        for (int f = 0; f < N_FORMATS; f++) {
+            const struct fl_type_traits *t = fl_traits(formats[f]);
+            if (generic_only(formats[f]))
+                CHECK(fl_vec_dot(formats[f]) == t->vec_dot_generic, "level %d: %s dot is not the generic one",
+                      level, t->name);
+        }
+    }
+    fl_simd_set(fl_simd_best());
+}
+
+/* every quantizer, with and without importance, on rows of NaN, infinities, float32 extremes, subnormals and
+ * zeros, importance with zeros and extremes: the sanitizers see no undefined behaviour and no stray access
+ * (the i-quants' grid searches and their tables built on first use included) */
+static void test_quantize_garbage(void) {
+    enum { N = 512, ROWS = 6 };
+    static const float specials[] = {NAN, INFINITY, -INFINITY, 3.4e38f, -3.4e38f, 1e-45f, -1e-45f, 0.0f, -0.0f};
+    float *x = malloc(sizeof(float) * N * ROWS), *y = malloc(sizeof(float) * N * ROWS);
+    float *imp = malloc(sizeof(float) * N);
+    uint8_t *q = malloc((size_t)N * ROWS * 4);
+    for (int64_t i = 0; i < (int64_t)N * ROWS; i++) {
+        int64_t r = i / N;
+        x[i] = r == 0 ? rng_uniform() : r < 4 && rng_u32() % 3 ? specials[rng_u32() % 9] : specials[r % 9];
+    }
+    for (int i = 0; i < N; i++)
+        imp[i] = i % 5 == 0 ? 0.0f : i % 7 == 0 ? 3e38f : i % 11 == 0 ? 1e-45f : rng_uniform() + 1.0f;
+    for (int f = 0; f < N_FORMATS + 1; f++) {
+        int type = f < N_FORMATS ? formats[f] : FL_TYPE_Q8_K;
+        const struct fl_type_traits *t = fl_traits(type);
+        for (int weighted = 0; weighted < 2; weighted++) {
+            CHECK(fl_quantize_rows(type, x, q, ROWS, N, weighted ? imp : NULL) == FL_OK, "quantize %s", t->name);
+            CHECK(fl_dequantize(type, q, y, (int64_t)N * ROWS) == FL_OK, "dequantize %s", t->name);
+        }
+        CHECK(fl_quantize(type, x, q, (int64_t)N * ROWS) == FL_OK, "reference quantize %s", t->name);
+    }
+    free(x), free(imp), free(y), free(q);
 }
 
 /* fl_matmul against the double product: decode sees quantized activations, prefill the f32 ones */
@@ -399,6 +455,8 @@ static void test_matmul_batch(void) {
 int main(void) {
     test_pool();
     test_vec_dots();
+    test_generic_fallback();
+    test_quantize_garbage();
     test_matmul();
     test_matmul_errors();
     test_matmul_batch();
