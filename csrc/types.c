@@ -42,6 +42,12 @@ static const struct fl_type_traits traits[FL_TYPE_COUNT] = {
     [FL_TYPE_IQ4_XS] = {.name = "iq4_xs", .blck = QK_K, .bytes = sizeof(block_iq4_xs),
                      .to_float = fl_dequantize_row_iq4_xs, .from_float = fl_quantize_row_iq4_xs_ref,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_iq4_xs_q8_K_generic},
+    /* storage only: sizes for reading a file, no conversions */
+    [FL_TYPE_I8] = {.name = "i8", .blck = 1, .bytes = 1, .act_type = -1},
+    [FL_TYPE_I16] = {.name = "i16", .blck = 1, .bytes = 2, .act_type = -1},
+    [FL_TYPE_I32] = {.name = "i32", .blck = 1, .bytes = 4, .act_type = -1},
+    [FL_TYPE_I64] = {.name = "i64", .blck = 1, .bytes = 8, .act_type = -1},
+    [FL_TYPE_F64] = {.name = "f64", .blck = 1, .bytes = 8, .act_type = -1},
 };
 
 const struct fl_type_traits *fl_traits(int type) {
@@ -53,6 +59,19 @@ const struct fl_type_traits *fl_traits(int type) {
 int64_t fl_type_block_elems(int type) {
     const struct fl_type_traits *t = fl_traits(type);
     return t ? t->blck : 0;
+}
+
+const char *fl_type_name(int type) {
+    const struct fl_type_traits *t = fl_traits(type);
+    return t ? t->name : NULL;
+}
+
+int fl_type_flags(int type) {
+    const struct fl_type_traits *t = fl_traits(type);
+    if (!t)
+        return 0;
+    return (t->to_float ? FL_CAN_DEQUANTIZE : 0) | (t->from_float || t->quantize ? FL_CAN_QUANTIZE : 0) |
+           (t->to_float && t->vec_dot_generic ? FL_CAN_MATMUL : 0);
 }
 
 int64_t fl_type_block_bytes(int type) {
@@ -81,6 +100,8 @@ int fl_dequantize(int type, const void *src, float *dst, int64_t n) {
     int status = check_args(t, src, dst, n);
     if (status != FL_OK)
         return status;
+    if (!t->to_float)
+        return FL_ETYPE;
     if (n > 0)
         t->to_float(src, dst, n);
     return FL_OK;

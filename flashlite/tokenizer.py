@@ -70,9 +70,10 @@ def _metadata_of(source) -> dict:
     if hasattr(source, "metadata") and isinstance(source.metadata, dict):
         return source.metadata
     if isinstance(source, (str, os.PathLike)):
-        from gguf import GGUFReader
-        source = GGUFReader(os.fspath(source), "r")
-    if hasattr(source, "fields"):
+        from flashlite.gguf_reader import GGUFReader
+        with GGUFReader(source) as reader:
+            return reader.metadata
+    if hasattr(source, "fields"):  # a gguf-py GGUFReader
         return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
     raise TypeError(f"source: expected a GGUF path, GGUFReader, GGUFFile or metadata dict, got {type(source).__name__}")
 

@@ -216,8 +216,8 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
         data = np.array(view.data)
         if reshape and name == reshape:
             data = data.reshape(-1)[:data.size // 2].reshape(data.shape[0] // 2, -1)
-        if retype and name == retype:
-            data = data.astype(np.float16)
+        if retype and name == retype[0]:
+            data = data.astype(retype[1])
         w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -230,13 +230,43 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
     (dict(arch="llama"), "general.architecture is 'llama'"),
     (dict(drop=("blk.3.attn_q_b.weight",)), "missing tensor 'blk.3.attn_q_b.weight'"),
     (dict(reshape="blk.2.attn_kv.weight"), "tensor 'blk.2.attn_kv.weight' has shape"),
-    (dict(retype="blk.4.attn_sinks.weight"), "tensor 'blk.4.attn_sinks.weight' has type F16"),
-], ids=["architecture", "missing", "shape", "type"])
+    (dict(retype=("blk.4.attn_sinks.weight", np.int32)),
+     "tensor 'blk.4.attn_sinks.weight' has type I32, expected a float or block type"),
+    (dict(retype=("blk.1.attn_kv.weight", np.int16)), "tensor 'blk.1.attn_kv.weight' has type I16, expected a matrix"),
+    (dict(retype=("blk.0.ffn_gate_tid2eid.weight", np.float32)),
+     "tensor 'blk.0.ffn_gate_tid2eid.weight' has type F32, expected an integer type"),
+], ids=["architecture", "missing", "shape", "whole-type", "matmul-type", "index-type"])
 def test_bad_file_fails_at_load_naming_it(f32_gguf, tmp_path, change, message):
     bad = _rewrite(f32_gguf, tmp_path / "bad.gguf", **change)
     with pytest.raises(ValueError, match=message) as err:
         load(bad)
     assert str(bad) in str(err.value)
+
+
+def test_small_tensors_in_other_float_types_load_as_llama_cpp_runs_them(f32_gguf, tmp_path, goldens):
+    """Norms, sinks and position biases stored as F16 (as llama.cpp's quantizer leaves 1-D tensors of an F16
+    file, and quantizes the 2-D position biases) are decoded at load: the logits stay at the goldens."""
+    small = [n for n, v in GGUFFile(f32_gguf).tensors.items() if n.endswith(("_norm.weight", "sinks.weight",
+                                                                             "_ape.weight"))]
+    path = f32_gguf
+    for i, name in enumerate(small):
+        path = _rewrite(path, tmp_path / f"f16-{i % 2}.gguf", retype=(name, np.float16))
+    m = load(path)
+    assert {m.file.tensors[n].type for n in small} == {1}
+    logits = m.logits(goldens["prompt_ids"][:64])
+    # F16 rounding of the norms' weights (relative 2^-11) moves the logits by about 1e-3 of their range
+    np.testing.assert_allclose(logits, goldens["logits"][:64], atol=1e-2 * np.abs(goldens["logits"]).max())
+
+
+def test_non_finite_small_tensor_is_refused_at_load(f32_gguf, tmp_path):
+    bad = tmp_path / "nan.gguf"
+    shutil.copyfile(f32_gguf, bad)
+    offset = GGUFFile(bad).tensors["output_norm.weight"].offset
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + 4 * 7)
+        fh.write(np.float32(np.nan).tobytes())
+    with pytest.raises(ValueError, match=r"tensor 'output_norm.weight' holds a non-finite value \(nan\) at element 7"):
+        load(bad)
 
 
 def test_truncated_file_fails_at_load(f32_gguf, tmp_path):

@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 
 from flashlite._native import check, ffi, lib
 from flashlite.expert_offload import ExpertCache
-from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
+from flashlite import blocks
+from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.matmul import matmul, matmul_batch
 
 ARCH = "deepseek4"
-_F32 = (Q.F32,)
 _SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 
 
@@ -596,62 +595,63 @@ def _ne(*dims):
 
 
 def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """Every tensor the forward pass reads: GGUF name -> (ggml shape, accepted types)."""
+    """Every tensor the forward pass reads: GGUF name -> (ggml shape, how it is used: gguf_model.MATMUL, WHOLE,
+    ROWS or INDEX, which decides the types it may have)."""
     d, hc = a.dim, a.hc_mult
     mix = (2 + hc) * hc
     spec = {
-        "token_embd.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
-        "output.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
-        "output_norm.weight": (_ne(d), _F32),
-        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL_TYPES),
-        "output_hc_base.weight": (_ne(hc), _F32),
-        "output_hc_scale.weight": (_ne(1), _F32),
+        "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
+        "output.weight": (_ne(d, a.vocab_size), MATMUL),
+        "output_norm.weight": (_ne(d), WHOLE),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
+        "output_hc_base.weight": (_ne(hc), WHOLE),
+        "output_hc_scale.weight": (_ne(1), WHOLE),
     }
     for i in range(a.n_layers):
         b, r = f"blk.{i}.", a.compress_ratios[i]
         layer = {
-            "attn_norm.weight": (_ne(d), _F32), "ffn_norm.weight": (_ne(d), _F32),
-            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_attn_base.weight": (_ne(mix), _F32),
-            "hc_attn_scale.weight": (_ne(3), _F32),
-            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_ffn_base.weight": (_ne(mix), _F32),
-            "hc_ffn_scale.weight": (_ne(3), _F32),
-            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL_TYPES),
-            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), _F32),
-            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL_TYPES),
-            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL_TYPES),
-            "attn_kv_a_norm.weight": (_ne(a.head_dim), _F32),
-            "attn_sinks.weight": (_ne(a.n_heads), _F32),
+            "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
+            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
+            "hc_attn_scale.weight": (_ne(3), WHOLE),
+            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
+            "hc_ffn_scale.weight": (_ne(3), WHOLE),
+            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
+            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
+            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
+            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
+            "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
+            "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
             "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
-                                     MATMUL_TYPES),
-            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL_TYPES),
-            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
-            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
-            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL_TYPES),
+                                     MATMUL),
+            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
+            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
+            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
+            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
         }
         if i < a.n_hash_layers:
-            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), (Q.I32,))
+            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
         else:
-            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), _F32)
+            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
         if r:
             c = 2 if r == 4 else 1
             layer.update({
-                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
-                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
-                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), _F32),
-                "attn_compressor_norm.weight": (_ne(a.head_dim), _F32),
+                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
+                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
+                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
+                "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
             })
         if r == 4:
             layer.update({
-                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL_TYPES),
-                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL_TYPES),
-                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
-                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
-                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), _F32),
-                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), _F32),
+                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
+                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
+                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
+                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
             })
         spec.update({b + k: v for k, v in layer.items()})
     return spec
@@ -666,9 +666,10 @@ class Model:
         self.args = args
         spec = expected_tensors(args)
         t = {}
-        for name, (ne, types) in spec.items():
-            view = f.tensor(name, ne, types)
-            t[name] = view.data if types == (Q.I32,) else view.to_f32() if types == _F32 else view
+        for name, (ne, use) in spec.items():
+            t[name] = f.load(name, ne, use)
+            if use == INDEX and t[name].size and not 0 <= t[name].min() <= t[name].max() < args.n_routed_experts:
+                raise ValueError(f"{f.path}: tensor '{name}' names experts outside 0..{args.n_routed_experts - 1}")
         self.mtp = {n: v for n, v in f.tensors.items() if n not in spec and n.startswith(f"blk.{args.n_layers}.")}
         self.embed = t["token_embd.weight"]
         self.head = t["output.weight"]
@@ -726,9 +727,9 @@ class Model:
 
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
         rows = self.embed.data[token_ids]
-        if self.embed.type == Q.F32:
+        if self.embed.data.dtype != np.uint8:  # F32 or F16, held as such
             return rows.astype(np.float32)
-        return WeightView("token_embd", self.embed.type, (self.args.dim, len(token_ids)), rows).to_f32()
+        return blocks.dequantize(rows, self.embed.type)
 
     def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None) -> np.ndarray:
         """Logits [T, vocab] of the chunk token_ids that follows the cache's pos tokens; advances the cache."""
