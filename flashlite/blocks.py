@@ -36,6 +36,14 @@ def type_id(name: str) -> int:
     raise ValueError(f"unknown tensor type {name!r}")
 
 
+def can_dequantize(type_id: int) -> bool:
+    return bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_DEQUANTIZE)
+
+
+def can_matmul(type_id: int) -> bool:
+    return bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_MATMUL)
+
+
 def type_sizes(type_id: int) -> tuple[int, int] | None:
     """(elements, bytes) of one block of the type, or None for an id the core does not know."""
     elems = int(lib.fl_type_block_elems(int(type_id)))
@@ -141,4 +149,5 @@ def quantize(x: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.n
     return out
 
 
-__all__ = ["block_elems", "block_bytes", "row_bytes", "dequantize", "quantize", "type_name", "type_id", "type_sizes"]
+__all__ = ["block_elems", "block_bytes", "row_bytes", "dequantize", "quantize", "type_name", "type_id", "type_sizes", "can_dequantize",
+           "can_matmul"]

@@ -117,6 +117,11 @@ class GGUFFile:
                 raise ValueError(f"{shard}: expected split.no {no - 1} as file {no} of {count}")
             self._readers[shard] = reader
 
+    def close(self) -> None:
+        """Drop the maps (each when the last view of its data goes)."""
+        for reader in self._readers.values():
+            reader.close()
+
     def keep_out(self, names: list[str]) -> None:
         """Never let the kernel read the tensors `names` through the map: faults read only their own page
         (no read-ahead that would drag neighbouring tensors into the page cache), and every other tensor is

@@ -218,7 +218,7 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
             data = data.reshape(-1)[:data.size // 2].reshape(data.shape[0] // 2, -1)
         if retype and name == retype[0]:
             data = data.astype(retype[1])
-        w.add_tensor(name, data)
+        w.add_tensor(name, data, raw_dtype=GGMLQuantizationType(view.type) if data.dtype == np.uint8 else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
