@@ -1,15 +1,18 @@
 """Which ggml type each GGUF tensor gets: `--type` names a recipe, `--tensor-type PATTERN=TYPE` overrides it.
 
-Three families of recipes, names case-insensitive:
-- llama.cpp's file types (Q4_K_M, Q5_K_S, Q3_K_M, Q2_K, IQ2_XXS, IQ3_M, IQ4_XS, Q8_0, F16, MXFP4_MOE, ...): the
+Three families of recipes:
+- llama.cpp's file types, named as llama-quantize names them (Q4_K_M, Q5_K_S, Q3_K_M, Q2_K, IQ2_XXS, IQ3_M,
+  IQ4_XS, Q8_0, F16, MXFP4_MOE, ...; names that are no flashlite recipe, such as q4_k_m, in any case): the
   per-tensor mix llama.cpp's quantizer (`llama-quantize`, src/llama-quant.cpp) writes for deepseek4, rule for
-  rule, so that a file made here has the types a published file of that name has.
+  rule, so that a file made here has the types a published file of that name has. It leaves the router in the
+  source's type (BF16 in the release), which llama.cpp then runs on BF16-rounded inputs.
 - ds4's recipes (ds4-q2, ds4-q4): antirez's ds4 layout for V4-Flash: routed experts IQ2_XXS with Q2_K down
   projections (q2) or Q4_K (q4), attention projections, shared experts and output Q8_0, every other matrix F16.
-- flashlite's own: one type for every weight matrix (q4_k, q5_k, iq3_s, ...) or EXPERTS-REST for the routed
-  experts and the rest apart, e.g. mxfp4-q8_0 (the default: llama.cpp's converter's layout, experts a lossless
-  repack of the checkpoint's FP4). Here the router and the hyper-connection matrices stay F32, 1-D tensors and
-  the compressors' position biases F32.
+- flashlite's own, in lower case: one type for every weight matrix (f32, q8_0, q4_k, iq3_s, ...) or
+  EXPERTS-REST for the routed experts and the rest apart, e.g. mxfp4-q8_0 (the default: llama.cpp's converter's
+  layout, experts a lossless repack of the checkpoint's FP4). Here the router and the hyper-connection matrices
+  stay F32 (exact in llama.cpp too, whose BF16 router rounds its input), 1-D tensors and the compressors'
+  position biases F32. `f32` is the exact file; `F32` is llama.cpp's, router BF16.
 In every family tid2eid stays I32 and 1-D tensors F32, a type whose block does not divide a tensor's rows falls
 back to one that does (as llama.cpp's tensor_type_fallback does) and says so, and an override (a regex searched
 in the GGUF name; the last matching one wins) applies only to tensors the recipe quantizes.
@@ -106,7 +109,7 @@ class Recipe:
     def parse(cls, type_name: str, tensor_types=()) -> "Recipe":
         """`--type` and the `--tensor-type PATTERN=TYPE` values."""
         text = type_name.strip()
-        if text.upper() in FTYPES:
+        if text in FTYPES or (text.upper() in FTYPES and text.lower() not in TYPES):
             recipe: Recipe = LlamaMix.of(text.upper())
         elif text.lower() in DS4_RECIPES:
             recipe = DS4Recipe(text.lower(), FTYPES["IQ2_XXS" if text.lower() == "ds4-q2" else "Q4_K_S"][0])
