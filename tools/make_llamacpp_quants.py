@@ -2,14 +2,22 @@
 file type: the files users download are made this way, and the interop tests load them.
 
 Runs with the Python of a virtual environment that has llama-cpp-python (never the project's; see
-tools/ggml_oracle.py):
+tools/ggml_oracle.py) and the gguf-py of the same llama.cpp (the package index's gguf knows no Q2_0): in the
+venv, `pip install ~/.cache/flashlite/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py` once
+tools/make_llamacpp_gguf.py has unpacked the sdist there.
 
     ~/.venvs/llamacpp/bin/python tools/make_llamacpp_quants.py OUT_DIR [--src IN.gguf] [--ftype Q4_K_M ...]
-        [--imatrix FILE] [--threads N]
+        [--imatrix FILE] [--threads N] [--manifest FILE]
 
 --src defaults to tests/fixtures/llamacpp/tiny_v4-mxfp4_moe.gguf (llama.cpp's own conversion of the oracle
 checkpoint). Each file type is written to OUT_DIR/<stem>-<FTYPE>.gguf through a temporary name, so an interrupted
 run leaves no partial file. Without --ftype every file type of llama.cpp's quantizer is made.
+
+--manifest FILE records what tests/test_llamacpp_quants.py checks without llama.cpp (the files are too large to
+commit): per file type, each tensor's type and (the start of) the sha256 of its bytes, and llama.cpp's own logits on the oracle
+prompt (tests/fixtures/tiny_v4/goldens.npz) against transformers' goldens: top-1 agreement where the decision is
+clear (gap > 1e-4) and the RMS of the difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
+with it, this build aborts on deepseek4 files holding Q8_0 or MXFP4 tensors (ggml_backend_sched_split_graph).
 
 Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
 IQ3_XXS, and Q2_K in a Q2_K_S file) without one. --imatrix FILE passes a llama.cpp imatrix (GGUF, as
@@ -103,6 +111,64 @@ def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int)
             os.unlink(tmp)
 
 
+def tensor_hashes(path: str) -> dict[str, str]:
+    """tensor name -> "<ggml type id>:<the first 16 hex digits of the sha256 of its bytes>" """
+    import hashlib
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: f"{int(t.tensor_type)}:{hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]}"
+            for t in reader.tensors}
+
+
+GOLDENS = REPO / "tests" / "fixtures" / "tiny_v4" / "goldens.npz"
+CLEAR = 1e-4  # decision gaps at or below this are near-ties (tests/test_forward.py)
+
+
+def llama_logits(path: str, ids: list[int], threads: int) -> np.ndarray:
+    """llama.cpp's logits for every position of one prompt."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise SystemExit(f"{path}: llama.cpp cannot load it")
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 1024, 512, 512
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    out = []
+    try:
+        for start in range(0, len(ids), 512):
+            chunk = ids[start:start + 512]
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, start + i, 1, 1
+                batch.seq_id[i][0] = 0
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise SystemExit(f"{path}: llama_decode failed")
+            logits = llama_cpp.llama_get_logits(ctx)
+            out.append(np.ctypeslib.as_array(logits, shape=(len(chunk), n_vocab)).copy())
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return np.concatenate(out)
+
+
+def logit_stats(path: str, threads: int) -> dict:
+    g = np.load(GOLDENS)
+    logits = llama_logits(path, g["prompt_ids"].tolist(), threads)
+    clear = g["decision_gap"] > CLEAR
+    return {"top1_clear": float((logits.argmax(1) == g["logits"].argmax(1))[clear].mean()),
+            "rms": float(np.sqrt(np.mean((logits - g["logits"]) ** 2)))}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
@@ -110,7 +176,9 @@ def main(argv=None) -> None:
     p.add_argument("--ftype", action="append", choices=sorted(FTYPES), help="repeat for several (default: all)")
     p.add_argument("--imatrix", help="a llama.cpp imatrix GGUF for the types that need one")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--manifest", help="write the tensors' types and hashes and llama.cpp's logit statistics here")
     a = p.parse_args(argv)
+    manifest = {}
     os.makedirs(a.out_dir, exist_ok=True)
     stem = Path(a.src).name.removesuffix(".gguf")
     given = read_imatrix(a.imatrix) if a.imatrix else None
@@ -123,6 +191,22 @@ def main(argv=None) -> None:
         quantize(a.src, out, ftype, imatrix, a.threads)
         print(f"{ftype:10s} {os.path.getsize(out):>12,d} bytes  {time.perf_counter() - t0:6.1f} s  {out}",
               flush=True)
+        if a.manifest:
+            manifest[ftype] = {"imatrix": "flat" if tag else ("given" if imatrix else None),
+                               "llama_cpp": logit_stats(out, a.threads), "tensors": tensor_hashes(out)}
+    if a.manifest:
+        import json
+
+        names = sorted(next(iter(manifest.values()))["tensors"])
+        for entry in manifest.values():  # one list per file type, in the order of `tensors`
+            entry["tensors"] = [entry["tensors"][n] for n in names]
+        doc = {"source": os.path.relpath(a.src, REPO), "llama_cpp_python": "0.3.36", "tensors": names,
+               "ftypes": manifest}
+        tmp = a.manifest + ".partial"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, sort_keys=True, separators=(",", ":"))
+            fh.write("\n")
+        os.replace(tmp, a.manifest)
 
 
 if __name__ == "__main__":
