@@ -17,7 +17,8 @@ from gguf.quants import dequantize
 # Weight types whose matmul the C core implements (ggml type ids).
 MATMUL_TYPES = tuple(
     GGMLQuantizationType[n]
-    for n in ("F32", "F16", "BF16", "Q8_0", "Q2_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ4_XS", "MXFP4")
+    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ2_XXS", "IQ4_XS", "MXFP4")
 )
 
 

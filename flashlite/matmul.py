@@ -30,7 +30,7 @@ def _type_id(wtype) -> int:
         type_id = int(wtype)
     else:
         raise TypeError(f"wtype: expected a type id, name or gguf.GGMLQuantizationType, got {type(wtype).__name__}")
-    if lib.fl_type_block_elems(type_id) == 0 or type_id == lib.FL_TYPE_Q8_K:
+    if lib.fl_type_block_elems(type_id) == 0 or type_id in (lib.FL_TYPE_Q8_K, lib.FL_TYPE_Q8_1):
         raise ValueError(f"wtype: {wtype!r} is not a weight format of the core")
     return type_id
 

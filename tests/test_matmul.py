@@ -150,11 +150,13 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="^w:"):
         fm.matmul(12, T.Q8_0, 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
-        fm.matmul(w, 7, 4, 64, x)
+        fm.matmul(w, 4, 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
         fm.matmul(w, "Q9_X", 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
         fm.matmul(w, T.Q8_K, 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, T.Q8_1, 4, 64, x)
     with pytest.raises(TypeError, match="^wtype:"):
         fm.matmul(w, 8.0, 4, 64, x)
     with pytest.raises(ValueError, match="^k:"):
