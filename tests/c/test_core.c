@@ -194,6 +194,32 @@ static void test_generic_fallback(void) {
     fl_simd_set(fl_simd_best());
 }
 
+/* every quantizer, with and without importance, on rows of NaN, infinities, float32 extremes, subnormals and
+ * zeros, importance with zeros and extremes: the sanitizers see no undefined behaviour and no stray access */
+static void test_quantize_garbage(void) {
+    enum { N = 512, ROWS = 6 };
+    static const float specials[] = {NAN, INFINITY, -INFINITY, 3.4e38f, -3.4e38f, 1e-45f, -1e-45f, 0.0f, -0.0f};
+    float *x = malloc(sizeof(float) * N * ROWS), *y = malloc(sizeof(float) * N * ROWS);
+    float *imp = malloc(sizeof(float) * N);
+    uint8_t *q = malloc((size_t)N * ROWS * 4);
+    for (int64_t i = 0; i < (int64_t)N * ROWS; i++) {
+        int64_t r = i / N;
+        x[i] = r == 0 ? rng_uniform() : r < 4 && rng_u32() % 3 ? specials[rng_u32() % 9] : specials[r % 9];
+    }
+    for (int i = 0; i < N; i++)
+        imp[i] = i % 5 == 0 ? 0.0f : i % 7 == 0 ? 3e38f : i % 11 == 0 ? 1e-45f : rng_uniform() + 1.0f;
+    int extra[] = {FL_TYPE_Q8_1, FL_TYPE_Q8_K};
+    for (int f = 0; f < N_FORMATS + 2; f++) {
+        int type = f < N_FORMATS ? formats[f] : extra[f - N_FORMATS];
+        const struct fl_type_traits *t = fl_traits(type);
+        for (int weighted = 0; weighted < 2; weighted++) {
+            CHECK(fl_quantize_rows(type, x, q, ROWS, N, weighted ? imp : NULL) == FL_OK, "quantize %s", t->name);
+            CHECK(fl_dequantize(type, q, y, (int64_t)N * ROWS) == FL_OK, "dequantize %s", t->name);
+        }
+    }
+    free(x), free(imp), free(y), free(q);
+}
+
 /* fl_matmul against the double product: decode sees quantized activations, prefill the f32 ones */
 static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const char *level, int threads) {
     const struct fl_type_traits *t = fl_traits(type);
@@ -445,6 +471,7 @@ int main(void) {
     test_pool();
     test_vec_dots();
     test_generic_fallback();
+    test_quantize_garbage();
     test_matmul();
     test_matmul_errors();
     test_matmul_batch();
