@@ -108,7 +108,7 @@ int fl_threads_get(void);
  * W: rows x k elements of type wtype, row-major, each row fl_row_bytes(wtype, k) bytes.
  * X: n_tok x k float32, row-major; Y: n_tok x rows float32, row-major.
  * Decode (fewer than FL_PREFILL_MIN_TOKENS tokens) pairs quantized weights with activations quantized on the
- * fly (Q8_0 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
+ * fly (Q8_0, Q8_1 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
 int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y);
 
 /* One product of a batch: y = x W^T as fl_matmul computes it. */
@@ -125,7 +125,7 @@ struct fl_matmul_item {
 int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items);
 
 /* ---------------------------------------------------------------- block formats: reference dots */
-/* The type activations are converted to before a dot with weights of this type (F32, Q8_0 or Q8_K), or -1. */
+/* The type activations are converted to before a dot with weights of this type (F32, Q8_0, Q8_1 or Q8_K), or -1. */
 int fl_type_act_type(int type);
 /* *s = the plain-C reference dot of one weight row vx (n elements of type) and one activation row vy already
  * in fl_type_act_type(type): what every SIMD kernel must reproduce. FL_ETYPE for a type without a dot. */

@@ -6,6 +6,42 @@
 
 typedef uint16_t fl_half;  /* IEEE binary16 bits */
 
+#define QK4_0 32
+/* x = d * (q - 8), q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.5 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK4_0 / 2];
+} block_q4_0;
+_Static_assert(sizeof(block_q4_0) == 2 + QK4_0 / 2, "wrong q4_0 block size");
+
+#define QK4_1 32
+/* x = d * q + m, q in 0..15 packed as in q4_0; 5 bpw */
+typedef struct {
+    fl_half d;
+    fl_half m;
+    uint8_t qs[QK4_1 / 2];
+} block_q4_1;
+_Static_assert(sizeof(block_q4_1) == 2 * 2 + QK4_1 / 2, "wrong q4_1 block size");
+
+#define QK5_0 32
+/* x = d * (q - 16): q4_0's nibbles plus a fifth bit per weight, bit j of the little-endian qh for weight j; 5.5 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qh[4];
+    uint8_t qs[QK5_0 / 2];
+} block_q5_0;
+_Static_assert(sizeof(block_q5_0) == 2 + 4 + QK5_0 / 2, "wrong q5_0 block size");
+
+#define QK5_1 32
+/* x = d * q + m, q in 0..31 stored as in q5_0; 6 bpw */
+typedef struct {
+    fl_half d;
+    fl_half m;
+    uint8_t qh[4];
+    uint8_t qs[QK5_1 / 2];
+} block_q5_1;
+_Static_assert(sizeof(block_q5_1) == 2 * 2 + 4 + QK5_1 / 2, "wrong q5_1 block size");
+
 #define QK8_0 32
 /* x = d * qs[i]; 8.5 bits per weight */
 typedef struct {
@@ -13,6 +49,15 @@ typedef struct {
     int8_t qs[QK8_0];
 } block_q8_0;
 _Static_assert(sizeof(block_q8_0) == 2 + QK8_0, "wrong q8_0 block size");
+
+#define QK8_1 32
+/* activations for q4_1 / q5_1: x = d * qs[i]; s = d * (sum of qs), rounded to half, carries the weights' min term */
+typedef struct {
+    fl_half d;
+    fl_half s;
+    int8_t qs[QK8_1];
+} block_q8_1;
+_Static_assert(sizeof(block_q8_1) == 2 * 2 + QK8_1, "wrong q8_1 block size");
 
 #define QK_MXFP4 32
 /* x = kvalues_mxfp4[q] * 2^(e-127) / 2, q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.25 bpw */
@@ -33,6 +78,16 @@ typedef struct {
     fl_half dmin;
 } block_q2_K;
 _Static_assert(sizeof(block_q2_K) == 2 * 2 + QK_K / 16 + QK_K / 4, "wrong q2_K block size");
+
+/* 16 sub-blocks of 16 with 6-bit signed scales: x = d * (sc - 32) * (q - 4), the low 2 bits of q in qs, the third
+ * in hmask (set: no offset); the scales' low nibbles fill bytes 0..7, their top 2 bits bytes 8..11; 3.4375 bpw */
+typedef struct {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[K_SCALE_SIZE];
+    fl_half d;
+} block_q3_K;
+_Static_assert(sizeof(block_q3_K) == 2 + QK_K / 8 + QK_K / 4 + K_SCALE_SIZE, "wrong q3_K block size");
 
 /* 8 sub-blocks of 32, 6-bit scales and mins packed in 12 bytes: x = d * sc * q - dmin * m, q in 0..15; 4.5 bpw */
 typedef struct {

@@ -1,6 +1,6 @@
 """flashlite.matmul against numpy float64 on weights dequantized by gguf-py, at every SIMD level of this CPU.
 
-Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_K, so it is checked twice:
+Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_1 / Q8_K, so it is checked twice:
 tightly against float64 with the activations put through the same quantization (done here in numpy), and
 within a per-format bound against the plain float64 product. Prefill multiplies f32 activations and is held
 to f32 rounding. Every level must also agree with the scalar reference level.
@@ -14,18 +14,24 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from flashlite import blocks
 from flashlite import matmul as fm
 
-FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ4_XS]
-ACT_Q8_0 = {T.Q8_0, T.MXFP4}
+FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
+           T.Q6_K, T.IQ2_XXS, T.IQ4_XS]
+ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.Q4_0, T.Q5_0}
+ACT_Q8_1 = {T.Q4_1, T.Q5_1}
 FLOATS = {T.F32, T.F16, T.BF16}
+GGUF_QUANTIZERS = {T.BF16, T.Q8_0, T.MXFP4, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
 # byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks
-SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,)}
-# ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 (blocks
-# of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
-DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 else 5e-2 for t in FORMATS}
+SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,),
+                 T.IQ4_XS: (0,)}
+# ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 / Q8_1
+# (blocks of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
+DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 | ACT_Q8_1 else 5e-2 for t in FORMATS}
 TIGHT = 2e-5
 PREFILL_MIN_TOKENS = 16
+Q8_1_DTYPE = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
 
 
 def make_weights(wtype, rows, k, rng):
@@ -35,7 +41,7 @@ def make_weights(wtype, rows, k, rng):
         return values
     if wtype == T.F16:
         return values.astype(np.float16)
-    if wtype in (T.BF16, T.Q8_0, T.MXFP4):
+    if wtype in GGUF_QUANTIZERS:
         return gguf.quants.quantize(values, wtype)
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[wtype]
     n_blocks = rows * k // block_elems
@@ -55,10 +61,11 @@ def dequantized(w, wtype, rows, k):
 
 
 def quantized_activations(x, wtype):
-    """x as the decode kernels see it: Q8_0 through gguf-py, Q8_K as ggml's quantize_row_q8_K_ref."""
+    """x as the decode kernels see it: Q8_0 through gguf-py (Q8_1 holds the same values), Q8_K as ggml's
+    quantize_row_q8_K_ref."""
     if wtype in FLOATS:
         return x.astype(np.float64)
-    if wtype in ACT_Q8_0:
+    if wtype in ACT_Q8_0 | ACT_Q8_1:
         return gguf.quants.dequantize(gguf.quants.quantize(x, T.Q8_0), T.Q8_0).astype(np.float64)
     blocks = x.reshape(-1, 256).astype(np.float32)
     pick = np.argmax(np.abs(blocks), axis=1)
@@ -68,6 +75,21 @@ def quantized_activations(x, wtype):
     q = np.minimum(np.rint(iscale[:, None] * blocks), 127)
     d = np.where(iscale != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
     return (q * d[:, None]).reshape(x.shape).astype(np.float64)
+
+
+def decode_reference(x, w, wtype, rows, k):
+    """The float64 product decode computes, [n_tok, rows] for x [n_tok, k]. Q4_1 / Q5_1 dots add each weight
+    block's min m times the Q8_1 activation block's s = d * sum(q) rounded to fp16 (by the core's quantizer,
+    which test_block_formats checks against ggml), where the product of dequantized operands has the exact sum."""
+    xq = np.stack([quantized_activations(row, wtype) for row in x])
+    ref = xq @ dequantized(w, wtype, rows, k).T
+    if wtype in ACT_Q8_1:
+        m = np.ascontiguousarray(w).view(np.uint8).reshape(rows, k // 32, -1)[:, :, 2:4].copy().view("<f2")[..., 0]
+        for t, row in enumerate(x):
+            a = blocks.quantize(row, T.Q8_1).view(Q8_1_DTYPE)
+            s_error = a["s"].astype(np.float64) - a["d"].astype(np.float64) * a["qs"].astype(np.int64).sum(1)
+            ref[t] += m.astype(np.float64) @ s_error
+    return ref
 
 
 def rel_err(y, ref):
@@ -94,8 +116,7 @@ def test_decode_and_prefill_against_float64(wtype, level):
         xs = x[0] if n_tok == 1 else x[:n_tok]
         y = fm.matmul(w, wtype, rows, k, xs)
         assert y.shape == ((rows,) if n_tok == 1 else (n_tok, rows)) and y.dtype == np.float32
-        xq = np.stack([quantized_activations(x[i], wtype) for i in range(n_tok)])
-        assert rel_err(y.reshape(n_tok, rows), xq @ w64.T) < TIGHT
+        assert rel_err(y.reshape(n_tok, rows), decode_reference(x[:n_tok], w, wtype, rows, k)) < TIGHT
         assert rel_err(y.reshape(n_tok, rows), x[:n_tok].astype(np.float64) @ w64.T) < DECODE_BOUND[wtype]
 
     y = fm.matmul(w, wtype, rows, k, x)
@@ -117,7 +138,7 @@ def test_levels_agree_with_scalar(wtype, level):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_K, T.IQ2_XXS], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_1, T.Q4_K, T.IQ2_XXS], ids=lambda t: t.name)
 def test_odd_shapes(wtype, n_threads, threads):
     """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
     threads(n_threads)
@@ -129,8 +150,10 @@ def test_odd_shapes(wtype, n_threads, threads):
         for n_tok in (1, 2, PREFILL_MIN_TOKENS, 37):
             x = rng.standard_normal((n_tok, k)).astype(np.float32)
             y = fm.matmul(w, wtype, rows, k, x)
-            xa = np.stack([quantized_activations(r, wtype) for r in x]) if n_tok < PREFILL_MIN_TOKENS else x
-            ref = xa.astype(np.float64) @ w64.T
+            if n_tok < PREFILL_MIN_TOKENS:
+                ref = decode_reference(x, w, wtype, rows, k)
+            else:
+                ref = x.astype(np.float64) @ w64.T
             np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -155,6 +178,8 @@ def test_bad_input_names_the_argument():
         fm.matmul(w, "Q9_X", 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
         fm.matmul(w, T.Q8_K, 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, T.Q8_1, 4, 64, x)
     with pytest.raises(TypeError, match="^wtype:"):
         fm.matmul(w, 8.0, 4, 64, x)
     with pytest.raises(ValueError, match="^k:"):

@@ -36,9 +36,16 @@ static float rng_uniform(void) { /* in [-1, 1) */
     return (float)((double)rng_u32() / 2147483648.0 - 1.0);
 }
 
-static const int formats[] = {FL_TYPE_F32,  FL_TYPE_F16,  FL_TYPE_BF16,    FL_TYPE_Q8_0,  FL_TYPE_MXFP4, FL_TYPE_Q2_K,
-                              FL_TYPE_Q4_K, FL_TYPE_Q5_K, FL_TYPE_Q6_K, FL_TYPE_IQ2_XXS, FL_TYPE_IQ4_XS};
+static const int formats[] = {FL_TYPE_F32,  FL_TYPE_F16,  FL_TYPE_BF16, FL_TYPE_Q8_0, FL_TYPE_MXFP4,   FL_TYPE_Q4_0,
+                              FL_TYPE_Q4_1, FL_TYPE_Q5_0, FL_TYPE_Q5_1, FL_TYPE_Q2_K, FL_TYPE_Q3_K,    FL_TYPE_Q4_K,
+                              FL_TYPE_Q5_K, FL_TYPE_Q6_K, FL_TYPE_IQ2_XXS, FL_TYPE_IQ4_XS};
 #define N_FORMATS (int)(sizeof(formats) / sizeof(formats[0]))
+
+/* formats with no SIMD dot yet: every level must fall back to the generic one (dispatch.c) */
+static int generic_only(int type) {
+    return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q5_0 || type == FL_TYPE_Q5_1 ||
+           type == FL_TYPE_Q3_K;
+}
 
 static void put_half(uint8_t *p, float v) {
     fl_half h = fl_fp32_to_fp16(v);
@@ -71,10 +78,13 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
         switch (type) {
         case FL_TYPE_MXFP4: blk[0] = (uint8_t)(118 + rng_u32() % 9); break;
         case FL_TYPE_Q2_K: put_half(blk + 80, d); put_half(blk + 82, d); break;
+        case FL_TYPE_Q3_K: put_half(blk + 108, d); break;
+        case FL_TYPE_Q4_1:
+        case FL_TYPE_Q5_1:
         case FL_TYPE_Q4_K:
         case FL_TYPE_Q5_K: put_half(blk, d); put_half(blk + 2, d); break;
         case FL_TYPE_Q6_K: put_half(blk + 208, d); break;
-        default: put_half(blk, d); break; /* Q8_0, IQ2_XXS, IQ4_XS: d leads the block */
+        default: put_half(blk, d); break; /* Q8_0, Q4_0, Q5_0, IQ2_XXS, IQ4_XS: d leads the block */
         }
     }
 }
@@ -85,6 +95,24 @@ static void act_roundtrip(int type, const float *x, int64_t k, uint8_t *xq, floa
     const struct fl_type_traits *a = fl_traits(t->act_type);
     a->from_float(x, xq, k);
     a->to_float(xq, xd, k);
+}
+
+/* Q4_1 / Q5_1 dots add each weight block's min m times the activation block's s = d * sum(q) rounded to half,
+ * where the double product of the dequantized rows has the exact sum: the difference, to add to that product */
+static double q8_1_min_term(int type, const uint8_t *w, const uint8_t *xq, int64_t k) {
+    if (fl_traits(type)->act_type != FL_TYPE_Q8_1)
+        return 0;
+    const block_q8_1 *a = (const block_q8_1 *)xq;
+    double term = 0;
+    for (int64_t b = 0; b < k / QK8_1; b++) {
+        fl_half mh;
+        memcpy(&mh, w + b * fl_type_block_bytes(type) + 2, sizeof(mh)); /* m follows d in both */
+        int sum = 0;
+        for (int j = 0; j < QK8_1; j++)
+            sum += a[b].qs[j];
+        term += fl_fp16_to_fp32(mh) * (fl_fp16_to_fp32(a[b].s) - (double)fl_fp16_to_fp32(a[b].d) * sum);
+    }
+    return term;
 }
 
 static double dot_double(const float *a, const float *b, int64_t k, double *abs_sum) {
@@ -129,13 +157,13 @@ static void test_vec_dots(void) {
                 x[i] = rng_uniform();
             act_roundtrip(type, x, k, xq, xd);
             t->to_float(w, wd, k);
-            double mag, want = dot_double(wd, xd, k, &mag);
+            double mag, want = dot_double(wd, xd, k, &mag) + q8_1_min_term(type, w, xq, k);
             float ref;
             t->vec_dot_generic(k, &ref, w, xq);
             CHECK(fabs(ref - want) <= 1e-5 * mag + 1e-6, "%s k=%ld generic %g vs double %g", t->name, (long)k, ref,
                   want);
             for (int l = 0; tables[l].lookup; l++) {
-                if (!tables[l].runs_here)
+                if (!tables[l].runs_here || generic_only(type))
                     continue;
                 fl_vec_dot_fn dot = tables[l].lookup(type);
                 CHECK(dot != NULL, "%s has no %s kernel", tables[l].name, t->name);
@@ -149,6 +177,47 @@ static void test_vec_dots(void) {
             free(w), free(x), free(xd), free(wd), free(xq);
         }
     }
+}
+
+/* the formats without SIMD dots get the generic one at every level this CPU runs */
+static void test_generic_fallback(void) {
+    for (int level = 0; level < 4; level++) {
+        if (fl_simd_set(level) != FL_OK)
+            continue;
+        for (int f = 0; f < N_FORMATS; f++) {
+            const struct fl_type_traits *t = fl_traits(formats[f]);
+            if (generic_only(formats[f]))
+                CHECK(fl_vec_dot(formats[f]) == t->vec_dot_generic, "level %d: %s dot is not the generic one",
+                      level, t->name);
+        }
+    }
+    fl_simd_set(fl_simd_best());
+}
+
+/* every quantizer, with and without importance, on rows of NaN, infinities, float32 extremes, subnormals and
+ * zeros, importance with zeros and extremes: the sanitizers see no undefined behaviour and no stray access */
+static void test_quantize_garbage(void) {
+    enum { N = 512, ROWS = 6 };
+    static const float specials[] = {NAN, INFINITY, -INFINITY, 3.4e38f, -3.4e38f, 1e-45f, -1e-45f, 0.0f, -0.0f};
+    float *x = malloc(sizeof(float) * N * ROWS), *y = malloc(sizeof(float) * N * ROWS);
+    float *imp = malloc(sizeof(float) * N);
+    uint8_t *q = malloc((size_t)N * ROWS * 4);
+    for (int64_t i = 0; i < (int64_t)N * ROWS; i++) {
+        int64_t r = i / N;
+        x[i] = r == 0 ? rng_uniform() : r < 4 && rng_u32() % 3 ? specials[rng_u32() % 9] : specials[r % 9];
+    }
+    for (int i = 0; i < N; i++)
+        imp[i] = i % 5 == 0 ? 0.0f : i % 7 == 0 ? 3e38f : i % 11 == 0 ? 1e-45f : rng_uniform() + 1.0f;
+    int extra[] = {FL_TYPE_Q8_1, FL_TYPE_Q8_K};
+    for (int f = 0; f < N_FORMATS + 2; f++) {
+        int type = f < N_FORMATS ? formats[f] : extra[f - N_FORMATS];
+        const struct fl_type_traits *t = fl_traits(type);
+        for (int weighted = 0; weighted < 2; weighted++) {
+            CHECK(fl_quantize_rows(type, x, q, ROWS, N, weighted ? imp : NULL) == FL_OK, "quantize %s", t->name);
+            CHECK(fl_dequantize(type, q, y, (int64_t)N * ROWS) == FL_OK, "dequantize %s", t->name);
+        }
+    }
+    free(x), free(imp), free(y), free(q);
 }
 
 /* fl_matmul against the double product: decode sees quantized activations, prefill the f32 ones */
@@ -172,6 +241,8 @@ static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const
             memcpy(xd, x + tk * k, sizeof(float) * k);
         for (int64_t r = 0; r < rows; r++) {
             double mag, want = dot_double(wd + r * k, xd, k, &mag);
+            if (decode)
+                want += q8_1_min_term(type, w + r * row_bytes, xq, k);
             float got = y[tk * rows + r];
             if (!(fabs(got - want) <= 1e-5 * mag + 1e-6)) {
                 CHECK(0, "matmul %s %s threads=%d rows=%ld k=%ld n_tok=%ld: y[%ld,%ld] = %g, want %g", level,
@@ -399,6 +470,8 @@ static void test_matmul_batch(void) {
 int main(void) {
     test_pool();
     test_vec_dots();
+    test_generic_fallback();
+    test_quantize_garbage();
     test_matmul();
     test_matmul_errors();
     test_matmul_batch();
