@@ -15,8 +15,9 @@ run leaves no partial file. Without --ftype every file type of llama.cpp's quant
 
 --manifest FILE records what tests/test_llamacpp_quants.py checks without llama.cpp (the files are too large to
 commit): per file type, each tensor's type and (the start of) the sha256 of its bytes, and llama.cpp's own logits on the oracle
-prompt (tests/fixtures/tiny_v4/goldens.npz) against transformers' goldens: top-1 agreement where the decision is
-clear (gap > 1e-4) and the RMS of the difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
+prompt (tests/fixtures/tiny_v4/goldens.npz): its top token at each position, and against transformers' goldens
+of the unquantized model its top-1 agreement where the decision is clear (gap > 1e-4) and the RMS of the
+difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
 with it, this build aborts on deepseek4 files holding Q8_0 or MXFP4 tensors (ggml_backend_sched_split_graph).
 
 Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
@@ -162,10 +163,13 @@ def llama_logits(path: str, ids: list[int], threads: int) -> np.ndarray:
 
 
 def logit_stats(path: str, threads: int) -> dict:
+    """llama.cpp's top token at every position of the oracle prompt, and its top-1 agreement and RMS against
+    transformers' goldens of the unquantized model."""
     g = np.load(GOLDENS)
     logits = llama_logits(path, g["prompt_ids"].tolist(), threads)
     clear = g["decision_gap"] > CLEAR
-    return {"top1_clear": float((logits.argmax(1) == g["logits"].argmax(1))[clear].mean()),
+    return {"argmax": logits.argmax(1).tolist(),
+            "top1_clear": float((logits.argmax(1) == g["logits"].argmax(1))[clear].mean()),
             "rms": float(np.sqrt(np.mean((logits - g["logits"]) ** 2)))}
 
 
