@@ -90,3 +90,29 @@ def test_file_type_is_llama_cpp_byte_for_byte_and_runs_closer_than_llama_cpp(fty
           f"llama.cpp {agree_theirs:.3f}; against the unquantized goldens: flashlite {vs_goldens:.3f}, "
           f"llama.cpp {want['llama_cpp']['top1_clear']:.3f}")
     assert agree_ours >= agree_theirs
+
+
+MIX43 = json.loads((FIXTURES / "llamacpp" / "mix43.json").read_text())
+
+
+class _Source:
+    def __init__(self, source_type: int):
+        self.source_type = source_type
+
+
+@pytest.mark.parametrize("ftype", sorted(MIX43["ftypes"]))
+def test_file_type_mix_of_43_layers_is_llama_cpps(ftype):
+    """llama.cpp's per-layer rules (the ffn_down layers with more bits, the IQ types' first eighth, IQ3_XS's middle
+    layers) only show on deep models: on a 43-layer model every tensor's type equals llama-quantize's."""
+    from quant.gguf_source import _role
+    from quant.layout import GGUFTensor
+    from quant.recipes import LlamaMix, Recipe
+
+    tensors = [GGUFTensor(name, tuple(reversed(ne)), _role(name, tuple(reversed(ne))), [_Source(t)])
+               for name, ne, t in MIX43["tensors"]]
+    recipe = Recipe.parse(ftype)
+    assert isinstance(recipe, LlamaMix)
+    recipe.has_imatrix, recipe.n_expert = MIX43["ftypes"][ftype]["imatrix"] is not None, 8
+    types, _ = recipe.assign(tensors, 43)
+    lines = "".join(sorted(f"{name}:{t}\n" for name, t in types.items()))
+    assert hashlib.sha256(lines.encode()).hexdigest() == MIX43["ftypes"][ftype]["types_sha256"]

@@ -13,6 +13,15 @@ tools/make_llamacpp_gguf.py has unpacked the sdist there.
 checkpoint). Each file type is written to OUT_DIR/<stem>-<FTYPE>.gguf through a temporary name, so an interrupted
 run leaves no partial file. Without --ftype every file type of llama.cpp's quantizer is made.
 
+--mix-manifest FILE records, for a source of many layers (where llama.cpp's per-layer rules show), only the type
+llama.cpp gives each tensor: the source's tensors (name, ne, type) and per file type the sha256 of the sorted
+"name:type" lines (tests/test_llamacpp_quants.py checks flashlite's recipes against it):
+
+    make_synthetic.py /tmp/syn43 --preset tiny --layers 43 --experts 8
+    flashlite quantize /tmp/syn43 syn43.gguf --tensor-type \
+        '^(token_embd|output)\.weight$|compressor_(kv|gate)|indexer\.proj|ffn_gate_inp=bf16'
+    make_llamacpp_quants.py OUT_DIR --src syn43.gguf --mix-manifest tests/fixtures/llamacpp/mix43.json
+
 --manifest FILE records what tests/test_llamacpp_quants.py checks without llama.cpp (the files are too large to
 commit): per file type, each tensor's type and (the start of) the sha256 of its bytes, and llama.cpp's own logits on the oracle
 prompt (tests/fixtures/tiny_v4/goldens.npz): its top token at each position, and against transformers' goldens
@@ -112,6 +121,16 @@ def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int)
             os.unlink(tmp)
 
 
+def types_sha256(path: str) -> str:
+    """sha256 of the file's sorted "name:type" lines"""
+    import hashlib
+
+    import gguf
+
+    lines = sorted(f"{t.name}:{int(t.tensor_type)}\n" for t in gguf.GGUFReader(path).tensors)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def tensor_hashes(path: str) -> dict[str, str]:
     """tensor name -> "<ggml type id>:<the first 16 hex digits of the sha256 of its bytes>" """
     import hashlib
@@ -181,8 +200,9 @@ def main(argv=None) -> None:
     p.add_argument("--imatrix", help="a llama.cpp imatrix GGUF for the types that need one")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--manifest", help="write the tensors' types and hashes and llama.cpp's logit statistics here")
+    p.add_argument("--mix-manifest", help="write the hash of the tensors' types per file type here")
     a = p.parse_args(argv)
-    manifest = {}
+    manifest, mixes = {}, {}
     os.makedirs(a.out_dir, exist_ok=True)
     stem = Path(a.src).name.removesuffix(".gguf")
     given = read_imatrix(a.imatrix) if a.imatrix else None
@@ -195,22 +215,34 @@ def main(argv=None) -> None:
         quantize(a.src, out, ftype, imatrix, a.threads)
         print(f"{ftype:10s} {os.path.getsize(out):>12,d} bytes  {time.perf_counter() - t0:6.1f} s  {out}",
               flush=True)
+        imatrix_kind = "flat" if tag else ("given" if imatrix else None)
         if a.manifest:
-            manifest[ftype] = {"imatrix": "flat" if tag else ("given" if imatrix else None),
-                               "llama_cpp": logit_stats(out, a.threads), "tensors": tensor_hashes(out)}
-    if a.manifest:
-        import json
+            manifest[ftype] = {"imatrix": imatrix_kind, "llama_cpp": logit_stats(out, a.threads),
+                               "tensors": tensor_hashes(out)}
+        if a.mix_manifest:
+            mixes[ftype] = {"imatrix": imatrix_kind, "types_sha256": types_sha256(out)}
+    if a.mix_manifest:
+        import gguf
 
+        source = [[t.name, [int(n) for n in t.shape], int(t.tensor_type)] for t in gguf.GGUFReader(a.src).tensors]
+        _write_json(a.mix_manifest, {"source": Path(a.src).name, "llama_cpp_python": "0.3.36", "tensors": source,
+                                     "ftypes": mixes})
+    if a.manifest:
         names = sorted(next(iter(manifest.values()))["tensors"])
         for entry in manifest.values():  # one list per file type, in the order of `tensors`
             entry["tensors"] = [entry["tensors"][n] for n in names]
-        doc = {"source": os.path.relpath(a.src, REPO), "llama_cpp_python": "0.3.36", "tensors": names,
-               "ftypes": manifest}
-        tmp = a.manifest + ".partial"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, sort_keys=True, separators=(",", ":"))
-            fh.write("\n")
-        os.replace(tmp, a.manifest)
+        _write_json(a.manifest, {"source": os.path.relpath(a.src, REPO), "llama_cpp_python": "0.3.36",
+                                 "tensors": names, "ftypes": manifest})
+
+
+def _write_json(path: str, doc: dict) -> None:
+    import json
+
+    tmp = path + ".partial"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, sort_keys=True, separators=(",", ":"))
+        fh.write("\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
