@@ -1,6 +1,7 @@
 """DeepSeek V4 forward pass: the tiny_v4 fixture quantized to GGUF against transformers' float32 goldens, the
 kernels against float64 numpy references, the cache's truncation, and load errors on bad files."""
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -192,12 +193,13 @@ def test_moe_dispatch_matches_float64_reference():
 # ---------------------------------------------------------------- bad files
 
 
-def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, retype=None):
-    """Copy a GGUF, changing its architecture, dropping tensors, or replacing one tensor's data."""
+def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, retype=None, meta=None):
+    """Copy a GGUF, changing its architecture, dropping tensors, replacing one tensor's data, or setting metadata
+    values (`meta`: key -> value, None to drop the key)."""
     f = GGUFFile(src)
     w = GGUFWriter(str(dst), arch)
-    for key, value in f.metadata.items():
-        if key.startswith("general.architecture"):
+    for key, value in {**f.metadata, **(meta or {})}.items():
+        if key.startswith("general.architecture") or value is None:
             continue
         key = key.replace("deepseek4.", f"{arch}.", 1)
         if isinstance(value, list):
@@ -267,6 +269,29 @@ def test_non_finite_small_tensor_is_refused_at_load(f32_gguf, tmp_path):
         fh.write(np.float32(np.nan).tobytes())
     with pytest.raises(ValueError, match=r"tensor 'output_norm.weight' holds a non-finite value \(nan\) at element 7"):
         load(bad)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("hyper_connection.sinkhorn_iterations", 2**32 - 1, "is 4294967295, expected 1..1000"),
+    ("attention.output_group_count", 0, "'deepseek4.attention.output_group_count' is 0, expected 1..4096"),
+    ("context_length", 0, "'deepseek4.context_length' is 0, expected 1..2147483648"),
+    ("attention.sliding_window", 0, "'deepseek4.attention.sliding_window' is 0"),
+    ("attention.indexer.top_k", 0, "'deepseek4.attention.indexer.top_k' is 0"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), "'deepseek4.attention.layer_norm_rms_epsilon' is nan"),
+    ("attention.layer_norm_rms_epsilon", -0.5, "is -0.5, expected a finite number in (0.0, 1.0]"),
+    ("rope.freq_base", 0.0, "'deepseek4.rope.freq_base' is 0.0"),
+    ("rope.scaling.yarn_beta_fast", float("inf"), "'deepseek4.rope.scaling.yarn_beta_fast' is inf"),
+    ("attention.compress_ratios", [0, 128, 4, 3, 4, 0, 0], "unsupported DeepSeek-V4 compress ratios: [3]"),
+    ("swiglu_clamp_shexp", [10.0, float("nan")] * 3, "'deepseek4.swiglu_clamp_shexp[1]' is nan"),
+    ("expert_used_count", 9, "n_activated_experts 9 not in 1..8"),
+    ("embedding_length", None, "missing metadata key 'deepseek4.embedding_length'"),
+    ("block_count", "six", "'deepseek4.block_count' is 'six', expected an integer"),
+], ids=lambda v: v if isinstance(v, str) and "." in v and " " not in v else None)
+def test_hyperparameters_out_of_range_fail_naming_the_key(f32_gguf, tmp_path, key, value, message):
+    bad = _rewrite(f32_gguf, tmp_path / "bad.gguf", meta={f"deepseek4.{key}": value})
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load(bad)
+    assert str(bad) in str(err.value)
 
 
 def test_truncated_file_fails_at_load(f32_gguf, tmp_path):
