@@ -46,7 +46,9 @@ class Model:
         self.net = deepseek_v4.Model(self.args, self.file, offload)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
-        self.lock = threading.Lock()  # conversations sharing these weights take turns on forward passes
+        # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
+        # own cache (logits) holds it for the whole call; reentrant, as chat holds it around its own calls
+        self.lock = threading.RLock()
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -115,12 +117,18 @@ class Model:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
         `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,
         blk.N.ffn) and the final normed state."""
-        cache = self.cache if cache is None else cache
         ids = np.asarray(token_ids, np.int64).reshape(-1)
-        if cache.pos + ids.size > self.ctx:
-            raise ValueError(f"{cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-        logits = self.net(ids, cache, dump)
-        self.tokens += ids.size
+        with self.lock:
+            cache = self.cache if cache is None else cache
+            start = cache.pos
+            if start + ids.size > self.ctx:
+                raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
+            logits = self.net(ids, cache, dump)
+            self.tokens += ids.size
+        if not np.isfinite(logits).all():
+            at = int(np.argmin(np.isfinite(logits).all(axis=1)))
+            raise FloatingPointError(f"{self.file.path}: non-finite logits at position {start + at} "
+                                     "(a weight or an activation overflowed): no token can be sampled from them")
         return logits
 
     def stats(self) -> dict:
@@ -152,28 +160,31 @@ class Model:
     def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
         """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
         `chunk` tokens when given)."""
-        self.reset()
         ids = np.asarray(token_ids, np.int64).reshape(-1)
         step = ids.size if chunk is None else int(chunk)
         if step < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
+        with self.lock:  # the model's own cache, for the whole call
+            self.reset()
+            return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
 
     def generate(self, token_ids: Sequence[int], max_tokens: int, sampler=None,
                  stop: Sequence[int] = ()) -> Iterator[int]:
         """Prefill token_ids as a fresh sequence, then yield up to max_tokens ids one decode step at a time.
-        `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded)."""
+        `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded).
+        The sequence lives in a cache of its own, so several generations may run from different threads (their
+        forward passes take turns)."""
         pick = sampler or (lambda row: int(np.argmax(row)))
-        self.reset()
         if max_tokens <= 0:
             return
-        row = self.forward(token_ids)[-1]
+        cache = self.new_cache()
+        row = self.forward(token_ids, cache=cache)[-1]
         for i in range(max_tokens):
             token = int(pick(row))
             yield token
             if token in stop or i + 1 == max_tokens:
                 return
-            row = self.forward([token])[-1]
+            row = self.forward([token], cache=cache)[-1]
 
     def chat(self, messages: list[dict], **kwargs):
         """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.chat."""

@@ -302,3 +302,49 @@ def test_truncated_file_fails_at_load(f32_gguf, tmp_path):
     with pytest.raises(ValueError, match="truncated") as err:
         load(bad)
     assert str(bad) in str(err.value)
+
+
+def test_logits_and_generate_from_four_threads_equal_one(model, goldens):
+    """The public calls share one model: each returns what it returns alone, whatever runs beside it."""
+    import threading
+
+    ids = goldens["prompt_ids"][:60]
+    alone_logits = model.logits(ids)
+    alone_tokens = list(model.generate(ids[:30], 6))
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for round_ in range(3):
+                if (i + round_) % 2:
+                    results[(i, round_)] = ("logits", model.logits(ids))
+                else:
+                    results[(i, round_)] = ("tokens", list(model.generate(ids[:30], 6)))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 12
+    for kind, value in results.values():
+        if kind == "logits":
+            np.testing.assert_array_equal(value, alone_logits)
+        else:
+            assert value == alone_tokens
+
+
+def test_non_finite_logits_are_an_error_not_a_token(f32_gguf, tmp_path):
+    """A weight that overflows the activations: the call fails naming the position instead of yielding a token."""
+    bad = tmp_path / "inf.gguf"
+    shutil.copyfile(f32_gguf, bad)
+    view = GGUFFile(bad).tensors["output.weight"]
+    with open(bad, "r+b") as fh:
+        fh.seek(view.offset)
+        fh.write(np.full(view.k, 3e38, np.float32).tobytes())  # the row of token 0: its logit overflows
+    m = load(bad)
+    with pytest.raises(FloatingPointError, match="non-finite logits at position 0"):
+        list(m.generate([5, 6, 7], 2))
