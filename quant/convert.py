@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 import functools
 from collections import deque
@@ -25,6 +24,7 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
 from flashlite import blocks
+from flashlite.atomic import partial_file, remove_stale_partials
 from quant.gguf_meta import ARCH, hparam_kv, read_hparams
 from quant.gguf_source import read_gguf_source
 from quant.imatrix import Imatrix
@@ -305,11 +305,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
     try:
         for note in p.notes:
             log(f"note: {note}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private to its writer
+        stale = remove_stale_partials(out)
+        if stale:
+            log(f"note: removed {len(stale)} unfinished file(s) of earlier runs that were killed: {', '.join(stale)}")
+        tmp = partial_file(out)
         writer = GGUFWriter(tmp, ARCH)
         writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
         writer.add_string("general.name", name or default_name)

@@ -594,6 +594,56 @@ def test_signalled_run_leaves_no_file(tmp_path, signum):
     assert list(out_dir.iterdir()) == []
 
 
+def test_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path, synthetic):
+    """SIGKILL cannot be caught: the .partial stays, named with its writer's pid, and the next run of the same
+    output removes it (and only the dead writer's)."""
+    import time
+
+    folder = tmp_path / "ck"
+    make_synthetic.write_checkpoint(folder, "tiny", n_layers=6, n_experts=256, seed=3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "from flashlite.cli import main; main()", "quantize",
+                             str(folder), str(out_dir / "x.gguf"), "--type", "f32"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(out_dir.iterdir()) or next(out_dir.iterdir()).stat().st_size < (8 << 20):
+        assert proc.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    left = [p.name for p in out_dir.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".x.gguf.{proc.pid}.") and left[0].endswith(".partial")
+    live = out_dir / f".x.gguf.{os.getpid()}.keepme.partial"  # a writer still running (this process)
+    live.write_bytes(b"")
+    result = quantize(synthetic, out_dir / "x.gguf")
+    assert result.exit_code == 0, result.output
+    assert f"removed 1 unfinished file(s) of earlier runs that were killed: {left[0]}" in result.output
+    assert sorted(p.name for p in out_dir.iterdir()) == [live.name, "x.gguf"]
+
+
+def test_full_disk_leaves_no_partial_even_when_close_fails_again(synthetic, tmp_path, monkeypatch):
+    """ENOSPC while writing, and again when the writer is closed in the clean-up: the file still goes."""
+    import errno
+
+    import gguf
+
+    real_close = gguf.GGUFWriter.close
+
+    def close_fails(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_fails(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "close", close_fails)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_ti_data_to_file", write_fails)
+    result = quantize(synthetic, tmp_path / "x.gguf")
+    assert result.exit_code != 0 and "No space left on device" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_progress_line_shows_tensors_rate_and_eta():
     from quant.convert import Progress
 
