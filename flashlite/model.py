@@ -113,11 +113,26 @@ class Model:
         first = self.file.path
         return f"{os.path.basename(first)} {os.path.getsize(first)} B kv={kv_format}"
 
+    def token_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+        """token_ids as int64, checked: a non-empty flat sequence of integers (no floats, no nesting), each a token
+        of the vocabulary; ValueError or TypeError naming what is wrong."""
+        ids = np.asarray(token_ids)
+        if ids.dtype == object and ids.ndim == 1 and all(isinstance(t, int) for t in ids):  # beyond int64
+            raise ValueError(f"token_ids: {max(ids, key=abs)} is not a token id (0..{self.args.vocab_size - 1})")
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"token_ids: expected a non-empty flat sequence of token ids, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"token_ids: expected integers, got {ids.dtype} values")
+        if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+            bad = ids[(ids < 0) | (ids >= self.args.vocab_size)][0]
+            raise ValueError(f"token_ids: {bad} is not a token id (0..{self.args.vocab_size - 1})")
+        return ids.astype(np.int64)
+
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
         `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,
         blk.N.ffn) and the final normed state."""
-        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        ids = self.token_ids(token_ids)
         with self.lock:
             cache = self.cache if cache is None else cache
             start = cache.pos
@@ -160,7 +175,7 @@ class Model:
     def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
         """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
         `chunk` tokens when given)."""
-        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        ids = self.token_ids(token_ids)
         step = ids.size if chunk is None else int(chunk)
         if step < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
