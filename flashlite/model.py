@@ -1,8 +1,10 @@
 """The object behind flashlite.load: one memory-mapped DeepSeek V4 GGUF, its decode cache, logits and generation."""
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+import zipfile
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 
@@ -16,6 +18,18 @@ from flashlite.models import deepseek_v4
 from flashlite.tokenizer import Tokenizer
 
 REPLAY_CHUNK = 512  # tokens per forward when truncate feeds tokens again: bounds the activations' memory
+CACHE_FORMAT = "flashlite-kv-cache"
+CACHE_VERSION = 2  # 1 was unversioned, keyed by file name and size
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 class Model:
@@ -83,35 +97,63 @@ class Model:
 
     def save_cache(self, path: str | os.PathLike, cache=None) -> None:
         """Write a decode cache (else the model's own) to path (a temporary file, then a rename), so that a long
-        conversation resumes later without its prefill."""
+        conversation resumes later without its prefill. The file (CACHE_FORMAT, an npz) names its format and
+        version, the model's content fingerprint and the row format, and holds a sha256 of every array."""
         cache = self.cache if cache is None else cache
+        arrays = cache.to_arrays()
+        header = {"format": np.array(CACHE_FORMAT), "version": np.array(CACHE_VERSION),
+                  "model": np.array(self.fingerprint), "kv_format": np.array(cache.kv_format)}
         with atomic_write(path) as f:
-            np.savez(f, model=np.array(self._fingerprint(cache.kv_format)), **cache.to_arrays())
+            np.savez(f, **header, checksum=np.array(_arrays_sha256(arrays)), **arrays)
 
     def load_cache(self, path: str | os.PathLike):
-        """A decode cache read from a file save_cache wrote for this model (ValueError naming the file when it
-        was written for another model, format or layout, or is damaged)."""
+        """A decode cache read from a file save_cache wrote for this model: ValueError naming the file when it is
+        no cache, of another version, damaged (its checksum), or of another model (by content, not file name),
+        or when what it holds does not fit this model (token ids, positions, row sizes)."""
         path = os.fspath(path)
-        cache = None
         try:
-            with np.load(path, allow_pickle=False) as arrays:
-                saved = str(arrays["model"])
-                kv_format = saved.rsplit(" kv=", 1)[-1]
-                if saved == self._fingerprint(kv_format):
-                    cache = self.net.make_cache(self.cache.rewind, kv_format)
-                    cache.load_arrays(arrays)
-        except (OSError, KeyError, ValueError, EOFError) as exc:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: not a readable flashlite cache ({exc})") from exc
-        if cache is None:
-            raise ValueError(f"{path}: a cache of another model ({saved}); this is {self._fingerprint(kv_format)}")
+        if str(arrays.pop("format", "")) != CACHE_FORMAT:
+            raise ValueError(f"{path}: not a readable flashlite cache (no '{CACHE_FORMAT}' format mark)")
+        version = int(arrays.pop("version", 0)) if arrays.get("version", np.array(0)).shape == () else 0
+        if version != CACHE_VERSION:
+            raise ValueError(f"{path}: a flashlite cache of version {version}; this flashlite reads version "
+                             f"{CACHE_VERSION} (prefill the conversation again)")
+        saved_model, kv_format = str(arrays.pop("model", "")), str(arrays.pop("kv_format", ""))
+        checksum = str(arrays.pop("checksum", ""))
+        if checksum != _arrays_sha256(arrays):
+            raise ValueError(f"{path}: the cache is damaged (its checksum does not match its contents)")
+        if saved_model != self.fingerprint:
+            raise ValueError(f"{path}: a cache of another model (content {saved_model[:16]}, this one is "
+                             f"{self.fingerprint[:16]})")
+        try:
+            cache = self.net.make_cache(self.cache.rewind, kv_format)
+            cache.load_arrays(arrays)
+            if cache.pos:
+                self.token_ids(cache.token_ids)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: the cache does not fit this model ({exc})") from exc
         if cache.pos > self.ctx:
             raise ValueError(f"{path}: holds {cache.pos} tokens, more than the context of {self.ctx}")
         return cache
 
-    def _fingerprint(self, kv_format: str) -> str:
-        """What a saved cache must match: the model file (name and size) and the cache's row format."""
-        first = self.file.path
-        return f"{os.path.basename(first)} {os.path.getsize(first)} B kv={kv_format}"
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the model's content, cheap to take: every file's header (metadata and tensor table) and the
+        first and last 4 KiB of every tensor, so that a cache of another model, or of another version of the same
+        file name, is told apart."""
+        digest = hashlib.sha256()
+        for path, reader in self.file._readers.items():
+            digest.update(bytes(reader._map[:reader.data_offset]))
+        for name in sorted(self.file.tensors):
+            data = self.file.tensors[name].data.reshape(-1).view(np.uint8)
+            digest.update(name.encode())
+            digest.update(data[:4096].tobytes())
+            digest.update(data[-4096:].tobytes())
+        return digest.hexdigest()
 
     def token_ids(self, token_ids: Sequence[int]) -> np.ndarray:
         """token_ids as int64, checked: a non-empty flat sequence of integers (no floats, no nesting), each a token
