@@ -20,10 +20,14 @@ def _type_id(qtype) -> int:
     return type_id
 
 
+def _known(type_id) -> bool:
+    return 0 <= int(type_id) < lib.FL_TYPE_COUNT
+
+
 def type_name(type_id: int) -> str:
     """ggml's name of a type in capitals, as GGUF tools print it ("Q4_K", "IQ2_XXS", "I32"), or "type N" for an
     id the core does not know."""
-    name = lib.fl_type_name(int(type_id))
+    name = lib.fl_type_name(int(type_id)) if _known(type_id) else ffi.NULL
     return ffi.string(name).decode().upper() if name != ffi.NULL else f"type {int(type_id)}"
 
 
@@ -37,15 +41,17 @@ def type_id(name: str) -> int:
 
 
 def can_dequantize(type_id: int) -> bool:
-    return bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_DEQUANTIZE)
+    return _known(type_id) and bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_DEQUANTIZE)
 
 
 def can_matmul(type_id: int) -> bool:
-    return bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_MATMUL)
+    return _known(type_id) and bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_MATMUL)
 
 
 def type_sizes(type_id: int) -> tuple[int, int] | None:
     """(elements, bytes) of one block of the type, or None for an id the core does not know."""
+    if not _known(type_id):
+        return None
     elems = int(lib.fl_type_block_elems(int(type_id)))
     return (elems, int(lib.fl_type_block_bytes(int(type_id)))) if elems else None
 

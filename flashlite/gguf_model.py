@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashlite import blocks
-from flashlite._native import lib
 from flashlite.gguf_reader import GGUFError, GGUFReader
 
 # How the forward pass uses a tensor, which decides the types it may have (any type llama.cpp can run with):
@@ -28,8 +27,7 @@ _INT_TYPES = (24, 25, 26, 27)  # I8, I16, I32, I64
 def _type_ok(type_id: int, use: str) -> bool:
     if use == INDEX:
         return type_id in _INT_TYPES
-    flags = lib.fl_type_flags(type_id)
-    return bool(flags & (lib.FL_CAN_MATMUL if use == MATMUL else lib.FL_CAN_DEQUANTIZE))
+    return blocks.can_matmul(type_id) if use == MATMUL else blocks.can_dequantize(type_id)
 
 
 @dataclass(frozen=True)

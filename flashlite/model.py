@@ -22,6 +22,34 @@ CACHE_FORMAT = "flashlite-kv-cache"
 CACHE_VERSION = 2  # 1 was unversioned, keyed by file name and size
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed npz (what np.savez writes), each checked before numpy allocates it: stored,
+    not compressed (no zip bomb), and its header's shape and dtype exactly the member's size (numpy would
+    otherwise allocate whatever a hostile header declares)."""
+    from numpy.lib import format as npy
+
+    arrays = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise ValueError(f"member {info.filename!r} is compressed; save_cache writes them stored")
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is no array")
+            with z.open(info) as fp:
+                version = npy.read_magic(fp)
+                header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, fortran, dtype = header(fp, max_header_size=10000)
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename!r} holds Python objects")
+                need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if need != info.file_size - fp.tell():
+                    raise ValueError(f"member {info.filename!r} declares {need} bytes and holds "
+                                     f"{info.file_size - fp.tell()}")
+            with z.open(info) as fp:
+                arrays[info.filename[:-4]] = npy.read_array(fp, allow_pickle=False)
+    return arrays
+
+
 def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over every array's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
@@ -112,10 +140,11 @@ class Model:
         or when what it holds does not fit this model (token ids, positions, row sizes)."""
         path = os.fspath(path)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path}: not a readable flashlite cache ({exc})") from exc
+            arrays = _read_npz(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # zipfile and numpy raise many kinds on a damaged file: all mean the same here
+            raise ValueError(f"{path}: not a readable flashlite cache ({type(exc).__name__}: {exc})") from exc
         if str(arrays.pop("format", "")) != CACHE_FORMAT:
             raise ValueError(f"{path}: not a readable flashlite cache (no '{CACHE_FORMAT}' format mark)")
         version = int(arrays.pop("version", 0)) if arrays.get("version", np.array(0)).shape == () else 0

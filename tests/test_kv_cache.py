@@ -320,7 +320,7 @@ def test_damaged_or_hostile_cache_files_are_refused_naming_the_file(model, golde
     raw = good.read_bytes()
     rng = np.random.default_rng(61)
     bad = tmp_path / "bad.npz"
-    for trial in range(120):
+    for trial in range(60):
         blob = bytearray(raw)
         if trial % 4 == 0:
             blob = blob[:rng.integers(0, len(blob))]
