@@ -6,6 +6,7 @@
  * of the block size; vy is already in the act type. */
 #ifndef FLASHLITE_QUANT_GENERIC_H
 #define FLASHLITE_QUANT_GENERIC_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "quants.h"
@@ -21,6 +22,20 @@ static inline int fl_nearest_int(float x) {
 /* the MXFP4 scale: 2^(e-127) / 2, so that the doubled e2m1 values come out right (subnormal for e < 2) */
 static inline float fl_e8m0_to_fp32_half(uint8_t e) {
     uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+/* a UE4M3 scale byte of NVFP4, halved like fl_e8m0_to_fp32_half for the doubled e2m1 values: (1 + m/8) 2^(e-8),
+ * or m 2^-10 for e = 0. The top bit is ignored, except that 0x7F (the E4M3 NaN) is read as 0 and 0xFF is not. */
+static inline float fl_ue4m3_to_fp32_half(uint8_t x) {
+    const uint32_t e = (x >> 3) & 15, m = x & 7;
+    if (x == 0x7F)
+        return 0.0f;
+    if (e == 0)
+        return (float)m * 0x1p-10f;
+    uint32_t bits = (e + 119) << 23 | m << 20;
     float f;
     memcpy(&f, &bits, sizeof(f));
     return f;
@@ -66,9 +81,41 @@ void fl_vec_dot_q5_1_q8_1_generic(int64_t n, float *s, const void *vx, const voi
 
 /* ---------------------------------------------------------------- MXFP4 (quant_mxfp4.c) */
 extern const int8_t fl_kvalues_mxfp4[16];
+/* the first of the 16 e2m1 codes closest to x at scale d (ties keep the lower code, as ggml and numpy's argmin
+ * do; NaN gives code 0): the value search of MXFP4 and NVFP4. Its callers turn FMA contraction off before they
+ * include this header, so that the product is rounded before the subtraction here too. */
+static inline uint8_t fl_best_index_fp4(float x, float d) {
+    uint8_t best = 0;
+    float best_err = fabsf(fl_kvalues_mxfp4[0] * d - x);
+    for (uint8_t i = 1; i < 16; i++) {
+        float err = fabsf(fl_kvalues_mxfp4[i] * d - x);
+        if (err < best_err) {
+            best = i;
+            best_err = err;
+        }
+    }
+    return best;
+}
 void fl_dequantize_row_mxfp4(const void *src, float *dst, int64_t n);
 void fl_quantize_row_mxfp4_ref(const float *src, void *dst, int64_t n);
 void fl_vec_dot_mxfp4_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+
+/* ---------------------------------------------------------------- NVFP4, Q1_0, Q2_0, TQ1_0, TQ2_0 (quant_small.c) */
+void fl_dequantize_row_nvfp4(const void *src, float *dst, int64_t n);
+void fl_quantize_row_nvfp4_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_nvfp4_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q1_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q1_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q1_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q2_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q2_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q2_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_tq1_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_tq1_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_tq1_0_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_tq2_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_tq2_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_tq2_0_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 
 /* ---------------------------------------------------------------- k-quants (quant_k.c) */
 /* ggml's scale searches, shared with the legacy formats. fl_make_qx_quants: symmetric, L = level + nmax in

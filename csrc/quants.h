@@ -67,6 +67,33 @@ typedef struct {
 } block_mxfp4;
 _Static_assert(sizeof(block_mxfp4) == 1 + QK_MXFP4 / 2, "wrong mxfp4 block size");
 
+#define QK1_0 128
+/* one sign bit per weight: x = bit j of qs[j / 8] ? d : -d; 1.125 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK1_0 / 8];
+} block_q1_0;
+_Static_assert(sizeof(block_q1_0) == 2 + QK1_0 / 8, "wrong q1_0 block size");
+
+#define QK2_0 64
+/* x = d * (q - 1), q = (qs[j / 4] >> 2 * (j % 4)) & 3: the values -d, 0, d, 2d; 2.25 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK2_0 / 4];
+} block_q2_0;
+_Static_assert(sizeof(block_q2_0) == 2 + QK2_0 / 4, "wrong q2_0 block size");
+
+#define QK_NVFP4 64
+#define QK_NVFP4_SUB 16
+/* NVIDIA's FP4: 4 sub-blocks of 16 e2m1 values, each with a UE4M3 scale byte d[s] (4 exponent bits, bias 7,
+ * 3 mantissa bits; the top bit unused): x = kvalues_mxfp4[q] * ue4m3(d[s]) / 2, q = qs[8s + j] & 15 for
+ * element 16s + j and qs[8s + j] >> 4 for element 16s + 8 + j (j < 8); 4.5 bpw */
+typedef struct {
+    uint8_t d[QK_NVFP4 / QK_NVFP4_SUB];
+    uint8_t qs[QK_NVFP4 / 2];
+} block_nvfp4;
+_Static_assert(sizeof(block_nvfp4) == QK_NVFP4 / QK_NVFP4_SUB + QK_NVFP4 / 2, "wrong nvfp4 block size");
+
 #define QK_K 256
 #define K_SCALE_SIZE 12
 
@@ -116,6 +143,23 @@ typedef struct {
     fl_half d;
 } block_q6_K;
 _Static_assert(sizeof(block_q6_K) == 2 + QK_K / 16 + 3 * QK_K / 4, "wrong q6_K block size");
+
+/* ternary, x = d * (t - 1) with trits t in 0..2: bytes hold 5 trits (qh: 4) as ceil(v * 256 / 243) of their
+ * base-3 number v, first trit most significant; qs[0..32) hold elements 32n + m (trit n of byte m), qs[32..48)
+ * elements 160 + 16n + m, qh elements 240 + 4n + m; 1.6875 bpw */
+typedef struct {
+    uint8_t qs[(QK_K - 4 * QK_K / 64) / 5];
+    uint8_t qh[QK_K / 64];
+    fl_half d;
+} block_tq1_0;
+_Static_assert(sizeof(block_tq1_0) == 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5, "wrong tq1_0 block size");
+
+/* ternary, x = d * (t - 1), t = (qs[32g + m] >> 2n) & 3 for element 128g + 32n + m; 2.0625 bpw */
+typedef struct {
+    uint8_t qs[QK_K / 4];
+    fl_half d;
+} block_tq2_0;
+_Static_assert(sizeof(block_tq2_0) == 2 + QK_K / 4, "wrong tq2_0 block size");
 
 /* activations for the k-quants: x = d * qs[i]; bsums[j] = sum of qs over the j-th group of 16 */
 typedef struct {

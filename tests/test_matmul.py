@@ -13,19 +13,22 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from test_block_formats_small import Q2_0
 
 from flashlite import blocks
 from flashlite import matmul as fm
 
-FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
-           T.Q6_K, T.IQ2_XXS, T.IQ4_XS]
-ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.Q4_0, T.Q5_0}
+FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.NVFP4, T.Q1_0, Q2_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K,
+           T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0, T.IQ2_XXS, T.IQ4_XS]
+ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.NVFP4, T.Q1_0, Q2_0, T.Q4_0, T.Q5_0}
 ACT_Q8_1 = {T.Q4_1, T.Q5_1}
 FLOATS = {T.F32, T.F16, T.BF16}
 GGUF_QUANTIZERS = {T.BF16, T.Q8_0, T.MXFP4, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+# types gguf-py cannot dequantize: the core's dequantizer (checked against ggml in test_block_formats_small) serves
+NO_GGUF_DEQUANT = {T.Q1_0, Q2_0}
 # byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks
-SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,),
-                 T.IQ4_XS: (0,)}
+SCALE_OFFSETS = {T.Q1_0: (0,), Q2_0: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
+                 T.Q6_K: (208,), T.TQ1_0: (52,), T.TQ2_0: (64,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,)}
 # ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 / Q8_1
 # (blocks of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
 DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 | ACT_Q8_1 else 5e-2 for t in FORMATS}
@@ -43,13 +46,14 @@ def make_weights(wtype, rows, k, rng):
         return values.astype(np.float16)
     if wtype in GGUF_QUANTIZERS:
         return gguf.quants.quantize(values, wtype)
-    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[wtype]
-    n_blocks = rows * k // block_elems
-    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-    for off in SCALE_OFFSETS[wtype]:
+    n_blocks = rows * k // blocks.block_elems(wtype)
+    data = rng.integers(0, 256, (n_blocks, blocks.block_bytes(wtype)), dtype=np.uint8)
+    if wtype == T.NVFP4:  # four UE4M3 scale bytes, 2^-4..2^-1
+        data[:, :4] = rng.integers(0x18, 0x38, (n_blocks, 4))
+    for off in SCALE_OFFSETS.get(wtype, ()):
         scales = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16)
-        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
-    return blocks.reshape(rows, -1)
+        data[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return data.reshape(rows, -1)
 
 
 def dequantized(w, wtype, rows, k):
@@ -57,6 +61,8 @@ def dequantized(w, wtype, rows, k):
         return w.astype(np.float64)
     if wtype == T.F16:
         return w.astype(np.float64)
+    if wtype in NO_GGUF_DEQUANT:
+        return blocks.dequantize(np.ascontiguousarray(w), wtype).reshape(rows, k).astype(np.float64)
     return gguf.quants.dequantize(np.ascontiguousarray(w).view(np.uint8), wtype).reshape(rows, k).astype(np.float64)
 
 
@@ -106,7 +112,7 @@ def threads():
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_decode_and_prefill_against_float64(wtype, level):
     rng = np.random.default_rng(int(wtype))
-    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    block = blocks.block_elems(wtype)
     rows, k = 45, 4 * max(block, 64)
     w = make_weights(wtype, rows, k, rng)
     w64 = dequantized(w, wtype, rows, k)
@@ -126,7 +132,7 @@ def test_decode_and_prefill_against_float64(wtype, level):
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_levels_agree_with_scalar(wtype, level):
     rng = np.random.default_rng(100 + int(wtype))
-    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    block = blocks.block_elems(wtype)
     rows, k = 13, 2 * block
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((20, k)).astype(np.float32)
@@ -143,7 +149,7 @@ def test_odd_shapes(wtype, n_threads, threads):
     """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
     threads(n_threads)
     rng = np.random.default_rng(7)
-    k = gguf.GGML_QUANT_SIZES[wtype][0] if wtype not in FLOATS else 1
+    k = blocks.block_elems(wtype) if wtype not in FLOATS else 1
     for rows in (1, 5, 31):
         w = make_weights(wtype, rows, k, rng)
         w64 = dequantized(w, wtype, rows, k)

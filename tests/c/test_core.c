@@ -36,15 +36,18 @@ static float rng_uniform(void) { /* in [-1, 1) */
     return (float)((double)rng_u32() / 2147483648.0 - 1.0);
 }
 
-static const int formats[] = {FL_TYPE_F32,  FL_TYPE_F16,  FL_TYPE_BF16, FL_TYPE_Q8_0, FL_TYPE_MXFP4,   FL_TYPE_Q4_0,
-                              FL_TYPE_Q4_1, FL_TYPE_Q5_0, FL_TYPE_Q5_1, FL_TYPE_Q2_K, FL_TYPE_Q3_K,    FL_TYPE_Q4_K,
-                              FL_TYPE_Q5_K, FL_TYPE_Q6_K, FL_TYPE_IQ2_XXS, FL_TYPE_IQ4_XS};
+static const int formats[] = {FL_TYPE_F32,   FL_TYPE_F16,   FL_TYPE_BF16,   FL_TYPE_Q8_0,  FL_TYPE_MXFP4,
+                              FL_TYPE_NVFP4, FL_TYPE_Q1_0,  FL_TYPE_Q2_0,   FL_TYPE_Q4_0,  FL_TYPE_Q4_1,
+                              FL_TYPE_Q5_0,  FL_TYPE_Q5_1,  FL_TYPE_Q2_K,   FL_TYPE_Q3_K,  FL_TYPE_Q4_K,
+                              FL_TYPE_Q5_K,  FL_TYPE_Q6_K,  FL_TYPE_TQ1_0,  FL_TYPE_TQ2_0, FL_TYPE_IQ2_XXS,
+                              FL_TYPE_IQ4_XS};
 #define N_FORMATS (int)(sizeof(formats) / sizeof(formats[0]))
 
 /* formats with no SIMD dot yet: every level must fall back to the generic one (dispatch.c) */
 static int generic_only(int type) {
     return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q5_0 || type == FL_TYPE_Q5_1 ||
-           type == FL_TYPE_Q3_K;
+           type == FL_TYPE_Q3_K || type == FL_TYPE_NVFP4 || type == FL_TYPE_Q1_0 || type == FL_TYPE_Q2_0 ||
+           type == FL_TYPE_TQ1_0 || type == FL_TYPE_TQ2_0;
 }
 
 static void put_half(uint8_t *p, float v) {
@@ -77,6 +80,12 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
         float d = 0.005f + 0.01f * (rng_uniform() + 1.0f);
         switch (type) {
         case FL_TYPE_MXFP4: blk[0] = (uint8_t)(118 + rng_u32() % 9); break;
+        case FL_TYPE_NVFP4: /* four UE4M3 scale bytes, 2^-4..2^-1 */
+            for (int s = 0; s < 4; s++)
+                blk[s] = (uint8_t)(0x18 + rng_u32() % 32);
+            break;
+        case FL_TYPE_TQ1_0: put_half(blk + 52, d); break;
+        case FL_TYPE_TQ2_0: put_half(blk + 64, d); break;
         case FL_TYPE_Q2_K: put_half(blk + 80, d); put_half(blk + 82, d); break;
         case FL_TYPE_Q3_K: put_half(blk + 108, d); break;
         case FL_TYPE_Q4_1:
@@ -84,7 +93,7 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
         case FL_TYPE_Q4_K:
         case FL_TYPE_Q5_K: put_half(blk, d); put_half(blk + 2, d); break;
         case FL_TYPE_Q6_K: put_half(blk + 208, d); break;
-        default: put_half(blk, d); break; /* Q8_0, Q4_0, Q5_0, IQ2_XXS, IQ4_XS: d leads the block */
+        default: put_half(blk, d); break; /* Q8_0, Q4_0, Q5_0, Q1_0, Q2_0, IQ2_XXS, IQ4_XS: d leads the block */
         }
     }
 }
@@ -145,6 +154,11 @@ static void test_vec_dots(void) {
     for (int f = 0; f < N_FORMATS; f++) {
         int type = formats[f];
         const struct fl_type_traits *t = fl_traits(type);
+        for (int level = 0; generic_only(type) && level < 4; level++)
+            if (fl_simd_set(level) == FL_OK)
+                CHECK(fl_vec_dot(type) == t->vec_dot_generic, "%s: level %d does not fall back to the generic dot",
+                      t->name, level);
+        fl_simd_set(fl_simd_best());
         int64_t ks[] = {t->blck, 2 * t->blck, t->blck == 1 ? 37 : 5 * t->blck};
         for (int ki = 0; ki < 3; ki++) {
             int64_t k = ks[ki];
