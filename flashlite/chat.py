@@ -178,7 +178,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
         if row is None:
             with lock:
                 cached = _reuse_prefix(model, cache, prompt_ids)
-                row = model.forward(prompt_ids[cached:], cache=cache)[-1]
+                row = model.forward(prompt_ids[cached:], cache=cache, logits="last")[-1]
             continue
         token = sampler(row, history)
         history.append(token)
@@ -190,7 +190,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
             yield from router.finish("length")
             break
         with lock:
-            row = model.forward([token], cache=cache)[-1]
+            row = model.forward([token], cache=cache, logits="last")[-1]
     yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids), cached_tokens=cached,
                     completion_tokens=len(generated), token_ids=generated)
 

@@ -116,7 +116,7 @@ class Model:
         cache = self.cache if cache is None else cache
         replay = cache.rollback(pos)
         for s in range(0, replay.size, REPLAY_CHUNK):
-            self.forward(replay[s:s + REPLAY_CHUNK], cache=cache)
+            self.forward(replay[s:s + REPLAY_CHUNK], cache=cache, logits="none")
 
     def new_cache(self):
         """A decode cache of its own for another sequence on the same weights; pass it to forward(cache=...)."""
@@ -199,23 +199,27 @@ class Model:
             raise ValueError(f"token_ids: {bad} is not a token id (0..{self.args.vocab_size - 1})")
         return ids.astype(np.int64)
 
-    def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
-        """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
-        `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,
-        blk.N.ffn) and the final normed state."""
+    def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None,
+                logits: str = "all") -> np.ndarray:
+        """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab]
+        (logits="all"), of the last position only [1, vocab] ("last": what generation needs, without the head's
+        cost at every other position) or none [0, vocab]. `dump`, when a dict, receives the hidden streams
+        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         ids = self.token_ids(token_ids)
         with self.lock:
             cache = self.cache if cache is None else cache
             start = cache.pos
             if start + ids.size > self.ctx:
                 raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-            logits = self.net(ids, cache, dump)
+            out = self.net(ids, cache, dump, logits)
             self.tokens += ids.size
-        if not np.isfinite(logits).all():
-            at = int(np.argmin(np.isfinite(logits).all(axis=1)))
+        if not np.isfinite(out).all():
+            at = int(np.argmin(np.isfinite(out).all(axis=1))) + (ids.size - out.shape[0])
             raise FloatingPointError(f"{self.file.path}: non-finite logits at position {start + at} "
                                      "(a weight or an activation overflowed): no token can be sampled from them")
-        return logits
+        return out
 
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): tokens forwarded and, with a ram_budget, the expert
@@ -264,13 +268,13 @@ class Model:
         if max_tokens <= 0:
             return
         cache = self.new_cache()
-        row = self.forward(token_ids, cache=cache)[-1]
+        row = self.forward(token_ids, cache=cache, logits="last")[-1]
         for i in range(max_tokens):
             token = int(pick(row))
             yield token
             if token in stop or i + 1 == max_tokens:
                 return
-            row = self.forward([token], cache=cache)[-1]
+            row = self.forward([token], cache=cache, logits="last")[-1]
 
     def chat(self, messages: list[dict], **kwargs):
         """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.chat."""

@@ -773,8 +773,11 @@ class Model:
             return rows.astype(np.float32)
         return blocks.dequantize(rows, self.embed.type)
 
-    def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None) -> np.ndarray:
-        """Logits [T, vocab] of the chunk token_ids that follows the cache's pos tokens; advances the cache."""
+    def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
+                 logits: str = "all") -> np.ndarray:
+        """Logits of the chunk token_ids that follows the cache's pos tokens; advances the cache. `logits`: "all"
+        positions [T, vocab], the "last" one [1, vocab] (generation: the head, vocab x dim, is most of a prefill's
+        work when every position gets it), or "none" [0, vocab] (a replay that only fills the cache)."""
         token_ids = np.asarray(token_ids, np.int64)
         if token_ids.ndim != 1 or token_ids.size == 0:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
@@ -789,6 +792,11 @@ class Model:
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
+        if logits == "none":
+            cache.advance(token_ids)
+            return np.empty((0, self.args.vocab_size), np.float32)
+        if logits == "last":
+            h = h[-1:]
         x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
         if dump is not None:
             dump["output_norm"] = x.copy()
