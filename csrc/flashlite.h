@@ -39,6 +39,11 @@ enum fl_type {
     FL_TYPE_IQ3_S = 21,
     FL_TYPE_IQ2_S = 22,
     FL_TYPE_IQ4_XS = 23,
+    FL_TYPE_I8 = 24,
+    FL_TYPE_I16 = 25,
+    FL_TYPE_I32 = 26,
+    FL_TYPE_I64 = 27,
+    FL_TYPE_F64 = 28,
     FL_TYPE_IQ1_M = 29,
     FL_TYPE_BF16 = 30,
     FL_TYPE_TQ1_0 = 34,
@@ -51,8 +56,18 @@ enum fl_type {
 /* One past the largest type id the core may know (ggml's GGML_TYPE_COUNT of the llama.cpp it follows). */
 enum { FL_TYPE_COUNT = 43 };
 
-/* Elements per block and bytes per block of a type; 0 for a type the core does not know. */
+/* Elements per block and bytes per block of a type; 0 for a type the core does not know. The integer and F64
+ * types are known for their sizes only (a GGUF may store them: tid2eid is I32); they have no conversions. */
 int64_t fl_type_block_elems(int type);
+/* ggml's name of a type ("q4_K", "iq2_xxs", "i32"), or NULL for a type the core does not know. */
+const char *fl_type_name(int type);
+/* What the core can do with a type: FL_CAN_* bits, 0 for an unknown type. */
+enum {
+    FL_CAN_DEQUANTIZE = 1, /* fl_dequantize */
+    FL_CAN_QUANTIZE = 2,   /* fl_quantize, fl_quantize_rows */
+    FL_CAN_MATMUL = 4      /* a weight type of fl_matmul (and of fl_vec_dot_ref) */
+};
+int fl_type_flags(int type);
 int64_t fl_type_block_bytes(int type);
 /* Bytes of one row of n elements (n must be a multiple of the block size), or -1. */
 int64_t fl_row_bytes(int type, int64_t n);
@@ -95,7 +110,7 @@ int fl_threads_get(void);
  * W: rows x k elements of type wtype, row-major, each row fl_row_bytes(wtype, k) bytes.
  * X: n_tok x k float32, row-major; Y: n_tok x rows float32, row-major.
  * Decode (fewer than FL_PREFILL_MIN_TOKENS tokens) pairs quantized weights with activations quantized on the
- * fly (Q8_0 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
+ * fly (Q8_0, Q8_1 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
 int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y);
 
 /* One product of a batch: y = x W^T as fl_matmul computes it. */
@@ -112,7 +127,7 @@ struct fl_matmul_item {
 int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items);
 
 /* ---------------------------------------------------------------- block formats: reference dots */
-/* The type activations are converted to before a dot with weights of this type (F32, Q8_0 or Q8_K), or -1. */
+/* The type activations are converted to before a dot with weights of this type (F32, Q8_0, Q8_1 or Q8_K), or -1. */
 int fl_type_act_type(int type);
 /* *s = the plain-C reference dot of one weight row vx (n elements of type) and one activation row vy already
  * in fl_type_act_type(type): what every SIMD kernel must reproduce. FL_ETYPE for a type without a dot. */

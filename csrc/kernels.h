@@ -26,7 +26,7 @@ struct fl_type_traits {
     fl_to_float_fn to_float;       /* dequantize */
     fl_from_float_fn from_float;   /* reference quantizer; NULL where the format has none */
     fl_quantize_rows_fn quantize;  /* the search with importance weights; NULL where importance changes nothing */
-    int act_type;                  /* what activations are converted to before vec_dot: F32, Q8_0 or Q8_K */
+    int act_type;                  /* what activations are converted to before vec_dot: F32, Q8_0, Q8_1 or Q8_K */
     fl_vec_dot_fn vec_dot_generic; /* plain-C reference dot */
 };
 

@@ -1,9 +1,12 @@
 /* quant_generic.h: the plain-C reference kernels of every block format, as ggml names them.
  * Per type: fl_dequantize_row_<t> (bit-exact with ggml and gguf-py), fl_quantize_row_<t>_ref (ggml's *_ref
- * algorithm, the one that writes model files) and fl_vec_dot_<t>_<act>_generic (the dot the SIMD kernels
- * must reproduce). n counts elements and is a multiple of the block size; vy is already in the act type. */
+ * algorithm, the one that writes model files), fl_quantize_<t> where the type has a search that weighs its error
+ * by an importance vector (ggml's quantize_<t>: the _ref quantizer when importance is NULL) and
+ * fl_vec_dot_<t>_<act>_generic (the dot the SIMD kernels must reproduce). n counts elements and is a multiple
+ * of the block size; vy is already in the act type. */
 #ifndef FLASHLITE_QUANT_GENERIC_H
 #define FLASHLITE_QUANT_GENERIC_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "quants.h"
@@ -24,6 +27,20 @@ static inline float fl_e8m0_to_fp32_half(uint8_t e) {
     return f;
 }
 
+/* a UE4M3 scale byte of NVFP4, halved like fl_e8m0_to_fp32_half for the doubled e2m1 values: (1 + m/8) 2^(e-8),
+ * or m 2^-10 for e = 0. The top bit is ignored, except that 0x7F (the E4M3 NaN) is read as 0 and 0xFF is not. */
+static inline float fl_ue4m3_to_fp32_half(uint8_t x) {
+    const uint32_t e = (x >> 3) & 15, m = x & 7;
+    if (x == 0x7F)
+        return 0.0f;
+    if (e == 0)
+        return (float)m * 0x1p-10f;
+    uint32_t bits = (e + 119) << 23 | m << 20;
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
 /* ---------------------------------------------------------------- float formats (quant_float.c) */
 void fl_dequantize_row_f32(const void *src, float *dst, int64_t n);
 void fl_quantize_row_f32_ref(const float *src, void *dst, int64_t n);
@@ -39,27 +56,93 @@ void fl_vec_dot_bf16_f32_generic(int64_t n, float *s, const void *vx, const void
 void fl_dequantize_row_q8_0(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q8_0_ref(const float *src, void *dst, int64_t n);
 void fl_vec_dot_q8_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q8_1(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q8_1_ref(const float *src, void *dst, int64_t n);
 void fl_dequantize_row_q8_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q8_K_ref(const float *src, void *dst, int64_t n);
 
+/* ---------------------------------------------------------------- legacy formats (quant_legacy.c) */
+void fl_dequantize_row_q4_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q4_0_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q4_0(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_q4_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q4_1(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q4_1_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q4_1(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_q4_1_q8_1_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q5_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q5_0_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q5_0(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_q5_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q5_1(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q5_1_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q5_1(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_q5_1_q8_1_generic(int64_t n, float *s, const void *vx, const void *vy);
+
 /* ---------------------------------------------------------------- MXFP4 (quant_mxfp4.c) */
 extern const int8_t fl_kvalues_mxfp4[16];
+/* the first of the 16 e2m1 codes closest to x at scale d (ties keep the lower code, as ggml and numpy's argmin
+ * do; NaN gives code 0): the value search of MXFP4 and NVFP4. Its callers turn FMA contraction off before they
+ * include this header, so that the product is rounded before the subtraction here too. */
+static inline uint8_t fl_best_index_fp4(float x, float d) {
+    uint8_t best = 0;
+    float best_err = fabsf(fl_kvalues_mxfp4[0] * d - x);
+    for (uint8_t i = 1; i < 16; i++) {
+        float err = fabsf(fl_kvalues_mxfp4[i] * d - x);
+        if (err < best_err) {
+            best = i;
+            best_err = err;
+        }
+    }
+    return best;
+}
 void fl_dequantize_row_mxfp4(const void *src, float *dst, int64_t n);
 void fl_quantize_row_mxfp4_ref(const float *src, void *dst, int64_t n);
 void fl_vec_dot_mxfp4_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
 
+/* ---------------------------------------------------------------- NVFP4, Q1_0, Q2_0, TQ1_0, TQ2_0 (quant_small.c) */
+void fl_dequantize_row_nvfp4(const void *src, float *dst, int64_t n);
+void fl_quantize_row_nvfp4_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_nvfp4_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q1_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q1_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q1_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q2_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q2_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_q2_0_q8_0_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_tq1_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_tq1_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_tq1_0_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_tq2_0(const void *src, float *dst, int64_t n);
+void fl_quantize_row_tq2_0_ref(const float *src, void *dst, int64_t n);
+void fl_vec_dot_tq2_0_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+
 /* ---------------------------------------------------------------- k-quants (quant_k.c) */
+/* ggml's scale searches, shared with the legacy formats. fl_make_qx_quants: symmetric, L = level + nmax in
+ * 0..2*nmax-1, weights qw or x^2 when NULL (make_qx_quants, rmse_type 1). fl_make_qkx3_quants: x ~ scale * L -
+ * *the_min with L in 0..nmax under the given weights (make_qkx3_quants as the importance searches call it). */
+float fl_make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw);
+float fl_make_qkx3_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
+                          uint8_t *Laux);
 void fl_dequantize_row_q2_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q2_K_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q2_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_q2_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+void fl_dequantize_row_q3_K(const void *src, float *dst, int64_t n);
+void fl_quantize_row_q3_K_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q3_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
+void fl_vec_dot_q3_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 void fl_dequantize_row_q4_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q4_K_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q4_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_q4_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 void fl_dequantize_row_q5_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q5_K_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q5_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_q5_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 void fl_dequantize_row_q6_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q6_K_ref(const float *src, void *dst, int64_t n);
+void fl_quantize_q6_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_q6_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
 /* the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes of q4_K / q5_K */
 static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {

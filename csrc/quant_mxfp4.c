@@ -1,16 +1,16 @@
 /* quant_mxfp4.c: MXFP4 (OCP microscaling, e2m1 values with an e8m0 block scale), paired with Q8_0 activations.
  * The table holds the e2m1 values doubled so they are integers; the scale is halved to match. */
-#include <math.h>
-#include "kernels.h"
-#include "quant_generic.h"
 
 /* ggml's results depend on every product being rounded before it is added: no FMA contraction, whatever
- * -march the extension is built with */
+ * -march the extension is built with (before the includes: fl_best_index_fp4 is defined in one) */
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #else
 #pragma GCC optimize("fp-contract=off")
 #endif
+#include <math.h>
+#include "kernels.h"
+#include "quant_generic.h"
 
 const int8_t fl_kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
@@ -24,20 +24,6 @@ void fl_dequantize_row_mxfp4(const void *src, float *dst, int64_t n) {
             y[j + QK_MXFP4 / 2] = fl_kvalues_mxfp4[x[i].qs[j] >> 4] * d;
         }
     }
-}
-
-/* the first of the 16 codes closest to x at scale d (ties keep the lower code, as ggml and numpy's argmin do) */
-static inline uint8_t best_index_mxfp4(float x, float d) {
-    uint8_t best = 0;
-    float best_err = fabsf(fl_kvalues_mxfp4[0] * d - x);
-    for (uint8_t i = 1; i < 16; i++) {
-        float err = fabsf(fl_kvalues_mxfp4[i] * d - x);
-        if (err < best_err) {
-            best = i;
-            best_err = err;
-        }
-    }
-    return best;
 }
 
 /* float -> uint8 as x86 and numpy's astype do it: through int32 (infinity gives INT32_MIN, low byte 0), wrapping
@@ -60,7 +46,7 @@ void fl_quantize_row_mxfp4_ref(const float *src, void *dst, int64_t n) {
         const float d = fl_e8m0_to_fp32_half(e);
         y[i].e = e;
         for (int j = 0; j < QK_MXFP4 / 2; j++)
-            y[i].qs[j] = best_index_mxfp4(x[j], d) | (uint8_t)(best_index_mxfp4(x[j + QK_MXFP4 / 2], d) << 4);
+            y[i].qs[j] = fl_best_index_fp4(x[j], d) | (uint8_t)(fl_best_index_fp4(x[j + QK_MXFP4 / 2], d) << 4);
     }
 }
 

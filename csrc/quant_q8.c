@@ -1,5 +1,6 @@
-/* quant_q8.c: Q8_0 (weights and the activations of Q8_0 / MXFP4 weights) and Q8_K (activations of the
- * k-quants and i-quants). Q8_0 follows quantize_row_q8_0_ref bit for bit; Q8_K follows quantize_row_q8_K_ref. */
+/* quant_q8.c: Q8_0 (weights and the activations of Q8_0 / MXFP4 / Q4_0 / Q5_0 weights), Q8_1 (activations of
+ * Q4_1 / Q5_1) and Q8_K (activations of the k-quants and i-quants). Each follows ggml's quantize_row_*_ref bit
+ * for bit. */
 #include <math.h>
 #include "kernels.h"
 #include "quant_generic.h"
@@ -56,6 +57,36 @@ void fl_vec_dot_q8_0_q8_0_generic(int64_t n, float *s, const void *vx, const voi
         sumf += sumi * (fl_fp16_to_fp32(x[i].d) * fl_fp16_to_fp32(y[i].d));
     }
     *s = sumf;
+}
+
+/* ---------------------------------------------------------------- Q8_1 */
+/* as Q8_0; s is what the weights' min term multiplies, ggml has no dequantizer for it: x = d * qs */
+void fl_dequantize_row_q8_1(const void *src, float *dst, int64_t n) {
+    const block_q8_1 *x = src;
+    for (int64_t i = 0; i < n / QK8_1; i++) {
+        const float d = fl_fp16_to_fp32(x[i].d);
+        for (int j = 0; j < QK8_1; j++)
+            dst[i * QK8_1 + j] = x[i].qs[j] * d;
+    }
+}
+
+void fl_quantize_row_q8_1_ref(const float *src, void *dst, int64_t n) {
+    block_q8_1 *y = dst;
+    for (int64_t i = 0; i < n / QK8_1; i++) {
+        const float *x = src + i * QK8_1;
+        float amax = 0.0f;
+        for (int j = 0; j < QK8_1; j++)
+            amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+        const float d = amax / 127;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = fl_fp32_to_fp16(d);
+        int sum = 0;
+        for (int j = 0; j < QK8_1; j++) {
+            y[i].qs[j] = to_int8_wrapping(roundf(x[j] * id));
+            sum += y[i].qs[j];
+        }
+        y[i].s = fl_fp32_to_fp16(sum * d);
+    }
 }
 
 /* ---------------------------------------------------------------- Q8_K */

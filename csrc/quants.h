@@ -6,6 +6,42 @@
 
 typedef uint16_t fl_half;  /* IEEE binary16 bits */
 
+#define QK4_0 32
+/* x = d * (q - 8), q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.5 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK4_0 / 2];
+} block_q4_0;
+_Static_assert(sizeof(block_q4_0) == 2 + QK4_0 / 2, "wrong q4_0 block size");
+
+#define QK4_1 32
+/* x = d * q + m, q in 0..15 packed as in q4_0; 5 bpw */
+typedef struct {
+    fl_half d;
+    fl_half m;
+    uint8_t qs[QK4_1 / 2];
+} block_q4_1;
+_Static_assert(sizeof(block_q4_1) == 2 * 2 + QK4_1 / 2, "wrong q4_1 block size");
+
+#define QK5_0 32
+/* x = d * (q - 16): q4_0's nibbles plus a fifth bit per weight, bit j of the little-endian qh for weight j; 5.5 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qh[4];
+    uint8_t qs[QK5_0 / 2];
+} block_q5_0;
+_Static_assert(sizeof(block_q5_0) == 2 + 4 + QK5_0 / 2, "wrong q5_0 block size");
+
+#define QK5_1 32
+/* x = d * q + m, q in 0..31 stored as in q5_0; 6 bpw */
+typedef struct {
+    fl_half d;
+    fl_half m;
+    uint8_t qh[4];
+    uint8_t qs[QK5_1 / 2];
+} block_q5_1;
+_Static_assert(sizeof(block_q5_1) == 2 * 2 + 4 + QK5_1 / 2, "wrong q5_1 block size");
+
 #define QK8_0 32
 /* x = d * qs[i]; 8.5 bits per weight */
 typedef struct {
@@ -14,6 +50,15 @@ typedef struct {
 } block_q8_0;
 _Static_assert(sizeof(block_q8_0) == 2 + QK8_0, "wrong q8_0 block size");
 
+#define QK8_1 32
+/* activations for q4_1 / q5_1: x = d * qs[i]; s = d * (sum of qs), rounded to half, carries the weights' min term */
+typedef struct {
+    fl_half d;
+    fl_half s;
+    int8_t qs[QK8_1];
+} block_q8_1;
+_Static_assert(sizeof(block_q8_1) == 2 * 2 + QK8_1, "wrong q8_1 block size");
+
 #define QK_MXFP4 32
 /* x = kvalues_mxfp4[q] * 2^(e-127) / 2, q = qs[j] & 15 for j < 16 and qs[j-16] >> 4 above; 4.25 bpw */
 typedef struct {
@@ -21,6 +66,33 @@ typedef struct {
     uint8_t qs[QK_MXFP4 / 2];
 } block_mxfp4;
 _Static_assert(sizeof(block_mxfp4) == 1 + QK_MXFP4 / 2, "wrong mxfp4 block size");
+
+#define QK1_0 128
+/* one sign bit per weight: x = bit j of qs[j / 8] ? d : -d; 1.125 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK1_0 / 8];
+} block_q1_0;
+_Static_assert(sizeof(block_q1_0) == 2 + QK1_0 / 8, "wrong q1_0 block size");
+
+#define QK2_0 64
+/* x = d * (q - 1), q = (qs[j / 4] >> 2 * (j % 4)) & 3: the values -d, 0, d, 2d; 2.25 bpw */
+typedef struct {
+    fl_half d;
+    uint8_t qs[QK2_0 / 4];
+} block_q2_0;
+_Static_assert(sizeof(block_q2_0) == 2 + QK2_0 / 4, "wrong q2_0 block size");
+
+#define QK_NVFP4 64
+#define QK_NVFP4_SUB 16
+/* NVIDIA's FP4: 4 sub-blocks of 16 e2m1 values, each with a UE4M3 scale byte d[s] (4 exponent bits, bias 7,
+ * 3 mantissa bits; the top bit unused): x = kvalues_mxfp4[q] * ue4m3(d[s]) / 2, q = qs[8s + j] & 15 for
+ * element 16s + j and qs[8s + j] >> 4 for element 16s + 8 + j (j < 8); 4.5 bpw */
+typedef struct {
+    uint8_t d[QK_NVFP4 / QK_NVFP4_SUB];
+    uint8_t qs[QK_NVFP4 / 2];
+} block_nvfp4;
+_Static_assert(sizeof(block_nvfp4) == QK_NVFP4 / QK_NVFP4_SUB + QK_NVFP4 / 2, "wrong nvfp4 block size");
 
 #define QK_K 256
 #define K_SCALE_SIZE 12
@@ -33,6 +105,16 @@ typedef struct {
     fl_half dmin;
 } block_q2_K;
 _Static_assert(sizeof(block_q2_K) == 2 * 2 + QK_K / 16 + QK_K / 4, "wrong q2_K block size");
+
+/* 16 sub-blocks of 16 with 6-bit signed scales: x = d * (sc - 32) * (q - 4), the low 2 bits of q in qs, the third
+ * in hmask (set: no offset); the scales' low nibbles fill bytes 0..7, their top 2 bits bytes 8..11; 3.4375 bpw */
+typedef struct {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[K_SCALE_SIZE];
+    fl_half d;
+} block_q3_K;
+_Static_assert(sizeof(block_q3_K) == 2 + QK_K / 8 + QK_K / 4 + K_SCALE_SIZE, "wrong q3_K block size");
 
 /* 8 sub-blocks of 32, 6-bit scales and mins packed in 12 bytes: x = d * sc * q - dmin * m, q in 0..15; 4.5 bpw */
 typedef struct {
@@ -61,6 +143,23 @@ typedef struct {
     fl_half d;
 } block_q6_K;
 _Static_assert(sizeof(block_q6_K) == 2 + QK_K / 16 + 3 * QK_K / 4, "wrong q6_K block size");
+
+/* ternary, x = d * (t - 1) with trits t in 0..2: bytes hold 5 trits (qh: 4) as ceil(v * 256 / 243) of their
+ * base-3 number v, first trit most significant; qs[0..32) hold elements 32n + m (trit n of byte m), qs[32..48)
+ * elements 160 + 16n + m, qh elements 240 + 4n + m; 1.6875 bpw */
+typedef struct {
+    uint8_t qs[(QK_K - 4 * QK_K / 64) / 5];
+    uint8_t qh[QK_K / 64];
+    fl_half d;
+} block_tq1_0;
+_Static_assert(sizeof(block_tq1_0) == 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5, "wrong tq1_0 block size");
+
+/* ternary, x = d * (t - 1), t = (qs[32g + m] >> 2n) & 3 for element 128g + 32n + m; 2.0625 bpw */
+typedef struct {
+    uint8_t qs[QK_K / 4];
+    fl_half d;
+} block_tq2_0;
+_Static_assert(sizeof(block_tq2_0) == 2 + QK_K / 4, "wrong tq2_0 block size");
 
 /* activations for the k-quants: x = d * qs[i]; bsums[j] = sum of qs over the j-th group of 16 */
 typedef struct {

@@ -15,23 +15,65 @@ static const struct fl_type_traits traits[FL_TYPE_COUNT] = {
     [FL_TYPE_BF16] = {.name = "bf16", .blck = 1, .bytes = 2,
                      .to_float = fl_dequantize_row_bf16, .from_float = fl_quantize_row_bf16_ref,
                      .act_type = FL_TYPE_F32, .vec_dot_generic = fl_vec_dot_bf16_f32_generic},
+    [FL_TYPE_Q4_0] = {.name = "q4_0", .blck = QK4_0, .bytes = sizeof(block_q4_0),
+                     .to_float = fl_dequantize_row_q4_0, .from_float = fl_quantize_row_q4_0_ref,
+                     .quantize = fl_quantize_q4_0,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q4_0_q8_0_generic},
+    [FL_TYPE_Q4_1] = {.name = "q4_1", .blck = QK4_1, .bytes = sizeof(block_q4_1),
+                     .to_float = fl_dequantize_row_q4_1, .from_float = fl_quantize_row_q4_1_ref,
+                     .quantize = fl_quantize_q4_1,
+                     .act_type = FL_TYPE_Q8_1, .vec_dot_generic = fl_vec_dot_q4_1_q8_1_generic},
+    [FL_TYPE_Q5_0] = {.name = "q5_0", .blck = QK5_0, .bytes = sizeof(block_q5_0),
+                     .to_float = fl_dequantize_row_q5_0, .from_float = fl_quantize_row_q5_0_ref,
+                     .quantize = fl_quantize_q5_0,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q5_0_q8_0_generic},
+    [FL_TYPE_Q5_1] = {.name = "q5_1", .blck = QK5_1, .bytes = sizeof(block_q5_1),
+                     .to_float = fl_dequantize_row_q5_1, .from_float = fl_quantize_row_q5_1_ref,
+                     .quantize = fl_quantize_q5_1,
+                     .act_type = FL_TYPE_Q8_1, .vec_dot_generic = fl_vec_dot_q5_1_q8_1_generic},
     [FL_TYPE_Q8_0] = {.name = "q8_0", .blck = QK8_0, .bytes = sizeof(block_q8_0),
                      .to_float = fl_dequantize_row_q8_0, .from_float = fl_quantize_row_q8_0_ref,
                      .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q8_0_q8_0_generic},
+    [FL_TYPE_Q8_1] = {.name = "q8_1", .blck = QK8_1, .bytes = sizeof(block_q8_1),
+                     .to_float = fl_dequantize_row_q8_1, .from_float = fl_quantize_row_q8_1_ref,
+                     .act_type = FL_TYPE_Q8_1, .vec_dot_generic = NULL},
     [FL_TYPE_MXFP4] = {.name = "mxfp4", .blck = QK_MXFP4, .bytes = sizeof(block_mxfp4),
                      .to_float = fl_dequantize_row_mxfp4, .from_float = fl_quantize_row_mxfp4_ref,
                      .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_mxfp4_q8_0_generic},
+    [FL_TYPE_NVFP4] = {.name = "nvfp4", .blck = QK_NVFP4, .bytes = sizeof(block_nvfp4),
+                     .to_float = fl_dequantize_row_nvfp4, .from_float = fl_quantize_row_nvfp4_ref,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_nvfp4_q8_0_generic},
+    [FL_TYPE_Q1_0] = {.name = "q1_0", .blck = QK1_0, .bytes = sizeof(block_q1_0),
+                     .to_float = fl_dequantize_row_q1_0, .from_float = fl_quantize_row_q1_0_ref,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q1_0_q8_0_generic},
+    [FL_TYPE_Q2_0] = {.name = "q2_0", .blck = QK2_0, .bytes = sizeof(block_q2_0),
+                     .to_float = fl_dequantize_row_q2_0, .from_float = fl_quantize_row_q2_0_ref,
+                     .act_type = FL_TYPE_Q8_0, .vec_dot_generic = fl_vec_dot_q2_0_q8_0_generic},
+    [FL_TYPE_TQ1_0] = {.name = "tq1_0", .blck = QK_K, .bytes = sizeof(block_tq1_0),
+                     .to_float = fl_dequantize_row_tq1_0, .from_float = fl_quantize_row_tq1_0_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_tq1_0_q8_K_generic},
+    [FL_TYPE_TQ2_0] = {.name = "tq2_0", .blck = QK_K, .bytes = sizeof(block_tq2_0),
+                     .to_float = fl_dequantize_row_tq2_0, .from_float = fl_quantize_row_tq2_0_ref,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_tq2_0_q8_K_generic},
     [FL_TYPE_Q2_K] = {.name = "q2_K", .blck = QK_K, .bytes = sizeof(block_q2_K),
                      .to_float = fl_dequantize_row_q2_K, .from_float = fl_quantize_row_q2_K_ref,
+                     .quantize = fl_quantize_q2_K,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q2_K_q8_K_generic},
+    [FL_TYPE_Q3_K] = {.name = "q3_K", .blck = QK_K, .bytes = sizeof(block_q3_K),
+                     .to_float = fl_dequantize_row_q3_K, .from_float = fl_quantize_row_q3_K_ref,
+                     .quantize = fl_quantize_q3_K,
+                     .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q3_K_q8_K_generic},
     [FL_TYPE_Q4_K] = {.name = "q4_K", .blck = QK_K, .bytes = sizeof(block_q4_K),
                      .to_float = fl_dequantize_row_q4_K, .from_float = fl_quantize_row_q4_K_ref,
+                     .quantize = fl_quantize_q4_K,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q4_K_q8_K_generic},
     [FL_TYPE_Q5_K] = {.name = "q5_K", .blck = QK_K, .bytes = sizeof(block_q5_K),
                      .to_float = fl_dequantize_row_q5_K, .from_float = fl_quantize_row_q5_K_ref,
+                     .quantize = fl_quantize_q5_K,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q5_K_q8_K_generic},
     [FL_TYPE_Q6_K] = {.name = "q6_K", .blck = QK_K, .bytes = sizeof(block_q6_K),
                      .to_float = fl_dequantize_row_q6_K, .from_float = fl_quantize_row_q6_K_ref,
+                     .quantize = fl_quantize_q6_K,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_q6_K_q8_K_generic},
     [FL_TYPE_Q8_K] = {.name = "q8_K", .blck = QK_K, .bytes = sizeof(block_q8_K),
                      .to_float = fl_dequantize_row_q8_K, .from_float = fl_quantize_row_q8_K_ref,
@@ -72,6 +114,12 @@ static const struct fl_type_traits traits[FL_TYPE_COUNT] = {
                      .to_float = fl_dequantize_row_iq1_m, .from_float = fl_quantize_row_iq1_m_ref,
                      .quantize = fl_quantize_iq1_m,
                      .act_type = FL_TYPE_Q8_K, .vec_dot_generic = fl_vec_dot_iq1_m_q8_K_generic},
+    /* storage only: sizes for reading a file, no conversions */
+    [FL_TYPE_I8] = {.name = "i8", .blck = 1, .bytes = 1, .act_type = -1},
+    [FL_TYPE_I16] = {.name = "i16", .blck = 1, .bytes = 2, .act_type = -1},
+    [FL_TYPE_I32] = {.name = "i32", .blck = 1, .bytes = 4, .act_type = -1},
+    [FL_TYPE_I64] = {.name = "i64", .blck = 1, .bytes = 8, .act_type = -1},
+    [FL_TYPE_F64] = {.name = "f64", .blck = 1, .bytes = 8, .act_type = -1},
 };
 
 const struct fl_type_traits *fl_traits(int type) {
@@ -83,6 +131,19 @@ const struct fl_type_traits *fl_traits(int type) {
 int64_t fl_type_block_elems(int type) {
     const struct fl_type_traits *t = fl_traits(type);
     return t ? t->blck : 0;
+}
+
+const char *fl_type_name(int type) {
+    const struct fl_type_traits *t = fl_traits(type);
+    return t ? t->name : NULL;
+}
+
+int fl_type_flags(int type) {
+    const struct fl_type_traits *t = fl_traits(type);
+    if (!t)
+        return 0;
+    return (t->to_float ? FL_CAN_DEQUANTIZE : 0) | (t->from_float || t->quantize ? FL_CAN_QUANTIZE : 0) |
+           (t->to_float && t->vec_dot_generic ? FL_CAN_MATMUL : 0);
 }
 
 int64_t fl_type_block_bytes(int type) {
@@ -111,6 +172,8 @@ int fl_dequantize(int type, const void *src, float *dst, int64_t n) {
     int status = check_args(t, src, dst, n);
     if (status != FL_OK)
         return status;
+    if (!t->to_float)
+        return FL_ETYPE;
     if (n > 0)
         t->to_float(src, dst, n);
     return FL_OK;

@@ -20,13 +20,40 @@ def _type_id(qtype) -> int:
     return type_id
 
 
-def _type_name(type_id: int) -> str:
-    try:
-        from gguf import GGMLQuantizationType
+def _known(type_id) -> bool:
+    return 0 <= int(type_id) < lib.FL_TYPE_COUNT
 
-        return GGMLQuantizationType(type_id).name
-    except ValueError:
-        return str(type_id)
+
+def type_name(type_id: int) -> str:
+    """ggml's name of a type in capitals, as GGUF tools print it ("Q4_K", "IQ2_XXS", "I32"), or "type N" for an
+    id the core does not know."""
+    name = lib.fl_type_name(int(type_id)) if _known(type_id) else ffi.NULL
+    return ffi.string(name).decode().upper() if name != ffi.NULL else f"type {int(type_id)}"
+
+
+def type_id(name: str) -> int:
+    """The ggml type id of a name (any case: "q4_k", "Q4_K"); ValueError for a name the core does not know."""
+    wanted = name.strip().upper()
+    for tid in range(lib.FL_TYPE_COUNT):
+        if lib.fl_type_name(tid) != ffi.NULL and type_name(tid) == wanted:
+            return tid
+    raise ValueError(f"unknown tensor type {name!r}")
+
+
+def can_dequantize(type_id: int) -> bool:
+    return _known(type_id) and bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_DEQUANTIZE)
+
+
+def can_matmul(type_id: int) -> bool:
+    return _known(type_id) and bool(lib.fl_type_flags(int(type_id)) & lib.FL_CAN_MATMUL)
+
+
+def type_sizes(type_id: int) -> tuple[int, int] | None:
+    """(elements, bytes) of one block of the type, or None for an id the core does not know."""
+    if not _known(type_id):
+        return None
+    elems = int(lib.fl_type_block_elems(int(type_id)))
+    return (elems, int(lib.fl_type_block_bytes(int(type_id)))) if elems else None
 
 
 def block_elems(qtype) -> int:
@@ -46,7 +73,7 @@ def row_bytes(qtype, n: int) -> int:
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
     size = int(lib.fl_row_bytes(type_id, int(n)))
     if size < 0:
-        raise ValueError(f"n: {n} is not a non-negative multiple of the {_type_name(type_id)} "
+        raise ValueError(f"n: {n} is not a non-negative multiple of the {type_name(type_id)} "
                          f"block size {lib.fl_type_block_elems(type_id)}")
     return size
 
@@ -73,7 +100,7 @@ def dequantize(data, qtype, n: int | None = None) -> np.ndarray:
     buf = _byte_array(data)
     bsize = int(lib.fl_type_block_bytes(type_id))
     belems = int(lib.fl_type_block_elems(type_id))
-    name = _type_name(type_id)
+    name = type_name(type_id)
     last = buf.shape[-1] if buf.ndim else 0
     if buf.ndim == 0 or last % bsize:
         raise ValueError(f"data: {last} bytes per row is not a whole number of {name} blocks of {bsize} bytes")
@@ -99,7 +126,7 @@ def quantize(x: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.n
     search ignore it, as ggml does.
     """
     type_id = _type_id(qtype)
-    name = _type_name(type_id)
+    name = type_name(type_id)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a float32 numpy array, got {type(x).__name__}")
     if x.dtype != np.float32:
@@ -130,4 +157,5 @@ def quantize(x: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.n
     return out
 
 
-__all__ = ["block_elems", "block_bytes", "row_bytes", "dequantize", "quantize"]
+__all__ = ["block_elems", "block_bytes", "row_bytes", "dequantize", "quantize", "type_name", "type_id", "type_sizes", "can_dequantize",
+           "can_matmul"]

@@ -6,6 +6,8 @@ two tokens with finish_reason "cancelled".
 """
 from __future__ import annotations
 
+import json
+
 import os
 import threading
 import time
@@ -66,6 +68,59 @@ class TokenRouter:
     def _pieces(events) -> list[ChatPiece]:
         return [ChatPiece(e.kind, e.text, e.tool_call) for e in events]
 
+# the roles a message may have (V4's chat format adds developer; tool results fold into the user turn)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def show(value) -> str:
+    """A value as JSON, cut to 40 characters, for error messages."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_messages(value) -> list[dict]:
+    """OpenAI-style messages, checked (a non-empty list of objects with a known role, string content or an array
+    of text parts, well-formed tool calls) and with text parts joined; ValueError naming the message and field."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("messages: expected a non-empty array of messages")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where}: expected an object, got {show(msg)}")
+        if msg.get("role") not in ROLES:
+            raise ValueError(f"{where}.role: expected one of {', '.join(ROLES)}, got {show(msg.get('role'))}")
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where}.content")
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"{where}.content: expected a string or an array of text parts, got {show(content)}")
+        if msg.get("tool_calls") is not None:
+            _check_tool_calls(msg["tool_calls"], f"{where}.tool_calls")
+        out.append({**msg, "content": content})
+    return out
+
+
+def _text_parts(parts: list, where: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            got = part.get("type") if isinstance(part, dict) else part
+            raise ValueError(f"{where}[{j}]: only {{\"type\": \"text\", \"text\": ...}} parts are supported, "
+                             f"got {show(got)}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _check_tool_calls(calls, where: str) -> None:
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), (str, dict)) for c in calls):
+        raise ValueError(f"{where}: expected an array of {{\"type\": \"function\", \"function\": {{\"name\", "
+                         f"\"arguments\"}}}} calls")
+
+
 
 def chat(model, messages: list[dict], think: str = "none", stream: bool = True, cancel: threading.Event | None = None,
          tools: list[dict] | None = None, max_tokens: int | None = None, stop=None, temperature: float = 1.0,
@@ -88,8 +143,8 @@ def chat(model, messages: list[dict], think: str = "none", stream: bool = True, 
 
 
 def prompt_ids(model, messages: list[dict], think: str = "none", tools: list[dict] | None = None) -> list[int]:
-    """The token ids chat() feeds for these messages."""
-    return model.tokenizer.encode(encode_messages(messages, think=think, tools=tools))
+    """The token ids chat() feeds for these messages (checked by check_messages)."""
+    return model.tokenizer.encode(encode_messages(check_messages(messages), think=think, tools=tools))
 
 
 def shared_prefix(cache, ids: list[int]) -> int:
@@ -123,7 +178,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
         if row is None:
             with lock:
                 cached = _reuse_prefix(model, cache, prompt_ids)
-                row = model.forward(prompt_ids[cached:], cache=cache)[-1]
+                row = model.forward(prompt_ids[cached:], cache=cache, logits="last")[-1]
             continue
         token = sampler(row, history)
         history.append(token)
@@ -135,7 +190,7 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
             yield from router.finish("length")
             break
         with lock:
-            row = model.forward([token], cache=cache)[-1]
+            row = model.forward([token], cache=cache, logits="last")[-1]
     yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids), cached_tokens=cached,
                     completion_tokens=len(generated), token_ids=generated)
 

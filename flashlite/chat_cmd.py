@@ -111,8 +111,9 @@ class Session:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def ask(self, text: str, stopped: bool = False) -> None:
-        """Stream the answer to text; Ctrl-C stops it and keeps what came so far (stopped: before it starts)."""
+    def ask(self, text: str, stopped: bool = False) -> bool:
+        """Stream the answer to text; Ctrl-C stops it and keeps what came so far (stopped: before it starts).
+        False when the question could not be answered (the error is printed)."""
         cancel = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         if stopped:
@@ -137,7 +138,7 @@ class Session:
         except ValueError as exc:
             self.messages.pop()
             click.echo(f"error: {exc}", err=True)
-            return
+            return False
         finally:
             signal.signal(signal.SIGINT, previous)
         t_end = time.perf_counter()
@@ -147,6 +148,7 @@ class Session:
             click.echo("[stopped]", err=True)
         click.echo(_speed(done.prompt_tokens, done.cached_tokens, done.completion_tokens, t0, t_first or t_end, t_end),
                    err=True)
+        return True
 
     def command(self, line: str) -> None:
         name, _, arg = line.partition(" ")
@@ -191,6 +193,12 @@ class Session:
             click.echo(f"error: unknown command {name!r} (try /help)", err=True)
 
 
+def _finite(value: float, name: str) -> float:
+    if value != value:  # NaN passes click's range checks, whose comparisons are all false for it
+        raise click.BadParameter("NaN is not a number", param_hint=name)
+    return value
+
+
 def _speed(n_prompt: int, n_cached: int, n_out: int, t0: float, t_first: float, t_end: float) -> str:
     def rate(n, seconds):
         return f"{n / seconds:.1f} tok/s" if seconds > 0 else "- tok/s"
@@ -231,7 +239,7 @@ def _interact(session: Session) -> None:
 @click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
-@click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
 @click.option("-n", "--n-predict", "n_predict", default=None, type=click.IntRange(min=1),
               help="most tokens per answer (default: until the end of the answer or the context)")
 @click.option("-p", "--prompt", default=None,
@@ -240,9 +248,9 @@ def _interact(session: Session) -> None:
               help="file whose text is the first message")
 @click.option("--system", default=None, help="system prompt")
 @click.option("--think", default="none", show_default=True, type=click.Choice(THINK_CHOICES), help="reasoning mode")
-@click.option("--temp", "temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="sampling temperature (0: greedy)")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--temp", "temperature", default=1.0, show_default=True, type=click.FloatRange(0.0, 1e6),
+              callback=lambda ctx, param, v: _finite(v, "--temp"), help="sampling temperature (0: greedy)")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: off")
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=None, type=int, help="sampling seed (default: random)")
@@ -258,7 +266,9 @@ def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think
                 "min_p": min_p, "seed": seed}
     session = Session(model, system, think, sampling)
     if first is not None and first.strip():
-        session.ask(first)
+        answered = session.ask(first)
         if sys.stdin is None or not sys.stdin.isatty():  # a closed stdin: answer once, as for a pipe
+            if not answered:
+                raise SystemExit(1)
             return
     _interact(session)

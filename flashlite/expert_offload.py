@@ -24,12 +24,16 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def parse_bytes(text: str | int) -> int:
     """'24G', '512MiB', '1.5g', '1000000' -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"ram_budget: cannot read {text!r} as a size (examples: 24G, 512M, 1073741824)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"ram_budget: cannot read {text!r} as a size (examples: 24G, 512M, 1073741824)")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if not 0 < size < 1 << 62:
+        raise ValueError(f"ram_budget: {text!r} is not a size between 1 byte and 4 EiB")
+    return size
 
 
 def default_usage_path(model_path: str) -> Path:

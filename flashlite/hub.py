@@ -13,7 +13,7 @@ _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def parse_hf(spec: str) -> tuple[str, str]:
-    """'org/repo[:QUANT]' -> (repo, quant)."""
+    """'org/repo[:QUANT]' -> (repo, quant; Q4_K_M when none is named)."""
     repo, _, quant = spec.partition(":")
     if not _REPO.match(repo):
         raise ValueError(f"-hf: expected org/repo[:QUANT], got {spec!r}")
@@ -40,17 +40,67 @@ def download_checkpoint(repo: str) -> str:
     return str(_snapshot(repo, ["*.safetensors", "*.json", "tokenizer*"], "quantize"))
 
 
+# files of a GGUF repo that are not a model: llama.cpp's gguf_filename_is_model
+_NOT_MODELS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+
+
+def _is_model(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return path.endswith(".gguf") and not any(word in name for word in _NOT_MODELS)
+
+
+def pick_gguf(files: list[str], tag: str | None) -> list[str]:
+    """The files of the model `tag` names among a repo's `files` (relative paths), as llama.cpp's find_best_model
+    picks it: the first model file whose path has TAG followed by '.' or '-' (case-insensitive; for a split model
+    its first part), trying Q4_K_M then Q8_0 when no tag is given, then any model file; with every part of a split
+    model. Empty when nothing matches."""
+    files = sorted(files)
+    for t in [tag] if tag else [DEFAULT_QUANT, "Q8_0", None]:
+        pattern = re.compile(re.escape(t) + r"[.-]", re.IGNORECASE) if t else None
+        for f in files:
+            if _is_model(f) and shard_number(f.rsplit("/", 1)[-1]) in (None, 1) and (
+                    pattern is None or pattern.search(f)):
+                m = re.match(r"^(?P<stem>.*)-00001-of-(?P<count>\d{5})\.gguf$", f)
+                if not m:
+                    return [f]
+                count = int(m["count"])
+                return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    return []
+
+
+def _repo_files(repo: str, what: str) -> list[str]:
+    """The repo's file list from the Hub, or offline (HF_HUB_OFFLINE, no network) the files of its cached
+    snapshot."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return HfApi().list_repo_files(repo)
+    except (OfflineModeIsEnabled, OSError, HfHubHTTPError) as exc:
+        try:
+            folder = Path(snapshot_download(repo, allow_patterns=["*.gguf"], local_files_only=True))
+        except (LocalEntryNotFoundError, OSError):
+            raise ValueError(f"{what}: cannot get {repo} from the Hugging Face Hub ({exc})") from exc
+        return [p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf")]
+
+
 def download_gguf(spec: str) -> str:
-    """The local path of the GGUF that `org/repo[:QUANT]` names (the first file of a split model), downloaded
-    into the Hub cache unless it is there already. The quantization is matched case-insensitively in file and
-    folder names, as llama.cpp does."""
-    repo, quant = parse_hf(spec)
-    folder = _snapshot(repo, [f"*{q}*.gguf" for q in {quant, quant.lower(), quant.upper()}], f"-hf {spec}")
-    found = sorted(p for p in folder.rglob("*.gguf") if quant.lower() in p.relative_to(folder).as_posix().lower())
-    firsts = [p for p in found if shard_number(p.name) in (None, 1)]
-    if not firsts:
-        raise ValueError(f"-hf {spec}: {repo} has no GGUF file whose name contains {quant!r}")
-    if len(firsts) > 1:
-        names = ", ".join(p.relative_to(folder).as_posix() for p in firsts)
-        raise ValueError(f"-hf {spec}: {quant!r} matches several models in {repo} ({names}); name one exactly")
-    return str(firsts[0])
+    """The local path of the GGUF that `org/repo[:QUANT]` names (the first file of a split model; every part is
+    downloaded), through the Hub cache: only the chosen model's files are fetched, and those already cached are
+    not fetched again. The file is chosen as llama.cpp chooses it (pick_gguf)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, tag = spec.partition(":")
+    parse_hf(spec)  # checks the form
+    wanted = pick_gguf(_repo_files(repo, f"-hf {spec}"), tag or None)
+    if not wanted:
+        raise ValueError(f"-hf {spec}: {repo} has no GGUF model file whose name has "
+                         f"{tag or DEFAULT_QUANT!r} followed by '.' or '-'")
+    paths = []
+    for name in wanted:
+        try:
+            paths.append(hf_hub_download(repo, name))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            raise ValueError(f"-hf {spec}: cannot get {name} of {repo} from the Hugging Face Hub ({exc})") from exc
+    return paths[0]

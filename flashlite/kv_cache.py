@@ -331,18 +331,33 @@ class ModelCache:
 
     def load_arrays(self, arrays) -> None:
         """Take the state to_arrays() wrote, into this cache of the same layout (KeyError/ValueError otherwise)."""
-        self.pos, self._floor = (int(v) for v in arrays["pos"])
+        pos = np.asarray(arrays["pos"])
+        if pos.shape != (2,) or pos.dtype.kind not in "iu" or not 0 <= pos[1] <= pos[0]:
+            raise ValueError(f"positions {pos.tolist()}: expected [pos, floor] with 0 <= floor <= pos")
+        self.pos, self._floor = (int(v) for v in pos)
         self._ids = np.array(arrays["ids"], np.int32)
-        if self._ids.size != self.pos:
+        if self._ids.shape != (self.pos,):
             raise ValueError(f"{self._ids.size} token ids for {self.pos} positions")
+
+        def start(name: str, packed: np.ndarray) -> int:
+            lo = int(arrays[name + ".start"])
+            if not 0 <= lo <= self.pos or packed.dtype != np.uint8 or packed.ndim not in (1, 2):
+                raise ValueError(f"{name}: rows from {lo} of {packed.dtype} {packed.shape} for {self.pos} tokens")
+            return lo
+
         for i, layer in enumerate(self.layers):
             layer.clear()
             for j, log in enumerate(layer.logs()):
-                log.restore(int(arrays[f"log.{i}.{j}.start"]), arrays[f"log.{i}.{j}"])
+                packed = arrays[f"log.{i}.{j}"]
+                log.restore(start(f"log.{i}.{j}", packed), packed)
+        checkpoints = np.asarray(arrays["checkpoints"])
+        if checkpoints.dtype.kind not in "iu" or checkpoints.ndim != 1 or (checkpoints > self.pos).any():
+            raise ValueError(f"checkpoints {checkpoints.tolist()[:8]} beyond {self.pos} tokens")
         self._checkpoints = {
-            int(at): [[(int(arrays[f"ckpt.{at}.{i}.{j}.start"]), np.array(arrays[f"ckpt.{at}.{i}.{j}"]))
+            int(at): [[(start(f"ckpt.{at}.{i}.{j}", arrays[f"ckpt.{at}.{i}.{j}"]),
+                        np.array(arrays[f"ckpt.{at}.{i}.{j}"]))
                        for j in range(len(layer.checkpoint_logs()))] for i, layer in enumerate(self.layers)]
-            for at in arrays["checkpoints"]}
+            for at in checkpoints}
 
     def checkpoint_positions(self) -> list[int]:
         return sorted(self._checkpoints)

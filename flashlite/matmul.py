@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashlite import blocks
 from flashlite._native import check, ffi, lib
 
 SIMD_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
@@ -20,17 +21,15 @@ _LEVEL_NAMES = {v: k for k, v in SIMD_LEVELS.items()}
 def _type_id(wtype) -> int:
     """A ggml type id from an int, a gguf.GGMLQuantizationType or its name ("Q4_K", case-insensitive)."""
     if isinstance(wtype, str):
-        from gguf import GGMLQuantizationType
-
-        names = {t.name.upper(): int(t) for t in GGMLQuantizationType}
-        if wtype.upper() not in names:
-            raise ValueError(f"wtype: unknown type name {wtype!r}")
-        type_id = names[wtype.upper()]
+        try:
+            type_id = blocks.type_id(wtype)
+        except ValueError:
+            raise ValueError(f"wtype: unknown type name {wtype!r}") from None
     elif isinstance(wtype, (int, np.integer)) and not isinstance(wtype, bool):
         type_id = int(wtype)
     else:
         raise TypeError(f"wtype: expected a type id, name or gguf.GGMLQuantizationType, got {type(wtype).__name__}")
-    if lib.fl_type_block_elems(type_id) == 0 or type_id == lib.FL_TYPE_Q8_K:
+    if not blocks.can_matmul(type_id):
         raise ValueError(f"wtype: {wtype!r} is not a weight format of the core")
     return type_id
 

@@ -1,8 +1,10 @@
 """The object behind flashlite.load: one memory-mapped DeepSeek V4 GGUF, its decode cache, logits and generation."""
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+import zipfile
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 
@@ -16,6 +18,46 @@ from flashlite.models import deepseek_v4
 from flashlite.tokenizer import Tokenizer
 
 REPLAY_CHUNK = 512  # tokens per forward when truncate feeds tokens again: bounds the activations' memory
+CACHE_FORMAT = "flashlite-kv-cache"
+CACHE_VERSION = 2  # 1 was unversioned, keyed by file name and size
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed npz (what np.savez writes), each checked before numpy allocates it: stored,
+    not compressed (no zip bomb), and its header's shape and dtype exactly the member's size (numpy would
+    otherwise allocate whatever a hostile header declares)."""
+    from numpy.lib import format as npy
+
+    arrays = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise ValueError(f"member {info.filename!r} is compressed; save_cache writes them stored")
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is no array")
+            with z.open(info) as fp:
+                version = npy.read_magic(fp)
+                header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, fortran, dtype = header(fp, max_header_size=10000)
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename!r} holds Python objects")
+                need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if need != info.file_size - fp.tell():
+                    raise ValueError(f"member {info.filename!r} declares {need} bytes and holds "
+                                     f"{info.file_size - fp.tell()}")
+            with z.open(info) as fp:
+                arrays[info.filename[:-4]] = npy.read_array(fp, allow_pickle=False)
+    return arrays
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 class Model:
@@ -46,7 +88,9 @@ class Model:
         self.net = deepseek_v4.Model(self.args, self.file, offload)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
-        self.lock = threading.Lock()  # conversations sharing these weights take turns on forward passes
+        # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
+        # own cache (logits) holds it for the whole call; reentrant, as chat holds it around its own calls
+        self.lock = threading.RLock()
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -72,7 +116,7 @@ class Model:
         cache = self.cache if cache is None else cache
         replay = cache.rollback(pos)
         for s in range(0, replay.size, REPLAY_CHUNK):
-            self.forward(replay[s:s + REPLAY_CHUNK], cache=cache)
+            self.forward(replay[s:s + REPLAY_CHUNK], cache=cache, logits="none")
 
     def new_cache(self):
         """A decode cache of its own for another sequence on the same weights; pass it to forward(cache=...)."""
@@ -81,47 +125,101 @@ class Model:
 
     def save_cache(self, path: str | os.PathLike, cache=None) -> None:
         """Write a decode cache (else the model's own) to path (a temporary file, then a rename), so that a long
-        conversation resumes later without its prefill."""
+        conversation resumes later without its prefill. The file (CACHE_FORMAT, an npz) names its format and
+        version, the model's content fingerprint and the row format, and holds a sha256 of every array."""
         cache = self.cache if cache is None else cache
+        arrays = cache.to_arrays()
+        header = {"format": np.array(CACHE_FORMAT), "version": np.array(CACHE_VERSION),
+                  "model": np.array(self.fingerprint), "kv_format": np.array(cache.kv_format)}
         with atomic_write(path) as f:
-            np.savez(f, model=np.array(self._fingerprint(cache.kv_format)), **cache.to_arrays())
+            np.savez(f, **header, checksum=np.array(_arrays_sha256(arrays)), **arrays)
 
     def load_cache(self, path: str | os.PathLike):
-        """A decode cache read from a file save_cache wrote for this model (ValueError naming the file when it
-        was written for another model, format or layout, or is damaged)."""
+        """A decode cache read from a file save_cache wrote for this model: ValueError naming the file when it is
+        no cache, of another version, damaged (its checksum), or of another model (by content, not file name),
+        or when what it holds does not fit this model (token ids, positions, row sizes)."""
         path = os.fspath(path)
-        cache = None
         try:
-            with np.load(path, allow_pickle=False) as arrays:
-                saved = str(arrays["model"])
-                kv_format = saved.rsplit(" kv=", 1)[-1]
-                if saved == self._fingerprint(kv_format):
-                    cache = self.net.make_cache(self.cache.rewind, kv_format)
-                    cache.load_arrays(arrays)
-        except (OSError, KeyError, ValueError, EOFError) as exc:
-            raise ValueError(f"{path}: not a readable flashlite cache ({exc})") from exc
-        if cache is None:
-            raise ValueError(f"{path}: a cache of another model ({saved}); this is {self._fingerprint(kv_format)}")
+            arrays = _read_npz(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # zipfile and numpy raise many kinds on a damaged file: all mean the same here
+            raise ValueError(f"{path}: not a readable flashlite cache ({type(exc).__name__}: {exc})") from exc
+        if str(arrays.pop("format", "")) != CACHE_FORMAT:
+            raise ValueError(f"{path}: not a readable flashlite cache (no '{CACHE_FORMAT}' format mark)")
+        version = int(arrays.pop("version", 0)) if arrays.get("version", np.array(0)).shape == () else 0
+        if version != CACHE_VERSION:
+            raise ValueError(f"{path}: a flashlite cache of version {version}; this flashlite reads version "
+                             f"{CACHE_VERSION} (prefill the conversation again)")
+        saved_model, kv_format = str(arrays.pop("model", "")), str(arrays.pop("kv_format", ""))
+        checksum = str(arrays.pop("checksum", ""))
+        if checksum != _arrays_sha256(arrays):
+            raise ValueError(f"{path}: the cache is damaged (its checksum does not match its contents)")
+        if saved_model != self.fingerprint:
+            raise ValueError(f"{path}: a cache of another model (content {saved_model[:16]}, this one is "
+                             f"{self.fingerprint[:16]})")
+        try:
+            cache = self.net.make_cache(self.cache.rewind, kv_format)
+            cache.load_arrays(arrays)
+            if cache.pos:
+                self.token_ids(cache.token_ids)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: the cache does not fit this model ({exc})") from exc
         if cache.pos > self.ctx:
             raise ValueError(f"{path}: holds {cache.pos} tokens, more than the context of {self.ctx}")
         return cache
 
-    def _fingerprint(self, kv_format: str) -> str:
-        """What a saved cache must match: the model file (name and size) and the cache's row format."""
-        first = self.file.path
-        return f"{os.path.basename(first)} {os.path.getsize(first)} B kv={kv_format}"
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the model's content, cheap to take: every file's header (metadata and tensor table) and the
+        first and last 4 KiB of every tensor, so that a cache of another model, or of another version of the same
+        file name, is told apart."""
+        digest = hashlib.sha256()
+        for path, reader in self.file._readers.items():
+            digest.update(bytes(reader._map[:reader.data_offset]))
+        for name in sorted(self.file.tensors):
+            data = self.file.tensors[name].data.reshape(-1).view(np.uint8)
+            digest.update(name.encode())
+            digest.update(data[:4096].tobytes())
+            digest.update(data[-4096:].tobytes())
+        return digest.hexdigest()
 
-    def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None) -> np.ndarray:
-        """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab].
-        `dump`, when a dict, receives the hidden streams [len, hc, dim] after every sublayer (blk.N.attn,
-        blk.N.ffn) and the final normed state."""
-        cache = self.cache if cache is None else cache
-        ids = np.asarray(token_ids, np.int64).reshape(-1)
-        if cache.pos + ids.size > self.ctx:
-            raise ValueError(f"{cache.pos} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-        logits = self.net(ids, cache, dump)
-        self.tokens += ids.size
-        return logits
+    def token_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+        """token_ids as int64, checked: a non-empty flat sequence of integers (no floats, no nesting), each a token
+        of the vocabulary; ValueError or TypeError naming what is wrong."""
+        ids = np.asarray(token_ids)
+        if ids.dtype == object and ids.ndim == 1 and all(isinstance(t, int) for t in ids):  # beyond int64
+            raise ValueError(f"token_ids: {max(ids, key=abs)} is not a token id (0..{self.args.vocab_size - 1})")
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"token_ids: expected a non-empty flat sequence of token ids, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"token_ids: expected integers, got {ids.dtype} values")
+        if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+            bad = ids[(ids < 0) | (ids >= self.args.vocab_size)][0]
+            raise ValueError(f"token_ids: {bad} is not a token id (0..{self.args.vocab_size - 1})")
+        return ids.astype(np.int64)
+
+    def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None,
+                logits: str = "all") -> np.ndarray:
+        """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab]
+        (logits="all"), of the last position only [1, vocab] ("last": what generation needs, without the head's
+        cost at every other position) or none [0, vocab]. `dump`, when a dict, receives the hidden streams
+        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
+        ids = self.token_ids(token_ids)
+        with self.lock:
+            cache = self.cache if cache is None else cache
+            start = cache.pos
+            if start + ids.size > self.ctx:
+                raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
+            out = self.net(ids, cache, dump, logits)
+            self.tokens += ids.size
+        if not np.isfinite(out).all():
+            at = int(np.argmin(np.isfinite(out).all(axis=1))) + (ids.size - out.shape[0])
+            raise FloatingPointError(f"{self.file.path}: non-finite logits at position {start + at} "
+                                     "(a weight or an activation overflowed): no token can be sampled from them")
+        return out
 
     def stats(self) -> dict:
         """Counters since load (or the last reset_stats): tokens forwarded and, with a ram_budget, the expert
@@ -152,28 +250,31 @@ class Model:
     def logits(self, token_ids: Sequence[int], chunk: int | None = None, dump: dict | None = None) -> np.ndarray:
         """Logits [len, vocab] at every position of token_ids, prefilled as a fresh sequence (in chunks of
         `chunk` tokens when given)."""
-        self.reset()
-        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        ids = self.token_ids(token_ids)
         step = ids.size if chunk is None else int(chunk)
         if step < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
+        with self.lock:  # the model's own cache, for the whole call
+            self.reset()
+            return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
 
     def generate(self, token_ids: Sequence[int], max_tokens: int, sampler=None,
                  stop: Sequence[int] = ()) -> Iterator[int]:
         """Prefill token_ids as a fresh sequence, then yield up to max_tokens ids one decode step at a time.
-        `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded)."""
+        `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded).
+        The sequence lives in a cache of its own, so several generations may run from different threads (their
+        forward passes take turns)."""
         pick = sampler or (lambda row: int(np.argmax(row)))
-        self.reset()
         if max_tokens <= 0:
             return
-        row = self.forward(token_ids)[-1]
+        cache = self.new_cache()
+        row = self.forward(token_ids, cache=cache, logits="last")[-1]
         for i in range(max_tokens):
             token = int(pick(row))
             yield token
             if token in stop or i + 1 == max_tokens:
                 return
-            row = self.forward([token])[-1]
+            row = self.forward([token], cache=cache, logits="last")[-1]
 
     def chat(self, messages: list[dict], **kwargs):
         """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.chat."""

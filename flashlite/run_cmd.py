@@ -73,7 +73,7 @@ def load_model(model_path, threads, ctx, load_opts):
 @click.option("--tokens", default=None, help="prompt as comma-separated token ids")
 @click.option("-n", "--n-predict", "n_predict", default=32, show_default=True, type=click.IntRange(min=1),
               help="tokens to generate")
-@click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="threads (default: all cores)")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
 @load_options
 def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts):
@@ -87,6 +87,13 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts):
         ids = tokenizer.encode(prompt)
     else:
         ids = _parse_tokens(tokens)
+        try:
+            model.token_ids(ids)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("token_ids: "), param_hint="--tokens") from exc
+    if len(ids) + n_predict > model.ctx:
+        raise click.BadParameter(f"the prompt's {len(ids)} tokens and {n_predict} more exceed the context of "
+                                 f"{model.ctx} (lower -n or raise -c)", param_hint="-n")
 
     out = []
     t0 = time.perf_counter()

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from flashlite.chat import prompt_ids, shared_prefix
+from flashlite.chat import check_messages, prompt_ids, shared_prefix, show
 
 log = logging.getLogger("flashlite.server")
 
 MAX_BODY = 32 << 20  # bytes; a prompt filling a 1M-token context is about 4 MB of text
-ROLES = ("system", "developer", "user", "assistant", "tool")
 THINK_MODES = ("none", "high", "max")
 # V4 has one reasoning level below "max"; OpenAI's graded efforts all land on it
 REASONING_EFFORTS = {"none": "none", "minimal": "high", "low": "high", "medium": "high", "high": "high",
@@ -56,11 +55,6 @@ class ChatRequest:
     options: dict  # keyword arguments of Model.create_chat_completion
 
 
-def _show(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _typed(body: dict, name: str, kind: type):
     """body[name] as `kind` (None when absent or null); an integral float passes as an int, a bool as nothing else."""
     value = body.get(name)
@@ -74,50 +68,7 @@ def _typed(body: dict, name: str, kind: type):
             and (kind is float or float(value).is_integer())):
         return kind(value)
     what = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[kind]
-    raise RequestError(f"{name}: expected {what}, got {_show(value)}", name)
-
-
-def _text_parts(parts: list, where: str) -> str:
-    texts = []
-    for j, part in enumerate(parts):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            got = part.get("type") if isinstance(part, dict) else part
-            raise RequestError(f"{where}[{j}]: only {{\"type\": \"text\", \"text\": ...}} parts are supported, "
-                               f"got {_show(got)}", f"{where}[{j}]")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _tool_calls(calls, where: str) -> None:
-    if not isinstance(calls, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("function"), dict)
-            and isinstance(c["function"].get("name"), str)
-            and isinstance(c["function"].get("arguments"), (str, dict)) for c in calls):
-        raise RequestError(f"{where}: expected an array of {{\"type\": \"function\", \"function\": {{\"name\", "
-                           f"\"arguments\"}}}} calls", where)
-
-
-def _messages(value) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise RequestError("messages: expected a non-empty array of messages", "messages")
-    out = []
-    for i, msg in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise RequestError(f"{where}: expected an object, got {_show(msg)}", where)
-        if msg.get("role") not in ROLES:
-            raise RequestError(f"{where}.role: expected one of {', '.join(ROLES)}, got {_show(msg.get('role'))}",
-                               f"{where}.role")
-        content = msg.get("content")
-        if isinstance(content, list):
-            content = _text_parts(content, f"{where}.content")
-        elif content is not None and not isinstance(content, str):
-            raise RequestError(f"{where}.content: expected a string or an array of text parts, got {_show(content)}",
-                               f"{where}.content")
-        if msg.get("tool_calls") is not None:
-            _tool_calls(msg["tool_calls"], f"{where}.tool_calls")
-        out.append({**msg, "content": content})
-    return out
+    raise RequestError(f"{name}: expected {what}, got {show(value)}", name)
 
 
 def _tools(body: dict) -> list[dict] | None:
@@ -128,7 +79,7 @@ def _tools(body: dict) -> list[dict] | None:
         raise RequestError("tools: expected an array of {\"type\": \"function\", \"function\": {\"name\", ...}}",
                            "tools")
     if choice not in (None, "auto", "none"):
-        raise RequestError(f"tool_choice: only \"auto\" and \"none\" are supported, got {_show(choice)}",
+        raise RequestError(f"tool_choice: only \"auto\" and \"none\" are supported, got {show(choice)}",
                            "tool_choice")
     return None if choice == "none" else tools or None
 
@@ -138,7 +89,7 @@ def _think(body: dict) -> str:
     effort = _typed(body, "reasoning_effort", str)
     if effort is not None:
         if effort not in REASONING_EFFORTS:
-            raise RequestError(f"reasoning_effort: expected one of {', '.join(REASONING_EFFORTS)}, got {_show(effort)}",
+            raise RequestError(f"reasoning_effort: expected one of {', '.join(REASONING_EFFORTS)}, got {show(effort)}",
                                "reasoning_effort")
         modes["reasoning_effort"] = REASONING_EFFORTS[effort]
     think = body.get("think")
@@ -148,10 +99,10 @@ def _think(body: dict) -> str:
         elif think in THINK_MODES:
             modes["think"] = think
         else:
-            raise RequestError(f"think: expected true, false or one of {', '.join(THINK_MODES)}, got {_show(think)}",
+            raise RequestError(f"think: expected true, false or one of {', '.join(THINK_MODES)}, got {show(think)}",
                                "think")
     if len(set(modes.values())) > 1:
-        raise RequestError(f"think: {_show(think)} contradicts reasoning_effort {_show(effort)}", "think")
+        raise RequestError(f"think: {show(think)} contradicts reasoning_effort {show(effort)}", "think")
     return next(iter(modes.values()), "none")
 
 
@@ -169,7 +120,7 @@ def _unsupported(body: dict) -> None:
         raise RequestError("logit_bias: not supported", "logit_bias")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
-        raise RequestError(f"response_format: only {{\"type\": \"text\"}} is supported, got {_show(fmt)}",
+        raise RequestError(f"response_format: only {{\"type\": \"text\"}} is supported, got {show(fmt)}",
                            "response_format")
 
 
@@ -177,8 +128,11 @@ def parse_chat_request(body) -> ChatRequest:
     """Check a /v1/chat/completions body; a bad field is a RequestError naming it. Ranges of the sampling numbers
     are left to flashlite.sampling, whose errors also name the field."""
     if not isinstance(body, dict):
-        raise RequestError(f"body: expected a JSON object, got {_show(body)}")
-    messages = _messages(body.get("messages"))
+        raise RequestError(f"body: expected a JSON object, got {show(body)}")
+    try:
+        messages = check_messages(body.get("messages"))
+    except ValueError as exc:
+        raise _value_error(exc) from None
     _unsupported(body)
     _typed(body, "model", str)
     options = {"think": _think(body), "tools": _tools(body)}
@@ -201,7 +155,7 @@ def parse_chat_request(body) -> ChatRequest:
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)
                                  and all(isinstance(s, str) for s in stop)):
-        raise RequestError(f"stop: expected a string or an array of strings, got {_show(stop)}", "stop")
+        raise RequestError(f"stop: expected a string or an array of strings, got {show(stop)}", "stop")
     options["stop"] = stop
     stream = bool(_typed(body, "stream", bool))
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):

@@ -62,6 +62,10 @@ def _byte_to_unicode() -> dict[int, str]:
 
 _BYTE_OF_CHAR = {c: b for b, c in _byte_to_unicode().items()}
 
+# The tokenizer.ggml.pre names llama.cpp runs with V4's three regexes and no space clean-up (llama-vocab.cpp):
+# converters write "joyai-llm" for V4's tokenizer hash; older conversions wrote "deepseek-v3".
+V4_PRE_TOKENIZERS = ("joyai-llm", "deepseek-v3", "hunyuan-dense", "hy_v4")
+
 
 def _metadata_of(source) -> dict:
     """The metadata dict of a GGUF path, a gguf-py GGUFReader, an object with `.metadata`, or a dict."""
@@ -70,9 +74,10 @@ def _metadata_of(source) -> dict:
     if hasattr(source, "metadata") and isinstance(source.metadata, dict):
         return source.metadata
     if isinstance(source, (str, os.PathLike)):
-        from gguf import GGUFReader
-        source = GGUFReader(os.fspath(source), "r")
-    if hasattr(source, "fields"):
+        from flashlite.gguf_reader import GGUFReader
+        with GGUFReader(source) as reader:
+            return reader.metadata
+    if hasattr(source, "fields"):  # a gguf-py GGUFReader
         return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
     raise TypeError(f"source: expected a GGUF path, GGUFReader, GGUFFile or metadata dict, got {type(source).__name__}")
 
@@ -151,8 +156,9 @@ class Tokenizer:
         if model != "gpt2":
             raise ValueError(f"tokenizer.ggml.model: '{model}' is not supported (expected 'gpt2' byte-level BPE)")
         pre = meta.get("tokenizer.ggml.pre", "joyai-llm")
-        if pre != "joyai-llm":
-            raise ValueError(f"tokenizer.ggml.pre: '{pre}' is not DeepSeek V4's pre-tokenizer ('joyai-llm')")
+        if pre not in V4_PRE_TOKENIZERS:
+            raise ValueError(f"tokenizer.ggml.pre: '{pre}' is not DeepSeek V4's pre-tokenizer (one of "
+                             f"{', '.join(V4_PRE_TOKENIZERS)})")
         return cls(list(_require(meta, "tokenizer.ggml.tokens")), list(_require(meta, "tokenizer.ggml.token_type")),
                    list(_require(meta, "tokenizer.ggml.merges")),
                    meta.get("tokenizer.ggml.bos_token_id", 0), meta.get("tokenizer.ggml.eos_token_id", 1),

@@ -1,17 +1,17 @@
-"""Stream a DeepSeek V4 safetensors checkpoint into a deepseek4 GGUF file.
+"""Stream a DeepSeek V4 safetensors checkpoint, or a deepseek4 GGUF (requantization), into a deepseek4 GGUF file.
 
 Two passes: first every tensor's name, shape, type and size is planned from the shard headers and config.json
-alone (nothing is read), so every mismatch is found before a byte is written; then gguf-py's GGUFWriter writes the
-header, metadata and tensor infos, and the tensor data follows one slab of rows at a time, decoded from the
-memory-mapped shards whose pages are dropped after each slab. Peak memory is a few slabs, whatever the model's
-size. The output is built in a hidden temporary file next to OUT and renamed over it at the very end.
+(or the GGUF's header) alone, nothing is read, so every mismatch is found before a byte is written; then gguf-py's
+GGUFWriter writes the header, metadata and tensor infos, and the tensor data follows one slab of rows at a time,
+decoded from the memory-mapped source whose pages are dropped after each slab. Peak memory is a few slabs,
+whatever the model's size. The output is built in a hidden temporary file next to OUT and renamed over it at the
+very end. With an importance matrix (`imatrix`) each slab is quantized with its tensor's (its expert's) weights.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
-import tempfile
 import time
 import functools
 from collections import deque
@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, GGUFValueType, GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 
 from flashlite import blocks
-from quant.gguf_meta import ARCH, Hparams, hparam_kv, read_hparams
+from flashlite.atomic import partial_file, remove_stale_partials
+from quant.gguf_meta import ARCH, hparam_kv, read_hparams
+from quant.gguf_source import read_gguf_source
+from quant.imatrix import Imatrix
 from quant.layout import INDEX, GGUFTensor, Stored, check_index, plan_tensors
-from quant.recipes import Recipe, tensor_nbytes
+from quant.recipes import NEEDS_IMPORTANCE, LlamaMix, Recipe
 from quant.tokenizer_meta import tokenizer_kv
 from quant.safetensors_source import Checkpoint, CheckpointError
 
@@ -36,8 +39,15 @@ SLAB_BYTES = 32 << 20  # float32 bytes decoded at a time, per worker
 @dataclass
 class Planned:
     tensor: GGUFTensor
-    qtype: Q
+    qtype: int
     nbytes: int
+    importance: np.ndarray | None = None  # the imatrix's weights, experts one after another
+    energy: bool = False                  # no imatrix for a type that needs one: weigh columns by sum of w^2
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: int) -> int:
+    elems, size = blocks.type_sizes(qtype)
+    return math.prod(shape[:-1]) * (shape[-1] // elems) * size
 
 
 @dataclass
@@ -97,45 +107,73 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
-def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
-    if qtype == Q.F32:
+def _encode(values: np.ndarray, qtype: int, importance: np.ndarray | None) -> np.ndarray:
+    if qtype == 0:
         return np.ascontiguousarray(values, dtype=np.float32)
-    if qtype == Q.F16:
+    if qtype == 1:
         return values.astype(np.float16)
-    return blocks.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+    return blocks.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype, importance)
 
 
-def _encode_slab(part: Stored, r0: int, r1: int, qtype: Q) -> np.ndarray:
-    """The output bytes of rows r0:r1 of one stored tensor; runs on a worker thread."""
-    if qtype == Q.MXFP4 and part.format == "fp4":
-        data = part.mxfp4_rows(r0, r1)
-        if np.any(data.reshape(r1 - r0, -1, 17)[:, :, 0] == 255):
-            raise CheckpointError(f"{part.scale.file}: tensor '{part.scale.name}' holds the NaN scale 255")
-    else:
+def _column_energy(part, r0: int, r1: int) -> np.ndarray:
+    """sum of w^2 over rows r0:r1, per column: ds4's stand-in for an importance matrix."""
+    total = None
+    step = max(1, (SLAB_BYTES // 4) // part.shape[-1])
+    for a in range(r0, r1, step):
+        sq = np.square(part.f32_rows(a, min(r1, a + step)), dtype=np.float64).sum(axis=0)
+        total = sq if total is None else total + sq
+    return total.astype(np.float32)
+
+
+def _encode_slab(p: Planned, part, expert: int, r0: int, r1: int) -> np.ndarray:
+    """The output bytes of rows r0:r1 of one stored tensor (of expert `expert` of a stacked one); runs on a worker
+    thread."""
+    data = part.encoded_rows(r0, r1, p.qtype)
+    if data is None:
         values = part.f32_rows(r0, r1)
         if not np.isfinite(values).all():
             bad = np.argwhere(~np.isfinite(values))[0]
-            raise CheckpointError(f"{part.weight.file}: tensor '{part.weight.name}' holds a non-finite value at "
-                                  f"row {r0 + bad[0]}, column {bad[1]}")
-        data = _encode(values, qtype)
+            raise CheckpointError(f"{part.where()} holds a non-finite value at row {r0 + bad[0]}, column {bad[1]}")
+        k = part.shape[-1]
+        importance = None
+        if p.importance is not None:
+            importance = p.importance[expert * k:(expert + 1) * k]
+        elif p.energy:
+            lo, n = _expert_rows(part, expert)
+            importance = _column_energy(part, lo, lo + n)
+        data = _encode(values, p.qtype, importance)
     part.release_rows(r0, r1)
     return data
 
 
-def _slabs(p: Planned, h: Hparams, slab_bytes: int) -> Iterator[Callable[[], np.ndarray]]:
-    """Tasks that make the tensor's bytes, in order, one slab of rows each."""
+def _expert_rows(part, expert: int) -> tuple[int, int]:
+    """(first row, rows) of one expert of a part: a stacked GGUF part holds every expert, a checkpoint part one."""
+    rows = math.prod(part.shape[:-1])
+    if len(part.shape) == 3:
+        per = rows // part.shape[0]
+        return expert * per, per
+    return 0, rows
+
+
+def _slabs(p: Planned, h, slab_bytes: int) -> Iterator[Callable[[], np.ndarray]]:
+    """Tasks that make the tensor's bytes, in order, one slab of rows each; a slab never spans two experts, whose
+    importance weights differ."""
     t = p.tensor
     if t.role == INDEX:
-        yield functools.partial(check_index, t.parts[0], h)
+        part = t.parts[0]
+        yield functools.partial(check_index, part, h) if isinstance(part, Stored) else part.index_values
         return
-    for part in t.parts:
-        rows = math.prod(part.shape[:-1])
+    for i, part in enumerate(t.parts):
         step = max(1, slab_bytes // (4 * part.shape[-1]))
-        for r0 in range(0, rows, step):
-            yield functools.partial(_encode_slab, part, r0, min(rows, r0 + step), p.qtype)
+        n_experts = part.shape[0] if len(part.shape) == 3 else 1
+        for e in range(n_experts):
+            lo, n = _expert_rows(part, e)
+            for r0 in range(lo, lo + n, step):
+                yield functools.partial(_encode_slab, p, part, i if len(t.parts) > 1 else e, r0,
+                                        min(lo + n, r0 + step))
 
 
-def _pipeline(planned: list[Planned], h: Hparams, slab_bytes: int, workers: int
+def _pipeline(planned: list[Planned], h, slab_bytes: int, workers: int
               ) -> Iterator[tuple[Planned, np.ndarray | None]]:
     """(tensor, bytes) in file order, computed `workers` slabs ahead on threads (numpy and the C core release
     the GIL); (tensor, None) closes each tensor. At most workers + 1 slabs are alive at a time."""
@@ -165,71 +203,115 @@ def _cpus() -> int:
 
 @dataclass
 class Plan:
-    hparams: Hparams
-    checkpoint: Checkpoint
+    hparams: object                # quant.gguf_meta.Hparams of a checkpoint, None for a GGUF source
+    source: object                 # the Checkpoint or GGUFFile to close at the end
     tensors: list[Planned]
     metadata: list[tuple[str, object, GGUFValueType]]  # every key but general.*; list values give the element type
     notes: list[str]
     style: str
+    n_layers: int
+    n_expert: int
 
 
-def plan(src: str | os.PathLike, recipe: Recipe) -> Plan:
-    """Everything about the output but its data: validates config, tokenizer, shards, names, dtypes and shapes."""
+def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None) -> Plan:
+    """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
+    and shapes, and the importance matrix against the tensors it weighs."""
     src = Path(src)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a directory (expected a checkpoint folder)")
-    h = read_hparams(src)
-    if not (src / "tokenizer.json").is_file():
-        raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
-    metadata = hparam_kv(h) + tokenizer_kv(src, h.vocab_size)
-    ck = Checkpoint(src)
+    if src.is_file():
+        g = read_gguf_source(src)
+        h, source, layout, metadata = None, g.file, g.layout, g.metadata
+        block_count, n_layers, n_expert = g.block_count, g.n_layers, g.n_expert
+    elif src.is_dir():
+        h = read_hparams(src)
+        if not (src / "tokenizer.json").is_file():
+            raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
+        metadata = hparam_kv(h) + tokenizer_kv(src, h.vocab_size)
+        source = Checkpoint(src)
+        try:
+            layout = plan_tensors(source, h)
+        except BaseException:
+            source.close()
+            raise
+        block_count, n_layers, n_expert = h.n_layers, h.n_layers, h.n_routed_experts
+    else:
+        raise CheckpointError(f"{src}: no such checkpoint folder or GGUF file")
     try:
-        layout = plan_tensors(ck, h)
-        types, notes = recipe.assign(layout.tensors)
+        if isinstance(recipe, LlamaMix):
+            recipe.has_imatrix, recipe.n_expert = imatrix is not None, n_expert
+        types, notes = recipe.assign(layout.tensors, block_count)
+        planned = [Planned(t, types[t.name], tensor_nbytes(t.shape, types[t.name])) for t in layout.tensors]
+        _plan_importance(planned, imatrix, notes)
     except BaseException:
-        ck.close()
+        source.close()
         raise
-    planned = [Planned(t, types[t.name], tensor_nbytes(t.shape, types[t.name])) for t in layout.tensors]
     if layout.skipped:
         notes.append(f"left out {len(layout.skipped)} tensor(s) llama.cpp's deepseek4 does not load "
                      f"(MTP, hash layers' gate bias), e.g. {layout.skipped[0]}")
-    lossy = [p.tensor.name for p in planned
-             if p.qtype == Q.MXFP4 and any(part.format != "fp4" for part in p.tensor.parts)]
+    lossy = [p.tensor.name for p in planned if p.qtype == blocks.type_id("MXFP4")
+             and any(part.source_type != p.qtype for part in p.tensor.parts)]
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
                      f"{lossy[0]}")
-    return Plan(h, ck, planned, metadata, notes, layout.style)
+    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert)
+
+
+def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: list[str]) -> None:
+    """Give each tensor to be quantized its importance weights, checked against its shape; without them, a type
+    whose search needs them weighs columns by their energy (ds4's fallback), and a note says which."""
+    energy = []
+    for p in planned:
+        t = p.tensor
+        if all(part.source_type == p.qtype for part in t.parts) or t.role == INDEX:
+            continue  # copied as it is
+        weights = imatrix.weights(t.name) if imatrix is not None else None
+        if weights is not None:
+            experts = t.shape[0] if len(t.shape) == 3 else 1
+            if weights.size != experts * t.shape[-1]:
+                raise ValueError(f"importance matrix: entry '{t.name}' has {weights.size} weights, the tensor needs "
+                                 f"{t.shape[-1]} per expert for {experts} expert(s)")
+            p.importance = weights
+        elif p.qtype in NEEDS_IMPORTANCE:
+            p.energy = True
+            energy.append(t.name)
+    if energy:
+        notes.append(f"{len(energy)} tensor(s) in types whose search needs an importance matrix have none "
+                     f"(--imatrix FILE): their columns are weighed by the sum of squared weights, e.g. {energy[0]}")
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
-            slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None) -> Summary:
-    """Write `src` (a checkpoint folder) as the deepseek4 GGUF `out`; returns what was written.
+            slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
+            imatrix: Imatrix | None = None) -> Summary:
+    """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
+    what was written.
 
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
-    `name` is the model's general.name (default: the folder's name)."""
+    `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
+    weighs the quantizers' error per column (quant.imatrix)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
-    p = plan(src, recipe)
-    h, ck, planned = p.hparams, p.checkpoint, p.tensors
+    p = plan(src, recipe, imatrix)
+    h, planned = p.hparams, p.tensors
+    default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")
+    if not src.is_dir():
+        default_name = p.source.get("general.name", default_name)
     t0 = time.perf_counter()
     tmp = None
     writer = None
     try:
         for note in p.notes:
             log(f"note: {note}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private to its writer
+        stale = remove_stale_partials(out)
+        if stale:
+            log(f"note: removed {len(stale)} unfinished file(s) of earlier runs that were killed: {', '.join(stale)}")
+        tmp = partial_file(out)
         writer = GGUFWriter(tmp, ARCH)
         writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
-        writer.add_string("general.name", name or src.resolve().name)
+        writer.add_string("general.name", name or default_name)
         writer.add_uint32("general.file_type", recipe.file_type)
         writer.add_uint32("general.quantization_version", 2)
         for key, value, vtype in p.metadata:
@@ -245,7 +327,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         fout = writer.fout[0]
         total = sum(t.nbytes for t in planned)
         bar = Progress(len(planned), total, enabled=progress)
-        log(f"quantizing {src} ({p.style} layout, {h.n_layers} layers, {h.n_routed_experts} experts) -> {out}: "
+        log(f"quantizing {src} ({p.style} layout, {p.n_layers} layers, {p.n_expert} experts) -> {out}: "
             f"{len(planned)} tensors, {total / 1e9:.2f} GB")
         stream = _pipeline(planned, h, slab_bytes, workers or _cpus())
         try:
@@ -255,7 +337,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
                     if written != t.nbytes:
                         raise AssertionError(f"{t.tensor.name}: wrote {written} bytes, planned {t.nbytes}")
                     fout.write(bytes(-written % writer.data_alignment))
-                    for shard in {s.shard for part in t.tensor.parts for s in (part.weight, part.scale) if s}:
+                    for shard in set().union(*(part.shards() for part in t.tensor.parts)):
                         shard.release_all()
                     bar.update(t.tensor.name, 0, tensor_done=True)
                     written = 0
@@ -274,11 +356,16 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         os.replace(tmp, out)
         tmp = None
     finally:
-        if writer is not None:
-            writer.close()
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        ck.close()
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            if tmp is None:  # the file is complete and in place: a failing close is the caller's to hear
+                raise
+        finally:  # a second failure (ENOSPC again on close) must not skip the removal
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            p.source.close()
     seconds = time.perf_counter() - t0
     log(f"wrote {out}: {len(planned)} tensors, {total / 1e9:.2f} GB in {seconds:.1f} s "
         f"({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")

@@ -18,6 +18,7 @@ from quant import fp8
 from quant.gguf_meta import Hparams
 from quant.safetensors_source import Checkpoint, CheckpointError, SourceTensor
 
+F32, F16, BF16, Q8_0, MXFP4, I32 = 0, 1, 30, 8, 39, 26  # ggml type ids
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 INDEX_DTYPES = ("I64", "I32")
 
@@ -180,9 +181,28 @@ class Stored:
             return w[r0:r1]
         return w[r0:r1].astype(np.float32)
 
-    def mxfp4_rows(self, r0: int, r1: int) -> np.ndarray:
-        """ggml MXFP4 blocks of rows r0:r1 of a packed FP4 expert: the stored codes and scales, reordered."""
-        return fp8.fp4_to_mxfp4(self.weight.array()[r0:r1], self._scale_values(slice(r0, r1)))
+    def encoded_rows(self, r0: int, r1: int, qtype: int) -> np.ndarray | None:
+        """Rows r0:r1 already in `qtype` without decoding, or None: a packed FP4 expert is MXFP4's codes and
+        scales, reordered (a lossless repack)."""
+        if qtype != MXFP4 or self.format != "fp4":
+            return None
+        data = fp8.fp4_to_mxfp4(self.weight.array()[r0:r1], self._scale_values(slice(r0, r1)))
+        if np.any(data.reshape(r1 - r0, -1, 17)[:, :, 0] == 255):
+            raise CheckpointError(f"{self.scale.file}: tensor '{self.scale.name}' holds the NaN scale 255")
+        return data
+
+    @property
+    def source_type(self) -> int:
+        """The ggml type llama.cpp's converter gives this tensor: FP8 matrices Q8_0, FP4 experts MXFP4, float
+        tensors their own type, index tables I32."""
+        return {"fp8": Q8_0, "fp4": MXFP4, "BF16": BF16, "F16": F16, "F32": F32}.get(self.format, I32)
+
+    def where(self) -> str:
+        return f"{self.weight.file}: tensor '{self.weight.name}'"
+
+    def shards(self) -> set:
+        """The shards holding the weight and its scale (convert drops their pages after each GGUF tensor)."""
+        return {s.shard for s in (self.weight, self.scale) if s is not None}
 
     def index_values(self) -> np.ndarray:
         return self.weight.array()
@@ -243,12 +263,18 @@ def _stored(ck: Checkpoint, names: dict[str, str], name: str, shape: tuple[int, 
 @dataclass
 class GGUFTensor:
     """One GGUF tensor: its name, numpy-order shape, role, and the stored tensors it is made of (one per expert
-    for stacked experts, rows in order)."""
+    for stacked experts, rows in order; a GGUF source has one, quant.gguf_source.GGUFStored)."""
 
     name: str
     shape: tuple[int, ...]
     role: str
-    parts: list[Stored]
+    parts: list
+
+    @property
+    def source_type(self) -> int:
+        """The type the source gives it, which recipes keep for the tensors they leave alone: a GGUF source's own
+        type, for a checkpoint llama.cpp's converter's (1-D tensors and position biases F32)."""
+        return F32 if self.role == PINNED and isinstance(self.parts[0], Stored) else self.parts[0].source_type
 
 
 @dataclass

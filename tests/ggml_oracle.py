@@ -26,14 +26,15 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"ggml_oracle {' '.join(args[:2])}: {result.stderr[-2000:]}")
 
 
-def quantize(qtype: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """ggml_quantize_chunk of each row of x [rows, n] (with the importance matrix [n] where given)."""
+def quantize(qtype: str, x: np.ndarray, imatrix: np.ndarray | None = None, checked: bool = True) -> np.ndarray:
+    """ggml_quantize_chunk of each row of x [rows, n] (with the importance matrix [n] where given); checked: fail
+    where ggml_validate_row_data rejects the blocks (off for garbage input, whose scales may be NaN)."""
     with tempfile.TemporaryDirectory() as d:
         np.save(f"{d}/x.npy", np.ascontiguousarray(x, np.float32))
-        extra = []
+        extra = [] if checked else ["--unchecked"]
         if imatrix is not None:
             np.save(f"{d}/w.npy", np.ascontiguousarray(imatrix, np.float32))
-            extra = ["--imatrix", f"{d}/w.npy"]
+            extra += ["--imatrix", f"{d}/w.npy"]
         _run("quantize", qtype, f"{d}/x.npy", f"{d}/q.npy", *extra)
         return np.load(f"{d}/q.npy")
 

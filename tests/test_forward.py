@@ -1,6 +1,7 @@
 """DeepSeek V4 forward pass: the tiny_v4 fixture quantized to GGUF against transformers' float32 goldens, the
 kernels against float64 numpy references, the cache's truncation, and load errors on bad files."""
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -192,12 +193,13 @@ def test_moe_dispatch_matches_float64_reference():
 # ---------------------------------------------------------------- bad files
 
 
-def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, retype=None):
-    """Copy a GGUF, changing its architecture, dropping tensors, or replacing one tensor's data."""
+def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, retype=None, meta=None):
+    """Copy a GGUF, changing its architecture, dropping tensors, replacing one tensor's data, or setting metadata
+    values (`meta`: key -> value, None to drop the key)."""
     f = GGUFFile(src)
     w = GGUFWriter(str(dst), arch)
-    for key, value in f.metadata.items():
-        if key.startswith("general.architecture"):
+    for key, value in {**f.metadata, **(meta or {})}.items():
+        if key.startswith("general.architecture") or value is None:
             continue
         key = key.replace("deepseek4.", f"{arch}.", 1)
         if isinstance(value, list):
@@ -216,9 +218,9 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
         data = np.array(view.data)
         if reshape and name == reshape:
             data = data.reshape(-1)[:data.size // 2].reshape(data.shape[0] // 2, -1)
-        if retype and name == retype:
-            data = data.astype(np.float16)
-        w.add_tensor(name, data)
+        if retype and name == retype[0]:
+            data = data.astype(retype[1])
+        w.add_tensor(name, data, raw_dtype=GGMLQuantizationType(view.type) if data.dtype == np.uint8 else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -230,11 +232,64 @@ def _rewrite(src: Path, dst: Path, arch="deepseek4", drop=(), reshape=None, rety
     (dict(arch="llama"), "general.architecture is 'llama'"),
     (dict(drop=("blk.3.attn_q_b.weight",)), "missing tensor 'blk.3.attn_q_b.weight'"),
     (dict(reshape="blk.2.attn_kv.weight"), "tensor 'blk.2.attn_kv.weight' has shape"),
-    (dict(retype="blk.4.attn_sinks.weight"), "tensor 'blk.4.attn_sinks.weight' has type F16"),
-], ids=["architecture", "missing", "shape", "type"])
+    (dict(retype=("blk.4.attn_sinks.weight", np.int32)),
+     "tensor 'blk.4.attn_sinks.weight' has type I32, expected a float or block type"),
+    (dict(retype=("blk.1.attn_kv.weight", np.int16)), "tensor 'blk.1.attn_kv.weight' has type I16, expected a matrix"),
+    (dict(retype=("blk.0.ffn_gate_tid2eid.weight", np.float32)),
+     "tensor 'blk.0.ffn_gate_tid2eid.weight' has type F32, expected an integer type"),
+], ids=["architecture", "missing", "shape", "whole-type", "matmul-type", "index-type"])
 def test_bad_file_fails_at_load_naming_it(f32_gguf, tmp_path, change, message):
     bad = _rewrite(f32_gguf, tmp_path / "bad.gguf", **change)
     with pytest.raises(ValueError, match=message) as err:
+        load(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_small_tensors_in_other_float_types_load_as_llama_cpp_runs_them(f32_gguf, tmp_path, goldens):
+    """Norms, sinks and position biases stored as F16 (as llama.cpp's quantizer leaves 1-D tensors of an F16
+    file, and quantizes the 2-D position biases) are decoded at load: the logits stay at the goldens."""
+    small = [n for n, v in GGUFFile(f32_gguf).tensors.items() if n.endswith(("_norm.weight", "sinks.weight",
+                                                                             "_ape.weight"))]
+    path = f32_gguf
+    for i, name in enumerate(small):
+        path = _rewrite(path, tmp_path / f"f16-{i % 2}.gguf", retype=(name, np.float16))
+    m = load(path)
+    assert {m.file.tensors[n].type for n in small} == {1}
+    logits = m.logits(goldens["prompt_ids"][:64])
+    # F16 rounding of the norms' weights (relative 2^-11) moves the logits by about 1e-3 of their range
+    np.testing.assert_allclose(logits, goldens["logits"][:64], atol=1e-2 * np.abs(goldens["logits"]).max())
+
+
+def test_non_finite_small_tensor_is_refused_at_load(f32_gguf, tmp_path):
+    bad = tmp_path / "nan.gguf"
+    shutil.copyfile(f32_gguf, bad)
+    offset = GGUFFile(bad).tensors["output_norm.weight"].offset
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + 4 * 7)
+        fh.write(np.float32(np.nan).tobytes())
+    with pytest.raises(ValueError, match=r"tensor 'output_norm.weight' holds a non-finite value \(nan\) at element 7"):
+        load(bad)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("hyper_connection.sinkhorn_iterations", 2**32 - 1, "is 4294967295, expected 1..1000"),
+    ("attention.output_group_count", 0, "'deepseek4.attention.output_group_count' is 0, expected 1..4096"),
+    ("context_length", 0, "'deepseek4.context_length' is 0, expected 1..2147483648"),
+    ("attention.sliding_window", 0, "'deepseek4.attention.sliding_window' is 0"),
+    ("attention.indexer.top_k", 0, "'deepseek4.attention.indexer.top_k' is 0"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), "'deepseek4.attention.layer_norm_rms_epsilon' is nan"),
+    ("attention.layer_norm_rms_epsilon", -0.5, "is -0.5, expected a finite number in (0.0, 1.0]"),
+    ("rope.freq_base", 0.0, "'deepseek4.rope.freq_base' is 0.0"),
+    ("rope.scaling.yarn_beta_fast", float("inf"), "'deepseek4.rope.scaling.yarn_beta_fast' is inf"),
+    ("attention.compress_ratios", [0, 128, 4, 3, 4, 0, 0], "unsupported DeepSeek-V4 compress ratios: [3]"),
+    ("swiglu_clamp_shexp", [10.0, float("nan")] * 3, "'deepseek4.swiglu_clamp_shexp[1]' is nan"),
+    ("expert_used_count", 9, "n_activated_experts 9 not in 1..8"),
+    ("embedding_length", None, "missing metadata key 'deepseek4.embedding_length'"),
+    ("block_count", "six", "'deepseek4.block_count' is 'six', expected an integer"),
+], ids=lambda v: v if isinstance(v, str) and "." in v and " " not in v else None)
+def test_hyperparameters_out_of_range_fail_naming_the_key(f32_gguf, tmp_path, key, value, message):
+    bad = _rewrite(f32_gguf, tmp_path / "bad.gguf", meta={f"deepseek4.{key}": value})
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         load(bad)
     assert str(bad) in str(err.value)
 
@@ -247,3 +302,49 @@ def test_truncated_file_fails_at_load(f32_gguf, tmp_path):
     with pytest.raises(ValueError, match="truncated") as err:
         load(bad)
     assert str(bad) in str(err.value)
+
+
+def test_logits_and_generate_from_four_threads_equal_one(model, goldens):
+    """The public calls share one model: each returns what it returns alone, whatever runs beside it."""
+    import threading
+
+    ids = goldens["prompt_ids"][:60]
+    alone_logits = model.logits(ids)
+    alone_tokens = list(model.generate(ids[:30], 6))
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for round_ in range(3):
+                if (i + round_) % 2:
+                    results[(i, round_)] = ("logits", model.logits(ids))
+                else:
+                    results[(i, round_)] = ("tokens", list(model.generate(ids[:30], 6)))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 12
+    for kind, value in results.values():
+        if kind == "logits":
+            np.testing.assert_array_equal(value, alone_logits)
+        else:
+            assert value == alone_tokens
+
+
+def test_non_finite_logits_are_an_error_not_a_token(f32_gguf, tmp_path):
+    """A weight that overflows the activations: the call fails naming the position instead of yielding a token."""
+    bad = tmp_path / "inf.gguf"
+    shutil.copyfile(f32_gguf, bad)
+    view = GGUFFile(bad).tensors["output.weight"]
+    with open(bad, "r+b") as fh:
+        fh.seek(view.offset)
+        fh.write(np.full(view.k, 3e38, np.float32).tobytes())  # the row of token 0: its logit overflows everywhere
+    m = load(bad)
+    with pytest.raises(FloatingPointError, match="non-finite logits at position 2"):  # the prompt's last
+        list(m.generate([5, 6, 7], 2))

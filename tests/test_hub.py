@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flashlite.hub import parse_hf
+from flashlite.hub import parse_hf, pick_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 
@@ -53,8 +53,10 @@ def test_hf_repo_and_quant_pick_the_cached_file(hub):
 
 
 def test_hf_errors_name_the_problem(hub, tiny_gguf):
-    out = _run(hub, "-hf", "flashlite-test/tiny-v4-GGUF")
-    assert out.returncode != 0 and "no GGUF file whose name contains 'Q4_K_M'" in out.stderr
+    out = _run(hub, "-hf", "flashlite-test/tiny-v4-GGUF")  # no Q4_K_M: llama.cpp falls back to Q8_0
+    assert out.returncode == 0 and "tiny-v4-Q8_0.gguf in" in out.stderr, out.stderr
+    out = _run(hub, "-hf", "flashlite-test/tiny-v4-GGUF:IQ2_XXS")
+    assert out.returncode != 0 and "no GGUF model file whose name has 'IQ2_XXS'" in out.stderr
     out = _run(hub, "-hf", "flashlite-test/not-here:Q8_0")
     assert out.returncode != 0 and "cannot get flashlite-test/not-here" in out.stderr
     out = _run(hub, "-hf", "flashlite-test/tiny-v4-GGUF:Q8_0", "-m", str(tiny_gguf()))
@@ -69,3 +71,22 @@ def test_quantize_takes_a_repo_id(hub, tiny_gguf, tmp_path):
     assert (tmp_path / "hub.gguf").read_bytes() == tiny_gguf().read_bytes()  # general.name from the repo too
     out = _flashlite(hub, "quantize", "flashlite-test/absent", str(tmp_path / "absent.gguf"))
     assert out.returncode != 0 and "quantize: cannot get flashlite-test/absent" in out.stderr
+
+
+def test_pick_follows_llama_cpps_choice():
+    files = ["README.md", "DeepSeek-V4-Flash-Q8_0.gguf", "mmproj-Q8_0.gguf", "imatrix-Q4_K_M.gguf",
+             "UD-Q2_K_XL/DeepSeek-V4-Flash-UD-Q2_K_XL-00002-of-00003.gguf",
+             "UD-Q2_K_XL/DeepSeek-V4-Flash-UD-Q2_K_XL-00001-of-00003.gguf",
+             "UD-Q2_K_XL/DeepSeek-V4-Flash-UD-Q2_K_XL-00003-of-00003.gguf",
+             "Q4_K_M/DeepSeek-V4-Flash-Q4_K_M-00001-of-00002.gguf",
+             "Q4_K_M/DeepSeek-V4-Flash-Q4_K_M-00002-of-00002.gguf", "DeepSeek-V4-Flash-IQ2_XXS.gguf",
+             "mtp-DeepSeek-V4-Flash-Q8_0.gguf"]
+    assert pick_gguf(files, None) == ["Q4_K_M/DeepSeek-V4-Flash-Q4_K_M-00001-of-00002.gguf",
+                                      "Q4_K_M/DeepSeek-V4-Flash-Q4_K_M-00002-of-00002.gguf"]
+    assert pick_gguf(files, "ud-q2_k_xl") == [f"UD-Q2_K_XL/DeepSeek-V4-Flash-UD-Q2_K_XL-0000{i}-of-00003.gguf"
+                                            for i in (1, 2, 3)]
+    assert pick_gguf(files, "Q8_0") == ["DeepSeek-V4-Flash-Q8_0.gguf"]  # not the mmproj or MTP sidecar
+    assert pick_gguf(files, "IQ2_XXS") == ["DeepSeek-V4-Flash-IQ2_XXS.gguf"]
+    assert pick_gguf(files, "IQ2_XS") == []  # the tag must end at '.' or '-'
+    assert pick_gguf(files, "Q2_K") == []
+    assert pick_gguf(["b.gguf", "a-Q3_K_M.gguf", "mmproj-a.gguf"], None) == ["a-Q3_K_M.gguf"]  # then the first model

@@ -1,12 +1,14 @@
 """The V4 decode cache: packed rows against a numpy reference of the e4m3 / e2m1 grids, byte accounting at the
 tiny fixture's and V4-Flash's widths, checkpoint thinning, and truncation to any earlier position against a fresh
 prefill and the transformers goldens."""
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flashlite._native import ffi, lib
+from flashlite.gguf_model import GGUFFile
 from flashlite.kv_cache import LayerCache, ModelCache, RowFormat
 from flashlite.model import load
 from flashlite.models.deepseek_v4 import ModelArgs, hadamard
@@ -289,3 +291,49 @@ def test_a_saved_cache_continues_bitwise_and_refuses_another_model(model, golden
     (tmp_path / "bad.npz").write_bytes(b"not a cache")
     with pytest.raises(ValueError, match="bad.npz: not a readable flashlite cache"):
         model.load_cache(tmp_path / "bad.npz")
+
+
+def test_saved_cache_of_another_model_with_the_same_name_and_size_is_refused(model, f32_gguf, tmp_path):
+    """The fingerprint is the model's content: a file of the same name and size with other weights is another
+    model (the old name-and-size key let its cache through)."""
+    cache = model.new_cache()
+    model.forward([1, 2, 3, 4, 5], cache=cache)
+    model.save_cache(tmp_path / "c.npz", cache)
+    twin = tmp_path / f32_gguf.name
+    shutil.copyfile(f32_gguf, twin)
+    view = GGUFFile(twin).tensors["blk.0.attn_kv.weight"]
+    with open(twin, "r+b") as fh:
+        fh.seek(view.offset)
+        fh.write(np.float32(0.5).tobytes())
+    assert twin.stat().st_size == f32_gguf.stat().st_size
+    with pytest.raises(ValueError, match="c.npz: a cache of another model"):
+        load(twin).load_cache(tmp_path / "c.npz")
+
+
+def test_damaged_or_hostile_cache_files_are_refused_naming_the_file(model, goldens, tmp_path):
+    """Any byte of a saved cache changed, the file cut short, a version or a field tampered with: a ValueError
+    naming the file, never a silent load, NaN logits or another exception."""
+    cache = model.new_cache()
+    model.forward(goldens["prompt_ids"][:200], cache=cache)
+    good = tmp_path / "c.npz"
+    model.save_cache(good, cache)
+    raw = good.read_bytes()
+    rng = np.random.default_rng(61)
+    bad = tmp_path / "bad.npz"
+    for trial in range(60):
+        blob = bytearray(raw)
+        if trial % 4 == 0:
+            blob = blob[:rng.integers(0, len(blob))]
+        else:
+            for at in rng.integers(0, len(blob), rng.integers(1, 8)):
+                blob[at] ^= int(rng.integers(1, 256))
+        bad.write_bytes(bytes(blob))
+        with pytest.raises(ValueError, match="bad.npz: "):
+            model.load_cache(bad)
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for field, value in (("version", np.array(1)), ("format", np.array("x")), ("ids", arrays["ids"][:-1])):
+        np.savez(bad, **{**arrays, field: value})
+        with pytest.raises(ValueError, match="bad.npz: (a flashlite cache of version 1|not a readable|the cache is "
+                                             "damaged)"):
+            model.load_cache(bad)

@@ -1,6 +1,6 @@
 """flashlite.matmul against numpy float64 on weights dequantized by gguf-py, at every SIMD level of this CPU.
 
-Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_K, so it is checked twice:
+Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_1 / Q8_K, so it is checked twice:
 tightly against float64 with the activations put through the same quantization (done here in numpy), and
 within a per-format bound against the plain float64 product. Prefill multiplies f32 activations and is held
 to f32 rounding. Every level must also agree with the scalar reference level.
@@ -13,23 +13,31 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from test_block_formats_small import Q2_0
 
+from flashlite import blocks
 from flashlite import matmul as fm
 
-FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ4_XS, T.IQ4_NL,
-           T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
-ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.IQ4_NL}
+FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.NVFP4, T.Q1_0, Q2_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K,
+           T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0, T.IQ2_XXS, T.IQ4_XS, T.IQ4_NL, T.IQ2_XS, T.IQ2_S,
+           T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+ACT_Q8_0 = {T.Q8_0, T.MXFP4, T.NVFP4, T.Q1_0, Q2_0, T.Q4_0, T.Q5_0, T.IQ4_NL}
+ACT_Q8_1 = {T.Q4_1, T.Q5_1}
 FLOATS = {T.F32, T.F16, T.BF16}
+GGUF_QUANTIZERS = {T.BF16, T.Q8_0, T.MXFP4, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+# types gguf-py cannot dequantize: the core's dequantizer (checked against ggml in test_block_formats_small) serves
+NO_GGUF_DEQUANT = {T.Q1_0, Q2_0}
 # byte offsets of the fp16 scale fields in a block, set to small positive values in random blocks (IQ1_M's is
 # spread over the top nibbles of the four 16-bit words at byte 48)
-SCALE_OFFSETS = {T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,),
-                 T.IQ4_NL: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
-                 T.IQ1_M: ()}
-# ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 (blocks
-# of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
-DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 else 5e-2 for t in FORMATS}
+SCALE_OFFSETS = {T.Q1_0: (0,), Q2_0: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2),
+                 T.Q6_K: (208,), T.TQ1_0: (52,), T.TQ2_0: (64,), T.IQ2_XXS: (0,), T.IQ4_XS: (0,), T.IQ4_NL: (0,),
+                 T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,)}
+# ||y - y64|| / ||y64|| of decode against the unquantized activations: the activation rounding of Q8_0 / Q8_1
+# (blocks of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
+DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 | ACT_Q8_1 else 5e-2 for t in FORMATS}
 TIGHT = 2e-5
 PREFILL_MIN_TOKENS = 16
+Q8_1_DTYPE = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
 
 
 def make_weights(wtype, rows, k, rng):
@@ -39,21 +47,22 @@ def make_weights(wtype, rows, k, rng):
         return values
     if wtype == T.F16:
         return values.astype(np.float16)
-    if wtype in (T.BF16, T.Q8_0, T.MXFP4):
+    if wtype in GGUF_QUANTIZERS:
         return gguf.quants.quantize(values, wtype)
-    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[wtype]
-    n_blocks = rows * k // block_elems
-    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-    for off in SCALE_OFFSETS[wtype]:
+    n_blocks = rows * k // blocks.block_elems(wtype)
+    data = rng.integers(0, 256, (n_blocks, blocks.block_bytes(wtype)), dtype=np.uint8)
+    if wtype == T.NVFP4:  # four UE4M3 scale bytes, 2^-4..2^-1
+        data[:, :4] = rng.integers(0x18, 0x38, (n_blocks, 4))
+    for off in SCALE_OFFSETS.get(wtype, ()):
         scales = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16)
-        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+        data[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     if wtype == T.IQ1_M:
         half = (rng.uniform(0.5, 1.5, n_blocks) * 0.01).astype(np.float16).view(np.uint16)
-        words = blocks[:, 48:56].copy().view("<u2")
+        words = data[:, 48:56].copy().view("<u2")
         for i in range(4):
             words[:, i] = (words[:, i] & 0x0FFF) | (((half >> (4 * i)) & 0xF) << 12)
-        blocks[:, 48:56] = words.view(np.uint8)
-    return blocks.reshape(rows, -1)
+        data[:, 48:56] = words.view(np.uint8)
+    return data.reshape(rows, -1)
 
 
 def dequantized(w, wtype, rows, k):
@@ -61,14 +70,17 @@ def dequantized(w, wtype, rows, k):
         return w.astype(np.float64)
     if wtype == T.F16:
         return w.astype(np.float64)
+    if wtype in NO_GGUF_DEQUANT:
+        return blocks.dequantize(np.ascontiguousarray(w), wtype).reshape(rows, k).astype(np.float64)
     return gguf.quants.dequantize(np.ascontiguousarray(w).view(np.uint8), wtype).reshape(rows, k).astype(np.float64)
 
 
 def quantized_activations(x, wtype):
-    """x as the decode kernels see it: Q8_0 through gguf-py, Q8_K as ggml's quantize_row_q8_K_ref."""
+    """x as the decode kernels see it: Q8_0 through gguf-py (Q8_1 holds the same values), Q8_K as ggml's
+    quantize_row_q8_K_ref."""
     if wtype in FLOATS:
         return x.astype(np.float64)
-    if wtype in ACT_Q8_0:
+    if wtype in ACT_Q8_0 | ACT_Q8_1:
         return gguf.quants.dequantize(gguf.quants.quantize(x, T.Q8_0), T.Q8_0).astype(np.float64)
     blocks = x.reshape(-1, 256).astype(np.float32)
     pick = np.argmax(np.abs(blocks), axis=1)
@@ -78,6 +90,21 @@ def quantized_activations(x, wtype):
     q = np.minimum(np.rint(iscale[:, None] * blocks), 127)
     d = np.where(iscale != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
     return (q * d[:, None]).reshape(x.shape).astype(np.float64)
+
+
+def decode_reference(x, w, wtype, rows, k):
+    """The float64 product decode computes, [n_tok, rows] for x [n_tok, k]. Q4_1 / Q5_1 dots add each weight
+    block's min m times the Q8_1 activation block's s = d * sum(q) rounded to fp16 (by the core's quantizer,
+    which test_block_formats checks against ggml), where the product of dequantized operands has the exact sum."""
+    xq = np.stack([quantized_activations(row, wtype) for row in x])
+    ref = xq @ dequantized(w, wtype, rows, k).T
+    if wtype in ACT_Q8_1:
+        m = np.ascontiguousarray(w).view(np.uint8).reshape(rows, k // 32, -1)[:, :, 2:4].copy().view("<f2")[..., 0]
+        for t, row in enumerate(x):
+            a = blocks.quantize(row, T.Q8_1).view(Q8_1_DTYPE)
+            s_error = a["s"].astype(np.float64) - a["d"].astype(np.float64) * a["qs"].astype(np.int64).sum(1)
+            ref[t] += m.astype(np.float64) @ s_error
+    return ref
 
 
 def rel_err(y, ref):
@@ -94,7 +121,7 @@ def threads():
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_decode_and_prefill_against_float64(wtype, level):
     rng = np.random.default_rng(int(wtype))
-    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    block = blocks.block_elems(wtype)
     rows, k = 45, 4 * max(block, 64)
     w = make_weights(wtype, rows, k, rng)
     w64 = dequantized(w, wtype, rows, k)
@@ -104,8 +131,7 @@ def test_decode_and_prefill_against_float64(wtype, level):
         xs = x[0] if n_tok == 1 else x[:n_tok]
         y = fm.matmul(w, wtype, rows, k, xs)
         assert y.shape == ((rows,) if n_tok == 1 else (n_tok, rows)) and y.dtype == np.float32
-        xq = np.stack([quantized_activations(x[i], wtype) for i in range(n_tok)])
-        assert rel_err(y.reshape(n_tok, rows), xq @ w64.T) < TIGHT
+        assert rel_err(y.reshape(n_tok, rows), decode_reference(x[:n_tok], w, wtype, rows, k)) < TIGHT
         assert rel_err(y.reshape(n_tok, rows), x[:n_tok].astype(np.float64) @ w64.T) < DECODE_BOUND[wtype]
 
     y = fm.matmul(w, wtype, rows, k, x)
@@ -115,7 +141,7 @@ def test_decode_and_prefill_against_float64(wtype, level):
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_levels_agree_with_scalar(wtype, level):
     rng = np.random.default_rng(100 + int(wtype))
-    block = gguf.GGML_QUANT_SIZES[wtype][0]
+    block = blocks.block_elems(wtype)
     rows, k = 13, 2 * block
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((20, k)).astype(np.float32)
@@ -127,20 +153,23 @@ def test_levels_agree_with_scalar(wtype, level):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_K, T.IQ2_XXS, T.IQ4_NL, T.IQ1_M], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_1, T.Q4_K, T.IQ2_XXS, T.IQ4_NL, T.IQ1_M],
+                         ids=lambda t: t.name)
 def test_odd_shapes(wtype, n_threads, threads):
     """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
     threads(n_threads)
     rng = np.random.default_rng(7)
-    k = gguf.GGML_QUANT_SIZES[wtype][0] if wtype not in FLOATS else 1
+    k = blocks.block_elems(wtype) if wtype not in FLOATS else 1
     for rows in (1, 5, 31):
         w = make_weights(wtype, rows, k, rng)
         w64 = dequantized(w, wtype, rows, k)
         for n_tok in (1, 2, PREFILL_MIN_TOKENS, 37):
             x = rng.standard_normal((n_tok, k)).astype(np.float32)
             y = fm.matmul(w, wtype, rows, k, x)
-            xa = np.stack([quantized_activations(r, wtype) for r in x]) if n_tok < PREFILL_MIN_TOKENS else x
-            ref = xa.astype(np.float64) @ w64.T
+            if n_tok < PREFILL_MIN_TOKENS:
+                ref = decode_reference(x, w, wtype, rows, k)
+            else:
+                ref = x.astype(np.float64) @ w64.T
             np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -160,11 +189,13 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="^w:"):
         fm.matmul(12, T.Q8_0, 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
-        fm.matmul(w, 7, 4, 64, x)
+        fm.matmul(w, 4, 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
         fm.matmul(w, "Q9_X", 4, 64, x)
     with pytest.raises(ValueError, match="^wtype:"):
         fm.matmul(w, T.Q8_K, 4, 64, x)
+    with pytest.raises(ValueError, match="^wtype:"):
+        fm.matmul(w, T.Q8_1, 4, 64, x)
     with pytest.raises(TypeError, match="^wtype:"):
         fm.matmul(w, 8.0, 4, 64, x)
     with pytest.raises(ValueError, match="^k:"):

@@ -524,7 +524,7 @@ def test_existing_output_needs_force(synthetic, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--type", "q3_x"], "unknown type 'q3_x'"),
     (["--type", "mxfp4"], "name the rest too"),
-    (["--type", "q8_0", "--tensor-type", "no_such_tensor=q4_k"], "matches no weight matrix"),
+    (["--type", "q8_0", "--tensor-type", "no_such_tensor=q4_k"], "matches no tensor this recipe quantizes"),
     (["--type", "q8_0", "--tensor-type", "attn_kv"], "expected PATTERN=TYPE"),
 ])
 def test_bad_options_fail_before_writing(synthetic, tmp_path, args, words):
@@ -545,7 +545,8 @@ def test_tensor_type_overrides_and_fallback(synthetic, tmp_path):
     assert got["blk.1.ffn_down_exps.weight"].tensor_type == Q.Q4_K
     assert got["blk.1.ffn_up_exps.weight"].tensor_type == Q.MXFP4
     assert got["blk.1.ffn_gate_inp.weight"].tensor_type == Q.BF16
-    assert got["blk.1.attn_q_b.weight"].tensor_type == Q.Q8_0  # 128-wide rows: Q4_K falls back, and says so
+    # 128-wide rows: Q4_K falls back to Q5_0 (llama.cpp's tensor_type_fallback), and says so
+    assert got["blk.1.attn_q_b.weight"].tensor_type == Q.Q5_0
     assert "Q4_K needs rows in multiples of 256" in result.output
     assert got["blk.1.attn_norm.weight"].tensor_type == Q.F32
 
@@ -556,11 +557,11 @@ def test_interrupted_run_leaves_no_file(synthetic, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = quant.convert._encode
 
-    def interrupt_late(values, qtype):
+    def interrupt_late(values, qtype, importance):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt
-        return real(values, qtype)
+        return real(values, qtype, importance)
 
     monkeypatch.setattr(quant.convert, "_encode", interrupt_late)
     out = tmp_path / "x.gguf"
@@ -591,6 +592,56 @@ def test_signalled_run_leaves_no_file(tmp_path, signum):
     assert proc.returncode != 0
     assert "was not written" in output or "terminated by signal" in output, output
     assert list(out_dir.iterdir()) == []
+
+
+def test_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path, synthetic):
+    """SIGKILL cannot be caught: the .partial stays, named with its writer's pid, and the next run of the same
+    output removes it (and only the dead writer's)."""
+    import time
+
+    folder = tmp_path / "ck"
+    make_synthetic.write_checkpoint(folder, "tiny", n_layers=6, n_experts=256, seed=3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "from flashlite.cli import main; main()", "quantize",
+                             str(folder), str(out_dir / "x.gguf"), "--type", "f32"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(out_dir.iterdir()) or next(out_dir.iterdir()).stat().st_size < (8 << 20):
+        assert proc.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    left = [p.name for p in out_dir.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".x.gguf.{proc.pid}.") and left[0].endswith(".partial")
+    live = out_dir / f".x.gguf.{os.getpid()}.keepme.partial"  # a writer still running (this process)
+    live.write_bytes(b"")
+    result = quantize(synthetic, out_dir / "x.gguf")
+    assert result.exit_code == 0, result.output
+    assert f"removed 1 unfinished file(s) of earlier runs that were killed: {left[0]}" in result.output
+    assert sorted(p.name for p in out_dir.iterdir()) == [live.name, "x.gguf"]
+
+
+def test_full_disk_leaves_no_partial_even_when_close_fails_again(synthetic, tmp_path, monkeypatch):
+    """ENOSPC while writing, and again when the writer is closed in the clean-up: the file still goes."""
+    import errno
+
+    import gguf
+
+    real_close = gguf.GGUFWriter.close
+
+    def close_fails(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_fails(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "close", close_fails)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_ti_data_to_file", write_fails)
+    result = quantize(synthetic, tmp_path / "x.gguf")
+    assert result.exit_code != 0 and "No space left on device" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_progress_line_shows_tensors_rate_and_eta():

@@ -197,6 +197,15 @@ def test_from_gguf_file_equals_from_fields(tmp_path, tok, lines):
     assert from_file.chat_template == tok.chat_template
 
 
+@pytest.mark.parametrize("pre", ["deepseek-v3", "hunyuan-dense", "hy_v4"])
+def test_pre_tokenizer_names_llama_cpp_runs_with_v4s_regexes_are_accepted(fields, tok, lines, pre):
+    """Older conversions name V4's pre-tokenizer "deepseek-v3"; llama.cpp maps it (and two others) to the same
+    three regexes as "joyai-llm", so the same text gives the same ids."""
+    other = Tokenizer.from_gguf(dict(fields, **{"tokenizer.ggml.pre": pre}))
+    for text in lines[:200]:
+        assert other.encode(text) == tok.encode(text)
+
+
 def test_bad_metadata_is_named(fields):
     with pytest.raises(ValueError, match="tokenizer.ggml.tokens"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2"})
@@ -208,6 +217,8 @@ def test_bad_metadata_is_named(fields):
         Tokenizer.from_gguf(dict(fields, **{"tokenizer.ggml.token_type": [1, 1]}))
     with pytest.raises(TypeError, match="source"):
         Tokenizer.from_gguf(42)
+    with pytest.raises(ValueError, match="'qwen2' is not DeepSeek V4's pre-tokenizer"):
+        Tokenizer.from_gguf(dict(fields, **{"tokenizer.ggml.pre": "qwen2"}))
 
 
 def test_bad_calls_are_named(tok):

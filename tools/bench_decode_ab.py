@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flashlite._native import lib  # noqa: E402
-from tools.bench_matmul import SHAPES, TYPE_IDS, fill_arena  # noqa: E402
+from flashlite import blocks  # noqa: E402
+from tools.bench_matmul import FORMATS, SHAPES, fill_arena  # noqa: E402
 
 
 def load_build(path: str, threads: int):
@@ -41,7 +42,7 @@ def load_build(path: str, threads: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("builds", nargs="+", metavar="NAME=SO", help="a name and the path of a built extension")
-    parser.add_argument("--formats", nargs="+", default=["Q8_0", "Q4_K", "MXFP4"], choices=list(TYPE_IDS))
+    parser.add_argument("--formats", nargs="+", default=["Q8_0", "Q4_K", "MXFP4"], choices=FORMATS)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turns", type=int, default=15, help="batches per build and shape")
@@ -61,10 +62,11 @@ def main(argv=None) -> int:
     arena = np.random.default_rng(0).integers(0, 256, arena_bytes, dtype=np.uint8)
     results = {}
     for fmt in args.formats:
-        fill_arena(arena, fmt)
+        type_id = blocks.type_id(fmt)
         for shape in args.shapes:
             rows, k = SHAPES[shape]
-            wbytes = int(lib.fl_row_bytes(TYPE_IDS[fmt], k)) * rows
+            fill_arena(arena, fmt, k)
+            wbytes = int(lib.fl_row_bytes(type_id, k)) * rows
             n_slots = max(1, arena_bytes // wbytes)
             x = np.random.default_rng(1).standard_normal((args.tokens, k)).astype(np.float32)
             y = np.empty((args.tokens, rows), np.float32)
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         slot = (slot + 1) % n_slots
-                        core.fl_matmul(TYPE_IDS[fmt], arena.ctypes.data + slot * wbytes, rows, k, x.ctypes.data,
+                        core.fl_matmul(type_id, arena.ctypes.data + slot * wbytes, rows, k, x.ctypes.data,
                                        args.tokens, y.ctypes.data)
                     times[name].append((time.perf_counter() - t0) / calls)
             work = wbytes if args.tokens == 1 else flops

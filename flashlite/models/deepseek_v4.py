@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 
 from flashlite._native import check, ffi, lib
 from flashlite.expert_offload import ExpertCache
-from flashlite.gguf_model import MATMUL_TYPES, GGUFFile, WeightView
+from flashlite import blocks
+from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.matmul import matmul, matmul_batch
 
 ARCH = "deepseek4"
-_F32 = (Q.F32,)
 _SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 
 
@@ -88,66 +87,108 @@ class ModelArgs:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+        """The hyperparameters of a deepseek4 GGUF, each checked for its type and against the range the
+        architecture and this runtime allow (GGUF_KEYS); an error names the file, the key and the value."""
         arch = f.get("general.architecture")
         if arch != ARCH:
             raise ValueError(f"{f.path}: general.architecture is {arch!r}, expected {ARCH!r}")
-
-        def key(name, default=None):
-            full = f"{ARCH}.{name}"
-            return f.require_key(full) if default is None else f.get(full, default)
-
-        gating = key("expert_gating_func")
-        if gating != _SQRT_SOFTPLUS:
-            raise ValueError(f"{f.path}: {ARCH}.expert_gating_func is {gating}, expected {_SQRT_SOFTPLUS} (sqrtsoftplus)")
-        n_mtp = int(key("nextn_predict_layers", 0))
-        n_layers = int(key("block_count")) - n_mtp
+        v = {}
+        for name, (key, kind, lo, hi, default) in GGUF_KEYS.items():
+            full = f"{ARCH}.{key}"
+            value = f.get(full, default)
+            if value is None:
+                raise ValueError(f"{f.path}: missing metadata key '{full}'")
+            v[name] = _checked_value(f.path, full, value, kind, lo, hi)
+        if v["expert_gating_func"] != _SQRT_SOFTPLUS:
+            raise ValueError(f"{f.path}: {ARCH}.expert_gating_func is {v['expert_gating_func']}, expected "
+                             f"{_SQRT_SOFTPLUS} (sqrtsoftplus)")
+        if v["head_count_kv"] != 1 or v["value_length"] not in (0, v["head_dim"]):
+            raise ValueError(f"{f.path}: DeepSeek V4 shares one KV head with key_length == value_length")
+        blocks = v.pop("block_count")
+        n_mtp = v.pop("n_mtp_layers")
+        if n_mtp >= blocks:
+            raise ValueError(f"{f.path}: {ARCH}.nextn_predict_layers {n_mtp} leaves no layer of block_count {blocks}")
         embd = f.tensors.get("token_embd.weight")
         if embd is None:
             raise ValueError(f"{f.path}: missing tensor 'token_embd.weight'")
-        limits = key("swiglu_clamp_exp")
-        limits = list(limits) if isinstance(limits, list) else [limits] * (n_layers + n_mtp)
-        shared = key("swiglu_clamp_shexp", limits)
-        shared = list(shared) if isinstance(shared, list) else [shared] * (n_layers + n_mtp)
-        head_dim = int(key("attention.key_length"))
-        value_dim = int(key("attention.value_length", head_dim))
-        if value_dim != head_dim or int(key("attention.head_count_kv", 1)) != 1:
-            raise ValueError(f"{f.path}: DeepSeek V4 shares one KV head with key_length == value_length")
-        return cls(
-            vocab_size=int(key("vocab_size", embd.ne[1])),
-            dim=int(key("embedding_length")),
-            n_layers=n_layers,
-            n_heads=int(key("attention.head_count")),
-            head_dim=head_dim,
-            rope_head_dim=int(key("rope.dimension_count")),
-            q_lora_rank=int(key("attention.q_lora_rank")),
-            o_groups=int(key("attention.output_group_count")),
-            o_lora_rank=int(key("attention.output_lora_rank")),
-            window_size=int(key("attention.sliding_window")),
-            compress_ratios=tuple(key("attention.compress_ratios")),
-            index_n_heads=int(key("attention.indexer.head_count")),
-            index_head_dim=int(key("attention.indexer.key_length")),
-            index_topk=int(key("attention.indexer.top_k")),
-            n_routed_experts=int(key("expert_count")),
-            n_activated_experts=int(key("expert_used_count")),
-            n_shared_experts=int(key("expert_shared_count")),
-            moe_inter_dim=int(key("expert_feed_forward_length")),
-            n_hash_layers=int(key("hash_layer_count")),
-            route_scale=float(key("expert_weights_scale")),
-            swiglu_limits=tuple(limits),
-            swiglu_limits_shared=tuple(shared),
-            hc_mult=int(key("hyper_connection.count")),
-            hc_sinkhorn_iters=int(key("hyper_connection.sinkhorn_iterations")),
-            hc_eps=float(key("hyper_connection.epsilon")),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(key("rope.freq_base")),
-            compress_rope_theta=float(key("attention.compress_rope_freq_base")),
-            rope_factor=float(key("rope.scaling.factor", 1.0)),
-            original_seq_len=int(key("rope.scaling.original_context_length", 0)),
-            beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
-            beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
-            max_seq_len=int(key("context_length")),
-            n_mtp_layers=n_mtp,
-        )
+        vocab = v.pop("vocab_size") or (embd.ne[1] if len(embd.ne) == 2 else 0)
+        for name in ("swiglu_limits", "swiglu_limits_shared"):
+            value = v[name] if v[name] != [] else v["swiglu_limits"]
+            v[name] = tuple(value) if isinstance(value, list) else (value,) * blocks
+        for name in ("expert_gating_func", "head_count_kv", "value_length"):
+            del v[name]
+        try:
+            return cls(vocab_size=vocab, n_layers=blocks - n_mtp, n_mtp_layers=n_mtp, **v)
+        except ValueError as exc:
+            raise ValueError(f"{f.path}: {exc}") from None
+
+
+# ModelArgs field -> (deepseek4 GGUF key, value kind, smallest, largest, default or None if required): what llama.cpp
+# writes and reads, with the ranges the architecture has (every count at least 1, ratios 0/4/128) and bounds that
+# keep a hostile file from asking for days of work or terabytes of memory (sinkhorn iterations, sizes)
+_BIG = 1 << 20
+GGUF_KEYS = {
+    "block_count": ("block_count", int, 1, 4096, None),
+    "n_mtp_layers": ("nextn_predict_layers", int, 0, 16, 0),
+    "vocab_size": ("vocab_size", int, 0, 1 << 24, 0),  # 0: absent, token_embd's rows say
+    "dim": ("embedding_length", int, 1, 1 << 16, None),
+    "n_heads": ("attention.head_count", int, 1, 4096, None),
+    "head_count_kv": ("attention.head_count_kv", int, 1, 4096, 1),
+    "head_dim": ("attention.key_length", int, 2, 1 << 14, None),
+    "value_length": ("attention.value_length", int, 0, 1 << 14, 0),  # 0: absent, key_length
+    "rope_head_dim": ("rope.dimension_count", int, 2, 1 << 14, None),
+    "q_lora_rank": ("attention.q_lora_rank", int, 1, 1 << 16, None),
+    "o_groups": ("attention.output_group_count", int, 1, 4096, None),
+    "o_lora_rank": ("attention.output_lora_rank", int, 1, 1 << 16, None),
+    "window_size": ("attention.sliding_window", int, 1, _BIG, None),
+    "compress_ratios": ("attention.compress_ratios", list, 0, 128, None),
+    "index_n_heads": ("attention.indexer.head_count", int, 1, 4096, None),
+    "index_head_dim": ("attention.indexer.key_length", int, 2, 1 << 14, None),
+    "index_topk": ("attention.indexer.top_k", int, 1, _BIG, None),
+    "n_routed_experts": ("expert_count", int, 1, 1 << 16, None),
+    "n_activated_experts": ("expert_used_count", int, 1, 1 << 16, None),
+    "n_shared_experts": ("expert_shared_count", int, 1, 1, None),
+    "moe_inter_dim": ("expert_feed_forward_length", int, 1, _BIG, None),
+    "n_hash_layers": ("hash_layer_count", int, 0, 4096, None),
+    "route_scale": ("expert_weights_scale", float, 1e-30, 1e30, None),
+    "expert_gating_func": ("expert_gating_func", int, 0, 1 << 16, None),
+    "swiglu_limits": ("swiglu_clamp_exp", list, 1e-30, 1e30, None),
+    "swiglu_limits_shared": ("swiglu_clamp_shexp", list, 1e-30, 1e30, []),
+    "hc_mult": ("hyper_connection.count", int, 1, 64, None),
+    "hc_sinkhorn_iters": ("hyper_connection.sinkhorn_iterations", int, 1, 1000, None),
+    "hc_eps": ("hyper_connection.epsilon", float, 0.0, 1.0, None),
+    "norm_eps": ("attention.layer_norm_rms_epsilon", float, 0.0, 1.0, None),
+    "rope_theta": ("rope.freq_base", float, 1.0, 1e30, None),
+    "compress_rope_theta": ("attention.compress_rope_freq_base", float, 1.0, 1e30, None),
+    "rope_factor": ("rope.scaling.factor", float, 1.0, 1e30, 1.0),
+    "original_seq_len": ("rope.scaling.original_context_length", int, 0, 1 << 31, 0),
+    "beta_fast": ("rope.scaling.yarn_beta_fast", float, 1e-30, 1e30, 32.0),
+    "beta_slow": ("rope.scaling.yarn_beta_slow", float, 1e-30, 1e30, 1.0),
+    "max_seq_len": ("context_length", int, 1, 1 << 31, None),
+}
+
+
+def _checked_value(path: str, key: str, value, kind, lo, hi):
+    """value as kind, within [lo, hi] (each element of a list; a float also finite, and above lo where lo is 0)."""
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        if not items or len(items) > 1 << 16:
+            raise ValueError(f"{path}: metadata '{key}' has {len(items)} entries")
+        return [_checked_value(path, f"{key}[{i}]", item, float if isinstance(lo, float) else int, lo, hi)
+                for i, item in enumerate(items)] if isinstance(value, list) else \
+            _checked_value(path, key, value, float if isinstance(lo, float) else int, lo, hi)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: metadata '{key}' is {value!r}, expected an integer")
+        if not lo <= value <= hi:
+            raise ValueError(f"{path}: metadata '{key}' is {value}, expected {lo}..{hi}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: metadata '{key}' is {value!r}, expected a number")
+    value = float(value)
+    if not (math.isfinite(value) and lo <= value <= hi and (lo > 0 or value > 0)):
+        raise ValueError(f"{path}: metadata '{key}' is {value}, expected a finite number in ({lo}, {hi}]")
+    return value
 
 
 # ---------------------------------------------------------------- primitives
@@ -596,62 +637,63 @@ def _ne(*dims):
 
 
 def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """Every tensor the forward pass reads: GGUF name -> (ggml shape, accepted types)."""
+    """Every tensor the forward pass reads: GGUF name -> (ggml shape, how it is used: gguf_model.MATMUL, WHOLE,
+    ROWS or INDEX, which decides the types it may have)."""
     d, hc = a.dim, a.hc_mult
     mix = (2 + hc) * hc
     spec = {
-        "token_embd.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
-        "output.weight": (_ne(d, a.vocab_size), MATMUL_TYPES),
-        "output_norm.weight": (_ne(d), _F32),
-        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL_TYPES),
-        "output_hc_base.weight": (_ne(hc), _F32),
-        "output_hc_scale.weight": (_ne(1), _F32),
+        "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
+        "output.weight": (_ne(d, a.vocab_size), MATMUL),
+        "output_norm.weight": (_ne(d), WHOLE),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
+        "output_hc_base.weight": (_ne(hc), WHOLE),
+        "output_hc_scale.weight": (_ne(1), WHOLE),
     }
     for i in range(a.n_layers):
         b, r = f"blk.{i}.", a.compress_ratios[i]
         layer = {
-            "attn_norm.weight": (_ne(d), _F32), "ffn_norm.weight": (_ne(d), _F32),
-            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_attn_base.weight": (_ne(mix), _F32),
-            "hc_attn_scale.weight": (_ne(3), _F32),
-            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL_TYPES), "hc_ffn_base.weight": (_ne(mix), _F32),
-            "hc_ffn_scale.weight": (_ne(3), _F32),
-            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL_TYPES),
-            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), _F32),
-            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL_TYPES),
-            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL_TYPES),
-            "attn_kv_a_norm.weight": (_ne(a.head_dim), _F32),
-            "attn_sinks.weight": (_ne(a.n_heads), _F32),
+            "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
+            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
+            "hc_attn_scale.weight": (_ne(3), WHOLE),
+            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
+            "hc_ffn_scale.weight": (_ne(3), WHOLE),
+            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
+            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
+            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
+            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
+            "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
+            "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
             "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
-                                     MATMUL_TYPES),
-            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL_TYPES),
-            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL_TYPES),
-            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
-            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL_TYPES),
-            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL_TYPES),
+                                     MATMUL),
+            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
+            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
+            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
+            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
         }
         if i < a.n_hash_layers:
-            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), (Q.I32,))
+            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
         else:
-            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), _F32)
+            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
         if r:
             c = 2 if r == 4 else 1
             layer.update({
-                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
-                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL_TYPES),
-                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), _F32),
-                "attn_compressor_norm.weight": (_ne(a.head_dim), _F32),
+                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
+                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
+                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
+                "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
             })
         if r == 4:
             layer.update({
-                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL_TYPES),
-                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL_TYPES),
-                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
-                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL_TYPES),
-                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), _F32),
-                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), _F32),
+                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
+                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
+                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
+                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
             })
         spec.update({b + k: v for k, v in layer.items()})
     return spec
@@ -666,9 +708,10 @@ class Model:
         self.args = args
         spec = expected_tensors(args)
         t = {}
-        for name, (ne, types) in spec.items():
-            view = f.tensor(name, ne, types)
-            t[name] = view.data if types == (Q.I32,) else view.to_f32() if types == _F32 else view
+        for name, (ne, use) in spec.items():
+            t[name] = f.load(name, ne, use)
+            if use == INDEX and t[name].size and not 0 <= t[name].min() <= t[name].max() < args.n_routed_experts:
+                raise ValueError(f"{f.path}: tensor '{name}' names experts outside 0..{args.n_routed_experts - 1}")
         self.mtp = {n: v for n, v in f.tensors.items() if n not in spec and n.startswith(f"blk.{args.n_layers}.")}
         self.embed = t["token_embd.weight"]
         self.head = t["output.weight"]
@@ -726,12 +769,15 @@ class Model:
 
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
         rows = self.embed.data[token_ids]
-        if self.embed.type == Q.F32:
+        if self.embed.data.dtype != np.uint8:  # F32 or F16, held as such
             return rows.astype(np.float32)
-        return WeightView("token_embd", self.embed.type, (self.args.dim, len(token_ids)), rows).to_f32()
+        return blocks.dequantize(rows, self.embed.type)
 
-    def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None) -> np.ndarray:
-        """Logits [T, vocab] of the chunk token_ids that follows the cache's pos tokens; advances the cache."""
+    def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
+                 logits: str = "all") -> np.ndarray:
+        """Logits of the chunk token_ids that follows the cache's pos tokens; advances the cache. `logits`: "all"
+        positions [T, vocab], the "last" one [1, vocab] (generation: the head, vocab x dim, is most of a prefill's
+        work when every position gets it), or "none" [0, vocab] (a replay that only fills the cache)."""
         token_ids = np.asarray(token_ids, np.int64)
         if token_ids.ndim != 1 or token_ids.size == 0:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
@@ -746,6 +792,11 @@ class Model:
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
+        if logits == "none":
+            cache.advance(token_ids)
+            return np.empty((0, self.args.vocab_size), np.float32)
+        if logits == "last":
+            h = h[-1:]
         x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
         if dump is not None:
             dump["output_norm"] = x.copy()

@@ -37,15 +37,20 @@ static float rng_uniform(void) { /* in [-1, 1) */
 }
 
 static const int formats[] = {FL_TYPE_F32,    FL_TYPE_F16,    FL_TYPE_BF16,   FL_TYPE_Q8_0,   FL_TYPE_MXFP4,
-                              FL_TYPE_Q2_K,   FL_TYPE_Q4_K,   FL_TYPE_Q5_K,   FL_TYPE_Q6_K,   FL_TYPE_IQ2_XXS,
+                              FL_TYPE_NVFP4,  FL_TYPE_Q1_0,   FL_TYPE_Q2_0,   FL_TYPE_Q4_0,   FL_TYPE_Q4_1,
+                              FL_TYPE_Q5_0,   FL_TYPE_Q5_1,   FL_TYPE_Q2_K,   FL_TYPE_Q3_K,   FL_TYPE_Q4_K,
+                              FL_TYPE_Q5_K,   FL_TYPE_Q6_K,   FL_TYPE_TQ1_0,  FL_TYPE_TQ2_0,  FL_TYPE_IQ2_XXS,
                               FL_TYPE_IQ4_XS, FL_TYPE_IQ4_NL, FL_TYPE_IQ2_XS, FL_TYPE_IQ2_S,  FL_TYPE_IQ3_XXS,
                               FL_TYPE_IQ3_S,  FL_TYPE_IQ1_S,  FL_TYPE_IQ1_M};
 #define N_FORMATS (int)(sizeof(formats) / sizeof(formats[0]))
 
 /* formats with no SIMD dot yet: every level must fall back to the generic one (dispatch.c) */
 static int generic_only(int type) {
-    return type == FL_TYPE_IQ4_NL || type == FL_TYPE_IQ2_XS || type == FL_TYPE_IQ2_S || type == FL_TYPE_IQ3_XXS ||
-           type == FL_TYPE_IQ3_S || type == FL_TYPE_IQ1_S || type == FL_TYPE_IQ1_M;
+    return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q5_0 || type == FL_TYPE_Q5_1 ||
+           type == FL_TYPE_Q3_K || type == FL_TYPE_NVFP4 || type == FL_TYPE_Q1_0 || type == FL_TYPE_Q2_0 ||
+           type == FL_TYPE_TQ1_0 || type == FL_TYPE_TQ2_0 || type == FL_TYPE_IQ4_NL || type == FL_TYPE_IQ2_XS ||
+           type == FL_TYPE_IQ2_S || type == FL_TYPE_IQ3_XXS || type == FL_TYPE_IQ3_S || type == FL_TYPE_IQ1_S ||
+           type == FL_TYPE_IQ1_M;
 }
 
 static void put_half(uint8_t *p, float v) {
@@ -78,7 +83,16 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
         float d = 0.005f + 0.01f * (rng_uniform() + 1.0f);
         switch (type) {
         case FL_TYPE_MXFP4: blk[0] = (uint8_t)(118 + rng_u32() % 9); break;
+        case FL_TYPE_NVFP4: /* four UE4M3 scale bytes, 2^-4..2^-1 */
+            for (int s = 0; s < 4; s++)
+                blk[s] = (uint8_t)(0x18 + rng_u32() % 32);
+            break;
+        case FL_TYPE_TQ1_0: put_half(blk + 52, d); break;
+        case FL_TYPE_TQ2_0: put_half(blk + 64, d); break;
         case FL_TYPE_Q2_K: put_half(blk + 80, d); put_half(blk + 82, d); break;
+        case FL_TYPE_Q3_K: put_half(blk + 108, d); break;
+        case FL_TYPE_Q4_1:
+        case FL_TYPE_Q5_1:
         case FL_TYPE_Q4_K:
         case FL_TYPE_Q5_K: put_half(blk, d); put_half(blk + 2, d); break;
         case FL_TYPE_Q6_K: put_half(blk + 208, d); break;
@@ -88,7 +102,7 @@ static void random_weights(int type, uint8_t *w, int64_t rows, int64_t k) {
                 blk[48 + 2 * i + 1] = (uint8_t)((blk[48 + 2 * i + 1] & 0x0f) | (((h >> (4 * i)) & 0xf) << 4));
             break;
         }
-        default: put_half(blk, d); break; /* Q8_0, IQ2_XXS ... IQ1_S (not IQ1_M), IQ4_XS, IQ4_NL: d leads the block */
+        default: put_half(blk, d); break; /* Q8_0, Q4_0, Q5_0, Q1_0, Q2_0 and the IQ types but IQ1_M: d leads */
         }
     }
 }
@@ -99,6 +113,24 @@ static void act_roundtrip(int type, const float *x, int64_t k, uint8_t *xq, floa
     const struct fl_type_traits *a = fl_traits(t->act_type);
     a->from_float(x, xq, k);
     a->to_float(xq, xd, k);
+}
+
+/* Q4_1 / Q5_1 dots add each weight block's min m times the activation block's s = d * sum(q) rounded to half,
+ * where the double product of the dequantized rows has the exact sum: the difference, to add to that product */
+static double q8_1_min_term(int type, const uint8_t *w, const uint8_t *xq, int64_t k) {
+    if (fl_traits(type)->act_type != FL_TYPE_Q8_1)
+        return 0;
+    const block_q8_1 *a = (const block_q8_1 *)xq;
+    double term = 0;
+    for (int64_t b = 0; b < k / QK8_1; b++) {
+        fl_half mh;
+        memcpy(&mh, w + b * fl_type_block_bytes(type) + 2, sizeof(mh)); /* m follows d in both */
+        int sum = 0;
+        for (int j = 0; j < QK8_1; j++)
+            sum += a[b].qs[j];
+        term += fl_fp16_to_fp32(mh) * (fl_fp16_to_fp32(a[b].s) - (double)fl_fp16_to_fp32(a[b].d) * sum);
+    }
+    return term;
 }
 
 static double dot_double(const float *a, const float *b, int64_t k, double *abs_sum) {
@@ -131,6 +163,11 @@ static void test_vec_dots(void) {
     for (int f = 0; f < N_FORMATS; f++) {
         int type = formats[f];
         const struct fl_type_traits *t = fl_traits(type);
+        for (int level = 0; generic_only(type) && level < 4; level++)
+            if (fl_simd_set(level) == FL_OK)
+                CHECK(fl_vec_dot(type) == t->vec_dot_generic, "%s: level %d does not fall back to the generic dot",
+                      t->name, level);
+        fl_simd_set(fl_simd_best());
         int64_t ks[] = {t->blck, 2 * t->blck, t->blck == 1 ? 37 : 5 * t->blck};
         for (int ki = 0; ki < 3; ki++) {
             int64_t k = ks[ki];
@@ -143,7 +180,7 @@ static void test_vec_dots(void) {
                 x[i] = rng_uniform();
             act_roundtrip(type, x, k, xq, xd);
             t->to_float(w, wd, k);
-            double mag, want = dot_double(wd, xd, k, &mag);
+            double mag, want = dot_double(wd, xd, k, &mag) + q8_1_min_term(type, w, xq, k);
             float ref;
             t->vec_dot_generic(k, &ref, w, xq);
             CHECK(fabs(ref - want) <= 1e-5 * mag + 1e-6, "%s k=%ld generic %g vs double %g", t->name, (long)k, ref,
@@ -195,8 +232,9 @@ static void test_quantize_garbage(void) {
     }
     for (int i = 0; i < N; i++)
         imp[i] = i % 5 == 0 ? 0.0f : i % 7 == 0 ? 3e38f : i % 11 == 0 ? 1e-45f : rng_uniform() + 1.0f;
-    for (int f = 0; f < N_FORMATS + 1; f++) {
-        int type = f < N_FORMATS ? formats[f] : FL_TYPE_Q8_K;
+    int extra[] = {FL_TYPE_Q8_1, FL_TYPE_Q8_K};
+    for (int f = 0; f < N_FORMATS + 2; f++) {
+        int type = f < N_FORMATS ? formats[f] : extra[f - N_FORMATS];
         const struct fl_type_traits *t = fl_traits(type);
         for (int weighted = 0; weighted < 2; weighted++) {
             CHECK(fl_quantize_rows(type, x, q, ROWS, N, weighted ? imp : NULL) == FL_OK, "quantize %s", t->name);
@@ -228,6 +266,8 @@ static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const
             memcpy(xd, x + tk * k, sizeof(float) * k);
         for (int64_t r = 0; r < rows; r++) {
             double mag, want = dot_double(wd + r * k, xd, k, &mag);
+            if (decode)
+                want += q8_1_min_term(type, w + r * row_bytes, xq, k);
             float got = y[tk * rows + r];
             if (!(fabs(got - want) <= 1e-5 * mag + 1e-6)) {
                 CHECK(0, "matmul %s %s threads=%d rows=%ld k=%ld n_tok=%ld: y[%ld,%ld] = %g, want %g", level,

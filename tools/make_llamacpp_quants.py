@@ -1,0 +1,249 @@
+"""Requantize a GGUF with llama.cpp's own quantizer (llama-cpp-python's `llama_model_quantize` binding), once per
+file type: the files users download are made this way, and the interop tests load them.
+
+Runs with the Python of a virtual environment that has llama-cpp-python (never the project's; see
+tools/ggml_oracle.py) and the gguf-py of the same llama.cpp (the package index's gguf knows no Q2_0): in the
+venv, `pip install ~/.cache/flashlite/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py` once
+tools/make_llamacpp_gguf.py has unpacked the sdist there.
+
+    ~/.venvs/llamacpp/bin/python tools/make_llamacpp_quants.py OUT_DIR [--src IN.gguf] [--ftype Q4_K_M ...]
+        [--imatrix FILE] [--threads N] [--manifest FILE]
+
+--src defaults to tests/fixtures/llamacpp/tiny_v4-mxfp4_moe.gguf (llama.cpp's own conversion of the oracle
+checkpoint). Each file type is written to OUT_DIR/<stem>-<FTYPE>.gguf through a temporary name, so an interrupted
+run leaves no partial file. Without --ftype every file type of llama.cpp's quantizer is made.
+
+--mix-manifest FILE records, for a source of many layers (where llama.cpp's per-layer rules show), only the type
+llama.cpp gives each tensor: the source's tensors (name, ne, type) and per file type the sha256 of the sorted
+"name:type" lines (tests/test_llamacpp_quants.py checks flashlite's recipes against it):
+
+    make_synthetic.py /tmp/syn43 --preset tiny --layers 43 --experts 8
+    flashlite quantize /tmp/syn43 syn43.gguf --tensor-type \
+        '^(token_embd|output)\.weight$|compressor_(kv|gate)|indexer\.proj|ffn_gate_inp=bf16'
+    make_llamacpp_quants.py OUT_DIR --src syn43.gguf --mix-manifest tests/fixtures/llamacpp/mix43.json
+
+--manifest FILE records what tests/test_llamacpp_quants.py checks without llama.cpp (the files are too large to
+commit): per file type, each tensor's type and (the start of) the sha256 of its bytes, and llama.cpp's own logits on the oracle
+prompt (tests/fixtures/tiny_v4/goldens.npz): its top token at each position, and against transformers' goldens
+of the unquantized model its top-1 agreement where the decision is clear (gap > 1e-4) and the RMS of the
+difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
+with it, this build aborts on deepseek4 files holding Q8_0 or MXFP4 tensors (ggml_backend_sched_split_graph).
+
+Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
+IQ3_XXS, and Q2_K in a Q2_K_S file) without one. --imatrix FILE passes a llama.cpp imatrix (GGUF, as
+`llama-imatrix` and `flashlite imatrix` write it: `<tensor>.in_sum2` / `<tensor>.counts`); without it those file
+types get a flat one (every weight 1 for every tensor), and the file name says `-flat`.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SRC = REPO / "tests" / "fixtures" / "llamacpp" / "tiny_v4-mxfp4_moe.gguf"
+
+# llama.cpp's llama_ftype values by the names llama-quantize takes (include/llama.h)
+FTYPES = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26,
+    "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
+    "MXFP4_MOE": 38, "Q1_0": 40, "Q2_0": 41,  # NVFP4 (39) is no output type of its quantizer yet
+}
+# file types some of whose tensors llama.cpp only quantizes with an importance matrix
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
+
+
+def read_imatrix(path: str) -> dict[str, np.ndarray]:
+    """tensor name -> mean squared activations (in_sum2 / counts, per expert for 3-D tensors, flattened)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        sums = np.array(t.data, np.float32).reshape(-1, int(t.shape[0]))
+        counts = np.array(tensors[base + ".counts"].data, np.float32).reshape(-1, 1)
+        out[base] = (sums / np.maximum(counts, 1)).reshape(-1).astype(np.float32)
+    return out
+
+
+def flat_imatrix(src: str) -> dict[str, np.ndarray]:
+    """Weight 1 for every input column of every matrix (per expert for 3-D tensors)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    out = {}
+    for t in reader.tensors:
+        shape = [int(n) for n in t.shape]
+        if len(shape) >= 2 and t.name.endswith(".weight"):
+            experts = shape[2] if len(shape) == 3 else 1
+            out[t.name] = np.ones(shape[0] * experts, np.float32)
+    return out
+
+
+def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    params.allow_requantize = True
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(values, np.float32)
+            keep.append(buf)
+            entries[i].name = name.encode()
+            entries[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = buf.size
+        entries[len(imatrix)].name = None
+        params.imatrix = entries
+        keep.append(entries)
+    tmp = f"{out}.partial"
+    try:
+        status = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+        if status != 0:
+            raise SystemExit(f"llama_model_quantize {ftype}: status {status}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def types_sha256(path: str) -> str:
+    """sha256 of the file's sorted "name:type" lines"""
+    import hashlib
+
+    import gguf
+
+    lines = sorted(f"{t.name}:{int(t.tensor_type)}\n" for t in gguf.GGUFReader(path).tensors)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def tensor_hashes(path: str) -> dict[str, str]:
+    """tensor name -> "<ggml type id>:<the first 16 hex digits of the sha256 of its bytes>" """
+    import hashlib
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: f"{int(t.tensor_type)}:{hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]}"
+            for t in reader.tensors}
+
+
+GOLDENS = REPO / "tests" / "fixtures" / "tiny_v4" / "goldens.npz"
+CLEAR = 1e-4  # decision gaps at or below this are near-ties (tests/test_forward.py)
+
+
+def llama_logits(path: str, ids: list[int], threads: int) -> np.ndarray:
+    """llama.cpp's logits for every position of one prompt."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise SystemExit(f"{path}: llama.cpp cannot load it")
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 1024, 512, 512
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    out = []
+    try:
+        for start in range(0, len(ids), 512):
+            chunk = ids[start:start + 512]
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, start + i, 1, 1
+                batch.seq_id[i][0] = 0
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise SystemExit(f"{path}: llama_decode failed")
+            logits = llama_cpp.llama_get_logits(ctx)
+            out.append(np.ctypeslib.as_array(logits, shape=(len(chunk), n_vocab)).copy())
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return np.concatenate(out)
+
+
+def logit_stats(path: str, threads: int) -> dict:
+    """llama.cpp's top token at every position of the oracle prompt, and its top-1 agreement and RMS against
+    transformers' goldens of the unquantized model."""
+    g = np.load(GOLDENS)
+    logits = llama_logits(path, g["prompt_ids"].tolist(), threads)
+    clear = g["decision_gap"] > CLEAR
+    return {"argmax": logits.argmax(1).tolist(),
+            "top1_clear": float((logits.argmax(1) == g["logits"].argmax(1))[clear].mean()),
+            "rms": float(np.sqrt(np.mean((logits - g["logits"]) ** 2)))}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir")
+    p.add_argument("--src", default=str(DEFAULT_SRC))
+    p.add_argument("--ftype", action="append", choices=sorted(FTYPES), help="repeat for several (default: all)")
+    p.add_argument("--imatrix", help="a llama.cpp imatrix GGUF for the types that need one")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--manifest", help="write the tensors' types and hashes and llama.cpp's logit statistics here")
+    p.add_argument("--mix-manifest", help="write the hash of the tensors' types per file type here")
+    a = p.parse_args(argv)
+    manifest, mixes = {}, {}
+    os.makedirs(a.out_dir, exist_ok=True)
+    stem = Path(a.src).name.removesuffix(".gguf")
+    given = read_imatrix(a.imatrix) if a.imatrix else None
+    for ftype in a.ftype or list(FTYPES):
+        imatrix, tag = given, ""
+        if ftype in NEEDS_IMATRIX and imatrix is None:
+            imatrix, tag = flat_imatrix(a.src), "-flat"
+        out = os.path.join(a.out_dir, f"{stem}-{ftype}{tag}.gguf")
+        t0 = time.perf_counter()
+        quantize(a.src, out, ftype, imatrix, a.threads)
+        print(f"{ftype:10s} {os.path.getsize(out):>12,d} bytes  {time.perf_counter() - t0:6.1f} s  {out}",
+              flush=True)
+        imatrix_kind = "flat" if tag else ("given" if imatrix else None)
+        if a.manifest:
+            manifest[ftype] = {"imatrix": imatrix_kind, "llama_cpp": logit_stats(out, a.threads),
+                               "tensors": tensor_hashes(out)}
+        if a.mix_manifest:
+            mixes[ftype] = {"imatrix": imatrix_kind, "types_sha256": types_sha256(out)}
+    if a.mix_manifest:
+        import gguf
+
+        source = [[t.name, [int(n) for n in t.shape], int(t.tensor_type)] for t in gguf.GGUFReader(a.src).tensors]
+        _write_json(a.mix_manifest, {"source": Path(a.src).name, "llama_cpp_python": "0.3.36", "tensors": source,
+                                     "ftypes": mixes})
+    if a.manifest:
+        names = sorted(next(iter(manifest.values()))["tensors"])
+        for entry in manifest.values():  # one list per file type, in the order of `tensors`
+            entry["tensors"] = [entry["tensors"][n] for n in names]
+        _write_json(a.manifest, {"source": os.path.relpath(a.src, REPO), "llama_cpp_python": "0.3.36",
+                                 "tensors": names, "ftypes": manifest})
+
+
+def _write_json(path: str, doc: dict) -> None:
+    import json
+
+    tmp = path + ".partial"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, sort_keys=True, separators=(",", ":"))
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
