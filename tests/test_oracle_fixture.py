@@ -6,6 +6,7 @@ Everything here reads the files with numpy only; the regeneration check needs th
 import hashlib
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -314,9 +315,15 @@ class NumpyV4:
         exponent = np.arange(0, 64, 2, dtype=np.float32) / 64
         if table == "main":
             return (1 / np.float32(self.c["rope_theta"]) ** exponent).astype(np.float32)
-        pf = (np.float32(self.c["compress_rope_theta"]) ** exponent).astype(np.float32)
-        ramp = np.clip(np.arange(32) / 7, 0, 1).astype(np.float32)
-        factor = self.c["rope_scaling"]["factor"]
+        base, yarn = self.c["compress_rope_theta"], self.c["rope_scaling"]
+        pf = (np.float32(base) ** exponent).astype(np.float32)
+
+        def dim_of(rotations):  # YaRN's correction range: the dims the ramp runs over (0..7 for tiny_v4)
+            return 64 * math.log(yarn["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = max(math.floor(dim_of(yarn["beta_fast"])), 0), min(math.ceil(dim_of(yarn["beta_slow"])), 63)
+        ramp = np.clip((np.arange(32) - low) / (high - low), 0, 1).astype(np.float32)
+        factor = yarn["factor"]
         return (1 / (factor * pf) * ramp + 1 / pf * (1 - ramp)).astype(np.float32)
 
     def rope(self, x, pos, table, inverse=False):

@@ -209,6 +209,21 @@ def quantize_fp4_expert(w):
 # ---------------------------------------------------------------------------------------------------
 
 
+def release_kind(name):
+    """How the release stores the official tensor `name`: FP8 (e4m3 + 128x128 ue8m0 scales), FP4 (MXFP4 experts),
+    BF16, F32 or I64 (v4-architecture.md section 9)."""
+    if name.endswith(".tid2eid"):
+        return "I64"
+    if ".experts." in name:
+        return "FP4"
+    if name.endswith(("_fn", "_base", "_scale", ".attn_sink", ".ape", ".gate.bias")):
+        return "F32"
+    if (name in ("embed.weight", "head.weight") or name.endswith(("norm.weight", ".gate.weight", ".weights_proj.weight"))
+            or ".compressor." in name):
+        return "BF16"
+    return "FP8"
+
+
 class Checkpoint:
     """Official tensors: name -> (safetensors dtype, stored array); plus the float32 value of each weight."""
 
@@ -232,17 +247,33 @@ class Checkpoint:
     def norm(self, name, size):
         self.bf16(name, 1.0 + self.normal((size,), 0.2))
 
-    def fp8(self, name, out_dim, in_dim, std):
-        q, exponent, values = quantize_fp8_block(self.normal((out_dim, in_dim), std))
+    def put_fp8(self, name, w):
+        q, exponent, values = quantize_fp8_block(w)
         self.stored[f"{name}.weight"] = ("F8_E4M3", q)
         self.stored[f"{name}.scale"] = ("F8_E8M0", exponent)
         self.values[f"{name}.weight"] = values
 
-    def fp4(self, name, out_dim, in_dim, std):
-        packed, exponent, values = quantize_fp4_expert(self.normal((out_dim, in_dim), std))
+    def put_fp4(self, name, w):
+        packed, exponent, values = quantize_fp4_expert(w)
         self.stored[f"{name}.weight"] = ("I8", packed)
         self.stored[f"{name}.scale"] = ("F8_E8M0", exponent)
         self.values[f"{name}.weight"] = values
+
+    def put(self, name, x):
+        """Store a float32 tensor under its official name in the release's format for that name."""
+        kind = release_kind(name)
+        if kind == "I64":
+            self.stored[name] = ("I64", np.asarray(x, dtype=np.int64))
+        elif kind in ("FP8", "FP4"):
+            (self.put_fp8 if kind == "FP8" else self.put_fp4)(name[: -len(".weight")], x)
+        else:
+            (self.f32 if kind == "F32" else self.bf16)(name, np.asarray(x, dtype=np.float32))
+
+    def fp8(self, name, out_dim, in_dim, std):
+        self.put_fp8(name, self.normal((out_dim, in_dim), std))
+
+    def fp4(self, name, out_dim, in_dim, std):
+        self.put_fp4(name, self.normal((out_dim, in_dim), std))
 
     def hyper_connection(self, prefix, n_out, a):
         width = a["hc_mult"] * a["dim"]
@@ -318,6 +349,10 @@ def build_checkpoint(a, seed):
         ck.norm(f"{p}.hnorm.weight", dim)
         ck.norm(f"{p}.norm.weight", dim)
         ck.hyper_connection(f"{p}.hc_head", a["hc_mult"], a)
+    kinds = {"F8_E4M3": "FP8", "I8": "FP4", "BF16": "BF16", "F32": "F32", "I64": "I64"}
+    wrong = [n for n, (dtype, _) in ck.stored.items() if dtype != "F8_E8M0" and release_kind(n) != kinds[dtype]]
+    if wrong:
+        raise AssertionError(f"release_kind disagrees with the layout for {wrong}")
     return ck
 
 
@@ -427,7 +462,9 @@ def summarize(log: list[str]) -> str:
 "Is the light still needed?" asked the inspector. 'Every night,' said Mr. Olsen."""
 
 
-def build_tokenizer(vocab_size):
+def build_tokenizer(vocab_size, texts=(TRAINING_TEXT, PROMPT_TEXT)):
+    """A byte-level BPE of vocab_size ids trained on texts: V4's pre-tokenizer, BOS/EOS/pad first, the four chat
+    markers last; returns the tokenizer.json text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -443,9 +480,9 @@ def build_tokenizer(vocab_size):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([TRAINING_TEXT, PROMPT_TEXT], trainer=trainer)
+    tok.train_from_iterator(list(texts), trainer=trainer)
     if tok.get_vocab_size() != vocab_size - len(CHAT_TOKENS):
-        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} ids; the fixed text is too short")
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} ids; the training text is too short")
     tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in CHAT_TOKENS])
     spec = json.loads(tok.to_str())
     # Lay the file out as the release's tokenizer.json does: empty normalizer sequence, string merges,
