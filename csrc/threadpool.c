@@ -1,10 +1,21 @@
 /* threadpool.c: a persistent pthread pool running one parallel-for at a time.
- * Workers pull task indices from an atomic counter, so uneven tasks balance themselves. Between jobs a
- * worker spins for SPIN_NS before it blocks on a condition variable, and so does the caller waiting for the
- * last worker: decode issues hundreds of calls per token a few microseconds apart, and a futex wake on each
- * side cost 30-80 us per call on a virtual machine (a 4 MiB expert matrix streams in about 200 us). Past
- * the spin an idle pool costs no CPU that numpy's BLAS threads might want. */
+ *
+ * Threads claim task indices from an atomic ticket, so uneven tasks balance themselves and the caller works too.
+ * A job is done when its last task is, not when every worker has checked in: a worker that did not get its core
+ * in time (a desktop's UI thread or another program on it) finds the tasks gone when it runs and is not waited
+ * for, so the job takes what the threads that did run needed (with two threads sharing one busy core, waiting
+ * for the descheduled one cost a scheduler time slice per call: 7x a token). The ticket carries the job's
+ * generation next to the index, and each job's description lives in one of two slots, so a late worker holding
+ * an old generation can never claim a task of a newer job: its compare-and-swap fails on the tag.
+ *
+ * Between jobs a thread spins for SPIN_NS before it blocks on a condition variable, and so does the caller
+ * waiting for the last task: decode issues hundreds of calls per token a few microseconds apart, and a futex wake
+ * on each side cost 30-80 us per call on a virtual machine (a 4 MiB expert matrix streams in about 200 us). The
+ * spin yields the core now and then, so that a thread that is runnable on it (ours or another program's) gets it,
+ * and past the spin an idle pool costs no CPU. */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -13,33 +24,62 @@
 
 #define MAX_THREADS 256
 #define SPIN_NS 300000
+#define YIELD_EVERY 256 /* spin iterations (about 10 us) between two sched_yield() calls */
+#define INDEX_BITS 24   /* the ticket: generation << INDEX_BITS | next task index */
+#define MAX_JOB_TASKS ((int64_t)1 << INDEX_BITS)
 
+/* A job's description. Fields are read and written with relaxed atomics: a late worker may read a slot while the
+ * caller rewrites it for a later job, and then its claim fails on the generation tag before it uses them. */
 struct job {
     fl_task_fn fn;
     void *ctx;
     int64_t n_tasks;
-    int64_t next; /* atomic: the next task index to hand out */
+    int64_t done; /* tasks finished */
     int threads;  /* threads at or above this index sit the job out */
 };
 
 static pthread_mutex_t submit_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time, from any caller thread */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t done = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t finished = PTHREAD_COND_INITIALIZER;
 static pthread_t workers[MAX_THREADS];
-static int n_threads;       /* 0 until the pool is first sized */
-static uint64_t generation; /* atomic: bumped per job; a worker runs each generation once */
-static int busy;            /* atomic: workers still inside the current job */
+static int n_threads;             /* 0 until the pool is first sized */
+static uint64_t generation;       /* atomic: bumped per job */
+static uint64_t ticket;           /* atomic: generation << INDEX_BITS | next task index */
+static struct job slots[2];       /* job g is slots[g & 1] */
 static uint64_t start_generation; /* the generation when the workers were created */
 static int quitting;
-static struct job current;
 
-static void run_tasks(struct job *job, int thread) {
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
+/* Claims the next task of job `gen` into *task; 0 once its tasks are all handed out or a newer job began. */
+static int claim(uint64_t gen, int64_t *task) {
+    struct job *job = &slots[gen & 1];
+    uint64_t t = __atomic_load_n(&ticket, __ATOMIC_ACQUIRE);
     for (;;) {
-        int64_t task = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (task >= job->n_tasks)
-            return;
-        job->fn(job->ctx, task, thread);
+        int64_t index = (int64_t)(t & (MAX_JOB_TASKS - 1));
+        if (t >> INDEX_BITS != (gen & (UINT64_MAX >> INDEX_BITS)) || index >= LOAD(job->n_tasks))
+            return 0;
+        if (__atomic_compare_exchange_n(&ticket, &t, t + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *task = index;
+            return 1;
+        }
+    }
+}
+
+/* Runs tasks of job `gen` as thread `thread` until none is left; the one that finishes the last wakes the caller. */
+static void run_tasks(uint64_t gen, int thread) {
+    struct job *job = &slots[gen & 1];
+    int64_t task;
+    while (claim(gen, &task)) {
+        LOAD(job->fn)(LOAD(job->ctx), task, thread); /* the claim pins the slot: the caller waits for this task */
+        if (__atomic_add_fetch(&job->done, 1, __ATOMIC_ACQ_REL) == LOAD(job->n_tasks)) {
+            /* under the lock: a caller that found the job unfinished there is already waiting, and gets this */
+            pthread_mutex_lock(&lock);
+            pthread_cond_signal(&finished);
+            pthread_mutex_unlock(&lock);
+        }
     }
 }
 
@@ -57,14 +97,15 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Spins until done(arg) or SPIN_NS pass; returns done(arg). */
+/* Spins until done(arg) or SPIN_NS pass, yielding the core now and then; returns done(arg). */
 static int spin_until(int (*done_fn)(const void *), const void *arg) {
     int64_t deadline = 0;
-    for (int i = 0;; i++) {
+    for (int i = 1;; i++) {
         if (done_fn(arg))
             return 1;
         cpu_relax();
-        if ((i & 63) == 63) {
+        if (i % YIELD_EVERY == 0) {
+            sched_yield();
             int64_t t = now_ns();
             if (deadline == 0)
                 deadline = t + SPIN_NS;
@@ -79,9 +120,9 @@ static int new_generation(const void *seen) {
            __atomic_load_n(&quitting, __ATOMIC_ACQUIRE);
 }
 
-static int workers_done(const void *unused) {
-    (void)unused;
-    return __atomic_load_n(&busy, __ATOMIC_ACQUIRE) == 0;
+static int job_finished(const void *gen) {
+    const struct job *job = &slots[*(const uint64_t *)gen & 1];
+    return __atomic_load_n(&job->done, __ATOMIC_ACQUIRE) == LOAD(job->n_tasks);
 }
 
 static void *worker_main(void *arg) {
@@ -97,20 +138,22 @@ static void *worker_main(void *arg) {
         if (__atomic_load_n(&quitting, __ATOMIC_ACQUIRE))
             break;
         seen = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
-        if (thread < current.threads)
-            run_tasks(&current, thread);
-        if (__atomic_sub_fetch(&busy, 1, __ATOMIC_ACQ_REL) == 0) {
-            /* under the lock: a caller that found busy > 0 there is already waiting, and gets this */
-            pthread_mutex_lock(&lock);
-            pthread_cond_signal(&done);
-            pthread_mutex_unlock(&lock);
-        }
+        if (thread < LOAD(slots[seen & 1].threads))
+            run_tasks(seen, thread);
     }
     return NULL;
 }
 
+/* The CPUs this process may run on (its affinity mask, which containers and taskset narrow), else the online ones. */
 static int online_cpus(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    long n = 0;
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0)
+        n = CPU_COUNT(&set);
+#endif
+    if (n < 1)
+        n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
 }
 
@@ -163,9 +206,28 @@ int fl_threads_get(void) {
     return n;
 }
 
+struct offset_job {
+    fl_task_fn fn;
+    void *ctx;
+    int64_t base;
+};
+
+static void offset_task(void *ctx, int64_t task, int thread) {
+    const struct offset_job *o = ctx;
+    o->fn(o->ctx, o->base + task, thread);
+}
+
 void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx) {
     if (n_tasks <= 0)
         return;
+    if (n_tasks >= MAX_JOB_TASKS) { /* more than a ticket counts: in parts */
+        for (int64_t base = 0; base < n_tasks; base += MAX_JOB_TASKS - 1) {
+            struct offset_job o = {fn, ctx, base};
+            int64_t n = n_tasks - base < MAX_JOB_TASKS - 1 ? n_tasks - base : MAX_JOB_TASKS - 1;
+            fl_parallel_for(n, max_threads, offset_task, &o);
+        }
+        return;
+    }
     pthread_mutex_lock(&submit_lock);
     if (n_threads == 0)
         resize(0);
@@ -176,19 +238,25 @@ void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx)
         pthread_mutex_unlock(&submit_lock);
         return;
     }
-    current = (struct job){fn, ctx, n_tasks, 0, threads};
-    __atomic_store_n(&busy, n_threads - 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE); /* publishes current and busy to spinning workers */
+    uint64_t gen = __atomic_load_n(&generation, __ATOMIC_RELAXED) + 1;
+    struct job *job = &slots[gen & 1]; /* job gen - 2 used it, and finished: only late readers may remain */
+    STORE(job->fn, fn);
+    STORE(job->ctx, ctx);
+    STORE(job->n_tasks, n_tasks);
+    STORE(job->threads, threads);
+    STORE(job->done, 0);
+    __atomic_store_n(&ticket, (gen & (UINT64_MAX >> INDEX_BITS)) << INDEX_BITS, __ATOMIC_RELEASE);
+    __atomic_store_n(&generation, gen, __ATOMIC_RELEASE); /* publishes the job to spinning workers */
     pthread_mutex_lock(&lock); /* a worker past its spin checks the generation under this lock, then waits */
     pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
 
-    run_tasks(&current, 0);
+    run_tasks(gen, 0);
 
-    if (!spin_until(workers_done, NULL)) {
+    if (!spin_until(job_finished, &gen)) {
         pthread_mutex_lock(&lock);
-        while (!workers_done(NULL))
-            pthread_cond_wait(&done, &lock);
+        while (!job_finished(&gen))
+            pthread_cond_wait(&finished, &lock);
         pthread_mutex_unlock(&lock);
     }
     pthread_mutex_unlock(&submit_lock);

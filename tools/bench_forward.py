@@ -1,12 +1,16 @@
 """Prefill and decode speed of the DeepSeek V4 forward pass, and the share of decode time spent outside the C core.
 
     python tools/bench_forward.py MODEL.gguf [--prompt 64] [--decode 16] [--threads N] [--kv-format f32|fp8]
-        [--ram-budget SIZE]
+        [--ram-budget SIZE] [--busy N]
 
 Use a synthetic full-width model (tools/make_synthetic.py, then `flashlite quantize`) with a few layers: the
-orchestration share measured there is what a 43-layer V4-Flash sees per layer.
+orchestration share measured there is what a 43-layer V4-Flash sees per layer. At tiny width (make_synthetic's
+tiny preset, 43 layers) the matmuls cost nothing and decode's ms per layer is the fixed cost of a step. --busy N
+keeps N other processes spinning meanwhile, as a desktop's UI thread or another program does to a core.
 """
 import argparse
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -62,8 +66,17 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kv-format", choices=("f32", "fp8"), default="f32")
     ap.add_argument("--ram-budget", default=None, help="routed experts from disk with this cache (e.g. 2G)")
+    ap.add_argument("--busy", type=int, default=0, help="processes spinning beside the benchmark")
     opts = ap.parse_args()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(opts.busy)]
+    try:
+        run(opts)
+    finally:
+        for p in spinners:
+            p.kill()
 
+
+def run(opts):
     t0 = time.perf_counter()
     load_opts = {"kv_format": opts.kv_format}
     if opts.ram_budget:
@@ -83,7 +96,8 @@ def main():
             row = m.forward([int(np.argmax(row))])[-1]
         decode = time.perf_counter() - t0
     outside = decode - core.seconds
-    print(f"decode: {opts.decode} tokens, {opts.decode / decode:.2f} tok/s; outside the C core "
+    print(f"decode: {opts.decode} tokens, {opts.decode / decode:.2f} tok/s, "
+          f"{decode / opts.decode / m.args.n_layers * 1e3:.3f} ms per layer; outside the C core "
           f"{outside / opts.decode * 1e3:.2f} ms/token = {100 * outside / decode:.1f}% of decode time")
     print(f"compressed KV rows as stored now ({opts.kv_format}): {m.cache.row_bytes_per_token():.0f} B/token")
     if opts.ram_budget:
