@@ -1,0 +1,302 @@
+/* test_api.c: the entry points of flashlite.h that tests/c/test_core.c does not drive, under the sanitizers
+ * (tests/test_c_sanitizers.py builds both): the attention with sink and the compressor's pooling against a double
+ * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
+ * row quantizer's checks, the expert cache's usage counters and the page-cache probe, and each one's errors.
+ * Prints one line per failure and exits non-zero if there was any. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "flashlite.h"
+
+static int failures;
+static uint64_t rng_state = 0x2545f4914f6cdd1dULL;
+
+#define CHECK(cond, ...)                                                                                     \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            failures++;                                                                                      \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
+            printf(__VA_ARGS__);                                                                             \
+            printf("\n");                                                                                    \
+        }                                                                                                    \
+    } while (0)
+
+static float uniform(void) { /* in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 32) / 2147483648.0 - 1.0);
+}
+
+static void fill(float *x, int64_t n, float scale) {
+    for (int64_t i = 0; i < n; i++) x[i] = scale * uniform();
+}
+
+/* ---------------------------------------------------------------- attention with sink */
+
+#define TOK 5
+#define HEADS 3
+#define HD 40
+#define WIN 9
+#define CMP 6
+#define KCMP 4
+
+static void test_attn_sink(void) {
+    float q[TOK * HEADS * HD], win[WIN * HD], cmp[CMP * HD], sinks[HEADS], out[TOK * HEADS * HD];
+    int32_t range[2 * TOK], idx[TOK * KCMP];
+    fill(q, TOK * HEADS * HD, 1.0f);
+    fill(win, WIN * HD, 1.0f);
+    fill(cmp, CMP * HD, 1.0f);
+    fill(sinks, HEADS, 2.0f);
+    for (int t = 0; t < TOK; t++) {
+        range[2 * t] = t, range[2 * t + 1] = t + 5; /* windows of 5 rows, sliding */
+        for (int j = 0; j < KCMP; j++) idx[t * KCMP + j] = j < t ? (t * 7 + j * 3) % CMP : -1;
+    }
+    float scale = 0.125f;
+    int status = fl_attn_sink(TOK, HEADS, HD, q, win, WIN, range, cmp, CMP, idx, KCMP, sinks, scale, out);
+    CHECK(status == FL_OK, "fl_attn_sink: status %d", status);
+    double worst = 0;
+    for (int t = 0; t < TOK; t++)
+        for (int h = 0; h < HEADS; h++) {
+            const float *rows[WIN + KCMP];
+            int n = 0;
+            for (int r = range[2 * t]; r < range[2 * t + 1]; r++) rows[n++] = win + r * HD;
+            for (int j = 0; j < KCMP; j++)
+                if (idx[t * KCMP + j] >= 0) rows[n++] = cmp + idx[t * KCMP + j] * HD;
+            double s[WIN + KCMP], m = sinks[h], sum;
+            for (int i = 0; i < n; i++) {
+                s[i] = 0;
+                for (int d = 0; d < HD; d++) s[i] += (double)q[(t * HEADS + h) * HD + d] * rows[i][d];
+                s[i] *= scale;
+                if (s[i] > m) m = s[i];
+            }
+            sum = exp(sinks[h] - m);
+            for (int i = 0; i < n; i++) sum += exp(s[i] - m);
+            for (int d = 0; d < HD; d++) {
+                double o = 0;
+                for (int i = 0; i < n; i++) o += exp(s[i] - m) / sum * rows[i][d];
+                double err = fabs(o - out[(t * HEADS + h) * HD + d]);
+                if (err > worst) worst = err;
+            }
+        }
+    CHECK(worst < 1e-5, "fl_attn_sink: %.3g from the double-precision softmax with sink", worst);
+    int32_t bad_range[2 * TOK];
+    memcpy(bad_range, range, sizeof range);
+    bad_range[3] = WIN + 1;
+    CHECK(fl_attn_sink(TOK, HEADS, HD, q, win, WIN, bad_range, cmp, CMP, idx, KCMP, sinks, scale, out) == FL_EINVAL,
+          "fl_attn_sink: a window past its rows is accepted");
+    int32_t bad_idx[TOK * KCMP];
+    memcpy(bad_idx, idx, sizeof idx);
+    bad_idx[5] = CMP;
+    CHECK(fl_attn_sink(TOK, HEADS, HD, q, win, WIN, range, cmp, CMP, bad_idx, KCMP, sinks, scale, out) == FL_EINVAL,
+          "fl_attn_sink: a compressed row index past the rows is accepted");
+    CHECK(fl_attn_sink(TOK, 0, HD, q, win, WIN, range, cmp, CMP, idx, KCMP, sinks, scale, out) == FL_EINVAL,
+          "fl_attn_sink: zero heads accepted");
+}
+
+/* ---------------------------------------------------------------- compressor pooling */
+
+static void test_compress_pool(void) {
+    enum { D = 8, ROWS = 3 };
+    for (int overlap = 0; overlap <= 1; overlap++)
+        for (int has_prev = 0; has_prev <= overlap; has_prev++) {
+            int64_t ratio = overlap ? 4 : 8, width = overlap ? 2 * D : D;
+            int64_t tokens = (ROWS + has_prev) * ratio;
+            float *kv = malloc(sizeof(float) * (size_t)(tokens * width));
+            float *score = malloc(sizeof(float) * (size_t)(tokens * width));
+            float out[ROWS * D];
+            fill(kv, tokens * width, 1.0f);
+            fill(score, tokens * width, 3.0f);
+            int status = fl_compress_pool(ROWS, ratio, D, overlap, has_prev, kv, score, out);
+            CHECK(status == FL_OK, "fl_compress_pool: status %d", status);
+            double worst = 0;
+            int64_t base = has_prev ? ratio : 0;
+            for (int j = 0; j < ROWS; j++)
+                for (int c = 0; c < D; c++) {
+                    double s[16], v[16], m = -INFINITY, sum = 0, acc = 0;
+                    int n = 0;
+                    int64_t w0 = base + j * ratio;
+                    if (overlap && (j > 0 || has_prev))
+                        for (int k = 0; k < ratio; k++) {
+                            s[n] = score[(w0 - ratio + k) * width + c];
+                            v[n++] = kv[(w0 - ratio + k) * width + c];
+                        }
+                    for (int k = 0; k < ratio; k++) {
+                        s[n] = score[(w0 + k) * width + (overlap ? D : 0) + c];
+                        v[n++] = kv[(w0 + k) * width + (overlap ? D : 0) + c];
+                    }
+                    for (int i = 0; i < n; i++) m = s[i] > m ? s[i] : m;
+                    for (int i = 0; i < n; i++) sum += exp(s[i] - m);
+                    for (int i = 0; i < n; i++) acc += exp(s[i] - m) / sum * v[i];
+                    double err = fabs(acc - out[j * D + c]);
+                    worst = err > worst ? err : worst;
+                }
+            CHECK(worst < 1e-6, "fl_compress_pool (overlap %d, has_prev %d): %.3g from the reference", overlap,
+                  has_prev, worst);
+            CHECK(fl_compress_pool(ROWS, 0, D, overlap, has_prev, kv, score, out) == FL_EINVAL,
+                  "fl_compress_pool: ratio 0 accepted");
+            CHECK(fl_compress_pool(ROWS, 300, D, overlap, has_prev, kv, score, out) == FL_EINVAL,
+                  "fl_compress_pool: more slots than it pools accepted");
+            free(kv);
+            free(score);
+        }
+}
+
+/* ---------------------------------------------------------------- KV rows */
+
+static void test_kv_pack(void) {
+    enum { ROWS = 7, DIM = 192, ROPE = 64 };
+    int64_t fp8 = fl_kv_row_bytes(FL_KV_FP8, DIM, ROPE), fp4 = fl_kv_row_bytes(FL_KV_FP4, 128, 0);
+    /* fp8 rows: bf16 rope dims, e4m3 rest with a ue8m0 scale per 64 */
+    CHECK(fp8 == 2 * ROPE + (DIM - ROPE) + (DIM - ROPE) / 64, "fl_kv_row_bytes fp8: %lld", (long long)fp8);
+    CHECK(fp4 == 128 / 2 + 128 / 32, "fl_kv_row_bytes fp4: %lld", (long long)fp4);
+    CHECK(fl_kv_row_bytes(FL_KV_FP8, 100, 64) == -1 && fl_kv_row_bytes(FL_KV_FP4, 128, 64) == -1 &&
+              fl_kv_row_bytes(99, 128, 0) == -1,
+          "fl_kv_row_bytes: a shape its blocks do not fit accepted");
+    float src[ROWS * DIM], back[ROWS * DIM];
+    fill(src, ROWS * DIM, 4.0f);
+    uint8_t *packed = malloc((size_t)(ROWS * fp8));
+    CHECK(fl_kv_pack(FL_KV_FP8, ROWS, DIM, ROPE, src, packed) == FL_OK, "fl_kv_pack failed");
+    CHECK(fl_kv_unpack(FL_KV_FP8, ROWS, DIM, ROPE, packed, ROWS, NULL, back) == FL_OK, "fl_kv_unpack failed");
+    double worst = 0;
+    for (int r = 0; r < ROWS; r++)
+        for (int i = 0; i < DIM; i++) {
+            /* e4m3 keeps 3 mantissa bits (half a step: 2^-4 relative) under a power-of-two scale of the block's
+             * largest; bf16 7 bits */
+            double rel = fabs(back[r * DIM + i] - src[r * DIM + i]) / 4.0;
+            worst = rel > worst ? rel : worst;
+        }
+    CHECK(worst <= 0.0625, "fp8 KV round trip: %.3g of the range", worst);
+    int32_t idx[3] = {6, 0, 3};
+    float picked[3 * DIM];
+    CHECK(fl_kv_unpack(FL_KV_FP8, 3, DIM, ROPE, packed, ROWS, idx, picked) == FL_OK, "fl_kv_unpack idx failed");
+    CHECK(!memcmp(picked, back + 6 * DIM, sizeof(float) * DIM) && !memcmp(picked + DIM, back, sizeof(float) * DIM) &&
+              !memcmp(picked + 2 * DIM, back + 3 * DIM, sizeof(float) * DIM),
+          "fl_kv_unpack: idx picks other rows");
+    int32_t bad[1] = {ROWS};
+    CHECK(fl_kv_unpack(FL_KV_FP8, 1, DIM, ROPE, packed, ROWS, bad, picked) == FL_EINVAL,
+          "fl_kv_unpack: a row past the source accepted");
+    bad[0] = -1;
+    CHECK(fl_kv_unpack(FL_KV_FP8, 1, DIM, ROPE, packed, ROWS, bad, picked) == FL_EINVAL,
+          "fl_kv_unpack: a negative row accepted");
+    CHECK(fl_kv_pack(FL_KV_FP8, -1, DIM, ROPE, src, packed) == FL_EINVAL, "fl_kv_pack: -1 rows accepted");
+    free(packed);
+}
+
+/* ---------------------------------------------------------------- type table, dots, row quantizer */
+
+static void test_types(void) {
+    CHECK(!strcmp(fl_type_name(FL_TYPE_Q4_K), "q4_K") && !strcmp(fl_type_name(FL_TYPE_IQ2_XXS), "iq2_xxs") &&
+              !strcmp(fl_type_name(FL_TYPE_I32), "i32") && fl_type_name(4) == NULL &&
+              fl_type_name(-1) == NULL && fl_type_name(FL_TYPE_COUNT) == NULL,
+          "fl_type_name");
+    CHECK(fl_type_flags(FL_TYPE_Q4_K) == (FL_CAN_DEQUANTIZE | FL_CAN_QUANTIZE | FL_CAN_MATMUL),
+          "fl_type_flags q4_K: %d", fl_type_flags(FL_TYPE_Q4_K));
+    CHECK(fl_type_flags(FL_TYPE_Q8_K) == (FL_CAN_DEQUANTIZE | FL_CAN_QUANTIZE), "fl_type_flags q8_K (activations)");
+    CHECK(fl_type_flags(FL_TYPE_I32) == 0 && fl_type_flags(4) == 0 && fl_type_flags(12345) == 0,
+          "fl_type_flags of a storage or unknown type");
+    CHECK(fl_type_act_type(FL_TYPE_Q4_K) == FL_TYPE_Q8_K && fl_type_act_type(FL_TYPE_Q4_0) == FL_TYPE_Q8_0 &&
+              fl_type_act_type(FL_TYPE_Q4_1) == FL_TYPE_Q8_1 && fl_type_act_type(FL_TYPE_F16) == FL_TYPE_F32 &&
+              fl_type_act_type(999) == -1,
+          "fl_type_act_type");
+    int level = fl_simd_level();
+    CHECK(level >= FL_SIMD_SCALAR && level <= fl_simd_best(), "fl_simd_level %d above the best %d", level,
+          fl_simd_best());
+
+    enum { N = 512 };
+    float w[N], x[N], wf[N], xf[N];
+    fill(w, N, 1.0f);
+    fill(x, N, 1.0f);
+    uint8_t wq[N * 2], xq[N * 2];
+    float s;
+    CHECK(fl_quantize(FL_TYPE_Q4_K, w, wq, N) == FL_OK && fl_quantize(FL_TYPE_Q8_K, x, xq, N) == FL_OK,
+          "quantize for the dot");
+    CHECK(fl_vec_dot_ref(FL_TYPE_Q4_K, wq, xq, N, &s) == FL_OK, "fl_vec_dot_ref q4_K");
+    fl_dequantize(FL_TYPE_Q4_K, wq, wf, N);
+    fl_dequantize(FL_TYPE_Q8_K, xq, xf, N);
+    double exact = 0, mag = 0;
+    for (int i = 0; i < N; i++) exact += (double)wf[i] * xf[i], mag += fabs((double)wf[i] * xf[i]);
+    CHECK(fabs(s - exact) <= 2e-7 * mag, "fl_vec_dot_ref q4_K: %g against %g", s, exact);
+    CHECK(fl_vec_dot_ref(FL_TYPE_Q8_K, wq, xq, N, &s) == FL_ETYPE, "fl_vec_dot_ref of an activation-only type");
+    CHECK(fl_vec_dot_ref(FL_TYPE_Q4_K, wq, xq, N, NULL) == FL_EINVAL, "fl_vec_dot_ref without an output");
+
+    /* rows: without importance, the reference quantizer row by row; with it, a search that weighs each column */
+    float rows[2 * N], imp[N];
+    fill(rows, 2 * N, 1.0f);
+    for (int i = 0; i < N; i++) imp[i] = 1.0f + (float)(i % 7);
+    uint8_t a[4 * N], b[4 * N];
+    CHECK(fl_quantize_rows(FL_TYPE_Q8_0, rows, a, 2, N, imp) == FL_OK && fl_quantize(FL_TYPE_Q8_0, rows, b, 2 * N) ==
+              FL_OK && !memcmp(a, b, (size_t)fl_row_bytes(FL_TYPE_Q8_0, 2 * N)),
+          "fl_quantize_rows q8_0 ignores importance, as ggml");
+    CHECK(fl_quantize_rows(FL_TYPE_Q4_K, rows, a, 2, N, imp) == FL_OK, "fl_quantize_rows q4_K with importance");
+    CHECK(fl_quantize_rows(FL_TYPE_Q4_K, rows, a, 2, N - 1, NULL) == FL_EINVAL, "rows of a partial block accepted");
+    CHECK(fl_quantize_rows(FL_TYPE_Q4_K, rows, a, -1, N, NULL) == FL_EINVAL, "-1 rows accepted");
+    CHECK(fl_quantize_rows(FL_TYPE_Q4_K, NULL, a, 2, N, NULL) == FL_EINVAL, "no source accepted");
+    CHECK(fl_quantize_rows(FL_TYPE_I32, rows, a, 2, N, NULL) == FL_ETYPE, "a type without a quantizer accepted");
+    CHECK(fl_quantize_rows(4, rows, a, 2, N, NULL) == FL_ETYPE, "an unknown type accepted");
+    CHECK(fl_dequantize(FL_TYPE_I32, a, wf, 4) == FL_ETYPE, "dequantizing a storage-only type accepted");
+}
+
+/* ---------------------------------------------------------------- expert cache usage, page-cache probe */
+
+static void test_expert_usage(void) {
+    enum { DIM = 64, INTER = 64, EXPERTS = 4, TOKENS = 3, USED = 2 };
+    int64_t mat = (int64_t)INTER * DIM * 4;
+    char path[] = "/tmp/fl_test_usage_XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp failed");
+    if (fd < 0)
+        return;
+    float *w = malloc((size_t)(3 * mat * EXPERTS));
+    fill(w, 3 * (mat / 4) * EXPERTS, 0.05f);
+    CHECK(write(fd, w, (size_t)(3 * mat * EXPERTS)) == (ssize_t)(3 * mat * EXPERTS), "write failed");
+    close(fd);
+    struct fl_expert_layer layer = {{0, mat * EXPERTS, 2 * mat * EXPERTS}, {mat, mat, mat},
+                                    {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {0, 0, 0}};
+    const char *paths[1] = {path};
+    fl_expert_cache *c = NULL;
+    int64_t slot = fl_expert_cache_slot_bytes(1, &layer);
+    CHECK(slot >= 3 * mat, "slot bytes %lld for 3 matrices of %lld", (long long)slot, (long long)mat);
+    if (fl_expert_cache_open(paths, 1, 1, EXPERTS, &layer, 2 * slot, FL_EXPERT_LFU, 1, 0, &c) != FL_OK) {
+        CHECK(0, "fl_expert_cache_open failed");
+    } else {
+        float x[TOKENS * DIM], out[TOKENS * DIM], wts[TOKENS * USED] = {1, 1, 1, 1, 1, 1};
+        int32_t idx[TOKENS * USED] = {0, 3, 3, 1, 3, 0};
+        fill(x, TOKENS * DIM, 1.0f);
+        memset(out, 0, sizeof out);
+        CHECK(fl_moe_experts_cached(c, 0, TOKENS, DIM, INTER, USED, x, idx, wts, 10.0f, out) == FL_OK,
+              "fl_moe_experts_cached failed");
+        int64_t counts[EXPERTS];
+        CHECK(fl_expert_cache_usage(c, counts) == FL_OK, "fl_expert_cache_usage failed");
+        /* demanded once per call each: 0, 1 and 3 */
+        CHECK(counts[0] == 1 && counts[1] == 1 && counts[2] == 0 && counts[3] == 1, "usage %lld %lld %lld %lld",
+              (long long)counts[0], (long long)counts[1], (long long)counts[2], (long long)counts[3]);
+        struct fl_expert_stats st;
+        fl_expert_cache_stats(c, &st);
+        CHECK(st.misses == 3 && st.bytes_read >= 3 * 3 * mat, "stats before the reset: %lld misses",
+              (long long)st.misses);
+        fl_expert_cache_reset_stats(c);
+        fl_expert_cache_stats(c, &st);
+        CHECK(st.hits == 0 && st.misses == 0 && st.bytes_read == 0 && st.slots == 2,
+              "fl_expert_cache_reset_stats left counts");
+        CHECK(fl_expert_cache_usage(c, counts) == FL_OK && counts[3] == 1, "reset_stats cleared the usage history");
+        fl_expert_cache_close(c);
+    }
+    int64_t cached = fl_file_cached_bytes(path, 0, 3 * mat * EXPERTS);
+    CHECK(cached >= 0 && cached <= 3 * mat * EXPERTS, "fl_file_cached_bytes: %lld", (long long)cached);
+    CHECK(fl_file_cached_bytes("/nonexistent/flashlite", 0, 4096) == -1, "fl_file_cached_bytes of no file");
+    unlink(path);
+    free(w);
+}
+
+int main(void) {
+    test_attn_sink();
+    test_compress_pool();
+    test_kv_pack();
+    test_types();
+    test_expert_usage();
+    printf("ok: %d failure(s)\n", failures);
+    return failures ? 1 : 0;
+}
