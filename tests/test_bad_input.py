@@ -75,3 +75,16 @@ def test_api_validates_messages_as_the_server_does(q8, messages, message):
     with pytest.raises(ValueError) as err:
         m.create_chat_completion(messages, max_tokens=2)
     assert str(err.value).startswith(message)
+
+
+def test_version_and_system_info_name_the_c_cores_build():
+    import json
+
+    from flashlite import __version__
+    from flashlite import matmul as fm
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith(f"flashlite {__version__} (C core: {fm.simd_level()}")
+    info = json.loads(_cli("system-info", "--json").stdout)
+    assert info["simd"] == fm.simd_level() and info["threads"] == fm.threads()
+    assert {"Q4_K", "IQ2_XXS", "MXFP4", "Q2_0"} <= set(info["types"])
