@@ -157,6 +157,21 @@ int fl_moe_experts(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, in
                    int down_type, const void *down_w, int64_t down_stride,
                    float limit, float *out);
 
+/* ---------------------------------------------------------------- per-token layer operations (v4_ops.c) */
+/* y[r] = x[r] * rsqrt(mean(x[r]^2) + eps), times weight (dim floats, after the normalisation) unless NULL. */
+int fl_rms_norm(int64_t rows, int64_t dim, const float *x, const float *weight, float eps, float *y);
+/* The hyper-connection collapse before a sublayer, for h [n_tok, hc, dim]: mixes = fn(rms_norm(h flattened))
+ * (fn: (2 + hc) * hc rows of hc * dim elements of fn_type, or hc rows for the model's final collapse, which passes
+ * post = comb = NULL); pre = sigmoid(mix * scale[0] + base) + hc_eps; post = 2 sigmoid(...scale[1]...) [n_tok, hc];
+ * comb [n_tok, hc, hc] (comb[a][b] from stream a to b) the Sinkhorn projection of mix * scale[2] + base;
+ * x [n_tok, dim] = sum over streams a of pre[a] * h[a]. */
+int fl_hc_pre(int64_t n_tok, int64_t hc, int64_t dim, const float *h, int fn_type, const void *fn_w,
+              const float *base, const float *scale, int sinkhorn_iters, float hc_eps, float norm_eps, float *x,
+              float *post, float *comb);
+/* The expansion after it: h[t, b] = sum over a of comb[t, a, b] * residual[t, a] + post[t, b] * out[t]. */
+int fl_hc_post(int64_t n_tok, int64_t hc, int64_t dim, const float *out, const float *residual, const float *post,
+               const float *comb, float *h);
+
 /* ---------------------------------------------------------------- routed experts read from disk (expert_cache.c) */
 /* The experts of every MoE layer stay in the GGUF file; a cache of fixed-size slots, split evenly between the
  * layers, holds the ones in use. A read is one aligned pread per matrix, O_DIRECT where the file system allows

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from flashlite._native import ffi, lib
 from flashlite.gguf_model import GGUFFile
 from flashlite.model import load
-from flashlite.models.deepseek_v4 import RoPE, sinkhorn
+from flashlite.models.deepseek_v4 import ModelArgs, RoPE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 CLEAR = 1e-4  # decision gaps at or below this are near-ties: judged apart
@@ -97,18 +97,46 @@ def test_rope_rotates_interleaved_pairs_of_the_last_dims():
     np.testing.assert_allclose(rope.apply(y, cos, sin, inverse=True), x, atol=1e-5)
 
 
-def test_sinkhorn_matches_float64_and_ends_column_stochastic():
+def _hc_reference(h, fn, base, scale, iters, hc_eps, norm_eps):
+    """The hyper-connection collapse in float64 numpy, op by op as the oracle writes it."""
+    t, hc, d = h.shape
+    flat = h.reshape(t, -1).astype(np.float64)
+    normed = flat / np.sqrt(np.mean(flat ** 2, axis=-1, keepdims=True) + norm_eps)
+    mixes = normed @ fn.T.astype(np.float64)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    pre = sig(mixes[:, :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * sig(mixes[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = (mixes[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(t, hc, hc)
+    comb = np.exp(comb - comb.max(-1, keepdims=True))
+    comb = comb / comb.sum(-1, keepdims=True) + hc_eps
+    comb /= comb.sum(-2, keepdims=True) + hc_eps
+    for _ in range(iters - 1):
+        comb /= comb.sum(-1, keepdims=True) + hc_eps
+        comb /= comb.sum(-2, keepdims=True) + hc_eps
+    return (pre[:, :, None] * h).sum(1), post, comb
+
+
+def test_hyper_connection_ops_match_float64_and_sinkhorn_ends_column_stochastic():
+    from flashlite.gguf_model import WeightView
+    from flashlite.models.deepseek_v4 import HyperConnection
+
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(5, 4, 4)).astype(np.float32)
-    ours = sinkhorn(logits, 20, 1e-6)
-    ref = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
-    ref = ref / ref.sum(-1, keepdims=True) + 1e-6
-    ref /= ref.sum(-2, keepdims=True) + 1e-6
-    for _ in range(19):
-        ref /= ref.sum(-1, keepdims=True) + 1e-6
-        ref /= ref.sum(-2, keepdims=True) + 1e-6
-    np.testing.assert_allclose(ours, ref, rtol=1e-5)
-    np.testing.assert_allclose(ours.sum(-2), 1, atol=1e-5)
+    t, hc, d = 5, 4, 64
+    h = rng.normal(size=(t, hc, d)).astype(np.float32)
+    fn = (rng.normal(size=((2 + hc) * hc, hc * d)) * 0.05).astype(np.float32)
+    base, scale = rng.normal(size=(2 + hc) * hc).astype(np.float32), np.float32([0.8, 1.1, 3.0])
+    args = ModelArgs(dim=d, hc_mult=hc, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6)
+    layer = HyperConnection(args, WeightView("fn", 0, (hc * d, (2 + hc) * hc), fn), base, scale)
+    x, post, comb = layer(h)
+    rx, rpost, rcomb = _hc_reference(h, fn, base, scale, 20, 1e-6, 1e-6)
+    np.testing.assert_allclose(x, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(post, rpost, rtol=1e-5)
+    np.testing.assert_allclose(comb, rcomb, rtol=1e-5)
+    np.testing.assert_allclose(comb.sum(-2), 1, atol=1e-5)
+    out = rng.normal(size=(t, d)).astype(np.float32)
+    expanded = HyperConnection.expand(out, h, post, comb)
+    ref = post[:, :, None] * out[:, None, :] + np.einsum("tab,tad->tbd", comb.astype(np.float64), h)
+    np.testing.assert_allclose(expanded, ref, rtol=1e-5, atol=1e-6)
 
 
 def _f(a):

@@ -227,33 +227,14 @@ def _i32(a: np.ndarray):
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """x * rsqrt(mean(x^2) + eps), then times the weight (after the normalisation, as transformers does)."""
-    y = x * (1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))).astype(np.float32)
-    return y if weight is None else weight * y
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp(-x) is inf below x = -88, and 1 / (1 + inf) the right 0
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
-
-
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def sinkhorn(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """Project [..., a, b] mixing logits onto (nearly) doubly stochastic matrices: softmax over b, then one column
-    normalisation and iters-1 row-then-column rounds; it ends on a column step, so rows are only close to 1."""
-    eps = np.float32(eps)
-    comb = softmax(comb, axis=-1) + eps
-    # in place and through the ufunc itself: a decode step runs these on 4 x 4 matrices, 80 times a layer, where
-    # np.sum's Python wrapper and fresh arrays cost more than the arithmetic
-    comb /= np.add.reduce(comb, axis=-2, keepdims=True) + eps
-    for _ in range(iters - 1):
-        comb /= np.add.reduce(comb, axis=-1, keepdims=True) + eps
-        comb /= np.add.reduce(comb, axis=-2, keepdims=True) + eps
-    return comb
+    """x * rsqrt(mean(x^2) + eps) over the last axis, then times the weight (after the normalisation, as
+    transformers does): the C core's fl_rms_norm."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    dim = x.shape[-1]
+    check(lib.fl_rms_norm(x.size // dim, dim, _f32(x), ffi.NULL if weight is None else _f32(weight), eps, _f32(y)),
+          "fl_rms_norm")
+    return y
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
@@ -337,19 +318,26 @@ class HyperConnection:
         self.fn, self.base, self.scale = fn, base, scale
 
     def __call__(self, h: np.ndarray):
-        """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc] with comb[a, b] from stream a to b)."""
-        t, hc = h.shape[0], self.hc
-        mixes = linear(self.fn, rms_norm(h.reshape(t, -1), None, self.args.norm_eps))
-        pre = sigmoid(mixes[:, :hc] * self.scale[0] + self.base[:hc]) + np.float32(self.args.hc_eps)
-        post = np.float32(2) * sigmoid(mixes[:, hc:2 * hc] * self.scale[1] + self.base[hc:2 * hc])
-        comb = (mixes[:, 2 * hc:] * self.scale[2] + self.base[2 * hc:]).reshape(t, hc, hc)
-        comb = sinkhorn(comb, self.args.hc_sinkhorn_iters, self.args.hc_eps)
-        return np.sum(pre[:, :, None] * h, axis=1), post, comb
+        """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc] with comb[a, b] from stream a to b): the C
+        core's fl_hc_pre (rms norm, the mixing matmul, sigmoids, Sinkhorn, the weighted sum), one call."""
+        t, hc, d = h.shape
+        h = np.ascontiguousarray(h, np.float32)
+        x, post, comb = (np.empty((t, d), np.float32), np.empty((t, hc), np.float32),
+                         np.empty((t, hc, hc), np.float32))
+        a = self.args
+        check(lib.fl_hc_pre(t, hc, d, _f32(h), int(self.fn.type), ffi.from_buffer(self.fn.data), _f32(self.base),
+                            _f32(self.scale), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps, _f32(x), _f32(post),
+                            _f32(comb)), f"fl_hc_pre ({self.fn.name})")
+        return x, post, comb
 
     @staticmethod
     def expand(out: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
-        """H'_b = post_b * out + sum_a comb[a, b] * residual_a."""
-        return post[:, :, None] * out[:, None, :] + np.matmul(comb.transpose(0, 2, 1), residual)
+        """H'_b = post_b * out + sum_a comb[a, b] * residual_a (the C core's fl_hc_post)."""
+        t, hc, d = residual.shape
+        h = np.empty_like(residual)
+        out = np.ascontiguousarray(out, np.float32)
+        check(lib.fl_hc_post(t, hc, d, _f32(out), _f32(residual), _f32(post), _f32(comb), _f32(h)), "fl_hc_post")
+        return h
 
 
 class HyperHead:
@@ -359,9 +347,14 @@ class HyperHead:
         self.args, self.fn, self.base, self.scale = args, fn, base, scale
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        mixes = linear(self.fn, rms_norm(h.reshape(h.shape[0], -1), None, self.args.norm_eps))
-        pre = sigmoid(mixes * self.scale[0] + self.base) + np.float32(self.args.hc_eps)
-        return np.sum(pre[:, :, None] * h, axis=1)
+        t, hc, d = h.shape
+        h = np.ascontiguousarray(h, np.float32)
+        x = np.empty((t, d), np.float32)
+        a = self.args
+        check(lib.fl_hc_pre(t, hc, d, _f32(h), int(self.fn.type), ffi.from_buffer(self.fn.data), _f32(self.base),
+                            _f32(self.scale), 1, a.hc_eps, a.norm_eps, _f32(x), ffi.NULL, ffi.NULL),
+              f"fl_hc_pre ({self.fn.name})")
+        return x
 
 
 # ---------------------------------------------------------------- attention
