@@ -9,10 +9,12 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from flashlite import blocks
+from flashlite._native import ffi
 from flashlite.gguf_reader import GGUFError, GGUFReader
 
 # How the forward pass uses a tensor, which decides the types it may have (any type llama.cpp can run with):
@@ -55,6 +57,11 @@ class WeightView:
     @property
     def type_name(self) -> str:
         return blocks.type_name(self.type)
+
+    @cached_property
+    def pointer(self):
+        """A C pointer to the data, made once (the forward pass hands it to the core hundreds of times a token)."""
+        return ffi.from_buffer(self.data)
 
     def to_f32(self) -> np.ndarray:
         """The values as float32 in numpy order; a view when stored as F32, decoded by the C core otherwise."""

@@ -23,12 +23,11 @@ class CoreTimer:
     """Wraps the C entry points the forward pass calls and adds up the seconds spent inside them."""
 
     NAMES = ("fl_attn_sink", "fl_compress_pool", "fl_moe_experts", "fl_moe_experts_cached", "fl_kv_pack",
-             "fl_kv_unpack")
+             "fl_kv_unpack", "fl_matmul_batch", "fl_hc_pre", "fl_hc_post", "fl_rms_norm")
     MODULES = (deepseek_v4, kv_cache)
 
     def __init__(self):
         self.seconds = 0.0
-        self._matmul, self._matmul_batch = deepseek_v4.matmul, deepseek_v4.matmul_batch
         self._lib = deepseek_v4.lib
 
     def _timed(self, fn):
@@ -48,14 +47,11 @@ class CoreTimer:
             setattr(timed_lib, name, self._timed(getattr(self._lib, name)))
         for module in self.MODULES:
             module.lib = timed_lib
-        deepseek_v4.matmul = self._timed(self._matmul)
-        deepseek_v4.matmul_batch = self._timed(self._matmul_batch)
         return self
 
     def __exit__(self, *exc):
         for module in self.MODULES:
             module.lib = self._lib
-        deepseek_v4.matmul, deepseek_v4.matmul_batch = self._matmul, self._matmul_batch
 
 
 def main():

@@ -16,7 +16,6 @@ from flashlite.expert_offload import ExpertCache
 from flashlite import blocks
 from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
-from flashlite.matmul import matmul, matmul_batch
 
 ARCH = "deepseek4"
 _SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
@@ -193,17 +192,44 @@ def _checked_value(path: str, key: str, value, kind, lo, hi):
 
 # ---------------------------------------------------------------- primitives
 
-def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarray:
-    """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
-    data = w.data if expert is None else w.data[expert]
-    return matmul(data, int(w.type), w.rows, w.k, x)
+def _products(products: list) -> list[np.ndarray]:
+    """y = x @ W^T for each (w, x) (w a WeightView, or (WeightView, data) for a slice of one), in one run of the
+    C core, bitwise as separate products: an x that several products share (the same array) is quantized once,
+    and the small matrices of a decode step stream like one large one. The weights were checked at load and the
+    forward pass hands contiguous float32 activations, so nothing is checked again here (flashlite.matmul is the
+    checked public path): at decode this call runs hundreds of times a token."""
+    items = ffi.new("struct fl_matmul_item[]", max(len(products), 1))
+    keep, out, seen = [], [], {}
+    for i, (w, x) in enumerate(products):
+        w, data = w if isinstance(w, tuple) else (w, None)
+        rows = w.rows if data is None else data.shape[0]
+        x_ptr = seen.get(id(x))
+        if x_ptr is None:
+            x_ptr = seen[id(x)] = _f32(x)
+        n_tok = 1 if x.ndim == 1 else x.shape[0]
+        y = np.empty((n_tok, rows), np.float32)
+        w_ptr = w.pointer if data is None else ffi.from_buffer(data)
+        y_ptr = _f32(y)
+        keep += [x, w_ptr, y_ptr]
+        items[i] = {"wtype": int(w.type), "w": w_ptr, "rows": rows, "k": w.k, "x": x_ptr, "n_tok": n_tok, "y": y_ptr}
+        out.append(y[0] if x.ndim == 1 else y)
+    if products:
+        first = products[0][0]
+        check(lib.fl_matmul_batch(len(products), items),
+              f"fl_matmul_batch ({(first[0] if isinstance(first, tuple) else first).name}, ...)")
+    return out
+
+
+def linear(w: WeightView, x: np.ndarray) -> np.ndarray:
+    """y = x @ W^T through the C core."""
+    return _products([(w, np.ascontiguousarray(x, np.float32))])[0]
 
 
 def linear_groups(*groups: list) -> list[list[np.ndarray]]:
-    """Each group's products [(w, x), ...] computed as linear(w, x), all in one parallel run of the core (bitwise
-    the same results): an x that several products share (the same array) is quantized once, and the small
-    matrices of a decode step stream like one large one. The results come back grouped as the products were."""
-    ys = matmul_batch([(w.data, int(w.type), w.rows, w.k, x) for group in groups for w, x in group])
+    """Each group's products [(w, x), ...] computed as linear(w, x), all in one run of the core (_products): the
+    results come back grouped as the products were."""
+    ys = _products([(w, x if x.flags.c_contiguous and x.dtype == np.float32 else np.ascontiguousarray(x, np.float32))
+                    for group in groups for w, x in group])
     out, lo = [], 0
     for group in groups:
         out.append(ys[lo:lo + len(group)])
@@ -509,10 +535,9 @@ class Attention:
         a, t = self.args, o.shape[0]
         groups = o.reshape(t, a.o_groups, -1)
         w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
-        k = groups.shape[2]
         # one run of the core for all groups: eight small products then stream like one large one
-        return np.concatenate(matmul_batch([(w[g], int(self.wo_a.type), a.o_lora_rank, k,
-                                             np.ascontiguousarray(groups[:, g])) for g in range(a.o_groups)]), axis=1)
+        return np.concatenate(_products([((self.wo_a, w[g]), np.ascontiguousarray(groups[:, g]))
+                                         for g in range(a.o_groups)]), axis=1)
 
 
 # ---------------------------------------------------------------- MoE
