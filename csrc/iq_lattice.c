@@ -184,3 +184,101 @@ int fl_lattice_round(const struct fl_lattice *lat, const float *xval, const floa
         L[i] = (int8_t)((g[i] - 1) / 2);
     return index;
 }
+
+void fl_lattice_lsq_sums(int n, const float *xval, const float *weight, const int8_t *L, float *sumqx, float *sumq2) {
+    float sx = 0, s2 = 0;
+    for (int i = 0; i < n; i++) {
+        float q = 2 * L[i] + 1;
+        sx += weight[i] * xval[i] * q;
+        s2 += weight[i] * q * q;
+    }
+    *sumqx = sx;
+    *sumq2 = s2;
+}
+
+float fl_lattice_search(const struct fl_lattice *lat, int n, const float *xval, const float *weight,
+                        const float *waux, int max_q, int tries, float step, int redo_all, int8_t *L) {
+    const int dim = lat->dim, n_groups = n / dim;
+    int8_t Laux[32];
+    int on_grid[8], on_aux[8];
+    float max = xval[0];
+    for (int i = 1; i < n; i++)
+        max = max > xval[i] ? max : xval[i];
+    memset(L, 0, (size_t)n);
+    float best = 0;
+    float scale = max / (2 * max_q - 1);
+    for (int k = 0; k < n_groups; k++)
+        on_grid[k] = !redo_all;
+    for (int is = -tries; is <= tries; is++) {
+        float id = (2 * max_q - 1 + is * step) / max;
+        float this_scale = 1 / id;
+        for (int k = 0; k < n_groups; k++)
+            fl_lattice_round(lat, xval + dim * k, waux + dim * k, id, this_scale, Laux + dim * k, &on_aux[k]);
+        float sumqx, sumq2;
+        fl_lattice_lsq_sums(n, xval, weight, Laux, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(L, Laux, (size_t)n);
+            memcpy(on_grid, on_aux, sizeof(on_grid[0]) * (size_t)n_groups);
+        }
+    }
+    int n_off = 0;
+    for (int k = 0; k < n_groups; k++)
+        n_off += !on_grid[k];
+    if (n_off > 0 && scale > 0) {
+        float id = 1 / scale;
+        for (int k = 0; k < n_groups; k++)
+            if (redo_all || !on_grid[k])
+                fl_lattice_round(lat, xval + dim * k, waux + dim * k, id, scale, L + dim * k, NULL);
+        float sumqx, sumq2;
+        fl_lattice_lsq_sums(n, xval, weight, L, &sumqx, &sumq2);
+        if (sumq2 > 0)
+            scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+void fl_lattice_split_signs(const float *xb, const float *weight, int n_groups, int parity, float *xval,
+                            uint8_t *signs) {
+    for (int k = 0; k < n_groups; k++) {
+        int nflip = 0;
+        uint8_t s = 0;
+        for (int i = 0; i < 8; i++) {
+            if (xb[8 * k + i] >= 0) {
+                xval[8 * k + i] = xb[8 * k + i];
+            } else {
+                xval[8 * k + i] = -xb[8 * k + i];
+                nflip++;
+                s |= (uint8_t)(1 << i);
+            }
+        }
+        if (parity && nflip % 2) {
+            int imin = 0;
+            float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
+            for (int i = 1; i < 8; i++) {
+                float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+                if (ax < min) {
+                    min = ax;
+                    imin = i;
+                }
+            }
+            xval[8 * k + imin] = -xval[8 * k + imin];
+            s ^= (uint8_t)(1 << imin);
+        }
+        signs[k] = parity ? s & 127 : s;
+    }
+}
+
+int fl_lattice_scale4(float id, float scale) {
+    return fl_clampi(fl_nearest_int(0.5f * (id * scale - 1)), 0, 15);
+}
+
+void fl_lattice_quantize_rows(int lattice, fl_lattice_block_fn block, size_t block_bytes, const float *src, void *dst,
+                              int64_t n_rows, int64_t n_per_row, const float *importance) {
+    const struct fl_lattice *lat = fl_lattice(lattice);
+    uint8_t *y = dst;
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n_per_row / QK_K; i++, y += block_bytes)
+            block(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+}

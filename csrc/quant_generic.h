@@ -11,6 +11,10 @@
 #include <string.h>
 #include "quants.h"
 
+static inline int fl_clampi(int v, int lo, int hi) {
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
 /* round to nearest, ties away from zero on the float's own grid: ggml's nearest_int (valid for |x| < 2^22) */
 static inline int fl_nearest_int(float x) {
     float shifted = x + 12582912.f;
@@ -144,6 +148,9 @@ void fl_dequantize_row_q6_K(const void *src, float *dst, int64_t n);
 void fl_quantize_row_q6_K_ref(const float *src, void *dst, int64_t n);
 void fl_quantize_q6_K(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance);
 void fl_vec_dot_q6_K_q8_K_generic(int64_t n, float *s, const void *vx, const void *vy);
+/* ggml's make_qp_quants (quant_k.c; IQ2_XXS uses it too): the n scales x >= 0 to levels L in 0..nmax against the
+ * returned super-block scale, importance qw */
+float fl_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw);
 /* the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes of q4_K / q5_K */
 static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
     if (j < 4) {
@@ -157,7 +164,7 @@ static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uin
 
 /* ---------------------------------------------------------------- i-quants
  * quant_iq.c (IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S), quant_iq3.c (IQ3_XXS, IQ3_S), quant_iq1.c (IQ1_S, IQ1_M);
- * grids in iq_grids.c (iq2xxs_grid in quant_iq.c), their search tables in iq_lattice.c. fl_quantize_<t> is ggml's
+ * grids in iq_grids.c, their search tables and shared searches in iq_lattice.c. fl_quantize_<t> is ggml's
  * quantize_<t>: rows with importance weights (n_per_row of them, or NULL), the traits' .quantize. For IQ2_XXS,
  * IQ2_XS and IQ1_S, which ggml only quantizes with an importance matrix, *_ref is that search with unit weights. */
 extern const int8_t fl_kvalues_iq4nl[16];

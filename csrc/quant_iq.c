@@ -22,80 +22,8 @@
 
 const int8_t fl_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-/* byte j of entry i is the magnitude of weight j (0x08, 0x19 or 0x2b), for the grid index stored in qs */
-const uint64_t fl_iq2xxs_grid[256] = {
-    0x0808080808080808, 0x080808080808082b, 0x0808080808081919, 0x0808080808082b08,
-    0x0808080808082b2b, 0x0808080808190819, 0x0808080808191908, 0x08080808082b0808,
-    0x08080808082b082b, 0x08080808082b2b08, 0x08080808082b2b2b, 0x0808080819080819,
-    0x0808080819081908, 0x0808080819190808, 0x0808080819192b08, 0x08080808192b0819,
-    0x08080808192b1908, 0x080808082b080808, 0x080808082b08082b, 0x080808082b082b2b,
-    0x080808082b2b082b, 0x0808081908080819, 0x0808081908081908, 0x0808081908190808,
-    0x0808081908191919, 0x0808081919080808, 0x080808192b081908, 0x080808192b192b08,
-    0x0808082b08080808, 0x0808082b0808082b, 0x0808082b082b082b, 0x0808082b2b08082b,
-    0x0808190808080819, 0x0808190808081908, 0x0808190808190808, 0x08081908082b0819,
-    0x08081908082b1908, 0x0808190819080808, 0x080819081908082b, 0x0808190819082b08,
-    0x08081908192b0808, 0x080819082b080819, 0x080819082b081908, 0x080819082b190808,
-    0x080819082b2b1908, 0x0808191908080808, 0x080819190808082b, 0x0808191908082b08,
-    0x08081919082b0808, 0x080819191908192b, 0x08081919192b2b19, 0x080819192b080808,
-    0x080819192b190819, 0x0808192b08082b19, 0x0808192b08190808, 0x0808192b19080808,
-    0x0808192b2b081908, 0x0808192b2b2b1908, 0x08082b0808080808, 0x08082b0808081919,
-    0x08082b0808082b08, 0x08082b0808191908, 0x08082b08082b2b08, 0x08082b0819080819,
-    0x08082b0819081908, 0x08082b0819190808, 0x08082b081919082b, 0x08082b082b082b08,
-    0x08082b1908081908, 0x08082b1919080808, 0x08082b2b0808082b, 0x08082b2b08191908,
-    0x0819080808080819, 0x0819080808081908, 0x0819080808190808, 0x08190808082b0819,
-    0x0819080819080808, 0x08190808192b0808, 0x081908082b081908, 0x081908082b190808,
-    0x081908082b191919, 0x0819081908080808, 0x0819081908082b08, 0x08190819082b0808,
-    0x0819081919190808, 0x0819081919192b2b, 0x081908192b080808, 0x0819082b082b1908,
-    0x0819082b19081919, 0x0819190808080808, 0x0819190808082b08, 0x08191908082b0808,
-    0x08191908082b1919, 0x0819190819082b19, 0x081919082b080808, 0x0819191908192b08,
-    0x08191919192b082b, 0x0819192b08080808, 0x0819192b0819192b, 0x08192b0808080819,
-    0x08192b0808081908, 0x08192b0808190808, 0x08192b0819080808, 0x08192b082b080819,
-    0x08192b1908080808, 0x08192b1908081919, 0x08192b192b2b0808, 0x08192b2b19190819,
-    0x082b080808080808, 0x082b08080808082b, 0x082b080808082b2b, 0x082b080819081908,
-    0x082b0808192b0819, 0x082b08082b080808, 0x082b08082b08082b, 0x082b0819082b2b19,
-    0x082b081919082b08, 0x082b082b08080808, 0x082b082b0808082b, 0x082b190808080819,
-    0x082b190808081908, 0x082b190808190808, 0x082b190819080808, 0x082b19081919192b,
-    0x082b191908080808, 0x082b191919080819, 0x082b1919192b1908, 0x082b192b2b190808,
-    0x082b2b0808082b08, 0x082b2b08082b0808, 0x082b2b082b191908, 0x082b2b2b19081908,
-    0x1908080808080819, 0x1908080808081908, 0x1908080808190808, 0x1908080808192b08,
-    0x19080808082b0819, 0x19080808082b1908, 0x1908080819080808, 0x1908080819082b08,
-    0x190808081919192b, 0x19080808192b0808, 0x190808082b080819, 0x190808082b081908,
-    0x190808082b190808, 0x1908081908080808, 0x19080819082b0808, 0x19080819192b0819,
-    0x190808192b080808, 0x190808192b081919, 0x1908082b08080819, 0x1908082b08190808,
-    0x1908082b19082b08, 0x1908082b1919192b, 0x1908082b192b2b08, 0x1908190808080808,
-    0x1908190808082b08, 0x19081908082b0808, 0x190819082b080808, 0x190819082b192b19,
-    0x190819190819082b, 0x19081919082b1908, 0x1908192b08080808, 0x19082b0808080819,
-    0x19082b0808081908, 0x19082b0808190808, 0x19082b0819080808, 0x19082b0819081919,
-    0x19082b1908080808, 0x19082b1919192b08, 0x19082b19192b0819, 0x19082b192b08082b,
-    0x19082b2b19081919, 0x19082b2b2b190808, 0x1919080808080808, 0x1919080808082b08,
-    0x1919080808190819, 0x1919080808192b19, 0x19190808082b0808, 0x191908082b080808,
-    0x191908082b082b08, 0x1919081908081908, 0x191908191908082b, 0x191908192b2b1908,
-    0x1919082b2b190819, 0x191919082b190808, 0x191919082b19082b, 0x1919191908082b2b,
-    0x1919192b08080819, 0x1919192b19191908, 0x19192b0808080808, 0x19192b0808190819,
-    0x19192b0808192b19, 0x19192b08192b1908, 0x19192b1919080808, 0x19192b2b08082b08,
-    0x192b080808081908, 0x192b080808190808, 0x192b080819080808, 0x192b0808192b2b08,
-    0x192b081908080808, 0x192b081919191919, 0x192b082b08192b08, 0x192b082b192b0808,
-    0x192b190808080808, 0x192b190808081919, 0x192b191908190808, 0x192b19190819082b,
-    0x192b19192b081908, 0x192b2b081908082b, 0x2b08080808080808, 0x2b0808080808082b,
-    0x2b08080808082b2b, 0x2b08080819080819, 0x2b0808082b08082b, 0x2b08081908081908,
-    0x2b08081908192b08, 0x2b08081919080808, 0x2b08082b08190819, 0x2b08190808080819,
-    0x2b08190808081908, 0x2b08190808190808, 0x2b08190808191919, 0x2b08190819080808,
-    0x2b081908192b0808, 0x2b08191908080808, 0x2b0819191908192b, 0x2b0819192b191908,
-    0x2b08192b08082b19, 0x2b08192b19080808, 0x2b08192b192b0808, 0x2b082b080808082b,
-    0x2b082b1908081908, 0x2b082b2b08190819, 0x2b19080808081908, 0x2b19080808190808,
-    0x2b190808082b1908, 0x2b19080819080808, 0x2b1908082b2b0819, 0x2b1908190819192b,
-    0x2b1908192b080808, 0x2b19082b19081919, 0x2b19190808080808, 0x2b191908082b082b,
-    0x2b19190819081908, 0x2b19191919190819, 0x2b192b082b080819, 0x2b192b19082b0808,
-    0x2b2b08080808082b, 0x2b2b080819190808, 0x2b2b08082b081919, 0x2b2b081908082b19,
-    0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908081908
-};
-
 static inline uint8_t grid_byte(uint64_t entry, int j) {
     return (uint8_t)(entry >> (8 * j));
-}
-
-static inline int clampi(int v, int lo, int hi) {
-    return v < lo ? lo : v > hi ? hi : v;
 }
 
 /* ---------------------------------------------------------------- IQ4_NL and IQ4_XS */
@@ -217,7 +145,7 @@ static void quantize_iq4(int super, const float *x, const float *qw, int ntry, f
         *dh = fl_fp32_to_fp16(d);
         float id = d ? 1 / d : 0.f;
         for (int ib = 0; ib < super / 32; ib++) {
-            int l = clampi(fl_nearest_int(id * scales[ib]), -32, 31);
+            int l = fl_clampi(fl_nearest_int(id * scales[ib]), -32, 31);
             float dl = d * l;
             float idl = dl ? 1 / dl : 0.f;
             for (int j = 0; j < 32; j++)
@@ -450,130 +378,11 @@ void fl_vec_dot_iq2_s_q8_K_generic(int64_t n, float *s, const void *vx, const vo
     *s = 0.125f * sumf;
 }
 
-/* ggml's make_qp_quants: x >= 0 to levels 0..nmax, a scale search and a few rounds of coordinate descent */
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *w) {
-    float max = 0;
-    for (int i = 0; i < n; i++)
-        max = max > x[i] ? max : x[i];
-    if (max < GROUP_MAX_EPS) {
-        memset(L, 0, (size_t)n);
-        return 0.f;
-    }
-    float iscale = nmax / max;
-    for (int i = 0; i < n; i++)
-        L[i] = (uint8_t)fl_nearest_int(iscale * x[i]);
-    float scale = 1 / iscale;
-    float best_mse = 0;
-    for (int i = 0; i < n; i++) {
-        float diff = x[i] - scale * L[i];
-        best_mse += w[i] * diff * diff;
-    }
-    for (int is = -4; is <= 4; is++) {
-        if (is == 0)
-            continue;
-        float iscale_is = (0.1f * is + nmax) / max;
-        float scale_is = 1 / iscale_is;
-        float mse = 0;
-        for (int i = 0; i < n; i++) {
-            int l = fl_nearest_int(iscale_is * x[i]);
-            l = l < nmax ? l : nmax;
-            float diff = x[i] - scale_is * l;
-            mse += w[i] * diff * diff;
-        }
-        if (mse < best_mse) {
-            best_mse = mse;
-            iscale = iscale_is;
-        }
-    }
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = fl_nearest_int(iscale * x[i]);
-        l = l < nmax ? l : nmax;
-        L[i] = (uint8_t)l;
-        sumlx += w[i] * x[i] * l;
-        suml2 += w[i] * l * l;
-    }
-    for (int itry = 0; itry < 5; itry++) {
-        int n_changed = 0;
-        for (int i = 0; i < n; i++) {
-            float slx = sumlx - w[i] * x[i] * L[i];
-            float sl2 = suml2 - w[i] * L[i] * L[i];
-            if (slx > 0 && sl2 > 0) {
-                int new_l = fl_nearest_int(x[i] * sl2 / slx);
-                new_l = new_l < nmax ? new_l : nmax;
-                if (new_l != L[i]) {
-                    slx += w[i] * x[i] * new_l;
-                    sl2 += w[i] * new_l * new_l;
-                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (uint8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        n_changed++;
-                    }
-                }
-            }
-        }
-        if (!n_changed)
-            break;
-    }
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-/* Magnitudes of n groups of 8 to xval, with 7 sign bits per group in signs: an odd count of minus signs flips
- * the sign of the weight with the least weight * x^2 (the stored eighth bit is the parity of the other seven). */
-static void split_signs_parity(const float *xb, const float *weight, int n_groups, float *xval, uint8_t *signs) {
-    for (int k = 0; k < n_groups; k++) {
-        int nflip = 0;
-        uint8_t s = 0;
-        for (int i = 0; i < 8; i++) {
-            if (xb[8 * k + i] >= 0) {
-                xval[8 * k + i] = xb[8 * k + i];
-            } else {
-                xval[8 * k + i] = -xb[8 * k + i];
-                nflip++;
-                s |= (uint8_t)(1 << i);
-            }
-        }
-        if (nflip % 2) {
-            int imin = 0;
-            float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-            for (int i = 1; i < 8; i++) {
-                float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-                if (ax < min) {
-                    min = ax;
-                    imin = i;
-                }
-            }
-            xval[8 * k + imin] = -xval[8 * k + imin];
-            s ^= (uint8_t)(1 << imin);
-        }
-        signs[k] = s & 127;
-    }
-}
-
-/* the weighted least-squares scale of levels L (values 2 L + 1) for xval: *sumqx / *sumq2 */
-static void lsq_sums(int n, const float *xval, const float *weight, const int8_t *L, float *sumqx, float *sumq2) {
-    float sx = 0, s2 = 0;
-    for (int i = 0; i < n; i++) {
-        float q = 2 * L[i] + 1;
-        sx += weight[i] * xval[i] * q;
-        s2 += weight[i] * q * q;
-    }
-    *sumqx = sx;
-    *sumq2 = s2;
-}
-
-/* The grid index of 8 levels for the stored block. For finite input the levels are on the grid here; non-finite
- * input can leave others (where ggml aborts): they are clamped, and a key off the grid takes grid point 0. */
-static int final_index(const struct fl_lattice *lat, const int8_t *L) {
-    return fl_lattice_index_or(lat, fl_lattice_key(lat, L), 0);
-}
-
 /* ggml's quantize_row_iq2_xxs_impl for one super-block: per group of 32, signs split off, make_qp_quants' scale
  * refined over 13 tries, groups of 8 rounded to the grid; error weights qw * sqrt(mean x^2 + x^2), qw the
  * importance or (ggml insists on one; its quantizer without is this one) 1. */
-static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x, const float *qw,
-                                   block_iq2_xxs *y) {
+static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq2_xxs *y = dst;
     const int kMaxQ = 3;
     float scales[QK_K / 32], weight[32], waux[32], xval[32];
     int8_t L[32], Laux[32];
@@ -591,7 +400,7 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
             weight[i] = (qw ? qw[32 * ib + i] : 1.f) * sqrtf(sigma2 + xb[i] * xb[i]);
             waux[i] = sqrtf(weight[i]);
         }
-        split_signs_parity(xb, weight, 4, xval, block_signs);
+        fl_lattice_split_signs(xb, weight, 4, 1, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 32; i++)
             max = max > xval[i] ? max : xval[i];
@@ -599,7 +408,7 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
             scales[ib] = 0;
             continue;
         }
-        float scale = make_qp_quants(32, kMaxQ + 1, xval, (uint8_t *)L, weight);
+        float scale = fl_make_qp_quants(32, kMaxQ + 1, xval, (uint8_t *)L, weight);
         float eff_max = scale * kMaxQ;
         if (eff_max <= 0) {
             scales[ib] = 0;
@@ -612,7 +421,7 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
             for (int k = 0; k < 4; k++)
                 fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, NULL);
             float sumqx, sumq2;
-            lsq_sums(32, xval, weight, Laux, &sumqx, &sumq2);
+            fl_lattice_lsq_sums(32, xval, weight, Laux, &sumqx, &sumq2);
             if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
                 scale = sumqx / sumq2;
                 best = scale * sumqx;
@@ -624,7 +433,7 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
             for (int k = 0; k < 4; k++)
                 fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, NULL);
             float sumqx, sumq2;
-            lsq_sums(32, xval, weight, L, &sumqx, &sumq2);
+            fl_lattice_lsq_sums(32, xval, weight, L, &sumqx, &sumq2);
             if (sumq2 > 0)
                 scale = sumqx / sumq2;
         }
@@ -634,7 +443,7 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
                 block_signs[k] = (~block_signs[k]) & 127;
         }
         for (int k = 0; k < 4; k++) {
-            q2[2 * ib] |= (uint32_t)final_index(lat, L + 8 * k) << (8 * k);
+            q2[2 * ib] |= (uint32_t)fl_lattice_final_index(lat, L + 8 * k) << (8 * k);
             q2[2 * ib + 1] |= (uint32_t)block_signs[k] << (7 * k);
         }
         scales[ib] = scale;
@@ -648,56 +457,16 @@ static void quantize_block_iq2_xxs(const struct fl_lattice *lat, const float *x,
     y->d = fl_fp32_to_fp16(d);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 32; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        int l = fl_lattice_scale4(id, scales[ib]);
         q2[2 * ib + 1] |= (uint32_t)l << 28;
     }
     memcpy(y->qs, q2, sizeof(y->qs));
 }
 
-/* The scale search of IQ2_XS and IQ2_S for one half group of 16 magnitudes: 19 tries around max / 5, then the
- * groups of 8 whose rounding fell off the grid rounded again at the best scale. Returns the scale, levels in L. */
-static float search_16(const struct fl_lattice *lat, const float *xval, const float *weight, const float *waux,
-                       int8_t *L) {
-    const int kMaxQ = 3;
-    int8_t Laux[16];
-    int on_grid[2] = {1, 1}, on_aux[2];
-    float max = xval[0];
-    for (int i = 1; i < 16; i++)
-        max = max > xval[i] ? max : xval[i];
-    memset(L, 0, 16);
-    float best = 0;
-    float scale = max / (2 * kMaxQ - 1);
-    for (int is = -9; is <= 9; is++) {
-        float id = (2 * kMaxQ - 1 + is * 0.1f) / max;
-        float this_scale = 1 / id;
-        for (int k = 0; k < 2; k++)
-            fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k, &on_aux[k]);
-        float sumqx, sumq2;
-        lsq_sums(16, xval, weight, Laux, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, 16);
-            on_grid[0] = on_aux[0];
-            on_grid[1] = on_aux[1];
-        }
-    }
-    if ((!on_grid[0] || !on_grid[1]) && scale > 0) {
-        float id = 1 / scale;
-        for (int k = 0; k < 2; k++)
-            if (!on_grid[k])
-                fl_lattice_round(lat, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k, NULL);
-        float sumqx, sumq2;
-        lsq_sums(16, xval, weight, L, &sumqx, &sumq2);
-        if (sumq2 > 0)
-            scale = sumqx / sumq2;
-    }
-    return scale;
-}
-
 /* ggml's quantize_row_iq2_xs_impl for one super-block: half groups of 16 searched on their own, error weights as
  * IQ2_XXS's; each half group's scale to 4 bits against max_scale / 31 */
-static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, const float *qw, block_iq2_xs *y) {
+static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq2_xs *y = dst;
     float scales[QK_K / 16], weight[16], waux[16], xval[16];
     int8_t L[16];
     uint8_t block_signs[2];
@@ -715,7 +484,7 @@ static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, 
             weight[i] = (qw ? qw[16 * ib + i] : 1.f) * sqrtf(sigma2 + xb[i] * xb[i]);
             waux[i] = sqrtf(weight[i]);
         }
-        split_signs_parity(xb, weight, 2, xval, block_signs);
+        fl_lattice_split_signs(xb, weight, 2, 1, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 16; i++)
             max = max > xval[i] ? max : xval[i];
@@ -723,14 +492,14 @@ static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, 
             scales[ib] = 0;
             continue;
         }
-        float scale = search_16(lat, xval, weight, waux, L);
+        float scale = fl_lattice_search(lat, 16, xval, weight, waux, 3, 9, 0.1f, 0, L);
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 2; k++)
                 block_signs[k] = (~block_signs[k]) & 127;
         }
         for (int k = 0; k < 2; k++)
-            q2[2 * ib + k] = (uint16_t)(final_index(lat, L + 8 * k) | (block_signs[k] << 9));
+            q2[2 * ib + k] = (uint16_t)(fl_lattice_final_index(lat, L + 8 * k) | (block_signs[k] << 9));
         scales[ib] = scale;
         max_scale = max_scale > scale ? max_scale : scale;
     }
@@ -742,7 +511,7 @@ static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, 
     y->d = fl_fp32_to_fp16(d);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 16; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        int l = fl_lattice_scale4(id, scales[ib]);
         if (ib % 2 == 0)
             y->scales[ib / 2] = (uint8_t)l;
         else
@@ -753,7 +522,8 @@ static void quantize_block_iq2_xs(const struct fl_lattice *lat, const float *x, 
 
 /* ggml's quantize_row_iq2_s_impl for one super-block: as IQ2_XS with all 8 sign bits stored, error weights
  * qw * sqrt(2 mean x^2 + x^2), or without importance x^2 + mean x^2 / 2; the super-block scale d * 0.9875 */
-static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, const float *qw, block_iq2_s *y) {
+static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq2_s *y = dst;
     float scales[QK_K / 16], weight[16], waux[16], xval[16];
     int8_t L[16];
     uint8_t block_signs[2];
@@ -769,18 +539,7 @@ static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, c
             weight[i] = qw ? qw[16 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]) : 0.25f * sigma2 + xb[i] * xb[i];
             waux[i] = sqrtf(weight[i]);
         }
-        for (int k = 0; k < 2; k++) {
-            uint8_t s = 0;
-            for (int i = 0; i < 8; i++) {
-                if (xb[8 * k + i] >= 0) {
-                    xval[8 * k + i] = xb[8 * k + i];
-                } else {
-                    xval[8 * k + i] = -xb[8 * k + i];
-                    s |= (uint8_t)(1 << i);
-                }
-            }
-            block_signs[k] = s;
-        }
+        fl_lattice_split_signs(xb, weight, 2, 0, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 16; i++)
             max = max > xval[i] ? max : xval[i];
@@ -788,14 +547,14 @@ static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, c
             scales[ib] = 0;
             continue;
         }
-        float scale = search_16(lat, xval, weight, waux, L);
+        float scale = fl_lattice_search(lat, 16, xval, weight, waux, 3, 9, 0.1f, 0, L);
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 2; k++)
                 block_signs[k] = (uint8_t)~block_signs[k];
         }
         for (int k = 0; k < 2; k++) {
-            const int i8 = 2 * ib + k, index = final_index(lat, L + 8 * k);
+            const int i8 = 2 * ib + k, index = fl_lattice_final_index(lat, L + 8 * k);
             y->qs[i8] = (uint8_t)(index & 255);
             y->qh[i8 / 4] |= (uint8_t)((index >> 8) << 2 * (i8 % 4));
             y->qs[QK_K / 8 + i8] = block_signs[k];
@@ -809,7 +568,7 @@ static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, c
     y->d = fl_fp32_to_fp16(d * 0.9875f);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 16; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        int l = fl_lattice_scale4(id, scales[ib]);
         if (ib % 2 == 0)
             y->scales[ib / 2] = (uint8_t)l;
         else
@@ -820,11 +579,8 @@ static void quantize_block_iq2_s(const struct fl_lattice *lat, const float *x, c
 /* ggml only quantizes IQ2_XXS and IQ2_XS with an importance matrix (ggml_quantize_requires_imatrix; its
  * ggml_quantize_chunk asserts one is given): without, these run its search with every importance 1 */
 void fl_quantize_iq2_xxs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2XXS);
-    block_iq2_xxs *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq2_xxs(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ2XXS, quantize_block_iq2_xxs, sizeof(block_iq2_xxs), src, dst, n_rows,
+                             n_per_row, importance);
 }
 
 void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n) {
@@ -832,11 +588,8 @@ void fl_quantize_row_iq2_xxs_ref(const float *src, void *dst, int64_t n) {
 }
 
 void fl_quantize_iq2_xs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2XS);
-    block_iq2_xs *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq2_xs(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ2XS, quantize_block_iq2_xs, sizeof(block_iq2_xs), src, dst, n_rows, n_per_row,
+                             importance);
 }
 
 void fl_quantize_row_iq2_xs_ref(const float *src, void *dst, int64_t n) {
@@ -845,11 +598,8 @@ void fl_quantize_row_iq2_xs_ref(const float *src, void *dst, int64_t n) {
 
 /* quantize_iq2_s, and without importance quantize_row_iq2_s_ref */
 void fl_quantize_iq2_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ2S);
-    block_iq2_s *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq2_s(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ2S, quantize_block_iq2_s, sizeof(block_iq2_s), src, dst, n_rows, n_per_row,
+                             importance);
 }
 
 void fl_quantize_row_iq2_s_ref(const float *src, void *dst, int64_t n) {

@@ -24,10 +24,6 @@ static inline int8_t grid_value(uint64_t entry, int j) {
     return (int8_t)(entry >> (8 * j));
 }
 
-static inline int clampi(int v, int lo, int hi) {
-    return v < lo ? lo : v > hi ? hi : v;
-}
-
 /* ---------------------------------------------------------------- IQ1_S */
 
 /* qh[ib]: the high 3 bits of the 4 grid indices of group ib, its 3-bit scale in bits 12..14 and the sign of its
@@ -216,7 +212,8 @@ static int iq1_index(const struct fl_lattice *lat, const float *x, const float *
  * groups of 8 then rounded to the grid; error weights qw * sqrt(2 mean x^2 + x^2), qw the importance or (ggml
  * insists on one; its quantizer without is this one) 1. Group scales to 3 bits against max_scale / 15, stored
  * d = max_scale / 15 * 1.125. */
-static void quantize_block_iq1_s(const struct fl_lattice *lat, const float *x, const float *qw, block_iq1_s *y) {
+static void quantize_block_iq1_s(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq1_s *y = dst;
     const float x_p[3] = {-1 + IQ1S_DELTA, IQ1S_DELTA, 1 + IQ1S_DELTA};
     const float x_m[3] = {-1 - IQ1S_DELTA, -IQ1S_DELTA, 1 - IQ1S_DELTA};
     float scales[QK_K / 32], weight[32], sumx[33], sumw[33];
@@ -320,7 +317,7 @@ static void quantize_block_iq1_s(const struct fl_lattice *lat, const float *x, c
     y->d = fl_fp32_to_fp16(d * 1.125f);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 32; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
+        int l = fl_clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
         if (shifts[ib] == -1)
             l |= 8;
         y->qh[ib] |= (uint16_t)(l << 12);
@@ -331,7 +328,8 @@ static void quantize_block_iq1_s(const struct fl_lattice *lat, const float *x, c
  * their shift's sign (4 combinations per split, from prefix sums kept per half), error weights
  * qw * sqrt(2 mean x^2 + x^2) with importance qw, else x^2. The super-block scale is then refitted by least
  * squares over the rounded group scales and stored as d * 1.1125. */
-static void quantize_block_iq1_m(const struct fl_lattice *lat, const float *x, const float *qw, block_iq1_m *y) {
+static void quantize_block_iq1_m(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq1_m *y = dst;
     const float x_p[3] = {-1 + IQ1M_DELTA, IQ1M_DELTA, 1 + IQ1M_DELTA};
     const float x_m[3] = {-1 - IQ1M_DELTA, -IQ1M_DELTA, 1 - IQ1M_DELTA};
     const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
@@ -447,7 +445,7 @@ static void quantize_block_iq1_m(const struct fl_lattice *lat, const float *x, c
     float id = 1 / d;
     float sqx = 0, sq2 = 0;
     for (int ib = 0; ib < QK_K / 16; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
+        int l = fl_clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
         sc[ib / 4] |= (uint16_t)(l << (3 * (ib % 4)));
         y->qh[ib] |= masks[shifts[ib]];
         const float *xb = x + 16 * ib;
@@ -477,11 +475,8 @@ static void quantize_block_iq1_m(const struct fl_lattice *lat, const float *x, c
 /* ggml only quantizes IQ1_S with an importance matrix (ggml_quantize_requires_imatrix; its ggml_quantize_chunk
  * asserts one is given): without, this runs its search with every importance 1 */
 void fl_quantize_iq1_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ1S);
-    block_iq1_s *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq1_s(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ1S, quantize_block_iq1_s, sizeof(block_iq1_s), src, dst, n_rows, n_per_row,
+                             importance);
 }
 
 void fl_quantize_row_iq1_s_ref(const float *src, void *dst, int64_t n) {
@@ -492,11 +487,8 @@ void fl_quantize_row_iq1_s_ref(const float *src, void *dst, int64_t n) {
  * without an importance matrix runs quantize_iq1_m with error weights x^2, and so does this. (llama.cpp's
  * quantize tool refuses IQ1_M without an imatrix, but that is the tool's rule, not the format's.) */
 void fl_quantize_iq1_m(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ1S);
-    block_iq1_m *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq1_m(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ1S, quantize_block_iq1_m, sizeof(block_iq1_m), src, dst, n_rows, n_per_row,
+                             importance);
 }
 
 void fl_quantize_row_iq1_m_ref(const float *src, void *dst, int64_t n) {

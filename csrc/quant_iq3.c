@@ -21,10 +21,6 @@ static inline uint8_t grid_byte(uint32_t entry, int j) {
     return (uint8_t)(entry >> (8 * j));
 }
 
-static inline int clampi(int v, int lo, int hi) {
-    return v < lo ? lo : v > hi ? hi : v;
-}
-
 /* ---------------------------------------------------------------- IQ3_XXS */
 
 /* qs: 64 grid indices, then per group of 32 a word of 4x7 sign bits with a 4-bit scale on top */
@@ -135,61 +131,6 @@ void fl_vec_dot_iq3_s_q8_K_generic(int64_t n, float *s, const void *vx, const vo
 
 /* ---------------------------------------------------------------- quantization */
 
-/* The scale search of both types for one group of 32 magnitudes (8 groups of 4 on the grid): `tries` scales
- * around max / 15 in steps of 0.2 / max (2 tries + 1 of them), then the groups of 4 rounded again at the best
- * scale, all of them (redo_all, IQ3_S) or those whose rounding fell off the grid (IQ3_XXS); groups count as off
- * the grid before any scale was taken (IQ3_S) or on it (IQ3_XXS). Returns the scale, levels in L. */
-static float search_32(const struct fl_lattice *lat, const float *xval, const float *weight, const float *waux,
-                       int tries, int redo_all, int8_t *L) {
-    const int kMaxQ = 8;
-    int8_t Laux[32];
-    int on_grid[8], on_aux[8];
-    float max = xval[0];
-    for (int i = 1; i < 32; i++)
-        max = max > xval[i] ? max : xval[i];
-    memset(L, 0, 32);
-    float best = 0;
-    float scale = max / (2 * kMaxQ - 1);
-    for (int k = 0; k < 8; k++)
-        on_grid[k] = !redo_all;
-    for (int is = -tries; is <= tries; is++) {
-        float id = (2 * kMaxQ - 1 + is * 0.2f) / max;
-        float this_scale = 1 / id;
-        for (int k = 0; k < 8; k++)
-            fl_lattice_round(lat, xval + 4 * k, waux + 4 * k, id, this_scale, Laux + 4 * k, &on_aux[k]);
-        float sumqx = 0, sumq2 = 0;
-        for (int i = 0; i < 32; i++) {
-            float q = 2 * Laux[i] + 1;
-            sumqx += weight[i] * xval[i] * q;
-            sumq2 += weight[i] * q * q;
-        }
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, 32);
-            memcpy(on_grid, on_aux, sizeof(on_grid));
-        }
-    }
-    int n_off = 0;
-    for (int k = 0; k < 8; k++)
-        n_off += !on_grid[k];
-    if (n_off > 0 && scale > 0) {
-        float id = 1 / scale;
-        for (int k = 0; k < 8; k++)
-            if (redo_all || !on_grid[k])
-                fl_lattice_round(lat, xval + 4 * k, waux + 4 * k, id, scale, L + 4 * k, NULL);
-        float sumqx = 0, sumq2 = 0;
-        for (int i = 0; i < 32; i++) {
-            float q = 2 * L[i] + 1;
-            sumqx += weight[i] * xval[i] * q;
-            sumq2 += weight[i] * q * q;
-        }
-        if (sumq2 > 0)
-            scale = sumqx / sumq2;
-    }
-    return scale;
-}
-
 /* The error weights of a group of 32: qw * sqrt(2 mean x^2 + x^2) with importance qw, else x^2. */
 static void group_weights(const float *xb, const float *qw, float sigma2, float *weight, float *waux) {
     for (int i = 0; i < 32; i++) {
@@ -198,16 +139,11 @@ static void group_weights(const float *xb, const float *qw, float sigma2, float 
     }
 }
 
-/* The grid index of 4 levels for the stored block. For finite input the levels are on the grid here; non-finite
- * input can leave others (where ggml aborts): they are clamped, and a key off the grid takes grid point 0. */
-static int final_index(const struct fl_lattice *lat, const int8_t *L) {
-    return fl_lattice_index_or(lat, fl_lattice_key(lat, L), 0);
-}
-
 /* ggml's quantize_row_iq3_xxs_impl for one super-block: signs split off in groups of 8 (7 stored, an odd count of
  * minus signs flips the weight with the least weight * x^2), 31 scale tries per group of 32, group scales to
  * 4 bits against max_scale / 31, stored d = max_scale / 31 * 1.0125 */
-static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x, const float *qw, block_iq3_xxs *y) {
+static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq3_xxs *y = dst;
     float scales[QK_K / 32], weight[32], waux[32], xval[32];
     int8_t L[32];
     uint8_t block_signs[4];
@@ -222,33 +158,7 @@ static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x,
     for (int ib = 0; ib < QK_K / 32; ib++) {
         const float *xb = x + 32 * ib;
         group_weights(xb, qw ? qw + 32 * ib : NULL, sigma2, weight, waux);
-        for (int k = 0; k < 4; k++) {
-            int nflip = 0;
-            uint8_t s = 0;
-            for (int i = 0; i < 8; i++) {
-                if (xb[8 * k + i] >= 0) {
-                    xval[8 * k + i] = xb[8 * k + i];
-                } else {
-                    xval[8 * k + i] = -xb[8 * k + i];
-                    nflip++;
-                    s |= (uint8_t)(1 << i);
-                }
-            }
-            if (nflip % 2) {
-                int imin = 0;
-                float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-                for (int i = 1; i < 8; i++) {
-                    float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-                    if (ax < min) {
-                        min = ax;
-                        imin = i;
-                    }
-                }
-                xval[8 * k + imin] = -xval[8 * k + imin];
-                s ^= (uint8_t)(1 << imin);
-            }
-            block_signs[k] = s & 127;
-        }
+        fl_lattice_split_signs(xb, weight, 4, 1, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 32; i++)
             max = max > xval[i] ? max : xval[i];
@@ -256,14 +166,14 @@ static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x,
             scales[ib] = 0;
             continue;
         }
-        float scale = search_32(lat, xval, weight, waux, 15, 0, L);
+        float scale = fl_lattice_search(lat, 32, xval, weight, waux, 8, 15, 0.2f, 0, L);
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 4; k++)
                 block_signs[k] = (~block_signs[k]) & 127;
         }
         for (int k = 0; k < 8; k++)
-            q3[8 * ib + k] = (uint8_t)final_index(lat, L + 4 * k);
+            q3[8 * ib + k] = (uint8_t)fl_lattice_final_index(lat, L + 4 * k);
         signs_scales[ib] = block_signs[0] | (block_signs[1] << 7) | (block_signs[2] << 14) | (block_signs[3] << 21);
         scales[ib] = scale;
         max_scale = max_scale > scale ? max_scale : scale;
@@ -276,7 +186,7 @@ static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x,
     y->d = fl_fp32_to_fp16(d * 1.0125f);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 32; ib++) {
-        int l = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
+        int l = fl_lattice_scale4(id, scales[ib]);
         signs_scales[ib] |= (uint32_t)l << 28;
     }
     memcpy(y->qs, q3, QK_K / 4);
@@ -286,7 +196,8 @@ static void quantize_block_iq3_xxs(const struct fl_lattice *lat, const float *x,
 /* ggml's quantize_row_iq3_s_impl for one super-block: all 8 signs of each group of 8 stored, 19 scale tries per
  * group of 32 (a group that is exactly zero is skipped), group scales to 4 bits against max_scale / 31, stored
  * d = max_scale / 31 * 1.033 */
-static void quantize_block_iq3_s(const struct fl_lattice *lat, const float *x, const float *qw, block_iq3_s *y) {
+static void quantize_block_iq3_s(const struct fl_lattice *lat, const float *x, const float *qw, void *dst) {
+    block_iq3_s *y = dst;
     float scales[QK_K / 32], weight[32], waux[32], xval[32];
     int8_t L[32];
     memset(y, 0, sizeof(*y));
@@ -303,18 +214,7 @@ static void quantize_block_iq3_s(const struct fl_lattice *lat, const float *x, c
         const float *xb = x + 32 * ib;
         group_weights(xb, qw ? qw + 32 * ib : NULL, sigma2, weight, waux);
         uint8_t block_signs[4];
-        for (int k = 0; k < 4; k++) {
-            uint8_t s = 0;
-            for (int i = 0; i < 8; i++) {
-                if (xb[8 * k + i] >= 0) {
-                    xval[8 * k + i] = xb[8 * k + i];
-                } else {
-                    xval[8 * k + i] = -xb[8 * k + i];
-                    s |= (uint8_t)(1 << i);
-                }
-            }
-            block_signs[k] = s;
-        }
+        fl_lattice_split_signs(xb, weight, 4, 0, xval, block_signs);
         float max = xval[0];
         for (int i = 1; i < 32; i++)
             max = max > xval[i] ? max : xval[i];
@@ -322,14 +222,14 @@ static void quantize_block_iq3_s(const struct fl_lattice *lat, const float *x, c
             scales[ib] = 0;
             continue;
         }
-        float scale = search_32(lat, xval, weight, waux, 9, 1, L);
+        float scale = fl_lattice_search(lat, 32, xval, weight, waux, 8, 9, 0.2f, 1, L);
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 4; k++)
                 block_signs[k] = (uint8_t)~block_signs[k];
         }
         for (int k = 0; k < 8; k++) {
-            const int index = final_index(lat, L + 4 * k);
+            const int index = fl_lattice_final_index(lat, L + 4 * k);
             y->qs[8 * n_done + k] = (uint8_t)(index & 255);
             y->qh[ib] |= (uint8_t)((index >> 8) << k);
         }
@@ -344,20 +244,16 @@ static void quantize_block_iq3_s(const struct fl_lattice *lat, const float *x, c
     y->d = fl_fp32_to_fp16(d * 1.033f);
     float id = 1 / d;
     for (int ib = 0; ib < QK_K / 32; ib += 2) {
-        int l1 = clampi(fl_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
-        int l2 = clampi(fl_nearest_int(0.5f * (id * scales[ib + 1] - 1)), 0, 15);
+        int l1 = fl_lattice_scale4(id, scales[ib]);
+        int l2 = fl_lattice_scale4(id, scales[ib + 1]);
         y->scales[ib / 2] = (uint8_t)(l1 | (l2 << 4));
     }
 }
 
 /* quantize_iq3_xxs; without importance it is quantize_row_iq3_xxs_ref */
 void fl_quantize_iq3_xxs(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ3XXS);
-    block_iq3_xxs *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq3_xxs(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL,
-                                   y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ3XXS, quantize_block_iq3_xxs, sizeof(block_iq3_xxs), src, dst, n_rows,
+                             n_per_row, importance);
 }
 
 void fl_quantize_row_iq3_xxs_ref(const float *src, void *dst, int64_t n) {
@@ -366,11 +262,8 @@ void fl_quantize_row_iq3_xxs_ref(const float *src, void *dst, int64_t n) {
 
 /* quantize_iq3_s; without importance it is quantize_row_iq3_s_ref */
 void fl_quantize_iq3_s(const float *src, void *dst, int64_t n_rows, int64_t n_per_row, const float *importance) {
-    const struct fl_lattice *lat = fl_lattice(FL_LATTICE_IQ3S);
-    block_iq3_s *y = dst;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n_per_row / QK_K; i++, y++)
-            quantize_block_iq3_s(lat, src + r * n_per_row + i * QK_K, importance ? importance + i * QK_K : NULL, y);
+    fl_lattice_quantize_rows(FL_LATTICE_IQ3S, quantize_block_iq3_s, sizeof(block_iq3_s), src, dst, n_rows, n_per_row,
+                             importance);
 }
 
 void fl_quantize_row_iq3_s_ref(const float *src, void *dst, int64_t n) {

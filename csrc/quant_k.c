@@ -16,10 +16,6 @@
 
 #define GROUP_MAX_EPS 1e-15f
 
-static inline int clampi(int v, int lo, int hi) {
-    return v < lo ? lo : v > hi ? hi : v;
-}
-
 /* ---------------------------------------------------------------- scale searches */
 
 /* Asymmetric n-value quantization of x[0..n) to L in 0..nmax: x ~ scale * L - the_min.
@@ -51,7 +47,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
     float best_error = 0;
     for (int i = 0; i < n; i++) {
         int l = fl_nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)clampi(l, 0, nmax);
+        L[i] = (uint8_t)fl_clampi(l, 0, nmax);
         float diff = scale * L[i] + min - x[i];
         diff = use_mad ? fabsf(diff) : diff * diff;
         best_error += weights[i] * diff;
@@ -60,7 +56,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
         iscale = (rmin + rdelta * is + nmax) / (max - min);
         float sum_l = 0, sum_l2 = 0, sum_xl = 0;
         for (int i = 0; i < n; i++) {
-            int l = clampi(fl_nearest_int(iscale * (x[i] - min)), 0, nmax);
+            int l = fl_clampi(fl_nearest_int(iscale * (x[i] - min)), 0, nmax);
             Laux[i] = (uint8_t)l;
             float w = weights[i];
             sum_l += w * l;
@@ -112,7 +108,7 @@ float fl_make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float 
     float iscale = -nmax / max;
     float sumlx = 0, suml2 = 0;
     for (int i = 0; i < n; i++) {
-        int l = clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        int l = fl_clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
         L[i] = (int8_t)(l + nmax);
         float w = qw ? qw[i] : x[i] * x[i];
         sumlx += w * x[i] * l;
@@ -126,14 +122,14 @@ float fl_make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float 
         iscale = -(nmax + 0.1f * is) / max;
         sumlx = suml2 = 0;
         for (int i = 0; i < n; i++) {
-            int l = clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
+            int l = fl_clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
             float w = qw ? qw[i] : x[i] * x[i];
             sumlx += w * x[i] * l;
             suml2 += w * l * l;
         }
         if (suml2 > 0 && sumlx * sumlx > best * suml2) {
             for (int i = 0; i < n; i++)
-                L[i] = (int8_t)(nmax + clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1));
+                L[i] = (int8_t)(nmax + fl_clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1));
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
@@ -159,7 +155,7 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
     float iscale = -nmax / max;
     float sumlx = 0, suml2 = 0;
     for (int i = 0; i < n; i++) {
-        int l = clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        int l = fl_clampi(fl_nearest_int(iscale * x[i]), -nmax, nmax - 1);
         L[i] = (int8_t)l;
         float w = x[i] * x[i];
         sumlx += w * x[i] * l;
@@ -172,7 +168,7 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
             float slx = sumlx - w * x[i] * L[i];
             if (slx > 0) {
                 float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = clampi(fl_nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
+                int new_l = fl_clampi(fl_nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
                 if (new_l != L[i]) {
                     slx += w * x[i] * new_l;
                     sl2 += w * new_l * new_l;
@@ -223,7 +219,7 @@ float fl_make_qkx3_quants(int n, int nmax, const float *x, const float *weights,
     float best_error = 0;
     for (int i = 0; i < n; i++) {
         int l = fl_nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)clampi(l, 0, nmax);
+        L[i] = (uint8_t)fl_clampi(l, 0, nmax);
         float diff = scale * L[i] + min - x[i];
         best_error += weights[i] * (diff * diff);
     }
@@ -231,7 +227,7 @@ float fl_make_qkx3_quants(int n, int nmax, const float *x, const float *weights,
         iscale = (rmin + rdelta * is + nmax) / (max - min);
         float sum_l = 0, sum_l2 = 0, sum_xl = 0;
         for (int i = 0; i < n; i++) {
-            int l = clampi(fl_nearest_int(iscale * (x[i] - min)), 0, nmax);
+            int l = fl_clampi(fl_nearest_int(iscale * (x[i] - min)), 0, nmax);
             Laux[i] = (uint8_t)l;
             float w = weights[i];
             sum_l += w * l;
@@ -267,7 +263,7 @@ float fl_make_qkx3_quants(int n, int nmax, const float *x, const float *weights,
  * returned value: 9 grids around nmax/max scored by qw-weighted squared error, then up to 5 sweeps moving single
  * levels to improve the weighted fit (ggml's make_qp_quants). L stays uint8 as in ggml, wrapping where a level
  * comes out negative, since the packing that follows depends on those bits. */
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
+float fl_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
     float max = 0;
     for (int i = 0; i < n; i++)
         max = max > x[i] ? max : x[i];
@@ -378,7 +374,7 @@ static void finish_q2_K(const float *x, uint8_t *L, block_q2_K *y) {
             continue;
         const float dm = mh * (y->scales[j] >> 4);
         for (int l = 0; l < 16; l++)
-            L[16 * j + l] = (uint8_t)clampi(fl_nearest_int((x[16 * j + l] + dm) / d), 0, 3);
+            L[16 * j + l] = (uint8_t)fl_clampi(fl_nearest_int((x[16 * j + l] + dm) / d), 0, 3);
     }
     for (int j = 0; j < QK_K; j += 128)
         for (int l = 0; l < 32; l++)
@@ -439,8 +435,8 @@ static void quantize_block_q2_K_weighted(const float *x, const float *qw, void *
             sw[j] += weight[l];
         scales[j] = fl_make_qkx3_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux);
     }
-    y->d = fl_fp32_to_fp16(make_qp_quants(QK_K / 16, 15, scales, Ls, sw));
-    y->dmin = fl_fp32_to_fp16(make_qp_quants(QK_K / 16, 15, mins, Lm, sw));
+    y->d = fl_fp32_to_fp16(fl_make_qp_quants(QK_K / 16, 15, scales, Ls, sw));
+    y->dmin = fl_fp32_to_fp16(fl_make_qp_quants(QK_K / 16, 15, mins, Lm, sw));
     for (int j = 0; j < QK_K / 16; j++)
         y->scales[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
     finish_q2_K(x, L, y);
@@ -552,7 +548,7 @@ static void finish_q3_K(const float *x, int8_t *L, block_q3_K *y) {
         if (!d)
             continue;
         for (int l = 0; l < 16; l++)
-            L[16 * j + l] = (int8_t)(clampi(fl_nearest_int(x[16 * j + l] / d), -4, 3) + 4);
+            L[16 * j + l] = (int8_t)(fl_clampi(fl_nearest_int(x[16 * j + l] / d), -4, 3) + 4);
     }
     memset(y->hmask, 0, sizeof(y->hmask));
     for (int j = 0; j < QK_K; j++) {
@@ -586,7 +582,7 @@ void fl_quantize_row_q3_K_ref(const float *src, void *dst, int64_t n) {
             const float iscale = -32.f / max_scale;
             for (int j = 0; j < QK_K / 16; j++) {
                 int l = (int8_t)(uint8_t)fl_nearest_int(iscale * scales[j]);
-                pack_scale_q3_K(y[i].scales, j, clampi(l, -32, 31) + 32);
+                pack_scale_q3_K(y[i].scales, j, fl_clampi(l, -32, 31) + 32);
             }
             y[i].d = fl_fp32_to_fp16(1 / iscale);
         } else {
@@ -689,7 +685,7 @@ static void requantize_k4(const float *x, int nmax, const uint8_t *packed, fl_ha
             continue;
         const float dm = fl_fp16_to_fp32(dmh) * m;
         for (int l = 0; l < 32; l++)
-            L[32 * j + l] = (uint8_t)clampi(fl_nearest_int((x[32 * j + l] + dm) / d), 0, nmax);
+            L[32 * j + l] = (uint8_t)fl_clampi(fl_nearest_int((x[32 * j + l] + dm) / d), 0, nmax);
     }
 }
 
@@ -741,8 +737,8 @@ static void quantize_block_k4_weighted(const float *x, const float *qw, int nmax
         sw[j] = sumw;
         scales[j] = fl_make_qkx3_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux);
     }
-    const float d_block = make_qp_quants(QK_K / 32, 63, scales, ls, sw);
-    const float m_block = make_qp_quants(QK_K / 32, 63, mins, lm, sw);
+    const float d_block = fl_make_qp_quants(QK_K / 32, 63, scales, ls, sw);
+    const float m_block = fl_make_qp_quants(QK_K / 32, 63, mins, lm, sw);
     if (clamp63) {
         for (int j = 0; j < QK_K / 32; j++) {
             ls[j] = ls[j] < 63 ? ls[j] : 63;
@@ -996,7 +992,7 @@ static void quantize_block_q6_K(const float *x, const float *qw, block_q6_K *y) 
         if (!d)
             continue;
         for (int l = 0; l < 16; l++)
-            L[16 * j + l] = (int8_t)(clampi(fl_nearest_int(x[16 * j + l] / d), -32, 31) + 32);
+            L[16 * j + l] = (int8_t)(fl_clampi(fl_nearest_int(x[16 * j + l] / d), -32, 31) + 32);
     }
     uint8_t *ql = y->ql;
     uint8_t *qh = y->qh;

@@ -1,7 +1,8 @@
 /* test_api.c: the entry points of flashlite.h that tests/c/test_core.c does not drive, under the sanitizers
  * (tests/test_c_sanitizers.py builds both): the attention with sink and the compressor's pooling against a double
  * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
- * row quantizer's checks, the expert cache's usage counters and the page-cache probe, and each one's errors.
+ * row quantizer's checks, the expert cache's usage counters and the page-cache probe, V4's hyper-connections and
+ * RMS norm against double precision, and each one's errors.
  * Prints one line per failure and exits non-zero if there was any. */
 #include <math.h>
 #include <stdio.h>
@@ -291,12 +292,110 @@ static void test_expert_usage(void) {
     free(w);
 }
 
+/* ---------------------------------------------------------------- hyper-connections and RMS norm */
+
+static double sigmoid_d(double v) { return 1.0 / (1.0 + exp(-v)); }
+
+/* V4's collapse, mixing and expansion of the hc streams in double precision from the formulas, for fl_hc_pre /
+ * fl_hc_post and fl_rms_norm at hc = 4, dim = 24, 3 tokens */
+static void test_hyper_connections(void) {
+    enum { T = 3, HC = 4, D = 24, MIX = (2 + HC) * HC, ITERS = 20 };
+    const float hc_eps = 1e-6f, norm_eps = 1e-6f;
+    float h[T * HC * D], fn[MIX * HC * D], base[MIX], scale[3] = {0.7f, 1.3f, 0.9f}, weight[D];
+    float x[T * D], post[T * HC], comb[T * HC * HC], out[T * D], h2[T * HC * D], normed[T * D];
+    fill(h, T * HC * D, 2.0f);
+    fill(fn, MIX * HC * D, 0.3f);
+    fill(base, MIX, 1.0f);
+    fill(weight, D, 1.5f);
+    fill(out, T * D, 1.0f);
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, ITERS, hc_eps, norm_eps, x, post, comb) == FL_OK,
+          "fl_hc_pre failed");
+    CHECK(fl_hc_post(T, HC, D, out, h, post, comb, h2) == FL_OK, "fl_hc_post failed");
+    CHECK(fl_rms_norm(T, D, x, weight, norm_eps, normed) == FL_OK, "fl_rms_norm failed");
+    double worst = 0;
+    for (int t = 0; t < T; t++) {
+        const float *ht = h + t * HC * D;
+        double ss = 0, mix[MIX], pre[HC], pst[HC], c[HC][HC];
+        for (int i = 0; i < HC * D; i++) ss += (double)ht[i] * ht[i];
+        double inv = 1.0 / sqrt(ss / (HC * D) + norm_eps);
+        for (int m = 0; m < MIX; m++) {
+            mix[m] = 0;
+            for (int i = 0; i < HC * D; i++) mix[m] += (double)fn[m * HC * D + i] * ht[i] * inv;
+        }
+        for (int a = 0; a < HC; a++) {
+            pre[a] = sigmoid_d(mix[a] * scale[0] + base[a]) + hc_eps;
+            pst[a] = 2 * sigmoid_d(mix[HC + a] * scale[1] + base[HC + a]);
+        }
+        for (int a = 0; a < HC; a++) { /* softmax over the destination stream, plus eps */
+            double m = -INFINITY, sum = 0;
+            for (int b = 0; b < HC; b++) {
+                c[a][b] = mix[2 * HC + a * HC + b] * scale[2] + base[2 * HC + a * HC + b];
+                m = c[a][b] > m ? c[a][b] : m;
+            }
+            for (int b = 0; b < HC; b++) sum += c[a][b] = exp(c[a][b] - m);
+            for (int b = 0; b < HC; b++) c[a][b] = c[a][b] / sum + hc_eps;
+        }
+        for (int round = 0; round < ITERS; round++) { /* column sums to 1, then rows and columns in turn */
+            if (round > 0)
+                for (int a = 0; a < HC; a++) {
+                    double sum = 0;
+                    for (int b = 0; b < HC; b++) sum += c[a][b];
+                    for (int b = 0; b < HC; b++) c[a][b] /= sum + hc_eps;
+                }
+            for (int b = 0; b < HC; b++) {
+                double sum = 0;
+                for (int a = 0; a < HC; a++) sum += c[a][b];
+                for (int a = 0; a < HC; a++) c[a][b] /= sum + hc_eps;
+            }
+        }
+        double xs[D], xss = 0;
+        for (int d = 0; d < D; d++) {
+            xs[d] = 0;
+            for (int a = 0; a < HC; a++) xs[d] += pre[a] * ht[a * D + d];
+            xss += xs[d] * xs[d];
+        }
+        for (int d = 0; d < D; d++) {
+            double err = fabs(x[t * D + d] - xs[d]) / (1 + fabs(xs[d]));
+            worst = err > worst ? err : worst;
+            double n = weight[d] * xs[d] / sqrt(xss / D + norm_eps);
+            err = fabs(normed[t * D + d] - n) / (1 + fabs(n));
+            worst = err > worst ? err : worst;
+        }
+        for (int a = 0; a < HC; a++) {
+            worst = fmax(worst, fabs(post[t * HC + a] - pst[a]));
+            for (int b = 0; b < HC; b++) worst = fmax(worst, fabs(comb[(t * HC + a) * HC + b] - c[a][b]));
+        }
+        for (int b = 0; b < HC; b++)
+            for (int d = 0; d < D; d++) {
+                double e = pst[b] * out[t * D + d];
+                for (int a = 0; a < HC; a++) e += c[a][b] * ht[a * D + d];
+                worst = fmax(worst, fabs(h2[(t * HC + b) * D + d] - e) / (1 + fabs(e)));
+            }
+    }
+    CHECK(worst < 1e-5, "hyper-connections: worst relative error %g against double precision", worst);
+    /* the final collapse: pre weights only, the same x from the first HC rows of fn */
+    float x_head[T * D];
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 1, hc_eps, norm_eps, x_head, NULL, NULL) == FL_OK,
+          "fl_hc_pre (head) failed");
+    CHECK(memcmp(x_head, x, sizeof x) == 0, "the head's collapse differs from the layer's");
+    CHECK(fl_hc_pre(T, 65, D, h, FL_TYPE_F32, fn, base, scale, ITERS, hc_eps, norm_eps, x, post, comb) == FL_EINVAL,
+          "fl_hc_pre accepted 65 streams");
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 0, hc_eps, norm_eps, x, post, comb) == FL_EINVAL,
+          "fl_hc_pre accepted 0 Sinkhorn iterations");
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, ITERS, hc_eps, norm_eps, x, post, NULL) == FL_EINVAL,
+          "fl_hc_pre accepted post without comb");
+    CHECK(fl_hc_post(T, HC, D, out, h, NULL, comb, h2) == FL_EINVAL, "fl_hc_post accepted no post");
+    CHECK(fl_rms_norm(T, D, x, NULL, -1.0f, normed) == FL_EINVAL, "fl_rms_norm accepted a negative eps");
+    CHECK(fl_rms_norm(T, 0, x, NULL, norm_eps, normed) == FL_EINVAL, "fl_rms_norm accepted dim 0");
+}
+
 int main(void) {
     test_attn_sink();
     test_compress_pool();
     test_kv_pack();
     test_types();
     test_expert_usage();
+    test_hyper_connections();
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
