@@ -168,7 +168,7 @@ def _tools(body: dict) -> list[dict] | None:
     return None if kind == "none" else out or None
 
 
-def _think(body: dict, max_tokens: int | None) -> tuple[str, bool]:
+def _think(body: dict) -> tuple[str, bool]:
     """(V4 reasoning mode, whether thinking text is shown) for `thinking` and `output_config.effort`."""
     thinking = body.get("thinking")
     config = body.get("output_config")
@@ -191,9 +191,9 @@ def _think(body: dict, max_tokens: int | None) -> tuple[str, bool]:
                              "thinking.type")
     if kind == "enabled":
         budget = _typed(thinking, "budget_tokens", int, "thinking.budget_tokens")
-        if budget is None or budget < 1024 or (max_tokens is not None and budget >= max_tokens):
-            raise AnthropicError(f"thinking.budget_tokens: expected an integer >= 1024 and less than max_tokens, "
-                                 f"got {show(budget)}", "thinking.budget_tokens")
+        if budget is None or budget < 1:  # required, but V4 has no budget: max_tokens bounds reasoning + answer
+            raise AnthropicError(f"thinking.budget_tokens: expected an integer >= 1, got {show(budget)}",
+                                 "thinking.budget_tokens")
     display = thinking.get("display")
     if display not in (None, "summarized", "omitted"):
         raise AnthropicError(f"thinking.display: expected summarized or omitted, got {show(display)}",
@@ -214,7 +214,7 @@ def parse_messages_request(body, counting: bool = False) -> MessagesRequest:
                                  "max_tokens")
     if body.get("mcp_servers"):
         raise AnthropicError("mcp_servers: not supported", "mcp_servers")
-    think, show_thinking = _think(body, max_tokens)
+    think, show_thinking = _think(body)
     request = MessagesRequest(_messages(body), _tools(body), think, max_tokens=max_tokens,
                               show_thinking=show_thinking)
     if counting:
