@@ -57,6 +57,7 @@ MAX_BODY = 32 << 20  # bytes, whatever the context: a prompt filling a 1M-token 
 MAX_DEPTH = 64  # JSON nesting a request may have (chat messages need 5, tool schemas a few more)
 JSON_ESCAPE = 6  # bytes of JSON one byte of text may take (`\u00XX`)
 BODY_SLACK = 1 << 16  # bytes of a body besides its prompt text (field names, sampling options)
+MIN_BODY_RATE = 16 << 10  # bytes / s a body must average, after idle_timeout to start
 THINK_MODES = ("none", "high", "max")
 # V4 has one reasoning level below "max"; OpenAI's graded efforts all land on it
 REASONING_EFFORTS = {"none": "none", "minimal": "high", "low": "high", "medium": "high", "high": "high",
@@ -857,7 +858,7 @@ class ChatServer:
 
     async def _body(self, request: Request) -> bytes:
         """The request's body, refused (413) as soon as it is known to be larger than max_body; a body that
-        stalls for idle_timeout or takes longer than timeout in all is a 408."""
+        stalls for idle_timeout, arrives slower than MIN_BODY_RATE or takes longer than timeout is a 408."""
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -866,9 +867,11 @@ class ChatServer:
                 raise RequestError(f"the body is {int(length)} bytes, more than the {self.max_body} this server "
                                    "takes", status=413, code="request_too_large", close=True)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        start = loop.time()
         parts, size, more = [], 0, True
         while more:
+            # idle_timeout to start, then MIN_BODY_RATE on average (a body dribbled in stops early), timeout in all
+            deadline = start + min(self.timeout, self.idle_timeout + size / MIN_BODY_RATE)
             wait = min(self.idle_timeout, deadline - loop.time())
             try:
                 if wait <= 0:
