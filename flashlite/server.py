@@ -485,10 +485,21 @@ class _Out:
         self.started = False
 
     async def send(self, message: dict) -> None:
+        # a timer that cancels this task, cheaper than asyncio.wait_for's task per send (one per token)
+        task = asyncio.current_task()
+        expired = []
+        timer = asyncio.get_running_loop().call_later(self._timeout, lambda: expired.append(task.cancel()))
         try:
-            await asyncio.wait_for(self._send(message), self._timeout)
-        except (asyncio.TimeoutError, OSError):
+            await self._send(message)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel() if hasattr(task, "uncancel") else None
             raise ClientGone from None
+        except OSError:
+            raise ClientGone from None
+        finally:
+            timer.cancel()
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
@@ -632,6 +643,11 @@ def _guarded_protocol(server: ChatServer) -> type:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # a head and its body go out as two writes: without this, the body waits for the client's
+                # delayed ACK of the head (40 ms a response on Linux); asyncio sets it only for sockets it made
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.connections) > cap:
                 server.metrics.refused_connections += 1
                 body = json.dumps(RequestError(f"the server has {cap} connections open, its limit", status=503,

@@ -216,3 +216,16 @@ def test_load_tool_runs_bounded_on_loopback(f32_gguf, capsys):
         assert row["max_s"] < 10, (kind, row)
         assert set(row["ended"]) <= {"400", "413", "408", "closed", "reset"}, (kind, row)
     assert "latency p50" in capsys.readouterr().out
+
+
+def test_answers_are_not_held_back_by_nagle(server):
+    """A head and its body are two writes; without TCP_NODELAY each answer would wait ~40 ms for the client's
+    delayed ACK (50 requests: > 2 s)."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    started = time.perf_counter()
+    for _ in range(50):
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+    conn.close()
+    assert time.perf_counter() - started < 1.5

@@ -61,6 +61,17 @@ def rss_kb(pid: int | None, field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used, from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -327,6 +338,7 @@ def main(argv=None) -> dict:
         except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException):
             pass
         rss_start = rss_kb(pid, "VmRSS")
+        cpu_start = cpu_s(pid)
         started = time.perf_counter()
         threads = [threading.Thread(target=run.client, args=(n,), daemon=True) for n in range(args.clients)]
         for t in threads:
@@ -335,6 +347,8 @@ def main(argv=None) -> dict:
             t.join(timeout=max(1.0, run.deadline - time.monotonic()) + LIMITS["abuse_s"] + 60)
         wall = time.perf_counter() - started
         peak = rss_kb(pid, "VmHWM")
+        cpu = cpu_s(pid)
+        cpu = None if cpu is None or cpu_start is None else cpu - cpu_start
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -351,6 +365,7 @@ def main(argv=None) -> dict:
         "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(sum(r[2] for r in ok) / wall, 1),
         "p50_s": round(percentile(latencies, 50), 4), "p99_s": round(percentile(latencies, 99), 4),
         "rss_start_mb": rss_start and round(rss_start / 1024), "rss_peak_mb": peak and round(peak / 1024),
+        "server_cpu_ms_per_request": cpu and ok and round(1000 * cpu / len(ok), 3),
         "abuse": {kind: {"n": len(v), "p50_s": round(percentile([s for s, _ in v], 50), 3),
                          "max_s": round(max(s for s, _ in v), 3),
                          "ended": sorted({how.split(' after ')[0] for _, how in v})}
@@ -364,7 +379,8 @@ def main(argv=None) -> dict:
     for kind, row in report["abuse"].items():
         print(f"  {kind}: {row['n']}, ended {', '.join(row['ended'])} after p50 {row['p50_s']} s (max "
               f"{row['max_s']} s)")
-    print(f"  server RSS: {report['rss_start_mb']} MB at the start, peak {report['rss_peak_mb']} MB")
+    print(f"  server RSS: {report['rss_start_mb']} MB at the start, peak {report['rss_peak_mb']} MB; CPU "
+          f"{report['server_cpu_ms_per_request']} ms per ordinary request")
     if args.json:
         print(json.dumps(report))
     return report
