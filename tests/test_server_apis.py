@@ -324,3 +324,16 @@ def test_metrics_count_tokens_requests_and_the_expert_cache(server, oai):
     stream = oai.chat.completions.create(model="tiny_v4", messages=MESSAGES, max_tokens=6, stream=True)
     list(stream)
     assert _metric(call(server, "GET", "/metrics")[1].decode(), "generation_tokens_per_second") > 0
+
+
+def test_api_doc_anthropic_example_runs(server):
+    from pathlib import Path
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", doc, re.DOTALL) if "import anthropic" in block]
+    code = code.replace("http://127.0.0.1:8080", server.url).replace('"KEY"', repr(KEY))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "output_tokens=" in run.stdout

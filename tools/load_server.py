@@ -364,6 +364,7 @@ def main(argv=None) -> dict:
         "ok": len(ok), "non_200": len(run.normal) - len(ok), "failed": dict(run.failures),
         "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(sum(r[2] for r in ok) / wall, 1),
         "p50_s": round(percentile(latencies, 50), 4), "p99_s": round(percentile(latencies, 99), 4),
+        "mean_s": round(sum(latencies) / len(latencies), 4) if latencies else float("nan"),
         "rss_start_mb": rss_start and round(rss_start / 1024), "rss_peak_mb": peak and round(peak / 1024),
         "server_cpu_ms_per_request": cpu and ok and round(1000 * cpu / len(ok), 3),
         "abuse": {kind: {"n": len(v), "p50_s": round(percentile([s for s, _ in v], 50), 3),
@@ -375,7 +376,7 @@ def main(argv=None) -> dict:
           f"{args.oversized:.0%} oversized)")
     print(f"  ordinary: {len(ok)} ok, {report['non_200']} not 200, {sum(run.failures.values())} failed "
           f"{dict(run.failures) or ''}; {report['requests_per_s']} req/s, {report['tokens_per_s']} tok/s; "
-          f"latency p50 {report['p50_s']} s, p99 {report['p99_s']} s")
+          f"latency p50 {report['p50_s']} s, p99 {report['p99_s']} s, mean {report['mean_s']} s")
     for kind, row in report["abuse"].items():
         print(f"  {kind}: {row['n']}, ended {', '.join(row['ended'])} after p50 {row['p50_s']} s (max "
               f"{row['max_s']} s)")
