@@ -16,7 +16,8 @@ What a request may cost is bounded before it is spent: the body (by its Content-
 most what a prompt filling the context can take as JSON), its JSON nesting depth (counted before it is parsed),
 the prompt's tokens (a text of n bytes is at least n / longest-token tokens, checked before tokenizing, and
 tokenizing stops at the context), open connections (more are answered 503 and closed), the time a connection may
-take to send a request's head or sit idle, and the time a body may take to arrive or a client to take an answer.
+take to send a request's head or sit idle, a body's pace (MIN_BODY_RATE after idle_timeout) and total time, and
+the time a client may take to accept a part of the answer.
 """
 from __future__ import annotations
 
