@@ -11,6 +11,7 @@ import codecs
 import heapq
 import os
 import re
+from functools import cached_property
 
 import regex
 
@@ -232,31 +233,60 @@ class Tokenizer:
         """The pieces BPE sees for `text` (no added-token matching), in order; they concatenate to `text`."""
         return _PIECE.findall(text)
 
-    def _encode_plain(self, text: str, out: list[int]) -> None:
+    def _encode_plain(self, text: str, out: list[int], limit: int | None = None) -> bool:
+        """Append the ids of `text`; False once `out` holds more than `limit` ids (then it stops early)."""
         cache = self._cache
-        for piece in _PIECE.findall(text):
+        if limit is None:
+            for piece in _PIECE.findall(text):
+                ids = cache.get(piece)
+                if ids is None:
+                    ids = self._bpe(piece)
+                    if len(cache) >= _CACHE_LIMIT:
+                        cache.clear()
+                    cache[piece] = ids
+                out += ids
+            return True
+        for match in _PIECE.finditer(text):
+            piece = match.group()
             ids = cache.get(piece)
             if ids is None:
+                if len(out) + -(-len(piece.encode("utf-8")) // self.max_token_bytes) > limit:
+                    return False  # a piece of n bytes is at least n / max_token_bytes tokens: not worth merging
                 ids = self._bpe(piece)
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[piece] = ids
             out += ids
+            if len(out) > limit:
+                return False
+        return True
 
-    def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Token ids of `text`; with `allow_special` every added token in the text becomes its single id."""
+    def encode(self, text: str, allow_special: bool = True, limit: int | None = None) -> list[int] | None:
+        """Token ids of `text`; with `allow_special` every added token in the text becomes its single id.
+
+        `limit`: None instead of the ids as soon as the text is known to take more than `limit` tokens, so that
+        checking a text against a context costs about the context's worth of work, not the text's: a text of n
+        bytes is at least n / max_token_bytes tokens, which is checked before each piece is merged."""
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, got {type(text).__name__}")
+        if limit is not None and -(-len(text) // self.max_token_bytes) > limit:  # len(text) <= its UTF-8 bytes
+            return None
         out: list[int] = []
         if not allow_special or self._special_split is None:
-            self._encode_plain(text, out)
-            return out
+            return out if self._encode_plain(text, out, limit) else None
         for i, segment in enumerate(self._special_split.split(text)):
             if i & 1:
                 out.append(self._special[segment])
-            elif segment:
-                self._encode_plain(segment, out)
+                if limit is not None and len(out) > limit:
+                    return None
+            elif segment and not self._encode_plain(segment, out, limit):
+                return None
         return out
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The longest text (in UTF-8 bytes) one token stands for: a text of n bytes is >= n / this tokens."""
+        return max(1, max(map(len, self._bytes)))
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:

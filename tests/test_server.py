@@ -247,7 +247,7 @@ def test_oversized_body_is_a_413_before_it_is_read(server):
                      b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
         reply = sock.makefile("rb").read()
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
