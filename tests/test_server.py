@@ -13,13 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import openai
 import pytest
 
-from flashlite.server import MAX_BODY, ChatServer
+from flashlite.server import MAX_BODY
+from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_v4"
@@ -27,19 +27,6 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 OTHER = [{"role": "user", "content": "Count to five."}]
 LONG = 900  # tokens a greedy answer runs for unless cancelled: seconds of work on the tiny model
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@contextmanager
-def serving(model, **kwargs):
-    server = ChatServer(model, port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ llama-server's /tokenize and /detokenize, /health, HEAD wherever GET works, and 
 import http.client
 import json
 import re
-import threading
-from contextlib import contextmanager
 
 import anthropic
 import openai
@@ -13,24 +11,11 @@ import pytest
 
 from flashlite.chat import ChatPiece, prompt_ids
 from flashlite.chat_format import BOS
-from flashlite.server import ChatServer
+from serving import serving
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 KEY = "s3cret"
 GREEDY = {"temperature": 0}  # Anthropic's sampling fields, which its newest client no longer names
-
-
-@contextmanager
-def serving(model, **kwargs):
-    server = ChatServer(model, port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -6,30 +6,16 @@ import http.client
 import json
 import socket
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from flashlite.server import MAX_BODY, ChatServer, json_depth
+from flashlite.server import MAX_BODY, json_depth
+from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-
-
-@contextmanager
-def serving(model, **kwargs):
-    server = ChatServer(model, port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
