@@ -532,7 +532,8 @@ def pull_checkpoint(repo: str, out: str | os.PathLike, recipe, *, imatrix=None, 
             done.add(name)
             save_state()
             if progress and not sys.stderr.isatty():
-                log(f"converted {name} ({len(to_fetch) - remaining}/{len(to_fetch)}): {sum(part_bytes(*k) for k in written) / 1e6:.0f} of "
+                made = sum(part_bytes(*k) for k in written)
+                log(f"converted {name} ({len(to_fetch) - remaining}/{len(to_fetch)}): {made / 1e6:.0f} of "
                     f"{convert_total / 1e6:.0f} MB written, {time.perf_counter() - t0:.0f} s")
             if slots is not None:
                 slots.release()
@@ -565,9 +566,9 @@ def pull_checkpoint(repo: str, out: str | os.PathLike, recipe, *, imatrix=None, 
                           end - last if last is not None else 0.0, convert_seconds, downloaded,
                           len(shard_names), resumed, p.notes)
     log(f"wrote {out}: {len(planned)} tensors, {convert_total / 1e9:.2f} GB in {summary.seconds:.1f} s (plan "
-        f"{summary.plan_seconds:.1f} s, download {summary.download_seconds:.1f} s, then {summary.last_shard_seconds:.1f} "
-        f"s after the last shard landed; conversion {summary.convert_seconds:.1f} s in all, "
-        f"{summary.downloaded / 1e9:.2f} GB downloaded)")
+        f"{summary.plan_seconds:.1f} s, download {summary.download_seconds:.1f} s, then "
+        f"{summary.last_shard_seconds:.1f} s after the last shard landed; conversion "
+        f"{summary.convert_seconds:.1f} s in all, {summary.downloaded / 1e9:.2f} GB downloaded)")
     return summary
 
 

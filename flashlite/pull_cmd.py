@@ -48,7 +48,8 @@ def pull(spec, out, type_name, tensor_types, imatrix_path, delete_source, force,
     try:
         commit, files = repo_files(repo, revision)
         if tag is not None or not is_checkpoint(files):
-            if imatrix_path or tensor_types or type_name != "mxfp4-q8_0":
+            typed = click.get_current_context().get_parameter_source("type_name") != click.core.ParameterSource.DEFAULT
+            if imatrix_path or tensor_types or typed:
                 raise click.UsageError(f"{repo} is downloaded as a published GGUF: --type, --tensor-type and "
                                        f"--imatrix apply to safetensors checkpoints (flashlite quantize "
                                        f"requantizes a GGUF)")

@@ -227,6 +227,11 @@ def test_pull_of_a_gguf_repo_downloads_and_checks_the_file(checkpoint, tmp_path)
         assert "downloading it again" in result.stderr
         cached = _snapshot(tmp_path / "hf", GGUF_REPO) / "Q8_0" / "syn-Q8_0.gguf"
         assert cached.read_bytes() == ref.read_bytes()
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        result = _pull(hub, tmp_path / "hf", f"{GGUF_REPO}:Q8_0", str(moved), "--delete-source", "--quiet")
+        assert result.returncode == 0, result.stderr
+        assert (moved / "syn-Q8_0.gguf").read_bytes() == ref.read_bytes() and not cached.exists()
         result = _pull(hub, tmp_path / "hf", GGUF_REPO, "--quiet")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith("syn-Q4_K_M.gguf")
