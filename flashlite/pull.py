@@ -442,10 +442,10 @@ def pull_checkpoint(repo: str, out: str | os.PathLike, recipe, *, imatrix=None, 
         return t.nbytes // len(t.tensor.parts)
 
     convert_done = sum(part_bytes(*k) for k in written)
-    down, conv, forward = _bars(progress, sum(files[n].size or 0 for n in to_fetch), convert_total, convert_done)
     log(f"pulling {repo}@{commit[:12]} -> {out}: {len(shard_names)} shards ({len(to_fetch)} to fetch), "
         f"{len(planned)} tensors, {convert_total / 1e9:.2f} GB ({p.style} layout, {p.n_layers} layers, "
         f"{p.n_expert} experts)")
+    down, conv, forward = _bars(progress, sum(files[n].size or 0 for n in to_fetch), convert_total, convert_done)
     plan_seconds = time.perf_counter() - t0
 
     # download and check in the background; quantize here
@@ -466,7 +466,10 @@ def pull_checkpoint(repo: str, out: str | os.PathLike, recipe, *, imatrix=None, 
                     return
                 if timing["first"] is None:
                     timing["first"] = time.perf_counter()
-                check_q.put((name, _fetch(repo, name, commit, forward)))
+                before = down.n
+                path = _fetch(repo, name, commit, forward)
+                down.update(max(0, (files[name].size or 0) - (down.n - before)))  # a file the cache held
+                check_q.put((name, path))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             check_q.put((None, exc))
             return
@@ -643,7 +646,9 @@ def pull_gguf(repo: str, tag: str | None, out: str | os.PathLike | None = None, 
     paths = []
     try:
         for n in wanted:
+            before = down.n
             paths.append(_verified(repo, files[n], commit, forward, log))
+            down.update(max(0, (files[n].size or 0) - (down.n - before)))  # a file the cache held
     finally:
         down.close()
     if targets is None:
