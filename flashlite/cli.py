@@ -6,6 +6,7 @@ import os
 import click
 
 from flashlite.chat_cmd import chat
+from flashlite.pull_cmd import pull
 from flashlite.quantize_cmd import quantize
 from flashlite.run_cmd import run
 from flashlite.serve_cmd import serve
@@ -96,6 +97,7 @@ def system_info_cmd(as_json: bool) -> None:
 
 
 main.add_command(chat)
+main.add_command(pull)
 main.add_command(quantize)
 main.add_command(run)
 main.add_command(serve)

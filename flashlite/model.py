@@ -5,7 +5,8 @@ import hashlib
 import os
 import threading
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -60,13 +61,54 @@ def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+LOAD_OPEN_FRACTION = 0.05  # of load progress: the file's header, metadata and tensor table read
+
+
+class _LoadProgress:
+    """Calls progress(fraction) as a load goes: 0.0 first, LOAD_OPEN_FRACTION once the file is open, then up to
+    0.99 as the weights are loaded one tensor after another, 1.0 last; never backwards, at most every 1%."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.last = -1.0
+        self(0.0)
+
+    def __call__(self, fraction: float) -> None:
+        if self.callback is None or (fraction < 1.0 and fraction - self.last < 0.01) or fraction <= self.last:
+            return
+        self.last = fraction
+        self.callback(fraction)
+
+    @contextmanager
+    def counting(self, gguf: GGUFFile, total: int):
+        """Report each tensor `gguf.load` gives while the block runs, as a share of `total`."""
+        if self.callback is None:
+            yield
+            return
+        load, done = gguf.load, [0]
+
+        def counted(*args, **kwargs):
+            out = load(*args, **kwargs)
+            done[0] += 1
+            self(LOAD_OPEN_FRACTION + (0.99 - LOAD_OPEN_FRACTION) * min(1.0, done[0] / max(total, 1)))
+            return out
+
+        gguf.load = counted
+        try:
+            yield
+        finally:
+            del gguf.load
+
+
 class Model:
     """A loaded model and the cache of the sequence it is decoding."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, ctx: int | None = None,
                  rewind: int = 256, ram_budget: int | str | None = None, expert_policy: str = "lru",
                  expert_prefetch: bool = True, expert_usage: str | os.PathLike | bool = True,
-                 pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32"):
+                 pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32",
+                 progress: Callable[[float], object] | None = None):
+        report = _LoadProgress(progress)
         if threads is not None:
             from flashlite._native import check, lib
             if threads < 1:
@@ -74,6 +116,7 @@ class Model:
             check(lib.fl_threads_set(threads), "fl_threads_set")
         self.file = GGUFFile(path)
         self.args = deepseek_v4.ModelArgs.from_gguf(self.file)
+        report(LOAD_OPEN_FRACTION)
         self.ctx = self.args.max_seq_len if ctx is None else int(ctx)
         if not 0 < self.ctx <= self.args.max_seq_len:
             raise ValueError(f"ctx must lie in 1..{self.args.max_seq_len}, got {ctx}")
@@ -85,12 +128,14 @@ class Model:
             offload = dict(ram_budget=parse_bytes(ram_budget), policy=expert_policy, prefetch=expert_prefetch,
                            usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
                            direct_io=direct_io)
-        self.net = deepseek_v4.Model(self.args, self.file, offload)
+        with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
+            self.net = deepseek_v4.Model(self.args, self.file, offload)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
         # own cache (logits) holds it for the whole call; reentrant, as chat holds it around its own calls
         self.lock = threading.RLock()
+        report(1.0)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -296,5 +341,8 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     experts in the background; expert_usage is where the usage histogram is kept between runs (True: under
     ~/.cache/flashlite, False: nowhere), and pin_fraction of each layer's slots hold its hottest experts;
     io_threads read in parallel; direct_io=False reads through the page cache (dropping the pages after) even
-    where O_DIRECT works."""
+    where O_DIRECT works.
+
+    progress, a callable, receives the load's progress as a fraction (0.0 first, 1.0 last, non-decreasing, at
+    most about a hundred calls), on the thread that loads: a UI hands it on to its own thread (docs/api.md)."""
     return Model(path, threads=threads, ctx=ctx, **options)

@@ -158,19 +158,30 @@ def _expert_rows(part, expert: int) -> tuple[int, int]:
 def _slabs(p: Planned, h, slab_bytes: int) -> Iterator[Callable[[], np.ndarray]]:
     """Tasks that make the tensor's bytes, in order, one slab of rows each; a slab never spans two experts, whose
     importance weights differ."""
+    for i in range(len(p.tensor.parts)):
+        for _, task in part_slabs(p, i, h, slab_bytes):
+            yield task
+
+
+def part_slabs(p: Planned, i: int, h, slab_bytes: int = SLAB_BYTES
+               ) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
+    """(offset in the tensor's data, task) for the slabs of part i of the tensor, in order: the bytes of one part
+    can be made and placed without the others (flashlite pull writes each part when its shard has landed)."""
     t = p.tensor
     if t.role == INDEX:
         part = t.parts[0]
-        yield functools.partial(check_index, part, h) if isinstance(part, Stored) else part.index_values
+        yield 0, functools.partial(check_index, part, h) if isinstance(part, Stored) else part.index_values
         return
-    for i, part in enumerate(t.parts):
-        step = max(1, slab_bytes // (4 * part.shape[-1]))
-        n_experts = part.shape[0] if len(part.shape) == 3 else 1
-        for e in range(n_experts):
-            lo, n = _expert_rows(part, e)
-            for r0 in range(lo, lo + n, step):
-                yield functools.partial(_encode_slab, p, part, i if len(t.parts) > 1 else e, r0,
-                                        min(lo + n, r0 + step))
+    row_bytes = tensor_nbytes((1, t.shape[-1]), p.qtype)
+    base = sum(math.prod(q.shape[:-1]) for q in t.parts[:i]) * row_bytes
+    part = t.parts[i]
+    step = max(1, slab_bytes // (4 * part.shape[-1]))
+    n_experts = part.shape[0] if len(part.shape) == 3 else 1
+    for e in range(n_experts):
+        lo, n = _expert_rows(part, e)
+        for r0 in range(lo, lo + n, step):
+            yield base + r0 * row_bytes, functools.partial(_encode_slab, p, part, i if len(t.parts) > 1 else e, r0,
+                                                           min(lo + n, r0 + step))
 
 
 def _pipeline(planned: list[Planned], h, slab_bytes: int, workers: int
@@ -213,11 +224,13 @@ class Plan:
     n_expert: int
 
 
-def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None) -> Plan:
+def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
+         checkpoint: Checkpoint | None = None) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
-    and shapes, and the importance matrix against the tensors it weighs."""
+    and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
+    shards (their headers, the data possibly still to come) instead of those on disk."""
     src = Path(src)
-    if src.is_file():
+    if src.is_file() and checkpoint is None:
         g = read_gguf_source(src)
         h, source, layout, metadata = None, g.file, g.layout, g.metadata
         block_count, n_layers, n_expert = g.block_count, g.n_layers, g.n_expert
@@ -226,7 +239,7 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None)
         if not (src / "tokenizer.json").is_file():
             raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
         metadata = hparam_kv(h) + tokenizer_kv(src, h.vocab_size)
-        source = Checkpoint(src)
+        source = Checkpoint(src) if checkpoint is None else checkpoint
         try:
             layout = plan_tensors(source, h)
         except BaseException:
@@ -278,6 +291,41 @@ def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: lis
                      f"(--imatrix FILE): their columns are weighed by the sum of squared weights, e.g. {energy[0]}")
 
 
+def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: str) -> GGUFWriter:
+    """A GGUFWriter on `path` that has written the header, the metadata and every tensor's info, in llama.cpp's
+    order; the tensor data follows, each tensor at data_offsets(...)."""
+    writer = GGUFWriter(path, ARCH)
+    writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
+    writer.add_string("general.name", general_name)
+    writer.add_uint32("general.file_type", recipe.file_type)
+    writer.add_uint32("general.quantization_version", 2)
+    for key, value, vtype in p.metadata:
+        if vtype == GGUFValueType.ARRAY or isinstance(value, list):
+            writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            writer.add_key_value(key, value, vtype)
+    for t in p.tensors:
+        writer.add_tensor_info(t.tensor.name, t.tensor.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file(Path(path))
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def data_offsets(writer: GGUFWriter, p: Plan) -> tuple[list[int], int]:
+    """(absolute file offset of each planned tensor's data, the file's final size) for a writer that has just
+    written the tensor infos: the data section starts at the next alignment boundary and each tensor is padded
+    to one, as convert writes them."""
+    align = writer.data_alignment
+    pos = writer.fout[0].tell()
+    pos += -pos % align
+    offsets = []
+    for t in p.tensors:
+        offsets.append(pos)
+        pos += t.nbytes + (-t.nbytes % align)
+    return offsets, pos
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
@@ -309,21 +357,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         if stale:
             log(f"note: removed {len(stale)} unfinished file(s) of earlier runs that were killed: {', '.join(stale)}")
         tmp = partial_file(out)
-        writer = GGUFWriter(tmp, ARCH)
-        writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
-        writer.add_string("general.name", name or default_name)
-        writer.add_uint32("general.file_type", recipe.file_type)
-        writer.add_uint32("general.quantization_version", 2)
-        for key, value, vtype in p.metadata:
-            if vtype == GGUFValueType.ARRAY or isinstance(value, list):
-                writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
-            else:
-                writer.add_key_value(key, value, vtype)
-        for t in planned:
-            writer.add_tensor_info(t.tensor.name, t.tensor.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        writer = start_gguf(tmp, p, recipe, name or default_name)
         fout = writer.fout[0]
         total = sum(t.nbytes for t in planned)
         bar = Progress(len(planned), total, enabled=progress)

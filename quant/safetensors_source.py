@@ -61,24 +61,46 @@ class SourceTensor:
 class Shard:
     """One .safetensors file: its validated header, and a lazily opened read-only memory map."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, header: bytes | None = None, size: int | None = None):
+        """Read the header of the file at `path`; or, for a shard not on disk yet (being downloaded), take the
+        file's first bytes `header` (the length and the JSON, as fetched by a ranged request) and its `size`: the
+        file is then opened only when its data is first read, and must start with those bytes."""
         self.path = os.fspath(path)
         self._file = None
         self._map = None
         self._lock = threading.Lock()
+        if header is not None:
+            if size is None:
+                raise ValueError("Shard: a header without the file's size")
+            self.header_bytes = bytes(header)
+            self._parse(self.header_bytes, size)
+            return
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as fh:
                 prefix = fh.read(8)
-                if len(prefix) < 8:
-                    raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
-                header_len = int.from_bytes(prefix, "little")
-                if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                    raise CheckpointError(f"{self.path}: truncated or corrupt safetensors file: header length "
-                                          f"{header_len} does not fit in the file's {size} bytes")
-                raw = fh.read(header_len)
+                if len(prefix) == 8:
+                    header_len = int.from_bytes(prefix, "little")
+                    if header_len <= MAX_HEADER_BYTES:
+                        prefix += fh.read(header_len)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read safetensors file: {exc.strerror or exc}") from exc
+        self.header_bytes = prefix
+        self._parse(prefix, size)
+
+    @staticmethod
+    def header_length(prefix: bytes) -> int:
+        """The bytes of the length and the JSON header, from the file's first 8 bytes."""
+        return 8 + int.from_bytes(prefix[:8], "little")
+
+    def _parse(self, prefix: bytes, size: int) -> None:
+        if len(prefix) < 8:
+            raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
+        header_len = int.from_bytes(prefix[:8], "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size or len(prefix) != 8 + header_len:
+            raise CheckpointError(f"{self.path}: truncated or corrupt safetensors file: header length "
+                                  f"{header_len} does not fit in the file's {size} bytes")
+        raw = prefix[8:]
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -150,7 +172,10 @@ class Shard:
 class Checkpoint:
     """Every tensor of a folder's shards by name: from model.safetensors.index.json when present, else *.safetensors."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, shards: dict[str, Shard] | None = None):
+        """`shards` (file name -> Shard), when given, are the folder's shards, which need not be on disk yet
+        (flashlite pull plans from headers fetched ahead of the data); the index, if any, must list exactly
+        them."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a directory")
@@ -158,13 +183,18 @@ class Checkpoint:
         if index_path.is_file():
             files, weight_map = self._read_index(index_path)
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            files = sorted(shards) if shards is not None else sorted(p.name for p in self.folder.glob("*.safetensors"))
             weight_map = None
             if not files:
                 raise CheckpointError(f"{self.folder}: no *.safetensors files and no model.safetensors.index.json")
         self.shards = {}
         for fname in files:
             path = self.folder / fname
+            if shards is not None:
+                if fname not in shards:
+                    raise CheckpointError(f"{path}: shard listed in {index_path.name} is missing")
+                self.shards[fname] = shards[fname]
+                continue
             if not path.is_file():
                 raise CheckpointError(f"{path}: shard listed in {index_path.name} is missing")
             self.shards[fname] = Shard(path)
