@@ -5,6 +5,7 @@ import os
 
 import click
 
+from flashlite.bench_cmd import bench
 from flashlite.chat_cmd import chat
 from flashlite.pull_cmd import pull
 from flashlite.quantize_cmd import quantize
@@ -96,6 +97,7 @@ def system_info_cmd(as_json: bool) -> None:
         click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
+main.add_command(bench)
 main.add_command(chat)
 main.add_command(pull)
 main.add_command(quantize)
