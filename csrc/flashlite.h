@@ -68,6 +68,11 @@ enum {
     FL_CAN_MATMUL = 4      /* a weight type of fl_matmul (and of fl_vec_dot_ref) */
 };
 int fl_type_flags(int type);
+/* llama.cpp's check of tensor data (ggml_validate_row_data, --check-tensors): the index of the first of n_blocks
+ * blocks (elements, for the float types) of `type` at data whose values or scales are Inf or NaN, or n_blocks
+ * when there is none; FL_ETYPE for a type the core does not know, FL_EINVAL for n_blocks < 0 or no data. Types
+ * without such fields (NVFP4, the integers) pass. */
+int64_t fl_find_nonfinite(int type, const void *data, int64_t n_blocks);
 int64_t fl_type_block_bytes(int type);
 /* Bytes of one row of n elements (n must be a multiple of the block size), or -1. */
 int64_t fl_row_bytes(int type, int64_t n);

@@ -174,6 +174,10 @@ extern const uint64_t fl_iq2s_grid[1024];
 extern const uint32_t fl_iq3xxs_grid[256];
 extern const uint32_t fl_iq3s_grid[512];
 extern const uint64_t fl_iq1s_grid[2048];
+/* IQ1_M's super-block scale: an fp16 spread over the top nibbles of the four 16-bit sub-block scale words */
+static inline fl_half fl_iq1_m_scale_bits(const uint16_t *sc) {
+    return (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+}
 /* the 8 sign bits of 7 stored ones: the eighth makes the count of minus signs even (ggml's ksigns_iq2xs) */
 static inline uint8_t fl_iq2_signs(uint32_t seven) {
     return (uint8_t)(seven | ((uint32_t)__builtin_parity(seven) << 7));

@@ -80,8 +80,7 @@ void fl_vec_dot_iq1_s_q8_K_generic(int64_t n, float *s, const void *vx, const vo
 
 /* the fp16 super-block scale, spread over the top 4 bits of the four 16-bit scale words */
 static inline float iq1_m_scale(const uint16_t *sc) {
-    return fl_fp16_to_fp32(
-        (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000)));
+    return fl_fp16_to_fp32(fl_iq1_m_scale_bits(sc));
 }
 
 /* the 11-bit grid index of the l-th 8 weights (0..31) of a block, and the sign of their shift */

@@ -90,6 +90,23 @@ def _byte_array(data) -> np.ndarray:
     return data
 
 
+def find_nonfinite(data, qtype) -> int | None:
+    """The index of the first block (element, for the float types) of `qtype` in `data` whose values or scales are
+    Inf or NaN, or None: llama.cpp's check of tensor data (ggml_validate_row_data). `data` is bytes or a
+    C-contiguous uint8 array of whole blocks."""
+    type_id = _type_id(qtype)
+    buf = _byte_array(data).reshape(-1)
+    bsize = int(lib.fl_type_block_bytes(type_id))
+    if buf.size % bsize:
+        raise ValueError(f"data: {buf.size} bytes is not a whole number of {type_name(type_id)} blocks of "
+                         f"{bsize} bytes")
+    n = buf.size // bsize
+    found = int(lib.fl_find_nonfinite(type_id, ffi.from_buffer(buf), n)) if n else 0
+    if found < 0:
+        check(found, f"find_nonfinite {type_name(type_id)}")
+    return None if found == n else found
+
+
 def dequantize(data, qtype, n: int | None = None) -> np.ndarray:
     """Dequantize whole blocks of `qtype` to float32.
 

@@ -107,7 +107,7 @@ class Model:
                  rewind: int = 256, ram_budget: int | str | None = None, expert_policy: str = "lru",
                  expert_prefetch: bool = True, expert_usage: str | os.PathLike | bool = True,
                  pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32",
-                 progress: Callable[[float], object] | None = None):
+                 progress: Callable[[float], object] | None = None, check_tensors: bool = False):
         report = _LoadProgress(progress)
         if threads is not None:
             from flashlite._native import check, lib
@@ -115,6 +115,8 @@ class Model:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             check(lib.fl_threads_set(threads), "fl_threads_set")
         self.file = GGUFFile(path)
+        if check_tensors:
+            self.file.check_tensors()
         self.args = deepseek_v4.ModelArgs.from_gguf(self.file)
         report(LOAD_OPEN_FRACTION)
         self.ctx = self.args.max_seq_len if ctx is None else int(ctx)
@@ -342,6 +344,9 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     ~/.cache/flashlite, False: nowhere), and pin_fraction of each layer's slots hold its hottest experts;
     io_threads read in parallel; direct_io=False reads through the page cache (dropping the pages after) even
     where O_DIRECT works.
+
+    check_tensors reads every tensor first and refuses a file with an Inf or NaN among its float values or block
+    scales (llama.cpp's --check-tensors); without it only the small tensors decoded at load are checked.
 
     progress, a callable, receives the load's progress as a fraction (0.0 first, 1.0 last, non-decreasing, at
     most about a hundred calls), on the thread that loads: a UI hands it on to its own thread (docs/api.md)."""

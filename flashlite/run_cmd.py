@@ -18,9 +18,9 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def load_options(command):
-    """-hf, --ram-budget, --expert-policy and --kv-format, shared by every command that loads a model; the
-    command receives them as one `load_opts` dict for load_model."""
-    names = ("hf_repo", "ram_budget", "expert_policy", "kv_format")
+    """-hf, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command that loads a
+    model; the command receives them as one `load_opts` dict for load_model."""
+    names = ("hf_repo", "ram_budget", "expert_policy", "kv_format", "check_tensors")
 
     @functools.wraps(command)
     def with_load_opts(**kwargs):
@@ -35,6 +35,8 @@ def load_options(command):
                      help="which cached expert a miss evicts (with --ram-budget)"),
         click.option("--kv-format", default="f32", show_default=True, type=click.Choice(["f32", "fp8"]),
                      help="KV rows as computed, or rounded and packed as DeepSeek's reference (4x smaller)"),
+        click.option("--check-tensors", is_flag=True,
+                     help="read every tensor at load and refuse Inf or NaN values or block scales"),
     )
     for option in reversed(options):
         with_load_opts = option(with_load_opts)

@@ -2,10 +2,12 @@
 never a traceback, an overflow or a silently changed value."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 
 from flashlite.model import load
@@ -88,3 +90,27 @@ def test_version_and_system_info_name_the_c_cores_build():
     info = json.loads(_cli("system-info", "--json").stdout)
     assert info["simd"] == fm.simd_level() and info["threads"] == fm.threads()
     assert {"Q4_K", "IQ2_XXS", "MXFP4", "Q2_0"} <= set(info["types"])
+
+
+def _with_nan_scale(src: Path, dst: Path, tensor: str, row: int, block: int) -> None:
+    """A copy of src whose Q8_0 tensor has the fp16 scale of one block set to NaN (0x7e00)."""
+    info = next(t for t in gguf.GGUFReader(src).tensors if t.name == tensor)
+    assert info.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    row_bytes = info.shape[0] // 32 * 34
+    data = bytearray(src.read_bytes())
+    at = info.data_offset + row * row_bytes + block * 34
+    data[at:at + 2] = (0x7e00).to_bytes(2, "little")
+    dst.write_bytes(bytes(data))
+
+
+def test_check_tensors_finds_a_nan_scale_that_a_plain_load_does_not_read(q8, tmp_path):
+    bad = tmp_path / "nan-scale.gguf"
+    rows = next(t for t in gguf.GGUFReader(q8).tensors if t.name == "blk.1.ffn_gate_exps.weight").shape[1]
+    _with_nan_scale(q8, bad, "blk.1.ffn_gate_exps.weight", row=2 * rows + 3, block=1)
+    load(q8, check_tensors=True).close()  # a sound file passes
+    load(bad).close()  # the expert matrices are not read at load
+    message = "tensor 'blk.1.ffn_gate_exps.weight' (Q8_0) has a non-finite scale in expert 2, row 3, block 1"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load(bad, check_tensors=True)
+    run = _cli("run", "-m", str(bad), "--tokens", "1,2", "-n", "1", "--check-tensors")
+    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -2,7 +2,7 @@
  * (tests/test_c_sanitizers.py builds both): the attention with sink and the compressor's pooling against a double
  * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
  * row quantizer's checks, the expert cache's usage counters and the page-cache probe, V4's hyper-connections and
- * RMS norm against double precision, and each one's errors.
+ * RMS norm against double precision, the non-finite data check, and each one's errors.
  * Prints one line per failure and exits non-zero if there was any. */
 #include <math.h>
 #include <stdio.h>
@@ -389,6 +389,50 @@ static void test_hyper_connections(void) {
     CHECK(fl_rms_norm(T, 0, x, NULL, norm_eps, normed) == FL_EINVAL, "fl_rms_norm accepted dim 0");
 }
 
+/* ---------------------------------------------------------------- non-finite data (--check-tensors) */
+
+/* For every type the core converts: a sound row passes, and with two bytes of block 1 set to 0xff (each offset in
+ * turn) fl_find_nonfinite names block 1 exactly when the row then decodes to Inf or NaN there: the checked fields
+ * are the ones through which a block can decode to a non-finite value (fp16 scales cannot overflow their products).
+ * MXFP4's NaN scale (0xff) is checked apart: it decodes as 2^127 in the core, as in ggml; so is Q8_K's f32 scale,
+ * whose finite values near FLT_MAX overflow when multiplied. */
+static void test_find_nonfinite(void) {
+    enum { N = 512 };
+    float x[N], y[N];
+    uint8_t row[4 * N], bad[4 * N];
+    fill(x, N, 1.0f);
+    for (int t = 0; t < FL_TYPE_COUNT; t++) {
+        int flags = fl_type_flags(t);
+        if (!(flags & FL_CAN_QUANTIZE) || !(flags & FL_CAN_DEQUANTIZE))
+            continue;
+        int64_t blck = fl_type_block_elems(t), bytes = fl_type_block_bytes(t), nb = N / blck;
+        CHECK(fl_quantize(t, x, row, N) == FL_OK, "%s: fl_quantize failed", fl_type_name(t));
+        CHECK(fl_find_nonfinite(t, row, nb) == nb, "%s: a sound row flagged", fl_type_name(t));
+        for (int64_t off = 0; off + 1 < bytes; off++) {
+            memcpy(bad, row, (size_t)(nb * bytes));
+            bad[bytes + off] = bad[bytes + off + 1] = 0xff;
+            int64_t found = fl_find_nonfinite(t, bad, nb);
+            CHECK(fl_dequantize(t, bad, y, N) == FL_OK, "%s: fl_dequantize failed", fl_type_name(t));
+            int nonfinite = 0;
+            for (int64_t i = blck; i < 2 * blck; i++)
+                nonfinite |= !isfinite(y[i]);
+            if (t == FL_TYPE_MXFP4)
+                CHECK(found == (off == 0 ? 1 : nb), "mxfp4: byte %lld: found %lld", (long long)off, (long long)found);
+            else if (t == FL_TYPE_Q8_K) /* a finite f32 scale near FLT_MAX times the values can still overflow */
+                CHECK(found == nb || (found == 1 && nonfinite), "q8_K: bytes %lld..: found %lld", (long long)off,
+                      (long long)found);
+            else
+                CHECK(found == (nonfinite ? 1 : nb), "%s: bytes %lld..%lld set: found %lld, decodes %s",
+                      fl_type_name(t), (long long)off, (long long)off + 1, (long long)found,
+                      nonfinite ? "non-finite" : "finite");
+        }
+    }
+    CHECK(fl_find_nonfinite(FL_TYPE_I32, row, 4) == 4, "i32 flagged");
+    CHECK(fl_find_nonfinite(5, row, 4) == FL_ETYPE, "unknown type 5 accepted");
+    CHECK(fl_find_nonfinite(FL_TYPE_Q8_0, NULL, 4) == FL_EINVAL, "no data accepted");
+    CHECK(fl_find_nonfinite(FL_TYPE_Q8_0, row, -1) == FL_EINVAL, "n_blocks -1 accepted");
+}
+
 int main(void) {
     test_attn_sink();
     test_compress_pool();
@@ -396,6 +440,7 @@ int main(void) {
     test_types();
     test_expert_usage();
     test_hyper_connections();
+    test_find_nonfinite();
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
