@@ -66,10 +66,13 @@ static inline __mmask64 first_bytes(int64_t n) {
 
 /* lane b of every vector belongs to block b of the group; a missing block (past the row) is all zeros */
 struct q8_group {
-    int8_t lo[64];    /* elements 0..15 of each block */
-    int8_t hi[64];    /* elements 16..31 */
-    float d[16];      /* the block's scale, times the weight format's own factor, in all four dwords */
-    int32_t base[16]; /* -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
+    int8_t lo[64]; /* elements 0..15 of each block */
+    int8_t hi[64]; /* elements 16..31 */
+    float d[16];   /* the block's scale, times the weight format's own factor, in all four dwords */
+    union {
+        int32_t base[16]; /* Q8_0: -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
+        float s[16];      /* Q8_1: the block's s, d * (sum of its quants) rounded to fp16, in the first dword */
+    };
 };
 
 static size_t q8_group_bytes(int64_t k) {
@@ -86,9 +89,10 @@ static inline __m512i round_away(__m512 v) {
     return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
 }
 
-/* Quantizes x to Q8_0 (fl_quantize_row_q8_0_ref, bit for bit) straight into the group layout. A block
- * holding a NaN or infinity goes through the reference itself, whose wrapping the lanes do not copy. */
-static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, float factor) {
+/* Quantizes x to Q8_0 (fl_quantize_row_q8_0_ref, bit for bit) straight into the group layout, with base for
+ * weights stored with an offset; or, with_s, to Q8_1 (fl_quantize_row_q8_1_ref: Q8_0's quants and d, and s). A
+ * block holding a NaN or infinity goes through the Q8_1 reference itself, whose wrapping the lanes do not copy. */
+static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, float factor, int with_s) {
     struct q8_group *g = out;
     int64_t nb = k / QK8_0;
     memset(out, 0, q8_group_bytes(k));
@@ -98,38 +102,43 @@ static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, flo
         __m512 v0 = _mm512_loadu_ps(x + i * QK8_0), v1 = _mm512_loadu_ps(x + i * QK8_0 + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         __m128i q0, q1;
-        fl_half dh;
+        fl_half dh, sh = 0;
         int nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
-        if (!nan && amax <= FLT_MAX) {
-            const float d = amax / 127;
+        int finite = !nan && amax <= FLT_MAX;
+        const float d = amax / 127;
+        if (finite) {
             const __m512 id = _mm512_set1_ps(d ? 1.0f / d : 0.0f);
             __m512i r0 = round_away(_mm512_mul_ps(v0, id)), r1 = round_away(_mm512_mul_ps(v1, id));
             q0 = _mm512_cvtepi32_epi8(r0);
             q1 = _mm512_cvtepi32_epi8(r1);
             dh = fl_fp32_to_fp16(d);
         } else {
-            block_q8_0 ref;
-            fl_quantize_row_q8_0_ref(x + i * QK8_0, &ref, QK8_0);
+            block_q8_1 ref;
+            fl_quantize_row_q8_1_ref(x + i * QK8_0, &ref, QK8_1);
             q0 = _mm_loadu_si128((const __m128i *)ref.qs);
             q1 = _mm_loadu_si128((const __m128i *)(ref.qs + 16));
             dh = ref.d;
+            sh = ref.s;
         }
         _mm_storeu_si128((__m128i *)(dst->lo + 16 * b), q0);
         _mm_storeu_si128((__m128i *)(dst->hi + 16 * b), q1);
-        __m512i sum16 = _mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1));
+        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
         for (int j = 0; j < 4; j++)
             dst->d[4 * b + j] = fl_fp16_to_fp32(dh) * factor;
-        dst->base[4 * b] = -offset * _mm512_reduce_add_epi32(sum16);
+        if (with_s)
+            dst->s[4 * b] = fl_fp16_to_fp32(finite ? fl_fp32_to_fp16(sum * d) : sh);
+        else
+            dst->base[4 * b] = -offset * sum;
     }
 }
 
 static void prep_q8_0(int64_t k, const float *x, void *out) {
-    prep_q8_groups(k, x, out, 128, 1.0f);
+    prep_q8_groups(k, x, out, 128, 1.0f, 0);
 }
 
 /* the 0.5: the doubled e2m1 table makes the block scale 2^(e-128), and the kernel builds 2^(e-127) */
 static void prep_mxfp4(int64_t k, const float *x, void *out) {
-    prep_q8_groups(k, x, out, 12, 0.5f);
+    prep_q8_groups(k, x, out, 12, 0.5f, 0);
 }
 
 #define L16(b) b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9, b + 10, b + 11, b + 12, b + 13, b + 14, b + 15
@@ -245,6 +254,178 @@ STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int6
 }
 
 ROW_DOTS(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups)
+
+/* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups
+ * Their quants are gathered four blocks to a zmm as Q8_0's are, low nibbles against lo and high nibbles against
+ * hi, and stay unsigned: Q4_0 and Q5_0's offsets (8, 16) come back through base, Q4_1 and Q5_1's min m meets
+ * the activation's s. Q5's fifth bits become byte masks (vptestmb of each qh byte against the bit it holds for
+ * that byte) that add 16 where set. Blocks of 18 and 20 bytes lie within one 64-byte load but for the last
+ * block's quants, inserted from their own 16-byte load as MXFP4 does; blocks of 22 and 24 bytes take two loads
+ * and two-source byte permutes. */
+struct nibble_consts {
+    __m512i m4, sixteen, bit_of_byte, idx_q, idx_d, idx_hlo, idx_hhi;
+};
+
+/* byte j of each lane tests bit j % 8 of the qh byte gathered for it */
+#define BITS8 1, 2, 4, 8, 16, 32, 64, 128
+#define BITS16 BITS8, BITS8
+#define R8(b) b, b, b, b, b, b, b, b
+/* the qh bytes of elements 0..15 (lo) or 16..31 (hi) of a block whose qh is at b */
+#define QH_LO(b) R8(b), R8(b + 1)
+#define QH_HI(b) R8(b + 2), R8(b + 3)
+
+static const uint8_t bits_of_bytes[64] = {BITS16, BITS16, BITS16, BITS16};
+
+/* Q4_0, 18 bytes a block (fp16 d, 16 bytes of nibbles), x = d * (q - 8) */
+static const uint8_t q4_0_q_from_0[64] = {L16(2), L16(20), L16(38)};
+static const uint8_t q4_0_d_from_0[64] = {D8(0), D8(18), D8(36), D8(54)};
+/* Q4_1, 20 bytes (fp16 d and m, nibbles), x = d * q + m: d in the low 32 bytes, m in the high */
+static const uint8_t q4_1_q_from_0[64] = {L16(4), L16(24), L16(44)};
+static const uint8_t q4_1_dm_from_0[64] = {D8(0), D8(20), D8(40), D8(60), D8(2), D8(22), D8(42), D8(62)};
+/* Q5_0, 22 bytes (d, qh, nibbles), x = d * (q - 16): of bytes 0..63 (indices < 64) and 24..87 */
+static const uint8_t q5_0_q_from_0_24[64] = {L16(6), L16(28), L16(64 + 26), L16(64 + 48)};
+static const uint8_t q5_0_d_from_0_24[64] = {D8(0), D8(22), D8(44), D8(64 + 42)};
+static const uint8_t q5_0_hlo_from_0_24[64] = {QH_LO(2), QH_LO(24), QH_LO(46), QH_LO(64 + 44)};
+static const uint8_t q5_0_hhi_from_0_24[64] = {QH_HI(2), QH_HI(24), QH_HI(46), QH_HI(64 + 44)};
+/* Q5_1, 24 bytes (d, m, qh, nibbles), x = d * q + m: of bytes 0..63 and 32..95 */
+static const uint8_t q5_1_q_from_0_32[64] = {L16(8), L16(32), L16(64 + 24), L16(64 + 48)};
+static const uint8_t q5_1_dm_from_0_32[64] = {D8(0), D8(24), D8(48), D8(64 + 40), D8(2), D8(26), D8(50), D8(64 + 42)};
+static const uint8_t q5_1_hlo_from_0_32[64] = {QH_LO(4), QH_LO(28), QH_LO(52), QH_LO(64 + 44)};
+static const uint8_t q5_1_hhi_from_0_32[64] = {QH_HI(4), QH_HI(28), QH_HI(52), QH_HI(64 + 44)};
+
+STEP struct nibble_consts nibble_consts(const uint8_t *q, const uint8_t *d, const uint8_t *hlo, const uint8_t *hhi) {
+    return (struct nibble_consts){_mm512_set1_epi8(0x0f),          _mm512_set1_epi8(16),
+                                  _mm512_loadu_si512(bits_of_bytes), _mm512_loadu_si512(q),
+                                  _mm512_loadu_si512(d),             hlo ? _mm512_loadu_si512(hlo) : _mm512_setzero_si512(),
+                                  hhi ? _mm512_loadu_si512(hhi) : _mm512_setzero_si512()};
+}
+
+STEP struct nibble_consts dot_q4_0_groups_consts(void) {
+    return nibble_consts(q4_0_q_from_0, q4_0_d_from_0, NULL, NULL);
+}
+STEP struct nibble_consts dot_q4_1_groups_consts(void) {
+    return nibble_consts(q4_1_q_from_0, q4_1_dm_from_0, NULL, NULL);
+}
+STEP struct nibble_consts dot_q5_0_groups_consts(void) {
+    return nibble_consts(q5_0_q_from_0_24, q5_0_d_from_0_24, q5_0_hlo_from_0_24, q5_0_hhi_from_0_24);
+}
+STEP struct nibble_consts dot_q5_1_groups_consts(void) {
+    return nibble_consts(q5_1_q_from_0_32, q5_1_dm_from_0_32, q5_1_hlo_from_0_32, q5_1_hhi_from_0_32);
+}
+
+#define dot_q4_0_groups_init acc2_init
+#define dot_q4_0_groups_finish acc2_finish
+#define dot_q4_1_groups_init acc2_init
+#define dot_q4_1_groups_finish acc2_finish
+#define dot_q5_0_groups_init acc2_init
+#define dot_q5_0_groups_finish acc2_finish
+#define dot_q5_1_groups_init acc2_init
+#define dot_q5_1_groups_finish acc2_finish
+
+/* every legacy format has blocks of 32 */
+STEP int64_t legacy_groups(int64_t n) { return (n / 32 + GROUP - 1) / GROUP; }
+
+/* The bytes of group g of a row of blocks of `bytes` each: one 64-byte load, and the 16 bytes at `tail` (the
+ * last block's quants), or a second 64-byte load at `tail`; zeros past the row's end. */
+STEP void group_bytes(const void *vx, int64_t g, int64_t n, int bytes, int tail, int wide, __m512i *a, __m512i *b) {
+    const int64_t off = g * GROUP * bytes, left = n / 32 * bytes - off;
+    const uint8_t *p = (const uint8_t *)vx + off;
+    prefetch_ahead(p, GROUP * bytes);
+    if (left >= GROUP * bytes) {
+        *a = _mm512_loadu_si512(p);
+        *b = wide ? _mm512_loadu_si512(p + tail) : _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + tail)));
+    } else {
+        /* at most three blocks: a partial group's last quants never come from the 16-byte tail load */
+        *a = _mm512_maskz_loadu_epi8(first_bytes(left), p);
+        *b = wide ? _mm512_maskz_loadu_epi8(first_bytes(left - tail), p + tail) : _mm512_setzero_si512();
+    }
+}
+
+/* the quants of blocks 0-2 from a, block 3's from the 16 bytes in b */
+STEP __m512i gather_q4(__m512i a, __m512i b, const struct nibble_consts *c) {
+    return _mm512_inserti32x4(_mm512_permutexvar_epi8(c->idx_q, a), _mm512_castsi512_si128(b), 3);
+}
+
+/* the low nibbles (elements 0..15 of each block) and high nibbles (16..31), plus 16 where qh has the fifth bit */
+STEP void nibbles(__m512i q, __m512i a, __m512i b, int five, const struct nibble_consts *c, __m512i *lo, __m512i *hi) {
+    *lo = _mm512_and_si512(q, c->m4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
+    if (five) {
+        __mmask64 klo = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, c->idx_hlo, b), c->bit_of_byte);
+        __mmask64 khi = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, c->idx_hhi, b), c->bit_of_byte);
+        *lo = _mm512_mask_add_epi8(*lo, klo, *lo, c->sixteen);
+        *hi = _mm512_mask_add_epi8(*hi, khi, *hi, c->sixteen);
+    }
+}
+
+/* Q4_0 and Q5_0: sum of (q - offset) * y through base, times d_x * d_y */
+STEP void offset_groups_acc(struct acc2 *st, int64_t g, __m512i lo, __m512i hi, __m512 d, const void *vy) {
+    const struct q8_group *y = (const struct q8_group *)vy + g;
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
+    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
+    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+}
+
+/* Q4_1 and Q5_1: sum of q * y times d_x * d_y, plus m * s; dm holds d's halfs in the low 256 bits, m's above */
+STEP void min_groups_acc(struct acc2 *st, int64_t g, __m512i lo, __m512i hi, __m512i dm, const void *vy) {
+    const struct q8_group *y = (const struct q8_group *)vy + g;
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(y->lo));
+    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm)), m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+    __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    st->acc[g & 1] = _mm512_fmadd_ps(m, _mm512_loadu_ps(y->s), acc);
+}
+
+STEP void dot_q4_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q4_0), 3 * sizeof(block_q4_0) + 2, 0, &a, &b);
+    nibbles(gather_q4(a, b, c), a, b, 0, c, &lo, &hi);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(c->idx_d, a)));
+    offset_groups_acc(st, g, lo, hi, d, vy);
+}
+
+STEP void dot_q4_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q4_1), 3 * sizeof(block_q4_1) + 4, 0, &a, &b);
+    nibbles(gather_q4(a, b, c), a, b, 0, c, &lo, &hi);
+    min_groups_acc(st, g, lo, hi, _mm512_permutexvar_epi8(c->idx_d, a), vy);
+}
+
+STEP void dot_q5_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q5_0), 24, 1, &a, &b);
+    nibbles(_mm512_permutex2var_epi8(a, c->idx_q, b), a, b, 1, c, &lo, &hi);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, c->idx_d, b)));
+    offset_groups_acc(st, g, lo, hi, d, vy);
+}
+
+STEP void dot_q5_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q5_1), 32, 1, &a, &b);
+    nibbles(_mm512_permutex2var_epi8(a, c->idx_q, b), a, b, 1, c, &lo, &hi);
+    min_groups_acc(st, g, lo, hi, _mm512_permutex2var_epi8(a, c->idx_d, b), vy);
+}
+
+ROW_DOTS(dot_q4_0_groups, struct nibble_consts, struct acc2, legacy_groups)
+ROW_DOTS(dot_q4_1_groups, struct nibble_consts, struct acc2, legacy_groups)
+ROW_DOTS(dot_q5_0_groups, struct nibble_consts, struct acc2, legacy_groups)
+ROW_DOTS(dot_q5_1_groups, struct nibble_consts, struct acc2, legacy_groups)
+
+static void prep_q4_0(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 8, 1.0f, 0);
+}
+
+static void prep_q5_0(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 16, 1.0f, 0);
+}
+
+static void prep_q8_1(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 0, 1.0f, 1);
+}
 
 /* ---------------------------------------------------------------- Q4_K on Q8_K activations */
 
@@ -388,12 +569,20 @@ static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, d
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups,
                                                      dot_mxfp4_groups_x4};
 static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q4_K, dot_q4_K_sb, dot_q4_K_sb_x4};
+static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4};
+static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4};
+static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4};
+static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4};
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     switch (type) {
     case FL_TYPE_Q8_0: return &q8_0_kernel;
     case FL_TYPE_MXFP4: return &mxfp4_kernel;
     case FL_TYPE_Q4_K: return &q4_K_kernel;
+    case FL_TYPE_Q4_0: return &q4_0_kernel;
+    case FL_TYPE_Q4_1: return &q4_1_kernel;
+    case FL_TYPE_Q5_0: return &q5_0_kernel;
+    case FL_TYPE_Q5_1: return &q5_1_kernel;
     default: return NULL;
     }
 }
