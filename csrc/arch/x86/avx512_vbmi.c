@@ -427,13 +427,22 @@ static void prep_q8_1(int64_t k, const float *x, void *out) {
     prep_q8_groups(k, x, out, 0, 1.0f, 1);
 }
 
-/* ---------------------------------------------------------------- Q4_K on Q8_K activations */
+/* ---------------------------------------------------------------- k-quants on Q8_K activations */
 
-/* One superblock of activations, regrouped to meet Q4_K's quant bytes: q[c] holds what the low (c even) or
- * high (c odd) nibbles of quant bytes 64*(c/2) .. +63 multiply, i.e. sub-blocks (c/2)*4 + c%2 and +2 */
+/* One superblock of activations, regrouped to meet the k-quants' quant bytes: q[c] holds what one 64-byte
+ * vector of a block's quants multiplies, two sub-blocks of 32 (numbered 0..7) in its two 256-bit halves, in
+ * one of two orders:
+ * - NIBBLES (Q4_K, Q5_K): the low (c even) or high (c odd) nibbles of quant bytes 64*(c/2) .. +63, i.e.
+ *   sub-blocks (c/2)*4 + c%2 and +2; sums holds 0 in words 0..7, then the sum of each 32-sub-block (it meets
+ *   the mins);
+ * - BIT_PAIRS (Q2_K, Q3_K, Q6_K): bits 2c, 2c+1 of 64 quant bytes that hold four 2-bit fields each, i.e.
+ *   sub-blocks c and c + 4; sums holds the sum of each 16-sub-block, as Q8_K's bsums (it meets the mins or
+ *   undoes an offset). */
+enum q8k_order { NIBBLES, BIT_PAIRS };
+
 struct q8k_sb {
     int8_t q[4][64];
-    int16_t sums[16]; /* 0 in words 0..7, then the sum of each 32-sub-block: meets the mins */
+    int16_t sums[16];
     float d;
     uint8_t pad[28];
 };
@@ -442,10 +451,15 @@ static size_t q8k_sb_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_sb);
 }
 
+/* where 32-sub-block s goes: vector and half */
+static inline int8_t *q8k_dst(struct q8k_sb *sb, int s, enum q8k_order order) {
+    return order == NIBBLES ? sb->q[(s / 4) * 2 + s % 2] + 32 * ((s % 4) / 2) : sb->q[s % 4] + 32 * (s / 4);
+}
+
 /* Quantizes one superblock to Q8_K (fl_quantize_row_q8_K_ref, bit for bit: the same single product per value,
  * rounded to nearest even as its magic-number rounding does) straight into the regrouped layout. Returns 0,
  * leaving the rest to the reference, for a block with a NaN or an infinity. */
-static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
+static int prep_q8k_sb(const float *x, struct q8k_sb *sb, enum q8k_order order) {
     __m512 v[16], amax = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int j = 0; j < 16; j++) {
@@ -470,35 +484,59 @@ static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
     const float iscale = -127.f / max;
     const __m512 vs = _mm512_set1_ps(iscale);
     for (int s = 0; s < 8; s++) {
-        int8_t *dst = sb->q[(s / 4) * 2 + s % 2] + 32 * ((s % 4) / 2);
+        int8_t *dst = q8k_dst(sb, s, order);
         __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s], vs)), _mm512_set1_epi32(127));
         __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s + 1], vs)), _mm512_set1_epi32(127));
         _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(q1));
-        sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        if (order == NIBBLES) {
+            sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        } else {
+            sb->sums[2 * s] = (int16_t)_mm512_reduce_add_epi32(q0);
+            sb->sums[2 * s + 1] = (int16_t)_mm512_reduce_add_epi32(q1);
+        }
     }
     sb->d = 1 / iscale;
     return 1;
 }
 
-static void prep_q4_K(int64_t k, const float *x, void *out) {
+static void prep_q8k(int64_t k, const float *x, void *out, enum q8k_order order) {
     struct q8k_sb *sb = out;
     for (int64_t i = 0; i < k / QK_K; i++) {
-        if (prep_q8k_sb(x + i * QK_K, &sb[i]))
+        if (prep_q8k_sb(x + i * QK_K, &sb[i], order))
             continue;
         block_q8_K y[1];
         fl_quantize_row_q8_K_ref(x + i * QK_K, y, QK_K);
         memset(&sb[i], 0, sizeof(sb[i]));
-        for (int c = 0; c < 4; c++) {
-            int first = (c / 2) * 4 + c % 2; /* sub-blocks first and first + 2 */
-            memcpy(sb[i].q[c], y->qs + 32 * first, 32);
-            memcpy(sb[i].q[c] + 32, y->qs + 32 * (first + 2), 32);
-        }
-        for (int j = 0; j < 8; j++)
-            sb[i].sums[8 + j] = (int16_t)(y->bsums[2 * j] + y->bsums[2 * j + 1]);
+        for (int s = 0; s < 8; s++)
+            memcpy(q8k_dst(&sb[i], s, order), y->qs + 32 * s, 32);
+        for (int j = 0; j < 16; j++)
+            if (order == NIBBLES)
+                sb[i].sums[8 + j / 2] = (int16_t)(sb[i].sums[8 + j / 2] + y->bsums[j]);
+            else
+                sb[i].sums[j] = y->bsums[j];
         sb[i].d = y->d;
     }
 }
+
+static void prep_q8k_nibbles(int64_t k, const float *x, void *out) {
+    prep_q8k(k, x, out, NIBBLES);
+}
+
+static void prep_q8k_bit_pairs(int64_t k, const float *x, void *out) {
+    prep_q8k(k, x, out, BIT_PAIRS);
+}
+
+STEP int64_t superblocks(int64_t n) { return n / QK_K; }
+
+static inline float half_to_float(fl_half h) {
+    return _cvtsh_ss(h);
+}
+
+/* ---------------------------------------------------------------- Q4_K and Q5_K, the nibble order
+ * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set, its 32 qh bytes
+ * broadcast to both halves of a zmm and tested for the bit each vector's half needs. Both apply the 6-bit
+ * scales with vpdpwssd and meet the mins with the activation's sums in one vpmaddwd. */
 
 /* the 12 bytes of 6-bit scales and mins -> bytes sc0..sc7, m0..m7 (fl_get_scale_min_k4, 4 at a time) */
 static inline __m128i unpack_scales_mins(const uint8_t *packed) {
@@ -512,16 +550,21 @@ static inline __m128i unpack_scales_mins(const uint8_t *packed) {
 struct q4_K_consts {
     __m512i m4;
     __m512i pick[4]; /* per quant vector c: the scale of its first sub-block in words 0..15, the second's in 16..31 */
+    __m512i fifth[4]; /* Q5_K: per vector c, the qh bit of its first half's bytes in bytes 0..31, the second's above */
+    __m512i sixteen;
 };
 
 STEP struct q4_K_consts dot_q4_K_sb_consts(void) {
-    struct q4_K_consts k = {.m4 = _mm512_set1_epi8(0x0f)};
+    struct q4_K_consts k = {.m4 = _mm512_set1_epi8(0x0f), .sixteen = _mm512_set1_epi8(16)};
     for (int c = 0; c < 4; c++) {
         int first = (c / 2) * 4 + c % 2;
         k.pick[c] = _mm512_inserti64x4(_mm512_set1_epi16((short)first), _mm256_set1_epi16((short)(first + 2)), 1);
+        k.fifth[c] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << first)), _mm256_set1_epi8((char)(1 << (first + 2))), 1);
     }
     return k;
 }
+
+#define dot_q5_K_sb_consts dot_q4_K_sb_consts
 
 struct q4_K_state {
     __m512 acc;   /* d * scale-weighted sums */
@@ -537,38 +580,205 @@ STEP float dot_q4_K_sb_finish(const struct q4_K_state *st) {
     return _mm512_reduce_add_ps(st->acc) - _mm_cvtss_f32(m);
 }
 
-STEP int64_t q4_K_superblocks(int64_t n) { return n / QK_K; }
+#define dot_q5_K_sb_init dot_q4_K_sb_init
+#define dot_q5_K_sb_finish dot_q4_K_sb_finish
+#define dot_q2_K_sb_init dot_q4_K_sb_init
+#define dot_q2_K_sb_finish dot_q4_K_sb_finish
+
+/* sums of the products of unsigned quants q[c] with the activations, each pair times its 16-bit scale */
+STEP __m512i scaled_sums(const __m512i q[4], const struct q8k_sb *y, __m512i scales, const __m512i pick[4]) {
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++) {
+        __m512i p16 = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(y->q[c]));
+        sumi = _mm512_dpwssd_epi32(sumi, p16, _mm512_permutexvar_epi16(pick[c], scales));
+    }
+    return sumi;
+}
+
+/* acc += d * sumi, acc_m += dmin * mins, with d and dmin the fp16 pair at dm times the activation's d */
+STEP void acc_d_dmin(struct q4_K_state *st, const void *dm, __m512i sumi, __m256i mins, float yd) {
+    uint32_t dd;
+    memcpy(&dd, dm, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(yd)); /* d, dmin */
+    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(f), _mm512_cvtepi32_ps(sumi), st->acc);
+    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)), _mm256_cvtepi32_ps(mins), st->acc_m);
+}
+
+/* a Q4_K / Q5_K superblock, from its 16 leading bytes (d, dmin, scales) and its quants q[c] */
+STEP void k4_sb_acc(struct q4_K_state *st, const void *head, const __m512i q[4], const struct q8k_sb *y,
+                    const struct q4_K_consts *k) {
+    __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins((const uint8_t *)head + 4)); /* words sc0..7, m0..7 */
+    __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(sm), k->pick);
+    acc_d_dmin(st, head, sumi, _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums)), y->d);
+}
+
+STEP void nibbles_of(const uint8_t *qs, const struct q4_K_consts *k, __m512i q[4]) {
+    __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
+    q[0] = _mm512_and_si512(z0, k->m4);
+    q[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), k->m4);
+    q[2] = _mm512_and_si512(z1, k->m4);
+    q[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), k->m4);
+}
 
 STEP void dot_q4_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct q4_K_consts *k) {
     (void)n;
     const block_q4_K *x = (const block_q4_K *)vx + i;
-    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
-    __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins(x->scales)); /* words sc0..7, m0..7 */
-    __m512i scales = _mm512_castsi256_si512(sm);
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q4_K));
-    __m512i z0 = _mm512_loadu_si512(x->qs), z1 = _mm512_loadu_si512(x->qs + 64);
-    __m512i q[4] = {_mm512_and_si512(z0, k->m4), _mm512_and_si512(_mm512_srli_epi16(z0, 4), k->m4),
-                    _mm512_and_si512(z1, k->m4), _mm512_and_si512(_mm512_srli_epi16(z1, 4), k->m4)};
-    __m512i sumi = _mm512_setzero_si512();
-    for (int c = 0; c < 4; c++) {
-        __m512i p16 = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(y->q[c]));
-        sumi = _mm512_dpwssd_epi32(sumi, p16, _mm512_permutexvar_epi16(k->pick[c], scales));
-    }
-    uint32_t dd;
-    memcpy(&dd, x, sizeof(dd));
-    __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
-    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), _mm512_cvtepi32_ps(sumi), st->acc);
-    __m256i mins = _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums));
-    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), _mm256_cvtepi32_ps(mins), st->acc_m);
+    __m512i q[4];
+    nibbles_of(x->qs, k, q);
+    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
 }
 
-ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct q4_K_state, q4_K_superblocks)
+STEP void dot_q5_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct q4_K_consts *k) {
+    (void)n;
+    const block_q5_K *x = (const block_q5_K *)vx + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q5_K));
+    __m512i q[4];
+    nibbles_of(x->qs, k, q);
+    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
+    for (int c = 0; c < 4; c++)
+        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(qh, k->fifth[c]), q[c], k->sixteen);
+    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
+}
+
+ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
+ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
+
+/* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
+ * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
+ * 64-byte vector per field meets one activation vector. The fields are pulled out by vpermb lookups (the
+ * index's bits 6-7 are ignored), Q3_K's third bit and Q6_K's low nibbles are merged in, and the 16 scales of
+ * 16-sub-blocks go to vpdpwssd as Q4_K's do. Q3_K's offset of 4 and Q6_K's of 32 come back as offset times
+ * the scale-weighted activation sums, Q2_K's mins as Q4_K's do. */
+struct bit_pair_consts {
+    __m512i field[3]; /* vpermb tables: bits 0-1, 2-3 and 4-5 of the index */
+    __m512i pick[4];  /* per vector c: the scales of 16-sub-blocks 2c, 2c+1, 2c+8, 2c+9 in words 0-7, 8-15, ... */
+    __m512i third[4]; /* Q3_K: per vector c, the hmask bit of its first half's bytes in bytes 0..31, the second's above */
+    __m512i m4, m30, four;
+};
+
+STEP struct bit_pair_consts bit_pair_consts(void) {
+    struct bit_pair_consts k = {.m4 = _mm512_set1_epi8(0x0f), .m30 = _mm512_set1_epi8(0x30), .four = _mm512_set1_epi8(4)};
+    uint8_t table[3][64];
+    for (int f = 0; f < 3; f++)
+        for (int i = 0; i < 64; i++)
+            table[f][i] = (uint8_t)((i >> 2 * f) & 3);
+    for (int f = 0; f < 3; f++)
+        k.field[f] = _mm512_loadu_si512(table[f]);
+    for (int c = 0; c < 4; c++) {
+        k.pick[c] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_set1_epi16((short)(2 * c)), _mm_set1_epi16((short)(2 * c + 1)), 1)),
+            _mm256_inserti128_si256(_mm256_set1_epi16((short)(2 * c + 8)), _mm_set1_epi16((short)(2 * c + 9)), 1), 1);
+        k.third[c] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << c)), _mm256_set1_epi8((char)(1 << (c + 4))), 1);
+    }
+    return k;
+}
+
+#define dot_q2_K_sb_consts bit_pair_consts
+#define dot_q3_K_sb_consts bit_pair_consts
+#define dot_q6_K_sb_consts bit_pair_consts
+
+/* the four 2-bit fields of 64 quant bytes, as bytes 0..3 */
+STEP void bit_pairs_of(const uint8_t *qs, const struct bit_pair_consts *k, __m512i q[4]) {
+    __m512i z = _mm512_loadu_si512(qs);
+    q[0] = _mm512_permutexvar_epi8(z, k->field[0]);
+    q[1] = _mm512_permutexvar_epi8(z, k->field[1]);
+    q[2] = _mm512_permutexvar_epi8(z, k->field[2]);
+    q[3] = _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2]);
+}
+
+STEP void dot_q2_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q2_K *x = (const block_q2_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+    __m512i q[4];
+    bit_pairs_of(x->qs, k, q);
+    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales), m4 = _mm512_castsi512_si128(k->m4);
+    const __m256i scales = _mm256_cvtepu8_epi16(_mm_and_si128(packed, m4));
+    const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), m4));
+    __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick);
+    acc_d_dmin(st, &x->d, sumi, _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y->sums)), y->d);
+}
+
+/* sumi - offset * (the scale-weighted activation sums), as Q3_K's and Q6_K's generic dots' value offsets give */
+STEP __m512i minus_offset(__m512i sumi, __m256i scales, const struct q8k_sb *y, int shift) {
+    __m256i off = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y->sums));
+    return _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(off, shift)));
+}
+
+/* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
+ * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (unpack_scales_q3_K). The 16-byte
+ * load ends with the scales, so that it stays within the block. */
+static inline __m256i q3_K_scales(const uint8_t *scales) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)(scales - 4)); /* scale byte b at 4 + b */
+    __m128i low = _mm_shuffle_epi8(t, _mm_setr_epi8(4, 5, 6, 7, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    low = _mm_and_si128(_mm_srlv_epi64(low, _mm_set_epi64x(4, 0)), _mm_set1_epi8(0x0f));
+    __m128i top = _mm_srlv_epi32(_mm_shuffle_epi32(t, _MM_SHUFFLE(3, 3, 3, 3)), _mm_setr_epi32(0, 2, 4, 6));
+    __m128i codes = _mm_ternarylogic_epi32(low, _mm_slli_epi16(top, 4), _mm_set1_epi8(0x30), 0xF8); /* a | b & c */
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(codes, _mm_set1_epi8(32)));
+}
+
+STEP void dot_q3_K_sb_step(struct acc2 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q3_K *x = (const block_q3_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q3_K));
+    __m512i q[4];
+    bit_pairs_of(x->qs, k, q);
+    /* q + 4 * (the hmask bit): the value plus its offset 4, 0..7 */
+    __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
+    for (int c = 0; c < 4; c++)
+        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(hm, k->third[c]), q[c], k->four);
+    __m256i scales = q3_K_scales(x->scales);
+    __m512i sumi = minus_offset(scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick), scales, y, 2);
+    st->acc[i & 1] = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc[i & 1]);
+}
+
+/* Q6_K: ql's low nibbles of bytes 0..31 and 64..95 (a), 32..63 and 96..127 (b) are values 0..31 and 128..159,
+ * 32.. and 160..; their high nibbles values 64.., 192.. and 96.., 224..: the bit-pair order, with qh's fields
+ * as the top two bits */
+STEP void dot_q6_K_sb_step(struct acc2 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q6_K *x = (const block_q6_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q6_K));
+    __m512i z0 = _mm512_loadu_si512(x->ql), z1 = _mm512_loadu_si512(x->ql + 64), h = _mm512_loadu_si512(x->qh);
+    __m512i a = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(1, 0, 1, 0)), b = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(3, 2, 3, 2));
+    /* (low bits) | (qh's field, moved to bits 4-5) */
+    __m512i q[4] = {
+        _mm512_ternarylogic_epi32(_mm512_and_si512(a, k->m4), _mm512_slli_epi16(h, 4), k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(b, k->m4), _mm512_slli_epi16(h, 2), k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), k->m4), h, k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), k->m4), _mm512_srli_epi16(h, 2), k->m30, 0xF8),
+    };
+    __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+    __m512i sumi = minus_offset(scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick), scales, y, 5);
+    st->acc[i & 1] = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc[i & 1]);
+}
+
+#define dot_q3_K_sb_init acc2_init
+#define dot_q3_K_sb_finish acc2_finish
+#define dot_q6_K_sb_init acc2_init
+#define dot_q6_K_sb_finish acc2_finish
+
+ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q4_K_state, superblocks)
+ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct acc2, superblocks)
+ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc2, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups,
                                                      dot_mxfp4_groups_x4};
-static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q4_K, dot_q4_K_sb, dot_q4_K_sb_x4};
+static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4};
+static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4};
+static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4};
+static const struct fl_decode_kernel q3_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q3_K_sb, dot_q3_K_sb_x4};
+static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4};
 static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4};
 static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4};
 static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4};
@@ -579,6 +789,10 @@ const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     case FL_TYPE_Q8_0: return &q8_0_kernel;
     case FL_TYPE_MXFP4: return &mxfp4_kernel;
     case FL_TYPE_Q4_K: return &q4_K_kernel;
+    case FL_TYPE_Q5_K: return &q5_K_kernel;
+    case FL_TYPE_Q2_K: return &q2_K_kernel;
+    case FL_TYPE_Q3_K: return &q3_K_kernel;
+    case FL_TYPE_Q6_K: return &q6_K_kernel;
     case FL_TYPE_Q4_0: return &q4_0_kernel;
     case FL_TYPE_Q4_1: return &q4_1_kernel;
     case FL_TYPE_Q5_0: return &q5_0_kernel;
