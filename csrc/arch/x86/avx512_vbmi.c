@@ -159,6 +159,16 @@ STEP struct acc2 acc2_init(void) { return (struct acc2){{_mm512_setzero_ps(), _m
 
 STEP float acc2_finish(const struct acc2 *st) { return _mm512_reduce_add_ps(_mm512_add_ps(st->acc[0], st->acc[1])); }
 
+/* one accumulator: the formats below index no array by the step (GCC keeps acc2 on the stack, acc[g & 1]) and
+ * four rows already give the four-row dot four FMA chains */
+struct acc1 {
+    __m512 acc;
+};
+
+STEP struct acc1 acc1_init(void) { return (struct acc1){_mm512_setzero_ps()}; }
+
+STEP float acc1_finish(const struct acc1 *st) { return _mm512_reduce_add_ps(st->acc); }
+
 struct q8_0_consts {
     __m512i idx_lo, idx_hi, idx_d, bias;
 };
@@ -313,14 +323,14 @@ STEP struct nibble_consts dot_q5_1_groups_consts(void) {
     return nibble_consts(q5_1_q_from_0_32, q5_1_dm_from_0_32, q5_1_hlo_from_0_32, q5_1_hhi_from_0_32);
 }
 
-#define dot_q4_0_groups_init acc2_init
-#define dot_q4_0_groups_finish acc2_finish
-#define dot_q4_1_groups_init acc2_init
-#define dot_q4_1_groups_finish acc2_finish
-#define dot_q5_0_groups_init acc2_init
-#define dot_q5_0_groups_finish acc2_finish
-#define dot_q5_1_groups_init acc2_init
-#define dot_q5_1_groups_finish acc2_finish
+#define dot_q4_0_groups_init acc1_init
+#define dot_q4_0_groups_finish acc1_finish
+#define dot_q4_1_groups_init acc1_init
+#define dot_q4_1_groups_finish acc1_finish
+#define dot_q5_0_groups_init acc1_init
+#define dot_q5_0_groups_finish acc1_finish
+#define dot_q5_1_groups_init acc1_init
+#define dot_q5_1_groups_finish acc1_finish
 
 /* every legacy format has blocks of 32 */
 STEP int64_t legacy_groups(int64_t n) { return (n / 32 + GROUP - 1) / GROUP; }
@@ -359,24 +369,24 @@ STEP void nibbles(__m512i q, __m512i a, __m512i b, int five, const struct nibble
 }
 
 /* Q4_0 and Q5_0: sum of (q - offset) * y through base, times d_x * d_y */
-STEP void offset_groups_acc(struct acc2 *st, int64_t g, __m512i lo, __m512i hi, __m512 d, const void *vy) {
+STEP void offset_groups_acc(struct acc1 *st, int64_t g, __m512i lo, __m512i hi, __m512 d, const void *vy) {
     const struct q8_group *y = (const struct q8_group *)vy + g;
     __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
     sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
-    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc);
 }
 
 /* Q4_1 and Q5_1: sum of q * y times d_x * d_y, plus m * s; dm holds d's halfs in the low 256 bits, m's above */
-STEP void min_groups_acc(struct acc2 *st, int64_t g, __m512i lo, __m512i hi, __m512i dm, const void *vy) {
+STEP void min_groups_acc(struct acc1 *st, int64_t g, __m512i lo, __m512i hi, __m512i dm, const void *vy) {
     const struct q8_group *y = (const struct q8_group *)vy + g;
     __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(y->lo));
     sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
     __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm)), m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
-    __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
-    st->acc[g & 1] = _mm512_fmadd_ps(m, _mm512_loadu_ps(y->s), acc);
+    __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc);
+    st->acc = _mm512_fmadd_ps(m, _mm512_loadu_ps(y->s), acc);
 }
 
-STEP void dot_q4_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q4_0_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct nibble_consts *c) {
     __m512i a, b, lo, hi;
     group_bytes(vx, g, n, sizeof(block_q4_0), 3 * sizeof(block_q4_0) + 2, 0, &a, &b);
@@ -385,7 +395,7 @@ STEP void dot_q4_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64
     offset_groups_acc(st, g, lo, hi, d, vy);
 }
 
-STEP void dot_q4_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q4_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct nibble_consts *c) {
     __m512i a, b, lo, hi;
     group_bytes(vx, g, n, sizeof(block_q4_1), 3 * sizeof(block_q4_1) + 4, 0, &a, &b);
@@ -393,7 +403,7 @@ STEP void dot_q4_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64
     min_groups_acc(st, g, lo, hi, _mm512_permutexvar_epi8(c->idx_d, a), vy);
 }
 
-STEP void dot_q5_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q5_0_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct nibble_consts *c) {
     __m512i a, b, lo, hi;
     group_bytes(vx, g, n, sizeof(block_q5_0), 24, 1, &a, &b);
@@ -402,7 +412,7 @@ STEP void dot_q5_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64
     offset_groups_acc(st, g, lo, hi, d, vy);
 }
 
-STEP void dot_q5_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q5_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct nibble_consts *c) {
     __m512i a, b, lo, hi;
     group_bytes(vx, g, n, sizeof(block_q5_1), 32, 1, &a, &b);
@@ -410,10 +420,10 @@ STEP void dot_q5_1_groups_step(struct acc2 *st, const void *vx, int64_t g, int64
     min_groups_acc(st, g, lo, hi, _mm512_permutex2var_epi8(a, c->idx_d, b), vy);
 }
 
-ROW_DOTS(dot_q4_0_groups, struct nibble_consts, struct acc2, legacy_groups)
-ROW_DOTS(dot_q4_1_groups, struct nibble_consts, struct acc2, legacy_groups)
-ROW_DOTS(dot_q5_0_groups, struct nibble_consts, struct acc2, legacy_groups)
-ROW_DOTS(dot_q5_1_groups, struct nibble_consts, struct acc2, legacy_groups)
+ROW_DOTS(dot_q4_0_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q4_1_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q5_0_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q5_1_groups, struct nibble_consts, struct acc1, legacy_groups)
 
 static void prep_q4_0(int64_t k, const float *x, void *out) {
     prep_q8_groups(k, x, out, 8, 1.0f, 0);
@@ -436,8 +446,8 @@ static void prep_q8_1(int64_t k, const float *x, void *out) {
  *   sub-blocks (c/2)*4 + c%2 and +2; sums holds 0 in words 0..7, then the sum of each 32-sub-block (it meets
  *   the mins);
  * - BIT_PAIRS (Q2_K, Q3_K, Q6_K): bits 2c, 2c+1 of 64 quant bytes that hold four 2-bit fields each, i.e.
- *   sub-blocks c and c + 4; sums holds the sum of each 16-sub-block, as Q8_K's bsums (it meets the mins or
- *   undoes an offset). */
+ *   sub-blocks c and c + 4; sums holds minus the sum of each 16-sub-block, minus Q8_K's bsums (it meets the
+ *   mins, or undoes an offset as the seed of the sums it is subtracted from). */
 enum q8k_order { NIBBLES, BIT_PAIRS };
 
 struct q8k_sb {
@@ -492,8 +502,8 @@ static int prep_q8k_sb(const float *x, struct q8k_sb *sb, enum q8k_order order) 
         if (order == NIBBLES) {
             sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         } else {
-            sb->sums[2 * s] = (int16_t)_mm512_reduce_add_epi32(q0);
-            sb->sums[2 * s + 1] = (int16_t)_mm512_reduce_add_epi32(q1);
+            sb->sums[2 * s] = (int16_t)-_mm512_reduce_add_epi32(q0);
+            sb->sums[2 * s + 1] = (int16_t)-_mm512_reduce_add_epi32(q1);
         }
     }
     sb->d = 1 / iscale;
@@ -514,7 +524,7 @@ static void prep_q8k(int64_t k, const float *x, void *out, enum q8k_order order)
             if (order == NIBBLES)
                 sb[i].sums[8 + j / 2] = (int16_t)(sb[i].sums[8 + j / 2] + y->bsums[j]);
             else
-                sb[i].sums[j] = y->bsums[j];
+                sb[i].sums[j] = (int16_t)-y->bsums[j];
         sb[i].d = y->d;
     }
 }
@@ -582,8 +592,6 @@ STEP float dot_q4_K_sb_finish(const struct q4_K_state *st) {
 
 #define dot_q5_K_sb_init dot_q4_K_sb_init
 #define dot_q5_K_sb_finish dot_q4_K_sb_finish
-#define dot_q2_K_sb_init dot_q4_K_sb_init
-#define dot_q2_K_sb_finish dot_q4_K_sb_finish
 
 /* sums of the products of unsigned quants q[c] with the activations, each pair times its 16-bit scale */
 STEP __m512i scaled_sums(const __m512i q[4], const struct q8k_sb *y, __m512i scales, const __m512i pick[4]) {
@@ -648,101 +656,145 @@ ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
 
 /* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
  * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
- * 64-byte vector per field meets one activation vector. The fields are pulled out by vpermb lookups (the
- * index's bits 6-7 are ignored), Q3_K's third bit and Q6_K's low nibbles are merged in, and the 16 scales of
- * 16-sub-blocks go to vpdpwssd as Q4_K's do. Q3_K's offset of 4 and Q6_K's of 32 come back as offset times
- * the scale-weighted activation sums, Q2_K's mins as Q4_K's do. */
+ * 64-byte vector per field meets one activation vector, each 128-bit lane one 16-sub-block. vpdpbusd sums four
+ * products a dword, few enough (|sum| <= 4 * 63 * 127) that two vectors' dwords pack into one vector of words,
+ * which one vpdpwssd scales, two vectors' scales gathered by one vpermw. Q3_K's offset of 4 and Q6_K's of 32
+ * come back as offset times the scale-weighted activation sums, the seed of those sums; Q2_K's mins meet the
+ * activation sums as Q4_K's do. */
 struct bit_pair_consts {
-    __m512i field[3]; /* vpermb tables: bits 0-1, 2-3 and 4-5 of the index */
-    __m512i pick[4];  /* per vector c: the scales of 16-sub-blocks 2c, 2c+1, 2c+8, 2c+9 in words 0-7, 8-15, ... */
-    __m512i third[4]; /* Q3_K: per vector c, the hmask bit of its first half's bytes in bytes 0..31, the second's above */
-    __m512i m4, m30, four;
+    __m512i field[3]; /* vpermb tables (the index's bits 6-7 are ignored): Q2_K's fields 1-3 and Q3_K's values */
+    __m512i pick2[2]; /* per pair of vectors 2p, 2p+1: the scales of lane k's words 0-3 (2p) and 4-7 (2p+1) */
+    __m512i m3, m4, m30, m7;
+    __m512i sel[3];   /* Q3_K: bits 1, 2 and 3, where its third bits go into the index */
+    __m512i half4;    /* Q3_K: the hmask shifted by 0 (low half) and 4 (high half) */
 };
 
-STEP struct bit_pair_consts bit_pair_consts(void) {
-    struct bit_pair_consts k = {.m4 = _mm512_set1_epi8(0x0f), .m30 = _mm512_set1_epi8(0x30), .four = _mm512_set1_epi8(4)};
-    uint8_t table[3][64];
-    for (int f = 0; f < 3; f++)
+/* Q2_K: field f (1..3) of index i, f = 3 after a shift of the quant bytes by 2. Q3_K: vector f's 3-bit value
+ * from an index that also holds its third bit at bit f */
+static uint8_t bit_pair_table(int q3, int f, int i) {
+    return (uint8_t)(((i >> (f == 1 ? 2 : 4)) & 3) | (q3 ? ((i >> f) & 1) << 2 : 0));
+}
+
+STEP struct bit_pair_consts bit_pair_consts(int q3) {
+    struct bit_pair_consts k = {.m3 = _mm512_set1_epi8(3), .m4 = _mm512_set1_epi8(0x0f), .m30 = _mm512_set1_epi8(0x30),
+                                .m7 = _mm512_set1_epi8(7),
+                                .half4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1)};
+    uint8_t table[64];
+    for (int f = 0; f < 3; f++) {
         for (int i = 0; i < 64; i++)
-            table[f][i] = (uint8_t)((i >> 2 * f) & 3);
-    for (int f = 0; f < 3; f++)
-        k.field[f] = _mm512_loadu_si512(table[f]);
-    for (int c = 0; c < 4; c++) {
-        k.pick[c] = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_set1_epi16((short)(2 * c)), _mm_set1_epi16((short)(2 * c + 1)), 1)),
-            _mm256_inserti128_si256(_mm256_set1_epi16((short)(2 * c + 8)), _mm_set1_epi16((short)(2 * c + 9)), 1), 1);
-        k.third[c] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << c)), _mm256_set1_epi8((char)(1 << (c + 4))), 1);
+            table[i] = bit_pair_table(q3, f + 1, i);
+        k.field[f] = _mm512_loadu_si512(table);
+        k.sel[f] = _mm512_set1_epi8((char)(2 << f));
+    }
+    int16_t pick2[32];
+    for (int p = 0; p < 2; p++) {
+        for (int w = 0; w < 32; w++) /* lane w / 8 is 16-sub-block 2c + (w / 8) % 2 + 8 * (w / 16) of vector c */
+            pick2[w] = (int16_t)(2 * (2 * p + (w % 8) / 4) + (w / 8) % 2 + 8 * (w / 16));
+        k.pick2[p] = _mm512_loadu_si512(pick2);
     }
     return k;
 }
 
-#define dot_q2_K_sb_consts bit_pair_consts
-#define dot_q3_K_sb_consts bit_pair_consts
-#define dot_q6_K_sb_consts bit_pair_consts
+STEP struct bit_pair_consts dot_q2_K_sb_consts(void) { return bit_pair_consts(0); }
+STEP struct bit_pair_consts dot_q3_K_sb_consts(void) { return bit_pair_consts(1); }
+#define dot_q6_K_sb_consts dot_q2_K_sb_consts
 
-/* the four 2-bit fields of 64 quant bytes, as bytes 0..3 */
-STEP void bit_pairs_of(const uint8_t *qs, const struct bit_pair_consts *k, __m512i q[4]) {
-    __m512i z = _mm512_loadu_si512(qs);
-    q[0] = _mm512_permutexvar_epi8(z, k->field[0]);
-    q[1] = _mm512_permutexvar_epi8(z, k->field[1]);
-    q[2] = _mm512_permutexvar_epi8(z, k->field[2]);
-    q[3] = _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2]);
+/* the sums of vector c's products with the activations, four a dword; two vectors' dwords packed to words and
+ * scaled by their 16-bit scales */
+STEP __m512i packed_sums(__m512i seed, const __m512i q[4], const struct q8k_sb *y, __m512i scales,
+                         const struct bit_pair_consts *k) {
+    __m512i d[4], sumi = seed;
+    for (int c = 0; c < 4; c++)
+        d[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(y->q[c]));
+    for (int p = 0; p < 2; p++)
+        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
+                                   _mm512_permutexvar_epi16(k->pick2[p], scales));
+    return sumi;
 }
 
-STEP void dot_q2_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+/* offset times the scale-weighted activation sums, negative (the activation keeps its sums negated) */
+STEP __m512i offset_seed(__m256i scales, const struct q8k_sb *y, int log2_offset) {
+    __m256i off = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y->sums));
+    return _mm512_zextsi256_si512(_mm256_slli_epi32(off, log2_offset));
+}
+
+struct q2_K_state {
+    __m512 acc;   /* d * scale-weighted sums */
+    __m256 acc_m; /* dmin * min-weighted activation sums, negative */
+};
+
+STEP struct q2_K_state dot_q2_K_sb_init(void) { return (struct q2_K_state){_mm512_setzero_ps(), _mm256_setzero_ps()}; }
+
+STEP float dot_q2_K_sb_finish(const struct q2_K_state *st) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(st->acc_m), _mm256_extractf128_ps(st->acc_m, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return _mm512_reduce_add_ps(st->acc) + _mm_cvtss_f32(m);
+}
+
+STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
     (void)n;
     const block_q2_K *x = (const block_q2_K *)vx + i;
     const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
-    __m512i q[4];
-    bit_pairs_of(x->qs, k, q);
-    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales), m4 = _mm512_castsi512_si128(k->m4);
-    const __m256i scales = _mm256_cvtepu8_epi16(_mm_and_si128(packed, m4));
-    const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), m4));
-    __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick);
-    acc_d_dmin(st, &x->d, sumi, _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y->sums)), y->d);
-}
-
-/* sumi - offset * (the scale-weighted activation sums), as Q3_K's and Q6_K's generic dots' value offsets give */
-STEP __m512i minus_offset(__m512i sumi, __m256i scales, const struct q8k_sb *y, int shift) {
-    __m256i off = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y->sums));
-    return _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(off, shift)));
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i q[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
+                    _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
+    /* scales in the low nibbles, mins in the high ones */
+    const __m256i packed = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+    const __m256i scales = _mm256_and_si256(packed, _mm512_castsi512_si256(k->m4));
+    __m512i sumi = packed_sums(_mm512_setzero_si512(), q, y, _mm512_castsi256_si512(scales), k);
+    __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(packed, 4), _mm256_loadu_si256((const __m256i *)y->sums));
+    uint32_t dd;
+    memcpy(&dd, &x->d, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
+    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(f), _mm512_cvtepi32_ps(sumi), st->acc);
+    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)), _mm256_cvtepi32_ps(mins), st->acc_m);
 }
 
 /* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
- * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (unpack_scales_q3_K). The 16-byte
- * load ends with the scales, so that it stays within the block. */
+ * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (unpack_scales_q3_K). Put together in
+ * general registers, whose ports the vector work leaves free. */
 static inline __m256i q3_K_scales(const uint8_t *scales) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)(scales - 4)); /* scale byte b at 4 + b */
-    __m128i low = _mm_shuffle_epi8(t, _mm_setr_epi8(4, 5, 6, 7, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-    low = _mm_and_si128(_mm_srlv_epi64(low, _mm_set_epi64x(4, 0)), _mm_set1_epi8(0x0f));
-    __m128i top = _mm_srlv_epi32(_mm_shuffle_epi32(t, _MM_SHUFFLE(3, 3, 3, 3)), _mm_setr_epi32(0, 2, 4, 6));
-    __m128i codes = _mm_ternarylogic_epi32(low, _mm_slli_epi16(top, 4), _mm_set1_epi8(0x30), 0xF8); /* a | b & c */
+    const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full, pairs = 0x03030303u;
+    uint64_t low;
+    uint32_t top;
+    memcpy(&low, scales, sizeof(low));
+    memcpy(&top, scales + 8, sizeof(top));
+    uint64_t top0 = (top & pairs) | (uint64_t)((top >> 2) & pairs) << 32;        /* codes 0..7 */
+    uint64_t top8 = ((top >> 4) & pairs) | (uint64_t)((top >> 6) & pairs) << 32; /* codes 8..15 */
+    __m128i codes = _mm_set_epi64x((long long)(((low >> 4) & nibbles) | top8 << 4), (long long)((low & nibbles) | top0 << 4));
     return _mm256_cvtepi8_epi16(_mm_sub_epi8(codes, _mm_set1_epi8(32)));
 }
 
-STEP void dot_q3_K_sb_step(struct acc2 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+/* Q3_K: value + 4 = (low two bits) + 4 * (the hmask bit), 0..7. The hmask bit of vector c (bit c of the low
+ * half's bytes, c + 4 of the high half's) is shifted to bit c of both halves and merged into a bit of the index
+ * that the vector's lookup does not otherwise read. */
+STEP void dot_q3_K_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
     (void)n;
     const block_q3_K *x = (const block_q3_K *)vx + i;
     const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q3_K));
-    __m512i q[4];
-    bit_pairs_of(x->qs, k, q);
-    /* q + 4 * (the hmask bit): the value plus its offset 4, 0..7 */
-    __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
-    for (int c = 0; c < 4; c++)
-        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(hm, k->third[c]), q[c], k->four);
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
+    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
+    __m512i q[4] = {
+        _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]),
+    };
     __m256i scales = q3_K_scales(x->scales);
-    __m512i sumi = minus_offset(scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick), scales, y, 2);
-    st->acc[i & 1] = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc[i & 1]);
+    __m512i sumi = packed_sums(offset_seed(scales, y, 2), q, y, _mm512_castsi256_si512(scales), k);
+    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc);
 }
 
 /* Q6_K: ql's low nibbles of bytes 0..31 and 64..95 (a), 32..63 and 96..127 (b) are values 0..31 and 128..159,
  * 32.. and 160..; their high nibbles values 64.., 192.. and 96.., 224..: the bit-pair order, with qh's fields
  * as the top two bits */
-STEP void dot_q6_K_sb_step(struct acc2 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+STEP void dot_q6_K_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
     (void)n;
     const block_q6_K *x = (const block_q6_K *)vx + i;
@@ -758,18 +810,18 @@ STEP void dot_q6_K_sb_step(struct acc2 *st, const void *vx, int64_t i, int64_t n
         _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), k->m4), _mm512_srli_epi16(h, 2), k->m30, 0xF8),
     };
     __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
-    __m512i sumi = minus_offset(scaled_sums(q, y, _mm512_castsi256_si512(scales), k->pick), scales, y, 5);
-    st->acc[i & 1] = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc[i & 1]);
+    __m512i sumi = packed_sums(offset_seed(scales, y, 5), q, y, _mm512_castsi256_si512(scales), k);
+    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc);
 }
 
-#define dot_q3_K_sb_init acc2_init
-#define dot_q3_K_sb_finish acc2_finish
-#define dot_q6_K_sb_init acc2_init
-#define dot_q6_K_sb_finish acc2_finish
+#define dot_q3_K_sb_init acc1_init
+#define dot_q3_K_sb_finish acc1_finish
+#define dot_q6_K_sb_init acc1_init
+#define dot_q6_K_sb_finish acc1_finish
 
-ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q4_K_state, superblocks)
-ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct acc2, superblocks)
-ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc2, superblocks)
+ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q2_K_state, superblocks)
+ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct acc1, superblocks)
+ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc1, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups,
