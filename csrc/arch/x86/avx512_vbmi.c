@@ -766,7 +766,7 @@ STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int
 }
 
 /* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
- * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (unpack_scales_q3_K). Put together in
+ * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (fl_unpack_scales_q3_K). Put together in
  * general registers, whose ports the vector work leaves free. */
 static inline __m256i q3_K_scales(const uint8_t *scales) {
     const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full, pairs = 0x03030303u;
