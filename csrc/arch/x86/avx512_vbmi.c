@@ -669,23 +669,31 @@ ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
 
 /* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
  * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
- * 64-byte vector per field meets one activation vector, each 128-bit lane one 16-sub-block. vpdpbusd sums four
- * products a dword, few enough (|sum| <= 4 * 63 * 127) that two vectors' dwords pack into one vector of words,
- * which one vpdpwssd scales, two vectors' scales gathered by one vpermw. Q3_K's offset of 4 and Q6_K's of 32
- * come back as offset times the scale-weighted activation sums, the seed of those sums; Q2_K's mins meet the
- * activation sums as Q4_K's do. */
+ * 64-byte vector per field meets one activation vector, each 128-bit lane one 16-sub-block.
+ * - Q2_K: a field times its 4-bit scale fits a byte (<= 45): vpshufb looks the product up in a table of each
+ *   lane's four sub-blocks' multiples 0..3 x scale (one table per superblock, by vpermb and vpmullw), indexed
+ *   by the field + 4 * vector (vpermb lookups give both at once), and vpdpbusd adds it up. The mins meet the
+ *   activation sums as Q4_K's do.
+ * - Q3_K, Q6_K (6-bit scales): vpdpbusd sums four products a dword, few enough (|sum| <= 4 * 63 * 127) that
+ *   two vectors' dwords pack into one vector of words, which one vpdpwssd scales, two vectors' scales gathered
+ *   by one vpermw. Their offsets of 4 and 32 come back as offset times the scale-weighted activation sums, the
+ *   seed of those sums. */
 struct bit_pair_consts {
-    __m512i field[3]; /* vpermb tables (the index's bits 6-7 are ignored): Q2_K's fields 1-3 and Q3_K's values */
-    __m512i pick2[2]; /* per pair of vectors 2p, 2p+1: the scales of lane k's words 0-3 (2p) and 4-7 (2p+1) */
+    __m512i field[3]; /* vpermb tables (the index's bits 6-7 are ignored): fields 1-3 (see bit_pair_table) */
+    __m512i pick[2];  /* Q2_K: the scale of each byte of the lookup table; Q3_K, Q6_K: per pair of vectors 2p,
+                         2p+1, the scales of lane k's words 0-3 (2p) and 4-7 (2p+1) */
     __m512i m3, m4, m30, m7;
     __m512i sel[3];   /* Q3_K: bits 1, 2 and 3, where its third bits go into the index */
     __m512i half4;    /* Q3_K: the hmask shifted by 0 (low half) and 4 (high half) */
 };
 
-/* Q2_K: field f (1..3) of index i, f = 3 after a shift of the quant bytes by 2. Q3_K: vector f's 3-bit value
- * from an index that also holds its third bit at bit f */
+/* 16-sub-block of lane k of vector c */
+#define BIT_PAIR_SUB(c, k) (2 * (c) + (k) % 2 + 8 * ((k) / 2))
+
+/* Field f (1..3) of index i (f = 3 after a shift of the quant bytes by 2): Q2_K, plus 4f, its product's place in
+ * a lane of the lookup table; Q3_K, with its third bit (at bit f of the index) as bit 2 */
 static uint8_t bit_pair_table(int q3, int f, int i) {
-    return (uint8_t)(((i >> (f == 1 ? 2 : 4)) & 3) | (q3 ? ((i >> f) & 1) << 2 : 0));
+    return (uint8_t)(((i >> (f == 1 ? 2 : 4)) & 3) | (q3 ? ((i >> f) & 1) << 2 : 4 * f));
 }
 
 STEP struct bit_pair_consts bit_pair_consts(int q3) {
@@ -699,18 +707,25 @@ STEP struct bit_pair_consts bit_pair_consts(int q3) {
         k.field[f] = _mm512_loadu_si512(table);
         k.sel[f] = _mm512_set1_epi8((char)(2 << f));
     }
-    int16_t pick2[32];
     for (int p = 0; p < 2; p++) {
-        for (int w = 0; w < 32; w++) /* lane w / 8 is 16-sub-block 2c + (w / 8) % 2 + 8 * (w / 16) of vector c */
-            pick2[w] = (int16_t)(2 * (2 * p + (w % 8) / 4) + (w / 8) % 2 + 8 * (w / 16));
-        k.pick2[p] = _mm512_loadu_si512(pick2);
+        int16_t pick[32];
+        for (int w = 0; w < 32; w++)
+            pick[w] = (int16_t)BIT_PAIR_SUB(2 * p + (w % 8) / 4, w / 8);
+        k.pick[p] = _mm512_loadu_si512(pick);
+    }
+    if (!q3) {
+        /* the byte scale of byte b of lane k (entry b of its table): vector b / 4's, in the low byte of a word */
+        uint8_t bytes[64] = {0};
+        for (int b = 0; b < 64; b += 2)
+            bytes[b] = (uint8_t)BIT_PAIR_SUB((b % 16) / 4, b / 16);
+        k.pick[0] = _mm512_loadu_si512(bytes);
     }
     return k;
 }
 
 STEP struct bit_pair_consts dot_q2_K_sb_consts(void) { return bit_pair_consts(0); }
 STEP struct bit_pair_consts dot_q3_K_sb_consts(void) { return bit_pair_consts(1); }
-#define dot_q6_K_sb_consts dot_q2_K_sb_consts
+#define dot_q6_K_sb_consts dot_q3_K_sb_consts
 
 /* the sums of vector c's products with the activations, four a dword; two vectors' dwords packed to words and
  * scaled by their 16-bit scales */
@@ -721,7 +736,7 @@ STEP __m512i packed_sums(__m512i seed, const __m512i q[4], const struct q8k_sb *
         d[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(y->q[c]));
     for (int p = 0; p < 2; p++)
         sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
-                                   _mm512_permutexvar_epi16(k->pick2[p], scales));
+                                   _mm512_permutexvar_epi16(k->pick[p], scales));
     return sumi;
 }
 
@@ -752,13 +767,18 @@ STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int
     const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
     __m512i z = _mm512_loadu_si512(x->qs);
-    __m512i q[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
-                    _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
-    /* scales in the low nibbles, mins in the high ones */
-    const __m256i packed = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
-    const __m256i scales = _mm256_and_si256(packed, _mm512_castsi512_si256(k->m4));
-    __m512i sumi = packed_sums(_mm512_setzero_si512(), q, y, _mm512_castsi256_si512(scales), k);
-    __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(packed, 4), _mm256_loadu_si256((const __m256i *)y->sums));
+    __m512i at[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
+                     _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
+    /* scales in the low nibbles, mins in the high ones; entry 4c + t of lane k's table: t * its scale */
+    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales);
+    __m512i table = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, k->pick[0],
+                                                  _mm512_castsi128_si512(_mm_and_si128(packed, _mm512_castsi512_si128(k->m4))));
+    table = _mm512_mullo_epi16(table, _mm512_set1_epi32(0x03020100));
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++)
+        sumi = _mm512_dpbusd_epi32(sumi, _mm512_shuffle_epi8(table, at[c]), _mm512_loadu_si512(y->q[c]));
+    __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(_mm256_cvtepu8_epi16(packed), 4),
+                                     _mm256_loadu_si256((const __m256i *)y->sums));
     float f[4]; /* d, dmin in f[2], f[3]: the 8 bytes end with them, within the block */
     floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(x->qs + 60))), _mm_set1_ps(y->d)));
     st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[2]), _mm512_cvtepi32_ps(sumi), st->acc);
