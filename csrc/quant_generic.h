@@ -162,6 +162,16 @@ static inline void fl_get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uin
     }
 }
 
+/* The 16 signed sub-block scales of a q3_K block: a 6-bit code minus 32, the low nibble of code j in byte j
+ * (j < 8) or the high nibble of byte j - 8, its top two bits at bit 2 * (j / 4) of byte 8 + j % 4. */
+static inline void fl_unpack_scales_q3_K(const uint8_t *packed, int *sc) {
+    for (int j = 0; j < QK_K / 16; j++) {
+        int low = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
+        int high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = (low | (high << 4)) - 32;
+    }
+}
+
 /* ---------------------------------------------------------------- i-quants
  * quant_iq.c (IQ4_NL, IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S), quant_iq3.c (IQ3_XXS, IQ3_S), quant_iq1.c (IQ1_S, IQ1_M);
  * grids in iq_grids.c, their search tables and shared searches in iq_lattice.c. fl_quantize_<t> is ggml's

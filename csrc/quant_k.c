@@ -495,16 +495,6 @@ void fl_vec_dot_q2_K_q8_K_generic(int64_t n, float *s, const void *vx, const voi
 
 /* ---------------------------------------------------------------- Q3_K */
 
-/* The 16 signed sub-block scales of a q3_K block: a 6-bit code minus 32, the low nibble of code j in byte j
- * (j < 8) or the high nibble of byte j - 8, its top two bits at bit 2 * (j / 4) of byte 8 + j % 4. */
-static void unpack_scales_q3_K(const uint8_t *packed, int *sc) {
-    for (int j = 0; j < QK_K / 16; j++) {
-        int low = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
-        int high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
-        sc[j] = (low | (high << 4)) - 32;
-    }
-}
-
 /* code l (0..63) of scale j into the packed bytes, which start zeroed */
 static void pack_scale_q3_K(uint8_t *packed, int j, int l) {
     if (j < 8)
@@ -520,7 +510,7 @@ void fl_dequantize_row_q3_K(const void *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = fl_fp16_to_fp32(x[i].d);
         int sc[QK_K / 16];
-        unpack_scales_q3_K(x[i].scales, sc);
+        fl_unpack_scales_q3_K(x[i].scales, sc);
         const uint8_t *q = x[i].qs;
         const uint8_t *hm = x[i].hmask;
         uint8_t m = 1;
@@ -541,7 +531,7 @@ void fl_dequantize_row_q3_K(const void *src, float *dst, int64_t n) {
  * of hmask[j % 32], the low two as in q2_K. L holds the first pass's levels (0..7), kept where a scale is 0. */
 static void finish_q3_K(const float *x, int8_t *L, block_q3_K *y) {
     int sc[QK_K / 16];
-    unpack_scales_q3_K(y->scales, sc);
+    fl_unpack_scales_q3_K(y->scales, sc);
     const float dh = fl_fp16_to_fp32(y->d);
     for (int j = 0; j < QK_K / 16; j++) {
         const float d = dh * sc[j];
@@ -638,7 +628,7 @@ void fl_vec_dot_q3_K_q8_K_generic(int64_t n, float *s, const void *vx, const voi
                 for (int l = 0; l < 32; l++)
                     a[l] = (int8_t)(((q3[l] >> shift) & 3) - (hm[l] & m ? 0 : 4));
         int sc[QK_K / 16];
-        unpack_scales_q3_K(x[i].scales, sc);
+        fl_unpack_scales_q3_K(x[i].scales, sc);
         int32_t aux32[8] = {0};
         const int8_t *q8 = y[i].qs;
         a = aux8;

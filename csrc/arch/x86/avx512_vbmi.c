@@ -66,10 +66,13 @@ static inline __mmask64 first_bytes(int64_t n) {
 
 /* lane b of every vector belongs to block b of the group; a missing block (past the row) is all zeros */
 struct q8_group {
-    int8_t lo[64];    /* elements 0..15 of each block */
-    int8_t hi[64];    /* elements 16..31 */
-    float d[16];      /* the block's scale, times the weight format's own factor, in all four dwords */
-    int32_t base[16]; /* -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
+    int8_t lo[64]; /* elements 0..15 of each block */
+    int8_t hi[64]; /* elements 16..31 */
+    float d[16];   /* the block's scale, times the weight format's own factor, in all four dwords */
+    union {
+        int32_t base[16]; /* Q8_0: -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
+        float s[16];      /* Q8_1: the block's s, d * (sum of its quants) rounded to fp16, in the first dword */
+    };
 };
 
 static size_t q8_group_bytes(int64_t k) {
@@ -86,9 +89,10 @@ static inline __m512i round_away(__m512 v) {
     return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
 }
 
-/* Quantizes x to Q8_0 (fl_quantize_row_q8_0_ref, bit for bit) straight into the group layout. A block
- * holding a NaN or infinity goes through the reference itself, whose wrapping the lanes do not copy. */
-static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, float factor) {
+/* Quantizes x to Q8_0 (fl_quantize_row_q8_0_ref, bit for bit) straight into the group layout, with base for
+ * weights stored with an offset; or, with_s, to Q8_1 (fl_quantize_row_q8_1_ref: Q8_0's quants and d, and s). A
+ * block holding a NaN or infinity goes through the Q8_1 reference itself, whose wrapping the lanes do not copy. */
+static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, float factor, int with_s) {
     struct q8_group *g = out;
     int64_t nb = k / QK8_0;
     memset(out, 0, q8_group_bytes(k));
@@ -98,38 +102,43 @@ static void prep_q8_groups(int64_t k, const float *x, void *out, int offset, flo
         __m512 v0 = _mm512_loadu_ps(x + i * QK8_0), v1 = _mm512_loadu_ps(x + i * QK8_0 + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         __m128i q0, q1;
-        fl_half dh;
+        fl_half dh, sh = 0;
         int nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
-        if (!nan && amax <= FLT_MAX) {
-            const float d = amax / 127;
+        int finite = !nan && amax <= FLT_MAX;
+        const float d = amax / 127;
+        if (finite) {
             const __m512 id = _mm512_set1_ps(d ? 1.0f / d : 0.0f);
             __m512i r0 = round_away(_mm512_mul_ps(v0, id)), r1 = round_away(_mm512_mul_ps(v1, id));
             q0 = _mm512_cvtepi32_epi8(r0);
             q1 = _mm512_cvtepi32_epi8(r1);
             dh = fl_fp32_to_fp16(d);
         } else {
-            block_q8_0 ref;
-            fl_quantize_row_q8_0_ref(x + i * QK8_0, &ref, QK8_0);
+            block_q8_1 ref;
+            fl_quantize_row_q8_1_ref(x + i * QK8_0, &ref, QK8_1);
             q0 = _mm_loadu_si128((const __m128i *)ref.qs);
             q1 = _mm_loadu_si128((const __m128i *)(ref.qs + 16));
             dh = ref.d;
+            sh = ref.s;
         }
         _mm_storeu_si128((__m128i *)(dst->lo + 16 * b), q0);
         _mm_storeu_si128((__m128i *)(dst->hi + 16 * b), q1);
-        __m512i sum16 = _mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1));
+        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
         for (int j = 0; j < 4; j++)
             dst->d[4 * b + j] = fl_fp16_to_fp32(dh) * factor;
-        dst->base[4 * b] = -offset * _mm512_reduce_add_epi32(sum16);
+        if (with_s)
+            dst->s[4 * b] = fl_fp16_to_fp32(finite ? fl_fp32_to_fp16(sum * d) : sh);
+        else
+            dst->base[4 * b] = -offset * sum;
     }
 }
 
 static void prep_q8_0(int64_t k, const float *x, void *out) {
-    prep_q8_groups(k, x, out, 128, 1.0f);
+    prep_q8_groups(k, x, out, 128, 1.0f, 0);
 }
 
 /* the 0.5: the doubled e2m1 table makes the block scale 2^(e-128), and the kernel builds 2^(e-127) */
 static void prep_mxfp4(int64_t k, const float *x, void *out) {
-    prep_q8_groups(k, x, out, 12, 0.5f);
+    prep_q8_groups(k, x, out, 12, 0.5f, 0);
 }
 
 #define L16(b) b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9, b + 10, b + 11, b + 12, b + 13, b + 14, b + 15
@@ -149,6 +158,16 @@ struct acc2 {
 STEP struct acc2 acc2_init(void) { return (struct acc2){{_mm512_setzero_ps(), _mm512_setzero_ps()}}; }
 
 STEP float acc2_finish(const struct acc2 *st) { return _mm512_reduce_add_ps(_mm512_add_ps(st->acc[0], st->acc[1])); }
+
+/* one accumulator: the formats below index no array by the step (GCC keeps acc2 on the stack, acc[g & 1]) and
+ * four rows already give the four-row dot four FMA chains */
+struct acc1 {
+    __m512 acc;
+};
+
+STEP struct acc1 acc1_init(void) { return (struct acc1){_mm512_setzero_ps()}; }
+
+STEP float acc1_finish(const struct acc1 *st) { return _mm512_reduce_add_ps(st->acc); }
 
 struct q8_0_consts {
     __m512i idx_lo, idx_hi, idx_d, bias;
@@ -246,13 +265,194 @@ STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int6
 
 ROW_DOTS(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups)
 
-/* ---------------------------------------------------------------- Q4_K on Q8_K activations */
+/* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups
+ * Their quants are gathered four blocks to a zmm as Q8_0's are, low nibbles against lo and high nibbles against
+ * hi, and stay unsigned: Q4_0 and Q5_0's offsets (8, 16) come back through base, Q4_1 and Q5_1's min m meets
+ * the activation's s. Q5's fifth bits become byte masks (vptestmb of each qh byte against the bit it holds for
+ * that byte) that add 16 where set. Blocks of 18 and 20 bytes lie within one 64-byte load but for the last
+ * block's quants, inserted from their own 16-byte load as MXFP4 does; blocks of 22 and 24 bytes take two loads
+ * and two-source byte permutes. */
+struct nibble_consts {
+    __m512i m4, sixteen, bit_of_byte, idx_q, idx_d, idx_hlo, idx_hhi;
+};
 
-/* One superblock of activations, regrouped to meet Q4_K's quant bytes: q[c] holds what the low (c even) or
- * high (c odd) nibbles of quant bytes 64*(c/2) .. +63 multiply, i.e. sub-blocks (c/2)*4 + c%2 and +2 */
+/* byte j of each lane tests bit j % 8 of the qh byte gathered for it */
+#define BITS8 1, 2, 4, 8, 16, 32, 64, 128
+#define BITS16 BITS8, BITS8
+#define R8(b) b, b, b, b, b, b, b, b
+/* the qh bytes of elements 0..15 (lo) or 16..31 (hi) of a block whose qh is at b */
+#define QH_LO(b) R8(b), R8(b + 1)
+#define QH_HI(b) R8(b + 2), R8(b + 3)
+
+static const uint8_t bits_of_bytes[64] = {BITS16, BITS16, BITS16, BITS16};
+
+/* Q4_0, 18 bytes a block (fp16 d, 16 bytes of nibbles), x = d * (q - 8) */
+static const uint8_t q4_0_q_from_0[64] = {L16(2), L16(20), L16(38)};
+static const uint8_t q4_0_d_from_0[64] = {D8(0), D8(18), D8(36), D8(54)};
+/* Q4_1, 20 bytes (fp16 d and m, nibbles), x = d * q + m: d in the low 32 bytes, m in the high */
+static const uint8_t q4_1_q_from_0[64] = {L16(4), L16(24), L16(44)};
+static const uint8_t q4_1_dm_from_0[64] = {D8(0), D8(20), D8(40), D8(60), D8(2), D8(22), D8(42), D8(62)};
+/* Q5_0, 22 bytes (d, qh, nibbles), x = d * (q - 16): of bytes 0..63 (indices < 64) and 24..87 */
+static const uint8_t q5_0_q_from_0_24[64] = {L16(6), L16(28), L16(64 + 26), L16(64 + 48)};
+static const uint8_t q5_0_d_from_0_24[64] = {D8(0), D8(22), D8(44), D8(64 + 42)};
+static const uint8_t q5_0_hlo_from_0_24[64] = {QH_LO(2), QH_LO(24), QH_LO(46), QH_LO(64 + 44)};
+static const uint8_t q5_0_hhi_from_0_24[64] = {QH_HI(2), QH_HI(24), QH_HI(46), QH_HI(64 + 44)};
+/* Q5_1, 24 bytes (d, m, qh, nibbles), x = d * q + m: of bytes 0..63 and 32..95 */
+static const uint8_t q5_1_q_from_0_32[64] = {L16(8), L16(32), L16(64 + 24), L16(64 + 48)};
+static const uint8_t q5_1_dm_from_0_32[64] = {D8(0), D8(24), D8(48), D8(64 + 40), D8(2), D8(26), D8(50), D8(64 + 42)};
+static const uint8_t q5_1_hlo_from_0_32[64] = {QH_LO(4), QH_LO(28), QH_LO(52), QH_LO(64 + 44)};
+static const uint8_t q5_1_hhi_from_0_32[64] = {QH_HI(4), QH_HI(28), QH_HI(52), QH_HI(64 + 44)};
+
+STEP struct nibble_consts nibble_consts(const uint8_t *q, const uint8_t *d, const uint8_t *hlo, const uint8_t *hhi) {
+    return (struct nibble_consts){_mm512_set1_epi8(0x0f),          _mm512_set1_epi8(16),
+                                  _mm512_loadu_si512(bits_of_bytes), _mm512_loadu_si512(q),
+                                  _mm512_loadu_si512(d),             hlo ? _mm512_loadu_si512(hlo) : _mm512_setzero_si512(),
+                                  hhi ? _mm512_loadu_si512(hhi) : _mm512_setzero_si512()};
+}
+
+STEP struct nibble_consts dot_q4_0_groups_consts(void) {
+    return nibble_consts(q4_0_q_from_0, q4_0_d_from_0, NULL, NULL);
+}
+STEP struct nibble_consts dot_q4_1_groups_consts(void) {
+    return nibble_consts(q4_1_q_from_0, q4_1_dm_from_0, NULL, NULL);
+}
+STEP struct nibble_consts dot_q5_0_groups_consts(void) {
+    return nibble_consts(q5_0_q_from_0_24, q5_0_d_from_0_24, q5_0_hlo_from_0_24, q5_0_hhi_from_0_24);
+}
+STEP struct nibble_consts dot_q5_1_groups_consts(void) {
+    return nibble_consts(q5_1_q_from_0_32, q5_1_dm_from_0_32, q5_1_hlo_from_0_32, q5_1_hhi_from_0_32);
+}
+
+#define dot_q4_0_groups_init acc1_init
+#define dot_q4_0_groups_finish acc1_finish
+#define dot_q4_1_groups_init acc1_init
+#define dot_q4_1_groups_finish acc1_finish
+#define dot_q5_0_groups_init acc1_init
+#define dot_q5_0_groups_finish acc1_finish
+#define dot_q5_1_groups_init acc1_init
+#define dot_q5_1_groups_finish acc1_finish
+
+/* every legacy format has blocks of 32 */
+STEP int64_t legacy_groups(int64_t n) { return (n / 32 + GROUP - 1) / GROUP; }
+
+/* The bytes of group g of a row of blocks of `bytes` each: one 64-byte load, and the 16 bytes at `tail` (the
+ * last block's quants), or a second 64-byte load at `tail`; zeros past the row's end. */
+STEP void group_bytes(const void *vx, int64_t g, int64_t n, int bytes, int tail, int wide, __m512i *a, __m512i *b) {
+    const int64_t off = g * GROUP * bytes, left = n / 32 * bytes - off;
+    const uint8_t *p = (const uint8_t *)vx + off;
+    prefetch_ahead(p, GROUP * bytes);
+    if (left >= GROUP * bytes) {
+        *a = _mm512_loadu_si512(p);
+        *b = wide ? _mm512_loadu_si512(p + tail) : _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + tail)));
+    } else {
+        /* at most three blocks: a partial group's last quants never come from the 16-byte tail load */
+        *a = _mm512_maskz_loadu_epi8(first_bytes(left), p);
+        *b = wide ? _mm512_maskz_loadu_epi8(first_bytes(left - tail), p + tail) : _mm512_setzero_si512();
+    }
+}
+
+/* the quants of blocks 0-2 from a, block 3's from the 16 bytes in b */
+STEP __m512i gather_q4(__m512i a, __m512i b, const struct nibble_consts *c) {
+    return _mm512_inserti32x4(_mm512_permutexvar_epi8(c->idx_q, a), _mm512_castsi512_si128(b), 3);
+}
+
+/* the low nibbles (elements 0..15 of each block) and high nibbles (16..31), plus 16 where qh has the fifth bit */
+STEP void nibbles(__m512i q, __m512i a, __m512i b, int five, const struct nibble_consts *c, __m512i *lo, __m512i *hi) {
+    *lo = _mm512_and_si512(q, c->m4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), c->m4);
+    if (five) {
+        __mmask64 klo = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, c->idx_hlo, b), c->bit_of_byte);
+        __mmask64 khi = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, c->idx_hhi, b), c->bit_of_byte);
+        *lo = _mm512_mask_add_epi8(*lo, klo, *lo, c->sixteen);
+        *hi = _mm512_mask_add_epi8(*hi, khi, *hi, c->sixteen);
+    }
+}
+
+/* Q4_0 and Q5_0: sum of (q - offset) * y through base, times d_x * d_y */
+STEP void offset_groups_acc(struct acc1 *st, int64_t g, __m512i lo, __m512i hi, __m512 d, const void *vy) {
+    const struct q8_group *y = (const struct q8_group *)vy + g;
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
+    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc);
+}
+
+/* Q4_1 and Q5_1: sum of q * y times d_x * d_y, plus m * s; dm holds d's halfs in the low 256 bits, m's above */
+STEP void min_groups_acc(struct acc1 *st, int64_t g, __m512i lo, __m512i hi, __m512i dm, const void *vy) {
+    const struct q8_group *y = (const struct q8_group *)vy + g;
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(y->lo));
+    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm)), m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+    __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc);
+    st->acc = _mm512_fmadd_ps(m, _mm512_loadu_ps(y->s), acc);
+}
+
+STEP void dot_q4_0_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q4_0), 3 * sizeof(block_q4_0) + 2, 0, &a, &b);
+    nibbles(gather_q4(a, b, c), a, b, 0, c, &lo, &hi);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(c->idx_d, a)));
+    offset_groups_acc(st, g, lo, hi, d, vy);
+}
+
+STEP void dot_q4_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q4_1), 3 * sizeof(block_q4_1) + 4, 0, &a, &b);
+    nibbles(gather_q4(a, b, c), a, b, 0, c, &lo, &hi);
+    min_groups_acc(st, g, lo, hi, _mm512_permutexvar_epi8(c->idx_d, a), vy);
+}
+
+STEP void dot_q5_0_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q5_0), 24, 1, &a, &b);
+    nibbles(_mm512_permutex2var_epi8(a, c->idx_q, b), a, b, 1, c, &lo, &hi);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, c->idx_d, b)));
+    offset_groups_acc(st, g, lo, hi, d, vy);
+}
+
+STEP void dot_q5_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    __m512i a, b, lo, hi;
+    group_bytes(vx, g, n, sizeof(block_q5_1), 32, 1, &a, &b);
+    nibbles(_mm512_permutex2var_epi8(a, c->idx_q, b), a, b, 1, c, &lo, &hi);
+    min_groups_acc(st, g, lo, hi, _mm512_permutex2var_epi8(a, c->idx_d, b), vy);
+}
+
+ROW_DOTS(dot_q4_0_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q4_1_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q5_0_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS(dot_q5_1_groups, struct nibble_consts, struct acc1, legacy_groups)
+
+static void prep_q4_0(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 8, 1.0f, 0);
+}
+
+static void prep_q5_0(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 16, 1.0f, 0);
+}
+
+static void prep_q8_1(int64_t k, const float *x, void *out) {
+    prep_q8_groups(k, x, out, 0, 1.0f, 1);
+}
+
+/* ---------------------------------------------------------------- k-quants on Q8_K activations */
+
+/* One superblock of activations, regrouped to meet the k-quants' quant bytes: q[c] holds what one 64-byte
+ * vector of a block's quants multiplies, two sub-blocks of 32 (numbered 0..7) in its two 256-bit halves, in
+ * one of two orders:
+ * - NIBBLES (Q4_K, Q5_K): the low (c even) or high (c odd) nibbles of quant bytes 64*(c/2) .. +63, i.e.
+ *   sub-blocks (c/2)*4 + c%2 and +2; sums holds 0 in words 0..7, then the sum of each 32-sub-block (it meets
+ *   the mins);
+ * - BIT_PAIRS (Q2_K, Q3_K, Q6_K): bits 2c, 2c+1 of 64 quant bytes that hold four 2-bit fields each, i.e.
+ *   sub-blocks c and c + 4; sums holds minus the sum of each 16-sub-block, minus Q8_K's bsums (it meets the
+ *   mins, or undoes an offset as the seed of the sums it is subtracted from). */
+enum q8k_order { NIBBLES, BIT_PAIRS };
+
 struct q8k_sb {
     int8_t q[4][64];
-    int16_t sums[16]; /* 0 in words 0..7, then the sum of each 32-sub-block: meets the mins */
+    int16_t sums[16];
     float d;
     uint8_t pad[28];
 };
@@ -261,10 +461,15 @@ static size_t q8k_sb_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_sb);
 }
 
+/* where 32-sub-block s goes: vector and half */
+static inline int8_t *q8k_dst(struct q8k_sb *sb, int s, enum q8k_order order) {
+    return order == NIBBLES ? sb->q[(s / 4) * 2 + s % 2] + 32 * ((s % 4) / 2) : sb->q[s % 4] + 32 * (s / 4);
+}
+
 /* Quantizes one superblock to Q8_K (fl_quantize_row_q8_K_ref, bit for bit: the same single product per value,
  * rounded to nearest even as its magic-number rounding does) straight into the regrouped layout. Returns 0,
  * leaving the rest to the reference, for a block with a NaN or an infinity. */
-static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
+static int prep_q8k_sb(const float *x, struct q8k_sb *sb, enum q8k_order order) {
     __m512 v[16], amax = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int j = 0; j < 16; j++) {
@@ -289,35 +494,90 @@ static int prep_q8k_sb(const float *x, struct q8k_sb *sb) {
     const float iscale = -127.f / max;
     const __m512 vs = _mm512_set1_ps(iscale);
     for (int s = 0; s < 8; s++) {
-        int8_t *dst = sb->q[(s / 4) * 2 + s % 2] + 32 * ((s % 4) / 2);
+        int8_t *dst = q8k_dst(sb, s, order);
         __m512i q0 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s], vs)), _mm512_set1_epi32(127));
         __m512i q1 = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[2 * s + 1], vs)), _mm512_set1_epi32(127));
         _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(q1));
-        sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        if (order == NIBBLES) {
+            sb->sums[8 + s] = (int16_t)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        } else {
+            sb->sums[2 * s] = (int16_t)-_mm512_reduce_add_epi32(q0);
+            sb->sums[2 * s + 1] = (int16_t)-_mm512_reduce_add_epi32(q1);
+        }
     }
     sb->d = 1 / iscale;
     return 1;
 }
 
-static void prep_q4_K(int64_t k, const float *x, void *out) {
+static void prep_q8k(int64_t k, const float *x, void *out, enum q8k_order order) {
     struct q8k_sb *sb = out;
     for (int64_t i = 0; i < k / QK_K; i++) {
-        if (prep_q8k_sb(x + i * QK_K, &sb[i]))
+        if (prep_q8k_sb(x + i * QK_K, &sb[i], order))
             continue;
         block_q8_K y[1];
         fl_quantize_row_q8_K_ref(x + i * QK_K, y, QK_K);
         memset(&sb[i], 0, sizeof(sb[i]));
-        for (int c = 0; c < 4; c++) {
-            int first = (c / 2) * 4 + c % 2; /* sub-blocks first and first + 2 */
-            memcpy(sb[i].q[c], y->qs + 32 * first, 32);
-            memcpy(sb[i].q[c] + 32, y->qs + 32 * (first + 2), 32);
-        }
-        for (int j = 0; j < 8; j++)
-            sb[i].sums[8 + j] = (int16_t)(y->bsums[2 * j] + y->bsums[2 * j + 1]);
+        for (int s = 0; s < 8; s++)
+            memcpy(q8k_dst(&sb[i], s, order), y->qs + 32 * s, 32);
+        for (int j = 0; j < 16; j++)
+            if (order == NIBBLES)
+                sb[i].sums[8 + j / 2] = (int16_t)(sb[i].sums[8 + j / 2] + y->bsums[j]);
+            else
+                sb[i].sums[j] = (int16_t)-y->bsums[j];
         sb[i].d = y->d;
     }
 }
+
+/* Q3_K's activations: the bit-pair layout, and per vector c the seeds of its dword sums, -4 * the sum of the four
+ * activations that a dword of vpdpbusd multiplies: they undo the offset 4 of the values 0..7 met there, so that
+ * the dwords need no zeroed registers and the sums no correction (+5-8% in cache) */
+struct q8k_seeded {
+    struct q8k_sb sb;
+    int32_t base[4][16];
+};
+
+static size_t q8k_seeded_bytes(int64_t k) {
+    return (size_t)(k / QK_K) * sizeof(struct q8k_seeded);
+}
+
+static void prep_q3_K(int64_t k, const float *x, void *out) {
+    struct q8k_seeded *s = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        prep_q8k(QK_K, x + i * QK_K, &s[i].sb, BIT_PAIRS);
+        for (int c = 0; c < 4; c++) {
+            __m512i sum4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(s[i].sb.q[c]));
+            _mm512_storeu_si512(s[i].base[c], _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum4, 2)));
+        }
+    }
+}
+
+static void prep_q8k_nibbles(int64_t k, const float *x, void *out) {
+    prep_q8k(k, x, out, NIBBLES);
+}
+
+static void prep_q8k_bit_pairs(int64_t k, const float *x, void *out) {
+    prep_q8k(k, x, out, BIT_PAIRS);
+}
+
+STEP int64_t superblocks(int64_t n) { return n / QK_K; }
+
+static inline float half_to_float(fl_half h) {
+    return _cvtsh_ss(h);
+}
+
+/* v, stored where the FMAs that scale by its floats take them as broadcasts from memory, loads, instead of by
+ * shuffles on the port that the kernels' permutes keep busy: Q2_K +10%, Q3_K +6% in cache. The empty asm keeps
+ * the compiler from forwarding the stored floats in registers. */
+STEP void floats_in_memory(float dst[4], __m128 v) {
+    _mm_storeu_ps(dst, v);
+    __asm__("" : "+m"(*(float(*)[4])dst));
+}
+
+/* ---------------------------------------------------------------- Q4_K and Q5_K, the nibble order
+ * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set, its 32 qh bytes
+ * broadcast to both halves of a zmm and tested for the bit each vector's half needs. Both apply the 6-bit
+ * scales with vpdpwssd and meet the mins with the activation's sums in one vpmaddwd. */
 
 /* the 12 bytes of 6-bit scales and mins -> bytes sc0..sc7, m0..m7 (fl_get_scale_min_k4, 4 at a time) */
 static inline __m128i unpack_scales_mins(const uint8_t *packed) {
@@ -331,16 +591,21 @@ static inline __m128i unpack_scales_mins(const uint8_t *packed) {
 struct q4_K_consts {
     __m512i m4;
     __m512i pick[4]; /* per quant vector c: the scale of its first sub-block in words 0..15, the second's in 16..31 */
+    __m512i fifth[4]; /* Q5_K: per vector c, the qh bit of its first half's bytes in bytes 0..31, the second's above */
+    __m512i sixteen;
 };
 
 STEP struct q4_K_consts dot_q4_K_sb_consts(void) {
-    struct q4_K_consts k = {.m4 = _mm512_set1_epi8(0x0f)};
+    struct q4_K_consts k = {.m4 = _mm512_set1_epi8(0x0f), .sixteen = _mm512_set1_epi8(16)};
     for (int c = 0; c < 4; c++) {
         int first = (c / 2) * 4 + c % 2;
         k.pick[c] = _mm512_inserti64x4(_mm512_set1_epi16((short)first), _mm256_set1_epi16((short)(first + 2)), 1);
+        k.fifth[c] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << first)), _mm256_set1_epi8((char)(1 << (first + 2))), 1);
     }
     return k;
 }
+
+#define dot_q5_K_sb_consts dot_q4_K_sb_consts
 
 struct q4_K_state {
     __m512 acc;   /* d * scale-weighted sums */
@@ -356,44 +621,304 @@ STEP float dot_q4_K_sb_finish(const struct q4_K_state *st) {
     return _mm512_reduce_add_ps(st->acc) - _mm_cvtss_f32(m);
 }
 
-STEP int64_t q4_K_superblocks(int64_t n) { return n / QK_K; }
+#define dot_q5_K_sb_init dot_q4_K_sb_init
+#define dot_q5_K_sb_finish dot_q4_K_sb_finish
+
+/* sums of the products of unsigned quants q[c] with the activations, each pair times its 16-bit scale */
+STEP __m512i scaled_sums(const __m512i q[4], const struct q8k_sb *y, __m512i scales, const __m512i pick[4]) {
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++) {
+        __m512i p16 = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(y->q[c]));
+        sumi = _mm512_dpwssd_epi32(sumi, p16, _mm512_permutexvar_epi16(pick[c], scales));
+    }
+    return sumi;
+}
+
+/* acc += d * sumi, acc_m += dmin * mins, with d and dmin the fp16 pair at dm times the activation's d */
+STEP void acc_d_dmin(struct q4_K_state *st, const void *dm, __m512i sumi, __m256i mins, float yd) {
+    uint32_t dd;
+    memcpy(&dd, dm, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(yd)); /* d, dmin */
+    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(f), _mm512_cvtepi32_ps(sumi), st->acc);
+    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)), _mm256_cvtepi32_ps(mins), st->acc_m);
+}
+
+/* a Q4_K / Q5_K superblock, from its 16 leading bytes (d, dmin, scales) and its quants q[c] */
+STEP void k4_sb_acc(struct q4_K_state *st, const void *head, const __m512i q[4], const struct q8k_sb *y,
+                    const struct q4_K_consts *k) {
+    __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins((const uint8_t *)head + 4)); /* words sc0..7, m0..7 */
+    __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(sm), k->pick);
+    acc_d_dmin(st, head, sumi, _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums)), y->d);
+}
+
+STEP void nibbles_of(const uint8_t *qs, const struct q4_K_consts *k, __m512i q[4]) {
+    __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
+    q[0] = _mm512_and_si512(z0, k->m4);
+    q[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), k->m4);
+    q[2] = _mm512_and_si512(z1, k->m4);
+    q[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), k->m4);
+}
 
 STEP void dot_q4_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct q4_K_consts *k) {
     (void)n;
     const block_q4_K *x = (const block_q4_K *)vx + i;
-    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
-    __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins(x->scales)); /* words sc0..7, m0..7 */
-    __m512i scales = _mm512_castsi256_si512(sm);
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q4_K));
-    __m512i z0 = _mm512_loadu_si512(x->qs), z1 = _mm512_loadu_si512(x->qs + 64);
-    __m512i q[4] = {_mm512_and_si512(z0, k->m4), _mm512_and_si512(_mm512_srli_epi16(z0, 4), k->m4),
-                    _mm512_and_si512(z1, k->m4), _mm512_and_si512(_mm512_srli_epi16(z1, 4), k->m4)};
-    __m512i sumi = _mm512_setzero_si512();
-    for (int c = 0; c < 4; c++) {
-        __m512i p16 = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(y->q[c]));
-        sumi = _mm512_dpwssd_epi32(sumi, p16, _mm512_permutexvar_epi16(k->pick[c], scales));
-    }
-    uint32_t dd;
-    memcpy(&dd, x, sizeof(dd));
-    __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
-    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), _mm512_cvtepi32_ps(sumi), st->acc);
-    __m256i mins = _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums));
-    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), _mm256_cvtepi32_ps(mins), st->acc_m);
+    __m512i q[4];
+    nibbles_of(x->qs, k, q);
+    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
 }
 
-ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct q4_K_state, q4_K_superblocks)
+STEP void dot_q5_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct q4_K_consts *k) {
+    (void)n;
+    const block_q5_K *x = (const block_q5_K *)vx + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q5_K));
+    __m512i q[4];
+    nibbles_of(x->qs, k, q);
+    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
+    for (int c = 0; c < 4; c++)
+        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(qh, k->fifth[c]), q[c], k->sixteen);
+    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
+}
+
+ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
+ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
+
+/* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
+ * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
+ * 64-byte vector per field meets one activation vector, each 128-bit lane one 16-sub-block.
+ * - Q2_K: a field times its 4-bit scale fits a byte (<= 45): vpshufb looks the product up in a table of each
+ *   lane's four sub-blocks' multiples 0..3 x scale (one table per superblock, by vpermb and vpmullw), indexed
+ *   by the field + 4 * vector (vpermb lookups give both at once), and vpdpbusd adds it up. The mins meet the
+ *   activation sums as Q4_K's do.
+ * - Q3_K, Q6_K (6-bit scales): vpdpbusd sums four products a dword, few enough (|sum| <= 4 * 63 * 127) that
+ *   two vectors' dwords pack into one vector of words, which one vpdpwssd scales, two vectors' scales gathered
+ *   by one vpermw. Q3_K's offset of 4 comes back through the seeds of the dwords (struct q8k_seeded), Q6_K's of
+ *   32 as 32 times the scale-weighted activation sums, the seed of the scaled sums. */
+struct bit_pair_consts {
+    __m512i field[3]; /* vpermb tables (the index's bits 6-7 are ignored): fields 1-3 (see bit_pair_table) */
+    __m512i pick[2];  /* Q2_K: the scale of each byte of the lookup table; Q3_K, Q6_K: per pair of vectors 2p,
+                         2p+1, the scales of lane k's words 0-3 (2p) and 4-7 (2p+1) */
+    __m512i m3, m4, m30, m7;
+    __m512i sel[3];   /* Q3_K: bits 1, 2 and 3, where its third bits go into the index */
+    __m512i half4;    /* Q3_K: the hmask shifted by 0 (low half) and 4 (high half) */
+};
+
+/* 16-sub-block of lane k of vector c */
+#define BIT_PAIR_SUB(c, k) (2 * (c) + (k) % 2 + 8 * ((k) / 2))
+
+/* Field f (1..3) of index i (f = 3 after a shift of the quant bytes by 2): Q2_K, plus 4f, its product's place in
+ * a lane of the lookup table; Q3_K, with its third bit (at bit f of the index) as bit 2 */
+static uint8_t bit_pair_table(int q3, int f, int i) {
+    return (uint8_t)(((i >> (f == 1 ? 2 : 4)) & 3) | (q3 ? ((i >> f) & 1) << 2 : 4 * f));
+}
+
+STEP struct bit_pair_consts bit_pair_consts(int q3) {
+    struct bit_pair_consts k = {.m3 = _mm512_set1_epi8(3), .m4 = _mm512_set1_epi8(0x0f), .m30 = _mm512_set1_epi8(0x30),
+                                .m7 = _mm512_set1_epi8(7),
+                                .half4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1)};
+    uint8_t table[64];
+    for (int f = 0; f < 3; f++) {
+        for (int i = 0; i < 64; i++)
+            table[i] = bit_pair_table(q3, f + 1, i);
+        k.field[f] = _mm512_loadu_si512(table);
+        k.sel[f] = _mm512_set1_epi8((char)(2 << f));
+    }
+    for (int p = 0; p < 2; p++) {
+        int16_t pick[32];
+        for (int w = 0; w < 32; w++)
+            pick[w] = (int16_t)BIT_PAIR_SUB(2 * p + (w % 8) / 4, w / 8);
+        k.pick[p] = _mm512_loadu_si512(pick);
+    }
+    if (!q3) {
+        /* the byte scale of byte b of lane k (entry b of its table): vector b / 4's, in the low byte of a word */
+        uint8_t bytes[64] = {0};
+        for (int b = 0; b < 64; b += 2)
+            bytes[b] = (uint8_t)BIT_PAIR_SUB((b % 16) / 4, b / 16);
+        k.pick[0] = _mm512_loadu_si512(bytes);
+    }
+    return k;
+}
+
+STEP struct bit_pair_consts dot_q2_K_sb_consts(void) { return bit_pair_consts(0); }
+STEP struct bit_pair_consts dot_q3_K_sb_consts(void) { return bit_pair_consts(1); }
+#define dot_q6_K_sb_consts dot_q3_K_sb_consts
+
+/* the sums of vector c's products with the activations, four a dword; two vectors' dwords packed to words and
+ * scaled by their 16-bit scales */
+STEP __m512i packed_sums(__m512i seed, const __m512i q[4], const struct q8k_sb *y, __m512i scales,
+                         const struct bit_pair_consts *k) {
+    __m512i d[4], sumi = seed;
+    for (int c = 0; c < 4; c++)
+        d[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(y->q[c]));
+    for (int p = 0; p < 2; p++)
+        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
+                                   _mm512_permutexvar_epi16(k->pick[p], scales));
+    return sumi;
+}
+
+/* offset times the scale-weighted activation sums, negative (the activation keeps its sums negated) */
+STEP __m512i offset_seed(__m256i scales, const struct q8k_sb *y, int log2_offset) {
+    __m256i off = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y->sums));
+    return _mm512_zextsi256_si512(_mm256_slli_epi32(off, log2_offset));
+}
+
+struct q2_K_state {
+    __m512 acc;   /* d * scale-weighted sums */
+    __m256 acc_m; /* dmin * min-weighted activation sums, negative */
+};
+
+STEP struct q2_K_state dot_q2_K_sb_init(void) { return (struct q2_K_state){_mm512_setzero_ps(), _mm256_setzero_ps()}; }
+
+STEP float dot_q2_K_sb_finish(const struct q2_K_state *st) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(st->acc_m), _mm256_extractf128_ps(st->acc_m, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return _mm512_reduce_add_ps(st->acc) + _mm_cvtss_f32(m);
+}
+
+STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q2_K *x = (const block_q2_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i at[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
+                     _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
+    /* scales in the low nibbles, mins in the high ones; entry 4c + t of lane k's table: t * its scale */
+    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales);
+    __m512i table = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, k->pick[0],
+                                                  _mm512_castsi128_si512(_mm_and_si128(packed, _mm512_castsi512_si128(k->m4))));
+    table = _mm512_mullo_epi16(table, _mm512_set1_epi32(0x03020100));
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++)
+        sumi = _mm512_dpbusd_epi32(sumi, _mm512_shuffle_epi8(table, at[c]), _mm512_loadu_si512(y->q[c]));
+    __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(_mm256_cvtepu8_epi16(packed), 4),
+                                     _mm256_loadu_si256((const __m256i *)y->sums));
+    float f[4]; /* d, dmin in f[2], f[3]: the 8 bytes end with them, within the block */
+    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(x->qs + 60))), _mm_set1_ps(y->d)));
+    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[2]), _mm512_cvtepi32_ps(sumi), st->acc);
+    st->acc_m = _mm256_fmadd_ps(_mm256_set1_ps(f[3]), _mm256_cvtepi32_ps(mins), st->acc_m);
+}
+
+/* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
+ * nibbles, the top two bits of code j at bit 2 * (j / 4) of byte 8 + j % 4 (fl_unpack_scales_q3_K). Put together in
+ * general registers, whose ports the vector work leaves free. */
+static inline __m256i q3_K_scales(const uint8_t *scales) {
+    const uint64_t nibbles = 0x0f0f0f0f0f0f0f0full, pairs = 0x03030303u;
+    uint64_t low;
+    uint32_t top;
+    memcpy(&low, scales, sizeof(low));
+    memcpy(&top, scales + 8, sizeof(top));
+    uint64_t top0 = (top & pairs) | (uint64_t)((top >> 2) & pairs) << 32;        /* codes 0..7 */
+    uint64_t top8 = ((top >> 4) & pairs) | (uint64_t)((top >> 6) & pairs) << 32; /* codes 8..15 */
+    __m128i codes = _mm_set_epi64x((long long)(((low >> 4) & nibbles) | top8 << 4), (long long)((low & nibbles) | top0 << 4));
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(codes, _mm_set1_epi8(32)));
+}
+
+/* Q3_K: value + 4 = (low two bits) + 4 * (the hmask bit), 0..7. The hmask bit of vector c (bit c of the low
+ * half's bytes, c + 4 of the high half's) is shifted to bit c of both halves and merged into a bit of the index
+ * that the vector's lookup does not otherwise read. */
+struct q3_K_state {
+    __m512 acc;
+    __m256i scales; /* the next superblock's */
+};
+
+STEP struct q3_K_state dot_q3_K_sb_init(void) { return (struct q3_K_state){_mm512_setzero_ps(), _mm256_setzero_si256()}; }
+
+STEP float dot_q3_K_sb_finish(const struct q3_K_state *st) { return _mm512_reduce_add_ps(st->acc); }
+
+/* The scales of superblock i + 1 are put together during step i, so that their long chain of dependent
+ * operations overlaps a step's worth of other work (+8% in cache). */
+STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    const block_q3_K *x = (const block_q3_K *)vx + i;
+    const struct q8k_seeded *ys = (const struct q8k_seeded *)vy + i;
+    const struct q8k_sb *y = &ys->sb;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q3_K));
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
+    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
+    __m512i q[4] = {
+        _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]),
+        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]),
+    };
+    __m256i scales = i == 0 ? q3_K_scales(x->scales) : st->scales;
+    if (i + 1 < n / QK_K)
+        st->scales = q3_K_scales(x[1].scales);
+    __m512i d[4], sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++)
+        d[c] = _mm512_dpbusd_epi32(_mm512_loadu_si512(ys->base[c]), q[c], _mm512_loadu_si512(y->q[c]));
+    for (int p = 0; p < 2; p++)
+        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
+                                   _mm512_permutexvar_epi16(k->pick[p], _mm512_castsi256_si512(scales)));
+    uint32_t dh; /* d in the high half: the 4 bytes end with it, within the block */
+    memcpy(&dh, (const uint8_t *)&x->d - 2, sizeof(dh));
+    float f[4];
+    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dh)), _mm_set1_ps(y->d)));
+    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[1]), _mm512_cvtepi32_ps(sumi), st->acc);
+}
+
+/* Q6_K: ql's low nibbles of bytes 0..31 and 64..95 (a), 32..63 and 96..127 (b) are values 0..31 and 128..159,
+ * 32.. and 160..; their high nibbles values 64.., 192.. and 96.., 224..: the bit-pair order, with qh's fields
+ * as the top two bits */
+STEP void dot_q6_K_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q6_K *x = (const block_q6_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q6_K));
+    __m512i z0 = _mm512_loadu_si512(x->ql), z1 = _mm512_loadu_si512(x->ql + 64), h = _mm512_loadu_si512(x->qh);
+    __m512i a = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(1, 0, 1, 0)), b = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(3, 2, 3, 2));
+    /* (low bits) | (qh's field, moved to bits 4-5) */
+    __m512i q[4] = {
+        _mm512_ternarylogic_epi32(_mm512_and_si512(a, k->m4), _mm512_slli_epi16(h, 4), k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(b, k->m4), _mm512_slli_epi16(h, 2), k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), k->m4), h, k->m30, 0xF8),
+        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), k->m4), _mm512_srli_epi16(h, 2), k->m30, 0xF8),
+    };
+    __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+    __m512i sumi = packed_sums(offset_seed(scales, y, 5), q, y, _mm512_castsi256_si512(scales), k);
+    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc);
+}
+
+#define dot_q6_K_sb_init acc1_init
+#define dot_q6_K_sb_finish acc1_finish
+
+ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q2_K_state, superblocks)
+ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
+ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc1, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups,
                                                      dot_mxfp4_groups_x4};
-static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q4_K, dot_q4_K_sb, dot_q4_K_sb_x4};
+static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4};
+static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4};
+static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4};
+static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4};
+static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4};
+static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4};
+static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4};
+static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4};
+static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4};
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     switch (type) {
     case FL_TYPE_Q8_0: return &q8_0_kernel;
     case FL_TYPE_MXFP4: return &mxfp4_kernel;
     case FL_TYPE_Q4_K: return &q4_K_kernel;
+    case FL_TYPE_Q5_K: return &q5_K_kernel;
+    case FL_TYPE_Q2_K: return &q2_K_kernel;
+    case FL_TYPE_Q3_K: return &q3_K_kernel;
+    case FL_TYPE_Q6_K: return &q6_K_kernel;
+    case FL_TYPE_Q4_0: return &q4_0_kernel;
+    case FL_TYPE_Q4_1: return &q4_1_kernel;
+    case FL_TYPE_Q5_0: return &q5_0_kernel;
+    case FL_TYPE_Q5_1: return &q5_1_kernel;
     default: return NULL;
     }
 }

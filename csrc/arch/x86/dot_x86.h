@@ -120,6 +120,72 @@ static void dot_mxfp4(int64_t n, float *s, const void *vx, const void *vy) {
     *s = hsum_ps(acc);
 }
 
+/* ---------------------------------------------------------------- legacy formats, Q8_0 / Q8_1 activations */
+
+/* the 32 bits at qh as 32 bytes, 0xFF where bit j of byte j's is set */
+static inline __m256i bytes_from_bits(const uint8_t *qh) {
+    uint32_t bits;
+    memcpy(&bits, qh, sizeof(bits));
+    const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+static void dot_q4_0(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q4_0 *x = vx;
+    const block_q8_0 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK4_0; i++) {
+        __m256i q = _mm256_sub_epi8(nibbles_lo_hi(x[i].qs), _mm256_set1_epi8(8));
+        __m256i p = dot_i8i8(q, load256(y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+/* q - 16 = the nibble, or the nibble - 16 (its bits 4-7 set) where the fifth bit is clear */
+static void dot_q5_0(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q5_0 *x = vx;
+    const block_q8_0 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK5_0; i++) {
+        __m256i q = _mm256_or_si256(nibbles_lo_hi(x[i].qs),
+                                    _mm256_andnot_si256(bytes_from_bits(x[i].qh), _mm256_set1_epi8((char)0xF0)));
+        __m256i p = dot_i8i8(q, load256(y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+/* Q4_1 and Q5_1: sum (d q + m) y = d d_y sum q q_y + m s, s = d_y sum q_y as the activation block keeps it */
+static void dot_q4_1(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q4_1 *x = vx;
+    const block_q8_1 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK4_1; i++) {
+        __m256i p = dot_u8i8(nibbles_lo_hi(x[i].qs), load256(y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc);
+        mins += half(x[i].m) * half(y[i].s);
+    }
+    *s = hsum_ps(acc) + mins;
+}
+
+static void dot_q5_1(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q5_1 *x = vx;
+    const block_q8_1 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK5_1; i++) {
+        __m256i q = _mm256_or_si256(nibbles_lo_hi(x[i].qs), _mm256_and_si256(bytes_from_bits(x[i].qh), _mm256_set1_epi8(16)));
+        __m256i p = dot_u8i8(q, load256(y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc);
+        mins += half(x[i].m) * half(y[i].s);
+    }
+    *s = hsum_ps(acc) + mins;
+}
+
 /* ---------------------------------------------------------------- k-quants, Q8_K activations */
 static void dot_q4_K(int64_t n, float *s, const void *vx, const void *vy) {
     const block_q4_K *x = vx;
@@ -244,6 +310,35 @@ static void dot_q2_K(int64_t n, float *s, const void *vx, const void *vy) {
     *s = hsum_ps(acc) - mins;
 }
 
+/* values q + 4 = (low two bits) + 4 * (hmask bit) in 0..7, as q2_K's; the offset 4 through the block sums */
+static void dot_q3_K(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_q3_K *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        int sc[QK_K / 16], offset = 0;
+        fl_unpack_scales_q3_K(x[i].scales, sc);
+        for (int j = 0; j < 16; j++)
+            offset += sc[j] * y[i].bsums[j];
+        const __m256i hm = load256(x[i].hmask);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int half_block = 0; half_block < 2; half_block++) {
+            __m256i qs = load256(x[i].qs + 32 * half_block);
+            const int8_t *q8 = y[i].qs + 128 * half_block;
+            for (int j = 0; j < 4; j++) {
+                int sb = 8 * half_block + 2 * j;
+                __m256i third = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * half_block + j), one);
+                __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m3), _mm256_slli_epi16(third, 2));
+                sumi = _mm256_add_epi32(sumi, dot_u8i8_scaled(q, load256(q8 + 32 * j), scales16_pair(sc[sb], sc[sb + 1])));
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(4 * offset, 0, 0, 0, 0, 0, 0, 0));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
 /* ---------------------------------------------------------------- i-quants, Q8_K activations */
 static void dot_iq4_xs(int64_t n, float *s, const void *vx, const void *vy) {
     const block_iq4_xs *x = vx;
@@ -302,7 +397,12 @@ fl_vec_dot_fn FL_X86_TABLE(int type) {
     case FL_TYPE_BF16: return dot_bf16;
     case FL_TYPE_Q8_0: return dot_q8_0;
     case FL_TYPE_MXFP4: return dot_mxfp4;
+    case FL_TYPE_Q4_0: return dot_q4_0;
+    case FL_TYPE_Q4_1: return dot_q4_1;
+    case FL_TYPE_Q5_0: return dot_q5_0;
+    case FL_TYPE_Q5_1: return dot_q5_1;
     case FL_TYPE_Q2_K: return dot_q2_K;
+    case FL_TYPE_Q3_K: return dot_q3_K;
     case FL_TYPE_Q4_K: return dot_q4_K;
     case FL_TYPE_Q5_K: return dot_q5_K;
     case FL_TYPE_Q6_K: return dot_q6_K;
