@@ -236,11 +236,14 @@ ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
 
 /* ---------------------------------------------------------------- IQ2_XXS, two superblocks a step */
 
-/* Position i = 32 b + 4 s + l of a pair stands for grid index l of sub-block s of superblock b (8 weights);
- * a[c] byte i is the activation of its coordinate c, element 32 s + 8 l + c of superblock b. d: superblock b's
- * d in dwords 8 b .. 8 b + 7. A missing second superblock (an odd count) is all zeros. */
+/* Position i = 8 s + 4 b + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), so
+ * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
+ * the activation of its coordinate c, element 32 s + 8 l + c of superblock b, and neg[c] its negation, which the
+ * signs pick by a blend. d: superblock b's d in the dwords 2 s + b. A missing second superblock (an odd count)
+ * is all zeros. */
 struct iq2xxs_pair {
     int8_t a[8][64];
+    int8_t neg[8][64];
     float d[16];
 };
 
@@ -254,29 +257,25 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
         struct iq2xxs_pair *dst = &p[i / 2];
         int b = (int)(i % 2);
         float d = q8k_block(x + i * QK_K, q);
-        for (int j = 0; j < 8; j++)
-            dst->d[8 * b + j] = d;
-        for (int g = 0; g < 32; g++) /* g = 4 s + l */
-            for (int c = 0; c < 8; c++)
-                dst->a[c][32 * b + g] = q[8 * g + c];
+        for (int s = 0; s < 8; s++) {
+            dst->d[2 * s + b] = d;
+            for (int l = 0; l < 4; l++)
+                for (int c = 0; c < 8; c++) {
+                    dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
+                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                }
+        }
     }
 }
 
-/* index l of sub-block s of superblock b: byte 8 s + l of its qs (b's loaded second) */
-#define Q4(o) o, o + 1, o + 2, o + 3
-static const uint8_t iq2xxs_idx[64] = {Q4(0),  Q4(8),  Q4(16), Q4(24), Q4(32), Q4(40), Q4(48), Q4(56),
-                                       Q4(64), Q4(72), Q4(80), Q4(88), Q4(96), Q4(104), Q4(112), Q4(120)};
-
 struct iq2xxs_consts {
     __m512i lo[4], hi[4]; /* the code tables */
-    __m512i idx;
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
     load_table(c.lo, iq2xxs_lo, 4);
     load_table(c.hi, iq2xxs_hi, 4);
-    c.idx = _mm512_loadu_si512(iq2xxs_idx);
     return c;
 }
 
@@ -292,35 +291,32 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xxs));
+    /* qs dword 2 s: the grid indices of sub-block s, 2 s + 1 its word of 4 x 7 sign bits and the scale on top */
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
-    __m512i idx = _mm512_permutex2var_epi8(q0, c->idx, q1);
+    __m512i idx = _mm512_mask_blend_epi32(0xAAAA, q0, _mm512_slli_epi64(q1, 32));
+    __m512i words = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(q0, 32), q1);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
-    /* dword 8 b + s: the sign word of sub-block s (qs dword 2 s + 1: 4 x 7 bits, the scale on top); byte i of
-     * signs: the eight signs of position i, the eighth by parity */
-    __m512i words = _mm512_permutex2var_epi32(
-        q0, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), q1);
+    /* byte i: the eight signs of position i, the eighth by parity */
     __m512i signs = _mm512_gf2p8affine_epi64_epi8(
         _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 32, 39, 46, 53)), words),
         _mm512_set1_epi64(PARITY_SIGN), 0);
     __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
     for (int f = 0; f < 4; f++) {
-        const __m512i pick = _mm512_set1_epi64(BYTES8(f, 8 + f, 16 + f, 24 + f, 32 + f, 40 + f, 48 + f, 56 + f));
         __m512i w = _mm512_gf2p8affine_epi64_epi8(lo, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        __m512i a = _mm512_load_si512(y->a[f]);
-        a = _mm512_mask_sub_epi8(a, _mm512_bitshuffle_epi64_mask(signs, pick), _mm512_setzero_si512(), a);
-        sum0 = _mm512_dpbusd_epi32(sum0, w, a);
-        const __m512i pick4 = _mm512_add_epi8(pick, _mm512_set1_epi8(4));
+        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << f)));
+        sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f]),
+                                                                    _mm512_load_si512(y->neg[f])));
         w = _mm512_gf2p8affine_epi64_epi8(hi, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        a = _mm512_load_si512(y->a[f + 4]);
-        a = _mm512_mask_sub_epi8(a, _mm512_bitshuffle_epi64_mask(signs, pick4), _mm512_setzero_si512(), a);
-        sum1 = _mm512_dpbusd_epi32(sum1, w, a);
+        neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(16 << f)));
+        sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + 4]),
+                                                                    _mm512_load_si512(y->neg[f + 4])));
     }
-    /* dword 8 b + s holds sub-block s: times its 2 scale + 1, (word >> 27) | 1 */
+    /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
     __m512i sum = _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls);
-    fl_half d1 = two ? x[1].d : 0;
-    __m512 dx = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_set1_epi16((short)x[0].d), _mm_set1_epi16((short)d1), 1));
+    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
+    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
 }
 
@@ -329,9 +325,10 @@ ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
 /* One superblock of activations for the 3-bit types: position i (0..63) stands for grid index i (4 weights,
- * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c */
+ * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
 struct iq3_sb {
     int8_t a[4][64];
+    int8_t neg[4][64];
     float d;
     uint8_t pad[60];
 };
@@ -344,24 +341,22 @@ static void prep_iq3(int64_t k, const float *x, void *out) {
         int8_t q[QK_K];
         sb[i].d = q8k_block(x + i * QK_K, q);
         for (int p = 0; p < 64; p++)
-            for (int c = 0; c < 4; c++)
+            for (int c = 0; c < 4; c++) {
                 sb[i].a[c][p] = q[4 * p + c];
+                sb[i].neg[c][p] = (int8_t)-q[4 * p + c];
+            }
         memset(sb[i].pad, 0, sizeof(sb[i].pad));
     }
 }
 
-/* Coordinate c of position i is weight 4 (i % 2) + c of the 8 that sign byte i / 2 covers: vpshufbitqmb picks
- * it from qword i / 8, whose bytes are the four sign bytes of sub-block i / 8 */
-#define IQ3_SIGN_PICK(c) BYTES8(c, 4 + (c), 8 + (c), 12 + (c), 16 + (c), 20 + (c), 24 + (c), 28 + (c))
-
-/* the magnitudes of the 64 x 4 weights (m[c]: coordinate c, in position order) with their signs applied to the
- * activations, summed: dword d holds sub-block d / 2 */
+/* The magnitudes of the 64 x 4 weights (m[c]: coordinate c, in position order) against the activations with
+ * their signs, summed: dword d holds sub-block d / 2. Byte i of signs is the sign byte of position i, which
+ * covers it and its neighbour (position i covers weights 4 (i % 2) .. + 3 of the byte's 8). */
 static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3_sb *y) {
     __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
     for (int c = 0; c < 4; c++) {
-        __m512i a = _mm512_load_si512(y->a[c]);
-        a = _mm512_mask_sub_epi8(a, _mm512_bitshuffle_epi64_mask(signs, _mm512_set1_epi64(IQ3_SIGN_PICK(c))),
-                                 _mm512_setzero_si512(), a);
+        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi16((short)((1 << c) | (16 << c) << 8)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[c]), _mm512_load_si512(y->neg[c]));
         if (c % 2)
             sum1 = _mm512_dpbusd_epi32(sum1, m[c], a);
         else
@@ -398,10 +393,12 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
                     _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04),
                     _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
                     _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04)};
-    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> its four sign bytes with parity */
+    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> byte j: sign byte j / 2, with
+     * parity */
     __m256i words = _mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4));
     __m512i signs = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 0, 0, 0, 0)), _mm512_cvtepu32_epi64(words)),
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 7, 7, 14, 14, 21, 21)),
+                                     _mm512_cvtepu32_epi64(words)),
         _mm512_set1_epi64(PARITY_SIGN), 0);
     __m512i sum = iq3_sums(m, signs, y);
     /* dword d: sub-block d / 2, times 2 scale + 1 */
@@ -445,8 +442,9 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                     _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01),
                     _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
                     _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01)};
-    /* qword s: the four stored sign bytes of sub-block s */
-    __m512i signs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs));
+    /* qword s: the four stored sign bytes of sub-block s -> byte j: sign byte j / 2 */
+    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 8, 8, 16, 16, 24, 24)),
+                                                 _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs)));
     __m512i sum = iq3_sums(m, signs, y);
     /* dword d: sub-block d / 2, times 2 scale + 1, the scale nibble d / 2 of the 32-bit scales */
     uint32_t scales;
@@ -460,6 +458,234 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
+/* ---------------------------------------------------------------- IQ2_XS, IQ2_S, IQ1_S, IQ1_M: gathered grids */
+
+/* Grids of 512 to 2048 points do not fit in registers: their points are gathered (vpgatherqq, 8 a zmm), in the
+ * order of the weights. One superblock of activations in element order: a[z] holds elements 64 z .. 64 z + 63,
+ * neg[z] their negations, sum8 / sum32 the sums of each 8 / 32 (what the IQ1 types' shifts multiply). */
+struct q8k_lin {
+    int8_t a[4][64];
+    int8_t neg[4][64];
+    int16_t sum8[32];
+    int32_t sum32[8];
+    float d;
+    uint8_t pad[28];
+};
+
+static size_t lin_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct q8k_lin); }
+
+static void prep_lin(int64_t k, const float *x, void *out) {
+    struct q8k_lin *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int e = 0; e < QK_K; e++) {
+            sb[i].a[e / 64][e % 64] = q[e];
+            sb[i].neg[e / 64][e % 64] = (int8_t)-q[e];
+            sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
+            sb[i].sum32[e / 32] += q[e];
+        }
+    }
+}
+
+/* The products of 64 weights (magnitudes or shifted levels, unsigned) with activations, dword by dword, times
+ * a 16-bit multiplier in the low word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude,
+ * so vpdpwssd applies the multiplier (and adds) in one instruction */
+static inline __m512i scaled_dot(__m512i acc, __m512i w, __m512i a, __m512i mul) {
+    return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a), mul);
+}
+
+/* The 2 s + 1 of IQ2_XS / IQ2_S's sixteen 4-bit scales (two a byte, low nibble first), the one of elements
+ * 64 z + 16 j .. + 15 in the low word of dwords 4 j .. 4 j + 3 of out[z] */
+static inline void iq2_half_scales(const uint8_t *scales, __m512i *out) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)scales));
+    __m128i nib = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x0f)),
+                               _mm_and_si128(_mm_slli_epi16(b, 4), _mm_set1_epi16(0x0f00)));
+    __m512i ls = _mm512_castsi128_si512(_mm_or_si128(_mm_add_epi8(nib, nib), _mm_set1_epi8(1)));
+    for (int z = 0; z < 4; z++)
+        out[z] = _mm512_maskz_permutexvar_epi8(0x1111111111111111ull,
+                                               _mm512_setr_epi32(4 * z, 4 * z, 4 * z, 4 * z, 4 * z + 1, 4 * z + 1,
+                                                                 4 * z + 1, 4 * z + 1, 4 * z + 2, 4 * z + 2, 4 * z + 2,
+                                                                 4 * z + 2, 4 * z + 3, 4 * z + 3, 4 * z + 3, 4 * z + 3),
+                                               ls);
+}
+
+struct none {
+    char unused;
+};
+
+STEP struct none no_consts(void) { return (struct none){0}; }
+
+#define dot_iq2_xs_sb_consts no_consts
+#define dot_iq2_xs_sb_init acc1_init
+#define dot_iq2_s_sb_consts no_consts
+#define dot_iq2_s_sb_init acc1_init
+
+STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+
+#define dot_iq2_xs_sb_finish eighth_finish
+#define dot_iq2_s_sb_finish eighth_finish
+
+STEP void dot_iq2_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                             const struct none *c) {
+    (void)n, (void)c;
+    const block_iq2_xs *x = (const block_iq2_xs *)vx + i;
+    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_xs));
+    /* each qs word: a 9-bit grid index and 7 sign bits, whose high byte shifted down by one with the parity on top
+     * is the sign byte; the 32 of them, in order, are the four 64-bit masks */
+    __m512i q = _mm512_loadu_si512(x->qs);
+    __m512i hi = _mm512_permutexvar_epi8(_mm512_setr_epi64(BYTES8(1, 3, 5, 7, 9, 11, 13, 15),
+                                                           BYTES8(17, 19, 21, 23, 25, 27, 29, 31),
+                                                           BYTES8(33, 35, 37, 39, 41, 43, 45, 47),
+                                                           BYTES8(49, 51, 53, 55, 57, 59, 61, 63), 0, 0, 0, 0),
+                                         q);
+    uint64_t signs[4];
+    _mm256_storeu_si256((__m256i *)signs,
+                        _mm512_castsi512_si256(_mm512_gf2p8affine_epi64_epi8(
+                            hi, _mm512_set1_epi64(AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)), 0)));
+    __m512i ls[4];
+    iq2_half_scales(x->scales, ls);
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++) {
+        __m512i idx = _mm512_and_si512(_mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)(x->qs + 8 * z))),
+                                       _mm512_set1_epi64(511));
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2xs_grid, 8);
+        __m512i a = _mm512_mask_blend_epi8(_cvtu64_mask64(signs[z]), _mm512_load_si512(y->a[z]),
+                                           _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, ls[z]);
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq2_xs_sb, struct none, struct acc1, superblocks)
+
+STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq2_s *x = (const block_iq2_s *)vx + i;
+    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_s));
+    __m512i ls[4];
+    iq2_half_scales(x->scales, ls);
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++) {
+        /* 10-bit indices: the low 8 in qs, bits 2 l, 2 l + 1 of qh[s] the top two of index l of sub-block s */
+        uint16_t qh;
+        memcpy(&qh, x->qh + 2 * z, sizeof(qh));
+        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)qh << 8),
+                                        _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14));
+        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
+                                                top, _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2s_grid, 8);
+        uint64_t signs;
+        memcpy(&signs, x->qs + QK_K / 8 + 8 * z, sizeof(signs));
+        __m512i a = _mm512_mask_blend_epi8(_cvtu64_mask64(signs), _mm512_load_si512(y->a[z]),
+                                           _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, ls[z]);
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq2_s_sb, struct none, struct acc1, superblocks)
+
+/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2; with ls the scale and delta = +-1 the sign
+ * of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q) + (delta - 8) (sum of q)), whose
+ * second part goes through the prepared sums. */
+
+#define dot_iq1_s_sb_consts no_consts
+#define dot_iq1_s_sb_init acc1_init
+#define dot_iq1_s_sb_finish eighth_finish
+#define dot_iq1_m_sb_consts no_consts
+#define dot_iq1_m_sb_init acc1_init
+#define dot_iq1_m_sb_finish eighth_finish
+
+STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq1_s *x = (const block_iq1_s *)vx + i;
+    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
+    /* qh[s]: the top 3 bits of the four indices of sub-block s, its scale in bits 12..14, its shift's sign on top */
+    __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x->qh));
+    __m256i ls = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(qh, 11), _mm256_set1_epi32(14)),
+                                 _mm256_set1_epi32(1));
+    __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(-7), _mm256_slli_epi32(_mm256_srli_epi32(qh, 15), 1));
+    __m512i sum = _mm512_zextsi256_si512(
+        _mm256_mullo_epi32(_mm256_mullo_epi32(ls, shift), _mm256_load_si256((const __m256i *)y->sum32)));
+    __m512i ls8 = _mm512_castsi256_si512(_mm256_slli_epi32(ls, 3));
+    for (int z = 0; z < 4; z++) {
+        uint32_t top3;
+        memcpy(&top3, x->qh + 2 * z, sizeof(top3));
+        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)top3 << 8),
+                                        _mm512_setr_epi64(0, 3, 6, 9, 16, 19, 22, 25));
+        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
+                                                top, _mm512_set1_epi64(0x700), 0xf8); /* A | (B & C) */
+        __m512i w = _mm512_add_epi8(_mm512_i64gather_epi64(idx, (const void *)fl_iq1s_grid, 8), _mm512_set1_epi8(1));
+        __m512i mul = _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z + 1, 2 * z + 1, 2 * z + 1,
+                              2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1),
+            ls8);
+        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq1_s_sb, struct none, struct acc1, superblocks)
+
+STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq1_m *x = (const block_iq1_m *)vx + i;
+    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
+    uint16_t sc[4];
+    memcpy(sc, x->scales, sizeof(sc));
+    /* word l (index l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word l / 8,
+     * and its qh nibble, whose bit 3 is the sign of its shift */
+    __m512i words = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002, 0x20002, 0x30003,
+                          0x30003, 0x30003, 0x30003),
+        _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sc)));
+    __m512i s3 = _mm512_and_si512(
+        _mm512_srlv_epi16(words, _mm512_setr_epi32(0, 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009, 0,
+                                                   0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
+        _mm512_set1_epi16(7));
+    __m512i ls = _mm512_or_si512(_mm512_add_epi16(s3, s3), _mm512_set1_epi16(1));
+    __m512i qh = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh)));
+    /* word l = qh[l / 2]: duplicate the 16 bytes' words, then the nibble's bit 3 for even l, bit 7 for odd */
+    qh = _mm512_permutexvar_epi16(_mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006,
+                                                    0x70007, 0x80008, 0x90009, 0xa000a, 0xb000b, 0xc000c, 0xd000d,
+                                                    0xe000e, 0xf000f),
+                                  qh);
+    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qh, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
+    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each index's sum of 8 activations */
+    __m512i coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
+    __m512i sum = _mm512_madd_epi16(coef, _mm512_load_si512(y->sum8));
+    __m512i ls8 = _mm512_slli_epi16(ls, 3);
+    for (int z = 0; z < 4; z++) {
+        uint32_t top3;
+        memcpy(&top3, x->qh + 4 * z, sizeof(top3));
+        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)top3 << 8),
+                                        _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28));
+        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
+                                                top, _mm512_set1_epi64(0x700), 0xf8); /* A | (B & C) */
+        __m512i w = _mm512_add_epi8(_mm512_i64gather_epi64(idx, (const void *)fl_iq1s_grid, 8), _mm512_set1_epi8(1));
+        /* dword d of z: index 8 z + d / 2, scale word 8 z + 2 (d / 4) */
+        __m512i mul = _mm512_maskz_permutexvar_epi16(
+            0x55555555u,
+            _mm512_setr_epi32(8 * z, 8 * z, 8 * z, 8 * z, 8 * z + 2, 8 * z + 2, 8 * z + 2, 8 * z + 2, 8 * z + 4,
+                              8 * z + 4, 8 * z + 4, 8 * z + 4, 8 * z + 6, 8 * z + 6, 8 * z + 6, 8 * z + 6),
+            ls8);
+        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+    }
+    fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq1_m_sb, struct none, struct acc1, superblocks)
+
 /* ---------------------------------------------------------------- the table */
 
 static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, dot_iq4_xs_sb, dot_iq4_xs_sb_x4};
@@ -467,6 +693,10 @@ static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xx
                                                        dot_iq2_xxs_pair_x4};
 static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq3_s_sb, dot_iq3_s_sb_x4};
+static const struct fl_decode_kernel iq2_xs_kernel = {lin_bytes, prep_lin, dot_iq2_xs_sb, dot_iq2_xs_sb_x4};
+static const struct fl_decode_kernel iq2_s_kernel = {lin_bytes, prep_lin, dot_iq2_s_sb, dot_iq2_s_sb_x4};
+static const struct fl_decode_kernel iq1_s_kernel = {lin_bytes, prep_lin, dot_iq1_s_sb, dot_iq1_s_sb_x4};
+static const struct fl_decode_kernel iq1_m_kernel = {lin_bytes, prep_lin, dot_iq1_m_sb, dot_iq1_m_sb_x4};
 
 static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
 
@@ -480,6 +710,10 @@ const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type) {
     case FL_TYPE_IQ2_XXS: return &iq2_xxs_kernel;
     case FL_TYPE_IQ3_XXS: return &iq3_xxs_kernel;
     case FL_TYPE_IQ3_S: return &iq3_s_kernel;
+    case FL_TYPE_IQ2_XS: return &iq2_xs_kernel;
+    case FL_TYPE_IQ2_S: return &iq2_s_kernel;
+    case FL_TYPE_IQ1_S: return &iq1_s_kernel;
+    case FL_TYPE_IQ1_M: return &iq1_m_kernel;
     default: return NULL;
     }
 }
