@@ -81,7 +81,15 @@ static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
 /* IQ3_S: the same for its 512 points, the level k of 1 + 2k, no fourth bit */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
 
+static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
+
 static void build_codes(void) {
+    for (int i = 0; i < 2048; i++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++)
+            v |= (uint64_t)(uint8_t)((int8_t)(fl_iq1s_grid[i] >> (8 * j)) + 1) << (8 * j);
+        iq1s_grid_plus1[i] = v;
+    }
     for (int i = 0; i < 256; i++) {
         uint8_t lo = 0, hi = 0;
         for (int f = 0; f < 4; f++) {
@@ -460,55 +468,63 @@ ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
 /* ---------------------------------------------------------------- IQ2_XS, IQ2_S, IQ1_S, IQ1_M: gathered grids */
 
-/* Grids of 512 to 2048 points do not fit in registers: their points are gathered (vpgatherqq, 8 a zmm), in the
- * order of the weights. One superblock of activations in element order: a[z] holds elements 64 z .. 64 z + 63,
- * neg[z] their negations, sum8 / sum32 the sums of each 8 / 32 (what the IQ1 types' shifts multiply). */
-struct q8k_lin {
+/* Grids of 512 to 2048 points do not fit in registers: their points are gathered, 8 a zmm by vpgatherqq, whose
+ * ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
+ * superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of sub-block q, so
+ * the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q), and the
+ * two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
+ * (IQ1_S) or two each (the types with a scale per 16). One superblock of activations in that order: a[z] byte
+ * 8 q + j is element 32 q + 8 z + j, neg[z] its negation; bsn dword 2 q: minus the sum of sub-block q's 32
+ * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
+struct q8k_ilv {
     int8_t a[4][64];
     int8_t neg[4][64];
+    int32_t bsn[16];
     int16_t sum8[32];
-    int32_t sum32[8];
     float d;
-    uint8_t pad[28];
+    uint8_t pad[60];
 };
 
-static size_t lin_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct q8k_lin); }
+static size_t ilv_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct q8k_ilv); }
 
-static void prep_lin(int64_t k, const float *x, void *out) {
-    struct q8k_lin *sb = out;
+static void prep_ilv(int64_t k, const float *x, void *out) {
+    struct q8k_ilv *sb = out;
     for (int64_t i = 0; i < k / QK_K; i++) {
         int8_t q[QK_K];
         memset(&sb[i], 0, sizeof(sb[i]));
         sb[i].d = q8k_block(x + i * QK_K, q);
         for (int e = 0; e < QK_K; e++) {
-            sb[i].a[e / 64][e % 64] = q[e];
-            sb[i].neg[e / 64][e % 64] = (int8_t)-q[e];
+            int s = e / 32, z = e % 32 / 8, j = e % 8;
+            sb[i].a[z][8 * s + j] = q[e];
+            sb[i].neg[z][8 * s + j] = (int8_t)-q[e];
+            sb[i].bsn[2 * s] -= q[e];
             sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
-            sb[i].sum32[e / 32] += q[e];
         }
     }
 }
 
-/* The products of 64 weights (magnitudes or shifted levels, unsigned) with activations, dword by dword, times
- * a 16-bit multiplier in the low word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude,
- * so vpdpwssd applies the multiplier (and adds) in one instruction */
+/* The products of 64 weights (unsigned) with activations, dword by dword, times a 16-bit multiplier in the low
+ * word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude, so vpdpwssd applies the
+ * multiplier (and adds) in one instruction */
 static inline __m512i scaled_dot(__m512i acc, __m512i w, __m512i a, __m512i mul) {
     return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a), mul);
 }
 
-/* The 2 s + 1 of IQ2_XS / IQ2_S's sixteen 4-bit scales (two a byte, low nibble first), the one of elements
- * 64 z + 16 j .. + 15 in the low word of dwords 4 j .. 4 j + 3 of out[z] */
-static inline void iq2_half_scales(const uint8_t *scales, __m512i *out) {
-    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)scales));
-    __m128i nib = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x0f)),
-                               _mm_and_si128(_mm_slli_epi16(b, 4), _mm_set1_epi16(0x0f00)));
-    __m512i ls = _mm512_castsi128_si512(_mm_or_si128(_mm_add_epi8(nib, nib), _mm_set1_epi8(1)));
-    for (int z = 0; z < 4; z++)
-        out[z] = _mm512_maskz_permutexvar_epi8(0x1111111111111111ull,
-                                               _mm512_setr_epi32(4 * z, 4 * z, 4 * z, 4 * z, 4 * z + 1, 4 * z + 1,
-                                                                 4 * z + 1, 4 * z + 1, 4 * z + 2, 4 * z + 2, 4 * z + 2,
-                                                                 4 * z + 2, 4 * z + 3, 4 * z + 3, 4 * z + 3, 4 * z + 3),
-                                               ls);
+/* the low dword of each qword copied to the high one */
+static inline __m512i both_dwords(__m512i v) {
+    return _mm512_shuffle_epi32(v, _MM_PERM_CCAA);
+}
+
+/* grid point z of each sub-block: index byte z of qs dword q (the low 8 bits), top bits from the caller */
+static inline __m512i index_low(__m512i qs, int z) {
+    __m512i v = _mm512_srli_epi64(qs, 8 * z);
+    return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
+}
+
+/* IQ2_XS and IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
+static inline __m512i iq2_ls(__m512i bytes, int h) {
+    __m512i nib = _mm512_and_si512(_mm512_srli_epi64(bytes, 4 * h), _mm512_set1_epi64(15));
+    return both_dwords(_mm512_or_si512(_mm512_add_epi64(nib, nib), _mm512_set1_epi64(1)));
 }
 
 struct none {
@@ -527,34 +543,29 @@ STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_
 #define dot_iq2_xs_sb_finish eighth_finish
 #define dot_iq2_s_sb_finish eighth_finish
 
+/* bits 1..7 of each byte kept, bit 0 their parity: in a qs word of IQ2_XS, bit 8 becomes the eighth sign */
+#define PARITY_BIT0 AFFINE(0xfe, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
+
 STEP void dot_iq2_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
                              const struct none *c) {
     (void)n, (void)c;
     const block_iq2_xs *x = (const block_iq2_xs *)vx + i;
-    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_xs));
-    /* each qs word: a 9-bit grid index and 7 sign bits, whose high byte shifted down by one with the parity on top
-     * is the sign byte; the 32 of them, in order, are the four 64-bit masks */
-    __m512i q = _mm512_loadu_si512(x->qs);
-    __m512i hi = _mm512_permutexvar_epi8(_mm512_setr_epi64(BYTES8(1, 3, 5, 7, 9, 11, 13, 15),
-                                                           BYTES8(17, 19, 21, 23, 25, 27, 29, 31),
-                                                           BYTES8(33, 35, 37, 39, 41, 43, 45, 47),
-                                                           BYTES8(49, 51, 53, 55, 57, 59, 61, 63), 0, 0, 0, 0),
-                                         q);
-    uint64_t signs[4];
-    _mm256_storeu_si256((__m256i *)signs,
-                        _mm512_castsi512_si256(_mm512_gf2p8affine_epi64_epi8(
-                            hi, _mm512_set1_epi64(AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)), 0)));
-    __m512i ls[4];
-    iq2_half_scales(x->scales, ls);
+    /* qword q: the four qs words of sub-block q, each a 9-bit grid index and 7 sign bits */
+    __m512i words = _mm512_loadu_si512(x->qs);
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(words, _mm512_set1_epi64(PARITY_BIT0), 0);
+    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
     __m512i sum = _mm512_setzero_si512();
     for (int z = 0; z < 4; z++) {
-        __m512i idx = _mm512_and_si512(_mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)(x->qs + 8 * z))),
-                                       _mm512_set1_epi64(511));
+        __m512i idx = _mm512_and_si512(_mm512_srli_epi64(words, 16 * z), _mm512_set1_epi64(511));
         __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2xs_grid, 8);
-        __m512i a = _mm512_mask_blend_epi8(_cvtu64_mask64(signs[z]), _mm512_load_si512(y->a[z]),
-                                           _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, ls[z]);
+        /* sign j < 7 of word z: bit 16 z + 9 + j; the eighth, its parity, bit 16 z + 8 */
+        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
+            signs, _mm512_set1_epi64(BYTES8(16 * z + 9, 16 * z + 10, 16 * z + 11, 16 * z + 12, 16 * z + 13,
+                                            16 * z + 14, 16 * z + 15, 16 * z + 8)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
     }
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
 }
@@ -565,35 +576,32 @@ STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                             const struct none *c) {
     (void)n, (void)c;
     const block_iq2_s *x = (const block_iq2_s *)vx + i;
-    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_s));
-    __m512i ls[4];
-    iq2_half_scales(x->scales, ls);
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->qh));
+    __m512i signs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 8)));
+    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
     __m512i sum = _mm512_setzero_si512();
     for (int z = 0; z < 4; z++) {
-        /* 10-bit indices: the low 8 in qs, bits 2 l, 2 l + 1 of qh[s] the top two of index l of sub-block s */
-        uint16_t qh;
-        memcpy(&qh, x->qh + 2 * z, sizeof(qh));
-        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)qh << 8),
-                                        _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14));
-        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
-                                                top, _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
+        /* 10-bit indices: bits 2 z, 2 z + 1 of qh[q] the top two of index z of sub-block q */
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), _mm512_slli_epi64(qh, 8 - 2 * z),
+                                                _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
         __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2s_grid, 8);
-        uint64_t signs;
-        memcpy(&signs, x->qs + QK_K / 8 + 8 * z, sizeof(signs));
-        __m512i a = _mm512_mask_blend_epi8(_cvtu64_mask64(signs), _mm512_load_si512(y->a[z]),
-                                           _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, ls[z]);
+        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
+            signs, _mm512_set1_epi64(BYTES8(8 * z, 8 * z + 1, 8 * z + 2, 8 * z + 3, 8 * z + 4, 8 * z + 5, 8 * z + 6,
+                                            8 * z + 7)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
     }
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
 }
 
 ROW_DOTS(dot_iq2_s_sb, struct none, struct acc1, superblocks)
 
-/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2; with ls the scale and delta = +-1 the sign
- * of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q) + (delta - 8) (sum of q)), whose
- * second part goes through the prepared sums. */
-
+/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2, from iq1s_grid_plus1; with ls
+ * the scale and delta = +-1 the sign of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q)
+ * - (8 - delta) (sum of q)), whose second part goes through the prepared sums. */
 #define dot_iq1_s_sb_consts no_consts
 #define dot_iq1_s_sb_init acc1_init
 #define dot_iq1_s_sb_finish eighth_finish
@@ -605,30 +613,23 @@ STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                             const struct none *c) {
     (void)n, (void)c;
     const block_iq1_s *x = (const block_iq1_s *)vx + i;
-    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
-    /* qh[s]: the top 3 bits of the four indices of sub-block s, its scale in bits 12..14, its shift's sign on top */
-    __m256i qh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x->qh));
-    __m256i ls = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(qh, 11), _mm256_set1_epi32(14)),
-                                 _mm256_set1_epi32(1));
-    __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(-7), _mm256_slli_epi32(_mm256_srli_epi32(qh, 15), 1));
-    __m512i sum = _mm512_zextsi256_si512(
-        _mm256_mullo_epi32(_mm256_mullo_epi32(ls, shift), _mm256_load_si256((const __m256i *)y->sum32)));
-    __m512i ls8 = _mm512_castsi256_si512(_mm256_slli_epi32(ls, 3));
+    /* qh[q]: the top 3 bits of the four indices of sub-block q, its scale in bits 12..14, its shift's sign on top */
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
+    __m512i sum = _mm512_setzero_si512();
     for (int z = 0; z < 4; z++) {
-        uint32_t top3;
-        memcpy(&top3, x->qh + 2 * z, sizeof(top3));
-        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)top3 << 8),
-                                        _mm512_setr_epi64(0, 3, 6, 9, 16, 19, 22, 25));
-        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
-                                                top, _mm512_set1_epi64(0x700), 0xf8); /* A | (B & C) */
-        __m512i w = _mm512_add_epi8(_mm512_i64gather_epi64(idx, (const void *)fl_iq1s_grid, 8), _mm512_set1_epi8(1));
-        __m512i mul = _mm512_permutexvar_epi32(
-            _mm512_setr_epi32(2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z + 1, 2 * z + 1, 2 * z + 1,
-                              2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1),
-            ls8);
-        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+        __m512i top = z == 3 ? _mm512_srli_epi64(qh, 1) : _mm512_slli_epi64(qh, 8 - 3 * z);
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
+        sum = _mm512_dpbusd_epi32(sum, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
+                                  _mm512_load_si512(y->a[z]));
     }
+    __m512i ls = _mm512_ternarylogic_epi64(_mm512_srli_epi64(qh, 11), _mm512_set1_epi64(14), _mm512_set1_epi64(1),
+                                           0xea); /* (A & B) | C: 2 s + 1 */
+    __m512i eight_minus_delta = _mm512_add_epi64(_mm512_slli_epi64(_mm512_srli_epi64(qh, 15), 1), _mm512_set1_epi64(7));
+    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, both_dwords(_mm512_slli_epi64(ls, 3)));
+    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), _mm512_mul_epu32(ls, eight_minus_delta));
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
 }
 
@@ -638,12 +639,12 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                             const struct none *c) {
     (void)n, (void)c;
     const block_iq1_m *x = (const block_iq1_m *)vx + i;
-    const struct q8k_lin *y = (const struct q8k_lin *)vy + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
     uint16_t sc[4];
     memcpy(sc, x->scales, sizeof(sc));
-    /* word l (index l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word l / 8,
-     * and its qh nibble, whose bit 3 is the sign of its shift */
+    /* word l (grid point l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word
+     * l / 8, and its qh nibble, whose bit 3 is the sign of its shift */
     __m512i words = _mm512_permutexvar_epi16(
         _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002, 0x20002, 0x30003,
                           0x30003, 0x30003, 0x30003),
@@ -653,30 +654,28 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                                                    0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
         _mm512_set1_epi16(7));
     __m512i ls = _mm512_or_si512(_mm512_add_epi16(s3, s3), _mm512_set1_epi16(1));
-    __m512i qh = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh)));
-    /* word l = qh[l / 2]: duplicate the 16 bytes' words, then the nibble's bit 3 for even l, bit 7 for odd */
-    qh = _mm512_permutexvar_epi16(_mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006,
-                                                    0x70007, 0x80008, 0x90009, 0xa000a, 0xb000b, 0xc000c, 0xd000d,
-                                                    0xe000e, 0xf000f),
-                                  qh);
-    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qh, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
-    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each index's sum of 8 activations */
+    /* word l = qh[l / 2], then its nibble's bit 3: bit 3 for even l, bit 7 for odd */
+    __m512i qhw = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006, 0x70007, 0x80008, 0x90009, 0xa000a,
+                          0xb000b, 0xc000c, 0xd000d, 0xe000e, 0xf000f),
+        _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
+    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
+    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each grid point's sum of 8 activations */
     __m512i coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
     __m512i sum = _mm512_madd_epi16(coef, _mm512_load_si512(y->sum8));
+    /* qword q: the qs bytes of sub-block q (grid points 4 q + z) and its two qh bytes (nibble z: point 4 q + z) */
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
     __m512i ls8 = _mm512_slli_epi16(ls, 3);
     for (int z = 0; z < 4; z++) {
-        uint32_t top3;
-        memcpy(&top3, x->qh + 4 * z, sizeof(top3));
-        __m512i top = _mm512_srlv_epi64(_mm512_set1_epi64((long long)top3 << 8),
-                                        _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28));
-        __m512i idx = _mm512_ternarylogic_epi64(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * z))),
-                                                top, _mm512_set1_epi64(0x700), 0xf8); /* A | (B & C) */
-        __m512i w = _mm512_add_epi8(_mm512_i64gather_epi64(idx, (const void *)fl_iq1s_grid, 8), _mm512_set1_epi8(1));
-        /* dword d of z: index 8 z + d / 2, scale word 8 z + 2 (d / 4) */
+        __m512i top = z < 2 ? _mm512_slli_epi64(qh, 8 - 4 * z) : _mm512_srli_epi64(qh, 4 * z - 8);
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
+        /* the scale of point 4 q + z (word 4 q + z) in the low word of both dwords of qword q */
         __m512i mul = _mm512_maskz_permutexvar_epi16(
             0x55555555u,
-            _mm512_setr_epi32(8 * z, 8 * z, 8 * z, 8 * z, 8 * z + 2, 8 * z + 2, 8 * z + 2, 8 * z + 2, 8 * z + 4,
-                              8 * z + 4, 8 * z + 4, 8 * z + 4, 8 * z + 6, 8 * z + 6, 8 * z + 6, 8 * z + 6),
+            _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
+                              24 + z, 28 + z, 28 + z),
             ls8);
         sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
     }
@@ -693,10 +692,10 @@ static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xx
                                                        dot_iq2_xxs_pair_x4};
 static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq3_s_sb, dot_iq3_s_sb_x4};
-static const struct fl_decode_kernel iq2_xs_kernel = {lin_bytes, prep_lin, dot_iq2_xs_sb, dot_iq2_xs_sb_x4};
-static const struct fl_decode_kernel iq2_s_kernel = {lin_bytes, prep_lin, dot_iq2_s_sb, dot_iq2_s_sb_x4};
-static const struct fl_decode_kernel iq1_s_kernel = {lin_bytes, prep_lin, dot_iq1_s_sb, dot_iq1_s_sb_x4};
-static const struct fl_decode_kernel iq1_m_kernel = {lin_bytes, prep_lin, dot_iq1_m_sb, dot_iq1_m_sb_x4};
+static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4};
+static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4};
+static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4};
+static const struct fl_decode_kernel iq1_m_kernel = {ilv_bytes, prep_ilv, dot_iq1_m_sb, dot_iq1_m_sb_x4};
 
 static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
 
