@@ -48,7 +48,7 @@ static const int formats[] = {FL_TYPE_F32,    FL_TYPE_F16,    FL_TYPE_BF16,   FL
 static int generic_only(int type) {
     return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q5_0 || type == FL_TYPE_Q5_1 ||
            type == FL_TYPE_Q3_K || type == FL_TYPE_NVFP4 || type == FL_TYPE_Q1_0 || type == FL_TYPE_Q2_0 ||
-           type == FL_TYPE_TQ1_0 || type == FL_TYPE_TQ2_0 || type == FL_TYPE_IQ4_NL;
+           type == FL_TYPE_TQ1_0;
 }
 
 static void put_half(uint8_t *p, float v) {

@@ -685,6 +685,53 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
 
 ROW_DOTS(dot_iq1_m_sb, struct none, struct acc1, superblocks)
 
+/* ---------------------------------------------------------------- TQ2_0 */
+
+/* One superblock of activations in the order of TQ2_0's fields: a[n] byte m is element 128 (m / 32) + 32 n +
+ * m % 32, what the 2-bit field n of quant byte m multiplies; base dword d: minus the sum of the 16 activations
+ * its four a[n] dwords hold, which turns sum t q into sum (t - 1) q */
+struct tq2_sb {
+    int8_t a[4][64];
+    int32_t base[16];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t tq2_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct tq2_sb); }
+
+static void prep_tq2(int64_t k, const float *x, void *out) {
+    struct tq2_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int n = 0; n < 4; n++)
+            for (int m = 0; m < 64; m++) {
+                sb[i].a[n][m] = q[128 * (m / 32) + 32 * n + m % 32];
+                sb[i].base[m / 4] -= sb[i].a[n][m];
+            }
+    }
+}
+
+#define dot_tq2_0_sb_consts no_consts
+#define dot_tq2_0_sb_init acc1_init
+#define dot_tq2_0_sb_finish acc1_finish
+
+STEP void dot_tq2_0_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_tq2_0 *x = (const block_tq2_0 *)vx + i;
+    const struct tq2_sb *y = (const struct tq2_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_tq2_0));
+    __m512i q = _mm512_loadu_si512(x->qs), sum = _mm512_load_si512(y->base);
+    for (int f = 0; f < 4; f++)
+        sum = _mm512_dpbusd_epi32(sum, _mm512_and_si512(_mm512_srli_epi16(q, 2 * f), _mm512_set1_epi8(3)),
+                                  _mm512_load_si512(y->a[f]));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_tq2_0_sb, struct none, struct acc1, superblocks)
+
 /* ---------------------------------------------------------------- the table */
 
 static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, dot_iq4_xs_sb, dot_iq4_xs_sb_x4};
@@ -695,6 +742,7 @@ static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq
 static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4};
 static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4};
+static const struct fl_decode_kernel tq2_0_kernel = {tq2_bytes, prep_tq2, dot_tq2_0_sb, dot_tq2_0_sb_x4};
 static const struct fl_decode_kernel iq1_m_kernel = {ilv_bytes, prep_ilv, dot_iq1_m_sb, dot_iq1_m_sb_x4};
 
 static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
@@ -713,6 +761,7 @@ const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type) {
     case FL_TYPE_IQ2_S: return &iq2_s_kernel;
     case FL_TYPE_IQ1_S: return &iq1_s_kernel;
     case FL_TYPE_IQ1_M: return &iq1_m_kernel;
+    case FL_TYPE_TQ2_0: return &tq2_0_kernel;
     default: return NULL;
     }
 }

@@ -1,5 +1,5 @@
 /* dot_x86_iq.h: the 256-bit vec_dots of the lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S,
- * IQ1_M) on Q8_K activations, included by dot_x86.h for each level that compiles it: what CPUs without the
+ * IQ1_M) on Q8_K activations, and of IQ4_NL and TQ2_0 at the end, included by dot_x86.h for each level that compiles it: what CPUs without the
  * VBMI kernels of avx512_vbmi_iq.c run. Without byte permutes across a whole register the grids stay in memory:
  * each 256-bit vector of weights is four grid points of 8 bytes, as in ggml's x86 dots, but put together by
  * broadcast loads and blends rather than by vpinsrq / vinserti128, whose shuffle port bounded the loop at 8
@@ -236,6 +236,44 @@ static void dot_iq1_m(int64_t n, float *s, const void *vx, const void *vy) {
     *s = hsum_ps(acc);
 }
 
+/* IQ4_NL: MXFP4's dot with the iq4nl table and an fp16 scale */
+static void dot_iq4_nl(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_iq4_nl *x = vx;
+    const block_q8_0 *y = vy;
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)fl_kvalues_iq4nl));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK4_NL; i++) {
+        __m256i p = dot_i8i8(_mm256_shuffle_epi8(values, nibbles_lo_hi(x[i].qs)), load256(y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x[i].d) * half(y[i].d)), _mm256_cvtepi32_ps(p), acc);
+    }
+    *s = hsum_ps(acc);
+}
+
+/* TQ2_0: the 2-bit trits t as unsigned bytes, sum (t - 1) q = sum t q - sum q, the last from the block sums */
+static void dot_tq2_0(int64_t n, float *s, const void *vx, const void *vy) {
+    const block_tq2_0 *x = vx;
+    const block_q8_K *y = vy;
+    const __m256i m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    float sums = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i q = load256(x[i].qs + 32 * h);
+            for (int j = 0; j < 4; j++)
+                sumi = _mm256_add_epi32(sumi, dot_u8i8(_mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m2),
+                                                       load256(y[i].qs + 128 * h + 32 * j)));
+        }
+        int bsum = 0;
+        for (int j = 0; j < QK_K / 16; j++)
+            bsum += y[i].bsums[j];
+        const float d = half(x[i].d) * y[i].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        sums += d * (float)bsum;
+    }
+    *s = hsum_ps(acc) - sums;
+}
+
 static fl_vec_dot_fn dot_x86_iq(int type) {
     switch (type) {
     case FL_TYPE_IQ2_XXS: return dot_iq2_xxs;
@@ -245,6 +283,8 @@ static fl_vec_dot_fn dot_x86_iq(int type) {
     case FL_TYPE_IQ3_S: return dot_iq3_s;
     case FL_TYPE_IQ1_S: return dot_iq1_s;
     case FL_TYPE_IQ1_M: return dot_iq1_m;
+    case FL_TYPE_IQ4_NL: return dot_iq4_nl;
+    case FL_TYPE_TQ2_0: return dot_tq2_0;
     default: return NULL;
     }
 }
