@@ -301,8 +301,9 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xxs));
     /* qs dword 2 s: the grid indices of sub-block s, 2 s + 1 its word of 4 x 7 sign bits and the scale on top */
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
-    __m512i idx = _mm512_mask_blend_epi32(0xAAAA, q0, _mm512_slli_epi64(q1, 32));
-    __m512i words = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(q0, 32), q1);
+    const __m512i high = _mm512_set1_epi64((long long)0xffffffff00000000ull); /* a bit select, not a k-mask blend */
+    __m512i idx = _mm512_ternarylogic_epi64(high, _mm512_slli_epi64(q1, 32), q0, 0xca);   /* A ? B : C */
+    __m512i words = _mm512_ternarylogic_epi64(high, q1, _mm512_srli_epi64(q0, 32), 0xca);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
     /* byte i: the eight signs of position i, the eighth by parity */
