@@ -34,8 +34,10 @@ const struct fl_decode_kernel *fl_decode_kernel(int type) {
 #if defined(__x86_64__)
     /* the AVX-512 level already vouches for the OS saving zmm state; VBMI is one more cpuid bit */
     __builtin_cpu_init();
-    if (fl_simd_level() == FL_SIMD_AVX512 && fl_simd_has_vnni() && __builtin_cpu_supports("avx512vbmi"))
-        return fl_decode_avx512_vbmi(type);
+    if (fl_simd_level() == FL_SIMD_AVX512 && fl_simd_has_vnni() && __builtin_cpu_supports("avx512vbmi")) {
+        const struct fl_decode_kernel *dk = fl_decode_avx512_vbmi(type);
+        return dk ? dk : fl_decode_avx512_vbmi_iq(type);
+    }
 #endif
     (void)type;
     return NULL;

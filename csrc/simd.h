@@ -25,6 +25,8 @@ fl_vec_dot_fn fl_dot_neon(int type);
 fl_to_float_fn fl_to_float_avx512(int type);
 /* the prepared-activation decode kernels of AVX512-VNNI CPUs with VBMI (NULL for a type without one) */
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type);
+/* the same for the i-quants, which also need GFNI and BITALG (NULL for another type or a CPU without them) */
+const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type);
 extern const struct fl_gemm_kernel fl_gemm_scalar;
 extern const struct fl_gemm_kernel fl_gemm_avx2;
 extern const struct fl_gemm_kernel fl_gemm_avx512;

@@ -46,9 +46,7 @@ static const int formats[] = {FL_TYPE_F32,    FL_TYPE_F16,    FL_TYPE_BF16,   FL
 
 /* formats with no SIMD dot yet: every level must fall back to the generic one (dispatch.c) */
 static int generic_only(int type) {
-    return type == FL_TYPE_NVFP4 || type == FL_TYPE_Q1_0 || type == FL_TYPE_Q2_0 || type == FL_TYPE_TQ1_0 ||
-           type == FL_TYPE_TQ2_0 || type == FL_TYPE_IQ4_NL || type == FL_TYPE_IQ2_XS || type == FL_TYPE_IQ2_S ||
-           type == FL_TYPE_IQ3_XXS || type == FL_TYPE_IQ3_S || type == FL_TYPE_IQ1_S || type == FL_TYPE_IQ1_M;
+    return type == FL_TYPE_NVFP4 || type == FL_TYPE_Q1_0 || type == FL_TYPE_Q2_0 || type == FL_TYPE_TQ1_0;
 }
 
 static void put_half(uint8_t *p, float v) {

@@ -358,37 +358,7 @@ static void dot_iq4_xs(int64_t n, float *s, const void *vx, const void *vy) {
     *s = hsum_ps(acc);
 }
 
-static void dot_iq2_xxs(int64_t n, float *s, const void *vx, const void *vy) {
-    const block_iq2_xxs *x = vx;
-    const block_q8_K *y = vy;
-    /* byte j of each 8-byte group tests sign bit j of its group's sign byte */
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                                            3, 3, 3, 3, 3, 3, 3);
-    const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / QK_K; i++) {
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < QK_K / 32; ib++) {
-            uint32_t aux[2];
-            memcpy(aux, x[i].qs + 4 * ib, sizeof(aux));
-            __m256i grid = _mm256_setr_epi64x((long long)fl_iq2xxs_grid[aux[0] & 0xff],
-                                              (long long)fl_iq2xxs_grid[(aux[0] >> 8) & 0xff],
-                                              (long long)fl_iq2xxs_grid[(aux[0] >> 16) & 0xff],
-                                              (long long)fl_iq2xxs_grid[aux[0] >> 24]);
-            uint32_t signs = (uint32_t)fl_iq2_signs(aux[1] & 127) | (uint32_t)fl_iq2_signs((aux[1] >> 7) & 127) << 8 |
-                             (uint32_t)fl_iq2_signs((aux[1] >> 14) & 127) << 16 |
-                             (uint32_t)fl_iq2_signs((aux[1] >> 21) & 127) << 24;
-            __m256i sbytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)signs), spread);
-            __m256i neg = _mm256_cmpeq_epi8(_mm256_and_si256(sbytes, bits), bits);
-            __m256i q8 = load256(y[i].qs + 32 * ib);
-            q8 = _mm256_sub_epi8(_mm256_xor_si256(q8, neg), neg);
-            __m256i p = dot_u8i8(grid, q8);
-            sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, _mm256_set1_epi32(2 * (int)(aux[1] >> 28) + 1)));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * half(x[i].d)), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    *s = 0.125f * hsum_ps(acc);
-}
+#include "dot_x86_iq.h"
 
 fl_vec_dot_fn FL_X86_TABLE(int type) {
     switch (type) {
@@ -406,8 +376,7 @@ fl_vec_dot_fn FL_X86_TABLE(int type) {
     case FL_TYPE_Q4_K: return dot_q4_K;
     case FL_TYPE_Q5_K: return dot_q5_K;
     case FL_TYPE_Q6_K: return dot_q6_K;
-    case FL_TYPE_IQ2_XXS: return dot_iq2_xxs;
     case FL_TYPE_IQ4_XS: return dot_iq4_xs;
-    default: return NULL;
+    default: return dot_x86_iq(type);
     }
 }

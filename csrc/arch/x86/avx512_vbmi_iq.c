@@ -1,0 +1,769 @@
+/* avx512_vbmi_iq.c: the decode kernels of the i-quants for CPUs with AVX512-VNNI, VBMI, GFNI and BITALG, each on
+ * a Q8_K activation row prepared once per call in a layout made for it (struct fl_decode_kernel).
+ *
+ * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid
+ * point up with scalar loads and insert it into a vector, and vpgatherqq measures no better here (~4 cycles for
+ * 8 points, and it holds the shuffle port), where a 2-bit type has to turn out ~8 weights a cycle to keep up with
+ * memory. So the lattice types whose grids are small enough look their points up in registers instead: a table
+ * of 256 bytes is four zmm, and vpermi2b reads 128 of them for 64 indices at a time. The byte looked up is not
+ * the weights but a code of their levels, 2 bits a coordinate (IQ2_XXS: four coordinates a byte, two tables) or
+ * 4 bits (IQ3: two a byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2)
+ * every grid's level -> magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the
+ * arithmetic line, gets a bit of its own in the code). Which coordinate of which grid point each output byte
+ * holds is fixed by the lookups, so the activations are prepared in that same order, and so that the four bytes
+ * of every dword belong to one sub-block: vpdpbusd's sums then need one scale per dword. Signs are applied to
+ * the activations by masked subtraction, the masks picked out of the sign bytes by vpshufbitqmb; the parity
+ * sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one more gf2p8affineqb. IQ4_XS needs no grid: its 16
+ * values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed with the activations, as
+ * avx512_vbmi.c does for MXFP4.
+ *
+ * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,gfni")
+#include <float.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <string.h>
+#include "kernels.h"
+#include "quant_generic.h"
+#include "simd.h"
+#include "vbmi_rows.h"
+
+/* ---------------------------------------------------------------- Q8_K activations */
+
+/* One block of x quantized to Q8_K, its quants in element order into q, returning d: bit for bit
+ * fl_quantize_row_q8_K_ref (the same single product per value, rounded to nearest even as its magic-number
+ * rounding does). A block with a NaN or an infinity goes through the reference itself. */
+static float q8k_block(const float *x, int8_t *q) {
+    __m512 v[16], amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int j = 0; j < 16; j++) {
+        v[j] = _mm512_loadu_ps(x + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+        nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    if (nan || !(m <= FLT_MAX)) {
+        block_q8_K ref;
+        fl_quantize_row_q8_K_ref(x, &ref, QK_K);
+        memcpy(q, ref.qs, QK_K);
+        return ref.d;
+    }
+    if (m == 0.0f) {
+        memset(q, 0, QK_K);
+        return 0.0f;
+    }
+    float max = 0.0f; /* the first value of the largest magnitude, with its sign */
+    for (int j = 0; j < 16; j++) {
+        __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(v[j]), _mm512_set1_ps(m), _CMP_EQ_OQ);
+        if (at) {
+            max = x[16 * j + __builtin_ctz(at)];
+            break;
+        }
+    }
+    const float iscale = -127.f / max;
+    const __m512 vs = _mm512_set1_ps(iscale);
+    for (int j = 0; j < 16; j++) {
+        __m512i r = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[j], vs)), _mm512_set1_epi32(127));
+        _mm_storeu_si128((__m128i *)(q + 16 * j), _mm512_cvtepi32_epi8(r));
+    }
+    return 1 / iscale;
+}
+
+/* ---------------------------------------------------------------- grid codes, built once */
+
+/* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
+ * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
+static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
+/* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
+ * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
+static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
+/* IQ3_S: the same for its 512 points, the level k of 1 + 2k, no fourth bit */
+static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
+
+static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
+
+static void build_codes(void) {
+    for (int i = 0; i < 2048; i++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++)
+            v |= (uint64_t)(uint8_t)((int8_t)(fl_iq1s_grid[i] >> (8 * j)) + 1) << (8 * j);
+        iq1s_grid_plus1[i] = v;
+    }
+    for (int i = 0; i < 256; i++) {
+        uint8_t lo = 0, hi = 0;
+        for (int f = 0; f < 4; f++) {
+            lo |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            hi |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
+        }
+        iq2xxs_lo[i] = lo;
+        iq2xxs_hi[i] = hi;
+        for (int h = 0; h < 2; h++) {
+            uint8_t code = 0;
+            for (int c = 0; c < 2; c++) {
+                int k = (int)(((fl_iq3xxs_grid[i] >> (8 * (2 * h + c))) & 0xff) - 0x04) / 8;
+                code |= (uint8_t)((k | (k == 7) << 3) << (4 * c));
+            }
+            iq3xxs_code[h][i] = code;
+        }
+    }
+    for (int i = 0; i < 512; i++)
+        for (int h = 0; h < 2; h++) {
+            uint8_t code = 0;
+            for (int c = 0; c < 2; c++)
+                code |= (uint8_t)((((fl_iq3s_grid[i] >> (8 * (2 * h + c))) & 0xff) - 1) / 2 << (4 * c));
+            iq3s_code[h][i] = code;
+        }
+}
+
+/* gf2p8affineqb's matrix: output bit i is the parity of (input & row i), row i in byte 7 - i */
+#define AFFINE(r0, r1, r2, r3, r4, r5, r6, r7)                                                                   \
+    ((long long)((uint64_t)(r0) << 56 | (uint64_t)(r1) << 48 | (uint64_t)(r2) << 40 | (uint64_t)(r3) << 32 |     \
+                 (uint64_t)(r4) << 24 | (uint64_t)(r5) << 16 | (uint64_t)(r6) << 8 | (uint64_t)(r7)))
+/* bits 0..6 kept, bit 7 their parity: the eighth sign of IQ2_XXS / IQ3_XXS (fl_iq2_signs) */
+#define PARITY_SIGN AFFINE(0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x7f)
+/* IQ2_XXS: the level (b0, b1) in bits 2f, 2f+1 -> 0x08 ^ b0 * 0x11 ^ b1 * 0x23 (with the constant 0x08) */
+#define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
+/* IQ3_XXS: nibble code (k, k == 7) at bit 4h -> 4 + 8k + 2 (k == 7) (with the constant 0x04) */
+#define IQ3XXS_LEVEL(h) AFFINE(0, 8 << (4 * (h)), 0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0)
+/* IQ3_S: nibble k at bit 4h -> 1 + 2k (with the constant 0x01) */
+#define IQ3S_LEVEL(h) AFFINE(0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0, 0, 0)
+
+/* a qword of 8 control bytes j -> b[j], repeated: for vpmultishiftqb and vpshufbitqmb */
+#define BYTES8(b0, b1, b2, b3, b4, b5, b6, b7)                                                                   \
+    ((long long)((uint64_t)(b0) | (uint64_t)(b1) << 8 | (uint64_t)(b2) << 16 | (uint64_t)(b3) << 24 |           \
+                 (uint64_t)(b4) << 32 | (uint64_t)(b5) << 40 | (uint64_t)(b6) << 48 | (uint64_t)(b7) << 56))
+
+/* t[idx] for 64 byte indices from a 256-byte table in four zmm: vpermi2b reads 7 bits, bit 7 (top) picks the half */
+static inline __m512i lookup256(__m512i idx, __mmask64 top, const __m512i *t) {
+    return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[0], idx, t[1]),
+                                  _mm512_permutex2var_epi8(t[2], idx, t[3]));
+}
+
+static inline void load_table(__m512i *dst, const uint8_t *t, int n_zmm) {
+    for (int i = 0; i < n_zmm; i++)
+        dst[i] = _mm512_load_si512(t + 64 * i);
+}
+
+/* the product of a weight block's fp16 d and the activation block's d, in every lane */
+static inline __m512 d_times(fl_half dx, float dy) {
+    return _mm512_set1_ps(_cvtsh_ss(dx) * dy);
+}
+
+/* one float accumulator; the sums are per-block floats, so one FMA a block */
+struct acc1 {
+    __m512 acc;
+};
+
+STEP struct acc1 acc1_init(void) { return (struct acc1){_mm512_setzero_ps()}; }
+
+STEP float acc1_finish(const struct acc1 *st) { return _mm512_reduce_add_ps(st->acc); }
+
+STEP int64_t superblocks(int64_t n) { return n / QK_K; }
+
+/* ---------------------------------------------------------------- IQ4_XS */
+
+/* One superblock of activations in the order of IQ4_XS's quant bytes: lo[z] byte 16 s + j is element
+ * 32 (4 z + s) + j, what the low nibble of quant byte 64 z + 16 s + j multiplies; hi[z] the element 16 further,
+ * for the high nibble. base[z] dword d: -128 * the sum of the eight activations the dword's lo and hi bytes hold,
+ * which undoes the weights' offset of 128 and seeds the sums. */
+struct iq4xs_sb {
+    int8_t lo[2][64];
+    int8_t hi[2][64];
+    int32_t base[2][16];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t iq4xs_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq4xs_sb); }
+
+static void prep_iq4_xs(int64_t k, const float *x, void *out) {
+    struct iq4xs_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int z = 0; z < 2; z++)
+            for (int b = 0; b < 64; b++) {
+                int e = 32 * (4 * z + b / 16) + b % 16;
+                sb[i].lo[z][b] = q[e];
+                sb[i].hi[z][b] = q[e + 16];
+                sb[i].base[z][b / 4] -= 128 * (q[e] + q[e + 16]);
+            }
+    }
+}
+
+struct iq4xs_consts {
+    __m512i values;   /* kvalues_iq4nl + 128, repeated: vpermb reads 6 bits, so the nibble needs no masking */
+    __m512i pick[2];  /* dword d of half z: the sub-block 4 z + d / 4 it belongs to */
+    __m256i shift_lo, shift_hi;
+};
+
+STEP struct iq4xs_consts dot_iq4_xs_sb_consts(void) {
+    uint8_t v[16];
+    for (int j = 0; j < 16; j++)
+        v[j] = (uint8_t)(fl_kvalues_iq4nl[j] + 128);
+    return (struct iq4xs_consts){_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)v)),
+                                 {_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                  _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)},
+                                 _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                                 _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)};
+}
+
+#define dot_iq4_xs_sb_init acc1_init
+#define dot_iq4_xs_sb_finish acc1_finish
+
+STEP void dot_iq4_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                             const struct iq4xs_consts *c) {
+    (void)n;
+    const block_iq4_xs *x = (const block_iq4_xs *)vx + i;
+    const struct iq4xs_sb *y = (const struct iq4xs_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq4_xs));
+    /* the 8 sub-block scales ls - 32: low 4 bits from scales_l, the top 2 from scales_h */
+    uint32_t lo;
+    memcpy(&lo, x->scales_l, sizeof(lo));
+    __m256i ls = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)lo), c->shift_lo), _mm256_set1_epi32(15)),
+        _mm256_slli_epi32(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(x->scales_h), c->shift_hi), _mm256_set1_epi32(3)),
+            4));
+    __m512i ls32 = _mm512_castsi256_si512(_mm256_sub_epi32(ls, _mm256_set1_epi32(32)));
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 2; z++) {
+        __m512i q = _mm512_loadu_si512(x->qs + 64 * z);
+        __m512i lo_w = _mm512_permutexvar_epi8(q, c->values);
+        __m512i hi_w = _mm512_permutexvar_epi8(_mm512_srli_epi16(q, 4), c->values);
+        __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(y->base[z]), lo_w, _mm512_load_si512(y->lo[z]));
+        s = _mm512_dpbusd_epi32(s, hi_w, _mm512_load_si512(y->hi[z]));
+        sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(s, _mm512_permutexvar_epi32(c->pick[z], ls32)));
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
+
+/* ---------------------------------------------------------------- IQ2_XXS, two superblocks a step */
+
+/* Position i = 8 s + 4 b + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), so
+ * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
+ * the activation of its coordinate c, element 32 s + 8 l + c of superblock b, and neg[c] its negation, which the
+ * signs pick by a blend. d: superblock b's d in the dwords 2 s + b. A missing second superblock (an odd count)
+ * is all zeros. */
+struct iq2xxs_pair {
+    int8_t a[8][64];
+    int8_t neg[8][64];
+    float d[16];
+};
+
+static size_t iq2xxs_bytes(int64_t k) { return (size_t)((k / QK_K + 1) / 2) * sizeof(struct iq2xxs_pair); }
+
+static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
+    struct iq2xxs_pair *p = out;
+    memset(out, 0, iq2xxs_bytes(k));
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        struct iq2xxs_pair *dst = &p[i / 2];
+        int b = (int)(i % 2);
+        float d = q8k_block(x + i * QK_K, q);
+        for (int s = 0; s < 8; s++) {
+            dst->d[2 * s + b] = d;
+            for (int l = 0; l < 4; l++)
+                for (int c = 0; c < 8; c++) {
+                    dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
+                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                }
+        }
+    }
+}
+
+struct iq2xxs_consts {
+    __m512i lo[4], hi[4]; /* the code tables */
+};
+
+STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
+    struct iq2xxs_consts c;
+    load_table(c.lo, iq2xxs_lo, 4);
+    load_table(c.hi, iq2xxs_hi, 4);
+    return c;
+}
+
+#define dot_iq2_xxs_pair_init acc1_init
+
+STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+
+STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
+
+STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                                const struct iq2xxs_consts *c) {
+    const block_iq2_xxs *x = (const block_iq2_xxs *)vx + 2 * g;
+    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const int two = n / QK_K - 2 * g >= 2;
+    prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xxs));
+    /* qs dword 2 s: the grid indices of sub-block s, 2 s + 1 its word of 4 x 7 sign bits and the scale on top */
+    __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
+    const __m512i high = _mm512_set1_epi64((long long)0xffffffff00000000ull); /* a bit select, not a k-mask blend */
+    __m512i idx = _mm512_ternarylogic_epi64(high, _mm512_slli_epi64(q1, 32), q0, 0xca);   /* A ? B : C */
+    __m512i words = _mm512_ternarylogic_epi64(high, q1, _mm512_srli_epi64(q0, 32), 0xca);
+    __mmask64 top = _mm512_movepi8_mask(idx);
+    __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
+    /* byte i: the eight signs of position i, the eighth by parity */
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 32, 39, 46, 53)), words),
+        _mm512_set1_epi64(PARITY_SIGN), 0);
+    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
+    for (int f = 0; f < 4; f++) {
+        __m512i w = _mm512_gf2p8affine_epi64_epi8(lo, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
+        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << f)));
+        sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f]),
+                                                                    _mm512_load_si512(y->neg[f])));
+        w = _mm512_gf2p8affine_epi64_epi8(hi, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
+        neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(16 << f)));
+        sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + 4]),
+                                                                    _mm512_load_si512(y->neg[f + 4])));
+    }
+    /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
+    __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
+    __m512i sum = _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls);
+    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
+    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+}
+
+ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
+
+/* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
+
+/* One superblock of activations for the 3-bit types: position i (0..63) stands for grid index i (4 weights,
+ * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
+struct iq3_sb {
+    int8_t a[4][64];
+    int8_t neg[4][64];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t iq3_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3_sb); }
+
+static void prep_iq3(int64_t k, const float *x, void *out) {
+    struct iq3_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int p = 0; p < 64; p++)
+            for (int c = 0; c < 4; c++) {
+                sb[i].a[c][p] = q[4 * p + c];
+                sb[i].neg[c][p] = (int8_t)-q[4 * p + c];
+            }
+        memset(sb[i].pad, 0, sizeof(sb[i].pad));
+    }
+}
+
+/* The magnitudes of the 64 x 4 weights (m[c]: coordinate c, in position order) against the activations with
+ * their signs, summed: dword d holds sub-block d / 2. Byte i of signs is the sign byte of position i, which
+ * covers it and its neighbour (position i covers weights 4 (i % 2) .. + 3 of the byte's 8). */
+static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3_sb *y) {
+    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
+    for (int c = 0; c < 4; c++) {
+        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi16((short)((1 << c) | (16 << c) << 8)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[c]), _mm512_load_si512(y->neg[c]));
+        if (c % 2)
+            sum1 = _mm512_dpbusd_epi32(sum1, m[c], a);
+        else
+            sum0 = _mm512_dpbusd_epi32(sum0, m[c], a);
+    }
+    return _mm512_add_epi32(sum0, sum1);
+}
+
+struct iq3xxs_consts {
+    __m512i code[2][4];
+};
+
+STEP struct iq3xxs_consts dot_iq3_xxs_sb_consts(void) {
+    struct iq3xxs_consts c;
+    load_table(c.code[0], iq3xxs_code[0], 4);
+    load_table(c.code[1], iq3xxs_code[1], 4);
+    return c;
+}
+
+#define dot_iq3_xxs_sb_init acc1_init
+
+STEP float dot_iq3_xxs_sb_finish(const struct acc1 *st) { return 0.25f * _mm512_reduce_add_ps(st->acc); }
+
+STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                              const struct iq3xxs_consts *c) {
+    (void)n;
+    const block_iq3_xxs *x = (const block_iq3_xxs *)vx + i;
+    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_xxs));
+    __m512i idx = _mm512_loadu_si512(x->qs);
+    __mmask64 top = _mm512_movepi8_mask(idx);
+    __m512i code01 = lookup256(idx, top, c->code[0]), code23 = lookup256(idx, top, c->code[1]);
+    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
+                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04),
+                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
+                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04)};
+    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> byte j: sign byte j / 2, with
+     * parity */
+    __m256i words = _mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4));
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 7, 7, 14, 14, 21, 21)),
+                                     _mm512_cvtepu32_epi64(words)),
+        _mm512_set1_epi64(PARITY_SIGN), 0);
+    __m512i sum = iq3_sums(m, signs, y);
+    /* dword d: sub-block d / 2, times 2 scale + 1 */
+    __m512i ls = _mm512_or_si512(
+        _mm512_srli_epi32(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                                   _mm512_castsi256_si512(words)),
+                          27),
+        _mm512_set1_epi32(1));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq3_xxs_sb, struct iq3xxs_consts, struct acc1, superblocks)
+
+struct iq3s_consts {
+    __m512i code[2][8];
+};
+
+STEP struct iq3s_consts dot_iq3_s_sb_consts(void) {
+    struct iq3s_consts c;
+    load_table(c.code[0], iq3s_code[0], 8);
+    load_table(c.code[1], iq3s_code[1], 8);
+    return c;
+}
+
+#define dot_iq3_s_sb_init acc1_init
+#define dot_iq3_s_sb_finish acc1_finish
+
+STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct iq3s_consts *c) {
+    (void)n;
+    const block_iq3_s *x = (const block_iq3_s *)vx + i;
+    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_s));
+    /* 9-bit indices: the low 8 in qs, the ninth of index i bit i of qh read as one 64-bit mask */
+    __m512i idx = _mm512_loadu_si512(x->qs);
+    __mmask64 top = _mm512_movepi8_mask(idx), ninth;
+    memcpy(&ninth, x->qh, sizeof(ninth));
+    __m512i code01 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[0]), lookup256(idx, top, c->code[0] + 4));
+    __m512i code23 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[1]), lookup256(idx, top, c->code[1] + 4));
+    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
+                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01),
+                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
+                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01)};
+    /* qword s: the four stored sign bytes of sub-block s -> byte j: sign byte j / 2 */
+    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 8, 8, 16, 16, 24, 24)),
+                                                 _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs)));
+    __m512i sum = iq3_sums(m, signs, y);
+    /* dword d: sub-block d / 2, times 2 scale + 1, the scale nibble d / 2 of the 32-bit scales */
+    uint32_t scales;
+    memcpy(&scales, x->scales, sizeof(scales));
+    __m512i nib = _mm512_srlv_epi32(_mm512_set1_epi32((int)scales),
+                                    _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
+    __m512i ls = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(15)), 1),
+                                 _mm512_set1_epi32(1));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
+
+/* ---------------------------------------------------------------- IQ2_XS, IQ2_S, IQ1_S, IQ1_M: gathered grids */
+
+/* Grids of 512 to 2048 points do not fit in registers: their points are gathered, 8 a zmm by vpgatherqq, whose
+ * ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
+ * superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of sub-block q, so
+ * the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q), and the
+ * two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
+ * (IQ1_S) or two each (the types with a scale per 16). One superblock of activations in that order: a[z] byte
+ * 8 q + j is element 32 q + 8 z + j, neg[z] its negation; bsn dword 2 q: minus the sum of sub-block q's 32
+ * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
+struct q8k_ilv {
+    int8_t a[4][64];
+    int8_t neg[4][64];
+    int32_t bsn[16];
+    int16_t sum8[32];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t ilv_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct q8k_ilv); }
+
+static void prep_ilv(int64_t k, const float *x, void *out) {
+    struct q8k_ilv *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int e = 0; e < QK_K; e++) {
+            int s = e / 32, z = e % 32 / 8, j = e % 8;
+            sb[i].a[z][8 * s + j] = q[e];
+            sb[i].neg[z][8 * s + j] = (int8_t)-q[e];
+            sb[i].bsn[2 * s] -= q[e];
+            sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
+        }
+    }
+}
+
+/* The products of 64 weights (unsigned) with activations, dword by dword, times a 16-bit multiplier in the low
+ * word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude, so vpdpwssd applies the
+ * multiplier (and adds) in one instruction */
+static inline __m512i scaled_dot(__m512i acc, __m512i w, __m512i a, __m512i mul) {
+    return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a), mul);
+}
+
+/* the low dword of each qword copied to the high one */
+static inline __m512i both_dwords(__m512i v) {
+    return _mm512_shuffle_epi32(v, _MM_PERM_CCAA);
+}
+
+/* grid point z of each sub-block: index byte z of qs dword q (the low 8 bits), top bits from the caller */
+static inline __m512i index_low(__m512i qs, int z) {
+    __m512i v = _mm512_srli_epi64(qs, 8 * z);
+    return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
+}
+
+/* IQ2_XS and IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
+static inline __m512i iq2_ls(__m512i bytes, int h) {
+    __m512i nib = _mm512_and_si512(_mm512_srli_epi64(bytes, 4 * h), _mm512_set1_epi64(15));
+    return both_dwords(_mm512_or_si512(_mm512_add_epi64(nib, nib), _mm512_set1_epi64(1)));
+}
+
+struct none {
+    char unused;
+};
+
+STEP struct none no_consts(void) { return (struct none){0}; }
+
+#define dot_iq2_xs_sb_consts no_consts
+#define dot_iq2_xs_sb_init acc1_init
+#define dot_iq2_s_sb_consts no_consts
+#define dot_iq2_s_sb_init acc1_init
+
+STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+
+#define dot_iq2_xs_sb_finish eighth_finish
+#define dot_iq2_s_sb_finish eighth_finish
+
+/* bits 1..7 of each byte kept, bit 0 their parity: in a qs word of IQ2_XS, bit 8 becomes the eighth sign */
+#define PARITY_BIT0 AFFINE(0xfe, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
+
+STEP void dot_iq2_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                             const struct none *c) {
+    (void)n, (void)c;
+    const block_iq2_xs *x = (const block_iq2_xs *)vx + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_xs));
+    /* qword q: the four qs words of sub-block q, each a 9-bit grid index and 7 sign bits */
+    __m512i words = _mm512_loadu_si512(x->qs);
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(words, _mm512_set1_epi64(PARITY_BIT0), 0);
+    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++) {
+        __m512i idx = _mm512_and_si512(_mm512_srli_epi64(words, 16 * z), _mm512_set1_epi64(511));
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2xs_grid, 8);
+        /* sign j < 7 of word z: bit 16 z + 9 + j; the eighth, its parity, bit 16 z + 8 */
+        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
+            signs, _mm512_set1_epi64(BYTES8(16 * z + 9, 16 * z + 10, 16 * z + 11, 16 * z + 12, 16 * z + 13,
+                                            16 * z + 14, 16 * z + 15, 16 * z + 8)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq2_xs_sb, struct none, struct acc1, superblocks)
+
+STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq2_s *x = (const block_iq2_s *)vx + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_s));
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->qh));
+    __m512i signs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 8)));
+    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++) {
+        /* 10-bit indices: bits 2 z, 2 z + 1 of qh[q] the top two of index z of sub-block q */
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), _mm512_slli_epi64(qh, 8 - 2 * z),
+                                                _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2s_grid, 8);
+        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
+            signs, _mm512_set1_epi64(BYTES8(8 * z, 8 * z + 1, 8 * z + 2, 8 * z + 3, 8 * z + 4, 8 * z + 5, 8 * z + 6,
+                                            8 * z + 7)));
+        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
+        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq2_s_sb, struct none, struct acc1, superblocks)
+
+/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2, from iq1s_grid_plus1; with ls
+ * the scale and delta = +-1 the sign of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q)
+ * - (8 - delta) (sum of q)), whose second part goes through the prepared sums. */
+#define dot_iq1_s_sb_consts no_consts
+#define dot_iq1_s_sb_init acc1_init
+#define dot_iq1_s_sb_finish eighth_finish
+#define dot_iq1_m_sb_consts no_consts
+#define dot_iq1_m_sb_init acc1_init
+#define dot_iq1_m_sb_finish eighth_finish
+
+STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq1_s *x = (const block_iq1_s *)vx + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
+    /* qh[q]: the top 3 bits of the four indices of sub-block q, its scale in bits 12..14, its shift's sign on top */
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++) {
+        __m512i top = z == 3 ? _mm512_srli_epi64(qh, 1) : _mm512_slli_epi64(qh, 8 - 3 * z);
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
+        sum = _mm512_dpbusd_epi32(sum, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
+                                  _mm512_load_si512(y->a[z]));
+    }
+    __m512i ls = _mm512_ternarylogic_epi64(_mm512_srli_epi64(qh, 11), _mm512_set1_epi64(14), _mm512_set1_epi64(1),
+                                           0xea); /* (A & B) | C: 2 s + 1 */
+    __m512i eight_minus_delta = _mm512_add_epi64(_mm512_slli_epi64(_mm512_srli_epi64(qh, 15), 1), _mm512_set1_epi64(7));
+    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, both_dwords(_mm512_slli_epi64(ls, 3)));
+    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), _mm512_mul_epu32(ls, eight_minus_delta));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq1_s_sb, struct none, struct acc1, superblocks)
+
+STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_iq1_m *x = (const block_iq1_m *)vx + i;
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
+    uint16_t sc[4];
+    memcpy(sc, x->scales, sizeof(sc));
+    /* word l (grid point l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word
+     * l / 8, and its qh nibble, whose bit 3 is the sign of its shift */
+    __m512i words = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002, 0x20002, 0x30003,
+                          0x30003, 0x30003, 0x30003),
+        _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sc)));
+    __m512i s3 = _mm512_and_si512(
+        _mm512_srlv_epi16(words, _mm512_setr_epi32(0, 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009, 0,
+                                                   0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
+        _mm512_set1_epi16(7));
+    __m512i ls = _mm512_or_si512(_mm512_add_epi16(s3, s3), _mm512_set1_epi16(1));
+    /* word l = qh[l / 2], then its nibble's bit 3: bit 3 for even l, bit 7 for odd */
+    __m512i qhw = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006, 0x70007, 0x80008, 0x90009, 0xa000a,
+                          0xb000b, 0xc000c, 0xd000d, 0xe000e, 0xf000f),
+        _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
+    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
+    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each grid point's sum of 8 activations */
+    __m512i coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
+    __m512i sum = _mm512_madd_epi16(coef, _mm512_load_si512(y->sum8));
+    /* qword q: the qs bytes of sub-block q (grid points 4 q + z) and its two qh bytes (nibble z: point 4 q + z) */
+    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
+    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
+    __m512i ls8 = _mm512_slli_epi16(ls, 3);
+    for (int z = 0; z < 4; z++) {
+        __m512i top = z < 2 ? _mm512_slli_epi64(qh, 8 - 4 * z) : _mm512_srli_epi64(qh, 4 * z - 8);
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
+        __m512i w = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
+        /* the scale of point 4 q + z (word 4 q + z) in the low word of both dwords of qword q */
+        __m512i mul = _mm512_maskz_permutexvar_epi16(
+            0x55555555u,
+            _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
+                              24 + z, 28 + z, 28 + z),
+            ls8);
+        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+    }
+    fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_iq1_m_sb, struct none, struct acc1, superblocks)
+
+/* ---------------------------------------------------------------- TQ2_0 */
+
+/* One superblock of activations in the order of TQ2_0's fields: a[n] byte m is element 128 (m / 32) + 32 n +
+ * m % 32, what the 2-bit field n of quant byte m multiplies; base dword d: minus the sum of the 16 activations
+ * its four a[n] dwords hold, which turns sum t q into sum (t - 1) q */
+struct tq2_sb {
+    int8_t a[4][64];
+    int32_t base[16];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t tq2_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct tq2_sb); }
+
+static void prep_tq2(int64_t k, const float *x, void *out) {
+    struct tq2_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int n = 0; n < 4; n++)
+            for (int m = 0; m < 64; m++) {
+                sb[i].a[n][m] = q[128 * (m / 32) + 32 * n + m % 32];
+                sb[i].base[m / 4] -= sb[i].a[n][m];
+            }
+    }
+}
+
+#define dot_tq2_0_sb_consts no_consts
+#define dot_tq2_0_sb_init acc1_init
+#define dot_tq2_0_sb_finish acc1_finish
+
+STEP void dot_tq2_0_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    (void)n, (void)c;
+    const block_tq2_0 *x = (const block_tq2_0 *)vx + i;
+    const struct tq2_sb *y = (const struct tq2_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_tq2_0));
+    __m512i q = _mm512_loadu_si512(x->qs), sum = _mm512_load_si512(y->base);
+    for (int f = 0; f < 4; f++)
+        sum = _mm512_dpbusd_epi32(sum, _mm512_and_si512(_mm512_srli_epi16(q, 2 * f), _mm512_set1_epi8(3)),
+                                  _mm512_load_si512(y->a[f]));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+}
+
+ROW_DOTS(dot_tq2_0_sb, struct none, struct acc1, superblocks)
+
+/* ---------------------------------------------------------------- the table */
+
+static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, dot_iq4_xs_sb, dot_iq4_xs_sb_x4};
+static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xxs_pair,
+                                                       dot_iq2_xxs_pair_x4};
+static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4};
+static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq3_s_sb, dot_iq3_s_sb_x4};
+static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4};
+static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4};
+static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4};
+static const struct fl_decode_kernel tq2_0_kernel = {tq2_bytes, prep_tq2, dot_tq2_0_sb, dot_tq2_0_sb_x4};
+static const struct fl_decode_kernel iq1_m_kernel = {ilv_bytes, prep_ilv, dot_iq1_m_sb, dot_iq1_m_sb_x4};
+
+static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
+
+const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("gfni") || !__builtin_cpu_supports("avx512bitalg"))
+        return NULL;
+    pthread_once(&codes_once, build_codes);
+    switch (type) {
+    case FL_TYPE_IQ4_XS: return &iq4_xs_kernel;
+    case FL_TYPE_IQ2_XXS: return &iq2_xxs_kernel;
+    case FL_TYPE_IQ3_XXS: return &iq3_xxs_kernel;
+    case FL_TYPE_IQ3_S: return &iq3_s_kernel;
+    case FL_TYPE_IQ2_XS: return &iq2_xs_kernel;
+    case FL_TYPE_IQ2_S: return &iq2_s_kernel;
+    case FL_TYPE_IQ1_S: return &iq1_s_kernel;
+    case FL_TYPE_IQ1_M: return &iq1_m_kernel;
+    case FL_TYPE_TQ2_0: return &tq2_0_kernel;
+    default: return NULL;
+    }
+}
+#endif

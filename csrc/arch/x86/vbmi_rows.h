@@ -1,0 +1,49 @@
+/* vbmi_rows.h: what the prepared-activation decode kernels (struct fl_decode_kernel) share: the prefetch they
+ * issue as they go, and ROW_DOTS, which makes the one-row and the four-row dot of a format from one step
+ * function. Include after the target pragma of the file that uses it. */
+#ifndef FLASHLITE_VBMI_ROWS_H
+#define FLASHLITE_VBMI_ROWS_H
+#include <immintrin.h>
+#include <stdint.h>
+#include "kernels.h"
+
+/* the lines from p + FL_PREFETCH_BYTES on, into L2, for a group of `bytes` weight bytes at p: prefetching
+ * evenly as the dot consumes the row measured faster than a burst per row (decode_task) */
+static inline void prefetch_ahead(const uint8_t *p, int bytes) {
+    for (int off = 0; off < bytes; off += 64)
+        _mm_prefetch((const char *)p + FL_PREFETCH_BYTES + off, _MM_HINT_T1);
+}
+
+/* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS makes of it
+ * the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
+ * (matmul.c takes them from the four quarters of a decode task) keep four streams of reads in flight where one
+ * row keeps one. Each row is summed exactly as the one-row dot sums it. A format provides name_consts() (what
+ * every step reuses), name_init() and name_finish() (its accumulators, and the row's sum from them) and
+ * name_step() (step g of the row at vx against the prepared activations vy); n_steps(n) counts the steps of
+ * k = n. */
+#define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
+    static void name(int64_t n, float *s, const void *vx, const void *vy) {                         \
+        const consts_t c = name##_consts();                                                         \
+        state_t st = name##_init();                                                                 \
+        for (int64_t g = 0; g < n_steps(n); g++)                                                    \
+            name##_step(&st, vx, g, n, vy, &c);                                                     \
+        *s = name##_finish(&st);                                                                    \
+    }                                                                                               \
+    static void name##_x4(int64_t n, float *s, const void *const *vx, const void *vy) {             \
+        const consts_t c = name##_consts();                                                         \
+        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
+        for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
+            name##_step(&st0, vx[0], g, n, vy, &c);                                                 \
+            name##_step(&st1, vx[1], g, n, vy, &c);                                                 \
+            name##_step(&st2, vx[2], g, n, vy, &c);                                                 \
+            name##_step(&st3, vx[3], g, n, vy, &c);                                                 \
+        }                                                                                           \
+        s[0] = name##_finish(&st0);                                                                 \
+        s[1] = name##_finish(&st1);                                                                 \
+        s[2] = name##_finish(&st2);                                                                 \
+        s[3] = name##_finish(&st3);                                                                 \
+    }
+
+#define STEP static inline __attribute__((always_inline))
+
+#endif
