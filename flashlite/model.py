@@ -200,11 +200,12 @@ class Model:
         return ids.astype(np.int64)
 
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None,
-                logits: str = "all") -> np.ndarray:
+                logits: str = "all", hidden: list | None = None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab]
         (logits="all"), of the last position only [1, vocab] ("last": what generation needs, without the head's
         cost at every other position) or none [0, vocab]. `dump`, when a dict, receives the hidden streams
-        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state; `hidden`, when a
+        list, the last block's streams [len, hc, dim] (the input of V4's MTP block)."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         ids = self.token_ids(token_ids)
@@ -213,7 +214,7 @@ class Model:
             start = cache.pos
             if start + ids.size > self.ctx:
                 raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-            out = self.net(ids, cache, dump, logits)
+            out = self.net(ids, cache, dump, logits, hidden)
             self.tokens += ids.size
         if not np.isfinite(out).all():
             at = int(np.argmin(np.isfinite(out).all(axis=1))) + (ids.size - out.shape[0])
