@@ -97,7 +97,7 @@ class Model:
         self._drafts: dict[str, object] = {}  # draft GGUF path -> its loaded drafter (MTPHead)
         self.drafted = self.accepted = self.spec_rounds = 0
         # the speculation generate / chat use when a call does not say (spec_type=None)
-        self.speculation = self.spec_options(spec_type or "none", spec_draft_n_max, model_draft)
+        self.speculation = self.spec_options(spec_type, spec_draft_n_max, model_draft)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

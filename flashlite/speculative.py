@@ -85,7 +85,7 @@ class NgramDrafter:
 
     needs_hidden = False
 
-    def __init__(self, n_min: int = 2, n_max: int = 4):
+    def __init__(self, n_min: int = 1, n_max: int = 4):
         if not 1 <= n_min <= n_max:
             raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
@@ -230,44 +230,57 @@ class MTPDrafter:
 class DraftControl:
     """Chooses each round's draft length k in 0..n_max by the expected tokens per second:
 
-        tokens(k) = (1 - a^(k+1)) / (1 - a)      (accepted drafts + the one decided token, a per-draft acceptance)
+        tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
         seconds(k) = verify(k + 1 tokens) + k * draft(one token)
 
-    with a the decayed ratio of accepted drafts to drafts tried up to the first rejection, and the seconds the
-    decayed means of what rounds measured (a verify of m tokens not measured yet is estimated from the ones
-    that were: linear in m). k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps
-    the estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of
-    one token. adaptive=False always asks for n_max."""
+    where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
+    towards the one before it, so that a position seldom reached borrows its estimate), and the seconds are medians
+    of the last rounds' measurements (a verify of m tokens not measured yet is estimated from the sizes that were:
+    linear in m). k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
+    estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
+    token. adaptive=False always asks for n_max."""
 
-    DECAY = 0.8
+    DECAY = 0.9
+    KEEP = 9  # measurements per batch size the medians take
 
-    def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 64):
+    def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
         self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
-        self.hits, self.trials = 1.0, 2.0  # prior: half the drafts pass
-        self.verify: dict[int, float] = {}  # tokens in the batch -> mean seconds
-        self.draft = 0.0
+        self.hits = np.zeros(n_max + 1)
+        self.trials = np.zeros(n_max + 1)
+        self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
+        self.draft: list[float] = []  # recent seconds per drafted token
         self.plain_rounds = 0
         self.rounds = 0
 
+    def rates(self) -> np.ndarray:
+        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
+        a = np.zeros(self.n_max + 1)
+        prev, weight = 0.5, 2.0
+        for j in range(1, self.n_max + 1):
+            a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
+            weight = 1.0
+        return a
+
     @property
     def acceptance(self) -> float:
-        return self.hits / self.trials
+        return float(self.hits[1:].sum() / self.trials[1:].sum()) if self.trials[1:].sum() else 0.5
 
     def seconds(self, m: int) -> float | None:
         """Estimated seconds of verifying a batch of m tokens."""
-        if m in self.verify:
-            return self.verify[m]
-        known = sorted(self.verify)
+        med = {k: float(np.median(v)) for k, v in self.verify.items()}
+        if m in med:
+            return med[m]
+        known = sorted(med)
         if not known:
             return None
         if len(known) == 1:
-            (m0,), t0 = known, self.verify[known[0]]
-            per = t0 / (m0 + 3)  # no slope measured yet: a token costs a quarter of the dense pass
-            return t0 + per * (m - m0)
+            m0 = known[0]
+            per = med[m0] / (m0 + 3)  # no slope measured yet: a token costs a quarter of the dense pass
+            return max(med[m0] + per * (m - m0), per)
         lo, hi = known[0], known[-1]
-        slope = max(0.0, (self.verify[hi] - self.verify[lo]) / (hi - lo))
+        slope = max(0.0, (med[hi] - med[lo]) / (hi - lo))
         near = min(known, key=lambda x: abs(x - m))
-        return self.verify[near] + slope * (m - near)
+        return max(med[near] + slope * (m - near), 1e-9)
 
     def next_k(self) -> int:
         if not self.adaptive:
@@ -275,14 +288,17 @@ class DraftControl:
         self.rounds += 1
         if self.rounds % self.measure_plain == 2:
             return 0  # a plain round now and then measures what drafting has to beat
-        a = min(self.acceptance, 0.999)
         t1 = self.seconds(1)
         if t1 is None:
             return self.n_max  # nothing measured yet: start at full length
+        a = self.rates()
+        draft = float(np.median(self.draft)) if self.draft else 0.0
         best_k, best = 0, 1.0 / t1
+        tokens, reach = 1.0, 1.0
         for k in range(1, self.n_max + 1):
-            tokens = (1 - a ** (k + 1)) / (1 - a)
-            rate = tokens / (self.seconds(k + 1) + k * self.draft)
+            reach *= a[k]
+            tokens += reach
+            rate = tokens / (self.seconds(k + 1) + k * draft)
             if rate > best:
                 best_k, best = k, rate
         if best_k == 0:
@@ -292,14 +308,17 @@ class DraftControl:
         return best_k
 
     def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
-        m = drafted + 1
-        old = self.verify.get(m)
-        self.verify[m] = verify_seconds if old is None else self.DECAY * old + (1 - self.DECAY) * verify_seconds
+        times = self.verify.setdefault(drafted + 1, [])
+        times.append(verify_seconds)
+        del times[:-self.KEEP]
         if drafted:
-            self.hits = self.DECAY * self.hits + accepted
-            self.trials = self.DECAY * self.trials + accepted + (accepted < drafted)
-            per = draft_seconds / drafted
-            self.draft = per if not self.draft else self.DECAY * self.draft + (1 - self.DECAY) * per
+            self.hits *= self.DECAY
+            self.trials *= self.DECAY
+            tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
+            self.trials[1:tried + 1] += 1
+            self.hits[1:accepted + 1] += 1
+            self.draft.append(draft_seconds / drafted)
+            del self.draft[:-self.KEEP]
 
 
 # ---------------------------------------------------------------------------------------------------
