@@ -35,6 +35,8 @@ class ChatPiece:
     cached_tokens: int = 0  # of the prompt, taken from a kept cache instead of prefilled
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for this answer
+    accepted_tokens: int = 0  # of them, accepted (llama-server's timings.draft_n / draft_n_accepted)
 
 
 class TokenRouter:
@@ -235,7 +237,9 @@ def _decode_speculative(model, lock, prompt_ids: list[int], sampler: Sampler, ro
         if tokens is not None:
             tokens.close()
     yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids), cached_tokens=cached,
-                    completion_tokens=len(generated), token_ids=generated)
+                    completion_tokens=len(generated), token_ids=generated,
+                    drafted_tokens=speculator.drafted if tokens is not None else 0,
+                    accepted_tokens=speculator.accepted if tokens is not None else 0)
 
 
 def _merged(pieces) -> list[ChatPiece]:

@@ -35,6 +35,8 @@ SPEC_TYPES = ("none", "ngram", "mtp", "dspark")
 ALIASES = {"draft-mtp": "mtp", "draft-dspark": "dspark", "ngram-simple": "ngram", "ngram-map-k": "ngram",
            "ngram-map-k4v": "ngram", "ngram-mod": "ngram", "ngram-cache": "ngram"}
 PREFILL_MIN_TOKENS = 16  # the C core's FL_PREFILL_MIN_TOKENS: batches this large take the f32 prefill path
+PRIOR_SLOPE = 0.25  # a verified token's cost, as a share of one token's pass, before two batch sizes are measured
+MIN_SLOPE = 0.1  # the least share assumed, whatever the (noisy) measurements say
 MAX_DRAFT = PREFILL_MIN_TOKENS - 2
 DEFAULT_N_MAX = 4
 
@@ -84,6 +86,7 @@ class NgramDrafter:
     strong where the output repeats its input (code edits, quotes, lists)."""
 
     needs_hidden = False
+    cost = None
 
     def __init__(self, n_min: int = 1, n_max: int = 4):
         if not 1 <= n_min <= n_max:
@@ -94,7 +97,8 @@ class NgramDrafter:
 
     def _sync(self, tokens: Sequence[int]) -> None:
         seen = self._seen
-        if len(tokens) < len(seen) or list(tokens[:len(seen)]) != seen:  # not a continuation: index afresh
+        # not a continuation of what is indexed (a generation's history only grows: its last indexed token tells)
+        if len(tokens) < len(seen) or (seen and (tokens[len(seen) - 1] != seen[-1] or tokens[0] != seen[0])):
             self._index = [{} for _ in range(self.n_max + 1)]
             seen = self._seen = []
         start = len(seen)
@@ -171,6 +175,7 @@ class MTPDrafter:
     """Drafts with V4's MTP block (flashlite.mtp.MTPHead): one block run per draft, chained on its own streams."""
 
     needs_hidden = True
+    cost = None  # seconds the last propose() spent drafting (DraftControl's measure)
 
     def __init__(self, head, cache, lock):
         self.head, self.lock = head, lock
@@ -200,13 +205,16 @@ class MTPDrafter:
         ids = np.array([tokens[i + 1] for i in todo], np.int64)
         drafts = []
         with self.lock:
+            t0 = time.perf_counter()
             positions = np.arange(s.rows, s.rows + len(todo))
             logits, hm = self.head(h, ids, positions, s.layer, logits="last")
+            first = time.perf_counter() - t0
             s.row_main.extend(todo)
             for i in [i for i in s.hidden if i <= last]:
                 del s.hidden[i]
             valid = s.rows
             self.trim()
+            t0 = time.perf_counter()
             for step in range(k):
                 d = int(np.argmax(logits[-1]))
                 drafts.append(d)
@@ -215,6 +223,9 @@ class MTPDrafter:
                 pos = valid + step
                 logits, hm = self.head(hm[-1:], np.array([d]), np.arange(pos, pos + 1), s.layer, logits="last")
             s.layer.truncate(valid)
+            # what drafting costs: the steps, and the first call as a round's catch-up makes it (a long catch-up
+            # after rounds without drafts, or the prompt's, counts as one row)
+            self.cost = time.perf_counter() - t0 + (first / len(todo) if len(todo) > k + 1 else first)
         return drafts
 
     def trim(self) -> None:
@@ -234,9 +245,9 @@ class DraftControl:
         seconds(k) = verify(k + 1 tokens) + k * draft(one token)
 
     where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
-    towards the one before it, so that a position seldom reached borrows its estimate), and the seconds are medians
-    of the last rounds' measurements (a verify of m tokens not measured yet is estimated from the sizes that were:
-    linear in m). k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
+    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2),
+    and the seconds are medians of the last rounds' measurements (DraftControl.seconds). Before anything is
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
     estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
     token. adaptive=False always asks for n_max."""
 
@@ -245,16 +256,19 @@ class DraftControl:
 
     def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
         self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
-        self.hits = np.zeros(n_max + 1)
-        self.trials = np.zeros(n_max + 1)
+        self.hits = [0.0] * (n_max + 1)
+        self.trials = [0.0] * (n_max + 1)
         self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
+        self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
+        self.draft_med = 0.0
+        self.choice = None  # the last choice, kept until a measurement changes
         self.plain_rounds = 0
         self.rounds = 0
 
-    def rates(self) -> np.ndarray:
+    def rates(self) -> list[float]:
         """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
-        a = np.zeros(self.n_max + 1)
+        a = [0.0] * (self.n_max + 1)
         prev, weight = 0.5, 2.0
         for j in range(1, self.n_max + 1):
             a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
@@ -263,24 +277,32 @@ class DraftControl:
 
     @property
     def acceptance(self) -> float:
-        return float(self.hits[1:].sum() / self.trials[1:].sum()) if self.trials[1:].sum() else 0.5
+        return sum(self.hits[1:]) / sum(self.trials[1:]) if sum(self.trials[1:]) else 0.5
 
-    def seconds(self, m: int) -> float | None:
-        """Estimated seconds of verifying a batch of m tokens."""
-        med = {k: float(np.median(v)) for k, v in self.verify.items()}
-        if m in med:
-            return med[m]
+    def seconds(self, m: int) -> float:
+        """Estimated seconds of verifying a batch of m tokens: the median of the last measurements of m, else
+        linear in m through the sizes measured (a quarter of a pass per token before two sizes are); never
+        below one token's pass plus MIN_SLOPE of it per further token, so that noise on a loaded machine does not
+        make drafted tokens look free."""
+        med = self.med
         known = sorted(med)
         if not known:
-            return None
-        if len(known) == 1:
-            m0 = known[0]
-            per = med[m0] / (m0 + 3)  # no slope measured yet: a token costs a quarter of the dense pass
-            return max(med[m0] + per * (m - m0), per)
-        lo, hi = known[0], known[-1]
-        slope = max(0.0, (med[hi] - med[lo]) / (hi - lo))
-        near = min(known, key=lambda x: abs(x - m))
-        return max(med[near] + slope * (m - near), 1e-9)
+            t1, slope = 1.0, PRIOR_SLOPE  # nothing measured: in units of one pass
+        elif len(known) == 1:
+            t1 = med[known[0]] / (1 + PRIOR_SLOPE * (known[0] - 1))
+            slope = PRIOR_SLOPE * t1
+        else:
+            lo, hi = known[0], known[-1]
+            slope = (med[hi] - med[lo]) / (hi - lo)
+            t1 = med[1] if 1 in med else max(med[lo] - slope * (lo - 1), 1e-9)
+        slope = max(slope, MIN_SLOPE * t1)
+        if m == 1 and 1 in med:
+            return med[1]
+        if m in med:
+            return max(med[m], t1 + MIN_SLOPE * t1 * (m - 1))
+        near = min(known, key=lambda x: abs(x - m)) if known else 1
+        guess = (med[near] + slope * (m - near)) if known else t1 + slope * (m - 1)
+        return max(guess, t1 + MIN_SLOPE * t1 * (m - 1))
 
     def next_k(self) -> int:
         if not self.adaptive:
@@ -288,19 +310,19 @@ class DraftControl:
         self.rounds += 1
         if self.rounds % self.measure_plain == 2:
             return 0  # a plain round now and then measures what drafting has to beat
-        t1 = self.seconds(1)
-        if t1 is None:
-            return self.n_max  # nothing measured yet: start at full length
-        a = self.rates()
-        draft = float(np.median(self.draft)) if self.draft else 0.0
-        best_k, best = 0, 1.0 / t1
-        tokens, reach = 1.0, 1.0
-        for k in range(1, self.n_max + 1):
-            reach *= a[k]
-            tokens += reach
-            rate = tokens / (self.seconds(k + 1) + k * draft)
-            if rate > best:
-                best_k, best = k, rate
+        if self.choice is None:
+            t1 = self.seconds(1)
+            a = self.rates()
+            best_k, best = 0, 1.0 / t1
+            tokens, reach = 1.0, 1.0
+            for k in range(1, self.n_max + 1):
+                reach *= a[k]
+                tokens += reach
+                rate = tokens / (self.seconds(k + 1) + k * self.draft_med)
+                if rate > best:
+                    best_k, best = k, rate
+            self.choice = best_k
+        best_k = self.choice
         if best_k == 0:
             self.plain_rounds += 1
             if self.plain_rounds % self.probe == 0:
@@ -311,19 +333,27 @@ class DraftControl:
         times = self.verify.setdefault(drafted + 1, [])
         times.append(verify_seconds)
         del times[:-self.KEEP]
+        self.med[drafted + 1] = _median(times)
+        self.choice = None
         if drafted:
-            self.hits *= self.DECAY
-            self.trials *= self.DECAY
             tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
-            self.trials[1:tried + 1] += 1
-            self.hits[1:accepted + 1] += 1
+            for j in range(1, self.n_max + 1):
+                self.hits[j] = self.DECAY * self.hits[j] + (j <= accepted)
+                self.trials[j] = self.DECAY * self.trials[j] + (j <= tried)
             self.draft.append(draft_seconds / drafted)
             del self.draft[:-self.KEEP]
+            self.draft_med = _median(self.draft)
 
 
 # ---------------------------------------------------------------------------------------------------
 # verification
 # ---------------------------------------------------------------------------------------------------
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
 
 def _draw(p: np.ndarray, rng) -> int:
     cdf = np.cumsum(p)
@@ -393,6 +423,7 @@ class Speculator:
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
         self.control = DraftControl(options.n_max, options.adaptive)
+        self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
 
     def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:
         """Prefill `feed` (the prompt after what the cache holds), then yield tokens one at a time, as decoding
@@ -429,7 +460,9 @@ class Speculator:
                     if a < len(drafts):
                         model.truncate(q_pos + 1 + a, cache=cache)
                     model.count_speculation(len(drafts), a)
-                self.control.record(len(drafts), a, t2 - t1, t1 - t0)
+                    self.drafted += len(drafts)
+                    self.accepted += a
+                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost)
                 if hidden:
                     drafter.observe(hidden[0][:a + 1], q_pos)
                 for t in out:

@@ -182,6 +182,25 @@ def test_chat_with_speculation_answers_and_caches_as_without(models, files):
             caches.append((cache.pos, cache.token_ids.tolist()))
         assert answers[1] == answers[0] and answers[2] == answers[0], kw
         assert caches[1] == caches[0] and caches[2] == caches[0], kw
+    m.reset_stats()
+    done = m.chat(q1, stream=False, temperature=0, max_tokens=40, spec_type="mtp", model_draft=draft)[-1]
+    assert done.drafted_tokens == m.stats()["drafted_tokens"] > 0
+    assert done.accepted_tokens == m.stats()["accepted_tokens"]
+
+
+def test_cancel_and_context_end_as_without(models, files):
+    import threading
+
+    m = models("small")
+    q = [{"role": "user", "content": "Hello! Who are you?"}]
+    cancel = threading.Event()
+    cancel.set()
+    done = m.chat(q, stream=False, cancel=cancel, spec_type="ngram")[-1]
+    assert done.finish_reason == "cancelled" and done.completion_tokens == 0
+    small = load(files["small"], ctx=40)
+    plain = small.chat(q, stream=False, temperature=0)[-1]
+    spec = small.chat(q, stream=False, temperature=0, spec_type="mtp", model_draft=files["mtp-small"])[-1]
+    assert plain.finish_reason == spec.finish_reason == "length" and plain.token_ids == spec.token_ids
 
 
 def test_create_chat_completion_and_defaults_from_load(files):
@@ -319,7 +338,7 @@ def test_ngram_drafter_finds_the_longest_latest_match():
 
 def test_draft_control_turns_down_and_off():
     c = sp.DraftControl(n_max=6)
-    assert c.next_k() == 6  # nothing measured: full length
+    assert c.next_k() == 1  # nothing measured: one draft, more as drafts pass
     for _ in range(40):  # drafts never pass, and each drafted token costs a quarter of a pass
         c.record(2, 0, 1.0 + 0.25 * 2, 0.01)
         c.record(0, 0, 1.0, 0.0)

@@ -5,15 +5,21 @@ routed experts as the union over its tokens), and the speedup.
     python tools/bench_spec.py -m small_v4.gguf [-md mtp-small_v4.gguf] [--prompts chat code repeat]
         [--drafters ngram mtp] [--n 1 2 3 4 5 6 7 8] [--tokens 64] [--rounds 3] [--json OUT]
 
-Variants take turns within each round (plain, then every drafter at every length, then each drafter with the
-adaptive control at the largest length), so a load that comes and goes on a shared machine falls on all of them;
-the speedup of a variant is the median over rounds of plain's decode time in that round over its own. Decoding is
+Variants take turns within each round (every drafter at every length, then each drafter with the adaptive control
+at the largest length), each run right after a plain run of its own, so that a load that comes and goes on a
+shared machine falls on both alike: the speedup of a variant is the median over rounds of the plain run's decode
+time over its own; tok/s is the median of its own runs. Forward passes and weight bytes per token do not depend on
+the load. Decoding is
 greedy and stops at EOS or --tokens, so every variant yields the same tokens (checked). Prompts:
 
 - chat: "Hello! Who are you?" in V4's chat format (the trained model's own answer; MTP's case)
 - code: a code-editing request whose answer should repeat the code (prompt lookup's case, where the model copies)
 - repeat: a question asked again after the model's own answer (the answer repeats: quoting)
 - text:FILE: the tokens of FILE as a raw prompt (a random-weight model's output loops: n-gram's only case there)
+
+--batch-cost M: instead, the seconds and weight bytes of one forward pass of m = 1..M tokens after the prompt (rolled
+back each time, sizes taking turns), whatever a drafter would accept: what verifying k = m - 1 drafts costs at
+this model's widths, from which the speedup at an acceptance rate follows (docs/speculative.md).
 
 The bytes come from one extra, instrumented run per variant (np.unique over each layer's routing, outside the
 timed runs): dense = every main-model tensor but the routed experts and the embedding (read by rows), experts =
@@ -124,17 +130,22 @@ def main(argv=None):
     p.add_argument("--drafters", nargs="+", default=None, help="default: ngram, and mtp with -md")
     p.add_argument("--n", nargs="+", type=int, default=list(range(1, 9)))
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--batch-cost", type=int, default=0, metavar="M")
+    p.add_argument("--auto-only", action="store_true", help="only the adaptive variants (and plain)")
     args = p.parse_args(argv)
+    if args.batch_cost:
+        return batch_cost(args)
     drafters = args.drafters or (["ngram", "mtp"] if args.model_draft else ["ngram"])
     model = load(args.model, threads=args.threads)
     eos = model.tokenizer.eos_id
     variants = [("plain", None)]
     for d in drafters:
         draft = args.model_draft if d == "mtp" else None
-        variants += [(f"{d}-{n}", sp.SpecOptions(d, n, draft, adaptive=False)) for n in args.n]
+        if not args.auto_only:
+            variants += [(f"{d}-{n}", sp.SpecOptions(d, n, draft, adaptive=False)) for n in args.n]
         variants.append((f"{d}-auto{max(args.n)}", sp.SpecOptions(d, max(args.n), draft, adaptive=True)))
     counter = ByteCounter(model)
     report = {"model": args.model, "draft": args.model_draft, "tokens": args.tokens, "rounds": args.rounds,
@@ -142,11 +153,19 @@ def main(argv=None):
     for pname, ids in prompts(model, args.prompts).items():
         decode(model, ids, 4, None, eos)  # warm the pages and the pool
         times = {name: [] for name, _ in variants}
+        ratios = {name: [] for name, _ in variants}
         stats, outs = {}, {}
         for _ in range(args.rounds):
             for name, options in variants:
+                out, plain, st = decode(model, ids, args.tokens, None, eos)
+                times["plain"].append(plain)
+                stats["plain"], outs["plain"] = st, out
+                if options is None:
+                    ratios[name].append(1.0)
+                    continue
                 out, seconds, st = decode(model, ids, args.tokens, options, eos)
                 times[name].append(seconds)
+                ratios[name].append(plain / seconds)
                 stats[name], outs[name] = st, out
         rows = {}
         for name, options in variants:
@@ -156,10 +175,9 @@ def main(argv=None):
                 decode(model, ids, args.tokens, options, eos)
             batches = counter.forwards[1:]  # after the prefill
             st, n_out = stats[name], len(outs[name])
-            ratios = [tp / tv for tp, tv in zip(times["plain"], times[name])]
             rows[name] = {
                 "decode_tok_s": (n_out - 1) / statistics.median(times[name]),
-                "speedup": statistics.median(ratios),
+                "speedup": statistics.median(ratios[name]),
                 "drafted": st["drafted_tokens"], "accepted": st["accepted_tokens"],
                 "acceptance": st["accepted_tokens"] / st["drafted_tokens"] if st["drafted_tokens"] else None,
                 "batches": len(batches),
@@ -170,12 +188,49 @@ def main(argv=None):
             }
         report["prompts"][pname] = {"prompt_tokens": len(ids), "generated": len(outs["plain"]), "variants": rows}
         print(f"\n{pname}: {len(ids)} prompt tokens, {len(outs['plain'])} generated, median of {args.rounds} rounds")
-        print(f"  {'variant':<12} {'tok/s':>7} {'speedup':>7} {'accept':>7} {'tok/batch':>9} "
-              f"{'expert MB/batch':>15} {'weight MB/token':>15}")
+        print(f"  {'variant':<12} {'tok/s':>7} {'speedup':>7} {'accept':>7} {'tok/pass':>9} "
+              f"{'expert MB/pass':>15} {'weight MB/token':>15}")
         for name, r in rows.items():
             acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
             print(f"  {name:<12} {r['decode_tok_s']:7.1f} {r['speedup']:7.2f} {acc:>7} {r['tokens_per_batch']:9.2f} "
                   f"{r['expert_bytes_per_batch'] / 1e6:15.2f} {r['weight_bytes_per_token'] / 1e6:15.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    model.close()
+
+
+def batch_cost(args):
+    """Seconds and weight bytes of a forward pass of m = 1..M tokens after each prompt."""
+    model = load(args.model, threads=args.threads)
+    counter = ByteCounter(model)
+    report = {"model": args.model, "rounds": args.rounds, "dense_bytes": counter.dense, "prompts": {}}
+    for pname, ids in prompts(model, args.prompts).items():
+        cache = model.new_cache()
+        model.forward(ids, cache=cache, logits="none")
+        base = cache.pos
+        extra = np.random.default_rng(0).integers(3, model.vocab_size, args.batch_cost).tolist()
+        sizes = list(range(1, args.batch_cost + 1))
+        times = {m: [] for m in sizes}
+        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+            for m in sizes:
+                t0 = time.perf_counter()
+                model.forward(extra[:m], cache=cache, logits="all")
+                times[m].append(time.perf_counter() - t0)
+                model.truncate(base, cache=cache)
+        rows = {}
+        for m in sizes:
+            with counter:
+                model.forward(extra[:m], cache=cache, logits="all")
+            model.truncate(base, cache=cache)
+            t = statistics.median(times[m][1:])
+            rows[m] = {"seconds": t, "relative": t / statistics.median(times[1][1:]),
+                       "expert_bytes": counter.forwards[0][1], "weight_bytes": counter.dense + counter.forwards[0][1]}
+        report["prompts"][pname] = rows
+        print(f"\n{pname}: forward of m tokens after {base}, median of {args.rounds} rounds")
+        print(f"  {'m':>3} {'ms':>9} {'x one':>6} {'expert MB':>10} {'weight MB':>10}")
+        for m, r in rows.items():
+            print(f"  {m:3d} {r['seconds'] * 1e3:9.1f} {r['relative']:6.2f} {r['expert_bytes'] / 1e6:10.1f} "
+                  f"{r['weight_bytes'] / 1e6:10.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     model.close()
