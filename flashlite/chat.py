@@ -35,6 +35,8 @@ class ChatPiece:
     cached_tokens: int = 0  # of the prompt, taken from a kept cache instead of prefilled
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for this answer
+    accepted_tokens: int = 0  # of them, accepted (llama-server's timings.draft_n / draft_n_accepted)
 
 
 class TokenRouter:
@@ -125,20 +127,25 @@ def _check_tool_calls(calls, where: str) -> None:
 def chat(model, messages: list[dict], think: str = "none", stream: bool = True, cancel: threading.Event | None = None,
          tools: list[dict] | None = None, max_tokens: int | None = None, stop=None, temperature: float = 1.0,
          top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-         seed: int | None = None, cache=None) -> Iterator[ChatPiece] | list[ChatPiece]:
+         seed: int | None = None, cache=None, spec_type: str | None = None, spec_draft_n_max: int | None = None,
+         model_draft=None) -> Iterator[ChatPiece] | list[ChatPiece]:
     """Answer `messages` (OpenAI-style) with DeepSeek V4's chat format.
 
     stream=True: an iterator of pieces as they decode, the "done" piece last. stream=False: the same pieces with
     consecutive text of one kind merged. `max_tokens` None runs until EOS, a stop string or the context's end.
     `cache` (from model.new_cache()), kept by the caller from one turn to the next, lets a turn reuse the longest
-    prefix of its prompt already in the cache and prefill only the rest; without it every call prefills it all."""
+    prefix of its prompt already in the cache and prefill only the rest; without it every call prefills it all.
+    spec_type 'ngram' / 'mtp' (with model_draft, an MTP draft GGUF), spec_draft_n_max: speculative decoding, with
+    the same tokens as without at temperature 0 and the same distribution otherwise (flashlite.speculative);
+    None: the model's default (load(spec_type=...))."""
     ids = prompt_ids(model, messages, think, tools)
     if len(ids) >= model.ctx:
         raise ValueError(f"messages: the prompt is {len(ids)} tokens, the context holds {model.ctx}")
     sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)
+    spec = model.spec_options(spec_type, spec_draft_n_max, model_draft)
     router = TokenRouter(model.tokenizer, think, stop, max_tokens)
-    pieces = _decode(model, model.lock, ids, sampler, router, cancel, cache)
+    pieces = _decode(model, model.lock, ids, sampler, router, cancel, cache, spec)
     return pieces if stream else _merged(pieces)
 
 
@@ -165,8 +172,11 @@ def _reuse_prefix(model, cache, prompt_ids: list[int]) -> int:
 
 
 def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler, router: TokenRouter,
-            cancel: threading.Event | None, cache) -> Iterator[ChatPiece]:
+            cancel: threading.Event | None, cache, spec=None) -> Iterator[ChatPiece]:
     cache = model.new_cache() if cache is None else cache
+    if spec is not None and spec.type != "none":
+        yield from _decode_speculative(model, lock, prompt_ids, sampler, router, cancel, cache, spec)
+        return
     history = list(prompt_ids)
     generated: list[int] = []
     row = None
@@ -195,6 +205,43 @@ def _decode(model, lock: threading.Lock, prompt_ids: list[int], sampler: Sampler
                     completion_tokens=len(generated), token_ids=generated)
 
 
+def _decode_speculative(model, lock, prompt_ids: list[int], sampler: Sampler, router: TokenRouter,
+                        cancel: threading.Event | None, cache, spec) -> Iterator[ChatPiece]:
+    """_decode's loop with the tokens from a Speculator: the same tokens, stops and cache afterwards (the prompt
+    and every token but the last), several tokens per forward pass."""
+    from flashlite.speculative import Speculator
+
+    generated: list[int] = []
+    cached = 0
+    tokens = None
+    try:
+        if cancel is not None and cancel.is_set():
+            yield from router.finish("cancelled")
+        else:
+            with lock:
+                cached = _reuse_prefix(model, cache, prompt_ids)
+                speculator = Speculator(model, cache, spec, sampler)
+            tokens = speculator.tokens(prompt_ids[cached:], list(prompt_ids))
+            for token in tokens:
+                if cancel is not None and cancel.is_set():  # before each token, as _decode checks
+                    yield from router.finish("cancelled")
+                    break
+                generated.append(token)
+                yield from router.feed(token)
+                if router.finish_reason is not None:
+                    break
+                if len(prompt_ids) + len(generated) - 1 >= model.ctx:  # what the cache would hold decoding plainly
+                    yield from router.finish("length")
+                    break
+    finally:
+        if tokens is not None:
+            tokens.close()
+    yield ChatPiece("done", finish_reason=router.finish_reason, prompt_tokens=len(prompt_ids), cached_tokens=cached,
+                    completion_tokens=len(generated), token_ids=generated,
+                    drafted_tokens=speculator.drafted if tokens is not None else 0,
+                    accepted_tokens=speculator.accepted if tokens is not None else 0)
+
+
 def _merged(pieces) -> list[ChatPiece]:
     out: list[ChatPiece] = []
     for piece in pieces:
@@ -219,13 +266,15 @@ def _usage(done: ChatPiece) -> dict:
 def create_chat_completion(model, messages: list[dict], stream: bool = False, think: str = "none",
                            tools: list[dict] | None = None, max_tokens: int | None = None, temperature: float = 1.0,
                            top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                           seed: int | None = None, stop=None, cancel: threading.Event | None = None, cache=None):
+                           seed: int | None = None, stop=None, cancel: threading.Event | None = None, cache=None,
+                           spec_type: str | None = None, spec_draft_n_max: int | None = None, model_draft=None):
     """An OpenAI `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts (the
     role first, then content / reasoning_content / tool_calls deltas, the finish_reason and usage last).
-    `cache`: as for chat(), a conversation's cache reused from turn to turn."""
+    `cache`: as for chat(), a conversation's cache reused from turn to turn; spec_*, model_draft: as for chat()."""
     pieces = chat(model, messages, think=think, stream=True, cancel=cancel, tools=tools, max_tokens=max_tokens,
                   stop=stop, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                  repetition_penalty=repetition_penalty, seed=seed, cache=cache)
+                  repetition_penalty=repetition_penalty, seed=seed, cache=cache, spec_type=spec_type,
+                  spec_draft_n_max=spec_draft_n_max, model_draft=model_draft)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model.file.get("general.name") or os.path.basename(model.file.path)}
     return _chunks(pieces, head) if stream else _completion(pieces, head)

@@ -11,7 +11,7 @@ import time
 import click
 
 from flashlite.atomic import atomic_write
-from flashlite.run_cmd import load_model, load_options
+from flashlite.run_cmd import load_model, load_options, spec_options, spec_summary
 
 THINK_CHOICES = ("none", "high", "max")
 ROLES = ("system", "user", "assistant")
@@ -148,6 +148,9 @@ class Session:
             click.echo("[stopped]", err=True)
         click.echo(_speed(done.prompt_tokens, done.cached_tokens, done.completion_tokens, t0, t_first or t_end, t_end),
                    err=True)
+        summary = spec_summary(self.model)
+        if summary:
+            click.echo(f"[{summary}]", err=True)
         return True
 
     def command(self, line: str) -> None:
@@ -255,13 +258,14 @@ def _interact(session: Session) -> None:
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=None, type=int, help="sampling seed (default: random)")
 @load_options
+@spec_options
 def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think, temperature, top_p, top_k, min_p,
-         seed, load_opts):
+         seed, load_opts, spec_opts):
     """Chat with a model in the terminal; /help lists the commands."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give at most one of -p/--prompt and -f/--file")
     first = prompt_file.read() if prompt_file is not None else prompt
-    model = load_model(model_path, threads, ctx, load_opts)
+    model = load_model(model_path, threads, ctx, load_opts, spec_opts)
     sampling = {"max_tokens": n_predict, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "min_p": min_p, "seed": seed}
     session = Session(model, system, think, sampling)

@@ -12,6 +12,7 @@ from functools import cached_property
 import numpy as np
 
 from flashlite import chat as chat_api
+from flashlite import speculative
 from flashlite.atomic import atomic_write
 from flashlite.expert_offload import default_usage_path, parse_bytes
 from flashlite.gguf_model import GGUFFile
@@ -107,7 +108,9 @@ class Model:
                  rewind: int = 256, ram_budget: int | str | None = None, expert_policy: str = "lru",
                  expert_prefetch: bool = True, expert_usage: str | os.PathLike | bool = True,
                  pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32",
-                 progress: Callable[[float], object] | None = None, check_tensors: bool = False):
+                 progress: Callable[[float], object] | None = None, check_tensors: bool = False,
+                 spec_type: str | None = None, spec_draft_n_max: int | None = None,
+                 model_draft: str | os.PathLike | None = None):
         report = _LoadProgress(progress)
         if threads is not None:
             from flashlite._native import check, lib
@@ -137,6 +140,10 @@ class Model:
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
         # own cache (logits) holds it for the whole call; reentrant, as chat holds it around its own calls
         self.lock = threading.RLock()
+        self._drafts: dict[str, object] = {}  # draft GGUF path -> its loaded drafter (MTPHead)
+        self.drafted = self.accepted = self.spec_rounds = 0
+        # the speculation generate / chat use when a call does not say (spec_type=None)
+        self.speculation = self.spec_options(spec_type, spec_draft_n_max, model_draft)
         report(1.0)
 
     @cached_property
@@ -155,6 +162,55 @@ class Model:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def spec_options(self, spec_type: str | None = None, spec_draft_n_max: int | None = None,
+                     model_draft: str | os.PathLike | None = None) -> speculative.SpecOptions:
+        """The speculation of a call: its own arguments, else the model's defaults (load(spec_type=...)).
+        spec_type None with a draft file takes the file's kind (an MTP draft: 'mtp'), as llama.cpp does;
+        'mtp' needs a draft GGUF (model_draft, llama.cpp's -md). The draft is loaded once per path. A
+        speculative.SpecOptions passed as spec_type is taken as it is."""
+        if isinstance(spec_type, speculative.SpecOptions):  # given whole (tests, benchmarks: adaptive=False)
+            if spec_type.type == "mtp":
+                self.draft_head(spec_type.draft)
+            return spec_type
+        default = getattr(self, "speculation", None)
+        if spec_type is None and model_draft is None:
+            if default is None:
+                return speculative.SpecOptions()
+            spec_type = default.type
+            model_draft = default.draft
+        draft = os.fspath(model_draft) if model_draft is not None else None
+        kind = speculative.parse_spec_type(spec_type)
+        if spec_type is None:
+            kind = "mtp"  # a draft file without a type: the only kind flashlite reads (checked on load)
+        n_max = spec_draft_n_max if spec_draft_n_max is not None else \
+            (default.n_max if default is not None else speculative.DEFAULT_N_MAX)
+        options = speculative.SpecOptions(kind, n_max, draft)
+        if kind == "mtp":
+            if draft is None:
+                raise ValueError("spec_type 'mtp' needs the MTP draft GGUF (model_draft=..., -md FILE): write one "
+                                 "with `flashlite quantize CHECKPOINT mtp-NAME.gguf --mtp`")
+            self.draft_head(draft)
+        elif kind == "dspark":
+            raise ValueError("spec_type 'dspark': DSpark drafts are not supported yet (docs/speculative.md)")
+        elif draft is not None:
+            raise ValueError(f"model_draft: a draft GGUF is for spec_type 'mtp', not {kind!r}")
+        return options
+
+    def draft_head(self, path: str | os.PathLike):
+        """The MTP block of the draft GGUF at path, loaded once (flashlite.mtp.MTPHead)."""
+        from flashlite.mtp import MTPHead
+
+        path = os.fspath(path)
+        with self.lock:
+            if path not in self._drafts:
+                self._drafts[path] = MTPHead(path, self)
+            return self._drafts[path]
+
+    def count_speculation(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.spec_rounds += 1
 
     def truncate(self, pos: int, cache=None) -> None:
         """Roll the sequence of `cache` (else the model's own) back to its first pos tokens, for any
@@ -247,11 +303,12 @@ class Model:
         return ids.astype(np.int64)
 
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None,
-                logits: str = "all") -> np.ndarray:
+                logits: str = "all", hidden: list | None = None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab]
         (logits="all"), of the last position only [1, vocab] ("last": what generation needs, without the head's
         cost at every other position) or none [0, vocab]. `dump`, when a dict, receives the hidden streams
-        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state."""
+        [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state; `hidden`, when a
+        list, the last block's streams [len, hc, dim] (the input of V4's MTP block)."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         ids = self.token_ids(token_ids)
@@ -260,7 +317,7 @@ class Model:
             start = cache.pos
             if start + ids.size > self.ctx:
                 raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-            out = self.net(ids, cache, dump, logits)
+            out = self.net(ids, cache, dump, logits, hidden)
             self.tokens += ids.size
         if not np.isfinite(out).all():
             at = int(np.argmin(np.isfinite(out).all(axis=1))) + (ids.size - out.shape[0])
@@ -269,17 +326,19 @@ class Model:
         return out
 
     def stats(self) -> dict:
-        """Counters since load (or the last reset_stats): tokens forwarded and, with a ram_budget, the expert
+        """Counters since load (or the last reset_stats): tokens forwarded; with speculative decoding the drafted
+        and accepted tokens and the verified batches (spec_rounds); with a ram_budget, the expert
         cache's expert_hits, expert_misses, expert_bytes_read, io_seconds, io_stall_seconds, prefetches,
         prefetch_hits, prefetch_dropped, slots, slot_bytes, direct_io and populated_bytes."""
-        out = {"tokens": self.tokens, "expert_hits": 0, "expert_misses": 0, "expert_bytes_read": 0,
+        out = {"tokens": self.tokens, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+               "spec_rounds": self.spec_rounds, "expert_hits": 0, "expert_misses": 0, "expert_bytes_read": 0,
                "io_seconds": 0.0, "io_stall_seconds": 0.0}
         if self.net.offload is not None:
             out.update(self.net.offload.stats())
         return out
 
     def reset_stats(self) -> None:
-        self.tokens = 0
+        self.tokens = self.drafted = self.accepted = self.spec_rounds = 0
         if self.net.offload is not None:
             self.net.offload.reset_stats()
 
@@ -287,6 +346,9 @@ class Model:
         """Save the expert-usage histogram and stop the expert cache's I/O threads (also done at exit)."""
         if self.net.offload is not None:
             self.net.offload.close()
+        for draft in self._drafts.values():
+            draft.close()
+        self._drafts.clear()
 
     def __enter__(self) -> Model:
         return self
@@ -305,16 +367,41 @@ class Model:
             self.reset()
             return np.concatenate([self.forward(ids[s:s + step], dump) for s in range(0, ids.size, step)])
 
-    def generate(self, token_ids: Sequence[int], max_tokens: int, sampler=None,
-                 stop: Sequence[int] = ()) -> Iterator[int]:
+    def generate(self, token_ids: Sequence[int], max_tokens: int, sampler=None, stop: Sequence[int] = (),
+                 spec_type: str | None = None, spec_draft_n_max: int | None = None,
+                 model_draft: str | os.PathLike | None = None) -> Iterator[int]:
         """Prefill token_ids as a fresh sequence, then yield up to max_tokens ids one decode step at a time.
         `sampler` maps a float32 logits row to an id (greedy when None); ids in `stop` end generation (yielded).
         The sequence lives in a cache of its own, so several generations may run from different threads (their
-        forward passes take turns)."""
-        pick = sampler or (lambda row: int(np.argmax(row)))
+        forward passes take turns).
+
+        Speculative decoding (flashlite.speculative): spec_type 'ngram' (prompt lookup) or 'mtp' (V4's MTP block
+        from the draft GGUF model_draft), at most spec_draft_n_max drafts a round; the tokens are those of plain
+        decoding (greedy), or follow the same distribution (sampler a flashlite Sampler; another callable cannot
+        be verified against and is refused). Default: the model's (load(spec_type=...)), else none."""
+        options = self.spec_options(spec_type, spec_draft_n_max, model_draft)
+        if options.type != "none" and sampler is not None and not hasattr(sampler, "probs"):
+            raise ValueError("sampler: speculative decoding needs None (greedy) or a flashlite.sampling.Sampler, "
+                             "whose distribution verification samples from")
+        return self._generate(token_ids, max_tokens, sampler, stop, options)
+
+    def _generate(self, token_ids, max_tokens, sampler, stop, options) -> Iterator[int]:
         if max_tokens <= 0:
             return
         cache = self.new_cache()
+        if options.type != "none":
+            history = [int(t) for t in self.token_ids(token_ids)]
+            sampler = None if sampler is None else speculative.WithoutHistory(sampler)  # as pick(row) below
+            tokens = speculative.Speculator(self, cache, options, sampler).tokens(list(history), history)
+            try:
+                for i, token in enumerate(tokens):
+                    yield token
+                    if token in stop or i + 1 == max_tokens:
+                        return
+            finally:
+                tokens.close()
+            return
+        pick = sampler or (lambda row: int(np.argmax(row)))
         row = self.forward(token_ids, cache=cache, logits="last")[-1]
         for i in range(max_tokens):
             token = int(pick(row))

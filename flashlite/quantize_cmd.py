@@ -38,9 +38,13 @@ def _raise_terminated(signum, frame):
 @click.option("--imatrix", "imatrix_path", type=click.Path(dir_okay=False),
               help="an importance matrix (llama.cpp's GGUF or legacy .dat format, from `llama-imatrix` or "
                    "`flashlite imatrix`): the quantizers weigh each column's error by it")
+@click.option("--mtp", is_flag=True,
+              help="write the checkpoint's MTP block (mtp.0.*) as a draft GGUF for speculative decoding instead of "
+                   "the model, in the layout llama.cpp's convert_hf_to_gguf.py --mtp writes (its -md takes it, "
+                   "as do flashlite's --spec-type mtp -md FILE)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def quantize(src, out, type_name, tensor_types, imatrix_path, force, quiet):
+def quantize(src, out, type_name, tensor_types, imatrix_path, mtp, force, quiet):
     from flashlite.hub import download_checkpoint, is_repo_id
     from quant.convert import convert
     from quant.imatrix import read_imatrix
@@ -69,7 +73,7 @@ def quantize(src, out, type_name, tensor_types, imatrix_path, force, quiet):
         previous = None
     try:
         convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
-                name=name, imatrix=imatrix)
+                name=name, imatrix=imatrix, mtp=mtp)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -43,7 +43,45 @@ def load_options(command):
     return with_load_opts
 
 
-def load_model(model_path, threads, ctx, load_opts):
+def spec_options(command):
+    """--spec-type, --spec-draft-n-max and -md (llama.cpp's names), for the commands that decode; the command
+    receives them as one `spec_opts` dict for load_model."""
+    from flashlite.speculative import ALIASES, MAX_DRAFT, SPEC_TYPES
+
+    @functools.wraps(command)
+    def with_spec_opts(**kwargs):
+        return command(spec_opts={n: kwargs.pop(n) for n in ("spec_type", "spec_draft_n_max", "model_draft")},
+                       **kwargs)
+
+    options = (
+        click.option("--spec-type", default=None, type=click.Choice(SPEC_TYPES + tuple(sorted(ALIASES))),
+                     help="speculative decoding: ngram (prompt lookup over the prompt and output), mtp (V4's MTP "
+                          "block, from -md); the output is plain decoding's (greedy) or has its distribution; "
+                          "default none, or mtp with -md"),
+        click.option("--spec-draft-n-max", default=None, type=click.IntRange(1, MAX_DRAFT),
+                     help="most tokens drafted per verified batch (default 4; fewer, or none, while they are "
+                          "rejected)"),
+        click.option("-md", "--spec-draft-model", "--model-draft", "model_draft", default=None,
+                     type=click.Path(dir_okay=False),
+                     help="draft GGUF for speculative decoding: an MTP draft (flashlite quantize --mtp, llama.cpp's "
+                          "convert_hf_to_gguf.py --mtp)"),
+    )
+    for option in reversed(options):
+        with_spec_opts = option(with_spec_opts)
+    return with_spec_opts
+
+
+def spec_summary(model) -> str | None:
+    """A line on speculative decoding's drafts since load, or None without any."""
+    st = model.stats()
+    if not st["spec_rounds"]:
+        return None
+    rate = st["accepted_tokens"] / st["drafted_tokens"] if st["drafted_tokens"] else 0.0
+    return (f"speculative: {st['drafted_tokens']} drafted, {st['accepted_tokens']} accepted ({rate:.1%}), "
+            f"{st['spec_rounds']} verified batches")
+
+
+def load_model(model_path, threads, ctx, load_opts, spec_opts=None):
     """Load a GGUF for a command: a bad file is a clean click error, and the load time is reported."""
     from flashlite.hub import download_gguf
     from flashlite.model import load
@@ -60,6 +98,7 @@ def load_model(model_path, threads, ctx, load_opts):
     t0 = time.perf_counter()
     if options["ram_budget"] is None:
         del options["ram_budget"], options["expert_policy"]
+    options.update({k: v for k, v in (spec_opts or {}).items() if v is not None})
     try:
         model = load(model_path, threads=threads, ctx=ctx, **options)
     except (OSError, ValueError) as exc:
@@ -78,11 +117,12 @@ def load_model(model_path, threads, ctx, load_opts):
 @click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
 @click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
 @load_options
-def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts):
+@spec_options
+def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts, spec_opts):
     """Generate N tokens greedily after a prompt and report tokens/s."""
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of -p/--prompt and --tokens")
-    model = load_model(model_path, threads, ctx, load_opts)
+    model = load_model(model_path, threads, ctx, load_opts, spec_opts)
     tokenizer = None
     if prompt is not None:
         tokenizer = model.tokenizer
@@ -114,6 +154,9 @@ def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts):
     if len(out) > 1:
         decode = t_end - t_first
         click.echo(f"decode: {len(out) - 1} tokens in {decode:.3f} s ({(len(out) - 1) / decode:.2f} tok/s)", err=True)
+    summary = spec_summary(model)
+    if summary:
+        click.echo(summary, err=True)
     if load_opts["ram_budget"] is not None:
         st = model.stats()
         demanded = st["expert_hits"] + st["expert_misses"]

@@ -225,12 +225,16 @@ class Plan:
 
 
 def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
-         checkpoint: Checkpoint | None = None) -> Plan:
+         checkpoint: Checkpoint | None = None, mtp: bool = False) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
     and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
-    shards (their headers, the data possibly still to come) instead of those on disk."""
+    shards (their headers, the data possibly still to come) instead of those on disk. mtp: the checkpoint's MTP
+    draft GGUF (quant.layout) instead of the model."""
     src = Path(src)
     if src.is_file() and checkpoint is None:
+        if mtp:
+            raise CheckpointError(f"{src}: the MTP draft is written from a checkpoint folder (a GGUF to requantize "
+                                  "is taken as it is, MTP draft or not)")
         g = read_gguf_source(src)
         h, source, layout, metadata = None, g.file, g.layout, g.metadata
         block_count, n_layers, n_expert = g.block_count, g.n_layers, g.n_expert
@@ -238,14 +242,14 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
         h = read_hparams(src)
         if not (src / "tokenizer.json").is_file():
             raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
-        metadata = hparam_kv(h) + tokenizer_kv(src, h.vocab_size)
+        metadata = hparam_kv(h, mtp) + tokenizer_kv(src, h.vocab_size)
         source = Checkpoint(src) if checkpoint is None else checkpoint
         try:
-            layout = plan_tensors(source, h)
+            layout = plan_tensors(source, h, mtp)
         except BaseException:
             source.close()
             raise
-        block_count, n_layers, n_expert = h.n_layers, h.n_layers, h.n_routed_experts
+        block_count, n_layers, n_expert = h.n_layers + (1 if mtp else 0), h.n_layers, h.n_routed_experts
     else:
         raise CheckpointError(f"{src}: no such checkpoint folder or GGUF file")
     try:
@@ -257,7 +261,10 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     except BaseException:
         source.close()
         raise
-    if layout.skipped:
+    if layout.skipped and mtp:
+        notes.append(f"MTP draft: left out the model's own {len(layout.skipped)} tensor(s) (the draft holds the "
+                     f"embedding, head, final norm and the MTP block), e.g. {layout.skipped[0]}")
+    elif layout.skipped:
         notes.append(f"left out {len(layout.skipped)} tensor(s) llama.cpp's deepseek4 does not load "
                      f"(MTP, hash layers' gate bias), e.g. {layout.skipped[0]}")
     lossy = [p.tensor.name for p in planned if p.qtype == blocks.type_id("MXFP4")
@@ -329,20 +336,21 @@ def data_offsets(writer: GGUFWriter, p: Plan) -> tuple[list[int], int]:
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
-            imatrix: Imatrix | None = None) -> Summary:
+            imatrix: Imatrix | None = None, mtp: bool = False) -> Summary:
     """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
     what was written.
 
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
     `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
-    weighs the quantizers' error per column (quant.imatrix)."""
+    weighs the quantizers' error per column (quant.imatrix). `mtp` writes the MTP draft GGUF llama.cpp's
+    converter writes with --mtp (for `-md`; quant.layout) instead of the model."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
-    p = plan(src, recipe, imatrix)
+    p = plan(src, recipe, imatrix, mtp=mtp)
     h, planned = p.hparams, p.tensors
     default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")
     if not src.is_dir():

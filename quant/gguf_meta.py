@@ -177,12 +177,16 @@ def parse_hparams(raw: dict, path: Path) -> Hparams:
     )
 
 
-def hparam_kv(h: Hparams) -> list[tuple[str, object, GGUFValueType]]:
-    """(key, value, type) of every deepseek4 hyperparameter key, for a GGUF holding the n_layers trunk blocks."""
+def hparam_kv(h: Hparams, mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
+    """(key, value, type) of every deepseek4 hyperparameter key, for a GGUF holding the n_layers trunk blocks;
+    mtp: for the MTP draft llama.cpp's converter writes with --mtp (block_count n_layers + 1, the last block the
+    MTP's, and nextn_predict_layers 1)."""
     u32, f32, i32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.INT32
     a = ARCH
-    blocks = h.n_layers
-    return [
+    blocks = h.n_layers + (1 if mtp else 0)
+    ratios = list(h.compress_ratios) + [0] * max(0, blocks - len(h.compress_ratios))
+    extra = [(f"{a}.nextn_predict_layers", 1, u32)] if mtp else []
+    return extra + [
         (f"{a}.block_count", blocks, u32),
         (f"{a}.context_length", h.max_seq_len, u32),
         (f"{a}.embedding_length", h.dim, u32),
@@ -198,7 +202,7 @@ def hparam_kv(h: Hparams) -> list[tuple[str, object, GGUFValueType]]:
         (f"{a}.attention.output_group_count", h.o_groups, u32),
         (f"{a}.attention.sliding_window", h.window_size, u32),
         (f"{a}.attention.compress_rope_freq_base", h.compress_rope_theta, f32),
-        (f"{a}.attention.compress_ratios", list(h.compress_ratios), i32),
+        (f"{a}.attention.compress_ratios", ratios, i32),
         (f"{a}.attention.indexer.head_count", h.index_n_heads, u32),
         (f"{a}.attention.indexer.key_length", h.index_head_dim, u32),
         (f"{a}.attention.indexer.top_k", h.index_topk, u32),

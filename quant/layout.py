@@ -5,6 +5,13 @@ transformers' save_pretrained (`model.` prefix, `model.embed_tokens`, `model.hc_
 kv_norm saved as `attn.norm`, plain float tensors). Both are renamed to the release's names, checked against the
 shapes config.json implies, then mapped to GGUF names; the routed experts of a layer are stacked into
 ffn_{gate,up,down}_exps. MTP (`mtp.*`) is left out, as llama.cpp's converter does by default.
+
+`plan_tensors(..., mtp=True)` plans instead the MTP draft GGUF llama.cpp's converter writes with `--mtp` (its
+deepseek4 loader reads it as a model of block_count n_layers + 1 whose trunk blocks are absent; `-md` takes it
+as a draft): token_embd, output and output_norm of the model, the MTP block `mtp.0.*` as blk.{n_layers}.*, its
+e_proj and h_proj side by side as blk.{n_layers}.nextn.eh_proj ([e_proj | h_proj], applied to
+[enorm(embed) ; hnorm(h)]), enorm / hnorm / norm as nextn.enorm / nextn.hnorm / nextn.shared_head_norm, and
+its hc_head as output_hc_* (the draft file's own).
 """
 from __future__ import annotations
 
@@ -73,6 +80,14 @@ _LAYER = {  # release name after `layers.N.` -> (GGUF name after `blk.N.`, role)
     "ffn.shared_experts.w2.weight": ("ffn_down_shexp.weight", MATRIX),
 }
 _EXPERTS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+_MTP = {  # release name after `mtp.0.` -> (GGUF name, role); the block's own tensors follow _LAYER
+    "enorm.weight": ("blk.{n}.nextn.enorm.weight", PINNED),
+    "hnorm.weight": ("blk.{n}.nextn.hnorm.weight", PINNED),
+    "norm.weight": ("blk.{n}.nextn.shared_head_norm.weight", PINNED),
+    "hc_head_fn": ("output_hc_fn.weight", HC),
+    "hc_head_base": ("output_hc_base.weight", PINNED),
+    "hc_head_scale": ("output_hc_scale.weight", PINNED),
+}
 _EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 
 
@@ -80,57 +95,71 @@ _EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weigh
 # the release's tensors, as config.json implies them
 # ---------------------------------------------------------------------------------------------------
 
-def expected_tensors(h: Hparams) -> dict[str, tuple[int, ...]]:
-    """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one)."""
-    d, hc, hd, nh = h.dim, h.hc_mult, h.head_dim, h.n_heads
-    mix = (2 + hc) * hc
+def expected_tensors(h: Hparams, mtp: bool = False) -> dict[str, tuple[int, ...]]:
+    """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one); with
+    mtp, of the MTP draft instead: the embedding, head and final norm, and the MTP block `mtp.0.*`."""
+    d, hc = h.dim, h.hc_mult
     spec = {
         "embed.weight": (h.vocab_size, d), "head.weight": (h.vocab_size, d), "norm.weight": (d,),
-        "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
     }
+    if mtp:
+        block = _layer_shapes(h, h.n_layers, h.compress_ratios[h.n_layers] if len(h.compress_ratios) > h.n_layers
+                              else 0)
+        block.update({"e_proj.weight": (d, d), "h_proj.weight": (d, d), "enorm.weight": (d,),
+                      "hnorm.weight": (d,), "norm.weight": (d,),
+                      "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,)})
+        spec.update({f"mtp.0.{k}": v for k, v in block.items()})
+        return spec
+    spec.update({"hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,)})
     for i in range(h.n_layers):
-        layer = {
-            "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-            "hc_attn_fn": (mix, hc * d), "hc_attn_base": (mix,), "hc_attn_scale": (3,),
-            "hc_ffn_fn": (mix, hc * d), "hc_ffn_base": (mix,), "hc_ffn_scale": (3,),
-            "attn.attn_sink": (nh,),
-            "attn.wq_a.weight": (h.q_lora_rank, d), "attn.q_norm.weight": (h.q_lora_rank,),
-            "attn.wq_b.weight": (nh * hd, h.q_lora_rank),
-            "attn.wkv.weight": (hd, d), "attn.kv_norm.weight": (hd,),
-            "attn.wo_a.weight": (h.o_groups * h.o_lora_rank, nh * hd // h.o_groups),
-            "attn.wo_b.weight": (d, h.o_groups * h.o_lora_rank),
-            "ffn.gate.weight": (h.n_routed_experts, d),
-            "ffn.shared_experts.w1.weight": (h.moe_inter_dim * h.n_shared_experts, d),
-            "ffn.shared_experts.w3.weight": (h.moe_inter_dim * h.n_shared_experts, d),
-            "ffn.shared_experts.w2.weight": (d, h.moe_inter_dim * h.n_shared_experts),
-        }
-        if i < h.n_hash_layers:
-            layer["ffn.gate.tid2eid"] = (h.vocab_size, h.n_activated_experts)
-        else:
-            layer["ffn.gate.bias"] = (h.n_routed_experts,)
-        ratio = h.compress_ratios[i]
-        if ratio:
-            width = (2 if ratio == 4 else 1) * hd
-            layer.update({
-                "attn.compressor.wkv.weight": (width, d), "attn.compressor.wgate.weight": (width, d),
-                "attn.compressor.ape": (ratio, width), "attn.compressor.norm.weight": (hd,),
-            })
-        if ratio == 4:
-            ihd = h.index_head_dim
-            layer.update({
-                "attn.indexer.wq_b.weight": (h.index_n_heads * ihd, h.q_lora_rank),
-                "attn.indexer.weights_proj.weight": (h.index_n_heads, d),
-                "attn.indexer.compressor.wkv.weight": (2 * ihd, d),
-                "attn.indexer.compressor.wgate.weight": (2 * ihd, d),
-                "attn.indexer.compressor.ape": (ratio, 2 * ihd),
-                "attn.indexer.compressor.norm.weight": (ihd,),
-            })
-        for e in range(h.n_routed_experts):
-            layer[f"ffn.experts.{e}.w1.weight"] = (h.moe_inter_dim, d)
-            layer[f"ffn.experts.{e}.w3.weight"] = (h.moe_inter_dim, d)
-            layer[f"ffn.experts.{e}.w2.weight"] = (d, h.moe_inter_dim)
-        spec.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        spec.update({f"layers.{i}.{k}": v for k, v in _layer_shapes(h, i, h.compress_ratios[i]).items()})
     return spec
+
+
+def _layer_shapes(h: Hparams, i: int, ratio: int) -> dict[str, tuple[int, ...]]:
+    """Names after `layers.{i}.` -> shapes of block i (hash-routed when i < n_hash_layers)."""
+    d, hc, hd, nh = h.dim, h.hc_mult, h.head_dim, h.n_heads
+    mix = (2 + hc) * hc
+    layer = {
+        "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
+        "hc_attn_fn": (mix, hc * d), "hc_attn_base": (mix,), "hc_attn_scale": (3,),
+        "hc_ffn_fn": (mix, hc * d), "hc_ffn_base": (mix,), "hc_ffn_scale": (3,),
+        "attn.attn_sink": (nh,),
+        "attn.wq_a.weight": (h.q_lora_rank, d), "attn.q_norm.weight": (h.q_lora_rank,),
+        "attn.wq_b.weight": (nh * hd, h.q_lora_rank),
+        "attn.wkv.weight": (hd, d), "attn.kv_norm.weight": (hd,),
+        "attn.wo_a.weight": (h.o_groups * h.o_lora_rank, nh * hd // h.o_groups),
+        "attn.wo_b.weight": (d, h.o_groups * h.o_lora_rank),
+        "ffn.gate.weight": (h.n_routed_experts, d),
+        "ffn.shared_experts.w1.weight": (h.moe_inter_dim * h.n_shared_experts, d),
+        "ffn.shared_experts.w3.weight": (h.moe_inter_dim * h.n_shared_experts, d),
+        "ffn.shared_experts.w2.weight": (d, h.moe_inter_dim * h.n_shared_experts),
+    }
+    if i < h.n_hash_layers:
+        layer["ffn.gate.tid2eid"] = (h.vocab_size, h.n_activated_experts)
+    else:
+        layer["ffn.gate.bias"] = (h.n_routed_experts,)
+    if ratio:
+        width = (2 if ratio == 4 else 1) * hd
+        layer.update({
+            "attn.compressor.wkv.weight": (width, d), "attn.compressor.wgate.weight": (width, d),
+            "attn.compressor.ape": (ratio, width), "attn.compressor.norm.weight": (hd,),
+        })
+    if ratio == 4:
+        ihd = h.index_head_dim
+        layer.update({
+            "attn.indexer.wq_b.weight": (h.index_n_heads * ihd, h.q_lora_rank),
+            "attn.indexer.weights_proj.weight": (h.index_n_heads, d),
+            "attn.indexer.compressor.wkv.weight": (2 * ihd, d),
+            "attn.indexer.compressor.wgate.weight": (2 * ihd, d),
+            "attn.indexer.compressor.ape": (ratio, 2 * ihd),
+            "attn.indexer.compressor.norm.weight": (ihd,),
+        })
+    for e in range(h.n_routed_experts):
+        layer[f"ffn.experts.{e}.w1.weight"] = (h.moe_inter_dim, d)
+        layer[f"ffn.experts.{e}.w3.weight"] = (h.moe_inter_dim, d)
+        layer[f"ffn.experts.{e}.w2.weight"] = (d, h.moe_inter_dim)
+    return layer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,8 +313,44 @@ class Layout:
     skipped: list[str]    # stored names left out (MTP, hash layers' unused gate bias)
 
 
-def plan_tensors(ck: Checkpoint, h: Hparams) -> Layout:
-    """Map every stored tensor of `ck` to its GGUF tensor, checking that stored and expected tensors agree."""
+@dataclass
+class Concat:
+    """Stored tensors of the same rows side by side (columns of the first, then of the second...): llama.cpp's
+    converter writes the MTP's e_proj and h_proj as one eh_proj = torch.cat((e_proj, h_proj), dim=1)."""
+
+    name: str
+    parts: list
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.parts[0].shape[0], sum(p.shape[1] for p in self.parts))
+
+    def f32_rows(self, r0: int, r1: int) -> np.ndarray:
+        return np.concatenate([p.f32_rows(r0, r1) for p in self.parts], axis=1)
+
+    def encoded_rows(self, r0: int, r1: int, qtype: int) -> None:
+        return None
+
+    @property
+    def source_type(self) -> int:
+        """Q8_0 when a part is FP8, as llama.cpp's converter forces for eh_proj; else the first part's type."""
+        types = [p.source_type for p in self.parts]
+        return Q8_0 if Q8_0 in types else types[0]
+
+    def where(self) -> str:
+        return " and ".join(p.where() for p in self.parts)
+
+    def shards(self) -> set:
+        return set().union(*(p.shards() for p in self.parts))
+
+    def release_rows(self, r0: int, r1: int) -> None:
+        for p in self.parts:
+            p.release_rows(r0, r1)
+
+
+def plan_tensors(ck: Checkpoint, h: Hparams, mtp: bool = False) -> Layout:
+    """Map every stored tensor of `ck` to its GGUF tensor, checking that stored and expected tensors agree.
+    mtp: the MTP draft GGUF instead (module docstring); the trunk's tensors are then the ones left out."""
     style = "save_pretrained" if any(n.startswith("model.") for n in ck.tensors) else "release"
     names: dict[str, str] = {}
     skipped = []
@@ -294,12 +359,19 @@ def plan_tensors(ck: Checkpoint, h: Hparams) -> Layout:
         if name in names:
             raise CheckpointError(f"{ck[stored].file}: tensors '{stored}' and '{names[name]}' are the same tensor")
         names[name] = stored
-    expected = expected_tensors(h)
+    if mtp and not any(n.startswith("mtp.0.") for n in names):
+        raise CheckpointError(f"{ck.folder}: no MTP block (mtp.0.*) to write a draft of (num_nextn_predict_layers="
+                              f"{h.n_mtp_layers})")
+    expected = expected_tensors(h, mtp)
     for name, stored in names.items():
         if name in expected or (name.endswith(".scale") and name[: -len(".scale")] + ".weight" in expected):
             continue
         hash_bias = re.fullmatch(r"layers\.(\d+)\.ffn\.gate\.bias", name)
-        if name.startswith("mtp.") or (hash_bias and int(hash_bias.group(1)) < h.n_hash_layers):
+        if mtp and re.match(r"mtp\.[1-9]", name):
+            raise CheckpointError(f"{ck[stored].file}: tensor '{stored}': llama.cpp's deepseek4 MTP draft holds one "
+                                  "MTP block (mtp.0)")
+        if (name.startswith("mtp.") or (hash_bias and int(hash_bias.group(1)) < h.n_hash_layers)
+                or (mtp and (name.startswith("layers.") or name.startswith("hc_head_")))):
             skipped.append(stored)
             continue
         layer = re.match(r"layers\.(\d+)\.", name)
@@ -311,16 +383,34 @@ def plan_tensors(ck: Checkpoint, h: Hparams) -> Layout:
         shape = expected[release]
         return GGUFTensor(gguf, shape, role, [_stored(ck, names, release, shape, role, h)])
 
-    out = [one("embed.weight", *_ROOT["embed.weight"])]
-    for i in range(h.n_layers):
+    def block(src: str, i: int) -> list[GGUFTensor]:
+        """Block `src` (`layers.{i}.` or `mtp.0.`) as blk.{i}.*, its experts stacked."""
+        out = []
         for suffix, (gguf, role) in _LAYER.items():
-            if f"layers.{i}.{suffix}" in expected:
-                out.append(one(f"layers.{i}.{suffix}", f"blk.{i}.{gguf}", role))
+            if f"{src}{suffix}" in expected:
+                out.append(one(f"{src}{suffix}", f"blk.{i}.{gguf}", role))
         for proj, gguf in _EXPERTS.items():
-            parts = [_stored(ck, names, f"layers.{i}.ffn.experts.{e}.{proj}.weight",
-                             expected[f"layers.{i}.ffn.experts.{e}.{proj}.weight"], EXPERT, h)
+            parts = [_stored(ck, names, f"{src}ffn.experts.{e}.{proj}.weight",
+                             expected[f"{src}ffn.experts.{e}.{proj}.weight"], EXPERT, h)
                      for e in range(h.n_routed_experts)]
             out.append(GGUFTensor(f"blk.{i}.{gguf}", (h.n_routed_experts, *parts[0].shape), EXPERT, parts))
+        return out
+
+    out = [one("embed.weight", *_ROOT["embed.weight"])]
+    if mtp:
+        n = h.n_layers
+        out += block("mtp.0.", n)
+        e_proj, h_proj = (_stored(ck, names, f"mtp.0.{p}.weight", expected[f"mtp.0.{p}.weight"], MATRIX, h)
+                          for p in ("e_proj", "h_proj"))
+        eh = Concat("mtp.0.eh_proj", [e_proj, h_proj])
+        out.append(GGUFTensor(f"blk.{n}.nextn.eh_proj.weight", eh.shape, MATRIX, [eh]))
+        for release, (gguf, role) in _MTP.items():
+            out.append(one(f"mtp.0.{release}", gguf.format(n=n), role))
+        for release in ("norm.weight", "head.weight"):
+            out.append(one(release, *_ROOT[release]))
+        return Layout(out, style, skipped)
+    for i in range(h.n_layers):
+        out += block(f"layers.{i}.", i)
     for release in ("norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight"):
         out.append(one(release, *_ROOT[release]))
     return Layout(out, style, skipped)

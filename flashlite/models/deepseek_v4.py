@@ -85,9 +85,11 @@ class ModelArgs:
             raise ValueError(f"n_shared_experts {self.n_shared_experts}: only one shared expert is supported")
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+    def from_gguf(cls, f: GGUFFile, with_mtp: bool = False) -> "ModelArgs":
         """The hyperparameters of a deepseek4 GGUF, each checked for its type and against the range the
-        architecture and this runtime allow (GGUF_KEYS); an error names the file, the key and the value."""
+        architecture and this runtime allow (GGUF_KEYS); an error names the file, the key and the value.
+        with_mtp: n_layers counts the MTP blocks too (blk.{n_layers - n_mtp_layers}.. are the MTP's), as an MTP
+        draft GGUF needs; else n_layers is the trunk's."""
         arch = f.get("general.architecture")
         if arch != ARCH:
             raise ValueError(f"{f.path}: general.architecture is {arch!r}, expected {ARCH!r}")
@@ -117,7 +119,7 @@ class ModelArgs:
         for name in ("expert_gating_func", "head_count_kv", "value_length"):
             del v[name]
         try:
-            return cls(vocab_size=vocab, n_layers=blocks - n_mtp, n_mtp_layers=n_mtp, **v)
+            return cls(vocab_size=vocab, n_layers=blocks if with_mtp else blocks - n_mtp, n_mtp_layers=n_mtp, **v)
         except ValueError as exc:
             raise ValueError(f"{f.path}: {exc}") from None
 
@@ -658,7 +660,6 @@ def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
     """Every tensor the forward pass reads: GGUF name -> (ggml shape, how it is used: gguf_model.MATMUL, WHOLE,
     ROWS or INDEX, which decides the types it may have)."""
     d, hc = a.dim, a.hc_mult
-    mix = (2 + hc) * hc
     spec = {
         "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
         "output.weight": (_ne(d, a.vocab_size), MATMUL),
@@ -668,53 +669,82 @@ def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
         "output_hc_scale.weight": (_ne(1), WHOLE),
     }
     for i in range(a.n_layers):
-        b, r = f"blk.{i}.", a.compress_ratios[i]
-        layer = {
-            "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
-            "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
-            "hc_attn_scale.weight": (_ne(3), WHOLE),
-            "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
-            "hc_ffn_scale.weight": (_ne(3), WHOLE),
-            "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
-            "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
-            "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
-            "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
-            "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
-            "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
-            "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
-                                     MATMUL),
-            "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
-            "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
-            "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-            "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-            "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
-            "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-            "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-            "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
-        }
-        if i < a.n_hash_layers:
-            layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
-        else:
-            layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
-        if r:
-            c = 2 if r == 4 else 1
-            layer.update({
-                "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
-                "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
-                "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
-                "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
-            })
-        if r == 4:
-            layer.update({
-                "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
-                "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
-                "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-                "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-                "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
-                "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
-            })
-        spec.update({b + k: v for k, v in layer.items()})
+        spec.update({f"blk.{i}." + k: v for k, v in layer_tensors(a, i).items()})
     return spec
+
+
+def layer_tensors(a: ModelArgs, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors of block i (names after `blk.{i}.`): its shapes and uses, by its compress ratio and whether
+    it is hash-routed."""
+    d, hc = a.dim, a.hc_mult
+    mix = (2 + hc) * hc
+    r = a.compress_ratios[i]
+    layer = {
+        "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
+        "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
+        "hc_attn_scale.weight": (_ne(3), WHOLE),
+        "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
+        "hc_ffn_scale.weight": (_ne(3), WHOLE),
+        "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
+        "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
+        "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
+        "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
+        "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
+        "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
+        "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
+                                 MATMUL),
+        "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
+        "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
+        "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+        "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+        "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
+        "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+        "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
+        "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
+    }
+    if i < a.n_hash_layers:
+        layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
+    else:
+        layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
+    if r:
+        c = 2 if r == 4 else 1
+        layer.update({
+            "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
+            "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
+            "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
+            "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
+        })
+    if r == 4:
+        layer.update({
+            "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
+            "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
+            "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+            "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+            "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
+            "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
+        })
+    return layer
+
+
+def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress: "RoPE",
+                offload: ExpertCache | None = None) -> "Block":
+    """Block i from its tensors w (names after `blk.{i}.`, as layer_tensors lists them, loaded)."""
+    r = a.compress_ratios[i]
+    rope = rope_compress if r else rope_main
+    compressor = indexer = None
+    if r:
+        compressor = Compressor(a, r, a.head_dim, w["attn_compressor_kv.weight"],
+                                w["attn_compressor_gate.weight"], w["attn_compressor_ape.weight"],
+                                w["attn_compressor_norm.weight"], rope)
+    if r == 4:
+        index_compressor = Compressor(a, r, a.index_head_dim, w["indexer_compressor_kv.weight"],
+                                      w["indexer_compressor_gate.weight"], w["indexer_compressor_ape.weight"],
+                                      w["indexer_compressor_norm.weight"], rope)
+        indexer = Indexer(a, w["indexer.attn_q_b.weight"], w["indexer.proj.weight"], index_compressor, rope)
+    w = {k.rsplit(".", 1)[0]: v for k, v in w.items()}
+    attn = Attention(a, i, w, rope, compressor, indexer)
+    gate = MoEGate(a, w["ffn_gate_inp"], w.get("exp_probs_b"), w.get("ffn_gate_tid2eid"))
+    return Block(a, i, w, attn, MoE(a, i, w, gate, offload))
 
 
 class Model:
@@ -761,22 +791,7 @@ class Model:
                 block.next = None if following in self.prefetch_at_start else following
 
     def _block(self, i: int, w: dict) -> Block:
-        a, r = self.args, self.args.compress_ratios[i]
-        rope = self.rope_compress if r else self.rope_main
-        compressor = indexer = None
-        if r:
-            compressor = Compressor(a, r, a.head_dim, w["attn_compressor_kv.weight"],
-                                    w["attn_compressor_gate.weight"], w["attn_compressor_ape.weight"],
-                                    w["attn_compressor_norm.weight"], rope)
-        if r == 4:
-            index_compressor = Compressor(a, r, a.index_head_dim, w["indexer_compressor_kv.weight"],
-                                          w["indexer_compressor_gate.weight"], w["indexer_compressor_ape.weight"],
-                                          w["indexer_compressor_norm.weight"], rope)
-            indexer = Indexer(a, w["indexer.attn_q_b.weight"], w["indexer.proj.weight"], index_compressor, rope)
-        w = {k.rsplit(".", 1)[0]: v for k, v in w.items()}
-        attn = Attention(a, i, w, rope, compressor, indexer)
-        gate = MoEGate(a, w["ffn_gate_inp"], w.get("exp_probs_b"), w.get("ffn_gate_tid2eid"))
-        return Block(a, i, w, attn, MoE(a, i, w, gate, self.offload))
+        return build_block(self.args, i, w, self.rope_main, self.rope_compress, self.offload)
 
     def make_cache(self, rewind: int = 256, kv_format: str = "f32") -> ModelCache:
         """A decode cache; kv_format "f32" (rows as computed, transformers' semantics) or "fp8" (rows rounded and
@@ -792,10 +807,11 @@ class Model:
         return blocks.dequantize(rows, self.embed.type)
 
     def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
-                 logits: str = "all") -> np.ndarray:
+                 logits: str = "all", hidden: list | None = None) -> np.ndarray:
         """Logits of the chunk token_ids that follows the cache's pos tokens; advances the cache. `logits`: "all"
         positions [T, vocab], the "last" one [1, vocab] (generation: the head, vocab x dim, is most of a prefill's
-        work when every position gets it), or "none" [0, vocab] (a replay that only fills the cache)."""
+        work when every position gets it), or "none" [0, vocab] (a replay that only fills the cache). `hidden`,
+        when a list, receives the last block's streams [T, hc, dim] (what V4's MTP block reads)."""
         token_ids = np.asarray(token_ids, np.int64)
         if token_ids.ndim != 1 or token_ids.size == 0:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
@@ -810,6 +826,8 @@ class Model:
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, positions, token_ids, layer_cache, dump)
+        if hidden is not None:
+            hidden.append(h)
         if logits == "none":
             cache.advance(token_ids)
             return np.empty((0, self.args.vocab_size), np.float32)

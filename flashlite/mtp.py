@@ -1,0 +1,101 @@
+"""DeepSeek V4's multi-token-prediction (MTP) block as a drafter: read from the draft GGUF llama.cpp's converter
+writes with `--mtp` (and `flashlite quantize --mtp`), run with the main model's numpy / C-core blocks.
+
+The block (DeepSeek's MTPBlock, as tools/train_tiny.py trains it) maps the main model's last streams h_i [hc, dim]
+at position i and the embedding of the token x_{i+1} to logits for x_{i+2}:
+
+    hm = eh_proj([enorm(embed(x_{i+1})) ; hnorm(h_i)])      per stream ([e_proj | h_proj], so e_proj(e) + h_proj(h))
+    hm = Block(hm)                                           a full V4 block: window-only attention, score-routed MoE
+    logits = head(shared_head_norm(hc_head(hm)))             its own hc_head and norm, the model's head
+
+Its attention keeps its own window of rows (one per position it saw), so the block runs over every position the
+main model decodes, not only when drafting. Drafting k tokens chains it: draft j+1 feeds the block's own output
+streams hm and draft j instead of the main model's h (llama.cpp does the same).
+
+Files: the draft GGUF holds token_embd, output and output_norm (llama.cpp's loader requires them), the block as
+blk.{n}.* (n = block_count - 1), blk.{n}.nextn.{eh_proj,enorm,hnorm,shared_head_norm} and the block's hc_head as
+output_hc_*; deepseek4.nextn_predict_layers is 1. The embedding and head used are the main model's (the MTP shares
+them: the checkpoint has no other), so the draft's copies are never paged in.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from flashlite.gguf_model import MATMUL, WHOLE, GGUFFile
+from flashlite.kv_cache import LayerCache
+from flashlite.models import deepseek_v4 as v4
+from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+
+_SHAPE_KEYS = ("dim", "hc_mult", "vocab_size", "head_dim", "rope_head_dim", "n_heads", "window_size")
+
+
+def is_mtp_draft(f: GGUFFile) -> bool:
+    """Whether a GGUF is an MTP draft (llama.cpp's test: its last block has nextn.eh_proj)."""
+    blocks = f.get(f"{v4.ARCH}.block_count")
+    return isinstance(blocks, int) and f"blk.{blocks - 1}.nextn.eh_proj.weight" in f.tensors
+
+
+class MTPHead:
+    """The MTP block of a draft GGUF, bound to the main model (flashlite.model.Model) whose embedding, head and
+    hidden streams it uses."""
+
+    def __init__(self, path: str | os.PathLike, main):
+        self.path = os.fspath(path)
+        f = self.file = GGUFFile(path)
+        if not is_mtp_draft(f):
+            raise ValueError(f"{self.path}: not an MTP draft GGUF (no blk.N.nextn.eh_proj.weight in its last block; "
+                             "write one with `flashlite quantize CHECKPOINT mtp-NAME.gguf --mtp` or llama.cpp's "
+                             "convert_hf_to_gguf.py --mtp)")
+        a = self.args = ModelArgs.from_gguf(f, with_mtp=True)
+        m = main.args
+        differ = [k for k in _SHAPE_KEYS if getattr(a, k) != getattr(m, k)]
+        if differ or a.n_layers - a.n_mtp_layers != m.n_layers:
+            what = ", ".join(f"{k} {getattr(a, k)} vs {getattr(m, k)}" for k in differ) or \
+                f"{a.n_layers - a.n_mtp_layers} trunk layers vs {m.n_layers}"
+            raise ValueError(f"{self.path}: an MTP draft of another model than {main.file.path} ({what})")
+        self.layer = n = a.n_layers - a.n_mtp_layers
+        if a.compress_ratios[n] != 0:
+            raise ValueError(f"{self.path}: the MTP block has compress ratio {a.compress_ratios[n]}; V4's is 0")
+        if n < a.n_hash_layers:
+            raise ValueError(f"{self.path}: a hash-routed MTP block is not supported (llama.cpp's neither)")
+        d = a.dim
+        spec = {f"blk.{n}." + k: use for k, use in v4.layer_tensors(a, n).items()}
+        w = {name[len(f"blk.{n}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
+        self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)
+        self.eh_proj = f.load(f"blk.{n}.nextn.eh_proj.weight", (2 * d, d), MATMUL)
+        self.enorm = f.load(f"blk.{n}.nextn.enorm.weight", (d,), WHOLE)
+        self.hnorm = f.load(f"blk.{n}.nextn.hnorm.weight", (d,), WHOLE)
+        norm = f"blk.{n}.nextn.shared_head_norm.weight"
+        self.norm = f.load(norm, (d,), WHOLE) if norm in f.tensors else main.net.norm
+        hc = a.hc_mult
+        self.hc_head = HyperHead(a, f.load("output_hc_fn.weight", (hc * d, hc), MATMUL),
+                                 f.load("output_hc_base.weight", (hc,), WHOLE),
+                                 f.load("output_hc_scale.weight", (1,), WHOLE))
+        self.main = main.net
+
+    def make_cache(self, kv_format: str = "f32") -> LayerCache:
+        a = self.args
+        return LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format)
+
+    def __call__(self, h: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, cache: LayerCache,
+                 logits: str = "last") -> tuple[np.ndarray, np.ndarray]:
+        """(logits, hm): the block over T positions, h [T, hc, dim] the streams at positions and token_ids [T]
+        the tokens after them. logits [T, vocab] ("all"), [1, vocab] ("last") or none ("none"); hm [T, hc, dim]
+        the block's output streams (the h of the next draft step)."""
+        a = self.args
+        t, hc, d = h.shape
+        token_ids = np.asarray(token_ids, np.int64)
+        e = rms_norm(self.main.embed_tokens(token_ids), self.enorm, a.norm_eps)
+        x = np.concatenate([np.broadcast_to(e[:, None, :], (t, hc, d)), rms_norm(h, self.hnorm, a.norm_eps)],
+                           axis=2)
+        hm = linear(self.eh_proj, np.ascontiguousarray(x.reshape(t * hc, 2 * d))).reshape(t, hc, d)
+        hm = self.block(hm, positions, token_ids, cache)
+        if logits == "none":
+            return np.empty((0, a.vocab_size), np.float32), hm
+        y = hm[-1:] if logits == "last" else hm
+        return linear(self.main.head, rms_norm(self.hc_head(y), self.norm, a.norm_eps)), hm
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,476 @@
+"""Speculative decoding: a drafter proposes the next tokens, the model verifies them in one forward pass.
+
+A round takes the token y just decided (not yet fed), drafts d_1..d_k, and runs [y, d_1..d_k] through the model
+as one batch: row j of the logits is the model's prediction after d_j (row 0 after y). The longest prefix the
+model agrees with is accepted, the first disagreement (or, when every draft passes, row k) gives one more token,
+and the KV cache rolls back past the rejected drafts (in place: ModelCache.rollback). So a round yields 1..k+1
+tokens for one pass over the weights, whose dense part it reads once for all of them.
+
+Output is unchanged:
+- greedy: a draft is accepted when it is the token plain decoding picks from the same row; rows of a batch are
+  bitwise those of feeding the tokens one by one, because a batch below the core's prefill threshold
+  (FL_PREFILL_MIN_TOKENS = 16) takes the decode path, which quantizes each token's activations and computes each
+  token's dots on their own (and the attention, routing and norms are per token too). Drafts are capped at
+  MAX_DRAFT = 14 so that y and the drafts stay below 16 tokens.
+- sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d from q is accepted with
+  probability min(1, p(d) / q(d)) where p is the sampler's distribution (temperature, top-k/p, min-p, repetition
+  penalty applied); on rejection the token is drawn from norm(max(0, p - q)). Deterministic drafters (n-gram, MTP
+  argmax) have a one-hot q: accept with probability p(d), else draw from p with d removed.
+
+Drafters: NgramDrafter (prompt lookup over the prompt and the output so far) and MTPDrafter (V4's MTP block,
+flashlite.mtp). DraftControl sizes each round's draft from the measured acceptance rate and the measured cost of
+verifying k drafts and of drafting them, and turns drafting off (probing again now and then) when no length beats
+plain decoding.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SPEC_TYPES = ("none", "ngram", "mtp", "dspark")
+# llama.cpp's --spec-type names (common/speculative.cpp) for the same drafters
+ALIASES = {"draft-mtp": "mtp", "draft-dspark": "dspark", "ngram-simple": "ngram", "ngram-map-k": "ngram",
+           "ngram-map-k4v": "ngram", "ngram-mod": "ngram", "ngram-cache": "ngram"}
+PREFILL_MIN_TOKENS = 16  # the C core's FL_PREFILL_MIN_TOKENS: batches this large take the f32 prefill path
+PRIOR_SLOPE = 0.25  # a verified token's cost, as a share of one token's pass, before two batch sizes are measured
+MIN_SLOPE = 0.1  # the least share assumed, whatever the (noisy) measurements say
+MAX_DRAFT = PREFILL_MIN_TOKENS - 2
+DEFAULT_N_MAX = 4
+
+
+def parse_spec_type(value: str | None) -> str:
+    """'none', 'ngram', 'mtp' or 'dspark' from flashlite's or llama.cpp's name (None: 'none')."""
+    if value is None:
+        return "none"
+    if not isinstance(value, str):
+        raise ValueError(f"spec_type: expected one of {', '.join(SPEC_TYPES)}, got {value!r}")
+    name = ALIASES.get(value.strip().lower(), value.strip().lower())
+    if name not in SPEC_TYPES:
+        raise ValueError(f"spec_type: expected one of {', '.join(SPEC_TYPES)} (or llama.cpp's "
+                         f"{', '.join(sorted(ALIASES))}), got {value!r}")
+    return name
+
+
+def check_n_max(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_DRAFT:
+        raise ValueError(f"spec_draft_n_max: expected an integer in 1..{MAX_DRAFT} (a verified batch stays below "
+                         f"the core's prefill threshold of {PREFILL_MIN_TOKENS} tokens), got {value!r}")
+    return int(value)
+
+
+@dataclass
+class SpecOptions:
+    """How to speculate: `type` one of SPEC_TYPES, at most `n_max` drafts a round, `draft` the draft GGUF
+    (-md: an MTP draft for 'mtp'), `adaptive` lets DraftControl shorten drafts or turn them off."""
+
+    type: str = "none"
+    n_max: int = DEFAULT_N_MAX
+    draft: str | None = None
+    adaptive: bool = True
+
+    def __post_init__(self):
+        self.type = parse_spec_type(self.type)
+        self.n_max = check_n_max(self.n_max)
+
+
+# ---------------------------------------------------------------------------------------------------
+# drafters
+# ---------------------------------------------------------------------------------------------------
+
+class NgramDrafter:
+    """Prompt lookup: the longest n-gram (n_max..n_min tokens) that ends the sequence and occurred before in it
+    (prompt and output), most recent occurrence first; the draft is what followed that occurrence. Free to run,
+    strong where the output repeats its input (code edits, quotes, lists)."""
+
+    needs_hidden = False
+    cost = None
+
+    def __init__(self, n_min: int = 1, n_max: int = 4):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max, got {n_min}, {n_max}")
+        self.n_min, self.n_max = n_min, n_max
+        self._index: list[dict] = [{} for _ in range(n_max + 1)]
+        self._seen: list[int] = []  # the sequence indexed so far
+
+    def _sync(self, tokens: Sequence[int]) -> None:
+        seen = self._seen
+        # not a continuation of what is indexed (a generation's history only grows: its last indexed token tells)
+        if len(tokens) < len(seen) or (seen and (tokens[len(seen) - 1] != seen[-1] or tokens[0] != seen[0])):
+            self._index = [{} for _ in range(self.n_max + 1)]
+            seen = self._seen = []
+        start = len(seen)
+        seen.extend(int(t) for t in tokens[start:])
+        # n-grams ending at j - 1 (seen[j - n:j]) map to j, the token that followed: j < len(seen) only, so the
+        # n-gram that ends the sequence never matches itself
+        for j in range(max(start, 1), len(seen)):
+            for n in range(self.n_min, min(self.n_max, j) + 1):
+                self._index[n][tuple(seen[j - n:j])] = j
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to k drafts for what follows `tokens` (every token so far, the one just decided last)."""
+        if k <= 0:
+            return []
+        self._sync(tokens)
+        seen = self._seen
+        for n in range(min(self.n_max, len(seen)), self.n_min - 1, -1):
+            j = self._index[n].get(tuple(seen[len(seen) - n:]))
+            if j is not None:
+                return seen[j:j + k]
+        return []
+
+    def observe(self, hidden, start: int) -> None:
+        """Nothing: an n-gram drafter reads only the tokens."""
+
+
+class MTPState:
+    """The MTP block's decode state for one sequence (kept on the model's ModelCache, so a conversation's next
+    turn keeps it): its window of KV rows, one per position it ran over (`row_main[r]` the main position of row
+    r), and the main model's last streams of positions it has not run over yet (`hidden`)."""
+
+    def __init__(self, head, kv_format: str):
+        self.head = head
+        self.layer = head.make_cache(kv_format)
+        self.row_main: list[int] = []
+        self.hidden: dict[int, np.ndarray] = {}
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_main)
+
+    def clear(self) -> None:
+        self.layer.clear()
+        self.row_main = []
+        self.hidden = {}
+
+    def sync(self, pos: int) -> None:
+        """The main cache holds pos tokens: forget rows whose pair token is not among them (row i needs x_{i+1})
+        and streams of positions it does not hold."""
+        self.hidden = {i: h for i, h in self.hidden.items() if i < pos}
+        keep = int(np.searchsorted(np.asarray(self.row_main, np.int64), pos - 1))  # rows at main positions <= pos - 2
+        if keep < self.rows:
+            self.truncate(keep)
+
+    def truncate(self, rows: int) -> None:
+        if rows == 0 or self.layer.kv.start > max(0, rows - self.layer.window + 1):
+            self.clear()
+            return
+        self.layer.truncate(rows)
+        del self.row_main[rows:]
+
+    def observe(self, hidden: np.ndarray, start: int) -> None:
+        """The main model's streams [T, hc, dim] of positions start..start+T-1 (only the last window's matter)."""
+        window = self.layer.window
+        first = max(0, hidden.shape[0] - window)
+        for i in range(first, hidden.shape[0]):
+            self.hidden[start + i] = hidden[i]
+        if len(self.hidden) > 2 * window:
+            for i in sorted(self.hidden)[:-window]:
+                del self.hidden[i]
+
+
+class MTPDrafter:
+    """Drafts with V4's MTP block (flashlite.mtp.MTPHead): one block run per draft, chained on its own streams."""
+
+    needs_hidden = True
+    cost = None  # seconds the last propose() spent drafting (DraftControl's measure)
+
+    def __init__(self, head, cache, lock):
+        self.head, self.lock = head, lock
+        states = getattr(cache, "draft_states", None)
+        if states is None:
+            states = cache.draft_states = {}
+        state = states.get(id(head))
+        if state is None or state.head is not head:
+            state = states[id(head)] = MTPState(head, cache.kv_format)
+        self.state = state
+        state.sync(cache.pos)
+
+    def observe(self, hidden: np.ndarray, start: int) -> None:
+        self.state.observe(hidden, start)
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to k drafts after `tokens` (y, the token just decided, last: main position len(tokens) - 1): the
+        rows of every position up to len(tokens) - 2 not run yet, in one batch (their pair tokens are known),
+        whose last gives draft 1; then k - 1 single steps on the block's own streams, rolled back afterwards."""
+        s = self.state
+        last = len(tokens) - 2  # the row that pairs h_last with y predicts the token after y
+        if k <= 0 or last not in s.hidden:
+            return []
+        done = s.row_main[-1] if s.row_main else -1
+        todo = sorted(i for i in s.hidden if done < i <= last)
+        h = np.stack([s.hidden[i] for i in todo])
+        ids = np.array([tokens[i + 1] for i in todo], np.int64)
+        drafts = []
+        with self.lock:
+            t0 = time.perf_counter()
+            positions = np.arange(s.rows, s.rows + len(todo))
+            logits, hm = self.head(h, ids, positions, s.layer, logits="last")
+            first = time.perf_counter() - t0
+            s.row_main.extend(todo)
+            for i in [i for i in s.hidden if i <= last]:
+                del s.hidden[i]
+            valid = s.rows
+            self.trim()
+            t0 = time.perf_counter()
+            for step in range(k):
+                d = int(np.argmax(logits[-1]))
+                drafts.append(d)
+                if step + 1 == k:
+                    break
+                pos = valid + step
+                logits, hm = self.head(hm[-1:], np.array([d]), np.arange(pos, pos + 1), s.layer, logits="last")
+            s.layer.truncate(valid)
+            # what drafting costs: the steps, and the first call as a round's catch-up makes it (a long catch-up
+            # after rounds without drafts, or the prompt's, counts as one row)
+            self.cost = time.perf_counter() - t0 + (first / len(todo) if len(todo) > k + 1 else first)
+        return drafts
+
+    def trim(self) -> None:
+        """Drop the rows no rollback of a round reaches (the window plus slack stays)."""
+        s = self.state
+        s.layer.trim(max(0, s.rows - 2 * PREFILL_MIN_TOKENS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# how long to draft
+# ---------------------------------------------------------------------------------------------------
+
+class DraftControl:
+    """Chooses each round's draft length k in 0..n_max by the expected tokens per second:
+
+        tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
+        seconds(k) = verify(k + 1 tokens) + k * draft(one token)
+
+    where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
+    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2),
+    and the seconds are medians of the last rounds' measurements (DraftControl.seconds). Before anything is
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
+    estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
+    token. adaptive=False always asks for n_max."""
+
+    DECAY = 0.9
+    KEEP = 9  # measurements per batch size the medians take
+
+    def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
+        self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
+        self.hits = [0.0] * (n_max + 1)
+        self.trials = [0.0] * (n_max + 1)
+        self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
+        self.med: dict[int, float] = {}  # their medians
+        self.draft: list[float] = []  # recent seconds per drafted token
+        self.draft_med = 0.0
+        self.choice = None  # the last choice, kept until a measurement changes
+        self.plain_rounds = 0
+        self.rounds = 0
+
+    def rates(self) -> list[float]:
+        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
+        a = [0.0] * (self.n_max + 1)
+        prev, weight = 0.5, 2.0
+        for j in range(1, self.n_max + 1):
+            a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
+            weight = 1.0
+        return a
+
+    @property
+    def acceptance(self) -> float:
+        return sum(self.hits[1:]) / sum(self.trials[1:]) if sum(self.trials[1:]) else 0.5
+
+    def seconds(self, m: int) -> float:
+        """Estimated seconds of verifying a batch of m tokens: the median of the last measurements of m, else
+        linear in m through the sizes measured (a quarter of a pass per token before two sizes are); never
+        below one token's pass plus MIN_SLOPE of it per further token, so that noise on a loaded machine does not
+        make drafted tokens look free."""
+        med = self.med
+        known = sorted(med)
+        if not known:
+            t1, slope = 1.0, PRIOR_SLOPE  # nothing measured: in units of one pass
+        elif len(known) == 1:
+            t1 = med[known[0]] / (1 + PRIOR_SLOPE * (known[0] - 1))
+            slope = PRIOR_SLOPE * t1
+        else:
+            lo, hi = known[0], known[-1]
+            slope = (med[hi] - med[lo]) / (hi - lo)
+            t1 = med[1] if 1 in med else max(med[lo] - slope * (lo - 1), 1e-9)
+        slope = max(slope, MIN_SLOPE * t1)
+        if m == 1 and 1 in med:
+            return med[1]
+        if m in med:
+            return max(med[m], t1 + MIN_SLOPE * t1 * (m - 1))
+        near = min(known, key=lambda x: abs(x - m)) if known else 1
+        guess = (med[near] + slope * (m - near)) if known else t1 + slope * (m - 1)
+        return max(guess, t1 + MIN_SLOPE * t1 * (m - 1))
+
+    def next_k(self) -> int:
+        if not self.adaptive:
+            return self.n_max
+        self.rounds += 1
+        if self.rounds % self.measure_plain == 2:
+            return 0  # a plain round now and then measures what drafting has to beat
+        if self.choice is None:
+            t1 = self.seconds(1)
+            a = self.rates()
+            best_k, best = 0, 1.0 / t1
+            tokens, reach = 1.0, 1.0
+            for k in range(1, self.n_max + 1):
+                reach *= a[k]
+                tokens += reach
+                rate = tokens / (self.seconds(k + 1) + k * self.draft_med)
+                if rate > best:
+                    best_k, best = k, rate
+            self.choice = best_k
+        best_k = self.choice
+        if best_k == 0:
+            self.plain_rounds += 1
+            if self.plain_rounds % self.probe == 0:
+                return 1
+        return best_k
+
+    def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+        times = self.verify.setdefault(drafted + 1, [])
+        times.append(verify_seconds)
+        del times[:-self.KEEP]
+        self.med[drafted + 1] = _median(times)
+        self.choice = None
+        if drafted:
+            tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
+            for j in range(1, self.n_max + 1):
+                self.hits[j] = self.DECAY * self.hits[j] + (j <= accepted)
+                self.trials[j] = self.DECAY * self.trials[j] + (j <= tried)
+            self.draft.append(draft_seconds / drafted)
+            del self.draft[:-self.KEEP]
+            self.draft_med = _median(self.draft)
+
+
+# ---------------------------------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------------------------------
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def _draw(p: np.ndarray, rng) -> int:
+    cdf = np.cumsum(p)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), p.size - 1))
+
+
+def accept(rows: np.ndarray, drafts: Sequence[int], history: list[int], sampler, q=None) -> list[int]:
+    """The tokens a round yields: the accepted drafts, then one token from the first rejecting row (or from the
+    last row when every draft passes). rows[j] are the logits after draft j (row 0 after the token before the
+    drafts); history (every token so far) is extended with them. sampler: None (greedy on the raw logits, as
+    Model.generate), or a flashlite Sampler (its greedy pick at temperature 0, else the speculative-sampling rule
+    over its distribution). q: the drafter's distribution per draft (None: one-hot at the draft)."""
+    out = []
+    for j, d in enumerate(drafts):
+        if sampler is None or sampler.temperature == 0:
+            t = int(np.argmax(rows[j])) if sampler is None else sampler(rows[j], history)
+            if t != d:
+                history.append(t)
+                out.append(t)
+                return out
+        else:
+            p = sampler.probs(rows[j], history)
+            qd = 1.0 if q is None or q[j] is None else float(q[j][d])
+            if sampler.rng.random() * qd >= p[d]:  # rejected: min(1, p/q) failed
+                residual = p.copy()
+                if q is None or q[j] is None:
+                    residual[d] = 0.0
+                else:
+                    residual = np.maximum(p - q[j], 0.0)
+                t = _draw(residual, sampler.rng) if residual.sum() > 0 else int(d)
+                history.append(t)
+                out.append(t)
+                return out
+        history.append(int(d))
+        out.append(int(d))
+    row = rows[len(drafts)]
+    t = int(np.argmax(row)) if sampler is None else sampler(row, history)
+    history.append(t)
+    out.append(t)
+    return out
+
+
+class WithoutHistory:
+    """A Sampler that ignores the history it is given (Model.generate calls its sampler on the row alone, so no
+    repetition penalty sees the sequence)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.temperature, self.rng = sampler.temperature, sampler.rng
+
+    def __call__(self, logits, history=()):
+        return self.sampler(logits)
+
+    def probs(self, logits, history=()):
+        return self.sampler.probs(logits)
+
+
+class Speculator:
+    """Speculative decoding of one sequence in `cache` (the model's forward passes take model.lock)."""
+
+    def __init__(self, model, cache, options: SpecOptions, sampler=None):
+        self.model, self.cache, self.options, self.sampler = model, cache, options, sampler
+        if options.type == "ngram":
+            self.drafter = NgramDrafter()
+        elif options.type == "mtp":
+            self.drafter = MTPDrafter(model.draft_head(options.draft), cache, model.lock)
+        else:
+            raise ValueError(f"spec_type {options.type!r}: no drafter")
+        self.control = DraftControl(options.n_max, options.adaptive)
+        self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
+
+    def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:
+        """Prefill `feed` (the prompt after what the cache holds), then yield tokens one at a time, as decoding
+        them one by one would (greedy: the same tokens). `history` (every token so far, the prompt included) is
+        extended as tokens are yielded. On close, the cache is left holding what plain decoding would: the prompt
+        and every yielded token but the last."""
+        model, cache, drafter = self.model, self.cache, self.drafter
+        hidden = [] if drafter.needs_hidden else None
+        with model.lock:
+            start = cache.pos
+            row = model.forward(feed, cache=cache, logits="last", hidden=hidden)[-1]
+        if hidden:
+            drafter.observe(hidden[0], start)
+        base = cache.pos
+        yielded = 0
+        try:
+            y = int(np.argmax(row)) if self.sampler is None else self.sampler(row, history)
+            history.append(y)
+            yielded += 1
+            yield y
+            while True:
+                k = min(self.control.next_k(), max(0, model.ctx - cache.pos - 1))
+                t0 = time.perf_counter()
+                drafts = drafter.propose(history, k)
+                t1 = time.perf_counter()
+                hidden = [] if drafter.needs_hidden else None
+                with model.lock:
+                    q_pos = cache.pos
+                    rows = model.forward([y] + drafts, cache=cache, logits="all" if drafts else "last",
+                                         hidden=hidden)
+                    t2 = time.perf_counter()
+                    out = accept(rows, drafts, history, self.sampler)
+                    a = len(out) - 1
+                    if a < len(drafts):
+                        model.truncate(q_pos + 1 + a, cache=cache)
+                    model.count_speculation(len(drafts), a)
+                    self.drafted += len(drafts)
+                    self.accepted += a
+                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost)
+                if hidden:
+                    drafter.observe(hidden[0][:a + 1], q_pos)
+                for t in out:
+                    yielded += 1
+                    yield t
+                y = out[-1]
+        finally:
+            plain = base + yielded - 1  # plain decoding holds every yielded token but the last
+            if yielded and cache.pos > plain:
+                with model.lock:
+                    model.truncate(plain, cache=cache)

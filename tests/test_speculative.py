@@ -1,0 +1,471 @@
+"""Speculative decoding (flashlite/speculative.py, flashlite/mtp.py, quantize --mtp): a verified batch computes
+what feeding its tokens one by one computes, so greedy output with any drafter and draft length is plain decoding's,
+token for token, on the oracle (tiny_v4) and the trained model (small_v4); sampled output keeps the model's
+distribution; the MTP draft file is llama.cpp's layout and its block is the trainer's MTPBlock."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from flashlite import speculative as sp
+from flashlite.cli import main
+from flashlite.gguf_model import GGUFFile
+from flashlite.model import load
+from flashlite.sampling import Sampler
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "tiny_v4"
+SMALL = ROOT / "tests" / "fixtures" / "small_v4"
+LENGTHS = (1, 2, 3, 4, 8, sp.MAX_DRAFT)
+
+
+def _quantize(src: Path, out: Path, *args: str) -> Path:
+    result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--quiet", *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """GGUFs of both fixtures, default recipe (MXFP4 experts, Q8_0 rest: 8-bit activations in decode) and f32,
+    with their MTP drafts."""
+    d = tmp_path_factory.mktemp("spec")
+    out = {}
+    for name, src in (("tiny", TINY), ("small", SMALL)):
+        out[name] = _quantize(src, d / f"{name}.gguf")
+        out[name + "-f32"] = _quantize(src, d / f"{name}-f32.gguf", "--type", "f32")
+        out["mtp-" + name] = _quantize(src, d / f"mtp-{name}.gguf", "--mtp")
+        out["mtp-" + name + "-f32"] = _quantize(src, d / f"mtp-{name}-f32.gguf", "--type", "f32", "--mtp")
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    loaded = {}
+
+    def get(name, **kw):
+        key = (name, tuple(sorted(kw.items())))
+        if key not in loaded:
+            loaded[key] = load(files[name], **kw)
+        return loaded[key]
+
+    return get
+
+
+# ------------------------------------------------------------------------- a batch is the tokens one by one
+
+@pytest.mark.parametrize("name,kv_format,start", [("tiny", "f32", 40), ("tiny-f32", "f32", 40), ("tiny", "fp8", 100),
+                                                  ("small", "f32", 120), ("small", "fp8", 60)])
+def test_batch_is_bitwise_the_tokens_one_by_one(models, name, kv_format, start):
+    """Every row of a batch of up to MAX_DRAFT + 1 tokens equals feeding them one at a time, bit for bit: across
+    sliding windows, compressed-row boundaries (ratio 4 and 128), crowded indexer queries, and in both cache
+    formats; with 8-bit activations (the Q8_0 / MXFP4 file) as with f32."""
+    m = models(name, kv_format=kv_format)
+    ids = np.random.default_rng(start).integers(3, m.vocab_size, start + 3 * (sp.MAX_DRAFT + 1)).tolist()
+    for s in range(start, start + 3 * (sp.MAX_DRAFT + 1), sp.MAX_DRAFT + 1):
+        a, b = m.new_cache(), m.new_cache()
+        m.forward(ids[:s], cache=a, logits="none")
+        m.forward(ids[:s], cache=b, logits="none")
+        batch = m.forward(ids[s:s + sp.MAX_DRAFT + 1], cache=a)
+        single = np.concatenate([m.forward([t], cache=b) for t in ids[s:s + sp.MAX_DRAFT + 1]])
+        assert np.array_equal(batch, single), (s, np.abs(batch - single).max())
+
+
+def test_a_prefill_sized_batch_is_not(models):
+    """Why drafts stop at MAX_DRAFT: 16 tokens take the core's prefill path (f32 activations), whose rows differ
+    from decode's 8-bit-activation rows on a quantized model."""
+    m = models("small")
+    ids = np.random.default_rng(3).integers(3, m.vocab_size, 60).tolist()
+    a, b = m.new_cache(), m.new_cache()
+    m.forward(ids[:40], cache=a, logits="none")
+    m.forward(ids[:40], cache=b, logits="none")
+    batch = m.forward(ids[40:40 + sp.PREFILL_MIN_TOKENS], cache=a)
+    single = np.concatenate([m.forward([t], cache=b) for t in ids[40:40 + sp.PREFILL_MIN_TOKENS]])
+    assert not np.array_equal(batch, single)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_rolling_back_rejected_drafts_is_exact(models, name):
+    """Feed a batch, roll back past part of it, go on: the logits are those of never having fed the rest."""
+    m = models(name)
+    ids = np.random.default_rng(5).integers(3, m.vocab_size, 200).tolist()
+    a, b = m.new_cache(), m.new_cache()
+    m.forward(ids[:120], cache=a, logits="none")
+    m.forward(ids[:120], cache=b, logits="none")
+    pos = 120
+    rng = np.random.default_rng(6)
+    for k, keep in ((8, 3), (14, 0), (5, 5), (9, 1)):
+        batch = [ids[pos]] + rng.integers(3, m.vocab_size, k).tolist()
+        m.forward(batch, cache=a)
+        m.truncate(pos + 1 + keep, cache=a)
+        for t in batch[:1 + keep]:
+            m.forward([t], cache=b)
+        pos += 1 + keep
+        assert a.pos == b.pos == pos
+        assert np.array_equal(a.token_ids, b.token_ids)
+        assert np.array_equal(m.forward([ids[pos]], cache=a), m.forward([ids[pos]], cache=b))
+        pos += 1
+
+
+# ------------------------------------------------------------------------- greedy identity, each drafter and length
+
+def _prompt(m, n=24, repeat=16, seed=11):
+    ids = np.random.default_rng(seed).integers(3, m.vocab_size, n).tolist()
+    return ids + ids[:repeat]  # a repeated span gives the n-gram drafter something to find
+
+
+@pytest.mark.parametrize("kind", ["ngram", "mtp"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-f32", "small", "small-f32"])
+def test_greedy_generate_is_plain_decoding(models, files, name, kind):
+    m = models(name)
+    draft = str(files["mtp-" + name]) if kind == "mtp" else None
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 40))
+    for n in LENGTHS:
+        m.reset_stats()
+        spec = list(m.generate(prompt, 40, spec_type=sp.SpecOptions(kind, n, draft, adaptive=False)))
+        assert spec == plain, (kind, n)
+        st = m.stats()
+        assert st["spec_rounds"] > 0 and st["drafted_tokens"] >= st["accepted_tokens"]
+
+
+def test_the_trained_mtp_block_drafts_what_the_model_says(models, files):
+    """On the trained model the MTP block's first draft is mostly right, and the n-gram drafter finds the
+    prompt's repeats: both save forward passes, with the answer unchanged."""
+    m = models("small")
+    messages = [{"role": "user", "content": "Hello! Who are you?"}]
+    plain = m.chat(messages, stream=False, max_tokens=48, temperature=0)
+    for options in (sp.SpecOptions("mtp", 1, str(files["mtp-small"]), adaptive=False),
+                    sp.SpecOptions("mtp", 3, str(files["mtp-small"]), adaptive=False)):
+        m.reset_stats()
+        out = m.chat(messages, stream=False, max_tokens=48, temperature=0, spec_type=options)
+        assert out[-1].token_ids == plain[-1].token_ids
+        st = m.stats()
+        assert st["accepted_tokens"] >= 0.5 * st["spec_rounds"], st
+        assert st["spec_rounds"] < len(plain[-1].token_ids) * 0.75, st
+    # asked again, the model says again what it said: prompt lookup drafts nearly all of it
+    q = [{"role": "user", "content": "What does os.path.join do?"}]
+    said = "".join(p.text for p in m.chat(q, stream=False, max_tokens=80, temperature=0) if p.kind == "content")
+    again = q + [{"role": "assistant", "content": said}, {"role": "user", "content": q[0]["content"]}]
+    plain = m.chat(again, stream=False, max_tokens=80, temperature=0)
+    m.reset_stats()
+    out = m.chat(again, stream=False, max_tokens=80, temperature=0, spec_type=sp.SpecOptions("ngram", 8, adaptive=False))
+    assert out[-1].token_ids == plain[-1].token_ids
+    st = m.stats()
+    assert st["accepted_tokens"] > 0.8 * len(plain[-1].token_ids) and st["spec_rounds"] < 16, st
+
+
+def test_chat_with_speculation_answers_and_caches_as_without(models, files):
+    """Stops (EOS, stop strings, max_tokens), finish reasons, pieces, and the conversation's cache afterwards are
+    plain decoding's; a second turn reuses the cache either way."""
+    m = models("small")
+    draft = str(files["mtp-small"])
+    q1 = [{"role": "user", "content": "What does the os module do?"}]
+    for kw in (dict(max_tokens=30), dict(max_tokens=200), dict(max_tokens=200, stop=["module"])):
+        caches = []
+        answers = []
+        for spec in (None, "mtp", "ngram"):
+            cache = m.new_cache()
+            extra = {} if spec is None else dict(spec_type=spec, spec_draft_n_max=4,
+                                                  model_draft=draft if spec == "mtp" else None)
+            first = m.chat(q1, stream=False, temperature=0, cache=cache, **kw, **extra)
+            text = "".join(p.text for p in first if p.kind == "content")
+            q2 = q1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "And the sys module?"}]
+            second = m.chat(q2, stream=False, temperature=0, cache=cache, max_tokens=20, **extra)
+            answers.append([(p.kind, p.text, p.finish_reason, p.token_ids, p.cached_tokens) for p in first + second])
+            caches.append((cache.pos, cache.token_ids.tolist()))
+        assert answers[1] == answers[0] and answers[2] == answers[0], kw
+        assert caches[1] == caches[0] and caches[2] == caches[0], kw
+    m.reset_stats()
+    done = m.chat(q1, stream=False, temperature=0, max_tokens=40, spec_type="mtp", model_draft=draft)[-1]
+    assert done.drafted_tokens == m.stats()["drafted_tokens"] > 0
+    assert done.accepted_tokens == m.stats()["accepted_tokens"]
+
+
+def test_cancel_and_context_end_as_without(models, files):
+    import threading
+
+    m = models("small")
+    q = [{"role": "user", "content": "Hello! Who are you?"}]
+    cancel = threading.Event()
+    cancel.set()
+    done = m.chat(q, stream=False, cancel=cancel, spec_type="ngram")[-1]
+    assert done.finish_reason == "cancelled" and done.completion_tokens == 0
+    small = load(files["small"], ctx=40)
+    plain = small.chat(q, stream=False, temperature=0)[-1]
+    spec = small.chat(q, stream=False, temperature=0, spec_type="mtp", model_draft=files["mtp-small"])[-1]
+    assert plain.finish_reason == spec.finish_reason == "length" and plain.token_ids == spec.token_ids
+
+
+def test_create_chat_completion_and_defaults_from_load(files):
+    m = load(files["small"], spec_type="mtp", spec_draft_n_max=3, model_draft=files["mtp-small"])
+    messages = [{"role": "user", "content": "Hello! Who are you?"}]
+    with_spec = m.create_chat_completion(messages, max_tokens=24, temperature=0)
+    assert m.stats()["drafted_tokens"] > 0
+    m.reset_stats()
+    plain = m.create_chat_completion(messages, max_tokens=24, temperature=0, spec_type="none")
+    assert m.stats()["drafted_tokens"] == 0
+    assert with_spec["choices"] == plain["choices"] and with_spec["usage"] == plain["usage"]
+
+
+def test_options_are_checked(models, files):
+    m = models("small")
+    with pytest.raises(ValueError, match="spec_type"):
+        list(m.generate([5, 6], 2, spec_type="eagle"))
+    with pytest.raises(ValueError, match="spec_draft_n_max"):
+        list(m.generate([5, 6], 2, spec_type="ngram", spec_draft_n_max=sp.MAX_DRAFT + 1))
+    with pytest.raises(ValueError, match="MTP draft"):
+        list(m.generate([5, 6], 2, spec_type="mtp"))
+    with pytest.raises(ValueError, match="not an MTP draft"):
+        list(m.generate([5, 6], 2, spec_type="mtp", model_draft=files["small"]))
+    with pytest.raises(ValueError, match="another model"):
+        list(m.generate([5, 6], 2, spec_type="mtp", model_draft=files["mtp-tiny"]))
+    with pytest.raises(ValueError, match="dspark"):
+        list(m.generate([5, 6], 2, spec_type="draft-dspark"))
+    with pytest.raises(ValueError, match="sampler"):
+        list(m.generate([5, 6], 2, sampler=lambda row: 0, spec_type="ngram"))
+    assert sp.parse_spec_type("draft-mtp") == "mtp" and sp.parse_spec_type("ngram-simple") == "ngram"
+    # a draft file without a type is an MTP draft, as llama.cpp reads -md alone
+    assert m.spec_options(model_draft=files["mtp-small"]).type == "mtp"
+
+
+# ------------------------------------------------------------------------- sampling keeps the distribution
+
+def _chi2(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic over the cells expecting >= 5 (the rest pooled) and its degrees of freedom."""
+    n = counts.sum()
+    expect = probs * n
+    big = expect >= 5
+    c = np.append(counts[big], counts[~big].sum())
+    e = np.append(expect[big], expect[~big].sum())
+    keep = e > 0
+    return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum() - 1)
+
+
+def _chi2_limit(df: int, z: float = 4.0) -> float:
+    """The chi-square quantile at a normal z (Wilson-Hilferty): z = 4 is a one-sided p of 3e-5."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _wrong_accept(rows, drafts, history, sampler, q=None):
+    """A plausible mistake: on rejection, draw from p itself instead of the residual max(0, p - q)."""
+    out = []
+    for j, d in enumerate(drafts):
+        p = sampler.probs(rows[j], history)
+        if sampler.rng.random() >= p[d]:
+            t = int(np.searchsorted(np.cumsum(p), sampler.rng.random() * p.sum(), side="right"))
+            return out + [t]
+        out.append(d)
+    return out + [sampler(rows[len(drafts)], history)]
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["one-hot draft", "sampled draft"])
+def test_acceptance_rule_keeps_the_distribution(stochastic):
+    """Over 40000 rounds with a fixed seed, the first token a round yields follows p(row 0), and the second
+    (given the first draft passed) p(row 1); the same test on a wrong rule fails."""
+    rng = np.random.default_rng(0)
+    v = 8
+    rows = rng.normal(0, 1.5, (3, v)).astype(np.float32)
+    q = [None, None]
+    draw = np.random.default_rng(1)
+
+    def run(rule, n):
+        s = Sampler(temperature=0.9, top_k=6, seed=2)
+        first, second = np.zeros(v, int), np.zeros(v, int)
+        for _ in range(n):
+            if stochastic:
+                q[0] = draw.dirichlet(np.ones(v))
+                q[1] = draw.dirichlet(np.ones(v))
+                drafts = [int(draw.choice(v, p=q[0])), int(draw.choice(v, p=q[1]))]
+                out = rule(rows, drafts, [], s, q)
+            else:
+                drafts = [2, 5]
+                out = rule(rows, drafts, [], s)
+            first[out[0]] += 1
+            if out[0] == drafts[0] and len(out) > 1:
+                second[out[1]] += 1
+        p0, p1 = s.probs(rows[0]), s.probs(rows[1])
+        return _chi2(first, p0), _chi2(second, p1)
+
+    for (stat, df) in run(sp.accept, 40000):
+        assert stat < _chi2_limit(df), (stat, df)
+    if not stochastic:
+        (stat, df), _ = run(_wrong_accept, 40000)
+        assert stat > _chi2_limit(df), "the test cannot tell a wrong rule"
+
+
+def test_sampled_generation_keeps_the_distribution(models, files):
+    """End to end on the trained model with its MTP drafts: the second generated token (the first one a verified
+    batch decides) follows sum_t1 p(t1) p(t2 | t1), computed from the model's own rows (a high temperature over the
+    top 4 spreads it over 14 tokens, so that drafts are rejected about half the time)."""
+    from flashlite.chat import prompt_ids
+
+    m = models("small")
+    prompt = prompt_ids(m, [{"role": "user", "content": "Hello! Who are you?"}])
+    kw = dict(temperature=8.0, top_k=4)
+    p1 = Sampler(**kw).probs(m.logits(prompt)[-1])
+    exact = np.zeros(m.vocab_size)
+    for t1 in np.flatnonzero(p1):
+        exact += p1[t1] * Sampler(**kw).probs(m.logits(prompt + [int(t1)])[-1])
+    options = sp.SpecOptions("mtp", 2, str(files["mtp-small"]), adaptive=False)
+    counts = np.zeros(m.vocab_size, int)
+    m.reset_stats()
+    for seed in range(400):
+        out = list(m.generate(prompt, 2, sampler=Sampler(seed=seed, **kw), spec_type=options))
+        counts[out[1]] += 1
+    st = m.stats()
+    assert 0.2 * st["drafted_tokens"] < st["accepted_tokens"] < 0.8 * st["drafted_tokens"], st
+    stat, df = _chi2(counts, exact)
+    assert df >= 8 and stat < _chi2_limit(df, 3.5), (stat, df)
+
+
+# ------------------------------------------------------------------------- drafters and the draft-length control
+
+def test_ngram_drafter_finds_the_longest_latest_match():
+    d = sp.NgramDrafter(n_min=2, n_max=3)
+    seq = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 2, 3]
+    assert d.propose(seq, 3) == [5, 7, 2]  # "2 3" last seen before 5 (the 3-gram "7 2 3" never)
+    assert d.propose(seq + [5], 2) == [7, 2]  # incremental: "2 3 5" -> 7
+    assert d.propose([8, 8, 9], 4) == []  # a new sequence is indexed afresh; "8 9" never occurred before
+    assert d.propose([1, 2, 1, 2], 5) == [1, 2]  # what followed, up to the end of the sequence
+
+
+def test_draft_control_turns_down_and_off():
+    c = sp.DraftControl(n_max=6)
+    assert c.next_k() == 1  # nothing measured: one draft, more as drafts pass
+    for _ in range(40):  # drafts never pass, and each drafted token costs a quarter of a pass
+        c.record(2, 0, 1.0 + 0.25 * 2, 0.01)
+        c.record(0, 0, 1.0, 0.0)
+    assert c.next_k() == 0
+    assert 1 in [c.next_k() for _ in range(c.probe)]  # a probe now and then
+    c = sp.DraftControl(n_max=6)
+    for _ in range(40):  # drafts pass 90%: long drafts pay
+        c.record(4, 4 if np.random.default_rng(_).random() < 0.7 else 2, 1.0 + 0.25 * 4, 0.01)
+        c.record(0, 0, 1.0, 0.0)
+    assert c.next_k() >= 3
+    c = sp.DraftControl(n_max=6)
+    for _ in range(40):  # drafts pass half the time but a verified token costs as much as a pass: off
+        c.record(3, 1, 4.0, 0.0)
+        c.record(0, 0, 1.0, 0.0)
+    assert c.next_k() == 0
+
+
+# ------------------------------------------------------------------------- the MTP draft file and block
+
+def test_mtp_draft_file_is_llamacpp_layout(files):
+    f = GGUFFile(files["mtp-small"])
+    n = 6
+    assert f.get("deepseek4.block_count") == n + 1 and f.get("deepseek4.nextn_predict_layers") == 1
+    assert len(f.get("deepseek4.attention.compress_ratios")) >= n + 1
+    names = set(f.tensors)
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "output_hc_fn.weight",
+            f"blk.{n}.nextn.eh_proj.weight", f"blk.{n}.nextn.enorm.weight", f"blk.{n}.nextn.hnorm.weight",
+            f"blk.{n}.nextn.shared_head_norm.weight", f"blk.{n}.attn_q_a.weight", f"blk.{n}.exp_probs_b.bias",
+            f"blk.{n}.ffn_gate_exps.weight"} <= names
+    assert not any(t.startswith(("blk.0.", "blk.5.")) for t in names)  # no trunk block
+    assert f.tensors[f"blk.{n}.nextn.eh_proj.weight"].ne == (512, 256)  # [e_proj | h_proj]: 2 * dim in
+    assert f.tensors[f"blk.{n}.nextn.eh_proj.weight"].type_name == "Q8_0"
+    # the model file itself is unchanged: no MTP tensor
+    assert not any("nextn" in t or t.startswith("blk.6.") for t in GGUFFile(files["small"]).tensors)
+
+
+@pytest.mark.skipif(not os.environ.get("FLASHLITE_LLAMACPP_PYTHON"),
+                    reason="FLASHLITE_LLAMACPP_PYTHON (a llama-cpp-python venv) is not set")
+def test_llamacpp_loads_the_mtp_draft(files):
+    script = ("import sys, llama_cpp\nllama_cpp.llama_backend_init()\n"
+              "for mtp in (False, True):\n"
+              "    mp = llama_cpp.llama_model_default_params(); mp.use_extra_bufts = False; mp.load_mtp = mtp\n"
+              "    m = llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), mp)\n"
+              "    assert m, 'llama.cpp cannot load it'\n"
+              "    print(llama_cpp.llama_model_n_layer(m)); llama_cpp.llama_model_free(m)\n")
+    for name in ("mtp-small", "mtp-tiny", "small"):
+        result = subprocess.run([os.environ["FLASHLITE_LLAMACPP_PYTHON"], "-c", script, str(files[name])],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == ["6", "6"]
+
+
+def _release_values(folder: Path) -> dict:
+    """The release checkpoint's tensors as float32 (int64 for tid2eid), FP8 and FP4 decoded."""
+    from quant import fp8
+    from quant.safetensors_source import Checkpoint
+
+    ck = Checkpoint(folder)
+    out = {}
+    for name in ck.tensors:
+        if name.endswith(".scale"):
+            continue
+        t = ck[name]
+        a = t.array()
+        scale = name[:-len(".weight")] + ".scale"
+        if t.dtype == "F8_E4M3":
+            out[name] = fp8.dequant_fp8(a, ck[scale].array())
+        elif t.dtype in ("I8", "U8"):
+            out[name] = fp8.dequant_fp4(a, ck[scale].array())
+        elif t.dtype == "BF16":
+            out[name] = fp8.bf16_to_f32(a)
+        else:
+            out[name] = a.astype(np.int64 if t.dtype == "I64" else np.float32)
+    ck.close()
+    return out
+
+
+@pytest.mark.parametrize("fixture,name", [(SMALL, "small"), (TINY, "tiny")])
+def test_mtp_block_is_the_trainers_mtp_block(models, files, fixture, name):
+    """flashlite's MTP block on the f32 files equals tools/train_tiny.py's MTPBlock (DeepSeek's) on the release
+    weights: logits of x_{i+2} from h_i and x_{i+1}, at once and position by position (its own window cache;
+    60 positions pass tiny's window of 16)."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import train_tiny as tt
+
+    a = json.loads((fixture / "inference" / "config.json").read_text())
+    own = tt.build_model(a).eval()
+    tt.load_official(own, _release_values(fixture))
+    ids = np.random.default_rng(0).integers(3, a["vocab_size"], 60)
+    with torch.no_grad():
+        x = torch.from_numpy(ids)[None]
+        _, expected, _ = own(x, x[:, 1:])
+    expected = expected[0].numpy()
+    m = models(name + "-f32")
+    head = m.draft_head(files["mtp-" + name + "-f32"])
+    hidden = []
+    m.forward(ids.tolist(), cache=m.new_cache(), logits="none", hidden=hidden)
+    h = hidden[0]
+    scale = np.abs(expected).max()
+    logits, _ = head(h[:-1], ids[1:], np.arange(59), head.make_cache(), logits="all")
+    assert np.abs(logits - expected).max() < 3e-6 * scale * 60
+    cache = head.make_cache()
+    steps = np.concatenate([head(h[i:i + 1], ids[i + 1:i + 2], np.arange(i, i + 1), cache)[0] for i in range(59)])
+    assert np.abs(steps - expected).max() < 3e-6 * scale * 60
+    assert (steps.argmax(1) == expected.argmax(1)).all()
+
+
+# ------------------------------------------------------------------------- the commands
+
+def test_run_and_chat_commands_take_llamacpps_options(files):
+    runner = CliRunner()
+    base = ["run", "-m", str(files["small"]), "-p", "def add(a, b):\n    return a + b\n\ndef add(", "-n", "24"]
+    plain = runner.invoke(main, base)
+    assert plain.exit_code == 0, plain.output
+    for extra in (["--spec-type", "ngram", "--spec-draft-n-max", "6"],
+                  ["--spec-type", "mtp", "-md", str(files["mtp-small"])],
+                  ["--model-draft", str(files["mtp-small"])]):
+        result = runner.invoke(main, base + extra)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == plain.stdout
+        assert "drafted" in result.stderr
+    chat = ["chat", "-m", str(files["small"]), "-p", "Hello! Who are you?", "-n", "24", "--temp", "0"]
+    plain = runner.invoke(main, chat, input="")
+    spec = runner.invoke(main, chat + ["--spec-type", "mtp", "--spec-draft-n-max", "2", "-md", str(files["mtp-small"])],
+                         input="")
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert spec.stdout == plain.stdout
+    bad = runner.invoke(main, base + ["--spec-type", "mtp"])
+    assert bad.exit_code != 0 and "MTP draft" in bad.output
