@@ -4,6 +4,7 @@ import os
 import click
 
 from flashlite.chat_cmd import chat
+from flashlite.quality_cmd import imatrix, perplexity
 from flashlite.quantize_cmd import quantize
 from flashlite.run_cmd import run
 from flashlite.serve_cmd import serve
@@ -31,6 +32,8 @@ def main() -> None:
 
 
 main.add_command(chat)
+main.add_command(imatrix)
+main.add_command(perplexity)
 main.add_command(quantize)
 main.add_command(run)
 main.add_command(serve)

@@ -19,6 +19,10 @@ from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.matmul import matmul, matmul_batch
 
 ARCH = "deepseek4"
+# While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
+# x of every product of a weight matrix w the forward computes (expert: the slice of a stacked tensor, else None);
+# None otherwise. The routed experts then run through linear() with their SwiGLU output visible (MoE.experts_visible).
+OBSERVER = None
 _SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 
 
@@ -195,6 +199,8 @@ def _checked_value(path: str, key: str, value, kind, lo, hi):
 
 def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarray:
     """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
+    if OBSERVER is not None:
+        OBSERVER(w, x, expert)
     data = w.data if expert is None else w.data[expert]
     return matmul(data, int(w.type), w.rows, w.k, x)
 
@@ -203,6 +209,10 @@ def linear_groups(*groups: list) -> list[list[np.ndarray]]:
     """Each group's products [(w, x), ...] computed as linear(w, x), all in one parallel run of the core (bitwise
     the same results): an x that several products share (the same array) is quantized once, and the small
     matrices of a decode step stream like one large one. The results come back grouped as the products were."""
+    if OBSERVER is not None:
+        for group in groups:
+            for w, x in group:
+                OBSERVER(w, x, None)
     ys = matmul_batch([(w.data, int(w.type), w.rows, w.k, x) for group in groups for w, x in group])
     out, lo = [], 0
     for group in groups:
@@ -476,6 +486,12 @@ class Attention:
             self.compressor.projections(x) if self.compressor is not None else [],
             self.indexer.projections(x, crowded) if self.indexer is not None else [])
         qr = rms_norm(qa, self.q_norm, a.norm_eps)
+        if OBSERVER is not None and self.indexer is not None:
+            # the indexer's products run for the crowded queries only (and are observed there); an importance
+            # matrix takes their inputs at every token, as a forward that scores every query would see them
+            rest = np.setdiff1d(np.arange(t), crowded)
+            OBSERVER(self.indexer.weights_proj, x[rest], None)
+            OBSERVER(self.indexer.wq_b, qr[rest], None)
         (q,), indexed_q = linear_groups([(self.wq_b, qr)],
                                         self.indexer.query_projections(qr, crowded) if self.indexer is not None else [])
         q = rms_norm(q.reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
@@ -517,6 +533,8 @@ class Attention:
         groups = o.reshape(t, a.o_groups, -1)
         w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
         k = groups.shape[2]
+        if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input
+            OBSERVER(self.wo_a, groups.reshape(-1, k), None)
         # one run of the core for all groups: eight small products then stream like one large one
         return np.concatenate(matmul_batch([(w[g], int(self.wo_a.type), a.o_lora_rank, k,
                                              np.ascontiguousarray(groups[:, g])) for g in range(a.o_groups)]), axis=1)
@@ -580,21 +598,46 @@ class MoE:
                                  int(w2.type), ffi.from_buffer(w2.data), stride(w2), limit, _f32(out)),
               f"fl_moe_experts ({w1.name})")
 
+    @staticmethod
+    def experts_visible(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
+        """experts() computed the way the core's moe_run computes it (each expert's tokens in ascending order, the
+        sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
+        its SwiGLU output, the down projection's input."""
+        stacked = len(w1.ne) == 3
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # the (token, slot) pairs grouped by expert, tokens ascending
+        ys = np.empty((order.size, x.shape[1]), np.float32)
+        bounds = np.searchsorted(flat[order], np.arange(int(flat.max(initial=0)) + 2))
+        for e in range(bounds.size - 1):
+            lo, hi = bounds[e], bounds[e + 1]
+            if lo == hi:
+                continue
+            xs = x[order[lo:hi] // k]
+            ex = e if stacked else None
+            g = np.minimum(linear(w1, xs, ex), np.float32(limit))
+            u = np.clip(linear(w3, xs, ex), np.float32(-limit), np.float32(limit))
+            with np.errstate(over="ignore"):
+                h = (g / (np.float32(1) + np.exp(-g)) * u).astype(np.float32)
+            ys[lo:hi] = linear(w2, h, ex)
+        np.add.at(out, order // k, ys * weights.reshape(-1)[order][:, None])
+
     def __call__(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         weights, idx = self.gate(x, token_ids)
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros_like(x)
         idx, weights = np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32)
+        experts = self.experts if OBSERVER is None else self.experts_visible
         if self.offload is None:
-            self.experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
+            experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
         else:
             check(lib.fl_moe_experts_cached(self.offload.handle, self.layer, x.shape[0], x.shape[1], self.w1.rows,
                                             idx.shape[1], _f32(x), _i32(idx), _f32(weights), self.limit,
                                             _f32(out)),
                   f"{self.offload.path}: routed experts of layer {self.layer}")
         t = x.shape[0]
-        self.experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
-                     self.shared_limit, out)
+        experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
+                self.shared_limit, out)
         return out
 
 
