@@ -75,11 +75,14 @@ def make_chunks(ids: Sequence[int], ctx: int, n_chunks: int | None = None, bos: 
     return chunks
 
 
-def scored_logits(model, chunk: np.ndarray) -> np.ndarray:
-    """The logits [ctx - 1 - ctx/2, vocab] of a chunk, evaluated as a fresh sequence, at the positions that are
-    scored (ctx/2 .. ctx-2)."""
+def scored_logits(model, chunk: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """The logits [ctx - 1 - ctx/2, vocab] of a chunk, evaluated as a fresh sequence in forward calls of `batch`
+    tokens (default: the whole chunk in one), at the positions that are scored (ctx/2 .. ctx-2). flashlite's
+    prefill kernels (a product of 16 tokens or more) multiply float32 activations with the dequantized weights;
+    fewer tokens (batch=1: every product) take the decode kernels, which round the activations to Q8_0 or Q8_K
+    first, as llama.cpp's CPU backend does for every batch."""
     first = chunk.size // 2
-    return model.logits(chunk)[first:chunk.size - 1]
+    return model.logits(chunk, chunk=batch)[first:chunk.size - 1]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -228,25 +231,26 @@ def _kl_stats(a: dict[str, np.ndarray], ppl: float) -> KLStats:
         p_diff_max=float(np.abs(p_diff).max()))
 
 
-def base_logits(base, chunks: Sequence[np.ndarray],
-                progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+def base_logits(base, chunks: Sequence[np.ndarray], progress: Callable[[int, int], None] | None = None,
+                batch: int | None = None) -> list[np.ndarray]:
     """The base model's scored logits for each chunk (to reuse against several models: pass the list as
     perplexity's kl_base)."""
     out = []
     for i, chunk in enumerate(chunks):
-        out.append(scored_logits(base, chunk))
+        out.append(scored_logits(base, chunk, batch))
         if progress is not None:
             progress(i + 1, len(chunks))
     return out
 
 
 def perplexity(model, text: str | Sequence[int], ctx: int = DEFAULT_CTX, n_chunks: int | None = None,
-               kl_base=None, progress: Callable[[int, int, PerplexityResult | None], None] | None = None
-               ) -> PerplexityResult:
+               kl_base=None, progress: Callable[[int, int, PerplexityResult | None], None] | None = None,
+               batch: int | None = None) -> PerplexityResult:
     """Perplexity of `model` (a flashlite Model) over `text` (a string, or token ids already tokenized as
     text_tokens does), in chunks of ctx tokens (at most n_chunks), as llama-perplexity computes it; with
     `kl_base` (another Model on the same vocabulary, or base_logits' list for the same chunks) the KL divergence
-    statistics too. `progress(done, total, running result)` is called after every chunk."""
+    statistics too. `progress(done, total, running result)` is called after every chunk. `batch`: tokens per
+    forward call (default: a chunk in one call; 1 measures the decode path, see scored_logits)."""
     if isinstance(text, str):
         ids = text_tokens(model, text)
     else:
@@ -263,14 +267,14 @@ def perplexity(model, text: str | Sequence[int], ctx: int = DEFAULT_CTX, n_chunk
     scores = TokenScores()
     first = ctx // 2
     for i, chunk in enumerate(chunks):
-        logits = scored_logits(model, chunk)
+        logits = scored_logits(model, chunk, batch)
         targets = chunk[first + 1:]
         if kl_base is None:
             base = None
         elif isinstance(kl_base, list):
             base = kl_base[i]
         else:
-            base = scored_logits(kl_base, chunk)
+            base = scored_logits(kl_base, chunk, batch)
         scores.add(logits, targets, base)
         if progress is not None:
             progress(i + 1, len(chunks), summarize(scores, i + 1, ctx))

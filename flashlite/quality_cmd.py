@@ -73,10 +73,13 @@ _quiet = click.option("--quiet", is_flag=True, help="no progress bar")
               help="a base model (e.g. the f32 GGUF): also report the KL divergence of the model's token "
                    "distributions from the base's, top-1 agreement and delta-p, as llama-perplexity --kl-divergence")
 @_ctx
+@click.option("-b", "--batch", default=None, type=click.IntRange(min=1),
+              help="tokens per forward call (default: a whole chunk; 1 takes the decode kernels, which round "
+                   "activations to Q8_0/Q8_K as llama.cpp does)")
 @_chunks
 @_threads
 @_quiet
-def perplexity(model_path, text_path, base_path, ctx, n_chunks, threads, quiet):
+def perplexity(model_path, text_path, base_path, ctx, batch, n_chunks, threads, quiet):
     """Perplexity of MODEL over a text as llama-perplexity computes it: chunks of CTX tokens, the second half of
     each scored."""
     from flashlite import quality
@@ -98,7 +101,7 @@ def perplexity(model_path, text_path, base_path, ctx, n_chunks, threads, quiet):
         bar(done, total, figure)
 
     try:
-        result = quality.perplexity(model, text, ctx, n_chunks, base, progress)
+        result = quality.perplexity(model, text, ctx, n_chunks, base, progress, batch)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     for line in result.lines():
