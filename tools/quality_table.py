@@ -64,7 +64,8 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ inputs
 
-def calibration_text() -> str:
+def calibration_text(residue: int = 0) -> str:
+    """The prose of the training records whose name hashes to `residue` modulo CALIBRATION_EVERY."""
     import train_tiny as tt
 
     with warnings.catch_warnings():
@@ -72,7 +73,7 @@ def calibration_text() -> str:
         records = tt.documented_objects(tt.stdlib_modules()) + tt.topic_records()
     train = [r for r in records if not tt.held_out(r)]
     picked = [r for r in train
-              if int(hashlib.sha256(f"{r['module']}:{r['name']}".encode()).hexdigest(), 16) % CALIBRATION_EVERY == 0]
+              if int(hashlib.sha256(f"{r['module']}:{r['name']}".encode()).hexdigest(), 16) % CALIBRATION_EVERY == residue]
     return "\n\n".join(tt.prose_of(r) for r in picked)
 
 
@@ -87,6 +88,8 @@ def prepare(work: Path) -> None:
         convert(FIXTURE, work / "f32.gguf", Recipe.parse("f32"), progress=False, log=lambda m: None)
     if not (work / "calibration.txt").exists():
         (work / "calibration.txt").write_text(calibration_text())
+    if not (work / "train-sample.txt").exists():  # another training-like text, for a second look
+        (work / "train-sample.txt").write_text(calibration_text(7))
     if not (work / "imatrix.gguf").exists():
         model = load(work / "f32.gguf")
         t0 = time.perf_counter()
@@ -190,28 +193,32 @@ def content(path: str) -> dict:
 
 # ------------------------------------------------------------------ measurement
 
-def measure(entries: list[dict], work: Path) -> dict:
-    """results by content hash, each file measured once (results.json caches them)."""
+def measure(entries: list[dict], work: Path, text: Path = HELDOUT, cache: str = "results.json",
+            n_chunks: int | None = None, only=None, batch: int | None = None) -> dict:
+    """results by content hash, each file measured once (the cache file in `work` keeps them): all entries, or
+    those whose (recipe, imatrix) is in `only`, over `text` (at most n_chunks, forward calls of `batch` tokens)."""
     from flashlite import quality
     from flashlite.model import load
 
-    cache_path = work / "results.json"
+    cache_path = work / cache
     results = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for e in entries:
-        e.update(content(e["path"]))
-    todo = {e["sha256"]: e["path"] for e in entries if e["sha256"] not in results}
+        if "sha256" not in e:
+            e.update(content(e["path"]))
+    todo = {e["sha256"]: e["path"] for e in entries
+            if e["sha256"] not in results and (only is None or (e["recipe"], e["imatrix"]) in only)}
     if not todo:
         return results
     base = load(work / "f32.gguf")
-    ids = quality.text_tokens(base, HELDOUT.read_text())
-    chunks = quality.make_chunks(ids, CTX)
+    ids = quality.text_tokens(base, text.read_text())
+    chunks = quality.make_chunks(ids, CTX, n_chunks)
     t0 = time.perf_counter()
-    base_logits = quality.base_logits(base, chunks)
-    log(f"f32 base: {len(chunks)} chunks in {time.perf_counter() - t0:.0f} s; {len(todo)} files to measure")
+    base_logits = quality.base_logits(base, chunks, batch=batch)
+    log(f"f32 base on {text.name}: {len(chunks)} chunks in {time.perf_counter() - t0:.0f} s; {len(todo)} files")
     for i, (sha, path) in enumerate(todo.items()):
         t0 = time.perf_counter()
         model = load(path)
-        r = quality.perplexity(model, ids, CTX, kl_base=base_logits)
+        r = quality.perplexity(model, ids, CTX, n_chunks, kl_base=base_logits, batch=batch)
         model.close()
         k = r.kl
         results[sha] = {"ppl": r.ppl, "ppl_err": r.ppl_err, "kld": k.kld_mean, "kld_err": k.kld_mean_err,
@@ -221,6 +228,16 @@ def measure(entries: list[dict], work: Path) -> dict:
             f"{k.kld_mean:.5f}, top-1 {100 * k.same_top:.2f}% ({time.perf_counter() - t0:.0f} s)")
         cache_path.write_text(json.dumps(results, indent=1, sort_keys=True))
     return results
+
+
+# the files also measured on the second training-like text (and, for Q8_0, on the decode path)
+SECOND_LOOK = [("f32", False), ("Q8_0", False), ("q8_0", False), ("mxfp4-q8_0", False), ("q8_0-f32", False),
+               ("f32-q8_0", False), ("Q6_K", False), ("Q4_K_M", False), ("Q4_K_M", True), ("q4_k-q8_0", True),
+               ("ds4-q4", True), ("IQ4_XS", True), ("ds4-q2", False), ("ds4-q2", True), ("iq2_xxs-q8_0", True),
+               ("q2_k-q8_0", True), ("IQ2_M", True), ("IQ2_XXS", True), ("Q2_K", True)]
+SECOND_CHUNKS = 12
+DECODE_LOOK = [("f32", False), ("Q8_0", False), ("q8_0", False)]
+DECODE_CHUNKS = 4
 
 
 # ------------------------------------------------------------------ tables
@@ -292,6 +309,34 @@ def render(entries: list[dict], results: dict) -> str:
     return "\n\n".join(sections)
 
 
+def render_second(entries: list[dict], held: dict, train: dict, decode: dict) -> str:
+    """The second look: a few files on training-like text, and Q8_0 on the decode path."""
+    lines = [f"#### On training-like text ({SECOND_CHUNKS} chunks of train-sample.txt) next to the held-out text\n",
+             "| type | imatrix | bpw | experts bpw | held-out KLD | held-out top-1 % | training-like PPL | "
+             "training-like KLD | training-like top-1 % |", "|---|---|---|---|---|---|---|---|---|"]
+    for recipe, with_im in SECOND_LOOK:
+        e = next((x for x in entries if x["maker"] == "flashlite" and x["recipe"] == recipe
+                  and x["imatrix"] == with_im), None)
+        if e is None or e["sha256"] not in train:
+            continue
+        h, t = held[e["sha256"]], train[e["sha256"]]
+        lines.append(f"| `{recipe}` | {'yes' if with_im else 'no'} | {e['bpw']:.2f} | {e['expert_bpw']:.2f} | "
+                     f"{h['kld']:.5f} | {100 * h['top1']:.2f} | {t['ppl']:.2f} | {t['kld']:.5f} ± {t['kld_err']:.5f} | "
+                     f"{100 * t['top1']:.2f} ± {100 * t['top1_err']:.2f} |")
+    lines += ["", f"#### The decode path ({DECODE_CHUNKS} chunks, one token a forward call: activations rounded to "
+              "Q8_0 as llama.cpp's CPU backend rounds them)\n",
+              "| type | text | PPL | mean KLD | KLD p99 | top-1 % |", "|---|---|---|---|---|---|"]
+    for recipe, with_im in DECODE_LOOK:
+        e = next(x for x in entries if x["maker"] == "flashlite" and x["recipe"] == recipe
+                 and x["imatrix"] == with_im)
+        for name, res in decode.items():
+            r = res.get(e["sha256"])
+            if r is not None:
+                lines.append(f"| `{recipe}` | {name} | {r['ppl']:.2f} | {r['kld']:.5f} ± {r['kld_err']:.5f} | "
+                             f"{r['kld_p99']:.4f} | {100 * r['top1']:.2f} ± {100 * r['top1_err']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_doc(doc: Path, table: str) -> None:
     text = doc.read_text()
     start, end = "<!-- quality-table -->", "<!-- /quality-table -->"
@@ -312,7 +357,11 @@ def main(argv=None) -> None:
     log(f"flashlite's files: {len(entries)} ({time.perf_counter() - t0:.0f} s)")
     entries += llamacpp(a.work, a.llamacpp_python)
     results = measure(entries, a.work)
-    table = render(entries, results)
+    second = measure(entries, a.work, a.work / "train-sample.txt", "results-train.json", SECOND_CHUNKS,
+                     SECOND_LOOK)
+    decode = {name: measure(entries, a.work, text, f"results-decode-{name}.json", DECODE_CHUNKS, DECODE_LOOK, 1)
+              for name, text in (("held-out", HELDOUT), ("training-like", a.work / "train-sample.txt"))}
+    table = render(entries, results) + "\n\n" + render_second(entries, results, second, decode)
     print(table)
     if a.doc:
         write_doc(a.doc, table)
