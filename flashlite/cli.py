@@ -8,6 +8,7 @@ import click
 from flashlite.bench_cmd import bench
 from flashlite.chat_cmd import chat
 from flashlite.pull_cmd import pull
+from flashlite.quality_cmd import imatrix, perplexity
 from flashlite.quantize_cmd import quantize
 from flashlite.run_cmd import run
 from flashlite.serve_cmd import serve
@@ -99,6 +100,8 @@ def system_info_cmd(as_json: bool) -> None:
 
 main.add_command(bench)
 main.add_command(chat)
+main.add_command(imatrix)
+main.add_command(perplexity)
 main.add_command(pull)
 main.add_command(quantize)
 main.add_command(run)

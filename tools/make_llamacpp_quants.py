@@ -29,8 +29,14 @@ of the unquantized model its top-1 agreement where the decision is clear (gap > 
 difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
 with it, this build aborts on deepseek4 files holding Q8_0 or MXFP4 tensors (ggml_backend_sched_split_graph).
 
+--tensor-type PATTERN=TYPE (repeatable) passes llama.cpp's per-tensor overrides (`llama-quantize --tensor-type`:
+the first pattern searched in a tensor's name that matches wins; only tensors llama.cpp quantizes at all, so never
+the router ffn_gate_inp), e.g. to make flashlite's or ds4's mixes with llama.cpp's quantizer; --suffix TEXT is then
+added to the file names.
+
 Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
-IQ3_XXS, and Q2_K in a Q2_K_S file) without one. --imatrix FILE passes a llama.cpp imatrix (GGUF, as
+IQ3_XXS, and Q2_K in a Q2_K_S file) without one, for every tensor it quantizes in them: with --imatrix, the 2-D
+tensors the matrix lacks (deepseek4's compressor position biases, which no product multiplies) get flat weights. --imatrix FILE passes a llama.cpp imatrix (GGUF, as
 `llama-imatrix` and `flashlite imatrix` write it: `<tensor>.in_sum2` / `<tensor>.counts`); without it those file
 types get a flat one (every weight 1 for every tensor), and the file name says `-flat`.
 """
@@ -91,7 +97,8 @@ def flat_imatrix(src: str) -> dict[str, np.ndarray]:
     return out
 
 
-def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int) -> None:
+def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int,
+             tensor_types: list[tuple[str, int]] = ()) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -110,6 +117,14 @@ def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int)
         entries[len(imatrix)].name = None
         params.imatrix = entries
         keep.append(entries)
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            overrides[i].pattern = pattern.encode()
+            overrides[i].type = qtype
+        overrides[len(tensor_types)].pattern = None
+        params.tt_overrides = overrides
+        keep.append(overrides)
     tmp = f"{out}.partial"
     try:
         status = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
@@ -198,6 +213,9 @@ def main(argv=None) -> None:
     p.add_argument("--src", default=str(DEFAULT_SRC))
     p.add_argument("--ftype", action="append", choices=sorted(FTYPES), help="repeat for several (default: all)")
     p.add_argument("--imatrix", help="a llama.cpp imatrix GGUF for the types that need one")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="llama.cpp's per-tensor type override (repeatable; the first match wins)")
+    p.add_argument("--suffix", default="", help="added to each output file's name (after the file type)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--manifest", help="write the tensors' types and hashes and llama.cpp's logit statistics here")
     p.add_argument("--mix-manifest", help="write the hash of the tensors' types per file type here")
@@ -206,13 +224,29 @@ def main(argv=None) -> None:
     os.makedirs(a.out_dir, exist_ok=True)
     stem = Path(a.src).name.removesuffix(".gguf")
     given = read_imatrix(a.imatrix) if a.imatrix else None
+    overrides = []
+    if a.tensor_type:
+        import gguf
+
+        for item in a.tensor_type:
+            pattern, _, qname = item.rpartition("=")
+            overrides.append((pattern, int(gguf.GGMLQuantizationType[qname.upper()])))
     for ftype in a.ftype or list(FTYPES):
         imatrix, tag = given, ""
         if ftype in NEEDS_IMATRIX and imatrix is None:
             imatrix, tag = flat_imatrix(a.src), "-flat"
-        out = os.path.join(a.out_dir, f"{stem}-{ftype}{tag}.gguf")
+        elif ftype in NEEDS_IMATRIX:
+            # llama.cpp also quantizes 2-D tensors no matrix multiplies (the compressors' position biases), which
+            # no collected matrix covers and without which it refuses the file: flat weights for those
+            missing = {n: v for n, v in flat_imatrix(a.src).items()
+                       if n not in imatrix and n != "token_embd.weight"}  # the embedding needs none
+            if missing:
+                print(f"{ftype}: flat importance for {len(missing)} tensor(s) the matrix lacks, e.g. "
+                      f"{next(iter(missing))}", flush=True)
+                imatrix = {**imatrix, **missing}
+        out = os.path.join(a.out_dir, f"{stem}-{ftype}{a.suffix}{tag}.gguf")
         t0 = time.perf_counter()
-        quantize(a.src, out, ftype, imatrix, a.threads)
+        quantize(a.src, out, ftype, imatrix, a.threads, overrides)
         print(f"{ftype:10s} {os.path.getsize(out):>12,d} bytes  {time.perf_counter() - t0:6.1f} s  {out}",
               flush=True)
         imatrix_kind = "flat" if tag else ("given" if imatrix else None)

@@ -18,6 +18,10 @@ from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightVie
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 
 ARCH = "deepseek4"
+# While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
+# x of every product of a weight matrix w the forward computes (expert: the slice of a stacked tensor, else None);
+# None otherwise. The routed experts then run through linear() with their SwiGLU output visible (MoE.experts_visible).
+OBSERVER = None
 _SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 
 
@@ -222,14 +226,20 @@ def _products(products: list) -> list[np.ndarray]:
     return out
 
 
-def linear(w: WeightView, x: np.ndarray) -> np.ndarray:
-    """y = x @ W^T through the C core."""
-    return _products([(w, np.ascontiguousarray(x, np.float32))])[0]
+def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarray:
+    """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
+    if OBSERVER is not None:
+        OBSERVER(w, x, expert)
+    return _products([(w if expert is None else (w, w.data[expert]), np.ascontiguousarray(x, np.float32))])[0]
 
 
 def linear_groups(*groups: list) -> list[list[np.ndarray]]:
     """Each group's products [(w, x), ...] computed as linear(w, x), all in one run of the core (_products): the
     results come back grouped as the products were."""
+    if OBSERVER is not None:
+        for group in groups:
+            for w, x in group:
+                OBSERVER(w, x, None)
     ys = _products([(w, x if x.flags.c_contiguous and x.dtype == np.float32 else np.ascontiguousarray(x, np.float32))
                     for group in groups for w, x in group])
     out, lo = [], 0
@@ -338,6 +348,13 @@ class RoPE:
 
 # ---------------------------------------------------------------- hyper-connections
 
+def _observe_hc(fn: WeightView, h: np.ndarray, eps: float) -> None:
+    """Shows the observer the input of a hyper-connection's mixing matmul, which fl_hc_pre computes inside: the
+    flattened streams, rms-normed."""
+    x = h.reshape(h.shape[0], -1)
+    OBSERVER(fn, x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps), None)
+
+
 class HyperConnection:
     """mHC around one sublayer: collapse the hc streams into the sublayer input, expand its output back."""
 
@@ -350,6 +367,8 @@ class HyperConnection:
         core's fl_hc_pre (rms norm, the mixing matmul, sigmoids, Sinkhorn, the weighted sum), one call."""
         t, hc, d = h.shape
         h = np.ascontiguousarray(h, np.float32)
+        if OBSERVER is not None:
+            _observe_hc(self.fn, h, self.args.norm_eps)
         x, post, comb = (np.empty((t, d), np.float32), np.empty((t, hc), np.float32),
                          np.empty((t, hc, hc), np.float32))
         a = self.args
@@ -377,6 +396,8 @@ class HyperHead:
     def __call__(self, h: np.ndarray) -> np.ndarray:
         t, hc, d = h.shape
         h = np.ascontiguousarray(h, np.float32)
+        if OBSERVER is not None:
+            _observe_hc(self.fn, h, self.args.norm_eps)
         x = np.empty((t, d), np.float32)
         a = self.args
         check(lib.fl_hc_pre(t, hc, d, _f32(h), int(self.fn.type), ffi.from_buffer(self.fn.data), _f32(self.base),
@@ -497,6 +518,12 @@ class Attention:
             self.compressor.projections(x) if self.compressor is not None else [],
             self.indexer.projections(x, crowded) if self.indexer is not None else [])
         qr = rms_norm(qa, self.q_norm, a.norm_eps)
+        if OBSERVER is not None and self.indexer is not None:
+            # the indexer's products run for the crowded queries only (and are observed there); an importance
+            # matrix takes their inputs at every token, as a forward that scores every query would see them
+            rest = np.setdiff1d(np.arange(t), crowded)
+            OBSERVER(self.indexer.weights_proj, x[rest], None)
+            OBSERVER(self.indexer.wq_b, qr[rest], None)
         (q,), indexed_q = linear_groups([(self.wq_b, qr)],
                                         self.indexer.query_projections(qr, crowded) if self.indexer is not None else [])
         q = rms_norm(q.reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
@@ -537,6 +564,8 @@ class Attention:
         a, t = self.args, o.shape[0]
         groups = o.reshape(t, a.o_groups, -1)
         w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
+        if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input
+            OBSERVER(self.wo_a, groups.reshape(-1, groups.shape[2]), None)
         # one run of the core for all groups: eight small products then stream like one large one
         return np.concatenate(_products([((self.wo_a, w[g]), np.ascontiguousarray(groups[:, g]))
                                          for g in range(a.o_groups)]), axis=1)
@@ -600,21 +629,46 @@ class MoE:
                                  int(w2.type), ffi.from_buffer(w2.data), stride(w2), limit, _f32(out)),
               f"fl_moe_experts ({w1.name})")
 
+    @staticmethod
+    def experts_visible(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
+        """experts() computed the way the core's moe_run computes it (each expert's tokens in ascending order, the
+        sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
+        its SwiGLU output, the down projection's input."""
+        stacked = len(w1.ne) == 3
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # the (token, slot) pairs grouped by expert, tokens ascending
+        ys = np.empty((order.size, x.shape[1]), np.float32)
+        bounds = np.searchsorted(flat[order], np.arange(int(flat.max(initial=0)) + 2))
+        for e in range(bounds.size - 1):
+            lo, hi = bounds[e], bounds[e + 1]
+            if lo == hi:
+                continue
+            xs = x[order[lo:hi] // k]
+            ex = e if stacked else None
+            g = np.minimum(linear(w1, xs, ex), np.float32(limit))
+            u = np.clip(linear(w3, xs, ex), np.float32(-limit), np.float32(limit))
+            with np.errstate(over="ignore"):
+                h = (g / (np.float32(1) + np.exp(-g)) * u).astype(np.float32)
+            ys[lo:hi] = linear(w2, h, ex)
+        np.add.at(out, order // k, ys * weights.reshape(-1)[order][:, None])
+
     def __call__(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         weights, idx = self.gate(x, token_ids)
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros_like(x)
         idx, weights = np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32)
+        experts = self.experts if OBSERVER is None else self.experts_visible
         if self.offload is None:
-            self.experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
+            experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
         else:
             check(lib.fl_moe_experts_cached(self.offload.handle, self.layer, x.shape[0], x.shape[1], self.w1.rows,
                                             idx.shape[1], _f32(x), _i32(idx), _f32(weights), self.limit,
                                             _f32(out)),
                   f"{self.offload.path}: routed experts of layer {self.layer}")
         t = x.shape[0]
-        self.experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
-                     self.shared_limit, out)
+        experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
+                self.shared_limit, out)
         return out
 
 
