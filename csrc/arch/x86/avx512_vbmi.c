@@ -17,49 +17,14 @@
 #include "kernels.h"
 #include "quant_generic.h"
 #include "simd.h"
-
-/* the lines from p + FL_PREFETCH_BYTES on, into L2, for a group of `bytes` weight bytes at p: prefetching
- * evenly as the dot consumes the row measured faster than a burst per row (decode_task) */
-static inline void prefetch_ahead(const uint8_t *p, int bytes) {
-    for (int off = 0; off < bytes; off += 64)
-        _mm_prefetch((const char *)p + FL_PREFETCH_BYTES + off, _MM_HINT_T1);
-}
+#include "vbmi_rows.h"
 
 static inline __mmask64 first_bytes(int64_t n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
 }
 
-/* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS makes of it
- * the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
- * (matmul.c takes them from the four quarters of a decode task) keep four streams of reads in flight where one
- * row keeps one: MXFP4 decode from memory went 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b.
- * Each row is summed exactly as the one-row dot sums it. A format provides name_consts() (what every step
- * reuses), name_init() and name_finish() (its accumulators, and the row's sum from them) and name_step()
- * (step g of the row at vx against the prepared activations vy); n_steps(n) counts the steps of k = n. */
-#define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
-    static void name(int64_t n, float *s, const void *vx, const void *vy) {                         \
-        const consts_t c = name##_consts();                                                         \
-        state_t st = name##_init();                                                                 \
-        for (int64_t g = 0; g < n_steps(n); g++)                                                    \
-            name##_step(&st, vx, g, n, vy, &c);                                                     \
-        *s = name##_finish(&st);                                                                    \
-    }                                                                                               \
-    static void name##_x4(int64_t n, float *s, const void *const *vx, const void *vy) {             \
-        const consts_t c = name##_consts();                                                         \
-        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
-        for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
-            name##_step(&st0, vx[0], g, n, vy, &c);                                                 \
-            name##_step(&st1, vx[1], g, n, vy, &c);                                                 \
-            name##_step(&st2, vx[2], g, n, vy, &c);                                                 \
-            name##_step(&st3, vx[3], g, n, vy, &c);                                                 \
-        }                                                                                           \
-        s[0] = name##_finish(&st0);                                                                 \
-        s[1] = name##_finish(&st1);                                                                 \
-        s[2] = name##_finish(&st2);                                                                 \
-        s[3] = name##_finish(&st3);                                                                 \
-    }
-
-#define STEP static inline __attribute__((always_inline))
+/* ROW_DOTS (vbmi_rows.h) makes each format's one-row and four-row dots from its step: reading four rows at once
+ * took MXFP4 decode from memory 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b. */
 
 /* ---------------------------------------------------------------- Q8_0 activations, four blocks a group */
 #define GROUP 4
@@ -470,28 +435,14 @@ static inline int8_t *q8k_dst(struct q8k_sb *sb, int s, enum q8k_order order) {
  * rounded to nearest even as its magic-number rounding does) straight into the regrouped layout. Returns 0,
  * leaving the rest to the reference, for a block with a NaN or an infinity. */
 static int prep_q8k_sb(const float *x, struct q8k_sb *sb, enum q8k_order order) {
-    __m512 v[16], amax = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int j = 0; j < 16; j++) {
-        v[j] = _mm512_loadu_ps(x + 16 * j);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
-        nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
-    }
-    float m = _mm512_reduce_max_ps(amax);
-    if (nan || !(m <= FLT_MAX))
+    __m512 v[16];
+    float iscale = 0.0f; /* set whenever q8k_load_scale returns 1 */
+    int scaled = q8k_load_scale(x, v, &iscale);
+    if (scaled < 0)
         return 0;
     memset(sb, 0, sizeof(*sb));
-    if (m == 0.0f)
+    if (scaled == 0)
         return 1;
-    float max = 0.0f; /* the first value of the largest magnitude, with its sign */
-    for (int j = 0; j < 16; j++) {
-        __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(v[j]), _mm512_set1_ps(m), _CMP_EQ_OQ);
-        if (at) {
-            max = x[16 * j + __builtin_ctz(at)];
-            break;
-        }
-    }
-    const float iscale = -127.f / max;
     const __m512 vs = _mm512_set1_ps(iscale);
     for (int s = 0; s < 8; s++) {
         int8_t *dst = q8k_dst(sb, s, order);

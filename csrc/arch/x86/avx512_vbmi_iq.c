@@ -35,33 +35,19 @@
  * fl_quantize_row_q8_K_ref (the same single product per value, rounded to nearest even as its magic-number
  * rounding does). A block with a NaN or an infinity goes through the reference itself. */
 static float q8k_block(const float *x, int8_t *q) {
-    __m512 v[16], amax = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int j = 0; j < 16; j++) {
-        v[j] = _mm512_loadu_ps(x + 16 * j);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
-        nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
-    }
-    float m = _mm512_reduce_max_ps(amax);
-    if (nan || !(m <= FLT_MAX)) {
+    __m512 v[16];
+    float iscale = 0.0f; /* set whenever q8k_load_scale returns 1 */
+    int scaled = q8k_load_scale(x, v, &iscale);
+    if (scaled < 0) {
         block_q8_K ref;
         fl_quantize_row_q8_K_ref(x, &ref, QK_K);
         memcpy(q, ref.qs, QK_K);
         return ref.d;
     }
-    if (m == 0.0f) {
+    if (scaled == 0) {
         memset(q, 0, QK_K);
         return 0.0f;
     }
-    float max = 0.0f; /* the first value of the largest magnitude, with its sign */
-    for (int j = 0; j < 16; j++) {
-        __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(v[j]), _mm512_set1_ps(m), _CMP_EQ_OQ);
-        if (at) {
-            max = x[16 * j + __builtin_ctz(at)];
-            break;
-        }
-    }
-    const float iscale = -127.f / max;
     const __m512 vs = _mm512_set1_ps(iscale);
     for (int j = 0; j < 16; j++) {
         __m512i r = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[j], vs)), _mm512_set1_epi32(127));

@@ -3,6 +3,7 @@
  * function. Include after the target pragma of the file that uses it. */
 #ifndef FLASHLITE_VBMI_ROWS_H
 #define FLASHLITE_VBMI_ROWS_H
+#include <float.h>
 #include <immintrin.h>
 #include <stdint.h>
 #include "kernels.h"
@@ -43,6 +44,32 @@ static inline void prefetch_ahead(const uint8_t *p, int bytes) {
         s[2] = name##_finish(&st2);                                                                 \
         s[3] = name##_finish(&st3);                                                                 \
     }
+
+/* The 256 values of a Q8_K block at x loaded into v, and the multiplier fl_quantize_row_q8_K_ref takes for them:
+ * -127 over the first value of the largest magnitude, with its sign. Returns 1 with *iscale set, 0 when every
+ * value is zero, -1 when one is a NaN or an infinity (the reference itself decides those blocks). */
+static inline int q8k_load_scale(const float *x, __m512 v[16], float *iscale) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int j = 0; j < 16; j++) {
+        v[j] = _mm512_loadu_ps(x + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+        nan |= _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    if (nan || !(m <= FLT_MAX))
+        return -1;
+    if (m == 0.0f)
+        return 0;
+    for (int j = 0; j < 16; j++) {
+        __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(v[j]), _mm512_set1_ps(m), _CMP_EQ_OQ);
+        if (at) {
+            *iscale = -127.f / x[16 * j + __builtin_ctz(at)];
+            break;
+        }
+    }
+    return 1;
+}
 
 #define STEP static inline __attribute__((always_inline))
 
