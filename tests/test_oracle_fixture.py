@@ -44,17 +44,22 @@ def config():
     return json.loads((FIXTURE / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def checkpoint():
-    index = json.loads((FIXTURE / "model.safetensors.index.json").read_text())
+def read_checkpoint(folder):
+    """(headers, arrays) of every shard of a safetensors checkpoint folder, each shard checked against the index."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
     headers, arrays = {}, {}
     for fname in sorted(set(index["weight_map"].values())):
-        header, shard = read_safetensors(FIXTURE / fname)
+        header, shard = read_safetensors(folder / fname)
         assert {name: fname for name in header} == {k: v for k, v in index["weight_map"].items() if v == fname}
         headers.update(header)
         arrays.update(shard)
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in arrays.values())
     return headers, arrays
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return read_checkpoint(FIXTURE)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_oracle_fixture import NumpyV4, read_safetensors
+from test_oracle_fixture import NumpyV4, read_checkpoint
 
 from flashlite import imatrix as fim
 from flashlite import quality
@@ -261,12 +261,7 @@ def gguf_name(release: str) -> tuple[str, int | None]:
 
 def test_imatrix_sums_equal_those_of_the_numpy_forward(model, goldens):
     config = json.loads((FIXTURE / "config.json").read_text())
-    index = json.loads((FIXTURE / "model.safetensors.index.json").read_text())
-    headers, arrays = {}, {}
-    for fname in sorted(set(index["weight_map"].values())):
-        header, shard = read_safetensors(FIXTURE / fname)
-        headers.update(header)
-        arrays.update(shard)
+    headers, arrays = read_checkpoint(FIXTURE)
     ids = goldens["prompt_ids"]
     reference = ObservedNumpyV4(config, headers, arrays)
     reference.logits(ids)

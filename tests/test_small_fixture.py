@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_oracle_fixture import NumpyV4, bf16_to_f32, official_layout, read_safetensors
+from test_oracle_fixture import NumpyV4, bf16_to_f32, official_layout, read_checkpoint
 
 from flashlite.cli import main
 from flashlite.model import load
@@ -32,14 +32,7 @@ def record():
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    index = json.loads((FIXTURE / "model.safetensors.index.json").read_text())
-    headers, arrays = {}, {}
-    for fname in sorted(set(index["weight_map"].values())):
-        header, shard = read_safetensors(FIXTURE / fname)
-        headers.update(header)
-        arrays.update(shard)
-    assert set(index["weight_map"]) == set(headers)
-    return headers, arrays
+    return read_checkpoint(FIXTURE)
 
 
 @pytest.fixture(scope="module")
