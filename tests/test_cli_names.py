@@ -1,0 +1,46 @@
+"""Every command's options are spelled as llama.cpp spells the same option (common/arg.cpp for the runtime tools,
+tools/quantize/quantize.cpp for llama-quantize), so that a llama.cpp command line carries over."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from flashlite.cli import main
+
+# llama.cpp's spellings (every one of them) of the options flashlite's command has with the same meaning
+LLAMA_CPP = {
+    "run": [["-m", "--model"], ["-p", "--prompt"], ["-n", "--predict", "--n-predict"], ["-t", "--threads"],
+            ["-c", "--ctx-size"], ["-hf", "-hfr", "--hf-repo"], ["-md", "--model-draft", "--spec-draft-model"],
+            ["--spec-type"], ["--spec-draft-n-max"]],
+    "chat": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"],
+             ["-t", "--threads"], ["-c", "--ctx-size"], ["-sys", "--system-prompt"],
+             ["-sysf", "--system-prompt-file"], ["-s", "--seed"], ["--temp", "--temperature"], ["--top-k"],
+             ["--top-p"], ["--min-p"], ["-hf", "-hfr", "--hf-repo"]],
+    "serve": [["-m", "--model"], ["--host"], ["--port"], ["-t", "--threads"], ["-c", "--ctx-size"],
+              ["-np", "--parallel"], ["--api-key"], ["-a", "--alias"], ["-to", "--timeout"],
+              ["-hf", "-hfr", "--hf-repo"]],
+    "bench": [["-m", "--model"], ["-p", "--n-prompt"], ["-n", "--n-gen"], ["-pg"], ["-d", "--n-depth"],
+              ["-t", "--threads"], ["-r", "--repetitions"], ["-o", "--output"], ["--no-warmup"]],
+    "perplexity": [["-m", "--model"], ["-f", "--file"], ["-c", "--ctx-size"], ["-b", "--batch-size"], ["--chunks"],
+                   ["-t", "--threads"], ["-hf", "-hfr", "--hf-repo"]],
+    "imatrix": [["-m", "--model"], ["-f", "--file"], ["-o", "--output"], ["-c", "--ctx-size"], ["--chunks"],
+                ["-t", "--threads"], ["-hf", "-hfr", "--hf-repo"]],
+}
+
+
+@pytest.mark.parametrize("command", sorted(LLAMA_CPP))
+def test_options_carry_llama_cpps_names(command):
+    params = main.commands[command].params
+    for names in LLAMA_CPP[command]:
+        owners = [p for p in params if set(names) & set(p.opts)]
+        assert len(owners) == 1, f"{command}: no one option named {names}"
+        missing = set(names) - set(owners[0].opts)
+        assert not missing, f"{command}: {owners[0].opts} lacks llama.cpp's {sorted(missing)}"
+
+
+def test_chat_takes_the_system_prompt_from_a_file(tmp_path):
+    """-sys and -sysf are one option given two ways: both at once is refused before the model loads."""
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("be brief")
+    result = CliRunner().invoke(main, ["chat", "-m", str(tmp_path / "absent.gguf"), "-sys", "x", "-sysf", str(prompt)])
+    assert result.exit_code == 2 and "at most one of -sys/--system-prompt and -sysf" in result.output
