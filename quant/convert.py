@@ -16,7 +16,7 @@ import time
 import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -222,14 +222,18 @@ class Plan:
     style: str
     n_layers: int
     n_expert: int
+    kv_overrides: list[tuple[str, object, GGUFValueType]] = field(default_factory=list)  # --override-kv
 
 
 def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
-         checkpoint: Checkpoint | None = None, mtp: bool = False) -> Plan:
+         checkpoint: Checkpoint | None = None, mtp: bool = False, allow_requantize: bool = False,
+         kv_overrides=()) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
     and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
     shards (their headers, the data possibly still to come) instead of those on disk. mtp: the checkpoint's MTP
-    draft GGUF (quant.layout) instead of the model."""
+    draft GGUF (quant.layout) instead of the model. A GGUF's quantized tensors are requantized only with
+    `allow_requantize` (llama-quantize's --allow-requantize). kv_overrides: (key, value, GGUFValueType) entries
+    that replace or join the metadata (quant.gguf_meta.parse_kv_override)."""
     src = Path(src)
     if src.is_file() and checkpoint is None:
         if mtp:
@@ -257,6 +261,8 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
             recipe.has_imatrix, recipe.n_expert = imatrix is not None, n_expert
         types, notes = recipe.assign(layout.tensors, block_count)
         planned = [Planned(t, types[t.name], tensor_nbytes(t.shape, types[t.name])) for t in layout.tensors]
+        if h is None:
+            _check_requantize(src, planned, allow_requantize, notes)
         _plan_importance(planned, imatrix, notes)
     except BaseException:
         source.close()
@@ -272,7 +278,49 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
                      f"{lossy[0]}")
-    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert)
+    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert, list(kv_overrides))
+
+
+def _is_quantized(qtype: int) -> bool:
+    """ggml_is_quantized: a block type (not F32, F16, BF16 or an integer type)."""
+    sizes = blocks.type_sizes(qtype)
+    return sizes is not None and sizes[0] > 1
+
+
+def _check_requantize(src: Path, planned: list[Planned], allow: bool, notes: list[str]) -> None:
+    """llama-quantize refuses to convert an already quantized tensor (decode and quantize again loses more than
+    quantizing the original) unless allowed; copying it as it is, is no requantization."""
+    again = [(p, part.source_type) for p in planned if p.tensor.role != INDEX for part in p.tensor.parts[:1]
+             if part.source_type != p.qtype and _is_quantized(part.source_type)]
+    if not again:
+        return
+    p, was = again[0]
+    if not allow:
+        raise ValueError(f"{src}: tensor '{p.tensor.name}' is {blocks.type_name(was)} already: requantizing it to "
+                         f"{blocks.type_name(p.qtype)} compounds two roundings (as llama-quantize, this takes "
+                         f"--allow-requantize; {len(again)} tensor(s) would be)")
+    notes.append(f"{len(again)} already quantized tensor(s) are requantized, e.g. {p.tensor.name} "
+                 f"{blocks.type_name(was)} -> {blocks.type_name(p.qtype)}")
+
+
+def plan_lines(p: Plan) -> list[str]:
+    """llama-quantize --dry-run's report: each tensor's shape, source type, new type and size, then the totals
+    (MiB and bits per weight) before and after."""
+    lines, before, after, elements = [], 0, 0, 0
+    width = max(len(t.tensor.name) for t in p.tensors)
+    shapes = ["[" + ", ".join(str(d) for d in reversed(t.tensor.shape)) + "]" for t in p.tensors]
+    shape_width = max(map(len, shapes))
+    for i, (t, shape) in enumerate(zip(p.tensors, shapes)):
+        src_type = t.tensor.source_type
+        src_bytes = (tensor_nbytes(t.tensor.shape, src_type) if blocks.type_sizes(src_type) else t.nbytes)
+        n = math.prod(t.tensor.shape)
+        before, after, elements = before + src_bytes, after + t.nbytes, elements + n
+        lines.append(f"[{i + 1:4d}/{len(p.tensors):4d}] {t.tensor.name:<{width}} {shape:<{shape_width}} "
+                     f"{blocks.type_name(src_type):>7} -> {blocks.type_name(t.qtype):<7} "
+                     f"{src_bytes / 2**20:10.3f} MiB -> {t.nbytes / 2**20:10.3f} MiB")
+    lines.append(f"model size = {before / 2**20:10.2f} MiB ({before * 8 / elements:.2f} BPW)")
+    lines.append(f"quant size = {after / 2**20:10.2f} MiB ({after * 8 / elements:.2f} BPW)")
+    return lines
 
 
 def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: list[str]) -> None:
@@ -302,11 +350,14 @@ def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: s
     """A GGUFWriter on `path` that has written the header, the metadata and every tensor's info, in llama.cpp's
     order; the tensor data follows, each tensor at data_offsets(...)."""
     writer = GGUFWriter(path, ARCH)
-    writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
-    writer.add_string("general.name", general_name)
-    writer.add_uint32("general.file_type", recipe.file_type)
-    writer.add_uint32("general.quantization_version", 2)
-    for key, value, vtype in p.metadata:
+    entries = [("general.type", "model", GGUFValueType.STRING),  # as llama.cpp's converter stamps model files
+               ("general.name", general_name, GGUFValueType.STRING),
+               ("general.file_type", recipe.file_type, GGUFValueType.UINT32),
+               ("general.quantization_version", 2, GGUFValueType.UINT32), *p.metadata]
+    for override in p.kv_overrides:  # in place of the entry it names, else after the others
+        at = next((i for i, (key, _, _) in enumerate(entries) if key == override[0]), len(entries))
+        entries[at:at + 1] = [override]
+    for key, value, vtype in entries:
         if vtype == GGUFValueType.ARRAY or isinstance(value, list):
             writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
         else:
@@ -336,21 +387,23 @@ def data_offsets(writer: GGUFWriter, p: Plan) -> tuple[list[int], int]:
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
-            imatrix: Imatrix | None = None, mtp: bool = False) -> Summary:
+            imatrix: Imatrix | None = None, mtp: bool = False, allow_requantize: bool = False,
+            kv_overrides=()) -> Summary:
     """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
     what was written.
 
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
     `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
     weighs the quantizers' error per column (quant.imatrix). `mtp` writes the MTP draft GGUF llama.cpp's
-    converter writes with --mtp (for `-md`; quant.layout) instead of the model."""
+    converter writes with --mtp (for `-md`; quant.layout) instead of the model. `allow_requantize` and
+    `kv_overrides`: as for plan()."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
-    p = plan(src, recipe, imatrix, mtp=mtp)
+    p = plan(src, recipe, imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv_overrides)
     h, planned = p.hparams, p.tensors
     default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")
     if not src.is_dir():

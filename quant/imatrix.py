@@ -44,6 +44,19 @@ class Imatrix:
         out[seen] = sums[seen] / counts[seen, None]
         return out.reshape(-1).astype(np.float32)
 
+    def select(self, include=(), exclude=()) -> "Imatrix | None":
+        """llama-quantize's --include-weights / --exclude-weights: only the entries whose name contains one of
+        `include`, or all but those that contain one of `exclude`; None when no entry is left (the quantizers
+        then run as without a matrix)."""
+        if include and exclude:
+            raise ValueError("--include-weights and --exclude-weights cannot be used together")
+        names = [n for n in self.sums if (not include or any(s in n for s in include))
+                 and not any(s in n for s in exclude)]
+        if not names:
+            return None
+        return Imatrix({n: self.sums[n] for n in names}, {n: self.counts[n] for n in names}, list(self.datasets),
+                       self.chunk_count, self.chunk_size)
+
 
 def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """A llama.cpp importance matrix, GGUF or legacy .dat (told apart by the GGUF magic)."""

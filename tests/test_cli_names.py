@@ -25,6 +25,9 @@ LLAMA_CPP = {
                    ["-t", "--threads"], ["-hf", "-hfr", "--hf-repo"]],
     "imatrix": [["-m", "--model"], ["-f", "--file"], ["-o", "--output"], ["-c", "--ctx-size"], ["--chunks"],
                 ["-t", "--threads"], ["-hf", "-hfr", "--hf-repo"]],
+    "quantize": [["--imatrix"], ["--include-weights"], ["--exclude-weights"], ["--output-tensor-type"],
+                 ["--token-embedding-type"], ["--tensor-type"], ["--tensor-type-file"], ["--leave-output-tensor"],
+                 ["--pure"], ["--allow-requantize"], ["--override-kv"], ["--dry-run"]],
 }
 
 
