@@ -55,6 +55,8 @@ def _raise_terminated(signum, frame):
 @click.option("--allow-requantize", is_flag=True,
               help="let a GGUF's already quantized tensors be quantized again (two roundings: worse than "
                    "quantizing the original)")
+@click.option("--keep-split", is_flag=True,
+              help="a split GGUF source is written as the same splits: OUT less .gguf, then -0000i-of-0000N.gguf")
 @click.option("--dry-run", is_flag=True,
               help="print each tensor's type and size and the totals; write nothing (OUT not needed)")
 @click.option("--mtp", is_flag=True,
@@ -65,7 +67,7 @@ def _raise_terminated(signum, frame):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor_type, token_embedding_type,
              leave_output_tensor, pure, imatrix_path, include_weights, exclude_weights, kv_overrides,
-             allow_requantize, dry_run, mtp, force, quiet):
+             allow_requantize, keep_split, dry_run, mtp, force, quiet):
     from flashlite.hub import download_checkpoint, is_repo_id
     from quant.convert import convert, plan, plan_lines
     from quant.gguf_meta import parse_kv_override
@@ -115,7 +117,7 @@ def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor
         previous = None
     try:
         convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
-                name=name, imatrix=imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv)
+                name=name, imatrix=imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv, keep_split=keep_split)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

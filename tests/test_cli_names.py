@@ -27,7 +27,7 @@ LLAMA_CPP = {
                 ["-t", "--threads"], ["-hf", "-hfr", "--hf-repo"]],
     "quantize": [["--imatrix"], ["--include-weights"], ["--exclude-weights"], ["--output-tensor-type"],
                  ["--token-embedding-type"], ["--tensor-type"], ["--tensor-type-file"], ["--leave-output-tensor"],
-                 ["--pure"], ["--allow-requantize"], ["--override-kv"], ["--dry-run"]],
+                 ["--pure"], ["--allow-requantize"], ["--override-kv"], ["--dry-run"], ["--keep-split"]],
 }
 
 

@@ -3,6 +3,8 @@ run, the refusal to requantize, and one-line errors naming the option for bad va
 llama.cpp's quantizer under the same options: tests/test_llamacpp_quants.py.)"""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,80 @@ def test_bad_values_fail_in_one_line_naming_the_option(tmp_path, args, words):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert errors == [result.output.strip().splitlines()[-1]], result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def _split(src: Path, folder: Path, max_tensors: int) -> list[Path]:
+    """src rewritten as NAME-0000i-of-0000N.gguf files of at most max_tensors tensors (gguf-py's split writer)."""
+    from gguf import GGUFReader as Reader, GGUFValueType, GGUFWriter
+
+    reader = Reader(src)
+    writer = GGUFWriter(folder / "split.gguf", "deepseek4", split_max_tensors=max_tensors)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY
+                             else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(folder.glob("split-*.gguf"))
+
+
+def test_keep_split_writes_the_sources_splits(tmp_path):
+    """Each tensor lands in the file of its source's number, with the bytes the unsplit file gets; the model loads
+    from its first file."""
+    from flashlite.gguf_model import shard_number
+    from flashlite.model import load
+
+    (tmp_path / "src").mkdir()
+    shards = _split(LLAMACPP_GGUF, tmp_path / "src", max_tensors=70)
+    assert len(shards) == 3
+    whole = tmp_path / "whole.gguf"
+    assert quantize(LLAMACPP_GGUF, whole, "--type", "Q8_0", "--allow-requantize").exit_code == 0
+    result = quantize(shards[0], tmp_path / "q8.gguf", "--type", "Q8_0", "--allow-requantize", "--keep-split")
+    assert result.exit_code == 0, result.output
+    outs = sorted(tmp_path.glob("q8-*.gguf"))
+    assert [p.name for p in outs] == [f"q8-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    with GGUFReader(whole) as r:
+        want = {t.name: bytes(r.data(t).tobytes()) for t in r.tensors}
+    for shard, out in zip(shards, outs):
+        with GGUFReader(shard) as a, GGUFReader(out) as b:
+            assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+            assert all(bytes(b.data(t).tobytes()) == want[t.name] for t in b.tensors)
+            assert b.metadata["split.no"] == shard_number(out.name) - 1 and b.metadata["split.count"] == 3
+    ids = np.arange(1, 17)
+    assert np.array_equal(load(outs[0]).logits(ids), load(whole).logits(ids))
+    again = quantize(shards[0], tmp_path / "q8.gguf", "--type", "Q8_0", "--allow-requantize", "--keep-split")
+    assert again.exit_code != 0 and "q8-00001-of-00003.gguf: already exists" in again.output
+
+
+LLAMA_QUANTIZE_KEEP_SPLIT = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread, p.allow_requantize, p.keep_split = 7, 2, True, True  # Q8_0
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("FLASHLITE_LLAMACPP_PYTHON"),
+                    reason="FLASHLITE_LLAMACPP_PYTHON (a llama-cpp-python venv) is not set")
+def test_keep_split_files_are_llama_cpps(tmp_path):
+    """llama.cpp's quantizer with keep_split writes the same files' tensors, byte for byte, and the same keys
+    (split.* alone) after the first file."""
+    (tmp_path / "src").mkdir()
+    shards = _split(LLAMACPP_GGUF, tmp_path / "src", max_tensors=70)
+    subprocess.run([os.environ["FLASHLITE_LLAMACPP_PYTHON"], "-c", LLAMA_QUANTIZE_KEEP_SPLIT, str(shards[0]),
+                    str(tmp_path / "theirs")], check=True, capture_output=True)
+    assert quantize(shards[0], tmp_path / "ours.gguf", "--type", "Q8_0", "--allow-requantize",
+                    "--keep-split").exit_code == 0
+    for i in (1, 2, 3):
+        with GGUFReader(tmp_path / f"ours-0000{i}-of-00003.gguf") as a, \
+                GGUFReader(tmp_path / f"theirs-0000{i}-of-00003.gguf") as b:
+            assert [(t.name, t.type, a.data(t).tobytes()) for t in a.tensors] == \
+                [(t.name, t.type, b.data(t).tobytes()) for t in b.tensors]
+            if i > 1:
+                assert a.metadata == b.metadata
