@@ -91,6 +91,8 @@ def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor
             imatrix = read_imatrix(imatrix_path).select(include_weights, exclude_weights)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(str(exc), param_hint="--imatrix") from exc
+        if imatrix is not None:  # after the user's, as llama-quantize adds them
+            kv += imatrix.kv(imatrix_path)
     name = None  # the folder's name, or for a repo id the repo's (its cached folder is named by a commit)
     if not os.path.exists(src) and is_repo_id(src):
         name = src.split("/")[1]

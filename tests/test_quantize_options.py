@@ -236,3 +236,24 @@ def test_keep_split_files_are_llama_cpps(tmp_path):
                 [(t.name, t.type, b.data(t).tobytes()) for t in b.tensors]
             if i > 1:
                 assert a.metadata == b.metadata
+
+
+def test_imatrix_is_recorded_in_the_metadata_as_llama_quantize_does(tmp_path):
+    """quantize.imatrix.file, .dataset, .entries_count (what --include-weights left) and .chunks_count."""
+    import gguf
+
+    from quant.imatrix import write_imatrix
+
+    names = ["blk.0.attn_kv.weight", "blk.1.attn_kv.weight", "blk.0.attn_q_a.weight"]
+    im = Imatrix({n: np.full((1, 128), 2.0, np.float32) for n in names}, {n: np.ones(1, np.float32) for n in names},
+                 ["calibration.txt"], chunk_count=5, chunk_size=64)
+    write_imatrix(tmp_path / "im.gguf", im)
+    out = tmp_path / "x.gguf"
+    result = quantize(CHECKPOINT, out, "--type", "Q4_0", "--imatrix", tmp_path / "im.gguf",
+                      "--include-weights", "attn_kv")
+    assert result.exit_code == 0, result.output
+    fields = gguf.GGUFReader(out).fields
+    got = {k.removeprefix("quantize.imatrix."): fields[k].contents() for k in fields
+           if k.startswith("quantize.imatrix.")}
+    assert got == {"file": str(tmp_path / "im.gguf"), "dataset": "calibration.txt", "entries_count": 2,
+                   "chunks_count": 5}
