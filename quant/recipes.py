@@ -59,6 +59,8 @@ FTYPES = {
     "TQ1_0": (36, "TQ1_0"), "TQ2_0": (37, "TQ2_0"), "MXFP4_MOE": (38, "MXFP4"), "Q1_0": (40, "Q1_0"),
     "Q2_0": (41, "Q2_0"),
 }
+# llama-quantize's aliases (upper case: q4_k is flashlite's single type)
+FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 DS4_RECIPES = ("ds4-q2", "ds4-q4")
 
 # the types whose search ggml runs only with importance weights (llama.cpp refuses them without an imatrix, Q2_K
@@ -143,6 +145,7 @@ class Recipe:
               token_embd_type: str | None = None, leave_output: bool = False, pure: bool = False) -> "Recipe":
         """`--type`, the `--tensor-type PATTERN=TYPE` values and llama-quantize's other type options."""
         text = type_name.strip()
+        text = FTYPE_ALIASES.get(text, text)
         if text in FTYPES or (text.upper() in FTYPES and text.lower() not in TYPES):
             recipe: Recipe = LlamaMix.of(text.upper())
         elif text.lower() in DS4_RECIPES:

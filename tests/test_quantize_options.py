@@ -257,3 +257,14 @@ def test_imatrix_is_recorded_in_the_metadata_as_llama_quantize_does(tmp_path):
            if k.startswith("quantize.imatrix.")}
     assert got == {"file": str(tmp_path / "im.gguf"), "dataset": "calibration.txt", "entries_count": 2,
                    "chunks_count": 5}
+
+
+def test_llama_quantizes_aliases_name_its_mixes():
+    """Q4_K is llama-quantize's alias of Q4_K_M (and Q3_K, Q5_K of the _M mixes); lower-case q4_k stays flashlite's
+    single type."""
+    from quant.recipes import LlamaMix, Recipe, SplitRecipe
+
+    for alias, ftype in (("Q3_K", "Q3_K_M"), ("Q4_K", "Q4_K_M"), ("Q5_K", "Q5_K_M")):
+        recipe = Recipe.parse(alias)
+        assert isinstance(recipe, LlamaMix) and recipe.ftype == ftype
+    assert isinstance(Recipe.parse("q4_k"), SplitRecipe)
