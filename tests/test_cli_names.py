@@ -9,7 +9,7 @@ from flashlite.cli import main
 
 # llama.cpp's spellings (every one of them) of the options flashlite's command has with the same meaning
 LLAMA_CPP = {
-    "run": [["-m", "--model"], ["-p", "--prompt"], ["-n", "--predict", "--n-predict"], ["-t", "--threads"],
+    "run": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"], ["-t", "--threads"],
             ["-c", "--ctx-size"], ["-hf", "-hfr", "--hf-repo"], ["-md", "--model-draft", "--spec-draft-model"],
             ["--spec-type"], ["--spec-draft-n-max"]],
     "chat": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"],
@@ -47,3 +47,16 @@ def test_chat_takes_the_system_prompt_from_a_file(tmp_path):
     prompt.write_text("be brief")
     result = CliRunner().invoke(main, ["chat", "-m", str(tmp_path / "absent.gguf"), "-sys", "x", "-sysf", str(prompt)])
     assert result.exit_code == 2 and "at most one of -sys/--system-prompt and -sysf" in result.output
+
+
+def test_run_reads_the_prompt_from_a_file_as_from_p(tiny_gguf, tmp_path):
+    """-f FILE is -p with the file's text: the same greedy tokens."""
+    gguf = str(tiny_gguf("--type", "q8_0"))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def f(x):\n    return")
+    by_p = CliRunner().invoke(main, ["run", "-m", gguf, "-p", prompt.read_text(), "-n", "6"])
+    by_f = CliRunner().invoke(main, ["run", "-m", gguf, "-f", str(prompt), "-n", "6"])
+    assert by_p.exit_code == 0 and by_f.exit_code == 0, by_f.output
+    assert by_f.stdout == by_p.stdout and by_p.stdout.strip()
+    both = CliRunner().invoke(main, ["run", "-m", gguf, "-f", str(prompt), "-p", "x"])
+    assert both.exit_code == 2 and "exactly one of -p/--prompt, -f/--file and --tokens" in both.output
