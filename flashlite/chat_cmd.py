@@ -262,8 +262,8 @@ def _interact(session: Session) -> None:
 @click.option("-s", "--seed", default=None, type=int, help="sampling seed (default: random)")
 @load_options
 @spec_options
-def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, system_file, think, temperature, top_p, top_k, min_p,
-         seed, load_opts, spec_opts):
+def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, system_file, think, temperature, top_p,
+         top_k, min_p, seed, load_opts, spec_opts):
     """Chat with a model in the terminal; /help lists the commands."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give at most one of -p/--prompt and -f/--file")

@@ -119,7 +119,8 @@ def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor
         previous = None
     try:
         convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
-                name=name, imatrix=imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv, keep_split=keep_split)
+                name=name, imatrix=imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv,
+                keep_split=keep_split)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -247,7 +247,8 @@ def parse_kv_override(item: str) -> tuple[str, object, GGUFValueType]:
         if kind == "float":
             return key, float(text), GGUFValueType.FLOAT32
     except ValueError:
-        raise ValueError(f"--override-kv: {text!r} is not a{'n' if kind == 'int' else ''} {kind}, in {item!r}") from None
+        article = "an" if kind == "int" else "a"
+        raise ValueError(f"--override-kv: {text!r} is not {article} {kind}, in {item!r}") from None
     if kind == "bool":
         if text not in ("true", "false"):
             raise ValueError(f"--override-kv: a bool is true or false, got {text!r} in {item!r}")

@@ -44,7 +44,7 @@ class Imatrix:
         out[seen] = sums[seen] / counts[seen, None]
         return out.reshape(-1).astype(np.float32)
 
-    def kv(self, path: str) -> list[tuple[str, object, "GGUFValueType"]]:
+    def kv(self, path: str) -> list[tuple]:
         """The metadata llama-quantize records in its output about the matrix it used (the entries left after
         --include-weights / --exclude-weights; strings cut to 127 bytes as its overrides cut them)."""
         from gguf import GGUFValueType

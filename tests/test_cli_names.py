@@ -9,7 +9,8 @@ from flashlite.cli import main
 
 # llama.cpp's spellings (every one of them) of the options flashlite's command has with the same meaning
 LLAMA_CPP = {
-    "run": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"], ["-t", "--threads"],
+    "run": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"],
+            ["-t", "--threads"],
             ["-c", "--ctx-size"], ["-hf", "-hfr", "--hf-repo"], ["-md", "--model-draft", "--spec-draft-model"],
             ["--spec-type"], ["--spec-draft-n-max"]],
     "chat": [["-m", "--model"], ["-p", "--prompt"], ["-f", "--file"], ["-n", "--predict", "--n-predict"],

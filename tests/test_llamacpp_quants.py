@@ -79,7 +79,8 @@ def test_file_type_is_llama_cpp_byte_for_byte_and_runs_closer_than_llama_cpp(fty
     ids = goldens["prompt_ids"]
     ours = load(out).logits(ids)
     exact = tmp_path / f"{ftype}-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(out), str(exact), "--type", "f32", "--allow-requantize", "--quiet"])
+    result = CliRunner().invoke(main, ["quantize", str(out), str(exact), "--type", "f32", "--allow-requantize",
+                                       "--quiet"])
     assert result.exit_code == 0, result.output
     reference = load(exact).logits(ids)
     top2 = np.sort(reference, axis=1)[:, -2:]
