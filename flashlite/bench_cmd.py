@@ -166,7 +166,8 @@ def _markdown(results: list[Result], tests: list[BenchTest]) -> str:
 @click.option("-o", "--output", "fmt", default="md", show_default=True,
               type=click.Choice(["md", "json", "jsonl", "csv"]), help="table or records")
 @click.option("--no-warmup", is_flag=True, help="time the first run too")
-@click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
+@click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
+              help="context length (default: the model's)")
 @load_options
 def bench(model_paths, n_prompt, n_gen, pg, n_depth, threads, repetitions, fmt, no_warmup, ctx, load_opts):
     """Time prompt processing (ppN) and generation (tgN) as llama-bench does, one row per model, thread count

@@ -20,7 +20,7 @@ CACHE_SUFFIX = ".kv.npz"  # /save writes the conversation's KV cache next to its
 BLOCK = '"""'
 HELP = f"""commands:
   /think none|high|max   switch reasoning (no argument: show the current mode)
-  /reset                 forget the conversation (keeps --system)
+  /reset                 forget the conversation (keeps the system prompt)
   /save FILE             write the conversation as a JSON list of messages (and its KV cache as FILE.kv.npz)
   /load FILE             replace the conversation with one saved by /save (its cache too: no prefill again)
   /help                  this text
@@ -241,29 +241,36 @@ def _interact(session: Session) -> None:
 @click.command("chat")
 @click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
-@click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
+@click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
+              help="context length (default: the model's)")
 @click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
-@click.option("-n", "--n-predict", "n_predict", default=None, type=click.IntRange(min=1),
+@click.option("-n", "--n-predict", "--predict", "n_predict", default=None, type=click.IntRange(min=1),
               help="most tokens per answer (default: until the end of the answer or the context)")
 @click.option("-p", "--prompt", default=None,
               help="first message, sent at once (stdin not a terminal: answer and exit)")
 @click.option("-f", "--file", "prompt_file", default=None, type=click.File("r", encoding="utf-8"),
               help="file whose text is the first message")
-@click.option("--system", default=None, help="system prompt")
+@click.option("-sys", "--system-prompt", "system", default=None, help="system prompt")
+@click.option("-sysf", "--system-prompt-file", "system_file", default=None, type=click.File("r", encoding="utf-8"),
+              help="file whose text is the system prompt")
 @click.option("--think", default="none", show_default=True, type=click.Choice(THINK_CHOICES), help="reasoning mode")
-@click.option("--temp", "temperature", default=1.0, show_default=True, type=click.FloatRange(0.0, 1e6),
+@click.option("--temp", "--temperature", "temperature", default=1.0, show_default=True, type=click.FloatRange(0.0, 1e6),
               callback=lambda ctx, param, v: _finite(v, "--temp"), help="sampling temperature (0: greedy)")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: off")
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--seed", default=None, type=int, help="sampling seed (default: random)")
+@click.option("-s", "--seed", default=None, type=int, help="sampling seed (default: random)")
 @load_options
 @spec_options
-def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, think, temperature, top_p, top_k, min_p,
-         seed, load_opts, spec_opts):
+def chat(model_path, ctx, threads, n_predict, prompt, prompt_file, system, system_file, think, temperature, top_p,
+         top_k, min_p, seed, load_opts, spec_opts):
     """Chat with a model in the terminal; /help lists the commands."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give at most one of -p/--prompt and -f/--file")
+    if system is not None and system_file is not None:
+        raise click.UsageError("give at most one of -sys/--system-prompt and -sysf/--system-prompt-file")
+    if system_file is not None:
+        system = system_file.read()
     first = prompt_file.read() if prompt_file is not None else prompt
     model = load_model(model_path, threads, ctx, load_opts, spec_opts)
     sampling = {"max_tokens": n_predict, "temperature": temperature, "top_p": top_p, "top_k": top_k,

@@ -11,11 +11,16 @@ import click
 from flashlite.quality import DEFAULT_CTX
 
 
-def _load(path, threads, what="-m"):
+def _load(path, threads, what="-m", hf_repo=None):
+    from flashlite.hub import download_gguf
     from flashlite.model import load
 
+    if what == "-m" and (path is None) == (hf_repo is None):
+        raise click.UsageError("give exactly one of -m/--model and -hf/--hf-repo")
+    if hf_repo is not None:
+        what = "-hf"
     try:
-        return load(path, threads=threads)
+        return load(download_gguf(hf_repo) if hf_repo is not None else path, threads=threads)
     except (OSError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint=what) from exc
 
@@ -53,11 +58,18 @@ class _Bar:
         sys.stderr.flush()
 
 
-_model = click.option("-m", "--model", "model_path", required=True, type=click.Path(dir_okay=False),
-                      help="deepseek4 GGUF file")
+
+
+def _model(command):
+    command = click.option("-hf", "-hfr", "--hf-repo", default=None, metavar="ORG/REPO[:QUANT]",
+                           help="a GGUF from the Hugging Face Hub instead of -m (QUANT default Q4_K_M)")(command)
+    return click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
+                        help="deepseek4 GGUF file")(command)
+
+
 _text = click.option("-f", "--file", "text_path", required=True, type=click.Path(dir_okay=False),
                      help="the text (UTF-8)")
-_ctx = click.option("-c", "--ctx", default=DEFAULT_CTX, show_default=True, type=click.IntRange(min=3),
+_ctx = click.option("-c", "--ctx-size", "ctx", default=DEFAULT_CTX, show_default=True, type=click.IntRange(min=3),
                     help="tokens per chunk (each chunk a fresh sequence)")
 _chunks = click.option("--chunks", "n_chunks", default=None, type=click.IntRange(min=1),
                        help="use at most N chunks (default: all the text fills)")
@@ -73,22 +85,22 @@ _quiet = click.option("--quiet", is_flag=True, help="no progress bar")
               help="a base model (e.g. the f32 GGUF): also report the KL divergence of the model's token "
                    "distributions from the base's, top-1 agreement and delta-p, as llama-perplexity --kl-divergence")
 @_ctx
-@click.option("-b", "--batch", default=None, type=click.IntRange(min=1),
+@click.option("-b", "--batch-size", "batch", default=None, type=click.IntRange(min=1),
               help="tokens per forward call (default: a whole chunk; 1 takes the decode kernels, which round "
                    "activations to Q8_0/Q8_K as llama.cpp does)")
 @_chunks
 @_threads
 @_quiet
-def perplexity(model_path, text_path, base_path, ctx, batch, n_chunks, threads, quiet):
+def perplexity(model_path, hf_repo, text_path, base_path, ctx, batch, n_chunks, threads, quiet):
     """Perplexity of MODEL over a text as llama-perplexity computes it: chunks of CTX tokens, the second half of
     each scored."""
     from flashlite import quality
 
     text = _read(text_path)
-    model = _load(model_path, threads)
+    model = _load(model_path, threads, hf_repo=hf_repo)
     base = _load(base_path, threads, "--kl-base") if base_path else None
     if base is not None and base.vocab_size != model.vocab_size:
-        raise click.BadParameter(f"{base_path} has a vocabulary of {base.vocab_size} tokens, {model_path} of "
+        raise click.BadParameter(f"{base_path} has a vocabulary of {base.vocab_size} tokens, {model.file.path} of "
                                  f"{model.vocab_size}", param_hint="--kl-base")
     if ctx > model.ctx:
         raise click.BadParameter(f"{ctx} exceeds the model's context of {model.ctx}", param_hint="-c")
@@ -118,7 +130,7 @@ def perplexity(model_path, text_path, base_path, ctx, batch, n_chunks, threads, 
 @_threads
 @click.option("--force", is_flag=True, help="overwrite the output if it exists")
 @_quiet
-def imatrix(model_path, text_path, out_path, ctx, n_chunks, threads, force, quiet):
+def imatrix(model_path, hf_repo, text_path, out_path, ctx, n_chunks, threads, force, quiet):
     """The importance matrix of MODEL over a text (the mean squared input of every column of every weight matrix,
     per expert for the routed experts), in llama-imatrix's GGUF format, for `flashlite quantize --imatrix` and
     llama.cpp's quantizer."""
@@ -127,7 +139,7 @@ def imatrix(model_path, text_path, out_path, ctx, n_chunks, threads, force, quie
     if os.path.exists(out_path) and not force:
         raise click.BadParameter(f"{out_path} exists (--force overwrites it)", param_hint="-o")
     text = _read(text_path)
-    model = _load(model_path, threads)
+    model = _load(model_path, threads, hf_repo=hf_repo)
     if ctx > model.ctx:
         raise click.BadParameter(f"{ctx} exceeds the model's context of {model.ctx}", param_hint="-c")
     bar = _Bar("imatrix", not quiet)

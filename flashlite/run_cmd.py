@@ -27,7 +27,7 @@ def load_options(command):
         return command(load_opts={n: kwargs.pop(n) for n in names}, **kwargs)
 
     options = (
-        click.option("-hf", "--hf-repo", default=None, metavar="ORG/REPO[:QUANT]",
+        click.option("-hf", "-hfr", "--hf-repo", default=None, metavar="ORG/REPO[:QUANT]",
                      help="a GGUF from the Hugging Face Hub instead of -m (QUANT default Q4_K_M), kept in its cache"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
@@ -111,17 +111,22 @@ def load_model(model_path, threads, ctx, load_opts, spec_opts=None):
 @click.option("-m", "--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="deepseek4 GGUF file")
 @click.option("-p", "--prompt", default=None, help="prompt text (needs the tokenizer in the GGUF)")
+@click.option("-f", "--file", "prompt_file", default=None, type=click.File("r", encoding="utf-8"),
+              help="file whose text is the prompt")
 @click.option("--tokens", default=None, help="prompt as comma-separated token ids")
-@click.option("-n", "--n-predict", "n_predict", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("-n", "--n-predict", "--predict", "n_predict", default=32, show_default=True, type=click.IntRange(min=1),
               help="tokens to generate")
 @click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
-@click.option("-c", "--ctx", default=None, type=click.IntRange(min=1), help="context length (default: the model's)")
+@click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
+              help="context length (default: the model's)")
 @load_options
 @spec_options
-def run(model_path, prompt, tokens, n_predict, threads, ctx, load_opts, spec_opts):
+def run(model_path, prompt, prompt_file, tokens, n_predict, threads, ctx, load_opts, spec_opts):
     """Generate N tokens greedily after a prompt and report tokens/s."""
-    if (prompt is None) == (tokens is None):
-        raise click.UsageError("give exactly one of -p/--prompt and --tokens")
+    if [prompt, prompt_file, tokens].count(None) != 2:
+        raise click.UsageError("give exactly one of -p/--prompt, -f/--file and --tokens")
+    if prompt_file is not None:
+        prompt = prompt_file.read()
     model = load_model(model_path, threads, ctx, load_opts, spec_opts)
     tokenizer = None
     if prompt is not None:

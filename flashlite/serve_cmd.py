@@ -14,7 +14,7 @@ from flashlite.run_cmd import load_model, load_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
 @click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
-@click.option("-c", "--ctx-size", "--ctx", "ctx", default=None, type=click.IntRange(min=1),
+@click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
               help="context length (default: the model's)")
 @click.option("-np", "--parallel", default=4, show_default=True, type=click.IntRange(min=1),
               help="requests generating at once; more wait for a slot")

@@ -16,7 +16,7 @@ import time
 import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,6 +25,7 @@ from gguf import GGUFValueType, GGUFWriter
 
 from flashlite import blocks
 from flashlite.atomic import partial_file, remove_stale_partials
+from flashlite.gguf_model import shard_number
 from quant.gguf_meta import ARCH, hparam_kv, read_hparams
 from quant.gguf_source import read_gguf_source
 from quant.imatrix import Imatrix
@@ -222,14 +223,18 @@ class Plan:
     style: str
     n_layers: int
     n_expert: int
+    kv_overrides: list[tuple[str, object, GGUFValueType]] = field(default_factory=list)  # --override-kv
 
 
 def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
-         checkpoint: Checkpoint | None = None, mtp: bool = False) -> Plan:
+         checkpoint: Checkpoint | None = None, mtp: bool = False, allow_requantize: bool = False,
+         kv_overrides=()) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
     and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
     shards (their headers, the data possibly still to come) instead of those on disk. mtp: the checkpoint's MTP
-    draft GGUF (quant.layout) instead of the model."""
+    draft GGUF (quant.layout) instead of the model. A GGUF's quantized tensors are requantized only with
+    `allow_requantize` (llama-quantize's --allow-requantize). kv_overrides: (key, value, GGUFValueType) entries
+    that replace or join the metadata (quant.gguf_meta.parse_kv_override)."""
     src = Path(src)
     if src.is_file() and checkpoint is None:
         if mtp:
@@ -257,6 +262,8 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
             recipe.has_imatrix, recipe.n_expert = imatrix is not None, n_expert
         types, notes = recipe.assign(layout.tensors, block_count)
         planned = [Planned(t, types[t.name], tensor_nbytes(t.shape, types[t.name])) for t in layout.tensors]
+        if h is None:
+            _check_requantize(src, planned, allow_requantize, notes)
         _plan_importance(planned, imatrix, notes)
     except BaseException:
         source.close()
@@ -272,7 +279,49 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
                      f"{lossy[0]}")
-    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert)
+    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert, list(kv_overrides))
+
+
+def _is_quantized(qtype: int) -> bool:
+    """ggml_is_quantized: a block type (not F32, F16, BF16 or an integer type)."""
+    sizes = blocks.type_sizes(qtype)
+    return sizes is not None and sizes[0] > 1
+
+
+def _check_requantize(src: Path, planned: list[Planned], allow: bool, notes: list[str]) -> None:
+    """llama-quantize refuses to convert an already quantized tensor (decode and quantize again loses more than
+    quantizing the original) unless allowed; copying it as it is, is no requantization."""
+    again = [(p, part.source_type) for p in planned if p.tensor.role != INDEX for part in p.tensor.parts[:1]
+             if part.source_type != p.qtype and _is_quantized(part.source_type)]
+    if not again:
+        return
+    p, was = again[0]
+    if not allow:
+        raise ValueError(f"{src}: tensor '{p.tensor.name}' is {blocks.type_name(was)} already: requantizing it to "
+                         f"{blocks.type_name(p.qtype)} compounds two roundings (as llama-quantize, this takes "
+                         f"--allow-requantize; {len(again)} tensor(s) would be)")
+    notes.append(f"{len(again)} already quantized tensor(s) are requantized, e.g. {p.tensor.name} "
+                 f"{blocks.type_name(was)} -> {blocks.type_name(p.qtype)}")
+
+
+def plan_lines(p: Plan) -> list[str]:
+    """llama-quantize --dry-run's report: each tensor's shape, source type, new type and size, then the totals
+    (MiB and bits per weight) before and after."""
+    lines, before, after, elements = [], 0, 0, 0
+    width = max(len(t.tensor.name) for t in p.tensors)
+    shapes = ["[" + ", ".join(str(d) for d in reversed(t.tensor.shape)) + "]" for t in p.tensors]
+    shape_width = max(map(len, shapes))
+    for i, (t, shape) in enumerate(zip(p.tensors, shapes)):
+        src_type = t.tensor.source_type
+        src_bytes = (tensor_nbytes(t.tensor.shape, src_type) if blocks.type_sizes(src_type) else t.nbytes)
+        n = math.prod(t.tensor.shape)
+        before, after, elements = before + src_bytes, after + t.nbytes, elements + n
+        lines.append(f"[{i + 1:4d}/{len(p.tensors):4d}] {t.tensor.name:<{width}} {shape:<{shape_width}} "
+                     f"{blocks.type_name(src_type):>7} -> {blocks.type_name(t.qtype):<7} "
+                     f"{src_bytes / 2**20:10.3f} MiB -> {t.nbytes / 2**20:10.3f} MiB")
+    lines.append(f"model size = {before / 2**20:10.2f} MiB ({before * 8 / elements:.2f} BPW)")
+    lines.append(f"quant size = {after / 2**20:10.2f} MiB ({after * 8 / elements:.2f} BPW)")
+    return lines
 
 
 def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: list[str]) -> None:
@@ -298,20 +347,32 @@ def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: lis
                      f"(--imatrix FILE): their columns are weighed by the sum of squared weights, e.g. {energy[0]}")
 
 
-def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: str) -> GGUFWriter:
-    """A GGUFWriter on `path` that has written the header, the metadata and every tensor's info, in llama.cpp's
-    order; the tensor data follows, each tensor at data_offsets(...)."""
-    writer = GGUFWriter(path, ARCH)
-    writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
-    writer.add_string("general.name", general_name)
-    writer.add_uint32("general.file_type", recipe.file_type)
-    writer.add_uint32("general.quantization_version", 2)
-    for key, value, vtype in p.metadata:
+def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: str,
+               tensors: list[Planned] | None = None, split: tuple[int, int, int] | None = None) -> GGUFWriter:
+    """A GGUFWriter on `path` that has written the header, the metadata and the info of every tensor (or of
+    `tensors`), in llama.cpp's order; the tensor data follows, each tensor at data_offsets(...). split: (split.no,
+    split.count, split.tensors.count) of one file of a split model, which llama-quantize --keep-split gives only
+    these keys after the first file."""
+    if split is not None and split[0] > 0:
+        writer, entries = GGUFWriter(path, ""), []  # no arch: no general.architecture
+    else:
+        writer = GGUFWriter(path, ARCH)
+        entries = [("general.type", "model", GGUFValueType.STRING),  # as llama.cpp's converter stamps model files
+                   ("general.name", general_name, GGUFValueType.STRING),
+                   ("general.file_type", recipe.file_type, GGUFValueType.UINT32),
+                   ("general.quantization_version", 2, GGUFValueType.UINT32), *p.metadata]
+        for override in p.kv_overrides:  # in place of the entry it names, else after the others
+            at = next((i for i, (key, _, _) in enumerate(entries) if key == override[0]), len(entries))
+            entries[at:at + 1] = [override]
+    if split is not None:
+        entries += [("split.no", split[0], GGUFValueType.UINT16), ("split.count", split[1], GGUFValueType.UINT16),
+                    ("split.tensors.count", split[2], GGUFValueType.INT32)]
+    for key, value, vtype in entries:
         if vtype == GGUFValueType.ARRAY or isinstance(value, list):
             writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
         else:
             writer.add_key_value(key, value, vtype)
-    for t in p.tensors:
+    for t in p.tensors if tensors is None else tensors:
         writer.add_tensor_info(t.tensor.name, t.tensor.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     writer.write_header_to_file(Path(path))
     writer.write_kv_data_to_file()
@@ -333,82 +394,121 @@ def data_offsets(writer: GGUFWriter, p: Plan) -> tuple[list[int], int]:
     return offsets, pos
 
 
+def _outputs(p: Plan, out: Path, keep_split: bool) -> list[tuple[Path, list[Planned], tuple[int, int, int] | None]]:
+    """(file, its tensors, (split.no, split.count, split.tensors.count) or None) of each file to write: `out`, or
+    with keep_split for a split source one per source file, named as llama.cpp names splits (OUT less .gguf, then
+    -0000i-of-0000N.gguf)."""
+    count = p.source.metadata.get("split.count", 1) if keep_split and p.hparams is None else 1
+    if count <= 1:
+        return [(out, p.tensors, None)]
+    stem = str(out).removesuffix(".gguf")
+    by_split: list[list[Planned]] = [[] for _ in range(count)]
+    for t in p.tensors:
+        by_split[shard_number(os.path.basename(t.tensor.parts[0].view.path)) - 1].append(t)
+    return [(Path(f"{stem}-{i + 1:05d}-of-{count:05d}.gguf"), tensors, (i, count, len(p.tensors)))
+            for i, tensors in enumerate(by_split)]
+
+
+def _write_data(writer: GGUFWriter, tensors: list[Planned], h, slab_bytes: int, workers: int, bar: Progress) -> None:
+    """The data section after start_gguf: each tensor's bytes, padded to the alignment, made `workers` slabs
+    ahead."""
+    fout = writer.fout[0]
+    stream = _pipeline(tensors, h, slab_bytes, workers)
+    try:
+        written = 0
+        for t, chunk in stream:
+            if chunk is None:
+                if written != t.nbytes:
+                    raise AssertionError(f"{t.tensor.name}: wrote {written} bytes, planned {t.nbytes}")
+                fout.write(bytes(-written % writer.data_alignment))
+                for shard in set().union(*(part.shards() for part in t.tensor.parts)):
+                    shard.release_all()
+                bar.update(t.tensor.name, 0, tensor_done=True)
+                written = 0
+                continue
+            if written == 0:
+                fout.write(bytes(-fout.tell() % writer.data_alignment))
+            fout.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+            bar.update(t.tensor.name, chunk.nbytes)
+    finally:
+        stream.close()
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
-            imatrix: Imatrix | None = None, mtp: bool = False) -> Summary:
+            imatrix: Imatrix | None = None, mtp: bool = False, allow_requantize: bool = False,
+            kv_overrides=(), keep_split: bool = False) -> Summary:
     """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
     what was written.
 
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
     `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
     weighs the quantizers' error per column (quant.imatrix). `mtp` writes the MTP draft GGUF llama.cpp's
-    converter writes with --mtp (for `-md`; quant.layout) instead of the model."""
+    converter writes with --mtp (for `-md`; quant.layout) instead of the model. `allow_requantize` and
+    `kv_overrides`: as for plan(). `keep_split`: a split GGUF source is written as the same splits, each tensor in
+    the file of its source's number, OUT-0000i-of-0000N.gguf (llama-quantize --keep-split)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force and not keep_split:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
-    p = plan(src, recipe, imatrix, mtp=mtp)
-    h, planned = p.hparams, p.tensors
+    if keep_split and not src.is_file():
+        raise ValueError(f"--keep-split: {src} is not a GGUF (a checkpoint is written as one file)")
+    p = plan(src, recipe, imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv_overrides)
+    planned = p.tensors
+    outputs = _outputs(p, out, keep_split)
     default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")
     if not src.is_dir():
         default_name = p.source.get("general.name", default_name)
     t0 = time.perf_counter()
-    tmp = None
+    temps: list[str] = []
     writer = None
     try:
+        if keep_split and len(outputs) == 1:
+            p.notes.append(f"--keep-split: {src} is one file, so is {out}")
         for note in p.notes:
             log(f"note: {note}")
-        stale = remove_stale_partials(out)
-        if stale:
-            log(f"note: removed {len(stale)} unfinished file(s) of earlier runs that were killed: {', '.join(stale)}")
-        tmp = partial_file(out)
-        writer = start_gguf(tmp, p, recipe, name or default_name)
-        fout = writer.fout[0]
+        if keep_split and not force:
+            there = [str(path) for path, _, _ in outputs if path.exists()]
+            if there:
+                raise FileExistsError(f"{there[0]}: already exists (pass --force to overwrite)")
+        for path, _, _ in outputs:
+            stale = remove_stale_partials(path)
+            if stale:
+                log(f"note: removed {len(stale)} unfinished file(s) of earlier runs that were killed: "
+                    f"{', '.join(stale)}")
         total = sum(t.nbytes for t in planned)
         bar = Progress(len(planned), total, enabled=progress)
-        log(f"quantizing {src} ({p.style} layout, {p.n_layers} layers, {p.n_expert} experts) -> {out}: "
+        where = out if len(outputs) == 1 else f"{len(outputs)} files {outputs[0][0]} ..."
+        log(f"quantizing {src} ({p.style} layout, {p.n_layers} layers, {p.n_expert} experts) -> {where}: "
             f"{len(planned)} tensors, {total / 1e9:.2f} GB")
-        stream = _pipeline(planned, h, slab_bytes, workers or _cpus())
-        try:
-            written = 0
-            for t, chunk in stream:
-                if chunk is None:
-                    if written != t.nbytes:
-                        raise AssertionError(f"{t.tensor.name}: wrote {written} bytes, planned {t.nbytes}")
-                    fout.write(bytes(-written % writer.data_alignment))
-                    for shard in set().union(*(part.shards() for part in t.tensor.parts)):
-                        shard.release_all()
-                    bar.update(t.tensor.name, 0, tensor_done=True)
-                    written = 0
-                    continue
-                if written == 0:
-                    fout.write(bytes(-fout.tell() % writer.data_alignment))
-                fout.write(memoryview(chunk).cast("B"))
-                written += chunk.nbytes
-                bar.update(t.tensor.name, chunk.nbytes)
-        finally:
-            stream.close()
+        for path, tensors, split in outputs:
+            temps.append(partial_file(path))
+            writer = start_gguf(temps[-1], p, recipe, name or default_name, tensors, split)
+            _write_data(writer, tensors, p.hparams, slab_bytes, workers or _cpus(), bar)
+            writer.fout[0].flush()
+            os.fsync(writer.fout[0].fileno())
+            writer.close()
         bar.finish()
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, out)
-        tmp = None
+        for tmp, (path, _, _) in zip(temps, outputs):
+            os.replace(tmp, path)
+        temps = []
     finally:
         try:
             if writer is not None:
                 writer.close()
         except OSError:
-            if tmp is None:  # the file is complete and in place: a failing close is the caller's to hear
+            if not temps:  # the files are complete and in place: a failing close is the caller's to hear
                 raise
         finally:  # a second failure (ENOSPC again on close) must not skip the removal
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+            for tmp in temps:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             p.source.close()
     seconds = time.perf_counter() - t0
-    log(f"wrote {out}: {len(planned)} tensors, {total / 1e9:.2f} GB in {seconds:.1f} s "
+    log(f"wrote {where}: {len(planned)} tensors, {total / 1e9:.2f} GB in {seconds:.1f} s "
         f"({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
     return Summary(out, len(planned), total, seconds, p.notes)

@@ -227,3 +227,32 @@ def hparam_kv(h: Hparams, mtp: bool = False) -> list[tuple[str, object, GGUFValu
         (f"{a}.hyper_connection.sinkhorn_iterations", h.hc_sinkhorn_iters, u32),
         (f"{a}.hyper_connection.epsilon", h.hc_eps, f32),
     ]
+
+
+def parse_kv_override(item: str) -> tuple[str, object, GGUFValueType]:
+    """llama.cpp's --override-kv KEY=TYPE:VALUE (common/common.cpp string_parse_kv_override) as the GGUF entry
+    llama-quantize writes for it: int as UINT32 (of the absolute value), float as FLOAT32, bool, str (at most 127
+    bytes)."""
+    key, sep, rest = item.partition("=")
+    if not sep or not key or len(key) >= 128:
+        raise ValueError(f"--override-kv: expected KEY=TYPE:VALUE (KEY under 128 characters), got {item!r}")
+    if key in ("general.architecture", "general.alignment"):
+        raise ValueError(f"--override-kv: {key} is the writer's (flashlite writes {ARCH} files, aligned to 32)")
+    kind, colon, text = rest.partition(":")
+    if not colon or kind not in ("int", "float", "bool", "str"):
+        raise ValueError(f"--override-kv: TYPE is one of int, float, bool, str, in {item!r}")
+    try:
+        if kind == "int":
+            return key, abs(int(text)), GGUFValueType.UINT32
+        if kind == "float":
+            return key, float(text), GGUFValueType.FLOAT32
+    except ValueError:
+        article = "an" if kind == "int" else "a"
+        raise ValueError(f"--override-kv: {text!r} is not {article} {kind}, in {item!r}") from None
+    if kind == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(f"--override-kv: a bool is true or false, got {text!r} in {item!r}")
+        return key, text == "true", GGUFValueType.BOOL
+    if len(text.encode()) > 127:
+        raise ValueError(f"--override-kv: a str value is at most 127 bytes, in {item!r}")
+    return key, text, GGUFValueType.STRING

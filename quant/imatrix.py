@@ -44,6 +44,33 @@ class Imatrix:
         out[seen] = sums[seen] / counts[seen, None]
         return out.reshape(-1).astype(np.float32)
 
+    def kv(self, path: str) -> list[tuple]:
+        """The metadata llama-quantize records in its output about the matrix it used (the entries left after
+        --include-weights / --exclude-weights; strings cut to 127 bytes as its overrides cut them)."""
+        from gguf import GGUFValueType
+
+        cut = lambda text: text.encode()[:127].decode(errors="ignore")  # noqa: E731
+        entries = [("quantize.imatrix.file", cut(os.fspath(path)), GGUFValueType.STRING)]
+        if self.datasets:
+            entries.append(("quantize.imatrix.dataset", cut(self.datasets[0]), GGUFValueType.STRING))
+        entries.append(("quantize.imatrix.entries_count", len(self.sums), GGUFValueType.UINT32))
+        if self.chunk_count > 0:
+            entries.append(("quantize.imatrix.chunks_count", self.chunk_count, GGUFValueType.UINT32))
+        return entries
+
+    def select(self, include=(), exclude=()) -> "Imatrix | None":
+        """llama-quantize's --include-weights / --exclude-weights: only the entries whose name contains one of
+        `include`, or all but those that contain one of `exclude`; None when no entry is left (the quantizers
+        then run as without a matrix)."""
+        if include and exclude:
+            raise ValueError("--include-weights and --exclude-weights cannot be used together")
+        names = [n for n in self.sums if (not include or any(s in n for s in include))
+                 and not any(s in n for s in exclude)]
+        if not names:
+            return None
+        return Imatrix({n: self.sums[n] for n in names}, {n: self.counts[n] for n in names}, list(self.datasets),
+                       self.chunk_count, self.chunk_size)
+
 
 def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """A llama.cpp importance matrix, GGUF or legacy .dat (told apart by the GGUF magic)."""

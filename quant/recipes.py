@@ -14,8 +14,15 @@ Three families of recipes:
   stay F32 (exact in llama.cpp too, whose BF16 router rounds its input), 1-D tensors and the compressors'
   position biases F32. `f32` is the exact file; `F32` is llama.cpp's, router BF16.
 In every family tid2eid stays I32 and 1-D tensors F32, a type whose block does not divide a tensor's rows falls
-back to one that does (as llama.cpp's tensor_type_fallback does) and says so, and an override (a regex searched
-in the GGUF name; the last matching one wins) applies only to tensors the recipe quantizes.
+back to one that does (as llama.cpp's tensor_type_fallback does) and says so.
+
+llama-quantize's options act on any recipe as they act there (src/llama-quant.cpp, llama_tensor_get_type):
+--leave-output-tensor keeps output.weight in its source type; --token-embedding-type and --output-tensor-type give
+token_embd.weight and output.weight a type outright (no fallback, no override); --tensor-type PATTERN=TYPE gives a
+tensor the recipe quantizes the type of the first pattern (lower-cased, a regex searched in the GGUF name) that
+matches, and for llama.cpp's mixes such a tensor skips the mix's rules (and their layer counting), as --pure skips
+them for every tensor. For llama.cpp's unquantized file types (F32, F16, BF16) the overrides and --pure do nothing
+there, so they are refused here.
 """
 from __future__ import annotations
 
@@ -52,6 +59,8 @@ FTYPES = {
     "TQ1_0": (36, "TQ1_0"), "TQ2_0": (37, "TQ2_0"), "MXFP4_MOE": (38, "MXFP4"), "Q1_0": (40, "Q1_0"),
     "Q2_0": (41, "Q2_0"),
 }
+# llama-quantize's aliases (upper case: q4_k is flashlite's single type)
+FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 DS4_RECIPES = ("ds4-q2", "ds4-q4")
 
 # the types whose search ggml runs only with importance weights (llama.cpp refuses them without an imatrix, Q2_K
@@ -84,6 +93,28 @@ def _flashlite_type(text: str, what: str) -> int:
     return qtype
 
 
+def parse_tensor_type(item: str, what: str = "--tensor-type") -> tuple[str, re.Pattern, int]:
+    """llama-quantize's PATTERN=TYPE: split at the first '=', the pattern lower-cased (as its parser does)."""
+    pattern, sep, qname = item.partition("=")
+    if not sep or not pattern or not qname:
+        raise ValueError(f"{what}: expected PATTERN=TYPE, got {item!r}")
+    pattern = pattern.lower()
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what}: bad pattern {pattern!r}: {exc}") from exc
+    return pattern, regex, _flashlite_type(qname, f"{what} {item!r}")
+
+
+def read_tensor_type_file(path: str) -> list[str]:
+    """llama-quantize's --tensor-type-file: PATTERN=TYPE items separated by spaces or newlines."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--tensor-type-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
 def _n_dims(shape: tuple[int, ...]) -> int:
     """ggml_n_dims of a numpy-order shape: trailing ggml dims of 1 do not count."""
     ne = list(reversed(shape))
@@ -99,32 +130,59 @@ def _layer(name: str) -> int:
 
 @dataclass
 class Recipe:
-    """A recipe's choice of type per tensor, plus the user's overrides."""
+    """A recipe's choice of type per tensor, plus the user's overrides and llama-quantize's options."""
 
     name: str
     file_type: int
     overrides: list[tuple[str, re.Pattern, int]] = field(default_factory=list)
+    output_type: int | None = None      # --output-tensor-type
+    token_embd_type: int | None = None  # --token-embedding-type
+    leave_output: bool = False          # --leave-output-tensor
+    pure: bool = False                  # --pure
 
     @classmethod
-    def parse(cls, type_name: str, tensor_types=()) -> "Recipe":
-        """`--type` and the `--tensor-type PATTERN=TYPE` values."""
+    def parse(cls, type_name: str, tensor_types=(), *, output_type: str | None = None,
+              token_embd_type: str | None = None, leave_output: bool = False, pure: bool = False) -> "Recipe":
+        """`--type`, the `--tensor-type PATTERN=TYPE` values and llama-quantize's other type options."""
         text = type_name.strip()
+        text = FTYPE_ALIASES.get(text, text)
         if text in FTYPES or (text.upper() in FTYPES and text.lower() not in TYPES):
             recipe: Recipe = LlamaMix.of(text.upper())
         elif text.lower() in DS4_RECIPES:
             recipe = DS4Recipe(text.lower(), FTYPES["IQ2_XXS" if text.lower() == "ds4-q2" else "Q4_K_S"][0])
         else:
             recipe = SplitRecipe.of(text.lower())
-        for item in tensor_types:
-            pattern, sep, qname = item.rpartition("=")
-            if not sep or not pattern:
-                raise ValueError(f"--tensor-type: expected PATTERN=TYPE, got {item!r}")
-            try:
-                regex = re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"--tensor-type: bad pattern {pattern!r}: {exc}") from exc
-            recipe.overrides.append((pattern, regex, _flashlite_type(qname, f"--tensor-type {item!r}")))
+        recipe.overrides = [parse_tensor_type(item) for item in tensor_types]
+        if output_type is not None:
+            recipe.output_type = _flashlite_type(output_type, "--output-tensor-type")
+        if token_embd_type is not None:
+            recipe.token_embd_type = _flashlite_type(token_embd_type, "--token-embedding-type")
+        recipe.leave_output, recipe.pure = leave_output, pure
+        if isinstance(recipe, LlamaMix) and not blocks.type_sizes(recipe.default)[0] > 1:
+            for option, given in (("--tensor-type", recipe.overrides), ("--pure", pure)):
+                if given:
+                    raise ValueError(f"{option}: llama.cpp's {recipe.ftype} is not a quantized file type, to which "
+                                     f"llama-quantize applies no override and no mix (use a flashlite type: "
+                                     f"--type {recipe.ftype.lower()})")
+        elif pure and not isinstance(recipe, LlamaMix):
+            raise ValueError(f"--pure: turns off the mix rules of llama.cpp's file types (Q4_K_M, ...); "
+                             f"{recipe.name} is not one")
         return recipe
+
+    def override(self, t: GGUFTensor) -> int | None:
+        """The type of the first --tensor-type pattern found in the tensor's name, as llama.cpp picks it."""
+        for _, regex, qtype in self.overrides:
+            if regex.search(t.name):
+                return qtype
+        return None
+
+    def fixed(self, t: GGUFTensor) -> int | None:
+        """--token-embedding-type and --output-tensor-type, for the tensors they name."""
+        if t.name == "token_embd.weight":
+            return self.token_embd_type
+        if t.name == "output.weight":
+            return self.output_type
+        return None
 
     def choose(self, tensors: list[GGUFTensor], block_count: int) -> dict[str, int | None]:
         """GGUF name -> the recipe's type, or None for a tensor it leaves in its source type."""
@@ -140,14 +198,21 @@ class Recipe:
         types, used, fallbacks = {}, set(), {}
         for t in tensors:
             qtype = chosen[t.name]
-            if qtype is None:
+            if qtype is None or (self.leave_output and t.name == "output.weight"):
                 types[t.name] = t.source_type
                 continue
             if self.quantizes(t):
-                for pattern, regex, override in self.overrides:
-                    if regex.search(t.name):
-                        qtype = override
-                        used.add(pattern)
+                fixed = self.fixed(t)
+                if fixed is not None:  # llama.cpp gives it outright: no override, no fallback
+                    if t.shape[-1] % _block(fixed):
+                        option = "--output-tensor-type" if t.name == "output.weight" else "--token-embedding-type"
+                        raise ValueError(f"{option}: {t.name} has rows of {t.shape[-1]}, not a multiple of "
+                                         f"{blocks.type_name(fixed)}'s block of {_block(fixed)}")
+                    types[t.name] = fixed
+                    continue
+                used.update(p for p, regex, _ in self.overrides if regex.search(t.name))
+                override = self.override(t)
+                qtype = qtype if override is None else override
             wanted = qtype
             qtype = fallback(qtype, t.shape[-1])
             if qtype != wanted:
@@ -234,6 +299,11 @@ class LlamaMix(Recipe):
     def of(cls, ftype: str) -> "LlamaMix":
         return cls(ftype, FTYPES[ftype][0], ftype=ftype)
 
+    @property
+    def default(self) -> int:
+        """llama_ftype_get_default_type"""
+        return T(FTYPES[self.ftype][1])
+
     @staticmethod
     def allows(t: GGUFTensor) -> bool:
         """llama.cpp's tensor_allows_quantization for deepseek4's names."""
@@ -245,7 +315,7 @@ class LlamaMix(Recipe):
         return self.allows(t)
 
     def choose(self, tensors, block_count):
-        ft, default = self.ftype, T(FTYPES[self.ftype][1])
+        ft, default = self.ftype, self.default
         low_iq = ft in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
         n = block_count
 
@@ -260,6 +330,12 @@ class LlamaMix(Recipe):
                 continue
             name, new = t.name, default
             if default in (F32, F16, BF16):  # not a quantized type: llama.cpp applies no rule
+                pass
+            elif self.fixed(t) is not None:  # given outright (Recipe.assign)
+                pass
+            elif self.override(t) is not None:  # a manual type: no rule, and not counted among the ffn_down
+                new = self.override(t)
+            elif self.pure:
                 pass
             elif name == "output.weight":
                 if ft == "MXFP4_MOE" or t.shape[-1] % _block(new):

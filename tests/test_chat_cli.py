@@ -58,7 +58,7 @@ def test_answer_then_think_max_and_ctrl_d(gguf):
 
 def test_save_reset_load_keeps_history(gguf, tmp_path):
     saved = tmp_path / "conv.json"
-    child = spawn(gguf, "-n", "8", "--system", "be brief")
+    child = spawn(gguf, "-n", "8", "-sys", "be brief")
     ask(child, "first question")
     child.sendline("line one\\")
     child.expect_exact("... ")

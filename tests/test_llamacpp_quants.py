@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ def goldens():
 def test_file_type_is_llama_cpp_byte_for_byte_and_runs_closer_than_llama_cpp(ftype, flat_imatrix, goldens, tmp_path):
     want = MANIFEST["ftypes"][ftype]
     out = tmp_path / f"{ftype}.gguf"
-    args = ["quantize", str(SOURCE), str(out), "--type", ftype, "--quiet"]
+    args = ["quantize", str(SOURCE), str(out), "--type", ftype, "--allow-requantize", "--quiet"]
     if want["imatrix"] == "flat":
         args += ["--imatrix", str(flat_imatrix)]
     result = CliRunner().invoke(main, args)
@@ -77,7 +79,8 @@ def test_file_type_is_llama_cpp_byte_for_byte_and_runs_closer_than_llama_cpp(fty
     ids = goldens["prompt_ids"]
     ours = load(out).logits(ids)
     exact = tmp_path / f"{ftype}-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(out), str(exact), "--type", "f32", "--quiet"])
+    result = CliRunner().invoke(main, ["quantize", str(out), str(exact), "--type", "f32", "--allow-requantize",
+                                       "--quiet"])
     assert result.exit_code == 0, result.output
     reference = load(exact).logits(ids)
     top2 = np.sort(reference, axis=1)[:, -2:]
@@ -116,3 +119,86 @@ def test_file_type_mix_of_43_layers_is_llama_cpps(ftype):
     types, _ = recipe.assign(tensors, 43)
     lines = "".join(sorted(f"{name}:{t}\n" for name, t in types.items()))
     assert hashlib.sha256(lines.encode()).hexdigest() == MIX43["ftypes"][ftype]["types_sha256"]
+
+
+# ------------------------------------------------------------------ llama-quantize's options
+
+OPTIONS = json.loads((FIXTURES / "llamacpp" / "options.json").read_text())
+LLAMACPP_PYTHON = os.environ.get("FLASHLITE_LLAMACPP_PYTHON")
+TOOL = Path(__file__).parents[1] / "tools" / "make_llamacpp_quants.py"
+
+
+def write_random_imatrix(path: Path) -> None:
+    """Importance weights drawn once (seed 0) for every matrix of SOURCE, counts 1: the matrix the cases of
+    options.json marked "given" were made with (so that --include-weights and --exclude-weights show)."""
+    rng = np.random.default_rng(0)
+    im = Imatrix(datasets=["random"], chunk_count=1, chunk_size=512)
+    with GGUFReader(SOURCE) as r:
+        for t in r.tensors:
+            if len([n for n in t.ne if n != 1]) >= 2 and t.name.endswith(".weight") and "tid2eid" not in t.name:
+                experts = t.ne[2] if len(t.ne) == 3 else 1
+                im.sums[t.name] = rng.gamma(2.0, 1.0, (experts, t.ne[0])).astype(np.float32)
+                im.counts[t.name] = np.ones(experts, np.float32)
+    write_imatrix(path, im)
+
+
+@pytest.fixture(scope="module")
+def random_imatrix(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("imatrix") / "random.imatrix.gguf"
+    write_random_imatrix(path)
+    return path
+
+
+def _tensor_hashes(path: Path) -> dict[str, str]:
+    with GGUFReader(path) as r:
+        return {t.name: f"{t.type}:{hashlib.sha256(r.data(t).tobytes()).hexdigest()[:16]}" for t in r.tensors}
+
+
+def _metadata(path: Path, keys) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return {k: [int(fields[k].types[0]), fields[k].contents()] for k in keys}
+
+
+def _imatrix_args(case: dict, flat: Path, random: Path) -> list[str]:
+    return {None: [], "flat": ["--imatrix", str(flat)], "given": ["--imatrix", str(random)]}[case["imatrix"]]
+
+
+def _flashlite_quantize(case: dict, out: Path, flat: Path, random: Path) -> None:
+    args = ["quantize", str(SOURCE), str(out), "--type", case["ftype"], *case["args"], "--allow-requantize",
+            "--quiet", *_imatrix_args(case, flat, random)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS["cases"]))
+def test_llama_quantize_options_give_llama_cpps_tensors(name, flat_imatrix, random_imatrix, tmp_path):
+    """--pure, --leave-output-tensor, --output-tensor-type, --token-embedding-type, --tensor-type (first match),
+    --include-weights / --exclude-weights and --override-kv: with the same options, every tensor has the type and
+    bytes llama.cpp's quantizer gave it, and the metadata set is what it wrote."""
+    case = OPTIONS["cases"][name]
+    out = tmp_path / "out.gguf"
+    _flashlite_quantize(case, out, flat_imatrix, random_imatrix)
+    got = _tensor_hashes(out)
+    assert got.keys() == case["tensors"].keys()
+    wrong = [(n, got[n], case["tensors"][n]) for n in got if got[n] != case["tensors"][n]]
+    assert not wrong, f"{len(wrong)} tensor(s) differ from llama.cpp's (name, ours, theirs): {wrong[:4]}"
+    assert _metadata(out, case["kv"]) == case["kv"]
+
+
+@pytest.mark.skipif(not LLAMACPP_PYTHON, reason="FLASHLITE_LLAMACPP_PYTHON (a llama-cpp-python venv) is not set")
+@pytest.mark.parametrize("name", sorted(OPTIONS["cases"]))
+def test_llama_quantize_options_against_llama_cpp_now(name, flat_imatrix, random_imatrix, tmp_path):
+    """The same, against llama.cpp's quantizer run now (tools/make_llamacpp_quants.py) rather than its record."""
+    case = OPTIONS["cases"][name]
+    tool_args = [LLAMACPP_PYTHON, str(TOOL), str(tmp_path / "theirs"), "--src", str(SOURCE), "--threads", "2",
+                 "--ftype", case["ftype"], *case["args"]]
+    if case["imatrix"] == "given":
+        tool_args += ["--imatrix", str(random_imatrix)]
+    subprocess.run(tool_args, check=True, capture_output=True)
+    theirs = next((tmp_path / "theirs").glob("*.gguf"))
+    ours = tmp_path / "ours.gguf"
+    _flashlite_quantize(case, ours, flat_imatrix, random_imatrix)
+    assert _tensor_hashes(ours) == _tensor_hashes(theirs)
+    assert _metadata(ours, case["kv"]) == _metadata(theirs, case["kv"])

@@ -536,12 +536,12 @@ def test_bad_options_fail_before_writing(synthetic, tmp_path, args, words):
 
 def test_tensor_type_overrides_and_fallback(synthetic, tmp_path):
     out = tmp_path / "x.gguf"
-    result = quantize(synthetic, out, "--type", "mxfp4-q8_0", "--tensor-type", "ffn_down_exps=q4_k",
-                      "--tensor-type", "blk\\.0\\.ffn_down_exps=q8_0", "--tensor-type", "attn_q_b=q4_k",
+    result = quantize(synthetic, out, "--type", "mxfp4-q8_0", "--tensor-type", "blk\\.0\\.ffn_down_exps=q8_0",
+                      "--tensor-type", "ffn_down_exps=q4_k", "--tensor-type", "attn_q_b=q4_k",
                       "--tensor-type", "ffn_gate_inp=bf16")
     assert result.exit_code == 0, result.output
     got = tensors_of(out)
-    assert got["blk.0.ffn_down_exps.weight"].tensor_type == Q.Q8_0  # the last matching override wins
+    assert got["blk.0.ffn_down_exps.weight"].tensor_type == Q.Q8_0  # the first matching override wins, as in llama.cpp
     assert got["blk.1.ffn_down_exps.weight"].tensor_type == Q.Q4_K
     assert got["blk.1.ffn_up_exps.weight"].tensor_type == Q.MXFP4
     assert got["blk.1.ffn_gate_inp.weight"].tensor_type == Q.BF16

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
 
             from flashlite.cli import main as cli
 
-            result = CliRunner().invoke(cli, ["quantize", a.model, exact_path, "--type", "f32", "--quiet"])
+            result = CliRunner().invoke(cli, ["quantize", a.model, exact_path, "--type", "f32", "--allow-requantize",
+                                         "--quiet"])
             if result.exit_code:
                 raise SystemExit(result.output)
         exact = load(exact_path).logits(ids)

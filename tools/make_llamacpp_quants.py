@@ -30,9 +30,18 @@ difference. llama.cpp runs with weight repacking off (`use_extra_bufts`):
 with it, this build aborts on deepseek4 files holding Q8_0 or MXFP4 tensors (ggml_backend_sched_split_graph).
 
 --tensor-type PATTERN=TYPE (repeatable) passes llama.cpp's per-tensor overrides (`llama-quantize --tensor-type`:
-the first pattern searched in a tensor's name that matches wins; only tensors llama.cpp quantizes at all, so never
-the router ffn_gate_inp), e.g. to make flashlite's or ds4's mixes with llama.cpp's quantizer; --suffix TEXT is then
-added to the file names.
+the pattern lower-cased as its parser does, the first pattern searched in a tensor's name that matches wins; only
+tensors llama.cpp quantizes at all, so never the router ffn_gate_inp), e.g. to make flashlite's or ds4's mixes with
+llama.cpp's quantizer; --suffix TEXT is then added to the file names. llama-quantize's other options pass through
+the same way, with its names and meanings: --pure, --leave-output-tensor, --output-tensor-type TYPE,
+--token-embedding-type TYPE, --override-kv KEY=TYPE:VALUE, and --include-weights / --exclude-weights NAME (which
+entries of --imatrix are passed, by substring of the name, as llama-quantize selects them).
+
+--options-manifest FILE records, per file type and options, the type and hash of every tensor and the metadata the
+--override-kv options set, under the key "FTYPE OPTION...", into FILE (merged with what it holds):
+tests/test_llamacpp_quants.py checks `flashlite quantize` with the same options against it, e.g.
+
+    make_llamacpp_quants.py /tmp/q --ftype Q4_K_M --pure --options-manifest tests/fixtures/llamacpp/options.json
 
 Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
 IQ3_XXS, and Q2_K in a Q2_K_S file) without one, for every tensor it quantizes in them: with --imatrix, the 2-D
@@ -98,7 +107,9 @@ def flat_imatrix(src: str) -> dict[str, np.ndarray]:
 
 
 def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int,
-             tensor_types: list[tuple[str, int]] = ()) -> None:
+             tensor_types: list[tuple[str, int]] = (), options: argparse.Namespace | None = None) -> None:
+    """`options`: llama-quantize's --pure, --leave-output-tensor, --output-tensor-type, --token-embedding-type and
+    --override-kv, as parsed by main()."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -106,6 +117,30 @@ def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int,
     params.nthread = threads
     params.allow_requantize = True
     keep = []
+    if options is not None:
+        params.pure = options.pure
+        params.quantize_output_tensor = not options.leave_output_tensor
+        if options.output_tensor_type:
+            params.output_tensor_type = ggml_type(options.output_tensor_type)
+        if options.token_embedding_type:
+            params.token_embedding_type = ggml_type(options.token_embedding_type)
+        if options.override_kv:
+            kvs = (llama_cpp.llama_model_kv_override * (len(options.override_kv) + 1))()
+            for i, item in enumerate(options.override_kv):  # as common.cpp's string_parse_kv_override
+                key, _, rest = item.partition("=")
+                kind, _, text = rest.partition(":")
+                kvs[i].key = key.encode()
+                if kind == "int":
+                    kvs[i].tag, kvs[i].value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(text)
+                elif kind == "float":
+                    kvs[i].tag, kvs[i].value.val_f64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT, float(text)
+                elif kind == "bool":
+                    kvs[i].tag, kvs[i].value.val_bool = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL, text == "true"
+                else:
+                    kvs[i].tag, kvs[i].value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, text.encode()
+            kvs[len(options.override_kv)].key = b""
+            params.kv_overrides = kvs
+            keep.append(kvs)
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -134,6 +169,32 @@ def quantize(src: str, out: str, ftype: str, imatrix: dict | None, threads: int,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def ggml_type(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name.upper()])
+
+
+def select_weights(imatrix: dict, include: list[str], exclude: list[str]) -> dict | None:
+    """llama-quantize's --include-weights / --exclude-weights: entries by substring of their name."""
+    kept = {n: v for n, v in imatrix.items()
+            if (not include or any(s in n for s in include)) and not any(s in n for s in exclude)}
+    return kept or None
+
+
+def metadata_of(path: str, keys: list[str]) -> dict:
+    """[GGUF value type, value] of each key"""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for key in keys:
+        f = reader.fields[key]
+        value = f.contents()
+        out[key] = [int(f.types[0]), value.item() if hasattr(value, "item") else value]
+    return out
 
 
 def types_sha256(path: str) -> str:
@@ -208,6 +269,7 @@ def logit_stats(path: str, threads: int) -> dict:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--src", default=str(DEFAULT_SRC))
@@ -215,22 +277,32 @@ def main(argv=None) -> None:
     p.add_argument("--imatrix", help="a llama.cpp imatrix GGUF for the types that need one")
     p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
                    help="llama.cpp's per-tensor type override (repeatable; the first match wins)")
+    p.add_argument("--pure", action="store_true", help="llama-quantize's: no mix rules")
+    p.add_argument("--leave-output-tensor", action="store_true", help="llama-quantize's: output.weight as it is")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="llama-quantize's: the type of output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="llama-quantize's: the type of token_embd.weight")
+    p.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                   help="llama-quantize's metadata override (repeatable)")
+    p.add_argument("--include-weights", action="append", default=[], metavar="NAME",
+                   help="pass only the --imatrix entries whose name contains NAME (repeatable)")
+    p.add_argument("--exclude-weights", action="append", default=[], metavar="NAME",
+                   help="pass the --imatrix entries but those whose name contains NAME (repeatable)")
+    p.add_argument("--options-manifest", help="merge the tensors' types and hashes per file type and options here")
     p.add_argument("--suffix", default="", help="added to each output file's name (after the file type)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--manifest", help="write the tensors' types and hashes and llama.cpp's logit statistics here")
     p.add_argument("--mix-manifest", help="write the hash of the tensors' types per file type here")
     a = p.parse_args(argv)
-    manifest, mixes = {}, {}
+    manifest, mixes, cases = {}, {}, {}
     os.makedirs(a.out_dir, exist_ok=True)
     stem = Path(a.src).name.removesuffix(".gguf")
     given = read_imatrix(a.imatrix) if a.imatrix else None
+    if given is not None and (a.include_weights or a.exclude_weights):
+        given = select_weights(given, a.include_weights, a.exclude_weights)
     overrides = []
-    if a.tensor_type:
-        import gguf
-
-        for item in a.tensor_type:
-            pattern, _, qname = item.rpartition("=")
-            overrides.append((pattern, int(gguf.GGMLQuantizationType[qname.upper()])))
+    for item in a.tensor_type:
+        pattern, _, qname = item.partition("=")
+        overrides.append((pattern.lower(), ggml_type(qname)))
     for ftype in a.ftype or list(FTYPES):
         imatrix, tag = given, ""
         if ftype in NEEDS_IMATRIX and imatrix is None:
@@ -246,7 +318,7 @@ def main(argv=None) -> None:
                 imatrix = {**imatrix, **missing}
         out = os.path.join(a.out_dir, f"{stem}-{ftype}{a.suffix}{tag}.gguf")
         t0 = time.perf_counter()
-        quantize(a.src, out, ftype, imatrix, a.threads, overrides)
+        quantize(a.src, out, ftype, imatrix, a.threads, overrides, a)
         print(f"{ftype:10s} {os.path.getsize(out):>12,d} bytes  {time.perf_counter() - t0:6.1f} s  {out}",
               flush=True)
         imatrix_kind = "flat" if tag else ("given" if imatrix else None)
@@ -255,18 +327,47 @@ def main(argv=None) -> None:
                                "tensors": tensor_hashes(out)}
         if a.mix_manifest:
             mixes[ftype] = {"imatrix": imatrix_kind, "types_sha256": types_sha256(out)}
+        if a.options_manifest:
+            cases[" ".join([ftype, *options_args(argv)])] = {
+                "ftype": ftype, "args": options_args(argv), "imatrix": imatrix_kind, "tensors": tensor_hashes(out),
+                "kv": metadata_of(out, [item.partition("=")[0] for item in a.override_kv])}
     if a.mix_manifest:
         import gguf
 
         source = [[t.name, [int(n) for n in t.shape], int(t.tensor_type)] for t in gguf.GGUFReader(a.src).tensors]
         _write_json(a.mix_manifest, {"source": Path(a.src).name, "llama_cpp_python": "0.3.36", "tensors": source,
                                      "ftypes": mixes})
+    if a.options_manifest:
+        import json
+
+        doc = json.loads(Path(a.options_manifest).read_text()) if os.path.exists(a.options_manifest) else {}
+        doc.setdefault("source", os.path.relpath(a.src, REPO))
+        doc.setdefault("cases", {}).update(cases)
+        _write_json(a.options_manifest, doc)
     if a.manifest:
         names = sorted(next(iter(manifest.values()))["tensors"])
         for entry in manifest.values():  # one list per file type, in the order of `tensors`
             entry["tensors"] = [entry["tensors"][n] for n in names]
         _write_json(a.manifest, {"source": os.path.relpath(a.src, REPO), "llama_cpp_python": "0.3.36",
                                  "tensors": names, "ftypes": manifest})
+
+
+# the options of llama-quantize that an options manifest records, with the number of values each takes
+QUANTIZE_OPTIONS = {"--pure": 0, "--leave-output-tensor": 0, "--output-tensor-type": 1, "--token-embedding-type": 1,
+                    "--tensor-type": 1, "--override-kv": 1, "--include-weights": 1, "--exclude-weights": 1}
+
+
+def options_args(argv: list[str]) -> list[str]:
+    """The llama-quantize options of a command line, in their order (what flashlite quantize is given too)."""
+    out, i = [], 0
+    while i < len(argv):
+        n = QUANTIZE_OPTIONS.get(argv[i])
+        if n is None:
+            i += 1
+            continue
+        out += argv[i:i + 1 + n]
+        i += 1 + n
+    return out
 
 
 def _write_json(path: str, doc: dict) -> None:
