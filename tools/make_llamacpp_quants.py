@@ -259,8 +259,8 @@ def main(argv=None) -> None:
         elif NEEDS_IMATRIX.get(ftype) in NEEDS_WEIGHTS:
             # llama.cpp also quantizes 2-D tensors no matrix multiplies (the compressors' position biases), which
             # no collected matrix covers and without which it refuses the file: their columns' energy, as flashlite
-            missing = energy_imatrix(a.src, {n for n in flat_imatrix(a.src)
-                                             if n not in imatrix and n != "token_embd.weight"})  # the embedding needs none
+            lacking = {n for n in flat_imatrix(a.src) if n not in imatrix and n != "token_embd.weight"}  # it needs none
+            missing = energy_imatrix(a.src, lacking)
             if missing:
                 print(f"{ftype}: sums of squared weights as the importance of {len(missing)} tensor(s) the matrix "
                       f"lacks, e.g. {next(iter(missing))}", flush=True)
