@@ -44,8 +44,11 @@ tests/test_llamacpp_quants.py checks `flashlite quantize` with the same options 
     make_llamacpp_quants.py /tmp/q --ftype Q4_K_M --pure --options-manifest tests/fixtures/llamacpp/options.json
 
 Importance matrix: llama.cpp refuses the types whose search needs one (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
-IQ3_XXS, and Q2_K in a Q2_K_S file) without one, for every tensor it quantizes in them: with --imatrix, the 2-D
-tensors the matrix lacks (deepseek4's compressor position biases, which no product multiplies) get flat weights. --imatrix FILE passes a llama.cpp imatrix (GGUF, as
+IQ3_XXS, and Q2_K in a Q2_K_S file) without one, for every tensor it quantizes in them. With --imatrix, the 2-D
+tensors the matrix lacks (deepseek4's compressor position biases, which no product multiplies) and that get such a
+type get what flashlite's quantizer weighs them by in that case, each column's sum of squared weights, so that both
+quantizers have the same input (but Q2_K, which flashlite then quantizes unweighted). --imatrix FILE passes a
+llama.cpp imatrix (GGUF, as
 `llama-imatrix` and `flashlite imatrix` write it: `<tensor>.in_sum2` / `<tensor>.counts`); without it those file
 types get a flat one (every weight 1 for every tensor), and the file name says `-flat`.
 """
@@ -71,8 +74,11 @@ FTYPES = {
     "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
     "MXFP4_MOE": 38, "Q1_0": 40, "Q2_0": 41,  # NVFP4 (39) is no output type of its quantizer yet
 }
-# file types some of whose tensors llama.cpp only quantizes with an importance matrix
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
+# file types some of whose tensors llama.cpp only quantizes with an importance matrix, with their default tensor type
+NEEDS_IMATRIX = {"IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS",
+                 "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ3_XS": "IQ3_S", "Q2_K_S": "Q2_K"}
+# the tensor types it refuses to write without one (Q2_K only in a Q2_K_S file); all in blocks of 256
+NEEDS_WEIGHTS = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "Q2_K"}
 
 
 def read_imatrix(path: str) -> dict[str, np.ndarray]:
@@ -103,6 +109,21 @@ def flat_imatrix(src: str) -> dict[str, np.ndarray]:
         if len(shape) >= 2 and t.name.endswith(".weight"):
             experts = shape[2] if len(shape) == 3 else 1
             out[t.name] = np.ones(shape[0] * experts, np.float32)
+    return out
+
+
+def energy_imatrix(src: str, names) -> dict[str, np.ndarray]:
+    """Each column's sum of squared weights over the rows (per expert for 3-D tensors) of the tensors `names` whose
+    rows hold whole blocks of 256 (the others fall back to types that need no weights): the weights flashlite's
+    quantizer (quant.convert) gives a tensor of a type that needs them when the importance matrix lacks it."""
+    import gguf
+
+    out = {}
+    for t in gguf.GGUFReader(src).tensors:
+        shape = [int(n) for n in t.shape]
+        if t.name in names and shape[0] % 256 == 0:
+            rows = np.asarray(t.data, np.float32).reshape(shape[2] if len(shape) == 3 else 1, -1, shape[0])
+            out[t.name] = np.square(rows, dtype=np.float64).sum(axis=1).astype(np.float32).reshape(-1)
     return out
 
 
@@ -307,14 +328,14 @@ def main(argv=None) -> None:
         imatrix, tag = given, ""
         if ftype in NEEDS_IMATRIX and imatrix is None:
             imatrix, tag = flat_imatrix(a.src), "-flat"
-        elif ftype in NEEDS_IMATRIX:
+        elif NEEDS_IMATRIX.get(ftype) in NEEDS_WEIGHTS:
             # llama.cpp also quantizes 2-D tensors no matrix multiplies (the compressors' position biases), which
-            # no collected matrix covers and without which it refuses the file: flat weights for those
-            missing = {n: v for n, v in flat_imatrix(a.src).items()
-                       if n not in imatrix and n != "token_embd.weight"}  # the embedding needs none
+            # no collected matrix covers and without which it refuses the file: their columns' energy, as flashlite
+            lacking = {n for n in flat_imatrix(a.src) if n not in imatrix and n != "token_embd.weight"}  # it needs none
+            missing = energy_imatrix(a.src, lacking)
             if missing:
-                print(f"{ftype}: flat importance for {len(missing)} tensor(s) the matrix lacks, e.g. "
-                      f"{next(iter(missing))}", flush=True)
+                print(f"{ftype}: sums of squared weights as the importance of {len(missing)} tensor(s) the matrix "
+                      f"lacks, e.g. {next(iter(missing))}", flush=True)
                 imatrix = {**imatrix, **missing}
         out = os.path.join(a.out_dir, f"{stem}-{ftype}{a.suffix}{tag}.gguf")
         t0 = time.perf_counter()

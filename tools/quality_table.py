@@ -287,7 +287,9 @@ def render(entries: list[dict], results: dict) -> str:
             seen.add(e["sha256"])
             twins = llama_by_sha.get(e["sha256"], [])
             same = "identical" if twins else ("—" if e["recipe"] not in FTYPES else "differs")
-            label = f"`{e['recipe']}`"
+            # recipes of this group that write the same file share its row (Q2_K_S is Q2_K on this model)
+            label = " = ".join(dict.fromkeys(f"`{x['recipe']}`" for x in entries if x["maker"] == "flashlite"
+                                             and pick(x) and x["sha256"] == e["sha256"]))
             dup = [x for x in entries if x is not e and x["maker"] == "flashlite" and x["sha256"] == e["sha256"]]
             if dup and e["imatrix"] is False and any(x["imatrix"] for x in dup):
                 label += " (the matrix changes nothing)"
