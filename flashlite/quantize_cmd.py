@@ -42,14 +42,20 @@ def _raise_terminated(signum, frame):
               help="write the checkpoint's MTP block (mtp.0.*) as a draft GGUF for speculative decoding instead of "
                    "the model, in the layout llama.cpp's convert_hf_to_gguf.py --mtp writes (its -md takes it, "
                    "as do flashlite's --spec-type mtp -md FILE)")
+@click.option("--dspark", is_flag=True,
+              help="write the checkpoint's DSpark draft (mtp.0..N, a DeepSeek V4 -0731 checkpoint) as a draft GGUF "
+                   "instead of the model, in the layout llama.cpp's convert_hf_to_gguf.py writes for it (flashlite's "
+                   "--spec-type dspark -md FILE reads it)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def quantize(src, out, type_name, tensor_types, imatrix_path, mtp, force, quiet):
+def quantize(src, out, type_name, tensor_types, imatrix_path, mtp, dspark, force, quiet):
     from flashlite.hub import download_checkpoint, is_repo_id
     from quant.convert import convert
     from quant.imatrix import read_imatrix
     from quant.recipes import Recipe
 
+    if mtp and dspark:
+        raise click.UsageError("--mtp and --dspark write different drafts: give one")
     try:
         recipe = Recipe.parse(type_name, tensor_types)
     except ValueError as exc:
@@ -73,7 +79,7 @@ def quantize(src, out, type_name, tensor_types, imatrix_path, mtp, force, quiet)
         previous = None
     try:
         convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
-                name=name, imatrix=imatrix, mtp=mtp)
+                name=name, imatrix=imatrix, mtp=mtp, dspark=dspark)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from gguf import GGUFValueType, GGUFWriter
 
 from flashlite import blocks
 from flashlite.atomic import partial_file, remove_stale_partials
-from quant.gguf_meta import ARCH, hparam_kv, read_hparams
+from quant.gguf_meta import ARCH, DSPARK_ARCH, hparam_kv, read_dspark, read_hparams
 from quant.gguf_source import read_gguf_source
 from quant.imatrix import Imatrix
 from quant.layout import INDEX, GGUFTensor, Stored, check_index, plan_tensors
@@ -222,19 +222,21 @@ class Plan:
     style: str
     n_layers: int
     n_expert: int
+    arch: str = ARCH               # general.architecture: deepseek4, or dflash for a DSpark draft
 
 
 def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
-         checkpoint: Checkpoint | None = None, mtp: bool = False) -> Plan:
+         checkpoint: Checkpoint | None = None, mtp: bool = False, dspark: bool = False) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
     and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
     shards (their headers, the data possibly still to come) instead of those on disk. mtp: the checkpoint's MTP
-    draft GGUF (quant.layout) instead of the model."""
+    draft GGUF (quant.layout) instead of the model; dspark: its DSpark draft (llama.cpp's dflash layout)."""
     src = Path(src)
+    arch = DSPARK_ARCH if dspark else ARCH
     if src.is_file() and checkpoint is None:
-        if mtp:
-            raise CheckpointError(f"{src}: the MTP draft is written from a checkpoint folder (a GGUF to requantize "
-                                  "is taken as it is, MTP draft or not)")
+        if mtp or dspark:
+            raise CheckpointError(f"{src}: a draft is written from a checkpoint folder (a GGUF to requantize "
+                                  "is taken as it is, draft or not)")
         g = read_gguf_source(src)
         h, source, layout, metadata = None, g.file, g.layout, g.metadata
         block_count, n_layers, n_expert = g.block_count, g.n_layers, g.n_expert
@@ -242,14 +244,17 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
         h = read_hparams(src)
         if not (src / "tokenizer.json").is_file():
             raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
-        metadata = hparam_kv(h, mtp) + tokenizer_kv(src, h.vocab_size)
+        draft = read_dspark(src, h) if dspark else None
+        metadata = hparam_kv(h, mtp, draft) + tokenizer_kv(src, h.vocab_size)
         source = Checkpoint(src) if checkpoint is None else checkpoint
         try:
-            layout = plan_tensors(source, h, mtp)
+            layout = plan_tensors(source, h, mtp, draft)
         except BaseException:
             source.close()
             raise
         block_count, n_layers, n_expert = h.n_layers + (1 if mtp else 0), h.n_layers, h.n_routed_experts
+        if draft is not None:
+            block_count = n_layers = draft.stages
     else:
         raise CheckpointError(f"{src}: no such checkpoint folder or GGUF file")
     try:
@@ -261,7 +266,10 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     except BaseException:
         source.close()
         raise
-    if layout.skipped and mtp:
+    if layout.skipped and dspark:
+        notes.append(f"DSpark draft: left out the model's own {len(layout.skipped)} tensor(s), e.g. "
+                     f"{layout.skipped[0]}")
+    elif layout.skipped and mtp:
         notes.append(f"MTP draft: left out the model's own {len(layout.skipped)} tensor(s) (the draft holds the "
                      f"embedding, head, final norm and the MTP block), e.g. {layout.skipped[0]}")
     elif layout.skipped:
@@ -272,7 +280,7 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
                      f"{lossy[0]}")
-    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert)
+    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert, arch)
 
 
 def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: list[str]) -> None:
@@ -301,7 +309,7 @@ def _plan_importance(planned: list[Planned], imatrix: Imatrix | None, notes: lis
 def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: str) -> GGUFWriter:
     """A GGUFWriter on `path` that has written the header, the metadata and every tensor's info, in llama.cpp's
     order; the tensor data follows, each tensor at data_offsets(...)."""
-    writer = GGUFWriter(path, ARCH)
+    writer = GGUFWriter(path, p.arch)
     writer.add_type("model")  # llama.cpp's converter stamps every model file so (adapters say "adapter")
     writer.add_string("general.name", general_name)
     writer.add_uint32("general.file_type", recipe.file_type)
@@ -336,21 +344,22 @@ def data_offsets(writer: GGUFWriter, p: Plan) -> tuple[list[int], int]:
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
-            imatrix: Imatrix | None = None, mtp: bool = False) -> Summary:
+            imatrix: Imatrix | None = None, mtp: bool = False, dspark: bool = False) -> Summary:
     """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
     what was written.
 
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
     `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
     weighs the quantizers' error per column (quant.imatrix). `mtp` writes the MTP draft GGUF llama.cpp's
-    converter writes with --mtp (for `-md`; quant.layout) instead of the model."""
+    converter writes with --mtp (for `-md`; quant.layout) instead of the model, `dspark` the DSpark draft its
+    converter writes for a DSpark checkpoint."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
-    p = plan(src, recipe, imatrix, mtp=mtp)
+    p = plan(src, recipe, imatrix, mtp=mtp, dspark=dspark)
     h, planned = p.hparams, p.tensors
     default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")
     if not src.is_dir():

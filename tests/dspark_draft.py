@@ -5,6 +5,11 @@ output_hc_*, output_norm, markov_w1/w2, conf_proj), with random float32 values; 
 from llama.cpp's graph (src/models/dflash.cpp graph_dsv4, build_dspark_markov_head) to check flashlite's against."""
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
@@ -224,3 +229,71 @@ class NumpyDSpark:
             prev = int(np.argmax(row + self.w["markov_w2.weight"] @ self.w["markov_w1.weight"][prev]))
             drafts.append(prev)
         return logits, drafts
+
+
+def _entries(path: Path) -> dict[str, tuple[str, list, bytes]]:
+    """name -> (dtype, shape, bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]])
+            for k, v in header.items()}
+
+
+def _write(path: Path, entries: dict[str, tuple[str, list, bytes]]) -> None:
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(e[2] for e in entries.values()))
+
+
+def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: int = 7, rank: int = 16,
+                            target_ids=(0, 2, 5), mask_id: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """A DSpark checkpoint in DeepSeek's release layout: the release folder src's model (its `mtp.*` left out) plus
+    `mtp.{s}.*` DSpark stages (the draft's own tensors under the last stage, as the release's MTP keeps its
+    norm and hc_head), config.json's dspark_* keys; random values, BF16 matrices (each stage's gate gets the
+    `bias_vl` llama.cpp drops). Returns the DSpark tensors' float32 values by release name."""
+    from quant.gguf_meta import read_hparams
+    from quant.layout import _layer_shapes
+
+    rng = np.random.default_rng(seed)
+    out.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config.update({"num_nextn_predict_layers": stages, "dspark_block_size": block_size,
+                   "dspark_target_layer_ids": list(target_ids), "dspark_noise_token_id": mask_id})
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    h = read_hparams(out)
+    entries = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        entries.update({k: v for k, v in _entries(shard).items() if not k.startswith("mtp.")})
+    d, hc = h.dim, h.hc_mult
+    values = {}
+    stage_h = replace(h, n_hash_layers=0)
+    for s in range(stages):
+        for name, shape in _layer_shapes(stage_h, s, 0).items():
+            center = 1.0 if name.endswith("norm.weight") else 0.0
+            values[f"mtp.{s}.{name}"] = center + 0.1 * rng.standard_normal(shape)
+        values[f"mtp.{s}.ffn.gate.bias_vl"] = rng.standard_normal(h.n_routed_experts)
+    last = f"mtp.{stages - 1}."
+    own = {"main_proj.weight": (d, len(target_ids) * d), "main_norm.weight": (d,), "norm.weight": (d,),
+           "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
+           "markov_head.markov_w1.weight": (h.vocab_size, rank), "markov_head.markov_w2.weight": (h.vocab_size, rank),
+           "confidence_head.proj.weight": (1, d + rank)}
+    for name, shape in own.items():
+        values[last + name] = (1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * rng.standard_normal(shape)
+    for name, v in values.items():
+        if v.ndim == 2 and not name.endswith(("hc_head_fn", "_fn")):  # matrices in BF16, the rest F32
+            bits = (np.asarray(v, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+            values[name] = (bits.astype(np.uint32) << 16).view(np.float32)
+            entries[name] = ("BF16", list(v.shape), bits.tobytes())
+        else:
+            values[name] = np.asarray(v, np.float32)
+            entries[name] = ("F32", list(v.shape), values[name].tobytes())
+    _write(out / "model.safetensors", entries)
+    return values

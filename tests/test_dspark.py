@@ -131,3 +131,40 @@ def test_bad_drafts_are_refused_naming_the_file(files, tmp_path):
         m.spec_options("dspark", model_draft=bad)
     assert m.spec_options(model_draft=files["dspark-small"]).type == "dspark"  # -md alone: the file's kind
     m.close()
+
+
+def test_quantize_writes_a_dspark_checkpoints_draft(files, tmp_path):
+    """`flashlite quantize --dspark` maps a DSpark checkpoint's mtp.{s}.* as llama.cpp's converter does: the stages'
+    blocks as blk.{s}.* (experts stacked, bias_vl dropped), the draft's own tensors to fc, enc.output_norm,
+    output_norm, output_hc_*, markov_w1/w2, conf_proj, the dflash keys; flashlite drafts with it."""
+    from gguf import GGUFReader
+
+    from dspark_draft import write_dspark_checkpoint
+
+    values = write_dspark_checkpoint(SMALL, tmp_path / "ck")
+    out = _quantize(tmp_path / "ck", tmp_path / "dspark.gguf", "--dspark", "--type", "f32")
+    r = GGUFReader(out)
+    field = {k: f.contents() for k, f in r.fields.items()}
+    assert field["general.architecture"] == "dflash" and field["dflash.block_count"] == 3
+    assert field["dflash.block_size"] == 7 and field["dflash.target_layers"] == [1, 3, 6]
+    assert field["tokenizer.ggml.mask_token_id"] == 1 and field["dflash.attention.compress_ratios"] == [0, 0, 0]
+    assert field["dflash.hash_layer_count"] == 0 and "dflash.embedding_length_out" not in field
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    own = {"fc.weight": "main_proj.weight", "enc.output_norm.weight": "main_norm.weight",
+           "output_norm.weight": "norm.weight", "output_hc_fn.weight": "hc_head_fn",
+           "markov_w1.weight": "markov_head.markov_w1.weight", "markov_w2.weight": "markov_head.markov_w2.weight",
+           "conf_proj.weight": "confidence_head.proj.weight"}
+    for gguf_name, release in own.items():
+        assert np.array_equal(t[gguf_name], values["mtp.2." + release]), gguf_name
+    for s in range(3):
+        assert np.array_equal(t[f"blk.{s}.attn_q_a.weight"], values[f"mtp.{s}.attn.wq_a.weight"])
+        assert np.array_equal(t[f"blk.{s}.exp_probs_b.bias"], values[f"mtp.{s}.ffn.gate.bias"])
+        assert np.array_equal(t[f"blk.{s}.ffn_down_exps.weight"][5], values[f"mtp.{s}.ffn.experts.5.w2.weight"])
+    assert not any(n.startswith(("token_embd", "output.")) or "bias_vl" in n for n in t)
+    m = load(files["small"], spec_type="dspark", model_draft=out)
+    ids = _prompt(m.vocab_size, 20, seed=9)
+    plain = list(m.generate(ids, 12, spec_type="none"))
+    assert list(m.generate(ids, 12)) == plain and m.stats()["drafted_tokens"] > 0
+    m.close()
+    result = CliRunner().invoke(main, ["quantize", str(SMALL), str(tmp_path / "x.gguf"), "--dspark", "--quiet"])
+    assert result.exit_code != 0 and "dspark_target_layer_ids" in result.output
