@@ -159,3 +159,23 @@ def test_serve_command_takes_llamacpps_options(files):
     result = CliRunner().invoke(main, ["serve", "-m", str(files["model"]), "-md", str(files["model"]),
                                        "--port", "0"])
     assert result.exit_code != 0 and "not an MTP draft GGUF" in result.output
+
+
+def test_a_server_with_a_dspark_draft_drafts_with_it(files, tmp_path):
+    from dspark_draft import write_dspark
+
+    draft = write_dspark(str(files["model"]), str(tmp_path / "dspark.gguf"))
+    with load(files["model"], model_draft=draft) as m, serving(m) as server:  # -md alone: the file's kind
+        assert m.speculation.type == "dspark"
+        client = _client(server)
+        plain = m.create_chat_completion(CAT, max_tokens=TOKENS, temperature=0, spec_type="none")
+        for fields in ({}, {"speculative.type": "draft-dspark", "speculative.n_max": 7}):
+            before = _metrics(server)
+            out = client.chat.completions.create(model="m", messages=CAT, max_tokens=TOKENS, temperature=0,
+                                                 extra_body=fields)
+            assert out.choices[0].message.content == plain["choices"][0]["message"]["content"]
+            assert out.timings["draft_n"] == _delta(_metrics(server), before)["draft_tokens"] > 0
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=CAT, max_tokens=2,
+                                           extra_body={"speculative.type": "mtp"})
+        assert err.value.body["param"] == "speculative.type"
