@@ -19,9 +19,21 @@ from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4
 from flashlite.tokenizer import Tokenizer
 
+DRAFT_KINDS = ("mtp", "dspark")  # the spec types that read a draft GGUF
 REPLAY_CHUNK = 512  # tokens per forward when truncate feeds tokens again: bounds the activations' memory
 CACHE_FORMAT = "flashlite-kv-cache"
 CACHE_VERSION = 2  # 1 was unversioned, keyed by file name and size
+
+
+def _draft_kind(path: str) -> str:
+    """'dspark' for a DSpark draft GGUF (llama.cpp's dflash architecture), else 'mtp' (checked on load)."""
+    from flashlite.dspark import is_dspark_draft
+
+    f = GGUFFile(path)
+    try:
+        return "dspark" if is_dspark_draft(f) else "mtp"
+    finally:
+        f.close()
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -166,12 +178,12 @@ class Model:
     def spec_options(self, spec_type: str | None = None, spec_draft_n_max: int | None = None,
                      model_draft: str | os.PathLike | None = None) -> speculative.SpecOptions:
         """The speculation of a call: its own arguments, else the model's defaults (load(spec_type=...)).
-        spec_type None with a draft file takes the file's kind (an MTP draft: 'mtp'), as llama.cpp does;
-        'mtp' needs a draft GGUF (model_draft, llama.cpp's -md). The draft is loaded once per path. A
-        speculative.SpecOptions passed as spec_type is taken as it is."""
+        spec_type None with a draft file takes the file's kind (an MTP draft: 'mtp', a DSpark draft: 'dspark'),
+        as llama.cpp does; 'mtp' and 'dspark' need their draft GGUF (model_draft, llama.cpp's -md). The draft is
+        loaded once per path. A speculative.SpecOptions passed as spec_type is taken as it is."""
         if isinstance(spec_type, speculative.SpecOptions):  # given whole (tests, benchmarks: adaptive=False)
-            if spec_type.type == "mtp":
-                self.draft_head(spec_type.draft)
+            if spec_type.type in DRAFT_KINDS:
+                self.draft_head(spec_type.draft, spec_type.type)
             return spec_type
         default = getattr(self, "speculation", None)
         if spec_type is None and model_draft is None:
@@ -182,30 +194,37 @@ class Model:
         draft = os.fspath(model_draft) if model_draft is not None else None
         kind = speculative.parse_spec_type(spec_type)
         if spec_type is None:
-            kind = "mtp"  # a draft file without a type: the only kind flashlite reads (checked on load)
+            kind = _draft_kind(draft)  # a draft file without a type: the file's kind
         n_max = spec_draft_n_max if spec_draft_n_max is not None else \
             (default.n_max if default is not None else speculative.DEFAULT_N_MAX)
         options = speculative.SpecOptions(kind, n_max, draft)
-        if kind == "mtp":
+        if kind in DRAFT_KINDS:
             if draft is None:
-                raise ValueError("spec_type 'mtp' needs the MTP draft GGUF (model_draft=..., -md FILE): write one "
-                                 "with `flashlite quantize CHECKPOINT mtp-NAME.gguf --mtp`")
-            self.draft_head(draft)
-        elif kind == "dspark":
-            raise ValueError("spec_type 'dspark': DSpark drafts are not supported yet (docs/speculative.md)")
+                how = ("write one with `flashlite quantize CHECKPOINT mtp-NAME.gguf --mtp`" if kind == "mtp" else
+                       "llama.cpp's convert_hf_to_gguf.py writes one from a DSpark checkpoint")
+                name = "MTP" if kind == "mtp" else "DSpark"
+                raise ValueError(f"spec_type {kind!r} needs the {name} draft GGUF (model_draft=..., -md FILE): {how}")
+            self.draft_head(draft, kind)
         elif draft is not None:
-            raise ValueError(f"model_draft: a draft GGUF is for spec_type 'mtp', not {kind!r}")
+            raise ValueError(f"model_draft: a draft GGUF is for spec_type 'mtp' or 'dspark', not {kind!r}")
         return options
 
-    def draft_head(self, path: str | os.PathLike):
-        """The MTP block of the draft GGUF at path, loaded once (flashlite.mtp.MTPHead)."""
-        from flashlite.mtp import MTPHead
-
+    def draft_head(self, path: str | os.PathLike, kind: str = "mtp"):
+        """The draft of the GGUF at path, loaded once: kind 'mtp' an MTP block (flashlite.mtp.MTPHead), 'dspark'
+        a DSpark draft (flashlite.dspark.DSparkHead)."""
         path = os.fspath(path)
         with self.lock:
-            if path not in self._drafts:
-                self._drafts[path] = MTPHead(path, self)
-            return self._drafts[path]
+            head = self._drafts.get(path)
+            if head is None:
+                if kind == "dspark":
+                    from flashlite.dspark import DSparkHead as Head
+                else:
+                    from flashlite.mtp import MTPHead as Head
+                head = self._drafts[path] = Head(path, self)
+            loaded = "dspark" if type(head).__name__ == "DSparkHead" else "mtp"
+            if kind != loaded:
+                raise ValueError(f"{path}: a draft of kind {loaded!r}, not {kind!r}")
+            return head
 
     def count_speculation(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
@@ -303,12 +322,13 @@ class Model:
         return ids.astype(np.int64)
 
     def forward(self, token_ids: Sequence[int], dump: dict | None = None, cache=None,
-                logits: str = "all", hidden: list | None = None) -> np.ndarray:
+                logits: str = "all", hidden: list | None = None, taps: dict | None = None) -> np.ndarray:
         """Feed token_ids after the cached ones (of `cache`, else the model's own); float32 logits [len, vocab]
         (logits="all"), of the last position only [1, vocab] ("last": what generation needs, without the head's
         cost at every other position) or none [0, vocab]. `dump`, when a dict, receives the hidden streams
         [len, hc, dim] after every sublayer (blk.N.attn, blk.N.ffn) and the final normed state; `hidden`, when a
-        list, the last block's streams [len, hc, dim] (the input of V4's MTP block)."""
+        list, the last block's streams [len, hc, dim] (the input of V4's MTP block); `taps`, when a dict, for each
+        of its keys L the mean over the hc streams entering block L [len, dim] (a DSpark draft's input)."""
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         ids = self.token_ids(token_ids)
@@ -317,7 +337,7 @@ class Model:
             start = cache.pos
             if start + ids.size > self.ctx:
                 raise ValueError(f"{start} cached + {ids.size} new tokens exceed the context of {self.ctx}")
-            out = self.net(ids, cache, dump, logits, hidden)
+            out = self.net(ids, cache, dump, logits, hidden, taps)
             self.tokens += ids.size
         if not np.isfinite(out).all():
             at = int(np.argmin(np.isfinite(out).all(axis=1))) + (ids.size - out.shape[0])

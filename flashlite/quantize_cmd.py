@@ -63,17 +63,23 @@ def _raise_terminated(signum, frame):
               help="write the checkpoint's MTP block (mtp.0.*) as a draft GGUF for speculative decoding instead of "
                    "the model, in the layout llama.cpp's convert_hf_to_gguf.py --mtp writes (its -md takes it, "
                    "as do flashlite's --spec-type mtp -md FILE)")
+@click.option("--dspark", is_flag=True,
+              help="write the checkpoint's DSpark draft (mtp.0..N, a DeepSeek V4 -0731 checkpoint) as a draft GGUF "
+                   "instead of the model, in the layout llama.cpp's convert_hf_to_gguf.py writes for it (flashlite's "
+                   "--spec-type dspark -md FILE reads it)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor_type, token_embedding_type,
              leave_output_tensor, pure, imatrix_path, include_weights, exclude_weights, kv_overrides,
-             allow_requantize, keep_split, dry_run, mtp, force, quiet):
+             allow_requantize, keep_split, dry_run, mtp, dspark, force, quiet):
     from flashlite.hub import download_checkpoint, is_repo_id
     from quant.convert import convert, plan, plan_lines
     from quant.gguf_meta import parse_kv_override
     from quant.imatrix import read_imatrix
     from quant.recipes import Recipe, read_tensor_type_file
 
+    if mtp and dspark:
+        raise click.UsageError("--mtp and --dspark write different drafts: give one")
     if out is None and not dry_run:
         raise click.UsageError("give OUT, the GGUF to write (or --dry-run)")
     if (include_weights or exclude_weights) and imatrix_path is None:
@@ -120,7 +126,7 @@ def quantize(src, out, type_name, tensor_types, tensor_type_files, output_tensor
     try:
         convert(src, out, recipe, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True),
                 name=name, imatrix=imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv,
-                keep_split=keep_split)
+                keep_split=keep_split, dspark=dspark)
     except (OSError, ValueError, _Terminated) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:

@@ -56,15 +56,16 @@ def spec_options(command):
     options = (
         click.option("--spec-type", default=None, type=click.Choice(SPEC_TYPES + tuple(sorted(ALIASES))),
                      help="speculative decoding: ngram (prompt lookup over the prompt and output), mtp (V4's MTP "
-                          "block, from -md); the output is plain decoding's (greedy) or has its distribution; "
-                          "default none, or mtp with -md"),
+                          "block, from -md), dspark (a DSpark draft, from -md); the output is plain decoding's "
+                          "(greedy) or has its distribution; default none, or the kind of the -md file"),
         click.option("--spec-draft-n-max", default=None, type=click.IntRange(1, MAX_DRAFT),
                      help="most tokens drafted per verified batch (default 4; fewer, or none, while they are "
                           "rejected)"),
         click.option("-md", "--spec-draft-model", "--model-draft", "model_draft", default=None,
                      type=click.Path(dir_okay=False),
                      help="draft GGUF for speculative decoding: an MTP draft (flashlite quantize --mtp, llama.cpp's "
-                          "convert_hf_to_gguf.py --mtp)"),
+                          "convert_hf_to_gguf.py --mtp) or a DSpark draft (llama.cpp's convert_hf_to_gguf.py on a "
+                          "DSpark checkpoint)"),
     )
     for option in reversed(options):
         with_spec_opts = option(with_spec_opts)

@@ -5,7 +5,7 @@ import logging
 
 import click
 
-from flashlite.run_cmd import load_model, load_options
+from flashlite.run_cmd import load_model, load_options, spec_options
 
 
 @click.command("serve")
@@ -28,15 +28,17 @@ from flashlite.run_cmd import load_model, load_options
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
               help="open connections at most; more are answered 503 and closed")
 @load_options
+@spec_options
 def serve(model_path, host, port, threads, ctx, parallel, api_key, alias, timeout, idle_timeout, max_connections,
-          load_opts):
+          load_opts, spec_opts):
     """Serve a model over OpenAI's and Anthropic's HTTP APIs (/v1/chat/completions, /v1/completions, /v1/models,
-    /v1/messages, /tokenize, /health, /metrics)."""
+    /v1/messages, /tokenize, /health, /metrics). --spec-type / --spec-draft-n-max / -md are every answer's
+    speculative decoding unless a request's `speculative.type` / `speculative.n_max` say otherwise."""
     from flashlite.server import ChatServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
-    model = load_model(model_path, threads, ctx, load_opts)
+    model = load_model(model_path, threads, ctx, load_opts, spec_opts)
     try:
         server = ChatServer(model, host, port, api_key=api_key, parallel=parallel, model_id=alias,
                             max_connections=max_connections, idle_timeout=idle_timeout, timeout=timeout)

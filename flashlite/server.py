@@ -48,9 +48,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from flashlite import anthropic_api
 from flashlite.anthropic_api import AnthropicError
-from flashlite.chat import ChatPiece, _decode, check_messages, shared_prefix, show
+from flashlite.chat import ChatPiece, _chunks, _completion, _decode, check_messages, shared_prefix, show
 from flashlite.chat_format import BOS, encode_messages
 from flashlite.sampling import Sampler, StopChecker
+from flashlite.speculative import SpecOptions, check_n_max, parse_spec_type
 
 log = logging.getLogger("flashlite.server")
 
@@ -102,6 +103,7 @@ class ChatRequest:
     messages: list[dict]
     stream: bool
     options: dict  # keyword arguments of Model.create_chat_completion
+    speculation: dict  # the request's speculative.* fields (see _speculation)
 
 
 def _typed(body: dict, name: str, kind: type):
@@ -215,7 +217,28 @@ def parse_chat_request(body) -> ChatRequest:
     _typed(body, "model", str)
     options = {"think": _think(body), "tools": _tools(body), **_sampling(body)}
     stream = bool(_typed(body, "stream", bool))
-    return ChatRequest(messages, stream, options)
+    return ChatRequest(messages, stream, options, _speculation(body))
+
+
+def _speculation(body: dict) -> dict:
+    """The request's speculative decoding, by the names of llama-server's request schema: `speculative.type` (a
+    --spec-type name; "none" turns the server's default off) and `speculative.n_max` (most drafts per verified
+    batch). Absent fields keep the server's defaults (its --spec-type, --spec-draft-n-max)."""
+    out = {}
+    kind = _typed(body, "speculative.type", str)
+    if kind is not None:
+        try:
+            out["type"] = parse_spec_type(kind)
+        except ValueError as exc:
+            raise RequestError(str(exc).replace("spec_type", "speculative.type", 1), "speculative.type") from None
+    n_max = _typed(body, "speculative.n_max", int)
+    if n_max is not None:
+        try:
+            out["n_max"] = check_n_max(n_max)
+        except ValueError as exc:
+            raise RequestError(str(exc).replace("spec_draft_n_max", "speculative.n_max", 1),
+                               "speculative.n_max") from None
+    return out
 
 
 def _value_error(exc: ValueError) -> RequestError:
@@ -264,7 +287,8 @@ def _no_constant(name: str):
 
 
 def parse_completion_request(body, tokenizer) -> tuple[list[int] | str, bool, dict]:
-    """(prompt text or token ids, stream, options) of a /v1/completions body."""
+    """(prompt text or token ids, stream, options) of a /v1/completions body (options["speculation"]: as for
+    chat)."""
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, got {show(body)}")
     _unsupported(body)
@@ -291,6 +315,7 @@ def parse_completion_request(body, tokenizer) -> tuple[list[int] | str, bool, di
                            "prompt")
     options = _sampling(body)
     options["max_tokens"] = options["max_tokens"] or COMPLETION_MAX_TOKENS
+    options["speculation"] = _speculation(body)
     return prompt, bool(_typed(body, "stream", bool)), options
 
 
@@ -455,7 +480,50 @@ class Metrics:
                [({}, stats["expert_bytes_read"])])
         metric("expert_io_stall_seconds_total", "counter", "Seconds forward passes waited for expert reads.",
                [({}, stats["io_stall_seconds"])])
+        # speculative decoding (Model.stats()), the tokens by llama-server's names
+        metric("spec_decode_num_draft_tokens_total", "counter", "Speculative decoding: tokens drafted.",
+               [({}, stats["drafted_tokens"])])
+        metric("spec_decode_num_accepted_tokens_total", "counter",
+               "Speculative decoding: drafted tokens the model accepted.", [({}, stats["accepted_tokens"])])
+        metric("spec_rounds_total", "counter",
+               "Speculative decoding: verified batches (a round the drafter left without drafts included).",
+               [({}, stats["spec_rounds"])])
         return "\n".join(lines) + "\n"
+
+
+@dataclass
+class _Clock:
+    """One answer's times (started: it has a slot; first: its first piece; ended: its done piece) and its done
+    piece, for the log, /metrics and llama-server's `timings`."""
+
+    started: float
+    first: float | None = None
+    ended: float | None = None
+    done: ChatPiece | None = None
+
+    def usage(self) -> dict:
+        d = self.done
+        return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+                "total_tokens": d.prompt_tokens + d.completion_tokens, "cached_tokens": d.cached_tokens}
+
+    def timings(self) -> dict:
+        """llama-server's `timings` of a finished answer: the prompt's part until the first piece (the prefill
+        and the first token), the prediction's after it (per_second: the tokens after the first over that time);
+        draft_n and draft_n_accepted when speculative decoding drafted."""
+        d = self.done
+        first = self.ended if self.first is None else self.first
+        prompt_n, prompt_ms = d.prompt_tokens - d.cached_tokens, (first - self.started) * 1e3
+        predicted_n, predicted_ms = d.completion_tokens, (self.ended - first) * 1e3
+        out = {"cache_n": d.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+               "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+               "prompt_per_second": 1e3 * prompt_n / prompt_ms if prompt_ms > 0 else 0.0,
+               "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+               "predicted_per_token_ms": predicted_ms / (predicted_n - 1) if predicted_n > 1 else 0.0,
+               "predicted_per_second": 1e3 * (predicted_n - 1) / predicted_ms if predicted_n > 1 and predicted_ms > 0
+               else 0.0}
+        if d.drafted_tokens:
+            out["draft_n"], out["draft_n_accepted"] = d.drafted_tokens, d.accepted_tokens
+        return out
 
 
 class _Watch:
@@ -934,14 +1002,29 @@ class ChatServer:
                                f"{self.model.ctx}", name, code="context_length_exceeded")
         return ids
 
-    def _answered(self, request: Request, answer_id: str, usage: dict, finish: str, started: float,
-                  first: float | None) -> None:
-        ended = time.perf_counter()
-        self.metrics.answered(usage, finish, started, first, ended)
+    def _answered(self, request: Request, answer_id: str, clock: _Clock) -> None:
+        usage, finish = clock.usage(), clock.done.finish_reason
+        self.metrics.answered(usage, finish, clock.started, clock.first, clock.ended)
         client = request.client
         log.info("%s %s: %d prompt + %d completion tokens in %.2f s, finish %s",
                  f"{client[0]}:{client[1]}" if client else "-", answer_id, usage["prompt_tokens"],
-                 usage["completion_tokens"], ended - started, finish, extra={"finish_reason": finish, "usage": usage})
+                 usage["completion_tokens"], clock.ended - clock.started, finish,
+                 extra={"finish_reason": finish, "usage": usage})
+
+    def _spec(self, fields: dict) -> SpecOptions | None:
+        """A request's speculation: its speculative.* fields over the server's defaults (None: no such fields, the
+        defaults). A drafter that needs a draft GGUF takes the server's (-md): a request cannot name a file."""
+        if not fields:
+            return None
+        default = self.model.speculation
+        kind = fields.get("type", default.type)
+        draft = None
+        if kind in ("mtp", "dspark"):
+            if default.type != kind:
+                raise RequestError(f"speculative.type: {kind!r} needs its draft GGUF, which this server was not "
+                                   f"started with (flashlite serve --spec-type {kind} -md FILE)", "speculative.type")
+            draft = default.draft
+        return SpecOptions(kind, fields.get("n_max", default.n_max), draft)
 
     # -- routes --
 
@@ -1036,48 +1119,42 @@ class ChatServer:
     async def _chat(self, request: Request) -> Response:
         def prepare(raw: bytes):
             chat = parse_chat_request(parse_json(raw, self.max_depth))
-            return chat, self._prompt_ids(chat.messages, chat.options["think"], chat.options["tools"])
+            spec = self._spec(chat.speculation)
+            return chat, spec, self._prompt_ids(chat.messages, chat.options["think"], chat.options["tools"])
 
-        chat, prompt = await self._in_worker(prepare, await self._body(request))
-        model, model_id = self.model, self.model_id
+        chat, spec, prompt = await self._in_worker(prepare, await self._body(request))
+        model = self.model
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id}
 
         def work(cache, cancel):
-            started, first, last = time.perf_counter(), None, None
+            clock = _Clock(time.perf_counter())
             try:
-                answer = model.create_chat_completion(chat.messages, stream=chat.stream, cancel=cancel, cache=cache,
-                                                      **chat.options)
+                pieces = model.chat(chat.messages, stream=True, cancel=cancel, cache=cache, spec_type=spec,
+                                    **chat.options)
             except ValueError as exc:
                 raise _value_error(exc) from None
+            pieces = self._pieces(request, pieces, clock, head["id"])
             if chat.stream:
-                for n, chunk in enumerate(answer):
-                    chunk["model"] = model_id
-                    if n == 1:  # the role comes at once, the first text after the prefill
-                        first = time.perf_counter()
-                    last = chunk
+                for chunk in _chunks(pieces, head):
+                    if "usage" in chunk:  # the last: the answer is done
+                        chunk["timings"] = clock.timings()
                     yield chunk
             else:
-                answer["model"] = model_id
-                last = answer
-                yield answer
-            usage = last["usage"]
-            self._answered(request, last["id"], {**usage, "cached_tokens": usage["prompt_tokens_details"][
-                "cached_tokens"]}, last["choices"][0]["finish_reason"], started, first)
+                yield {**_completion(pieces, head), "timings": clock.timings()}
 
         if chat.stream:
             return _Job(self, prompt, work, _respond_events(_openai_frame, b"data: [DONE]\n\n", _openai_error_frame))
         return _Job(self, prompt, work, _respond_json)
 
-    def _pieces(self, request: Request, pieces, started: float, answer_id: str):
-        """Pass chat pieces on, timing the first and accounting for the answer at the `done` piece."""
-        first = None
+    def _pieces(self, request: Request, pieces, clock: _Clock, answer_id: str):
+        """Pass chat pieces on, timing them on `clock` and accounting for the answer at the `done` piece (before
+        passing it on, so that what the done piece becomes can carry the clock's timings)."""
         for piece in pieces:
-            if first is None:
-                first = time.perf_counter()
+            if clock.first is None:
+                clock.first = time.perf_counter()
             if piece.kind == "done":
-                usage = {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
-                         "total_tokens": piece.prompt_tokens + piece.completion_tokens,
-                         "cached_tokens": piece.cached_tokens}
-                self._answered(request, answer_id, usage, piece.finish_reason, started, first)
+                clock.ended, clock.done = time.perf_counter(), piece
+                self._answered(request, answer_id, clock)
             yield piece
 
     async def _completions(self, request: Request) -> Response:
@@ -1097,22 +1174,24 @@ class ChatServer:
                 router = RawRouter(tokenizer, options["stop"], options["max_tokens"])
             except ValueError as exc:
                 raise _value_error(exc) from None
-            return ids, stream, sampler, router
+            return ids, stream, sampler, router, self._spec(options["speculation"])
 
-        ids, stream, sampler, router = await self._in_worker(prepare, await self._body(request))
+        ids, stream, sampler, router, spec = await self._in_worker(prepare, await self._body(request))
         model = self.model
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_id}
 
         def work(cache, cancel):
-            started = time.perf_counter()
-            pieces = self._pieces(request, _decode(model, model.lock, ids, sampler, router, cancel, cache), started,
-                                  head["id"])
+            clock = _Clock(time.perf_counter())
+            options = model.spec_options(spec)  # the request's, else the server's defaults
+            pieces = self._pieces(request, _decode(model, model.lock, ids, sampler, router, cancel, cache, options),
+                                  clock, head["id"])
             if stream:
                 for piece in pieces:
                     if piece.kind == "done":
                         yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                    "finish_reason": piece.finish_reason}], "usage": _usage(piece)}
+                                                    "finish_reason": piece.finish_reason}], "usage": _usage(piece),
+                               "timings": clock.timings()}
                     elif piece.text:
                         yield {**head, "choices": [{"index": 0, "text": piece.text, "logprobs": None,
                                                     "finish_reason": None}]}
@@ -1120,7 +1199,8 @@ class ChatServer:
             pieces = list(pieces)
             done = pieces[-1]
             yield {**head, "choices": [{"index": 0, "text": "".join(p.text for p in pieces[:-1]), "logprobs": None,
-                                        "finish_reason": done.finish_reason}], "usage": _usage(done)}
+                                        "finish_reason": done.finish_reason}], "usage": _usage(done),
+                   "timings": clock.timings()}
 
         if stream:
             return _Job(self, ids, work, _respond_events(_openai_frame, b"data: [DONE]\n\n", _openai_error_frame))
@@ -1141,13 +1221,13 @@ class ChatServer:
         answer_id = anthropic_api.new_id()
 
         def work(cache, cancel):
-            started = time.perf_counter()
+            clock = _Clock(time.perf_counter())
             try:
                 pieces = model.chat(spec.messages, think=spec.think, stream=True, cancel=cancel, tools=spec.tools,
                                     max_tokens=spec.max_tokens, stop=spec.stop or None, cache=cache, **spec.sampling)
             except ValueError as exc:
                 raise _value_error(exc) from None
-            pieces = self._pieces(request, pieces, started, answer_id)
+            pieces = self._pieces(request, pieces, clock, answer_id)
             if spec.stream:
                 yield from anthropic_api.message_events(pieces, spec, model_id, decode, len(prompt))
             else:

@@ -17,8 +17,10 @@ Output is unchanged:
   penalty applied); on rejection the token is drawn from norm(max(0, p - q)). Deterministic drafters (n-gram, MTP
   argmax) have a one-hot q: accept with probability p(d), else draw from p with d removed.
 
-Drafters: NgramDrafter (prompt lookup over the prompt and the output so far) and MTPDrafter (V4's MTP block,
-flashlite.mtp). DraftControl sizes each round's draft from the measured acceptance rate and the measured cost of
+Drafters: NgramDrafter (prompt lookup over the prompt and the output so far), MTPDrafter (V4's MTP block,
+flashlite.mtp) and DSparkDrafter (a DSpark draft, flashlite.dspark). A drafter names what of the main model's forward
+passes it reads (capture(): extra Model.forward arguments) and sees it for the rows the cache keeps (observe()).
+DraftControl sizes each round's draft from the measured acceptance rate and the measured cost of
 verifying k drafts and of drafting them, and turns drafting off (probing again now and then) when no length beats
 plain decoding.
 """
@@ -85,7 +87,6 @@ class NgramDrafter:
     (prompt and output), most recent occurrence first; the draft is what followed that occurrence. Free to run,
     strong where the output repeats its input (code edits, quotes, lists)."""
 
-    needs_hidden = False
     cost = None
 
     def __init__(self, n_min: int = 1, n_max: int = 4):
@@ -121,8 +122,11 @@ class NgramDrafter:
                 return seen[j:j + k]
         return []
 
-    def observe(self, hidden, start: int) -> None:
-        """Nothing: an n-gram drafter reads only the tokens."""
+    def capture(self) -> dict:
+        return {}  # an n-gram drafter reads only the tokens
+
+    def observe(self, captured: dict, start: int, rows: int) -> None:
+        pass
 
 
 class MTPState:
@@ -174,7 +178,6 @@ class MTPState:
 class MTPDrafter:
     """Drafts with V4's MTP block (flashlite.mtp.MTPHead): one block run per draft, chained on its own streams."""
 
-    needs_hidden = True
     cost = None  # seconds the last propose() spent drafting (DraftControl's measure)
 
     def __init__(self, head, cache, lock):
@@ -188,8 +191,11 @@ class MTPDrafter:
         self.state = state
         state.sync(cache.pos)
 
-    def observe(self, hidden: np.ndarray, start: int) -> None:
-        self.state.observe(hidden, start)
+    def capture(self) -> dict:
+        return {"hidden": []}
+
+    def observe(self, captured: dict, start: int, rows: int) -> None:
+        self.state.observe(captured["hidden"][0][:rows], start)
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k drafts after `tokens` (y, the token just decided, last: main position len(tokens) - 1): the
@@ -419,7 +425,11 @@ class Speculator:
         if options.type == "ngram":
             self.drafter = NgramDrafter()
         elif options.type == "mtp":
-            self.drafter = MTPDrafter(model.draft_head(options.draft), cache, model.lock)
+            self.drafter = MTPDrafter(model.draft_head(options.draft, "mtp"), cache, model.lock)
+        elif options.type == "dspark":
+            from flashlite.dspark import DSparkDrafter
+
+            self.drafter = DSparkDrafter(model.draft_head(options.draft, "dspark"), cache, model.lock)
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
         self.control = DraftControl(options.n_max, options.adaptive)
@@ -431,12 +441,11 @@ class Speculator:
         extended as tokens are yielded. On close, the cache is left holding what plain decoding would: the prompt
         and every yielded token but the last."""
         model, cache, drafter = self.model, self.cache, self.drafter
-        hidden = [] if drafter.needs_hidden else None
+        captured = drafter.capture()
         with model.lock:
             start = cache.pos
-            row = model.forward(feed, cache=cache, logits="last", hidden=hidden)[-1]
-        if hidden:
-            drafter.observe(hidden[0], start)
+            row = model.forward(feed, cache=cache, logits="last", **captured)[-1]
+        drafter.observe(captured, start, len(feed))
         base = cache.pos
         yielded = 0
         try:
@@ -449,11 +458,11 @@ class Speculator:
                 t0 = time.perf_counter()
                 drafts = drafter.propose(history, k)
                 t1 = time.perf_counter()
-                hidden = [] if drafter.needs_hidden else None
+                captured = drafter.capture()
                 with model.lock:
                     q_pos = cache.pos
                     rows = model.forward([y] + drafts, cache=cache, logits="all" if drafts else "last",
-                                         hidden=hidden)
+                                         **captured)
                     t2 = time.perf_counter()
                     out = accept(rows, drafts, history, self.sampler)
                     a = len(out) - 1
@@ -463,8 +472,7 @@ class Speculator:
                     self.drafted += len(drafts)
                     self.accepted += a
                 self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost)
-                if hidden:
-                    drafter.observe(hidden[0][:a + 1], q_pos)
+                drafter.observe(captured, q_pos, a + 1)
                 for t in out:
                     yielded += 1
                     yield t

@@ -26,7 +26,7 @@ from gguf import GGUFValueType, GGUFWriter
 from flashlite import blocks
 from flashlite.atomic import partial_file, remove_stale_partials
 from flashlite.gguf_model import shard_number
-from quant.gguf_meta import ARCH, hparam_kv, read_hparams
+from quant.gguf_meta import ARCH, DSPARK_ARCH, hparam_kv, read_dspark, read_hparams
 from quant.gguf_source import read_gguf_source
 from quant.imatrix import Imatrix
 from quant.layout import INDEX, GGUFTensor, Stored, check_index, plan_tensors
@@ -224,22 +224,24 @@ class Plan:
     n_layers: int
     n_expert: int
     kv_overrides: list[tuple[str, object, GGUFValueType]] = field(default_factory=list)  # --override-kv
+    arch: str = ARCH  # general.architecture: deepseek4, or dflash for a DSpark draft
 
 
 def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
-         checkpoint: Checkpoint | None = None, mtp: bool = False, allow_requantize: bool = False,
-         kv_overrides=()) -> Plan:
+         checkpoint: Checkpoint | None = None, mtp: bool = False, dspark: bool = False,
+         allow_requantize: bool = False, kv_overrides=()) -> Plan:
     """Everything about the output but its data: validates config, tokenizer, shards (or the GGUF), names, dtypes
     and shapes, and the importance matrix against the tensors it weighs. `checkpoint`, when given, is the folder's
     shards (their headers, the data possibly still to come) instead of those on disk. mtp: the checkpoint's MTP
-    draft GGUF (quant.layout) instead of the model. A GGUF's quantized tensors are requantized only with
+    draft GGUF (quant.layout) instead of the model; dspark: its DSpark draft (llama.cpp's dflash layout). A GGUF's quantized tensors are requantized only with
     `allow_requantize` (llama-quantize's --allow-requantize). kv_overrides: (key, value, GGUFValueType) entries
     that replace or join the metadata (quant.gguf_meta.parse_kv_override)."""
     src = Path(src)
+    arch = DSPARK_ARCH if dspark else ARCH
     if src.is_file() and checkpoint is None:
-        if mtp:
-            raise CheckpointError(f"{src}: the MTP draft is written from a checkpoint folder (a GGUF to requantize "
-                                  "is taken as it is, MTP draft or not)")
+        if mtp or dspark:
+            raise CheckpointError(f"{src}: a draft is written from a checkpoint folder (a GGUF to requantize "
+                                  "is taken as it is, draft or not)")
         g = read_gguf_source(src)
         h, source, layout, metadata = None, g.file, g.layout, g.metadata
         block_count, n_layers, n_expert = g.block_count, g.n_layers, g.n_expert
@@ -247,14 +249,17 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
         h = read_hparams(src)
         if not (src / "tokenizer.json").is_file():
             raise CheckpointError(f"{src / 'tokenizer.json'}: missing (the GGUF embeds the tokenizer)")
-        metadata = hparam_kv(h, mtp) + tokenizer_kv(src, h.vocab_size)
+        draft = read_dspark(src, h) if dspark else None
+        metadata = hparam_kv(h, mtp, draft) + tokenizer_kv(src, h.vocab_size)
         source = Checkpoint(src) if checkpoint is None else checkpoint
         try:
-            layout = plan_tensors(source, h, mtp)
+            layout = plan_tensors(source, h, mtp, draft)
         except BaseException:
             source.close()
             raise
         block_count, n_layers, n_expert = h.n_layers + (1 if mtp else 0), h.n_layers, h.n_routed_experts
+        if draft is not None:
+            block_count = n_layers = draft.stages
     else:
         raise CheckpointError(f"{src}: no such checkpoint folder or GGUF file")
     try:
@@ -268,7 +273,10 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     except BaseException:
         source.close()
         raise
-    if layout.skipped and mtp:
+    if layout.skipped and dspark:
+        notes.append(f"DSpark draft: left out the model's own {len(layout.skipped)} tensor(s), e.g. "
+                     f"{layout.skipped[0]}")
+    elif layout.skipped and mtp:
         notes.append(f"MTP draft: left out the model's own {len(layout.skipped)} tensor(s) (the draft holds the "
                      f"embedding, head, final norm and the MTP block), e.g. {layout.skipped[0]}")
     elif layout.skipped:
@@ -279,7 +287,7 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
                      f"{lossy[0]}")
-    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert, list(kv_overrides))
+    return Plan(h, source, planned, metadata, notes, layout.style, n_layers, n_expert, list(kv_overrides), arch)
 
 
 def _is_quantized(qtype: int) -> bool:
@@ -356,7 +364,7 @@ def start_gguf(path: str | os.PathLike, p: Plan, recipe: Recipe, general_name: s
     if split is not None and split[0] > 0:
         writer, entries = GGUFWriter(path, ""), []  # no arch: no general.architecture
     else:
-        writer = GGUFWriter(path, ARCH)
+        writer = GGUFWriter(path, p.arch)
         entries = [("general.type", "model", GGUFValueType.STRING),  # as llama.cpp's converter stamps model files
                    ("general.name", general_name, GGUFValueType.STRING),
                    ("general.file_type", recipe.file_type, GGUFValueType.UINT32),
@@ -438,7 +446,7 @@ def _write_data(writer: GGUFWriter, tensors: list[Planned], h, slab_bytes: int, 
 def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, force: bool = False,
             progress: bool = True, log: Callable[[str], None] | None = None,
             slab_bytes: int = SLAB_BYTES, workers: int | None = None, name: str | None = None,
-            imatrix: Imatrix | None = None, mtp: bool = False, allow_requantize: bool = False,
+            imatrix: Imatrix | None = None, mtp: bool = False, dspark: bool = False, allow_requantize: bool = False,
             kv_overrides=(), keep_split: bool = False) -> Summary:
     """Write `src` (a checkpoint folder, or a deepseek4 GGUF to requantize) as the deepseek4 GGUF `out`; returns
     what was written.
@@ -446,7 +454,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
     `workers` threads (default: the usable cores) each hold about `slab_bytes` of float32 values at a time.
     `name` is the model's general.name (default: the source's, else the folder's or file's name). `imatrix`
     weighs the quantizers' error per column (quant.imatrix). `mtp` writes the MTP draft GGUF llama.cpp's
-    converter writes with --mtp (for `-md`; quant.layout) instead of the model. `allow_requantize` and
+    converter writes with --mtp (for `-md`; quant.layout) instead of the model, `dspark` the DSpark draft its converter writes for a
+    DSpark checkpoint. `allow_requantize` and
     `kv_overrides`: as for plan(). `keep_split`: a split GGUF source is written as the same splits, each tensor in
     the file of its source's number, OUT-0000i-of-0000N.gguf (llama-quantize --keep-split)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -457,7 +466,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, f
         raise FileNotFoundError(f"{out.parent}: output directory does not exist")
     if keep_split and not src.is_file():
         raise ValueError(f"--keep-split: {src} is not a GGUF (a checkpoint is written as one file)")
-    p = plan(src, recipe, imatrix, mtp=mtp, allow_requantize=allow_requantize, kv_overrides=kv_overrides)
+    p = plan(src, recipe, imatrix, mtp=mtp, dspark=dspark, allow_requantize=allow_requantize, kv_overrides=kv_overrides)
     planned = p.tensors
     outputs = _outputs(p, out, keep_split)
     default_name = src.resolve().name if src.is_dir() else src.name.removesuffix(".gguf")

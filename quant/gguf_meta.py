@@ -15,6 +15,7 @@ from gguf import GGUFValueType
 from quant.safetensors_source import CheckpointError
 
 ARCH = "deepseek4"
+DSPARK_ARCH = "dflash"  # llama.cpp's architecture of DFlash / DSpark drafts
 SQRT_SOFTPLUS = 4  # llama.cpp ExpertGatingFuncType.SQRTSOFTPLUS
 _RATIO_OF_LAYER_TYPE = {"sliding_attention": 0}
 
@@ -177,16 +178,50 @@ def parse_hparams(raw: dict, path: Path) -> Hparams:
     )
 
 
-def hparam_kv(h: Hparams, mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
+@dataclass(frozen=True)
+class DSpark:
+    """A DSpark checkpoint's draft (DeepSeek V4 -0731: `mtp.0..` the stages): config.json's dspark_* keys."""
+
+    stages: int
+    block_size: int
+    target_layers: tuple[int, ...]  # target blocks whose input the draft reads (dspark_target_layer_ids + 1)
+    mask_token_id: int
+
+
+def read_dspark(folder: Path, h: Hparams) -> DSpark:
+    """The DSpark draft's parameters from folder/config.json, checked against the model's."""
+    path = Path(folder) / "config.json"
+    c = _Config(json.loads(path.read_text()), path)
+    ids = c.raw.get("dspark_target_layer_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < h.n_layers for i in ids):
+        raise CheckpointError(f"{path}: dspark_target_layer_ids: expected a list of layer indices in "
+                              f"0..{h.n_layers - 1}, got {ids!r} (not a DSpark checkpoint?)")
+    mask = c.get("dspark_noise_token_id")
+    if not 0 <= mask < h.vocab_size:
+        raise CheckpointError(f"{path}: dspark_noise_token_id {mask} is not a token id (0..{h.vocab_size - 1})")
+    block = c.get("dspark_block_size")
+    if block < 1 or h.n_mtp_layers < 1:
+        raise CheckpointError(f"{path}: dspark_block_size {block} and num_nextn_predict_layers {h.n_mtp_layers} "
+                              "must be at least 1")
+    return DSpark(h.n_mtp_layers, block, tuple(i + 1 for i in ids), mask)
+
+
+def hparam_kv(h: Hparams, mtp: bool = False, dspark: DSpark | None = None) -> list[tuple[str, object, GGUFValueType]]:
     """(key, value, type) of every deepseek4 hyperparameter key, for a GGUF holding the n_layers trunk blocks;
     mtp: for the MTP draft llama.cpp's converter writes with --mtp (block_count n_layers + 1, the last block the
-    MTP's, and nextn_predict_layers 1)."""
+    MTP's, and nextn_predict_layers 1); dspark: for a DSpark draft as its converter writes it (architecture
+    "dflash", block_count the stages, compress ratios 0, no hash layers, dflash.block_size and target_layers,
+    the mask token)."""
     u32, f32, i32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.INT32
-    a = ARCH
-    blocks = h.n_layers + (1 if mtp else 0)
+    a = ARCH if dspark is None else DSPARK_ARCH
+    blocks = h.n_layers + (1 if mtp else 0) if dspark is None else dspark.stages
     ratios = list(h.compress_ratios) + [0] * max(0, blocks - len(h.compress_ratios))
     extra = [(f"{a}.nextn_predict_layers", 1, u32)] if mtp else []
-    return extra + [
+    if dspark is not None:
+        ratios = [0] * blocks
+        extra = [(f"{a}.block_size", dspark.block_size, u32), (f"{a}.target_layers", list(dspark.target_layers), i32),
+                 ("tokenizer.ggml.mask_token_id", dspark.mask_token_id, u32)]
+    keys = extra + [
         (f"{a}.block_count", blocks, u32),
         (f"{a}.context_length", h.max_seq_len, u32),
         (f"{a}.embedding_length", h.dim, u32),
@@ -220,13 +255,15 @@ def hparam_kv(h: Hparams, mtp: bool = False) -> list[tuple[str, object, GGUFValu
         (f"{a}.expert_weights_scale", h.route_scale, f32),
         (f"{a}.expert_weights_norm", h.norm_topk_prob, GGUFValueType.BOOL),
         (f"{a}.expert_gating_func", SQRT_SOFTPLUS, u32),
-        (f"{a}.hash_layer_count", h.n_hash_layers, u32),
+        (f"{a}.hash_layer_count", h.n_hash_layers if dspark is None else 0, u32),
         (f"{a}.swiglu_clamp_exp", [h.swiglu_limit] * blocks, f32),
         (f"{a}.swiglu_clamp_shexp", [h.swiglu_limit] * blocks, f32),
         (f"{a}.hyper_connection.count", h.hc_mult, u32),
         (f"{a}.hyper_connection.sinkhorn_iterations", h.hc_sinkhorn_iters, u32),
         (f"{a}.hyper_connection.epsilon", h.hc_eps, f32),
     ]
+    # the converter writes embedding_length_out for deepseek4 only
+    return keys if dspark is None else [k for k in keys if k[0] != f"{a}.embedding_length_out"]
 
 
 def parse_kv_override(item: str) -> tuple[str, object, GGUFValueType]:

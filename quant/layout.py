@@ -6,6 +6,11 @@ kv_norm saved as `attn.norm`, plain float tensors). Both are renamed to the rele
 shapes config.json implies, then mapped to GGUF names; the routed experts of a layer are stacked into
 ffn_{gate,up,down}_exps. MTP (`mtp.*`) is left out, as llama.cpp's converter does by default.
 
+`plan_tensors(..., dspark=DSpark)` plans a DSpark draft as llama.cpp's converter writes it (DeepseekV4DSparkModel):
+the stages `mtp.{s}.*` as blk.{s}.* (their gate's `bias_vl` dropped), and the draft's own tensors, under whichever
+stage holds them, as fc (main_proj), enc.output_norm (main_norm), output_norm (norm), output_hc_* (hc_head_*),
+markov_w1 / markov_w2 (markov_head.*) and conf_proj (confidence_head.proj); no embedding or head (the target's).
+
 `plan_tensors(..., mtp=True)` plans instead the MTP draft GGUF llama.cpp's converter writes with `--mtp` (its
 deepseek4 loader reads it as a model of block_count n_layers + 1 whose trunk blocks are absent; `-md` takes it
 as a draft): token_embd, output and output_norm of the model, the MTP block `mtp.0.*` as blk.{n_layers}.*, its
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,6 +92,17 @@ _MTP = {  # release name after `mtp.0.` -> (GGUF name, role); the block's own te
     "hc_head_fn": ("output_hc_fn.weight", HC),
     "hc_head_base": ("output_hc_base.weight", PINNED),
     "hc_head_scale": ("output_hc_scale.weight", PINNED),
+}
+_DSPARK_ROOT = {  # release name after `mtp.{s}.` -> (GGUF name, role): the draft's own, whichever stage holds them
+    "main_proj.weight": ("fc.weight", MATRIX),
+    "main_norm.weight": ("enc.output_norm.weight", PINNED),
+    "norm.weight": ("output_norm.weight", PINNED),
+    "hc_head_fn": ("output_hc_fn.weight", HC),
+    "hc_head_base": ("output_hc_base.weight", PINNED),
+    "hc_head_scale": ("output_hc_scale.weight", PINNED),
+    "markov_head.markov_w1.weight": ("markov_w1.weight", MATRIX),
+    "markov_head.markov_w2.weight": ("markov_w2.weight", MATRIX),
+    "confidence_head.proj.weight": ("conf_proj.weight", PINNED),
 }
 _EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 
@@ -348,7 +364,40 @@ class Concat:
             p.release_rows(r0, r1)
 
 
-def plan_tensors(ck: Checkpoint, h: Hparams, mtp: bool = False) -> Layout:
+def _dspark_names(ck: Checkpoint, names: dict[str, str], h: Hparams, dspark) -> tuple[dict, dict]:
+    """(release name -> shape of every DSpark tensor, root name -> the release name holding it): the stages'
+    blocks `mtp.{s}.*` (window-only, score-routed), and the draft's own tensors under any one stage, as llama.cpp's
+    converter rekeys them. The Markov head's rank is the stored markov_w1's."""
+    d, hc = h.dim, h.hc_mult
+    roots: dict[str, str] = {}
+    for name in names:
+        m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
+        if m and m.group(2) in _DSPARK_ROOT:
+            if m.group(2) in roots:
+                raise CheckpointError(f"{ck[names[name]].file}: tensor '{names[name]}': stages "
+                                      f"{roots[m.group(2)].split('.')[1]} and {m.group(1)} both hold the draft's "
+                                      f"{m.group(2)}")
+            roots[m.group(2)] = name
+    w1 = roots.get("markov_head.markov_w1.weight")
+    if w1 is None or w1 not in names:
+        raise CheckpointError(f"{ck.folder}: no DSpark Markov head (mtp.N.markov_head.markov_w1.weight): not a DSpark "
+                              "checkpoint")
+    rank = ck[names[w1]].shape[-1]
+    shapes = {"main_proj.weight": (d, len(dspark.target_layers) * d), "main_norm.weight": (d,), "norm.weight": (d,),
+              "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
+              "markov_head.markov_w1.weight": (h.vocab_size, rank),
+              "markov_head.markov_w2.weight": (h.vocab_size, rank),
+              "confidence_head.proj.weight": (1, d + rank)}
+    expected = {}
+    for root, release in roots.items():
+        expected[release] = shapes[root]
+    stage = replace(h, n_hash_layers=0)
+    for s in range(dspark.stages):
+        expected.update({f"mtp.{s}.{k}": v for k, v in _layer_shapes(stage, s, 0).items()})
+    return expected, roots
+
+
+def plan_tensors(ck: Checkpoint, h: Hparams, mtp: bool = False, dspark=None) -> Layout:
     """Map every stored tensor of `ck` to its GGUF tensor, checking that stored and expected tensors agree.
     mtp: the MTP draft GGUF instead (module docstring); the trunk's tensors are then the ones left out."""
     style = "save_pretrained" if any(n.startswith("model.") for n in ck.tensors) else "release"
@@ -362,10 +411,21 @@ def plan_tensors(ck: Checkpoint, h: Hparams, mtp: bool = False) -> Layout:
     if mtp and not any(n.startswith("mtp.0.") for n in names):
         raise CheckpointError(f"{ck.folder}: no MTP block (mtp.0.*) to write a draft of (num_nextn_predict_layers="
                               f"{h.n_mtp_layers})")
-    expected = expected_tensors(h, mtp)
+    if dspark is not None:
+        expected, roots = _dspark_names(ck, names, h, dspark)
+    else:
+        expected = expected_tensors(h, mtp)
     for name, stored in names.items():
         if name in expected or (name.endswith(".scale") and name[: -len(".scale")] + ".weight" in expected):
             continue
+        if dspark is not None:
+            stage = re.match(r"mtp\.(\d+)\.", name)
+            if stage and int(stage.group(1)) >= dspark.stages:
+                raise CheckpointError(f"{ck[stored].file}: unexpected tensor '{stored}': stage {stage.group(1)} is "
+                                      f"beyond num_nextn_predict_layers={dspark.stages}")
+            if not stage or name.endswith(".ffn.gate.bias_vl"):  # the trunk; a gate bias llama.cpp drops
+                skipped.append(stored)
+                continue
         hash_bias = re.fullmatch(r"layers\.(\d+)\.ffn\.gate\.bias", name)
         if mtp and re.match(r"mtp\.[1-9]", name):
             raise CheckpointError(f"{ck[stored].file}: tensor '{stored}': llama.cpp's deepseek4 MTP draft holds one "
@@ -396,6 +456,16 @@ def plan_tensors(ck: Checkpoint, h: Hparams, mtp: bool = False) -> Layout:
             out.append(GGUFTensor(f"blk.{i}.{gguf}", (h.n_routed_experts, *parts[0].shape), EXPERT, parts))
         return out
 
+    if dspark is not None:
+        out = [one(roots[r], *_DSPARK_ROOT[r]) for r in ("main_proj.weight", "main_norm.weight") if r in roots]
+        for s in range(dspark.stages):
+            out += block(f"mtp.{s}.", s)
+        out += [one(roots[r], *_DSPARK_ROOT[r]) for r in _DSPARK_ROOT
+                if r in roots and r not in ("main_proj.weight", "main_norm.weight")]
+        missing = [f"mtp.N.{r}" for r in _DSPARK_ROOT if r not in roots and r != "confidence_head.proj.weight"]
+        if missing:
+            raise CheckpointError(f"{ck.folder}: the DSpark draft lacks {', '.join(missing)}")
+        return Layout(out, style, skipped)
     out = [one("embed.weight", *_ROOT["embed.weight"])]
     if mtp:
         n = h.n_layers

@@ -239,21 +239,19 @@ def test_oversized_body_is_a_413_before_it_is_read(server):
 
 
 def test_a_failure_inside_is_a_500_without_its_details(server, model, monkeypatch):
-    def chunks():
-        yield {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-        raise RuntimeError("secret internals")
-
-    def broken(messages, stream=False, **kwargs):
-        if not stream:
+    def broken(messages, **kwargs):  # model.chat whose pieces fail before the first
+        def pieces():
             raise RuntimeError("secret internals")
-        return chunks()
+            yield
 
-    monkeypatch.setattr(model, "create_chat_completion", broken)
+        return pieces()
+
+    monkeypatch.setattr(model, "chat", broken)
     status, _, body = call(server, "POST", "/v1/chat/completions", {"messages": MESSAGES})
     assert status == 500 and body["error"]["type"] == "server_error" and "secret" not in json.dumps(body)
     status, _, raw = call(server, "POST", "/v1/chat/completions", {"messages": MESSAGES, "stream": True})
-    first, error = events(raw)
-    assert status == 200 and first["id"] == "chatcmpl-1"
+    first, error = events(raw)  # the role goes out at once, the failure after it
+    assert status == 200 and first["choices"][0]["delta"]["role"] == "assistant"
     assert error["error"]["type"] == "server_error" and b"secret" not in raw
 
 

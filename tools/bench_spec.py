@@ -2,8 +2,8 @@
 1..N drafted tokens, the acceptance rate, the weight bytes a verified batch reads (the dense weights once, the
 routed experts as the union over its tokens), and the speedup.
 
-    python tools/bench_spec.py -m small_v4.gguf [-md mtp-small_v4.gguf] [--prompts chat code repeat]
-        [--drafters ngram mtp] [--n 1 2 3 4 5 6 7 8] [--tokens 64] [--rounds 3] [--json OUT]
+    python tools/bench_spec.py -m small_v4.gguf [-md mtp-small_v4.gguf | dspark.gguf] [--prompts chat code repeat]
+        [--drafters ngram mtp dspark] [--n 1 2 3 4 5 6 7 8] [--tokens 64] [--rounds 3] [--json OUT]
 
 Variants take turns within each round (every drafter at every length, then each drafter with the adaptive control
 at the largest length), each run right after a plain run of its own, so that a load that comes and goes on a
@@ -110,6 +110,18 @@ class ByteCounter:
         del self.model.forward
 
 
+def model_draft_kind(path: str) -> str:
+    """'dspark' for a DSpark draft GGUF, else 'mtp'."""
+    from flashlite.dspark import is_dspark_draft
+    from flashlite.gguf_model import GGUFFile
+
+    f = GGUFFile(path)
+    try:
+        return "dspark" if is_dspark_draft(f) else "mtp"
+    finally:
+        f.close()
+
+
 def decode(model, ids, tokens, options, eos):
     """(generated ids, seconds from the first token to the last, stats delta)."""
     model.reset_stats()
@@ -125,7 +137,7 @@ def decode(model, ids, tokens, options, eos):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-m", "--model", required=True)
-    p.add_argument("-md", "--model-draft", default=None, help="MTP draft GGUF (for the mtp drafter)")
+    p.add_argument("-md", "--model-draft", default=None, help="draft GGUF (for the mtp or dspark drafter)")
     p.add_argument("--prompts", nargs="+", default=["chat", "code", "repeat"])
     p.add_argument("--drafters", nargs="+", default=None, help="default: ngram, and mtp with -md")
     p.add_argument("--n", nargs="+", type=int, default=list(range(1, 9)))
@@ -138,12 +150,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_cost:
         return batch_cost(args)
-    drafters = args.drafters or (["ngram", "mtp"] if args.model_draft else ["ngram"])
+    drafters = args.drafters or (["ngram", model_draft_kind(args.model_draft)] if args.model_draft else ["ngram"])
     model = load(args.model, threads=args.threads)
     eos = model.tokenizer.eos_id
     variants = [("plain", None)]
     for d in drafters:
-        draft = args.model_draft if d == "mtp" else None
+        draft = args.model_draft if d in ("mtp", "dspark") else None
         if not args.auto_only:
             variants += [(f"{d}-{n}", sp.SpecOptions(d, n, draft, adaptive=False)) for n in args.n]
         variants.append((f"{d}-auto{max(args.n)}", sp.SpecOptions(d, max(args.n), draft, adaptive=True)))

@@ -89,34 +89,41 @@ class ModelArgs:
             raise ValueError(f"n_shared_experts {self.n_shared_experts}: only one shared expert is supported")
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile, with_mtp: bool = False) -> "ModelArgs":
+    def from_gguf(cls, f: GGUFFile, with_mtp: bool = False, arch: str = ARCH,
+                  vocab_size: int | None = None) -> "ModelArgs":
         """The hyperparameters of a deepseek4 GGUF, each checked for its type and against the range the
         architecture and this runtime allow (GGUF_KEYS); an error names the file, the key and the value.
         with_mtp: n_layers counts the MTP blocks too (blk.{n_layers - n_mtp_layers}.. are the MTP's), as an MTP
-        draft GGUF needs; else n_layers is the trunk's."""
-        arch = f.get("general.architecture")
-        if arch != ARCH:
-            raise ValueError(f"{f.path}: general.architecture is {arch!r}, expected {ARCH!r}")
+        draft GGUF needs; else n_layers is the trunk's. arch: the keys' prefix (a DSpark draft's V4 stages are
+        written under llama.cpp's "dflash" architecture); vocab_size: the target's, for a draft without an
+        embedding of its own."""
+        found = f.get("general.architecture")
+        if found != arch:
+            raise ValueError(f"{f.path}: general.architecture is {found!r}, expected {arch!r}")
         v = {}
         for name, (key, kind, lo, hi, default) in GGUF_KEYS.items():
-            full = f"{ARCH}.{key}"
+            full = f"{arch}.{key}"
             value = f.get(full, default)
             if value is None:
                 raise ValueError(f"{f.path}: missing metadata key '{full}'")
             v[name] = _checked_value(f.path, full, value, kind, lo, hi)
         if v["expert_gating_func"] != _SQRT_SOFTPLUS:
-            raise ValueError(f"{f.path}: {ARCH}.expert_gating_func is {v['expert_gating_func']}, expected "
+            raise ValueError(f"{f.path}: {arch}.expert_gating_func is {v['expert_gating_func']}, expected "
                              f"{_SQRT_SOFTPLUS} (sqrtsoftplus)")
         if v["head_count_kv"] != 1 or v["value_length"] not in (0, v["head_dim"]):
             raise ValueError(f"{f.path}: DeepSeek V4 shares one KV head with key_length == value_length")
         blocks = v.pop("block_count")
         n_mtp = v.pop("n_mtp_layers")
         if n_mtp >= blocks:
-            raise ValueError(f"{f.path}: {ARCH}.nextn_predict_layers {n_mtp} leaves no layer of block_count {blocks}")
-        embd = f.tensors.get("token_embd.weight")
-        if embd is None:
-            raise ValueError(f"{f.path}: missing tensor 'token_embd.weight'")
-        vocab = v.pop("vocab_size") or (embd.ne[1] if len(embd.ne) == 2 else 0)
+            raise ValueError(f"{f.path}: {arch}.nextn_predict_layers {n_mtp} leaves no layer of block_count {blocks}")
+        vocab = v.pop("vocab_size")
+        if vocab_size is not None:
+            vocab = vocab_size
+        elif not vocab:
+            embd = f.tensors.get("token_embd.weight")
+            if embd is None:
+                raise ValueError(f"{f.path}: missing tensor 'token_embd.weight'")
+            vocab = embd.ne[1] if len(embd.ne) == 2 else 0
         for name in ("swiglu_limits", "swiglu_limits_shared"):
             value = v[name] if v[name] != [] else v["swiglu_limits"]
             v[name] = tuple(value) if isinstance(value, list) else (value,) * blocks
@@ -507,7 +514,9 @@ class Attention:
         self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
         self.rope, self.compressor, self.indexer = rope, compressor, indexer
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache) -> np.ndarray:
+    def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
+        """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
+        runs without the causal mask)."""
         a, t = self.args, x.shape[0]
         start = int(positions[0])
         cos, sin = self.rope.cos_sin(positions)
@@ -535,16 +544,18 @@ class Attention:
             self.compressor(compressed, start, cache.compressor)
         if self.indexer is not None:
             picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
-        o = self.attend(q, positions, cache, picks)
+        o = self.attend(q, positions, cache, picks, causal)
         o = self.rope.apply(o, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
 
-    def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks) -> np.ndarray:
+    def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
+               causal: bool = True) -> np.ndarray:
         """Softmax with sink over each query's window rows and visible compressed rows: [T, H, hd]."""
         a, t = self.args, q.shape[0]
         lo, hi = max(0, int(positions[0]) - a.window_size + 1), int(positions[-1]) + 1
         window = cache.kv.rows(lo, hi)
-        ranges = np.stack([np.maximum(positions - a.window_size + 1, lo) - lo, positions + 1 - lo], axis=1)
+        ends = positions + 1 if causal else np.full_like(positions, hi)
+        ranges = np.stack([np.maximum(positions - a.window_size + 1, lo) - lo, ends - lo], axis=1)
         ranges = np.ascontiguousarray(ranges, np.int32)
         rows, idx = np.empty((0, a.head_dim), np.float32), np.empty((t, 0), np.int32)
         if self.ratio:
@@ -690,9 +701,10 @@ class Block:
         already RMS-normalised (without weight)."""
         self.ffn.offload.prefetch(self.layer, self.ffn.gate.predict(self.ffn_norm * y, token_ids))
 
-    def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
+    def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None, causal: bool = True):
         x, post, comb = self.attn_hc(h)
-        h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache), h, post, comb)
+        h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, causal), h,
+                                   post, comb)
         if dump is not None:
             dump[f"blk.{self.layer}.attn"] = h.copy()
         x, post, comb = self.ffn_hc(h)
@@ -861,11 +873,13 @@ class Model:
         return blocks.dequantize(rows, self.embed.type)
 
     def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
-                 logits: str = "all", hidden: list | None = None) -> np.ndarray:
+                 logits: str = "all", hidden: list | None = None, taps: dict | None = None) -> np.ndarray:
         """Logits of the chunk token_ids that follows the cache's pos tokens; advances the cache. `logits`: "all"
         positions [T, vocab], the "last" one [1, vocab] (generation: the head, vocab x dim, is most of a prefill's
         work when every position gets it), or "none" [0, vocab] (a replay that only fills the cache). `hidden`,
-        when a list, receives the last block's streams [T, hc, dim] (what V4's MTP block reads)."""
+        when a list, receives the last block's streams [T, hc, dim] (what V4's MTP block reads). `taps`, when a
+        dict, gets for each of its keys L the mean over the hc streams that enter block L [T, dim] (L = n_layers:
+        the last block's output), the target features llama.cpp's DSpark drafts read."""
         token_ids = np.asarray(token_ids, np.int64)
         if token_ids.ndim != 1 or token_ids.size == 0:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
@@ -878,8 +892,12 @@ class Model:
             for block in self.prefetch_at_start:
                 block.prefetch_experts(y, token_ids)
         h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
-        for block, layer_cache in zip(self.layers, cache.layers):
+        for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if taps is not None and i in taps:
+                taps[i] = h.mean(axis=1)
             h = block(h, positions, token_ids, layer_cache, dump)
+        if taps is not None and len(self.layers) in taps:
+            taps[len(self.layers)] = h.mean(axis=1)
         if hidden is not None:
             hidden.append(h)
         if logits == "none":
