@@ -42,31 +42,3 @@ const struct fl_decode_kernel *fl_decode_kernel(int type) {
     (void)type;
     return NULL;
 }
-
-fl_to_float_fn fl_to_float(int type) {
-    const struct fl_type_traits *traits = fl_traits(type);
-    if (!traits)
-        return NULL;
-    fl_to_float_fn fn = NULL;
-#if defined(__x86_64__)
-    if (fl_simd_level() == FL_SIMD_AVX512)
-        fn = fl_to_float_avx512(type);
-#endif
-    return fn ? fn : traits->to_float;
-}
-
-const struct fl_gemm_kernel *fl_gemm_kernel(void) {
-    switch (fl_simd_level()) {
-#if defined(__x86_64__)
-    case FL_SIMD_AVX512:
-        return &fl_gemm_avx512;
-    case FL_SIMD_AVX2:
-        return &fl_gemm_avx2;
-#elif defined(__aarch64__)
-    case FL_SIMD_NEON:
-        return &fl_gemm_neon;
-#endif
-    default:
-        return &fl_gemm_scalar;
-    }
-}
