@@ -30,6 +30,17 @@ fl_vec_dot_fn fl_vec_dot(int type) {
     return dot ? dot : traits->vec_dot_generic;
 }
 
+fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot) {
+    fl_vec_dot_t4_fn t4 = NULL;
+#if defined(__x86_64__)
+    if (!(t4 = fl_tokens_avx512_vnni(dot)) && !(t4 = fl_tokens_avx512(dot)))
+        t4 = fl_tokens_avx2(dot);
+#else
+    (void)dot;
+#endif
+    return t4;
+}
+
 const struct fl_decode_kernel *fl_decode_kernel(int type) {
 #if defined(__x86_64__)
     /* the AVX-512 level already vouches for the OS saving zmm state; VBMI is one more cpuid bit */

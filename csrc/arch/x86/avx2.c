@@ -4,5 +4,6 @@
 #pragma GCC target("avx2,fma,f16c")
 #define FL_X86_VNNI 0
 #define FL_X86_TABLE fl_dot_avx2
+#define FL_X86_TOKENS fl_tokens_avx2
 #include "dot_x86.h"
 #endif
