@@ -4,9 +4,10 @@
  * format's SIMD dot. So a token's outputs are the same bits whether it arrives alone, in a chunk or in a
  * prefill, and a cache filled by a prefill continues exactly as one filled token by token.
  * One token streams each weight row once through the dot, bound by memory bandwidth. Many tokens are cut in
- * tiles of rows x tokens: a group of rows that fits L1 meets, one token after another, every token of a tile
- * whose activations fit L2, so a weight row comes from memory once per tile of tokens and the dots run from
- * cache (ggml's mul_mat blocks its vec_dots the same way). */
+ * tiles of rows x tokens: a group of rows that fits L1 meets, four tokens at a time, every token of a tile
+ * whose activations fit L2, so a weight row comes from memory once per tile of tokens, the dots run from cache
+ * (ggml's mul_mat blocks its vec_dots the same way), and a four-token dot unpacks a row's weights once for four
+ * tokens. */
 #include <stdlib.h>
 #include <string.h>
 #include "flashlite.h"
@@ -128,9 +129,9 @@ static void matmul_task(const struct matmul_job *j, int64_t task) {
         token_tile(j, r0, r1, tile * j->tile, min64((tile + 1) * j->tile, j->n_tok));
 }
 
-/* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type go into
- * *xq (which the caller allocates with the size set in x_row, and frees) unless `shared` already holds them
- * prepared for the same x and kernel. */
+/* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read
+ * from `shared` where it already holds them prepared for the same x and kernel; otherwise the job names what
+ * to quantize (x, dk, from_float), for the caller to do into n_tok rows of x_row bytes at xq. */
 static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it, const uint8_t *shared) {
     const struct fl_type_traits *wt = fl_traits(it->wtype);
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
