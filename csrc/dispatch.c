@@ -30,6 +30,17 @@ fl_vec_dot_fn fl_vec_dot(int type) {
     return dot ? dot : traits->vec_dot_generic;
 }
 
+fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot) {
+    fl_vec_dot_t4_fn t4 = NULL;
+#if defined(__x86_64__)
+    if (!(t4 = fl_tokens_avx512_vnni(dot)) && !(t4 = fl_tokens_avx512(dot)))
+        t4 = fl_tokens_avx2(dot);
+#else
+    (void)dot;
+#endif
+    return t4;
+}
+
 const struct fl_decode_kernel *fl_decode_kernel(int type) {
 #if defined(__x86_64__)
     /* the AVX-512 level already vouches for the OS saving zmm state; VBMI is one more cpuid bit */
@@ -41,32 +52,4 @@ const struct fl_decode_kernel *fl_decode_kernel(int type) {
 #endif
     (void)type;
     return NULL;
-}
-
-fl_to_float_fn fl_to_float(int type) {
-    const struct fl_type_traits *traits = fl_traits(type);
-    if (!traits)
-        return NULL;
-    fl_to_float_fn fn = NULL;
-#if defined(__x86_64__)
-    if (fl_simd_level() == FL_SIMD_AVX512)
-        fn = fl_to_float_avx512(type);
-#endif
-    return fn ? fn : traits->to_float;
-}
-
-const struct fl_gemm_kernel *fl_gemm_kernel(void) {
-    switch (fl_simd_level()) {
-#if defined(__x86_64__)
-    case FL_SIMD_AVX512:
-        return &fl_gemm_avx512;
-    case FL_SIMD_AVX2:
-        return &fl_gemm_avx2;
-#elif defined(__aarch64__)
-    case FL_SIMD_NEON:
-        return &fl_gemm_neon;
-#endif
-    default:
-        return &fl_gemm_scalar;
-    }
 }

@@ -114,8 +114,9 @@ int fl_threads_get(void);
 /* Y[t, r] = sum_k W[r, k] * X[t, k] for t < n_tok, r < rows.
  * W: rows x k elements of type wtype, row-major, each row fl_row_bytes(wtype, k) bytes.
  * X: n_tok x k float32, row-major; Y: n_tok x rows float32, row-major.
- * Decode (fewer than FL_PREFILL_MIN_TOKENS tokens) pairs quantized weights with activations quantized on the
- * fly (Q8_0, Q8_1 or Q8_K, as ggml pairs them); prefill dequantizes weight tiles to f32 and keeps activations f32. */
+ * Quantized weights meet activations quantized on the fly (Q8_0, Q8_1 or Q8_K, as ggml pairs them; float weights
+ * meet f32 activations), in the same arithmetic for any n_tok: each token's row of Y is bitwise what a call with
+ * that token alone gives. */
 int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y);
 
 /* One product of a batch: y = x W^T as fl_matmul computes it. */

@@ -18,6 +18,8 @@ typedef void (*fl_quantize_rows_fn)(const float *src, void *dst, int64_t n_rows,
 typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *vy);
 /* s[0..3] = the dots of four weight rows vx[0..3] with one activation row, each bitwise as the one-row dot. */
 typedef void (*fl_vec_dot4_fn)(int64_t n, float *s, const void *const *vx, const void *vy);
+/* s[0..3] = the dots of one weight row with four activation rows vy[0..3], each bitwise as the one-row dot. */
+typedef void (*fl_vec_dot_t4_fn)(int64_t n, float *s, const void *vx, const void *const *vy);
 
 struct fl_type_traits {
     const char *name;
@@ -36,6 +38,9 @@ const struct fl_type_traits *fl_traits(int type);
 /* The dot kernel of a weight type at the SIMD level in use (falls back to the generic one). */
 fl_vec_dot_fn fl_vec_dot(int type);
 
+/* The four-token dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
+fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot);
+
 /* how far ahead of the dot decode prefetches weights, into L2 */
 #define FL_PREFETCH_BYTES 2048
 
@@ -48,7 +53,8 @@ struct fl_decode_kernel {
     size_t (*act_bytes)(int64_t k);
     void (*prep)(int64_t k, const float *x, void *out);
     fl_vec_dot_fn dot;
-    fl_vec_dot4_fn dot4; /* four rows at a time; NULL where not written */
+    fl_vec_dot4_fn dot4;   /* four rows at a time; NULL where not written */
+    fl_vec_dot_t4_fn dot_t4; /* four tokens at a time (prefill) */
 };
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */

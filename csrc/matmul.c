@@ -1,44 +1,61 @@
 /* matmul.c: Y = X W^T for any weight format, split across the thread pool.
- * Decode (few tokens) streams each weight row once through the format's SIMD dot, against activations
- * quantized once per call to the format's act type, as ggml pairs them. It is bound by memory bandwidth.
- * Prefill (many tokens) is bound by arithmetic instead: each block of weight rows is dequantized once to
- * f32 and multiplied by every token with a register-tiled FMA kernel, the way ggml's BLAS path does, so
- * the cost of unpacking a format is spread over all the tokens. */
+ * One arithmetic for any number of tokens: the activations are quantized once per call to the format's act
+ * type (as ggml pairs them; float formats read them as f32), and every (row, token) pair goes through the
+ * format's SIMD dot. So a token's outputs are the same bits whether it arrives alone, in a chunk or in a
+ * prefill, and a cache filled by a prefill continues exactly as one filled token by token.
+ * One token streams each weight row once through the dot, bound by memory bandwidth. Many tokens are cut in
+ * tiles of rows x tokens: a group of rows that fits L1 meets, four tokens at a time, every token of a tile
+ * whose activations fit L2, so a weight row comes from memory once per tile of tokens, the dots run from cache
+ * (ggml's mul_mat blocks its vec_dots the same way), and a four-token dot unpacks a row's weights once for four
+ * tokens. */
 #include <stdlib.h>
 #include <string.h>
 #include "flashlite.h"
 #include "kernels.h"
-#include "simd.h"
 #include "threadpool.h"
 
-/* k per GEMM tile call: keeps a tile's slice of weights and tokens in L1 */
-#define KC 256
-/* weight rows dequantized together, in tiles: each dequantized slice is reused by every token block */
-#define TILES_PER_BLOCK 4
-/* a decode task takes at least this many weight bytes (and rows), enough for four long read streams */
-#define DECODE_TASK_BYTES (512 << 10)
-#define DECODE_TASK_ROWS 64
+/* a task takes at least this many weight bytes (and rows), enough for four long read streams */
+#define TASK_BYTES (512 << 10)
+#define TASK_ROWS 64
+/* weight rows multiplied together by each token of a tile: they stay in L1 (48 KiB on the CPUs measured) */
+#define GROUP_BYTES (32 << 10)
+/* a tile's prepared activations: they stay in L2 (1-2 MiB) while every group of rows passes over them */
+#define TILE_ACT_BYTES (512 << 10)
+/* tokens whose activations one preparation task quantizes */
+#define PREP_TOKENS 8
+/* below this many tokens to quantize in all, the caller quantizes them alone */
+#define PREP_INLINE_TOKENS 32
 
-struct decode_job {
+struct matmul_job {
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;
+    fl_vec_dot_t4_fn dot_t4;
     const uint8_t *w;
     size_t w_row;
     const uint8_t *xq;
     size_t x_row;
-    int64_t rows, k, n_tok, chunk;
+    int64_t rows, k, n_tok;
+    int64_t chunk;       /* rows per task */
+    int64_t tile;        /* tokens per task */
+    int64_t group;       /* rows per L1 group */
     float *y;
-    int dot_prefetches; /* the dot streams its own prefetches (struct fl_decode_kernel) */
+    int dot_prefetches;  /* the dot streams its own prefetches (struct fl_decode_kernel) */
+    /* the activations to quantize into xq (NULL: already there, shared or f32) */
+    const float *x;
+    const struct fl_decode_kernel *dk;
+    fl_from_float_fn from_float;
 };
 
-static void decode_task(void *ctx, int64_t task, int thread) {
-    const struct decode_job *j = ctx;
-    (void)thread;
-    int64_t r0 = task * j->chunk;
-    int64_t r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-    if (j->dot4 && j->n_tok == 1) {
-        /* rows from four quarters of the range at once: four streams far apart keep more reads in flight
-         * than one, which the hardware prefetcher follows page by page */
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+static int64_t row_chunks(const struct matmul_job *j) { return (j->rows + j->chunk - 1) / j->chunk; }
+static int64_t token_tiles(const struct matmul_job *j) { return (j->n_tok + j->tile - 1) / j->tile; }
+static int64_t job_tasks(const struct matmul_job *j) { return row_chunks(j) * token_tiles(j); }
+
+/* One token: rows from four quarters of the range at once where the format has a four-row dot. Four streams
+ * far apart keep more reads in flight than one, which the hardware prefetcher follows page by page. */
+static void one_token(const struct matmul_job *j, int64_t r0, int64_t r1) {
+    if (j->dot4) {
         int64_t q = (r1 - r0) / 4;
         float s[4];
         for (int64_t i = 0; i < q; i++) {
@@ -61,158 +78,159 @@ static void decode_task(void *ctx, int64_t task, int thread) {
             for (size_t off = 0; off < j->w_row; off += 64)
                 __builtin_prefetch(next + off, 0, 2);
         }
-        for (int64_t t = 0; t < j->n_tok; t++)
-            j->dot(j->k, &j->y[t * j->rows + r], j->w + r * j->w_row, j->xq + t * j->x_row);
+        j->dot(j->k, &j->y[r], j->w + r * j->w_row, j->xq);
     }
 }
 
-/* Fill job for a decode of W (rows x k) by the n_tok rows of x into y, quantizing the activations into *xq
- * (which the caller frees) unless `shared` already holds them prepared for the same x and kernel. */
-static int decode_setup(struct decode_job *job, int wtype, const struct fl_type_traits *wt, const void *w,
-                        int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y, const uint8_t *shared,
-                        uint8_t **xq) {
-    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    *job = (struct decode_job){dk ? dk->dot : fl_vec_dot(wtype), dk ? dk->dot4 : NULL, w,
-                               (size_t)fl_row_bytes(wtype, k), (const uint8_t *)x, (size_t)k * sizeof(float),
-                               rows, k, n_tok, 0, y, dk != NULL};
-    *xq = NULL;
+/* Tokens t0..t1 by rows r0..r1, a group of rows at a time: four tokens at once through the format's four-token
+ * dot where it has one, else four rows at once through its four-row dot. Each result of either is bitwise the
+ * one-row dot's, so the grouping changes no output. */
+static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    for (int64_t g0 = r0; g0 < r1; g0 += j->group) {
+        int64_t g1 = min64(g0 + j->group, r1);
+        if (!j->dot_prefetches) /* the next group, while this one is multiplied */
+            for (const uint8_t *p = j->w + g1 * j->w_row, *end = j->w + min64(g1 + j->group, r1) * j->w_row; p < end;
+                 p += 64)
+                __builtin_prefetch(p, 0, 2);
+        int64_t t = t0;
+        if (j->dot_t4)
+            for (; t + 4 <= t1; t += 4) {
+                const void *xs[4] = {j->xq + t * j->x_row, j->xq + (t + 1) * j->x_row, j->xq + (t + 2) * j->x_row,
+                                     j->xq + (t + 3) * j->x_row};
+                float s[4];
+                for (int64_t r = g0; r < g1; r++) {
+                    j->dot_t4(j->k, s, j->w + r * j->w_row, xs);
+                    for (int c = 0; c < 4; c++)
+                        j->y[(t + c) * j->rows + r] = s[c];
+                }
+            }
+        for (; t < t1; t++) {
+            const uint8_t *xt = j->xq + t * j->x_row;
+            float *yt = j->y + t * j->rows;
+            int64_t r = g0;
+            if (j->dot4)
+                for (; r + 4 <= g1; r += 4) {
+                    const void *rows[4] = {j->w + r * j->w_row, j->w + (r + 1) * j->w_row,
+                                           j->w + (r + 2) * j->w_row, j->w + (r + 3) * j->w_row};
+                    j->dot4(j->k, yt + r, rows, xt);
+                }
+            for (; r < g1; r++)
+                j->dot(j->k, yt + r, j->w + r * j->w_row, xt);
+        }
+    }
+}
+
+static void matmul_task(const struct matmul_job *j, int64_t task) {
+    int64_t chunk = task / token_tiles(j), tile = task % token_tiles(j);
+    int64_t r0 = chunk * j->chunk, r1 = min64(r0 + j->chunk, j->rows);
+    if (j->n_tok == 1)
+        one_token(j, r0, r1);
+    else
+        token_tile(j, r0, r1, tile * j->tile, min64((tile + 1) * j->tile, j->n_tok));
+}
+
+/* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read
+ * from `shared` where it already holds them prepared for the same x and kernel; otherwise the job names what
+ * to quantize (x, dk, from_float), for the caller to do into n_tok rows of x_row bytes at xq. */
+static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it, const uint8_t *shared) {
+    const struct fl_type_traits *wt = fl_traits(it->wtype);
+    const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
+    int64_t k = it->k;
+    *job = (struct matmul_job){.dot = dk ? dk->dot : fl_vec_dot(it->wtype), .dot4 = dk ? dk->dot4 : NULL,
+                               .dot_t4 = dk ? dk->dot_t4 : fl_vec_dot_t4(fl_vec_dot(it->wtype)),
+                               .w = it->w, .w_row = (size_t)fl_row_bytes(it->wtype, k),
+                               .xq = (const uint8_t *)it->x, .x_row = (size_t)k * sizeof(float),
+                               .rows = it->rows, .k = k, .n_tok = it->n_tok, .y = it->y,
+                               .dot_prefetches = dk != NULL};
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
         if (!at || !at->from_float)
             return FL_ETYPE;
         /* prepared rows go on whole cache lines */
         job->x_row = dk ? (dk->act_bytes(k) + 63) & ~(size_t)63 : (size_t)fl_row_bytes(wt->act_type, k);
-        if (shared) {
-            job->xq = shared;
-        } else {
-            *xq = aligned_alloc(64, (job->x_row * (size_t)n_tok + 63) & ~(size_t)63);
-            if (!*xq)
-                return FL_ENOMEM;
-            for (int64_t t = 0; t < n_tok; t++) {
-                if (dk)
-                    dk->prep(k, x + t * k, *xq + t * job->x_row);
-                else
-                    at->from_float(x + t * k, *xq + t * job->x_row, k);
-            }
-            job->xq = *xq;
+        job->xq = shared;
+        if (!shared) {
+            job->x = it->x;
+            job->dk = dk;
+            job->from_float = at->from_float;
         }
     }
-    /* tasks of at most about DECODE_TASK_BYTES, as many as a multiple of the threads and of equal rows: with
-     * tasks of the full size and a short last one, one thread could be left finishing a full task while the
-     * others wait (Q2_K expert_down, 4096 rows in 6 tasks: 5 x 780 + 196, the slower thread 14% over the mean) */
-    int64_t threads = fl_threads_get(), round = threads * DECODE_TASK_BYTES;
-    int64_t tasks = threads * (((int64_t)job->w_row * rows + round - 1) / round);
-    int64_t per_thread = (rows + threads - 1) / threads, even = (rows + tasks - 1) / tasks;
-    if (even < DECODE_TASK_ROWS)
-        even = DECODE_TASK_ROWS;
+    /* tasks of at most about TASK_BYTES of weights, as many as a multiple of the threads and of equal rows:
+     * with tasks of the full size and a short last one, one thread could be left finishing a full task while
+     * the others wait (Q2_K expert_down, 4096 rows in 6 tasks: 5 x 780 + 196, the slower thread 14% over the
+     * mean). Many tokens already make many tasks, one per tile of tokens, so the rows are not cut finer. */
+    int64_t threads = fl_threads_get(), round = threads * TASK_BYTES;
+    int64_t tasks = threads * (((int64_t)job->w_row * job->rows + round - 1) / round);
+    int64_t per_thread = (job->rows + threads - 1) / threads, even = (job->rows + tasks - 1) / tasks;
+    if (even < TASK_ROWS)
+        even = TASK_ROWS;
     job->chunk = per_thread < even ? per_thread : even;
+    job->tile = (int64_t)(TILE_ACT_BYTES / job->x_row);
+    job->tile = job->tile < 1 ? 1 : min64(job->tile, job->n_tok);
+    job->group = (int64_t)(GROUP_BYTES / job->w_row);
+    job->group = job->group < 4 ? (job->group < 1 ? 1 : job->group) : job->group & ~(int64_t)3;
     return FL_OK;
 }
 
-static int64_t decode_tasks(const struct decode_job *job) { return (job->rows + job->chunk - 1) / job->chunk; }
+/* ---------------------------------------------------------------- several products in one parallel run */
 
-struct prefill_job {
-    fl_to_float_fn to_float;
-    const struct fl_gemm_kernel *gk;
-    const uint8_t *w;
-    size_t w_row;
-    int64_t rows, k, n_tok;
-    int64_t n_tb;        /* token blocks of gk->nt */
-    int64_t block_rows;  /* gk->mr * TILES_PER_BLOCK */
-    const float *x;
-    float *xp;           /* tokens packed per block: [n_tb][k][nt], zero past n_tok */
-    float *scratch;      /* per thread: one row, the packed weight block, its accumulators */
-    size_t scratch_floats;
-    float *y;
+/* Tasks numbered across jobs: first[i] is the index of job i's first task, first[n] all of them. */
+struct batch_job {
+    struct matmul_job *jobs;
+    const int64_t *first;
+    int64_t n;
 };
 
-static void pack_tokens_task(void *ctx, int64_t tb, int thread) {
-    const struct prefill_job *j = ctx;
-    (void)thread;
-    int nt = j->gk->nt;
-    float *dst = j->xp + tb * j->k * nt;
-    for (int c = 0; c < nt; c++) {
-        int64_t t = tb * nt + c;
-        if (t < j->n_tok) {
-            const float *src = j->x + t * j->k;
-            for (int64_t kk = 0; kk < j->k; kk++)
-                dst[kk * nt + c] = src[kk];
-        } else {
-            for (int64_t kk = 0; kk < j->k; kk++)
-                dst[kk * nt + c] = 0.0f;
-        }
-    }
-}
-
-static void prefill_block_task(void *ctx, int64_t block, int thread) {
-    const struct prefill_job *j = ctx;
-    const int mr = j->gk->mr, nt = j->gk->nt;
-    const int64_t k = j->k, n_tb = j->n_tb;
-    float *row = j->scratch + (size_t)thread * j->scratch_floats;
-    float *wpack = row + k;                     /* [tile][k][mr] */
-    float *acc = wpack + j->block_rows * k;     /* [tile][tb][mr][nt] */
-    int64_t r0 = block * j->block_rows;
-    int64_t n_rows = j->rows - r0 < j->block_rows ? j->rows - r0 : j->block_rows;
-    int n_tiles = (int)((n_rows + mr - 1) / mr);
-
-    for (int i = 0; i < n_tiles * mr; i++) {
-        if (i < n_rows)
-            j->to_float(j->w + (r0 + i) * j->w_row, row, k);
+static int64_t job_of(const struct batch_job *b, int64_t task) {
+    int64_t lo = 0, hi = b->n - 1;
+    while (lo < hi) { /* the last job whose first task is <= task */
+        int64_t mid = (lo + hi + 1) / 2;
+        if (b->first[mid] <= task)
+            lo = mid;
         else
-            memset(row, 0, (size_t)k * sizeof(float));
-        float *dst = wpack + (int64_t)(i / mr) * mr * k + i % mr;
-        for (int64_t kk = 0; kk < k; kk++)
-            dst[kk * mr] = row[kk];
+            hi = mid - 1;
     }
-    for (int64_t kb = 0; kb < k; kb += KC) {
-        int64_t kc = k - kb < KC ? k - kb : KC;
-        for (int64_t tb = 0; tb < n_tb; tb++)
-            for (int tile = 0; tile < n_tiles; tile++)
-                j->gk->tile(kc, wpack + tile * mr * k + kb * mr, j->xp + tb * k * nt + kb * nt,
-                            acc + (tile * n_tb + tb) * mr * nt, kb == 0);
-    }
-    for (int64_t t = 0; t < j->n_tok; t++) {
-        int64_t tb = t / nt;
-        int c = (int)(t % nt);
-        float *yt = j->y + t * j->rows + r0;
-        for (int64_t i = 0; i < n_rows; i++)
-            yt[i] = acc[((i / mr) * n_tb + tb) * mr * nt + (i % mr) * nt + c];
+    return lo;
+}
+
+static void batch_task(void *ctx, int64_t task, int thread) {
+    const struct batch_job *b = ctx;
+    (void)thread;
+    int64_t i = job_of(b, task);
+    matmul_task(&b->jobs[i], task - b->first[i]);
+}
+
+/* quantizes PREP_TOKENS tokens of a job's activations */
+static void prep_task(void *ctx, int64_t task, int thread) {
+    const struct batch_job *b = ctx;
+    (void)thread;
+    int64_t i = job_of(b, task);
+    const struct matmul_job *j = &b->jobs[i];
+    int64_t t0 = (task - b->first[i]) * PREP_TOKENS, t1 = min64(t0 + PREP_TOKENS, j->n_tok);
+    uint8_t *xq = (uint8_t *)j->xq;
+    for (int64_t t = t0; t < t1; t++) {
+        if (j->dk)
+            j->dk->prep(j->k, j->x + t * j->k, xq + t * j->x_row);
+        else
+            j->from_float(j->x + t * j->k, xq + t * j->x_row, j->k);
     }
 }
 
-static void *alloc_floats(size_t n) {
-    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
-    return aligned_alloc(64, bytes ? bytes : 64);
+/* What turns f32 activations into the form a weight type's dots read (NULL: they read f32): two types with
+ * the same preparation can share it. */
+static const void *activation_prep(int wtype) {
+    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
+    if (dk)
+        return (const void *)dk->prep;
+    const struct fl_type_traits *at = fl_traits(fl_traits(wtype)->act_type);
+    return fl_traits(wtype)->act_type == FL_TYPE_F32 || !at ? NULL : (const void *)at->from_float;
 }
 
-static int prefill(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok, float *y) {
-    const struct fl_gemm_kernel *gk = fl_gemm_kernel();
-    struct prefill_job job = {fl_to_float(wtype), gk, w, (size_t)fl_row_bytes(wtype, k), rows, k, n_tok,
-                              (n_tok + gk->nt - 1) / gk->nt, (int64_t)gk->mr * TILES_PER_BLOCK, x,
-                              NULL, NULL, 0, y};
-    int threads = fl_threads_get();
-    job.scratch_floats = (size_t)(k + job.block_rows * k + job.block_rows * job.n_tb * gk->nt);
-    job.scratch_floats = (job.scratch_floats + 15) & ~(size_t)15; /* each thread's part on its own lines */
-    job.xp = alloc_floats((size_t)job.n_tb * gk->nt * k);
-    job.scratch = alloc_floats(job.scratch_floats * threads);
-    if (!job.xp || !job.scratch) {
-        free(job.xp);
-        free(job.scratch);
-        return FL_ENOMEM;
-    }
-    fl_parallel_for(job.n_tb, 0, pack_tokens_task, &job);
-    fl_parallel_for((rows + job.block_rows - 1) / job.block_rows, threads, prefill_block_task, &job);
-    free(job.xp);
-    free(job.scratch);
-    return FL_OK;
-}
-
-static int check_args(int wtype, const void *w, int64_t rows, int64_t k, const float *x, int64_t n_tok,
-                      const float *y) {
-    const struct fl_type_traits *wt = fl_traits(wtype);
-    if (!wt || !wt->vec_dot_generic || !wt->to_float)
+static int check_item(const struct fl_matmul_item *it) {
+    const struct fl_type_traits *wt = fl_traits(it->wtype);
+    if (!wt || !wt->vec_dot_generic)
         return FL_ETYPE;
-    if (!w || !x || !y || rows <= 0 || k <= 0 || n_tok < 0 || k % wt->blck)
+    if (!it->w || !it->x || !it->y || it->rows <= 0 || it->k <= 0 || it->n_tok < 0 || it->k % wt->blck)
         return FL_EINVAL;
     return FL_OK;
 }
@@ -222,85 +240,64 @@ int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x,
     return fl_matmul_batch(1, &item);
 }
 
-/* ---------------------------------------------------------------- several decodes in one parallel run */
-
-struct batch_job {
-    const struct decode_job *jobs;
-    const int64_t *first; /* task index where each job starts; first[n] = all tasks */
-    int64_t n;
-};
-
-static void batch_task(void *ctx, int64_t task, int thread) {
-    const struct batch_job *b = ctx;
-    int64_t lo = 0, hi = b->n - 1;
-    while (lo < hi) { /* the last job whose first task is <= task */
-        int64_t mid = (lo + hi + 1) / 2;
-        if (b->first[mid] <= task)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
-    decode_task((void *)&b->jobs[lo], task - b->first[lo], thread);
-}
-
-/* What turns f32 activations into the form a weight type's decode dots read (NULL: they read f32): two types
- * with the same preparation can share it. */
-static const void *activation_prep(int wtype) {
-    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    if (dk)
-        return (const void *)dk->prep;
-    const struct fl_type_traits *at = fl_traits(fl_traits(wtype)->act_type);
-    return fl_traits(wtype)->act_type == FL_TYPE_F32 || !at ? NULL : (const void *)at->from_float;
-}
-
 int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
     if (n < 0 || (n && !items))
         return FL_EINVAL;
     for (int64_t i = 0; i < n; i++) {
-        const struct fl_matmul_item *it = &items[i];
-        int status = check_args(it->wtype, it->w, it->rows, it->k, it->x, it->n_tok, it->y);
+        int status = check_item(&items[i]);
         if (status != FL_OK)
             return status;
     }
-    struct decode_job *jobs = malloc(sizeof(*jobs) * (size_t)(n + 1));
+    struct matmul_job *jobs = malloc(sizeof(*jobs) * (size_t)(n + 1));
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    int64_t *first_prep = malloc(sizeof(int64_t) * (size_t)(n + 1));
     uint8_t **owned = calloc((size_t)n + 1, sizeof(uint8_t *));
     const float **x_of = malloc(sizeof(float *) * (size_t)(n + 1));
     const void **prep_of = malloc(sizeof(void *) * (size_t)(n + 1));
-    int status = jobs && first && owned && x_of && prep_of ? FL_OK : FL_ENOMEM;
-    int64_t n_jobs = 0;
-    if (first)
-        first[0] = 0;
+    int status = jobs && first && first_prep && owned && x_of && prep_of ? FL_OK : FL_ENOMEM;
+    int64_t n_jobs = 0, prep_tokens = 0;
+    if (status == FL_OK)
+        first[0] = first_prep[0] = 0;
     for (int64_t i = 0; i < n && status == FL_OK; i++) {
         const struct fl_matmul_item *it = &items[i];
         if (it->n_tok == 0)
             continue;
-        if (it->n_tok >= FL_PREFILL_MIN_TOKENS) { /* arithmetic-bound: nothing to win by sharing a run */
-            status = prefill(it->wtype, it->w, it->rows, it->k, it->x, it->n_tok, it->y);
-            continue;
-        }
-        /* matrices multiplied by the same activations share their quantized form */
+        /* products by the same activations share their quantized form */
         const uint8_t *shared = NULL;
         prep_of[n_jobs] = activation_prep(it->wtype);
         for (int64_t j = 0; j < n_jobs && !shared && prep_of[n_jobs]; j++)
             if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok)
                 shared = jobs[j].xq;
         x_of[n_jobs] = it->x;
-        status = decode_setup(&jobs[n_jobs], it->wtype, fl_traits(it->wtype), it->w, it->rows, it->k, it->x,
-                              it->n_tok, it->y, shared, &owned[n_jobs]);
+        struct matmul_job *job = &jobs[n_jobs];
+        status = matmul_setup(job, it, shared);
+        if (status == FL_OK && job->x) {
+            owned[n_jobs] = aligned_alloc(64, (job->x_row * (size_t)job->n_tok + 63) & ~(size_t)63);
+            job->xq = owned[n_jobs];
+            if (!job->xq)
+                status = FL_ENOMEM;
+        }
         if (status == FL_OK) {
-            first[n_jobs + 1] = first[n_jobs] + decode_tasks(&jobs[n_jobs]);
+            first[n_jobs + 1] = first[n_jobs] + job_tasks(job);
+            first_prep[n_jobs + 1] = first_prep[n_jobs] + (job->x ? (job->n_tok + PREP_TOKENS - 1) / PREP_TOKENS : 0);
+            prep_tokens += job->x ? job->n_tok : 0;
             n_jobs++;
         }
     }
     if (status == FL_OK && n_jobs) {
-        struct batch_job b = {jobs, first, n_jobs};
-        fl_parallel_for(first[n_jobs], 0, batch_task, &b);
+        struct batch_job prep = {jobs, first_prep, n_jobs}, run = {jobs, first, n_jobs};
+        if (prep_tokens < PREP_INLINE_TOKENS) /* a decode's few rows: cheaper here than waking the pool */
+            for (int64_t task = 0; task < first_prep[n_jobs]; task++)
+                prep_task(&prep, task, 0);
+        else
+            fl_parallel_for(first_prep[n_jobs], 0, prep_task, &prep);
+        fl_parallel_for(first[n_jobs], 0, batch_task, &run);
     }
     for (int64_t j = 0; j < n_jobs; j++)
         free(owned[j]);
     free(jobs);
     free(first);
+    free(first_prep);
     free(owned);
     free(x_of);
     free(prep_of);

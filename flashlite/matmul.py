@@ -1,9 +1,9 @@
 """Matrix products of quantized weights with float32 activations, through the C core's SIMD kernels.
 
 `matmul(w, wtype, rows, k, x)` computes x @ W.T for W stored as `rows` rows of `k` elements of `wtype`
-(GGUF layout). One token (x of shape [k]) takes the decode path: activations quantized to the format's
-partner type (Q8_0 or Q8_K) and one SIMD dot per row. Many tokens take the prefill path: W dequantized in
-cache-sized blocks and multiplied in f32. `matmul_batch` computes several products in one parallel run of the
+(GGUF layout): the activations quantized to the format's partner type (Q8_0, Q8_1 or Q8_K; float formats keep
+f32) and one SIMD dot per row and token, for one token (x of shape [k]) or many, so each token's row of the result
+is bitwise what it gets alone. `matmul_batch` computes several products in one parallel run of the
 core (bitwise what separate calls give), quantizing an activation that several share once. The SIMD level and the
 thread count of the core can be set here.
 """

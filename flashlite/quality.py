@@ -77,10 +77,9 @@ def make_chunks(ids: Sequence[int], ctx: int, n_chunks: int | None = None, bos: 
 
 def scored_logits(model, chunk: np.ndarray, batch: int | None = None) -> np.ndarray:
     """The logits [ctx - 1 - ctx/2, vocab] of a chunk, evaluated as a fresh sequence in forward calls of `batch`
-    tokens (default: the whole chunk in one), at the positions that are scored (ctx/2 .. ctx-2). flashlite's
-    prefill kernels (a product of 16 tokens or more) multiply float32 activations with the dequantized weights;
-    fewer tokens (batch=1: every product) take the decode kernels, which round the activations to Q8_0 or Q8_K
-    first, as llama.cpp's CPU backend does for every batch."""
+    tokens (default: the whole chunk in one), at the positions that are scored (ctx/2 .. ctx-2). The batch changes
+    the speed, not the numbers: every product rounds the activations to Q8_0 or Q8_K first, as llama.cpp's CPU
+    backend does, and gives each token the bits it would get alone."""
     first = chunk.size // 2
     return model.logits(chunk, chunk=batch)[first:chunk.size - 1]
 

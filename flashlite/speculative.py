@@ -8,10 +8,9 @@ tokens for one pass over the weights, whose dense part it reads once for all of 
 
 Output is unchanged:
 - greedy: a draft is accepted when it is the token plain decoding picks from the same row; rows of a batch are
-  bitwise those of feeding the tokens one by one, because a batch below the core's prefill threshold
-  (FL_PREFILL_MIN_TOKENS = 16) takes the decode path, which quantizes each token's activations and computes each
-  token's dots on their own (and the attention, routing and norms are per token too). Drafts are capped at
-  MAX_DRAFT = 14 so that y and the drafts stay below 16 tokens.
+  bitwise those of feeding the tokens one by one, because the core's matmul quantizes each token's activations and
+  computes each token's dots on their own whatever the batch size (and the attention, routing and norms are per
+  token too). Drafts are capped at MAX_DRAFT = 14: y and the drafts make a verified batch of at most 15 tokens.
 - sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d from q is accepted with
   probability min(1, p(d) / q(d)) where p is the sampler's distribution (temperature, top-k/p, min-p, repetition
   penalty applied); on rejection the token is drawn from norm(max(0, p - q)). Deterministic drafters (n-gram, MTP
@@ -36,10 +35,10 @@ SPEC_TYPES = ("none", "ngram", "mtp", "dspark")
 # llama.cpp's --spec-type names (common/speculative.cpp) for the same drafters
 ALIASES = {"draft-mtp": "mtp", "draft-dspark": "dspark", "ngram-simple": "ngram", "ngram-map-k": "ngram",
            "ngram-map-k4v": "ngram", "ngram-mod": "ngram", "ngram-cache": "ngram"}
-PREFILL_MIN_TOKENS = 16  # the C core's FL_PREFILL_MIN_TOKENS: batches this large take the f32 prefill path
+VERIFY_MAX_TOKENS = 16  # a verified batch stays below this (y and MAX_DRAFT drafts)
 PRIOR_SLOPE = 0.25  # a verified token's cost, as a share of one token's pass, before two batch sizes are measured
 MIN_SLOPE = 0.1  # the least share assumed, whatever the (noisy) measurements say
-MAX_DRAFT = PREFILL_MIN_TOKENS - 2
+MAX_DRAFT = VERIFY_MAX_TOKENS - 2
 DEFAULT_N_MAX = 4
 
 
@@ -59,7 +58,7 @@ def parse_spec_type(value: str | None) -> str:
 def check_n_max(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_DRAFT:
         raise ValueError(f"spec_draft_n_max: expected an integer in 1..{MAX_DRAFT} (a verified batch stays below "
-                         f"the core's prefill threshold of {PREFILL_MIN_TOKENS} tokens), got {value!r}")
+                         f"{VERIFY_MAX_TOKENS} tokens), got {value!r}")
     return int(value)
 
 
@@ -237,7 +236,7 @@ class MTPDrafter:
     def trim(self) -> None:
         """Drop the rows no rollback of a round reaches (the window plus slack stays)."""
         s = self.state
-        s.layer.trim(max(0, s.rows - 2 * PREFILL_MIN_TOKENS))
+        s.layer.trim(max(0, s.rows - 2 * VERIFY_MAX_TOKENS))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """flashlite.matmul against numpy float64 on weights dequantized by gguf-py, at every SIMD level of this CPU.
 
-Decode (fewer than 16 tokens) multiplies by activations quantized to Q8_0 / Q8_1 / Q8_K, so it is checked twice:
-tightly against float64 with the activations put through the same quantization (done here in numpy), and
-within a per-format bound against the plain float64 product. Prefill multiplies f32 activations and is held
-to f32 rounding. Every level must also agree with the scalar reference level.
+Any number of tokens multiplies by activations quantized to Q8_0 / Q8_1 / Q8_K (float formats: f32), so a product
+is checked twice: tightly against float64 with the activations put through the same quantization (done here in
+numpy), and within a per-format bound against the plain float64 product. A product of n tokens is bitwise the n
+products of one token each. Every level must also agree with the scalar reference level.
 """
 import os
 import subprocess
@@ -36,7 +36,6 @@ SCALE_OFFSETS = {T.Q1_0: (0,), Q2_0: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q
 # (blocks of 32) or Q8_K (blocks of 256, so a coarser step), amplified by the weights' offsets on random k-quant blocks
 DECODE_BOUND = {t: 1e-5 if t in FLOATS else 2e-2 if t in ACT_Q8_0 | ACT_Q8_1 else 5e-2 for t in FORMATS}
 TIGHT = 2e-5
-PREFILL_MIN_TOKENS = 16
 Q8_1_DTYPE = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
 
 
@@ -119,7 +118,7 @@ def threads():
 
 
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
-def test_decode_and_prefill_against_float64(wtype, level):
+def test_products_against_float64(wtype, level):
     rng = np.random.default_rng(int(wtype))
     block = blocks.block_elems(wtype)
     rows, k = 45, 4 * max(block, 64)
@@ -127,15 +126,30 @@ def test_decode_and_prefill_against_float64(wtype, level):
     w64 = dequantized(w, wtype, rows, k)
     x = rng.standard_normal((40, k)).astype(np.float32)
 
-    for n_tok in (1, 3):
+    for n_tok in (1, 3, 40):
         xs = x[0] if n_tok == 1 else x[:n_tok]
         y = fm.matmul(w, wtype, rows, k, xs)
         assert y.shape == ((rows,) if n_tok == 1 else (n_tok, rows)) and y.dtype == np.float32
         assert rel_err(y.reshape(n_tok, rows), decode_reference(x[:n_tok], w, wtype, rows, k)) < TIGHT
         assert rel_err(y.reshape(n_tok, rows), x[:n_tok].astype(np.float64) @ w64.T) < DECODE_BOUND[wtype]
 
-    y = fm.matmul(w, wtype, rows, k, x)
-    assert rel_err(y, x.astype(np.float64) @ w64.T) < TIGHT
+
+@pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
+def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
+    """However many tokens one call takes (across the old prefill threshold of 16, odd counts, past the kernels'
+    groups of four), each token's outputs are the bits of a call with that token alone: a prompt gives the same
+    logits in one prefill, in chunks or token by token."""
+    rng = np.random.default_rng(300 + int(wtype))
+    k = 2 * max(blocks.block_elems(wtype), 128)
+    rows = 37
+    w = make_weights(wtype, rows, k, rng)
+    x = rng.standard_normal((40, k)).astype(np.float32)
+    for n_threads in (1, 2, 3):
+        threads(n_threads)
+        alone = np.stack([fm.matmul(w, wtype, rows, k, x[t]) for t in range(len(x))])
+        for n_tok in range(1, 41):
+            y = fm.matmul(w, wtype, rows, k, x[:n_tok]).reshape(n_tok, rows)
+            assert np.array_equal(y, alone[:n_tok]), (n_threads, n_tok)
 
 
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
@@ -162,14 +176,10 @@ def test_odd_shapes(wtype, n_threads, threads):
     k = blocks.block_elems(wtype) if wtype not in FLOATS else 1
     for rows in (1, 5, 31):
         w = make_weights(wtype, rows, k, rng)
-        w64 = dequantized(w, wtype, rows, k)
-        for n_tok in (1, 2, PREFILL_MIN_TOKENS, 37):
+        for n_tok in (1, 2, 16, 37):
             x = rng.standard_normal((n_tok, k)).astype(np.float32)
             y = fm.matmul(w, wtype, rows, k, x)
-            if n_tok < PREFILL_MIN_TOKENS:
-                ref = decode_reference(x, w, wtype, rows, k)
-            else:
-                ref = x.astype(np.float64) @ w64.T
+            ref = decode_reference(x, w, wtype, rows, k)
             np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -211,9 +221,9 @@ def test_bad_input_names_the_argument():
 
 def test_batch_is_bitwise_each_matmul_alone(level):
     """matmul_batch against separate matmul calls: shared and separate activations, several formats, a
-    prefill-sized product among decode ones; and a bad product is named by its index."""
+    product of many tokens among one-token ones; and a bad product is named by its index."""
     rng = np.random.default_rng(5)
-    x, other, many = (rng.standard_normal(s).astype(np.float32) for s in (256, 256, (PREFILL_MIN_TOKENS + 3, 256)))
+    x, other, many = (rng.standard_normal(s).astype(np.float32) for s in (256, 256, (19, 256)))
     products = [(make_weights(t, 37, 256, rng), t, 37, 256, a)
                 for t, a in ((T.Q8_0, x), (T.Q8_0, x), (T.MXFP4, x), (T.Q4_K, other), (T.F32, x), (T.Q6_K, many))]
     for got, (w, t, rows, k, a) in zip(fm.matmul_batch(products), products):

@@ -6,7 +6,7 @@ compile reads half the bandwidth of a quiet one), so their difference is mostly 
 extension (a flashlite/_core*.so, e.g. a copy saved before a change) is loaded side by side with ctypes, and
 the builds take turns on the same weights in batches of calls, so any load falls on all of them alike. Each
 call streams a different slice of a >= 1 GiB arena, as tools/bench_matmul.py's decode does; the figure is
-the median batch. With --tokens N (16 or more) the calls are prefills of N tokens instead, in GFLOP/s.
+the median batch. With --tokens N (2 or more) the calls are prefills of N tokens instead, in GFLOP/s.
 
     python tools/bench_decode_ab.py before=/tmp/old/_core.abi3.so after=flashlite/_core.abi3.so \\
         --formats Q8_0 Q4_K MXFP4
@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--turns", type=int, default=15, help="batches per build and shape")
     parser.add_argument("--arena-mib", type=int, default=1100)
-    parser.add_argument("--tokens", type=int, default=1, help="1: decode (default); 16 or more: prefill")
+    parser.add_argument("--tokens", type=int, default=1, help="1: decode (default); more: prefill")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.tokens != 1 and args.tokens < 16:
-        parser.error("--tokens: 1 for decode, or at least 16 for prefill")
+    if args.tokens < 1:
+        parser.error("--tokens: 1 for decode, or more for prefill")
     builds = {}
     for spec in args.builds:
         name, sep, path = spec.partition("=")

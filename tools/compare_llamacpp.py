@@ -6,8 +6,7 @@
 The exact evaluation is flashlite's f32 path on the file's tensors decoded to F32 (`flashlite quantize MODEL.gguf
 EXACT.gguf --type f32`, made in a temporary folder unless --exact names one; it needs disk for an all-F32 copy):
 for a quantized file it is what an engine with no rounding of its own would give. Both engines run the tokens as one
-prompt; with fewer than 16 tokens flashlite's matmuls take the decode path, which rounds activations to 8 bits as
-llama.cpp always does, and from 16 on the prefill path, which keeps them f32. llama.cpp runs in the given venv
+prompt; flashlite's matmuls round the activations to 8 bits as llama.cpp's do, for any number of tokens. llama.cpp runs in the given venv
 (tools/make_llamacpp_quants.py's llama_logits: weight repacking off). Prints relative RMS and top-1 agreement of
 each engine against the exact logits.
 """
@@ -74,8 +73,7 @@ def main(argv=None) -> int:
     def rel(x):
         return float(np.sqrt(np.mean((x - exact) ** 2) / np.mean(exact ** 2)))
 
-    path = "decode (8-bit activations)" if a.tokens < 16 else "prefill (f32 activations)"
-    print(f"{Path(a.model).name}: {a.tokens} tokens, flashlite's {path} path")
+    print(f"{Path(a.model).name}: {a.tokens} tokens")
     for name, x in (("flashlite", ours), ("llama.cpp", theirs)):
         print(f"  {name:9s} vs exact: relative RMS {rel(x):.2e}, top-1 agreement {np.mean(x.argmax(1) == exact.argmax(1)):.2f}")
     return 0

@@ -241,29 +241,29 @@ static void test_quantize_garbage(void) {
     free(x), free(imp), free(y), free(q);
 }
 
-/* fl_matmul against the double product: decode sees quantized activations, prefill the f32 ones */
+/* fl_matmul against the double product of the weights with the activations as the format quantizes them, and
+ * each token's row bitwise what a call with that token alone gives (one arithmetic for any number of tokens) */
 static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const char *level, int threads) {
     const struct fl_type_traits *t = fl_traits(type);
     size_t row_bytes = (size_t)fl_row_bytes(type, k);
     uint8_t *w = malloc(row_bytes * rows);
     float *x = malloc(sizeof(float) * k * n_tok), *y = malloc(sizeof(float) * rows * n_tok);
-    float *wd = malloc(sizeof(float) * k * rows), *xd = malloc(sizeof(float) * k);
+    float *wd = malloc(sizeof(float) * k * rows), *xd = malloc(sizeof(float) * k), *alone = malloc(sizeof(float) * rows);
     uint8_t *xq = malloc((size_t)fl_row_bytes(t->act_type, k));
     random_weights(type, w, rows, k);
     for (int64_t i = 0; i < k * n_tok; i++)
         x[i] = rng_uniform();
     t->to_float(w, wd, k * rows);
     CHECK(fl_matmul(type, w, rows, k, x, n_tok, y) == FL_OK, "fl_matmul %s", t->name);
-    int decode = n_tok < FL_PREFILL_MIN_TOKENS;
     for (int64_t tk = 0; tk < n_tok; tk++) {
-        if (decode)
-            act_roundtrip(type, x + tk * k, k, xq, xd);
-        else
-            memcpy(xd, x + tk * k, sizeof(float) * k);
+        CHECK(fl_matmul(type, w, rows, k, x + tk * k, 1, alone) == FL_OK, "fl_matmul %s", t->name);
+        CHECK(memcmp(alone, y + tk * rows, sizeof(float) * rows) == 0,
+              "matmul %s %s threads=%d rows=%ld k=%ld n_tok=%ld: token %ld differs from its call alone", level, t->name,
+              threads, (long)rows, (long)k, (long)n_tok, (long)tk);
+        act_roundtrip(type, x + tk * k, k, xq, xd);
         for (int64_t r = 0; r < rows; r++) {
             double mag, want = dot_double(wd + r * k, xd, k, &mag);
-            if (decode)
-                want += q8_1_min_term(type, w + r * row_bytes, xq, k);
+            want += q8_1_min_term(type, w + r * row_bytes, xq, k);
             float got = y[tk * rows + r];
             if (!(fabs(got - want) <= 1e-5 * mag + 1e-6)) {
                 CHECK(0, "matmul %s %s threads=%d rows=%ld k=%ld n_tok=%ld: y[%ld,%ld] = %g, want %g", level,
@@ -273,7 +273,7 @@ static void check_matmul(int type, int64_t rows, int64_t k, int64_t n_tok, const
             }
         }
     }
-    free(w), free(x), free(y), free(wd), free(xd), free(xq);
+    free(w), free(x), free(y), free(wd), free(xd), free(xq), free(alone);
 }
 
 static void test_matmul(void) {

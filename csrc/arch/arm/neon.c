@@ -1,6 +1,6 @@
 /* neon.c: AArch64 Advanced SIMD kernels (part of the base ISA, so no runtime check): the f32, f16 and bf16
- * dots, Q8_0 and MXFP4 against Q8_0 activations, and a 4x16 f32 GEMM tile. Every other format falls back
- * to its generic dot. Only baseline A64 instructions are used (no dotprod), so any AArch64 core runs it. */
+ * dots, and Q8_0 and MXFP4 against Q8_0 activations. Every other format falls back to its generic dot. Only
+ * baseline A64 instructions are used (no dotprod), so any AArch64 core runs it. */
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #include "kernels.h"
@@ -97,30 +97,4 @@ fl_vec_dot_fn fl_dot_neon(int type) {
     default: return NULL;
     }
 }
-
-#define MR 4
-#define NT 16
-
-/* 4 weight rows (one vector, used by lane) against 16 tokens in four vectors: 16 accumulators */
-static void tile_neon(int64_t kc, const float *w, const float *x, float *acc, int first) {
-    float32x4_t c[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            c[i][j] = first ? vdupq_n_f32(0.0f) : vld1q_f32(acc + i * NT + 4 * j);
-    for (int64_t k = 0; k < kc; k++, w += MR, x += NT) {
-        float32x4_t wv = vld1q_f32(w);
-        for (int j = 0; j < 4; j++) {
-            float32x4_t xv = vld1q_f32(x + 4 * j);
-            c[0][j] = vfmaq_laneq_f32(c[0][j], xv, wv, 0);
-            c[1][j] = vfmaq_laneq_f32(c[1][j], xv, wv, 1);
-            c[2][j] = vfmaq_laneq_f32(c[2][j], xv, wv, 2);
-            c[3][j] = vfmaq_laneq_f32(c[3][j], xv, wv, 3);
-        }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            vst1q_f32(acc + i * NT + 4 * j, c[i][j]);
-}
-
-const struct fl_gemm_kernel fl_gemm_neon = {MR, NT, tile_neon};
 #endif

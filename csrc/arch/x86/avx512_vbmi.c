@@ -148,11 +148,25 @@ STEP struct q8_0_consts dot_q8_0_groups_consts(void) {
 
 STEP int64_t q8_0_groups(int64_t n) { return (n / QK8_0 + GROUP - 1) / GROUP; }
 
-STEP void dot_q8_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
-                               const struct q8_0_consts *k) {
+/* a group's weights as the Q8_0 group layout's lanes take them: quants 0..15 and 16..31 of its four blocks made
+ * unsigned, and their scales (times the format's factor) */
+struct q8_weights {
+    __m512i lo, hi;
+    __m512 d;
+};
+
+/* the activation half of a step on a group of Q8_0 activations, shared by the formats whose weights come to
+ * struct q8_weights (a four-token dot computes the weight half once for its four tokens) */
+STEP void q8_group_acc(struct acc2 *st, const struct q8_weights *w, int64_t g, const void *vy) {
+    const struct q8_group *y = (const struct q8_group *)vy + g;
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), w->lo, _mm512_loadu_si512(y->lo));
+    sum = _mm512_dpbusd_epi32(sum, w->hi, _mm512_loadu_si512(y->hi));
+    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w->d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+}
+
+STEP struct q8_weights dot_q8_0_groups_weights(const void *vx, int64_t g, int64_t n, const struct q8_0_consts *k) {
     const int64_t off = g * GROUP * (int64_t)sizeof(block_q8_0), left = n / QK8_0 * (int64_t)sizeof(block_q8_0) - off;
     const uint8_t *p = (const uint8_t *)vx + off;
-    const struct q8_group *y = (const struct q8_group *)vy + g;
     prefetch_ahead(p, GROUP * (int)sizeof(block_q8_0));
     __m512i a, b, c, e;
     if (left >= GROUP * (int64_t)sizeof(block_q8_0)) {
@@ -166,15 +180,18 @@ STEP void dot_q8_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64
         c = _mm512_maskz_loadu_epi8(first_bytes(left - 18), p + 18);
         e = _mm512_maskz_loadu_epi8(first_bytes(left - 82), p + 82);
     }
-    __m512i lo = _mm512_xor_si512(_mm512_permutex2var_epi8(a, k->idx_lo, b), k->bias);
-    __m512i hi = _mm512_xor_si512(_mm512_permutex2var_epi8(c, k->idx_hi, e), k->bias);
-    __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
-    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
-    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, k->idx_d, b)));
-    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    return (struct q8_weights){_mm512_xor_si512(_mm512_permutex2var_epi8(a, k->idx_lo, b), k->bias),
+                               _mm512_xor_si512(_mm512_permutex2var_epi8(c, k->idx_hi, e), k->bias),
+                               _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, k->idx_d, b)))};
 }
 
-ROW_DOTS(dot_q8_0_groups, struct q8_0_consts, struct acc2, q8_0_groups)
+STEP void dot_q8_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct q8_0_consts *k) {
+    struct q8_weights w = dot_q8_0_groups_weights(vx, g, n, k);
+    q8_group_acc(st, &w, g, vy);
+}
+
+ROW_DOTS_SPLIT(dot_q8_0_groups, struct q8_0_consts, struct acc2, q8_0_groups, struct q8_weights, q8_group_acc)
 
 /* MXFP4 weights, 17 bytes a block (e8m0 exponent, 16 bytes of nibbles) */
 static const uint8_t mx_q_from_0[64] = {L16(1), L16(18), L16(35)};
@@ -199,12 +216,10 @@ STEP struct mxfp4_consts dot_mxfp4_groups_consts(void) {
 
 STEP int64_t mxfp4_groups(int64_t n) { return (n / QK_MXFP4 + GROUP - 1) / GROUP; }
 
-STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
-                                const struct mxfp4_consts *c) {
+STEP struct q8_weights dot_mxfp4_groups_weights(const void *vx, int64_t g, int64_t n, const struct mxfp4_consts *c) {
     const int64_t off = g * GROUP * (int64_t)sizeof(block_mxfp4);
     const int64_t left = n / QK_MXFP4 * (int64_t)sizeof(block_mxfp4) - off;
     const uint8_t *p = (const uint8_t *)vx + off;
-    const struct q8_group *y = (const struct q8_group *)vy + g;
     prefetch_ahead(p, GROUP * (int)sizeof(block_mxfp4));
     /* blocks 0-2 lie within the first 64 bytes, gathered by vpermb; block 3's quants end at byte 67 and
      * are inserted from their own load (vpermt2b, or a masked load into lane 3, measured slower) */
@@ -218,17 +233,20 @@ STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int6
         last = _mm_setzero_si128();
     }
     __m512i q = _mm512_inserti32x4(_mm512_permutexvar_epi8(c->idx_q, a), last, 3);
-    __m512i lo = _mm512_permutexvar_epi8(q, c->values);
-    __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(q, 4), c->values);
-    __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
-    sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512(y->hi));
     /* e << 23 is the float 2^(e-127) (0 for e = 0, against a subnormal 2^-128 in the reference) */
-    __m512 d = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_maskz_permutexvar_epi8(0x1111111111111111ull, c->idx_e, a), 23));
-    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    return (struct q8_weights){_mm512_permutexvar_epi8(q, c->values),
+                               _mm512_permutexvar_epi8(_mm512_srli_epi16(q, 4), c->values),
+                               _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, c->idx_e, a), 23))};
 }
 
-ROW_DOTS(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups)
+STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                                const struct mxfp4_consts *c) {
+    struct q8_weights w = dot_mxfp4_groups_weights(vx, g, n, c);
+    q8_group_acc(st, &w, g, vy);
+}
+
+ROW_DOTS_SPLIT(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups, struct q8_weights, q8_group_acc)
 
 /* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups
  * Their quants are gathered four blocks to a zmm as Q8_0's are, low nibbles against lo and high nibbles against
@@ -844,18 +862,28 @@ ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q2_K_state, superblocks)
 ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
 ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc1, superblocks)
 
-static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4};
-static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups,
-                                                     dot_mxfp4_groups_x4};
-static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4};
-static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4};
-static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4};
-static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4};
-static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4};
-static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4};
-static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4};
-static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4};
-static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4};
+static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4,
+                                                    dot_q8_0_groups_t4};
+static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups, dot_mxfp4_groups_x4,
+                                                     dot_mxfp4_groups_t4};
+static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4,
+                                                    dot_q4_K_sb_t4};
+static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,
+                                                    dot_q5_K_sb_t4};
+static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
+                                                    dot_q2_K_sb_t4};
+static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
+                                                    dot_q3_K_sb_t4};
+static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,
+                                                    dot_q6_K_sb_t4};
+static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4,
+                                                    dot_q4_0_groups_t4};
+static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4,
+                                                    dot_q4_1_groups_t4};
+static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4,
+                                                    dot_q5_0_groups_t4};
+static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4,
+                                                    dot_q5_1_groups_t4};
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     switch (type) {

@@ -6,6 +6,7 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni")
 #define FL_X86_VNNI 1
 #define FL_X86_TABLE fl_dot_avx512_vnni_ymm
+#define FL_X86_TOKENS fl_tokens_avx512_vnni
 #include "dot_x86.h"
 
 fl_vec_dot_fn fl_dot_avx512_vnni_ymm(int type);

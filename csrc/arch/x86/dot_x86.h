@@ -1,6 +1,6 @@
 /* dot_x86.h: the 256-bit vec_dot kernels of every weight format, included by avx2.c, avx512.c and
  * avx512_vnni.c, which compile it for their own target. FL_X86_VNNI picks vpdpbusd over the
- * maddubs+madd pair; FL_X86_TABLE names the level's lookup function.
+ * maddubs+madd pair; FL_X86_TABLE names the level's lookup function, FL_X86_TOKENS its four-token dots'.
  * Each kernel computes what its fl_vec_dot_<t>_<act>_generic computes, up to float rounding. */
 #include <immintrin.h>
 #include <string.h>
@@ -83,9 +83,44 @@ static inline __m256i load256(const void *p) {
 #define SCALAR_F16(x, i) half(((const uint16_t *)(x))[i])
 #define SCALAR_BF16(x, i) fl_bf16_to_fp32(((const uint16_t *)(x))[i])
 
+/* The same dot of one weight row with four activation rows (prefill): each row's accumulators, tail and sum exactly
+ * as FLOAT_DOT's, so each result is bitwise the one-row dot's, while a weight vector (converted once) meets the
+ * four tokens, a load per FMA where the one-row dot needs two. */
+#define FLOAT_DOT_T4(name, LOAD8, scalar)                                                                \
+    static void name##_t4(int64_t n, float *s, const void *vx, const void *const *vy) {                \
+        const uint8_t *x = vx;                                                                         \
+        const float *y[4] = {vy[0], vy[1], vy[2], vy[3]};                                              \
+        __m256 a[4][4];                                                                                \
+        for (int t = 0; t < 4; t++)                                                                    \
+            for (int j = 0; j < 4; j++)                                                                \
+                a[t][j] = _mm256_setzero_ps();                                                         \
+        int64_t i = 0;                                                                                 \
+        for (; i + 32 <= n; i += 32) {                                                                 \
+            const __m256 w[4] = {LOAD8(x, i), LOAD8(x, i + 8), LOAD8(x, i + 16), LOAD8(x, i + 24)};  \
+            for (int t = 0; t < 4; t++)                                                                \
+                for (int j = 0; j < 4; j++)                                                            \
+                    a[t][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(y[t] + i + 8 * j), a[t][j]);       \
+        }                                                                                              \
+        for (; i + 8 <= n; i += 8) {                                                                   \
+            const __m256 w = LOAD8(x, i);                                                              \
+            for (int t = 0; t < 4; t++)                                                                \
+                a[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(y[t] + i), a[t][0]);                      \
+        }                                                                                              \
+        for (int t = 0; t < 4; t++) {                                                                  \
+            __m256 a01 = _mm256_add_ps(a[t][0], a[t][1]), a23 = _mm256_add_ps(a[t][2], a[t][3]);       \
+            float sum = hsum_ps(_mm256_add_ps(a01, a23));                                              \
+            for (int64_t e = i; e < n; e++)                                                            \
+                sum += scalar(x, e) * y[t][e];                                                         \
+            s[t] = sum;                                                                                \
+        }                                                                                              \
+    }
+
 FLOAT_DOT(dot_f32, LOAD8_F32, SCALAR_F32)
 FLOAT_DOT(dot_f16, LOAD8_F16, SCALAR_F16)
 FLOAT_DOT(dot_bf16, LOAD8_BF16, SCALAR_BF16)
+FLOAT_DOT_T4(dot_f32, LOAD8_F32, SCALAR_F32)
+FLOAT_DOT_T4(dot_f16, LOAD8_F16, SCALAR_F16)
+FLOAT_DOT_T4(dot_bf16, LOAD8_BF16, SCALAR_BF16)
 
 /* ---------------------------------------------------------------- Q8_0 and MXFP4, Q8_0 activations */
 static void dot_q8_0(int64_t n, float *s, const void *vx, const void *vy) {
@@ -379,4 +414,9 @@ fl_vec_dot_fn FL_X86_TABLE(int type) {
     case FL_TYPE_IQ4_XS: return dot_iq4_xs;
     default: return dot_x86_iq(type);
     }
+}
+
+/* the four-token dot of one of this table's dots (NULL: it has none) */
+fl_vec_dot_t4_fn FL_X86_TOKENS(fl_vec_dot_fn dot) {
+    return dot == dot_f32 ? dot_f32_t4 : dot == dot_f16 ? dot_f16_t4 : dot == dot_bf16 ? dot_bf16_t4 : NULL;
 }

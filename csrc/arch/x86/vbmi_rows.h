@@ -15,14 +15,56 @@ static inline void prefetch_ahead(const uint8_t *p, int bytes) {
         _mm_prefetch((const char *)p + FL_PREFETCH_BYTES + off, _MM_HINT_T1);
 }
 
-/* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS makes of it
- * the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
+/* ROW_DOTS makes of a format's step (ROW_DOTS_ROWS below) its one-row and four-row dots and a four-token dot:
+ * one row against four activation rows (prefill), the same steps run for each of them in turn, so each (row,
+ * token) pair is summed exactly as the one-row dot sums it. The compiler computes the four steps' identical weight
+ * work once where it sees that it is (Q4_K, Q6_K; not past Q8_0's and MXFP4's branch on a row's last group). A
+ * format whose step is written in two halves, name_weights() (step g's weights unpacked, a weights_t) and
+ * acc(state, &weights, g, vy) (their products with one activation row), takes ROW_DOTS_SPLIT instead, whose
+ * four-token dot unpacks each step once. */
+#define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
+    ROW_DOTS_ROWS(name, consts_t, state_t, n_steps)                                                 \
+    static void name##_t4(int64_t n, float *s, const void *vx, const void *const *vy) {             \
+        const consts_t c = name##_consts();                                                         \
+        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
+        for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
+            name##_step(&st0, vx, g, n, vy[0], &c);                                                 \
+            name##_step(&st1, vx, g, n, vy[1], &c);                                                 \
+            name##_step(&st2, vx, g, n, vy[2], &c);                                                 \
+            name##_step(&st3, vx, g, n, vy[3], &c);                                                 \
+        }                                                                                           \
+        s[0] = name##_finish(&st0);                                                                 \
+        s[1] = name##_finish(&st1);                                                                 \
+        s[2] = name##_finish(&st2);                                                                 \
+        s[3] = name##_finish(&st3);                                                                 \
+    }
+
+#define ROW_DOTS_SPLIT(name, consts_t, state_t, n_steps, weights_t, acc)                            \
+    ROW_DOTS_ROWS(name, consts_t, state_t, n_steps)                                                 \
+    static void name##_t4(int64_t n, float *s, const void *vx, const void *const *vy) {             \
+        const consts_t c = name##_consts();                                                         \
+        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
+        for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
+            const weights_t w = name##_weights(vx, g, n, &c);                                       \
+            acc(&st0, &w, g, vy[0]);                                                                \
+            acc(&st1, &w, g, vy[1]);                                                                \
+            acc(&st2, &w, g, vy[2]);                                                                \
+            acc(&st3, &w, g, vy[3]);                                                                \
+        }                                                                                           \
+        s[0] = name##_finish(&st0);                                                                 \
+        s[1] = name##_finish(&st1);                                                                 \
+        s[2] = name##_finish(&st2);                                                                 \
+        s[3] = name##_finish(&st3);                                                                 \
+    }
+
+/* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS_ROWS makes of
+ * it the one-row dot and a four-row dot that runs the same steps on four rows in turn. Four rows from far apart
  * (matmul.c takes them from the four quarters of a decode task) keep four streams of reads in flight where one
  * row keeps one. Each row is summed exactly as the one-row dot sums it. A format provides name_consts() (what
  * every step reuses), name_init() and name_finish() (its accumulators, and the row's sum from them) and
  * name_step() (step g of the row at vx against the prepared activations vy); n_steps(n) counts the steps of
  * k = n. */
-#define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
+#define ROW_DOTS_ROWS(name, consts_t, state_t, n_steps)                                             \
     static void name(int64_t n, float *s, const void *vx, const void *vy) {                         \
         const consts_t c = name##_consts();                                                         \
         state_t st = name##_init();                                                                 \
