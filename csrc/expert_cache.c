@@ -4,7 +4,9 @@
  * walks the layers in a cycle, which makes a cache shared by all layers evict exactly what the next token needs
  * first. Background threads do every read; the computing thread only queues what is missing and waits for it.
  * Demand reads go before prefetches. An expert the current MoE call still has to compute is "wanted" and is never
- * evicted, which is what makes a budget of one slot per layer still finish (one expert at a time). */
+ * evicted, which is what makes a budget of one slot per layer still finish (one expert at a time); one it has
+ * computed already goes only when nothing else can, so that what a call leaves resident does not depend on how
+ * fast it computed. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -60,6 +62,7 @@ struct fl_expert_cache {
     int64_t *layer_first, *layer_count;  /* the slots of each layer */
     int32_t *where;                      /* key -> slot, or -1 */
     int32_t *wanted;                     /* key -> computations of the current call still to use it */
+    uint8_t *in_call;                    /* key -> the current call of its layer uses it */
     int64_t *usage;                      /* key -> times demanded */
     struct queue demand, prefetch;
     uint64_t tick;
@@ -129,8 +132,10 @@ static int32_t queue_pop(struct queue *q) {
 }
 
 /* The evictable slot of the layer the policy picks, an empty one first; -1 when every slot is pinned, in use,
- * being read or wanted by the running computation. A prefetch does not evict another prefetch still waiting
- * for its layer's turn. */
+ * being read or wanted by the running computation. One the running call has computed already comes last: lfu
+ * would otherwise often pick it (a new expert has few demands), and whether it could depended on whether the
+ * computation had finished with it before the read picked its victim. A prefetch does not evict another
+ * prefetch still waiting for its layer's turn. */
 static int64_t pick_victim(struct fl_expert_cache *c, int layer, int policy_lfu, int prefetch) {
     int64_t best = -1;
     for (int64_t s = c->layer_first[layer]; s < c->layer_first[layer] + c->layer_count[layer]; s++) {
@@ -140,6 +145,10 @@ static int64_t pick_victim(struct fl_expert_cache *c, int layer, int policy_lfu,
         if (prefetch && (sl->prefetched || sl->expected)) continue;
         if (best < 0) { best = s; continue; }
         struct slot *b = &c->slots[best];
+        if (c->in_call[sl->key] != c->in_call[b->key]) {
+            if (c->in_call[b->key]) best = s;
+            continue;
+        }
         int older = sl->last_use < b->last_use;
         if (policy_lfu) {
             int64_t us = c->usage[sl->key], ub = c->usage[b->key];
@@ -292,6 +301,7 @@ static void cache_free(struct fl_expert_cache *c) {
     free(c->layer_count);
     free(c->where);
     free(c->wanted);
+    free(c->in_call);
     free(c->usage);
     free(c->demand.keys);
     free(c->prefetch.keys);
@@ -355,6 +365,7 @@ int fl_expert_cache_open(const char *const *paths, int n_files, int n_layer, int
     c->layer_count = calloc((size_t)n_layer, sizeof(int64_t));
     c->where = malloc(sizeof(int32_t) * (size_t)keys);
     c->wanted = calloc((size_t)keys, sizeof(int32_t));
+    c->in_call = calloc((size_t)keys, 1);
     c->usage = calloc((size_t)keys, sizeof(int64_t));
     c->io = calloc((size_t)io_threads, sizeof(pthread_t));
     c->map_bytes = (size_t)(c->n_slots * slot_bytes) + HUGE_PAGE;
@@ -366,8 +377,8 @@ int fl_expert_cache_open(const char *const *paths, int n_files, int n_layer, int
         c->arena = c->map + (HUGE_PAGE - (uintptr_t)c->map % HUGE_PAGE) % HUGE_PAGE;
         madvise(c->arena, (size_t)(c->n_slots * slot_bytes), MADV_HUGEPAGE);
     }
-    if (!c->layers || !c->slots || !c->layer_first || !c->layer_count || !c->where || !c->wanted || !c->usage ||
-        !c->io || !c->arena) {
+    if (!c->layers || !c->slots || !c->layer_first || !c->layer_count || !c->where || !c->wanted || !c->in_call ||
+        !c->usage || !c->io || !c->arena) {
         cache_free(c);
         return FL_ENOMEM;
     }
@@ -596,6 +607,7 @@ static int plan_call(struct fl_expert_cache *c, int layer, const uint8_t *used, 
             if ((s >= 0) != (pass == 0)) continue;
             order[n++] = e;
             c->wanted[key]++;
+            c->in_call[key] = 1;
             c->usage[key]++;
             if (s >= 0) {
                 c->st.hits++;
@@ -641,14 +653,16 @@ int fl_moe_experts_cached(fl_expert_cache *c, int layer, int64_t n_tok, int64_t 
                              cached_release};
     if (status == FL_OK)
         status = moe_run(&src, order, n_order, n_tok, dim, inter, n_used, c->n_expert, x, idx, weights, limit, out);
-    if (status != FL_OK) {
+    pthread_mutex_lock(&c->mu);
+    for (int32_t e = 0; e < c->n_expert; e++) {
+        int32_t key = layer * c->n_expert + e;
+        if (!used[e]) continue;
+        c->in_call[key] = 0;
         /* moe_run stops at the first failure: release what the call still wanted. */
-        pthread_mutex_lock(&c->mu);
-        for (int32_t e = 0; e < c->n_expert; e++)
-            if (used[e] && c->wanted[layer * c->n_expert + e]) c->wanted[layer * c->n_expert + e]--;
-        pthread_cond_broadcast(&c->work);
-        pthread_mutex_unlock(&c->mu);
+        if (status != FL_OK && c->wanted[key]) c->wanted[key]--;
     }
+    if (status != FL_OK) pthread_cond_broadcast(&c->work);
+    pthread_mutex_unlock(&c->mu);
     free(used);
     free(order);
     return status;

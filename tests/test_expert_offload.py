@@ -93,6 +93,43 @@ def test_counters_match_the_oracle_routing(gguf, goldens):
     assert first["tokens"] == len(ids) and second["tokens"] == len(ids)
 
 
+class _Picks:
+    """A layer's gate that writes down what it picked for the token being decoded."""
+
+    def __init__(self, gate, into: list):
+        self.gate, self.into = gate, into
+
+    def __call__(self, x, token_ids):
+        weights, idx = self.gate(x, token_ids)
+        self.into.append(frozenset(int(e) for e in idx.ravel()))
+        return weights, idx
+
+    def __getattr__(self, name):
+        return getattr(self.gate, name)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_decode_keeps_the_experts_of_the_token_before(gguf, goldens, policy):
+    """With as many slots per layer as experts per token, what a decode step must read is forced, whatever the
+    policy: the experts its router picked that the token before in the same layer did not. An expert the step
+    already computed must not be evicted for one it still waits for while an older one is there (lfu once did,
+    when the computation finished an expert before the read of the next one picked its victim)."""
+    n_layer, _, k = goldens["expert_ids"].shape
+    with load(gguf, ram_budget=k * n_layer * _slot_bytes(gguf), expert_policy=policy, expert_prefetch=False,
+              expert_usage=False, io_threads=1) as m:
+        picks = [[] for _ in m.net.layers]
+        for block, into in zip(m.net.layers, picks):
+            block.ffn.gate = _Picks(block.ffn.gate, into)
+        misses = []
+        for token in list(goldens["prompt_ids"]) * 2:
+            before = m.stats()["expert_misses"]
+            m.forward([int(token)])
+            misses.append(m.stats()["expert_misses"] - before)
+    forced = [sum(len(layer[0]) for layer in picks)]
+    forced += [sum(len(layer[t] - layer[t - 1]) for layer in picks) for t in range(1, len(misses))]
+    assert misses == forced
+
+
 def test_usage_histogram_accumulates_and_pins_the_hottest(gguf, goldens, tmp_path):
     """A run on the first token leaves its experts in the histogram; the next load pins exactly those, so the
     same token then hits every expert without a read."""
