@@ -239,6 +239,42 @@ int fl_moe_experts_cached(fl_expert_cache *c, int layer, int64_t n_tok, int64_t 
 /* Bytes of [offset, offset + len) of the file now in the page cache (mincore), or -1. */
 int64_t fl_file_cached_bytes(const char *path, int64_t offset, int64_t len);
 
+/* ---------------------------------------------------------------- MoE routing and the fused decode step (v4_step.c) */
+/* DeepSeek V4's router on the gate's logits [n_tok, n_expert]: scores sqrt(softplus(logit)); idx [n_tok, n_used]
+ * the token's row of tid2eid ([vocab, n_used], hash-routed layers: bias NULL) or else the n_used largest
+ * scores + bias (the bias only selects; best first, ties to the lower id); weights [n_tok, n_used] the picked
+ * scores over their sum + 1e-20, times route_scale. FL_EINVAL for a token id outside 0..vocab-1 or a table entry
+ * outside 0..n_expert-1. */
+int fl_moe_route(int64_t n_tok, int64_t n_expert, int64_t n_used, const float *logits, const float *bias,
+                 const int32_t *tid2eid, int64_t vocab, const int64_t *token_ids, float route_scale, float *weights,
+                 int32_t *idx);
+/* A layer's MoE sublayer with its hyper-connection, planned once at load: what fl_v4_ffn reads. */
+struct fl_v4_ffn {
+    int64_t dim, hc, inter, shared_inter, n_expert, n_used, vocab;
+    int sinkhorn_iters;
+    float hc_eps, norm_eps;
+    int hc_fn_type;
+    const void *hc_fn;             /* [(2 + hc) * hc, hc * dim] */
+    const float *hc_base, *hc_scale;
+    const float *norm;             /* ffn_norm [dim] */
+    int gate_type;
+    const void *gate_w;            /* the router [n_expert, dim] */
+    const float *bias;             /* exp_probs_b [n_expert], NULL on hash-routed layers */
+    const int32_t *tid2eid;        /* [vocab, n_used] on hash-routed layers, else NULL */
+    float route_scale, limit, shared_limit;
+    int exp_type[3];               /* routed experts gate, up, down: expert e at exp_w[m] + e * exp_stride[m] */
+    const void *exp_w[3];
+    int64_t exp_stride[3];
+    fl_expert_cache *cache;        /* when set, the routed experts come from this cache (layer cache_layer) */
+    int cache_layer;
+    int shared_type[3];
+    const void *shared_w[3];
+};
+/* h_out [n_tok, hc, dim] = h + the MoE sublayer of h (the token ids route hash layers): fl_hc_pre, fl_rms_norm
+ * with the ffn norm, the router's fl_matmul, fl_moe_route, the routed experts (fl_moe_experts or, with a cache,
+ * fl_moe_experts_cached), the shared expert, fl_hc_post: the calls, in the order, of the Python definition. */
+int fl_v4_ffn(const struct fl_v4_ffn *p, int64_t n_tok, const float *h, const int64_t *token_ids, float *h_out);
+
 /* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
 enum fl_kv_kind {
     FL_KV_FP8 = 1,  /* bf16 last rope_dim dims, then e4m3 first dims with a ue8m0 scale per 64 */

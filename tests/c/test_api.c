@@ -2,7 +2,8 @@
  * (tests/test_c_sanitizers.py builds both): the attention with sink and the compressor's pooling against a double
  * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
  * row quantizer's checks, the expert cache's usage counters and the page-cache probe, V4's hyper-connections and
- * RMS norm against double precision, the non-finite data check, and each one's errors.
+ * RMS norm against double precision, the non-finite data check, the router and the fused MoE sublayer against
+ * their op-by-op sequence, and each one's errors.
  * Prints one line per failure and exits non-zero if there was any. */
 #include <math.h>
 #include <stdio.h>
@@ -433,6 +434,75 @@ static void test_find_nonfinite(void) {
     CHECK(fl_find_nonfinite(FL_TYPE_Q8_0, row, -1) == FL_EINVAL, "n_blocks -1 accepted");
 }
 
+/* ---------------------------------------------------------------- MoE routing and the fused MoE sublayer */
+
+/* fl_v4_ffn against the calls it is made of, made one by one: bitwise, score-routed and hash-routed; and
+ * fl_moe_route's order and errors */
+static void test_fused_ffn(void) {
+    enum { T = 2, HC = 2, D = 32, INTER = 16, NE = 4, USED = 2, VOCAB = 5, MIX = (2 + HC) * HC };
+    static float h[T * HC * D], fn[MIX * HC * D], base[MIX], scale[3], norm[D], gate[NE * D], bias[NE];
+    static float exps[3][NE * INTER * D], shared[3][INTER * D], fused[T * HC * D], want[T * HC * D];
+    int32_t table[VOCAB * USED] = {0, 1, 2, 3, 3, 0, 1, 1, 2, 0};
+    int64_t tokens[T] = {4, 1};
+    fill(h, T * HC * D, 1.0f);
+    fill(fn, MIX * HC * D, 0.1f);
+    fill(base, MIX, 0.5f);
+    fill(scale, 3, 1.0f);
+    fill(norm, D, 1.0f);
+    fill(gate, NE * D, 0.3f);
+    fill(bias, NE, 0.1f);
+    for (int m = 0; m < 3; m++) {
+        fill(exps[m], NE * INTER * D, 0.2f);
+        fill(shared[m], INTER * D, 0.2f);
+    }
+    int64_t stride = (int64_t)INTER * D * 4;
+    struct fl_v4_ffn p = {D, HC, INTER, INTER, NE, USED, 0, 20, 1e-6f, 1e-6f, FL_TYPE_F32, fn, base, scale, norm,
+                          FL_TYPE_F32, gate, bias, NULL, 1.5f, 7.0f, 9.0f,
+                          {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {exps[0], exps[1], exps[2]},
+                          {stride, stride, stride}, NULL, 0,
+                          {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {shared[0], shared[1], shared[2]}};
+    for (int hashed = 0; hashed < 2; hashed++) {
+        if (hashed) {
+            p.bias = NULL;
+            p.tid2eid = table;
+            p.vocab = VOCAB;
+        }
+        CHECK(fl_v4_ffn(&p, T, h, tokens, fused) == FL_OK, "fl_v4_ffn failed (hashed %d)", hashed);
+        float x[T * D], xn[T * D], out[T * D] = {0}, post[T * HC], comb[T * HC * HC], logits[T * NE];
+        float wts[T * USED], one[T] = {1, 1};
+        int32_t idx[T * USED], zero[T] = {0, 0};
+        int ok = fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 20, 1e-6f, 1e-6f, x, post, comb) == FL_OK &&
+                 fl_rms_norm(T, D, x, norm, 1e-6f, xn) == FL_OK &&
+                 fl_matmul(FL_TYPE_F32, gate, NE, D, xn, T, logits) == FL_OK &&
+                 fl_moe_route(T, NE, USED, logits, p.bias, p.tid2eid, p.vocab, tokens, 1.5f, wts, idx) == FL_OK &&
+                 fl_moe_experts(T, D, INTER, USED, NE, xn, idx, wts, FL_TYPE_F32, exps[0], stride, FL_TYPE_F32,
+                                exps[1], stride, FL_TYPE_F32, exps[2], stride, 7.0f, out) == FL_OK &&
+                 fl_moe_experts(T, D, INTER, 1, 1, xn, zero, one, FL_TYPE_F32, shared[0], 0, FL_TYPE_F32, shared[1],
+                                0, FL_TYPE_F32, shared[2], 0, 9.0f, out) == FL_OK &&
+                 fl_hc_post(T, HC, D, out, h, post, comb, want) == FL_OK;
+        CHECK(ok, "the op-by-op sequence failed (hashed %d)", hashed);
+        CHECK(memcmp(fused, want, sizeof want) == 0, "fl_v4_ffn differs from its op-by-op sequence (hashed %d)",
+              hashed);
+        if (hashed)
+            CHECK(idx[0] == 2 && idx[1] == 0 && idx[2] == 2 && idx[3] == 3, "hash routes %d %d %d %d", idx[0],
+                  idx[1], idx[2], idx[3]);
+    }
+    /* the biased top-k, best first, with ties to the lower id; weights the picked scores renormalised */
+    float logits[NE] = {1.0f, 3.0f, 2.0f, 3.0f}, zeros[NE] = {0}, w[USED];
+    int32_t idx[USED];
+    CHECK(fl_moe_route(1, NE, USED, logits, zeros, NULL, 0, NULL, 2.0f, w, idx) == FL_OK && idx[0] == 1 &&
+          idx[1] == 3 && fabsf(w[0] - 1.0f) < 1e-6f && fabsf(w[1] - 1.0f) < 1e-6f,
+          "route of a tie: %d %d %g %g", idx[0], idx[1], w[0], w[1]);
+    int64_t bad = VOCAB;
+    CHECK(fl_moe_route(1, NE, USED, logits, NULL, table, VOCAB, &bad, 1.0f, w, idx) == FL_EINVAL,
+          "a token id past the table accepted");
+    table[0] = NE;
+    tokens[0] = 0;
+    CHECK(fl_v4_ffn(&p, 1, h, tokens, fused) == FL_EINVAL, "a table entry past the experts accepted");
+    CHECK(fl_moe_route(1, NE, NE + 1, logits, zeros, NULL, 0, NULL, 1.0f, w, idx) == FL_EINVAL,
+          "more experts used than exist accepted");
+}
+
 int main(void) {
     test_attn_sink();
     test_compress_pool();
@@ -441,6 +511,7 @@ int main(void) {
     test_expert_usage();
     test_hyper_connections();
     test_find_nonfinite();
+    test_fused_ffn();
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
