@@ -12,15 +12,17 @@ from flashlite.model import load
 SMALL = Path(__file__).parent / "fixtures" / "small_v4"
 
 
-def _decode(m, ids, fused: bool) -> np.ndarray:
-    """Logits of a prefill of 5 tokens, then one token a step to position 30, a rollback to 13 (across a ratio-4
-    boundary, into the window), and steps again past position 32: every step's last row."""
+def _decode(m, ids, fused: bool, schedule=(5, 30, 13, 40)) -> np.ndarray:
+    """Logits of a prefill of `prefill` tokens, then one token a step to position `to`, a rollback to `back`, and
+    steps again to `end` (by default across ratio-4 boundaries, into the window, with the indexer picking from
+    position 19 on): every step's last row."""
+    prefill, to, back, end = schedule
     m.net.use_fused_decode(fused)
     m.reset()
-    rows = [m.forward(ids[:5])[-1]]
-    rows += [m.forward([t])[-1] for t in ids[5:30]]
-    m.truncate(13)
-    rows += [m.forward([t])[-1] for t in ids[13:40]]
+    rows = [m.forward(ids[:prefill])[-1]]
+    rows += [m.forward([t])[-1] for t in ids[prefill:to]]
+    m.truncate(back)
+    rows += [m.forward([t])[-1] for t in ids[back:end]]
     m.net.use_fused_decode(True)
     return np.array(rows)
 
@@ -44,6 +46,16 @@ def test_fused_decode_bitwise_on_q8_0_and_the_trained_small_model(tiny_gguf, tmp
         m = load(path, kv_format="fp8")
         ids = np.random.default_rng(1).integers(0, m.vocab_size, 40)
         assert np.array_equal(_decode(m, ids, True), _decode(m, ids, False)), path
+
+
+@pytest.mark.parametrize("kv_format", ["f32", "fp8"])
+def test_fused_decode_bitwise_across_the_first_ratio_128_row(tiny_gguf, goldens, kv_format):
+    """Position 127 closes the first ratio-128 row, before and after a rollback across it; with rewind 4 the
+    rollback restores the checkpoint at 0 and feeds the tokens again."""
+    m = load(tiny_gguf(), kv_format=kv_format, rewind=4)
+    ids = goldens["prompt_ids"][:140]
+    schedule = (120, 135, 126, 140)
+    assert np.array_equal(_decode(m, ids, True, schedule), _decode(m, ids, False, schedule))
 
 
 def test_fused_decode_with_experts_from_the_disk_cache(tiny_gguf, goldens):

@@ -101,16 +101,26 @@ def compress_pool(n_rows: int, ratio: int, d: int, overlap: bool, has_prev: bool
     return pooled
 
 
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """The orthogonal Walsh-Hadamard rotation (natural order) of the last dim, a power of two."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    check(lib.fl_hadamard(x.size // x.shape[-1], x.shape[-1], f32(x), f32(y)), f"hadamard of {x.shape[-1]} dims")
+    return y
+
+
 def indexer_topk(q: np.ndarray, keys: np.ndarray, head_weights: np.ndarray, visible: np.ndarray, topk: int,
                  scale: float) -> np.ndarray:
     """For queries q [t, H, d] with head weights [t, H] over compressed rows keys [N, d], of which query i sees
-    the first visible[i]: the topk rows of the best sum_h w_h * relu(q_h . k) * scale [t, topk]."""
-    scores = np.maximum(np.matmul(q, keys.T), 0) * np.float32(scale)          # [t, H, N]
-    total = np.sum(scores * head_weights[:, :, None], axis=1)                  # [t, N]
-    total[np.arange(keys.shape[0])[None, :] >= visible[:, None]] = -np.inf
-    if topk >= total.shape[-1]:
-        return np.broadcast_to(np.arange(total.shape[-1]), total.shape).copy()
-    return np.argpartition(-total, topk - 1, axis=-1)[..., :topk]
+    the first visible[i]: the topk rows of the best sum_h relu(q_h . k) * scale * w_h, best first [t, topk]."""
+    t, n_heads, d = q.shape
+    q, keys = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(keys, np.float32)
+    head_weights = np.ascontiguousarray(head_weights, np.float32)
+    visible = np.ascontiguousarray(visible, np.int32)
+    picks = np.empty((t, topk), np.int32)
+    check(lib.fl_indexer_topk(t, n_heads, d, f32(q), f32(head_weights), f32(keys), keys.shape[0], i32(visible),
+                              topk, scale, i32(picks)), "fl_indexer_topk")
+    return picks
 
 
 def attention_sink(q: np.ndarray, window: np.ndarray, ranges: np.ndarray, rows: np.ndarray, idx: np.ndarray,
@@ -197,4 +207,83 @@ def ffn_step(plan: FfnPlan, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     h_out = np.empty_like(h)
     check(lib.fl_v4_ffn(plan.struct, h.shape[0], f32(h), ffi.from_buffer("int64_t[]", token_ids), f32(h_out)),
           "fl_v4_ffn")
+    return h_out
+
+
+
+
+class AttnPlan:
+    """A layer's attention sublayer with its hyper-connection, resolved once for fl_v4_attn. The row formats
+    follow the cache a step is given (its kv_format)."""
+
+    def __init__(self, args, hc, attn_norm, attn, compressor, indexer):
+        p = self.struct = ffi.new("struct fl_v4_attn *")
+        self.cache = ffi.new("struct fl_v4_attn_cache *")
+        self.logs = [getattr(self.cache, name) for name in ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")]
+        a = args
+        keep = self._keep = [ffi.from_buffer(hc.fn.data)]
+        p.dim, p.hc, p.n_heads, p.head_dim, p.rope_dim = a.dim, a.hc_mult, a.n_heads, a.head_dim, a.rope_head_dim
+        p.q_rank, p.o_groups, p.o_rank, p.window, p.ratio = (a.q_lora_rank, a.o_groups, a.o_lora_rank,
+                                                             a.window_size, attn.ratio)
+        p.index_heads, p.index_dim, p.index_topk = a.index_n_heads, a.index_head_dim, a.index_topk
+        p.sinkhorn_iters, p.hc_eps, p.norm_eps = a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps
+        p.hc_fn_type, p.hc_fn = int(hc.fn.type), keep[0]
+
+        def floats(v):
+            keep.append(f32(v))
+            return keep[-1]
+
+        p.hc_base, p.hc_scale, p.attn_norm = floats(hc.base), floats(hc.scale), floats(attn_norm)
+        p.q_norm, p.kv_norm, p.sinks = floats(attn.q_norm), floats(attn.kv_norm), floats(attn.attn_sink)
+        def weight(field, w):  # a struct fl_v4_weight
+            keep.append(ffi.from_buffer(w.data))
+            field.type, field.w = int(w.type), keep[-1]
+
+        for field, w in ((p.wq_a, attn.wq_a), (p.wq_b, attn.wq_b), (p.wkv, attn.wkv), (p.wo_a, attn.wo_a),
+                         (p.wo_b, attn.wo_b)):
+            weight(field, w)
+        p.attn_scale = a.head_dim ** -0.5
+        p.index_score_scale = a.index_head_dim ** -0.5
+        p.index_weight_scale = np.float32(a.index_n_heads ** -0.5)
+        for field, c in (("comp", compressor), ("icomp", indexer.compressor if indexer is not None else None)):
+            if c is None:
+                continue
+            s = getattr(p, field)
+            s.head_dim, s.overlap = c.head_dim, int(c.overlap)
+            weight(s.wkv, c.wkv)
+            weight(s.wgate, c.wgate)
+            s.ape, s.norm = floats(c.ape), floats(c.norm)
+        if indexer is not None:
+            weight(p.iq_b, indexer.wq_b)
+            weight(p.iproj, indexer.weights_proj)
+        self.kv_format = None
+
+    def _set_format(self, cache) -> None:
+        """The row formats of the cache's logs (flashlite/kv_cache.py's LayerCache)."""
+        p = self.struct
+        p.kv_kind = cache.kv_row.kind or 0
+        p.comp.row_kind, p.comp.row_rope_dim, p.comp.rotated = p.kv_kind, cache.kv_row.rope_dim, 0
+        p.icomp.row_kind, p.icomp.row_rope_dim = cache.index_row.kind or 0, 0
+        p.icomp.rotated = int(cache.index_row.kind is not None)
+        self.kv_format = cache.kv_format
+
+
+plan_attn = AttnPlan
+
+
+def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
+              h: np.ndarray) -> np.ndarray:
+    """h [1, hc, D] plus the attention sublayer of the token at position pos, in one C call (fl_v4_attn) that
+    appends the token's rows to the layer's cache (a kv_cache.LayerCache) in place."""
+    if plan.kv_format != cache.kv_format:
+        plan._set_format(cache)
+    logs = [cache.kv] + [log for state in cache.states() for log in (state.kv, state.score, state.rows)]
+    for log, bound in zip(logs, plan.logs):
+        log.bind(bound, 1)
+    h = np.ascontiguousarray(h, np.float32)
+    h_out = np.empty_like(h)
+    check(lib.fl_v4_attn(plan.struct, plan.cache, pos, f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row),
+                         f32(h), f32(h_out)), f"fl_v4_attn at position {pos}")
+    for log, bound in zip(logs, plan.logs):
+        log.end = bound.end
     return h_out

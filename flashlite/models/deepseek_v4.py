@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
@@ -231,20 +230,7 @@ def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 rms_norm = backend.rms_norm  # x * rsqrt(mean(x^2) + eps) * weight; the MTP block uses it too
 
 
-@lru_cache(maxsize=4)
-def _hadamard_matrix(n: int) -> np.ndarray:
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    if h.shape[0] != n:
-        raise ValueError(f"hadamard: the last dim {n} is not a power of two")
-    return h * np.float32(n ** -0.5)
-
-
-def hadamard(x: np.ndarray) -> np.ndarray:
-    """The natural-order Sylvester Walsh-Hadamard transform of the last dim (a power of two), scaled by n^-1/2
-    so that it is orthogonal: the reference rotates indexer queries and keys with it before their FP4 rounding."""
-    return np.matmul(x, _hadamard_matrix(x.shape[-1]))
+hadamard = backend.hadamard  # the orthogonal Walsh-Hadamard rotation of the last dim (FP4 indexer rows)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -269,6 +255,7 @@ class RoPE:
             interpolated = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
             inv_freq = interpolated * (np.float32(1) - extrapolation) + inv_freq * extrapolation
         self.inv_freq = inv_freq.astype(np.float32)
+        self._tables: dict[int, np.ndarray] = {}
 
     @staticmethod
     def correction_range(dim: int, base: float, original: int, beta_fast: float, beta_slow: float):
@@ -281,6 +268,17 @@ class RoPE:
         """cos and sin [T, rope_dim/2] of the angles f32(pos) * inv_freq, rounded to float32 like the oracle."""
         angles = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def table(self, pos: int) -> np.ndarray:
+        """cos then sin at one position [rope_dim], as cos_sin computes them: made once per decode step for all
+        the layers that share this RoPE."""
+        t = self._tables.get(pos)
+        if t is None:
+            if len(self._tables) >= 8:
+                self._tables.clear()
+            cos, sin = self.cos_sin(np.array([pos]))
+            t = self._tables[pos] = np.concatenate([cos[0], sin[0]])
+        return t
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim]; inverse rotates by -angle."""
@@ -576,9 +574,14 @@ class Block:
         self.attn_norm, self.ffn_norm, self.eps = w["attn_norm"], w["ffn_norm"], args.norm_eps
         self.attn, self.ffn = attn, ffn
         self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
-        # The backend's plan of this block's MoE sublayer (with its hyper-connection) for one call per decode step;
-        # None runs it op by op, as prefill always does. Model.use_fused_decode sets it.
-        self.ffn_plan = None
+        # The backend's plans of this block's sublayers (each with its hyper-connection) for one call each per
+        # decode step; None runs them op by op, as prefill always does. Model.use_fused_decode sets them.
+        self.attn_plan = self.ffn_plan = None
+
+    def plan_attn(self):
+        """The backend's one-call plan of the attention sublayer: the same operations as attn_sublayer."""
+        at = self.attn
+        return backend.plan_attn(at.args, self.attn_hc, self.attn_norm, at, at.compressor, at.indexer)
 
     def plan_ffn(self):
         """The backend's one-call plan of the MoE sublayer: the same operations as ffn_sublayer, resolved once."""
@@ -593,8 +596,12 @@ class Block:
         self.ffn.offload.prefetch(self.layer, self.ffn.gate.predict(self.ffn_norm * y, token_ids))
 
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
-        x, post, comb = self.attn_hc(h)
-        h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache), h, post, comb)
+        if self.attn_plan is not None and h.shape[0] == 1 and OBSERVER is None:
+            pos, r, rope = int(positions[0]), self.attn.ratio, self.attn.rope
+            row = rope.table(pos + 1 - r) if r and (pos + 1) % r == 0 else None  # a compressed row closes
+            h = backend.attn_step(self.attn_plan, cache, pos, rope.table(pos), row, h)
+        else:
+            h = self.attn_sublayer(h, positions, cache)
         if dump is not None:
             dump[f"blk.{self.layer}.attn"] = h.copy()
         if self.ffn_plan is not None and h.shape[0] == 1 and self.next is None and OBSERVER is None:
@@ -604,6 +611,12 @@ class Block:
         if dump is not None:
             dump[f"blk.{self.layer}.ffn"] = h.copy()
         return h
+
+    def attn_sublayer(self, h: np.ndarray, positions: np.ndarray, cache: LayerCache) -> np.ndarray:
+        """h plus the attention of its collapse, expanded back into the streams."""
+        x, post, comb = self.attn_hc(h)
+        return HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache), h, post,
+                                      comb)
 
     def ffn_sublayer(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """h plus the MoE of its collapse, expanded back into the streams."""
@@ -755,10 +768,11 @@ class Model:
         self.use_fused_decode(True)
 
     def use_fused_decode(self, on: bool = True) -> None:
-        """Whether a decode step (one token) runs each block's MoE sublayer as the backend's one planned call
-        (bitwise the same result as op by op; offloaded layers with prefetch always go op by op)."""
+        """Whether a decode step (one token) runs each block's attention and MoE sublayers as the backend's planned
+        calls, one each (bitwise the same result as op by op; an offloaded layer that prefetches the next one's
+        experts runs its MoE op by op)."""
         for block in self.layers:
-            block.ffn_plan = block.plan_ffn() if on else None
+            block.attn_plan, block.ffn_plan = (block.plan_attn(), block.plan_ffn()) if on else (None, None)
 
     def _block(self, i: int, w: dict) -> Block:
         return build_block(self.args, i, w, self.rope_main, self.rope_compress, self.offload)

@@ -3,7 +3,8 @@
  * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
  * row quantizer's checks, the expert cache's usage counters and the page-cache probe, V4's hyper-connections and
  * RMS norm against double precision, the non-finite data check, the router and the fused MoE sublayer against
- * their op-by-op sequence, and each one's errors.
+ * their op-by-op sequence, the Hadamard rotation and the indexer's top-k against double precision, the fused
+ * attention step's logs, and each one's errors.
  * Prints one line per failure and exits non-zero if there was any. */
 #include <math.h>
 #include <stdio.h>
@@ -503,6 +504,123 @@ static void test_fused_ffn(void) {
           "more experts used than exist accepted");
 }
 
+/* ---------------------------------------------------------------- Hadamard, indexer top-k, fused attention */
+
+static void test_hadamard_and_indexer(void) {
+    enum { R = 3, N = 16, T = 2, IH = 3, ID = 8, KEYS = 7, TOPK = 4 };
+    float x[R * N], y[R * N];
+    fill(x, R * N, 1.0f);
+    CHECK(fl_hadamard(R, N, x, y) == FL_OK, "fl_hadamard failed");
+    double err = 0;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < N; j++) {
+            double want = 0;
+            for (int i = 0; i < N; i++) want += x[r * N + i] * (__builtin_popcount(i & j) % 2 ? -1.0 : 1.0);
+            err = fmax(err, fabs(want / sqrt((double)N) - y[r * N + j]));
+        }
+    CHECK(err < 1e-5, "fl_hadamard off the Sylvester product by %g", err);
+    CHECK(fl_hadamard(R, N, y, y) == FL_OK && fabsf(y[5] - x[5]) < 1e-5f, "fl_hadamard in place is not its inverse");
+    CHECK(fl_hadamard(1, 12, x, y) == FL_EINVAL, "fl_hadamard accepted 12 dims");
+
+    float q[T * IH * ID], hw[T * IH], keys[KEYS * ID];
+    int32_t visible[T] = {KEYS, 2}, picks[T * TOPK];
+    fill(q, T * IH * ID, 1.0f);
+    fill(hw, T * IH, 1.0f);
+    fill(keys, KEYS * ID, 1.0f);
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.5f, picks) == FL_OK, "fl_indexer_topk");
+    for (int t = 0; t < T; t++) {
+        double score[KEYS];
+        for (int k = 0; k < visible[t]; k++) {
+            score[k] = 0;
+            for (int h = 0; h < IH; h++) {
+                double d = 0;
+                for (int i = 0; i < ID; i++) d += (double)q[(t * IH + h) * ID + i] * keys[k * ID + i];
+                score[k] += fmax(d, 0.0) * 0.5 * hw[t * IH + h];
+            }
+        }
+        for (int j = 0; j < TOPK; j++) {
+            int32_t pk = picks[t * TOPK + j];
+            if (j >= visible[t]) {
+                CHECK(pk == -1, "query %d pick %d: %d past the visible rows", t, j, pk);
+                continue;
+            }
+            int better = 0; /* rows scoring clearly above the j-th pick: exactly j of them */
+            for (int k = 0; k < visible[t]; k++) better += score[k] > score[pk] + 1e-6;
+            CHECK(pk >= 0 && pk < visible[t] && better == j, "query %d pick %d: row %d with %d better", t, j, pk,
+                  better);
+        }
+    }
+    visible[1] = KEYS + 1;
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.5f, picks) == FL_EINVAL,
+          "fl_indexer_topk accepted more visible rows than keys");
+}
+
+/* fl_v4_attn over 12 positions of a ratio-4 layer with fp8 rows (compressor, indexer from position 8 on), in
+ * logs the test owns: the rows land where they should, the output is finite; and the errors of a log without
+ * room and of a closing window without its RoPE. Bitwise agreement with the Python definition is
+ * tests/test_decode_step.py's. */
+static void test_fused_attention(void) {
+    enum { D = 32, HC = 2, H = 2, AHD = 80, RD = 16, QR = 32, G = 2, OR = 16, AWIN = 4, IH = 2, ID = 32, TOPK = 1,
+           MIX = (2 + HC) * HC, POS = 12 };
+    static float hc_fn[MIX * HC * D], hc_base[MIX], hc_scale[3], attn_norm[D], q_norm[QR], kv_norm[AHD], sinks[H];
+    static float wq_a[QR * D], wq_b[H * AHD * QR], wkv[AHD * D], wo_a[G * OR * (H / G * AHD)], wo_b[D * G * OR];
+    static float iq_b[IH * ID * QR], iproj[IH * D], ckv[2 * AHD * D], cgate[2 * AHD * D], cape[4 * 2 * AHD], cnorm[AHD];
+    static float ikv[2 * ID * D], igate[2 * ID * D], iape[4 * 2 * ID], inorm[ID];
+    static float h[HC * D], h_out[HC * D], cs[RD];
+    float *all[] = {hc_fn, hc_base, hc_scale, attn_norm, q_norm, kv_norm, sinks, wq_a, wq_b, wkv, wo_a, wo_b, iq_b,
+                    iproj, ckv, cgate, cape, cnorm, ikv, igate, iape, inorm, h, cs};
+    int64_t counts[] = {MIX * HC * D, MIX, 3, D, QR, AHD, H, QR * D, H * AHD * QR, AHD * D, G * OR * (H / G * AHD),
+                        D * G * OR, IH * ID * QR, IH * D, 2 * AHD * D, 2 * AHD * D, 4 * 2 * AHD, AHD, 2 * ID * D,
+                        2 * ID * D, 4 * 2 * ID, ID, HC * D, RD};
+    for (int i = 0; i < (int)(sizeof(counts) / sizeof(counts[0])); i++) fill(all[i], counts[i], 0.3f);
+    int64_t kv_bytes = fl_kv_row_bytes(FL_KV_FP8, AHD, RD), idx_bytes = fl_kv_row_bytes(FL_KV_FP4, ID, 0);
+    struct fl_v4_attn p = {0};
+    p.dim = D, p.hc = HC, p.n_heads = H, p.head_dim = AHD, p.rope_dim = RD, p.q_rank = QR, p.o_groups = G;
+    p.o_rank = OR, p.window = AWIN, p.ratio = 4, p.index_heads = IH, p.index_dim = ID, p.index_topk = TOPK;
+    p.sinkhorn_iters = 20, p.hc_eps = 1e-6f, p.norm_eps = 1e-6f, p.hc_fn_type = FL_TYPE_F32, p.hc_fn = hc_fn;
+    p.hc_base = hc_base, p.hc_scale = hc_scale, p.attn_norm = attn_norm, p.q_norm = q_norm, p.kv_norm = kv_norm;
+    p.sinks = sinks;
+    p.wq_a = (struct fl_v4_weight){FL_TYPE_F32, wq_a}, p.wq_b = (struct fl_v4_weight){FL_TYPE_F32, wq_b};
+    p.wkv = (struct fl_v4_weight){FL_TYPE_F32, wkv}, p.wo_a = (struct fl_v4_weight){FL_TYPE_F32, wo_a};
+    p.wo_b = (struct fl_v4_weight){FL_TYPE_F32, wo_b}, p.iq_b = (struct fl_v4_weight){FL_TYPE_F32, iq_b};
+    p.iproj = (struct fl_v4_weight){FL_TYPE_F32, iproj};
+    p.attn_scale = 0.125f, p.index_score_scale = 0.17f, p.index_weight_scale = 0.7f, p.kv_kind = FL_KV_FP8;
+    p.comp = (struct fl_v4_compressor){AHD, RD, 1, 0, FL_KV_FP8, {FL_TYPE_F32, ckv}, {FL_TYPE_F32, cgate}, cape,
+                                       cnorm};
+    p.icomp = (struct fl_v4_compressor){ID, 0, 1, 1, FL_KV_FP4, {FL_TYPE_F32, ikv}, {FL_TYPE_F32, igate}, iape,
+                                        inorm};
+    uint8_t *kv = calloc(POS, (size_t)kv_bytes), *crows = calloc(POS, (size_t)kv_bytes);
+    uint8_t *irows = calloc(POS, (size_t)idx_bytes);
+    float *cstate = calloc(2 * POS * 2 * AHD, sizeof(float)), *istate = calloc(2 * POS * 2 * ID, sizeof(float));
+    struct fl_v4_attn_cache c = {{kv, 0, 0, POS},
+                                 {(uint8_t *)cstate, 0, 0, POS},
+                                 {(uint8_t *)(cstate + POS * 2 * AHD), 0, 0, POS},
+                                 {crows, 0, 0, POS},
+                                 {(uint8_t *)istate, 0, 0, POS},
+                                 {(uint8_t *)(istate + POS * 2 * ID), 0, 0, POS},
+                                 {irows, 0, 0, POS}};
+    int finite = 1;
+    for (int64_t pos = 0; pos < POS; pos++) {
+        CHECK(fl_v4_attn(&p, &c, pos, cs, cs, h, h_out) == FL_OK, "fl_v4_attn at %lld", (long long)pos);
+        for (int i = 0; i < HC * D; i++) finite &= isfinite(h_out[i]) != 0;
+    }
+    CHECK(finite, "fl_v4_attn gave a non-finite output");
+    CHECK(c.kv.end == POS && c.ckv.end == POS && c.cscore.end == POS && c.crows.end == POS / 4 &&
+              c.irows.end == POS / 4,
+          "log ends %lld %lld %lld %lld", (long long)c.kv.end, (long long)c.ckv.end, (long long)c.crows.end,
+          (long long)c.irows.end);
+    CHECK(fl_v4_attn(&p, &c, POS, cs, cs, h, h_out) == FL_EINVAL, "a log without room accepted");
+    c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
+    c.crows.end = c.irows.end = (POS - 1) / 4;
+    CHECK(fl_v4_attn(&p, &c, POS - 1, cs, NULL, h, h_out) == FL_EINVAL, "a closing window without its RoPE");
+    free(kv);
+    free(crows);
+    free(irows);
+    free(cstate);
+    free(istate);
+}
+
 int main(void) {
     test_attn_sink();
     test_compress_pool();
@@ -512,6 +630,8 @@ int main(void) {
     test_hyper_connections();
     test_find_nonfinite();
     test_fused_ffn();
+    test_hadamard_and_indexer();
+    test_fused_attention();
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
