@@ -330,6 +330,9 @@ struct fl_v4_attn_cache {
  * definition, in its order: bitwise its result. FL_EINVAL when a log lacks room or rows a step reads. */
 int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, const float *cs_tok,
                const float *cs_row, const float *h, float *h_out);
+/* A whole decode layer for the token `token` at position pos: fl_v4_attn, then fl_v4_ffn on its result. */
+int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
+                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out);
 
 /* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
 enum fl_kv_kind {

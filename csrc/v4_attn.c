@@ -302,3 +302,15 @@ int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64
     free(picks);
     return status;
 }
+
+int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
+                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out) {
+    if (!attn || !ffn || attn->dim != ffn->dim || attn->hc != ffn->hc || attn->dim <= 0 || attn->hc <= 0)
+        return FL_EINVAL;
+    float *mid = malloc(sizeof(float) * (size_t)(attn->hc * attn->dim));
+    if (!mid) return FL_ENOMEM;
+    int status = fl_v4_attn(attn, cache, pos, cs_tok, cs_row, h, mid);
+    if (status == FL_OK) status = fl_v4_ffn(ffn, 1, mid, &token, h_out);
+    free(mid);
+    return status;
+}

@@ -37,6 +37,20 @@ def test_fused_decode_is_bitwise_the_op_by_op_definition(tiny_gguf, goldens, rec
     assert np.array_equal(fused, op_by_op)
 
 
+def test_decode_steps_that_dump_run_the_two_sublayer_calls_bitwise_too(tiny_gguf, goldens):
+    """A dump wants the state between the sublayers, so the step runs attention and MoE as two planned calls."""
+    m = load(tiny_gguf())
+    ids = goldens["prompt_ids"][:40]
+    m.reset()
+    m.forward(ids[:5])
+    dumped = []
+    for t in ids[5:40]:
+        dump = {}
+        dumped.append(m.forward([t], dump=dump)[-1])
+        assert f"blk.{m.args.n_layers - 1}.attn" in dump
+    assert np.array_equal(np.array(dumped), _decode(m, ids, False, (5, 40, 40, 40))[1:])
+
+
 def test_fused_decode_bitwise_on_q8_0_and_the_trained_small_model(tiny_gguf, tmp_path):
     from click.testing import CliRunner
     from flashlite.cli import main

@@ -275,15 +275,35 @@ def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.nd
               h: np.ndarray) -> np.ndarray:
     """h [1, hc, D] plus the attention sublayer of the token at position pos, in one C call (fl_v4_attn) that
     appends the token's rows to the layer's cache (a kv_cache.LayerCache) in place."""
-    if plan.kv_format != cache.kv_format:
-        plan._set_format(cache)
-    logs = [cache.kv] + [log for state in cache.states() for log in (state.kv, state.score, state.rows)]
-    for log, bound in zip(logs, plan.logs):
-        log.bind(bound, 1)
+    logs = _bind(plan, cache)
     h = np.ascontiguousarray(h, np.float32)
     h_out = np.empty_like(h)
     check(lib.fl_v4_attn(plan.struct, plan.cache, pos, f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row),
                          f32(h), f32(h_out)), f"fl_v4_attn at position {pos}")
     for log, bound in zip(logs, plan.logs):
+        log.end = bound.end
+    return h_out
+
+
+def _bind(plan: AttnPlan, cache) -> list:
+    """Point the plan's C logs at the cache's (room for one row each); the cache's logs, for taking the ends back."""
+    if plan.kv_format != cache.kv_format:
+        plan._set_format(cache)
+    logs = [cache.kv] + [log for state in cache.states() for log in (state.kv, state.score, state.rows)]
+    for log, bound in zip(logs, plan.logs):
+        log.bind(bound, 1)
+    return logs
+
+
+def layer_step(attn: AttnPlan, ffn: FfnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
+               h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """attn_step then ffn_step, in one C call (fl_v4_layer): a whole decode layer."""
+    logs = _bind(attn, cache)
+    h = np.ascontiguousarray(h, np.float32)
+    h_out = np.empty_like(h)
+    check(lib.fl_v4_layer(attn.struct, attn.cache, ffn.struct, pos, int(token_ids[0]), f32(cs_tok),
+                          ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
+          f"fl_v4_layer at position {pos}")
+    for log, bound in zip(logs, attn.logs):
         log.end = bound.end
     return h_out

@@ -596,15 +596,19 @@ class Block:
         self.ffn.offload.prefetch(self.layer, self.ffn.gate.predict(self.ffn_norm * y, token_ids))
 
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None):
-        if self.attn_plan is not None and h.shape[0] == 1 and OBSERVER is None:
+        step = h.shape[0] == 1 and OBSERVER is None  # a decode step: the backend's planned calls, where planned
+        if step and self.attn_plan is not None:
             pos, r, rope = int(positions[0]), self.attn.ratio, self.attn.rope
             row = rope.table(pos + 1 - r) if r and (pos + 1) % r == 0 else None  # a compressed row closes
+            if self.ffn_plan is not None and dump is None:
+                return backend.layer_step(self.attn_plan, self.ffn_plan, cache, pos, rope.table(pos), row, h,
+                                          token_ids)
             h = backend.attn_step(self.attn_plan, cache, pos, rope.table(pos), row, h)
         else:
             h = self.attn_sublayer(h, positions, cache)
         if dump is not None:
             dump[f"blk.{self.layer}.attn"] = h.copy()
-        if self.ffn_plan is not None and h.shape[0] == 1 and self.next is None and OBSERVER is None:
+        if step and self.ffn_plan is not None:
             h = backend.ffn_step(self.ffn_plan, h, token_ids)
         else:
             h = self.ffn_sublayer(h, token_ids)
@@ -769,10 +773,11 @@ class Model:
 
     def use_fused_decode(self, on: bool = True) -> None:
         """Whether a decode step (one token) runs each block's attention and MoE sublayers as the backend's planned
-        calls, one each (bitwise the same result as op by op; an offloaded layer that prefetches the next one's
-        experts runs its MoE op by op)."""
+        calls, one for the whole layer (bitwise the same result as op by op; an offloaded layer that prefetches the
+        next one's experts runs its MoE op by op)."""
         for block in self.layers:
-            block.attn_plan, block.ffn_plan = (block.plan_attn(), block.plan_ffn()) if on else (None, None)
+            block.attn_plan = block.plan_attn() if on else None
+            block.ffn_plan = block.plan_ffn() if on and block.next is None else None
 
     def _block(self, i: int, w: dict) -> Block:
         return build_block(self.args, i, w, self.rope_main, self.rope_compress, self.offload)

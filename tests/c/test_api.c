@@ -437,6 +437,9 @@ static void test_find_nonfinite(void) {
 
 /* ---------------------------------------------------------------- MoE routing and the fused MoE sublayer */
 
+/* a score-routed MoE plan of dim 32 and 2 streams, for test_fused_attention's whole layer */
+static struct fl_v4_ffn layer_ffn;
+
 /* fl_v4_ffn against the calls it is made of, made one by one: bitwise, score-routed and hash-routed; and
  * fl_moe_route's order and errors */
 static void test_fused_ffn(void) {
@@ -462,6 +465,7 @@ static void test_fused_ffn(void) {
                           {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {exps[0], exps[1], exps[2]},
                           {stride, stride, stride}, NULL, 0,
                           {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {shared[0], shared[1], shared[2]}};
+    layer_ffn = p;
     for (int hashed = 0; hashed < 2; hashed++) {
         if (hashed) {
             p.bias = NULL;
@@ -610,6 +614,18 @@ static void test_fused_attention(void) {
           "log ends %lld %lld %lld %lld", (long long)c.kv.end, (long long)c.ckv.end, (long long)c.crows.end,
           (long long)c.irows.end);
     CHECK(fl_v4_attn(&p, &c, POS, cs, cs, h, h_out) == FL_EINVAL, "a log without room accepted");
+    /* a whole layer: the attention step, then the MoE sublayer on its result */
+    static float mid[HC * D], want[HC * D];
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
+    c.crows.end = c.irows.end = (POS - 2) / 4;
+    int64_t token = 3;
+    CHECK(fl_v4_attn(&p, &c, POS - 2, cs, cs, h, mid) == FL_OK && fl_v4_ffn(&layer_ffn, 1, mid, &token, want) == FL_OK,
+          "the layer's two sublayers failed");
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
+    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, token, cs, cs, h, h_out) == FL_OK &&
+              memcmp(h_out, want, sizeof want) == 0,
+          "fl_v4_layer differs from fl_v4_attn then fl_v4_ffn");
+    CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
     c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
     c.crows.end = c.irows.end = (POS - 1) / 4;
@@ -631,7 +647,7 @@ int main(void) {
     test_find_nonfinite();
     test_fused_ffn();
     test_hadamard_and_indexer();
-    test_fused_attention();
+    test_fused_attention(); /* after test_fused_ffn, whose plan it reuses */
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
