@@ -1,12 +1,14 @@
 """Prefill and decode speed of the DeepSeek V4 forward pass, and the share of decode time spent outside the C core.
 
     python tools/bench_forward.py MODEL.gguf [--prompt 64] [--decode 16] [--threads N] [--kv-format f32|fp8]
-        [--ram-budget SIZE] [--busy N]
+        [--ram-budget SIZE] [--busy N] [--op-by-op]
 
 Use a synthetic full-width model (tools/make_synthetic.py, then `flashlite quantize`) with a few layers: the
 orchestration share measured there is what a 43-layer V4-Flash sees per layer. At tiny width (make_synthetic's
 tiny preset, 43 layers) the matmuls cost nothing and decode's ms per layer is the fixed cost of a step. --busy N
 keeps N other processes spinning meanwhile, as a desktop's UI thread or another program does to a core.
+--op-by-op decodes through the model definition's operations one by one instead of the backend's planned layer
+calls (the two are bitwise equal; docs/architecture.md).
 """
 import argparse
 import subprocess

@@ -218,6 +218,7 @@ class AttnPlan:
 
     def __init__(self, args, hc, attn_norm, attn, compressor, indexer):
         p = self.struct = ffi.new("struct fl_v4_attn *")
+        # the log pointers of the step being run, set per call: one forward at a time (model.py's lock)
         self.cache = ffi.new("struct fl_v4_attn_cache *")
         self.logs = [getattr(self.cache, name) for name in ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")]
         a = args
