@@ -290,7 +290,7 @@ def _bind(plan: AttnPlan, cache) -> list:
     """Point the plan's C logs at the cache's (room for one row each); the cache's logs, for taking the ends back."""
     if plan.kv_format != cache.kv_format:
         plan._set_format(cache)
-    logs = [cache.kv] + [log for state in cache.states() for log in (state.kv, state.score, state.rows)]
+    logs = cache.logs()  # window rows, then each compressor's kv, score and rows: the order of plan.logs
     for log, bound in zip(logs, plan.logs):
         log.bind(bound, 1)
     return logs
