@@ -240,6 +240,101 @@ int fl_moe_experts_cached(fl_expert_cache *c, int layer, int64_t n_tok, int64_t 
 /* Bytes of [offset, offset + len) of the file now in the page cache (mincore), or -1. */
 int64_t fl_file_cached_bytes(const char *path, int64_t offset, int64_t len);
 
+/* ---------------------------------------------------------------- MoE routing and the fused decode step (v4_step.c) */
+/* DeepSeek V4's router on the gate's logits [n_tok, n_expert]: scores sqrt(softplus(logit)); idx [n_tok, n_used]
+ * the token's row of tid2eid ([vocab, n_used], hash-routed layers: bias NULL) or else the n_used largest
+ * scores + bias (the bias only selects; best first, ties to the lower id); weights [n_tok, n_used] the picked
+ * scores over their sum + 1e-20, times route_scale. FL_EINVAL for a token id outside 0..vocab-1 or a table entry
+ * outside 0..n_expert-1. */
+int fl_moe_route(int64_t n_tok, int64_t n_expert, int64_t n_used, const float *logits, const float *bias,
+                 const int32_t *tid2eid, int64_t vocab, const int64_t *token_ids, float route_scale, float *weights,
+                 int32_t *idx);
+/* A layer's MoE sublayer with its hyper-connection, planned once at load: what fl_v4_ffn reads. */
+struct fl_v4_ffn {
+    int64_t dim, hc, inter, shared_inter, n_expert, n_used, vocab;
+    int sinkhorn_iters;
+    float hc_eps, norm_eps;
+    int hc_fn_type;
+    const void *hc_fn;             /* [(2 + hc) * hc, hc * dim] */
+    const float *hc_base, *hc_scale;
+    const float *norm;             /* ffn_norm [dim] */
+    int gate_type;
+    const void *gate_w;            /* the router [n_expert, dim] */
+    const float *bias;             /* exp_probs_b [n_expert], NULL on hash-routed layers */
+    const int32_t *tid2eid;        /* [vocab, n_used] on hash-routed layers, else NULL */
+    float route_scale, limit, shared_limit;
+    int exp_type[3];               /* routed experts gate, up, down: expert e at exp_w[m] + e * exp_stride[m] */
+    const void *exp_w[3];
+    int64_t exp_stride[3];
+    fl_expert_cache *cache;        /* when set, the routed experts come from this cache (layer cache_layer) */
+    int cache_layer;
+    int shared_type[3];
+    const void *shared_w[3];
+};
+/* h_out [n_tok, hc, dim] = h + the MoE sublayer of h (the token ids route hash layers): fl_hc_pre, fl_rms_norm
+ * with the ffn norm, the router's fl_matmul, fl_moe_route, the routed experts (fl_moe_experts or, with a cache,
+ * fl_moe_experts_cached), the shared expert, fl_hc_post: the calls, in the order, of the Python definition. */
+int fl_v4_ffn(const struct fl_v4_ffn *p, int64_t n_tok, const float *h, const int64_t *token_ids, float *h_out);
+
+/* The Walsh-Hadamard rotation of each of n_rows rows of dim (a power of two) floats, natural (Sylvester) order,
+ * scaled by dim^-1/2 so that it is orthogonal; y may be x. The reference rotates FP4 indexer rows with it. */
+int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y);
+/* The lightning indexer's picks: for each query t (q [n_tok, n_heads, head_dim], head_weights [n_tok, n_heads])
+ * and each of the first visible[t] of the n_keys rows keys [n_keys, head_dim], the score
+ * sum_h relu(q[t, h] . key) * scale * head_weights[t, h]; picks [n_tok, topk] the best rows, best first, ties to
+ * the lower row, -1 past the visible ones. */
+int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const float *q, const float *head_weights,
+                    const float *keys, int64_t n_keys, const int32_t *visible, int64_t topk, float scale,
+                    int32_t *picks);
+/* A weight matrix of a plan: its fl_type and data. */
+struct fl_v4_weight {
+    int type;
+    const void *w;
+};
+/* A log of stored rows of positions [start, end) (flashlite/kv_cache.py's RowLog): buf holds the row of
+ * position start, with room up to position start + cap; a step appends at end and moves it. */
+struct fl_row_log {
+    uint8_t *buf;
+    int64_t start, end, cap;
+};
+/* A compressor of the attention (or of its indexer): rows of head_dim, ratio from the layer; row_kind the
+ * fl_kv_kind its pooled rows are stored in (0: float32) with row_rope_dim bf16 dims; rotated: a Hadamard
+ * rotation before they are stored. ape [ratio, width], width 2 * head_dim with overlap, else head_dim. */
+struct fl_v4_compressor {
+    int64_t head_dim, row_rope_dim;
+    int overlap, rotated, row_kind;
+    struct fl_v4_weight wkv, wgate;
+    const float *ape, *norm;
+};
+/* A layer's attention sublayer with its hyper-connection, planned once at load: what fl_v4_attn reads. */
+struct fl_v4_attn {
+    int64_t dim, hc, n_heads, head_dim, rope_dim, q_rank, o_groups, o_rank, window, ratio;
+    int64_t index_heads, index_dim, index_topk;
+    int sinkhorn_iters;
+    float hc_eps, norm_eps;
+    int hc_fn_type;
+    const void *hc_fn;
+    const float *hc_base, *hc_scale, *attn_norm, *q_norm, *kv_norm, *sinks;
+    struct fl_v4_weight wq_a, wq_b, wkv, wo_a, wo_b, iq_b, iproj;
+    float attn_scale, index_score_scale, index_weight_scale;
+    int kv_kind;                   /* how window and compressed rows are stored: 0 float32, else an fl_kv_kind */
+    struct fl_v4_compressor comp;  /* ratio 4 and 128 */
+    struct fl_v4_compressor icomp; /* the indexer's, ratio 4 */
+};
+/* The logs of a layer: window rows; compressor kv, score and rows; the indexer's. */
+struct fl_v4_attn_cache {
+    struct fl_row_log kv, ckv, cscore, crows, ikv, iscore, irows;
+};
+/* h_out [hc, dim] = h + the attention sublayer of the one token at position pos, with the rows it stores appended
+ * to the logs: cs_tok the cos then sin [rope_dim / 2 each] of the layer's RoPE at pos; cs_row the same at
+ * pos + 1 - ratio when a compressor window closes at pos (else unused). The C operations of the Python
+ * definition, in its order: bitwise its result. FL_EINVAL when a log lacks room or rows a step reads. */
+int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, const float *cs_tok,
+               const float *cs_row, const float *h, float *h_out);
+/* A whole decode layer for the token `token` at position pos: fl_v4_attn, then fl_v4_ffn on its result. */
+int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
+                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out);
+
 /* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
 enum fl_kv_kind {
     FL_KV_FP8 = 1,  /* bf16 last rope_dim dims, then e4m3 first dims with a ue8m0 scale per 64 */

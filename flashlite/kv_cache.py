@@ -79,12 +79,26 @@ class RowLog:
     def append(self, rows: np.ndarray) -> None:
         packed = self.fmt.pack(rows)
         n, used = packed.shape[0], len(self)
+        self.reserve(n)
+        self._buf[self._off + used:self._off + used + n] = packed
+        self.end += n
+
+    def reserve(self, n: int) -> None:
+        """Room for n more rows after the end."""
+        used = len(self)
         if self._off + used + n > self._buf.shape[0]:
             buf = np.empty((max(16, used + n, (used + n) * 3 // 2), self.fmt.nbytes), np.uint8)
             buf[:used] = self._buf[self._off:self._off + used]
             self._buf, self._off = buf, 0
-        self._buf[self._off + used:self._off + used + n] = packed
-        self.end += n
+
+    def bind(self, log, n: int) -> None:
+        """Point `log`, a C struct fl_row_log, at the stored rows, with room for n more after the end: the C core
+        appends there in place and moves log.end, which the caller then takes back into `end`."""
+        self.reserve(n)
+        if self._bound is not self._buf:  # a C pointer made once per buffer, not per step
+            self._bound, self._pointer = self._buf, ffi.from_buffer("uint8_t[]", self._buf)
+        log.buf = self._pointer + self._off * self.fmt.nbytes
+        log.start, log.end, log.cap = self.start, self.end, self._buf.shape[0] - self._off
 
     def packed(self, lo: int, hi: int) -> np.ndarray:
         """A view of the stored bytes of positions [lo, hi)."""
@@ -119,6 +133,7 @@ class RowLog:
     def restore(self, start: int, packed: np.ndarray) -> None:
         """Hold exactly the stored rows `packed` of positions start.., dropping everything else."""
         self._buf = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
+        self._bound = None  # the buffer bind() last pointed C at
         self._off = 0
         self.start, self.end = start, start + self._buf.shape[0]
 

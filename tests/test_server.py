@@ -275,7 +275,7 @@ def test_concurrent_requests_interleave_on_one_model(server, model):
 
     def long_answer():
         results["long"] = call(server, "POST", "/v1/chat/completions",
-                               {"messages": OTHER, "temperature": 0, "max_tokens": 150})
+                               {"messages": OTHER, "temperature": 0, "max_tokens": 400})
         results["long_done"] = time.perf_counter()
 
     thread = threading.Thread(target=long_answer)
@@ -294,9 +294,9 @@ def test_concurrent_requests_interleave_on_one_model(server, model):
     conn.close()
     thread.join()
     assert first_text is not None and first_text < results["long_done"]
-    alone = model.create_chat_completion(OTHER, temperature=0, max_tokens=150)
+    alone = model.create_chat_completion(OTHER, temperature=0, max_tokens=400)
     assert results["long"][2]["choices"] == alone["choices"]
-    assert results["long"][2]["usage"]["completion_tokens"] == 150
+    assert results["long"][2]["usage"]["completion_tokens"] == 400
     *chunks, _ = events(raw)
     assert joined(chunks, "content") == model.create_chat_completion(
         MESSAGES, seed=9, max_tokens=20)["choices"][0]["message"]["content"]

@@ -1,12 +1,14 @@
 """Prefill and decode speed of the DeepSeek V4 forward pass, and the share of decode time spent outside the C core.
 
     python tools/bench_forward.py MODEL.gguf [--prompt 64] [--decode 16] [--threads N] [--kv-format f32|fp8]
-        [--ram-budget SIZE] [--busy N]
+        [--ram-budget SIZE] [--busy N] [--op-by-op]
 
 Use a synthetic full-width model (tools/make_synthetic.py, then `flashlite quantize`) with a few layers: the
 orchestration share measured there is what a 43-layer V4-Flash sees per layer. At tiny width (make_synthetic's
 tiny preset, 43 layers) the matmuls cost nothing and decode's ms per layer is the fixed cost of a step. --busy N
 keeps N other processes spinning meanwhile, as a desktop's UI thread or another program does to a core.
+--op-by-op decodes through the model definition's operations one by one instead of the backend's planned layer
+calls (the two are bitwise equal; docs/architecture.md).
 """
 import argparse
 import subprocess
@@ -16,19 +18,20 @@ import time
 import numpy as np
 
 from flashlite import kv_cache, model as model_module
-from flashlite.models import deepseek_v4
+from flashlite.backends import cpu as cpu_backend
 
 
 class CoreTimer:
     """Wraps the C entry points the forward pass calls and adds up the seconds spent inside them."""
 
     NAMES = ("fl_attn_sink", "fl_compress_pool", "fl_moe_experts", "fl_moe_experts_cached", "fl_kv_pack",
-             "fl_kv_unpack", "fl_matmul_batch", "fl_hc_pre", "fl_hc_post", "fl_rms_norm")
-    MODULES = (deepseek_v4, kv_cache)
+             "fl_kv_unpack", "fl_matmul_batch", "fl_hc_pre", "fl_hc_post", "fl_rms_norm", "fl_moe_route",
+             "fl_v4_ffn", "fl_v4_attn", "fl_v4_layer", "fl_hadamard", "fl_indexer_topk")
+    MODULES = (cpu_backend, kv_cache)
 
     def __init__(self):
         self.seconds = 0.0
-        self._lib = deepseek_v4.lib
+        self._lib = cpu_backend.lib
 
     def _timed(self, fn):
         def call(*args):
@@ -63,6 +66,8 @@ def main():
     ap.add_argument("--kv-format", choices=("f32", "fp8"), default="f32")
     ap.add_argument("--ram-budget", default=None, help="routed experts from disk with this cache (e.g. 2G)")
     ap.add_argument("--busy", type=int, default=0, help="processes spinning beside the benchmark")
+    ap.add_argument("--op-by-op", action="store_true",
+                    help="decode without the backend's fused steps (each operation called from Python)")
     opts = ap.parse_args()
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(opts.busy)]
     try:
@@ -78,6 +83,7 @@ def run(opts):
     if opts.ram_budget:
         load_opts.update(ram_budget=opts.ram_budget, expert_usage=False)
     m = model_module.load(opts.model, threads=opts.threads, **load_opts)
+    m.net.use_fused_decode(not opts.op_by_op)
     print(f"load: {time.perf_counter() - t0:.2f} s ({m.args.n_layers} layers, dim {m.args.dim})")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, opts.prompt)

@@ -73,7 +73,7 @@ sys.path.insert(0, str(TOOLS))
 import flashlite  # noqa: E402
 from flashlite._native import ffi, lib  # noqa: E402
 from flashlite.gguf_model import GGUFFile  # noqa: E402
-from flashlite.models import deepseek_v4  # noqa: E402
+from flashlite.backends import cpu as cpu_backend  # noqa: E402
 from make_routing_trace import load_trace, make_trace  # noqa: E402
 
 IO_ALIGN = 4096
@@ -353,7 +353,8 @@ class StallByLayer:
         self.model, self.into = model, into
 
     def __enter__(self):
-        real = deepseek_v4.lib
+        real = cpu_backend.lib
+        self.model.net.use_fused_decode(False)  # every layer's fl_moe_experts_cached call from Python, timed here
         model, into = self.model, self.into
 
         class Timed:
@@ -367,11 +368,12 @@ class StallByLayer:
                 into[layer] += model.stats()["io_stall_seconds"] - before
                 return status
 
-        self.real, deepseek_v4.lib = real, Timed()
+        self.real, cpu_backend.lib = real, Timed()
         return self
 
     def __exit__(self, *exc):
-        deepseek_v4.lib = self.real
+        cpu_backend.lib = self.real
+        self.model.net.use_fused_decode(True)
 
 
 def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts, budget: int) -> dict:

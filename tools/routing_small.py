@@ -38,7 +38,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from flashlite import quality  # noqa: E402
 from flashlite.model import load  # noqa: E402
-from flashlite.models.deepseek_v4 import rms_norm, topk_indices  # noqa: E402
+from flashlite.models.deepseek_v4 import rms_norm  # noqa: E402
 
 CHUNK = 512
 
@@ -67,9 +67,9 @@ def routes(model, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if gate.tid2eid is not None:
                 p_rows[:, i] = q_rows[:, i] = gate.tid2eid[chunk]
                 continue
-            p_rows[:, i] = topk_indices(gate.scores(block.ffn_norm * ys[i]) + gate.bias, k)
+            p_rows[:, i] = gate(block.ffn_norm * ys[i], chunk)[1]
             before = rms_norm(e, None, a.norm_eps) if i == 0 else ys[i - 1]
-            q_rows[:, i] = topk_indices(gate.scores(block.ffn_norm * before) + gate.bias, k)
+            q_rows[:, i] = gate(block.ffn_norm * before, chunk)[1]
         picked.append(p_rows)
         predicted.append(q_rows)
     return np.concatenate(picked), np.concatenate(predicted)

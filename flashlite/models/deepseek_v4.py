@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
-from flashlite._native import check, ffi, lib
+from flashlite.backends import cpu as backend
 from flashlite.expert_offload import ExpertCache
 from flashlite import blocks
 from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
@@ -205,50 +204,23 @@ def _checked_value(path: str, key: str, value, kind, lo, hi):
 
 # ---------------------------------------------------------------- primitives
 
-def _products(products: list) -> list[np.ndarray]:
-    """y = x @ W^T for each (w, x) (w a WeightView, or (WeightView, data) for a slice of one), in one run of the
-    C core, bitwise as separate products: an x that several products share (the same array) is quantized once,
-    and the small matrices of a decode step stream like one large one. The weights were checked at load and the
-    forward pass hands contiguous float32 activations, so nothing is checked again here (flashlite.matmul is the
-    checked public path): at decode this call runs hundreds of times a token."""
-    items = ffi.new("struct fl_matmul_item[]", max(len(products), 1))
-    keep, out, seen = [], [], {}
-    for i, (w, x) in enumerate(products):
-        w, data = w if isinstance(w, tuple) else (w, None)
-        rows = w.rows if data is None else data.shape[0]
-        x_ptr = seen.get(id(x))
-        if x_ptr is None:
-            x_ptr = seen[id(x)] = _f32(x)
-        n_tok = 1 if x.ndim == 1 else x.shape[0]
-        y = np.empty((n_tok, rows), np.float32)
-        w_ptr = w.pointer if data is None else ffi.from_buffer(data)
-        y_ptr = _f32(y)
-        keep += [x, w_ptr, y_ptr]
-        items[i] = {"wtype": int(w.type), "w": w_ptr, "rows": rows, "k": w.k, "x": x_ptr, "n_tok": n_tok, "y": y_ptr}
-        out.append(y[0] if x.ndim == 1 else y)
-    if products:
-        first = products[0][0]
-        check(lib.fl_matmul_batch(len(products), items),
-              f"fl_matmul_batch ({(first[0] if isinstance(first, tuple) else first).name}, ...)")
-    return out
-
-
 def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarray:
-    """y = x @ W^T through the C core; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
+    """y = x @ W^T through the backend; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
     if OBSERVER is not None:
         OBSERVER(w, x, expert)
-    return _products([(w if expert is None else (w, w.data[expert]), np.ascontiguousarray(x, np.float32))])[0]
+    return backend.matmul_batch([(w if expert is None else (w, w.data[expert]),
+                                  np.ascontiguousarray(x, np.float32))])[0]
 
 
 def linear_groups(*groups: list) -> list[list[np.ndarray]]:
-    """Each group's products [(w, x), ...] computed as linear(w, x), all in one run of the core (_products): the
-    results come back grouped as the products were."""
+    """Each group's products [(w, x), ...] computed as linear(w, x), all in one run of the backend: the results
+    come back grouped as the products were."""
     if OBSERVER is not None:
         for group in groups:
             for w, x in group:
                 OBSERVER(w, x, None)
-    ys = _products([(w, x if x.flags.c_contiguous and x.dtype == np.float32 else np.ascontiguousarray(x, np.float32))
-                    for group in groups for w, x in group])
+    ys = backend.matmul_batch([(w, x if x.flags.c_contiguous and x.dtype == np.float32 else
+                                np.ascontiguousarray(x, np.float32)) for group in groups for w, x in group])
     out, lo = [], 0
     for group in groups:
         out.append(ys[lo:lo + len(group)])
@@ -262,47 +234,10 @@ def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return a if idx.size == a.shape[0] else a[idx]
 
 
-def _f32(a: np.ndarray):
-    """A C float pointer to a C-contiguous float32 array."""
-    return ffi.from_buffer("float[]", a)
+rms_norm = backend.rms_norm  # x * rsqrt(mean(x^2) + eps) * weight; the MTP block uses it too
 
 
-def _i32(a: np.ndarray):
-    return ffi.from_buffer("int32_t[]", a)
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """x * rsqrt(mean(x^2) + eps) over the last axis, then times the weight (after the normalisation, as
-    transformers does): the C core's fl_rms_norm."""
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.empty_like(x)
-    dim = x.shape[-1]
-    check(lib.fl_rms_norm(x.size // dim, dim, _f32(x), ffi.NULL if weight is None else _f32(weight), eps, _f32(y)),
-          "fl_rms_norm")
-    return y
-
-
-def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of each row (in no particular order)."""
-    if k >= scores.shape[-1]:
-        return np.broadcast_to(np.arange(scores.shape[-1]), scores.shape).copy()
-    return np.argpartition(-scores, k - 1, axis=-1)[..., :k]
-
-
-@lru_cache(maxsize=4)
-def _hadamard_matrix(n: int) -> np.ndarray:
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    if h.shape[0] != n:
-        raise ValueError(f"hadamard: the last dim {n} is not a power of two")
-    return h * np.float32(n ** -0.5)
-
-
-def hadamard(x: np.ndarray) -> np.ndarray:
-    """The natural-order Sylvester Walsh-Hadamard transform of the last dim (a power of two), scaled by n^-1/2
-    so that it is orthogonal: the reference rotates indexer queries and keys with it before their FP4 rounding."""
-    return np.matmul(x, _hadamard_matrix(x.shape[-1]))
+hadamard = backend.hadamard  # the orthogonal Walsh-Hadamard rotation of the last dim (FP4 indexer rows)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -327,6 +262,7 @@ class RoPE:
             interpolated = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
             inv_freq = interpolated * (np.float32(1) - extrapolation) + inv_freq * extrapolation
         self.inv_freq = inv_freq.astype(np.float32)
+        self._tables: dict[int, np.ndarray] = {}
 
     @staticmethod
     def correction_range(dim: int, base: float, original: int, beta_fast: float, beta_slow: float):
@@ -340,17 +276,20 @@ class RoPE:
         angles = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
+    def table(self, pos: int) -> np.ndarray:
+        """cos then sin at one position [rope_dim], as cos_sin computes them: made once per decode step for all
+        the layers that share this RoPE."""
+        t = self._tables.get(pos)
+        if t is None:
+            if len(self._tables) >= 8:
+                self._tables.clear()
+            cos, sin = self.cos_sin(np.array([pos]))
+            t = self._tables[pos] = np.concatenate([cos[0], sin[0]])
+        return t
+
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim]; inverse rotates by -angle."""
-        shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
-        c, s = cos.reshape(shape), sin.reshape(shape)
-        if inverse:
-            s = -s
-        out = x.copy()
-        even, odd = x[..., -self.rope_dim::2], x[..., -self.rope_dim + 1::2]
-        out[..., -self.rope_dim::2] = even * c - odd * s
-        out[..., -self.rope_dim + 1::2] = odd * c + even * s
-        return out
+        return backend.rope(x, cos, sin, self.rope_dim, inverse)
 
 
 # ---------------------------------------------------------------- hyper-connections
@@ -372,26 +311,15 @@ class HyperConnection:
     def __call__(self, h: np.ndarray):
         """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc] with comb[a, b] from stream a to b): the C
         core's fl_hc_pre (rms norm, the mixing matmul, sigmoids, Sinkhorn, the weighted sum), one call."""
-        t, hc, d = h.shape
-        h = np.ascontiguousarray(h, np.float32)
         if OBSERVER is not None:
             _observe_hc(self.fn, h, self.args.norm_eps)
-        x, post, comb = (np.empty((t, d), np.float32), np.empty((t, hc), np.float32),
-                         np.empty((t, hc, hc), np.float32))
         a = self.args
-        check(lib.fl_hc_pre(t, hc, d, _f32(h), int(self.fn.type), ffi.from_buffer(self.fn.data), _f32(self.base),
-                            _f32(self.scale), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps, _f32(x), _f32(post),
-                            _f32(comb)), f"fl_hc_pre ({self.fn.name})")
-        return x, post, comb
+        return backend.hc_pre(h, self.fn, self.base, self.scale, a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
 
     @staticmethod
     def expand(out: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
-        """H'_b = post_b * out + sum_a comb[a, b] * residual_a (the C core's fl_hc_post)."""
-        t, hc, d = residual.shape
-        h = np.empty_like(residual)
-        out = np.ascontiguousarray(out, np.float32)
-        check(lib.fl_hc_post(t, hc, d, _f32(out), _f32(residual), _f32(post), _f32(comb), _f32(h)), "fl_hc_post")
-        return h
+        """H'_b = post_b * out + sum_a comb[a, b] * residual_a."""
+        return backend.hc_post(out, residual, post, comb)
 
 
 class HyperHead:
@@ -401,16 +329,10 @@ class HyperHead:
         self.args, self.fn, self.base, self.scale = args, fn, base, scale
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        t, hc, d = h.shape
-        h = np.ascontiguousarray(h, np.float32)
         if OBSERVER is not None:
             _observe_hc(self.fn, h, self.args.norm_eps)
-        x = np.empty((t, d), np.float32)
         a = self.args
-        check(lib.fl_hc_pre(t, hc, d, _f32(h), int(self.fn.type), ffi.from_buffer(self.fn.data), _f32(self.base),
-                            _f32(self.scale), 1, a.hc_eps, a.norm_eps, _f32(x), ffi.NULL, ffi.NULL),
-              f"fl_hc_pre ({self.fn.name})")
-        return x
+        return backend.hc_pre(h, self.fn, self.base, self.scale, 1, a.hc_eps, a.norm_eps, head=True)
 
 
 # ---------------------------------------------------------------- attention
@@ -444,9 +366,7 @@ class Compressor:
         has_prev = self.overlap and first > 0
         lo = (first - 1) * r if has_prev else first * r
         kv, score = state.kv.rows(lo, last * r), state.score.rows(lo, last * r)
-        pooled = np.empty((last - first, d), np.float32)
-        check(lib.fl_compress_pool(last - first, r, d, self.overlap, has_prev, _f32(kv), _f32(score), _f32(pooled)),
-              f"fl_compress_pool ({self.wkv.name})")
+        pooled = backend.compress_pool(last - first, r, d, self.overlap, has_prev, kv, score, self.wkv.name)
         rows = rms_norm(pooled, self.norm, self.args.norm_eps)
         cos, sin = self.rope.cos_sin(np.arange(first, last) * r)
         rows = self.rope.apply(rows, cos, sin)
@@ -493,11 +413,8 @@ class Indexer:
         if state.rotated:
             q = state.rows.fmt.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
-        scores = np.maximum(np.matmul(q, keys.T), 0) * np.float32(a.index_head_dim ** -0.5)   # [t, H, N]
-        weights = head_weights * np.float32(a.index_n_heads ** -0.5)                            # [t, H]
-        total = np.sum(scores * weights[:, :, None], axis=1)                                    # [t, N]
-        total[np.arange(keys.shape[0])[None, :] >= visible[crowded][:, None]] = -np.inf
-        picks[crowded] = topk_indices(total, a.index_topk)
+        picks[crowded] = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5),
+                                              visible[crowded], a.index_topk, a.index_head_dim ** -0.5)
         return picks.astype(np.int32)
 
 
@@ -564,11 +481,8 @@ class Attention:
                 k = np.arange(int(visible.max()), dtype=np.int32)
                 picks = np.where(k[None, :] < visible[:, None], k[None, :], -1).astype(np.int32)
             rows, idx = cache.compressor.rows.gather(picks)
-        out = np.empty_like(q)
-        check(lib.fl_attn_sink(t, a.n_heads, a.head_dim, _f32(q), _f32(window), window.shape[0], _i32(ranges),
-                               _f32(rows), rows.shape[0], _i32(idx), idx.shape[1], _f32(self.attn_sink),
-                               a.head_dim ** -0.5, _f32(out)), f"fl_attn_sink (layer {self.layer})")
-        return out
+        return backend.attention_sink(q, window, ranges, rows, idx, self.attn_sink, a.head_dim ** -0.5,
+                                      f"fl_attn_sink (layer {self.layer})")
 
     def grouped_output(self, o: np.ndarray) -> np.ndarray:
         """Group g (heads g*H/G..) goes through its own o_lora_rank rows of wo_a: [T, H, hd] -> [T, G*rank]."""
@@ -578,8 +492,8 @@ class Attention:
         if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input
             OBSERVER(self.wo_a, groups.reshape(-1, groups.shape[2]), None)
         # one run of the core for all groups: eight small products then stream like one large one
-        return np.concatenate(_products([((self.wo_a, w[g]), np.ascontiguousarray(groups[:, g]))
-                                         for g in range(a.o_groups)]), axis=1)
+        return np.concatenate(backend.matmul_batch([((self.wo_a, w[g]), np.ascontiguousarray(groups[:, g]))
+                                                    for g in range(a.o_groups)]), axis=1)
 
 
 # ---------------------------------------------------------------- MoE
@@ -591,27 +505,15 @@ class MoEGate:
     def __init__(self, args: ModelArgs, weight: WeightView, bias: np.ndarray | None, tid2eid: np.ndarray | None):
         self.args, self.weight, self.bias, self.tid2eid = args, weight, bias, tid2eid
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        logits = linear(self.weight, x)
-        return np.sqrt(np.where(logits > 20, logits, np.log1p(np.exp(np.minimum(logits, 20))))).astype(np.float32)
-
-    def __call__(self, x: np.ndarray, token_ids: np.ndarray):
-        scores = self.scores(x)
-        if self.tid2eid is not None:
-            idx = self.tid2eid[token_ids].astype(np.int64)
-        else:
-            idx = topk_indices(scores + self.bias, self.args.n_activated_experts)
-        w = np.take_along_axis(scores, idx, axis=1)
-        w = w / (np.sum(w, axis=1, keepdims=True) + np.float32(1e-20))
-        return w * np.float32(self.args.route_scale), idx
+    def __call__(self, x: np.ndarray, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [T, k], expert ids [T, k]) for the MoE inputs x [T, D] of the tokens token_ids."""
+        return backend.moe_route(linear(self.weight, x), self.bias, self.tid2eid, token_ids,
+                                 self.args.n_activated_experts, self.args.route_scale)
 
     def predict(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """The experts this gate will likely pick, most picked first: exact on hash layers, else the top-k for x
         (another layer's hidden state put through this layer's norm)."""
-        if self.tid2eid is not None:
-            idx = self.tid2eid[token_ids]
-        else:
-            idx = topk_indices(self.scores(x) + self.bias, self.args.n_activated_experts)
+        idx = self.tid2eid[token_ids] if self.tid2eid is not None else self(x, token_ids)[1]
         experts, counts = np.unique(idx, return_counts=True)
         return experts[np.argsort(-counts, kind="stable")]
 
@@ -629,16 +531,7 @@ class MoE:
     @staticmethod
     def experts(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
         """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights."""
-        n_expert = w1.ne[2] if len(w1.ne) == 3 else 1
-
-        def stride(w):
-            return w.data.strides[0] if len(w.ne) == 3 else 0
-
-        check(lib.fl_moe_experts(x.shape[0], x.shape[1], w1.rows, idx.shape[1], n_expert, _f32(x), _i32(idx),
-                                 _f32(weights), int(w1.type), ffi.from_buffer(w1.data), stride(w1),
-                                 int(w3.type), ffi.from_buffer(w3.data), stride(w3),
-                                 int(w2.type), ffi.from_buffer(w2.data), stride(w2), limit, _f32(out)),
-              f"fl_moe_experts ({w1.name})")
+        backend.moe_experts(x, idx, weights, w1, w3, w2, limit, out)
 
     @staticmethod
     def experts_visible(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
@@ -673,10 +566,7 @@ class MoE:
         if self.offload is None:
             experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
         else:
-            check(lib.fl_moe_experts_cached(self.offload.handle, self.layer, x.shape[0], x.shape[1], self.w1.rows,
-                                            idx.shape[1], _f32(x), _i32(idx), _f32(weights), self.limit,
-                                            _f32(out)),
-                  f"{self.offload.path}: routed experts of layer {self.layer}")
+            backend.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out, self.offload, self.layer)
         t = x.shape[0]
         experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
                 self.shared_limit, out)
@@ -695,6 +585,21 @@ class Block:
         self.attn_norm, self.ffn_norm, self.eps = w["attn_norm"], w["ffn_norm"], args.norm_eps
         self.attn, self.ffn = attn, ffn
         self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
+        # The backend's plans of this block's sublayers (each with its hyper-connection) for one call each per
+        # decode step; None runs them op by op, as prefill always does. Model.use_fused_decode sets them.
+        self.attn_plan = self.ffn_plan = None
+
+    def plan_attn(self):
+        """The backend's one-call plan of the attention sublayer: the same operations as attn_sublayer."""
+        at = self.attn
+        return backend.plan_attn(at.args, self.attn_hc, self.attn_norm, at, at.compressor, at.indexer)
+
+    def plan_ffn(self):
+        """The backend's one-call plan of the MoE sublayer: the same operations as ffn_sublayer, resolved once."""
+        f, hc = self.ffn, self.ffn_hc
+        return backend.plan_ffn(hc.args, hc.fn, hc.base, hc.scale, self.ffn_norm, f.gate.weight, f.gate.bias,
+                                f.gate.tid2eid, f.args.route_scale, (f.w1, f.w3, f.w2), f.limit, (f.s1, f.s3, f.s2),
+                                f.shared_limit, f.offload, f.layer)
 
     def prefetch_experts(self, y: np.ndarray, token_ids: np.ndarray) -> None:
         """Queue disk reads of the experts this block's router is expected to pick for y, an earlier hidden state
@@ -702,20 +607,43 @@ class Block:
         self.ffn.offload.prefetch(self.layer, self.ffn.gate.predict(self.ffn_norm * y, token_ids))
 
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None, causal: bool = True):
-        x, post, comb = self.attn_hc(h)
-        h = HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, causal), h,
-                                   post, comb)
+        """causal=False: attention without the causal mask (a DSpark block; one token sees the same rows either
+        way, so a planned decode step ignores it)."""
+        step = h.shape[0] == 1 and OBSERVER is None  # a decode step: the backend's planned calls, where planned
+        if step and self.attn_plan is not None:
+            pos, r, rope = int(positions[0]), self.attn.ratio, self.attn.rope
+            row = rope.table(pos + 1 - r) if r and (pos + 1) % r == 0 else None  # a compressed row closes
+            if self.ffn_plan is not None and dump is None:
+                return backend.layer_step(self.attn_plan, self.ffn_plan, cache, pos, rope.table(pos), row, h,
+                                          token_ids)
+            h = backend.attn_step(self.attn_plan, cache, pos, rope.table(pos), row, h)
+        else:
+            h = self.attn_sublayer(h, positions, cache, causal)
         if dump is not None:
             dump[f"blk.{self.layer}.attn"] = h.copy()
+        if step and self.ffn_plan is not None:
+            h = backend.ffn_step(self.ffn_plan, h, token_ids)
+        else:
+            h = self.ffn_sublayer(h, token_ids)
+        if dump is not None:
+            dump[f"blk.{self.layer}.ffn"] = h.copy()
+        return h
+
+    def attn_sublayer(self, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
+                      causal: bool = True) -> np.ndarray:
+        """h plus the attention of its collapse, expanded back into the streams."""
+        x, post, comb = self.attn_hc(h)
+        return HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, causal), h,
+                                      post, comb)
+
+    def ffn_sublayer(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        """h plus the MoE of its collapse, expanded back into the streams."""
         x, post, comb = self.ffn_hc(h)
         y = rms_norm(x, None, self.eps)
         if self.next is not None:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
             self.next.prefetch_experts(y, token_ids)
-        h = HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
-        if dump is not None:
-            dump[f"blk.{self.layer}.ffn"] = h.copy()
-        return h
+        return HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
 
 
 def _ne(*dims):
@@ -855,6 +783,15 @@ class Model:
             self.prefetch_at_start = [b for i, b in enumerate(self.layers) if i == 0 or b.ffn.gate.tid2eid is not None]
             for block, following in zip(self.layers, self.layers[1:]):
                 block.next = None if following in self.prefetch_at_start else following
+        self.use_fused_decode(True)
+
+    def use_fused_decode(self, on: bool = True) -> None:
+        """Whether a decode step (one token) runs each block's attention and MoE sublayers as the backend's planned
+        calls, one for the whole layer (bitwise the same result as op by op; an offloaded layer that prefetches the
+        next one's experts runs its MoE op by op)."""
+        for block in self.layers:
+            block.attn_plan = block.plan_attn() if on else None
+            block.ffn_plan = block.plan_ffn() if on and block.next is None else None
 
     def _block(self, i: int, w: dict) -> Block:
         return build_block(self.args, i, w, self.rope_main, self.rope_compress, self.offload)

@@ -2,7 +2,9 @@
  * (tests/test_c_sanitizers.py builds both): the attention with sink and the compressor's pooling against a double
  * precision reference, the KV row packing round trip, the type table's names and flags, the reference dots, the
  * row quantizer's checks, the expert cache's usage counters and the page-cache probe, V4's hyper-connections and
- * RMS norm against double precision, the non-finite data check, and each one's errors.
+ * RMS norm against double precision, the non-finite data check, the router and the fused MoE sublayer against
+ * their op-by-op sequence, the Hadamard rotation and the indexer's top-k against double precision, the fused
+ * attention step's logs, and each one's errors.
  * Prints one line per failure and exits non-zero if there was any. */
 #include <math.h>
 #include <stdio.h>
@@ -433,6 +435,208 @@ static void test_find_nonfinite(void) {
     CHECK(fl_find_nonfinite(FL_TYPE_Q8_0, row, -1) == FL_EINVAL, "n_blocks -1 accepted");
 }
 
+/* ---------------------------------------------------------------- MoE routing and the fused MoE sublayer */
+
+/* a score-routed MoE plan of dim 32 and 2 streams, for test_fused_attention's whole layer */
+static struct fl_v4_ffn layer_ffn;
+
+/* fl_v4_ffn against the calls it is made of, made one by one: bitwise, score-routed and hash-routed; and
+ * fl_moe_route's order and errors */
+static void test_fused_ffn(void) {
+    enum { T = 2, HC = 2, D = 32, INTER = 16, NE = 4, USED = 2, VOCAB = 5, MIX = (2 + HC) * HC };
+    static float h[T * HC * D], fn[MIX * HC * D], base[MIX], scale[3], norm[D], gate[NE * D], bias[NE];
+    static float exps[3][NE * INTER * D], shared[3][INTER * D], fused[T * HC * D], want[T * HC * D];
+    int32_t table[VOCAB * USED] = {0, 1, 2, 3, 3, 0, 1, 1, 2, 0};
+    int64_t tokens[T] = {4, 1};
+    fill(h, T * HC * D, 1.0f);
+    fill(fn, MIX * HC * D, 0.1f);
+    fill(base, MIX, 0.5f);
+    fill(scale, 3, 1.0f);
+    fill(norm, D, 1.0f);
+    fill(gate, NE * D, 0.3f);
+    fill(bias, NE, 0.1f);
+    for (int m = 0; m < 3; m++) {
+        fill(exps[m], NE * INTER * D, 0.2f);
+        fill(shared[m], INTER * D, 0.2f);
+    }
+    int64_t stride = (int64_t)INTER * D * 4;
+    struct fl_v4_ffn p = {D, HC, INTER, INTER, NE, USED, 0, 20, 1e-6f, 1e-6f, FL_TYPE_F32, fn, base, scale, norm,
+                          FL_TYPE_F32, gate, bias, NULL, 1.5f, 7.0f, 9.0f,
+                          {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {exps[0], exps[1], exps[2]},
+                          {stride, stride, stride}, NULL, 0,
+                          {FL_TYPE_F32, FL_TYPE_F32, FL_TYPE_F32}, {shared[0], shared[1], shared[2]}};
+    layer_ffn = p;
+    for (int hashed = 0; hashed < 2; hashed++) {
+        if (hashed) {
+            p.bias = NULL;
+            p.tid2eid = table;
+            p.vocab = VOCAB;
+        }
+        CHECK(fl_v4_ffn(&p, T, h, tokens, fused) == FL_OK, "fl_v4_ffn failed (hashed %d)", hashed);
+        float x[T * D], xn[T * D], out[T * D] = {0}, post[T * HC], comb[T * HC * HC], logits[T * NE];
+        float wts[T * USED], one[T] = {1, 1};
+        int32_t idx[T * USED], zero[T] = {0, 0};
+        int ok = fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 20, 1e-6f, 1e-6f, x, post, comb) == FL_OK &&
+                 fl_rms_norm(T, D, x, norm, 1e-6f, xn) == FL_OK &&
+                 fl_matmul(FL_TYPE_F32, gate, NE, D, xn, T, logits) == FL_OK &&
+                 fl_moe_route(T, NE, USED, logits, p.bias, p.tid2eid, p.vocab, tokens, 1.5f, wts, idx) == FL_OK &&
+                 fl_moe_experts(T, D, INTER, USED, NE, xn, idx, wts, FL_TYPE_F32, exps[0], stride, FL_TYPE_F32,
+                                exps[1], stride, FL_TYPE_F32, exps[2], stride, 7.0f, out) == FL_OK &&
+                 fl_moe_experts(T, D, INTER, 1, 1, xn, zero, one, FL_TYPE_F32, shared[0], 0, FL_TYPE_F32, shared[1],
+                                0, FL_TYPE_F32, shared[2], 0, 9.0f, out) == FL_OK &&
+                 fl_hc_post(T, HC, D, out, h, post, comb, want) == FL_OK;
+        CHECK(ok, "the op-by-op sequence failed (hashed %d)", hashed);
+        CHECK(memcmp(fused, want, sizeof want) == 0, "fl_v4_ffn differs from its op-by-op sequence (hashed %d)",
+              hashed);
+        if (hashed)
+            CHECK(idx[0] == 2 && idx[1] == 0 && idx[2] == 2 && idx[3] == 3, "hash routes %d %d %d %d", idx[0],
+                  idx[1], idx[2], idx[3]);
+    }
+    /* the biased top-k, best first, with ties to the lower id; weights the picked scores renormalised */
+    float logits[NE] = {1.0f, 3.0f, 2.0f, 3.0f}, zeros[NE] = {0}, w[USED];
+    int32_t idx[USED];
+    CHECK(fl_moe_route(1, NE, USED, logits, zeros, NULL, 0, NULL, 2.0f, w, idx) == FL_OK && idx[0] == 1 &&
+          idx[1] == 3 && fabsf(w[0] - 1.0f) < 1e-6f && fabsf(w[1] - 1.0f) < 1e-6f,
+          "route of a tie: %d %d %g %g", idx[0], idx[1], w[0], w[1]);
+    int64_t bad = VOCAB;
+    CHECK(fl_moe_route(1, NE, USED, logits, NULL, table, VOCAB, &bad, 1.0f, w, idx) == FL_EINVAL,
+          "a token id past the table accepted");
+    table[0] = NE;
+    tokens[0] = 0;
+    CHECK(fl_v4_ffn(&p, 1, h, tokens, fused) == FL_EINVAL, "a table entry past the experts accepted");
+    CHECK(fl_moe_route(1, NE, NE + 1, logits, zeros, NULL, 0, NULL, 1.0f, w, idx) == FL_EINVAL,
+          "more experts used than exist accepted");
+}
+
+/* ---------------------------------------------------------------- Hadamard, indexer top-k, fused attention */
+
+static void test_hadamard_and_indexer(void) {
+    enum { R = 3, N = 16, T = 2, IH = 3, ID = 8, KEYS = 7, TOPK = 4 };
+    float x[R * N], y[R * N];
+    fill(x, R * N, 1.0f);
+    CHECK(fl_hadamard(R, N, x, y) == FL_OK, "fl_hadamard failed");
+    double err = 0;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < N; j++) {
+            double want = 0;
+            for (int i = 0; i < N; i++) want += x[r * N + i] * (__builtin_popcount(i & j) % 2 ? -1.0 : 1.0);
+            err = fmax(err, fabs(want / sqrt((double)N) - y[r * N + j]));
+        }
+    CHECK(err < 1e-5, "fl_hadamard off the Sylvester product by %g", err);
+    CHECK(fl_hadamard(R, N, y, y) == FL_OK && fabsf(y[5] - x[5]) < 1e-5f, "fl_hadamard in place is not its inverse");
+    CHECK(fl_hadamard(1, 12, x, y) == FL_EINVAL, "fl_hadamard accepted 12 dims");
+
+    float q[T * IH * ID], hw[T * IH], keys[KEYS * ID];
+    int32_t visible[T] = {KEYS, 2}, picks[T * TOPK];
+    fill(q, T * IH * ID, 1.0f);
+    fill(hw, T * IH, 1.0f);
+    fill(keys, KEYS * ID, 1.0f);
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.5f, picks) == FL_OK, "fl_indexer_topk");
+    for (int t = 0; t < T; t++) {
+        double score[KEYS];
+        for (int k = 0; k < visible[t]; k++) {
+            score[k] = 0;
+            for (int h = 0; h < IH; h++) {
+                double d = 0;
+                for (int i = 0; i < ID; i++) d += (double)q[(t * IH + h) * ID + i] * keys[k * ID + i];
+                score[k] += fmax(d, 0.0) * 0.5 * hw[t * IH + h];
+            }
+        }
+        for (int j = 0; j < TOPK; j++) {
+            int32_t pk = picks[t * TOPK + j];
+            if (j >= visible[t]) {
+                CHECK(pk == -1, "query %d pick %d: %d past the visible rows", t, j, pk);
+                continue;
+            }
+            int better = 0; /* rows scoring clearly above the j-th pick: exactly j of them */
+            for (int k = 0; k < visible[t]; k++) better += score[k] > score[pk] + 1e-6;
+            CHECK(pk >= 0 && pk < visible[t] && better == j, "query %d pick %d: row %d with %d better", t, j, pk,
+                  better);
+        }
+    }
+    visible[1] = KEYS + 1;
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.5f, picks) == FL_EINVAL,
+          "fl_indexer_topk accepted more visible rows than keys");
+}
+
+/* fl_v4_attn over 12 positions of a ratio-4 layer with fp8 rows (compressor, indexer from position 8 on), in
+ * logs the test owns: the rows land where they should, the output is finite; and the errors of a log without
+ * room and of a closing window without its RoPE. Bitwise agreement with the Python definition is
+ * tests/test_decode_step.py's. */
+static void test_fused_attention(void) {
+    enum { D = 32, HC = 2, H = 2, AHD = 80, RD = 16, QR = 32, G = 2, OR = 16, AWIN = 4, IH = 2, ID = 32, TOPK = 1,
+           MIX = (2 + HC) * HC, POS = 12 };
+    static float hc_fn[MIX * HC * D], hc_base[MIX], hc_scale[3], attn_norm[D], q_norm[QR], kv_norm[AHD], sinks[H];
+    static float wq_a[QR * D], wq_b[H * AHD * QR], wkv[AHD * D], wo_a[G * OR * (H / G * AHD)], wo_b[D * G * OR];
+    static float iq_b[IH * ID * QR], iproj[IH * D], ckv[2 * AHD * D], cgate[2 * AHD * D], cape[4 * 2 * AHD], cnorm[AHD];
+    static float ikv[2 * ID * D], igate[2 * ID * D], iape[4 * 2 * ID], inorm[ID];
+    static float h[HC * D], h_out[HC * D], cs[RD];
+    float *all[] = {hc_fn, hc_base, hc_scale, attn_norm, q_norm, kv_norm, sinks, wq_a, wq_b, wkv, wo_a, wo_b, iq_b,
+                    iproj, ckv, cgate, cape, cnorm, ikv, igate, iape, inorm, h, cs};
+    int64_t counts[] = {MIX * HC * D, MIX, 3, D, QR, AHD, H, QR * D, H * AHD * QR, AHD * D, G * OR * (H / G * AHD),
+                        D * G * OR, IH * ID * QR, IH * D, 2 * AHD * D, 2 * AHD * D, 4 * 2 * AHD, AHD, 2 * ID * D,
+                        2 * ID * D, 4 * 2 * ID, ID, HC * D, RD};
+    for (int i = 0; i < (int)(sizeof(counts) / sizeof(counts[0])); i++) fill(all[i], counts[i], 0.3f);
+    int64_t kv_bytes = fl_kv_row_bytes(FL_KV_FP8, AHD, RD), idx_bytes = fl_kv_row_bytes(FL_KV_FP4, ID, 0);
+    struct fl_v4_attn p = {0};
+    p.dim = D, p.hc = HC, p.n_heads = H, p.head_dim = AHD, p.rope_dim = RD, p.q_rank = QR, p.o_groups = G;
+    p.o_rank = OR, p.window = AWIN, p.ratio = 4, p.index_heads = IH, p.index_dim = ID, p.index_topk = TOPK;
+    p.sinkhorn_iters = 20, p.hc_eps = 1e-6f, p.norm_eps = 1e-6f, p.hc_fn_type = FL_TYPE_F32, p.hc_fn = hc_fn;
+    p.hc_base = hc_base, p.hc_scale = hc_scale, p.attn_norm = attn_norm, p.q_norm = q_norm, p.kv_norm = kv_norm;
+    p.sinks = sinks;
+    p.wq_a = (struct fl_v4_weight){FL_TYPE_F32, wq_a}, p.wq_b = (struct fl_v4_weight){FL_TYPE_F32, wq_b};
+    p.wkv = (struct fl_v4_weight){FL_TYPE_F32, wkv}, p.wo_a = (struct fl_v4_weight){FL_TYPE_F32, wo_a};
+    p.wo_b = (struct fl_v4_weight){FL_TYPE_F32, wo_b}, p.iq_b = (struct fl_v4_weight){FL_TYPE_F32, iq_b};
+    p.iproj = (struct fl_v4_weight){FL_TYPE_F32, iproj};
+    p.attn_scale = 0.125f, p.index_score_scale = 0.17f, p.index_weight_scale = 0.7f, p.kv_kind = FL_KV_FP8;
+    p.comp = (struct fl_v4_compressor){AHD, RD, 1, 0, FL_KV_FP8, {FL_TYPE_F32, ckv}, {FL_TYPE_F32, cgate}, cape,
+                                       cnorm};
+    p.icomp = (struct fl_v4_compressor){ID, 0, 1, 1, FL_KV_FP4, {FL_TYPE_F32, ikv}, {FL_TYPE_F32, igate}, iape,
+                                        inorm};
+    uint8_t *kv = calloc(POS, (size_t)kv_bytes), *crows = calloc(POS, (size_t)kv_bytes);
+    uint8_t *irows = calloc(POS, (size_t)idx_bytes);
+    float *cstate = calloc(2 * POS * 2 * AHD, sizeof(float)), *istate = calloc(2 * POS * 2 * ID, sizeof(float));
+    struct fl_v4_attn_cache c = {{kv, 0, 0, POS},
+                                 {(uint8_t *)cstate, 0, 0, POS},
+                                 {(uint8_t *)(cstate + POS * 2 * AHD), 0, 0, POS},
+                                 {crows, 0, 0, POS},
+                                 {(uint8_t *)istate, 0, 0, POS},
+                                 {(uint8_t *)(istate + POS * 2 * ID), 0, 0, POS},
+                                 {irows, 0, 0, POS}};
+    int finite = 1;
+    for (int64_t pos = 0; pos < POS; pos++) {
+        CHECK(fl_v4_attn(&p, &c, pos, cs, cs, h, h_out) == FL_OK, "fl_v4_attn at %lld", (long long)pos);
+        for (int i = 0; i < HC * D; i++) finite &= isfinite(h_out[i]) != 0;
+    }
+    CHECK(finite, "fl_v4_attn gave a non-finite output");
+    CHECK(c.kv.end == POS && c.ckv.end == POS && c.cscore.end == POS && c.crows.end == POS / 4 &&
+              c.irows.end == POS / 4,
+          "log ends %lld %lld %lld %lld", (long long)c.kv.end, (long long)c.ckv.end, (long long)c.crows.end,
+          (long long)c.irows.end);
+    CHECK(fl_v4_attn(&p, &c, POS, cs, cs, h, h_out) == FL_EINVAL, "a log without room accepted");
+    /* a whole layer: the attention step, then the MoE sublayer on its result */
+    static float mid[HC * D], want[HC * D];
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
+    c.crows.end = c.irows.end = (POS - 2) / 4;
+    int64_t token = 3;
+    CHECK(fl_v4_attn(&p, &c, POS - 2, cs, cs, h, mid) == FL_OK && fl_v4_ffn(&layer_ffn, 1, mid, &token, want) == FL_OK,
+          "the layer's two sublayers failed");
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
+    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, token, cs, cs, h, h_out) == FL_OK &&
+              memcmp(h_out, want, sizeof want) == 0,
+          "fl_v4_layer differs from fl_v4_attn then fl_v4_ffn");
+    CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
+    c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
+    c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
+    c.crows.end = c.irows.end = (POS - 1) / 4;
+    CHECK(fl_v4_attn(&p, &c, POS - 1, cs, NULL, h, h_out) == FL_EINVAL, "a closing window without its RoPE");
+    free(kv);
+    free(crows);
+    free(irows);
+    free(cstate);
+    free(istate);
+}
+
 int main(void) {
     test_attn_sink();
     test_compress_pool();
@@ -441,6 +645,9 @@ int main(void) {
     test_expert_usage();
     test_hyper_connections();
     test_find_nonfinite();
+    test_fused_ffn();
+    test_hadamard_and_indexer();
+    test_fused_attention(); /* after test_fused_ffn, whose plan it reuses */
     printf("ok: %d failure(s)\n", failures);
     return failures ? 1 : 0;
 }

@@ -1,0 +1,316 @@
+/* v4_attn.c: the CPU backend's fused decode of a DeepSeek V4 attention sublayer for one token, and the two
+ * operations of it that the model also calls on its own: the Hadamard rotation and the indexer's top-k.
+ *
+ * fl_v4_attn runs, for the token at position pos: hyper-connection collapse, norm, the projections of q (low
+ * rank, per-head norm, RoPE) and of the shared KV row (norm, RoPE), the row's store into the window log, the
+ * compressor (and the indexer's compressor) update with a pooled row when a window closes, the indexer's
+ * picks, attention with sink over the window and the picked compressed rows, the rotation undone, the grouped
+ * output projection, expansion. These are the C operations the Python definition (flashlite/models/
+ * deepseek_v4.py: Attention, Compressor, Indexer) calls, in its order, so the result is bitwise its result.
+ * The logs are the caller's (flashlite/kv_cache.py): it reserves room for the rows a step may append; this
+ * appends them and moves each log's end. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "flashlite.h"
+
+int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y) {
+    if (n_rows < 0 || dim <= 0 || (dim & (dim - 1)) || (n_rows && (!x || !y))) return FL_EINVAL;
+    float s = (float)(1.0 / sqrt((double)dim));
+    for (int64_t r = 0; r < n_rows; r++) {
+        float *v = y + r * dim;
+        if (v != x + r * dim) memcpy(v, x + r * dim, sizeof(float) * (size_t)dim);
+        /* the butterflies of the Sylvester matrix, natural order: entry (i, j) is (-1)^popcount(i & j) */
+        for (int64_t len = 1; len < dim; len *= 2)
+            for (int64_t i = 0; i < dim; i += 2 * len)
+                for (int64_t j = i; j < i + len; j++) {
+                    float a = v[j], b = v[j + len];
+                    v[j] = a + b;
+                    v[j + len] = a - b;
+                }
+        for (int64_t i = 0; i < dim; i++) v[i] *= s;
+    }
+    return FL_OK;
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const float *q, const float *head_weights,
+                    const float *keys, int64_t n_keys, const int32_t *visible, int64_t topk, float scale,
+                    int32_t *picks) {
+    if (n_tok < 0 || n_heads <= 0 || head_dim <= 0 || n_keys < 0 || topk <= 0 || !picks ||
+        (n_tok && (!q || !head_weights || !visible)) || (n_keys && !keys))
+        return FL_EINVAL;
+    for (int64_t t = 0; t < n_tok; t++)
+        if (visible[t] < 0 || visible[t] > n_keys) return FL_EINVAL;
+    float *total = malloc(sizeof(float) * (size_t)(n_keys + 1));
+    if (!total) return FL_ENOMEM;
+    for (int64_t t = 0; t < n_tok; t++) {
+        int64_t n = visible[t];
+        for (int64_t k = 0; k < n; k++) {
+            float s = 0.0f;
+            for (int64_t h = 0; h < n_heads; h++) {
+                float d = dot(q + (t * n_heads + h) * head_dim, keys + k * head_dim, head_dim);
+                s += (d > 0.0f ? d : 0.0f) * scale * head_weights[t * n_heads + h];
+            }
+            total[k] = s;
+        }
+        /* best first, ties to the lower row; -1 past the visible rows */
+        int32_t *out = picks + t * topk;
+        for (int64_t j = 0; j < topk; j++) {
+            int64_t best = -1;
+            for (int64_t k = 0; k < n; k++)
+                if (total[k] == total[k] && (best < 0 || total[k] > total[best])) best = k;
+            out[j] = (int32_t)best;
+            if (best >= 0) total[best] = NAN; /* taken */
+        }
+    }
+    free(total);
+    return FL_OK;
+}
+
+/* rotate pairs (2i, 2i+1) of the last rope_dim dims of each of n rows of dim by cs (cos then sin, rope_dim / 2
+ * each), as the model's numpy RoPE does: e * c - o * s, o * c + e * s; inverse by -angle */
+static void rope_rows(float *x, int64_t n, int64_t dim, int64_t rope_dim, const float *cs, int inverse) {
+    const float *c = cs, *sn = cs + rope_dim / 2;
+    for (int64_t r = 0; r < n; r++) {
+        float *v = x + r * dim + dim - rope_dim;
+        for (int64_t i = 0; i < rope_dim / 2; i++) {
+            float s = inverse ? -sn[i] : sn[i], e = v[2 * i], o = v[2 * i + 1];
+            v[2 * i] = e * c[i] - o * s;
+            v[2 * i + 1] = o * c[i] + e * s;
+        }
+    }
+}
+
+static uint8_t *log_row(const struct fl_row_log *log, int64_t pos, int64_t row_bytes) {
+    return log->buf + (pos - log->start) * row_bytes;
+}
+
+/* store n rows (f32 [n, dim]) at the end of log in format kind (0: f32) */
+static int log_append(struct fl_row_log *log, int kind, int64_t dim, int64_t rope_dim, const float *rows,
+                      int64_t n) {
+    if (log->end + n > log->start + log->cap) return FL_EINVAL;
+    int status = FL_OK;
+    if (kind)
+        status = fl_kv_pack(kind, n, dim, rope_dim, rows, log_row(log, log->end, fl_kv_row_bytes(kind, dim, rope_dim)));
+    else
+        memcpy(log_row(log, log->end, dim * 4), rows, sizeof(float) * (size_t)(n * dim));
+    if (status == FL_OK) log->end += n;
+    return status;
+}
+
+/* rows [lo, hi) of log as f32: a pointer into an f32 log, else unpacked into scratch */
+static const float *log_rows(const struct fl_row_log *log, int kind, int64_t dim, int64_t rope_dim, int64_t lo,
+                             int64_t hi, float *scratch, int *status) {
+    if (lo < log->start || hi > log->end || lo > hi) {
+        *status = FL_EINVAL;
+        return NULL;
+    }
+    if (!kind) return (const float *)log_row(log, lo, dim * 4);
+    if (hi > lo)
+        *status = fl_kv_unpack(kind, hi - lo, dim, rope_dim, log_row(log, lo, fl_kv_row_bytes(kind, dim, rope_dim)),
+                               hi - lo, NULL, scratch);
+    return scratch;
+}
+
+/* A compressor's step: the token's kv and score (+ ape of its slot) into the state logs, and when its window
+ * closes the pooled row, normed, rotated by RoPE at the row's first position (cs_row), Hadamard-rotated if
+ * asked, into the row log. */
+static int compressor_step(const struct fl_v4_compressor *c, int64_t ratio, int64_t rope_dim, float norm_eps,
+                           int64_t pos, const float *kv, float *score, const float *cs_row, struct fl_row_log *lkv,
+                           struct fl_row_log *lscore, struct fl_row_log *lrows, float *scratch) {
+    int64_t d = c->head_dim, width = c->overlap ? 2 * d : d;
+    const float *ape = c->ape + (pos % ratio) * width;
+    for (int64_t i = 0; i < width; i++) score[i] += ape[i];
+    int status = log_append(lkv, 0, width, 0, kv, 1);
+    if (status == FL_OK) status = log_append(lscore, 0, width, 0, score, 1);
+    int64_t first = lrows->end, last = (pos + 1) / ratio;
+    if (status != FL_OK || last <= first) return status;
+    if (last - first != 1 || !cs_row) return FL_EINVAL;
+    int has_prev = c->overlap && first > 0;
+    int64_t lo = has_prev ? (first - 1) * ratio : first * ratio;
+    if (lo < lkv->start) return FL_EINVAL;
+    float *pooled = scratch, *row = scratch + d;
+    status = fl_compress_pool(1, ratio, d, c->overlap, has_prev, (const float *)log_row(lkv, lo, width * 4),
+                              (const float *)log_row(lscore, lo, width * 4), pooled);
+    if (status == FL_OK) status = fl_rms_norm(1, d, pooled, c->norm, norm_eps, row);
+    if (status != FL_OK) return status;
+    rope_rows(row, 1, d, rope_dim, cs_row, 0);
+    if (c->rotated) status = fl_hadamard(1, d, row, row);
+    return status == FL_OK ? log_append(lrows, c->row_kind, d, c->row_rope_dim, row, 1) : status;
+}
+
+int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, const float *cs_tok,
+               const float *cs_row, const float *h, float *h_out) {
+    if (!p || !cache || pos < 0 || !cs_tok || !h || !h_out || p->dim <= 0 || p->hc <= 0 || p->n_heads <= 0 ||
+        p->head_dim <= 0 || p->o_groups <= 0 || p->n_heads % p->o_groups || p->window <= 0)
+        return FL_EINVAL;
+    const int64_t dim = p->dim, hc = p->hc, H = p->n_heads, hd = p->head_dim, rd = p->rope_dim, r = p->ratio;
+    const int64_t IH = p->index_heads, ID = p->index_dim, G = p->o_groups;
+    const int64_t n_win_max = p->window, n_rows = r ? (pos + 1) / r : 0;
+    const int crowded = r == 4 && n_rows > p->index_topk;
+    const int64_t cw = r ? p->comp.head_dim * (p->comp.overlap ? 2 : 1) : 0, iw = r == 4 ? 2 * ID : 0;
+    /* rows unpacked from packed logs: the attention's picks, the indexer's keys */
+    const int64_t att_rows = p->kv_kind && r ? (r == 4 && n_rows > p->index_topk ? p->index_topk : n_rows) : 0;
+    const int64_t key_floats = crowded && p->icomp.row_kind ? n_rows * ID : 0;
+    /* every buffer of the step in one allocation */
+    int64_t sizes[] = {
+        dim,                          /* x: the collapse */
+        hc + hc * hc,                 /* post, comb */
+        dim,                          /* xa: normed */
+        p->q_rank, p->q_rank,         /* qa, qr */
+        hd,                           /* kv */
+        cw, cw, iw, iw, IH,           /* compressor kv, score; indexer kv, score; indexer head weights */
+        H * hd, H * hd,               /* q, attention output */
+        IH * ID, IH * ID,             /* indexer queries, rounded */
+        4 * hd + 4 * ID,              /* a pooled row and its normed form, for either compressor */
+        p->kv_kind ? n_win_max * hd : 0, /* window rows unpacked */
+        att_rows * hd > key_floats ? att_rows * hd : key_floats, /* compressed rows unpacked */
+        G * p->o_rank, dim,           /* grouped output, the sublayer's output */
+    };
+    enum { N_BUF = sizeof(sizes) / sizeof(sizes[0]) };
+    float *buf[N_BUF];
+    int64_t total = 0;
+    for (int i = 0; i < N_BUF; i++) total += (sizes[i] + 15) & ~(int64_t)15;
+    float *mem = malloc(sizeof(float) * (size_t)total);
+    int32_t *picks = malloc(sizeof(int32_t) * (size_t)(n_rows + p->index_topk + 1));
+    if (!mem || !picks) {
+        free(mem);
+        free(picks);
+        return FL_ENOMEM;
+    }
+    for (int64_t i = 0, off = 0; i < N_BUF; off += (sizes[i] + 15) & ~(int64_t)15, i++) buf[i] = mem + off;
+    float *x = buf[0], *post = buf[1], *comb = buf[1] + hc, *xa = buf[2], *qa = buf[3], *qr = buf[4], *kv = buf[5];
+    float *ckv = buf[6], *cscore = buf[7], *ikv = buf[8], *iscore = buf[9], *ihw = buf[10], *q = buf[11];
+    float *o = buf[12], *iq = buf[13], *iqr = buf[14], *pool = buf[15], *win = buf[16], *rows = buf[17];
+    float *grouped = buf[18], *out = buf[19];
+
+    int status = fl_hc_pre(1, hc, dim, h, p->hc_fn_type, p->hc_fn, p->hc_base, p->hc_scale, p->sinkhorn_iters,
+                           p->hc_eps, p->norm_eps, x, post, comb);
+    if (status == FL_OK) status = fl_rms_norm(1, dim, x, p->attn_norm, p->norm_eps, xa);
+    /* the products of xa in one run of the core, then those of the query latent */
+    struct fl_matmul_item items[8];
+    int n = 0;
+    if (status == FL_OK) {
+        items[n++] = (struct fl_matmul_item){p->wq_a.type, p->wq_a.w, p->q_rank, dim, xa, 1, qa};
+        items[n++] = (struct fl_matmul_item){p->wkv.type, p->wkv.w, hd, dim, xa, 1, kv};
+        if (r) {
+            items[n++] = (struct fl_matmul_item){p->comp.wkv.type, p->comp.wkv.w, cw, dim, xa, 1, ckv};
+            items[n++] = (struct fl_matmul_item){p->comp.wgate.type, p->comp.wgate.w, cw, dim, xa, 1, cscore};
+        }
+        if (r == 4) {
+            items[n++] = (struct fl_matmul_item){p->icomp.wkv.type, p->icomp.wkv.w, iw, dim, xa, 1, ikv};
+            items[n++] = (struct fl_matmul_item){p->icomp.wgate.type, p->icomp.wgate.w, iw, dim, xa, 1, iscore};
+            if (crowded) items[n++] = (struct fl_matmul_item){p->iproj.type, p->iproj.w, IH, dim, xa, 1, ihw};
+        }
+        status = fl_matmul_batch(n, items);
+    }
+    if (status == FL_OK) status = fl_rms_norm(1, p->q_rank, qa, p->q_norm, p->norm_eps, qr);
+    if (status == FL_OK) {
+        n = 0;
+        items[n++] = (struct fl_matmul_item){p->wq_b.type, p->wq_b.w, H * hd, p->q_rank, qr, 1, q};
+        if (crowded) items[n++] = (struct fl_matmul_item){p->iq_b.type, p->iq_b.w, IH * ID, p->q_rank, qr, 1, iq};
+        status = fl_matmul_batch(n, items);
+    }
+    if (status == FL_OK) status = fl_rms_norm(H, hd, q, NULL, p->norm_eps, q);
+    if (status == FL_OK) {
+        rope_rows(q, H, hd, rd, cs_tok, 0);
+        status = fl_rms_norm(1, hd, kv, p->kv_norm, p->norm_eps, kv);
+    }
+    if (status == FL_OK) {
+        rope_rows(kv, 1, hd, rd, cs_tok, 0);
+        status = log_append(&cache->kv, p->kv_kind, hd, rd, kv, 1);
+    }
+    if (status == FL_OK && r)
+        status = compressor_step(&p->comp, r, rd, p->norm_eps, pos, ckv, cscore, cs_row, &cache->ckv, &cache->cscore,
+                                 &cache->crows, pool);
+    int64_t k_cmp = 0;
+    if (status == FL_OK && r == 4) {
+        status = compressor_step(&p->icomp, r, rd, p->norm_eps, pos, ikv, iscore, cs_row, &cache->ikv,
+                                 &cache->iscore, &cache->irows, pool);
+        k_cmp = n_rows < p->index_topk ? n_rows : p->index_topk;
+        for (int64_t j = 0; j < k_cmp; j++) picks[j] = (int32_t)j;
+        if (status == FL_OK && crowded) {
+            rope_rows(iq, IH, ID, rd, cs_tok, 0);
+            if (p->icomp.rotated) {
+                /* the queries rounded as the rows are stored: Hadamard, then the row format's grid */
+                status = fl_hadamard(IH, ID, iq, iq);
+                uint8_t *packed = (uint8_t *)iqr; /* a packed row is smaller than its floats */
+                if (status == FL_OK) status = fl_kv_pack(p->icomp.row_kind, IH, ID, 0, iq, packed);
+                if (status == FL_OK) status = fl_kv_unpack(p->icomp.row_kind, IH, ID, 0, packed, IH, NULL, iq);
+            }
+            for (int64_t i = 0; i < IH; i++) ihw[i] *= p->index_weight_scale;
+            const float *keys = status == FL_OK ? log_rows(&cache->irows, p->icomp.row_kind, ID, 0, 0, n_rows, rows,
+                                                           &status) : NULL;
+            int32_t visible = (int32_t)n_rows;
+            if (status == FL_OK)
+                status = fl_indexer_topk(1, IH, ID, iq, ihw, keys, n_rows, &visible, p->index_topk,
+                                         p->index_score_scale, picks);
+        }
+    } else if (status == FL_OK && r) {
+        k_cmp = n_rows;
+        for (int64_t j = 0; j < k_cmp; j++) picks[j] = (int32_t)j;
+    }
+    /* attention over the window rows and the picked compressed rows, each as stored */
+    int64_t lo = pos - p->window + 1 > 0 ? pos - p->window + 1 : 0;
+    const float *window = status == FL_OK ? log_rows(&cache->kv, p->kv_kind, hd, rd, lo, pos + 1, win, &status) : NULL;
+    const float *cmp = rows;
+    int64_t n_cmp = 0;
+    if (status == FL_OK && k_cmp) {
+        if (p->kv_kind) { /* unpack the picked rows, in pick order */
+            for (int64_t j = 0; j < k_cmp && status == FL_OK; j++) {
+                if (picks[j] < 0) continue;
+                status = fl_kv_unpack(p->kv_kind, 1, hd, rd, cache->crows.buf, cache->crows.end - cache->crows.start,
+                                      &picks[j], rows + n_cmp * hd);
+                picks[j] = (int32_t)n_cmp++;
+            }
+        } else {
+            cmp = log_rows(&cache->crows, 0, hd, rd, 0, cache->crows.end, NULL, &status);
+            n_cmp = cache->crows.end;
+        }
+    }
+    int32_t range[2] = {0, (int32_t)(pos + 1 - lo)};
+    if (status == FL_OK)
+        status = fl_attn_sink(1, H, hd, q, window, pos + 1 - lo, range, cmp, n_cmp, picks, k_cmp, p->sinks,
+                              p->attn_scale, o);
+    if (status == FL_OK) {
+        rope_rows(o, H, hd, rd, cs_tok, 1);
+        /* group g (heads g*H/G..) through its own o_rank rows of wo_a */
+        int64_t k_group = H / G * hd, row_bytes = fl_row_bytes(p->wo_a.type, k_group);
+        struct fl_matmul_item *groups = malloc(sizeof(*groups) * (size_t)G);
+        if (!groups) status = FL_ENOMEM;
+        for (int64_t g = 0; g < G && groups; g++)
+            groups[g] = (struct fl_matmul_item){p->wo_a.type, (const uint8_t *)p->wo_a.w + g * p->o_rank * row_bytes,
+                                                p->o_rank, k_group, o + g * k_group, 1, grouped + g * p->o_rank};
+        if (status == FL_OK) status = fl_matmul_batch(G, groups);
+        free(groups);
+    }
+    if (status == FL_OK) status = fl_matmul(p->wo_b.type, p->wo_b.w, dim, G * p->o_rank, grouped, 1, out);
+    if (status == FL_OK) status = fl_hc_post(1, hc, dim, out, h, post, comb, h_out);
+    free(mem);
+    free(picks);
+    return status;
+}
+
+int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
+                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out) {
+    if (!attn || !ffn || attn->dim != ffn->dim || attn->hc != ffn->hc || attn->dim <= 0 || attn->hc <= 0)
+        return FL_EINVAL;
+    float *mid = malloc(sizeof(float) * (size_t)(attn->hc * attn->dim));
+    if (!mid) return FL_ENOMEM;
+    int status = fl_v4_attn(attn, cache, pos, cs_tok, cs_row, h, mid);
+    if (status == FL_OK) status = fl_v4_ffn(ffn, 1, mid, &token, h_out);
+    free(mid);
+    return status;
+}
