@@ -108,20 +108,34 @@ class _Picks:
         return getattr(self.gate, name)
 
 
+def _decode_picks(gguf, tokens) -> list[list[frozenset]]:
+    """Per layer, the experts each one-token forward call picks, as the op-by-op definition computes them (the
+    backend's planned decode step picks the same: the two are bitwise equal, tests/test_decode_step.py)."""
+    with load(gguf) as m:
+        m.net.use_fused_decode(False)
+        picks = [[] for _ in m.net.layers]
+        for block, into in zip(m.net.layers, picks):
+            block.ffn.gate = _Picks(block.ffn.gate, into)
+        for token in tokens:
+            m.forward([int(token)])
+    return picks
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["planned", "op-by-op"])
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_decode_keeps_the_experts_of_the_token_before(gguf, goldens, policy):
+def test_decode_keeps_the_experts_of_the_token_before(gguf, goldens, policy, fused):
     """With as many slots per layer as experts per token, what a decode step must read is forced, whatever the
     policy: the experts its router picked that the token before in the same layer did not. An expert the step
     already computed must not be evicted for one it still waits for while an older one is there (lfu once did,
     when the computation finished an expert before the read of the next one picked its victim)."""
     n_layer, _, k = goldens["expert_ids"].shape
+    tokens = list(goldens["prompt_ids"]) * 2
+    picks = _decode_picks(gguf, tokens)
     with load(gguf, ram_budget=k * n_layer * _slot_bytes(gguf), expert_policy=policy, expert_prefetch=False,
               expert_usage=False, io_threads=1) as m:
-        picks = [[] for _ in m.net.layers]
-        for block, into in zip(m.net.layers, picks):
-            block.ffn.gate = _Picks(block.ffn.gate, into)
+        m.net.use_fused_decode(fused)
         misses = []
-        for token in list(goldens["prompt_ids"]) * 2:
+        for token in tokens:
             before = m.stats()["expert_misses"]
             m.forward([int(token)])
             misses.append(m.stats()["expert_misses"] - before)
