@@ -15,14 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-Q2_K: tl.constexpr = 10
-Q4_K: tl.constexpr = 12
-Q5_K: tl.constexpr = 13
-Q6_K: tl.constexpr = 14
-Q8_0: tl.constexpr = 8
-IQ2_XXS: tl.constexpr = 16
-IQ4_XS: tl.constexpr = 23
-MXFP4: tl.constexpr = 39
+Q2_K = tl.constexpr(10)
+Q4_K = tl.constexpr(12)
+Q5_K = tl.constexpr(13)
+Q6_K = tl.constexpr(14)
+Q8_0 = tl.constexpr(8)
+IQ2_XXS = tl.constexpr(16)
+IQ4_XS = tl.constexpr(23)
+MXFP4 = tl.constexpr(39)
 
 
 @triton.jit
