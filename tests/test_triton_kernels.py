@@ -28,10 +28,13 @@ U32 = 2.0 ** -24  # float32 unit roundoff
 @pytest.fixture(scope="module")
 def tk():
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+    else:
         # read when triton.language and the kernels are decorated, i.e. when triton is first imported
         os.environ["TRITON_INTERPRET"] = "1"
-    pytest.importorskip("triton")
+        # triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.4 (int() of a 1-element array)
+        pytest.importorskip("triton", minversion="3.9")
     from flashlite.device import triton_kernels
     return triton_kernels
 
