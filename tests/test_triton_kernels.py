@@ -1,7 +1,7 @@
 """The Triton device kernels (flashlite.device.triton_kernels) against the C core and float64 numpy.
 
 Without a CUDA device the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here
-before triton is imported); with one they run on it. Every type: weights quantized by the C core, then
+before the kernels are imported); with one they run on it. Every type: weights quantized by the C core, then
 
 - dequantize_rows against blocks.dequantize (the C core's dequantizer, bit-compatible with ggml);
 - gemv (1 and 3 tokens) and gemm (17 tokens) against the float64 product of x and the dequantized weights, held
@@ -31,7 +31,7 @@ def tk():
     if torch.cuda.is_available():
         pytest.importorskip("triton")
     else:
-        # read when triton.language and the kernels are decorated, i.e. when triton is first imported
+        # read when the kernels are decorated, i.e. at their import below (triton itself may be loaded already)
         os.environ["TRITON_INTERPRET"] = "1"
         # triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.4 (int() of a 1-element array)
         pytest.importorskip("triton", minversion="3.9")

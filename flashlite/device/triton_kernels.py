@@ -13,7 +13,7 @@ dequantized copy of a matrix is ever made. Three kernels, one source for CUDA an
 Activations are float (f32, f16 or bf16) and are not quantized: unlike the C core's decode, which rounds them to
 Q8_0 / Q8_K for its integer dots, these kernels compute with the activations as given.
 
-With TRITON_INTERPRET=1 set before triton is imported, the kernels run on CPU tensors through Triton's
+With TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors through Triton's
 interpreter (how tests/test_triton_kernels.py checks them against the C core without a GPU).
 """
 from __future__ import annotations
@@ -66,6 +66,15 @@ _MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # ggm
 _IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 
 
+# The kernels call Triton builtins and this package's own @triton.jit functions only, not triton.language's
+# jit-decorated helpers (tl.zeros, tl.sum): those are compiled or interpreted as decided when triton itself was
+# imported, these when this module is, so TRITON_INTERPRET=1 set before importing this module is enough even
+# where something imported triton earlier (torch does, in a test session).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit
 def _gemv_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stride_x, stride_y,
                  QTYPE: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -74,13 +83,13 @@ def _gemv_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stri
     row_base = r.to(tl.int64)[:, None] * row_bytes
     t = tl.arange(0, TOKENS)
     tok_ok = t < n_tok
-    acc = tl.zeros((TOKENS, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((TOKENS, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, k, BLOCK_K):
         e = k0 + tl.arange(0, BLOCK_K)
         k_ok = e < k
         w = dequant_tile(w_ptr, table_ptr, row_base, e[None, :], row_ok[:, None] & k_ok[None, :], QTYPE)
         x = tl.load(x_ptr + t[:, None] * stride_x + e[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        acc += tl.reduce(x.to(tl.float32)[:, None, :] * w[None, :, :], 2, _add)
     tl.store(y_ptr + t[:, None] * stride_y + r[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
@@ -95,7 +104,7 @@ def _gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stri
     row_ok = r < rows
     row_base = r.to(tl.int64)[:, None] * row_bytes
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, k, BLOCK_K):
         e = k0 + tl.arange(0, BLOCK_K)
         k_ok = e < k
