@@ -10,6 +10,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 
+from flashlite import speculative
 from flashlite.cli import main
 from flashlite.model import load
 from serving import serving
@@ -29,6 +30,18 @@ def _quantize(src: Path, out: Path, *args: str) -> Path:
     result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--quiet", *args])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_draft_length():
+    """Every round drafts the request's n_max: DraftControl's choice rests on measured seconds, which on a loaded
+    machine can turn drafting off and leave nothing to count (the control has its own tests in
+    test_speculative.py)."""
+    init = speculative.DraftControl.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speculative.DraftControl, "__init__",
+                   lambda self, n_max, adaptive=True, **kw: init(self, n_max, False, **kw))
+        yield
 
 
 @pytest.fixture(scope="module")
