@@ -33,8 +33,9 @@ from flashlite.gguf_model import MATMUL, WHOLE, GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+from flashlite.models.v4_spec import DSPARK_ARCH
 
-ARCH = "dflash"
+ARCH = DSPARK_ARCH  # the draft's keys are `dflash.*`
 _SHAPE_KEYS = ("dim", "hc_mult", "head_dim", "rope_head_dim", "n_heads", "window_size")
 
 
