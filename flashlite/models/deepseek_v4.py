@@ -13,9 +13,9 @@ import numpy as np
 from flashlite.backends import cpu as backend
 from flashlite.expert_offload import ExpertCache
 from flashlite import blocks
-from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
+from flashlite.gguf_model import INDEX, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
-from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value
+from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors, layer_tensors
 
 # While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
 # x of every product of a weight matrix w the forward computes (expert: the slice of a stacked tensor, else None);
@@ -577,80 +577,6 @@ class Block:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
             self.next.prefetch_experts(y, token_ids)
         return HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
-
-
-def _ne(*dims):
-    return tuple(int(d) for d in dims)
-
-
-def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """Every tensor the forward pass reads: GGUF name -> (ggml shape, how it is used: gguf_model.MATMUL, WHOLE,
-    ROWS or INDEX, which decides the types it may have)."""
-    d, hc = a.dim, a.hc_mult
-    spec = {
-        "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
-        "output.weight": (_ne(d, a.vocab_size), MATMUL),
-        "output_norm.weight": (_ne(d), WHOLE),
-        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
-        "output_hc_base.weight": (_ne(hc), WHOLE),
-        "output_hc_scale.weight": (_ne(1), WHOLE),
-    }
-    for i in range(a.n_layers):
-        spec.update({f"blk.{i}." + k: v for k, v in layer_tensors(a, i).items()})
-    return spec
-
-
-def layer_tensors(a: ModelArgs, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors of block i (names after `blk.{i}.`): its shapes and uses, by its compress ratio and whether
-    it is hash-routed."""
-    d, hc = a.dim, a.hc_mult
-    mix = (2 + hc) * hc
-    r = a.compress_ratios[i]
-    layer = {
-        "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
-        "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
-        "hc_attn_scale.weight": (_ne(3), WHOLE),
-        "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
-        "hc_ffn_scale.weight": (_ne(3), WHOLE),
-        "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
-        "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
-        "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
-        "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
-        "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
-        "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
-        "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
-                                 MATMUL),
-        "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
-        "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
-        "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-        "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-        "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
-        "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-        "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-        "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
-    }
-    if i < a.n_hash_layers:
-        layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
-    else:
-        layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
-    if r:
-        c = 2 if r == 4 else 1
-        layer.update({
-            "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
-            "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
-            "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
-            "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
-        })
-    if r == 4:
-        layer.update({
-            "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
-            "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
-            "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-            "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-            "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
-            "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
-        })
-    return layer
 
 
 def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress: "RoPE",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE
+
 ARCH = "deepseek4"
 DSPARK_ARCH = "dflash"  # llama.cpp's architecture of DFlash / DSpark drafts
 SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS, the only gating V4 uses
@@ -100,3 +102,89 @@ def checked_value(path: str, key: str, value, kind, lo, hi):
     if not (math.isfinite(value) and lo <= value <= hi and (lo > 0 or value > 0)):
         raise ValueError(f"{path}: metadata '{key}' is {value}, expected a finite number in ({lo}, {hi}]")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tensors: GGUF name -> (ggml shape ne, innermost first; how the forward uses it: gguf_model.MATMUL, WHOLE, ROWS
+# or INDEX, which decides the types it may have)
+# ---------------------------------------------------------------------------------------------------
+
+def _ne(*dims):
+    return tuple(int(d) for d in dims)
+
+
+def expected_tensors(a) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of a deepseek4 GGUF of a's n_layers blocks (a: ModelArgs, or anything with its hyperparameter
+    names, as the quantizer's Hparams)."""
+    spec = root_tensors(a)
+    for i in range(a.n_layers):
+        spec.update({f"blk.{i}." + k: v for k, v in layer_tensors(a, i).items()})
+    return spec
+
+
+def root_tensors(a) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors outside the blocks: the embedding, the head, and the final norm and hyper-connection collapse."""
+    d, hc = a.dim, a.hc_mult
+    return {
+        "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
+        "output.weight": (_ne(d, a.vocab_size), MATMUL),
+        "output_norm.weight": (_ne(d), WHOLE),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
+        "output_hc_base.weight": (_ne(hc), WHOLE),
+        "output_hc_scale.weight": (_ne(1), WHOLE),
+    }
+
+
+def layer_tensors(a, i: int, ratio: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors of block i (names after `blk.{i}.`), by its compress ratio (a.compress_ratios[i] unless given)
+    and whether it is hash-routed (i < a.n_hash_layers). Listed in the order of the checkpoint's tensors of a block
+    (quant.layout keeps it), but for the stacked routed experts ffn_*_exps: the checkpoint lists its experts last."""
+    d, hc = a.dim, a.hc_mult
+    mix = (2 + hc) * hc
+    r = a.compress_ratios[i] if ratio is None else ratio
+    shared = a.moe_inter_dim * a.n_shared_experts
+    layer = {
+        "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
+        "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
+        "hc_attn_scale.weight": (_ne(3), WHOLE),
+        "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
+        "hc_ffn_scale.weight": (_ne(3), WHOLE),
+        "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
+        "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
+        "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
+        "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
+        "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
+        "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
+        "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
+                                 MATMUL),
+        "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
+        "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
+        "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+        "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
+        "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
+        "ffn_gate_shexp.weight": (_ne(d, shared), MATMUL),
+        "ffn_up_shexp.weight": (_ne(d, shared), MATMUL),
+        "ffn_down_shexp.weight": (_ne(shared, d), MATMUL),
+    }
+    if i < a.n_hash_layers:
+        layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
+    else:
+        layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
+    if r:
+        c = 2 if r == 4 else 1
+        layer.update({
+            "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
+            "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
+            "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
+            "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
+        })
+    if r == 4:
+        layer.update({
+            "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
+            "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
+            "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+            "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
+            "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
+            "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
+        })
+    return layer
