@@ -11,10 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4 as v4
+from flashlite.models.v4_spec import HPARAM_KEYS, SQRT_SOFTPLUS
 
 
 def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, rank: int = 8,
@@ -27,27 +28,22 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
     layers = list(target_layers) if target_layers is not None else [1, a.n_layers // 2, a.n_layers]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(out, "dflash")
-    ints = {"block_count": stages, "embedding_length": a.dim, "attention.head_count": a.n_heads,
-            "attention.head_count_kv": 1, "attention.key_length": a.head_dim, "attention.value_length": a.head_dim,
-            "rope.dimension_count": a.rope_head_dim, "attention.q_lora_rank": a.q_lora_rank,
-            "attention.output_group_count": a.o_groups, "attention.output_lora_rank": a.o_lora_rank,
-            "attention.sliding_window": a.window_size, "attention.indexer.head_count": a.index_n_heads,
-            "attention.indexer.key_length": a.index_head_dim, "attention.indexer.top_k": a.index_topk,
-            "expert_count": a.n_routed_experts, "expert_used_count": a.n_activated_experts,
-            "expert_shared_count": 1, "expert_feed_forward_length": a.moe_inter_dim, "hash_layer_count": 0,
-            "expert_gating_func": 4, "hyper_connection.count": a.hc_mult,
-            "hyper_connection.sinkhorn_iterations": a.hc_sinkhorn_iters, "context_length": a.max_seq_len,
-            "block_size": block_size}
-    for key, value in ints.items():
-        w.add_uint32(f"dflash.{key}", value)
-    floats = {"expert_weights_scale": a.route_scale, "hyper_connection.epsilon": a.hc_eps,
-              "attention.layer_norm_rms_epsilon": a.norm_eps, "rope.freq_base": a.rope_theta,
-              "attention.compress_rope_freq_base": a.compress_rope_theta}
-    for key, value in floats.items():
-        w.add_float32(f"dflash.{key}", value)
-    w.add_array("dflash.attention.compress_ratios", [0] * stages)
-    w.add_array("dflash.swiglu_clamp_exp", [float(a.swiglu_limits[0])] * stages)
-    w.add_array("dflash.swiglu_clamp_shexp", [float(a.swiglu_limits_shared[0])] * stages)
+    # the stages: V4 blocks of the target's shapes, window-only and score-routed, their keys under `dflash.`
+    draft = v4.ModelArgs(**{**a.__dict__, "n_layers": stages, "compress_ratios": (0,) * stages, "n_hash_layers": 0,
+                            "swiglu_limits": a.swiglu_limits[:1] * stages,
+                            "swiglu_limits_shared": a.swiglu_limits_shared[:1] * stages})
+    values = {**draft.__dict__, "block_count": stages, "head_count_kv": 1, "value_length": a.head_dim,
+              "expert_gating_func": SQRT_SOFTPLUS, "compress_ratios": list(draft.compress_ratios),
+              "swiglu_limits": list(draft.swiglu_limits), "swiglu_limits_shared": list(draft.swiglu_limits_shared)}
+    for k in HPARAM_KEYS:
+        if k.kind is None or k.field == "n_mtp_layers":  # keys llama.cpp's, or an MTP draft's, only
+            continue
+        value, vtype = values[k.field], GGUFValueType[k.gguf_type]
+        if isinstance(value, list):
+            w.add_key_value(f"dflash.{k.key}", value, GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            w.add_key_value(f"dflash.{k.key}", value, vtype)
+    w.add_uint32("dflash.block_size", block_size)
     w.add_array("dflash.target_layers", layers)
     w.add_uint32("tokenizer.ggml.mask_token_id", mask_id)
 
@@ -55,9 +51,6 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
         w.add_tensor(name, (center + scale * rng.standard_normal(tuple(reversed(ne)))).astype(np.float32))
 
     d = a.dim
-    draft = v4.ModelArgs(**{**a.__dict__, "n_layers": stages, "compress_ratios": (0,) * stages, "n_hash_layers": 0,
-                            "swiglu_limits": a.swiglu_limits[:1] * stages,
-                            "swiglu_limits_shared": a.swiglu_limits_shared[:1] * stages})
     for s in range(stages):
         for name, (ne, _) in v4.layer_tensors(draft, s).items():
             if name.endswith("norm.weight"):
