@@ -27,6 +27,7 @@ from flashlite.gguf_model import MATMUL, WHOLE, GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+from flashlite.models.v4_spec import layer_tensors
 
 _SHAPE_KEYS = ("dim", "hc_mult", "vocab_size", "head_dim", "rope_head_dim", "n_heads", "window_size")
 
@@ -61,7 +62,7 @@ class MTPHead:
         if n < a.n_hash_layers:
             raise ValueError(f"{self.path}: a hash-routed MTP block is not supported (llama.cpp's neither)")
         d = a.dim
-        spec = {f"blk.{n}." + k: use for k, use in v4.layer_tensors(a, n).items()}
+        spec = {f"blk.{n}." + k: use for k, use in layer_tensors(a, n).items()}
         w = {name[len(f"blk.{n}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
         self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)
         self.eh_proj = f.load(f"blk.{n}.nextn.eh_proj.weight", (2 * d, d), MATMUL)

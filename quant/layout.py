@@ -340,7 +340,6 @@ def _dspark_names(ck: Checkpoint, names: dict[str, str], h: Hparams, dspark) -> 
     """(release name -> shape of every DSpark tensor, root name -> the release name holding it): the stages'
     blocks `mtp.{s}.*` (window-only, score-routed), and the draft's own tensors under any one stage, as llama.cpp's
     converter rekeys them. The Markov head's rank is the stored markov_w1's."""
-    d, hc = h.dim, h.hc_mult
     roots: dict[str, str] = {}
     for name in names:
         m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
@@ -355,11 +354,8 @@ def _dspark_names(ck: Checkpoint, names: dict[str, str], h: Hparams, dspark) -> 
         raise CheckpointError(f"{ck.folder}: no DSpark Markov head (mtp.N.markov_head.markov_w1.weight): not a DSpark "
                               "checkpoint")
     rank = ck[names[w1]].shape[-1]
-    shapes = {"main_proj.weight": (d, len(dspark.target_layers) * d), "main_norm.weight": (d,), "norm.weight": (d,),
-              "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
-              "markov_head.markov_w1.weight": (h.vocab_size, rank),
-              "markov_head.markov_w2.weight": (h.vocab_size, rank),
-              "confidence_head.proj.weight": (1, d + rank)}
+    own = v4_spec.dspark_tensors(h, len(dspark.target_layers), rank)
+    shapes = {release: _torch_shape(own[gguf][0]) for release, (gguf, _) in _DSPARK_ROOT.items()}
     expected = {}
     for root, release in roots.items():
         expected[release] = shapes[root]

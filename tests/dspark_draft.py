@@ -15,7 +15,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4 as v4
-from flashlite.models.v4_spec import HPARAM_KEYS, SQRT_SOFTPLUS
+from flashlite.models.v4_spec import HPARAM_KEYS, SQRT_SOFTPLUS, dspark_tensors, layer_tensors
 
 
 def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, rank: int = 8,
@@ -52,7 +52,7 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
 
     d = a.dim
     for s in range(stages):
-        for name, (ne, _) in v4.layer_tensors(draft, s).items():
+        for name, (ne, _) in layer_tensors(draft, s).items():
             if name.endswith("norm.weight"):
                 add(f"blk.{s}.{name}", ne, 0.1, 1.0)
             elif name.startswith("hc_") and not name.endswith("fn.weight"):
@@ -63,15 +63,16 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
                 add(f"blk.{s}.{name}", ne, 0.5)
             else:
                 add(f"blk.{s}.{name}", ne, 1.0 / np.sqrt(ne[0]))
-    add("fc.weight", (len(layers) * d, d), 1.0 / np.sqrt(len(layers) * d))
-    add("enc.output_norm.weight", (d,), 0.1, 1.0)
-    add("output_norm.weight", (d,), 0.1, 1.0)
-    add("output_hc_fn.weight", (a.hc_mult * d, a.hc_mult), 0.5 / np.sqrt(a.hc_mult * d))
-    add("output_hc_base.weight", (a.hc_mult,), 0.5)
-    add("output_hc_scale.weight", (1,), 0.5)
     rank = max(rank, len(bigrams or ()))
-    w1 = rng.standard_normal((a.vocab_size, rank)).astype(np.float32)
-    w2 = (0.3 * rng.standard_normal((a.vocab_size, rank))).astype(np.float32)
+    own = {name: ne for name, (ne, _) in dspark_tensors(draft, len(layers), rank).items()}
+    add("fc.weight", own["fc.weight"], 1.0 / np.sqrt(len(layers) * d))
+    add("enc.output_norm.weight", own["enc.output_norm.weight"], 0.1, 1.0)
+    add("output_norm.weight", own["output_norm.weight"], 0.1, 1.0)
+    add("output_hc_fn.weight", own["output_hc_fn.weight"], 0.5 / np.sqrt(a.hc_mult * d))
+    add("output_hc_base.weight", own["output_hc_base.weight"], 0.5)
+    add("output_hc_scale.weight", own["output_hc_scale.weight"], 0.5)
+    w1 = rng.standard_normal(own["markov_w1.weight"][::-1]).astype(np.float32)
+    w2 = (0.3 * rng.standard_normal(own["markov_w2.weight"][::-1])).astype(np.float32)
     if bigrams:
         # prev's code is one-hot in the rank's dimensions; w2 sends code r to its next token, far above the rest
         w1[:] = 0.0
@@ -81,7 +82,7 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
             w2[nxt, r] = 1e4
     w.add_tensor("markov_w1.weight", w1)
     w.add_tensor("markov_w2.weight", w2)
-    add("conf_proj.weight", (d + rank, 1), 0.1)
+    add("conf_proj.weight", own["conf_proj.weight"], 0.1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -251,7 +252,7 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
     norm and hc_head), config.json's dspark_* keys; random values, BF16 matrices (each stage's gate gets the
     `bias_vl` llama.cpp drops). Returns the DSpark tensors' float32 values by release name."""
     from quant.gguf_meta import read_hparams
-    from quant.layout import _layer_shapes
+    from quant.layout import _DSPARK_ROOT, _layer_shapes
 
     rng = np.random.default_rng(seed)
     out.mkdir()
@@ -265,7 +266,6 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
     entries = {}
     for shard in sorted(src.glob("*.safetensors")):
         entries.update({k: v for k, v in _entries(shard).items() if not k.startswith("mtp.")})
-    d, hc = h.dim, h.hc_mult
     values = {}
     stage_h = replace(h, n_hash_layers=0)
     for s in range(stages):
@@ -274,10 +274,8 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
             values[f"mtp.{s}.{name}"] = center + 0.1 * rng.standard_normal(shape)
         values[f"mtp.{s}.ffn.gate.bias_vl"] = rng.standard_normal(h.n_routed_experts)
     last = f"mtp.{stages - 1}."
-    own = {"main_proj.weight": (d, len(target_ids) * d), "main_norm.weight": (d,), "norm.weight": (d,),
-           "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
-           "markov_head.markov_w1.weight": (h.vocab_size, rank), "markov_head.markov_w2.weight": (h.vocab_size, rank),
-           "confidence_head.proj.weight": (1, d + rank)}
+    own_ne = dspark_tensors(h, len(target_ids), rank)
+    own = {release: tuple(reversed(own_ne[gguf][0])) for release, (gguf, _) in _DSPARK_ROOT.items()}
     for name, shape in own.items():
         values[last + name] = (1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * rng.standard_normal(shape)
     for name, v in values.items():

@@ -15,7 +15,7 @@ from flashlite.expert_offload import ExpertCache
 from flashlite import blocks
 from flashlite.gguf_model import INDEX, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
-from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors, layer_tensors
+from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
 
 # While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
 # x of every product of a weight matrix w the forward computes (expert: the slice of a stacked tensor, else None);

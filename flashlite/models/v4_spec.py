@@ -188,3 +188,21 @@ def layer_tensors(a, i: int, ratio: int | None = None) -> dict[str, tuple[tuple[
             "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
         })
     return layer
+
+
+def dspark_tensors(a, n_targets: int, rank: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A DSpark draft's own tensors beside its stages (blk.{s}.*, layer_tensors with ratio 0, not hash-routed), as
+    llama.cpp's converter writes them (DeepseekV4DSparkModel): the projection of the n_targets target layers' rows,
+    the norms, the hyper-connection collapse, the Markov head of `rank` and the confidence head."""
+    d, hc = a.dim, a.hc_mult
+    return {
+        "fc.weight": (_ne(n_targets * d, d), MATMUL),
+        "enc.output_norm.weight": (_ne(d), WHOLE),
+        "output_norm.weight": (_ne(d), WHOLE),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
+        "output_hc_base.weight": (_ne(hc), WHOLE),
+        "output_hc_scale.weight": (_ne(1), WHOLE),
+        "markov_w1.weight": (_ne(rank, a.vocab_size), WHOLE),  # read by rows, one per token
+        "markov_w2.weight": (_ne(rank, a.vocab_size), MATMUL),
+        "conf_proj.weight": (_ne(d + rank, 1), WHOLE),
+    }
