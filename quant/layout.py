@@ -118,15 +118,15 @@ def expected_tensors(h: Hparams, mtp: bool = False) -> dict[str, tuple[int, ...]
     """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one), from
     flashlite.models.v4_spec's GGUF tensors; with mtp, of the MTP draft instead: the embedding, head and final norm,
     and the MTP block `mtp.0.*`."""
-    d, hc = h.dim, h.hc_mult
     spec = {_RELEASE_ROOT[name]: _torch_shape(ne) for name, (ne, _) in v4_spec.root_tensors(h).items()}
     if mtp:
         spec = {k: spec[k] for k in ("embed.weight", "head.weight", "norm.weight")}
         block = _layer_shapes(h, h.n_layers, h.compress_ratios[h.n_layers] if len(h.compress_ratios) > h.n_layers
                               else 0)
-        block.update({"e_proj.weight": (d, d), "h_proj.weight": (d, d), "enorm.weight": (d,),
-                      "hnorm.weight": (d,), "norm.weight": (d,),
-                      "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,)})
+        own = v4_spec.mtp_tensors(h, h.n_layers)
+        rows, columns = _torch_shape(own[f"blk.{h.n_layers}.nextn.eh_proj.weight"][0])
+        block.update({"e_proj.weight": (rows, columns // 2), "h_proj.weight": (rows, columns // 2)})
+        block.update({release: _torch_shape(own[gguf.format(n=h.n_layers)][0]) for release, (gguf, _) in _MTP.items()})
         spec.update({f"mtp.0.{k}": v for k, v in block.items()})
         return spec
     for i in range(h.n_layers):

@@ -206,3 +206,19 @@ def dspark_tensors(a, n_targets: int, rank: int) -> dict[str, tuple[tuple[int, .
         "markov_w2.weight": (_ne(rank, a.vocab_size), MATMUL),
         "conf_proj.weight": (_ne(d + rank, 1), WHOLE),
     }
+
+
+def mtp_tensors(a, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """An MTP draft's tensors beside its block blk.{n}.* (layer_tensors), as llama.cpp's converter writes them with
+    --mtp: e_proj and h_proj side by side as one eh_proj, applied to [enorm(embed) ; hnorm(h)], the norms, and the
+    draft's own hyper-connection collapse. (shared_head_norm is optional to the loader: the model's output_norm.)"""
+    d, hc = a.dim, a.hc_mult
+    return {
+        f"blk.{n}.nextn.eh_proj.weight": (_ne(2 * d, d), MATMUL),
+        f"blk.{n}.nextn.enorm.weight": (_ne(d), WHOLE),
+        f"blk.{n}.nextn.hnorm.weight": (_ne(d), WHOLE),
+        f"blk.{n}.nextn.shared_head_norm.weight": (_ne(d), WHOLE),
+        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
+        "output_hc_base.weight": (_ne(hc), WHOLE),
+        "output_hc_scale.weight": (_ne(1), WHOLE),
+    }
