@@ -29,12 +29,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flashlite.gguf_model import MATMUL, WHOLE, GGUFFile
+from flashlite.gguf_model import WHOLE, GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+from flashlite.models.v4_spec import DSPARK_ARCH, dspark_tensors, layer_tensors
 
-ARCH = "dflash"
+ARCH = DSPARK_ARCH  # the draft's keys are `dflash.*`
 _SHAPE_KEYS = ("dim", "hc_mult", "head_dim", "rope_head_dim", "n_heads", "window_size")
 
 
@@ -79,24 +80,26 @@ class DSparkHead:
         if f.get(f"{ARCH}.sample_from_anchor", True) is not True:
             raise ValueError(f"{self.path}: {ARCH}.sample_from_anchor false (a bonus-anchor draft) is not supported")
         self.causal = f.get(f"{ARCH}.attention.causal", False) is True
-        d, n_feat = a.dim, len(self.target_layers) * m.dim
         rope = RoPE(a.rope_head_dim, a.rope_theta)
         self.stages = []
         for s in range(a.n_layers):
-            spec = {f"blk.{s}." + k: use for k, use in v4.layer_tensors(a, s).items()}
+            spec = {f"blk.{s}." + k: use for k, use in layer_tensors(a, s).items()}
             w = {name[len(f"blk.{s}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
             self.stages.append(v4.build_block(a, s, w, rope, None))
-        self.fc = f.load("fc.weight", (n_feat, d), MATMUL)
-        self.fc_scale = self._scale(f, "fc.scale")
-        self.enc_norm = f.load("enc.output_norm.weight", (d,), WHOLE)
-        self.norm = f.load("output_norm.weight", (d,), WHOLE)
-        hc = a.hc_mult
-        self.hc_head = HyperHead(a, f.load("output_hc_fn.weight", (hc * d, hc), MATMUL),
-                                 f.load("output_hc_base.weight", (hc,), WHOLE),
-                                 f.load("output_hc_scale.weight", (1,), WHOLE))
         rank = f.tensors["markov_w1.weight"].ne[0]
-        self.markov_w1 = f.load("markov_w1.weight", (rank, m.vocab_size), WHOLE)  # rows by token: [vocab, rank]
-        self.markov_w2 = f.load("markov_w2.weight", (rank, m.vocab_size), MATMUL)
+        own = dspark_tensors(a, len(self.target_layers), rank)  # a.vocab_size is the target's
+
+        def load(name):
+            return f.load(name, *own[name])
+
+        self.fc = load("fc.weight")
+        self.fc_scale = self._scale(f, "fc.scale")
+        self.enc_norm = load("enc.output_norm.weight")
+        self.norm = load("output_norm.weight")
+        self.hc_head = HyperHead(a, load("output_hc_fn.weight"), load("output_hc_base.weight"),
+                                 load("output_hc_scale.weight"))
+        self.markov_w1 = load("markov_w1.weight")  # rows by token: [vocab, rank]
+        self.markov_w2 = load("markov_w2.weight")
         self.markov_scale = self._scale(f, "markov_w2.scale")
         self.main = main.net
 

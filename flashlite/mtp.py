@@ -23,10 +23,11 @@ import os
 
 import numpy as np
 
-from flashlite.gguf_model import MATMUL, WHOLE, GGUFFile
+from flashlite.gguf_model import GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+from flashlite.models.v4_spec import layer_tensors, mtp_tensors
 
 _SHAPE_KEYS = ("dim", "hc_mult", "vocab_size", "head_dim", "rope_head_dim", "n_heads", "window_size")
 
@@ -60,19 +61,21 @@ class MTPHead:
             raise ValueError(f"{self.path}: the MTP block has compress ratio {a.compress_ratios[n]}; V4's is 0")
         if n < a.n_hash_layers:
             raise ValueError(f"{self.path}: a hash-routed MTP block is not supported (llama.cpp's neither)")
-        d = a.dim
-        spec = {f"blk.{n}." + k: use for k, use in v4.layer_tensors(a, n).items()}
+        spec = {f"blk.{n}." + k: use for k, use in layer_tensors(a, n).items()}
         w = {name[len(f"blk.{n}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
         self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)
-        self.eh_proj = f.load(f"blk.{n}.nextn.eh_proj.weight", (2 * d, d), MATMUL)
-        self.enorm = f.load(f"blk.{n}.nextn.enorm.weight", (d,), WHOLE)
-        self.hnorm = f.load(f"blk.{n}.nextn.hnorm.weight", (d,), WHOLE)
+        own = mtp_tensors(a, n)
+
+        def load(name):
+            return f.load(name, *own[name])
+
+        self.eh_proj = load(f"blk.{n}.nextn.eh_proj.weight")
+        self.enorm = load(f"blk.{n}.nextn.enorm.weight")
+        self.hnorm = load(f"blk.{n}.nextn.hnorm.weight")
         norm = f"blk.{n}.nextn.shared_head_norm.weight"
-        self.norm = f.load(norm, (d,), WHOLE) if norm in f.tensors else main.net.norm
-        hc = a.hc_mult
-        self.hc_head = HyperHead(a, f.load("output_hc_fn.weight", (hc * d, hc), MATMUL),
-                                 f.load("output_hc_base.weight", (hc,), WHOLE),
-                                 f.load("output_hc_scale.weight", (1,), WHOLE))
+        self.norm = load(norm) if norm in f.tensors else main.net.norm
+        self.hc_head = HyperHead(a, load("output_hc_fn.weight"), load("output_hc_base.weight"),
+                                 load("output_hc_scale.weight"))
         self.main = main.net
 
     def make_cache(self, kv_format: str = "f32") -> LayerCache:

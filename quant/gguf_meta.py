@@ -2,7 +2,7 @@
 
 The keys, value types and values are the ones llama.cpp's converter writes (conversion/deepseek.py
 DeepseekV4Model over TextModel.set_gguf_parameters) and its loader reads (src/models/deepseek4.cpp plus
-llama_model_base::load_hparams). gguf 0.19.0 has no DEEPSEEK4 constants, so key names are spelled out here.
+llama_model_base::load_hparams), listed once in flashlite.models.v4_spec (gguf 0.19.0 has no DEEPSEEK4 constants).
 """
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ from pathlib import Path
 
 from gguf import GGUFValueType
 
+from flashlite.models.v4_spec import ARCH, DSPARK_ARCH, HPARAM_KEYS, SQRT_SOFTPLUS
 from quant.safetensors_source import CheckpointError
 
-ARCH = "deepseek4"
-DSPARK_ARCH = "dflash"  # llama.cpp's architecture of DFlash / DSpark drafts
-SQRT_SOFTPLUS = 4  # llama.cpp ExpertGatingFuncType.SQRTSOFTPLUS
 _RATIO_OF_LAYER_TYPE = {"sliding_attention": 0}
 
 
@@ -212,58 +210,30 @@ def hparam_kv(h: Hparams, mtp: bool = False, dspark: DSpark | None = None) -> li
     MTP's, and nextn_predict_layers 1); dspark: for a DSpark draft as its converter writes it (architecture
     "dflash", block_count the stages, compress ratios 0, no hash layers, dflash.block_size and target_layers,
     the mask token)."""
-    u32, f32, i32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.INT32
     a = ARCH if dspark is None else DSPARK_ARCH
     blocks = h.n_layers + (1 if mtp else 0) if dspark is None else dspark.stages
     ratios = list(h.compress_ratios) + [0] * max(0, blocks - len(h.compress_ratios))
-    extra = [(f"{a}.nextn_predict_layers", 1, u32)] if mtp else []
+    extra = []
     if dspark is not None:
         ratios = [0] * blocks
-        extra = [(f"{a}.block_size", dspark.block_size, u32), (f"{a}.target_layers", list(dspark.target_layers), i32),
-                 ("tokenizer.ggml.mask_token_id", dspark.mask_token_id, u32)]
-    keys = extra + [
-        (f"{a}.block_count", blocks, u32),
-        (f"{a}.context_length", h.max_seq_len, u32),
-        (f"{a}.embedding_length", h.dim, u32),
-        (f"{a}.embedding_length_out", h.dim * h.hc_mult, u32),
-        (f"{a}.vocab_size", h.vocab_size, u32),
-        (f"{a}.attention.head_count", h.n_heads, u32),
-        (f"{a}.attention.head_count_kv", h.n_kv_heads, u32),
-        (f"{a}.attention.key_length", h.head_dim, u32),
-        (f"{a}.attention.value_length", h.head_dim, u32),
-        (f"{a}.attention.layer_norm_rms_epsilon", h.norm_eps, f32),
-        (f"{a}.attention.q_lora_rank", h.q_lora_rank, u32),
-        (f"{a}.attention.output_lora_rank", h.o_lora_rank, u32),
-        (f"{a}.attention.output_group_count", h.o_groups, u32),
-        (f"{a}.attention.sliding_window", h.window_size, u32),
-        (f"{a}.attention.compress_rope_freq_base", h.compress_rope_theta, f32),
-        (f"{a}.attention.compress_ratios", ratios, i32),
-        (f"{a}.attention.indexer.head_count", h.index_n_heads, u32),
-        (f"{a}.attention.indexer.key_length", h.index_head_dim, u32),
-        (f"{a}.attention.indexer.top_k", h.index_topk, u32),
-        (f"{a}.rope.dimension_count", h.rope_head_dim, u32),
-        (f"{a}.rope.freq_base", h.rope_theta, f32),
-        (f"{a}.rope.scaling.type", "yarn", GGUFValueType.STRING),
-        (f"{a}.rope.scaling.factor", h.rope_factor, f32),
-        (f"{a}.rope.scaling.original_context_length", h.original_seq_len, u32),
-        (f"{a}.rope.scaling.yarn_beta_fast", h.beta_fast, f32),
-        (f"{a}.rope.scaling.yarn_beta_slow", h.beta_slow, f32),
-        (f"{a}.expert_count", h.n_routed_experts, u32),
-        (f"{a}.expert_used_count", h.n_activated_experts, u32),
-        (f"{a}.expert_shared_count", h.n_shared_experts, u32),
-        (f"{a}.expert_feed_forward_length", h.moe_inter_dim, u32),
-        (f"{a}.expert_weights_scale", h.route_scale, f32),
-        (f"{a}.expert_weights_norm", h.norm_topk_prob, GGUFValueType.BOOL),
-        (f"{a}.expert_gating_func", SQRT_SOFTPLUS, u32),
-        (f"{a}.hash_layer_count", h.n_hash_layers if dspark is None else 0, u32),
-        (f"{a}.swiglu_clamp_exp", [h.swiglu_limit] * blocks, f32),
-        (f"{a}.swiglu_clamp_shexp", [h.swiglu_limit] * blocks, f32),
-        (f"{a}.hyper_connection.count", h.hc_mult, u32),
-        (f"{a}.hyper_connection.sinkhorn_iterations", h.hc_sinkhorn_iters, u32),
-        (f"{a}.hyper_connection.epsilon", h.hc_eps, f32),
-    ]
-    # the converter writes embedding_length_out for deepseek4 only
-    return keys if dspark is None else [k for k in keys if k[0] != f"{a}.embedding_length_out"]
+        extra = [(f"{a}.block_size", dspark.block_size, GGUFValueType.UINT32),
+                 (f"{a}.target_layers", list(dspark.target_layers), GGUFValueType.INT32),
+                 ("tokenizer.ggml.mask_token_id", dspark.mask_token_id, GGUFValueType.UINT32)]
+    # the values the Hparams fields do not hold under the spec's field name
+    values = {
+        "n_mtp_layers": 1, "block_count": blocks, "embedding_length_out": h.dim * h.hc_mult,
+        "head_count_kv": h.n_kv_heads, "value_length": h.head_dim, "compress_ratios": ratios,
+        "rope_scaling_type": "yarn", "expert_weights_norm": h.norm_topk_prob, "expert_gating_func": SQRT_SOFTPLUS,
+        "n_hash_layers": h.n_hash_layers if dspark is None else 0,
+        "swiglu_limits": [h.swiglu_limit] * blocks, "swiglu_limits_shared": [h.swiglu_limit] * blocks,
+    }
+    keys = extra
+    for k in HPARAM_KEYS:
+        if (k.field == "n_mtp_layers" and not mtp) or (k.field == "embedding_length_out" and dspark is not None):
+            continue  # the converter writes nextn_predict_layers into an MTP draft, embedding_length_out for deepseek4
+        value = values[k.field] if k.field in values else getattr(h, k.field)
+        keys.append((f"{a}.{k.key}", value, GGUFValueType[k.gguf_type]))
+    return keys
 
 
 def parse_kv_override(item: str) -> tuple[str, object, GGUFValueType]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from flashlite.models import v4_spec
 from quant import fp8
 from quant.gguf_meta import Hparams
 from quant.safetensors_source import Checkpoint, CheckpointError, SourceTensor
@@ -104,6 +105,8 @@ _DSPARK_ROOT = {  # release name after `mtp.{s}.` -> (GGUF name, role): the draf
     "markov_head.markov_w2.weight": ("markov_w2.weight", MATRIX),
     "confidence_head.proj.weight": ("conf_proj.weight", PINNED),
 }
+_RELEASE_ROOT = {gguf: release for release, (gguf, _) in _ROOT.items()}
+_RELEASE_LAYER = {gguf: release for release, (gguf, _) in _LAYER.items()}
 _EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 
 
@@ -112,69 +115,38 @@ _EXPERT_NAME = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weigh
 # ---------------------------------------------------------------------------------------------------
 
 def expected_tensors(h: Hparams, mtp: bool = False) -> dict[str, tuple[int, ...]]:
-    """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one); with
-    mtp, of the MTP draft instead: the embedding, head and final norm, and the MTP block `mtp.0.*`."""
-    d, hc = h.dim, h.hc_mult
-    spec = {
-        "embed.weight": (h.vocab_size, d), "head.weight": (h.vocab_size, d), "norm.weight": (d,),
-    }
+    """Release name -> PyTorch shape of every tensor of the n_layers trunk (experts listed one by one), from
+    flashlite.models.v4_spec's GGUF tensors; with mtp, of the MTP draft instead: the embedding, head and final norm,
+    and the MTP block `mtp.0.*`."""
+    spec = {_RELEASE_ROOT[name]: _torch_shape(ne) for name, (ne, _) in v4_spec.root_tensors(h).items()}
     if mtp:
+        spec = {k: spec[k] for k in ("embed.weight", "head.weight", "norm.weight")}
         block = _layer_shapes(h, h.n_layers, h.compress_ratios[h.n_layers] if len(h.compress_ratios) > h.n_layers
                               else 0)
-        block.update({"e_proj.weight": (d, d), "h_proj.weight": (d, d), "enorm.weight": (d,),
-                      "hnorm.weight": (d,), "norm.weight": (d,),
-                      "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,)})
+        own = v4_spec.mtp_tensors(h, h.n_layers)
+        rows, columns = _torch_shape(own[f"blk.{h.n_layers}.nextn.eh_proj.weight"][0])
+        block.update({"e_proj.weight": (rows, columns // 2), "h_proj.weight": (rows, columns // 2)})
+        block.update({release: _torch_shape(own[gguf.format(n=h.n_layers)][0]) for release, (gguf, _) in _MTP.items()})
         spec.update({f"mtp.0.{k}": v for k, v in block.items()})
         return spec
-    spec.update({"hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,)})
     for i in range(h.n_layers):
         spec.update({f"layers.{i}.{k}": v for k, v in _layer_shapes(h, i, h.compress_ratios[i]).items()})
     return spec
 
 
+def _torch_shape(ne: tuple[int, ...]) -> tuple[int, ...]:
+    """A ggml shape (innermost first) as PyTorch orders it."""
+    return tuple(reversed(ne))
+
+
 def _layer_shapes(h: Hparams, i: int, ratio: int) -> dict[str, tuple[int, ...]]:
-    """Names after `layers.{i}.` -> shapes of block i (hash-routed when i < n_hash_layers)."""
-    d, hc, hd, nh = h.dim, h.hc_mult, h.head_dim, h.n_heads
-    mix = (2 + hc) * hc
-    layer = {
-        "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-        "hc_attn_fn": (mix, hc * d), "hc_attn_base": (mix,), "hc_attn_scale": (3,),
-        "hc_ffn_fn": (mix, hc * d), "hc_ffn_base": (mix,), "hc_ffn_scale": (3,),
-        "attn.attn_sink": (nh,),
-        "attn.wq_a.weight": (h.q_lora_rank, d), "attn.q_norm.weight": (h.q_lora_rank,),
-        "attn.wq_b.weight": (nh * hd, h.q_lora_rank),
-        "attn.wkv.weight": (hd, d), "attn.kv_norm.weight": (hd,),
-        "attn.wo_a.weight": (h.o_groups * h.o_lora_rank, nh * hd // h.o_groups),
-        "attn.wo_b.weight": (d, h.o_groups * h.o_lora_rank),
-        "ffn.gate.weight": (h.n_routed_experts, d),
-        "ffn.shared_experts.w1.weight": (h.moe_inter_dim * h.n_shared_experts, d),
-        "ffn.shared_experts.w3.weight": (h.moe_inter_dim * h.n_shared_experts, d),
-        "ffn.shared_experts.w2.weight": (d, h.moe_inter_dim * h.n_shared_experts),
-    }
-    if i < h.n_hash_layers:
-        layer["ffn.gate.tid2eid"] = (h.vocab_size, h.n_activated_experts)
-    else:
-        layer["ffn.gate.bias"] = (h.n_routed_experts,)
-    if ratio:
-        width = (2 if ratio == 4 else 1) * hd
-        layer.update({
-            "attn.compressor.wkv.weight": (width, d), "attn.compressor.wgate.weight": (width, d),
-            "attn.compressor.ape": (ratio, width), "attn.compressor.norm.weight": (hd,),
-        })
-    if ratio == 4:
-        ihd = h.index_head_dim
-        layer.update({
-            "attn.indexer.wq_b.weight": (h.index_n_heads * ihd, h.q_lora_rank),
-            "attn.indexer.weights_proj.weight": (h.index_n_heads, d),
-            "attn.indexer.compressor.wkv.weight": (2 * ihd, d),
-            "attn.indexer.compressor.wgate.weight": (2 * ihd, d),
-            "attn.indexer.compressor.ape": (ratio, 2 * ihd),
-            "attn.indexer.compressor.norm.weight": (ihd,),
-        })
+    """Names after `layers.{i}.` -> shapes of block i (hash-routed when i < n_hash_layers), its routed experts one
+    by one, last."""
+    gguf = v4_spec.layer_tensors(h, i, ratio)
+    layer = {_RELEASE_LAYER[name]: _torch_shape(ne) for name, (ne, _) in gguf.items() if name in _RELEASE_LAYER}
     for e in range(h.n_routed_experts):
-        layer[f"ffn.experts.{e}.w1.weight"] = (h.moe_inter_dim, d)
-        layer[f"ffn.experts.{e}.w3.weight"] = (h.moe_inter_dim, d)
-        layer[f"ffn.experts.{e}.w2.weight"] = (d, h.moe_inter_dim)
+        for proj, name in _EXPERTS.items():
+            layer[f"ffn.experts.{e}.{proj}.weight"] = _torch_shape(gguf[name][0][:2])
     return layer
 
 
@@ -368,7 +340,6 @@ def _dspark_names(ck: Checkpoint, names: dict[str, str], h: Hparams, dspark) -> 
     """(release name -> shape of every DSpark tensor, root name -> the release name holding it): the stages'
     blocks `mtp.{s}.*` (window-only, score-routed), and the draft's own tensors under any one stage, as llama.cpp's
     converter rekeys them. The Markov head's rank is the stored markov_w1's."""
-    d, hc = h.dim, h.hc_mult
     roots: dict[str, str] = {}
     for name in names:
         m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
@@ -383,11 +354,8 @@ def _dspark_names(ck: Checkpoint, names: dict[str, str], h: Hparams, dspark) -> 
         raise CheckpointError(f"{ck.folder}: no DSpark Markov head (mtp.N.markov_head.markov_w1.weight): not a DSpark "
                               "checkpoint")
     rank = ck[names[w1]].shape[-1]
-    shapes = {"main_proj.weight": (d, len(dspark.target_layers) * d), "main_norm.weight": (d,), "norm.weight": (d,),
-              "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
-              "markov_head.markov_w1.weight": (h.vocab_size, rank),
-              "markov_head.markov_w2.weight": (h.vocab_size, rank),
-              "confidence_head.proj.weight": (1, d + rank)}
+    own = v4_spec.dspark_tensors(h, len(dspark.target_layers), rank)
+    shapes = {release: _torch_shape(own[gguf][0]) for release, (gguf, _) in _DSPARK_ROOT.items()}
     expected = {}
     for root, release in roots.items():
         expected[release] = shapes[root]

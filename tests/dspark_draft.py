@@ -11,10 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from flashlite.gguf_model import GGUFFile
 from flashlite.models import deepseek_v4 as v4
+from flashlite.models.v4_spec import HPARAM_KEYS, SQRT_SOFTPLUS, dspark_tensors, layer_tensors
 
 
 def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, rank: int = 8,
@@ -27,27 +28,22 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
     layers = list(target_layers) if target_layers is not None else [1, a.n_layers // 2, a.n_layers]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(out, "dflash")
-    ints = {"block_count": stages, "embedding_length": a.dim, "attention.head_count": a.n_heads,
-            "attention.head_count_kv": 1, "attention.key_length": a.head_dim, "attention.value_length": a.head_dim,
-            "rope.dimension_count": a.rope_head_dim, "attention.q_lora_rank": a.q_lora_rank,
-            "attention.output_group_count": a.o_groups, "attention.output_lora_rank": a.o_lora_rank,
-            "attention.sliding_window": a.window_size, "attention.indexer.head_count": a.index_n_heads,
-            "attention.indexer.key_length": a.index_head_dim, "attention.indexer.top_k": a.index_topk,
-            "expert_count": a.n_routed_experts, "expert_used_count": a.n_activated_experts,
-            "expert_shared_count": 1, "expert_feed_forward_length": a.moe_inter_dim, "hash_layer_count": 0,
-            "expert_gating_func": 4, "hyper_connection.count": a.hc_mult,
-            "hyper_connection.sinkhorn_iterations": a.hc_sinkhorn_iters, "context_length": a.max_seq_len,
-            "block_size": block_size}
-    for key, value in ints.items():
-        w.add_uint32(f"dflash.{key}", value)
-    floats = {"expert_weights_scale": a.route_scale, "hyper_connection.epsilon": a.hc_eps,
-              "attention.layer_norm_rms_epsilon": a.norm_eps, "rope.freq_base": a.rope_theta,
-              "attention.compress_rope_freq_base": a.compress_rope_theta}
-    for key, value in floats.items():
-        w.add_float32(f"dflash.{key}", value)
-    w.add_array("dflash.attention.compress_ratios", [0] * stages)
-    w.add_array("dflash.swiglu_clamp_exp", [float(a.swiglu_limits[0])] * stages)
-    w.add_array("dflash.swiglu_clamp_shexp", [float(a.swiglu_limits_shared[0])] * stages)
+    # the stages: V4 blocks of the target's shapes, window-only and score-routed, their keys under `dflash.`
+    draft = v4.ModelArgs(**{**a.__dict__, "n_layers": stages, "compress_ratios": (0,) * stages, "n_hash_layers": 0,
+                            "swiglu_limits": a.swiglu_limits[:1] * stages,
+                            "swiglu_limits_shared": a.swiglu_limits_shared[:1] * stages})
+    values = {**draft.__dict__, "block_count": stages, "head_count_kv": 1, "value_length": a.head_dim,
+              "expert_gating_func": SQRT_SOFTPLUS, "compress_ratios": list(draft.compress_ratios),
+              "swiglu_limits": list(draft.swiglu_limits), "swiglu_limits_shared": list(draft.swiglu_limits_shared)}
+    for k in HPARAM_KEYS:
+        if k.kind is None or k.field == "n_mtp_layers":  # keys llama.cpp's, or an MTP draft's, only
+            continue
+        value, vtype = values[k.field], GGUFValueType[k.gguf_type]
+        if isinstance(value, list):
+            w.add_key_value(f"dflash.{k.key}", value, GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            w.add_key_value(f"dflash.{k.key}", value, vtype)
+    w.add_uint32("dflash.block_size", block_size)
     w.add_array("dflash.target_layers", layers)
     w.add_uint32("tokenizer.ggml.mask_token_id", mask_id)
 
@@ -55,11 +51,8 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
         w.add_tensor(name, (center + scale * rng.standard_normal(tuple(reversed(ne)))).astype(np.float32))
 
     d = a.dim
-    draft = v4.ModelArgs(**{**a.__dict__, "n_layers": stages, "compress_ratios": (0,) * stages, "n_hash_layers": 0,
-                            "swiglu_limits": a.swiglu_limits[:1] * stages,
-                            "swiglu_limits_shared": a.swiglu_limits_shared[:1] * stages})
     for s in range(stages):
-        for name, (ne, _) in v4.layer_tensors(draft, s).items():
+        for name, (ne, _) in layer_tensors(draft, s).items():
             if name.endswith("norm.weight"):
                 add(f"blk.{s}.{name}", ne, 0.1, 1.0)
             elif name.startswith("hc_") and not name.endswith("fn.weight"):
@@ -70,15 +63,16 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
                 add(f"blk.{s}.{name}", ne, 0.5)
             else:
                 add(f"blk.{s}.{name}", ne, 1.0 / np.sqrt(ne[0]))
-    add("fc.weight", (len(layers) * d, d), 1.0 / np.sqrt(len(layers) * d))
-    add("enc.output_norm.weight", (d,), 0.1, 1.0)
-    add("output_norm.weight", (d,), 0.1, 1.0)
-    add("output_hc_fn.weight", (a.hc_mult * d, a.hc_mult), 0.5 / np.sqrt(a.hc_mult * d))
-    add("output_hc_base.weight", (a.hc_mult,), 0.5)
-    add("output_hc_scale.weight", (1,), 0.5)
     rank = max(rank, len(bigrams or ()))
-    w1 = rng.standard_normal((a.vocab_size, rank)).astype(np.float32)
-    w2 = (0.3 * rng.standard_normal((a.vocab_size, rank))).astype(np.float32)
+    own = {name: ne for name, (ne, _) in dspark_tensors(draft, len(layers), rank).items()}
+    add("fc.weight", own["fc.weight"], 1.0 / np.sqrt(len(layers) * d))
+    add("enc.output_norm.weight", own["enc.output_norm.weight"], 0.1, 1.0)
+    add("output_norm.weight", own["output_norm.weight"], 0.1, 1.0)
+    add("output_hc_fn.weight", own["output_hc_fn.weight"], 0.5 / np.sqrt(a.hc_mult * d))
+    add("output_hc_base.weight", own["output_hc_base.weight"], 0.5)
+    add("output_hc_scale.weight", own["output_hc_scale.weight"], 0.5)
+    w1 = rng.standard_normal(own["markov_w1.weight"][::-1]).astype(np.float32)
+    w2 = (0.3 * rng.standard_normal(own["markov_w2.weight"][::-1])).astype(np.float32)
     if bigrams:
         # prev's code is one-hot in the rank's dimensions; w2 sends code r to its next token, far above the rest
         w1[:] = 0.0
@@ -88,7 +82,7 @@ def write_dspark(target: str, out: str, stages: int = 3, block_size: int = 7, ra
             w2[nxt, r] = 1e4
     w.add_tensor("markov_w1.weight", w1)
     w.add_tensor("markov_w2.weight", w2)
-    add("conf_proj.weight", (d + rank, 1), 0.1)
+    add("conf_proj.weight", own["conf_proj.weight"], 0.1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -258,7 +252,7 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
     norm and hc_head), config.json's dspark_* keys; random values, BF16 matrices (each stage's gate gets the
     `bias_vl` llama.cpp drops). Returns the DSpark tensors' float32 values by release name."""
     from quant.gguf_meta import read_hparams
-    from quant.layout import _layer_shapes
+    from quant.layout import _DSPARK_ROOT, _layer_shapes
 
     rng = np.random.default_rng(seed)
     out.mkdir()
@@ -272,7 +266,6 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
     entries = {}
     for shard in sorted(src.glob("*.safetensors")):
         entries.update({k: v for k, v in _entries(shard).items() if not k.startswith("mtp.")})
-    d, hc = h.dim, h.hc_mult
     values = {}
     stage_h = replace(h, n_hash_layers=0)
     for s in range(stages):
@@ -281,10 +274,8 @@ def write_dspark_checkpoint(src: Path, out: Path, stages: int = 3, block_size: i
             values[f"mtp.{s}.{name}"] = center + 0.1 * rng.standard_normal(shape)
         values[f"mtp.{s}.ffn.gate.bias_vl"] = rng.standard_normal(h.n_routed_experts)
     last = f"mtp.{stages - 1}."
-    own = {"main_proj.weight": (d, len(target_ids) * d), "main_norm.weight": (d,), "norm.weight": (d,),
-           "hc_head_fn": (hc, hc * d), "hc_head_base": (hc,), "hc_head_scale": (1,),
-           "markov_head.markov_w1.weight": (h.vocab_size, rank), "markov_head.markov_w2.weight": (h.vocab_size, rank),
-           "confidence_head.proj.weight": (1, d + rank)}
+    own_ne = dspark_tensors(h, len(target_ids), rank)
+    own = {release: tuple(reversed(own_ne[gguf][0])) for release, (gguf, _) in _DSPARK_ROOT.items()}
     for name, shape in own.items():
         values[last + name] = (1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * rng.standard_normal(shape)
     for name, v in values.items():

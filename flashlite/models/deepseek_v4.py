@@ -13,15 +13,14 @@ import numpy as np
 from flashlite.backends import cpu as backend
 from flashlite.expert_offload import ExpertCache
 from flashlite import blocks
-from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE, GGUFFile, WeightView
+from flashlite.gguf_model import INDEX, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
+from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
 
-ARCH = "deepseek4"
 # While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
 # x of every product of a weight matrix w the forward computes (expert: the slice of a stacked tensor, else None);
 # None otherwise. The routed experts then run through linear() with their SwiGLU output visible (MoE.experts_visible).
 OBSERVER = None
-_SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 
 
 @dataclass
@@ -91,7 +90,7 @@ class ModelArgs:
     def from_gguf(cls, f: GGUFFile, with_mtp: bool = False, arch: str = ARCH,
                   vocab_size: int | None = None) -> "ModelArgs":
         """The hyperparameters of a deepseek4 GGUF, each checked for its type and against the range the
-        architecture and this runtime allow (GGUF_KEYS); an error names the file, the key and the value.
+        architecture and this runtime allow (v4_spec.HPARAM_KEYS); an error names the file, the key and the value.
         with_mtp: n_layers counts the MTP blocks too (blk.{n_layers - n_mtp_layers}.. are the MTP's), as an MTP
         draft GGUF needs; else n_layers is the trunk's. arch: the keys' prefix (a DSpark draft's V4 stages are
         written under llama.cpp's "dflash" architecture); vocab_size: the target's, for a draft without an
@@ -100,15 +99,17 @@ class ModelArgs:
         if found != arch:
             raise ValueError(f"{f.path}: general.architecture is {found!r}, expected {arch!r}")
         v = {}
-        for name, (key, kind, lo, hi, default) in GGUF_KEYS.items():
-            full = f"{arch}.{key}"
-            value = f.get(full, default)
+        for k in HPARAM_KEYS:
+            if k.kind is None:  # written for llama.cpp, implied by the others here
+                continue
+            full = f"{arch}.{k.key}"
+            value = f.get(full, k.default)
             if value is None:
                 raise ValueError(f"{f.path}: missing metadata key '{full}'")
-            v[name] = _checked_value(f.path, full, value, kind, lo, hi)
-        if v["expert_gating_func"] != _SQRT_SOFTPLUS:
+            v[k.field] = checked_value(f.path, full, value, k.kind, k.lo, k.hi)
+        if v["expert_gating_func"] != SQRT_SOFTPLUS:
             raise ValueError(f"{f.path}: {arch}.expert_gating_func is {v['expert_gating_func']}, expected "
-                             f"{_SQRT_SOFTPLUS} (sqrtsoftplus)")
+                             f"{SQRT_SOFTPLUS} (sqrtsoftplus)")
         if v["head_count_kv"] != 1 or v["value_length"] not in (0, v["head_dim"]):
             raise ValueError(f"{f.path}: DeepSeek V4 shares one KV head with key_length == value_length")
         blocks = v.pop("block_count")
@@ -132,74 +133,6 @@ class ModelArgs:
             return cls(vocab_size=vocab, n_layers=blocks if with_mtp else blocks - n_mtp, n_mtp_layers=n_mtp, **v)
         except ValueError as exc:
             raise ValueError(f"{f.path}: {exc}") from None
-
-
-# ModelArgs field -> (deepseek4 GGUF key, value kind, smallest, largest, default or None if required): what llama.cpp
-# writes and reads, with the ranges the architecture has (every count at least 1, ratios 0/4/128) and bounds that
-# keep a hostile file from asking for days of work or terabytes of memory (sinkhorn iterations, sizes)
-_BIG = 1 << 20
-GGUF_KEYS = {
-    "block_count": ("block_count", int, 1, 4096, None),
-    "n_mtp_layers": ("nextn_predict_layers", int, 0, 16, 0),
-    "vocab_size": ("vocab_size", int, 0, 1 << 24, 0),  # 0: absent, token_embd's rows say
-    "dim": ("embedding_length", int, 1, 1 << 16, None),
-    "n_heads": ("attention.head_count", int, 1, 4096, None),
-    "head_count_kv": ("attention.head_count_kv", int, 1, 4096, 1),
-    "head_dim": ("attention.key_length", int, 2, 1 << 14, None),
-    "value_length": ("attention.value_length", int, 0, 1 << 14, 0),  # 0: absent, key_length
-    "rope_head_dim": ("rope.dimension_count", int, 2, 1 << 14, None),
-    "q_lora_rank": ("attention.q_lora_rank", int, 1, 1 << 16, None),
-    "o_groups": ("attention.output_group_count", int, 1, 4096, None),
-    "o_lora_rank": ("attention.output_lora_rank", int, 1, 1 << 16, None),
-    "window_size": ("attention.sliding_window", int, 1, _BIG, None),
-    "compress_ratios": ("attention.compress_ratios", list, 0, 128, None),
-    "index_n_heads": ("attention.indexer.head_count", int, 1, 4096, None),
-    "index_head_dim": ("attention.indexer.key_length", int, 2, 1 << 14, None),
-    "index_topk": ("attention.indexer.top_k", int, 1, _BIG, None),
-    "n_routed_experts": ("expert_count", int, 1, 1 << 16, None),
-    "n_activated_experts": ("expert_used_count", int, 1, 1 << 16, None),
-    "n_shared_experts": ("expert_shared_count", int, 1, 1, None),
-    "moe_inter_dim": ("expert_feed_forward_length", int, 1, _BIG, None),
-    "n_hash_layers": ("hash_layer_count", int, 0, 4096, None),
-    "route_scale": ("expert_weights_scale", float, 1e-30, 1e30, None),
-    "expert_gating_func": ("expert_gating_func", int, 0, 1 << 16, None),
-    "swiglu_limits": ("swiglu_clamp_exp", list, 1e-30, 1e30, None),
-    "swiglu_limits_shared": ("swiglu_clamp_shexp", list, 1e-30, 1e30, []),
-    "hc_mult": ("hyper_connection.count", int, 1, 64, None),
-    "hc_sinkhorn_iters": ("hyper_connection.sinkhorn_iterations", int, 1, 1000, None),
-    "hc_eps": ("hyper_connection.epsilon", float, 0.0, 1.0, None),
-    "norm_eps": ("attention.layer_norm_rms_epsilon", float, 0.0, 1.0, None),
-    "rope_theta": ("rope.freq_base", float, 1.0, 1e30, None),
-    "compress_rope_theta": ("attention.compress_rope_freq_base", float, 1.0, 1e30, None),
-    "rope_factor": ("rope.scaling.factor", float, 1.0, 1e30, 1.0),
-    "original_seq_len": ("rope.scaling.original_context_length", int, 0, 1 << 31, 0),
-    "beta_fast": ("rope.scaling.yarn_beta_fast", float, 1e-30, 1e30, 32.0),
-    "beta_slow": ("rope.scaling.yarn_beta_slow", float, 1e-30, 1e30, 1.0),
-    "max_seq_len": ("context_length", int, 1, 1 << 31, None),
-}
-
-
-def _checked_value(path: str, key: str, value, kind, lo, hi):
-    """value as kind, within [lo, hi] (each element of a list; a float also finite, and above lo where lo is 0)."""
-    if kind is list:
-        items = value if isinstance(value, list) else [value]
-        if not items or len(items) > 1 << 16:
-            raise ValueError(f"{path}: metadata '{key}' has {len(items)} entries")
-        return [_checked_value(path, f"{key}[{i}]", item, float if isinstance(lo, float) else int, lo, hi)
-                for i, item in enumerate(items)] if isinstance(value, list) else \
-            _checked_value(path, key, value, float if isinstance(lo, float) else int, lo, hi)
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: metadata '{key}' is {value!r}, expected an integer")
-        if not lo <= value <= hi:
-            raise ValueError(f"{path}: metadata '{key}' is {value}, expected {lo}..{hi}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path}: metadata '{key}' is {value!r}, expected a number")
-    value = float(value)
-    if not (math.isfinite(value) and lo <= value <= hi and (lo > 0 or value > 0)):
-        raise ValueError(f"{path}: metadata '{key}' is {value}, expected a finite number in ({lo}, {hi}]")
-    return value
 
 
 # ---------------------------------------------------------------- primitives
@@ -644,80 +577,6 @@ class Block:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
             self.next.prefetch_experts(y, token_ids)
         return HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
-
-
-def _ne(*dims):
-    return tuple(int(d) for d in dims)
-
-
-def expected_tensors(a: ModelArgs) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """Every tensor the forward pass reads: GGUF name -> (ggml shape, how it is used: gguf_model.MATMUL, WHOLE,
-    ROWS or INDEX, which decides the types it may have)."""
-    d, hc = a.dim, a.hc_mult
-    spec = {
-        "token_embd.weight": (_ne(d, a.vocab_size), ROWS),
-        "output.weight": (_ne(d, a.vocab_size), MATMUL),
-        "output_norm.weight": (_ne(d), WHOLE),
-        "output_hc_fn.weight": (_ne(hc * d, hc), MATMUL),
-        "output_hc_base.weight": (_ne(hc), WHOLE),
-        "output_hc_scale.weight": (_ne(1), WHOLE),
-    }
-    for i in range(a.n_layers):
-        spec.update({f"blk.{i}." + k: v for k, v in layer_tensors(a, i).items()})
-    return spec
-
-
-def layer_tensors(a: ModelArgs, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors of block i (names after `blk.{i}.`): its shapes and uses, by its compress ratio and whether
-    it is hash-routed."""
-    d, hc = a.dim, a.hc_mult
-    mix = (2 + hc) * hc
-    r = a.compress_ratios[i]
-    layer = {
-        "attn_norm.weight": (_ne(d), WHOLE), "ffn_norm.weight": (_ne(d), WHOLE),
-        "hc_attn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_attn_base.weight": (_ne(mix), WHOLE),
-        "hc_attn_scale.weight": (_ne(3), WHOLE),
-        "hc_ffn_fn.weight": (_ne(hc * d, mix), MATMUL), "hc_ffn_base.weight": (_ne(mix), WHOLE),
-        "hc_ffn_scale.weight": (_ne(3), WHOLE),
-        "attn_q_a.weight": (_ne(d, a.q_lora_rank), MATMUL),
-        "attn_q_a_norm.weight": (_ne(a.q_lora_rank), WHOLE),
-        "attn_q_b.weight": (_ne(a.q_lora_rank, a.n_heads * a.head_dim), MATMUL),
-        "attn_kv.weight": (_ne(d, a.head_dim), MATMUL),
-        "attn_kv_a_norm.weight": (_ne(a.head_dim), WHOLE),
-        "attn_sinks.weight": (_ne(a.n_heads), WHOLE),
-        "attn_output_a.weight": (_ne(a.n_heads * a.head_dim // a.o_groups, a.o_groups * a.o_lora_rank),
-                                 MATMUL),
-        "attn_output_b.weight": (_ne(a.o_groups * a.o_lora_rank, d), MATMUL),
-        "ffn_gate_inp.weight": (_ne(d, a.n_routed_experts), MATMUL),
-        "ffn_gate_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-        "ffn_up_exps.weight": (_ne(d, a.moe_inter_dim, a.n_routed_experts), MATMUL),
-        "ffn_down_exps.weight": (_ne(a.moe_inter_dim, d, a.n_routed_experts), MATMUL),
-        "ffn_gate_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-        "ffn_up_shexp.weight": (_ne(d, a.moe_inter_dim), MATMUL),
-        "ffn_down_shexp.weight": (_ne(a.moe_inter_dim, d), MATMUL),
-    }
-    if i < a.n_hash_layers:
-        layer["ffn_gate_tid2eid.weight"] = (_ne(a.n_activated_experts, a.vocab_size), INDEX)
-    else:
-        layer["exp_probs_b.bias"] = (_ne(a.n_routed_experts), WHOLE)
-    if r:
-        c = 2 if r == 4 else 1
-        layer.update({
-            "attn_compressor_kv.weight": (_ne(d, c * a.head_dim), MATMUL),
-            "attn_compressor_gate.weight": (_ne(d, c * a.head_dim), MATMUL),
-            "attn_compressor_ape.weight": (_ne(c * a.head_dim, r), WHOLE),
-            "attn_compressor_norm.weight": (_ne(a.head_dim), WHOLE),
-        })
-    if r == 4:
-        layer.update({
-            "indexer.attn_q_b.weight": (_ne(a.q_lora_rank, a.index_n_heads * a.index_head_dim), MATMUL),
-            "indexer.proj.weight": (_ne(d, a.index_n_heads), MATMUL),
-            "indexer_compressor_kv.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-            "indexer_compressor_gate.weight": (_ne(d, 2 * a.index_head_dim), MATMUL),
-            "indexer_compressor_ape.weight": (_ne(2 * a.index_head_dim, r), WHOLE),
-            "indexer_compressor_norm.weight": (_ne(a.index_head_dim), WHOLE),
-        })
-    return layer
 
 
 def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress: "RoPE",
