@@ -162,9 +162,9 @@ def test_gemm(tk, device, qtype):
     ref = x.astype(np.float64) @ w64.T
     bound = _float32_bound(x, w64)
     _assert_within(np.abs(got - ref), bound)
-    # 17 tokens take the C core's prefill (f32 activations, f32 products): both sides within float32 rounding
+    # the C core rounds the activations to Q8 for any number of tokens (prefill is decode's arithmetic)
     core = fm.matmul(q, qtype, ROWS, k, x).astype(np.float64)
-    _assert_within(np.abs(got - core), 2 * bound)
+    _assert_within(np.abs(got - core), _q8_activation_bound(x, w64) + 2 * bound)
 
 
 @pytest.mark.parametrize("precision,unit", [("tf32", 2.0 ** -11), ("fp16", 2.0 ** -11)])
