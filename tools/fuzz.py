@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import resource
 import signal
 import struct
@@ -34,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flashlite.gguf_reader import GGUFError, GGUFReader  # noqa: E402
+from flashlite.gguf_reader import GGUFReader  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "llamacpp" / "tiny_v4-mxfp4_moe.gguf"
 REGRESSIONS = REPO / "tests" / "fixtures" / "fuzz"
