@@ -146,7 +146,7 @@ class Model:
                            usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
                            direct_io=direct_io)
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
-            self.net = deepseek_v4.Model(self.args, self.file, offload)
+            self.net = deepseek_v4.Transformer(self.args, self.file, offload)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's

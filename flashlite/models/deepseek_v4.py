@@ -519,7 +519,7 @@ class Block:
         self.attn, self.ffn = attn, ffn
         self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
         # The backend's plans of this block's sublayers (each with its hyper-connection) for one call each per
-        # decode step; None runs them op by op, as prefill always does. Model.use_fused_decode sets them.
+        # decode step; None runs them op by op, as prefill always does. Transformer.use_fused_decode sets them.
         self.attn_plan = self.ffn_plan = None
 
     def plan_attn(self):
@@ -600,8 +600,8 @@ def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress:
     return Block(a, i, w, attn, MoE(a, i, w, gate, offload))
 
 
-class Model:
-    """DeepSeek V4 over the weights of one GGUF file."""
+class Transformer:
+    """DeepSeek V4's network over the weights of one GGUF file (flashlite.model.Model holds it as `net`)."""
 
     def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None):
         """offload: None keeps every expert memory-mapped; else ExpertCache options (ram_budget, policy,
