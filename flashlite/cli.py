@@ -50,7 +50,7 @@ def system_info() -> dict:
 
     import numpy as np
 
-    from flashlite import __version__, blocks
+    from flashlite import __version__, block_formats
     from flashlite import matmul as fm
 
     return {
@@ -63,7 +63,7 @@ def system_info() -> dict:
         "simd_levels": fm.simd_levels(),
         "vnni": fm.has_vnni(),
         "threads": fm.threads(),
-        "types": [blocks.type_name(t) for t in range(64) if blocks.can_matmul(t)],
+        "types": [block_formats.type_name(t) for t in range(64) if block_formats.can_matmul(t)],
     }
 
 

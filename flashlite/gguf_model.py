@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite._native import ffi
 from flashlite.gguf_reader import GGUFError, GGUFReader
 
@@ -29,7 +29,7 @@ _INT_TYPES = (24, 25, 26, 27)  # I8, I16, I32, I64
 def _type_ok(type_id: int, use: str) -> bool:
     if use == INDEX:
         return type_id in _INT_TYPES
-    return blocks.can_matmul(type_id) if use == MATMUL else blocks.can_dequantize(type_id)
+    return block_formats.can_matmul(type_id) if use == MATMUL else block_formats.can_dequantize(type_id)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class WeightView:
 
     @property
     def type_name(self) -> str:
-        return blocks.type_name(self.type)
+        return block_formats.type_name(self.type)
 
     @cached_property
     def pointer(self):
@@ -69,7 +69,7 @@ class WeightView:
             return self.data
         if self.type == 1:
             return self.data.astype(np.float32)
-        return blocks.dequantize(np.ascontiguousarray(self.data), self.type).reshape(tuple(reversed(self.ne)))
+        return block_formats.dequantize(np.ascontiguousarray(self.data), self.type).reshape(tuple(reversed(self.ne)))
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -145,10 +145,10 @@ class GGUFFile:
         block. Reads the whole file: seconds per GB."""
         for name, view in self.tensors.items():
             raw = view.data.reshape(-1).view(np.uint8)
-            at = blocks.find_nonfinite(raw, view.type)
+            at = block_formats.find_nonfinite(raw, view.type)
             if at is not None:
-                per_row = view.k // blocks.block_elems(view.type)
-                row, unit = at // per_row, "element" if blocks.block_elems(view.type) == 1 else "block"
+                per_row = view.k // block_formats.block_elems(view.type)
+                row, unit = at // per_row, "element" if block_formats.block_elems(view.type) == 1 else "block"
                 where = f"expert {row // view.rows}, row {row % view.rows}" if len(view.ne) == 3 else f"row {row}"
                 raise GGUFError(f"{view.path}: tensor '{name}' ({view.type_name}) has a non-finite "
                                 f"{'value' if unit == 'element' else 'scale'} in {where}, {unit} {at % per_row}")

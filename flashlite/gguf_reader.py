@@ -8,7 +8,7 @@ tensor data laid out in table order, each at the aligned end of the one before, 
 loops or allocates more than the file's size allows, so no input can hang it or exhaust memory. Every error is a
 GGUFError naming the file, and the key or tensor and the byte offset where the fault lies.
 
-Type sizes come from the C core's table (flashlite.blocks), so a type the core knows is readable even where the
+Type sizes come from the C core's table (flashlite.block_formats), so a type the core knows is readable even where the
 gguf package's enum lacks it (Q2_0).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashlite import blocks
+from flashlite import block_formats
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -199,12 +199,12 @@ class GGUFReader:
             if elements >= 1 << 63:
                 raise c.fail(f"tensor '{name}' shape {list(ne)} has more than 2^63 elements", at)
             type_id = c.scalar("<I", f"tensor '{name}' (type)")
-            sizes = blocks.type_sizes(type_id)
+            sizes = block_formats.type_sizes(type_id)
             if sizes is None:
                 raise c.fail(f"tensor '{name}' has type {type_id}, which is no ggml type this runtime knows", at)
             row = ne[0] if ne else 1
             if row % sizes[0]:
-                raise c.fail(f"tensor '{name}' rows of {row} elements are not whole {blocks.type_name(type_id)} "
+                raise c.fail(f"tensor '{name}' rows of {row} elements are not whole {block_formats.type_name(type_id)} "
                              f"blocks of {sizes[0]}", at)
             offset = c.scalar("<Q", f"tensor '{name}' (offset)")
             infos.append((name, ne, type_id, offset, elements // sizes[0] * sizes[1]))
@@ -231,7 +231,7 @@ class GGUFReader:
         if plain is not None:
             return np.frombuffer(self._map, plain, info.nbytes // np.dtype(plain).itemsize,
                                  info.offset).reshape(shape)
-        elems, size = blocks.type_sizes(info.type)
+        elems, size = block_formats.type_sizes(info.type)
         row_bytes = (info.ne[0] if info.ne else 1) // elems * size
         return np.frombuffer(self._map, np.uint8, info.nbytes, info.offset).reshape(*shape[:-1], row_bytes)
 

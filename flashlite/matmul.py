@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite._native import check, ffi, lib
 
 SIMD_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
@@ -22,14 +22,14 @@ def _type_id(wtype) -> int:
     """A ggml type id from an int, a gguf.GGMLQuantizationType or its name ("Q4_K", case-insensitive)."""
     if isinstance(wtype, str):
         try:
-            type_id = blocks.type_id(wtype)
+            type_id = block_formats.type_id(wtype)
         except ValueError:
             raise ValueError(f"wtype: unknown type name {wtype!r}") from None
     elif isinstance(wtype, (int, np.integer)) and not isinstance(wtype, bool):
         type_id = int(wtype)
     else:
         raise TypeError(f"wtype: expected a type id, name or gguf.GGMLQuantizationType, got {type(wtype).__name__}")
-    if not blocks.can_matmul(type_id):
+    if not block_formats.can_matmul(type_id):
         raise ValueError(f"wtype: {wtype!r} is not a weight format of the core")
     return type_id
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite.atomic import partial_file, remove_stale_partials
 from flashlite.gguf_model import shard_number
 from quant.gguf_meta import ARCH, DSPARK_ARCH, hparam_kv, read_dspark, read_hparams
@@ -47,7 +47,7 @@ class Planned:
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: int) -> int:
-    elems, size = blocks.type_sizes(qtype)
+    elems, size = block_formats.type_sizes(qtype)
     return math.prod(shape[:-1]) * (shape[-1] // elems) * size
 
 
@@ -113,7 +113,7 @@ def _encode(values: np.ndarray, qtype: int, importance: np.ndarray | None) -> np
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == 1:
         return values.astype(np.float16)
-    return blocks.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype, importance)
+    return block_formats.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype, importance)
 
 
 def _column_energy(part, r0: int, r1: int) -> np.ndarray:
@@ -282,7 +282,7 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
     elif layout.skipped:
         notes.append(f"left out {len(layout.skipped)} tensor(s) llama.cpp's deepseek4 does not load "
                      f"(MTP, hash layers' gate bias), e.g. {layout.skipped[0]}")
-    lossy = [p.tensor.name for p in planned if p.qtype == blocks.type_id("MXFP4")
+    lossy = [p.tensor.name for p in planned if p.qtype == block_formats.type_id("MXFP4")
              and any(part.source_type != p.qtype for part in p.tensor.parts)]
     if lossy:
         notes.append(f"{len(lossy)} MXFP4 tensor(s) are quantized, not repacked (their source is not FP4): "
@@ -292,7 +292,7 @@ def plan(src: str | os.PathLike, recipe: Recipe, imatrix: Imatrix | None = None,
 
 def _is_quantized(qtype: int) -> bool:
     """ggml_is_quantized: a block type (not F32, F16, BF16 or an integer type)."""
-    sizes = blocks.type_sizes(qtype)
+    sizes = block_formats.type_sizes(qtype)
     return sizes is not None and sizes[0] > 1
 
 
@@ -305,11 +305,11 @@ def _check_requantize(src: Path, planned: list[Planned], allow: bool, notes: lis
         return
     p, was = again[0]
     if not allow:
-        raise ValueError(f"{src}: tensor '{p.tensor.name}' is {blocks.type_name(was)} already: requantizing it to "
-                         f"{blocks.type_name(p.qtype)} compounds two roundings (as llama-quantize, this takes "
-                         f"--allow-requantize; {len(again)} tensor(s) would be)")
+        raise ValueError(f"{src}: tensor '{p.tensor.name}' is {block_formats.type_name(was)} already: requantizing it "
+                         f"to {block_formats.type_name(p.qtype)} compounds two roundings (as llama-quantize, this "
+                         f"takes --allow-requantize; {len(again)} tensor(s) would be)")
     notes.append(f"{len(again)} already quantized tensor(s) are requantized, e.g. {p.tensor.name} "
-                 f"{blocks.type_name(was)} -> {blocks.type_name(p.qtype)}")
+                 f"{block_formats.type_name(was)} -> {block_formats.type_name(p.qtype)}")
 
 
 def plan_lines(p: Plan) -> list[str]:
@@ -321,11 +321,11 @@ def plan_lines(p: Plan) -> list[str]:
     shape_width = max(map(len, shapes))
     for i, (t, shape) in enumerate(zip(p.tensors, shapes)):
         src_type = t.tensor.source_type
-        src_bytes = (tensor_nbytes(t.tensor.shape, src_type) if blocks.type_sizes(src_type) else t.nbytes)
+        src_bytes = (tensor_nbytes(t.tensor.shape, src_type) if block_formats.type_sizes(src_type) else t.nbytes)
         n = math.prod(t.tensor.shape)
         before, after, elements = before + src_bytes, after + t.nbytes, elements + n
         lines.append(f"[{i + 1:4d}/{len(p.tensors):4d}] {t.tensor.name:<{width}} {shape:<{shape_width}} "
-                     f"{blocks.type_name(src_type):>7} -> {blocks.type_name(t.qtype):<7} "
+                     f"{block_formats.type_name(src_type):>7} -> {block_formats.type_name(t.qtype):<7} "
                      f"{src_bytes / 2**20:10.3f} MiB -> {t.nbytes / 2**20:10.3f} MiB")
     lines.append(f"model size = {before / 2**20:10.2f} MiB ({before * 8 / elements:.2f} BPW)")
     lines.append(f"quant size = {after / 2**20:10.2f} MiB ({after * 8 / elements:.2f} BPW)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite.gguf_model import GGUFFile, WeightView
 from quant.layout import EXPERT, HC, INDEX, MATRIX, PINNED, ROUTER, GGUFTensor, Layout
 from quant.safetensors_source import CheckpointError
@@ -36,7 +36,7 @@ class GGUFStored:
 
     @property
     def format(self) -> str:
-        return blocks.type_name(self.view.type)
+        return block_formats.type_name(self.view.type)
 
     @property
     def source_type(self) -> int:
@@ -56,9 +56,9 @@ class GGUFStored:
             return rows
         if self.view.type == 1:
             return rows.astype(np.float32)
-        if not blocks.type_sizes(self.view.type) or not blocks.can_dequantize(self.view.type):
+        if not block_formats.type_sizes(self.view.type) or not block_formats.can_dequantize(self.view.type):
             raise CheckpointError(f"{self.where()} has type {self.format}, which cannot be decoded to requantize")
-        return blocks.dequantize(np.ascontiguousarray(rows), self.view.type)
+        return block_formats.dequantize(np.ascontiguousarray(rows), self.view.type)
 
     def encoded_rows(self, r0: int, r1: int, qtype: int) -> np.ndarray | None:
         """Rows r0:r1 as stored, when they already are `qtype` (llama.cpp copies such tensors unchanged)."""

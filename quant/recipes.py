@@ -29,13 +29,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flashlite import blocks
+from flashlite import block_formats
 from quant.layout import EXPERT, HC, INDEX, MATRIX, PINNED, ROUTER, GGUFTensor
 
 
 def T(name: str) -> int:
     """The ggml type id of a type name."""
-    return blocks.type_id(name)
+    return block_formats.type_id(name)
 
 
 F32, F16, BF16, I32 = T("F32"), T("F16"), T("BF16"), T("I32")
@@ -75,7 +75,7 @@ _FALLBACK = {T(a): T(b) for a, b in (
 
 
 def _block(qtype: int) -> int:
-    return blocks.type_sizes(qtype)[0]
+    return block_formats.type_sizes(qtype)[0]
 
 
 def fallback(qtype: int, row: int) -> int:
@@ -158,7 +158,7 @@ class Recipe:
         if token_embd_type is not None:
             recipe.token_embd_type = _flashlite_type(token_embd_type, "--token-embedding-type")
         recipe.leave_output, recipe.pure = leave_output, pure
-        if isinstance(recipe, LlamaMix) and not blocks.type_sizes(recipe.default)[0] > 1:
+        if isinstance(recipe, LlamaMix) and not block_formats.type_sizes(recipe.default)[0] > 1:
             for option, given in (("--tensor-type", recipe.overrides), ("--pure", pure)):
                 if given:
                     raise ValueError(f"{option}: llama.cpp's {recipe.ftype} is not a quantized file type, to which "
@@ -207,7 +207,7 @@ class Recipe:
                     if t.shape[-1] % _block(fixed):
                         option = "--output-tensor-type" if t.name == "output.weight" else "--token-embedding-type"
                         raise ValueError(f"{option}: {t.name} has rows of {t.shape[-1]}, not a multiple of "
-                                         f"{blocks.type_name(fixed)}'s block of {_block(fixed)}")
+                                         f"{block_formats.type_name(fixed)}'s block of {_block(fixed)}")
                     types[t.name] = fixed
                     continue
                 used.update(p for p, regex, _ in self.overrides if regex.search(t.name))
@@ -225,8 +225,8 @@ class Recipe:
         notes = []
         for (wanted, got), names in fallbacks.items():
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            notes.append(f"{blocks.type_name(wanted)} needs rows in multiples of {_block(wanted)}: {len(names)} "
-                         f"tensor(s) use {blocks.type_name(got)} instead ({shown})")
+            notes.append(f"{block_formats.type_name(wanted)} needs rows in multiples of {_block(wanted)}: {len(names)} "
+                         f"tensor(s) use {block_formats.type_name(got)} instead ({shown})")
         return types, notes
 
 

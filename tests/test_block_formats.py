@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite._native import ffi, lib
 from ggml_oracle import dequantize as ggml_dequantize
 from ggml_oracle import dot as ggml_dot
@@ -152,7 +152,7 @@ def random_blocks(qtype, n_bytes: int, rng, half: int = 0x2E66) -> np.ndarray:
     """Random bytes in whole blocks of qtype with every fp16 scale field set to `half` (0.1): every grid point,
     sign pattern and sub-block scale code comes up, the values stay finite."""
     data = rng.integers(0, 256, n_bytes, dtype=np.uint8)
-    per_block = data.reshape(-1, blocks.block_bytes(qtype))
+    per_block = data.reshape(-1, block_formats.block_bytes(qtype))
     if qtype == T.IQ1_M:
         put_iq1_m_scale(per_block, half)
     for off in HALF_SCALES.get(qtype, []):
@@ -163,7 +163,7 @@ def random_blocks(qtype, n_bytes: int, rng, half: int = 0x2E66) -> np.ndarray:
 def adversarial_blocks(qtype, rng) -> np.ndarray:
     """Blocks whose scale fields run through zeros, subnormals, extremes, infinities and NaNs, over payloads
     of constant and random bytes; MXFP4 runs its e8m0 exponent over the edges instead."""
-    size = blocks.block_bytes(qtype)
+    size = block_formats.block_bytes(qtype)
     out = []
     for payload in PAYLOADS:
         base = rng.integers(0, 256, size, dtype=np.uint8) if payload is None else np.full(size, payload, np.uint8)
@@ -196,9 +196,9 @@ def adversarial_blocks(qtype, rng) -> np.ndarray:
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dequantize_random_bytes_matches_gguf(qtype):
     rng = np.random.default_rng(int(qtype))
-    data = rng.integers(0, 256, (64, 32 * blocks.block_bytes(qtype)), dtype=np.uint8)
-    got = blocks.dequantize(data, qtype)
-    assert got.shape == (64, 32 * blocks.block_elems(qtype))
+    data = rng.integers(0, 256, (64, 32 * block_formats.block_bytes(qtype)), dtype=np.uint8)
+    got = block_formats.dequantize(data, qtype)
+    assert got.shape == (64, 32 * block_formats.block_elems(qtype))
     assert_bits_equal(got, gguf_dequantize(data, qtype))
 
 
@@ -206,27 +206,27 @@ def test_dequantize_random_bytes_matches_gguf(qtype):
                          ids=lambda t: t.name)
 def test_dequantize_adversarial_blocks_matches_gguf(qtype):
     data = adversarial_blocks(qtype, np.random.default_rng(7))
-    assert_bits_equal(blocks.dequantize(data, qtype), gguf_dequantize(data, qtype))
+    assert_bits_equal(block_formats.dequantize(data, qtype), gguf_dequantize(data, qtype))
 
 
 @pytest.mark.parametrize("qtype", [T.F16, T.BF16], ids=lambda t: t.name)
 def test_dequantize_every_16_bit_pattern(qtype):
     data = np.arange(65536, dtype="<u2").view(np.uint8)
-    got = blocks.dequantize(data, qtype)
+    got = block_formats.dequantize(data, qtype)
     # payloads too: both keep NaNs as they are
     np.testing.assert_array_equal(got.view(np.uint32), gguf_dequantize(data, qtype).view(np.uint32))
 
 
 def test_dequantize_f32_special_values():
     x = np.array([0.0, -0.0, 1e-45, -1e-45, 1.17e-38, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38], np.float32)
-    np.testing.assert_array_equal(blocks.dequantize(x.view(np.uint8), T.F32).view(np.uint32), x.view(np.uint32))
+    np.testing.assert_array_equal(block_formats.dequantize(x.view(np.uint8), T.F32).view(np.uint32), x.view(np.uint32))
 
 
 def test_dequantize_accepts_bytes_and_checks_n():
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, 3 * 34, dtype=np.uint8)
     data[1::34] = 0x3C  # finite scales
-    from_bytes = blocks.dequantize(data.tobytes(), T.Q8_0, n=96)
+    from_bytes = block_formats.dequantize(data.tobytes(), T.Q8_0, n=96)
     assert from_bytes.shape == (96,)
     assert_bits_equal(from_bytes, gguf_dequantize(data, T.Q8_0))
 
@@ -261,7 +261,7 @@ def exact_inputs(kind: str, rng) -> np.ndarray:
 def without_zero_scale_signs(q: np.ndarray, qtype) -> np.ndarray:
     """q with every -0 scale field made +0."""
     q = q.copy()
-    per_block = q.reshape(-1, blocks.block_bytes(qtype))
+    per_block = q.reshape(-1, block_formats.block_bytes(qtype))
     for off in HALF_SCALES[qtype]:
         field = per_block[:, off:off + 2].copy().view("<u2")
         field[field == 0x8000] = 0
@@ -273,7 +273,7 @@ def without_zero_scale_signs(q: np.ndarray, qtype) -> np.ndarray:
 @pytest.mark.parametrize("qtype", EXACT_QUANTIZERS, ids=lambda t: t.name)
 def test_quantize_matches_gguf_bit_exactly(qtype, kind):
     x = exact_inputs(kind, np.random.default_rng(11))
-    got, want = blocks.quantize(x, qtype), gguf_quantize(x, qtype)
+    got, want = block_formats.quantize(x, qtype), gguf_quantize(x, qtype)
     if qtype in LEGACY and kind == "zeros":
         # gguf-py and ggml disagree on the sign of a zero scale: numpy's argmax, min and max pick whichever zero
         # comes first where ggml keeps its own start values. ggml wins (test_legacy_zero_blocks_keep_ggml_signs).
@@ -289,10 +289,10 @@ def test_legacy_zero_blocks_keep_ggml_signs():
     x[1, 0] = -0.0
     x[1, 5] = -0.0
     for qtype in (T.Q4_0, T.Q5_0):
-        d = blocks.quantize(x, qtype)[:, :2].copy().view("<u2")[:, 0]
+        d = block_formats.quantize(x, qtype)[:, :2].copy().view("<u2")[:, 0]
         np.testing.assert_array_equal(d, [0x8000, 0x8000])
     for qtype in (T.Q4_1, T.Q5_1):
-        dm = blocks.quantize(x, qtype)[:, :4].copy().view("<u2")
+        dm = block_formats.quantize(x, qtype)[:, :4].copy().view("<u2")
         np.testing.assert_array_equal(dm, [[0x0000, 0x0000], [0x0000, 0x8000]])
 
 
@@ -307,7 +307,7 @@ def test_f16_conversion_rounds_like_numpy_on_bit_patterns():
     x = bits.view(np.float32)
     with np.errstate(over="ignore"):
         ref = x.astype(np.float16)
-    np.testing.assert_array_equal(blocks.quantize(x, T.F16).view(np.uint16), ref.view(np.uint16))
+    np.testing.assert_array_equal(block_formats.quantize(x, T.F16).view(np.uint16), ref.view(np.uint16))
 
 
 def test_bf16_conversion_matches_gguf_on_bit_patterns():
@@ -315,14 +315,14 @@ def test_bf16_conversion_matches_gguf_on_bit_patterns():
     bits = np.concatenate([rng.integers(0, 2**32, 1 << 18, dtype=np.uint64).astype(np.uint32),
                            np.uint32([0x7F7FFFFF, 0x7F7F8000, 0x3F808000, 0x3F818000, 0x7F800001, 0xFFFF0001])])
     x = bits.view(np.float32)[None, :]
-    np.testing.assert_array_equal(blocks.quantize(x, T.BF16), gguf_quantize(x, T.BF16))
+    np.testing.assert_array_equal(block_formats.quantize(x, T.BF16), gguf_quantize(x, T.BF16))
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.MXFP4, T.F16, T.BF16, *LEGACY], ids=lambda t: t.name)
 def test_exact_formats_requantize_to_the_same_bytes(qtype):
     x = exact_inputs("random", np.random.default_rng(12))
-    q = blocks.quantize(x, qtype)
-    np.testing.assert_array_equal(blocks.quantize(blocks.dequantize(q, qtype), qtype), q)
+    q = block_formats.quantize(x, qtype)
+    np.testing.assert_array_equal(block_formats.quantize(block_formats.dequantize(q, qtype), qtype), q)
 
 
 # ---------------------------------------------------------------- search quantizers (no gguf-py quantizer)
@@ -425,21 +425,21 @@ GGML_IMPORTANCE_SHA256 = {
 def test_search_quantizers_write_the_bytes_llama_cpp_writes(qtype):
     x = lcg_inputs(8, 1024, 1)
     assert hashlib.sha256(x.tobytes()).hexdigest()[:16] == "00eb979c510c0bda", "test input changed"
-    assert hashlib.sha256(blocks.quantize(x, qtype).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
+    assert hashlib.sha256(block_formats.quantize(x, qtype).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
 
 
 @pytest.mark.parametrize("qtype", list(GGML_IMPORTANCE_SHA256), ids=lambda t: t.name)
 def test_importance_quantizers_write_the_bytes_llama_cpp_writes(qtype):
     x, importance = lcg_inputs(8, 1024, 1), lcg_importance(1024)
     assert hashlib.sha256(importance.tobytes()).hexdigest()[:16] == "9dc63d1a5ef954b6", "test input changed"
-    q = blocks.quantize(x, qtype, importance)
+    q = block_formats.quantize(x, qtype, importance)
     assert hashlib.sha256(q.tobytes()).hexdigest() == GGML_IMPORTANCE_SHA256[qtype]
-    assert not np.array_equal(q, blocks.quantize(x, qtype)), "importance changed nothing"
+    assert not np.array_equal(q, block_formats.quantize(x, qtype)), "importance changed nothing"
 
 
 def fl_quantize_rows_one_by_one(x: np.ndarray, qtype) -> np.ndarray:
     """The core's reference quantizer (fl_quantize, the traits' from_float) on each row of x."""
-    out = np.zeros((x.shape[0], blocks.row_bytes(qtype, x.shape[1])), np.uint8)
+    out = np.zeros((x.shape[0], block_formats.row_bytes(qtype, x.shape[1])), np.uint8)
     for r in range(x.shape[0]):
         row = np.ascontiguousarray(x[r])
         assert lib.fl_quantize(int(qtype), ffi.from_buffer("float[]", row), ffi.from_buffer(out[r]), row.size) == 0
@@ -458,9 +458,10 @@ def test_reference_quantizer_is_the_search_without_importance(qtype):
     """fl_quantize and fl_quantize_rows without importance write the same bytes wherever ggml's reference is its
     chunk quantizer without an imatrix (or, for the types that need one, the search with unit weights)."""
     x = lcg_inputs(2, 512, 3)
-    np.testing.assert_array_equal(fl_quantize_rows_one_by_one(x, qtype), blocks.quantize(x, qtype))
+    np.testing.assert_array_equal(fl_quantize_rows_one_by_one(x, qtype), block_formats.quantize(x, qtype))
     if qtype in IMATRIX_ONLY:
-        np.testing.assert_array_equal(blocks.quantize(x, qtype), blocks.quantize(x, qtype, np.ones(512, np.float32)))
+        np.testing.assert_array_equal(block_formats.quantize(x, qtype),
+                                      block_formats.quantize(x, qtype, np.ones(512, np.float32)))
 
 
 def test_iq4_nl_zero_blocks_keep_ggml_bytes():
@@ -471,7 +472,7 @@ def test_iq4_nl_zero_blocks_keep_ggml_bytes():
     ref = fl_quantize_rows_one_by_one(x, T.IQ4_NL).reshape(4, 18)
     np.testing.assert_array_equal(ref[1, :2], [0, 0])
     np.testing.assert_array_equal(ref[1, 2:], ref[0, 2:])
-    full = blocks.quantize(x, T.IQ4_NL).reshape(4, 18)
+    full = block_formats.quantize(x, T.IQ4_NL).reshape(4, 18)
     np.testing.assert_array_equal(full[1], [0, 0] + [0x88] * 16)
 
 
@@ -485,9 +486,10 @@ def test_importance_lowers_the_weighted_error(qtype):
     importance = (rng.random(2048) ** 4 + 1e-3).astype(np.float32)
 
     def weighted_error(q):
-        return np.sum(importance * (blocks.dequantize(q, qtype) - x) ** 2)
+        return np.sum(importance * (block_formats.dequantize(q, qtype) - x) ** 2)
 
-    assert weighted_error(blocks.quantize(x, qtype, importance)) < 0.87 * weighted_error(blocks.quantize(x, qtype))
+    assert (weighted_error(block_formats.quantize(x, qtype, importance))
+            < 0.87 * weighted_error(block_formats.quantize(x, qtype)))
 
 
 @pytest.mark.parametrize("qtype", ROUND_TRIP, ids=lambda t: t.name)
@@ -496,8 +498,8 @@ def test_round_trip_error_within_bounds(qtype):
     gauss_bound, heavy_bound = RMSE_BOUNDS[qtype]
     for x, bound in ((rng.standard_normal((32, 2048)), gauss_bound), (rng.standard_t(3, (32, 2048)), heavy_bound)):
         x = x.astype(np.float32)
-        y = blocks.dequantize(blocks.quantize(x, qtype), qtype)
-        assert_bits_equal(y, gguf_dequantize(blocks.quantize(x, qtype), qtype))
+        y = block_formats.dequantize(block_formats.quantize(x, qtype), qtype)
+        assert_bits_equal(y, gguf_dequantize(block_formats.quantize(x, qtype), qtype))
         rel = np.sqrt(np.mean((y.astype(np.float64) - x) ** 2) / np.mean(x.astype(np.float64) ** 2))
         assert rel < bound, f"{qtype.name}: relative RMSE {rel:.4f} >= {bound}"
 
@@ -509,7 +511,7 @@ def test_round_trip_error_scales_with_each_block(qtype):
     rng = np.random.default_rng(22)
     x = rng.standard_normal((8, 2048)).astype(np.float32)
     x *= np.float32(10.0) ** rng.integers(-2, 5, (8, 8)).repeat(256, axis=1).astype(np.float32)
-    y = blocks.dequantize(blocks.quantize(x, qtype), qtype)
+    y = block_formats.dequantize(block_formats.quantize(x, qtype), qtype)
     err = ((y - x) ** 2).reshape(-1, 256).sum(1) / (x ** 2).reshape(-1, 256).sum(1)
     assert np.sqrt(err.max()) < 2.0 * RMSE_BOUNDS[qtype][1]
 
@@ -519,8 +521,8 @@ def test_requantizing_dequantized_blocks_is_nearly_idempotent(qtype):
     """The searches need not land on the same grid twice, but a second pass must lose far less than the first."""
     rng = np.random.default_rng(23)
     x = rng.standard_normal((64, 2048)).astype(np.float32)
-    y = blocks.dequantize(blocks.quantize(x, qtype), qtype)
-    z = blocks.dequantize(blocks.quantize(y, qtype), qtype)
+    y = block_formats.dequantize(block_formats.quantize(x, qtype), qtype)
+    z = block_formats.dequantize(block_formats.quantize(y, qtype), qtype)
     first = np.sqrt(np.mean((y - x) ** 2))
     second = np.sqrt(np.mean((z - y) ** 2))
     ratio_bound, identical_share = REQUANT_BOUNDS[qtype]
@@ -535,7 +537,7 @@ def test_search_quantizers_on_edge_blocks(qtype):
     x[1] = 0.37
     x[2, 5] = -3.0
     x[3] = np.where(np.arange(256) % 2, 1.0, -1.0)
-    y = blocks.dequantize(blocks.quantize(x, qtype), qtype)
+    y = block_formats.dequantize(block_formats.quantize(x, qtype), qtype)
     assert not np.any(y[0])
     # measured worst relative errors 3e-4, 1e-3, 6e-4, 3e-4, 0.061, 0.70: the IQ2_XXS lattice has no point with
     # 8 equal middle magnitudes, so a constant block comes back as a mix of its neighbours. Q4_0 / Q5_0 map the
@@ -572,12 +574,12 @@ def test_quantizers_survive_non_finite_and_extreme_input(qtype, weighted):
         importance[::5] = 0
         importance[1::17] = 3e38
         importance[2::19] = 1e-45
-    q = blocks.quantize(x, qtype, importance)
-    assert q.shape == (6, blocks.row_bytes(qtype, 256))
-    clean = blocks.quantize(x[5:], qtype, importance)
+    q = block_formats.quantize(x, qtype, importance)
+    assert q.shape == (6, block_formats.row_bytes(qtype, 256))
+    clean = block_formats.quantize(x[5:], qtype, importance)
     np.testing.assert_array_equal(q[5:], clean)
     with np.errstate(all="ignore"):
-        blocks.dequantize(q, qtype)
+        block_formats.dequantize(q, qtype)
 
 
 # ---------------------------------------------------------------- Q8_K activations
@@ -603,13 +605,13 @@ def test_q8_k_matches_numpy_reference_and_bsums():
     x = (rng.standard_normal((40, 256)) * rng.choice(np.float32([1e-20, 1.0, 1e20]), (40, 1))).astype(np.float32)
     x[3] = 0.0
     x[4] = -2.5  # every value is the extreme one
-    got = blocks.quantize(x, T.Q8_K).reshape(-1).view(Q8_K_DTYPE)
+    got = block_formats.quantize(x, T.Q8_K).reshape(-1).view(Q8_K_DTYPE)
     ref = q8_k_numpy(x)
     np.testing.assert_array_equal(got["qs"], ref["qs"])
     np.testing.assert_array_equal(got["d"].view(np.uint32), ref["d"].view(np.uint32))
     np.testing.assert_array_equal(got["bsums"], got["qs"].reshape(-1, 16, 16).astype(np.int32).sum(2))
     assert got["qs"].min() >= -128 and got["qs"].max() <= 127
-    deq = blocks.dequantize(blocks.quantize(x, T.Q8_K), T.Q8_K)
+    deq = block_formats.dequantize(block_formats.quantize(x, T.Q8_K), T.Q8_K)
     np.testing.assert_array_equal(deq, got["d"][:, None] * got["qs"].astype(np.float32))
 
 
@@ -621,7 +623,7 @@ def test_q8_1_is_q8_0_with_block_sums(kind):
     """quantize_row_q8_1_ref: d and qs exactly as Q8_0's (gguf-py's quantizer), and s = d * sum(qs) with d before
     its rounding to fp16, rounded to fp16."""
     x = exact_inputs(kind, np.random.default_rng(32))
-    got = blocks.quantize(x, T.Q8_1).reshape(-1).view(Q8_1_DTYPE)
+    got = block_formats.quantize(x, T.Q8_1).reshape(-1).view(Q8_1_DTYPE)
     q8_0 = gguf_quantize(x, T.Q8_0).reshape(-1, 34)
     np.testing.assert_array_equal(got["d"].view("<u2"), q8_0[:, :2].copy().view("<u2")[:, 0])
     np.testing.assert_array_equal(got["qs"], q8_0[:, 2:].view(np.int8))
@@ -629,7 +631,7 @@ def test_q8_1_is_q8_0_with_block_sums(kind):
     with np.errstate(over="ignore"):
         s = (got["qs"].astype(np.int32).sum(1).astype(np.float32) * d).astype(np.float16)
     np.testing.assert_array_equal(got["s"].view("<u2"), s.view("<u2"))
-    deq = blocks.dequantize(blocks.quantize(x, T.Q8_1), T.Q8_1).reshape(-1, 32)
+    deq = block_formats.dequantize(block_formats.quantize(x, T.Q8_1), T.Q8_1).reshape(-1, 32)
     with np.errstate(invalid="ignore"):
         np.testing.assert_array_equal(deq, got["qs"].astype(np.float32) * got["d"].astype(np.float32)[:, None])
 
@@ -642,7 +644,7 @@ def q8_1_min_term(qtype, w_row: np.ndarray, act_row: np.ndarray) -> float:
     where the float64 dot of the dequantized rows has the exact sum: the difference, to add to that dot."""
     if qtype not in Q8_1_ACT:
         return 0.0
-    m = w_row.reshape(-1, blocks.block_bytes(qtype))[:, 2:4].copy().view("<f2")[:, 0].astype(np.float64)
+    m = w_row.reshape(-1, block_formats.block_bytes(qtype))[:, 2:4].copy().view("<f2")[:, 0].astype(np.float64)
     a = act_row.view(Q8_1_DTYPE)
     exact = a["d"].astype(np.float64) * a["qs"].astype(np.int64).sum(1)
     return float(np.sum(m * (a["s"].astype(np.float64) - exact)))
@@ -665,12 +667,12 @@ def test_vec_dot_ref_matches_float64_dot_of_dequantized_rows(qtype):
     for trial in range(8):
         x = rng.standard_normal(n).astype(np.float32)
         if qtype in IQ_TYPES and trial % 2:  # random blocks reach every grid point, sign pattern and scale code
-            w = random_blocks(qtype, blocks.row_bytes(qtype, n), rng)
+            w = random_blocks(qtype, block_formats.row_bytes(qtype, n), rng)
         else:
-            w = blocks.quantize(rng.standard_normal(n).astype(np.float32), qtype)
-        a = blocks.quantize(x, act_type)
-        wf = blocks.dequantize(w, qtype).astype(np.float64)
-        af = blocks.dequantize(a, act_type).astype(np.float64)
+            w = block_formats.quantize(rng.standard_normal(n).astype(np.float32), qtype)
+        a = block_formats.quantize(x, act_type)
+        wf = block_formats.dequantize(w, qtype).astype(np.float64)
+        af = block_formats.dequantize(a, act_type).astype(np.float64)
         exact = float(wf @ af) + q8_1_min_term(qtype, w, a)
         scale = float(np.abs(wf) @ np.abs(af))
         # float32 accumulation over blocks: measured <= 2.1e-8 of sum |w*a| over 50 rows per type
@@ -712,8 +714,9 @@ def test_quantizers_match_ggml_on_random_data(qtype):
     importance = (rng.random(x.shape[1]) ** 3 + 1e-3).astype(np.float32)
     importance[::11] = 0
     plain = np.ones(x.shape[1], np.float32) if qtype in IMATRIX_ONLY else None
-    np.testing.assert_array_equal(blocks.quantize(x, qtype), ggml_quantize(qtype.name, x, plain))
-    np.testing.assert_array_equal(blocks.quantize(x, qtype, importance), ggml_quantize(qtype.name, x, importance))
+    np.testing.assert_array_equal(block_formats.quantize(x, qtype), ggml_quantize(qtype.name, x, plain))
+    np.testing.assert_array_equal(block_formats.quantize(x, qtype, importance),
+                                  ggml_quantize(qtype.name, x, importance))
 
 
 @needs_ggml
@@ -721,9 +724,9 @@ def test_quantizers_match_ggml_on_random_data(qtype):
 def test_dequantize_matches_ggml_on_random_bytes(qtype):
     """Random bytes, scale fields included: NaN and infinity come out where ggml's do."""
     rng = np.random.default_rng(80 + int(qtype))
-    data = rng.integers(0, 256, (8, blocks.row_bytes(qtype, 1024)), dtype=np.uint8)
+    data = rng.integers(0, 256, (8, block_formats.row_bytes(qtype, 1024)), dtype=np.uint8)
     with np.errstate(all="ignore"):
-        assert_bits_equal(blocks.dequantize(data, qtype), ggml_dequantize(qtype.name, data))
+        assert_bits_equal(block_formats.dequantize(data, qtype), ggml_dequantize(qtype.name, data))
 
 
 @needs_ggml
@@ -737,18 +740,18 @@ def test_vec_dot_ref_matches_ggml(qtype):
     rng = np.random.default_rng(90 + int(qtype))
     n = 1024
     act_type = lib.fl_type_act_type(int(qtype))
-    w = np.concatenate([blocks.quantize(rng.standard_normal((4, n)).astype(np.float32), qtype),
-                        random_blocks(qtype, 2 * blocks.row_bytes(qtype, n), rng).reshape(2, -1)])
+    w = np.concatenate([block_formats.quantize(rng.standard_normal((4, n)).astype(np.float32), qtype),
+                        random_blocks(qtype, 2 * block_formats.row_bytes(qtype, n), rng).reshape(2, -1)])
     exact = rng.integers(-127, 128, (3, n)).astype(np.float32)
     exact.reshape(3, -1, 32)[:, :, 0] = 127 * rng.choice([-1, 1], (3, n // 32))
     exact *= np.float32(2.0) ** rng.integers(-3, 4, (3, 1)).astype(np.float32)
     for x, bound in ((exact, 1e-7), (rng.standard_normal((3, n)).astype(np.float32), 1e-6)):
         theirs = ggml_dot(qtype.name, w, x)
         for t in range(len(x)):
-            a = blocks.quantize(x[t], act_type)
-            af = np.abs(blocks.dequantize(a, act_type).astype(np.float64))
+            a = block_formats.quantize(x[t], act_type)
+            af = np.abs(block_formats.dequantize(a, act_type).astype(np.float64))
             for r in range(len(w)):
-                scale = float(np.abs(blocks.dequantize(w[r], qtype).astype(np.float64)) @ af)
+                scale = float(np.abs(block_formats.dequantize(w[r], qtype).astype(np.float64)) @ af)
                 assert abs(vec_dot_ref(qtype, w[r], a, n) - theirs[r, t]) <= bound * scale, (r, t)
 
 
@@ -765,47 +768,47 @@ def test_vec_dot_ref_rejects_activation_only_and_unknown_types():
 
 
 def test_row_bytes_and_shapes():
-    assert blocks.row_bytes(T.Q4_K, 512) == 288
-    assert blocks.row_bytes(int(T.F16), 3) == 6
-    assert blocks.row_bytes(T.MXFP4, 64) == 34
-    assert blocks.row_bytes(T.IQ2_XXS, 256) == 66
-    assert blocks.row_bytes(T.IQ4_NL, 64) == 36 and blocks.row_bytes(T.IQ1_M, 256) == 56
+    assert block_formats.row_bytes(T.Q4_K, 512) == 288
+    assert block_formats.row_bytes(int(T.F16), 3) == 6
+    assert block_formats.row_bytes(T.MXFP4, 64) == 34
+    assert block_formats.row_bytes(T.IQ2_XXS, 256) == 66
+    assert block_formats.row_bytes(T.IQ4_NL, 64) == 36 and block_formats.row_bytes(T.IQ1_M, 256) == 56
     for qtype in WEIGHT_TYPES:
-        assert blocks.row_bytes(qtype, 256) == gq.quant_shape_to_byte_shape((256,), qtype)[0]
+        assert block_formats.row_bytes(qtype, 256) == gq.quant_shape_to_byte_shape((256,), qtype)[0]
     x = np.random.default_rng(0).standard_normal((3, 2, 512)).astype(np.float32)
-    q = blocks.quantize(x, T.Q6_K)
+    q = block_formats.quantize(x, T.Q6_K)
     assert q.shape == (3, 2, 420) and q.dtype == np.uint8
-    assert blocks.dequantize(q, T.Q6_K).shape == (3, 2, 512)
-    np.testing.assert_array_equal(blocks.quantize(x, T.F32).view(np.float32), x)
+    assert block_formats.dequantize(q, T.Q6_K).shape == (3, 2, 512)
+    np.testing.assert_array_equal(block_formats.quantize(x, T.F32).view(np.float32), x)
 
 
 def test_bad_arguments_raise_naming_the_argument():
     x = np.zeros(512, np.float32)
     data = np.zeros(288, np.uint8)
     with pytest.raises(ValueError, match="data"):
-        blocks.dequantize(data[:100], T.Q4_K)
+        block_formats.dequantize(data[:100], T.Q4_K)
     with pytest.raises(TypeError, match="data"):
-        blocks.dequantize(data.view(np.int8), T.Q4_K)
+        block_formats.dequantize(data.view(np.int8), T.Q4_K)
     with pytest.raises(TypeError, match="data"):
-        blocks.dequantize(list(data), T.Q4_K)
+        block_formats.dequantize(list(data), T.Q4_K)
     with pytest.raises(ValueError, match="data"):
-        blocks.dequantize(np.zeros((288, 2), np.uint8)[:, 0], T.Q4_K)
+        block_formats.dequantize(np.zeros((288, 2), np.uint8)[:, 0], T.Q4_K)
     with pytest.raises(ValueError, match="n"):
-        blocks.dequantize(data, T.Q4_K, n=256)
+        block_formats.dequantize(data, T.Q4_K, n=256)
     with pytest.raises(ValueError, match="qtype"):
-        blocks.dequantize(data, 4)  # an id ggml does not use (was Q4_2)
+        block_formats.dequantize(data, 4)  # an id ggml does not use (was Q4_2)
     with pytest.raises(ValueError, match="qtype"):
-        blocks.dequantize(data, 999)
+        block_formats.dequantize(data, 999)
     with pytest.raises(TypeError, match="qtype"):
-        blocks.dequantize(data, "q4_K")
+        block_formats.dequantize(data, "q4_K")
     with pytest.raises(TypeError, match="x"):
-        blocks.quantize(x.astype(np.float64), T.Q4_K)
+        block_formats.quantize(x.astype(np.float64), T.Q4_K)
     with pytest.raises(ValueError, match="x"):
-        blocks.quantize(x[:100], T.Q4_K)
+        block_formats.quantize(x[:100], T.Q4_K)
     with pytest.raises(ValueError, match="x"):
-        blocks.quantize(x[::2], T.Q8_0)
+        block_formats.quantize(x[::2], T.Q8_0)
     with pytest.raises(ValueError, match="n"):
-        blocks.row_bytes(T.Q4_K, 100)
+        block_formats.row_bytes(T.Q4_K, 100)
 
 
 def test_c_entry_points_validate_arguments():

@@ -19,7 +19,7 @@ from ggml_oracle import quantize as ggml_quantize
 from test_block_formats import (ADVERSARIAL_HALFS, PAYLOADS, assert_bits_equal, exact_inputs, gguf_dequantize,
                                 gguf_quantize, lcg_inputs, vec_dot_ref)
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite._native import lib
 
 
@@ -51,7 +51,7 @@ def adversarial_small_blocks(qtype, rng) -> np.ndarray:
     """Over constant and random payloads: for NVFP4 every UE4M3 byte value (0x7F and 0xFF, the E4M3 NaN
     patterns, included) in each of the four scale positions, the other three random; for the others the fp16
     scale through zeros, subnormals, extremes, infinities and NaNs."""
-    size = blocks.block_bytes(qtype)
+    size = block_formats.block_bytes(qtype)
     out = []
     for payload in PAYLOADS:
         base = rng.integers(0, 256, size, dtype=np.uint8) if payload is None else np.full(size, payload, np.uint8)
@@ -72,7 +72,7 @@ def adversarial_small_blocks(qtype, rng) -> np.ndarray:
 def numpy_dequantize(data: np.ndarray, qtype) -> np.ndarray:
     """Q1_0 and Q2_0 restated from their layout in quants.h: a sign bit per weight (least significant first) times
     d, and d * (q - 1) for 2-bit q."""
-    blk = data.reshape(-1, blocks.block_bytes(qtype))
+    blk = data.reshape(-1, block_formats.block_bytes(qtype))
     d = blk[:, :2].copy().view(np.float16).astype(np.float32)
     if qtype == T.Q1_0:
         bits = np.unpackbits(blk[:, 2:], axis=1, bitorder="little")
@@ -88,23 +88,23 @@ def numpy_dequantize(data: np.ndarray, qtype) -> np.ndarray:
 @pytest.mark.parametrize("qtype", GGUF_DEQUANT, ids=ids)
 def test_dequantize_random_bytes_matches_gguf(qtype):
     rng = np.random.default_rng(int(qtype))
-    data = rng.integers(0, 256, (64, 32 * blocks.block_bytes(qtype)), dtype=np.uint8)
-    assert_bits_equal(blocks.dequantize(data, qtype), gguf_dequantize(data, qtype))
+    data = rng.integers(0, 256, (64, 32 * block_formats.block_bytes(qtype)), dtype=np.uint8)
+    assert_bits_equal(block_formats.dequantize(data, qtype), gguf_dequantize(data, qtype))
 
 
 @pytest.mark.parametrize("qtype", GGUF_DEQUANT, ids=ids)
 def test_dequantize_adversarial_blocks_matches_gguf(qtype):
     data = adversarial_small_blocks(qtype, np.random.default_rng(7))
-    assert_bits_equal(blocks.dequantize(data, qtype), gguf_dequantize(data, qtype))
+    assert_bits_equal(block_formats.dequantize(data, qtype), gguf_dequantize(data, qtype))
 
 
 @pytest.mark.parametrize("qtype", [T.Q1_0, Q2_0], ids=ids)
 def test_dequantize_matches_the_layout_in_numpy(qtype):
     rng = np.random.default_rng(60 + int(qtype))
-    data = np.concatenate([rng.integers(0, 256, (64, blocks.block_bytes(qtype)), dtype=np.uint8),
+    data = np.concatenate([rng.integers(0, 256, (64, block_formats.block_bytes(qtype)), dtype=np.uint8),
                            adversarial_small_blocks(qtype, rng)])
     with np.errstate(invalid="ignore"):
-        assert_bits_equal(blocks.dequantize(data, qtype), numpy_dequantize(data, qtype))
+        assert_bits_equal(block_formats.dequantize(data, qtype), numpy_dequantize(data, qtype))
 
 
 def test_nvfp4_scale_byte_values():
@@ -112,7 +112,7 @@ def test_nvfp4_scale_byte_values():
     bits, m 2^-9 for e = 0; the top bit is ignored except that 0x7F reads 0 (and 0xFF, 480, does not)."""
     data = np.full((256, 36), 0x22, np.uint8)
     data[:, :4] = np.arange(256)[:, None]
-    got = blocks.dequantize(data, T.NVFP4)
+    got = block_formats.dequantize(data, T.NVFP4)
     b = np.arange(256)
     e, m = (b >> 3) & 15, (b & 7).astype(np.float64)
     want = np.where(e == 0, m * 2.0**-9, (1 + m / 8) * 2.0 ** (e - 7.0))
@@ -136,7 +136,7 @@ def canonical_bits(y: np.ndarray) -> bytes:
 @pytest.mark.parametrize("qtype", list(GGML_DEQUANT_SHA256), ids=ids)
 def test_dequantize_gives_the_values_ggml_gives(qtype):
     data = adversarial_small_blocks(qtype, np.random.default_rng(7))
-    got = hashlib.sha256(canonical_bits(blocks.dequantize(data, qtype))).hexdigest()
+    got = hashlib.sha256(canonical_bits(block_formats.dequantize(data, qtype))).hexdigest()
     assert got == GGML_DEQUANT_SHA256[qtype]
 
 
@@ -144,10 +144,10 @@ def test_dequantize_gives_the_values_ggml_gives(qtype):
 @pytest.mark.parametrize("qtype", SMALL, ids=ids)
 def test_dequantize_matches_ggml(qtype):
     rng = np.random.default_rng(80 + int(qtype))
-    for data in (rng.integers(0, 256, (8, blocks.row_bytes(qtype, 1024)), dtype=np.uint8),
+    for data in (rng.integers(0, 256, (8, block_formats.row_bytes(qtype, 1024)), dtype=np.uint8),
                  adversarial_small_blocks(qtype, np.random.default_rng(7))):
         with np.errstate(all="ignore"):
-            assert_bits_equal(blocks.dequantize(data, qtype), ggml_dequantize(qtype.name, data))
+            assert_bits_equal(block_formats.dequantize(data, qtype), ggml_dequantize(qtype.name, data))
 
 
 # ---------------------------------------------------------------- quantization
@@ -157,7 +157,7 @@ def test_dequantize_matches_ggml(qtype):
 @pytest.mark.parametrize("qtype", GGUF_QUANT, ids=ids)
 def test_ternary_quantize_matches_gguf_bit_exactly(qtype, kind):
     x = exact_inputs(kind, np.random.default_rng(11))
-    np.testing.assert_array_equal(blocks.quantize(x, qtype), gguf_quantize(x, qtype))
+    np.testing.assert_array_equal(block_formats.quantize(x, qtype), gguf_quantize(x, qtype))
 
 
 def nvfp4_numpy(x: np.ndarray) -> np.ndarray:
@@ -176,7 +176,7 @@ def test_nvfp4_quantize_matches_numpy_from_gguf_conversions(kind):
     x = exact_inputs(kind, np.random.default_rng(11))
     with np.errstate(all="ignore"):
         want = nvfp4_numpy(x)
-    np.testing.assert_array_equal(blocks.quantize(x, T.NVFP4), want)
+    np.testing.assert_array_equal(block_formats.quantize(x, T.NVFP4), want)
 
 
 def test_nvfp4_scale_bytes_match_gguf_conversion_on_bit_patterns():
@@ -191,7 +191,7 @@ def test_nvfp4_scale_bytes_match_gguf_conversion_on_bit_patterns():
     x = (rng.uniform(-1, 1, (len(amax), 16)) * amax[:, None]).astype(np.float32)
     x[:, 5] = amax * rng.choice(np.float32([-1, 1]), len(amax))
     x = x[: len(x) // 4 * 4].reshape(-1, 64)
-    got = blocks.quantize(x, T.NVFP4)[:, :4].reshape(-1)
+    got = block_formats.quantize(x, T.NVFP4)[:, :4].reshape(-1)
     want = gq.NVFP4.fp32_to_ue4m3(np.abs(x.reshape(-1, 16)).max(1) / np.float32(6))
     np.testing.assert_array_equal(got, want)
 
@@ -223,8 +223,8 @@ def test_quantizers_write_the_bytes_llama_cpp_writes(qtype):
     x, importance = lcg_inputs(8, 1024, 1), lcg_importance(1024)
     assert hashlib.sha256(x.tobytes()).hexdigest()[:16] == "00eb979c510c0bda", "test input changed"
     assert hashlib.sha256(importance.tobytes()).hexdigest()[:16] == "9dc63d1a5ef954b6", "test input changed"
-    assert hashlib.sha256(blocks.quantize(x, qtype).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
-    assert hashlib.sha256(blocks.quantize(x, qtype, importance).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
+    assert hashlib.sha256(block_formats.quantize(x, qtype).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
+    assert hashlib.sha256(block_formats.quantize(x, qtype, importance).tobytes()).hexdigest() == GGML_REF_SHA256[qtype]
 
 
 def random_rows(rng, rows: int = 12, n: int = 1024) -> np.ndarray:
@@ -261,10 +261,10 @@ def test_quantizers_match_ggml_on_random_data(qtype):
     rng = np.random.default_rng(70 + int(qtype))
     x = random_rows(rng)
     importance = (rng.random(x.shape[1]) ** 3 + 1e-3).astype(np.float32)
-    ours = blocks.quantize(x, qtype)
+    ours = block_formats.quantize(x, qtype)
     np.testing.assert_array_equal(ours, ggml_quantize(qtype.name, x))
     np.testing.assert_array_equal(ours, ggml_quantize(qtype.name, x, importance))
-    np.testing.assert_array_equal(blocks.quantize(x, qtype, importance), ours)
+    np.testing.assert_array_equal(block_formats.quantize(x, qtype, importance), ours)
 
 
 @needs_ggml
@@ -273,7 +273,7 @@ def test_quantizers_match_ggml_on_garbage(qtype):
     """ggml on x86-64 (its float -> int conversions of NaN and overflow give INT_MIN / LONG_MIN)."""
     x = garbage_rows(np.random.default_rng(51))
     with np.errstate(all="ignore"):
-        np.testing.assert_array_equal(blocks.quantize(x, qtype), ggml_quantize(qtype.name, x, checked=False))
+        np.testing.assert_array_equal(block_formats.quantize(x, qtype), ggml_quantize(qtype.name, x, checked=False))
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
@@ -283,12 +283,12 @@ def test_quantizers_survive_non_finite_and_extreme_input(qtype, weighted):
     x = garbage_rows(np.random.default_rng(51))
     x = np.concatenate([x, np.random.default_rng(52).standard_normal((1, 256)).astype(np.float32)])
     importance = np.linspace(0, 1e30, 256, dtype=np.float32) if weighted else None
-    q = blocks.quantize(x, qtype, importance)
-    assert q.shape == (13, blocks.row_bytes(qtype, 256))
-    np.testing.assert_array_equal(q[-1:], blocks.quantize(x[-1:], qtype))
-    np.testing.assert_array_equal(q, blocks.quantize(x, qtype))
+    q = block_formats.quantize(x, qtype, importance)
+    assert q.shape == (13, block_formats.row_bytes(qtype, 256))
+    np.testing.assert_array_equal(q[-1:], block_formats.quantize(x[-1:], qtype))
+    np.testing.assert_array_equal(q, block_formats.quantize(x, qtype))
     with np.errstate(all="ignore"):
-        blocks.dequantize(q, qtype)
+        block_formats.dequantize(q, qtype)
 
 
 # relative RMSE of a round trip on N(0, 1) and on Student-t(3) rows of 2048: measured NVFP4 0.0949/0.0906, Q1_0
@@ -304,7 +304,7 @@ def test_round_trip_error_within_bounds(qtype):
     gauss_bound, heavy_bound = RMSE_BOUNDS[qtype]
     for x, bound in ((rng.standard_normal((32, 2048)), gauss_bound), (rng.standard_t(3, (32, 2048)), heavy_bound)):
         x = x.astype(np.float32)
-        y = blocks.dequantize(blocks.quantize(x, qtype), qtype)
+        y = block_formats.dequantize(block_formats.quantize(x, qtype), qtype)
         rel = np.sqrt(np.mean((y.astype(np.float64) - x) ** 2) / np.mean(x.astype(np.float64) ** 2))
         assert rel < bound, f"{qtype.name}: relative RMSE {rel:.4f} >= {bound}"
 
@@ -316,13 +316,13 @@ def test_values_on_the_grid_come_back_exactly(qtype):
     rng = np.random.default_rng(25)
     x = rng.standard_normal((16, 1024)).astype(np.float32)
     x[0] = 0
-    q = blocks.quantize(x, qtype)
-    y = blocks.dequantize(q, qtype)
+    q = block_formats.quantize(x, qtype)
+    y = block_formats.dequantize(q, qtype)
     assert not np.any(y[0])
-    np.testing.assert_array_equal(blocks.quantize(y, qtype), q)
+    np.testing.assert_array_equal(block_formats.quantize(y, qtype), q)
     if qtype != T.Q1_0:  # Q1_0 has no zero
         t = rng.integers(-1, 2, (4, 1024)).astype(np.float32) * np.float32(0.75)
-        np.testing.assert_array_equal(blocks.dequantize(blocks.quantize(t, qtype), qtype), t)
+        np.testing.assert_array_equal(block_formats.dequantize(block_formats.quantize(t, qtype), qtype), t)
 
 
 # ---------------------------------------------------------------- reference dots
@@ -337,18 +337,18 @@ def test_vec_dot_ref_matches_float64_dot_of_dequantized_rows(qtype):
     for trial in range(8):
         x = rng.standard_normal(n).astype(np.float32)
         if trial % 2:  # random bytes reach every code (Q2_0's 2d, TQ1_0's unused byte values), sane scales
-            w = rng.integers(0, 256, blocks.row_bytes(qtype, n), dtype=np.uint8)
-            per_block = w.reshape(-1, blocks.block_bytes(qtype))
+            w = rng.integers(0, 256, block_formats.row_bytes(qtype, n), dtype=np.uint8)
+            per_block = w.reshape(-1, block_formats.block_bytes(qtype))
             if qtype == T.NVFP4:
                 per_block[:, :4] = rng.integers(0x20, 0x50, (len(per_block), 4))
             else:
                 off = HALF_SCALE[qtype]
                 per_block[:, off:off + 2] = np.float16(0.01).reshape(1).view(np.uint8)
         else:
-            w = blocks.quantize(rng.standard_normal(n).astype(np.float32), qtype)
-        a = blocks.quantize(x, act_type)
-        wf = blocks.dequantize(w, qtype).astype(np.float64)
-        af = blocks.dequantize(a, act_type).astype(np.float64)
+            w = block_formats.quantize(rng.standard_normal(n).astype(np.float32), qtype)
+        a = block_formats.quantize(x, act_type)
+        wf = block_formats.dequantize(w, qtype).astype(np.float64)
+        af = block_formats.dequantize(a, act_type).astype(np.float64)
         exact = float(wf @ af)
         scale = float(np.abs(wf) @ np.abs(af))
         assert abs(vec_dot_ref(qtype, w, a, n) - exact) <= 2e-7 * scale, (trial, exact)
@@ -364,7 +364,7 @@ def test_vec_dot_ref_matches_ggml(qtype):
     rng = np.random.default_rng(90 + int(qtype))
     n = 1024
     act_type = lib.fl_type_act_type(int(qtype))
-    w = blocks.quantize(rng.standard_normal((6, n)).astype(np.float32), qtype)
+    w = block_formats.quantize(rng.standard_normal((6, n)).astype(np.float32), qtype)
     exact = rng.integers(-127, 128, (3, n)).astype(np.float32)
     group = 32 if act_type == T.Q8_0 else 256
     exact.reshape(3, -1, group)[:, :, 0] = 127 * rng.choice([-1, 1], (3, n // group))
@@ -372,16 +372,16 @@ def test_vec_dot_ref_matches_ggml(qtype):
     for x, bound in ((exact, 1e-7), (rng.standard_normal((3, n)).astype(np.float32), 1e-6)):
         theirs = ggml_dot(qtype.name, w, x)
         for t in range(len(x)):
-            a = blocks.quantize(x[t], act_type)
-            af = np.abs(blocks.dequantize(a, act_type).astype(np.float64))
+            a = block_formats.quantize(x[t], act_type)
+            af = np.abs(block_formats.dequantize(a, act_type).astype(np.float64))
             for r in range(len(w)):
-                scale = float(np.abs(blocks.dequantize(w[r], qtype).astype(np.float64)) @ af)
+                scale = float(np.abs(block_formats.dequantize(w[r], qtype).astype(np.float64)) @ af)
                 assert abs(vec_dot_ref(qtype, w[r], a, n) - theirs[r, t]) <= bound * scale, (r, t)
 
 
 def test_block_sizes():
     for qtype, (elems, size) in {T.NVFP4: (64, 36), T.Q1_0: (128, 18), Q2_0: (64, 18), T.TQ1_0: (256, 54),
                                  T.TQ2_0: (256, 66)}.items():
-        assert (blocks.block_elems(qtype), blocks.block_bytes(qtype)) == (elems, size)
+        assert (block_formats.block_elems(qtype), block_formats.block_bytes(qtype)) == (elems, size)
         if qtype != Q2_0:
-            assert blocks.row_bytes(qtype, 4 * elems) == gq.quant_shape_to_byte_shape((4 * elems,), qtype)[0]
+            assert block_formats.row_bytes(qtype, 4 * elems) == gq.quant_shape_to_byte_shape((4 * elems,), qtype)[0]

@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from test_block_formats_small import Q2_0
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite import matmul as fm
 
 FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4, T.NVFP4, T.Q1_0, Q2_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K,
@@ -48,8 +48,8 @@ def make_weights(wtype, rows, k, rng):
         return values.astype(np.float16)
     if wtype in GGUF_QUANTIZERS:
         return gguf.quants.quantize(values, wtype)
-    n_blocks = rows * k // blocks.block_elems(wtype)
-    data = rng.integers(0, 256, (n_blocks, blocks.block_bytes(wtype)), dtype=np.uint8)
+    n_blocks = rows * k // block_formats.block_elems(wtype)
+    data = rng.integers(0, 256, (n_blocks, block_formats.block_bytes(wtype)), dtype=np.uint8)
     if wtype == T.NVFP4:  # four UE4M3 scale bytes, 2^-4..2^-1
         data[:, :4] = rng.integers(0x18, 0x38, (n_blocks, 4))
     for off in SCALE_OFFSETS.get(wtype, ()):
@@ -70,7 +70,7 @@ def dequantized(w, wtype, rows, k):
     if wtype == T.F16:
         return w.astype(np.float64)
     if wtype in NO_GGUF_DEQUANT:
-        return blocks.dequantize(np.ascontiguousarray(w), wtype).reshape(rows, k).astype(np.float64)
+        return block_formats.dequantize(np.ascontiguousarray(w), wtype).reshape(rows, k).astype(np.float64)
     return gguf.quants.dequantize(np.ascontiguousarray(w).view(np.uint8), wtype).reshape(rows, k).astype(np.float64)
 
 
@@ -100,7 +100,7 @@ def decode_reference(x, w, wtype, rows, k):
     if wtype in ACT_Q8_1:
         m = np.ascontiguousarray(w).view(np.uint8).reshape(rows, k // 32, -1)[:, :, 2:4].copy().view("<f2")[..., 0]
         for t, row in enumerate(x):
-            a = blocks.quantize(row, T.Q8_1).view(Q8_1_DTYPE)
+            a = block_formats.quantize(row, T.Q8_1).view(Q8_1_DTYPE)
             s_error = a["s"].astype(np.float64) - a["d"].astype(np.float64) * a["qs"].astype(np.int64).sum(1)
             ref[t] += m.astype(np.float64) @ s_error
     return ref
@@ -120,7 +120,7 @@ def threads():
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_products_against_float64(wtype, level):
     rng = np.random.default_rng(int(wtype))
-    block = blocks.block_elems(wtype)
+    block = block_formats.block_elems(wtype)
     rows, k = 45, 4 * max(block, 64)
     w = make_weights(wtype, rows, k, rng)
     w64 = dequantized(w, wtype, rows, k)
@@ -140,7 +140,7 @@ def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
     groups of four), each token's outputs are the bits of a call with that token alone: a prompt gives the same
     logits in one prefill, in chunks or token by token."""
     rng = np.random.default_rng(300 + int(wtype))
-    k = 2 * max(blocks.block_elems(wtype), 128)
+    k = 2 * max(block_formats.block_elems(wtype), 128)
     rows = 37
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((40, k)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_levels_agree_with_scalar(wtype, level):
     rng = np.random.default_rng(100 + int(wtype))
-    block = blocks.block_elems(wtype)
+    block = block_formats.block_elems(wtype)
     rows, k = 13, 2 * block
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((20, k)).astype(np.float32)
@@ -173,7 +173,7 @@ def test_odd_shapes(wtype, n_threads, threads):
     """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
     threads(n_threads)
     rng = np.random.default_rng(7)
-    k = blocks.block_elems(wtype) if wtype not in FLOATS else 1
+    k = block_formats.block_elems(wtype) if wtype not in FLOATS else 1
     for rows in (1, 5, 31):
         w = make_weights(wtype, rows, k, rng)
         for n_tok in (1, 2, 16, 37):

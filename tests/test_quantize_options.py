@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite.cli import main
 from flashlite.gguf_reader import GGUFReader
 from quant.imatrix import Imatrix
@@ -27,7 +27,7 @@ def quantize(*args: str):
 
 def types_of(path: Path) -> dict[str, str]:
     with GGUFReader(path) as r:
-        return {t.name: blocks.type_name(t.type) for t in r.tensors}
+        return {t.name: block_formats.type_name(t.type) for t in r.tensors}
 
 
 def test_options_choose_llama_cpps_types_on_the_oracle_checkpoint(tmp_path):
@@ -70,7 +70,7 @@ def test_dry_run_prints_each_tensors_type_and_size_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert quantize(CHECKPOINT, out, *args).exit_code == 0
     with GGUFReader(out) as r:
-        written = {t.name: (blocks.type_name(t.type), t.nbytes) for t in r.tensors}
+        written = {t.name: (block_formats.type_name(t.type), t.nbytes) for t in r.tensors}
     lines = [line for line in dry.stdout.splitlines() if line.startswith("[")]
     assert len(lines) == len(written)
     for line in lines:

@@ -3,7 +3,7 @@
 Without a CUDA device the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here
 before the kernels are imported); with one they run on it. Every type: weights quantized by the C core, then
 
-- dequantize_rows against blocks.dequantize (the C core's dequantizer, bit-compatible with ggml);
+- dequantize_rows against block_formats.dequantize (the C core's dequantizer, bit-compatible with ggml);
 - gemv (1 and 3 tokens) and gemm (17 tokens) against the float64 product of x and the dequantized weights, held
   to float32 rounding, and against flashlite.matmul within the error of the C core's own rounding.
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite import matmul as fm
 
 TYPES = [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.Q2_K, T.IQ2_XXS, T.IQ4_XS]
@@ -46,7 +46,7 @@ def device(tk):
 
 
 def _k(qtype) -> int:
-    return 9 * 32 if blocks.block_elems(qtype) == 32 else 3 * 256
+    return 9 * 32 if block_formats.block_elems(qtype) == 32 else 3 * 256
 
 
 def _weights(qtype, seed: int):
@@ -55,8 +55,8 @@ def _weights(qtype, seed: int):
     k = _k(qtype)
     # rows of different magnitudes, so that a scale read from the wrong block or row shows
     w = (rng.standard_normal((ROWS, k)) * rng.uniform(0.1, 3.0, (ROWS, 1))).astype(np.float32)
-    q = blocks.quantize(w, qtype)
-    return q, blocks.dequantize(q, qtype).astype(np.float64)
+    q = block_formats.quantize(w, qtype)
+    return q, block_formats.dequantize(q, qtype).astype(np.float64)
 
 
 def _activations(n_tok: int, k: int, seed: int) -> np.ndarray:
@@ -107,8 +107,8 @@ def test_dequantize_rows_every_bit_pattern(tk, device, qtype):
     IQ2_XXS, MXFP4's subnormal exponents 0 and 1, Q6_K's negative scales, Inf and NaN fp16 scales."""
     import torch
     k = _k(qtype)
-    raw = np.random.default_rng(13).integers(0, 256, (ROWS, blocks.row_bytes(qtype, k)), dtype=np.uint8)
-    ref = blocks.dequantize(raw, qtype)
+    raw = np.random.default_rng(13).integers(0, 256, (ROWS, block_formats.row_bytes(qtype, k)), dtype=np.uint8)
+    ref = block_formats.dequantize(raw, qtype)
     w = torch.from_numpy(raw.reshape(-1).copy()).to(device)
     got = tk.dequantize_rows(w, qtype, ROWS, k).cpu().numpy()
     if device == "cpu":  # the interpreter runs the core's float32 operations one at a time: bit for bit
@@ -116,9 +116,9 @@ def test_dequantize_rows_every_bit_pattern(tk, device, qtype):
     else:  # a GPU may fuse d * sc * q - dmin * m into an FMA: a rounding of terms no larger than the block's max
         special = ~np.isfinite(ref)
         np.testing.assert_array_equal(got[special], ref[special])  # Inf and NaN where the core has them
-        magnitude = np.where(special, 0, np.abs(ref)).reshape(ROWS, -1, blocks.block_elems(qtype)).max(axis=2)
+        magnitude = np.where(special, 0, np.abs(ref)).reshape(ROWS, -1, block_formats.block_elems(qtype)).max(axis=2)
         err = np.abs(np.where(special, 0, got - ref))
-        _assert_within(err, 4 * U32 * np.repeat(magnitude, blocks.block_elems(qtype), axis=1))
+        _assert_within(err, 4 * U32 * np.repeat(magnitude, block_formats.block_elems(qtype), axis=1))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flashlite._native import lib  # noqa: E402
-from flashlite import blocks  # noqa: E402
+from flashlite import block_formats  # noqa: E402
 from tools.bench_matmul import FORMATS, SHAPES, fill_arena  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     arena = np.random.default_rng(0).integers(0, 256, arena_bytes, dtype=np.uint8)
     results = {}
     for fmt in args.formats:
-        type_id = blocks.type_id(fmt)
+        type_id = block_formats.type_id(fmt)
         for shape in args.shapes:
             rows, k = SHAPES[shape]
             fill_arena(arena, fmt, k)

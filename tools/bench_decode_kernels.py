@@ -23,18 +23,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flashlite import matmul as fm  # noqa: E402
 from flashlite._native import ffi, lib  # noqa: E402
-from flashlite import blocks  # noqa: E402
+from flashlite import block_formats  # noqa: E402
 from tools.bench_matmul import FORMATS, fill_arena  # noqa: E402
 
 
 def call_seconds(fmt: str, rows: int, k: int, seconds: float) -> float:
-    wbytes = int(lib.fl_row_bytes(blocks.type_id(fmt), k)) * rows
+    wbytes = int(lib.fl_row_bytes(block_formats.type_id(fmt), k)) * rows
     arena = np.empty(wbytes, dtype=np.uint8)
     fill_arena(arena, fmt, k)
     x = np.random.default_rng(1).standard_normal(k).astype(np.float32)
     y = np.empty(rows, np.float32)
     w, xp, yp = ffi.from_buffer(arena), ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y, require_writable=True)
-    tid = blocks.type_id(fmt)
+    tid = block_formats.type_id(fmt)
     for _ in range(20):
         lib.fl_matmul(tid, w, rows, k, xp, 1, yp)
     times = []
@@ -50,7 +50,7 @@ def call_seconds(fmt: str, rows: int, k: int, seconds: float) -> float:
 def measure(fmt: str, rows: int, k: int, seconds: float) -> dict:
     few = max(1, rows // 8)
     t_many, t_few = call_seconds(fmt, rows, k, seconds), call_seconds(fmt, few, k, seconds)
-    row_bytes = int(lib.fl_row_bytes(blocks.type_id(fmt), k))
+    row_bytes = int(lib.fl_row_bytes(block_formats.type_id(fmt), k))
     per_row = (t_many - t_few) / (rows - few)
     return {"gbps": row_bytes * rows / t_many / 1e9, "dot_gbps": row_bytes / per_row / 1e9,
             "fixed_us": (t_few - few * per_row) * 1e6}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_matmul import SHAPES  # noqa: E402
 
-from flashlite import blocks  # noqa: E402
+from flashlite import block_formats  # noqa: E402
 
 DEVICE_TYPES = ["Q8_0", "MXFP4", "Q6_K", "Q5_K", "Q4_K", "Q2_K", "IQ4_XS", "IQ2_XXS"]
 SEED_ROWS = 64  # rows quantized on the CPU (IQ2_XXS's search is slow), tiled to the full shape: speed does not
@@ -46,7 +46,7 @@ def device_or_exit():
 
 def weights(torch, qtype: str, rows: int, k: int, device: str):
     rng = np.random.default_rng(0)
-    seed = blocks.quantize(rng.standard_normal((SEED_ROWS, k)).astype(np.float32), blocks.type_id(qtype))
+    seed = block_formats.quantize(rng.standard_normal((SEED_ROWS, k)).astype(np.float32), block_formats.type_id(qtype))
     full = np.tile(seed, (-(-rows // SEED_ROWS), 1))[:rows]
     return torch.from_numpy(np.ascontiguousarray(full).reshape(-1)).to(device)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flashlite import blocks  # noqa: E402
+from flashlite import block_formats  # noqa: E402
 from flashlite import matmul as fm  # noqa: E402
 from flashlite._native import ffi, lib  # noqa: E402
 
@@ -41,7 +41,7 @@ SHAPES = {
 FORMATS = ["Q8_0", "MXFP4", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q4_0", "IQ4_XS", "IQ3_S", "IQ3_XXS",
            "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q5_1", "Q4_1", "IQ4_NL", "TQ2_0", "TQ1_0", "NVFP4",
            "Q2_0", "Q1_0", "BF16", "F16", "F32"]
-FORMATS = [f for f in FORMATS if blocks.can_matmul(blocks.type_id(f))]  # as far as the core has them
+FORMATS = [f for f in FORMATS if block_formats.can_matmul(block_formats.type_id(f))]  # as far as the core has them
 TARGET_DECODE = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
                  "IQ1_M", "IQ4_XS", "Q4_0", "Q5_0", "Q8_0", "MXFP4"}
 
@@ -97,9 +97,9 @@ def stream_probe(n_threads: int, nbytes: int) -> dict:
 def fill_arena(arena: np.ndarray, fmt: str, k: int) -> None:
     """Make the arena valid weights of `fmt` with rows of k: real quantized Gaussian rows (a pool of 64, tiled),
     so that every scale is sane and the kernels see the values they see in a model."""
-    qtype = blocks.type_id(fmt)
+    qtype = block_formats.type_id(fmt)
     rows = np.random.default_rng(1).standard_normal((64, k)).astype(np.float32) * np.float32(0.02)
-    pool = np.ascontiguousarray(blocks.quantize(rows, qtype)).reshape(-1)
+    pool = np.ascontiguousarray(block_formats.quantize(rows, qtype)).reshape(-1)
     n = min(pool.size, arena.size)
     arena[:n] = pool[:n]
     while n < arena.size:  # double the filled part in place
@@ -115,7 +115,7 @@ def bench(args) -> dict:
         fm.set_simd_level(args.simd)
     llc = llc_bytes()
     shapes = {name: SHAPES[name] for name in args.shapes}
-    row_bytes = {(f, s): int(lib.fl_row_bytes(blocks.type_id(f), SHAPES[s][1])) * SHAPES[s][0]
+    row_bytes = {(f, s): int(lib.fl_row_bytes(block_formats.type_id(f), SHAPES[s][1])) * SHAPES[s][0]
                  for f in args.formats for s in shapes}
     largest = max(row_bytes.values())
     arena_bytes = max(args.arena_mib << 20, largest + (args.arena_mib << 20) // 2)
@@ -125,7 +125,7 @@ def bench(args) -> dict:
     results = {}
     for fmt in args.formats:
         results[fmt] = {}
-        type_id = blocks.type_id(fmt)
+        type_id = block_formats.type_id(fmt)
         for shape_name, (rows, k) in shapes.items():
             fill_arena(arena, fmt, k)
             wbytes = row_bytes[(fmt, shape_name)]

@@ -168,7 +168,7 @@ def llamacpp(work: Path, python: str | None) -> list[dict]:
 
 def content(path: str) -> dict:
     """A GGUF's tensors: a hash of (name, type, bytes) over all of them, sizes, and the weights per type."""
-    from flashlite import blocks
+    from flashlite import block_formats
     from flashlite.gguf_reader import GGUFReader
 
     digest = hashlib.sha256()
@@ -185,7 +185,7 @@ def content(path: str) -> dict:
                 expert_bytes += t.nbytes
                 expert_n += n
             if len(t.ne) >= 2 and n > 4096:
-                name = blocks.type_name(t.type)
+                name = block_formats.type_name(t.type)
                 by_type[name] = by_type.get(name, 0) + n
     return {"sha256": digest.hexdigest(), "file_bytes": os.path.getsize(path), "bpw": 8 * total_bytes / total_n,
             "expert_bpw": 8 * expert_bytes / max(expert_n, 1), "types": by_type}

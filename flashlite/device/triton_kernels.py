@@ -31,7 +31,7 @@ except ImportError as exc:  # the base install is CPU-only; say what the device 
     raise ImportError(f"flashlite's device kernels need torch and triton ({exc}); install them with "
                       f"pip install 'flashlite[cuda]' (or torch and triton for your accelerator)") from exc
 
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite.device.quant_tiles import dequant_tile
 
 # ggml type ids of the formats with a device dequantizer
@@ -141,7 +141,7 @@ def _type_id(wtype) -> int:
     if isinstance(wtype, bool) or not isinstance(wtype, (int, np.integer)):
         raise TypeError(f"wtype: expected a type id, name or gguf.GGMLQuantizationType, got {type(wtype).__name__}")
     if int(wtype) not in _TYPE_NAMES:
-        raise ValueError(f"wtype: no device kernel for {blocks.type_name(int(wtype))}; "
+        raise ValueError(f"wtype: no device kernel for {block_formats.type_name(int(wtype))}; "
                          f"device types: {', '.join(TYPES)}")
     return int(wtype)
 
@@ -173,7 +173,7 @@ def _checked_weight(w, type_id: int, rows: int, k: int) -> int:
     for name, value in (("rows", rows), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    elems, size = blocks.type_sizes(type_id)
+    elems, size = block_formats.type_sizes(type_id)
     if k % elems:
         raise ValueError(f"k: {k} is not a multiple of the {_TYPE_NAMES[type_id]} block size {elems}")
     row_bytes = k // elems * size

@@ -12,7 +12,7 @@ import numpy as np
 
 from flashlite.backends import cpu as backend
 from flashlite.expert_offload import ExpertCache
-from flashlite import blocks
+from flashlite import block_formats
 from flashlite.gguf_model import INDEX, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
@@ -666,7 +666,7 @@ class Transformer:
         rows = self.embed.data[token_ids]
         if self.embed.data.dtype != np.uint8:  # F32 or F16, held as such
             return rows.astype(np.float32)
-        return blocks.dequantize(rows, self.embed.type)
+        return block_formats.dequantize(rows, self.embed.type)
 
     def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
                  logits: str = "all", hidden: list | None = None, taps: dict | None = None) -> np.ndarray:
