@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flashlite.gguf_model import WHOLE, GGUFFile
+from flashlite.gguf_file import WHOLE, GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm

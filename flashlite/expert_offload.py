@@ -16,7 +16,7 @@ import numpy as np
 
 from flashlite._native import check, ffi, lib
 from flashlite.atomic import atomic_write
-from flashlite.gguf_model import WeightView
+from flashlite.gguf_file import WeightView
 
 POLICIES = {"lru": lib.FL_EXPERT_LRU, "lfu": lib.FL_EXPERT_LFU}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

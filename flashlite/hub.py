@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flashlite.gguf_model import shard_number
+from flashlite.gguf_file import shard_number
 
 DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's choice when -hf names no quantization
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -15,7 +15,7 @@ from flashlite import chat as chat_api
 from flashlite import speculative
 from flashlite.atomic import atomic_write
 from flashlite.expert_offload import default_usage_path, parse_bytes
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.models import deepseek_v4
 from flashlite.tokenizer import Tokenizer
 

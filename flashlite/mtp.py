@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm

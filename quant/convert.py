@@ -25,7 +25,7 @@ from gguf import GGUFValueType, GGUFWriter
 
 from flashlite import block_formats
 from flashlite.atomic import partial_file, remove_stale_partials
-from flashlite.gguf_model import shard_number
+from flashlite.gguf_file import shard_number
 from quant.gguf_meta import ARCH, DSPARK_ARCH, hparam_kv, read_dspark, read_hparams
 from quant.gguf_source import read_gguf_source
 from quant.imatrix import Imatrix

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from flashlite import block_formats
-from flashlite.gguf_model import GGUFFile, WeightView
+from flashlite.gguf_file import GGUFFile, WeightView
 from quant.layout import EXPERT, HC, INDEX, MATRIX, PINNED, ROUTER, GGUFTensor, Layout
 from quant.safetensors_source import CheckpointError
 

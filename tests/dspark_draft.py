@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.v4_spec import HPARAM_KEYS, SQRT_SOFTPLUS, dspark_tensors, layer_tensors
 

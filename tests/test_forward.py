@@ -10,7 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from flashlite._native import ffi, lib
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.model import load
 from flashlite.models.deepseek_v4 import ModelArgs, RoPE
 
@@ -118,7 +118,7 @@ def _hc_reference(h, fn, base, scale, iters, hc_eps, norm_eps):
 
 
 def test_hyper_connection_ops_match_float64_and_sinkhorn_ends_column_stochastic():
-    from flashlite.gguf_model import WeightView
+    from flashlite.gguf_file import WeightView
     from flashlite.models.deepseek_v4 import HyperConnection
 
     rng = np.random.default_rng(0)

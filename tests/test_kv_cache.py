@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flashlite._native import ffi, lib
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.kv_cache import LayerCache, ModelCache, RowFormat
 from flashlite.model import load
 from flashlite.models.deepseek_v4 import ModelArgs, hadamard

@@ -185,7 +185,7 @@ def _split(src: Path, folder: Path, max_tensors: int) -> list[Path]:
 def test_keep_split_writes_the_sources_splits(tmp_path):
     """Each tensor lands in the file of its source's number, with the bytes the unsplit file gets; the model loads
     from its first file."""
-    from flashlite.gguf_model import shard_number
+    from flashlite.gguf_file import shard_number
     from flashlite.model import load
 
     (tmp_path / "src").mkdir()

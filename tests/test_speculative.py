@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from flashlite import speculative as sp
 from flashlite.cli import main
-from flashlite.gguf_model import GGUFFile
+from flashlite.gguf_file import GGUFFile
 from flashlite.model import load
 from flashlite.sampling import Sampler
 

@@ -72,7 +72,7 @@ sys.path.insert(0, str(TOOLS))
 
 import flashlite  # noqa: E402
 from flashlite._native import ffi, lib  # noqa: E402
-from flashlite.gguf_model import GGUFFile  # noqa: E402
+from flashlite.gguf_file import GGUFFile  # noqa: E402
 from flashlite.backends import cpu as cpu_backend  # noqa: E402
 from make_routing_trace import load_trace, make_trace  # noqa: E402
 

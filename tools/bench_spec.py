@@ -113,7 +113,7 @@ class ByteCounter:
 def model_draft_kind(path: str) -> str:
     """'dspark' for a DSpark draft GGUF, else 'mtp'."""
     from flashlite.dspark import is_dspark_draft
-    from flashlite.gguf_model import GGUFFile
+    from flashlite.gguf_file import GGUFFile
 
     f = GGUFFile(path)
     try:

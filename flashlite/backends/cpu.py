@@ -2,7 +2,7 @@
 for the arithmetic. Weights were checked at load and the model hands contiguous float32 activations, so nothing
 is checked again here (flashlite.matmul is the checked public path): at decode these run hundreds of times a token.
 
-A weight is a gguf_model.WeightView, or (WeightView, data) for one slice of a stacked tensor."""
+A weight is a gguf_file.WeightView, or (WeightView, data) for one slice of a stacked tensor."""
 from __future__ import annotations
 
 import numpy as np

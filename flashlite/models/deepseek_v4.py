@@ -13,7 +13,7 @@ import numpy as np
 from flashlite.backends import cpu as backend
 from flashlite.expert_offload import ExpertCache
 from flashlite import block_formats
-from flashlite.gguf_model import INDEX, GGUFFile, WeightView
+from flashlite.gguf_file import INDEX, GGUFFile, WeightView
 from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
 

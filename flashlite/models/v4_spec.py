@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flashlite.gguf_model import INDEX, MATMUL, ROWS, WHOLE
+from flashlite.gguf_file import INDEX, MATMUL, ROWS, WHOLE
 
 ARCH = "deepseek4"
 DSPARK_ARCH = "dflash"  # llama.cpp's architecture of DFlash / DSpark drafts
@@ -105,7 +105,7 @@ def checked_value(path: str, key: str, value, kind, lo, hi):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the tensors: GGUF name -> (ggml shape ne, innermost first; how the forward uses it: gguf_model.MATMUL, WHOLE, ROWS
+# the tensors: GGUF name -> (ggml shape ne, innermost first; how the forward uses it: gguf_file.MATMUL, WHOLE, ROWS
 # or INDEX, which decides the types it may have)
 # ---------------------------------------------------------------------------------------------------
 
