@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flashlite.bench_cmd import BenchTest, run_test
+from flashlite.cli.bench_cmd import BenchTest, run_test
 from flashlite.cli import main
 
 

@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from flashlite.quantize_cmd import _raise_terminated, _recipes_help, _Terminated
+from flashlite.cli.quantize_cmd import _raise_terminated, _recipes_help, _Terminated
 
 
 @click.command("pull", help="Get the model SPEC (org/repo[@REVISION][:QUANT]) from the Hugging Face Hub through "

@@ -11,7 +11,7 @@ import time
 import click
 
 from flashlite.atomic import atomic_write
-from flashlite.run_cmd import load_model, load_options, spec_options, spec_summary
+from flashlite.cli.run_cmd import load_model, load_options, spec_options, spec_summary
 
 THINK_CHOICES = ("none", "high", "max")
 ROLES = ("system", "user", "assistant")

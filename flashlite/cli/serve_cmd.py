@@ -5,7 +5,7 @@ import logging
 
 import click
 
-from flashlite.run_cmd import load_model, load_options, spec_options
+from flashlite.cli.run_cmd import load_model, load_options, spec_options
 
 
 @click.command("serve")

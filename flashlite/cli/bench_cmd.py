@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import click
 import numpy as np
 
-from flashlite.run_cmd import load_model, load_options
+from flashlite.cli.run_cmd import load_model, load_options
 
 
 @dataclass

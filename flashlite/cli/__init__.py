@@ -5,13 +5,13 @@ import os
 
 import click
 
-from flashlite.bench_cmd import bench
-from flashlite.chat_cmd import chat
-from flashlite.pull_cmd import pull
-from flashlite.quality_cmd import imatrix, perplexity
-from flashlite.quantize_cmd import quantize
-from flashlite.run_cmd import run
-from flashlite.serve_cmd import serve
+from flashlite.cli.bench_cmd import bench
+from flashlite.cli.chat_cmd import chat
+from flashlite.cli.pull_cmd import pull
+from flashlite.cli.quality_cmd import imatrix, perplexity
+from flashlite.cli.quantize_cmd import quantize
+from flashlite.cli.run_cmd import run
+from flashlite.cli.serve_cmd import serve
 
 
 class Commands(click.Group):
@@ -106,6 +106,3 @@ main.add_command(pull)
 main.add_command(quantize)
 main.add_command(run)
 main.add_command(serve)
-
-if __name__ == "__main__":
-    main()
