@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from flashlite.chat import show
+from flashlite.chat.completion import show
 
 # Anthropic's `thinking` switches reasoning on; V4 has two reasoning modes, output_config.effort picks the higher
 EFFORTS = {"low": "high", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}

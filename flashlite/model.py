@@ -11,13 +11,13 @@ from functools import cached_property
 
 import numpy as np
 
-from flashlite import chat as chat_api
 from flashlite import speculative
 from flashlite.atomic import atomic_write
+from flashlite.chat import completion as chat_api
+from flashlite.chat.tokenizer import Tokenizer
 from flashlite.expert_offload import default_usage_path, parse_bytes
 from flashlite.gguf_file import GGUFFile
 from flashlite.models import deepseek_v4
-from flashlite.tokenizer import Tokenizer
 
 DRAFT_KINDS = ("mtp", "dspark")  # the spec types that read a draft GGUF
 REPLAY_CHUNK = 512  # tokens per forward when truncate feeds tokens again: bounds the activations' memory
@@ -401,7 +401,7 @@ class Model:
         be verified against and is refused). Default: the model's (load(spec_type=...)), else none."""
         options = self.spec_options(spec_type, spec_draft_n_max, model_draft)
         if options.type != "none" and sampler is not None and not hasattr(sampler, "probs"):
-            raise ValueError("sampler: speculative decoding needs None (greedy) or a flashlite.sampling.Sampler, "
+            raise ValueError("sampler: speculative decoding needs None (greedy) or a flashlite.chat.sampling.Sampler, "
                              "whose distribution verification samples from")
         return self._generate(token_ids, max_tokens, sampler, stop, options)
 
@@ -431,11 +431,11 @@ class Model:
             row = self.forward([token], cache=cache, logits="last")[-1]
 
     def chat(self, messages: list[dict], **kwargs):
-        """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.chat."""
+        """Reasoning / content / tool-call pieces for `messages`: see flashlite.chat.completion.chat."""
         return chat_api.chat(self, messages, **kwargs)
 
     def create_chat_completion(self, messages: list[dict], **kwargs):
-        """An OpenAI-shaped chat completion (or chunk stream): see flashlite.chat.create_chat_completion."""
+        """An OpenAI-shaped chat completion (or chunk stream): see flashlite.chat.completion.create_chat_completion."""
         return chat_api.create_chat_completion(self, messages, **kwargs)
 
 

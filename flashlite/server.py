@@ -48,9 +48,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from flashlite import anthropic_api
 from flashlite.anthropic_api import AnthropicError
-from flashlite.chat import ChatPiece, _chunks, _completion, _decode, check_messages, shared_prefix, show
-from flashlite.chat_format import BOS, encode_messages
-from flashlite.sampling import Sampler, StopChecker
+from flashlite.chat.completion import ChatPiece, _chunks, _completion, _decode, check_messages, shared_prefix, show
+from flashlite.chat.sampling import Sampler, StopChecker
+from flashlite.chat.template import BOS, encode_messages
 from flashlite.speculative import SpecOptions, check_n_max, parse_spec_type
 
 log = logging.getLogger("flashlite.server")
@@ -206,7 +206,7 @@ def _sampling(body: dict) -> dict:
 
 def parse_chat_request(body) -> ChatRequest:
     """Check a /v1/chat/completions body; a bad field is a RequestError naming it. Ranges of the sampling numbers
-    are left to flashlite.sampling, whose errors also name the field."""
+    are left to flashlite.chat.sampling, whose errors also name the field."""
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, got {show(body)}")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gguf import GGUFValueType, TokenType
 
-from flashlite.chat_format import JINJA_TEMPLATE
+from flashlite.chat.template import JINJA_TEMPLATE
 
 PRE_TOKENIZER = "joyai-llm"
 # The three Split regexes of V4's tokenizer.json, in order; llama.cpp's "joyai-llm" uses the same ones.
@@ -79,7 +79,7 @@ def tokenizer_fields(src_dir: str | Path, vocab_size: int | None = None) -> dict
     """The `tokenizer.*` GGUF fields of the checkpoint folder `src_dir`, as plain Python values.
 
     `vocab_size` (config.json's) pads the token list with "[PAD<i>]" UNUSED entries as llama.cpp does; the
-    default is one past the highest id. The dict is also what `flashlite.tokenizer.Tokenizer.from_gguf` accepts."""
+    default is one past the highest id. The dict is also what `flashlite.chat.tokenizer.Tokenizer.from_gguf` accepts."""
     src = Path(src_dir)
     tj_path = src / "tokenizer.json"
     tj = _load_json(tj_path, required=True)

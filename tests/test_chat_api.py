@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flashlite.chat import ChatPiece, TokenRouter, chat
-from flashlite.chat_format import encode_messages
+from flashlite.chat.completion import ChatPiece, TokenRouter, chat
+from flashlite.chat.template import encode_messages
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_v4"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]

@@ -20,8 +20,8 @@ from gguf import GGMLQuantizationType as Q, GGUFReader
 from gguf.quants import dequantize
 from tokenizer_corpus import corpus
 
+from flashlite.chat.tokenizer import Tokenizer
 from flashlite.model import load
-from flashlite.tokenizer import Tokenizer
 from quant.gguf_meta import read_hparams
 from quant.layout import INDEX, check_index, plan_tensors
 from quant.safetensors_source import Checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashlite.sampling import Sampler, StopChecker
+from flashlite.chat.sampling import Sampler, StopChecker
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0, 1.5], dtype=np.float32)
 

@@ -9,8 +9,8 @@ import anthropic
 import openai
 import pytest
 
-from flashlite.chat import ChatPiece, prompt_ids
-from flashlite.chat_format import BOS
+from flashlite.chat.completion import ChatPiece, prompt_ids
+from flashlite.chat.template import BOS
 from serving import serving
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from test_oracle_fixture import NumpyV4, bf16_to_f32, official_layout, read_checkpoint
 
+from flashlite.chat.tokenizer import Tokenizer
 from flashlite.cli import main
 from flashlite.model import load
-from flashlite.tokenizer import Tokenizer
 from quant.tokenizer_meta import tokenizer_fields
 
 FIXTURE = Path(__file__).parent / "fixtures" / "small_v4"

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from flashlite import speculative as sp
+from flashlite.chat.sampling import Sampler
 from flashlite.cli import main
 from flashlite.gguf_file import GGUFFile
 from flashlite.model import load
-from flashlite.sampling import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny_v4"
@@ -305,7 +305,7 @@ def test_sampled_generation_keeps_the_distribution(models, files):
     """End to end on the trained model with its MTP drafts: the second generated token (the first one a verified
     batch decides) follows sum_t1 p(t1) p(t2 | t1), computed from the model's own rows (a high temperature over the
     top 4 spreads it over 14 tokens, so that drafts are rejected about half the time)."""
-    from flashlite.chat import prompt_ids
+    from flashlite.chat.completion import prompt_ids
 
     m = models("small")
     prompt = prompt_ids(m, [{"role": "user", "content": "Hello! Who are you?"}])

@@ -10,7 +10,7 @@ import pytest
 from gguf import GGUFValueType, GGUFWriter, TokenType
 from tokenizer_corpus import corpus, fuzz_strings
 
-from flashlite.tokenizer import Tokenizer
+from flashlite.chat.tokenizer import Tokenizer
 from quant.tokenizer_meta import TokenizerFileError, tokenizer_fields, tokenizer_kv
 
 hf_tokenizers = pytest.importorskip("tokenizers")

@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashlite import speculative as sp  # noqa: E402
-from flashlite.chat import prompt_ids  # noqa: E402
+from flashlite.chat.completion import prompt_ids  # noqa: E402
 from flashlite.model import load  # noqa: E402
 from flashlite.models import deepseek_v4 as v4  # noqa: E402
 

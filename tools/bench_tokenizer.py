@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from tokenizer_corpus import corpus
 
-from flashlite.tokenizer import Tokenizer
+from flashlite.chat.tokenizer import Tokenizer
 
 
 def _source(gguf: str | None):

@@ -104,9 +104,9 @@ BOS, EOS, PAD = ref.BOS, ref.EOS, ref.PAD
 USER, ASSISTANT, THINK, END_THINK = ref.CHAT_TOKENS
 
 
-def load_chat_format():
-    """flashlite/chat_format.py by path: the V4 template without importing the package (and its C core)."""
-    spec = importlib.util.spec_from_file_location("_v4_chat_format", ROOT / "flashlite" / "chat_format.py")
+def load_chat_template():
+    """flashlite/chat/template.py by path: the V4 template without importing the package (and its C core)."""
+    spec = importlib.util.spec_from_file_location("_v4_chat_template", ROOT / "flashlite" / "chat" / "template.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -402,7 +402,7 @@ def prepare(work, seed=SEED, vocab_size=None):
 
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    chat = load_chat_format()
+    chat = load_chat_template()
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():  # deprecated modules warn on import and on attribute access
         warnings.simplefilter("ignore")
@@ -1235,7 +1235,7 @@ Sample answers (greedy, from train.json):
 def golden_prompt_ids(tokenizer_file):
     from tokenizers import Tokenizer
 
-    chat = load_chat_format()
+    chat = load_chat_template()
     text = chat.encode_messages(GOLDEN_MESSAGES, think="high")
     tok = Tokenizer.from_file(str(tokenizer_file))
     ids = tok.encode(text, add_special_tokens=False).ids

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from flashlite.chat_format import (
+from flashlite.chat.template import (
     JINJA_TEMPLATE,
     ChatFormatError,
     OutputParser,

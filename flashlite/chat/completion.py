@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashlite.chat_format import OutputParser, encode_messages
-from flashlite.sampling import Sampler, StopChecker
-from flashlite.tokenizer import Tokenizer
+from flashlite.chat.sampling import Sampler, StopChecker
+from flashlite.chat.template import OutputParser, encode_messages
+from flashlite.chat.tokenizer import Tokenizer
 
 
 @dataclass
