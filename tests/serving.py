@@ -2,7 +2,7 @@
 import threading
 from contextlib import contextmanager
 
-from flashlite.server import ChatServer
+from flashlite.server.app import ChatServer
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from flashlite.server import MAX_BODY
+from flashlite.server.app import MAX_BODY
 from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent

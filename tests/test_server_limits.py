@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flashlite.server import MAX_BODY, json_depth
+from flashlite.server.app import MAX_BODY, json_depth
 from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent

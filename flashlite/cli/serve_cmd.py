@@ -34,7 +34,7 @@ def serve(model_path, host, port, threads, ctx, parallel, api_key, alias, timeou
     """Serve a model over OpenAI's and Anthropic's HTTP APIs (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/messages, /tokenize, /health, /metrics). --spec-type / --spec-draft-n-max / -md are every answer's
     speculative decoding unless a request's `speculative.type` / `speculative.n_max` say otherwise."""
-    from flashlite.server import ChatServer
+    from flashlite.server.app import ChatServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("uvicorn").setLevel(logging.WARNING)

@@ -46,11 +46,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from flashlite import anthropic_api
-from flashlite.anthropic_api import AnthropicError
 from flashlite.chat.completion import ChatPiece, _chunks, _completion, _decode, check_messages, shared_prefix, show
 from flashlite.chat.sampling import Sampler, StopChecker
 from flashlite.chat.template import BOS, encode_messages
+from flashlite.server import anthropic_api
+from flashlite.server.anthropic_api import AnthropicError
 from flashlite.speculative import SpecOptions, check_n_max, parse_spec_type
 
 log = logging.getLogger("flashlite.server")
