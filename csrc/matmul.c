@@ -155,11 +155,11 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
             job->from_float = at->from_float;
         }
     }
-    /* tasks of at most about TASK_BYTES of weights, as many as a multiple of the threads and of equal rows:
-     * with tasks of the full size and a short last one, one thread could be left finishing a full task while
-     * the others wait (Q2_K expert_down, 4096 rows in 6 tasks: 5 x 780 + 196, the slower thread 14% over the
-     * mean). Many tokens already make many tasks, one per tile of tokens, so the rows are not cut finer. */
-    int64_t threads = fl_threads_get(), round = threads * TASK_BYTES;
+    /* tasks of at most about TASK_BYTES of weights, as many as a multiple of the threads that will run them and of
+     * equal rows: with tasks of the full size and a short last one, one thread could be left finishing a full task
+     * while the others wait (Q2_K expert_down, 4096 rows in 6 tasks: 5 x 780 + 196, the slower thread 14% over
+     * the mean). Many tokens already make many tasks, one per tile of tokens, so the rows are not cut finer. */
+    int64_t threads = fl_pool_width(), round = threads * TASK_BYTES;
     int64_t tasks = threads * (((int64_t)job->w_row * job->rows + round - 1) / round);
     int64_t per_thread = (job->rows + threads - 1) / threads, even = (job->rows + tasks - 1) / tasks;
     if (even < TASK_ROWS)

@@ -12,7 +12,14 @@
  * waiting for the last task: decode issues hundreds of calls per token a few microseconds apart, and a futex wake
  * on each side cost 30-80 us per call on a virtual machine (a 4 MiB expert matrix streams in about 200 us). The
  * spin yields the core now and then, so that a thread that is runnable on it (ours or another program's) gets it,
- * and past the spin an idle pool costs no CPU. */
+ * and past the spin an idle pool costs no CPU.
+ *
+ * When another program keeps a core busy, a spinning worker still takes its share of the cores, and it runs mostly
+ * while the caller, the only one who submits jobs, is the one descheduled: two threads were 10% slower than one
+ * though the caller ran 99.9% of the jobs' tasks itself. A spinning worker that has its core sees every job before
+ * the next one comes; when one missed LATE_JOBS jobs in a row, the caller runs jobs alone for ALONE_NS (the workers
+ * stop spinning and sleep), then tries them again, for twice as long each time they are soon late again.
+ * fl_pool_width() says so, so that work is split into fewer, larger tasks meanwhile. */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <pthread.h>
 #include <sched.h>
@@ -27,6 +34,9 @@
 #define YIELD_EVERY 256 /* spin iterations (about 10 us) between two sched_yield() calls */
 #define INDEX_BITS 24   /* the ticket: generation << INDEX_BITS | next task index */
 #define MAX_JOB_TASKS ((int64_t)1 << INDEX_BITS)
+#define LATE_JOBS 32            /* consecutive jobs a spinning worker missed before the caller runs jobs alone */
+#define ALONE_NS 20000000       /* for this long at first */
+#define MAX_ALONE_NS 1280000000 /* and at most */
 
 /* A job's description. Fields are read and written with relaxed atomics: a late worker may read a slot while the
  * caller rewrites it for a later job, and then its claim fails on the generation tag before it uses them. */
@@ -49,6 +59,22 @@ static uint64_t ticket;           /* atomic: generation << INDEX_BITS | next tas
 static struct job slots[2];       /* job g is slots[g & 1] */
 static uint64_t start_generation; /* the generation when the workers were created */
 static int quitting;
+
+/* What the caller learns about a worker: the last generation it saw, and whether it sleeps on `wake` (then its
+ * wake-up latency makes it late, which says nothing about its core). Own cache lines: workers write them. */
+static struct {
+    uint64_t seen;
+    int sleeping;
+} __attribute__((aligned(64))) worker_state[MAX_THREADS];
+
+/* The previous job, judged when the next one comes (with submit_lock held): whether each worker spun when it was
+ * published. */
+static uint64_t last_gen; /* 0: nothing to judge */
+static int last_threads;
+static char last_spinning[MAX_THREADS];
+static int late_jobs;       /* consecutive jobs a spinning worker missed */
+static int64_t alone_until; /* jobs run on the caller alone until then (now_ns) */
+static int64_t alone_ns = ALONE_NS;
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
@@ -127,17 +153,21 @@ static int job_finished(const void *gen) {
 
 static void *worker_main(void *arg) {
     int thread = (int)(intptr_t)arg;
+    __atomic_store_n(&worker_state[thread].sleeping, 0, __ATOMIC_RELAXED); /* resize() set it until we ran */
     uint64_t seen = start_generation; /* a job submitted before this thread ran must still be seen */
     for (;;) {
         if (!spin_until(new_generation, &seen)) {
             pthread_mutex_lock(&lock);
+            __atomic_store_n(&worker_state[thread].sleeping, 1, __ATOMIC_RELAXED);
             while (!new_generation(&seen))
                 pthread_cond_wait(&wake, &lock);
+            __atomic_store_n(&worker_state[thread].sleeping, 0, __ATOMIC_RELAXED);
             pthread_mutex_unlock(&lock);
         }
         if (__atomic_load_n(&quitting, __ATOMIC_ACQUIRE))
             break;
         seen = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
+        __atomic_store_n(&worker_state[thread].seen, seen, __ATOMIC_RELEASE);
         if (thread < LOAD(slots[seen & 1].threads))
             run_tasks(seen, thread);
     }
@@ -180,7 +210,9 @@ static int resize(int n) {
         stop_workers();
     n_threads = 1;
     start_generation = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
+    last_gen = 0;
     for (int i = 1; i < n; i++) {
+        __atomic_store_n(&worker_state[i].sleeping, 1, __ATOMIC_RELAXED);
         if (pthread_create(&workers[i], NULL, worker_main, (void *)(intptr_t)i) != 0) {
             n_threads = i;
             return FL_ENOMEM;
@@ -202,6 +234,15 @@ int fl_threads_get(void) {
     if (n_threads == 0)
         resize(0);
     int n = n_threads;
+    pthread_mutex_unlock(&submit_lock);
+    return n;
+}
+
+int fl_pool_width(void) {
+    pthread_mutex_lock(&submit_lock);
+    if (n_threads == 0)
+        resize(0);
+    int n = alone_until && now_ns() < alone_until ? 1 : n_threads;
     pthread_mutex_unlock(&submit_lock);
     return n;
 }
@@ -232,7 +273,20 @@ void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx)
     if (n_threads == 0)
         resize(0);
     int threads = max_threads > 0 && max_threads < n_threads ? max_threads : n_threads;
-    if (threads == 1 || n_tasks == 1) {
+    int64_t now = now_ns();
+    if (last_gen) { /* a spinning worker that has its core sees every job before the next one comes */
+        int late = 0;
+        for (int i = 1; i < last_threads; i++)
+            late |= last_spinning[i] && __atomic_load_n(&worker_state[i].seen, __ATOMIC_ACQUIRE) != last_gen;
+        late_jobs = late ? late_jobs + 1 : 0;
+        if (late_jobs >= LATE_JOBS) { /* twice as long if they were late again within the last period's length */
+            alone_ns = now - alone_until < alone_ns ? (alone_ns < MAX_ALONE_NS ? 2 * alone_ns : alone_ns) : ALONE_NS;
+            alone_until = now + alone_ns;
+            late_jobs = 0;
+        }
+        last_gen = 0;
+    }
+    if (threads == 1 || n_tasks == 1 || now < alone_until) {
         for (int64_t t = 0; t < n_tasks; t++)
             fn(ctx, t, 0);
         pthread_mutex_unlock(&submit_lock);
@@ -248,8 +302,12 @@ void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx)
     __atomic_store_n(&ticket, (gen & (UINT64_MAX >> INDEX_BITS)) << INDEX_BITS, __ATOMIC_RELEASE);
     __atomic_store_n(&generation, gen, __ATOMIC_RELEASE); /* publishes the job to spinning workers */
     pthread_mutex_lock(&lock); /* a worker past its spin checks the generation under this lock, then waits */
+    for (int i = 1; i < threads; i++)
+        last_spinning[i] = !__atomic_load_n(&worker_state[i].sleeping, __ATOMIC_RELAXED);
     pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
+    last_gen = gen;
+    last_threads = threads;
 
     run_tasks(gen, 0);
 

@@ -1,5 +1,6 @@
 /* threadpool.h: the persistent worker pool of the core (fl_threads_set/get in flashlite.h size it).
- * One parallel-for at a time; the caller works too, and workers sleep on a condition variable when idle. */
+ * One parallel-for at a time; the caller works too, and workers sleep on a condition variable when idle. While the
+ * workers keep missing jobs (another program has their cores), the caller runs jobs alone for a while. */
 #ifndef FLASHLITE_THREADPOOL_H
 #define FLASHLITE_THREADPOOL_H
 #include <stdint.h>
@@ -9,5 +10,9 @@
  * before the call even if the pool is resized meanwhile. Returns when all tasks are done. */
 typedef void (*fl_task_fn)(void *ctx, int64_t task, int thread);
 void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx);
+
+/* The threads a job submitted now would run on: the pool's, or 1 while its workers keep missing jobs (their
+ * cores are taken) and the caller runs jobs alone. Work split for that many threads runs in fewer, larger tasks. */
+int fl_pool_width(void);
 
 #endif
