@@ -7,18 +7,7 @@
 #include <string.h>
 
 #include "flashlite.h"
-
-/* Independent partial sums let the compiler vectorise without reassociating one accumulator. */
-static float dot_f32(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+#include "vec_f32.h"
 
 static void axpy_f32(float *y, const float *x, float a, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
@@ -61,7 +50,7 @@ int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q
             float *o = out + (t * n_head + h) * head_dim;
             float m = sinks[h];
             for (int64_t i = 0; i < n; i++) {
-                p[i] = dot_f32(qh, rows[i], head_dim) * scale;
+                p[i] = fl_dot_f32(qh, rows[i], head_dim) * scale;
                 if (p[i] > m) m = p[i];
             }
             float sum = expf(sinks[h] - m);

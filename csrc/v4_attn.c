@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "flashlite.h"
+#include "vec_f32.h"
 
 int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y) {
     if (n_rows < 0 || dim <= 0 || (dim & (dim - 1)) || (n_rows && (!x || !y))) return FL_EINVAL;
@@ -34,17 +35,6 @@ int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y) {
     return FL_OK;
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const float *q, const float *head_weights,
                     const float *keys, int64_t n_keys, const int32_t *visible, int64_t topk, float scale,
                     int32_t *picks) {
@@ -60,7 +50,7 @@ int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const floa
         for (int64_t k = 0; k < n; k++) {
             float s = 0.0f;
             for (int64_t h = 0; h < n_heads; h++) {
-                float d = dot(q + (t * n_heads + h) * head_dim, keys + k * head_dim, head_dim);
+                float d = fl_dot_f32(q + (t * n_heads + h) * head_dim, keys + k * head_dim, head_dim);
                 s += (d > 0.0f ? d : 0.0f) * scale * head_weights[t * n_heads + h];
             }
             total[k] = s;

@@ -34,6 +34,7 @@ from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
 from flashlite.models.v4_spec import DSPARK_ARCH, dspark_tensors, layer_tensors
+from flashlite.speculative import draft_state
 
 ARCH = DSPARK_ARCH  # the draft's keys are `dflash.*`
 _SHAPE_KEYS = ("dim", "hc_mult", "head_dim", "rope_head_dim", "n_heads", "window_size")
@@ -212,14 +213,7 @@ class DSparkDrafter:
 
     def __init__(self, head: DSparkHead, cache, lock):
         self.head, self.lock = head, lock
-        states = getattr(cache, "draft_states", None)
-        if states is None:
-            states = cache.draft_states = {}
-        state = states.get(id(head))
-        if state is None or state.head is not head:
-            state = states[id(head)] = DSparkState(head, cache.kv_format)
-        self.state = state
-        state.sync(cache.pos)
+        self.state = draft_state(head, cache, DSparkState)
 
     def capture(self) -> dict:
         return {"taps": {layer: None for layer in self.head.target_layers}}

@@ -174,6 +174,19 @@ class MTPState:
                 del self.hidden[i]
 
 
+def draft_state(head, cache, make):
+    """The state a drafter keeps for `head` on the sequence's cache (cache.draft_states, one per head), made by
+    make(head, kv_format) when missing or left by another head, and brought to the cache's position."""
+    states = getattr(cache, "draft_states", None)
+    if states is None:
+        states = cache.draft_states = {}
+    state = states.get(id(head))
+    if state is None or state.head is not head:
+        state = states[id(head)] = make(head, cache.kv_format)
+    state.sync(cache.pos)
+    return state
+
+
 class MTPDrafter:
     """Drafts with V4's MTP block (flashlite.mtp.MTPHead): one block run per draft, chained on its own streams."""
 
@@ -181,14 +194,7 @@ class MTPDrafter:
 
     def __init__(self, head, cache, lock):
         self.head, self.lock = head, lock
-        states = getattr(cache, "draft_states", None)
-        if states is None:
-            states = cache.draft_states = {}
-        state = states.get(id(head))
-        if state is None or state.head is not head:
-            state = states[id(head)] = MTPState(head, cache.kv_format)
-        self.state = state
-        state.sync(cache.pos)
+        self.state = draft_state(head, cache, MTPState)
 
     def capture(self) -> dict:
         return {"hidden": []}
