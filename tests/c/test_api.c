@@ -12,19 +12,9 @@
 #include <string.h>
 #include <unistd.h>
 #include "flashlite.h"
+#include "check.h"
 
-static int failures;
 static uint64_t rng_state = 0x2545f4914f6cdd1dULL;
-
-#define CHECK(cond, ...)                                                                                     \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            failures++;                                                                                      \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
-            printf(__VA_ARGS__);                                                                             \
-            printf("\n");                                                                                    \
-        }                                                                                                    \
-    } while (0)
 
 static float uniform(void) { /* in [-1, 1) */
     rng_state ^= rng_state << 13;

@@ -8,22 +8,12 @@
 #include <string.h>
 #include <unistd.h>
 #include "flashlite.h"
+#include "check.h"
 #include "kernels.h"
 #include "simd.h"
 #include "threadpool.h"
 
-static int failures;
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
-
-#define CHECK(cond, ...)                                                                                     \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            failures++;                                                                                      \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
-            printf(__VA_ARGS__);                                                                             \
-            printf("\n");                                                                                    \
-        }                                                                                                    \
-    } while (0)
 
 static uint32_t rng_u32(void) {
     rng_state ^= rng_state << 13;
