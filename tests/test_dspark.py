@@ -14,22 +14,17 @@ from flashlite import speculative as sp
 from flashlite.cli import main
 from flashlite.dspark import DSparkState
 from flashlite.model import load
+from quantized import quantized
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny_v4"
 SMALL = ROOT / "tests" / "fixtures" / "small_v4"
 
 
-def _quantize(src: Path, out: Path, *args: str) -> Path:
-    result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--quiet", *args])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("dspark")
-    out = {"tiny": _quantize(TINY, d / "tiny-f32.gguf", "--type", "f32"), "small": _quantize(SMALL, d / "small.gguf")}
+    out = {"tiny": quantized(TINY, d / "tiny-f32.gguf", "--type", "f32"), "small": quantized(SMALL, d / "small.gguf")}
     out["dspark-tiny"] = write_dspark(str(out["tiny"]), str(d / "dspark-tiny.gguf"), target_layers=[1, 4, 6])
     out["dspark-small"] = write_dspark(str(out["small"]), str(d / "dspark-small.gguf"), seed=1)
     return out
@@ -142,7 +137,7 @@ def test_quantize_writes_a_dspark_checkpoints_draft(files, tmp_path):
     from dspark_draft import write_dspark_checkpoint
 
     values = write_dspark_checkpoint(SMALL, tmp_path / "ck")
-    out = _quantize(tmp_path / "ck", tmp_path / "dspark.gguf", "--dspark", "--type", "f32")
+    out = quantized(tmp_path / "ck", tmp_path / "dspark.gguf", "--dspark", "--type", "f32")
     r = GGUFReader(out)
     field = {k: f.contents() for k, f in r.fields.items()}
     assert field["general.architecture"] == "dflash" and field["dflash.block_count"] == 3

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from flashlite import speculative
 from flashlite.cli import main
 from flashlite.model import load
+from quantized import quantized
 from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,12 +25,6 @@ TOKENS = 24
 CASES = [({"speculative.type": "none"}, False), ({}, True),
          ({"speculative.type": "ngram", "speculative.n_max": 3}, None),
          ({"speculative.type": "draft-mtp", "speculative.n_max": 8}, True), ({"speculative.n_max": 1}, True)]
-
-
-def _quantize(src: Path, out: Path, *args: str) -> Path:
-    result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--quiet", *args])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +42,7 @@ def fixed_draft_length():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve-spec")
-    return {"model": _quantize(SMALL, d / "small.gguf"), "mtp": _quantize(SMALL, d / "mtp-small.gguf", "--mtp")}
+    return {"model": quantized(SMALL, d / "small.gguf"), "mtp": quantized(SMALL, d / "mtp-small.gguf", "--mtp")}
 
 
 @pytest.fixture(scope="module")

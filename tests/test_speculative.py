@@ -18,17 +18,12 @@ from flashlite.chat.sampling import Sampler
 from flashlite.cli import main
 from flashlite.gguf_file import GGUFFile
 from flashlite.model import load
+from quantized import quantized
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny_v4"
 SMALL = ROOT / "tests" / "fixtures" / "small_v4"
 LENGTHS = (1, 2, 3, 4, 8, sp.MAX_DRAFT)
-
-
-def _quantize(src: Path, out: Path, *args: str) -> Path:
-    result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--quiet", *args])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +33,10 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("spec")
     out = {}
     for name, src in (("tiny", TINY), ("small", SMALL)):
-        out[name] = _quantize(src, d / f"{name}.gguf")
-        out[name + "-f32"] = _quantize(src, d / f"{name}-f32.gguf", "--type", "f32")
-        out["mtp-" + name] = _quantize(src, d / f"mtp-{name}.gguf", "--mtp")
-        out["mtp-" + name + "-f32"] = _quantize(src, d / f"mtp-{name}-f32.gguf", "--type", "f32", "--mtp")
+        out[name] = quantized(src, d / f"{name}.gguf")
+        out[name + "-f32"] = quantized(src, d / f"{name}-f32.gguf", "--type", "f32")
+        out["mtp-" + name] = quantized(src, d / f"mtp-{name}.gguf", "--mtp")
+        out["mtp-" + name + "-f32"] = quantized(src, d / f"mtp-{name}-f32.gguf", "--type", "f32", "--mtp")
     return out
 
 
