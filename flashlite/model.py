@@ -13,6 +13,7 @@ import numpy as np
 
 from flashlite import speculative
 from flashlite.atomic import atomic_write
+from flashlite.backends import cpu
 from flashlite.chat import completion as chat_api
 from flashlite.chat.tokenizer import Tokenizer
 from flashlite.expert_offload import default_usage_path, parse_bytes
@@ -145,6 +146,7 @@ class Model:
             offload = dict(ram_budget=parse_bytes(ram_budget), policy=expert_policy, prefetch=expert_prefetch,
                            usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
                            direct_io=direct_io)
+        cpu.avoid_compaction_stalls()
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
             self.net = deepseek_v4.Transformer(self.args, self.file, offload)
         self.tokens = 0

@@ -1,8 +1,11 @@
 """DeepSeek V4 forward pass: the tiny_v4 fixture quantized to GGUF against transformers' float32 goldens, the
 kernels against float64 numpy references, the cache's truncation, and load errors on bad files."""
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +394,15 @@ def test_logits_are_bitwise_however_the_prompt_arrives(tiny_gguf, goldens, recip
     for chunk in (7, 16, 33, 1):
         got = m.logits(ids, chunk=chunk)
         assert np.array_equal(got, whole), (chunk, np.abs(got - whole).max())
+
+
+@pytest.mark.parametrize("env, asked", [({}, False), ({"FLASHLITE_NUMPY_HUGEPAGE": "1"}, True)],
+                         ids=["default", "kept-by-env"])
+def test_load_stops_numpy_huge_page_requests(f32_gguf, env, asked):
+    """numpy asks for huge pages on large arrays (its default on Linux >= 4.6); after a load it does not,
+    unless the environment keeps numpy's default. The setter returns the value it replaces."""
+    code = ("import numpy as np, flashlite; ma = getattr(np, '_core', np).multiarray; "
+            "ma._set_madvise_hugepage(True); flashlite.load(r'%s'); print(ma._set_madvise_hugepage(True))" % f32_gguf)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    assert out.stdout.strip() == str(asked)

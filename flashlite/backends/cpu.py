@@ -5,9 +5,25 @@ is checked again here (flashlite.matmul is the checked public path): at decode t
 A weight is a gguf_file.WeightView, or (WeightView, data) for one slice of a stacked tensor."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from flashlite._native import check, ffi, lib
+
+
+def avoid_compaction_stalls() -> None:
+    """Stop numpy asking the kernel for transparent huge pages on its large arrays (process-wide; numpy's own
+    default when the kernel is older than 4.6). Where THP defrag is "madvise" (most distributions' default), each
+    such request may compact memory synchronously, and with a memory-mapped model filling the page cache memory is
+    fragmented: a prefill's fresh 64 MB activations then stalled up to 0.9 s each, 40% of a 512-token prefill
+    (docs/performance.md). The C core's buffers never asked. FLASHLITE_NUMPY_HUGEPAGE=1 keeps numpy's default."""
+    if os.environ.get("FLASHLITE_NUMPY_HUGEPAGE") == "1":
+        return
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
 
 
 def f32(a: np.ndarray):
