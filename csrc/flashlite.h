@@ -106,9 +106,11 @@ int fl_simd_set(int level);
 int fl_simd_has_vnni(void);
 
 /* ---------------------------------------------------------------- threads */
-/* The persistent pool of the core; n <= 0 means one thread per online CPU. */
+/* The persistent pool of the core; n <= 0 means fl_threads_default(). */
 int fl_threads_set(int n);
 int fl_threads_get(void);
+/* One thread per physical performance core this process may run on, one fewer from 8 up (room for the caller). */
+int fl_threads_default(void);
 
 /* ---------------------------------------------------------------- matmul */
 /* Y[t, r] = sum_k W[r, k] * X[t, k] for t < n_tok, r < rows.

@@ -23,6 +23,7 @@
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -174,17 +175,70 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* The CPUs this process may run on (its affinity mask, which containers and taskset narrow), else the online ones. */
-static int online_cpus(void) {
+#if defined(__linux__)
+/* Reads a sysfs CPU list ("0-3,8,10-11") into set; 0 when the file is absent or unreadable. */
+static int read_cpu_list(const char *path, cpu_set_t *set) {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    char text[4096];
+    size_t len = fread(text, 1, sizeof(text) - 1, f);
+    fclose(f);
+    text[len] = 0;
+    CPU_ZERO(set);
+    for (char *p = text; *p && *p != '\n';) {
+        char *end;
+        long lo = strtol(p, &end, 10), hi = lo;
+        if (end == p)
+            return 0;
+        if (*end == '-')
+            hi = strtol(end + 1, &end, 10);
+        for (long c = lo; c <= hi && c < CPU_SETSIZE; c++)
+            CPU_SET((int)c, set);
+        p = *end == ',' ? end + 1 : end;
+    }
+    return 1;
+}
+#endif
+
+/* The pool's width when the caller does not choose: one thread per physical performance core this process may run
+ * on (its affinity mask, which containers and taskset narrow). SMT siblings share a core's execution units and
+ * decode is memory-bound, so they add little and take the caller's room; an Intel hybrid CPU's E-cores (outside
+ * /sys/devices/cpu_core/cpus) would hold every job back to their pace. These are the cores llama.cpp's default
+ * counts; from 8 of them one is left to the caller (a desktop app's UI thread, a server's I/O), whose load would
+ * otherwise land on a core the pool spins on. Elsewhere: the online CPUs. */
+static int default_threads(void) {
     long n = 0;
 #if defined(__linux__)
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0)
-        n = CPU_COUNT(&set);
+    cpu_set_t allowed, perf, siblings;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) {
+        int hybrid = read_cpu_list("/sys/devices/cpu_core/cpus", &perf);
+        if (hybrid)
+            CPU_AND(&perf, &perf, &allowed);
+        if (!hybrid || CPU_COUNT(&perf) == 0)
+            perf = allowed; /* not a hybrid CPU, or none of its P-cores is ours */
+        for (int c = 0; c < CPU_SETSIZE; c++) {
+            if (!CPU_ISSET(c, &perf))
+                continue;
+            char path[96];
+            snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", c);
+            int first = 1; /* c is the lowest-numbered of its core's CPUs in the set */
+            if (read_cpu_list(path, &siblings))
+                for (int s = 0; s < c && first; s++)
+                    first = !(CPU_ISSET(s, &siblings) && CPU_ISSET(s, &perf));
+            n += first;
+        }
+    }
 #endif
     if (n < 1)
         n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n >= 8)
+        n -= 1;
     return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
+}
+
+int fl_threads_default(void) {
+    return default_threads();
 }
 
 static void stop_workers(void) {
@@ -201,7 +255,7 @@ static void stop_workers(void) {
 /* with submit_lock held */
 static int resize(int n) {
     if (n <= 0)
-        n = online_cpus();
+        n = default_threads();
     if (n > MAX_THREADS)
         return FL_EINVAL;
     if (n == n_threads)

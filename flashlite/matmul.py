@@ -154,10 +154,16 @@ def has_vnni() -> bool:
 
 
 def set_threads(n: int) -> None:
-    """Size the core's thread pool; n <= 0 means one thread per online CPU."""
+    """Size the core's thread pool; n <= 0 means default_threads()."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
     check(lib.fl_threads_set(int(n)), f"fl_threads_set({n})")
+
+
+def default_threads() -> int:
+    """The pool's width when none is asked for: one thread per physical performance core this process may run on
+    (no SMT siblings, no E-cores), one fewer from 8 cores up, left to the caller."""
+    return int(lib.fl_threads_default())
 
 
 def threads() -> int:
@@ -166,4 +172,4 @@ def threads() -> int:
 
 
 __all__ = ["matmul", "matmul_batch", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni",
-           "set_threads", "threads", "SIMD_LEVELS"]
+           "set_threads", "default_threads", "threads", "SIMD_LEVELS"]

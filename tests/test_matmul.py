@@ -5,9 +5,11 @@ is checked twice: tightly against float64 with the activations put through the s
 numpy), and within a per-format bound against the plain float64 product. A product of n tokens is bitwise the n
 products of one token each. Every level must also agree with the scalar reference level.
 """
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -259,3 +261,39 @@ def test_environment_forces_the_level(forced):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, FLASHLITE_SIMD=forced)).stdout.split()
     assert out == [forced, fm.simd_best()]
+
+
+def _physical_performance_cores(allowed: set[int]) -> int:
+    """An independent count from sysfs: the CPUs of allowed, E-cores dropped on a hybrid CPU, one per core."""
+    def cpu_list(path):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            return None
+        cpus = set()
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        return cpus
+    perf = (cpu_list("/sys/devices/cpu_core/cpus") or set()) & allowed or allowed
+    cores = {frozenset(cpu_list(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") or {c}) & perf
+             for c in perf}
+    return len(cores)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+@pytest.mark.parametrize("narrow", [False, True], ids=["all-cpus", "one-cpu"])
+def test_default_threads_are_the_physical_performance_cores(narrow):
+    """The default pool width counts the cores this process may use, as the kernel describes them, with one core
+    left to the caller from 8 up; a process pinned to one CPU (taskset, a container) gets one thread."""
+    code = ("import json, os, sys; cpus = sorted(os.sched_getaffinity(0)); "
+            "os.sched_setaffinity(0, cpus[:1] if sys.argv[1] == '1' else cpus); "
+            "from flashlite import matmul; "
+            "print(json.dumps([sorted(os.sched_getaffinity(0)), matmul.default_threads(), matmul.threads()]))")
+    out = subprocess.run([sys.executable, "-c", code, str(int(narrow))], capture_output=True, text=True, check=True)
+    allowed, default, pool = json.loads(out.stdout)
+    cores = _physical_performance_cores(set(allowed))
+    expected = cores - 1 if cores >= 8 else cores
+    assert (default, pool) == (expected, expected)
+    if narrow:
+        assert expected == 1

@@ -243,7 +243,7 @@ def _interact(session: Session) -> None:
               help="deepseek4 GGUF file")
 @click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
               help="context length (default: the model's)")
-@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: one per physical core, one fewer from 8)")
 @click.option("-n", "--n-predict", "--predict", "n_predict", default=None, type=click.IntRange(min=1),
               help="most tokens per answer (default: until the end of the answer or the context)")
 @click.option("-p", "--prompt", default=None,

@@ -74,7 +74,7 @@ _ctx = click.option("-c", "--ctx-size", "ctx", default=DEFAULT_CTX, show_default
 _chunks = click.option("--chunks", "n_chunks", default=None, type=click.IntRange(min=1),
                        help="use at most N chunks (default: all the text fills)")
 _threads = click.option("-t", "--threads", default=None, type=click.IntRange(1, 256),
-                        help="threads, 1..256 (default: all cores)")
+                        help="threads, 1..256 (default: one per physical core, one fewer from 8)")
 _quiet = click.option("--quiet", is_flag=True, help="no progress bar")
 
 

@@ -117,7 +117,7 @@ def load_model(model_path, threads, ctx, load_opts, spec_opts=None):
 @click.option("--tokens", default=None, help="prompt as comma-separated token ids")
 @click.option("-n", "--n-predict", "--predict", "n_predict", default=32, show_default=True, type=click.IntRange(min=1),
               help="tokens to generate")
-@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: one per physical core, one fewer from 8)")
 @click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
               help="context length (default: the model's)")
 @load_options

@@ -13,7 +13,7 @@ from flashlite.cli.run_cmd import load_model, load_options, spec_options
               help="deepseek4 GGUF file")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
-@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: all cores)")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1, 256), help="threads, 1..256 (default: one per physical core, one fewer from 8)")
 @click.option("-c", "--ctx-size", "ctx", default=None, type=click.IntRange(min=1),
               help="context length (default: the model's)")
 @click.option("-np", "--parallel", default=4, show_default=True, type=click.IntRange(min=1),

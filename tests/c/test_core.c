@@ -327,7 +327,8 @@ static void test_pool(void) {
     }
     CHECK(fl_threads_set(100000) == FL_EINVAL, "absurd thread count");
     fl_threads_set(0);
-    CHECK(fl_threads_get() >= 1, "default pool");
+    CHECK(fl_threads_default() >= 1 && fl_threads_get() == fl_threads_default(), "default pool %d of default %d",
+          fl_threads_get(), fl_threads_default());
 }
 
 /* The disk-cached MoE against the in-memory one on the same bytes: bitwise equal outputs for every budget from
