@@ -161,3 +161,60 @@ def test_what_the_device_backend_does_not_hold_is_refused(torch, f32_gguf):
         load(f32_gguf, device="torch-cpu", kv_format="fp8")
     with pytest.raises(ValueError, match="ram_budget: the expert cache runs on the CPU backend only"):
         load(f32_gguf, device="torch-cpu", ram_budget="1M")
+
+
+# ---------------------------------------------------------------- each operation against the C core
+
+
+def test_each_operation_matches_the_c_core(torch):
+    """The torch backend's operations against the CPU backend's (the C core) on random inputs with the edge cases
+    the tiny model seldom meets: tied scores (top-k ties go to the lower index in both), -1 picks, queries that see
+    no window row, a compressor's first window without the one before it, more picks asked for than rows exist."""
+    from flashlite.backends import cpu
+    from flashlite.backends import torch_device as td
+
+    rng = np.random.default_rng(1)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def close(got, ref, atol=2e-6):
+        np.testing.assert_allclose(got.numpy() if hasattr(got, "numpy") else got, ref, rtol=1e-5, atol=atol)
+
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    close(td.hadamard(t(x)), cpu.hadamard(x), 1e-5)
+    w = rng.standard_normal(64).astype(np.float32)
+    close(td.rms_norm(t(x), t(w), 1e-6), cpu.rms_norm(x, w, 1e-6))
+    for overlap, has_prev, n_rows in ((True, True, 3), (True, False, 3), (False, False, 2)):
+        r, d = 4, 16
+        width = 2 * d if overlap else d
+        n_tok = (n_rows + has_prev) * r
+        kv, score = (rng.standard_normal((n_tok, width)).astype(np.float32) for _ in range(2))
+        close(td.compress_pool(n_rows, r, d, overlap, has_prev, t(kv), t(score), "x"),
+              cpu.compress_pool(n_rows, r, d, overlap, has_prev, kv, score, "x"))
+    q = rng.standard_normal((4, 3, 32)).astype(np.float32)
+    keys = rng.standard_normal((9, 32)).astype(np.float32)
+    keys[5] = keys[2]  # a tie
+    head_w = rng.standard_normal((4, 3)).astype(np.float32)
+    visible = np.array([0, 3, 9, 6], np.int32)
+    for topk in (4, 12):
+        np.testing.assert_array_equal(td.indexer_topk(t(q), t(keys), t(head_w), visible, topk, 0.2),
+                                      cpu.indexer_topk(q, keys, head_w, visible, topk, 0.2))
+    window = rng.standard_normal((7, 32)).astype(np.float32)
+    ranges = np.array([[0, 0], [0, 3], [2, 7], [6, 7]], np.int32)
+    idx = np.array([[-1, -1], [4, -1], [0, 8], [3, 3]], np.int32)
+    sinks = rng.standard_normal(3).astype(np.float32)
+    close(td.attention_sink(t(q), t(window), ranges, t(keys), idx, t(sinks), 0.3, "x"),
+          cpu.attention_sink(q, window, ranges, keys, idx, sinks, 0.3, "x"))
+    logits = rng.standard_normal((3, 8)).astype(np.float32) * 10
+    logits[1, 2] = logits[1, 6] = 25.0  # a tie, and softplus's linear part
+    bias = rng.standard_normal(8).astype(np.float32) * 0.1
+    bias[2] = bias[6]
+    tid2eid = rng.integers(0, 8, (11, 2)).astype(np.int32)
+    ids = np.array([4, 10, 0])
+    for b, table in ((bias, None), (None, tid2eid)):
+        got_w, got_i = td.moe_route(t(logits), None if b is None else t(b),
+                                    None if table is None else t(table.astype(np.int64)), ids, 2, 1.5)
+        ref_w, ref_i = cpu.moe_route(logits, b, table, ids, 2, 1.5)
+        np.testing.assert_array_equal(got_i.numpy(), ref_i)
+        close(got_w, ref_w)
