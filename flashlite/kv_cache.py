@@ -147,13 +147,13 @@ class CompressorState:
     [jr, (j+1)r) without. `rotated`: rows are stored after a Hadamard rotation (the reference's FP4 indexer)."""
 
     def __init__(self, ratio: int, width: int, overlap: bool, row_format: RowFormat | None = None,
-                 rotated: bool = False):
+                 rotated: bool = False, row_log=RowLog):
         self.ratio = ratio
         self.overlap = overlap
         self.rotated = rotated
-        self.kv = RowLog(RowFormat(width))
-        self.score = RowLog(RowFormat(width))
-        self.rows = RowLog(row_format or RowFormat(width // 2 if overlap else width))
+        self.kv = row_log(RowFormat(width))
+        self.score = row_log(RowFormat(width))
+        self.rows = row_log(row_format or RowFormat(width // 2 if overlap else width))
 
     def first_needed(self, pos: int) -> int:
         """The first token position the state must hold to continue from position pos."""
@@ -173,30 +173,31 @@ class CompressorState:
 
 
 class LayerCache:
-    """One layer: the window's raw KV rows, and for compressed layers the compressor (and indexer) state."""
+    """One layer: the window's raw KV rows, and for compressed layers the compressor (and indexer) state.
+    row_log: the class of its logs (RowLog, host memory; a device backend's keeps them on its device)."""
 
     def __init__(self, head_dim: int, window: int, ratio: int, index_head_dim: int, rope_dim: int = 64,
-                 kv_format: str = "f32"):
+                 kv_format: str = "f32", row_log=RowLog):
         if kv_format not in KV_FORMATS:
             raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
         self.head_dim, self.window, self.ratio, self.index_head_dim = head_dim, window, ratio, index_head_dim
-        self.rope_dim, self.kv_format = rope_dim, kv_format
+        self.rope_dim, self.kv_format, self.row_log = rope_dim, kv_format, row_log
         packed = kv_format == "fp8"
         self.kv_row = RowFormat(head_dim, lib.FL_KV_FP8, rope_dim) if packed else RowFormat(head_dim)
         self.index_row = RowFormat(index_head_dim, lib.FL_KV_FP4) if packed else RowFormat(index_head_dim)
         self.clear()
 
     def clear(self) -> None:
-        self.kv = RowLog(self.kv_row)
+        self.kv = self.row_log(self.kv_row)
         self.compressor = None
         self.indexer = None
         if self.ratio:
             overlap = self.ratio == 4
             width = self.head_dim * (2 if overlap else 1)
-            self.compressor = CompressorState(self.ratio, width, overlap, self.kv_row)
+            self.compressor = CompressorState(self.ratio, width, overlap, self.kv_row, row_log=self.row_log)
             if overlap:
                 self.indexer = CompressorState(self.ratio, 2 * self.index_head_dim, True, self.index_row,
-                                               rotated=self.index_row.kind is not None)
+                                               rotated=self.index_row.kind is not None, row_log=self.row_log)
 
     def states(self) -> list[CompressorState]:
         return [s for s in (self.compressor, self.indexer) if s is not None]

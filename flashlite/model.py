@@ -13,7 +13,7 @@ import numpy as np
 
 from flashlite import speculative
 from flashlite.atomic import atomic_write
-from flashlite.backends import cpu
+from flashlite.backends import cpu, open_device
 from flashlite.chat import completion as chat_api
 from flashlite.chat.tokenizer import Tokenizer
 from flashlite.expert_offload import default_usage_path, parse_bytes
@@ -123,8 +123,11 @@ class Model:
                  pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32",
                  progress: Callable[[float], object] | None = None, check_tensors: bool = False,
                  spec_type: str | None = None, spec_draft_n_max: int | None = None,
-                 model_draft: str | os.PathLike | None = None):
+                 model_draft: str | os.PathLike | None = None, device: str = "cpu"):
         report = _LoadProgress(progress)
+        self.device = open_device(device)  # None: the CPU backend
+        if threads is not None and self.device is not None:
+            self.device.set_threads(threads)
         if threads is not None:
             from flashlite._native import check, lib
             if threads < 1:
@@ -148,7 +151,7 @@ class Model:
                            direct_io=direct_io)
         cpu.avoid_compaction_stalls()
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
-            self.net = deepseek_v4.Transformer(self.args, self.file, offload)
+            self.net = deepseek_v4.Transformer(self.args, self.file, offload, self.device)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
@@ -215,6 +218,9 @@ class Model:
         """The draft of the GGUF at path, loaded once: kind 'mtp' an MTP block (flashlite.mtp.MTPHead), 'dspark'
         a DSpark draft (flashlite.dspark.DSparkHead)."""
         path = os.fspath(path)
+        if self.device is not None:
+            raise ValueError(f"spec_type {kind!r}: draft models run on the CPU backend only, not on device "
+                             f"{self.device} (spec_type 'ngram' needs no draft)")
         with self.lock:
             head = self._drafts.get(path)
             if head is None:
@@ -458,5 +464,12 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     scales (llama.cpp's --check-tensors); without it only the small tensors decoded at load are checked.
 
     progress, a callable, receives the load's progress as a fraction (0.0 first, 1.0 last, non-decreasing, at
-    most about a hundred calls), on the thread that loads: a UI hands it on to its own thread (docs/api.md)."""
+    most about a hundred calls), on the thread that loads: a UI hands it on to its own thread (docs/api.md).
+
+    device: where the forward runs: "cpu" (the C core, the default; needs nothing more), "cuda" or "cuda:N" (an
+    NVIDIA GPU: the weights uploaded once in their block formats, matmuls in Triton), "npu" or "npu:N" (an Ascend
+    NPU through torch_npu and triton-ascend; not yet run on one), "torch-cpu" (the same torch backend on the CPU,
+    matmuls of weights decoded to float32 once), or "auto" (CUDA when torch sees a GPU, else "cpu"). The device
+    backends need `pip install 'flashlite[cuda]'`; one asked for and not available raises a RuntimeError that says
+    what is missing. They hold kv_format "f32" only, without ram_budget or draft models (docs/gpu.md)."""
     return Model(path, threads=threads, ctx=ctx, **options)

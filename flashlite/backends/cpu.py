@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from flashlite import block_formats
 from flashlite._native import check, ffi, lib
 
 
@@ -59,6 +60,32 @@ def matmul_batch(products: list) -> list[np.ndarray]:
         check(lib.fl_matmul_batch(len(products), items),
               f"fl_matmul_batch ({(first[0] if isinstance(first, tuple) else first).name}, ...)")
     return out
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+    """x as a C-contiguous float32 array: x itself when it is one (a product batched with others of the same x
+    then shares its quantized activation)."""
+    return x if x.flags.c_contiguous and x.dtype == np.float32 else np.ascontiguousarray(x, np.float32)
+
+
+zeros_like = np.zeros_like
+
+
+def concat(xs: list, axis: int) -> np.ndarray:
+    return np.concatenate(xs, axis=axis)
+
+
+def embed(w, token_ids: np.ndarray) -> np.ndarray:
+    """The embedding rows of token_ids as float32, each row decoded as it is read."""
+    rows = w.data[token_ids]
+    if w.data.dtype != np.uint8:  # F32 or F16, held as such
+        return rows.astype(np.float32)
+    return block_formats.dequantize(rows, w.type)
+
+
+def hc_streams(x: np.ndarray, hc: int) -> np.ndarray:
+    """[T, D] -> [T, hc, D]: every stream starts as the token's embedding."""
+    return np.repeat(x[:, None, :], hc, axis=1)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:

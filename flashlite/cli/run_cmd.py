@@ -18,9 +18,9 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def load_options(command):
-    """-hf, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command that loads a
-    model; the command receives them as one `load_opts` dict for load_model."""
-    names = ("hf_repo", "ram_budget", "expert_policy", "kv_format", "check_tensors")
+    """-hf, -dev, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command that loads
+    a model; the command receives them as one `load_opts` dict for load_model."""
+    names = ("hf_repo", "device", "ram_budget", "expert_policy", "kv_format", "check_tensors")
 
     @functools.wraps(command)
     def with_load_opts(**kwargs):
@@ -29,6 +29,9 @@ def load_options(command):
     options = (
         click.option("-hf", "-hfr", "--hf-repo", default=None, metavar="ORG/REPO[:QUANT]",
                      help="a GGUF from the Hugging Face Hub instead of -m (QUANT default Q4_K_M), kept in its cache"),
+        click.option("-dev", "--device", default="cpu", show_default=True, metavar="DEVICE",
+                     help="where the model runs: cpu, cuda, cuda:N, npu, npu:N, torch-cpu or auto (CUDA when torch "
+                          "sees a GPU); the GPU backends need pip install 'flashlite[cuda]' (docs/gpu.md)"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
         click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
@@ -102,7 +105,7 @@ def load_model(model_path, threads, ctx, load_opts, spec_opts=None):
     options.update({k: v for k, v in (spec_opts or {}).items() if v is not None})
     try:
         model = load(model_path, threads=threads, ctx=ctx, **options)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
     return model

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashlite.backends import cpu as backend
+from flashlite import backends as backend
 from flashlite.expert_offload import ExpertCache
-from flashlite import block_formats
 from flashlite.gguf_file import INDEX, GGUFFile, WeightView
-from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
+from flashlite.kv_cache import CompressorState, LayerCache, ModelCache, RowLog
 from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
 
 # While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
@@ -141,8 +140,7 @@ def linear(w: WeightView, x: np.ndarray, expert: int | None = None) -> np.ndarra
     """y = x @ W^T through the backend; `expert` picks one slice of a stacked [k, rows, experts] tensor."""
     if OBSERVER is not None:
         OBSERVER(w, x, expert)
-    return backend.matmul_batch([(w if expert is None else (w, w.data[expert]),
-                                  np.ascontiguousarray(x, np.float32))])[0]
+    return backend.matmul_batch([(w if expert is None else (w, w.data[expert]), backend.contiguous(x))])[0]
 
 
 def linear_groups(*groups: list) -> list[list[np.ndarray]]:
@@ -152,8 +150,7 @@ def linear_groups(*groups: list) -> list[list[np.ndarray]]:
         for group in groups:
             for w, x in group:
                 OBSERVER(w, x, None)
-    ys = backend.matmul_batch([(w, x if x.flags.c_contiguous and x.dtype == np.float32 else
-                                np.ascontiguousarray(x, np.float32)) for group in groups for w, x in group])
+    ys = backend.matmul_batch([(w, backend.contiguous(x)) for group in groups for w, x in group])
     out, lo = [], 0
     for group in groups:
         out.append(ys[lo:lo + len(group)])
@@ -425,8 +422,8 @@ class Attention:
         if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input
             OBSERVER(self.wo_a, groups.reshape(-1, groups.shape[2]), None)
         # one run of the core for all groups: eight small products then stream like one large one
-        return np.concatenate(backend.matmul_batch([((self.wo_a, w[g]), np.ascontiguousarray(groups[:, g]))
-                                                    for g in range(a.o_groups)]), axis=1)
+        return backend.concat(backend.matmul_batch([((self.wo_a, w[g]), backend.contiguous(groups[:, g]))
+                                                     for g in range(a.o_groups)]), axis=1)
 
 
 # ---------------------------------------------------------------- MoE
@@ -492,9 +489,8 @@ class MoE:
 
     def __call__(self, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         weights, idx = self.gate(x, token_ids)
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros_like(x)
-        idx, weights = np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32)
+        x = backend.contiguous(x)
+        out = backend.zeros_like(x)
         experts = self.experts if OBSERVER is None else self.experts_visible
         if self.offload is None:
             experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
@@ -603,16 +599,21 @@ def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress:
 class Transformer:
     """DeepSeek V4's network over the weights of one GGUF file (flashlite.model.Model holds it as `net`)."""
 
-    def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None):
+    def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None, device=None):
         """offload: None keeps every expert memory-mapped; else ExpertCache options (ram_budget, policy,
-        io_threads, usage_path, pin_fraction) plus prefetch (bool)."""
-        self.args = args
+        io_threads, usage_path, pin_fraction) plus prefetch (bool). device: None runs on the CPU backend (weights
+        memory-mapped); else a backend device (backends.open_device) the weights are uploaded to, once, here."""
+        self.args, self.device = args, device
+        if device is not None and offload is not None:
+            raise ValueError(f"ram_budget: the expert cache runs on the CPU backend only, not on device {device}")
         spec = expected_tensors(args)
         t = {}
         for name, (ne, use) in spec.items():
             t[name] = f.load(name, ne, use)
             if use == INDEX and t[name].size and not 0 <= t[name].min() <= t[name].max() < args.n_routed_experts:
                 raise ValueError(f"{f.path}: tensor '{name}' names experts outside 0..{args.n_routed_experts - 1}")
+            if device is not None:
+                t[name] = device.upload(t[name])
         self.mtp = {n: v for n, v in f.tensors.items() if n not in spec and n.startswith(f"blk.{args.n_layers}.")}
         self.embed = t["token_embd.weight"]
         self.head = t["output.weight"]
@@ -659,14 +660,12 @@ class Transformer:
         """A decode cache; kv_format "f32" (rows as computed, transformers' semantics) or "fp8" (rows rounded and
         packed as DeepSeek's reference stores them, a quarter of the bytes: see flashlite/kv_cache.py)."""
         a = self.args
-        return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim, a.rope_head_dim, kv_format)
-                           for r in a.compress_ratios], rewind)
+        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim, a.rope_head_dim, kv_format,
+                                      row_log) for r in a.compress_ratios], rewind)
 
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
-        rows = self.embed.data[token_ids]
-        if self.embed.data.dtype != np.uint8:  # F32 or F16, held as such
-            return rows.astype(np.float32)
-        return block_formats.dequantize(rows, self.embed.type)
+        return backend.embed(self.embed, token_ids)
 
     def __call__(self, token_ids: np.ndarray, cache: ModelCache, dump: dict | None = None,
                  logits: str = "all", hidden: list | None = None, taps: dict | None = None) -> np.ndarray:
@@ -687,7 +686,7 @@ class Transformer:
             y = rms_norm(e, None, self.args.norm_eps)
             for block in self.prefetch_at_start:
                 block.prefetch_experts(y, token_ids)
-        h = np.repeat(e[:, None, :], self.args.hc_mult, axis=1)
+        h = backend.hc_streams(e, self.args.hc_mult)
         for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             if taps is not None and i in taps:
                 taps[i] = h.mean(axis=1)
@@ -705,4 +704,4 @@ class Transformer:
         if dump is not None:
             dump["output_norm"] = x.copy()
         cache.advance(token_ids)
-        return linear(self.head, x)
+        return backend.to_host(linear(self.head, x))

@@ -1,0 +1,408 @@
+"""The torch backend of the model's operations (see flashlite/backends/__init__.py): the names of
+flashlite/backends/cpu.py, on torch tensors on one torch device: a CUDA GPU, an Ascend NPU (torch_npu), or the CPU.
+
+Weights are uploaded once, at load (TorchDevice.upload). A matrix of a type the Triton kernels multiply
+(flashlite.device.triton_kernels.TYPES) goes up as its GGUF block bytes, a uint8 tensor the kernels dequantize tile
+by tile; F32 and F16 matrices as float32; a matrix of any other block type is decoded to float32 once by the C core
+(a fallback, counted in TorchDevice.decoded). With kernels="dequantized" (the default on a CPU torch device, where
+Triton only interprets) every matrix is decoded once and multiplied by torch.
+
+Activations are float32 and are not rounded to Q8 as the C core's integer dots round them, so on a quantized file
+this backend differs from the CPU one by that rounding (and agrees with it on an f32 file to float32 rounding).
+The small operations are torch ops in the C core's order where it shows (normalise then scale, softmaxes less
+their max, the sink in the denominator, ties of a top-k to the lower index). The KV cache's logs live on the device
+(DeviceRowLog); its checkpoints and saved files are host bytes, as the CPU backend's.
+
+What comes back to the host during a forward: the logits, the indexer's picks, and the experts a MoE layer routes
+to (one synchronisation per layer; grouped expert matmuls and a captured decode graph come next, docs/gpu.md).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flashlite import block_formats
+from flashlite.gguf_file import WeightView
+from flashlite.kv_cache import RowFormat, RowLog
+
+KERNELS = ("triton", "dequantized")
+_FLOAT_TYPES = (0, 1)  # F32, F16: uploaded as float32 values
+TOKEN_CHUNK = 64  # queries per attention / indexer step: bounds the [tokens, heads, rows] score tensors
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    """A weight on the device: `data` holds GGUF block bytes (blocks=True: uint8, [..., rows, row_bytes], multiplied
+    by the Triton kernels at `precision`) or float32 values ([..., rows, k], multiplied by torch); name, type and ne
+    as in the file (gguf_file.WeightView)."""
+
+    name: str
+    type: int
+    ne: tuple[int, ...]
+    data: torch.Tensor
+    blocks: bool
+    precision: str = "tf32"
+
+    @property
+    def rows(self) -> int:
+        return self.ne[1] if len(self.ne) > 1 else 1
+
+    @property
+    def k(self) -> int:
+        return self.ne[0]
+
+
+class TorchDevice:
+    """One torch device the model runs on, and how its matmuls run: kernels "triton" (the Triton kernels over the
+    GGUF blocks: CUDA and Ascend; on a CPU device only under TRITON_INTERPRET=1, slowly) or "dequantized"
+    (matrices decoded once to float32 at load, torch matmuls). precision: the tensor-core inputs of the Triton
+    prefill kernel (triton_kernels.PRECISIONS)."""
+
+    def __init__(self, device: str | torch.device, kernels: str | None = None, precision: str = "tf32"):
+        self.device = torch.device(device)
+        self.kernels = kernels or ("dequantized" if self.device.type == "cpu" else "triton")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels: expected one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        self.tk = None
+        if self.kernels == "triton":
+            from flashlite.device import triton_kernels
+            if precision not in triton_kernels.PRECISIONS:
+                raise ValueError(f"precision: expected one of {', '.join(triton_kernels.PRECISIONS)}, got "
+                                 f"{precision!r}")
+            self.tk = triton_kernels
+        self.precision = precision
+        self.decoded: list[str] = []  # block-type matrices decoded to float32 for want of a kernel
+
+    def __str__(self) -> str:
+        return f"{self.device} ({self.kernels} matmuls)"
+
+    @classmethod
+    def open(cls, key: str) -> TorchDevice:
+        """The device of load's option `key` ("cuda", "cuda:N", "npu", "npu:N", "torch-cpu"), checked to exist."""
+        if key == "torch-cpu":
+            return cls("cpu")
+        kind, _, number = key.partition(":")
+        index = int(number) if number else 0
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {key!r}: torch {torch.__version__} sees no CUDA device (a CPU-only "
+                                   f"build of torch, no NVIDIA driver, or CUDA_VISIBLE_DEVICES empty)")
+            count = torch.cuda.device_count()
+        else:
+            try:
+                import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+            except ImportError:
+                raise RuntimeError(f"device {key!r} needs torch_npu and triton-ascend (Ascend's CANN toolkit): "
+                                   f"pip install torch_npu triton-ascend") from None
+            if not torch.npu.is_available():
+                raise RuntimeError(f"device {key!r}: torch_npu sees no Ascend NPU")
+            count = torch.npu.device_count()
+        if index >= count:
+            raise RuntimeError(f"device {key!r}: there {'is' if count == 1 else 'are'} {count} {kind} device"
+                               f"{'' if count == 1 else 's'} (0..{count - 1})")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise RuntimeError(f"device {key!r} needs triton for its matmul kernels: pip install "
+                               f"'flashlite[cuda]' (triton-ascend for an NPU)") from None
+        return cls(f"{kind}:{index}")
+
+    def set_threads(self, n: int) -> None:
+        """Threads of torch's CPU operations, for a CPU device (process-wide, as torch has it); nothing on an
+        accelerator, where the host only launches kernels."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(n)
+
+    def upload(self, value):
+        """A tensor of the model as this backend holds it: a WeightView as a DeviceWeight, float32 values as a
+        float32 tensor, an integer table (tid2eid) as int64."""
+        if isinstance(value, WeightView):
+            return self.weight(value)
+        if value.dtype.kind in "iu":
+            return torch.from_numpy(value.astype(np.int64)).to(self.device)
+        return torch.from_numpy(np.array(value, np.float32)).to(self.device)
+
+    def weight(self, view: WeightView) -> DeviceWeight:
+        shape = tuple(reversed(view.ne))
+        if view.type not in _FLOAT_TYPES and self.tk is not None and view.type in self.tk.TYPES.values():
+            data = torch.from_numpy(np.array(view.data, np.uint8)).to(self.device)  # [..., rows, row_bytes]
+            return DeviceWeight(view.name, view.type, view.ne, data, True, self.precision)
+        if view.type not in _FLOAT_TYPES and self.kernels == "triton":
+            self.decoded.append(f"{view.name} ({view.type_name})")
+        values = np.array(view.to_f32(), np.float32).reshape(shape)
+        return DeviceWeight(view.name, view.type, view.ne, torch.from_numpy(values).to(self.device), False)
+
+    def row_log(self, kv_format: str):
+        """The class of the KV cache's logs on this device (kv_cache.LayerCache's row_log)."""
+        if kv_format != "f32":
+            raise ValueError(f"kv_format {kv_format!r}: the cache on device {self.device} holds f32 rows only "
+                             f"(fp8 rows are packed by the C core: the CPU backend)")
+        return functools.partial(DeviceRowLog, device=self.device)
+
+
+# ---------------------------------------------------------------- the KV cache on the device
+
+class DeviceRowLog(RowLog):
+    """kv_cache.RowLog with its float32 rows in a device tensor [capacity, dim]; what leaves it as bytes (packed:
+    checkpoints, saved caches) is host memory, as the CPU's logs give."""
+
+    def __init__(self, fmt: RowFormat, device: torch.device):
+        self.device = device
+        super().__init__(fmt)
+
+    def append(self, rows) -> None:
+        rows = rows.reshape(-1, self.fmt.dim)
+        n, used = rows.shape[0], len(self)
+        self.reserve(n)
+        self._buf[self._off + used:self._off + used + n] = rows
+        self.end += n
+
+    def reserve(self, n: int) -> None:
+        used = len(self)
+        if self._off + used + n > self._buf.shape[0]:
+            buf = torch.empty((max(16, used + n, (used + n) * 3 // 2), self.fmt.dim), dtype=torch.float32,
+                              device=self.device)
+            buf[:used] = self._buf[self._off:self._off + used]
+            self._buf, self._off = buf, 0
+
+    def bind(self, log, n: int) -> None:
+        raise TypeError("a device log has no C pointer: the CPU backend's fused decode does not run on it")
+
+    def _span(self, lo: int, hi: int) -> torch.Tensor:
+        if lo < self.start or hi > self.end or lo > hi:
+            raise IndexError(f"rows [{lo}, {hi}) outside the log's [{self.start}, {self.end})")
+        return self._buf[self._off + lo - self.start:self._off + hi - self.start]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self._span(lo, hi)
+
+    def packed(self, lo: int, hi: int) -> np.ndarray:
+        return self._span(lo, hi).cpu().numpy().view(np.uint8)
+
+    def restore(self, start: int, packed) -> None:
+        rows = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes).view(np.float32)
+        self._buf = torch.from_numpy(rows.copy()).to(self.device)
+        self._off = 0
+        self.start, self.end = start, start + self._buf.shape[0]
+
+
+# ---------------------------------------------------------------- array glue
+
+def _on(a, device, dtype=None) -> torch.Tensor:
+    """a (a host array or a tensor) as a tensor on device."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+def zeros_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
+def concat(xs: list, axis: int) -> torch.Tensor:
+    return torch.cat(xs, dim=axis)
+
+
+def to_host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def hc_streams(x: torch.Tensor, hc: int) -> torch.Tensor:
+    return x[:, None, :].expand(-1, hc, -1).contiguous()
+
+
+def embed(w: DeviceWeight, token_ids: np.ndarray) -> torch.Tensor:
+    ids = _on(token_ids, w.data.device, torch.int64)
+    if not w.blocks:
+        return w.data[ids]
+    from flashlite.device import triton_kernels as tk
+    return tk.dequantize_rows(w.data, w.type, w.rows, w.k, ids)
+
+
+# ---------------------------------------------------------------- matmuls
+
+def _product(w: DeviceWeight, data: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for W = data (w's values or one slice of them), x [k] or [n, k]."""
+    if not w.blocks:
+        return x @ data.T
+    from flashlite.device import triton_kernels as tk
+    return tk.matmul(data, w.type, data.shape[0], w.k, x, w.precision)
+
+
+def matmul_batch(products: list) -> list[torch.Tensor]:
+    """[x @ W^T for (w, x)]: w a DeviceWeight, or (DeviceWeight, data) for one slice of a stacked tensor."""
+    out = []
+    for w, x in products:
+        w, data = w if isinstance(w, tuple) else (w, w.data)
+        out.append(_product(w, data, x))
+    return out
+
+
+# ---------------------------------------------------------------- the small operations
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else weight * y
+
+
+def rope(x: torch.Tensor, cos: np.ndarray, sin: np.ndarray, rope_dim: int, inverse: bool = False) -> torch.Tensor:
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    c, s = _on(cos, x.device).reshape(shape), _on(sin, x.device).reshape(shape)
+    if inverse:
+        s = -s
+    out = x.clone()
+    even, odd = x[..., -rope_dim::2], x[..., -rope_dim + 1::2]
+    out[..., -rope_dim::2] = even * c - odd * s
+    out[..., -rope_dim + 1::2] = odd * c + even * s
+    return out
+
+
+def hc_pre(h: torch.Tensor, fn: DeviceWeight, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
+           hc_eps: float, norm_eps: float, head: bool = False):
+    """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc]); head: x only (cpu.hc_pre)."""
+    t, hc, d = h.shape
+    mixes = _product(fn, fn.data, rms_norm(h.reshape(t, hc * d), None, norm_eps))
+    pre = torch.sigmoid(mixes[:, :hc] * scale[0] + base[:hc]) + hc_eps
+    x = (pre[:, :, None] * h).sum(1)
+    if head:
+        return x
+    post = 2 * torch.sigmoid(mixes[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = torch.softmax((mixes[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(t, hc, hc), -1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(sinkhorn_iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    return x, post, comb
+
+
+def hc_post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """H'_b = post_b * out + sum_a comb[a, b] * residual_a."""
+    return torch.einsum("tab,tad->tbd", comb, residual) + post[:, :, None] * out[:, None, :]
+
+
+def compress_pool(n_rows: int, ratio: int, d: int, overlap: bool, has_prev: bool, kv: torch.Tensor,
+                  score: torch.Tensor, what: str) -> torch.Tensor:
+    """The pooled rows [n_rows, d] of the logs kv, score (cpu.compress_pool): a softmax per channel over each row's
+    slots; with overlap a row's slots are the first d features of the window before it (none before the first
+    window) and the last d of its own."""
+    if not overlap:
+        s, v = score.reshape(n_rows, ratio, d), kv.reshape(n_rows, ratio, d)
+    else:
+        s, v = score.reshape(-1, ratio, 2 * d), kv.reshape(-1, ratio, 2 * d)
+        own_s, own_v = s[int(has_prev):, :, d:], v[int(has_prev):, :, d:]
+        prev_s, prev_v = s[:n_rows, :, :d], v[:n_rows, :, :d]
+        if not has_prev:  # the first window has no window before it: its slots are left out of the softmax
+            prev_s = torch.cat([torch.full_like(s[:1, :, :d], -math.inf), prev_s[:n_rows - 1]])
+            prev_v = torch.cat([torch.zeros_like(v[:1, :, :d]), prev_v[:n_rows - 1]])
+        s, v = torch.cat([prev_s, own_s], 1), torch.cat([prev_v, own_v], 1)
+    return (v * torch.softmax(s, 1)).sum(1)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_matrix(dim: int, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(dim)).to(device)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Walsh-Hadamard rotation (natural order) of the last dim, a power of two."""
+    return x @ _hadamard_matrix(x.shape[-1], x.device)
+
+
+def indexer_topk(q: torch.Tensor, keys: torch.Tensor, head_weights: torch.Tensor, visible: np.ndarray, topk: int,
+                 scale: float) -> np.ndarray:
+    """cpu.indexer_topk: the topk rows of the best sum_h relu(q_h . k) * scale * w_h among each query's first
+    visible[i] rows, best first, ties to the lower row, -1 past the visible rows: host int32 [t, topk]."""
+    t, n = q.shape[0], keys.shape[0]
+    vis = _on(visible, q.device, torch.int64)
+    picks = torch.full((t, topk), -1, dtype=torch.int64, device=q.device)
+    width = min(topk, n)
+    for lo in range(0, t, TOKEN_CHUNK):
+        hi = min(t, lo + TOKEN_CHUNK)
+        dots = torch.einsum("thd,nd->thn", q[lo:hi], keys).clamp_min(0) * scale
+        total = (dots * head_weights[lo:hi, :, None]).sum(1)
+        total = total.masked_fill(torch.arange(n, device=q.device)[None, :] >= vis[lo:hi, None], -math.inf)
+        best = torch.sort(total, dim=-1, descending=True, stable=True).indices[:, :width]
+        picks[lo:hi, :width] = torch.where(torch.arange(width, device=q.device)[None, :] < vis[lo:hi, None],
+                                           best, -1)
+    return picks.to(torch.int32).cpu().numpy()
+
+
+def attention_sink(q: torch.Tensor, window: torch.Tensor, ranges: np.ndarray, rows, idx: np.ndarray,
+                   sinks: torch.Tensor, scale: float, what: str) -> torch.Tensor:
+    """cpu.attention_sink: query t of q [T, H, hd] over window[ranges[t, 0]:ranges[t, 1]] and rows[idx[t]] (-1 =
+    none), softmax with the per-head sink in the denominator: [T, H, hd]."""
+    t, n_heads, _ = q.shape
+    ranges = _on(ranges, q.device, torch.int64)
+    compressed = idx.shape[1] > 0 and rows.shape[0] > 0
+    if compressed:
+        idx = _on(idx, q.device, torch.int64)
+    at = torch.arange(window.shape[0], device=q.device)
+    out = torch.empty_like(q)
+    for lo in range(0, t, TOKEN_CHUNK):
+        hi = min(t, lo + TOKEN_CHUNK)
+        qc = q[lo:hi]
+        seen = (at[None, :] >= ranges[lo:hi, :1]) & (at[None, :] < ranges[lo:hi, 1:])
+        scores = [(torch.einsum("thd,wd->thw", qc, window) * scale).masked_fill(~seen[:, None, :], -math.inf)]
+        if compressed:
+            picked = rows[idx[lo:hi].clamp_min(0)]  # [c, k, hd]
+            scores.append((torch.einsum("thd,tkd->thk", qc, picked) * scale)
+                          .masked_fill((idx[lo:hi] < 0)[:, None, :], -math.inf))
+        scores.append(sinks[None, :, None].expand(hi - lo, n_heads, 1))
+        p = torch.softmax(torch.cat(scores, -1), -1)
+        o = torch.einsum("thw,wd->thd", p[..., :window.shape[0]], window)
+        if compressed:
+            o = o + torch.einsum("thk,tkd->thd", p[..., window.shape[0]:-1], picked)
+        out[lo:hi] = o
+    return out
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
+              token_ids: np.ndarray, n_used: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cpu.moe_route: (weights [T, n_used], expert ids [T, n_used] int64) from the router's logits."""
+    scores = torch.sqrt(torch.nn.functional.softplus(logits, beta=1, threshold=20))
+    if tid2eid is not None:
+        idx = tid2eid[_on(token_ids, logits.device, torch.int64)]
+    else:  # best first, ties to the lower id
+        idx = torch.sort(scores + bias, dim=-1, descending=True, stable=True).indices[:, :n_used]
+    picked = scores.gather(1, idx)
+    return picked / (picked.sum(-1, keepdim=True) + 1e-20) * route_scale, idx
+
+
+def moe_experts(x: torch.Tensor, idx, weights, w1: DeviceWeight, w3: DeviceWeight, w2: DeviceWeight, limit: float,
+                out: torch.Tensor, offload=None, layer: int = 0) -> None:
+    """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights, one
+    expert at a time in ascending id (the expert ids come to the host: one synchronisation)."""
+    if offload is not None:
+        raise ValueError("the expert cache runs on the CPU backend only")
+    k = idx.shape[1]
+    flat = _on(idx, x.device, torch.int64).reshape(-1)
+    wflat = _on(weights, x.device, torch.float32).reshape(-1)
+    stacked = len(w1.ne) == 3
+    for e in torch.unique(flat).tolist():
+        at = torch.nonzero(flat == e).squeeze(1)
+        tok = at // k
+        xs = x[tok]
+        d1, d3, d2 = (w.data[e] if stacked else w.data for w in (w1, w3, w2))
+        g = _product(w1, d1, xs).clamp(max=limit)
+        u = _product(w3, d3, xs).clamp(-limit, limit)
+        y = _product(w2, d2, g / (1 + torch.exp(-g)) * u)
+        out.index_add_(0, tok, y * wflat[at, None])
+
+
+def plan_ffn(*args, **kwargs) -> None:
+    """No fused decode plans on this backend: the model runs a decode step op by op."""
+    return None
+
+
+def plan_attn(*args, **kwargs) -> None:
+    return None

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""The device check of the torch backend (issue 15, docs/gpu.md), for a session that has a GPU: one run, under 5
+minutes on an H200, printing a summary and writing it as JSON.
+
+1. Correctness on the tiny_v4 fixture (quantized here from tests/fixtures/tiny_v4): the f32 file's logits on the
+   device against transformers' goldens (at once and token by token; tests/test_forward.py's 1e-4 at clear
+   positions) and its greedy continuation; the quantized files (mxfp4-q8_0, q4_k; the Triton kernels at "ieee" and
+   "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
+   float32 rounding (measured on a CPU torch device: 8e-6).
+2. Speed on a full-width synthetic V4 (tools/make_synthetic.py --preset flash: V4-Flash's widths, --layers layers,
+   --experts routed experts, quantized with the default recipe): prefill (--prompt tokens) and greedy decode
+   (--gen tokens) in tok/s on the device with the Triton kernels, on the device with weights decoded to float32
+   (torch matmuls: a second implementation, whose logits the kernels' are compared with), and on the CPU backend;
+   decode's weight bytes per token over its time, next to the device's read bandwidth (a float32 sum over 2 GiB).
+
+    python tools/gpu_device_check.py --json $OUT/device_check.json
+    python tools/gpu_device_check.py --device torch-cpu --no-speed     # the correctness half, on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flashlite.backends import open_device  # noqa: E402
+from flashlite.model import load  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny_v4"
+CLEAR = 1e-4
+
+
+def run(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, *args], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def quantize(src: Path, out: Path, *args: str) -> Path:
+    if not out.exists():
+        run("-m", "flashlite.cli", "quantize", str(src), str(out), "--quiet", *args)
+    return out
+
+
+def device_with(base, **options):
+    """The device `base` (a TorchDevice) with other kernels or precision."""
+    from flashlite.backends.torch_device import TorchDevice
+    return TorchDevice(base.device, **{"kernels": base.kernels, "precision": base.precision, **options})
+
+
+def correctness(base, work: Path, out: dict) -> None:
+    g = np.load(FIXTURE / "goldens.npz")
+    ids, clear = g["prompt_ids"], g["decision_gap"] > CLEAR
+    model = load(quantize(FIXTURE, work / "f32.gguf", "--type", "f32"), device=base)
+    for chunk in (None, 1):
+        t0 = time.perf_counter()
+        delta = np.abs(model.logits(ids, chunk=chunk) - g["logits"]).max(axis=1)[clear].max()
+        out[f"f32 vs goldens, chunk {chunk or 'all'}"] = {"max_delta": float(delta), "ok": bool(delta <= 1e-4),
+                                                          "seconds": round(time.perf_counter() - t0, 2)}
+    greedy = list(model.generate(ids, len(g["greedy_ids"])))
+    out["f32 greedy == goldens"] = {"ok": greedy == g["greedy_ids"].tolist()}
+    for recipe in ((), ("--type", "q4_k")):
+        name = recipe[-1] if recipe else "mxfp4-q8_0"
+        path = quantize(FIXTURE, work / f"{name}.gguf", *recipe)
+        reference = load(quantize(path, work / f"{name}-f32.gguf", "--type", "f32", "--allow-requantize")).logits(ids)
+        for precision in ("ieee", "tf32") if base.kernels == "triton" else ("ieee",):
+            device = device_with(base, precision=precision)
+            got = load(path, device=device).logits(ids)
+            delta = float(np.abs(got - reference).max())
+            out[f"{name} ({device}, {precision}) vs cpu on decoded f32"] = {
+                "max_delta": delta, "decoded_on_device": device.decoded,
+                "ok": delta <= (1e-3 if precision == "ieee" else 5e-2)}
+
+
+def read_bandwidth(torch, device) -> float:
+    """GB/s of a float32 sum over 2 GiB on the device (what decode's weight reads can reach)."""
+    x = torch.ones(1 << 29, device=device)
+    x.sum()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 5 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def decode_bytes(model) -> int:
+    """Weight bytes a decode token reads: every matrix, of each routed expert stack the used share."""
+    a, total = model.args, 0
+    for name, view in model.file.tensors.items():
+        if not name.startswith(("blk.", "output.", "output_hc")):
+            continue
+        share = a.n_activated_experts / a.n_routed_experts if "_exps." in name else 1.0
+        total += int(view.data.nbytes * share)
+    return total + a.dim * 4  # one embedding row
+
+
+def speed(base, work: Path, args, out: dict) -> None:
+    import torch
+
+    syn = work / "synthetic"
+    if not syn.exists():
+        run(str(ROOT / "tools" / "make_synthetic.py"), str(syn), "--preset", "flash", "--layers", str(args.layers),
+            "--experts", str(args.experts))
+    path = quantize(syn, work / "synthetic.gguf")
+    ids = np.random.default_rng(0).integers(0, 129280, args.prompt)  # V4-Flash's vocabulary (--preset flash)
+    logits = {}
+    for name, device in (("device", base), ("device, decoded f32", device_with(base, kernels="dequantized")),
+                         ("cpu", "cpu")):
+        t0 = time.perf_counter()
+        model = load(path, device=device)
+        loaded = time.perf_counter() - t0
+        model.forward(ids[:16], logits="last")  # compile the kernels of every shape met below
+        for token in ids[:9]:
+            model.forward([int(token)], logits="last")
+        model.reset()
+        t0 = time.perf_counter()
+        row = model.forward(ids, logits="last")[-1]
+        prefill = time.perf_counter() - t0
+        tokens, t0 = [], time.perf_counter()
+        for _ in range(args.gen):
+            tokens.append(int(np.argmax(row)))
+            row = model.forward([tokens[-1]], logits="last")[-1]
+        decode = time.perf_counter() - t0
+        logits[name] = row
+        out[f"speed {name}"] = {"load_s": round(loaded, 1), "prefill_tok_s": round(args.prompt / prefill, 1),
+                                "decode_tok_s": round(args.gen / decode, 2), "tokens": tokens[:8]}
+        if name == "device":
+            per_token = decode_bytes(model)
+            out[f"speed {name}"].update(weight_bytes_per_token=per_token,
+                                        decode_weight_gb_s=round(per_token * args.gen / decode / 1e9, 1))
+            if base.device.type == "cuda":
+                out[f"speed {name}"]["device_read_gb_s"] = round(read_bandwidth(torch, base.device), 1)
+        del model
+        if base.device.type == "cuda":
+            torch.cuda.empty_cache()
+    a, b = logits["device"], logits["device, decoded f32"]
+    out["synthetic: kernels vs decoded f32, last decode logits"] = {
+        "max_delta_over_max": float(np.abs(a - b).max() / np.abs(b).max()), "same_tokens":
+            out["speed device"]["tokens"] == out["speed device, decoded f32"]["tokens"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="load's device option (default cuda)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the GGUFs made (default: a temporary one)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the synthetic model")
+    ap.add_argument("--experts", type=int, default=16, help="routed experts of the synthetic model")
+    ap.add_argument("--prompt", type=int, default=512, help="prefill tokens")
+    ap.add_argument("--gen", type=int, default=32, help="decode tokens")
+    ap.add_argument("--no-speed", action="store_true", help="the correctness checks only")
+    ap.add_argument("--json", type=Path, default=None, help="write the summary here")
+    args = ap.parse_args(argv)
+    base = open_device(args.device)
+    if base is None:
+        print(f"device {args.device!r} is the CPU backend: nothing to check")
+        return 0
+    out: dict = {"device": str(base)}
+    if base.device.type == "cuda":
+        import torch
+        out["gpu"] = torch.cuda.get_device_name(base.device)
+        out["torch"], out["triton"] = torch.__version__, __import__("triton").__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        steps = {"correctness": lambda: correctness(base, work, out)}
+        if not args.no_speed:
+            steps["speed"] = lambda: speed(base, work, args, out)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as exc:  # report what ran, then the failure
+                out[f"error in {name}"] = f"{type(exc).__name__}: {exc}"
+            out[f"seconds {name}"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(out, indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    failed = [k for k, v in out.items() if k.startswith("error") or (isinstance(v, dict) and v.get("ok") is False)]
+    print("FAILED: " + ", ".join(failed) if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
