@@ -13,9 +13,11 @@
  * holds is fixed by the lookups, so the activations are prepared in that same order, and so that the four bytes
  * of every dword belong to one sub-block: vpdpbusd's sums then need one scale per dword. Signs are applied to
  * the activations by masked subtraction, the masks picked out of the sign bytes by vpshufbitqmb; the parity
- * sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one more gf2p8affineqb. IQ4_XS needs no grid: its 16
- * values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed with the activations, as
- * avx512_vbmi.c does for MXFP4.
+ * sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15
+ * allow better: offset by 16, a weight's negative is its XOR with 0x1e, so its signs join the codes and the one
+ * gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone by a precomputed sum. IQ4_XS
+ * needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed
+ * with the activations, as avx512_vbmi.c does for MXFP4.
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
@@ -64,7 +66,8 @@ static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __att
 /* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
  * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
-/* IQ3_S: the same for its 512 points, the level k of 1 + 2k, no fourth bit */
+/* IQ3_S: coordinates 0 and 1 (iq3s_code[0]) or 2 and 3 (iq3s_code[1]) of its 512 points, as the levels k of
+ * 1 + 2k in bits 0..2 and 3..5; bits 6 and 7 are left for the two coordinates' signs */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
 
 static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
@@ -97,7 +100,7 @@ static void build_codes(void) {
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
             for (int c = 0; c < 2; c++)
-                code |= (uint8_t)((((fl_iq3s_grid[i] >> (8 * (2 * h + c))) & 0xff) - 1) / 2 << (4 * c));
+                code |= (uint8_t)((((fl_iq3s_grid[i] >> (8 * (2 * h + c))) & 0xff) - 1) / 2 << (3 * c));
             iq3s_code[h][i] = code;
         }
 }
@@ -112,8 +115,12 @@ static void build_codes(void) {
 #define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
 /* IQ3_XXS: nibble code (k, k == 7) at bit 4h -> 4 + 8k + 2 (k == 7) (with the constant 0x04) */
 #define IQ3XXS_LEVEL(h) AFFINE(0, 8 << (4 * (h)), 0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0)
-/* IQ3_S: nibble k at bit 4h -> 1 + 2k (with the constant 0x01) */
-#define IQ3S_LEVEL(h) AFFINE(0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0, 0, 0)
+/* IQ3_S: level k at bit 3h, sign bit at 6 + h -> 16 + 1 + 2k (0x11 ^ 2k) if the sign bit is clear, 16 - 1 - 2k
+ * (0x0f ^ 2k) if set: a signed weight offset to an unsigned byte, its sign one XOR (0x1e), so one
+ * gf2p8affineqb applies sign and magnitude (with the constant 0x11) */
+#define IQ3S_SIGNED(h)                                                                                           \
+    AFFINE(0, (1 << (3 * (h))) | (0x40 << (h)), (2 << (3 * (h))) | (0x40 << (h)), (4 << (3 * (h))) | (0x40 << (h)), \
+           0x40 << (h), 0, 0, 0)
 
 /* a qword of 8 control bytes j -> b[j], repeated: for vpmultishiftqb and vpshufbitqmb */
 #define BYTES8(b0, b1, b2, b3, b4, b5, b6, b7)                                                                   \
@@ -319,7 +326,7 @@ ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
-/* One superblock of activations for the 3-bit types: position i (0..63) stands for grid index i (4 weights,
+/* One superblock of activations for IQ3_XXS: position i (0..63) stands for grid index i (4 weights,
  * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
 struct iq3_sb {
     int8_t a[4][64];
@@ -407,6 +414,32 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
 
 ROW_DOTS(dot_iq3_xxs_sb, struct iq3xxs_consts, struct acc1, superblocks)
 
+/* One superblock of activations for IQ3_S: a[c] byte i the activation of coordinate c of position i, element
+ * 4 i + c, as for IQ3_XXS; base dword d: -16 times the sum of the 16 activations dword d of the four a[c] holds,
+ * which takes out the offset of 16 the signed weights carry (IQ3S_SIGNED) and seeds the sums */
+struct iq3s_sb {
+    int8_t a[4][64];
+    int32_t base[16];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t iq3s_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3s_sb); }
+
+static void prep_iq3_s(int64_t k, const float *x, void *out) {
+    struct iq3s_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int p = 0; p < 64; p++)
+            for (int c = 0; c < 4; c++) {
+                sb[i].a[c][p] = q[4 * p + c];
+                sb[i].base[p / 4] -= 16 * q[4 * p + c];
+            }
+    }
+}
+
 struct iq3s_consts {
     __m512i code[2][8];
 };
@@ -425,7 +458,7 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                             const struct iq3s_consts *c) {
     (void)n;
     const block_iq3_s *x = (const block_iq3_s *)vx + i;
-    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    const struct iq3s_sb *y = (const struct iq3s_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_s));
     /* 9-bit indices: the low 8 in qs, the ninth of index i bit i of qh read as one 64-bit mask */
     __m512i idx = _mm512_loadu_si512(x->qs);
@@ -433,14 +466,26 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
     memcpy(&ninth, x->qh, sizeof(ninth));
     __m512i code01 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[0]), lookup256(idx, top, c->code[0] + 4));
     __m512i code23 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[1]), lookup256(idx, top, c->code[1] + 4));
-    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01)};
-    /* qword s: the four stored sign bytes of sub-block s -> byte j: sign byte j / 2 */
-    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 8, 8, 16, 16, 24, 24)),
-                                                 _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs)));
-    __m512i sum = iq3_sums(m, signs, y);
+    /* qword s: the 32 sign bits of sub-block s, bit 4 p + c that of coordinate c of its position p (byte p of
+     * the qword) -> byte p: the signs of coordinates 2 h, 2 h + 1 in bits 6 and 7, beside their levels */
+    __m512i sign_bits = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs));
+    const __m512i level_bits = _mm512_set1_epi8(0x3f);
+    __m512i s01 = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(58, 62, 2, 6, 10, 14, 18, 22)), sign_bits);
+    __m512i s23 = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(60, 0, 4, 8, 12, 16, 20, 24)), sign_bits);
+    code01 = _mm512_ternarylogic_epi64(level_bits, code01, s01, 0xca); /* A ? B : C */
+    code23 = _mm512_ternarylogic_epi64(level_bits, code23, s23, 0xca);
+    /* dword d: sub-block d / 2 (positions 4 d .. 4 d + 3), the sum of its signed weights times the activations */
+    __m512i sum0 = _mm512_dpbusd_epi32(_mm512_load_si512(y->base),
+                                       _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_SIGNED(0)), 0x11),
+                                       _mm512_load_si512(y->a[0]));
+    __m512i sum1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                       _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_SIGNED(1)), 0x11),
+                                       _mm512_load_si512(y->a[1]));
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_SIGNED(0)), 0x11),
+                               _mm512_load_si512(y->a[2]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_SIGNED(1)), 0x11),
+                               _mm512_load_si512(y->a[3]));
+    __m512i sum = _mm512_add_epi32(sum0, sum1);
     /* dword d: sub-block d / 2, times 2 scale + 1, the scale nibble d / 2 of the 32-bit scales */
     uint32_t scales;
     memcpy(&scales, x->scales, sizeof(scales));
@@ -448,7 +493,8 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                                     _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
     __m512i ls = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(15)), 1),
                                  _mm512_set1_epi32(1));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times(x->d, y->d), st->acc);
+    /* |sum| <= 16 * 15 * 127 fits its low word, so vpmaddwd multiplies it exactly: one uop, vpmulld's two */
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(sum, ls)), d_times(x->d, y->d), st->acc);
 }
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
@@ -727,7 +773,7 @@ static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xx
                                                        dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_t4};
 static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
                                                        dot_iq3_xxs_sb_t4};
-static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq3_s_sb, dot_iq3_s_sb_x4,
+static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_t4};
 static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4,
                                                       dot_iq2_xs_sb_t4};
