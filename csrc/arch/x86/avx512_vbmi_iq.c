@@ -63,6 +63,8 @@ static float q8k_block(const float *x, int8_t *q) {
 /* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
  * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
+/* IQ2_XS: the same codes for its 512 points */
+static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
 /* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
  * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
@@ -95,6 +97,15 @@ static void build_codes(void) {
             }
             iq3xxs_code[h][i] = code;
         }
+    }
+    for (int i = 0; i < 512; i++) {
+        uint8_t lo = 0, hi = 0;
+        for (int f = 0; f < 4; f++) {
+            lo |= (uint8_t)((((fl_iq2xs_grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            hi |= (uint8_t)((((fl_iq2xs_grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
+        }
+        iq2xs_lo[i] = lo;
+        iq2xs_hi[i] = hi;
     }
     for (int i = 0; i < 512; i++)
         for (int h = 0; h < 2; h++) {
@@ -324,6 +335,74 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
+/* ---------------------------------------------------------------- IQ2_XS, two superblocks a step, as IQ2_XXS */
+
+/* IQ2_XS takes IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is qs word
+ * 4 s + l of superblock b, whose low byte holds the low 8 bits of its 9-bit grid index and whose high byte the
+ * ninth bit and 7 signs. Its scales are per 16 weights, two positions, so the products go through vpmaddubsw
+ * (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a word at a time. */
+struct iq2xs_consts {
+    __m512i lo[8], hi[8]; /* the code tables */
+    __m512i pick;         /* byte i: byte 2 (32 b + 4 s + l) of the two blocks' qs, the low byte of position i */
+};
+
+STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
+    struct iq2xs_consts c;
+    load_table(c.lo, iq2xs_lo, 8);
+    load_table(c.hi, iq2xs_hi, 8);
+    uint8_t pick[64];
+    for (int i = 0; i < 64; i++)
+        pick[i] = (uint8_t)(2 * (32 * (i / 4 % 2) + 4 * (i / 8) + i % 4));
+    c.pick = _mm512_loadu_si512(pick);
+    return c;
+}
+
+#define dot_iq2_xs_pair_init acc1_init
+#define dot_iq2_xs_pair_finish dot_iq2_xxs_pair_finish
+
+/* the high byte of an IQ2_XS qs word -> its 8 signs: bits 1..7 down to 0..6, bit 7 their parity */
+#define SIGNS_ABOVE_NINTH AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)
+
+STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct iq2xs_consts *c) {
+    const block_iq2_xs *x = (const block_iq2_xs *)vx + 2 * g;
+    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const int two = n / QK_K - 2 * g >= 2;
+    prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xs));
+    __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
+    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick, q1);
+    __m512i high = _mm512_permutex2var_epi8(q0, _mm512_add_epi8(c->pick, _mm512_set1_epi8(1)), q1);
+    __mmask64 top = _mm512_movepi8_mask(idx), ninth = _mm512_test_epi8_mask(high, _mm512_set1_epi8(1));
+    __m512i lo = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->lo), lookup256(idx, top, c->lo + 4));
+    __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
+    /* word j, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale nibble
+     * j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's nibble,
+     * one bit up */
+    __m128i sc = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)x[0].scales),
+                                   two ? _mm_loadl_epi64((const __m128i *)x[1].scales) : _mm_setzero_si128());
+    __m512i ls = _mm512_ternarylogic_epi64(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(63, 0, 3, 0, 7, 0, 11, 0)), _mm512_cvtepu16_epi64(sc)),
+        _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
+    /* dword 2 s + b: sub-block s of superblock b; two coordinates' word sums stay below 2^15 in magnitude */
+    __m512i sum = _mm512_setzero_si512();
+    for (int f = 0; f < 8; f += 2) {
+        __m512i pair = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
+            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
+            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
+            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
+        }
+        sum = _mm512_dpwssd_epi32(sum, pair, ls);
+    }
+    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
+    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+}
+
+ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
+
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
 /* One superblock of activations for IQ3_XXS: position i (0..63) stands for grid index i (4 weights,
@@ -499,7 +578,7 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
-/* ---------------------------------------------------------------- IQ2_XS, IQ2_S, IQ1_S, IQ1_M: gathered grids */
+/* ---------------------------------------------------------------- IQ2_S, IQ1_S, IQ1_M: gathered grids */
 
 /* Grids of 512 to 2048 points do not fit in registers: their points are gathered, 8 a zmm by vpgatherqq, whose
  * ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
@@ -554,7 +633,7 @@ static inline __m512i index_low(__m512i qs, int z) {
     return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
 }
 
-/* IQ2_XS and IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
+/* IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
 static inline __m512i iq2_ls(__m512i bytes, int h) {
     __m512i nib = _mm512_and_si512(_mm512_srli_epi64(bytes, 4 * h), _mm512_set1_epi64(15));
     return both_dwords(_mm512_or_si512(_mm512_add_epi64(nib, nib), _mm512_set1_epi64(1)));
@@ -566,44 +645,12 @@ struct none {
 
 STEP struct none no_consts(void) { return (struct none){0}; }
 
-#define dot_iq2_xs_sb_consts no_consts
-#define dot_iq2_xs_sb_init acc1_init
 #define dot_iq2_s_sb_consts no_consts
 #define dot_iq2_s_sb_init acc1_init
 
 STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
 
-#define dot_iq2_xs_sb_finish eighth_finish
 #define dot_iq2_s_sb_finish eighth_finish
-
-/* bits 1..7 of each byte kept, bit 0 their parity: in a qs word of IQ2_XS, bit 8 becomes the eighth sign */
-#define PARITY_BIT0 AFFINE(0xfe, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
-
-STEP void dot_iq2_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                             const struct none *c) {
-    (void)n, (void)c;
-    const block_iq2_xs *x = (const block_iq2_xs *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_xs));
-    /* qword q: the four qs words of sub-block q, each a 9-bit grid index and 7 sign bits */
-    __m512i words = _mm512_loadu_si512(x->qs);
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(words, _mm512_set1_epi64(PARITY_BIT0), 0);
-    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
-    __m512i sum = _mm512_setzero_si512();
-    for (int z = 0; z < 4; z++) {
-        __m512i idx = _mm512_and_si512(_mm512_srli_epi64(words, 16 * z), _mm512_set1_epi64(511));
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2xs_grid, 8);
-        /* sign j < 7 of word z: bit 16 z + 9 + j; the eighth, its parity, bit 16 z + 8 */
-        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
-            signs, _mm512_set1_epi64(BYTES8(16 * z + 9, 16 * z + 10, 16 * z + 11, 16 * z + 12, 16 * z + 13,
-                                            16 * z + 14, 16 * z + 15, 16 * z + 8)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
-    }
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq2_xs_sb, struct none, struct acc1, superblocks)
 
 STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
                             const struct none *c) {
@@ -775,8 +822,8 @@ static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_
                                                        dot_iq3_xxs_sb_t4};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_t4};
-static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4,
-                                                      dot_iq2_xs_sb_t4};
+static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
+                                                      dot_iq2_xs_pair_x4, dot_iq2_xs_pair_t4};
 static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4,
                                                      dot_iq2_s_sb_t4};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
