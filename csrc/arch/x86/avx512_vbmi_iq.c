@@ -63,8 +63,9 @@ static float q8k_block(const float *x, int8_t *q) {
 /* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
  * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
-/* IQ2_XS: the same codes for its 512 points */
+/* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
 static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
+static uint8_t iq2s_lo[1024] __attribute__((aligned(64))), iq2s_hi[1024] __attribute__((aligned(64)));
 /* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
  * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
@@ -74,6 +75,17 @@ static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
 
 static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
 
+/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinates 0..3 (lo) and 4..7 (hi) of n grid points, 2 bits each */
+static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *hi) {
+    for (int i = 0; i < n; i++) {
+        lo[i] = hi[i] = 0;
+        for (int f = 0; f < 4; f++) {
+            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            hi[i] |= (uint8_t)((((grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
+        }
+    }
+}
+
 static void build_codes(void) {
     for (int i = 0; i < 2048; i++) {
         uint64_t v = 0;
@@ -82,13 +94,6 @@ static void build_codes(void) {
         iq1s_grid_plus1[i] = v;
     }
     for (int i = 0; i < 256; i++) {
-        uint8_t lo = 0, hi = 0;
-        for (int f = 0; f < 4; f++) {
-            lo |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
-            hi |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
-        }
-        iq2xxs_lo[i] = lo;
-        iq2xxs_hi[i] = hi;
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
             for (int c = 0; c < 2; c++) {
@@ -98,15 +103,9 @@ static void build_codes(void) {
             iq3xxs_code[h][i] = code;
         }
     }
-    for (int i = 0; i < 512; i++) {
-        uint8_t lo = 0, hi = 0;
-        for (int f = 0; f < 4; f++) {
-            lo |= (uint8_t)((((fl_iq2xs_grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
-            hi |= (uint8_t)((((fl_iq2xs_grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
-        }
-        iq2xs_lo[i] = lo;
-        iq2xs_hi[i] = hi;
-    }
+    build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
+    build_iq2_codes(fl_iq2xs_grid, 512, iq2xs_lo, iq2xs_hi);
+    build_iq2_codes(fl_iq2s_grid, 1024, iq2s_lo, iq2s_hi);
     for (int i = 0; i < 512; i++)
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
@@ -297,6 +296,12 @@ STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm5
 
 STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
 
+/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' */
+STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const struct iq2xxs_pair *y) {
+    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+}
+
 STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct iq2xxs_consts *c) {
     const block_iq2_xxs *x = (const block_iq2_xxs *)vx + 2 * g;
@@ -327,33 +332,69 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     }
     /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
-    __m512i sum = _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls);
-    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
-    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y);
 }
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
-/* ---------------------------------------------------------------- IQ2_XS, two superblocks a step, as IQ2_XXS */
+/* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
 
-/* IQ2_XS takes IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is qs word
- * 4 s + l of superblock b, whose low byte holds the low 8 bits of its 9-bit grid index and whose high byte the
- * ninth bit and 7 signs. Its scales are per 16 weights, two positions, so the products go through vpmaddubsw
- * (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a word at a time. */
+/* Both take IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is grid point 4 s + l
+ * of superblock b, its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code, as IQ2_XXS's. Their scales
+ * are per 16 weights, two positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1
+ * share a scale) and vpdpwssd applies the scales a word at a time. */
+
+/* word j of the result, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale
+ * nibble j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's
+ * nibble, one bit up. sc1: NULL for a missing second superblock. */
+STEP __m512i iq2_pair_scales(const uint8_t *sc0, const uint8_t *sc1) {
+    __m128i sc = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)sc0),
+                                   sc1 ? _mm_loadl_epi64((const __m128i *)sc1) : _mm_setzero_si128());
+    return _mm512_ternarylogic_epi64(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(63, 0, 3, 0, 7, 0, 11, 0)), _mm512_cvtepu16_epi64(sc)),
+        _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
+}
+
+/* The sums of a pair's weights (codes lo, hi; signs: byte i the 8 signs of position i) times activations times
+ * scales ls: dword 2 s + b, sub-block s of superblock b. Two coordinates' word sums stay below 2^15 in
+ * magnitude. */
+STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2xxs_pair *y) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int f = 0; f < 8; f += 2) {
+        __m512i pair = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
+            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
+            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
+            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
+        }
+        sum = _mm512_dpwssd_epi32(sum, pair, ls);
+    }
+    return sum;
+}
+
+/* byte i: position i's index in the 128 bytes of two blocks' fields read as one table, position 8 s + 4 b + l at
+ * byte 64 b + stride (4 s + l) + offset */
+static inline __m512i pair_pick(int stride, int offset) {
+    uint8_t pick[64];
+    for (int i = 0; i < 64; i++)
+        pick[i] = (uint8_t)(64 * (i / 4 % 2) + stride * (4 * (i / 8) + i % 4) + offset);
+    return _mm512_loadu_si512(pick);
+}
+
+/* IQ2_XS: qs word 4 s + l of superblock b is grid point 4 s + l, its low byte the low 8 bits of a 9-bit index,
+ * its high byte the ninth bit and 7 signs */
 struct iq2xs_consts {
-    __m512i lo[8], hi[8]; /* the code tables */
-    __m512i pick;         /* byte i: byte 2 (32 b + 4 s + l) of the two blocks' qs, the low byte of position i */
+    __m512i lo[8], hi[8];     /* the code tables */
+    __m512i pick_low, pick_high; /* the low and high bytes of the positions' qs words */
 };
 
 STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
     struct iq2xs_consts c;
     load_table(c.lo, iq2xs_lo, 8);
     load_table(c.hi, iq2xs_hi, 8);
-    uint8_t pick[64];
-    for (int i = 0; i < 64; i++)
-        pick[i] = (uint8_t)(2 * (32 * (i / 4 % 2) + 4 * (i / 8) + i % 4));
-    c.pick = _mm512_loadu_si512(pick);
+    c.pick_low = pair_pick(2, 0);
+    c.pick_high = pair_pick(2, 1);
     return c;
 }
 
@@ -370,38 +411,70 @@ STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xs));
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
-    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick, q1);
-    __m512i high = _mm512_permutex2var_epi8(q0, _mm512_add_epi8(c->pick, _mm512_set1_epi8(1)), q1);
+    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick_low, q1);
+    __m512i high = _mm512_permutex2var_epi8(q0, c->pick_high, q1);
     __mmask64 top = _mm512_movepi8_mask(idx), ninth = _mm512_test_epi8_mask(high, _mm512_set1_epi8(1));
     __m512i lo = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->lo), lookup256(idx, top, c->lo + 4));
     __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
     __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
-    /* word j, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale nibble
-     * j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's nibble,
-     * one bit up */
-    __m128i sc = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)x[0].scales),
-                                   two ? _mm_loadl_epi64((const __m128i *)x[1].scales) : _mm_setzero_si128());
-    __m512i ls = _mm512_ternarylogic_epi64(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(63, 0, 3, 0, 7, 0, 11, 0)), _mm512_cvtepu16_epi64(sc)),
-        _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
-    /* dword 2 s + b: sub-block s of superblock b; two coordinates' word sums stay below 2^15 in magnitude */
-    __m512i sum = _mm512_setzero_si512();
-    for (int f = 0; f < 8; f += 2) {
-        __m512i pair = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++) {
-            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
-            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
-            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
-            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
-        }
-        sum = _mm512_dpwssd_epi32(sum, pair, ls);
-    }
-    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
-    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+    __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
 }
 
 ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
+
+/* IQ2_S: qs byte 4 s + l the low 8 bits of grid point 4 s + l's 10-bit index, bits 2 l, 2 l + 1 of qh byte s
+ * the top two, qs byte 32 + 4 s + l its 8 signs. Its code tables are 16 zmm each, too many to hold in registers
+ * with the rest: the lookups read them where they are (a copy in the consts cost every row 64 more moves). */
+struct iq2s_consts {
+    const __m512i *lo, *hi;
+    __m512i pick_low, pick_signs, pick_qh; /* bytes from the two blocks' qs, and from their qh side by side */
+};
+
+STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
+    struct iq2s_consts c;
+    c.lo = (const __m512i *)iq2s_lo;
+    c.hi = (const __m512i *)iq2s_hi;
+    c.pick_low = pair_pick(1, 0);
+    c.pick_signs = pair_pick(1, 32);
+    uint8_t pick[64];
+    for (int i = 0; i < 64; i++)
+        pick[i] = (uint8_t)(8 * (i / 4 % 2) + i / 8);
+    c.pick_qh = _mm512_loadu_si512(pick);
+    return c;
+}
+
+#define dot_iq2_s_pair_init acc1_init
+#define dot_iq2_s_pair_finish dot_iq2_xxs_pair_finish
+
+/* t[idx] for 64 10-bit indices, bits 0..6 in idx, bit 7 in top, 8 and 9 in b8 and b9, from a 1024-byte table */
+static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mmask64 b9, const __m512i *t) {
+    return _mm512_mask_blend_epi8(b9, _mm512_mask_blend_epi8(b8, lookup256(idx, top, t), lookup256(idx, top, t + 4)),
+                                  _mm512_mask_blend_epi8(b8, lookup256(idx, top, t + 8), lookup256(idx, top, t + 12)));
+}
+
+STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                              const struct iq2s_consts *c) {
+    const block_iq2_s *x = (const block_iq2_s *)vx + 2 * g;
+    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const int two = n / QK_K - 2 * g >= 2;
+    prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_s));
+    __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
+    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick_low, q1);
+    __m512i signs = _mm512_permutex2var_epi8(q0, c->pick_signs, q1);
+    /* byte i: qh byte s of superblock b, whose bits 2 l, 2 l + 1 are position i's index bits 8 and 9 */
+    __m128i qh = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)x[0].qh),
+                                    two ? _mm_loadl_epi64((const __m128i *)x[1].qh) : _mm_setzero_si128());
+    __m512i qhv = _mm512_permutexvar_epi8(c->pick_qh, _mm512_castsi128_si512(qh));
+    __mmask64 top = _mm512_movepi8_mask(idx);
+    __mmask64 b8 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32(0x40100401));
+    __mmask64 b9 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32((int)0x80200802u));
+    __m512i lo = lookup1024(idx, top, b8, b9, c->lo), hi = lookup1024(idx, top, b8, b9, c->hi);
+    __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+}
+
+ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
@@ -578,19 +651,18 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
-/* ---------------------------------------------------------------- IQ2_S, IQ1_S, IQ1_M: gathered grids */
+/* ---------------------------------------------------------------- IQ1_S, IQ1_M: gathered grids */
 
-/* Grids of 512 to 2048 points do not fit in registers: their points are gathered, 8 a zmm by vpgatherqq, whose
- * ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
+/* Grids of 2048 points do not fit in registers (IQ2_S's 1024 fill them): their points are gathered, 8 a zmm by
+ * vpgatherqq, whose ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
  * superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of sub-block q, so
  * the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q), and the
  * two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
- * (IQ1_S) or two each (the types with a scale per 16). One superblock of activations in that order: a[z] byte
- * 8 q + j is element 32 q + 8 z + j, neg[z] its negation; bsn dword 2 q: minus the sum of sub-block q's 32
+ * (IQ1_S) or two each (IQ1_M, a scale per 16). One superblock of activations in that order: a[z] byte
+ * 8 q + j is element 32 q + 8 z + j; bsn dword 2 q: minus the sum of sub-block q's 32
  * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
 struct q8k_ilv {
     int8_t a[4][64];
-    int8_t neg[4][64];
     int32_t bsn[16];
     int16_t sum8[32];
     float d;
@@ -608,7 +680,6 @@ static void prep_ilv(int64_t k, const float *x, void *out) {
         for (int e = 0; e < QK_K; e++) {
             int s = e / 32, z = e % 32 / 8, j = e % 8;
             sb[i].a[z][8 * s + j] = q[e];
-            sb[i].neg[z][8 * s + j] = (int8_t)-q[e];
             sb[i].bsn[2 * s] -= q[e];
             sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
         }
@@ -633,51 +704,15 @@ static inline __m512i index_low(__m512i qs, int z) {
     return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
 }
 
-/* IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
-static inline __m512i iq2_ls(__m512i bytes, int h) {
-    __m512i nib = _mm512_and_si512(_mm512_srli_epi64(bytes, 4 * h), _mm512_set1_epi64(15));
-    return both_dwords(_mm512_or_si512(_mm512_add_epi64(nib, nib), _mm512_set1_epi64(1)));
-}
-
 struct none {
     char unused;
 };
 
 STEP struct none no_consts(void) { return (struct none){0}; }
 
-#define dot_iq2_s_sb_consts no_consts
-#define dot_iq2_s_sb_init acc1_init
 
 STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
 
-#define dot_iq2_s_sb_finish eighth_finish
-
-STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                            const struct none *c) {
-    (void)n, (void)c;
-    const block_iq2_s *x = (const block_iq2_s *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_s));
-    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
-    __m512i qh = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->qh));
-    __m512i signs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 8)));
-    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
-    __m512i sum = _mm512_setzero_si512();
-    for (int z = 0; z < 4; z++) {
-        /* 10-bit indices: bits 2 z, 2 z + 1 of qh[q] the top two of index z of sub-block q */
-        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), _mm512_slli_epi64(qh, 8 - 2 * z),
-                                                _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2s_grid, 8);
-        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
-            signs, _mm512_set1_epi64(BYTES8(8 * z, 8 * z + 1, 8 * z + 2, 8 * z + 3, 8 * z + 4, 8 * z + 5, 8 * z + 6,
-                                            8 * z + 7)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
-    }
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq2_s_sb, struct none, struct acc1, superblocks)
 
 /* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2, from iq1s_grid_plus1; with ls
  * the scale and delta = +-1 the sign of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q)
@@ -824,8 +859,8 @@ static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot
                                                      dot_iq3_s_sb_t4};
 static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
                                                       dot_iq2_xs_pair_x4, dot_iq2_xs_pair_t4};
-static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4,
-                                                     dot_iq2_s_sb_t4};
+static const struct fl_decode_kernel iq2_s_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_s_pair,
+                                                     dot_iq2_s_pair_x4, dot_iq2_s_pair_t4};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
                                                      dot_iq1_s_sb_t4};
 static const struct fl_decode_kernel tq2_0_kernel = {tq2_bytes, prep_tq2, dot_tq2_0_sb, dot_tq2_0_sb_x4,
