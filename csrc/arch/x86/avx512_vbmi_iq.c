@@ -385,14 +385,14 @@ static inline __m512i pair_pick(int stride, int offset) {
 /* IQ2_XS: qs word 4 s + l of superblock b is grid point 4 s + l, its low byte the low 8 bits of a 9-bit index,
  * its high byte the ninth bit and 7 signs */
 struct iq2xs_consts {
-    __m512i lo[8], hi[8];     /* the code tables */
+    const __m512i *lo, *hi;      /* the code tables, read where they are (see IQ2_S) */
     __m512i pick_low, pick_high; /* the low and high bytes of the positions' qs words */
 };
 
 STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
     struct iq2xs_consts c;
-    load_table(c.lo, iq2xs_lo, 8);
-    load_table(c.hi, iq2xs_hi, 8);
+    c.lo = (const __m512i *)iq2xs_lo;
+    c.hi = (const __m512i *)iq2xs_hi;
     c.pick_low = pair_pick(2, 0);
     c.pick_high = pair_pick(2, 1);
     return c;
