@@ -143,11 +143,6 @@ static inline __m512i lookup256(__m512i idx, __mmask64 top, const __m512i *t) {
                                   _mm512_permutex2var_epi8(t[2], idx, t[3]));
 }
 
-static inline void load_table(__m512i *dst, const uint8_t *t, int n_zmm) {
-    for (int i = 0; i < n_zmm; i++)
-        dst[i] = _mm512_load_si512(t + 64 * i);
-}
-
 /* the product of a weight block's fp16 d and the activation block's d, in every lane */
 static inline __m512 d_times(fl_half dx, float dy) {
     return _mm512_set1_ps(_cvtsh_ss(dx) * dy);
@@ -280,13 +275,13 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
 }
 
 struct iq2xxs_consts {
-    __m512i lo[4], hi[4]; /* the code tables */
+    const __m512i *lo, *hi; /* the code tables */
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
-    load_table(c.lo, iq2xxs_lo, 4);
-    load_table(c.hi, iq2xxs_hi, 4);
+    c.lo = (const __m512i *)iq2xxs_lo;
+    c.hi = (const __m512i *)iq2xxs_hi;
     return c;
 }
 
@@ -520,13 +515,13 @@ static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3
 }
 
 struct iq3xxs_consts {
-    __m512i code[2][4];
+    const __m512i *code[2];
 };
 
 STEP struct iq3xxs_consts dot_iq3_xxs_sb_consts(void) {
     struct iq3xxs_consts c;
-    load_table(c.code[0], iq3xxs_code[0], 4);
-    load_table(c.code[1], iq3xxs_code[1], 4);
+    c.code[0] = (const __m512i *)iq3xxs_code[0];
+    c.code[1] = (const __m512i *)iq3xxs_code[1];
     return c;
 }
 
@@ -593,13 +588,13 @@ static void prep_iq3_s(int64_t k, const float *x, void *out) {
 }
 
 struct iq3s_consts {
-    __m512i code[2][8];
+    const __m512i *code[2];
 };
 
 STEP struct iq3s_consts dot_iq3_s_sb_consts(void) {
     struct iq3s_consts c;
-    load_table(c.code[0], iq3s_code[0], 8);
-    load_table(c.code[1], iq3s_code[1], 8);
+    c.code[0] = (const __m512i *)iq3s_code[0];
+    c.code[1] = (const __m512i *)iq3s_code[1];
     return c;
 }
 
