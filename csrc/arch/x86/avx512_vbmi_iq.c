@@ -681,13 +681,6 @@ static void prep_ilv(int64_t k, const float *x, void *out) {
     }
 }
 
-/* The products of 64 weights (unsigned) with activations, dword by dword, times a 16-bit multiplier in the low
- * word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude, so vpdpwssd applies the
- * multiplier (and adds) in one instruction */
-static inline __m512i scaled_dot(__m512i acc, __m512i w, __m512i a, __m512i mul) {
-    return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a), mul);
-}
-
 /* the low dword of each qword copied to the high one */
 static inline __m512i both_dwords(__m512i v) {
     return _mm512_shuffle_epi32(v, _MM_PERM_CCAA);
@@ -777,17 +770,23 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
     __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
     __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
     __m512i ls8 = _mm512_slli_epi16(ls, 3);
-    for (int z = 0; z < 4; z++) {
-        __m512i top = z < 2 ? _mm512_slli_epi64(qh, 8 - 4 * z) : _mm512_srli_epi64(qh, 4 * z - 8);
-        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
-        /* the scale of point 4 q + z (word 4 q + z) in the low word of both dwords of qword q */
+    /* points 4 q + z and 4 q + z + 1 (z even) are one 16 of the same scale: their products are summed (8 products
+     * of at most 2 * 128 a dword, well within 16 bits) and scaled once */
+    for (int z = 0; z < 4; z += 2) {
+        __m512i dot = _mm512_setzero_si512();
+        for (int h = z; h < z + 2; h++) {
+            __m512i top = h < 2 ? _mm512_slli_epi64(qh, 8 - 4 * h) : _mm512_srli_epi64(qh, 4 * h - 8);
+            __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, h), top, _mm512_set1_epi64(0x700), 0xf8);
+            dot = _mm512_dpbusd_epi32(dot, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
+                                      _mm512_load_si512(y->a[h]));
+        }
+        /* the scale of points 4 q + z, 4 q + z + 1 (word 4 q + z) in the low word of both dwords of qword q */
         __m512i mul = _mm512_maskz_permutexvar_epi16(
             0x55555555u,
             _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
                               24 + z, 28 + z, 28 + z),
             ls8);
-        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+        sum = _mm512_dpwssd_epi32(sum, dot, mul);
     }
     fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
