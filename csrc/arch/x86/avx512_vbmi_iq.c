@@ -1,23 +1,23 @@
 /* avx512_vbmi_iq.c: the decode kernels of the i-quants for CPUs with AVX512-VNNI, VBMI, GFNI and BITALG, each on
  * a Q8_K activation row prepared once per call in a layout made for it (struct fl_decode_kernel).
  *
- * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid
- * point up with scalar loads and insert it into a vector, and vpgatherqq measures no better here (~4 cycles for
- * 8 points, and it holds the shuffle port), where a 2-bit type has to turn out ~8 weights a cycle to keep up with
- * memory. So the lattice types whose grids are small enough look their points up in registers instead: a table
- * of 256 bytes is four zmm, and vpermi2b reads 128 of them for 64 indices at a time. The byte looked up is not
- * the weights but a code of their levels, 2 bits a coordinate (IQ2_XXS: four coordinates a byte, two tables) or
- * 4 bits (IQ3: two a byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2)
- * every grid's level -> magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the
- * arithmetic line, gets a bit of its own in the code). Which coordinate of which grid point each output byte
- * holds is fixed by the lookups, so the activations are prepared in that same order, and so that the four bytes
- * of every dword belong to one sub-block: vpdpbusd's sums then need one scale per dword. Signs are applied to
- * the activations by masked subtraction, the masks picked out of the sign bytes by vpshufbitqmb; the parity
- * sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15
- * allow better: offset by 16, a weight's negative is its XOR with 0x1e, so its signs join the codes and the one
- * gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone by a precomputed sum. IQ4_XS
- * needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed
- * with the activations, as avx512_vbmi.c does for MXFP4.
+ * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid point up
+ * with scalar loads and insert it into a vector, and vpgatherqq measures no better here (~4 cycles for 8 points, and it
+ * holds the shuffle port), where a 2-bit type has to turn out ~8 weights a cycle to keep up with memory. So the lattice
+ * types whose grids are small enough look their points up in registers instead: a table of 256 bytes is four zmm, and
+ * vpermi2b reads 128 of them for 64 indices at a time (IQ2_S's 1024-byte tables are read from memory the same way; only
+ * the 2048-point grids of IQ1_S and IQ1_M are gathered). The byte looked up is not the weights but a code of their
+ * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3-4 bits (IQ3: two a
+ * byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2) every grid's level ->
+ * magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the arithmetic line, gets a bit of its
+ * own in the code). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the
+ * activations are prepared in that same order, and so that the four bytes of every dword belong to one sub-block:
+ * vpdpbusd's sums then need one scale per dword. Signs are applied to the activations by masked subtraction, the masks
+ * picked out of the sign bytes by vpshufbitqmb; the parity sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one
+ * more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15 allow better: offset by 16, a weight's negative is its XOR with 0x1e,
+ * so its signs join the codes and the one gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone
+ * by a precomputed sum. IQ4_XS needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose
+ * cost is precomputed with the activations, as avx512_vbmi.c does for MXFP4.
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
@@ -649,13 +649,13 @@ ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 /* ---------------------------------------------------------------- IQ1_S, IQ1_M: gathered grids */
 
 /* Grids of 2048 points do not fit in registers (IQ2_S's 1024 fill them): their points are gathered, 8 a zmm by
- * vpgatherqq, whose ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
- * superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of sub-block q, so
- * the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q), and the
- * two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
- * (IQ1_S) or two each (IQ1_M, a scale per 16). One superblock of activations in that order: a[z] byte
- * 8 q + j is element 32 q + 8 z + j; bsn dword 2 q: minus the sum of sub-block q's 32
- * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
+ * vpgatherqq, whose ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be.
+ * Vector z of a superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of
+ * sub-block q, so the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q),
+ * and the two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
+ * (IQ1_S) or two each (IQ1_M, a scale per 16). One superblock of activations in that order: a[z] byte 8 q + j is
+ * element 32 q + 8 z + j; bsn dword 2 q: minus the sum of sub-block q's 32 elements (0 in the odd dwords); sum8: the
+ * sums of each 8 elements, in element order. */
 struct q8k_ilv {
     int8_t a[4][64];
     int32_t bsn[16];
