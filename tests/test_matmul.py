@@ -169,10 +169,11 @@ def test_levels_agree_with_scalar(wtype, level):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_1, T.Q4_K, T.IQ2_XXS, T.IQ4_NL, T.IQ1_M],
+@pytest.mark.parametrize("wtype", [T.F16, T.Q8_0, T.Q4_1, T.Q4_K, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ4_NL, T.IQ1_M],
                          ids=lambda t: t.name)
 def test_odd_shapes(wtype, n_threads, threads):
-    """One row, rows not a multiple of the thread count or the tile, k at the format's minimum."""
+    """One row, rows not a multiple of the thread count or the tile, k at the format's minimum (for the i-quants
+    that take two superblocks a step, IQ2_XXS, IQ2_XS and IQ2_S, a pair without its second)."""
     threads(n_threads)
     rng = np.random.default_rng(7)
     k = block_formats.block_elems(wtype) if wtype not in FLOATS else 1

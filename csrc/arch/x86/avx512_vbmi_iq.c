@@ -1,21 +1,23 @@
 /* avx512_vbmi_iq.c: the decode kernels of the i-quants for CPUs with AVX512-VNNI, VBMI, GFNI and BITALG, each on
  * a Q8_K activation row prepared once per call in a layout made for it (struct fl_decode_kernel).
  *
- * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid
- * point up with scalar loads and insert it into a vector, and vpgatherqq measures no better here (~4 cycles for
- * 8 points, and it holds the shuffle port), where a 2-bit type has to turn out ~8 weights a cycle to keep up with
- * memory. So the lattice types whose grids are small enough look their points up in registers instead: a table
- * of 256 bytes is four zmm, and vpermi2b reads 128 of them for 64 indices at a time. The byte looked up is not
- * the weights but a code of their levels, 2 bits a coordinate (IQ2_XXS: four coordinates a byte, two tables) or
- * 4 bits (IQ3: two a byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2)
- * every grid's level -> magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the
- * arithmetic line, gets a bit of its own in the code). Which coordinate of which grid point each output byte
- * holds is fixed by the lookups, so the activations are prepared in that same order, and so that the four bytes
- * of every dword belong to one sub-block: vpdpbusd's sums then need one scale per dword. Signs are applied to
- * the activations by masked subtraction, the masks picked out of the sign bytes by vpshufbitqmb; the parity
- * sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one more gf2p8affineqb. IQ4_XS needs no grid: its 16
- * values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed with the activations, as
- * avx512_vbmi.c does for MXFP4.
+ * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid point up
+ * with scalar loads and insert it into a vector, and vpgatherqq measures no better here (~4 cycles for 8 points, and it
+ * holds the shuffle port), where a 2-bit type has to turn out ~8 weights a cycle to keep up with memory. So the lattice
+ * types whose grids are small enough look their points up in registers instead: a table of 256 bytes is four zmm, and
+ * vpermi2b reads 128 of them for 64 indices at a time (IQ2_S's 1024-byte tables are read from memory the same way; only
+ * the 2048-point grids of IQ1_S and IQ1_M are gathered). The byte looked up is not the weights but a code of their
+ * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3-4 bits (IQ3: two a
+ * byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2) every grid's level ->
+ * magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the arithmetic line, gets a bit of its
+ * own in the code). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the
+ * activations are prepared in that same order, and so that the four bytes of every dword belong to one sub-block:
+ * vpdpbusd's sums then need one scale per dword. Signs are applied to the activations by masked subtraction, the masks
+ * picked out of the sign bytes by vpshufbitqmb; the parity sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one
+ * more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15 allow better: offset by 16, a weight's negative is its XOR with 0x1e,
+ * so its signs join the codes and the one gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone
+ * by a precomputed sum. IQ4_XS needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose
+ * cost is precomputed with the activations, as avx512_vbmi.c does for MXFP4.
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
@@ -61,13 +63,28 @@ static float q8k_block(const float *x, int8_t *q) {
 /* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
  * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
+/* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
+static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
+static uint8_t iq2s_lo[1024] __attribute__((aligned(64))), iq2s_hi[1024] __attribute__((aligned(64)));
 /* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
  * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
-/* IQ3_S: the same for its 512 points, the level k of 1 + 2k, no fourth bit */
+/* IQ3_S: coordinates 0 and 1 (iq3s_code[0]) or 2 and 3 (iq3s_code[1]) of its 512 points, as the levels k of
+ * 1 + 2k in bits 0..2 and 3..5; bits 6 and 7 are left for the two coordinates' signs */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
 
 static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
+
+/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinates 0..3 (lo) and 4..7 (hi) of n grid points, 2 bits each */
+static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *hi) {
+    for (int i = 0; i < n; i++) {
+        lo[i] = hi[i] = 0;
+        for (int f = 0; f < 4; f++) {
+            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            hi[i] |= (uint8_t)((((grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
+        }
+    }
+}
 
 static void build_codes(void) {
     for (int i = 0; i < 2048; i++) {
@@ -77,13 +94,6 @@ static void build_codes(void) {
         iq1s_grid_plus1[i] = v;
     }
     for (int i = 0; i < 256; i++) {
-        uint8_t lo = 0, hi = 0;
-        for (int f = 0; f < 4; f++) {
-            lo |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
-            hi |= (uint8_t)((((fl_iq2xxs_grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
-        }
-        iq2xxs_lo[i] = lo;
-        iq2xxs_hi[i] = hi;
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
             for (int c = 0; c < 2; c++) {
@@ -93,11 +103,14 @@ static void build_codes(void) {
             iq3xxs_code[h][i] = code;
         }
     }
+    build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
+    build_iq2_codes(fl_iq2xs_grid, 512, iq2xs_lo, iq2xs_hi);
+    build_iq2_codes(fl_iq2s_grid, 1024, iq2s_lo, iq2s_hi);
     for (int i = 0; i < 512; i++)
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
             for (int c = 0; c < 2; c++)
-                code |= (uint8_t)((((fl_iq3s_grid[i] >> (8 * (2 * h + c))) & 0xff) - 1) / 2 << (4 * c));
+                code |= (uint8_t)((((fl_iq3s_grid[i] >> (8 * (2 * h + c))) & 0xff) - 1) / 2 << (3 * c));
             iq3s_code[h][i] = code;
         }
 }
@@ -112,8 +125,12 @@ static void build_codes(void) {
 #define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
 /* IQ3_XXS: nibble code (k, k == 7) at bit 4h -> 4 + 8k + 2 (k == 7) (with the constant 0x04) */
 #define IQ3XXS_LEVEL(h) AFFINE(0, 8 << (4 * (h)), 0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0)
-/* IQ3_S: nibble k at bit 4h -> 1 + 2k (with the constant 0x01) */
-#define IQ3S_LEVEL(h) AFFINE(0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0, 0, 0)
+/* IQ3_S: level k at bit 3h, sign bit at 6 + h -> 16 + 1 + 2k (0x11 ^ 2k) if the sign bit is clear, 16 - 1 - 2k
+ * (0x0f ^ 2k) if set: a signed weight offset to an unsigned byte, its sign one XOR (0x1e), so one
+ * gf2p8affineqb applies sign and magnitude (with the constant 0x11) */
+#define IQ3S_SIGNED(h)                                                                                           \
+    AFFINE(0, (1 << (3 * (h))) | (0x40 << (h)), (2 << (3 * (h))) | (0x40 << (h)), (4 << (3 * (h))) | (0x40 << (h)), \
+           0x40 << (h), 0, 0, 0)
 
 /* a qword of 8 control bytes j -> b[j], repeated: for vpmultishiftqb and vpshufbitqmb */
 #define BYTES8(b0, b1, b2, b3, b4, b5, b6, b7)                                                                   \
@@ -124,11 +141,6 @@ static void build_codes(void) {
 static inline __m512i lookup256(__m512i idx, __mmask64 top, const __m512i *t) {
     return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[0], idx, t[1]),
                                   _mm512_permutex2var_epi8(t[2], idx, t[3]));
-}
-
-static inline void load_table(__m512i *dst, const uint8_t *t, int n_zmm) {
-    for (int i = 0; i < n_zmm; i++)
-        dst[i] = _mm512_load_si512(t + 64 * i);
 }
 
 /* the product of a weight block's fp16 d and the activation block's d, in every lane */
@@ -263,13 +275,13 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
 }
 
 struct iq2xxs_consts {
-    __m512i lo[4], hi[4]; /* the code tables */
+    const __m512i *lo, *hi; /* the code tables */
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
-    load_table(c.lo, iq2xxs_lo, 4);
-    load_table(c.hi, iq2xxs_hi, 4);
+    c.lo = (const __m512i *)iq2xxs_lo;
+    c.hi = (const __m512i *)iq2xxs_hi;
     return c;
 }
 
@@ -278,6 +290,12 @@ STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
 STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
 
 STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
+
+/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' */
+STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const struct iq2xxs_pair *y) {
+    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+}
 
 STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct iq2xxs_consts *c) {
@@ -309,17 +327,153 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     }
     /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
-    __m512i sum = _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls);
-    uint32_t d01 = x[0].d | (uint32_t)(two ? x[1].d : 0) << 16;
-    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)d01));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y);
 }
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
+/* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
+
+/* Both take IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is grid point 4 s + l
+ * of superblock b, its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code, as IQ2_XXS's. Their scales
+ * are per 16 weights, two positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1
+ * share a scale) and vpdpwssd applies the scales a word at a time. */
+
+/* word j of the result, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale
+ * nibble j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's
+ * nibble, one bit up. sc1: NULL for a missing second superblock. */
+STEP __m512i iq2_pair_scales(const uint8_t *sc0, const uint8_t *sc1) {
+    __m128i sc = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)sc0),
+                                   sc1 ? _mm_loadl_epi64((const __m128i *)sc1) : _mm_setzero_si128());
+    return _mm512_ternarylogic_epi64(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(63, 0, 3, 0, 7, 0, 11, 0)), _mm512_cvtepu16_epi64(sc)),
+        _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
+}
+
+/* The sums of a pair's weights (codes lo, hi; signs: byte i the 8 signs of position i) times activations times
+ * scales ls: dword 2 s + b, sub-block s of superblock b. Two coordinates' word sums stay below 2^15 in
+ * magnitude. */
+STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2xxs_pair *y) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int f = 0; f < 8; f += 2) {
+        __m512i pair = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
+            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
+            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
+            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
+        }
+        sum = _mm512_dpwssd_epi32(sum, pair, ls);
+    }
+    return sum;
+}
+
+/* byte i: position i's index in the 128 bytes of two blocks' fields read as one table, position 8 s + 4 b + l at
+ * byte 64 b + stride (4 s + l) + offset */
+static inline __m512i pair_pick(int stride, int offset) {
+    uint8_t pick[64];
+    for (int i = 0; i < 64; i++)
+        pick[i] = (uint8_t)(64 * (i / 4 % 2) + stride * (4 * (i / 8) + i % 4) + offset);
+    return _mm512_loadu_si512(pick);
+}
+
+/* IQ2_XS: qs word 4 s + l of superblock b is grid point 4 s + l, its low byte the low 8 bits of a 9-bit index,
+ * its high byte the ninth bit and 7 signs */
+struct iq2xs_consts {
+    const __m512i *lo, *hi;      /* the code tables, read where they are (see IQ2_S) */
+    __m512i pick_low, pick_high; /* the low and high bytes of the positions' qs words */
+};
+
+STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
+    struct iq2xs_consts c;
+    c.lo = (const __m512i *)iq2xs_lo;
+    c.hi = (const __m512i *)iq2xs_hi;
+    c.pick_low = pair_pick(2, 0);
+    c.pick_high = pair_pick(2, 1);
+    return c;
+}
+
+#define dot_iq2_xs_pair_init acc1_init
+#define dot_iq2_xs_pair_finish dot_iq2_xxs_pair_finish
+
+/* the high byte of an IQ2_XS qs word -> its 8 signs: bits 1..7 down to 0..6, bit 7 their parity */
+#define SIGNS_ABOVE_NINTH AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)
+
+STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct iq2xs_consts *c) {
+    const block_iq2_xs *x = (const block_iq2_xs *)vx + 2 * g;
+    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const int two = n / QK_K - 2 * g >= 2;
+    prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xs));
+    __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
+    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick_low, q1);
+    __m512i high = _mm512_permutex2var_epi8(q0, c->pick_high, q1);
+    __mmask64 top = _mm512_movepi8_mask(idx), ninth = _mm512_test_epi8_mask(high, _mm512_set1_epi8(1));
+    __m512i lo = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->lo), lookup256(idx, top, c->lo + 4));
+    __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
+    __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
+    __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+}
+
+ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
+
+/* IQ2_S: qs byte 4 s + l the low 8 bits of grid point 4 s + l's 10-bit index, bits 2 l, 2 l + 1 of qh byte s
+ * the top two, qs byte 32 + 4 s + l its 8 signs. Its code tables are 16 zmm each, too many to hold in registers
+ * with the rest: the lookups read them where they are (a copy in the consts cost every row 64 more moves). */
+struct iq2s_consts {
+    const __m512i *lo, *hi;
+    __m512i pick_low, pick_signs, pick_qh; /* bytes from the two blocks' qs, and from their qh side by side */
+};
+
+STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
+    struct iq2s_consts c;
+    c.lo = (const __m512i *)iq2s_lo;
+    c.hi = (const __m512i *)iq2s_hi;
+    c.pick_low = pair_pick(1, 0);
+    c.pick_signs = pair_pick(1, 32);
+    uint8_t pick[64];
+    for (int i = 0; i < 64; i++)
+        pick[i] = (uint8_t)(8 * (i / 4 % 2) + i / 8);
+    c.pick_qh = _mm512_loadu_si512(pick);
+    return c;
+}
+
+#define dot_iq2_s_pair_init acc1_init
+#define dot_iq2_s_pair_finish dot_iq2_xxs_pair_finish
+
+/* t[idx] for 64 10-bit indices, bits 0..6 in idx, bit 7 in top, 8 and 9 in b8 and b9, from a 1024-byte table */
+static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mmask64 b9, const __m512i *t) {
+    return _mm512_mask_blend_epi8(b9, _mm512_mask_blend_epi8(b8, lookup256(idx, top, t), lookup256(idx, top, t + 4)),
+                                  _mm512_mask_blend_epi8(b8, lookup256(idx, top, t + 8), lookup256(idx, top, t + 12)));
+}
+
+STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                              const struct iq2s_consts *c) {
+    const block_iq2_s *x = (const block_iq2_s *)vx + 2 * g;
+    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const int two = n / QK_K - 2 * g >= 2;
+    prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_s));
+    __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
+    __m512i idx = _mm512_permutex2var_epi8(q0, c->pick_low, q1);
+    __m512i signs = _mm512_permutex2var_epi8(q0, c->pick_signs, q1);
+    /* byte i: qh byte s of superblock b, whose bits 2 l, 2 l + 1 are position i's index bits 8 and 9 */
+    __m128i qh = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)x[0].qh),
+                                    two ? _mm_loadl_epi64((const __m128i *)x[1].qh) : _mm_setzero_si128());
+    __m512i qhv = _mm512_permutexvar_epi8(c->pick_qh, _mm512_castsi128_si512(qh));
+    __mmask64 top = _mm512_movepi8_mask(idx);
+    __mmask64 b8 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32(0x40100401));
+    __mmask64 b9 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32((int)0x80200802u));
+    __m512i lo = lookup1024(idx, top, b8, b9, c->lo), hi = lookup1024(idx, top, b8, b9, c->hi);
+    __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+}
+
+ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
+
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
-/* One superblock of activations for the 3-bit types: position i (0..63) stands for grid index i (4 weights,
+/* One superblock of activations for IQ3_XXS: position i (0..63) stands for grid index i (4 weights,
  * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
 struct iq3_sb {
     int8_t a[4][64];
@@ -361,13 +515,13 @@ static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3
 }
 
 struct iq3xxs_consts {
-    __m512i code[2][4];
+    const __m512i *code[2];
 };
 
 STEP struct iq3xxs_consts dot_iq3_xxs_sb_consts(void) {
     struct iq3xxs_consts c;
-    load_table(c.code[0], iq3xxs_code[0], 4);
-    load_table(c.code[1], iq3xxs_code[1], 4);
+    c.code[0] = (const __m512i *)iq3xxs_code[0];
+    c.code[1] = (const __m512i *)iq3xxs_code[1];
     return c;
 }
 
@@ -407,14 +561,40 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
 
 ROW_DOTS(dot_iq3_xxs_sb, struct iq3xxs_consts, struct acc1, superblocks)
 
+/* One superblock of activations for IQ3_S: a[c] byte i the activation of coordinate c of position i, element
+ * 4 i + c, as for IQ3_XXS; base dword d: -16 times the sum of the 16 activations dword d of the four a[c] holds,
+ * which takes out the offset of 16 the signed weights carry (IQ3S_SIGNED) and seeds the sums */
+struct iq3s_sb {
+    int8_t a[4][64];
+    int32_t base[16];
+    float d;
+    uint8_t pad[60];
+};
+
+static size_t iq3s_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3s_sb); }
+
+static void prep_iq3_s(int64_t k, const float *x, void *out) {
+    struct iq3s_sb *sb = out;
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
+        sb[i].d = q8k_block(x + i * QK_K, q);
+        for (int p = 0; p < 64; p++)
+            for (int c = 0; c < 4; c++) {
+                sb[i].a[c][p] = q[4 * p + c];
+                sb[i].base[p / 4] -= 16 * q[4 * p + c];
+            }
+    }
+}
+
 struct iq3s_consts {
-    __m512i code[2][8];
+    const __m512i *code[2];
 };
 
 STEP struct iq3s_consts dot_iq3_s_sb_consts(void) {
     struct iq3s_consts c;
-    load_table(c.code[0], iq3s_code[0], 8);
-    load_table(c.code[1], iq3s_code[1], 8);
+    c.code[0] = (const __m512i *)iq3s_code[0];
+    c.code[1] = (const __m512i *)iq3s_code[1];
     return c;
 }
 
@@ -425,7 +605,7 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                             const struct iq3s_consts *c) {
     (void)n;
     const block_iq3_s *x = (const block_iq3_s *)vx + i;
-    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    const struct iq3s_sb *y = (const struct iq3s_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_s));
     /* 9-bit indices: the low 8 in qs, the ninth of index i bit i of qh read as one 64-bit mask */
     __m512i idx = _mm512_loadu_si512(x->qs);
@@ -433,14 +613,26 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
     memcpy(&ninth, x->qh, sizeof(ninth));
     __m512i code01 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[0]), lookup256(idx, top, c->code[0] + 4));
     __m512i code23 = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->code[1]), lookup256(idx, top, c->code[1] + 4));
-    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(0)), 0x01),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_LEVEL(1)), 0x01)};
-    /* qword s: the four stored sign bytes of sub-block s -> byte j: sign byte j / 2 */
-    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 8, 8, 16, 16, 24, 24)),
-                                                 _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs)));
-    __m512i sum = iq3_sums(m, signs, y);
+    /* qword s: the 32 sign bits of sub-block s, bit 4 p + c that of coordinate c of its position p (byte p of
+     * the qword) -> byte p: the signs of coordinates 2 h, 2 h + 1 in bits 6 and 7, beside their levels */
+    __m512i sign_bits = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->signs));
+    const __m512i level_bits = _mm512_set1_epi8(0x3f);
+    __m512i s01 = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(58, 62, 2, 6, 10, 14, 18, 22)), sign_bits);
+    __m512i s23 = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(60, 0, 4, 8, 12, 16, 20, 24)), sign_bits);
+    code01 = _mm512_ternarylogic_epi64(level_bits, code01, s01, 0xca); /* A ? B : C */
+    code23 = _mm512_ternarylogic_epi64(level_bits, code23, s23, 0xca);
+    /* dword d: sub-block d / 2 (positions 4 d .. 4 d + 3), the sum of its signed weights times the activations */
+    __m512i sum0 = _mm512_dpbusd_epi32(_mm512_load_si512(y->base),
+                                       _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_SIGNED(0)), 0x11),
+                                       _mm512_load_si512(y->a[0]));
+    __m512i sum1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                       _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3S_SIGNED(1)), 0x11),
+                                       _mm512_load_si512(y->a[1]));
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_SIGNED(0)), 0x11),
+                               _mm512_load_si512(y->a[2]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3S_SIGNED(1)), 0x11),
+                               _mm512_load_si512(y->a[3]));
+    __m512i sum = _mm512_add_epi32(sum0, sum1);
     /* dword d: sub-block d / 2, times 2 scale + 1, the scale nibble d / 2 of the 32-bit scales */
     uint32_t scales;
     memcpy(&scales, x->scales, sizeof(scales));
@@ -448,24 +640,24 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
                                     _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
     __m512i ls = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(15)), 1),
                                  _mm512_set1_epi32(1));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times(x->d, y->d), st->acc);
+    /* |sum| <= 16 * 15 * 127 fits its low word, so vpmaddwd multiplies it exactly: one uop, vpmulld's two */
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(sum, ls)), d_times(x->d, y->d), st->acc);
 }
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
-/* ---------------------------------------------------------------- IQ2_XS, IQ2_S, IQ1_S, IQ1_M: gathered grids */
+/* ---------------------------------------------------------------- IQ1_S, IQ1_M: gathered grids */
 
-/* Grids of 512 to 2048 points do not fit in registers: their points are gathered, 8 a zmm by vpgatherqq, whose
- * ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be. Vector z of a
- * superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of sub-block q, so
- * the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q), and the
- * two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
- * (IQ1_S) or two each (the types with a scale per 16). One superblock of activations in that order: a[z] byte
- * 8 q + j is element 32 q + 8 z + j, neg[z] its negation; bsn dword 2 q: minus the sum of sub-block q's 32
- * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
+/* Grids of 2048 points do not fit in registers (IQ2_S's 1024 fill them): their points are gathered, 8 a zmm by
+ * vpgatherqq, whose ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be.
+ * Vector z of a superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of
+ * sub-block q, so the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q),
+ * and the two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
+ * (IQ1_S) or two each (IQ1_M, a scale per 16). One superblock of activations in that order: a[z] byte 8 q + j is
+ * element 32 q + 8 z + j; bsn dword 2 q: minus the sum of sub-block q's 32 elements (0 in the odd dwords); sum8: the
+ * sums of each 8 elements, in element order. */
 struct q8k_ilv {
     int8_t a[4][64];
-    int8_t neg[4][64];
     int32_t bsn[16];
     int16_t sum8[32];
     float d;
@@ -483,18 +675,10 @@ static void prep_ilv(int64_t k, const float *x, void *out) {
         for (int e = 0; e < QK_K; e++) {
             int s = e / 32, z = e % 32 / 8, j = e % 8;
             sb[i].a[z][8 * s + j] = q[e];
-            sb[i].neg[z][8 * s + j] = (int8_t)-q[e];
             sb[i].bsn[2 * s] -= q[e];
             sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
         }
     }
-}
-
-/* The products of 64 weights (unsigned) with activations, dword by dword, times a 16-bit multiplier in the low
- * word of each dword of `mul`: a dword of 4 products is below 2^15 in magnitude, so vpdpwssd applies the
- * multiplier (and adds) in one instruction */
-static inline __m512i scaled_dot(__m512i acc, __m512i w, __m512i a, __m512i mul) {
-    return _mm512_dpwssd_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a), mul);
 }
 
 /* the low dword of each qword copied to the high one */
@@ -508,83 +692,15 @@ static inline __m512i index_low(__m512i qs, int z) {
     return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
 }
 
-/* IQ2_XS and IQ2_S: 2 s + 1 of the scale nibble h of byte q of the 8 scale bytes, in both dwords of qword q */
-static inline __m512i iq2_ls(__m512i bytes, int h) {
-    __m512i nib = _mm512_and_si512(_mm512_srli_epi64(bytes, 4 * h), _mm512_set1_epi64(15));
-    return both_dwords(_mm512_or_si512(_mm512_add_epi64(nib, nib), _mm512_set1_epi64(1)));
-}
-
 struct none {
     char unused;
 };
 
 STEP struct none no_consts(void) { return (struct none){0}; }
 
-#define dot_iq2_xs_sb_consts no_consts
-#define dot_iq2_xs_sb_init acc1_init
-#define dot_iq2_s_sb_consts no_consts
-#define dot_iq2_s_sb_init acc1_init
 
 STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
 
-#define dot_iq2_xs_sb_finish eighth_finish
-#define dot_iq2_s_sb_finish eighth_finish
-
-/* bits 1..7 of each byte kept, bit 0 their parity: in a qs word of IQ2_XS, bit 8 becomes the eighth sign */
-#define PARITY_BIT0 AFFINE(0xfe, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
-
-STEP void dot_iq2_xs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                             const struct none *c) {
-    (void)n, (void)c;
-    const block_iq2_xs *x = (const block_iq2_xs *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_xs));
-    /* qword q: the four qs words of sub-block q, each a 9-bit grid index and 7 sign bits */
-    __m512i words = _mm512_loadu_si512(x->qs);
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(words, _mm512_set1_epi64(PARITY_BIT0), 0);
-    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
-    __m512i sum = _mm512_setzero_si512();
-    for (int z = 0; z < 4; z++) {
-        __m512i idx = _mm512_and_si512(_mm512_srli_epi64(words, 16 * z), _mm512_set1_epi64(511));
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2xs_grid, 8);
-        /* sign j < 7 of word z: bit 16 z + 9 + j; the eighth, its parity, bit 16 z + 8 */
-        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
-            signs, _mm512_set1_epi64(BYTES8(16 * z + 9, 16 * z + 10, 16 * z + 11, 16 * z + 12, 16 * z + 13,
-                                            16 * z + 14, 16 * z + 15, 16 * z + 8)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
-    }
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq2_xs_sb, struct none, struct acc1, superblocks)
-
-STEP void dot_iq2_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                            const struct none *c) {
-    (void)n, (void)c;
-    const block_iq2_s *x = (const block_iq2_s *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq2_s));
-    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
-    __m512i qh = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->qh));
-    __m512i signs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 8)));
-    __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
-    __m512i sum = _mm512_setzero_si512();
-    for (int z = 0; z < 4; z++) {
-        /* 10-bit indices: bits 2 z, 2 z + 1 of qh[q] the top two of index z of sub-block q */
-        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), _mm512_slli_epi64(qh, 8 - 2 * z),
-                                                _mm512_set1_epi64(0x300), 0xf8); /* A | (B & C) */
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)fl_iq2s_grid, 8);
-        __mmask64 neg = _mm512_bitshuffle_epi64_mask(
-            signs, _mm512_set1_epi64(BYTES8(8 * z, 8 * z + 1, 8 * z + 2, 8 * z + 3, 8 * z + 4, 8 * z + 5, 8 * z + 6,
-                                            8 * z + 7)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[z]), _mm512_load_si512(y->neg[z]));
-        sum = scaled_dot(sum, w, a, iq2_ls(bytes, z / 2));
-    }
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq2_s_sb, struct none, struct acc1, superblocks)
 
 /* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2, from iq1s_grid_plus1; with ls
  * the scale and delta = +-1 the sign of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q)
@@ -654,17 +770,23 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
     __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
     __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
     __m512i ls8 = _mm512_slli_epi16(ls, 3);
-    for (int z = 0; z < 4; z++) {
-        __m512i top = z < 2 ? _mm512_slli_epi64(qh, 8 - 4 * z) : _mm512_srli_epi64(qh, 4 * z - 8);
-        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
-        __m512i w = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
-        /* the scale of point 4 q + z (word 4 q + z) in the low word of both dwords of qword q */
+    /* points 4 q + z and 4 q + z + 1 (z even) are one 16 of the same scale: their products are summed (8 products
+     * of at most 2 * 128 a dword, well within 16 bits) and scaled once */
+    for (int z = 0; z < 4; z += 2) {
+        __m512i dot = _mm512_setzero_si512();
+        for (int h = z; h < z + 2; h++) {
+            __m512i top = h < 2 ? _mm512_slli_epi64(qh, 8 - 4 * h) : _mm512_srli_epi64(qh, 4 * h - 8);
+            __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, h), top, _mm512_set1_epi64(0x700), 0xf8);
+            dot = _mm512_dpbusd_epi32(dot, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
+                                      _mm512_load_si512(y->a[h]));
+        }
+        /* the scale of points 4 q + z, 4 q + z + 1 (word 4 q + z) in the low word of both dwords of qword q */
         __m512i mul = _mm512_maskz_permutexvar_epi16(
             0x55555555u,
             _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
                               24 + z, 28 + z, 28 + z),
             ls8);
-        sum = scaled_dot(sum, w, _mm512_load_si512(y->a[z]), mul);
+        sum = _mm512_dpwssd_epi32(sum, dot, mul);
     }
     fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
@@ -727,12 +849,12 @@ static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xx
                                                        dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_t4};
 static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
                                                        dot_iq3_xxs_sb_t4};
-static const struct fl_decode_kernel iq3_s_kernel = {iq3_bytes, prep_iq3, dot_iq3_s_sb, dot_iq3_s_sb_x4,
+static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_t4};
-static const struct fl_decode_kernel iq2_xs_kernel = {ilv_bytes, prep_ilv, dot_iq2_xs_sb, dot_iq2_xs_sb_x4,
-                                                      dot_iq2_xs_sb_t4};
-static const struct fl_decode_kernel iq2_s_kernel = {ilv_bytes, prep_ilv, dot_iq2_s_sb, dot_iq2_s_sb_x4,
-                                                     dot_iq2_s_sb_t4};
+static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
+                                                      dot_iq2_xs_pair_x4, dot_iq2_xs_pair_t4};
+static const struct fl_decode_kernel iq2_s_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_s_pair,
+                                                     dot_iq2_s_pair_x4, dot_iq2_s_pair_t4};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
                                                      dot_iq1_s_sb_t4};
 static const struct fl_decode_kernel tq2_0_kernel = {tq2_bytes, prep_tq2, dot_tq2_0_sb, dot_tq2_0_sb_x4,
