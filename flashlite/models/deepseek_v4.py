@@ -209,27 +209,21 @@ class RoPE:
         angles = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    def table(self, pos: int) -> np.ndarray:
-        """cos then sin at one position [rope_dim], as cos_sin computes them."""
-        cos, sin = self.cos_sin(np.array([pos]))
-        return np.concatenate([cos[0], sin[0]])
-
     def step_tables(self, start: int, t: int, ratio: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """A planned step's tables for the t tokens at positions start.. of a layer of compress ratio `ratio`: the
-        table at each position [t, rope_dim], and at the first position of the compressed row each token closes
-        [t, rope_dim] (rows of other tokens zero; None when none closes). Made once per step for all the layers
-        that share this RoPE and ratio."""
+        """A planned step's tables for the t tokens at positions start.. of a layer of compress ratio `ratio`: cos
+        then sin at each position [t, rope_dim], and at the first position of the compressed row each token closes
+        [t, rope_dim] (None when none closes; the rows of tokens that close none are not read). Made once per step
+        for all the layers that share this RoPE and ratio."""
         key = (start, t, ratio)
         tables = self._tables.get(key)
         if tables is None:
             if len(self._tables) >= 8:
                 self._tables.clear()
-            positions = range(start, start + t)
-            at_token = np.stack([self.table(p) for p in positions])
-            closing = [i for i, p in enumerate(positions) if ratio and (p + 1) % ratio == 0]
-            at_row = np.zeros_like(at_token) if closing else None
-            for i in closing:
-                at_row[i] = self.table(start + i + 1 - ratio)
+            positions = np.arange(start, start + t)
+            at_token = np.concatenate(self.cos_sin(positions), axis=1)
+            closing = (positions + 1) % ratio == 0 if ratio else None
+            at_row = np.concatenate(self.cos_sin(np.where(closing, positions + 1 - ratio, 0)), axis=1) \
+                if ratio and closing.any() else None
             tables = self._tables[key] = (at_token, at_row)
         return tables
 
