@@ -86,8 +86,8 @@ def test_verified_batches_are_bitwise_planned_steps(tiny_gguf, small_gguf, weigh
     path = small_gguf if weights == "small" else tiny_gguf(*(() if weights == "default" else ("--type", weights)))
     m = load(path, kv_format=kv_format)
     planned = []
-    step = cpu.layer_step
-    monkeypatch.setattr(cpu, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
+    step = v4.backend.layer_step  # the seam the model calls
+    monkeypatch.setattr(v4.backend, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
     ids = np.random.default_rng(7).integers(0, m.vocab_size, 400).tolist()
     batched, single, defined = m.new_cache(), m.new_cache(), m.new_cache()
     for cache in (batched, single, defined):

@@ -447,7 +447,7 @@ def test_mtp_block_is_the_trainers_mtp_block(models, files, fixture, name):
 def test_mtp_block_runs_the_planned_calls_bitwise(models, files, name, kv_format, monkeypatch):
     """The MTP block's catch-up batches and draft steps run the backend's planned layer call, with the bits of the
     block run op by op: past its window, and after rolling back chained drafts."""
-    from flashlite.backends import cpu
+    from flashlite.models import deepseek_v4 as v4
 
     m = models(name)
     head = m.draft_head(files["mtp-" + name])
@@ -456,8 +456,8 @@ def test_mtp_block_runs_the_planned_calls_bitwise(models, files, name, kv_format
     m.forward(ids.tolist(), cache=m.new_cache(), logits="none", hidden=hidden)
     h = hidden[0]
     planned = []
-    step = cpu.layer_step
-    monkeypatch.setattr(cpu, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
+    step = v4.backend.layer_step  # the seam the model calls
+    monkeypatch.setattr(v4.backend, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
 
     def run():
         cache, out, hm = head.make_cache(kv_format), [], None
