@@ -327,15 +327,19 @@ struct fl_v4_attn {
 struct fl_v4_attn_cache {
     struct fl_row_log kv, ckv, cscore, crows, ikv, iscore, irows;
 };
-/* h_out [hc, dim] = h + the attention sublayer of the one token at position pos, with the rows it stores appended
- * to the logs: cs_tok the cos then sin [rope_dim / 2 each] of the layer's RoPE at pos; cs_row the same at
- * pos + 1 - ratio when a compressor window closes at pos (else unused). The C operations of the Python
- * definition, in its order: bitwise its result. FL_EINVAL when a log lacks room or rows a step reads. */
-int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, const float *cs_tok,
-               const float *cs_row, const float *h, float *h_out);
-/* A whole decode layer for the token `token` at position pos: fl_v4_attn, then fl_v4_ffn on its result. */
+/* h_out [n_tok, hc, dim] = h + the attention sublayer of the n_tok tokens at positions pos.., each seeing the
+ * rows of the ones before it (causal), with the rows they store appended to the logs: cs_tok [n_tok, rope_dim]
+ * the cos then sin [rope_dim / 2 each] of the layer's RoPE at each token's position; cs_row [n_tok, rope_dim] the
+ * same at pos + t + 1 - ratio, read for the tokens t at which a compressor window closes (NULL when none does).
+ * The C operations of the Python definition, in its order: bitwise its result, and bitwise n_tok one-token calls.
+ * FL_EINVAL when a log lacks room or rows a step reads. */
+int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, int64_t n_tok,
+               const float *cs_tok, const float *cs_row, const float *h, float *h_out);
+/* Whole decode layers for the n_tok tokens `tokens` at positions pos..: fl_v4_attn, then fl_v4_ffn on its result
+ * (a decode step, or the batch that verifies a draft). */
 int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
-                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out);
+                int64_t pos, int64_t n_tok, const int64_t *tokens, const float *cs_tok, const float *cs_row,
+                const float *h, float *h_out);
 
 /* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
 enum fl_kv_kind {

@@ -1,14 +1,16 @@
-/* v4_attn.c: the CPU backend's fused decode of a DeepSeek V4 attention sublayer for one token, and the two
- * operations of it that the model also calls on its own: the Hadamard rotation and the indexer's top-k.
+/* v4_attn.c: the CPU backend's fused attention sublayer of DeepSeek V4 for a decode step or a short batch (a
+ * verified draft), and the two operations of it that the model also calls on its own: the Hadamard rotation and
+ * the indexer's top-k.
  *
- * fl_v4_attn runs, for the token at position pos: hyper-connection collapse, norm, the projections of q (low
- * rank, per-head norm, RoPE) and of the shared KV row (norm, RoPE), the row's store into the window log, the
- * compressor (and the indexer's compressor) update with a pooled row when a window closes, the indexer's
- * picks, attention with sink over the window and the picked compressed rows, the rotation undone, the grouped
- * output projection, expansion. These are the C operations the Python definition (flashlite/models/
- * deepseek_v4.py: Attention, Compressor, Indexer) calls, in its order, so the result is bitwise its result.
- * The logs are the caller's (flashlite/kv_cache.py): it reserves room for the rows a step may append; this
- * appends them and moves each log's end. */
+ * fl_v4_attn runs, for the n tokens at positions pos..: hyper-connection collapse, norm, the projections of q (low
+ * rank, per-head norm, RoPE) and of the shared KV row (norm, RoPE), then token by token the row's store into the
+ * window log, the compressor (and the indexer's compressor) update with a pooled row when a window closes, the
+ * indexer's picks and attention with sink over the window and the picked compressed rows, then the rotation
+ * undone, the grouped output projection, expansion. These are the C operations the Python definition
+ * (flashlite/models/deepseek_v4.py: Attention, Compressor, Indexer) calls, in its order; the products take the
+ * batch's tokens together, which gives each token the bits it gets alone (matmul.c), so a batch is bitwise n
+ * one-token steps and those are bitwise the definition. The logs are the caller's (flashlite/kv_cache.py): it
+ * reserves room for the rows a step may append; this appends them and moves each log's end. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,108 +143,50 @@ static int compressor_step(const struct fl_v4_compressor *c, int64_t ratio, int6
     return status == FL_OK ? log_append(lrows, c->row_kind, d, c->row_rope_dim, row, 1) : status;
 }
 
-int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, const float *cs_tok,
-               const float *cs_row, const float *h, float *h_out) {
-    if (!p || !cache || pos < 0 || !cs_tok || !h || !h_out || p->dim <= 0 || p->hc <= 0 || p->n_heads <= 0 ||
-        p->head_dim <= 0 || p->o_groups <= 0 || p->n_heads % p->o_groups || p->window <= 0)
-        return FL_EINVAL;
-    const int64_t dim = p->dim, hc = p->hc, H = p->n_heads, hd = p->head_dim, rd = p->rope_dim, r = p->ratio;
-    const int64_t IH = p->index_heads, ID = p->index_dim, G = p->o_groups;
-    const int64_t n_win_max = p->window, n_rows = r ? (pos + 1) / r : 0;
-    const int crowded = r == 4 && n_rows > p->index_topk;
-    const int64_t cw = r ? p->comp.head_dim * (p->comp.overlap ? 2 : 1) : 0, iw = r == 4 ? 2 * ID : 0;
-    /* rows unpacked from packed logs: the attention's picks, the indexer's keys */
-    const int64_t att_rows = p->kv_kind && r ? (r == 4 && n_rows > p->index_topk ? p->index_topk : n_rows) : 0;
-    const int64_t key_floats = crowded && p->icomp.row_kind ? n_rows * ID : 0;
-    /* every buffer of the step in one allocation */
-    int64_t sizes[] = {
-        dim,                          /* x: the collapse */
-        hc + hc * hc,                 /* post, comb */
-        dim,                          /* xa: normed */
-        p->q_rank, p->q_rank,         /* qa, qr */
-        hd,                           /* kv */
-        cw, cw, iw, iw, IH,           /* compressor kv, score; indexer kv, score; indexer head weights */
-        H * hd, H * hd,               /* q, attention output */
-        IH * ID, IH * ID,             /* indexer queries, rounded */
-        4 * hd + 4 * ID,              /* a pooled row and its normed form, for either compressor */
-        p->kv_kind ? n_win_max * hd : 0, /* window rows unpacked */
-        att_rows * hd > key_floats ? att_rows * hd : key_floats, /* compressed rows unpacked */
-        G * p->o_rank, dim,           /* grouped output, the sublayer's output */
-    };
-    enum { N_BUF = sizeof(sizes) / sizeof(sizes[0]) };
-    float *buf[N_BUF];
-    int64_t total = 0;
-    for (int i = 0; i < N_BUF; i++) total += (sizes[i] + 15) & ~(int64_t)15;
-    float *mem = malloc(sizeof(float) * (size_t)total);
-    int32_t *picks = malloc(sizeof(int32_t) * (size_t)(n_rows + p->index_topk + 1));
-    if (!mem || !picks) {
-        free(mem);
-        free(picks);
-        return FL_ENOMEM;
-    }
-    for (int64_t i = 0, off = 0; i < N_BUF; off += (sizes[i] + 15) & ~(int64_t)15, i++) buf[i] = mem + off;
-    float *x = buf[0], *post = buf[1], *comb = buf[1] + hc, *xa = buf[2], *qa = buf[3], *qr = buf[4], *kv = buf[5];
-    float *ckv = buf[6], *cscore = buf[7], *ikv = buf[8], *iscore = buf[9], *ihw = buf[10], *q = buf[11];
-    float *o = buf[12], *iq = buf[13], *iqr = buf[14], *pool = buf[15], *win = buf[16], *rows = buf[17];
-    float *grouped = buf[18], *out = buf[19];
+/* The buffers of one step: the batch's rows, and scratch one token at a time reuses. */
+struct step_bufs {
+    float *q, *kv, *ckv, *cscore, *ikv, *iscore, *ihw, *iq, *iqr, *pool, *win, *rows, *o;
+    int32_t *picks;
+};
 
-    int status = fl_hc_pre(1, hc, dim, h, p->hc_fn_type, p->hc_fn, p->hc_base, p->hc_scale, p->sinkhorn_iters,
-                           p->hc_eps, p->norm_eps, x, post, comb);
-    if (status == FL_OK) status = fl_rms_norm(1, dim, x, p->attn_norm, p->norm_eps, xa);
-    /* the products of xa in one run of the core, then those of the query latent */
-    struct fl_matmul_item items[8];
-    int n = 0;
-    if (status == FL_OK) {
-        items[n++] = (struct fl_matmul_item){p->wq_a.type, p->wq_a.w, p->q_rank, dim, xa, 1, qa};
-        items[n++] = (struct fl_matmul_item){p->wkv.type, p->wkv.w, hd, dim, xa, 1, kv};
-        if (r) {
-            items[n++] = (struct fl_matmul_item){p->comp.wkv.type, p->comp.wkv.w, cw, dim, xa, 1, ckv};
-            items[n++] = (struct fl_matmul_item){p->comp.wgate.type, p->comp.wgate.w, cw, dim, xa, 1, cscore};
-        }
-        if (r == 4) {
-            items[n++] = (struct fl_matmul_item){p->icomp.wkv.type, p->icomp.wkv.w, iw, dim, xa, 1, ikv};
-            items[n++] = (struct fl_matmul_item){p->icomp.wgate.type, p->icomp.wgate.w, iw, dim, xa, 1, iscore};
-            if (crowded) items[n++] = (struct fl_matmul_item){p->iproj.type, p->iproj.w, IH, dim, xa, 1, ihw};
-        }
-        status = fl_matmul_batch(n, items);
-    }
-    if (status == FL_OK) status = fl_rms_norm(1, p->q_rank, qa, p->q_norm, p->norm_eps, qr);
-    if (status == FL_OK) {
-        n = 0;
-        items[n++] = (struct fl_matmul_item){p->wq_b.type, p->wq_b.w, H * hd, p->q_rank, qr, 1, q};
-        if (crowded) items[n++] = (struct fl_matmul_item){p->iq_b.type, p->iq_b.w, IH * ID, p->q_rank, qr, 1, iq};
-        status = fl_matmul_batch(n, items);
-    }
-    if (status == FL_OK) status = fl_rms_norm(H, hd, q, NULL, p->norm_eps, q);
-    if (status == FL_OK) {
-        rope_rows(q, H, hd, rd, cs_tok, 0);
-        status = fl_rms_norm(1, hd, kv, p->kv_norm, p->norm_eps, kv);
-    }
-    if (status == FL_OK) {
-        rope_rows(kv, 1, hd, rd, cs_tok, 0);
-        status = log_append(&cache->kv, p->kv_kind, hd, rd, kv, 1);
-    }
+/* The part of the attention that runs token by token, for the token at position pos (row t of the batch's
+ * buffers): RoPE on its query, its KV row into the window log, the compressors' update, the indexer's picks and
+ * attention over the window and the picked rows, its rotation undone. The rows a token stores are there for the
+ * batch's next token, as in sequential decode. */
+static int token_attention(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, int64_t t,
+                           const float *cs_tok, const float *cs_row, const struct step_bufs *b) {
+    const int64_t H = p->n_heads, hd = p->head_dim, rd = p->rope_dim, r = p->ratio;
+    const int64_t IH = p->index_heads, ID = p->index_dim;
+    const int64_t cw = r ? p->comp.head_dim * (p->comp.overlap ? 2 : 1) : 0, iw = r == 4 ? 2 * ID : 0;
+    const int64_t n_rows = r ? (pos + 1) / r : 0;
+    const int crowded = r == 4 && n_rows > p->index_topk;
+    float *q = b->q + t * H * hd, *kv = b->kv + t * hd, *o = b->o + t * H * hd;
+    int32_t *picks = b->picks;
+    rope_rows(q, H, hd, rd, cs_tok, 0);
+    rope_rows(kv, 1, hd, rd, cs_tok, 0);
+    int status = log_append(&cache->kv, p->kv_kind, hd, rd, kv, 1);
     if (status == FL_OK && r)
-        status = compressor_step(&p->comp, r, rd, p->norm_eps, pos, ckv, cscore, cs_row, &cache->ckv, &cache->cscore,
-                                 &cache->crows, pool);
+        status = compressor_step(&p->comp, r, rd, p->norm_eps, pos, b->ckv + t * cw, b->cscore + t * cw, cs_row,
+                                 &cache->ckv, &cache->cscore, &cache->crows, b->pool);
     int64_t k_cmp = 0;
     if (status == FL_OK && r == 4) {
-        status = compressor_step(&p->icomp, r, rd, p->norm_eps, pos, ikv, iscore, cs_row, &cache->ikv,
-                                 &cache->iscore, &cache->irows, pool);
+        status = compressor_step(&p->icomp, r, rd, p->norm_eps, pos, b->ikv + t * iw, b->iscore + t * iw, cs_row,
+                                 &cache->ikv, &cache->iscore, &cache->irows, b->pool);
         k_cmp = n_rows < p->index_topk ? n_rows : p->index_topk;
         for (int64_t j = 0; j < k_cmp; j++) picks[j] = (int32_t)j;
         if (status == FL_OK && crowded) {
+            float *iq = b->iq + t * IH * ID, *ihw = b->ihw + t * IH;
             rope_rows(iq, IH, ID, rd, cs_tok, 0);
             if (p->icomp.rotated) {
                 /* the queries rounded as the rows are stored: Hadamard, then the row format's grid */
                 status = fl_hadamard(IH, ID, iq, iq);
-                uint8_t *packed = (uint8_t *)iqr; /* a packed row is smaller than its floats */
+                uint8_t *packed = (uint8_t *)b->iqr; /* a packed row is smaller than its floats */
                 if (status == FL_OK) status = fl_kv_pack(p->icomp.row_kind, IH, ID, 0, iq, packed);
                 if (status == FL_OK) status = fl_kv_unpack(p->icomp.row_kind, IH, ID, 0, packed, IH, NULL, iq);
             }
             for (int64_t i = 0; i < IH; i++) ihw[i] *= p->index_weight_scale;
-            const float *keys = status == FL_OK ? log_rows(&cache->irows, p->icomp.row_kind, ID, 0, 0, n_rows, rows,
-                                                           &status) : NULL;
+            const float *keys = status == FL_OK ? log_rows(&cache->irows, p->icomp.row_kind, ID, 0, 0, n_rows,
+                                                           b->rows, &status) : NULL;
             int32_t visible = (int32_t)n_rows;
             if (status == FL_OK)
                 status = fl_indexer_topk(1, IH, ID, iq, ihw, keys, n_rows, &visible, p->index_topk,
@@ -254,15 +198,16 @@ int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64
     }
     /* attention over the window rows and the picked compressed rows, each as stored */
     int64_t lo = pos - p->window + 1 > 0 ? pos - p->window + 1 : 0;
-    const float *window = status == FL_OK ? log_rows(&cache->kv, p->kv_kind, hd, rd, lo, pos + 1, win, &status) : NULL;
-    const float *cmp = rows;
+    const float *window = status == FL_OK ? log_rows(&cache->kv, p->kv_kind, hd, rd, lo, pos + 1, b->win, &status)
+                                          : NULL;
+    const float *cmp = b->rows;
     int64_t n_cmp = 0;
     if (status == FL_OK && k_cmp) {
         if (p->kv_kind) { /* unpack the picked rows, in pick order */
             for (int64_t j = 0; j < k_cmp && status == FL_OK; j++) {
                 if (picks[j] < 0) continue;
                 status = fl_kv_unpack(p->kv_kind, 1, hd, rd, cache->crows.buf, cache->crows.end - cache->crows.start,
-                                      &picks[j], rows + n_cmp * hd);
+                                      &picks[j], b->rows + n_cmp * hd);
                 picks[j] = (int32_t)n_cmp++;
             }
         } else {
@@ -274,33 +219,128 @@ int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64
     if (status == FL_OK)
         status = fl_attn_sink(1, H, hd, q, window, pos + 1 - lo, range, cmp, n_cmp, picks, k_cmp, p->sinks,
                               p->attn_scale, o);
-    if (status == FL_OK) {
-        rope_rows(o, H, hd, rd, cs_tok, 1);
-        /* group g (heads g*H/G..) through its own o_rank rows of wo_a */
-        int64_t k_group = H / G * hd, row_bytes = fl_row_bytes(p->wo_a.type, k_group);
-        struct fl_matmul_item *groups = malloc(sizeof(*groups) * (size_t)G);
-        if (!groups) status = FL_ENOMEM;
-        for (int64_t g = 0; g < G && groups; g++)
-            groups[g] = (struct fl_matmul_item){p->wo_a.type, (const uint8_t *)p->wo_a.w + g * p->o_rank * row_bytes,
-                                                p->o_rank, k_group, o + g * k_group, 1, grouped + g * p->o_rank};
-        if (status == FL_OK) status = fl_matmul_batch(G, groups);
-        free(groups);
+    if (status == FL_OK) rope_rows(o, H, hd, rd, cs_tok, 1);
+    return status;
+}
+
+int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64_t pos, int64_t n_tok,
+               const float *cs_tok, const float *cs_row, const float *h, float *h_out) {
+    if (!p || !cache || pos < 0 || n_tok <= 0 || !cs_tok || !h || !h_out || p->dim <= 0 || p->hc <= 0 ||
+        p->n_heads <= 0 || p->head_dim <= 0 || p->o_groups <= 0 || p->n_heads % p->o_groups || p->window <= 0)
+        return FL_EINVAL;
+    const int64_t n = n_tok, dim = p->dim, hc = p->hc, H = p->n_heads, hd = p->head_dim, rd = p->rope_dim;
+    const int64_t r = p->ratio, IH = p->index_heads, ID = p->index_dim, G = p->o_groups;
+    /* the batch's last token sees the most compressed rows: the scratch is sized for it */
+    const int64_t n_win_max = p->window, n_rows = r ? (pos + n) / r : 0;
+    const int crowded = r == 4 && n_rows > p->index_topk; /* some token of the batch runs the indexer */
+    const int64_t cw = r ? p->comp.head_dim * (p->comp.overlap ? 2 : 1) : 0, iw = r == 4 ? 2 * ID : 0;
+    const int64_t k_group = H / G * hd;
+    /* rows unpacked from packed logs: the attention's picks, the indexer's keys */
+    const int64_t att_rows = p->kv_kind && r ? (r == 4 && n_rows > p->index_topk ? p->index_topk : n_rows) : 0;
+    const int64_t key_floats = crowded && p->icomp.row_kind ? n_rows * ID : 0;
+    /* every buffer of the step in one allocation */
+    int64_t sizes[] = {
+        n * dim,                          /* x: the collapse */
+        n * (hc + hc * hc),               /* post, comb */
+        n * dim,                          /* xa: normed */
+        n * p->q_rank, n * p->q_rank,     /* qa, qr */
+        n * hd,                           /* kv */
+        n * cw, n * cw, n * iw, n * iw, n * IH, /* compressor kv, score; indexer kv, score; indexer head weights */
+        n * H * hd, n * H * hd,           /* q, attention output */
+        n * IH * ID, IH * ID,             /* indexer queries; one token's rounded */
+        4 * hd + 4 * ID,                  /* a pooled row and its normed form, for either compressor */
+        p->kv_kind ? n_win_max * hd : 0,  /* one token's window rows unpacked */
+        att_rows * hd > key_floats ? att_rows * hd : key_floats, /* one token's compressed rows unpacked */
+        n * H * hd,                       /* the attention output by group: [G, n, H / G * hd] */
+        n * G * p->o_rank, n * G * p->o_rank, /* the grouped output by group [G, n, o_rank], and by token */
+        n * dim,                          /* the sublayer's output */
+    };
+    enum { N_BUF = sizeof(sizes) / sizeof(sizes[0]) };
+    float *buf[N_BUF];
+    int64_t total = 0;
+    for (int i = 0; i < N_BUF; i++) total += (sizes[i] + 15) & ~(int64_t)15;
+    float *mem = malloc(sizeof(float) * (size_t)total);
+    int32_t *picks = malloc(sizeof(int32_t) * (size_t)(n_rows + p->index_topk + 1));
+    struct fl_matmul_item *items = malloc(sizeof(*items) * (size_t)(G > 8 ? G : 8));
+    if (!mem || !picks || !items) {
+        free(mem);
+        free(picks);
+        free(items);
+        return FL_ENOMEM;
     }
-    if (status == FL_OK) status = fl_matmul(p->wo_b.type, p->wo_b.w, dim, G * p->o_rank, grouped, 1, out);
-    if (status == FL_OK) status = fl_hc_post(1, hc, dim, out, h, post, comb, h_out);
+    for (int64_t i = 0, off = 0; i < N_BUF; off += (sizes[i] + 15) & ~(int64_t)15, i++) buf[i] = mem + off;
+    float *x = buf[0], *post = buf[1], *comb = buf[1] + n * hc, *xa = buf[2], *qa = buf[3], *qr = buf[4];
+    float *by_group = buf[18], *y_group = buf[19], *grouped = buf[20], *out = buf[21];
+    struct step_bufs b = {.q = buf[11], .kv = buf[5], .ckv = buf[6], .cscore = buf[7], .ikv = buf[8],
+                          .iscore = buf[9], .ihw = buf[10], .iq = buf[13], .iqr = buf[14], .pool = buf[15],
+                          .win = buf[16], .rows = buf[17], .o = buf[12], .picks = picks};
+
+    /* the batch's rows through the products at once (a token's results are the same bits alone or batched) */
+    int status = fl_hc_pre(n, hc, dim, h, p->hc_fn_type, p->hc_fn, p->hc_base, p->hc_scale, p->sinkhorn_iters,
+                           p->hc_eps, p->norm_eps, x, post, comb);
+    if (status == FL_OK) status = fl_rms_norm(n, dim, x, p->attn_norm, p->norm_eps, xa);
+    /* the products of xa in one run of the core, then those of the query latent */
+    int m = 0;
+    if (status == FL_OK) {
+        items[m++] = (struct fl_matmul_item){p->wq_a.type, p->wq_a.w, p->q_rank, dim, xa, n, qa};
+        items[m++] = (struct fl_matmul_item){p->wkv.type, p->wkv.w, hd, dim, xa, n, b.kv};
+        if (r) {
+            items[m++] = (struct fl_matmul_item){p->comp.wkv.type, p->comp.wkv.w, cw, dim, xa, n, b.ckv};
+            items[m++] = (struct fl_matmul_item){p->comp.wgate.type, p->comp.wgate.w, cw, dim, xa, n, b.cscore};
+        }
+        if (r == 4) {
+            items[m++] = (struct fl_matmul_item){p->icomp.wkv.type, p->icomp.wkv.w, iw, dim, xa, n, b.ikv};
+            items[m++] = (struct fl_matmul_item){p->icomp.wgate.type, p->icomp.wgate.w, iw, dim, xa, n, b.iscore};
+            if (crowded) items[m++] = (struct fl_matmul_item){p->iproj.type, p->iproj.w, IH, dim, xa, n, b.ihw};
+        }
+        status = fl_matmul_batch(m, items);
+    }
+    if (status == FL_OK) status = fl_rms_norm(n, p->q_rank, qa, p->q_norm, p->norm_eps, qr);
+    if (status == FL_OK) {
+        m = 0;
+        items[m++] = (struct fl_matmul_item){p->wq_b.type, p->wq_b.w, H * hd, p->q_rank, qr, n, b.q};
+        if (crowded) items[m++] = (struct fl_matmul_item){p->iq_b.type, p->iq_b.w, IH * ID, p->q_rank, qr, n, b.iq};
+        status = fl_matmul_batch(m, items);
+    }
+    if (status == FL_OK) status = fl_rms_norm(n * H, hd, b.q, NULL, p->norm_eps, b.q);
+    if (status == FL_OK) status = fl_rms_norm(n, hd, b.kv, p->kv_norm, p->norm_eps, b.kv);
+    for (int64_t t = 0; t < n && status == FL_OK; t++)
+        status = token_attention(p, cache, pos + t, t, cs_tok + t * rd, cs_row ? cs_row + t * rd : NULL, &b);
+    if (status == FL_OK) {
+        /* group g (heads g*H/G..) through its own o_rank rows of wo_a, the batch's rows of a group together */
+        int64_t row_bytes = fl_row_bytes(p->wo_a.type, k_group);
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t t = 0; t < n; t++)
+                memcpy(by_group + (g * n + t) * k_group, b.o + t * H * hd + g * k_group,
+                       sizeof(float) * (size_t)k_group);
+            items[g] = (struct fl_matmul_item){p->wo_a.type, (const uint8_t *)p->wo_a.w + g * p->o_rank * row_bytes,
+                                               p->o_rank, k_group, by_group + g * n * k_group, n,
+                                               y_group + g * n * p->o_rank};
+        }
+        status = fl_matmul_batch(G, items);
+        for (int64_t g = 0; g < G && status == FL_OK; g++)
+            for (int64_t t = 0; t < n; t++)
+                memcpy(grouped + (t * G + g) * p->o_rank, y_group + (g * n + t) * p->o_rank,
+                       sizeof(float) * (size_t)p->o_rank);
+    }
+    if (status == FL_OK) status = fl_matmul(p->wo_b.type, p->wo_b.w, dim, G * p->o_rank, grouped, n, out);
+    if (status == FL_OK) status = fl_hc_post(n, hc, dim, out, h, post, comb, h_out);
     free(mem);
     free(picks);
+    free(items);
     return status;
 }
 
 int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
-                int64_t pos, int64_t token, const float *cs_tok, const float *cs_row, const float *h, float *h_out) {
-    if (!attn || !ffn || attn->dim != ffn->dim || attn->hc != ffn->hc || attn->dim <= 0 || attn->hc <= 0)
+                int64_t pos, int64_t n_tok, const int64_t *tokens, const float *cs_tok, const float *cs_row,
+                const float *h, float *h_out) {
+    if (!attn || !ffn || !tokens || n_tok <= 0 || attn->dim != ffn->dim || attn->hc != ffn->hc || attn->dim <= 0 ||
+        attn->hc <= 0)
         return FL_EINVAL;
-    float *mid = malloc(sizeof(float) * (size_t)(attn->hc * attn->dim));
+    float *mid = malloc(sizeof(float) * (size_t)(n_tok * attn->hc * attn->dim));
     if (!mid) return FL_ENOMEM;
-    int status = fl_v4_attn(attn, cache, pos, cs_tok, cs_row, h, mid);
-    if (status == FL_OK) status = fl_v4_ffn(ffn, 1, mid, &token, h_out);
+    int status = fl_v4_attn(attn, cache, pos, n_tok, cs_tok, cs_row, h, mid);
+    if (status == FL_OK) status = fl_v4_ffn(ffn, n_tok, mid, tokens, h_out);
     free(mid);
     return status;
 }

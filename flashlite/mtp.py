@@ -64,6 +64,9 @@ class MTPHead:
         spec = {f"blk.{n}." + k: use for k, use in layer_tensors(a, n).items()}
         w = {name[len(f"blk.{n}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
         self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)
+        # its draft steps and catch-ups (up to STEP_MAX_TOKENS) run the backend's planned layer call, as the main
+        # model's decode steps do: bitwise the same as op by op
+        self.block.attn_plan, self.block.ffn_plan = self.block.plan_attn(), self.block.plan_ffn()
         own = mtp_tensors(a, n)
 
         def load(name):

@@ -10,7 +10,8 @@ Output is unchanged:
 - greedy: a draft is accepted when it is the token plain decoding picks from the same row; rows of a batch are
   bitwise those of feeding the tokens one by one, because the core's matmul quantizes each token's activations and
   computes each token's dots on their own whatever the batch size (and the attention, routing and norms are per
-  token too). Drafts are capped at MAX_DRAFT = 14: y and the drafts make a verified batch of at most 15 tokens.
+  token too). Drafts are capped at MAX_DRAFT = 14: y and the drafts make a verified batch of at most 15 tokens,
+  which runs the planned layer calls of a decode step (deepseek_v4.STEP_MAX_TOKENS): one C call per layer.
 - sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d from q is accepted with
   probability min(1, p(d) / q(d)) where p is the sampler's distribution (temperature, top-k/p, min-p, repetition
   penalty applied); on rejection the token is drawn from norm(max(0, p - q)). Deterministic drafters (n-gram, MTP

@@ -1,6 +1,7 @@
-"""The CPU backend's fused decode steps (flashlite/backends/cpu.py, csrc/v4_step.c) against the model definition
-run op by op: bitwise the same logits, token by token, through rollbacks and compressor boundaries, for f32 and
-fp8 KV rows, f32 and quantized weights, memory-mapped and disk-cached experts; and the router against numpy."""
+"""The CPU backend's fused decode steps (flashlite/backends/cpu.py, csrc/v4_step.c, csrc/v4_attn.c) against the
+model definition run op by op: bitwise the same logits, token by token and in the short batches that verify drafts,
+through rollbacks and compressor boundaries, for f32 and fp8 KV rows, f32 and quantized weights, memory-mapped and
+disk-cached experts; and the router against numpy."""
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from flashlite.backends import cpu
 from flashlite.model import load
+from flashlite.models import deepseek_v4 as v4
 
 SMALL = Path(__file__).parent / "fixtures" / "small_v4"
 
@@ -60,6 +62,51 @@ def test_fused_decode_bitwise_on_q8_0_and_the_trained_small_model(tiny_gguf, tmp
         m = load(path, kv_format="fp8")
         ids = np.random.default_rng(1).integers(0, m.vocab_size, 40)
         assert np.array_equal(_decode(m, ids, True), _decode(m, ids, False)), path
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    from click.testing import CliRunner
+    from flashlite.cli import main
+    out = tmp_path_factory.mktemp("small") / "small_v4.gguf"
+    assert CliRunner().invoke(main, ["quantize", str(SMALL), str(out), "--quiet"]).exit_code == 0
+    return out
+
+
+VERIFY_SIZES = (2, 3, 4, 5, 6, 7, 8, 9, v4.STEP_MAX_TOKENS)
+
+
+@pytest.mark.parametrize("kv_format", ["f32", "fp8"])
+@pytest.mark.parametrize("weights", ["f32", "default", "q8_0", "Q4_K_M", "bf16", "small"])
+def test_verified_batches_are_bitwise_planned_steps(tiny_gguf, small_gguf, weights, kv_format, monkeypatch):
+    """Batches of 2..16 tokens (y and the drafts of a round) through the planned layer calls, each rolled back past
+    part of it as after a partial acceptance, from position 5 across window, ratio-4 and indexer boundaries and
+    the first ratio-128 row: every row is the bits of the same tokens fed one planned step at a time, and of the
+    batch run op by op."""
+    path = small_gguf if weights == "small" else tiny_gguf(*(() if weights == "default" else ("--type", weights)))
+    m = load(path, kv_format=kv_format)
+    planned = []
+    step = v4.backend.layer_step  # the seam the model calls
+    monkeypatch.setattr(v4.backend, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
+    ids = np.random.default_rng(7).integers(0, m.vocab_size, 400).tolist()
+    batched, single, defined = m.new_cache(), m.new_cache(), m.new_cache()
+    for cache in (batched, single, defined):
+        m.forward(ids[:5], cache=cache)
+    pos, rnd = 5, 0
+    while pos < 140:
+        n = VERIFY_SIZES[rnd % len(VERIFY_SIZES)]
+        keep = n - 1 if rnd % 4 == 3 else (rnd * 5) % n  # drafts accepted: all of them every fourth round
+        batch = ids[pos:pos + n]
+        rows = m.forward(batch, cache=batched)
+        assert np.array_equal(rows, np.concatenate([m.forward([t], cache=single) for t in batch])), (pos, n)
+        m.net.use_fused_decode(False)
+        assert np.array_equal(rows, m.forward(batch, cache=defined)), (pos, n)
+        m.net.use_fused_decode(True)
+        for cache in (batched, single, defined):
+            m.truncate(pos + 1 + keep, cache=cache)
+        pos, rnd = pos + 1 + keep, rnd + 1
+    assert np.isfinite(rows).all()
+    assert set(VERIFY_SIZES) <= set(planned)  # the batches ran the planned calls
 
 
 @pytest.mark.parametrize("kv_format", ["f32", "fp8"])

@@ -443,6 +443,46 @@ def test_mtp_block_is_the_trainers_mtp_block(models, files, fixture, name):
     assert (steps.argmax(1) == expected.argmax(1)).all()
 
 
+@pytest.mark.parametrize("name,kv_format", [("tiny", "f32"), ("tiny", "fp8"), ("small", "fp8")])
+def test_mtp_block_runs_the_planned_calls_bitwise(models, files, name, kv_format, monkeypatch):
+    """The MTP block's catch-up batches and draft steps run the backend's planned layer call, with the bits of the
+    block run op by op: past its window, and after rolling back chained drafts."""
+    from flashlite.models import deepseek_v4 as v4
+
+    m = models(name)
+    head = m.draft_head(files["mtp-" + name])
+    ids = np.random.default_rng(4).integers(3, m.vocab_size, 60)
+    hidden = []
+    m.forward(ids.tolist(), cache=m.new_cache(), logits="none", hidden=hidden)
+    h = hidden[0]
+    planned = []
+    step = v4.backend.layer_step  # the seam the model calls
+    monkeypatch.setattr(v4.backend, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
+
+    def run():
+        cache, out, hm = head.make_cache(kv_format), [], None
+        for lo, hi in ((0, 7), (7, 20), (20, 21), (21, 30), (30, 45)):  # catch-ups of 7, 13 and 15 rows, a step
+            logits, hm = head(h[lo:hi], ids[lo + 1:hi + 1], np.arange(lo, hi), cache, logits="all")
+            out.append(logits)
+            for j in range(3):  # chained drafts on the block's own streams, then rolled back
+                logits, hm = head(hm[-1:], np.array([int(np.argmax(logits[-1]))]), np.arange(hi + j, hi + j + 1),
+                                  cache)
+                out.append(logits)
+            cache.truncate(hi)
+        return np.concatenate(out)
+
+    plans = head.block.attn_plan, head.block.ffn_plan
+    fused = run()
+    head.block.attn_plan = head.block.ffn_plan = None
+    try:
+        defined = run()
+    finally:
+        head.block.attn_plan, head.block.ffn_plan = plans
+    assert np.isfinite(fused).all()
+    assert np.array_equal(fused, defined)
+    assert {1, 7, 13, 15} <= set(planned)
+
+
 # ------------------------------------------------------------------------- the commands
 
 def test_run_and_chat_commands_take_llamacpps_options(files):

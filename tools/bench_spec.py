@@ -22,7 +22,7 @@ back each time, sizes taking turns), whatever a drafter would accept: what verif
 this model's widths, from which the speedup at an acceptance rate follows (docs/speculative.md).
 
 The bytes come from one extra, instrumented run per variant (np.unique over each layer's routing, outside the
-timed runs): dense = every main-model tensor but the routed experts and the embedding (read by rows), experts =
+timed runs, op by op so that Python sees the routing): dense = every main-model tensor but the routed experts and the embedding (read by rows), experts =
 the union of the experts the batch's tokens pick, per layer, times an expert's bytes.
 """
 from __future__ import annotations
@@ -102,12 +102,16 @@ class ByteCounter:
         gate_call, counted_gate, forward, counted_forward = self._patch
         v4.MoEGate.__call__ = counted_gate
         self.model.forward = counted_forward
+        # the planned layer calls route in C, out of the patched gate's sight: the op-by-op definition routes the
+        # same (bitwise the same forward)
+        self.model.net.use_fused_decode(False)
         self.forwards = []
         return self
 
     def __exit__(self, *exc):
         v4.MoEGate.__call__ = self._patch[0]
         del self.model.forward
+        self.model.net.use_fused_decode(True)
 
 
 def model_draft_kind(path: str) -> str:

@@ -317,37 +317,41 @@ plan_attn = AttnPlan
 
 def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
               h: np.ndarray) -> np.ndarray:
-    """h [1, hc, D] plus the attention sublayer of the token at position pos, in one C call (fl_v4_attn) that
-    appends the token's rows to the layer's cache (a kv_cache.LayerCache) in place."""
-    logs = _bind(plan, cache)
+    """h [T, hc, D] plus the attention sublayer of the T tokens at positions pos.. (a decode step, or a short
+    batch such as a verified draft), in one C call (fl_v4_attn) that appends their rows to the layer's cache (a
+    kv_cache.LayerCache) in place. cs_tok [T, rope_dim]: RoPE's table at each position; cs_row [T, rope_dim]: at
+    each token's closing compressed row (None when no window closes)."""
+    logs = _bind(plan, cache, h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_attn(plan.struct, plan.cache, pos, f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row),
-                         f32(h), f32(h_out)), f"fl_v4_attn at position {pos}")
+    check(lib.fl_v4_attn(plan.struct, plan.cache, pos, h.shape[0], f32(cs_tok),
+                         ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
+          f"fl_v4_attn at positions {pos}..{pos + h.shape[0] - 1}")
     for log, bound in zip(logs, plan.logs):
         log.end = bound.end
     return h_out
 
 
-def _bind(plan: AttnPlan, cache) -> list:
-    """Point the plan's C logs at the cache's (room for one row each); the cache's logs, for taking the ends back."""
+def _bind(plan: AttnPlan, cache, n: int) -> list:
+    """Point the plan's C logs at the cache's (room for n rows each); the cache's logs, for taking the ends back."""
     if plan.kv_format != cache.kv_format:
         plan._set_format(cache)
     logs = cache.logs()  # window rows, then each compressor's kv, score and rows: the order of plan.logs
     for log, bound in zip(logs, plan.logs):
-        log.bind(bound, 1)
+        log.bind(bound, n)
     return logs
 
 
 def layer_step(attn: AttnPlan, ffn: FfnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
                h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-    """attn_step then ffn_step, in one C call (fl_v4_layer): a whole decode layer."""
-    logs = _bind(attn, cache)
+    """attn_step then ffn_step, in one C call (fl_v4_layer): whole layers for the T tokens of h."""
+    logs = _bind(attn, cache, h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
+    token_ids = np.ascontiguousarray(token_ids, np.int64)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_layer(attn.struct, attn.cache, ffn.struct, pos, int(token_ids[0]), f32(cs_tok),
-                          ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
-          f"fl_v4_layer at position {pos}")
+    check(lib.fl_v4_layer(attn.struct, attn.cache, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
+                          f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
+          f"fl_v4_layer at positions {pos}..{pos + h.shape[0] - 1}")
     for log, bound in zip(logs, attn.logs):
         log.end = bound.end
     return h_out

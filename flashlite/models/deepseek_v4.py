@@ -192,7 +192,7 @@ class RoPE:
             interpolated = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
             inv_freq = interpolated * (np.float32(1) - extrapolation) + inv_freq * extrapolation
         self.inv_freq = inv_freq.astype(np.float32)
-        self._tables: dict[int, np.ndarray] = {}
+        self._tables: dict[tuple, tuple] = {}
 
     @staticmethod
     def correction_range(dim: int, base: float, original: int, beta_fast: float, beta_slow: float):
@@ -206,16 +206,23 @@ class RoPE:
         angles = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    def table(self, pos: int) -> np.ndarray:
-        """cos then sin at one position [rope_dim], as cos_sin computes them: made once per decode step for all
-        the layers that share this RoPE."""
-        t = self._tables.get(pos)
-        if t is None:
+    def step_tables(self, start: int, t: int, ratio: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A planned step's tables for the t tokens at positions start.. of a layer of compress ratio `ratio`: cos
+        then sin at each position [t, rope_dim], and at the first position of the compressed row each token closes
+        [t, rope_dim] (None when none closes; the rows of tokens that close none are not read). Made once per step
+        for all the layers that share this RoPE and ratio."""
+        key = (start, t, ratio)
+        tables = self._tables.get(key)
+        if tables is None:
             if len(self._tables) >= 8:
                 self._tables.clear()
-            cos, sin = self.cos_sin(np.array([pos]))
-            t = self._tables[pos] = np.concatenate([cos[0], sin[0]])
-        return t
+            positions = np.arange(start, start + t)
+            at_token = np.concatenate(self.cos_sin(positions), axis=1)
+            closing = (positions + 1) % ratio == 0 if ratio else None
+            at_row = np.concatenate(self.cos_sin(np.where(closing, positions + 1 - ratio, 0)), axis=1) \
+                if ratio and closing.any() else None
+            tables = self._tables[key] = (at_token, at_row)
+        return tables
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim]; inverse rotates by -angle."""
@@ -504,6 +511,12 @@ class MoE:
 
 # ---------------------------------------------------------------- model
 
+# A chunk of at most this many tokens (a decode step, the batch that verifies a draft, an MTP catch-up) runs the
+# backend's planned layer calls, token by token inside for attention and batched for the products; a longer one is
+# a prefill and runs op by op. Either gives a token the same bits.
+STEP_MAX_TOKENS = 16
+
+
 class Block:
     """Attention then MoE, each wrapped in its hyper-connection."""
 
@@ -515,7 +528,8 @@ class Block:
         self.attn, self.ffn = attn, ffn
         self.next: Block | None = None  # set when the experts of the next layer are prefetched from disk
         # The backend's plans of this block's sublayers (each with its hyper-connection) for one call each per
-        # decode step; None runs them op by op, as prefill always does. Transformer.use_fused_decode sets them.
+        # decode step or short batch; None runs them op by op, as prefill always does. Transformer.use_fused_decode
+        # sets them.
         self.attn_plan = self.ffn_plan = None
 
     def plan_attn(self):
@@ -538,14 +552,15 @@ class Block:
     def __call__(self, h, positions, token_ids, cache: LayerCache, dump: dict | None = None, causal: bool = True):
         """causal=False: attention without the causal mask (a DSpark block; one token sees the same rows either
         way, so a planned decode step ignores it)."""
-        step = h.shape[0] == 1 and OBSERVER is None  # a decode step: the backend's planned calls, where planned
+        t = h.shape[0]
+        # a decode step or a verified draft: the backend's planned calls, where planned
+        step = OBSERVER is None and (t == 1 or causal and t <= STEP_MAX_TOKENS)
         if step and self.attn_plan is not None:
-            pos, r, rope = int(positions[0]), self.attn.ratio, self.attn.rope
-            row = rope.table(pos + 1 - r) if r and (pos + 1) % r == 0 else None  # a compressed row closes
+            pos = int(positions[0])
+            cs_tok, cs_row = self.attn.rope.step_tables(pos, t, self.attn.ratio)
             if self.ffn_plan is not None and dump is None:
-                return backend.layer_step(self.attn_plan, self.ffn_plan, cache, pos, rope.table(pos), row, h,
-                                          token_ids)
-            h = backend.attn_step(self.attn_plan, cache, pos, rope.table(pos), row, h)
+                return backend.layer_step(self.attn_plan, self.ffn_plan, cache, pos, cs_tok, cs_row, h, token_ids)
+            h = backend.attn_step(self.attn_plan, cache, pos, cs_tok, cs_row, h)
         else:
             h = self.attn_sublayer(h, positions, cache, causal)
         if dump is not None:
@@ -646,8 +661,8 @@ class Transformer:
         self.use_fused_decode(True)
 
     def use_fused_decode(self, on: bool = True) -> None:
-        """Whether a decode step (one token) runs each block's attention and MoE sublayers as the backend's planned
-        calls, one for the whole layer (bitwise the same result as op by op; an offloaded layer that prefetches the
+        """Whether a decode step (or a chunk of up to STEP_MAX_TOKENS, such as a verified draft) runs each block's
+        attention and MoE sublayers as the backend's planned calls, one for the whole layer (bitwise the same result as op by op; an offloaded layer that prefetches the
         next one's experts runs its MoE op by op)."""
         for block in self.layers:
             block.attn_plan = block.plan_attn() if on else None

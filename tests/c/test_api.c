@@ -550,9 +550,10 @@ static void test_hadamard_and_indexer(void) {
 }
 
 /* fl_v4_attn over 12 positions of a ratio-4 layer with fp8 rows (compressor, indexer from position 8 on), in
- * logs the test owns: the rows land where they should, the output is finite; and the errors of a log without
- * room and of a closing window without its RoPE. Bitwise agreement with the Python definition is
- * tests/test_decode_step.py's. */
+ * logs the test owns: the rows land where they should, the output is finite, and batches of 5 and 7 tokens (windows
+ * closing inside them, the indexer starting inside the second) give the bits and the logs of one token at a time;
+ * and the errors of a log without room and of a closing window without its RoPE. Bitwise agreement with the Python
+ * definition is tests/test_decode_step.py's. */
 static void test_fused_attention(void) {
     enum { D = 32, HC = 2, H = 2, AHD = 80, RD = 16, QR = 32, G = 2, OR = 16, AWIN = 4, IH = 2, ID = 32, TOPK = 1,
            MIX = (2 + HC) * HC, POS = 12 };
@@ -560,12 +561,14 @@ static void test_fused_attention(void) {
     static float wq_a[QR * D], wq_b[H * AHD * QR], wkv[AHD * D], wo_a[G * OR * (H / G * AHD)], wo_b[D * G * OR];
     static float iq_b[IH * ID * QR], iproj[IH * D], ckv[2 * AHD * D], cgate[2 * AHD * D], cape[4 * 2 * AHD], cnorm[AHD];
     static float ikv[2 * ID * D], igate[2 * ID * D], iape[4 * 2 * ID], inorm[ID];
-    static float h[HC * D], h_out[HC * D], cs[RD];
+    static float hs[POS * HC * D], h_out[HC * D], cs[POS * RD], cs_rows[POS * RD];
+    static float one[POS * HC * D], batched[POS * HC * D];
+    float *h = hs;
     float *all[] = {hc_fn, hc_base, hc_scale, attn_norm, q_norm, kv_norm, sinks, wq_a, wq_b, wkv, wo_a, wo_b, iq_b,
-                    iproj, ckv, cgate, cape, cnorm, ikv, igate, iape, inorm, h, cs};
+                    iproj, ckv, cgate, cape, cnorm, ikv, igate, iape, inorm, hs, cs, cs_rows};
     int64_t counts[] = {MIX * HC * D, MIX, 3, D, QR, AHD, H, QR * D, H * AHD * QR, AHD * D, G * OR * (H / G * AHD),
                         D * G * OR, IH * ID * QR, IH * D, 2 * AHD * D, 2 * AHD * D, 4 * 2 * AHD, AHD, 2 * ID * D,
-                        2 * ID * D, 4 * 2 * ID, ID, HC * D, RD};
+                        2 * ID * D, 4 * 2 * ID, ID, POS * HC * D, POS * RD, POS * RD};
     for (int i = 0; i < (int)(sizeof(counts) / sizeof(counts[0])); i++) fill(all[i], counts[i], 0.3f);
     int64_t kv_bytes = fl_kv_row_bytes(FL_KV_FP8, AHD, RD), idx_bytes = fl_kv_row_bytes(FL_KV_FP4, ID, 0);
     struct fl_v4_attn p = {0};
@@ -583,48 +586,59 @@ static void test_fused_attention(void) {
                                        cnorm};
     p.icomp = (struct fl_v4_compressor){ID, 0, 1, 1, FL_KV_FP4, {FL_TYPE_F32, ikv}, {FL_TYPE_F32, igate}, iape,
                                         inorm};
-    uint8_t *kv = calloc(POS, (size_t)kv_bytes), *crows = calloc(POS, (size_t)kv_bytes);
-    uint8_t *irows = calloc(POS, (size_t)idx_bytes);
-    float *cstate = calloc(2 * POS * 2 * AHD, sizeof(float)), *istate = calloc(2 * POS * 2 * ID, sizeof(float));
-    struct fl_v4_attn_cache c = {{kv, 0, 0, POS},
-                                 {(uint8_t *)cstate, 0, 0, POS},
-                                 {(uint8_t *)(cstate + POS * 2 * AHD), 0, 0, POS},
-                                 {crows, 0, 0, POS},
-                                 {(uint8_t *)istate, 0, 0, POS},
-                                 {(uint8_t *)(istate + POS * 2 * ID), 0, 0, POS},
-                                 {irows, 0, 0, POS}};
+    /* two sets of logs: one filled a token at a time, one by batches */
+    size_t sizes[7] = {POS * (size_t)kv_bytes, 2 * POS * 2 * AHD * 4, 2 * POS * 2 * AHD * 4, POS * (size_t)kv_bytes,
+                       2 * POS * 2 * ID * 4, 2 * POS * 2 * ID * 4, POS * (size_t)idx_bytes};
+    uint8_t *logs[2][7];
+    struct fl_v4_attn_cache caches[2];
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < 7; i++) logs[k][i] = calloc(1, sizes[i]);
+        caches[k] = (struct fl_v4_attn_cache){{logs[k][0], 0, 0, POS}, {logs[k][1], 0, 0, POS},
+                                              {logs[k][2], 0, 0, POS}, {logs[k][3], 0, 0, POS},
+                                              {logs[k][4], 0, 0, POS}, {logs[k][5], 0, 0, POS},
+                                              {logs[k][6], 0, 0, POS}};
+    }
+    struct fl_v4_attn_cache c = caches[0];
     int finite = 1;
     for (int64_t pos = 0; pos < POS; pos++) {
-        CHECK(fl_v4_attn(&p, &c, pos, cs, cs, h, h_out) == FL_OK, "fl_v4_attn at %lld", (long long)pos);
-        for (int i = 0; i < HC * D; i++) finite &= isfinite(h_out[i]) != 0;
+        CHECK(fl_v4_attn(&p, &c, pos, 1, cs + pos * RD, cs_rows + pos * RD, hs + pos * HC * D,
+                         one + pos * HC * D) == FL_OK, "fl_v4_attn at %lld", (long long)pos);
+        for (int i = 0; i < HC * D; i++) finite &= isfinite(one[pos * HC * D + i]) != 0;
     }
     CHECK(finite, "fl_v4_attn gave a non-finite output");
     CHECK(c.kv.end == POS && c.ckv.end == POS && c.cscore.end == POS && c.crows.end == POS / 4 &&
               c.irows.end == POS / 4,
           "log ends %lld %lld %lld %lld", (long long)c.kv.end, (long long)c.ckv.end, (long long)c.crows.end,
           (long long)c.irows.end);
-    CHECK(fl_v4_attn(&p, &c, POS, cs, cs, h, h_out) == FL_EINVAL, "a log without room accepted");
+    struct fl_v4_attn_cache cb = caches[1];
+    CHECK(fl_v4_attn(&p, &cb, 0, 5, cs, cs_rows, hs, batched) == FL_OK &&
+              fl_v4_attn(&p, &cb, 5, 7, cs + 5 * RD, cs_rows + 5 * RD, hs + 5 * HC * D, batched + 5 * HC * D) == FL_OK,
+          "fl_v4_attn on batches failed");
+    CHECK(memcmp(batched, one, sizeof one) == 0, "batches of 5 and 7 tokens differ from one token at a time");
+    CHECK(cb.kv.end == c.kv.end && cb.ckv.end == c.ckv.end && cb.crows.end == c.crows.end &&
+              cb.irows.end == c.irows.end, "batched log ends differ");
+    for (int i = 0; i < 7; i++) CHECK(memcmp(logs[0][i], logs[1][i], sizes[i]) == 0, "batched log %d differs", i);
+    CHECK(fl_v4_attn(&p, &c, POS, 1, cs, cs, h, h_out) == FL_EINVAL, "a log without room accepted");
+    CHECK(fl_v4_attn(&p, &c, POS - 1, 0, cs, cs, h, h_out) == FL_EINVAL, "an empty batch accepted");
     /* a whole layer: the attention step, then the MoE sublayer on its result */
     static float mid[HC * D], want[HC * D];
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
     c.crows.end = c.irows.end = (POS - 2) / 4;
     int64_t token = 3;
-    CHECK(fl_v4_attn(&p, &c, POS - 2, cs, cs, h, mid) == FL_OK && fl_v4_ffn(&layer_ffn, 1, mid, &token, want) == FL_OK,
+    CHECK(fl_v4_attn(&p, &c, POS - 2, 1, cs, cs, h, mid) == FL_OK &&
+              fl_v4_ffn(&layer_ffn, 1, mid, &token, want) == FL_OK,
           "the layer's two sublayers failed");
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 2;
-    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, token, cs, cs, h, h_out) == FL_OK &&
+    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, 1, &token, cs, cs, h, h_out) == FL_OK &&
               memcmp(h_out, want, sizeof want) == 0,
           "fl_v4_layer differs from fl_v4_attn then fl_v4_ffn");
-    CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
+    CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, 1, &token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
     c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
     c.crows.end = c.irows.end = (POS - 1) / 4;
-    CHECK(fl_v4_attn(&p, &c, POS - 1, cs, NULL, h, h_out) == FL_EINVAL, "a closing window without its RoPE");
-    free(kv);
-    free(crows);
-    free(irows);
-    free(cstate);
-    free(istate);
+    CHECK(fl_v4_attn(&p, &c, POS - 1, 1, cs, NULL, h, h_out) == FL_EINVAL, "a closing window without its RoPE");
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < 7; i++) free(logs[k][i]);
 }
 
 int main(void) {
