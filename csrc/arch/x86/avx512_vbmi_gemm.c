@@ -1,0 +1,225 @@
+/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
+ * bitwise its decode kernel's dot (avx512_vbmi.c).
+ *
+ * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
+ * (vpmaddubsw, vpdpwssd) per 64 products plus the float steps of every superblock; four tokens at a time share
+ * the weight work but not that. Here the lanes of a vector are FL_PANEL tokens instead: one vpdpbusd multiplies
+ * four quants of one row, broadcast from an L1 buffer of unpacked weights, by the same four activations of each of
+ * 16 tokens (the panel, interleaved once per call), so one instruction makes 64 products, each activation vector
+ * serves ROWS rows, and a sub-block's scale is applied once for 16 tokens (vpmulld), the float steps likewise.
+ * The integer sum of a superblock is exact in any order, and the float steps are the decode dot's (vbmi_ksb.h),
+ * so the results are the decode dot's bits. */
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi")
+#include <immintrin.h>
+#include <string.h>
+#include "kernels.h"
+#include "simd.h"
+#include "vbmi_ksb.h"
+
+#define STEP static inline __attribute__((always_inline))
+/* rows whose accumulators a kernel keeps in registers, two vectors each (a sub-block's sum and the superblock's) */
+#define ROWS 8
+
+/* A superblock of a panel: dword j of y[j] holds bytes 4j..4j+3 of each token's prepared quants (struct q8k_sb's
+ * q, flat), word pairs of its activation sums meet the weights' min (or scale) pairs, and d is each token's scale. */
+struct panel_sb {
+    int32_t y[64][FL_PANEL];
+    int32_t sums[8][FL_PANEL];
+    float d[FL_PANEL];
+};
+
+static size_t panel_bytes(int64_t k) {
+    return (size_t)(k / QK_K) * sizeof(struct panel_sb);
+}
+
+/* the activation sums a format's weights meet, as word pairs: Q4_K's and Q5_K's 32-sub-block sums (words 8..15 of
+ * struct q8k_sb's sums, four pairs), Q6_K's negated 16-sub-block sums (all sixteen words, eight pairs) */
+static void pack_sb(const struct q8k_sb *sb, struct panel_sb *p, int lane, int first_sum, int pairs) {
+    int32_t q[64];
+    memcpy(q, sb->q, sizeof(q));
+    for (int j = 0; j < 64; j++)
+        p->y[j][lane] = q[j];
+    for (int j = 0; j < pairs; j++)
+        p->sums[j][lane] = (int32_t)((uint16_t)sb->sums[first_sum + 2 * j] | (uint32_t)(uint16_t)sb->sums[first_sum + 2 * j + 1] << 16);
+    p->d[lane] = sb->d;
+}
+
+static void pack_nibbles(int64_t k, const void *prepared, void *panel, int lane) {
+    for (int64_t i = 0; i < k / QK_K; i++)
+        pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 8, 4);
+}
+
+static void pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
+    for (int64_t i = 0; i < k / QK_K; i++)
+        pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 0, 8);
+}
+
+/* A superblock of one weight row, unpacked: its quants in the order of struct q8k_sb's q (values >= 0), the scale of
+ * each run of 32 (Q4_K, Q5_K) or 16 (Q6_K) of them, the word pairs that meet the panel's sums, d and dmin. */
+struct weights_sb {
+    uint8_t q[256];
+    int32_t scale[16];
+    int32_t pairs[8];
+    float d, dmin;
+};
+
+static void unpack_nibbles(const void *head, const __m512i q[4], struct weights_sb *w) {
+    for (int c = 0; c < 4; c++)
+        _mm512_storeu_si512(w->q + 64 * c, q[c]);
+    uint8_t sm[16]; /* sc0..7, m0..7 */
+    _mm_storeu_si128((__m128i *)sm, unpack_scales_mins((const uint8_t *)head + 4));
+    for (int c = 0; c < 4; c++)
+        for (int h = 0; h < 2; h++)
+            w->scale[2 * c + h] = sm[NIBBLE_SUB(c, h)];
+    for (int j = 0; j < 4; j++)
+        w->pairs[j] = sm[8 + 2 * j] | sm[9 + 2 * j] << 16;
+    const fl_half *dm = head;
+    w->d = _cvtsh_ss(dm[0]);
+    w->dmin = _cvtsh_ss(dm[1]);
+}
+
+static void unpack_q4_K(const void *row, int64_t i, struct weights_sb *w) {
+    const block_q4_K *x = (const block_q4_K *)row + i;
+    __m512i q[4];
+    nibble_quants(x->qs, q);
+    unpack_nibbles(x, q, w);
+}
+
+static void unpack_q5_K(const void *row, int64_t i, struct weights_sb *w) {
+    const block_q5_K *x = (const block_q5_K *)row + i;
+    __m512i q[4];
+    nibble_quants(x->qs, q);
+    add_fifth_bits(x->qh, q);
+    unpack_nibbles(x, q, w);
+}
+
+static void unpack_q6_K(const void *row, int64_t i, struct weights_sb *w) {
+    const block_q6_K *x = (const block_q6_K *)row + i;
+    __m512i q[4];
+    q6_K_quants(x, q);
+    for (int c = 0; c < 4; c++) {
+        _mm512_storeu_si512(w->q + 64 * c, q[c]);
+        for (int l = 0; l < 4; l++)
+            w->scale[4 * c + l] = x->scales[BIT_PAIR_SUB(c, l)];
+    }
+    for (int j = 0; j < 8; j++)
+        w->pairs[j] = (uint16_t)(int16_t)x->scales[2 * j] | (uint32_t)(uint16_t)(int16_t)x->scales[2 * j + 1] << 16;
+    w->d = _cvtsh_ss(x->d);
+    w->dmin = 0.0f;
+}
+
+/* The exact integer sums of superblock p of `rows` weight rows w[r] with the panel's 16 tokens: each run of `run`
+ * quants (32 or 16) summed by vpdpbusd, times its scale, added up; plus the pairs (mins, or Q6_K's scales) times
+ * the activation sums, into sums[r] (Q6_K: shifted left by 5, the offset 32 of its quants, into the main sum). */
+STEP void sb_sums(int rows, int run, int n_pairs, int offset_shift, const struct weights_sb *w,
+                  const struct panel_sb *p, __m512i main[ROWS], __m512i pairs[ROWS]) {
+    for (int r = 0; r < rows; r++)
+        main[r] = pairs[r] = _mm512_setzero_si512();
+    for (int s = 0; s < 256 / run; s++) {
+        __m512i part[ROWS];
+        for (int r = 0; r < rows; r++)
+            part[r] = _mm512_setzero_si512();
+        for (int j = s * run / 4; j < (s + 1) * run / 4; j++) {
+            const __m512i y = _mm512_load_si512(p->y[j]);
+            for (int r = 0; r < rows; r++) {
+                int32_t q4;
+                memcpy(&q4, w[r].q + 4 * j, sizeof(q4));
+                part[r] = _mm512_dpbusd_epi32(part[r], _mm512_set1_epi32(q4), y);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            main[r] = _mm512_add_epi32(main[r], _mm512_mullo_epi32(part[r], _mm512_set1_epi32(w[r].scale[s])));
+    }
+    for (int j = 0; j < n_pairs; j++) {
+        const __m512i sums = _mm512_load_si512(p->sums[j]);
+        for (int r = 0; r < rows; r++)
+            pairs[r] = _mm512_dpwssd_epi32(pairs[r], _mm512_set1_epi32(w[r].pairs[j]), sums);
+    }
+    if (offset_shift)
+        for (int r = 0; r < rows; r++) {
+            main[r] = _mm512_add_epi32(main[r], _mm512_slli_epi32(pairs[r], offset_shift));
+            pairs[r] = _mm512_setzero_si512();
+        }
+}
+
+/* The decode dot's float steps (vbmi_ksb.h) for `rows` rows and a panel's tokens: acc[r] (dmin sums in acc_m[r]). */
+STEP void sb_floats(int rows, const struct weights_sb *w, const struct panel_sb *p, const __m512i main[ROWS],
+                    const __m512i pairs[ROWS], float *acc, float *acc_m, int64_t stride, int with_mins) {
+    const __m512 yd = _mm512_load_ps(p->d);
+    for (int r = 0; r < rows; r++) {
+        __m512 a = _mm512_loadu_ps(acc + r * stride);
+        a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(w[r].d), yd), _mm512_cvtepi32_ps(main[r]), a);
+        _mm512_storeu_ps(acc + r * stride, a);
+        if (with_mins) {
+            __m512 m = _mm512_loadu_ps(acc_m + r * stride);
+            m = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(w[r].dmin), yd), _mm512_cvtepi32_ps(pairs[r]), m);
+            _mm512_storeu_ps(acc_m + r * stride, m);
+        }
+    }
+}
+
+typedef void (*unpack_fn)(const void *row, int64_t i, struct weights_sb *w);
+
+/* `rows` (<= ROWS) rows by the tokens of n_panels panels: superblock by superblock, the rows' weights unpacked once
+ * into L1 and run against every panel, the running float sums in acc[r * stride + t] (and acc_m). */
+STEP void row_block(int rows, int64_t k, const uint8_t *w, size_t w_row, const struct panel_sb *panels,
+                    int64_t n_panels, float *acc, float *acc_m, int64_t stride, unpack_fn unpack, int run,
+                    int n_pairs, int offset_shift) {
+    const int64_t n_sb = k / QK_K;
+    struct weights_sb ws[ROWS];
+    for (int64_t i = 0; i < n_sb; i++) {
+        for (int r = 0; r < rows; r++)
+            unpack(w + r * w_row, i, &ws[r]);
+        for (int64_t pn = 0; pn < n_panels; pn++) {
+            __m512i main[ROWS], pairs[ROWS];
+            sb_sums(rows, run, n_pairs, offset_shift, ws, panels + pn * n_sb + i, main, pairs);
+            sb_floats(rows, ws, panels + pn * n_sb + i, main, pairs, acc + pn * FL_PANEL, acc_m + pn * FL_PANEL,
+                      stride, !offset_shift);
+        }
+    }
+}
+
+STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                   float *y, int64_t y_stride, unpack_fn unpack, int run, int n_pairs, int offset_shift) {
+    const int64_t n_panels = (n_tok + FL_PANEL - 1) / FL_PANEL, stride = n_panels * FL_PANEL;
+    float acc[ROWS * FL_GEMM_TOKENS], acc_m[ROWS * FL_GEMM_TOKENS];
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        int n = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+        memset(acc, 0, sizeof(float) * (size_t)(n * stride));
+        memset(acc_m, 0, sizeof(float) * (size_t)(n * stride));
+        const uint8_t *wr = (const uint8_t *)w + r0 * w_row;
+        /* a constant row count per call, so the kernel's accumulators stay in registers */
+        switch (n) {
+#define ROW_CASE(R)                                                                                                  \
+    case R:                                                                                                          \
+        row_block(R, k, wr, w_row, panels, n_panels, acc, acc_m, stride, unpack, run, n_pairs, offset_shift);        \
+        break;
+            ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
+#undef ROW_CASE
+        }
+        for (int r = 0; r < n; r++)
+            for (int64_t t = 0; t < n_tok; t++)
+                y[t * y_stride + r0 + r] = acc[r * stride + t] - acc_m[r * stride + t];
+    }
+}
+
+static void run_q4_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q4_K, 32, 4, 0);
+}
+
+static void run_q5_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q5_K, 32, 4, 0);
+}
+
+static void run_q6_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 16, 8, 5);
+}
+
+const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
+const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
+const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};
+#endif

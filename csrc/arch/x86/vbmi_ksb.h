@@ -1,0 +1,82 @@
+/* vbmi_ksb.h: what the k-quant decode kernels (avx512_vbmi.c) and their prefill kernels (avx512_vbmi_gemm.c)
+ * share: the layout of a prepared Q8_K superblock of activations and the unpacking of a superblock of weights into
+ * the quant vectors that meet it, so that both multiply the same bytes. Include after the target pragma. */
+#ifndef FLASHLITE_VBMI_KSB_H
+#define FLASHLITE_VBMI_KSB_H
+#include <immintrin.h>
+#include <stdint.h>
+#include "quants.h"
+
+/* One superblock of activations, regrouped to meet the k-quants' quant bytes: q[c] holds what one 64-byte
+ * vector of a block's quants multiplies, two sub-blocks of 32 (numbered 0..7) in its two 256-bit halves, in
+ * one of two orders:
+ * - NIBBLES (Q4_K, Q5_K): the low (c even) or high (c odd) nibbles of quant bytes 64*(c/2) .. +63, i.e.
+ *   sub-blocks (c/2)*4 + c%2 and +2; sums holds 0 in words 0..7, then the sum of each 32-sub-block (it meets
+ *   the mins);
+ * - BIT_PAIRS (Q2_K, Q3_K, Q6_K): bits 2c, 2c+1 of 64 quant bytes that hold four 2-bit fields each, i.e.
+ *   sub-blocks c and c + 4; sums holds minus the sum of each 16-sub-block, minus Q8_K's bsums (it meets the
+ *   mins, or undoes an offset as the seed of the sums it is subtracted from). */
+enum q8k_order { NIBBLES, BIT_PAIRS };
+
+struct q8k_sb {
+    int8_t q[4][64];
+    int16_t sums[16];
+    float d;
+    uint8_t pad[28];
+};
+
+/* the 32-sub-block of the 32 bytes h (0, 1) of vector c in the nibble order */
+#define NIBBLE_SUB(c, h) (((c) / 2) * 4 + (c) % 2 + 2 * (h))
+/* the 16-sub-block of 128-bit lane k of vector c in the bit-pair order */
+#define BIT_PAIR_SUB(c, k) (2 * (c) + (k) % 2 + 8 * ((k) / 2))
+
+/* the 12 bytes of 6-bit scales and mins -> bytes sc0..sc7, m0..m7 (fl_get_scale_min_k4, 4 at a time) */
+static inline __m128i unpack_scales_mins(const uint8_t *packed) {
+    __m128i t = _mm_loadu_si128((const __m128i *)packed); /* dwords w0 w1 w2 (+ 4 quant bytes, unused) */
+    __m128i u = _mm_srlv_epi32(_mm_shuffle_epi32(t, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    __m128i low = _mm_and_si128(u, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    __m128i top = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(t, 6), _mm_set1_epi32(0x03030303)), 4);
+    return _mm_or_si128(low, _mm_maskz_shuffle_epi32(0xA, top, _MM_SHUFFLE(1, 1, 0, 0)));
+}
+
+/* Q4_K's and Q5_K's 128 quant bytes as the nibble order's four vectors, values 0..15 */
+static inline __attribute__((always_inline)) void nibble_quants(const uint8_t *qs, __m512i q[4]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
+    q[0] = _mm512_and_si512(z0, m4);
+    q[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), m4);
+    q[2] = _mm512_and_si512(z1, m4);
+    q[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), m4);
+}
+
+/* Q5_K: plus 16 where the fifth bit is set, its 32 qh bytes broadcast to both halves of a zmm and tested for the
+ * bit each vector's half needs (values 0..31) */
+static inline __attribute__((always_inline)) void add_fifth_bits(const uint8_t *qh, __m512i q[4]) {
+    __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+    for (int c = 0; c < 4; c++) {
+        __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << NIBBLE_SUB(c, 0))),
+                                         _mm256_set1_epi8((char)(1 << NIBBLE_SUB(c, 1))), 1);
+        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(h, bit), q[c], _mm512_set1_epi8(16));
+    }
+}
+
+/* Q6_K, values 0..63: ql's low nibbles of bytes 0..31 and 64..95 (a), 32..63 and 96..127 (b) are values 0..31 and
+ * 128..159, 32.. and 160..; their high nibbles values 64.., 192.. and 96.., 224..: the bit-pair order, with qh's
+ * fields as the top two bits */
+static inline __attribute__((always_inline)) void q6_K_quants(const block_q6_K *x, __m512i q[4]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    __m512i z0 = _mm512_loadu_si512(x->ql), z1 = _mm512_loadu_si512(x->ql + 64), h = _mm512_loadu_si512(x->qh);
+    __m512i a = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(1, 0, 1, 0)), b = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(3, 2, 3, 2));
+    /* (low bits) | (qh's field, moved to bits 4-5) */
+    q[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, m4), _mm512_slli_epi16(h, 4), m30, 0xF8);
+    q[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(b, m4), _mm512_slli_epi16(h, 2), m30, 0xF8);
+    q[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), m4), h, m30, 0xF8);
+    q[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), m4), _mm512_srli_epi16(h, 2), m30, 0xF8);
+}
+
+/* The float steps of the k-quant dots (Q4_K, Q5_K, Q6_K), which their decode and prefill kernels both take so
+ * that they round alike: per superblock, its exact integer sum (Q4_K, Q5_K: and its min-weighted activation sum)
+ * converted to float, times (the weight's d (dmin) times the activation's d), added to the row's running sum
+ * (running min sum) by one FMA each; the dot is the running sum minus the running min sum. */
+
+#endif
