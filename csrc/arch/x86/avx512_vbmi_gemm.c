@@ -120,7 +120,9 @@ STEP void sb_sums(int rows, int run, int n_pairs, int offset_shift, const struct
         __m512i part[ROWS];
         for (int r = 0; r < rows; r++)
             part[r] = _mm512_setzero_si512();
-        for (int j = s * run / 4; j < (s + 1) * run / 4; j++) {
+#pragma GCC unroll 8
+        for (int jj = 0; jj < run / 4; jj++) {
+            const int j = s * run / 4 + jj;
             const __m512i y = _mm512_load_si512(p->y[j]);
             for (int r = 0; r < rows; r++) {
                 int32_t q4;
