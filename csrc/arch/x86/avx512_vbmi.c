@@ -18,7 +18,7 @@
 #include "quant_generic.h"
 #include "simd.h"
 #include "vbmi_rows.h"
-#include "vbmi_ksb.h"
+#include "vbmi_layouts.h"
 
 static inline __mmask64 first_bytes(int64_t n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
@@ -27,19 +27,8 @@ static inline __mmask64 first_bytes(int64_t n) {
 /* ROW_DOTS (vbmi_rows.h) makes each format's one-row and four-row dots from its step: reading four rows at once
  * took MXFP4 decode from memory 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b. */
 
-/* ---------------------------------------------------------------- Q8_0 activations, four blocks a group */
-#define GROUP 4
-
-/* lane b of every vector belongs to block b of the group; a missing block (past the row) is all zeros */
-struct q8_group {
-    int8_t lo[64]; /* elements 0..15 of each block */
-    int8_t hi[64]; /* elements 16..31 */
-    float d[16];   /* the block's scale, times the weight format's own factor, in all four dwords */
-    union {
-        int32_t base[16]; /* Q8_0: -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
-        float s[16];      /* Q8_1: the block's s, d * (sum of its quants) rounded to fp16, in the first dword */
-    };
-};
+/* ---------------------------------------------------------------- Q8_0 activations, four blocks a group
+ * (struct q8_group: vbmi_layouts.h) */
 
 static size_t q8_group_bytes(int64_t k) {
     return (size_t)((k / QK8_0 + GROUP - 1) / GROUP) * sizeof(struct q8_group);
@@ -116,17 +105,20 @@ static const uint8_t q8_lo_from_0[64] = {L16(2), L16(36), L16(70), L16(104)};  /
 static const uint8_t q8_hi_from_18[64] = {L16(0), L16(34), L16(68), L16(102)}; /* of bytes 18..145 */
 static const uint8_t q8_d_from_0[64] = {D8(0), D8(34), D8(68), D8(102)};       /* words 4b..4b+3 = d_b */
 
-/* two accumulators, even and odd groups, for two FMA chains */
-struct acc2 {
-    __m512 acc[2];
+/* Q8_0 and MXFP4: one running sum per block position of a group, in the dwords of its lane (vbmi_layouts.h) */
+struct block_sums {
+    __m512 acc;
 };
 
-STEP struct acc2 acc2_init(void) { return (struct acc2){{_mm512_setzero_ps(), _mm512_setzero_ps()}}; }
+STEP struct block_sums block_sums_init(void) { return (struct block_sums){_mm512_setzero_ps()}; }
 
-STEP float acc2_finish(const struct acc2 *st) { return _mm512_reduce_add_ps(_mm512_add_ps(st->acc[0], st->acc[1])); }
+STEP float block_sums_finish(const struct block_sums *st) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, st->acc);
+    return (lanes[0] + lanes[4]) + (lanes[8] + lanes[12]);
+}
 
-/* one accumulator: the formats below index no array by the step (GCC keeps acc2 on the stack, acc[g & 1]) and
- * four rows already give the four-row dot four FMA chains */
+/* one accumulator: four rows already give the four-row dot four FMA chains */
 struct acc1 {
     __m512 acc;
 };
@@ -144,8 +136,8 @@ STEP struct q8_0_consts dot_q8_0_groups_consts(void) {
                                 _mm512_loadu_si512(q8_d_from_0), _mm512_set1_epi8((char)0x80)};
 }
 
-#define dot_q8_0_groups_init acc2_init
-#define dot_q8_0_groups_finish acc2_finish
+#define dot_q8_0_groups_init block_sums_init
+#define dot_q8_0_groups_finish block_sums_finish
 
 STEP int64_t q8_0_groups(int64_t n) { return (n / QK8_0 + GROUP - 1) / GROUP; }
 
@@ -158,11 +150,14 @@ struct q8_weights {
 
 /* the activation half of a step on a group of Q8_0 activations, shared by the formats whose weights come to
  * struct q8_weights (a four-token dot computes the weight half once for its four tokens) */
-STEP void q8_group_acc(struct acc2 *st, const struct q8_weights *w, int64_t g, const void *vy) {
+STEP void q8_group_acc(struct block_sums *st, const struct q8_weights *w, int64_t g, const void *vy) {
     const struct q8_group *y = (const struct q8_group *)vy + g;
     __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), w->lo, _mm512_loadu_si512(y->lo));
     sum = _mm512_dpbusd_epi32(sum, w->hi, _mm512_loadu_si512(y->hi));
-    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w->d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    /* each block's total in all four dwords of its lane */
+    sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, _MM_PERM_BADC));
+    sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, _MM_PERM_CDAB));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w->d, _mm512_loadu_ps(y->d)), st->acc);
 }
 
 STEP struct q8_weights dot_q8_0_groups_weights(const void *vx, int64_t g, int64_t n, const struct q8_0_consts *k) {
@@ -186,13 +181,13 @@ STEP struct q8_weights dot_q8_0_groups_weights(const void *vx, int64_t g, int64_
                                _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, k->idx_d, b)))};
 }
 
-STEP void dot_q8_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q8_0_groups_step(struct block_sums *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct q8_0_consts *k) {
     struct q8_weights w = dot_q8_0_groups_weights(vx, g, n, k);
     q8_group_acc(st, &w, g, vy);
 }
 
-ROW_DOTS_SPLIT(dot_q8_0_groups, struct q8_0_consts, struct acc2, q8_0_groups, struct q8_weights, q8_group_acc)
+ROW_DOTS_SPLIT(dot_q8_0_groups, struct q8_0_consts, struct block_sums, q8_0_groups, struct q8_weights, q8_group_acc)
 
 /* MXFP4 weights, 17 bytes a block (e8m0 exponent, 16 bytes of nibbles) */
 static const uint8_t mx_q_from_0[64] = {L16(1), L16(18), L16(35)};
@@ -212,8 +207,8 @@ STEP struct mxfp4_consts dot_mxfp4_groups_consts(void) {
                                  _mm512_loadu_si512(mx_q_from_0), _mm512_loadu_si512(mx_e_from_0)};
 }
 
-#define dot_mxfp4_groups_init acc2_init
-#define dot_mxfp4_groups_finish acc2_finish
+#define dot_mxfp4_groups_init block_sums_init
+#define dot_mxfp4_groups_finish block_sums_finish
 
 STEP int64_t mxfp4_groups(int64_t n) { return (n / QK_MXFP4 + GROUP - 1) / GROUP; }
 
@@ -241,13 +236,31 @@ STEP struct q8_weights dot_mxfp4_groups_weights(const void *vx, int64_t g, int64
                                    _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, c->idx_e, a), 23))};
 }
 
-STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_mxfp4_groups_step(struct block_sums *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct mxfp4_consts *c) {
     struct q8_weights w = dot_mxfp4_groups_weights(vx, g, n, c);
     q8_group_acc(st, &w, g, vy);
 }
 
-ROW_DOTS_SPLIT(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups, struct q8_weights, q8_group_acc)
+ROW_DOTS_SPLIT(dot_mxfp4_groups, struct mxfp4_consts, struct block_sums, mxfp4_groups, struct q8_weights, q8_group_acc)
+
+STEP void store_q8_weights(const struct q8_weights *w, struct q8_group_weights *out) {
+    _mm512_storeu_si512(out->lo, w->lo);
+    _mm512_storeu_si512(out->hi, w->hi);
+    _mm512_storeu_ps(out->d, w->d);
+}
+
+void fl_vbmi_q8_0_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out) {
+    const struct q8_0_consts c = dot_q8_0_groups_consts();
+    const struct q8_weights w = dot_q8_0_groups_weights(row, g, n, &c);
+    store_q8_weights(&w, out);
+}
+
+void fl_vbmi_mxfp4_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out) {
+    const struct mxfp4_consts c = dot_mxfp4_groups_consts();
+    const struct q8_weights w = dot_mxfp4_groups_weights(row, g, n, &c);
+    store_q8_weights(&w, out);
+}
 
 /* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups
  * Their quants are gathered four blocks to a zmm as Q8_0's are, low nibbles against lo and high nibbles against
@@ -527,9 +540,9 @@ STEP void floats_in_memory(float dst[4], __m128 v) {
 }
 
 /* ---------------------------------------------------------------- Q4_K and Q5_K, the nibble order
- * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set (vbmi_ksb.h). Both apply the
+ * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set (vbmi_layouts.h). Both apply the
  * 6-bit scales with vpdpwssd and meet the mins with the activation's sums in one vpmaddwd; a superblock's sums
- * are added up to one integer each and scaled in floats as vbmi_ksb.h says, as the prefill kernels do. */
+ * are added up to one integer each and scaled in floats as vbmi_layouts.h says, as the prefill kernels do. */
 
 struct q4_K_consts {
     __m512i pick[4]; /* per quant vector c: the scale of its first sub-block in words 0..15, the second's in 16..31 */
@@ -545,7 +558,7 @@ STEP struct q4_K_consts dot_q4_K_sb_consts(void) {
 
 #define dot_q5_K_sb_consts dot_q4_K_sb_consts
 
-/* the running sums of a k-quant dot (vbmi_ksb.h): d-scaled in lane 0, dmin-scaled in lane 1 */
+/* the running sums of a k-quant dot (vbmi_layouts.h): d-scaled in lane 0, dmin-scaled in lane 1 */
 struct ksb_state {
     __m128 acc;
 };
@@ -788,7 +801,7 @@ STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int
     st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[1]), _mm512_cvtepi32_ps(sumi), st->acc);
 }
 
-/* Q6_K (quants: vbmi_ksb.h): a superblock's sums added up to one integer and scaled in floats as vbmi_ksb.h says */
+/* Q6_K (quants: vbmi_layouts.h): a superblock's sums added up to one integer and scaled in floats as vbmi_layouts.h says */
 STEP void dot_q6_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
     (void)n;
@@ -811,9 +824,9 @@ ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
 ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4,
-                                                    dot_q8_0_groups_t4};
+                                                    dot_q8_0_groups_t4, &fl_gemm_q8_0_vbmi};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups, dot_mxfp4_groups_x4,
-                                                     dot_mxfp4_groups_t4};
+                                                     dot_mxfp4_groups_t4, &fl_gemm_mxfp4_vbmi};
 static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4,
                                                     dot_q4_K_sb_t4, &fl_gemm_q4_K_vbmi};
 static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,

@@ -1,4 +1,4 @@
-/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
+/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
  * bitwise its decode kernel's dot (avx512_vbmi.c).
  *
  * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
@@ -7,7 +7,7 @@
  * four quants of one row, broadcast from an L1 buffer of unpacked weights, by the same four activations of each of
  * 16 tokens (the panel, interleaved once per call), so one instruction makes 64 products, each activation vector
  * serves ROWS rows, and a sub-block's scale is applied once for 16 tokens (vpmulld), the float steps likewise.
- * The integer sum of a superblock is exact in any order, and the float steps are the decode dot's (vbmi_ksb.h),
+ * The integer sum of a superblock is exact in any order, and the float steps are the decode dot's (vbmi_layouts.h),
  * so the results are the decode dot's bits. */
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi")
@@ -15,7 +15,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "simd.h"
-#include "vbmi_ksb.h"
+#include "vbmi_layouts.h"
 
 #define STEP static inline __attribute__((always_inline))
 /* rows whose accumulators a kernel keeps in registers, two vectors each (a sub-block's sum and the superblock's) */
@@ -145,7 +145,7 @@ STEP void sb_sums(int rows, int run, int n_pairs, int offset_shift, const struct
         }
 }
 
-/* The decode dot's float steps (vbmi_ksb.h) for `rows` rows and a panel's tokens: acc[r] (dmin sums in acc_m[r]). */
+/* The decode dot's float steps (vbmi_layouts.h) for `rows` rows and a panel's tokens: acc[r] (dmin sums in acc_m[r]). */
 STEP void sb_floats(int rows, const struct weights_sb *w, const struct panel_sb *p, const __m512i main[ROWS],
                     const __m512i pairs[ROWS], float *acc, float *acc_m, int64_t stride, int with_mins) {
     const __m512 yd = _mm512_load_ps(p->d);
@@ -221,6 +221,116 @@ static void run_q6_K(int64_t k, const void *w, size_t w_row, int64_t rows, const
     run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 16, 8, 5);
 }
 
+/* ---------------------------------------------------------------- Q8_0 and MXFP4 on Q8_0 activations */
+
+/* A group of four blocks of a panel: dword j of lo[j] (hi[j]) holds bytes 4j..4j+3 of each token's struct q8_group
+ * lo (hi), so that lo[4b..4b+3] and hi[4b..4b+3] are block b; base[b] seeds block b's sums, d[b] is its scale. */
+struct panel_group {
+    int32_t lo[16][FL_PANEL], hi[16][FL_PANEL];
+    int32_t base[GROUP][FL_PANEL];
+    float d[GROUP][FL_PANEL];
+};
+
+static size_t group_panel_bytes(int64_t k) {
+    return (size_t)((k / QK8_0 + GROUP - 1) / GROUP) * sizeof(struct panel_group);
+}
+
+static void pack_groups(int64_t k, const void *prepared, void *panel, int lane) {
+    for (int64_t g = 0; g < (k / QK8_0 + GROUP - 1) / GROUP; g++) {
+        const struct q8_group *y = (const struct q8_group *)prepared + g;
+        struct panel_group *p = (struct panel_group *)panel + g;
+        int32_t lo[16], hi[16];
+        memcpy(lo, y->lo, sizeof(lo));
+        memcpy(hi, y->hi, sizeof(hi));
+        for (int j = 0; j < 16; j++) {
+            p->lo[j][lane] = lo[j];
+            p->hi[j][lane] = hi[j];
+        }
+        for (int b = 0; b < GROUP; b++) {
+            p->base[b][lane] = y->base[4 * b];
+            p->d[b][lane] = y->d[4 * b];
+        }
+    }
+}
+
+typedef void (*group_fn)(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
+
+/* group g of `rows` rows by a panel: acc[(r * GROUP + b) * stride + t] are the running sums of block position b */
+STEP void group_step(int rows, const struct q8_group_weights *w, const struct panel_group *p, float *acc,
+                     int64_t stride) {
+    for (int b = 0; b < GROUP; b++) {
+        __m512i part[ROWS];
+        for (int r = 0; r < rows; r++)
+            part[r] = _mm512_load_si512(p->base[b]);
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; jj++) {
+            const int j = 4 * b + jj;
+            const __m512i lo = _mm512_load_si512(p->lo[j]), hi = _mm512_load_si512(p->hi[j]);
+            for (int r = 0; r < rows; r++) {
+                int32_t q_lo, q_hi;
+                memcpy(&q_lo, w[r].lo + 4 * j, sizeof(q_lo));
+                memcpy(&q_hi, w[r].hi + 4 * j, sizeof(q_hi));
+                part[r] = _mm512_dpbusd_epi32(part[r], _mm512_set1_epi32(q_lo), lo);
+                part[r] = _mm512_dpbusd_epi32(part[r], _mm512_set1_epi32(q_hi), hi);
+            }
+        }
+        const __m512 yd = _mm512_load_ps(p->d[b]);
+        for (int r = 0; r < rows; r++) {
+            float *a = acc + (r * GROUP + b) * stride;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r]), _mm512_mul_ps(_mm512_set1_ps(w[r].d[4 * b]), yd),
+                                                _mm512_loadu_ps(a)));
+        }
+    }
+}
+
+STEP void group_rows(int rows, int64_t k, const uint8_t *w, size_t w_row, const struct panel_group *panels,
+                     int64_t n_panels, float *acc, int64_t stride, group_fn unpack) {
+    const int64_t n_groups = (k / QK8_0 + GROUP - 1) / GROUP;
+    struct q8_group_weights ws[ROWS];
+    for (int64_t g = 0; g < n_groups; g++) {
+        for (int r = 0; r < rows; r++)
+            unpack(w + r * w_row, g, k, &ws[r]);
+        for (int64_t pn = 0; pn < n_panels; pn++)
+            group_step(rows, ws, panels + pn * n_groups + g, acc + pn * FL_PANEL, stride);
+    }
+}
+
+static void run_groups(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                       float *y, int64_t y_stride, group_fn unpack) {
+    const int64_t n_panels = (n_tok + FL_PANEL - 1) / FL_PANEL, stride = n_panels * FL_PANEL;
+    float acc[ROWS * GROUP * FL_GEMM_TOKENS];
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        int n = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+        memset(acc, 0, sizeof(float) * (size_t)(n * GROUP * stride));
+        const uint8_t *wr = (const uint8_t *)w + r0 * w_row;
+        switch (n) {
+#define ROW_CASE(R)                                                                                                  \
+    case R:                                                                                                          \
+        group_rows(R, k, wr, w_row, panels, n_panels, acc, stride, unpack);                                         \
+        break;
+            ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
+#undef ROW_CASE
+        }
+        for (int r = 0; r < n; r++) {
+            const float *a = acc + r * GROUP * stride;
+            for (int64_t t = 0; t < n_tok; t++)
+                y[t * y_stride + r0 + r] = (a[t] + a[stride + t]) + (a[2 * stride + t] + a[3 * stride + t]);
+        }
+    }
+}
+
+static void run_q8_0(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_q8_0_group);
+}
+
+static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                      float *y, int64_t y_stride) {
+    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_mxfp4_group);
+}
+
+const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
+const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
 const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
 const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
 const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};

@@ -1,11 +1,41 @@
-/* vbmi_ksb.h: what the k-quant decode kernels (avx512_vbmi.c) and their prefill kernels (avx512_vbmi_gemm.c)
- * share: the layout of a prepared Q8_K superblock of activations and the unpacking of a superblock of weights into
- * the quant vectors that meet it, so that both multiply the same bytes. Include after the target pragma. */
-#ifndef FLASHLITE_VBMI_KSB_H
-#define FLASHLITE_VBMI_KSB_H
+/* vbmi_layouts.h: what the decode kernels (avx512_vbmi.c) and their prefill kernels (avx512_vbmi_gemm.c) share:
+ * the layouts of prepared activations, and the weights of a group or superblock unpacked as the decode dot
+ * multiplies them, so that both multiply the same bytes and round alike. Include after the target pragma. */
+#ifndef FLASHLITE_VBMI_LAYOUTS_H
+#define FLASHLITE_VBMI_LAYOUTS_H
 #include <immintrin.h>
 #include <stdint.h>
 #include "quants.h"
+
+/* ---------------------------------------------------------------- Q8_0 activations, four blocks a group */
+#define GROUP 4
+
+/* lane b of every vector belongs to block b of the group; a missing block (past the row) is all zeros */
+struct q8_group {
+    int8_t lo[64]; /* elements 0..15 of each block */
+    int8_t hi[64]; /* elements 16..31 */
+    float d[16];   /* the block's scale, times the weight format's own factor, in all four dwords */
+    union {
+        int32_t base[16]; /* Q8_0: -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
+        float s[16];      /* Q8_1: the block's s, d * (sum of its quants) rounded to fp16, in the first dword */
+    };
+};
+
+/* The float steps of the Q8_0 and MXFP4 dots, which their decode and prefill kernels both take: per block b of a
+ * group, its exact integer sum converted to float, times (the weight's d times the activation's d), added by one
+ * FMA to the running sum of the blocks at position b of their groups; the dot is (sum 0 + sum 1) + (sum 2 + sum 3). */
+
+/* Group g of a Q8_0 or MXFP4 weight row of n elements as the decode dot multiplies it (avx512_vbmi.c): the quants
+ * that meet struct q8_group's lo and hi, made unsigned, and each block's d (times the format's factor) in the four
+ * dwords of its lane. */
+struct q8_group_weights {
+    uint8_t lo[64], hi[64];
+    float d[16];
+};
+void fl_vbmi_q8_0_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
+void fl_vbmi_mxfp4_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
+
+/* ---------------------------------------------------------------- k-quants on Q8_K activations */
 
 /* One superblock of activations, regrouped to meet the k-quants' quant bytes: q[c] holds what one 64-byte
  * vector of a block's quants multiplies, two sub-blocks of 32 (numbered 0..7) in its two 256-bit halves, in
@@ -17,6 +47,7 @@
  *   sub-blocks c and c + 4; sums holds minus the sum of each 16-sub-block, minus Q8_K's bsums (it meets the
  *   mins, or undoes an offset as the seed of the sums it is subtracted from). */
 enum q8k_order { NIBBLES, BIT_PAIRS };
+
 
 struct q8k_sb {
     int8_t q[4][64];
