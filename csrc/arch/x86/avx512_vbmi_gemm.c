@@ -64,19 +64,19 @@ struct weights_sb {
     float d, dmin;
 };
 
+/* the byte index of each 32-quant run's scale in unpack_scales_mins' sc0..sc7: the runs are in the nibble order */
+#define NIBBLE_RUN_SCALES 0, 2, 1, 3, 4, 6, 5, 7
+
 static void unpack_nibbles(const void *head, const __m512i q[4], struct weights_sb *w) {
     for (int c = 0; c < 4; c++)
         _mm512_storeu_si512(w->q + 64 * c, q[c]);
-    uint8_t sm[16]; /* sc0..7, m0..7 */
-    _mm_storeu_si128((__m128i *)sm, unpack_scales_mins((const uint8_t *)head + 4));
-    for (int c = 0; c < 4; c++)
-        for (int h = 0; h < 2; h++)
-            w->scale[2 * c + h] = sm[NIBBLE_SUB(c, h)];
-    for (int j = 0; j < 4; j++)
-        w->pairs[j] = sm[8 + 2 * j] | sm[9 + 2 * j] << 16;
-    const fl_half *dm = head;
-    w->d = _cvtsh_ss(dm[0]);
-    w->dmin = _cvtsh_ss(dm[1]);
+    const __m128i sm = unpack_scales_mins((const uint8_t *)head + 4); /* sc0..7, m0..7 */
+    const __m128i runs = _mm_setr_epi8(NIBBLE_RUN_SCALES, -1, -1, -1, -1, -1, -1, -1, -1);
+    _mm256_storeu_si256((__m256i *)w->scale, _mm256_cvtepu8_epi32(_mm_shuffle_epi8(sm, runs)));
+    _mm_storeu_si128((__m128i *)w->pairs, _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8))); /* words m0..m7 */
+    uint32_t dm;
+    memcpy(&dm, head, sizeof(dm));
+    _mm_storel_pi((__m64 *)&w->d, _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm))); /* d, dmin */
 }
 
 static void unpack_q4_K(const void *row, int64_t i, struct weights_sb *w) {
@@ -94,17 +94,19 @@ static void unpack_q5_K(const void *row, int64_t i, struct weights_sb *w) {
     unpack_nibbles(x, q, w);
 }
 
+/* the 16-sub-block of each 16-quant run in the bit-pair order: BIT_PAIR_SUB(c, l) for run 4c + l */
+#define BIT_PAIR_RUN_SCALES 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15
+
 static void unpack_q6_K(const void *row, int64_t i, struct weights_sb *w) {
     const block_q6_K *x = (const block_q6_K *)row + i;
     __m512i q[4];
     q6_K_quants(x, q);
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < 4; c++)
         _mm512_storeu_si512(w->q + 64 * c, q[c]);
-        for (int l = 0; l < 4; l++)
-            w->scale[4 * c + l] = x->scales[BIT_PAIR_SUB(c, l)];
-    }
-    for (int j = 0; j < 8; j++)
-        w->pairs[j] = (uint16_t)(int16_t)x->scales[2 * j] | (uint32_t)(uint16_t)(int16_t)x->scales[2 * j + 1] << 16;
+    const __m128i scales = _mm_loadu_si128((const __m128i *)x->scales);
+    const __m128i runs = _mm_setr_epi8(BIT_PAIR_RUN_SCALES);
+    _mm512_storeu_si512(w->scale, _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scales, runs)));
+    _mm256_storeu_si256((__m256i *)w->pairs, _mm256_cvtepi8_epi16(scales)); /* words s0..s15 */
     w->d = _cvtsh_ss(x->d);
     w->dmin = 0.0f;
 }
