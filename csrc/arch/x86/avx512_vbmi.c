@@ -250,16 +250,20 @@ STEP void store_q8_weights(const struct q8_weights *w, struct q8_group_weights *
     _mm512_storeu_ps(out->d, w->d);
 }
 
-void fl_vbmi_q8_0_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out) {
+void fl_vbmi_q8_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out) {
     const struct q8_0_consts c = dot_q8_0_groups_consts();
-    const struct q8_weights w = dot_q8_0_groups_weights(row, g, n, &c);
-    store_q8_weights(&w, out);
+    for (int r = 0; r < rows; r++) {
+        const struct q8_weights q = dot_q8_0_groups_weights(w + r * w_row, g, n, &c);
+        store_q8_weights(&q, &out[r]);
+    }
 }
 
-void fl_vbmi_mxfp4_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out) {
+void fl_vbmi_mxfp4_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out) {
     const struct mxfp4_consts c = dot_mxfp4_groups_consts();
-    const struct q8_weights w = dot_mxfp4_groups_weights(row, g, n, &c);
-    store_q8_weights(&w, out);
+    for (int r = 0; r < rows; r++) {
+        const struct q8_weights q = dot_mxfp4_groups_weights(w + r * w_row, g, n, &c);
+        store_q8_weights(&q, &out[r]);
+    }
 }
 
 /* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups

@@ -255,7 +255,7 @@ static void pack_groups(int64_t k, const void *prepared, void *panel, int lane) 
     }
 }
 
-typedef void (*group_fn)(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
+typedef void (*group_fn)(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
 
 /* group g of `rows` rows by a panel: acc[(r * GROUP + b) * stride + t] are the running sums of block position b */
 STEP void group_step(int rows, const struct q8_group_weights *w, const struct panel_group *p, float *acc,
@@ -290,8 +290,7 @@ STEP void group_rows(int rows, int64_t k, const uint8_t *w, size_t w_row, const 
     const int64_t n_groups = (k / QK8_0 + GROUP - 1) / GROUP;
     struct q8_group_weights ws[ROWS];
     for (int64_t g = 0; g < n_groups; g++) {
-        for (int r = 0; r < rows; r++)
-            unpack(w + r * w_row, g, k, &ws[r]);
+        unpack(w, w_row, rows, g, k, ws);
         for (int64_t pn = 0; pn < n_panels; pn++)
             group_step(rows, ws, panels + pn * n_groups + g, acc + pn * FL_PANEL, stride);
     }
@@ -323,12 +322,12 @@ static void run_groups(int64_t k, const void *w, size_t w_row, int64_t rows, con
 
 static void run_q8_0(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                      float *y, int64_t y_stride) {
-    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_q8_0_group);
+    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_q8_0_groups);
 }
 
 static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                       float *y, int64_t y_stride) {
-    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_mxfp4_group);
+    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_mxfp4_groups);
 }
 
 const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};

@@ -27,13 +27,13 @@ struct q8_group {
 
 /* Group g of a Q8_0 or MXFP4 weight row of n elements as the decode dot multiplies it (avx512_vbmi.c): the quants
  * that meet struct q8_group's lo and hi, made unsigned, and each block's d (times the format's factor) in the four
- * dwords of its lane. */
+ * dwords of its lane; out[r] for the rows r < rows at w + r * w_row. */
 struct q8_group_weights {
     uint8_t lo[64], hi[64];
     float d[16];
 };
-void fl_vbmi_q8_0_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
-void fl_vbmi_mxfp4_group(const void *row, int64_t g, int64_t n, struct q8_group_weights *out);
+void fl_vbmi_q8_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
+void fl_vbmi_mxfp4_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
 
 /* ---------------------------------------------------------------- k-quants on Q8_K activations */
 
