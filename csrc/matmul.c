@@ -25,9 +25,10 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
-/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the tokens
- * missing from its panel of FL_PANEL would cost more than its speed gains */
-#define GEMM_MIN_TOKENS 8
+/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the empty
+ * lanes of its panel of FL_PANEL tokens cost more than it gains (8 tokens: Q6_K 125 -> 110 GFLOP/s, the others
+ * even; 10 tokens: all faster, Q4_K 107 -> 149) */
+#define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
