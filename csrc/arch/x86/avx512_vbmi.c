@@ -706,26 +706,8 @@ STEP __m512i offset_seed(__m256i scales, const struct q8k_sb *y, int log2_offset
     return _mm512_zextsi256_si512(_mm256_slli_epi32(off, log2_offset));
 }
 
-struct q2_K_state {
-    __m512 acc;   /* d * scale-weighted sums */
-    __m256 acc_m; /* dmin * min-weighted activation sums, negative */
-};
-
-STEP struct q2_K_state dot_q2_K_sb_init(void) { return (struct q2_K_state){_mm512_setzero_ps(), _mm256_setzero_ps()}; }
-
-STEP float dot_q2_K_sb_finish(const struct q2_K_state *st) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(st->acc_m), _mm256_extractf128_ps(st->acc_m, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return _mm512_reduce_add_ps(st->acc) + _mm_cvtss_f32(m);
-}
-
-STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                           const struct bit_pair_consts *k) {
-    (void)n;
-    const block_q2_K *x = (const block_q2_K *)vx + i;
-    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+/* Q2_K's quants times their 4-bit scales, the bit-pair order's four vectors */
+STEP void q2_K_products(const block_q2_K *x, const struct bit_pair_consts *k, __m512i p[4]) {
     __m512i z = _mm512_loadu_si512(x->qs);
     __m512i at[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
                      _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
@@ -734,15 +716,45 @@ STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int
     __m512i table = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, k->pick[0],
                                                   _mm512_castsi128_si512(_mm_and_si128(packed, _mm512_castsi512_si128(k->m4))));
     table = _mm512_mullo_epi16(table, _mm512_set1_epi32(0x03020100));
+    for (int c = 0; c < 4; c++)
+        p[c] = _mm512_shuffle_epi8(table, at[c]);
+}
+
+#define dot_q2_K_sb_init dot_q4_K_sb_init
+
+/* the running sums hold the negated min sums: the dot is their sum */
+STEP float dot_q2_K_sb_finish(const struct ksb_state *st) {
+    return _mm_cvtss_f32(st->acc) + _mm_cvtss_f32(_mm_movehdup_ps(st->acc));
+}
+
+STEP void dot_q2_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q2_K *x = (const block_q2_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+    __m512i p[4];
+    q2_K_products(x, k, p);
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; c++)
-        sumi = _mm512_dpbusd_epi32(sumi, _mm512_shuffle_epi8(table, at[c]), _mm512_loadu_si512(y->q[c]));
+        sumi = _mm512_dpbusd_epi32(sumi, p[c], _mm512_loadu_si512(y->q[c]));
+    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales);
     __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(_mm256_cvtepu8_epi16(packed), 4),
                                      _mm256_loadu_si256((const __m256i *)y->sums));
-    float f[4]; /* d, dmin in f[2], f[3]: the 8 bytes end with them, within the block */
-    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(x->qs + 60))), _mm_set1_ps(y->d)));
-    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[2]), _mm512_cvtepi32_ps(sumi), st->acc);
-    st->acc_m = _mm256_fmadd_ps(_mm256_set1_ps(f[3]), _mm256_cvtepi32_ps(mins), st->acc_m);
+    uint32_t dd;
+    memcpy(&dd, &x->d, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
+    st->acc = _mm_fmadd_ps(f, _mm_cvtepi32_ps(two_totals(sumi, mins)), st->acc);
+}
+
+void fl_vbmi_q2_K_products(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *out, size_t out_stride) {
+    const struct bit_pair_consts k = dot_q2_K_sb_consts();
+    for (int r = 0; r < rows; r++) {
+        __m512i p[4];
+        q2_K_products((const block_q2_K *)(w + r * w_row) + i, &k, p);
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_si512(out + r * out_stride + 64 * c, p[c]);
+    }
 }
 
 /* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
@@ -823,7 +835,7 @@ STEP void dot_q6_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int6
 #define dot_q6_K_sb_init dot_q4_K_sb_init
 #define dot_q6_K_sb_finish dot_q4_K_sb_finish
 
-ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q2_K_state, superblocks)
+ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
 ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 
@@ -836,7 +848,7 @@ static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbl
 static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,
                                                     dot_q5_K_sb_t4, &fl_gemm_q5_K_vbmi};
 static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
-                                                    dot_q2_K_sb_t4};
+                                                    dot_q2_K_sb_t4, &fl_gemm_q2_K_vbmi};
 static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
                                                     dot_q3_K_sb_t4};
 static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,

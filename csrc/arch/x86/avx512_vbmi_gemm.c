@@ -1,4 +1,4 @@
-/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
+/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q2_K, Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
  * bitwise its decode kernel's dot (avx512_vbmi.c).
  *
  * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
@@ -79,26 +79,43 @@ static void unpack_nibbles(const void *head, const __m512i q[4], struct weights_
     _mm_storel_pi((__m64 *)&w->d, _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm))); /* d, dmin */
 }
 
-static void unpack_q4_K(const void *row, int64_t i, struct weights_sb *w) {
-    const block_q4_K *x = (const block_q4_K *)row + i;
-    __m512i q[4];
-    nibble_quants(x->qs, q);
-    unpack_nibbles(x, q, w);
+static void unpack_q4_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
+    for (int r = 0; r < rows; r++) {
+        const block_q4_K *x = (const block_q4_K *)(w + r * w_row) + i;
+        __m512i q[4];
+        nibble_quants(x->qs, q);
+        unpack_nibbles(x, q, &out[r]);
+    }
 }
 
-static void unpack_q5_K(const void *row, int64_t i, struct weights_sb *w) {
-    const block_q5_K *x = (const block_q5_K *)row + i;
-    __m512i q[4];
-    nibble_quants(x->qs, q);
-    add_fifth_bits(x->qh, q);
-    unpack_nibbles(x, q, w);
+static void unpack_q5_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
+    for (int r = 0; r < rows; r++) {
+        const block_q5_K *x = (const block_q5_K *)(w + r * w_row) + i;
+        __m512i q[4];
+        nibble_quants(x->qs, q);
+        add_fifth_bits(x->qh, q);
+        unpack_nibbles(x, q, &out[r]);
+    }
+}
+
+/* Q2_K: its quants already times their scales (one run of 256 at scale 1), the mins as word pairs */
+static void unpack_q2_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
+    fl_vbmi_q2_K_products(w, w_row, rows, i, out[0].q, sizeof(struct weights_sb));
+    for (int r = 0; r < rows; r++) {
+        const block_q2_K *x = (const block_q2_K *)(w + r * w_row) + i;
+        const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales);
+        out[r].scale[0] = 1;
+        _mm256_storeu_si256((__m256i *)out[r].pairs, _mm256_srli_epi16(_mm256_cvtepu8_epi16(packed), 4));
+        uint32_t dm;
+        memcpy(&dm, &x->d, sizeof(dm));
+        _mm_storel_pi((__m64 *)&out[r].d, _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm))); /* d, dmin */
+    }
 }
 
 /* the 16-sub-block of each 16-quant run in the bit-pair order: BIT_PAIR_SUB(c, l) for run 4c + l */
 #define BIT_PAIR_RUN_SCALES 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15
 
-static void unpack_q6_K(const void *row, int64_t i, struct weights_sb *w) {
-    const block_q6_K *x = (const block_q6_K *)row + i;
+static void unpack_q6_K_row(const block_q6_K *x, struct weights_sb *w) {
     __m512i q[4];
     q6_K_quants(x, q);
     for (int c = 0; c < 4; c++)
@@ -111,8 +128,13 @@ static void unpack_q6_K(const void *row, int64_t i, struct weights_sb *w) {
     w->dmin = 0.0f;
 }
 
+static void unpack_q6_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
+    for (int r = 0; r < rows; r++)
+        unpack_q6_K_row((const block_q6_K *)(w + r * w_row) + i, &out[r]);
+}
+
 /* The exact integer sums of superblock p of `rows` weight rows w[r] with the panel's 16 tokens: each run of `run`
- * quants (32 or 16) summed by vpdpbusd, times its scale, added up; plus the pairs (mins, or Q6_K's scales) times
+ * quants (32, 16, or Q2_K's 256 already scaled) summed by vpdpbusd, times its scale, added up; plus the pairs (mins, or Q6_K's scales) times
  * the activation sums, into sums[r] (Q6_K: shifted left by 5, the offset 32 of its quants, into the main sum). */
 STEP void sb_sums(int rows, int run, int n_pairs, int offset_shift, const struct weights_sb *w,
                   const struct panel_sb *p, __m512i main[ROWS], __m512i pairs[ROWS]) {
@@ -163,7 +185,7 @@ STEP void sb_floats(int rows, const struct weights_sb *w, const struct panel_sb 
     }
 }
 
-typedef void (*unpack_fn)(const void *row, int64_t i, struct weights_sb *w);
+typedef void (*unpack_fn)(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out);
 
 /* `rows` (<= ROWS) rows by the tokens of n_panels panels: superblock by superblock, the rows' weights unpacked once
  * into L1 and run against every panel, the running float sums in acc[r * stride + t] (and acc_m). */
@@ -173,8 +195,7 @@ STEP void row_block(int rows, int64_t k, const uint8_t *w, size_t w_row, const s
     const int64_t n_sb = k / QK_K;
     struct weights_sb ws[ROWS];
     for (int64_t i = 0; i < n_sb; i++) {
-        for (int r = 0; r < rows; r++)
-            unpack(w + r * w_row, i, &ws[r]);
+        unpack(w, w_row, rows, i, ws);
         for (int64_t pn = 0; pn < n_panels; pn++) {
             __m512i main[ROWS], pairs[ROWS];
             sb_sums(rows, run, n_pairs, offset_shift, ws, panels + pn * n_sb + i, main, pairs);
@@ -185,7 +206,8 @@ STEP void row_block(int rows, int64_t k, const uint8_t *w, size_t w_row, const s
 }
 
 STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
-                   float *y, int64_t y_stride, unpack_fn unpack, int run, int n_pairs, int offset_shift) {
+                   float *y, int64_t y_stride, unpack_fn unpack, int run, int n_pairs, int offset_shift,
+                   int negated_mins) {
     const int64_t n_panels = (n_tok + FL_PANEL - 1) / FL_PANEL, stride = n_panels * FL_PANEL;
     float acc[ROWS * FL_GEMM_TOKENS], acc_m[ROWS * FL_GEMM_TOKENS];
     for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
@@ -204,23 +226,29 @@ STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const v
         }
         for (int r = 0; r < n; r++)
             for (int64_t t = 0; t < n_tok; t++)
-                y[t * y_stride + r0 + r] = acc[r * stride + t] - acc_m[r * stride + t];
+                y[t * y_stride + r0 + r] = negated_mins ? acc[r * stride + t] + acc_m[r * stride + t]
+                                                        : acc[r * stride + t] - acc_m[r * stride + t];
     }
+}
+
+static void run_q2_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q2_K, 256, 8, 0, 1);
 }
 
 static void run_q4_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                      float *y, int64_t y_stride) {
-    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q4_K, 32, 4, 0);
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q4_K, 32, 4, 0, 0);
 }
 
 static void run_q5_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                      float *y, int64_t y_stride) {
-    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q5_K, 32, 4, 0);
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q5_K, 32, 4, 0, 0);
 }
 
 static void run_q6_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                      float *y, int64_t y_stride) {
-    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 16, 8, 5);
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 16, 8, 5, 0);
 }
 
 /* ---------------------------------------------------------------- Q8_0 and MXFP4 on Q8_0 activations */
@@ -332,6 +360,7 @@ static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, cons
 
 const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
 const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
+const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {panel_bytes, pack_bit_pairs, run_q2_K};
 const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
 const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
 const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};

@@ -105,9 +105,15 @@ static inline __attribute__((always_inline)) void q6_K_quants(const block_q6_K *
     q[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), m4), _mm512_srli_epi16(h, 2), m30, 0xF8);
 }
 
-/* The float steps of the k-quant dots (Q4_K, Q5_K, Q6_K), which their decode and prefill kernels both take so
- * that they round alike: per superblock, its exact integer sum (Q4_K, Q5_K: and its min-weighted activation sum)
+/* Q2_K's quants times their 4-bit scales (0..45), in the bit-pair order of struct q8k_sb's q, as its decode dot
+ * multiplies them (avx512_vbmi.c): 256 bytes at out + r * out_stride for the superblock i of each row r < rows at
+ * w + r * w_row */
+void fl_vbmi_q2_K_products(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *out, size_t out_stride);
+
+/* The float steps of the k-quant dots (Q2_K, Q4_K, Q5_K, Q6_K), which their decode and prefill kernels both take so
+ * that they round alike: per superblock, its exact integer sum (Q2_K, Q4_K, Q5_K: and its min-weighted activation sum)
  * converted to float, times (the weight's d (dmin) times the activation's d), added to the row's running sum
- * (running min sum) by one FMA each; the dot is the running sum minus the running min sum. */
+ * (running min sum) by one FMA each; the dot is the running sum minus the running min sum (Q2_K, whose min sums are
+ * negated: plus). */
 
 #endif
