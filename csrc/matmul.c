@@ -263,13 +263,10 @@ static void prep_task(void *ctx, int64_t task, int thread) {
     }
 }
 
-/* What turns f32 activations into the form a weight type's dots read for n_tok tokens (NULL: they read f32):
- * two types with the same preparation can share it. */
-static const void *activation_prep(int wtype, int64_t n_tok) {
+/* What turns f32 activations into the form a weight type's dots read (NULL: they read f32): two types with
+ * the same preparation (and, for many tokens, the same packing into panels) can share it. */
+static const void *activation_prep(int wtype) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    const struct fl_gemm_kernel *gemm = gemm_kernel(wtype, n_tok);
-    if (gemm)
-        return (const void *)gemm->pack;
     if (dk)
         return (const void *)dk->prep;
     const struct fl_type_traits *at = fl_traits(fl_traits(wtype)->act_type);
@@ -314,9 +311,11 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
             continue;
         /* products by the same activations share their quantized form */
         const uint8_t *shared = NULL;
-        prep_of[n_jobs] = activation_prep(it->wtype, it->n_tok);
+        prep_of[n_jobs] = activation_prep(it->wtype);
+        const struct fl_gemm_kernel *gemm = gemm_kernel(it->wtype, it->n_tok);
         for (int64_t j = 0; j < n_jobs && !shared && prep_of[n_jobs]; j++)
-            if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok)
+            if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok &&
+                (jobs[j].gemm ? jobs[j].gemm->pack : NULL) == (gemm ? gemm->pack : NULL))
                 shared = jobs[j].xq;
         x_of[n_jobs] = it->x;
         struct matmul_job *job = &jobs[n_jobs];

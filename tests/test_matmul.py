@@ -252,7 +252,10 @@ def test_batch_is_bitwise_each_matmul_alone(level):
     rng = np.random.default_rng(5)
     x, other, many = (rng.standard_normal(s).astype(np.float32) for s in (256, 256, (19, 256)))
     products = [(make_weights(t, 37, 256, rng), t, 37, 256, a)
-                for t, a in ((T.Q8_0, x), (T.Q8_0, x), (T.MXFP4, x), (T.Q4_K, other), (T.F32, x), (T.Q6_K, many))]
+                for t, a in ((T.Q8_0, x), (T.Q8_0, x), (T.MXFP4, x), (T.Q4_K, other), (T.F32, x), (T.Q6_K, many),
+                             # many tokens by formats whose activations are prepared alike but packed (Q8_0 and
+                             # MXFP4: with other offsets and factors) or run by other prefill kernels
+                             (T.Q8_0, many), (T.MXFP4, many), (T.Q4_K, many), (T.Q5_K, many), (T.Q2_K, many))]
     for got, (w, t, rows, k, a) in zip(fm.matmul_batch(products), products):
         assert np.array_equal(got, fm.matmul(w, t, rows, k, a)), t.name
     with pytest.raises(ValueError, match=r"^products\[1\]\.x:"):
