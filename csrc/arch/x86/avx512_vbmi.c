@@ -498,13 +498,8 @@ static void prep_q8k(int64_t k, const float *x, void *out, enum q8k_order order)
     }
 }
 
-/* Q3_K's activations: the bit-pair layout, and per vector c the seeds of its dword sums, -4 * the sum of the four
- * activations that a dword of vpdpbusd multiplies: they undo the offset 4 of the values 0..7 met there, so that
- * the dwords need no zeroed registers and the sums no correction (+5-8% in cache) */
-struct q8k_seeded {
-    struct q8k_sb sb;
-    int32_t base[4][16];
-};
+/* Q3_K's activations (struct q8k_seeded): seeds that undo the offset 4 of its values, so that the dwords need no
+ * zeroed registers and the sums no correction (+5-8% in cache) */
 
 static size_t q8k_seeded_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_seeded);
@@ -776,13 +771,24 @@ static inline __m256i q3_K_scales(const uint8_t *scales) {
  * half's bytes, c + 4 of the high half's) is shifted to bit c of both halves and merged into a bit of the index
  * that the vector's lookup does not otherwise read. */
 struct q3_K_state {
-    __m512 acc;
+    __m128 acc;     /* the running sum in lane 0 (vbmi_layouts.h) */
     __m256i scales; /* the next superblock's */
 };
 
-STEP struct q3_K_state dot_q3_K_sb_init(void) { return (struct q3_K_state){_mm512_setzero_ps(), _mm256_setzero_si256()}; }
+STEP struct q3_K_state dot_q3_K_sb_init(void) { return (struct q3_K_state){_mm_setzero_ps(), _mm256_setzero_si256()}; }
 
-STEP float dot_q3_K_sb_finish(const struct q3_K_state *st) { return _mm512_reduce_add_ps(st->acc); }
+STEP float dot_q3_K_sb_finish(const struct q3_K_state *st) { return _mm_cvtss_f32(st->acc); }
+
+/* Q3_K's values + 4 (0..7), the bit-pair order's four vectors */
+STEP void q3_K_values(const block_q3_K *x, const struct bit_pair_consts *k, __m512i q[4]) {
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
+    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
+    q[0] = _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7);
+    q[1] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]);
+    q[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]);
+    q[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]);
+}
 
 /* The scales of superblock i + 1 are put together during step i, so that their long chain of dependent
  * operations overlaps a step's worth of other work (+8% in cache). */
@@ -792,15 +798,8 @@ STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int
     const struct q8k_seeded *ys = (const struct q8k_seeded *)vy + i;
     const struct q8k_sb *y = &ys->sb;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q3_K));
-    __m512i z = _mm512_loadu_si512(x->qs);
-    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
-    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
-    __m512i q[4] = {
-        _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]),
-    };
+    __m512i q[4];
+    q3_K_values(x, k, q);
     __m256i scales = i == 0 ? q3_K_scales(x->scales) : st->scales;
     if (i + 1 < n / QK_K)
         st->scales = q3_K_scales(x[1].scales);
@@ -810,11 +809,21 @@ STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int
     for (int p = 0; p < 2; p++)
         sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
                                    _mm512_permutexvar_epi16(k->pick[p], _mm512_castsi256_si512(scales)));
-    uint32_t dh; /* d in the high half: the 4 bytes end with it, within the block */
-    memcpy(&dh, (const uint8_t *)&x->d - 2, sizeof(dh));
-    float f[4];
-    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dh)), _mm_set1_ps(y->d)));
-    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[1]), _mm512_cvtepi32_ps(sumi), st->acc);
+    __m128 f = _mm_set_ss(half_to_float(x->d) * y->d);
+    st->acc = _mm_fmadd_ss(f, _mm_cvtsi32_ss(_mm_setzero_ps(), _mm512_reduce_add_epi32(sumi)), st->acc);
+}
+
+void fl_vbmi_q3_K_values(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *values, int16_t *scales,
+                         size_t out_stride) {
+    const struct bit_pair_consts k = dot_q3_K_sb_consts();
+    for (int r = 0; r < rows; r++) {
+        const block_q3_K *x = (const block_q3_K *)(w + r * w_row) + i;
+        __m512i q[4];
+        q3_K_values(x, &k, q);
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_si512(values + r * out_stride + 64 * c, q[c]);
+        _mm256_storeu_si256((__m256i *)((uint8_t *)scales + r * out_stride), q3_K_scales(x->scales));
+    }
 }
 
 /* Q6_K (quants: vbmi_layouts.h): a superblock's sums added up to one integer and scaled in floats as vbmi_layouts.h says */
@@ -850,7 +859,7 @@ static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbl
 static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
                                                     dot_q2_K_sb_t4, &fl_gemm_q2_K_vbmi};
 static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
-                                                    dot_q3_K_sb_t4};
+                                                    dot_q3_K_sb_t4, &fl_gemm_q3_K_vbmi};
 static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,
                                                     dot_q6_K_sb_t4, &fl_gemm_q6_K_vbmi};
 static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4,

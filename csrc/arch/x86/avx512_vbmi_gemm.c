@@ -1,4 +1,5 @@
-/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q2_K, Q4_K, Q5_K and Q6_K on AVX512-VNNI, each result
+/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K on
+ * AVX512-VNNI, each result
  * bitwise its decode kernel's dot (avx512_vbmi.c).
  *
  * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
@@ -53,6 +54,12 @@ static void pack_nibbles(int64_t k, const void *prepared, void *panel, int lane)
 static void pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
     for (int64_t i = 0; i < k / QK_K; i++)
         pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 0, 8);
+}
+
+/* Q3_K's: the same, from its seeded superblocks (the kernel applies the offset through the sums instead) */
+static void pack_seeded(int64_t k, const void *prepared, void *panel, int lane) {
+    for (int64_t i = 0; i < k / QK_K; i++)
+        pack_sb(&((const struct q8k_seeded *)prepared + i)->sb, (struct panel_sb *)panel + i, lane, 0, 8);
 }
 
 /* A superblock of one weight row, unpacked: its quants in the order of struct q8k_sb's q (values >= 0), the scale of
@@ -128,6 +135,21 @@ static void unpack_q6_K_row(const block_q6_K *x, struct weights_sb *w) {
     w->dmin = 0.0f;
 }
 
+/* Q3_K: values 0..7 (the offset 4 comes back through the activation sums), its scales - 32 as pairs and per run */
+static void unpack_q3_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
+    fl_vbmi_q3_K_values(w, w_row, rows, i, out[0].q, (int16_t *)out[0].pairs, sizeof(struct weights_sb));
+    static const uint8_t runs[16] = {BIT_PAIR_RUN_SCALES};
+    for (int r = 0; r < rows; r++) {
+        const block_q3_K *x = (const block_q3_K *)(w + r * w_row) + i;
+        int16_t words[16];
+        memcpy(words, out[r].pairs, sizeof(words));
+        for (int j = 0; j < 16; j++)
+            out[r].scale[j] = words[runs[j]];
+        out[r].d = _cvtsh_ss(x->d);
+        out[r].dmin = 0.0f;
+    }
+}
+
 static void unpack_q6_K(const uint8_t *w, size_t w_row, int rows, int64_t i, struct weights_sb *out) {
     for (int r = 0; r < rows; r++)
         unpack_q6_K_row((const block_q6_K *)(w + r * w_row) + i, &out[r]);
@@ -135,7 +157,8 @@ static void unpack_q6_K(const uint8_t *w, size_t w_row, int rows, int64_t i, str
 
 /* The exact integer sums of superblock p of `rows` weight rows w[r] with the panel's 16 tokens: each run of `run`
  * quants (32, 16, or Q2_K's 256 already scaled) summed by vpdpbusd, times its scale, added up; plus the pairs (mins, or Q6_K's scales) times
- * the activation sums, into sums[r] (Q6_K: shifted left by 5, the offset 32 of its quants, into the main sum). */
+ * the activation sums, into sums[r] (Q6_K, Q3_K: shifted left by 5 or 2, the offset 32 or 4 of their quants, into the
+ * main sum). */
 STEP void sb_sums(int rows, int run, int n_pairs, int offset_shift, const struct weights_sb *w,
                   const struct panel_sb *p, __m512i main[ROWS], __m512i pairs[ROWS]) {
     for (int r = 0; r < rows; r++)
@@ -234,6 +257,11 @@ STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const v
 static void run_q2_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                      float *y, int64_t y_stride) {
     run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q2_K, 256, 8, 0, 1);
+}
+
+static void run_q3_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q3_K, 16, 8, 2, 0);
 }
 
 static void run_q4_K(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
@@ -361,6 +389,7 @@ static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, cons
 const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
 const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
 const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {panel_bytes, pack_bit_pairs, run_q2_K};
+const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {panel_bytes, pack_seeded, run_q3_K};
 const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
 const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
 const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};

@@ -110,7 +110,20 @@ static inline __attribute__((always_inline)) void q6_K_quants(const block_q6_K *
  * w + r * w_row */
 void fl_vbmi_q2_K_products(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *out, size_t out_stride);
 
-/* The float steps of the k-quant dots (Q2_K, Q4_K, Q5_K, Q6_K), which their decode and prefill kernels both take so
+/* Q3_K's values + 4 (0..7) in the bit-pair order, and its 16 scales minus 32 as words in sub-block order, as its
+ * decode dot multiplies them (avx512_vbmi.c): 256 bytes at values + r * out_stride and 16 words at
+ * scales + r * out_stride (in bytes) for the superblock i of each row r < rows at w + r * w_row */
+void fl_vbmi_q3_K_values(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *values, int16_t *scales,
+                         size_t out_stride);
+
+/* Q3_K's prepared activations: the bit-pair layout, and per vector c the seeds of its dword sums, -4 * the sum of
+ * the four activations that a dword of vpdpbusd multiplies */
+struct q8k_seeded {
+    struct q8k_sb sb;
+    int32_t base[4][16];
+};
+
+/* The float steps of the k-quant dots (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), which their decode and prefill kernels both take so
  * that they round alike: per superblock, its exact integer sum (Q2_K, Q4_K, Q5_K: and its min-weighted activation sum)
  * converted to float, times (the weight's d (dmin) times the activation's d), added to the row's running sum
  * (running min sum) by one FMA each; the dot is the running sum minus the running min sum (Q2_K, whose min sums are
