@@ -1,6 +1,5 @@
 /* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K on
- * AVX512-VNNI, each result
- * bitwise its decode kernel's dot (avx512_vbmi.c).
+ * AVX512-VNNI, each result bitwise its decode kernel's dot (avx512_vbmi.c).
  *
  * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
  * (vpmaddubsw, vpdpwssd) per 64 products plus the float steps of every superblock; four tokens at a time share
@@ -34,8 +33,9 @@ static size_t panel_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct panel_sb);
 }
 
-/* the activation sums a format's weights meet, as word pairs: Q4_K's and Q5_K's 32-sub-block sums (words 8..15 of
- * struct q8k_sb's sums, four pairs), Q6_K's negated 16-sub-block sums (all sixteen words, eight pairs) */
+/* token `lane` of a panel's superblock, with the activation sums its weights meet as word pairs: Q4_K's and Q5_K's
+ * 32-sub-block sums (words 8..15 of struct q8k_sb's sums, four pairs), Q2_K's, Q3_K's and Q6_K's negated
+ * 16-sub-block sums (all sixteen words, eight pairs) */
 static void pack_sb(const struct q8k_sb *sb, struct panel_sb *p, int lane, int first_sum, int pairs) {
     int32_t q[64];
     memcpy(q, sb->q, sizeof(q));
@@ -63,7 +63,8 @@ static void pack_seeded(int64_t k, const void *prepared, void *panel, int lane) 
 }
 
 /* A superblock of one weight row, unpacked: its quants in the order of struct q8k_sb's q (values >= 0), the scale of
- * each run of 32 (Q4_K, Q5_K) or 16 (Q6_K) of them, the word pairs that meet the panel's sums, d and dmin. */
+ * each run of 32 (Q4_K, Q5_K) or 16 (Q3_K, Q6_K) of them (Q2_K: one run, already scaled), the word pairs that meet
+ * the panel's sums, d and dmin. */
 struct weights_sb {
     uint8_t q[256];
     int32_t scale[16];
