@@ -55,7 +55,25 @@ struct fl_decode_kernel {
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;   /* four rows at a time; NULL where not written */
     fl_vec_dot_t4_fn dot_t4; /* four tokens at a time (prefill) */
+    const struct fl_gemm_kernel *gemm; /* many tokens at a time (prefill); NULL where not written */
 };
+
+/* A prefill kernel: many rows by many tokens, with accumulators for several rows x FL_PANEL tokens in registers,
+ * each result bitwise the decode kernel's dot of the pair (the same integer sums, exact in any order, and the same
+ * float steps). Tokens come FL_PANEL to a panel, their prepared activations interleaved so that one vector holds
+ * the same four activation bytes of every token of the panel. */
+#define FL_PANEL 16
+struct fl_gemm_kernel {
+    size_t (*panel_bytes)(int64_t k);
+    /* token `lane` of a zeroed panel, from its activation row as the decode kernel's prep wrote it */
+    void (*pack)(int64_t k, const void *prepared, void *panel, int lane);
+    /* y[t * y_stride + r] for rows r < rows of w (w_row bytes apart) and tokens t < n_tok (at most
+     * FL_GEMM_TOKENS) of consecutive panels */
+    void (*run)(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok, float *y,
+                int64_t y_stride);
+};
+/* the most tokens one run takes */
+#define FL_GEMM_TOKENS 256
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */
 const struct fl_decode_kernel *fl_decode_kernel(int type);

@@ -25,11 +25,16 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
+/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the empty
+ * lanes of its panel of FL_PANEL tokens cost more than it gains (8 tokens: Q6_K 125 -> 110 GFLOP/s, the others
+ * even; 10 tokens: all faster, Q4_K 107 -> 149) */
+#define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;
     fl_vec_dot_t4_fn dot_t4;
+    const struct fl_gemm_kernel *gemm; /* many tokens through the prefill kernel: x_row is then a panel's bytes */
     const uint8_t *w;
     size_t w_row;
     const uint8_t *xq;
@@ -123,15 +128,26 @@ static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64
 static void matmul_task(const struct matmul_job *j, int64_t task) {
     int64_t chunk = task / token_tiles(j), tile = task % token_tiles(j);
     int64_t r0 = chunk * j->chunk, r1 = min64(r0 + j->chunk, j->rows);
-    if (j->n_tok == 1)
+    int64_t t0 = tile * j->tile, t1 = min64(t0 + j->tile, j->n_tok);
+    if (j->gemm) /* a tile is whole panels */
+        j->gemm->run(j->k, j->w + r0 * j->w_row, j->w_row, r1 - r0, j->xq + t0 / FL_PANEL * j->x_row, t1 - t0,
+                     j->y + t0 * j->rows + r0, j->rows);
+    else if (j->n_tok == 1)
         one_token(j, r0, r1);
     else
-        token_tile(j, r0, r1, tile * j->tile, min64((tile + 1) * j->tile, j->n_tok));
+        token_tile(j, r0, r1, t0, t1);
+}
+
+/* The prefill kernel that a product of n_tok tokens by weights of wtype takes, or NULL. */
+static const struct fl_gemm_kernel *gemm_kernel(int wtype, int64_t n_tok) {
+    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
+    return dk && dk->gemm && n_tok >= GEMM_MIN_TOKENS ? dk->gemm : NULL;
 }
 
 /* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read
  * from `shared` where it already holds them prepared for the same x and kernel; otherwise the job names what
- * to quantize (x, dk, from_float), for the caller to do into n_tok rows of x_row bytes at xq. */
+ * to quantize (x, dk, from_float), for the caller to do into n_tok rows of x_row bytes at xq (with a prefill
+ * kernel, into panels of FL_PANEL tokens of x_row bytes each). */
 static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it, const uint8_t *shared) {
     const struct fl_type_traits *wt = fl_traits(it->wtype);
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
@@ -141,13 +157,15 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
                                .w = it->w, .w_row = (size_t)fl_row_bytes(it->wtype, k),
                                .xq = (const uint8_t *)it->x, .x_row = (size_t)k * sizeof(float),
                                .rows = it->rows, .k = k, .n_tok = it->n_tok, .y = it->y,
-                               .dot_prefetches = dk != NULL};
+                               .dot_prefetches = dk != NULL, .gemm = gemm_kernel(it->wtype, it->n_tok)};
     if (wt->act_type != FL_TYPE_F32) {
         const struct fl_type_traits *at = fl_traits(wt->act_type);
         if (!at || !at->from_float)
             return FL_ETYPE;
         /* prepared rows go on whole cache lines */
-        job->x_row = dk ? (dk->act_bytes(k) + 63) & ~(size_t)63 : (size_t)fl_row_bytes(wt->act_type, k);
+        job->x_row = job->gemm ? job->gemm->panel_bytes(k)
+                     : dk  ? (dk->act_bytes(k) + 63) & ~(size_t)63
+                           : (size_t)fl_row_bytes(wt->act_type, k);
         job->xq = shared;
         if (!shared) {
             job->x = it->x;
@@ -166,6 +184,8 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
         even = TASK_ROWS;
     job->chunk = per_thread < even ? per_thread : even;
     job->tile = (int64_t)(TILE_ACT_BYTES / job->x_row);
+    if (job->gemm) /* whole panels, as many as the kernel takes */
+        job->tile = min64(job->tile < 1 ? FL_PANEL : job->tile * FL_PANEL, FL_GEMM_TOKENS);
     job->tile = job->tile < 1 ? 1 : min64(job->tile, job->n_tok);
     job->group = (int64_t)(GROUP_BYTES / job->w_row);
     job->group = job->group < 4 ? (job->group < 1 ? 1 : job->group) : job->group & ~(int64_t)3;
@@ -200,12 +220,39 @@ static void batch_task(void *ctx, int64_t task, int thread) {
     matmul_task(&b->jobs[i], task - b->first[i]);
 }
 
-/* quantizes PREP_TOKENS tokens of a job's activations */
+/* tokens whose activations one preparation task quantizes: a prefill kernel's panel, or PREP_TOKENS */
+static int64_t tokens_per_prep(const struct matmul_job *j) { return j->gemm ? FL_PANEL : PREP_TOKENS; }
+
+/* bytes of a job's prepared activations: the kernel's rows or panels; with panels, then one prepared row per panel
+ * for the decode kernel's prep to write before it is packed */
+static size_t prepared_bytes(const struct matmul_job *j) {
+    if (!j->gemm)
+        return j->x_row * (size_t)j->n_tok;
+    return (j->x_row + ((j->dk->act_bytes(j->k) + 63) & ~(size_t)63)) * (size_t)((j->n_tok + FL_PANEL - 1) / FL_PANEL);
+}
+
+/* quantizes one panel's tokens into it, through the decode kernel's row and the prefill kernel's packing */
+static void prep_panel(const struct matmul_job *j, int64_t panel) {
+    int64_t n_panels = (j->n_tok + FL_PANEL - 1) / FL_PANEL;
+    uint8_t *dst = (uint8_t *)j->xq + panel * j->x_row;
+    uint8_t *row = (uint8_t *)j->xq + n_panels * j->x_row + panel * ((j->dk->act_bytes(j->k) + 63) & ~(size_t)63);
+    memset(dst, 0, j->x_row); /* tokens past the last stay zero: their results are not stored */
+    for (int64_t t = panel * FL_PANEL; t < min64((panel + 1) * FL_PANEL, j->n_tok); t++) {
+        j->dk->prep(j->k, j->x + t * j->k, row);
+        j->gemm->pack(j->k, row, dst, (int)(t % FL_PANEL));
+    }
+}
+
+/* quantizes tokens_per_prep() tokens of a job's activations */
 static void prep_task(void *ctx, int64_t task, int thread) {
     const struct batch_job *b = ctx;
     (void)thread;
     int64_t i = job_of(b, task);
     const struct matmul_job *j = &b->jobs[i];
+    if (j->gemm) {
+        prep_panel(j, task - b->first[i]);
+        return;
+    }
     int64_t t0 = (task - b->first[i]) * PREP_TOKENS, t1 = min64(t0 + PREP_TOKENS, j->n_tok);
     uint8_t *xq = (uint8_t *)j->xq;
     for (int64_t t = t0; t < t1; t++) {
@@ -217,7 +264,7 @@ static void prep_task(void *ctx, int64_t task, int thread) {
 }
 
 /* What turns f32 activations into the form a weight type's dots read (NULL: they read f32): two types with
- * the same preparation can share it. */
+ * the same preparation (and, for many tokens, the same packing into panels) can share it. */
 static const void *activation_prep(int wtype) {
     const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
     if (dk)
@@ -265,21 +312,23 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
         /* products by the same activations share their quantized form */
         const uint8_t *shared = NULL;
         prep_of[n_jobs] = activation_prep(it->wtype);
+        const struct fl_gemm_kernel *gemm = gemm_kernel(it->wtype, it->n_tok);
         for (int64_t j = 0; j < n_jobs && !shared && prep_of[n_jobs]; j++)
-            if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok)
+            if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok &&
+                (jobs[j].gemm ? jobs[j].gemm->pack : NULL) == (gemm ? gemm->pack : NULL))
                 shared = jobs[j].xq;
         x_of[n_jobs] = it->x;
         struct matmul_job *job = &jobs[n_jobs];
         status = matmul_setup(job, it, shared);
         if (status == FL_OK && job->x) {
-            owned[n_jobs] = aligned_alloc(64, (job->x_row * (size_t)job->n_tok + 63) & ~(size_t)63);
+            owned[n_jobs] = aligned_alloc(64, (prepared_bytes(job) + 63) & ~(size_t)63);
             job->xq = owned[n_jobs];
             if (!job->xq)
                 status = FL_ENOMEM;
         }
         if (status == FL_OK) {
             first[n_jobs + 1] = first[n_jobs] + job_tasks(job);
-            first_prep[n_jobs + 1] = first_prep[n_jobs] + (job->x ? (job->n_tok + PREP_TOKENS - 1) / PREP_TOKENS : 0);
+            first_prep[n_jobs + 1] = first_prep[n_jobs] + (job->x ? (job->n_tok + tokens_per_prep(job) - 1) / tokens_per_prep(job) : 0);
             prep_tokens += job->x ? job->n_tok : 0;
             n_jobs++;
         }

@@ -18,6 +18,7 @@
 #include "quant_generic.h"
 #include "simd.h"
 #include "vbmi_rows.h"
+#include "vbmi_layouts.h"
 
 static inline __mmask64 first_bytes(int64_t n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
@@ -26,19 +27,8 @@ static inline __mmask64 first_bytes(int64_t n) {
 /* ROW_DOTS (vbmi_rows.h) makes each format's one-row and four-row dots from its step: reading four rows at once
  * took MXFP4 decode from memory 16.0 -> 18.6 GB/s on expert matrices, 19.0 -> 24.0 on wo_b. */
 
-/* ---------------------------------------------------------------- Q8_0 activations, four blocks a group */
-#define GROUP 4
-
-/* lane b of every vector belongs to block b of the group; a missing block (past the row) is all zeros */
-struct q8_group {
-    int8_t lo[64]; /* elements 0..15 of each block */
-    int8_t hi[64]; /* elements 16..31 */
-    float d[16];   /* the block's scale, times the weight format's own factor, in all four dwords */
-    union {
-        int32_t base[16]; /* Q8_0: -offset * (sum of the block's quants) in the first dword: undoes the weight offset */
-        float s[16];      /* Q8_1: the block's s, d * (sum of its quants) rounded to fp16, in the first dword */
-    };
-};
+/* ---------------------------------------------------------------- Q8_0 activations, four blocks a group
+ * (struct q8_group: vbmi_layouts.h) */
 
 static size_t q8_group_bytes(int64_t k) {
     return (size_t)((k / QK8_0 + GROUP - 1) / GROUP) * sizeof(struct q8_group);
@@ -115,17 +105,20 @@ static const uint8_t q8_lo_from_0[64] = {L16(2), L16(36), L16(70), L16(104)};  /
 static const uint8_t q8_hi_from_18[64] = {L16(0), L16(34), L16(68), L16(102)}; /* of bytes 18..145 */
 static const uint8_t q8_d_from_0[64] = {D8(0), D8(34), D8(68), D8(102)};       /* words 4b..4b+3 = d_b */
 
-/* two accumulators, even and odd groups, for two FMA chains */
-struct acc2 {
-    __m512 acc[2];
+/* Q8_0 and MXFP4: one running sum per block position of a group, in the dwords of its lane (vbmi_layouts.h) */
+struct block_sums {
+    __m512 acc;
 };
 
-STEP struct acc2 acc2_init(void) { return (struct acc2){{_mm512_setzero_ps(), _mm512_setzero_ps()}}; }
+STEP struct block_sums block_sums_init(void) { return (struct block_sums){_mm512_setzero_ps()}; }
 
-STEP float acc2_finish(const struct acc2 *st) { return _mm512_reduce_add_ps(_mm512_add_ps(st->acc[0], st->acc[1])); }
+STEP float block_sums_finish(const struct block_sums *st) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, st->acc);
+    return (lanes[0] + lanes[4]) + (lanes[8] + lanes[12]);
+}
 
-/* one accumulator: the formats below index no array by the step (GCC keeps acc2 on the stack, acc[g & 1]) and
- * four rows already give the four-row dot four FMA chains */
+/* one accumulator: four rows already give the four-row dot four FMA chains */
 struct acc1 {
     __m512 acc;
 };
@@ -143,8 +136,8 @@ STEP struct q8_0_consts dot_q8_0_groups_consts(void) {
                                 _mm512_loadu_si512(q8_d_from_0), _mm512_set1_epi8((char)0x80)};
 }
 
-#define dot_q8_0_groups_init acc2_init
-#define dot_q8_0_groups_finish acc2_finish
+#define dot_q8_0_groups_init block_sums_init
+#define dot_q8_0_groups_finish block_sums_finish
 
 STEP int64_t q8_0_groups(int64_t n) { return (n / QK8_0 + GROUP - 1) / GROUP; }
 
@@ -157,11 +150,14 @@ struct q8_weights {
 
 /* the activation half of a step on a group of Q8_0 activations, shared by the formats whose weights come to
  * struct q8_weights (a four-token dot computes the weight half once for its four tokens) */
-STEP void q8_group_acc(struct acc2 *st, const struct q8_weights *w, int64_t g, const void *vy) {
+STEP void q8_group_acc(struct block_sums *st, const struct q8_weights *w, int64_t g, const void *vy) {
     const struct q8_group *y = (const struct q8_group *)vy + g;
     __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), w->lo, _mm512_loadu_si512(y->lo));
     sum = _mm512_dpbusd_epi32(sum, w->hi, _mm512_loadu_si512(y->hi));
-    st->acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w->d, _mm512_loadu_ps(y->d)), st->acc[g & 1]);
+    /* each block's total in all four dwords of its lane */
+    sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, _MM_PERM_BADC));
+    sum = _mm512_add_epi32(sum, _mm512_shuffle_epi32(sum, _MM_PERM_CDAB));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w->d, _mm512_loadu_ps(y->d)), st->acc);
 }
 
 STEP struct q8_weights dot_q8_0_groups_weights(const void *vx, int64_t g, int64_t n, const struct q8_0_consts *k) {
@@ -185,13 +181,13 @@ STEP struct q8_weights dot_q8_0_groups_weights(const void *vx, int64_t g, int64_
                                _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, k->idx_d, b)))};
 }
 
-STEP void dot_q8_0_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_q8_0_groups_step(struct block_sums *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct q8_0_consts *k) {
     struct q8_weights w = dot_q8_0_groups_weights(vx, g, n, k);
     q8_group_acc(st, &w, g, vy);
 }
 
-ROW_DOTS_SPLIT(dot_q8_0_groups, struct q8_0_consts, struct acc2, q8_0_groups, struct q8_weights, q8_group_acc)
+ROW_DOTS_SPLIT(dot_q8_0_groups, struct q8_0_consts, struct block_sums, q8_0_groups, struct q8_weights, q8_group_acc)
 
 /* MXFP4 weights, 17 bytes a block (e8m0 exponent, 16 bytes of nibbles) */
 static const uint8_t mx_q_from_0[64] = {L16(1), L16(18), L16(35)};
@@ -211,8 +207,8 @@ STEP struct mxfp4_consts dot_mxfp4_groups_consts(void) {
                                  _mm512_loadu_si512(mx_q_from_0), _mm512_loadu_si512(mx_e_from_0)};
 }
 
-#define dot_mxfp4_groups_init acc2_init
-#define dot_mxfp4_groups_finish acc2_finish
+#define dot_mxfp4_groups_init block_sums_init
+#define dot_mxfp4_groups_finish block_sums_finish
 
 STEP int64_t mxfp4_groups(int64_t n) { return (n / QK_MXFP4 + GROUP - 1) / GROUP; }
 
@@ -240,13 +236,35 @@ STEP struct q8_weights dot_mxfp4_groups_weights(const void *vx, int64_t g, int64
                                    _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, c->idx_e, a), 23))};
 }
 
-STEP void dot_mxfp4_groups_step(struct acc2 *st, const void *vx, int64_t g, int64_t n, const void *vy,
+STEP void dot_mxfp4_groups_step(struct block_sums *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct mxfp4_consts *c) {
     struct q8_weights w = dot_mxfp4_groups_weights(vx, g, n, c);
     q8_group_acc(st, &w, g, vy);
 }
 
-ROW_DOTS_SPLIT(dot_mxfp4_groups, struct mxfp4_consts, struct acc2, mxfp4_groups, struct q8_weights, q8_group_acc)
+ROW_DOTS_SPLIT(dot_mxfp4_groups, struct mxfp4_consts, struct block_sums, mxfp4_groups, struct q8_weights, q8_group_acc)
+
+STEP void store_q8_weights(const struct q8_weights *w, struct q8_group_weights *out) {
+    _mm512_storeu_si512(out->lo, w->lo);
+    _mm512_storeu_si512(out->hi, w->hi);
+    _mm512_storeu_ps(out->d, w->d);
+}
+
+void fl_vbmi_q8_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out) {
+    const struct q8_0_consts c = dot_q8_0_groups_consts();
+    for (int r = 0; r < rows; r++) {
+        const struct q8_weights q = dot_q8_0_groups_weights(w + r * w_row, g, n, &c);
+        store_q8_weights(&q, &out[r]);
+    }
+}
+
+void fl_vbmi_mxfp4_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out) {
+    const struct mxfp4_consts c = dot_mxfp4_groups_consts();
+    for (int r = 0; r < rows; r++) {
+        const struct q8_weights q = dot_mxfp4_groups_weights(w + r * w_row, g, n, &c);
+        store_q8_weights(&q, &out[r]);
+    }
+}
 
 /* ---------------------------------------------------------------- Q4_0, Q4_1, Q5_0, Q5_1 on the same groups
  * Their quants are gathered four blocks to a zmm as Q8_0's are, low nibbles against lo and high nibbles against
@@ -422,24 +440,6 @@ static void prep_q8_1(int64_t k, const float *x, void *out) {
 
 /* ---------------------------------------------------------------- k-quants on Q8_K activations */
 
-/* One superblock of activations, regrouped to meet the k-quants' quant bytes: q[c] holds what one 64-byte
- * vector of a block's quants multiplies, two sub-blocks of 32 (numbered 0..7) in its two 256-bit halves, in
- * one of two orders:
- * - NIBBLES (Q4_K, Q5_K): the low (c even) or high (c odd) nibbles of quant bytes 64*(c/2) .. +63, i.e.
- *   sub-blocks (c/2)*4 + c%2 and +2; sums holds 0 in words 0..7, then the sum of each 32-sub-block (it meets
- *   the mins);
- * - BIT_PAIRS (Q2_K, Q3_K, Q6_K): bits 2c, 2c+1 of 64 quant bytes that hold four 2-bit fields each, i.e.
- *   sub-blocks c and c + 4; sums holds minus the sum of each 16-sub-block, minus Q8_K's bsums (it meets the
- *   mins, or undoes an offset as the seed of the sums it is subtracted from). */
-enum q8k_order { NIBBLES, BIT_PAIRS };
-
-struct q8k_sb {
-    int8_t q[4][64];
-    int16_t sums[16];
-    float d;
-    uint8_t pad[28];
-};
-
 static size_t q8k_sb_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_sb);
 }
@@ -498,13 +498,8 @@ static void prep_q8k(int64_t k, const float *x, void *out, enum q8k_order order)
     }
 }
 
-/* Q3_K's activations: the bit-pair layout, and per vector c the seeds of its dword sums, -4 * the sum of the four
- * activations that a dword of vpdpbusd multiplies: they undo the offset 4 of the values 0..7 met there, so that
- * the dwords need no zeroed registers and the sums no correction (+5-8% in cache) */
-struct q8k_seeded {
-    struct q8k_sb sb;
-    int32_t base[4][16];
-};
+/* Q3_K's activations (struct q8k_seeded): seeds that undo the offset 4 of its values, so that the dwords need no
+ * zeroed registers and the sums no correction (+5-8% in cache) */
 
 static size_t q8k_seeded_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct q8k_seeded);
@@ -544,50 +539,33 @@ STEP void floats_in_memory(float dst[4], __m128 v) {
 }
 
 /* ---------------------------------------------------------------- Q4_K and Q5_K, the nibble order
- * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set, its 32 qh bytes
- * broadcast to both halves of a zmm and tested for the bit each vector's half needs. Both apply the 6-bit
- * scales with vpdpwssd and meet the mins with the activation's sums in one vpmaddwd. */
-
-/* the 12 bytes of 6-bit scales and mins -> bytes sc0..sc7, m0..m7 (fl_get_scale_min_k4, 4 at a time) */
-static inline __m128i unpack_scales_mins(const uint8_t *packed) {
-    __m128i t = _mm_loadu_si128((const __m128i *)packed); /* dwords w0 w1 w2 (+ 4 quant bytes, unused) */
-    __m128i u = _mm_srlv_epi32(_mm_shuffle_epi32(t, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
-    __m128i low = _mm_and_si128(u, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-    __m128i top = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(t, 6), _mm_set1_epi32(0x03030303)), 4);
-    return _mm_or_si128(low, _mm_maskz_shuffle_epi32(0xA, top, _MM_SHUFFLE(1, 1, 0, 0)));
-}
+ * Q4_K loads its 128 quant bytes as two zmm; Q5_K adds 16 where the fifth bit is set (vbmi_layouts.h). Both apply the
+ * 6-bit scales with vpdpwssd and meet the mins with the activation's sums in one vpmaddwd; a superblock's sums
+ * are added up to one integer each and scaled in floats as vbmi_layouts.h says, as the prefill kernels do. */
 
 struct q4_K_consts {
-    __m512i m4;
     __m512i pick[4]; /* per quant vector c: the scale of its first sub-block in words 0..15, the second's in 16..31 */
-    __m512i fifth[4]; /* Q5_K: per vector c, the qh bit of its first half's bytes in bytes 0..31, the second's above */
-    __m512i sixteen;
 };
 
 STEP struct q4_K_consts dot_q4_K_sb_consts(void) {
-    struct q4_K_consts k = {.m4 = _mm512_set1_epi8(0x0f), .sixteen = _mm512_set1_epi8(16)};
-    for (int c = 0; c < 4; c++) {
-        int first = (c / 2) * 4 + c % 2;
-        k.pick[c] = _mm512_inserti64x4(_mm512_set1_epi16((short)first), _mm256_set1_epi16((short)(first + 2)), 1);
-        k.fifth[c] = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << first)), _mm256_set1_epi8((char)(1 << (first + 2))), 1);
-    }
+    struct q4_K_consts k;
+    for (int c = 0; c < 4; c++)
+        k.pick[c] = _mm512_inserti64x4(_mm512_set1_epi16((short)NIBBLE_SUB(c, 0)),
+                                       _mm256_set1_epi16((short)NIBBLE_SUB(c, 1)), 1);
     return k;
 }
 
 #define dot_q5_K_sb_consts dot_q4_K_sb_consts
 
-struct q4_K_state {
-    __m512 acc;   /* d * scale-weighted sums */
-    __m256 acc_m; /* dmin * min-weighted activation sums, subtracted at the end */
+/* the running sums of a k-quant dot (vbmi_layouts.h): d-scaled in lane 0, dmin-scaled in lane 1 */
+struct ksb_state {
+    __m128 acc;
 };
 
-STEP struct q4_K_state dot_q4_K_sb_init(void) { return (struct q4_K_state){_mm512_setzero_ps(), _mm256_setzero_ps()}; }
+STEP struct ksb_state dot_q4_K_sb_init(void) { return (struct ksb_state){_mm_setzero_ps()}; }
 
-STEP float dot_q4_K_sb_finish(const struct q4_K_state *st) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(st->acc_m), _mm256_extractf128_ps(st->acc_m, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return _mm512_reduce_add_ps(st->acc) - _mm_cvtss_f32(m);
+STEP float dot_q4_K_sb_finish(const struct ksb_state *st) {
+    return _mm_cvtss_f32(st->acc) - _mm_cvtss_f32(_mm_movehdup_ps(st->acc));
 }
 
 #define dot_q5_K_sb_init dot_q4_K_sb_init
@@ -603,56 +581,49 @@ STEP __m512i scaled_sums(const __m512i q[4], const struct q8k_sb *y, __m512i sca
     return sumi;
 }
 
-/* acc += d * sumi, acc_m += dmin * mins, with d and dmin the fp16 pair at dm times the activation's d */
-STEP void acc_d_dmin(struct q4_K_state *st, const void *dm, __m512i sumi, __m256i mins, float yd) {
-    uint32_t dd;
-    memcpy(&dd, dm, sizeof(dd));
-    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(yd)); /* d, dmin */
-    st->acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(f), _mm512_cvtepi32_ps(sumi), st->acc);
-    st->acc_m = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)), _mm256_cvtepi32_ps(mins), st->acc_m);
+/* the totals of the 16 dwords of sumi and of the 8 of mins, in dwords 0 and 1 */
+STEP __m128i two_totals(__m512i sumi, __m256i mins) {
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(sumi), _mm512_extracti64x4_epi64(sumi, 1));
+    h = _mm256_hadd_epi32(h, mins);
+    h = _mm256_hadd_epi32(h, h);
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
 /* a Q4_K / Q5_K superblock, from its 16 leading bytes (d, dmin, scales) and its quants q[c] */
-STEP void k4_sb_acc(struct q4_K_state *st, const void *head, const __m512i q[4], const struct q8k_sb *y,
+STEP void k4_sb_acc(struct ksb_state *st, const void *head, const __m512i q[4], const struct q8k_sb *y,
                     const struct q4_K_consts *k) {
     __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins((const uint8_t *)head + 4)); /* words sc0..7, m0..7 */
     __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(sm), k->pick);
-    acc_d_dmin(st, head, sumi, _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums)), y->d);
+    __m128i totals = two_totals(sumi, _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums)));
+    uint32_t dd;
+    memcpy(&dd, head, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
+    st->acc = _mm_fmadd_ps(f, _mm_cvtepi32_ps(totals), st->acc);
 }
 
-STEP void nibbles_of(const uint8_t *qs, const struct q4_K_consts *k, __m512i q[4]) {
-    __m512i z0 = _mm512_loadu_si512(qs), z1 = _mm512_loadu_si512(qs + 64);
-    q[0] = _mm512_and_si512(z0, k->m4);
-    q[1] = _mm512_and_si512(_mm512_srli_epi16(z0, 4), k->m4);
-    q[2] = _mm512_and_si512(z1, k->m4);
-    q[3] = _mm512_and_si512(_mm512_srli_epi16(z1, 4), k->m4);
-}
-
-STEP void dot_q4_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+STEP void dot_q4_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct q4_K_consts *k) {
     (void)n;
     const block_q4_K *x = (const block_q4_K *)vx + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q4_K));
     __m512i q[4];
-    nibbles_of(x->qs, k, q);
+    nibble_quants(x->qs, q);
     k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
 }
 
-STEP void dot_q5_K_sb_step(struct q4_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+STEP void dot_q5_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct q4_K_consts *k) {
     (void)n;
     const block_q5_K *x = (const block_q5_K *)vx + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q5_K));
     __m512i q[4];
-    nibbles_of(x->qs, k, q);
-    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
-    for (int c = 0; c < 4; c++)
-        q[c] = _mm512_mask_add_epi8(q[c], _mm512_test_epi8_mask(qh, k->fifth[c]), q[c], k->sixteen);
+    nibble_quants(x->qs, q);
+    add_fifth_bits(x->qh, q);
     k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
 }
 
-ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
-ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct q4_K_state, superblocks)
+ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct ksb_state, superblocks)
+ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct ksb_state, superblocks)
 
 /* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
  * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
@@ -669,13 +640,10 @@ struct bit_pair_consts {
     __m512i field[3]; /* vpermb tables (the index's bits 6-7 are ignored): fields 1-3 (see bit_pair_table) */
     __m512i pick[2];  /* Q2_K: the scale of each byte of the lookup table; Q3_K, Q6_K: per pair of vectors 2p,
                          2p+1, the scales of lane k's words 0-3 (2p) and 4-7 (2p+1) */
-    __m512i m3, m4, m30, m7;
+    __m512i m3, m4, m7;
     __m512i sel[3];   /* Q3_K: bits 1, 2 and 3, where its third bits go into the index */
     __m512i half4;    /* Q3_K: the hmask shifted by 0 (low half) and 4 (high half) */
 };
-
-/* 16-sub-block of lane k of vector c */
-#define BIT_PAIR_SUB(c, k) (2 * (c) + (k) % 2 + 8 * ((k) / 2))
 
 /* Field f (1..3) of index i (f = 3 after a shift of the quant bytes by 2): Q2_K, plus 4f, its product's place in
  * a lane of the lookup table; Q3_K, with its third bit (at bit f of the index) as bit 2 */
@@ -684,7 +652,7 @@ static uint8_t bit_pair_table(int q3, int f, int i) {
 }
 
 STEP struct bit_pair_consts bit_pair_consts(int q3) {
-    struct bit_pair_consts k = {.m3 = _mm512_set1_epi8(3), .m4 = _mm512_set1_epi8(0x0f), .m30 = _mm512_set1_epi8(0x30),
+    struct bit_pair_consts k = {.m3 = _mm512_set1_epi8(3), .m4 = _mm512_set1_epi8(0x0f),
                                 .m7 = _mm512_set1_epi8(7),
                                 .half4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1)};
     uint8_t table[64];
@@ -733,26 +701,8 @@ STEP __m512i offset_seed(__m256i scales, const struct q8k_sb *y, int log2_offset
     return _mm512_zextsi256_si512(_mm256_slli_epi32(off, log2_offset));
 }
 
-struct q2_K_state {
-    __m512 acc;   /* d * scale-weighted sums */
-    __m256 acc_m; /* dmin * min-weighted activation sums, negative */
-};
-
-STEP struct q2_K_state dot_q2_K_sb_init(void) { return (struct q2_K_state){_mm512_setzero_ps(), _mm256_setzero_ps()}; }
-
-STEP float dot_q2_K_sb_finish(const struct q2_K_state *st) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(st->acc_m), _mm256_extractf128_ps(st->acc_m, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return _mm512_reduce_add_ps(st->acc) + _mm_cvtss_f32(m);
-}
-
-STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                           const struct bit_pair_consts *k) {
-    (void)n;
-    const block_q2_K *x = (const block_q2_K *)vx + i;
-    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+/* Q2_K's quants times their 4-bit scales, the bit-pair order's four vectors */
+STEP void q2_K_products(const block_q2_K *x, const struct bit_pair_consts *k, __m512i p[4]) {
     __m512i z = _mm512_loadu_si512(x->qs);
     __m512i at[4] = {_mm512_and_si512(z, k->m3), _mm512_permutexvar_epi8(z, k->field[0]),
                      _mm512_permutexvar_epi8(z, k->field[1]), _mm512_permutexvar_epi8(_mm512_srli_epi16(z, 2), k->field[2])};
@@ -761,15 +711,45 @@ STEP void dot_q2_K_sb_step(struct q2_K_state *st, const void *vx, int64_t i, int
     __m512i table = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, k->pick[0],
                                                   _mm512_castsi128_si512(_mm_and_si128(packed, _mm512_castsi512_si128(k->m4))));
     table = _mm512_mullo_epi16(table, _mm512_set1_epi32(0x03020100));
+    for (int c = 0; c < 4; c++)
+        p[c] = _mm512_shuffle_epi8(table, at[c]);
+}
+
+#define dot_q2_K_sb_init dot_q4_K_sb_init
+
+/* the running sums hold the negated min sums: the dot is their sum */
+STEP float dot_q2_K_sb_finish(const struct ksb_state *st) {
+    return _mm_cvtss_f32(st->acc) + _mm_cvtss_f32(_mm_movehdup_ps(st->acc));
+}
+
+STEP void dot_q2_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q2_K *x = (const block_q2_K *)vx + i;
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q2_K));
+    __m512i p[4];
+    q2_K_products(x, k, p);
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; c++)
-        sumi = _mm512_dpbusd_epi32(sumi, _mm512_shuffle_epi8(table, at[c]), _mm512_loadu_si512(y->q[c]));
+        sumi = _mm512_dpbusd_epi32(sumi, p[c], _mm512_loadu_si512(y->q[c]));
+    const __m128i packed = _mm_loadu_si128((const __m128i *)x->scales);
     __m256i mins = _mm256_madd_epi16(_mm256_srli_epi16(_mm256_cvtepu8_epi16(packed), 4),
                                      _mm256_loadu_si256((const __m256i *)y->sums));
-    float f[4]; /* d, dmin in f[2], f[3]: the 8 bytes end with them, within the block */
-    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(x->qs + 60))), _mm_set1_ps(y->d)));
-    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[2]), _mm512_cvtepi32_ps(sumi), st->acc);
-    st->acc_m = _mm256_fmadd_ps(_mm256_set1_ps(f[3]), _mm256_cvtepi32_ps(mins), st->acc_m);
+    uint32_t dd;
+    memcpy(&dd, &x->d, sizeof(dd));
+    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
+    st->acc = _mm_fmadd_ps(f, _mm_cvtepi32_ps(two_totals(sumi, mins)), st->acc);
+}
+
+void fl_vbmi_q2_K_products(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *out, size_t out_stride) {
+    const struct bit_pair_consts k = dot_q2_K_sb_consts();
+    for (int r = 0; r < rows; r++) {
+        __m512i p[4];
+        q2_K_products((const block_q2_K *)(w + r * w_row) + i, &k, p);
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_si512(out + r * out_stride + 64 * c, p[c]);
+    }
 }
 
 /* the 16 6-bit scale codes of a Q3_K block minus 32, as words: the low nibbles of bytes 0..7, then their high
@@ -791,13 +771,24 @@ static inline __m256i q3_K_scales(const uint8_t *scales) {
  * half's bytes, c + 4 of the high half's) is shifted to bit c of both halves and merged into a bit of the index
  * that the vector's lookup does not otherwise read. */
 struct q3_K_state {
-    __m512 acc;
+    __m128 acc;     /* the running sum in lane 0 (vbmi_layouts.h) */
     __m256i scales; /* the next superblock's */
 };
 
-STEP struct q3_K_state dot_q3_K_sb_init(void) { return (struct q3_K_state){_mm512_setzero_ps(), _mm256_setzero_si256()}; }
+STEP struct q3_K_state dot_q3_K_sb_init(void) { return (struct q3_K_state){_mm_setzero_ps(), _mm256_setzero_si256()}; }
 
-STEP float dot_q3_K_sb_finish(const struct q3_K_state *st) { return _mm512_reduce_add_ps(st->acc); }
+STEP float dot_q3_K_sb_finish(const struct q3_K_state *st) { return _mm_cvtss_f32(st->acc); }
+
+/* Q3_K's values + 4 (0..7), the bit-pair order's four vectors */
+STEP void q3_K_values(const block_q3_K *x, const struct bit_pair_consts *k, __m512i q[4]) {
+    __m512i z = _mm512_loadu_si512(x->qs);
+    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
+    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
+    q[0] = _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7);
+    q[1] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]);
+    q[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]);
+    q[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]);
+}
 
 /* The scales of superblock i + 1 are put together during step i, so that their long chain of dependent
  * operations overlaps a step's worth of other work (+8% in cache). */
@@ -807,15 +798,8 @@ STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int
     const struct q8k_seeded *ys = (const struct q8k_seeded *)vy + i;
     const struct q8k_sb *y = &ys->sb;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q3_K));
-    __m512i z = _mm512_loadu_si512(x->qs);
-    __m512i hm = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask)), k->half4);
-    /* ternary logic 0xD8: the bits of sel from the hmask, the others from the quants */
-    __m512i q[4] = {
-        _mm512_and_si512(_mm512_ternarylogic_epi32(z, _mm512_slli_epi16(hm, 2), k->sel[1], 0xD8), k->m7),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[0], 0xD8), k->field[0]),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(z, hm, k->sel[1], 0xD8), k->field[1]),
-        _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 2), hm, k->sel[2], 0xD8), k->field[2]),
-    };
+    __m512i q[4];
+    q3_K_values(x, k, q);
     __m256i scales = i == 0 ? q3_K_scales(x->scales) : st->scales;
     if (i + 1 < n / QK_K)
         st->scales = q3_K_scales(x[1].scales);
@@ -825,57 +809,59 @@ STEP void dot_q3_K_sb_step(struct q3_K_state *st, const void *vx, int64_t i, int
     for (int p = 0; p < 2; p++)
         sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
                                    _mm512_permutexvar_epi16(k->pick[p], _mm512_castsi256_si512(scales)));
-    uint32_t dh; /* d in the high half: the 4 bytes end with it, within the block */
-    memcpy(&dh, (const uint8_t *)&x->d - 2, sizeof(dh));
-    float f[4];
-    floats_in_memory(f, _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dh)), _mm_set1_ps(y->d)));
-    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(f[1]), _mm512_cvtepi32_ps(sumi), st->acc);
+    __m128 f = _mm_set_ss(half_to_float(x->d) * y->d);
+    st->acc = _mm_fmadd_ss(f, _mm_cvtsi32_ss(_mm_setzero_ps(), _mm512_reduce_add_epi32(sumi)), st->acc);
 }
 
-/* Q6_K: ql's low nibbles of bytes 0..31 and 64..95 (a), 32..63 and 96..127 (b) are values 0..31 and 128..159,
- * 32.. and 160..; their high nibbles values 64.., 192.. and 96.., 224..: the bit-pair order, with qh's fields
- * as the top two bits */
-STEP void dot_q6_K_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+void fl_vbmi_q3_K_values(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *values, int16_t *scales,
+                         size_t out_stride) {
+    const struct bit_pair_consts k = dot_q3_K_sb_consts();
+    for (int r = 0; r < rows; r++) {
+        const block_q3_K *x = (const block_q3_K *)(w + r * w_row) + i;
+        __m512i q[4];
+        q3_K_values(x, &k, q);
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_si512(values + r * out_stride + 64 * c, q[c]);
+        _mm256_storeu_si256((__m256i *)((uint8_t *)scales + r * out_stride), q3_K_scales(x->scales));
+    }
+}
+
+/* Q6_K (quants: vbmi_layouts.h): a superblock's sums added up to one integer and scaled in floats as vbmi_layouts.h says */
+STEP void dot_q6_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
     (void)n;
     const block_q6_K *x = (const block_q6_K *)vx + i;
     const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q6_K));
-    __m512i z0 = _mm512_loadu_si512(x->ql), z1 = _mm512_loadu_si512(x->ql + 64), h = _mm512_loadu_si512(x->qh);
-    __m512i a = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(1, 0, 1, 0)), b = _mm512_shuffle_i64x2(z0, z1, _MM_SHUFFLE(3, 2, 3, 2));
-    /* (low bits) | (qh's field, moved to bits 4-5) */
-    __m512i q[4] = {
-        _mm512_ternarylogic_epi32(_mm512_and_si512(a, k->m4), _mm512_slli_epi16(h, 4), k->m30, 0xF8),
-        _mm512_ternarylogic_epi32(_mm512_and_si512(b, k->m4), _mm512_slli_epi16(h, 2), k->m30, 0xF8),
-        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), k->m4), h, k->m30, 0xF8),
-        _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(b, 4), k->m4), _mm512_srli_epi16(h, 2), k->m30, 0xF8),
-    };
+    __m512i q[4];
+    q6_K_quants(x, q);
     __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
     __m512i sumi = packed_sums(offset_seed(scales, y, 5), q, y, _mm512_castsi256_si512(scales), k);
-    st->acc = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(x->d) * y->d), _mm512_cvtepi32_ps(sumi), st->acc);
+    __m128 f = _mm_set_ss(half_to_float(x->d) * y->d);
+    st->acc = _mm_fmadd_ss(f, _mm_cvtsi32_ss(_mm_setzero_ps(), _mm512_reduce_add_epi32(sumi)), st->acc);
 }
 
-#define dot_q6_K_sb_init acc1_init
-#define dot_q6_K_sb_finish acc1_finish
+#define dot_q6_K_sb_init dot_q4_K_sb_init
+#define dot_q6_K_sb_finish dot_q4_K_sb_finish
 
-ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct q2_K_state, superblocks)
+ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
-ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct acc1, superblocks)
+ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4,
-                                                    dot_q8_0_groups_t4};
+                                                    dot_q8_0_groups_t4, &fl_gemm_q8_0_vbmi};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups, dot_mxfp4_groups_x4,
-                                                     dot_mxfp4_groups_t4};
+                                                     dot_mxfp4_groups_t4, &fl_gemm_mxfp4_vbmi};
 static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4,
-                                                    dot_q4_K_sb_t4};
+                                                    dot_q4_K_sb_t4, &fl_gemm_q4_K_vbmi};
 static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,
-                                                    dot_q5_K_sb_t4};
+                                                    dot_q5_K_sb_t4, &fl_gemm_q5_K_vbmi};
 static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
-                                                    dot_q2_K_sb_t4};
+                                                    dot_q2_K_sb_t4, &fl_gemm_q2_K_vbmi};
 static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
-                                                    dot_q3_K_sb_t4};
+                                                    dot_q3_K_sb_t4, &fl_gemm_q3_K_vbmi};
 static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,
-                                                    dot_q6_K_sb_t4};
+                                                    dot_q6_K_sb_t4, &fl_gemm_q6_K_vbmi};
 static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4,
                                                     dot_q4_0_groups_t4};
 static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4,
