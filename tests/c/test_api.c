@@ -89,6 +89,49 @@ static void test_attn_sink(void) {
           "fl_attn_sink: zero heads accepted");
 }
 
+/* fl_attn_sink split across threads (tokens x blocks of heads) and blocked at each SIMD level: every level and
+ * thread count gives the bits of the plain loops on one thread, for a prefill-sized call and a one-token call
+ * (whose heads are split), with head counts and dims off the kernels' blocks of 4 queries, 2 rows and 16 lanes. */
+static void test_attn_sink_split(void) {
+    enum { T = 6, H = 9, D = 53, NW = 11, NC = 7, K = 5 };
+    uint64_t later_tests_draws = rng_state; /* the tests after this one keep the data they were written for */
+    float *q = malloc(sizeof(float) * T * H * D), *win = malloc(sizeof(float) * NW * D);
+    float *cmp = malloc(sizeof(float) * NC * D), *want = malloc(sizeof(float) * T * H * D);
+    float *got = malloc(sizeof(float) * T * H * D), sinks[H];
+    int32_t range[2 * T], idx[T * K];
+    fill(q, T * H * D, 1.0f);
+    fill(win, NW * D, 1.0f);
+    fill(cmp, NC * D, 1.0f);
+    fill(sinks, H, 2.0f);
+    for (int t = 0; t < T; t++) {
+        range[2 * t] = t % 3, range[2 * t + 1] = NW - t; /* odd and even row counts */
+        for (int j = 0; j < K; j++) idx[t * K + j] = j <= t ? (t * 5 + j * 3) % NC : -1;
+    }
+    int best = fl_simd_level(), threads = fl_threads_get();
+    for (int n_tok = 1; n_tok <= T; n_tok += T - 1) {
+        fl_simd_set(FL_SIMD_SCALAR);
+        fl_threads_set(1);
+        CHECK(fl_attn_sink(n_tok, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, want) == FL_OK,
+              "fl_attn_sink: plain, one thread");
+        for (int level = FL_SIMD_SCALAR; level <= FL_SIMD_NEON; level++) {
+            if (fl_simd_set(level) != FL_OK) continue;
+            for (int th = 1; th <= 3; th++) {
+                fl_threads_set(th);
+                memset(got, 0xff, sizeof(float) * T * H * D);
+                CHECK(fl_attn_sink(n_tok, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, got) == FL_OK,
+                      "fl_attn_sink: level %d, %d threads", level, th);
+                CHECK(memcmp(want, got, sizeof(float) * (size_t)(n_tok * H * D)) == 0,
+                      "fl_attn_sink: level %d with %d threads differs from the plain loops (%d tokens)", level, th,
+                      n_tok);
+            }
+        }
+    }
+    fl_simd_set(best);
+    fl_threads_set(threads);
+    free(q), free(win), free(cmp), free(want), free(got);
+    rng_state = later_tests_draws;
+}
+
 /* ---------------------------------------------------------------- compressor pooling */
 
 static void test_compress_pool(void) {
@@ -629,6 +672,7 @@ static void test_fused_attention(void) {
 
 int main(void) {
     test_attn_sink();
+    test_attn_sink_split();
     test_compress_pool();
     test_kv_pack();
     test_types();
