@@ -69,18 +69,9 @@ int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const floa
     return FL_OK;
 }
 
-/* rotate pairs (2i, 2i+1) of the last rope_dim dims of each of n rows of dim by cs (cos then sin, rope_dim / 2
- * each), as the model's numpy RoPE does: e * c - o * s, o * c + e * s; inverse by -angle */
+/* rotate the last rope_dim dims of each of n rows of dim by cs (cos then sin, rope_dim / 2 each), as fl_rope */
 static void rope_rows(float *x, int64_t n, int64_t dim, int64_t rope_dim, const float *cs, int inverse) {
-    const float *c = cs, *sn = cs + rope_dim / 2;
-    for (int64_t r = 0; r < n; r++) {
-        float *v = x + r * dim + dim - rope_dim;
-        for (int64_t i = 0; i < rope_dim / 2; i++) {
-            float s = inverse ? -sn[i] : sn[i], e = v[2 * i], o = v[2 * i + 1];
-            v[2 * i] = e * c[i] - o * s;
-            v[2 * i + 1] = o * c[i] + e * s;
-        }
-    }
+    fl_rope(1, n, dim, rope_dim, cs, cs + rope_dim / 2, inverse, x);
 }
 
 static uint8_t *log_row(const struct fl_row_log *log, int64_t pos, int64_t row_bytes) {
