@@ -424,6 +424,55 @@ static void test_hyper_connections(void) {
     CHECK(fl_rms_norm(T, 0, x, NULL, norm_eps, normed) == FL_EINVAL, "fl_rms_norm accepted dim 0");
 }
 
+/* fl_indexer_topk split across threads (one query per task) and scored through the blocked kernels at each SIMD
+ * level: the picks of the plain loops on one thread, with more keys than one block, duplicated keys (ties go to the
+ * lower row) and a NaN score (never picked). */
+static void test_indexer_split(void) {
+    enum { T = 5, IH = 6, ID = 21, KEYS = 300, TOPK = 40 };
+    uint64_t later_tests_draws = rng_state; /* the tests after this one keep the data they were written for */
+    float *q = malloc(sizeof(float) * T * IH * ID), *keys = malloc(sizeof(float) * KEYS * ID), hw[T * IH];
+    int32_t visible[T] = {KEYS, 1, 0, 200, 137}, want[T * TOPK], got[T * TOPK];
+    fill(q, T * IH * ID, 1.0f);
+    fill(keys, KEYS * ID, 1.0f);
+    fill(hw, T * IH, 1.0f);
+    for (int h = 0; h < IH; h++) hw[h] = fabsf(hw[h]);
+    for (int d = 0; d < ID; d++) { /* rows 3 and 7 tie, at the top for query 0 */
+        keys[3 * ID + d] = 0.0f;
+        for (int h = 0; h < IH; h++) keys[3 * ID + d] += 3.0f * q[h * ID + d];
+    }
+    memcpy(keys + 7 * ID, keys + 3 * ID, sizeof(float) * ID);
+    keys[11 * ID] = NAN;                                      /* row 11 scores NaN */
+    int best = fl_simd_level(), threads = fl_threads_get();
+    fl_simd_set(FL_SIMD_SCALAR);
+    fl_threads_set(1);
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.3f, want) == FL_OK, "fl_indexer_topk");
+    int pos3 = -1, pos7 = -1, nan_picked = 0;
+    for (int t = 0; t < T; t++)
+        for (int p = 0; p < TOPK; p++) {
+            int32_t r = want[t * TOPK + p];
+            nan_picked |= r == 11;
+            if (t == 0 && r == 3) pos3 = p;
+            if (t == 0 && r == 7) pos7 = p;
+        }
+    CHECK(!nan_picked, "fl_indexer_topk picked a row that scores NaN");
+    CHECK(pos3 >= 0 && pos3 + 1 == pos7, "fl_indexer_topk: tied rows 3, 7 at picks %d, %d", pos3, pos7);
+    CHECK(want[1 * TOPK] == 0 && want[1 * TOPK + 1] == -1 && want[2 * TOPK] == -1,
+          "fl_indexer_topk: one visible row then -1, none visible all -1");
+    for (int level = FL_SIMD_SCALAR; level <= FL_SIMD_NEON; level++) {
+        if (fl_simd_set(level) != FL_OK) continue;
+        for (int th = 1; th <= 3; th++) {
+            fl_threads_set(th);
+            CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.3f, got) == FL_OK,
+                  "fl_indexer_topk: level %d, %d threads", level, th);
+            CHECK(memcmp(want, got, sizeof want) == 0, "fl_indexer_topk: level %d with %d threads differs", level, th);
+        }
+    }
+    fl_simd_set(best);
+    fl_threads_set(threads);
+    free(q), free(keys);
+    rng_state = later_tests_draws;
+}
+
 /* ---------------------------------------------------------------- RoPE, and the row operations split across threads */
 
 /* fl_rope against a double-precision rotation and back; then fl_rope, fl_rms_norm, fl_hc_pre and fl_hc_post on
@@ -752,6 +801,7 @@ int main(void) {
     test_attn_sink();
     test_attn_sink_split();
     test_rope_and_rows_split();
+    test_indexer_split();
     test_compress_pool();
     test_kv_pack();
     test_types();
