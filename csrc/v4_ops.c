@@ -30,8 +30,8 @@ static void rows_task(void *ctx, int64_t task, int thread) {
 
 static void for_rows(int64_t n, int64_t row_floats, rows_fn fn, void *ctx) {
     enum { PARALLEL_FLOATS = 1 << 16, TASKS_PER_THREAD = 4 };
-    int threads = fl_pool_width();
-    if (threads <= 1 || n < 2 || n * row_floats < PARALLEL_FLOATS) {
+    int threads = n < 2 || n * row_floats < PARALLEL_FLOATS ? 1 : fl_pool_width();
+    if (threads <= 1) {
         fn(ctx, 0, n);
         return;
     }
