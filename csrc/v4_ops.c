@@ -40,22 +40,41 @@ static void for_rows(int64_t n, int64_t row_floats, rows_fn fn, void *ctx) {
     fl_parallel_for((n + j.per_task - 1) / j.per_task, 0, rows_task, &j);
 }
 
-static void rms_norm_row(const float *x, const float *weight, int64_t dim, float eps, float *y) {
-    double acc = 0.0; /* the mean of squares in double: one rounding, whatever the row's length */
-    for (int64_t i = 0; i < dim; i++) acc += (double)x[i] * x[i];
-    float inv = 1.0f / sqrtf((float)(acc / (double)dim) + eps);
-    for (int64_t i = 0; i < dim; i++) y[i] = weight ? weight[i] * (x[i] * inv) : x[i] * inv;
-}
-
 struct norm_job {
     int64_t dim;
     const float *x, *weight;
     float eps, *y;
 };
 
+/* Each row's mean of squares in double (one rounding, whatever the row's length), summed in order; four rows at a
+ * time, so that their four chains of dependent additions overlap (one chain alone waits on each add). */
 static void norm_rows(void *ctx, int64_t lo, int64_t hi) {
     const struct norm_job *j = ctx;
-    for (int64_t r = lo; r < hi; r++) rms_norm_row(j->x + r * j->dim, j->weight, j->dim, j->eps, j->y + r * j->dim);
+    const int64_t dim = j->dim;
+    for (int64_t r = lo; r < hi; r += 4) {
+        const int64_t n = hi - r < 4 ? hi - r : 4;
+        const float *x = j->x + r * dim;
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        if (n == 4) {
+            const float *x1 = x + dim, *x2 = x1 + dim, *x3 = x2 + dim;
+            double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+            for (int64_t i = 0; i < dim; i++) {
+                a0 += (double)x[i] * x[i];
+                a1 += (double)x1[i] * x1[i];
+                a2 += (double)x2[i] * x2[i];
+                a3 += (double)x3[i] * x3[i];
+            }
+            acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+        } else {
+            for (int64_t k = 0; k < n; k++)
+                for (int64_t i = 0; i < dim; i++) acc[k] += (double)x[k * dim + i] * x[k * dim + i];
+        }
+        for (int64_t k = 0; k < n; k++) {
+            const float *xk = x + k * dim, *w = j->weight;
+            float *y = j->y + (r + k) * dim, inv = 1.0f / sqrtf((float)(acc[k] / (double)dim) + j->eps);
+            for (int64_t i = 0; i < dim; i++) y[i] = w ? w[i] * (xk[i] * inv) : xk[i] * inv;
+        }
+    }
 }
 
 int fl_rms_norm(int64_t rows, int64_t dim, const float *x, const float *weight, float eps, float *y) {

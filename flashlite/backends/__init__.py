@@ -4,7 +4,7 @@ The model is written once, in terms of these named operations; a backend impleme
 
     matmul_batch   y = x W^T for several (weight, activation) pairs, any block format
     rms_norm       x * rsqrt(mean(x^2) + eps) * weight
-    rope           interleaved rotation of the last rope dims by given cos/sin
+    rope           interleaved rotation of the last rope dims by given cos/sin, in place
     hc_pre         hyper-connection collapse: mixing matmul, sigmoids, Sinkhorn, weighted sum of the streams
     hc_post        hyper-connection expansion of a sublayer's output back into the streams
     compress_pool  the compressor's per-channel softmax pooling of closed windows

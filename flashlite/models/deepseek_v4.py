@@ -579,7 +579,8 @@ class Block:
         if self.next is not None:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
             self.next.prefetch_experts(y, token_ids)
-        return HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
+        y *= self.ffn_norm  # in place (the prefetch is done with y): the same bits as ffn_norm * y
+        return HyperConnection.expand(self.ffn(y, token_ids), h, post, comb)
 
 
 def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress: "RoPE",
