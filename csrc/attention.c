@@ -7,13 +7,51 @@
 #include <string.h>
 
 #include "flashlite.h"
+#include "threadpool.h"
 #include "vec_f32.h"
 
-static void axpy_f32(float *y, const float *x, float a, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
 /* ---------------------------------------------------------------- sparse attention with sink */
+
+/* One task: the heads [h0, h0 + n) of token t. Each task owns its outputs, so the split (and the thread count)
+ * changes no bit of them. */
+struct attn_job {
+    int64_t n_head, head_dim, heads_per_task, tasks_per_tok, max_seen;
+    const float *q, *win, *cmp, *sinks;
+    const int32_t *win_range, *cmp_idx;
+    int64_t k_cmp;
+    float scale;
+    float *out;
+    const struct fl_f32_kernels *kernels;
+    char *scratch; /* per thread: max_seen row pointers, then heads_per_task x max_seen probabilities */
+    size_t scratch_bytes;
+};
+
+static void attn_task(void *ctx, int64_t task, int thread) {
+    const struct attn_job *a = ctx;
+    const int64_t hd = a->head_dim, t = task / a->tasks_per_tok, h0 = task % a->tasks_per_tok * a->heads_per_task;
+    const int64_t nh = a->n_head - h0 < a->heads_per_task ? a->n_head - h0 : a->heads_per_task;
+    const float **rows = (const float **)(a->scratch + (size_t)thread * a->scratch_bytes);
+    float *p = (float *)(rows + a->max_seen);
+    int64_t n = 0;
+    for (int32_t r = a->win_range[2 * t]; r < a->win_range[2 * t + 1]; r++) rows[n++] = a->win + (int64_t)r * hd;
+    for (int64_t j = 0; j < a->k_cmp; j++) {
+        int32_t r = a->cmp_idx[t * a->k_cmp + j];
+        if (r >= 0) rows[n++] = a->cmp + (int64_t)r * hd;
+    }
+    a->kernels->scores(nh, a->q + (t * a->n_head + h0) * hd, n, rows, hd, a->scale, p);
+    for (int64_t h = 0; h < nh; h++) { /* softmax over [scores, sink] less their max, normalised */
+        float *ph = p + h * n, sink = a->sinks[h0 + h], m = sink;
+        for (int64_t i = 0; i < n; i++)
+            if (ph[i] > m) m = ph[i];
+        float sum = expf(sink - m);
+        for (int64_t i = 0; i < n; i++) {
+            ph[i] = expf(ph[i] - m);
+            sum += ph[i];
+        }
+        for (int64_t i = 0; i < n; i++) ph[i] = ph[i] / sum;
+    }
+    a->kernels->mix(nh, p, n, rows, hd, a->out + (t * a->n_head + h0) * hd);
+}
 
 int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
                  const float *win, int64_t n_win, const int32_t *win_range,
@@ -30,40 +68,20 @@ int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q
             if (r < -1 || r >= n_cmp) return FL_EINVAL;
         }
     }
-    int64_t max_seen = n_win + k_cmp;
-    float *p = malloc(sizeof(float) * (size_t)(max_seen + 1));
-    const float **rows = malloc(sizeof(float *) * (size_t)(max_seen + 1));
-    if (!p || !rows) {
-        free(p);
-        free(rows);
-        return FL_ENOMEM;
-    }
-    for (int64_t t = 0; t < n_tok; t++) {
-        int64_t n = 0;
-        for (int32_t r = win_range[2 * t]; r < win_range[2 * t + 1]; r++) rows[n++] = win + (int64_t)r * head_dim;
-        for (int64_t j = 0; j < k_cmp; j++) {
-            int32_t r = cmp_idx[t * k_cmp + j];
-            if (r >= 0) rows[n++] = cmp + (int64_t)r * head_dim;
-        }
-        for (int64_t h = 0; h < n_head; h++) {
-            const float *qh = q + (t * n_head + h) * head_dim;
-            float *o = out + (t * n_head + h) * head_dim;
-            float m = sinks[h];
-            for (int64_t i = 0; i < n; i++) {
-                p[i] = fl_dot_f32(qh, rows[i], head_dim) * scale;
-                if (p[i] > m) m = p[i];
-            }
-            float sum = expf(sinks[h] - m);
-            for (int64_t i = 0; i < n; i++) {
-                p[i] = expf(p[i] - m);
-                sum += p[i];
-            }
-            memset(o, 0, sizeof(float) * (size_t)head_dim);
-            for (int64_t i = 0; i < n; i++) axpy_f32(o, rows[i], p[i] / sum, head_dim);
-        }
-    }
-    free(p);
-    free(rows);
+    if (!n_tok) return FL_OK;
+    /* a token's heads in one task while there are tokens enough for every thread, else in parts of at least four
+     * heads (the kernels' block) so that a decode step's one token still spreads */
+    int threads = fl_threads_get();
+    int64_t per_task = n_head;
+    while (per_task > 4 && n_tok * ((n_head + per_task - 1) / per_task) < 4 * (int64_t)threads)
+        per_task = (per_task / 2 + 3) & ~(int64_t)3;
+    struct attn_job a = {n_head, head_dim, per_task, (n_head + per_task - 1) / per_task, n_win + k_cmp + 1,
+                         q, win, cmp, sinks, win_range, cmp_idx, k_cmp, scale, out, fl_f32_kernels(), NULL, 0};
+    a.scratch_bytes = ((sizeof(float *) + sizeof(float) * (size_t)per_task) * (size_t)a.max_seen + 63) & ~(size_t)63;
+    a.scratch = malloc(a.scratch_bytes * (size_t)threads);
+    if (!a.scratch) return FL_ENOMEM;
+    fl_parallel_for(n_tok * a.tasks_per_tok, threads, attn_task, &a);
+    free(a.scratch);
     return FL_OK;
 }
 

@@ -144,7 +144,8 @@ int fl_vec_dot_ref(int type, const void *vx, const void *vy, int64_t n, float *s
 /* ---------------------------------------------------------------- DeepSeek V4 forward (attention.c, moe.c) */
 /* out[t, h] = sum_i softmax_i([q[t,h].row_i * scale]_i ++ [sinks[h]])_i * row_i, over the rows each query t sees:
  * win rows [win_range[2t], win_range[2t+1]) and the cmp rows listed in cmp_idx[t, :k_cmp] (-1 = none).
- * q, out: [n_tok, n_head, head_dim]; win: [n_win, head_dim]; cmp: [n_cmp, head_dim]; all float32. */
+ * q, out: [n_tok, n_head, head_dim]; win: [n_win, head_dim]; cmp: [n_cmp, head_dim]; all float32. out may be q
+ * (each query's output then replaces it). */
 int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
                  const float *win, int64_t n_win, const int32_t *win_range,
                  const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
@@ -168,6 +169,10 @@ int fl_moe_experts(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, in
 /* ---------------------------------------------------------------- per-token layer operations (v4_ops.c) */
 /* y[r] = x[r] * rsqrt(mean(x[r]^2) + eps), times weight (dim floats, after the normalisation) unless NULL. */
 int fl_rms_norm(int64_t rows, int64_t dim, const float *x, const float *weight, float eps, float *y);
+/* RoPE in place: for x [n_tok, n_rows, dim], pairs (2i, 2i+1) of the last rope_dim dims of each row of token t
+ * rotated by cos, sin [n_tok, rope_dim / 2] (by -angle when inverse): e * c - o * s, o * c + e * s. */
+int fl_rope(int64_t n_tok, int64_t n_rows, int64_t dim, int64_t rope_dim, const float *cos, const float *sin,
+            int inverse, float *x);
 /* The hyper-connection collapse before a sublayer, for h [n_tok, hc, dim]: mixes = fn(rms_norm(h flattened))
  * (fn: (2 + hc) * hc rows of hc * dim elements of fn_type, or hc rows for the model's final collapse, which passes
  * post = comb = NULL); pre = sigmoid(mix * scale[0] + base) + hc_eps; post = 2 sigmoid(...scale[1]...) [n_tok, hc];

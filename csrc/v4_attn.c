@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "flashlite.h"
+#include "threadpool.h"
 #include "vec_f32.h"
 
 int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y) {
@@ -37,6 +38,61 @@ int fl_hadamard(int64_t n_rows, int64_t dim, const float *x, float *y) {
     return FL_OK;
 }
 
+/* One task: one query's scores of its visible rows, KEY_BLOCK rows at a time through the blocked f32 kernels,
+ * then its picks. Each task owns its outputs, so the thread count changes no bit. */
+enum { KEY_BLOCK = 128 };
+struct topk_job {
+    int64_t n_heads, head_dim, n_keys, topk;
+    const float *q, *head_weights, *keys;
+    const int32_t *visible;
+    float scale;
+    int32_t *picks;
+    const struct fl_f32_kernels *kernels;
+    char *scratch; /* per thread: n_keys totals, KEY_BLOCK row pointers, n_heads x KEY_BLOCK dots, n_keys rows */
+    size_t scratch_bytes;
+};
+
+struct scored {
+    float score;
+    int32_t row;
+};
+
+static int best_first(const void *pa, const void *pb) {
+    const struct scored *a = pa, *b = pb;
+    if (a->score != b->score) return a->score > b->score ? -1 : 1;
+    return (a->row > b->row) - (a->row < b->row);
+}
+
+static void topk_task(void *ctx, int64_t t, int thread) {
+    const struct topk_job *j = ctx;
+    const int64_t H = j->n_heads, n = j->visible[t];
+    float *total = (float *)(j->scratch + (size_t)thread * j->scratch_bytes);
+    const float **rows = (const float **)(total + ((j->n_keys + 2) & ~(int64_t)1));
+    float *dots = (float *)(rows + KEY_BLOCK);
+    for (int64_t k0 = 0; k0 < n; k0 += KEY_BLOCK) {
+        int64_t nk = n - k0 < KEY_BLOCK ? n - k0 : KEY_BLOCK;
+        for (int64_t k = 0; k < nk; k++) rows[k] = j->keys + (k0 + k) * j->head_dim;
+        j->kernels->scores(H, j->q + t * H * j->head_dim, nk, rows, j->head_dim, 1.0f, dots);
+        for (int64_t k = 0; k < nk; k++) {
+            float s = 0.0f;
+            for (int64_t h = 0; h < H; h++) {
+                float d = dots[h * nk + k];
+                s += (d > 0.0f ? d : 0.0f) * j->scale * j->head_weights[t * H + h];
+            }
+            total[k0 + k] = s;
+        }
+    }
+    /* best first, ties to the lower row (a total order, so any sort gives the same picks); NaN scores never
+     * picked; -1 past the visible rows */
+    struct scored *order = (struct scored *)(dots + H * KEY_BLOCK);
+    int64_t m = 0;
+    for (int64_t k = 0; k < n; k++)
+        if (total[k] == total[k]) order[m++] = (struct scored){total[k], (int32_t)k};
+    qsort(order, (size_t)m, sizeof(*order), best_first);
+    int32_t *out = j->picks + t * j->topk;
+    for (int64_t p = 0; p < j->topk; p++) out[p] = p < m ? order[p].row : -1;
+}
+
 int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const float *q, const float *head_weights,
                     const float *keys, int64_t n_keys, const int32_t *visible, int64_t topk, float scale,
                     int32_t *picks) {
@@ -45,44 +101,23 @@ int fl_indexer_topk(int64_t n_tok, int64_t n_heads, int64_t head_dim, const floa
         return FL_EINVAL;
     for (int64_t t = 0; t < n_tok; t++)
         if (visible[t] < 0 || visible[t] > n_keys) return FL_EINVAL;
-    float *total = malloc(sizeof(float) * (size_t)(n_keys + 1));
-    if (!total) return FL_ENOMEM;
-    for (int64_t t = 0; t < n_tok; t++) {
-        int64_t n = visible[t];
-        for (int64_t k = 0; k < n; k++) {
-            float s = 0.0f;
-            for (int64_t h = 0; h < n_heads; h++) {
-                float d = fl_dot_f32(q + (t * n_heads + h) * head_dim, keys + k * head_dim, head_dim);
-                s += (d > 0.0f ? d : 0.0f) * scale * head_weights[t * n_heads + h];
-            }
-            total[k] = s;
-        }
-        /* best first, ties to the lower row; -1 past the visible rows */
-        int32_t *out = picks + t * topk;
-        for (int64_t j = 0; j < topk; j++) {
-            int64_t best = -1;
-            for (int64_t k = 0; k < n; k++)
-                if (total[k] == total[k] && (best < 0 || total[k] > total[best])) best = k;
-            out[j] = (int32_t)best;
-            if (best >= 0) total[best] = NAN; /* taken */
-        }
-    }
-    free(total);
+    if (!n_tok) return FL_OK;
+    int threads = fl_threads_get();
+    struct topk_job j = {n_heads, head_dim, n_keys, topk, q, head_weights, keys, visible, scale, picks,
+                         fl_f32_kernels(), NULL, 0};
+    j.scratch_bytes = (sizeof(float) * (size_t)((n_keys + 2) & ~(int64_t)1) + sizeof(float *) * KEY_BLOCK +
+                       sizeof(float) * (size_t)(n_heads * KEY_BLOCK) + sizeof(struct scored) * (size_t)n_keys + 63) &
+                      ~(size_t)63;
+    j.scratch = malloc(j.scratch_bytes * (size_t)threads);
+    if (!j.scratch) return FL_ENOMEM;
+    fl_parallel_for(n_tok, threads, topk_task, &j);
+    free(j.scratch);
     return FL_OK;
 }
 
-/* rotate pairs (2i, 2i+1) of the last rope_dim dims of each of n rows of dim by cs (cos then sin, rope_dim / 2
- * each), as the model's numpy RoPE does: e * c - o * s, o * c + e * s; inverse by -angle */
+/* rotate the last rope_dim dims of each of n rows of dim by cs (cos then sin, rope_dim / 2 each), as fl_rope */
 static void rope_rows(float *x, int64_t n, int64_t dim, int64_t rope_dim, const float *cs, int inverse) {
-    const float *c = cs, *sn = cs + rope_dim / 2;
-    for (int64_t r = 0; r < n; r++) {
-        float *v = x + r * dim + dim - rope_dim;
-        for (int64_t i = 0; i < rope_dim / 2; i++) {
-            float s = inverse ? -sn[i] : sn[i], e = v[2 * i], o = v[2 * i + 1];
-            v[2 * i] = e * c[i] - o * s;
-            v[2 * i + 1] = o * c[i] + e * s;
-        }
-    }
+    fl_rope(1, n, dim, rope_dim, cs, cs + rope_dim / 2, inverse, x);
 }
 
 static uint8_t *log_row(const struct fl_row_log *log, int64_t pos, int64_t row_bytes) {

@@ -89,7 +89,7 @@ def test_rope_rotates_interleaved_pairs_of_the_last_dims():
     rope = RoPE(4, 10000)
     x = np.arange(2 * 6, dtype=np.float32).reshape(2, 6)
     cos, sin = rope.cos_sin(np.array([0, 3]))
-    y = rope.apply(x, cos, sin)
+    y = rope.apply(x.copy(), cos, sin)  # in place
     np.testing.assert_array_equal(y[0], x[0])
     angle = 3 * np.array([1.0, 0.01])
     np.testing.assert_array_equal(y[1, :2], x[1, :2])
@@ -98,7 +98,7 @@ def test_rope_rotates_interleaved_pairs_of_the_last_dims():
         np.testing.assert_allclose(y[1, 2 + 2 * j:4 + 2 * j],
                                    [a * math.cos(angle[j]) - b * math.sin(angle[j]),
                                     b * math.cos(angle[j]) + a * math.sin(angle[j])], rtol=1e-5)
-    np.testing.assert_allclose(rope.apply(y, cos, sin, inverse=True), x, atol=1e-5)
+    np.testing.assert_allclose(rope.apply(y.copy(), cos, sin, inverse=True), x, atol=1e-5)
 
 
 def _hc_reference(h, fn, base, scale, iters, hc_eps, norm_eps):

@@ -4,7 +4,7 @@ The model is written once, in terms of these named operations; a backend impleme
 
     matmul_batch   y = x W^T for several (weight, activation) pairs, any block format
     rms_norm       x * rsqrt(mean(x^2) + eps) * weight
-    rope           interleaved rotation of the last rope dims by given cos/sin
+    rope           interleaved rotation of the last rope dims by given cos/sin, in place
     hc_streams     the hc streams a chunk starts from: copies of each token's embedding
     hc_pre         hyper-connection collapse: mixing matmul, sigmoids, Sinkhorn, weighted sum of the streams
     hc_post        hyper-connection expansion of a sublayer's output back into the streams
@@ -51,8 +51,8 @@ def matmul_batch(products: list) -> list:
     return _of(_weight(products[0][0])).matmul_batch(products) if products else []
 
 
-def rms_norm(x, weight, eps: float):
-    return _of(x).rms_norm(x, weight, eps)
+def rms_norm(x, weight, eps: float, out=None):
+    return _of(x).rms_norm(x, weight, eps, out)
 
 
 def rope(x, cos, sin, rope_dim: int, inverse: bool = False):
@@ -83,8 +83,8 @@ def indexer_topk(q, keys, head_weights, visible: np.ndarray, topk: int, scale: f
     return _of(q).indexer_topk(q, keys, head_weights, visible, topk, scale)
 
 
-def attention_sink(q, window, ranges: np.ndarray, rows, idx: np.ndarray, sinks, scale: float, what: str):
-    return _of(q).attention_sink(q, window, ranges, rows, idx, sinks, scale, what)
+def attention_sink(q, window, ranges: np.ndarray, rows, idx: np.ndarray, sinks, scale: float, what: str, out=None):
+    return _of(q).attention_sink(q, window, ranges, rows, idx, sinks, scale, what, out)
 
 
 def moe_route(logits, bias, tid2eid, token_ids: np.ndarray, n_used: int, route_scale: float):

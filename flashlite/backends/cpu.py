@@ -88,11 +88,11 @@ def hc_streams(x: np.ndarray, hc: int) -> np.ndarray:
     return np.repeat(x[:, None, :], hc, axis=1)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float, out: np.ndarray | None = None) -> np.ndarray:
     """x * rsqrt(mean(x^2) + eps) over the last axis, then times the weight (after the normalisation, as
-    transformers does)."""
+    transformers does); into out when given (a C-contiguous float32 array of x's shape, which may be x itself)."""
     x = np.ascontiguousarray(x, np.float32)
-    y = np.empty_like(x)
+    y = np.empty_like(x) if out is None else out
     dim = x.shape[-1]
     check(lib.fl_rms_norm(x.size // dim, dim, f32(x), ffi.NULL if weight is None else f32(weight), eps, f32(y)),
           "fl_rms_norm")
@@ -100,17 +100,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, inverse: bool = False) -> np.ndarray:
-    """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim] by cos/sin [T, rope_dim/2];
-    inverse rotates by -angle."""
-    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    if inverse:
-        s = -s
-    out = x.copy()
-    even, odd = x[..., -rope_dim::2], x[..., -rope_dim + 1::2]
-    out[..., -rope_dim::2] = even * c - odd * s
-    out[..., -rope_dim + 1::2] = odd * c + even * s
-    return out
+    """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim] (C-contiguous float32) by cos/sin
+    [T, rope_dim/2], in place; inverse rotates by -angle. Returns x."""
+    t, dim = x.shape[0], x.shape[-1]
+    cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
+    check(lib.fl_rope(t, x.size // (t * dim) if t else 0, dim, rope_dim, f32(cos), f32(sin), int(inverse), f32(x)),
+          "fl_rope")
+    return x
 
 
 def hc_pre(h: np.ndarray, fn, base: np.ndarray, scale: np.ndarray, sinkhorn_iters: int, hc_eps: float,
@@ -167,11 +163,11 @@ def indexer_topk(q: np.ndarray, keys: np.ndarray, head_weights: np.ndarray, visi
 
 
 def attention_sink(q: np.ndarray, window: np.ndarray, ranges: np.ndarray, rows: np.ndarray, idx: np.ndarray,
-                   sinks: np.ndarray, scale: float, what: str) -> np.ndarray:
+                   sinks: np.ndarray, scale: float, what: str, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax with sink per head of q [T, H, hd] over its window rows window[ranges[t, 0]:ranges[t, 1]] and its
-    compressed rows rows[idx[t]] (-1 = none): [T, H, hd]."""
+    compressed rows rows[idx[t]] (-1 = none): [T, H, hd], into out when given (which may be q itself)."""
     t, n_heads, head_dim = q.shape
-    out = np.empty_like(q)
+    out = np.empty_like(q) if out is None else out
     check(lib.fl_attn_sink(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges), f32(rows),
                            rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, f32(out)), what)
     return out

@@ -247,21 +247,23 @@ def matmul_batch(products: list) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- the small operations
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cpu.rms_norm, into out when given (which may be x)."""
     y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return y if weight is None else weight * y
+    y = y if weight is None else weight * y
+    return y if out is None else out.copy_(y)
 
 
 def rope(x: torch.Tensor, cos: np.ndarray, sin: np.ndarray, rope_dim: int, inverse: bool = False) -> torch.Tensor:
+    """cpu.rope: x rotated in place, and returned."""
     shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
     c, s = _on(cos, x.device).reshape(shape), _on(sin, x.device).reshape(shape)
     if inverse:
         s = -s
-    out = x.clone()
-    even, odd = x[..., -rope_dim::2], x[..., -rope_dim + 1::2]
-    out[..., -rope_dim::2] = even * c - odd * s
-    out[..., -rope_dim + 1::2] = odd * c + even * s
-    return out
+    even, odd = x[..., -rope_dim::2].clone(), x[..., -rope_dim + 1::2].clone()
+    x[..., -rope_dim::2] = even * c - odd * s
+    x[..., -rope_dim + 1::2] = odd * c + even * s
+    return x
 
 
 def hc_pre(h: torch.Tensor, fn: DeviceWeight, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
@@ -338,16 +340,16 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, head_weights: torch.Tensor
 
 
 def attention_sink(q: torch.Tensor, window: torch.Tensor, ranges: np.ndarray, rows, idx: np.ndarray,
-                   sinks: torch.Tensor, scale: float, what: str) -> torch.Tensor:
+                   sinks: torch.Tensor, scale: float, what: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """cpu.attention_sink: query t of q [T, H, hd] over window[ranges[t, 0]:ranges[t, 1]] and rows[idx[t]] (-1 =
-    none), softmax with the per-head sink in the denominator: [T, H, hd]."""
+    none), softmax with the per-head sink in the denominator: [T, H, hd], into out when given (which may be q)."""
     t, n_heads, _ = q.shape
     ranges = _on(ranges, q.device, torch.int64)
     compressed = idx.shape[1] > 0 and rows.shape[0] > 0
     if compressed:
         idx = _on(idx, q.device, torch.int64)
     at = torch.arange(window.shape[0], device=q.device)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out  # q itself: each chunk of queries is read before it is written
     for lo in range(0, t, TOKEN_CHUNK):
         hi = min(t, lo + TOKEN_CHUNK)
         qc = q[lo:hi]

@@ -225,7 +225,8 @@ class RoPE:
         return tables
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
-        """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim]; inverse rotates by -angle."""
+        """Rotate pairs (2i, 2i+1) of the last rope_dim dims of x [T, ..., dim] in place (x: C-contiguous
+        float32, the caller's own) and return it; inverse rotates by -angle."""
         return backend.rope(x, cos, sin, self.rope_dim, inverse)
 
 
@@ -389,22 +390,24 @@ class Attention:
             OBSERVER(self.indexer.wq_b, qr[rest], None)
         (q,), indexed_q = linear_groups([(self.wq_b, qr)],
                                         self.indexer.query_projections(qr, crowded) if self.indexer is not None else [])
-        q = rms_norm(q.reshape(t, a.n_heads, a.head_dim), None, a.norm_eps)
-        q = self.rope.apply(q, cos, sin)
-        kv = self.rope.apply(rms_norm(kv, self.kv_norm, a.norm_eps), cos, sin)
+        # q, kv and the attention's output are this call's own: normed, rotated and attended in place (a prefill's
+        # q is 64 MB a layer, and each fresh array of that size costs its page faults)
+        q = q.reshape(t, a.n_heads, a.head_dim)
+        self.rope.apply(rms_norm(q, None, a.norm_eps, out=q), cos, sin)
+        self.rope.apply(rms_norm(kv, self.kv_norm, a.norm_eps, out=kv), cos, sin)
         cache.kv.append(kv)
         picks = None
         if self.compressor is not None:
             self.compressor(compressed, start, cache.compressor)
         if self.indexer is not None:
             picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
-        o = self.attend(q, positions, cache, picks, causal)
-        o = self.rope.apply(o, cos, sin, inverse=True)
+        o = self.rope.apply(self.attend(q, positions, cache, picks, causal, out=q), cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
 
     def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
-               causal: bool = True) -> np.ndarray:
-        """Softmax with sink over each query's window rows and visible compressed rows: [T, H, hd]."""
+               causal: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """Softmax with sink over each query's window rows and visible compressed rows: [T, H, hd], into out
+        when given (which may be q)."""
         a, t = self.args, q.shape[0]
         lo, hi = max(0, int(positions[0]) - a.window_size + 1), int(positions[-1]) + 1
         window = cache.kv.rows(lo, hi)
@@ -419,7 +422,7 @@ class Attention:
                 picks = np.where(k[None, :] < visible[:, None], k[None, :], -1).astype(np.int32)
             rows, idx = cache.compressor.rows.gather(picks)
         return backend.attention_sink(q, window, ranges, rows, idx, self.attn_sink, a.head_dim ** -0.5,
-                                      f"fl_attn_sink (layer {self.layer})")
+                                      f"fl_attn_sink (layer {self.layer})", out)
 
     def grouped_output(self, o: np.ndarray) -> np.ndarray:
         """Group g (heads g*H/G..) goes through its own o_lora_rank rows of wo_a: [T, H, hd] -> [T, G*rank]."""
@@ -587,7 +590,8 @@ class Block:
         if self.next is not None:
             # While this layer computes, the disk reads what the next layer's router would pick for this state.
             self.next.prefetch_experts(y, token_ids)
-        return HyperConnection.expand(self.ffn(self.ffn_norm * y, token_ids), h, post, comb)
+        y *= self.ffn_norm  # in place (the prefetch is done with y): the same bits as ffn_norm * y
+        return HyperConnection.expand(self.ffn(y, token_ids), h, post, comb)
 
 
 def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress: "RoPE",

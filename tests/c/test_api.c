@@ -89,6 +89,49 @@ static void test_attn_sink(void) {
           "fl_attn_sink: zero heads accepted");
 }
 
+/* fl_attn_sink split across threads (tokens x blocks of heads) and blocked at each SIMD level: every level and
+ * thread count gives the bits of the plain loops on one thread, for a prefill-sized call and a one-token call
+ * (whose heads are split), with head counts and dims off the kernels' blocks of 4 queries, 2 rows and 16 lanes. */
+static void test_attn_sink_split(void) {
+    enum { T = 6, H = 9, D = 53, NW = 11, NC = 7, K = 5 };
+    uint64_t later_tests_draws = rng_state; /* the tests after this one keep the data they were written for */
+    float *q = malloc(sizeof(float) * T * H * D), *win = malloc(sizeof(float) * NW * D);
+    float *cmp = malloc(sizeof(float) * NC * D), *want = malloc(sizeof(float) * T * H * D);
+    float *got = malloc(sizeof(float) * T * H * D), sinks[H];
+    int32_t range[2 * T], idx[T * K];
+    fill(q, T * H * D, 1.0f);
+    fill(win, NW * D, 1.0f);
+    fill(cmp, NC * D, 1.0f);
+    fill(sinks, H, 2.0f);
+    for (int t = 0; t < T; t++) {
+        range[2 * t] = t % 3, range[2 * t + 1] = NW - t; /* odd and even row counts */
+        for (int j = 0; j < K; j++) idx[t * K + j] = j <= t ? (t * 5 + j * 3) % NC : -1;
+    }
+    int best = fl_simd_level(), threads = fl_threads_get();
+    for (int n_tok = 1; n_tok <= T; n_tok += T - 1) {
+        fl_simd_set(FL_SIMD_SCALAR);
+        fl_threads_set(1);
+        CHECK(fl_attn_sink(n_tok, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, want) == FL_OK,
+              "fl_attn_sink: plain, one thread");
+        for (int level = FL_SIMD_SCALAR; level <= FL_SIMD_NEON; level++) {
+            if (fl_simd_set(level) != FL_OK) continue;
+            for (int th = 1; th <= 3; th++) {
+                fl_threads_set(th);
+                memset(got, 0xff, sizeof(float) * T * H * D);
+                CHECK(fl_attn_sink(n_tok, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, got) == FL_OK,
+                      "fl_attn_sink: level %d, %d threads", level, th);
+                CHECK(memcmp(want, got, sizeof(float) * (size_t)(n_tok * H * D)) == 0,
+                      "fl_attn_sink: level %d with %d threads differs from the plain loops (%d tokens)", level, th,
+                      n_tok);
+            }
+        }
+    }
+    fl_simd_set(best);
+    fl_threads_set(threads);
+    free(q), free(win), free(cmp), free(want), free(got);
+    rng_state = later_tests_draws;
+}
+
 /* ---------------------------------------------------------------- compressor pooling */
 
 static void test_compress_pool(void) {
@@ -381,6 +424,133 @@ static void test_hyper_connections(void) {
     CHECK(fl_rms_norm(T, 0, x, NULL, norm_eps, normed) == FL_EINVAL, "fl_rms_norm accepted dim 0");
 }
 
+/* fl_indexer_topk split across threads (one query per task) and scored through the blocked kernels at each SIMD
+ * level: the picks of the plain loops on one thread, with more keys than one block, duplicated keys (ties go to the
+ * lower row) and a NaN score (never picked). */
+static void test_indexer_split(void) {
+    enum { T = 5, IH = 6, ID = 21, KEYS = 300, TOPK = 40 };
+    uint64_t later_tests_draws = rng_state; /* the tests after this one keep the data they were written for */
+    float *q = malloc(sizeof(float) * T * IH * ID), *keys = malloc(sizeof(float) * KEYS * ID), hw[T * IH];
+    int32_t visible[T] = {KEYS, 1, 0, 200, 137}, want[T * TOPK], got[T * TOPK];
+    fill(q, T * IH * ID, 1.0f);
+    fill(keys, KEYS * ID, 1.0f);
+    fill(hw, T * IH, 1.0f);
+    for (int h = 0; h < IH; h++) hw[h] = fabsf(hw[h]);
+    for (int d = 0; d < ID; d++) { /* rows 3 and 7 tie, at the top for query 0 */
+        keys[3 * ID + d] = 0.0f;
+        for (int h = 0; h < IH; h++) keys[3 * ID + d] += 3.0f * q[h * ID + d];
+    }
+    memcpy(keys + 7 * ID, keys + 3 * ID, sizeof(float) * ID);
+    keys[11 * ID] = NAN;                                      /* row 11 scores NaN */
+    int best = fl_simd_level(), threads = fl_threads_get();
+    fl_simd_set(FL_SIMD_SCALAR);
+    fl_threads_set(1);
+    CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.3f, want) == FL_OK, "fl_indexer_topk");
+    int pos3 = -1, pos7 = -1, nan_picked = 0;
+    for (int t = 0; t < T; t++)
+        for (int p = 0; p < TOPK; p++) {
+            int32_t r = want[t * TOPK + p];
+            nan_picked |= r == 11;
+            if (t == 0 && r == 3) pos3 = p;
+            if (t == 0 && r == 7) pos7 = p;
+        }
+    CHECK(!nan_picked, "fl_indexer_topk picked a row that scores NaN");
+    CHECK(pos3 >= 0 && pos3 + 1 == pos7, "fl_indexer_topk: tied rows 3, 7 at picks %d, %d", pos3, pos7);
+    CHECK(want[1 * TOPK] == 0 && want[1 * TOPK + 1] == -1 && want[2 * TOPK] == -1,
+          "fl_indexer_topk: one visible row then -1, none visible all -1");
+    for (int level = FL_SIMD_SCALAR; level <= FL_SIMD_NEON; level++) {
+        if (fl_simd_set(level) != FL_OK) continue;
+        for (int th = 1; th <= 3; th++) {
+            fl_threads_set(th);
+            CHECK(fl_indexer_topk(T, IH, ID, q, hw, keys, KEYS, visible, TOPK, 0.3f, got) == FL_OK,
+                  "fl_indexer_topk: level %d, %d threads", level, th);
+            CHECK(memcmp(want, got, sizeof want) == 0, "fl_indexer_topk: level %d with %d threads differs", level, th);
+        }
+    }
+    fl_simd_set(best);
+    fl_threads_set(threads);
+    free(q), free(keys);
+    rng_state = later_tests_draws;
+}
+
+/* ---------------------------------------------------------------- RoPE, and the row operations split across threads */
+
+/* fl_rope against a double-precision rotation and back; then fl_rope, fl_rms_norm, fl_hc_pre and fl_hc_post on
+ * prefill-sized inputs (split across the pool) bitwise as on one thread. */
+static void test_rope_and_rows_split(void) {
+    enum { T = 70, R = 64, D = 48, RD = 16, HC = 4, W = 256 }; /* big enough to split */
+    uint64_t later_tests_draws = rng_state; /* the tests after this one keep the data they were written for */
+    float *x = malloc(sizeof(float) * T * R * D), *y = malloc(sizeof(float) * T * R * D);
+    float cs[T * RD / 2], sn[T * RD / 2];
+    fill(x, T * R * D, 1.0f);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < RD / 2; i++) {
+            double angle = t * pow(10000.0, -2.0 * i / RD);
+            cs[t * RD / 2 + i] = (float)cos(angle), sn[t * RD / 2 + i] = (float)sin(angle);
+        }
+    memcpy(y, x, sizeof(float) * T * R * D);
+    CHECK(fl_rope(T, R, D, RD, cs, sn, 0, y) == FL_OK, "fl_rope failed");
+    double worst = 0;
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++)
+            for (int d = 0; d < D; d++) {
+                const float *v = x + (t * R + r) * D;
+                double want = v[d];
+                if (d >= D - RD) {
+                    int i = (d - (D - RD)) / 2, even = (d - (D - RD)) % 2 == 0;
+                    double c = cs[t * RD / 2 + i], s = sn[t * RD / 2 + i], e = v[d - !even], o = v[d + even];
+                    want = even ? e * c - o * s : o * c + e * s;
+                }
+                double err = fabs(want - y[(t * R + r) * D + d]);
+                worst = err > worst ? err : worst;
+            }
+    CHECK(worst < 1e-5, "fl_rope: %.3g from the double-precision rotation", worst);
+    CHECK(fl_rope(T, R, D, RD, cs, sn, 1, y) == FL_OK, "fl_rope inverse failed");
+    worst = 0;
+    for (int i = 0; i < T * R * D; i++) worst = fabs((double)x[i] - y[i]) > worst ? fabs((double)x[i] - y[i]) : worst;
+    CHECK(worst < 1e-5, "fl_rope: the inverse is %.3g from the input", worst);
+    CHECK(fl_rope(T, R, D, RD + 1, cs, sn, 0, y) == FL_EINVAL, "fl_rope accepted an odd rope_dim");
+    CHECK(fl_rope(T, R, D, D + 2, cs, sn, 0, y) == FL_EINVAL, "fl_rope accepted rope_dim > dim");
+
+    /* the same calls on one thread and on three */
+    float *h = malloc(sizeof(float) * T * HC * W), *fn = malloc(sizeof(float) * (2 + HC) * HC * HC * W);
+    float *out = malloc(sizeof(float) * T * W), base[(2 + HC) * HC], scale[3] = {0.5f, 0.7f, 0.9f}, weight[W];
+    float *got[2][6];
+    fill(h, T * HC * W, 1.0f);
+    fill(fn, (2 + HC) * HC * HC * W, 0.05f);
+    fill(out, T * W, 1.0f);
+    fill(base, (2 + HC) * HC, 1.0f);
+    fill(weight, W, 1.0f);
+    int threads = fl_threads_get();
+    for (int run = 0; run < 2; run++) {
+        fl_threads_set(run ? 3 : 1);
+        float **g = got[run];
+        g[0] = malloc(sizeof(float) * T * R * D);
+        memcpy(g[0], x, sizeof(float) * T * R * D);
+        g[1] = malloc(sizeof(float) * T * HC * W);
+        g[2] = malloc(sizeof(float) * T * W);
+        g[3] = malloc(sizeof(float) * T * HC);
+        g[4] = malloc(sizeof(float) * T * HC * HC);
+        g[5] = malloc(sizeof(float) * T * HC * W);
+        CHECK(fl_rope(T, R, D, RD, cs, sn, 0, g[0]) == FL_OK, "fl_rope failed");
+        CHECK(fl_rms_norm(T * HC, W, h, weight, 1e-6f, g[1]) == FL_OK, "fl_rms_norm failed");
+        CHECK(fl_hc_pre(T, HC, W, h, FL_TYPE_F32, fn, base, scale, 20, 1e-6f, 1e-6f, g[2], g[3], g[4]) == FL_OK,
+              "fl_hc_pre failed");
+        CHECK(fl_hc_post(T, HC, W, out, h, g[3], g[4], g[5]) == FL_OK, "fl_hc_post failed");
+    }
+    static const char *const names[6] = {"fl_rope", "fl_rms_norm", "fl_hc_pre x", "fl_hc_pre post",
+                                         "fl_hc_pre comb", "fl_hc_post"};
+    static const int64_t sizes[6] = {T * R * D, T * HC * W, T * W, T * HC, T * HC * HC, T * HC * W};
+    for (int k = 0; k < 6; k++) {
+        CHECK(memcmp(got[0][k], got[1][k], sizeof(float) * (size_t)sizes[k]) == 0,
+              "%s: three threads differ from one", names[k]);
+        free(got[0][k]), free(got[1][k]);
+    }
+    fl_threads_set(threads);
+    free(x), free(y), free(h), free(fn), free(out);
+    rng_state = later_tests_draws;
+}
+
 /* ---------------------------------------------------------------- non-finite data (--check-tensors) */
 
 /* For every type the core converts: a sound row passes, and with two bytes of block 1 set to 0xff (each offset in
@@ -643,6 +813,9 @@ static void test_fused_attention(void) {
 
 int main(void) {
     test_attn_sink();
+    test_attn_sink_split();
+    test_rope_and_rows_split();
+    test_indexer_split();
     test_compress_pool();
     test_kv_pack();
     test_types();
