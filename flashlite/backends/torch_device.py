@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flashlite import block_formats
 from flashlite.gguf_file import WeightView
 from flashlite.kv_cache import RowFormat, RowLog
 
