@@ -41,6 +41,17 @@ fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot) {
     return t4;
 }
 
+fl_vec_dot4_fn fl_vec_dot4(fl_vec_dot_fn dot) {
+    fl_vec_dot4_fn r4 = NULL;
+#if defined(__x86_64__)
+    if (!(r4 = fl_rows_avx512_vnni(dot)) && !(r4 = fl_rows_avx512(dot)))
+        r4 = fl_rows_avx2(dot);
+#else
+    (void)dot;
+#endif
+    return r4;
+}
+
 const struct fl_decode_kernel *fl_decode_kernel(int type) {
 #if defined(__x86_64__)
     /* the AVX-512 level already vouches for the OS saving zmm state; VBMI is one more cpuid bit */

@@ -40,6 +40,8 @@ fl_vec_dot_fn fl_vec_dot(int type);
 
 /* The four-token dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
 fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot);
+/* The four-row dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
+fl_vec_dot4_fn fl_vec_dot4(fl_vec_dot_fn dot);
 
 /* how far ahead of the dot decode prefetches weights, into L2 */
 #define FL_PREFETCH_BYTES 2048

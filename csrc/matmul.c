@@ -152,7 +152,7 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
     const struct fl_type_traits *wt = fl_traits(it->wtype);
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
     int64_t k = it->k;
-    *job = (struct matmul_job){.dot = dk ? dk->dot : fl_vec_dot(it->wtype), .dot4 = dk ? dk->dot4 : NULL,
+    *job = (struct matmul_job){.dot = dk ? dk->dot : fl_vec_dot(it->wtype), .dot4 = dk ? dk->dot4 : fl_vec_dot4(fl_vec_dot(it->wtype)),
                                .dot_t4 = dk ? dk->dot_t4 : fl_vec_dot_t4(fl_vec_dot(it->wtype)),
                                .w = it->w, .w_row = (size_t)fl_row_bytes(it->wtype, k),
                                .xq = (const uint8_t *)it->x, .x_row = (size_t)k * sizeof(float),

@@ -15,6 +15,9 @@ fl_vec_dot_fn fl_dot_neon(int type);
 fl_vec_dot_t4_fn fl_tokens_avx2(fl_vec_dot_fn dot);
 fl_vec_dot_t4_fn fl_tokens_avx512(fl_vec_dot_fn dot);
 fl_vec_dot_t4_fn fl_tokens_avx512_vnni(fl_vec_dot_fn dot);
+fl_vec_dot4_fn fl_rows_avx2(fl_vec_dot_fn dot);
+fl_vec_dot4_fn fl_rows_avx512(fl_vec_dot_fn dot);
+fl_vec_dot4_fn fl_rows_avx512_vnni(fl_vec_dot_fn dot);
 /* the prepared-activation decode kernels of AVX512-VNNI CPUs with VBMI (NULL for a type without one) */
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type);
 /* the same for the i-quants, which also need GFNI and BITALG (NULL for another type or a CPU without them) */

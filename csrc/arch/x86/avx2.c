@@ -5,5 +5,6 @@
 #define FL_X86_VNNI 0
 #define FL_X86_TABLE fl_dot_avx2
 #define FL_X86_TOKENS fl_tokens_avx2
+#define FL_X86_ROWS fl_rows_avx2
 #include "dot_x86.h"
 #endif

@@ -4,5 +4,6 @@
 #define FL_X86_VNNI 0
 #define FL_X86_TABLE fl_dot_avx512
 #define FL_X86_TOKENS fl_tokens_avx512
+#define FL_X86_ROWS fl_rows_avx512
 #include "dot_x86.h"
 #endif

@@ -7,6 +7,7 @@
 #define FL_X86_VNNI 1
 #define FL_X86_TABLE fl_dot_avx512_vnni_ymm
 #define FL_X86_TOKENS fl_tokens_avx512_vnni
+#define FL_X86_ROWS fl_rows_avx512_vnni
 #include "dot_x86.h"
 
 fl_vec_dot_fn fl_dot_avx512_vnni_ymm(int type);
