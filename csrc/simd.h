@@ -23,8 +23,7 @@ const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type);
 /* the same for the i-quants, which also need GFNI and BITALG (NULL for another type or a CPU without them) */
 const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type);
 /* the prefill kernels of some decode kernels of fl_decode_avx512_vbmi (avx512_vbmi_gemm.c) */
-extern const struct fl_gemm_kernel fl_gemm_q8_0_vbmi, fl_gemm_mxfp4_vbmi, fl_gemm_q2_K_vbmi, fl_gemm_q3_K_vbmi,
-    fl_gemm_q4_K_vbmi,
-    fl_gemm_q5_K_vbmi, fl_gemm_q6_K_vbmi;
+extern const struct fl_gemm_kernel fl_gemm_q8_0_vbmi, fl_gemm_mxfp4_vbmi, fl_gemm_q5_0_vbmi, fl_gemm_q2_K_vbmi,
+    fl_gemm_q3_K_vbmi, fl_gemm_q4_K_vbmi, fl_gemm_q5_K_vbmi, fl_gemm_q6_K_vbmi;
 
 #endif

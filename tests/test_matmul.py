@@ -155,17 +155,17 @@ def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
 
 
 # formats with a prefill kernel on AVX512-VNNI CPUs with VBMI (csrc/arch/x86/avx512_vbmi_gemm.c)
-PREFILL_KERNELS = [T.Q8_0, T.MXFP4, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+PREFILL_KERNELS = [T.Q8_0, T.MXFP4, T.Q5_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("wtype", PREFILL_KERNELS, ids=lambda t: t.name)
 def test_prefill_kernels_are_bitwise_one_token_each(wtype, threads):
     """The prefill kernels (many tokens, 16 to a panel, 8 rows at a time) against one-token calls, which take the
     decode dot, on shapes that leave every remainder: rows past a multiple of 8 and of the threads' shares, a last
-    panel with 1..15 tokens, more tokens than one task takes (256), and for Q8_0 and MXFP4 a last group of blocks
-    that is not full. At levels without the kernels this checks the four-token dots the same way."""
+    panel with 1..15 tokens, more tokens than one task takes (256), and for Q8_0, MXFP4 and Q5_0 a last group of
+    blocks that is not full. At levels without the kernels this checks the four-token dots the same way."""
     rng = np.random.default_rng(700 + int(wtype))
-    k = 5 * 32 if wtype in (T.Q8_0, T.MXFP4) else 3 * 256
+    k = 5 * 32 if wtype in (T.Q8_0, T.MXFP4, T.Q5_0) else 3 * 256
     rows = 29
     w = make_weights(wtype, rows, k, rng)
     x = (rng.standard_normal((300, k)) * rng.uniform(0.1, 10.0, (300, 1))).astype(np.float32)
@@ -256,10 +256,10 @@ def test_batch_is_bitwise_each_matmul_alone(level):
     x, other, many = (rng.standard_normal(s).astype(np.float32) for s in (256, 256, (19, 256)))
     products = [(make_weights(t, 37, 256, rng), t, 37, 256, a)
                 for t, a in ((T.Q8_0, x), (T.Q8_0, x), (T.MXFP4, x), (T.Q4_K, other), (T.F32, x), (T.Q6_K, many),
-                             # many tokens by formats whose activations are prepared alike but packed (Q8_0 and
-                             # MXFP4: with other offsets and factors) or run by other prefill kernels
-                             (T.Q8_0, many), (T.MXFP4, many), (T.Q4_K, many), (T.Q5_K, many), (T.Q2_K, many),
-                             (T.Q3_K, many))]
+                             # many tokens by formats whose activations are prepared alike but packed (Q8_0,
+                             # MXFP4 and Q5_0: with other offsets and factors) or run by other prefill kernels
+                             (T.Q8_0, many), (T.MXFP4, many), (T.Q5_0, many), (T.Q4_K, many), (T.Q5_K, many),
+                             (T.Q2_K, many), (T.Q3_K, many))]
     for got, (w, t, rows, k, a) in zip(fm.matmul_batch(products), products):
         assert np.array_equal(got, fm.matmul(w, t, rows, k, a)), t.name
     with pytest.raises(ValueError, match=r"^products\[1\]\.x:"):

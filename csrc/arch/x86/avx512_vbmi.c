@@ -328,8 +328,9 @@ STEP struct nibble_consts dot_q5_1_groups_consts(void) {
 #define dot_q4_0_groups_finish acc1_finish
 #define dot_q4_1_groups_init acc1_init
 #define dot_q4_1_groups_finish acc1_finish
-#define dot_q5_0_groups_init acc1_init
-#define dot_q5_0_groups_finish acc1_finish
+/* Q5_0's weights come to struct q8_weights and take Q8_0's float steps, as its prefill kernel does */
+#define dot_q5_0_groups_init block_sums_init
+#define dot_q5_0_groups_finish block_sums_finish
 #define dot_q5_1_groups_init acc1_init
 #define dot_q5_1_groups_finish acc1_finish
 
@@ -369,7 +370,7 @@ STEP void nibbles(__m512i q, __m512i a, __m512i b, int five, const struct nibble
     }
 }
 
-/* Q4_0 and Q5_0: sum of (q - offset) * y through base, times d_x * d_y */
+/* Q4_0: sum of (q - offset) * y through base, times d_x * d_y */
 STEP void offset_groups_acc(struct acc1 *st, int64_t g, __m512i lo, __m512i hi, __m512 d, const void *vy) {
     const struct q8_group *y = (const struct q8_group *)vy + g;
     __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(y->base), lo, _mm512_loadu_si512(y->lo));
@@ -404,13 +405,18 @@ STEP void dot_q4_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64
     min_groups_acc(st, g, lo, hi, _mm512_permutexvar_epi8(c->idx_d, a), vy);
 }
 
-STEP void dot_q5_0_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
-                               const struct nibble_consts *c) {
+/* Q5_0: its quants 0..31 (the offset 16 comes back through the activation's base) and d, as Q8_0's weights */
+STEP struct q8_weights dot_q5_0_groups_weights(const void *vx, int64_t g, int64_t n, const struct nibble_consts *c) {
     __m512i a, b, lo, hi;
     group_bytes(vx, g, n, sizeof(block_q5_0), 24, 1, &a, &b);
     nibbles(_mm512_permutex2var_epi8(a, c->idx_q, b), a, b, 1, c, &lo, &hi);
-    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, c->idx_d, b)));
-    offset_groups_acc(st, g, lo, hi, d, vy);
+    return (struct q8_weights){lo, hi, _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a, c->idx_d, b)))};
+}
+
+STEP void dot_q5_0_groups_step(struct block_sums *st, const void *vx, int64_t g, int64_t n, const void *vy,
+                               const struct nibble_consts *c) {
+    struct q8_weights w = dot_q5_0_groups_weights(vx, g, n, c);
+    q8_group_acc(st, &w, g, vy);
 }
 
 STEP void dot_q5_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
@@ -423,8 +429,16 @@ STEP void dot_q5_1_groups_step(struct acc1 *st, const void *vx, int64_t g, int64
 
 ROW_DOTS(dot_q4_0_groups, struct nibble_consts, struct acc1, legacy_groups)
 ROW_DOTS(dot_q4_1_groups, struct nibble_consts, struct acc1, legacy_groups)
-ROW_DOTS(dot_q5_0_groups, struct nibble_consts, struct acc1, legacy_groups)
+ROW_DOTS_SPLIT(dot_q5_0_groups, struct nibble_consts, struct block_sums, legacy_groups, struct q8_weights, q8_group_acc)
 ROW_DOTS(dot_q5_1_groups, struct nibble_consts, struct acc1, legacy_groups)
+
+void fl_vbmi_q5_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out) {
+    const struct nibble_consts c = dot_q5_0_groups_consts();
+    for (int r = 0; r < rows; r++) {
+        const struct q8_weights q = dot_q5_0_groups_weights(w + r * w_row, g, n, &c);
+        store_q8_weights(&q, &out[r]);
+    }
+}
 
 static void prep_q4_0(int64_t k, const float *x, void *out) {
     prep_q8_groups(k, x, out, 8, 1.0f, 0);
@@ -867,7 +881,7 @@ static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, d
 static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4,
                                                     dot_q4_1_groups_t4};
 static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4,
-                                                    dot_q5_0_groups_t4};
+                                                    dot_q5_0_groups_t4, &fl_gemm_q5_0_vbmi};
 static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4,
                                                     dot_q5_1_groups_t4};
 

@@ -1,4 +1,4 @@
-/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K on
+/* avx512_vbmi_gemm.c: prefill kernels (struct fl_gemm_kernel) of Q8_0, MXFP4, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K on
  * AVX512-VNNI, each result bitwise its decode kernel's dot (avx512_vbmi.c).
  *
  * Why this shape: the decode dot of a token makes each weight row's quants once and spends two instructions
@@ -280,7 +280,7 @@ static void run_q6_K(int64_t k, const void *w, size_t w_row, int64_t rows, const
     run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 16, 8, 5, 0);
 }
 
-/* ---------------------------------------------------------------- Q8_0 and MXFP4 on Q8_0 activations */
+/* ---------------------------------------------------------------- Q8_0, MXFP4 and Q5_0 on Q8_0 activations */
 
 /* A group of four blocks of a panel: dword j of lo[j] (hi[j]) holds bytes 4j..4j+3 of each token's struct q8_group
  * lo (hi), so that lo[4b..4b+3] and hi[4b..4b+3] are block b; base[b] seeds block b's sums, d[b] is its scale. */
@@ -382,6 +382,11 @@ static void run_q8_0(int64_t k, const void *w, size_t w_row, int64_t rows, const
     run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_q8_0_groups);
 }
 
+static void run_q5_0(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
+                     float *y, int64_t y_stride) {
+    run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_q5_0_groups);
+}
+
 static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok,
                       float *y, int64_t y_stride) {
     run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_mxfp4_groups);
@@ -389,6 +394,7 @@ static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, cons
 
 const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
 const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
+const struct fl_gemm_kernel fl_gemm_q5_0_vbmi = {group_panel_bytes, pack_groups, run_q5_0};
 const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {panel_bytes, pack_bit_pairs, run_q2_K};
 const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {panel_bytes, pack_seeded, run_q3_K};
 const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};

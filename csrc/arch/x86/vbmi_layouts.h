@@ -21,11 +21,11 @@ struct q8_group {
     };
 };
 
-/* The float steps of the Q8_0 and MXFP4 dots, which their decode and prefill kernels both take: per block b of a
+/* The float steps of the Q8_0, MXFP4 and Q5_0 dots, which their decode and prefill kernels both take: per block b of a
  * group, its exact integer sum converted to float, times (the weight's d times the activation's d), added by one
  * FMA to the running sum of the blocks at position b of their groups; the dot is (sum 0 + sum 1) + (sum 2 + sum 3). */
 
-/* Group g of a Q8_0 or MXFP4 weight row of n elements as the decode dot multiplies it (avx512_vbmi.c): the quants
+/* Group g of a Q8_0, MXFP4 or Q5_0 weight row of n elements as the decode dot multiplies it (avx512_vbmi.c): the quants
  * that meet struct q8_group's lo and hi, made unsigned, and each block's d (times the format's factor) in the four
  * dwords of its lane; out[r] for the rows r < rows at w + r * w_row. */
 struct q8_group_weights {
@@ -34,6 +34,7 @@ struct q8_group_weights {
 };
 void fl_vbmi_q8_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
 void fl_vbmi_mxfp4_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
+void fl_vbmi_q5_0_groups(const uint8_t *w, size_t w_row, int rows, int64_t g, int64_t n, struct q8_group_weights *out);
 
 /* ---------------------------------------------------------------- k-quants on Q8_K activations */
 
