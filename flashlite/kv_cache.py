@@ -77,19 +77,27 @@ class RowLog:
         return self.fmt.dim
 
     def append(self, rows: np.ndarray) -> None:
-        packed = self.fmt.pack(rows)
-        n, used = packed.shape[0], len(self)
+        stored = self._stored(rows)
+        n, used = stored.shape[0], len(self)
         self.reserve(n)
-        self._buf[self._off + used:self._off + used + n] = packed
+        self._buf[self._off + used:self._off + used + n] = stored
         self.end += n
 
     def reserve(self, n: int) -> None:
         """Room for n more rows after the end."""
         used = len(self)
         if self._off + used + n > self._buf.shape[0]:
-            buf = np.empty((max(16, used + n, (used + n) * 3 // 2), self.fmt.nbytes), np.uint8)
+            buf = self._empty(max(16, used + n, (used + n) * 3 // 2))
             buf[:used] = self._buf[self._off:self._off + used]
             self._buf, self._off = buf, 0
+
+    def _stored(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as the buffer holds them: packed in the format."""
+        return self.fmt.pack(rows)
+
+    def _empty(self, capacity: int) -> np.ndarray:
+        """A buffer for capacity stored rows."""
+        return np.empty((capacity, self.fmt.nbytes), np.uint8)
 
     def bind(self, log, n: int) -> None:
         """Point `log`, a C struct fl_row_log, at the stored rows, with room for n more after the end: the C core
@@ -100,11 +108,15 @@ class RowLog:
         log.buf = self._pointer + self._off * self.fmt.nbytes
         log.start, log.end, log.cap = self.start, self.end, self._buf.shape[0] - self._off
 
-    def packed(self, lo: int, hi: int) -> np.ndarray:
-        """A view of the stored bytes of positions [lo, hi)."""
+    def _span(self, lo: int, hi: int):
+        """The buffer's stored rows of positions [lo, hi), a view."""
         if lo < self.start or hi > self.end or lo > hi:
             raise IndexError(f"rows [{lo}, {hi}) outside the log's [{self.start}, {self.end})")
         return self._buf[self._off + lo - self.start:self._off + hi - self.start]
+
+    def packed(self, lo: int, hi: int) -> np.ndarray:
+        """A view of the stored bytes of positions [lo, hi)."""
+        return self._span(lo, hi)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """The float32 rows of positions [lo, hi) (a view for float32 logs)."""

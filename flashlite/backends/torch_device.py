@@ -153,28 +153,14 @@ class DeviceRowLog(RowLog):
         self.device = device
         super().__init__(fmt)
 
-    def append(self, rows) -> None:
-        rows = rows.reshape(-1, self.fmt.dim)
-        n, used = rows.shape[0], len(self)
-        self.reserve(n)
-        self._buf[self._off + used:self._off + used + n] = rows
-        self.end += n
+    def _stored(self, rows) -> torch.Tensor:
+        return rows.reshape(-1, self.fmt.dim)
 
-    def reserve(self, n: int) -> None:
-        used = len(self)
-        if self._off + used + n > self._buf.shape[0]:
-            buf = torch.empty((max(16, used + n, (used + n) * 3 // 2), self.fmt.dim), dtype=torch.float32,
-                              device=self.device)
-            buf[:used] = self._buf[self._off:self._off + used]
-            self._buf, self._off = buf, 0
+    def _empty(self, capacity: int) -> torch.Tensor:
+        return torch.empty((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
 
     def bind(self, log, n: int) -> None:
         raise TypeError("a device log has no C pointer: the CPU backend's fused decode does not run on it")
-
-    def _span(self, lo: int, hi: int) -> torch.Tensor:
-        if lo < self.start or hi > self.end or lo > hi:
-            raise IndexError(f"rows [{lo}, {hi}) outside the log's [{self.start}, {self.end})")
-        return self._buf[self._off + lo - self.start:self._off + hi - self.start]
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         return self._span(lo, hi)
