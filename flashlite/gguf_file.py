@@ -32,8 +32,21 @@ def _type_ok(type_id: int, use: str) -> bool:
     return block_formats.can_matmul(type_id) if use == MATMUL else block_formats.can_dequantize(type_id)
 
 
+class MatrixShape:
+    """rows and k of a tensor of ggml shape `ne` (ne[0] fastest), wherever it is held."""
+
+    @property
+    def rows(self) -> int:
+        """Rows of a matrix (ne[1]) or of one expert slice (ne[1] of ne [k, rows, experts])."""
+        return self.ne[1] if len(self.ne) > 1 else 1
+
+    @property
+    def k(self) -> int:
+        return self.ne[0]
+
+
 @dataclass(frozen=True)
-class WeightView:
+class WeightView(MatrixShape):
     """One tensor of the file. `data` views the memory map: numpy order (ne reversed); F32, F16 and integer types
     as such, every other type as bytes whose last axis holds a row's blocks. `ne` is the ggml shape (ne[0]
     fastest); `type` the ggml type id."""
@@ -44,15 +57,6 @@ class WeightView:
     data: np.ndarray
     offset: int = -1  # where data starts in the file; -1 for an array made in memory
     path: str = ""  # the file (of a split model: the shard) holding the data
-
-    @property
-    def rows(self) -> int:
-        """Rows of a matrix (ne[1]) or of one expert slice (ne[1] of ne [k, rows, experts])."""
-        return self.ne[1] if len(self.ne) > 1 else 1
-
-    @property
-    def k(self) -> int:
-        return self.ne[0]
 
     @property
     def type_name(self) -> str:

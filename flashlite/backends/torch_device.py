@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flashlite.gguf_file import WeightView
+from flashlite.gguf_file import MatrixShape, WeightView
 from flashlite.kv_cache import RowFormat, RowLog
 
 KERNELS = ("triton", "dequantized")
@@ -34,7 +34,7 @@ TOKEN_CHUNK = 64  # queries per attention / indexer step: bounds the [tokens, he
 
 
 @dataclass(frozen=True)
-class DeviceWeight:
+class DeviceWeight(MatrixShape):
     """A weight on the device: `data` holds GGUF block bytes (blocks=True: uint8, [..., rows, row_bytes], multiplied
     by the Triton kernels at `precision`) or float32 values ([..., rows, k], multiplied by torch); name, type and ne
     as in the file (gguf_file.WeightView)."""
@@ -45,14 +45,6 @@ class DeviceWeight:
     data: torch.Tensor
     blocks: bool
     precision: str = "tf32"
-
-    @property
-    def rows(self) -> int:
-        return self.ne[1] if len(self.ne) > 1 else 1
-
-    @property
-    def k(self) -> int:
-        return self.ne[0]
 
 
 class TorchDevice:
