@@ -22,17 +22,17 @@ POLICIES = {"lru": lib.FL_EXPERT_LRU, "lfu": lib.FL_EXPERT_LFU}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_bytes(text: str | int) -> int:
-    """'24G', '512MiB', '1.5g', '1000000' -> bytes (binary units)."""
+def parse_bytes(text: str | int, option: str = "ram_budget") -> int:
+    """'24G', '512MiB', '1.5g', '1000000' -> bytes (binary units); an error names `option`."""
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
         if not m:
-            raise ValueError(f"ram_budget: cannot read {text!r} as a size (examples: 24G, 512M, 1073741824)")
+            raise ValueError(f"{option}: cannot read {text!r} as a size (examples: 24G, 512M, 1073741824)")
         size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if not 0 < size < 1 << 62:
-        raise ValueError(f"ram_budget: {text!r} is not a size between 1 byte and 4 EiB")
+        raise ValueError(f"{option}: {text!r} is not a size between 1 byte and 4 EiB")
     return size
 
 
@@ -41,6 +41,18 @@ def default_usage_path(model_path: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashlite"
     name = Path(model_path).name
     return base / f"{name}-{os.path.getsize(model_path)}.expert-usage.npy"
+
+
+def read_usage(path: str | os.PathLike | None, n_layer: int, n_expert: int) -> np.ndarray | None:
+    """The saved expert-usage histogram [layer, expert] at path, or None when there is none of that shape (a
+    damaged one only costs what it would have chosen: the pinned experts, the device's hottest)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        counts = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return counts if counts.shape == (n_layer, n_expert) and counts.dtype == np.int64 else None
 
 
 class ExpertCache:
@@ -87,13 +99,7 @@ class ExpertCache:
         return self._c
 
     def _load_usage(self) -> np.ndarray | None:
-        if self.usage_path is None or not self.usage_path.is_file():
-            return None
-        try:
-            counts = np.load(self.usage_path)
-        except (OSError, ValueError):
-            return None  # a damaged histogram only costs the pinning
-        return counts if counts.shape == (self.n_layer, self.n_expert) and counts.dtype == np.int64 else None
+        return read_usage(self.usage_path, self.n_layer, self.n_expert)
 
     def _pin_hottest(self, counts: np.ndarray, fraction: float) -> None:
         slots = self.stats()["slots"]

@@ -13,10 +13,10 @@ import numpy as np
 
 from flashlite import speculative
 from flashlite.atomic import atomic_write
-from flashlite.backends import cpu, open_device
+from flashlite.backends import cpu, open_device, placement
 from flashlite.chat import completion as chat_api
 from flashlite.chat.tokenizer import Tokenizer
-from flashlite.expert_offload import default_usage_path, parse_bytes
+from flashlite.expert_offload import default_usage_path, parse_bytes, read_usage
 from flashlite.gguf_file import GGUFFile
 from flashlite.models import deepseek_v4
 
@@ -123,7 +123,8 @@ class Model:
                  pin_fraction: float = 0.5, io_threads: int = 2, direct_io: bool = True, kv_format: str = "f32",
                  progress: Callable[[float], object] | None = None, check_tensors: bool = False,
                  spec_type: str | None = None, spec_draft_n_max: int | None = None,
-                 model_draft: str | os.PathLike | None = None, device: str = "cpu"):
+                 model_draft: str | os.PathLike | None = None, device: str = "cpu",
+                 gpu_mem: int | str | None = None):
         report = _LoadProgress(progress)
         self.device = open_device(device)  # None: the CPU backend
         if threads is not None and self.device is not None:
@@ -149,9 +150,10 @@ class Model:
             offload = dict(ram_budget=parse_bytes(ram_budget), policy=expert_policy, prefetch=expert_prefetch,
                            usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
                            direct_io=direct_io)
+        placer = self._placer(gpu_mem, rewind, expert_usage)
         cpu.avoid_compaction_stalls()
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
-            self.net = deepseek_v4.Transformer(self.args, self.file, offload, self.device)
+            self.net = deepseek_v4.Transformer(self.args, self.file, offload, self.device, placer)
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
@@ -162,6 +164,34 @@ class Model:
         # the speculation generate / chat use when a call does not say (spec_type=None)
         self.speculation = self.spec_options(spec_type, spec_draft_n_max, model_draft)
         report(1.0)
+
+    def _placer(self, gpu_mem, rewind: int, expert_usage):
+        """The hybrid placement's callable for the Transformer (backends/placement.py), or None when the device
+        holds everything: on the CPU backend, and on a CPU torch device without gpu_mem. The budget is gpu_mem,
+        else what the accelerator has free less placement.DEFAULT_RESERVE; the hottest routed experts are those
+        of the expert-usage histogram at expert_usage (the expert cache's, as ram_budget saves it) when there is
+        one."""
+        if self.device is None:
+            if gpu_mem is not None:
+                raise ValueError("gpu_mem: a device memory budget needs a device backend (device='cuda', "
+                                 "'npu' or 'torch-cpu'); the CPU backend holds the model in RAM (see ram_budget)")
+            return None
+        if gpu_mem is not None:
+            budget = parse_bytes(gpu_mem, "gpu_mem")
+        else:
+            free = self.device.free_bytes()
+            if free is None:
+                return None
+            budget = max(free - placement.DEFAULT_RESERVE, 0)
+        usage_path = default_usage_path(self.file.path) if expert_usage is True else expert_usage or None
+        usage = read_usage(usage_path, self.args.n_layers, self.args.n_routed_experts)
+        kv_bytes = placement.kv_cache_bytes(self.args, self.ctx, rewind)
+
+        def place(views):
+            self.device.placement = placement.plan(self.args, views, self.device.nbytes, budget, kv_bytes, usage)
+            return self.device.placement
+
+        return place
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -471,5 +501,12 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     NPU through torch_npu and triton-ascend; not yet run on one), "torch-cpu" (the same torch backend on the CPU,
     matmuls of weights decoded to float32 once), or "auto" (CUDA when torch sees a GPU, else "cpu"). The device
     backends need `pip install 'flashlite[cuda]'`; one asked for and not available raises a RuntimeError that says
-    what is missing. They hold kv_format "f32" only, without ram_budget or draft models (docs/gpu.md)."""
+    what is missing. They hold kv_format "f32" only, without draft models (docs/gpu.md).
+
+    gpu_mem (bytes, or a size such as "20G"): the device's memory budget for hybrid placement (docs/gpu.md):
+    what fits goes to the device in this order: the KV cache at ctx, attention and dense weights, head and
+    embeddings, shared experts, then the hottest routed experts (by the expert-usage histogram when there is one,
+    else layer by layer); the other routed experts run on the CPU through the C core, memory-mapped or, with
+    ram_budget, through the expert cache. Default: what the accelerator has free less 1 GiB; on "torch-cpu"
+    everything is placed on the device. model.device.placement says what went where."""
     return Model(path, threads=threads, ctx=ctx, **options)

@@ -15,6 +15,10 @@ their max, the sink in the denominator, ties of a top-k to the lower index). The
 
 What comes back to the host during a forward: the logits, the indexer's picks, and the experts a MoE layer routes
 to (one synchronisation per layer; grouped expert matmuls and a captured decode graph come next, docs/gpu.md).
+
+Hybrid placement (flashlite/backends/placement.py) leaves some weights in host memory: a HostWeight (a matrix the
+C core multiplies: its input comes to the host, its product goes back) or, for a stack of routed experts of which
+the device holds the hottest, a SplitExperts; split_experts is where a MoE layer divides its tokens between the two.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashlite.backends import cpu
 from flashlite.gguf_file import MatrixShape, WeightView
 from flashlite.kv_cache import RowFormat, RowLog
 
@@ -47,6 +52,42 @@ class DeviceWeight(MatrixShape):
     precision: str = "tf32"
 
 
+@dataclass(frozen=True)
+class HostWeight(MatrixShape):
+    """A weight of a device model that the placement left in host memory (`view`, the file's): its products run
+    on the CPU backend, the C core."""
+
+    view: WeightView
+    device: torch.device  # where its products go
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return self.view.ne
+
+
+@dataclass(frozen=True)
+class SplitExperts(MatrixShape):
+    """One matrix of a MoE layer's routed experts, split by the placement: `device` stacks the experts the device
+    holds (ascending id), `host` is the file's whole stack, `slot` [experts] int64 on the device maps an expert id
+    to its index in `device`, -1 for one on the host."""
+
+    device: DeviceWeight
+    host: WeightView
+    slot: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return self.host.ne
+
+
 class TorchDevice:
     """One torch device the model runs on, and how its matmuls run: kernels "triton" (the Triton kernels over the
     GGUF blocks: CUDA and Ascend; on a CPU device only under TRITON_INTERPRET=1, slowly) or "dequantized"
@@ -67,6 +108,7 @@ class TorchDevice:
             self.tk = triton_kernels
         self.precision = precision
         self.decoded: list[str] = []  # block-type matrices decoded to float32 for want of a kernel
+        self.placement = None  # what load placed where (placement.Placement) when it was given a budget
 
     def __str__(self) -> str:
         return f"{self.device} ({self.kernels} matmuls)"
@@ -108,23 +150,50 @@ class TorchDevice:
         if self.device.type == "cpu":
             torch.set_num_threads(n)
 
-    def upload(self, value):
+    def free_bytes(self) -> int | None:
+        """Memory the accelerator has free now; None on a CPU device (no budget of its own)."""
+        if self.device.type == "cpu":
+            return None
+        return int(getattr(torch, self.device.type).mem_get_info(self.device)[0])
+
+    def _holds_blocks(self, view: WeightView) -> bool:
+        return view.type not in _FLOAT_TYPES and self.tk is not None and view.type in self.tk.TYPES.values()
+
+    def nbytes(self, value) -> int:
+        """The device bytes of a tensor of the model once uploaded (upload), for the placement."""
+        if isinstance(value, WeightView):
+            return value.data.nbytes if self._holds_blocks(value) else 4 * int(np.prod(value.ne))
+        return value.size * (8 if value.dtype.kind in "iu" else 4)
+
+    def upload(self, value, keep: np.ndarray | None = None):
         """A tensor of the model as this backend holds it: a WeightView as a DeviceWeight, float32 values as a
-        float32 tensor, an integer table (tid2eid) as int64."""
+        float32 tensor, an integer table (tid2eid) as int64. keep (placement.Placement.resident): None uploads it
+        whole; an empty array leaves a matrix on the host (HostWeight); expert ids keep those experts of a stack
+        on the device and the rest on the host (SplitExperts)."""
+        if keep is not None:
+            if not isinstance(value, WeightView):
+                raise TypeError(f"only a matrix stays on the host, not an array of shape {value.shape}")
+            if keep.size == 0:
+                return HostWeight(value, self.device)
+            slot = np.full(value.ne[2], -1, np.int64)
+            slot[keep] = np.arange(keep.size)
+            return SplitExperts(self.weight(value, keep), value, torch.from_numpy(slot).to(self.device))
         if isinstance(value, WeightView):
             return self.weight(value)
         if value.dtype.kind in "iu":
             return torch.from_numpy(value.astype(np.int64)).to(self.device)
         return torch.from_numpy(np.array(value, np.float32)).to(self.device)
 
-    def weight(self, view: WeightView) -> DeviceWeight:
-        shape = tuple(reversed(view.ne))
-        if view.type not in _FLOAT_TYPES and self.tk is not None and view.type in self.tk.TYPES.values():
+    def weight(self, view: WeightView, experts: np.ndarray | None = None) -> DeviceWeight:
+        """view on the device; experts: only those slices of a stack, in that order (ne[2] is then their count)."""
+        if experts is not None:
+            view = WeightView(view.name, view.type, view.ne[:2] + (experts.size,), view.data[experts])
+        if self._holds_blocks(view):
             data = torch.from_numpy(np.array(view.data, np.uint8)).to(self.device)  # [..., rows, row_bytes]
             return DeviceWeight(view.name, view.type, view.ne, data, True, self.precision)
         if view.type not in _FLOAT_TYPES and self.kernels == "triton":
             self.decoded.append(f"{view.name} ({view.type_name})")
-        values = np.array(view.to_f32(), np.float32).reshape(shape)
+        values = np.array(view.to_f32(), np.float32).reshape(tuple(reversed(view.ne)))
         return DeviceWeight(view.name, view.type, view.ne, torch.from_numpy(values).to(self.device), False)
 
     def row_log(self, kv_format: str):
@@ -191,11 +260,18 @@ def to_host(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
+def _host(a, dtype=np.float32) -> np.ndarray:
+    """a (a tensor or a host array) as a C-contiguous host array of dtype, for the C core."""
+    return np.ascontiguousarray(a if isinstance(a, np.ndarray) else to_host(a), dtype)
+
+
 def hc_streams(x: torch.Tensor, hc: int) -> torch.Tensor:
     return x[:, None, :].expand(-1, hc, -1).contiguous()
 
 
-def embed(w: DeviceWeight, token_ids: np.ndarray) -> torch.Tensor:
+def embed(w: DeviceWeight | HostWeight, token_ids: np.ndarray) -> torch.Tensor:
+    if isinstance(w, HostWeight):
+        return _on(cpu.embed(w.view, token_ids), w.device)
     ids = _on(token_ids, w.data.device, torch.int64)
     if not w.blocks:
         return w.data[ids]
@@ -205,8 +281,12 @@ def embed(w: DeviceWeight, token_ids: np.ndarray) -> torch.Tensor:
 
 # ---------------------------------------------------------------- matmuls
 
-def _product(w: DeviceWeight, data: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for W = data (w's values or one slice of them), x [k] or [n, k]."""
+def _product(w: DeviceWeight | HostWeight, data: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for W = data (one slice of w's values) or, data None, w itself; x [k] or [n, k]. A HostWeight's
+    product is the C core's, its input brought to the host and its result sent back."""
+    if isinstance(w, HostWeight):
+        return _on(cpu.matmul_batch([(w.view if data is None else (w.view, data), _host(x))])[0], x.device)
+    data = w.data if data is None else data
     if not w.blocks:
         return x @ data.T
     from flashlite.device import triton_kernels as tk
@@ -214,10 +294,10 @@ def _product(w: DeviceWeight, data: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 
 def matmul_batch(products: list) -> list[torch.Tensor]:
-    """[x @ W^T for (w, x)]: w a DeviceWeight, or (DeviceWeight, data) for one slice of a stacked tensor."""
+    """[x @ W^T for (w, x)]: w a DeviceWeight or HostWeight, or (w, data) for one slice of a stacked tensor."""
     out = []
     for w, x in products:
-        w, data = w if isinstance(w, tuple) else (w, w.data)
+        w, data = w if isinstance(w, tuple) else (w, None)
         out.append(_product(w, data, x))
     return out
 
@@ -247,7 +327,7 @@ def hc_pre(h: torch.Tensor, fn: DeviceWeight, base: torch.Tensor, scale: torch.T
            hc_eps: float, norm_eps: float, head: bool = False):
     """h [T, hc, D] -> (x [T, D], post [T, hc], comb [T, hc, hc]); head: x only (cpu.hc_pre)."""
     t, hc, d = h.shape
-    mixes = _product(fn, fn.data, rms_norm(h.reshape(t, hc * d), None, norm_eps))
+    mixes = _product(fn, None, rms_norm(h.reshape(t, hc * d), None, norm_eps))
     pre = torch.sigmoid(mixes[:, :hc] * scale[0] + base[:hc]) + hc_eps
     x = (pre[:, :, None] * h).sum(1)
     if head:
@@ -357,25 +437,83 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Te
     return picked / (picked.sum(-1, keepdim=True) + 1e-20) * route_scale, idx
 
 
-def moe_experts(x: torch.Tensor, idx, weights, w1: DeviceWeight, w3: DeviceWeight, w2: DeviceWeight, limit: float,
-                out: torch.Tensor, offload=None, layer: int = 0) -> None:
-    """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights, one
-    expert at a time in ascending id (the expert ids come to the host: one synchronisation)."""
-    if offload is not None:
-        raise ValueError("the expert cache runs on the CPU backend only")
+def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: torch.Tensor, offload=None,
+                layer: int = 0) -> None:
+    """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights: on the
+    device (DeviceWeight), on the host through the C core (HostWeight; from the expert cache `offload` when
+    given), or divided between them (SplitExperts: split_experts). The expert ids come to the host: one
+    synchronisation."""
+    if isinstance(w1, SplitExperts):
+        split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer)
+        return
+    idx_h, w_h = _host(idx, np.int32), _host(weights)
+    if isinstance(w1, HostWeight):
+        rows = np.arange(idx_h.shape[0])
+        _add_host_experts(x, rows, idx_h, w_h, (w1.view, w3.view, w2.view), limit, out, offload, layer)
+    else:
+        _device_experts(x, idx_h.reshape(-1), idx_h.shape[1], _on(w_h, x.device).reshape(-1), (w1, w3, w2), limit,
+                        out)
+
+
+def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExperts, w2: SplitExperts,
+                  limit: float, out: torch.Tensor, offload=None, layer: int = 0) -> None:
+    """A MoE layer whose routed experts the placement split: the (token, expert) pairs of experts on the device
+    run there (by their slot in the device stack), the others on the host through the C core (from the expert
+    cache `offload` when given), their tokens' inputs brought over and their weighted sum sent back. The host side
+    takes the tokens with at least one host expert, each with its host experts, padded to the longest such list
+    with a repeat of its first at weight 0 (so that no other expert is read). The ids and inputs come over first,
+    then the device's products are queued, so that on an accelerator they run while the C core computes."""
     k = idx.shape[1]
-    flat = _on(idx, x.device, torch.int64).reshape(-1)
-    wflat = _on(weights, x.device, torch.float32).reshape(-1)
+    idx_d = _on(idx, x.device, torch.int64)
+    idx_h, w_h, slot_h = _host(idx_d, np.int32), _host(weights), _host(w1.slot[idx_d], np.int64)
+    on_host = slot_h < 0
+    rows = np.nonzero(on_host.any(1))[0]
+    if rows.size:
+        first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
+        ids = np.take_along_axis(idx_h[rows], first, 1)
+        wts = np.take_along_axis(w_h[rows], first, 1)
+        n = on_host[rows].sum(1)
+        pad = np.arange(n.max())[None, :] >= n[:, None]
+        ids = np.where(pad, ids[:, :1], ids[:, :n.max()])
+        wts = np.where(pad, np.float32(0), wts[:, :n.max()])
+        x_h = _host(x[_on(rows, x.device)])
+    _device_experts(x, slot_h.reshape(-1), k, _on(w_h, x.device).reshape(-1), (w1.device, w3.device, w2.device),
+                    limit, out)
+    if rows.size:
+        _add_host_experts(x_h, rows, ids, wts, (w1.host, w3.host, w2.host), limit, out, offload, layer)
+
+
+def _device_experts(x: torch.Tensor, flat: np.ndarray, k: int, wflat: torch.Tensor, weights: tuple, limit: float,
+                    out: torch.Tensor) -> None:
+    """out += the device's experts of the (token, slot) pairs: flat [T * k] the index of each pair's expert in the
+    device stack (-1: computed elsewhere), wflat its weights; one expert at a time in ascending index."""
+    w1, w3, w2 = weights
     stacked = len(w1.ne) == 3
-    for e in torch.unique(flat).tolist():
-        at = torch.nonzero(flat == e).squeeze(1)
+    order = np.argsort(flat, kind="stable")  # pairs grouped by expert, tokens ascending
+    bounds = np.searchsorted(flat[order], np.arange(-1, int(flat.max(initial=-1)) + 2))
+    for e in range(bounds.size - 2):
+        lo, hi = bounds[e + 1], bounds[e + 2]
+        if lo == hi:
+            continue
+        at = _on(order[lo:hi], x.device, torch.int64)
         tok = at // k
         xs = x[tok]
-        d1, d3, d2 = (w.data[e] if stacked else w.data for w in (w1, w3, w2))
+        d1, d3, d2 = (w.data[e] if stacked else None for w in (w1, w3, w2))
         g = _product(w1, d1, xs).clamp(max=limit)
         u = _product(w3, d3, xs).clamp(-limit, limit)
         y = _product(w2, d2, g / (1 + torch.exp(-g)) * u)
         out.index_add_(0, tok, y * wflat[at, None])
+
+
+def _add_host_experts(x, rows: np.ndarray, idx: np.ndarray, weights: np.ndarray, views: tuple, limit: float,
+                      out: torch.Tensor, offload, layer: int) -> None:
+    """out[rows] += the C core's experts idx [R, k] (weighted) of the file's stacks `views` for the inputs x [R, D]
+    (x[rows] when x is a device tensor of every token): from the expert cache `offload` when given."""
+    x_h = _host(x[_on(rows, x.device)]) if isinstance(x, torch.Tensor) else x
+    y = np.zeros_like(x_h)
+    cpu.moe_experts(x_h, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32), *views,
+                    limit, y, offload, layer)
+    out.index_add_(0, _on(rows, out.device, torch.int64), _on(y, out.device))
 
 
 def plan_ffn(*args, **kwargs) -> None:

@@ -18,9 +18,9 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def load_options(command):
-    """-hf, -dev, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command that loads
-    a model; the command receives them as one `load_opts` dict for load_model."""
-    names = ("hf_repo", "device", "ram_budget", "expert_policy", "kv_format", "check_tensors")
+    """-hf, -dev, --gpu-mem, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command
+    that loads a model; the command receives them as one `load_opts` dict for load_model."""
+    names = ("hf_repo", "device", "gpu_mem", "ram_budget", "expert_policy", "kv_format", "check_tensors")
 
     @functools.wraps(command)
     def with_load_opts(**kwargs):
@@ -32,6 +32,10 @@ def load_options(command):
         click.option("-dev", "--device", default="cpu", show_default=True, metavar="DEVICE",
                      help="where the model runs: cpu, cuda, cuda:N, npu, npu:N, torch-cpu or auto (CUDA when torch "
                           "sees a GPU); the GPU backends need pip install 'flashlite[cuda]' (docs/gpu.md)"),
+        click.option("--gpu-mem", default=None, metavar="SIZE",
+                     help="with -dev: the device's memory for the model (e.g. 20G); KV cache, dense weights, head, "
+                          "shared experts, then the hottest routed experts go there, the rest run on the CPU; "
+                          "default: what the GPU has free less 1 GiB (torch-cpu: everything)"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
         click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),
@@ -102,12 +106,16 @@ def load_model(model_path, threads, ctx, load_opts, spec_opts=None):
     t0 = time.perf_counter()
     if options["ram_budget"] is None:
         del options["ram_budget"], options["expert_policy"]
+    if options["gpu_mem"] is None:
+        del options["gpu_mem"]
     options.update({k: v for k, v in (spec_opts or {}).items() if v is not None})
     try:
         model = load(model_path, threads=threads, ctx=ctx, **options)
     except (OSError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"loaded {model_path} in {time.perf_counter() - t0:.2f} s", err=True)
+    if getattr(model.device, "placement", None) is not None:
+        click.echo(str(model.device.placement), err=True)
     return model
 
 

@@ -618,21 +618,28 @@ def build_block(a: ModelArgs, i: int, w: dict, rope_main: "RoPE", rope_compress:
 class Transformer:
     """DeepSeek V4's network over the weights of one GGUF file (flashlite.model.Model holds it as `net`)."""
 
-    def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None, device=None):
+    def __init__(self, args: ModelArgs, f: GGUFFile, offload: dict | None = None, device=None, placer=None):
         """offload: None keeps every expert memory-mapped; else ExpertCache options (ram_budget, policy,
         io_threads, usage_path, pin_fraction) plus prefetch (bool). device: None runs on the CPU backend (weights
-        memory-mapped); else a backend device (backends.open_device) the weights are uploaded to, once, here."""
+        memory-mapped); else a backend device (backends.open_device) the weights are uploaded to, once, here.
+        placer: None uploads every weight; else a callable that takes the file's tensors {name: view} and returns
+        the hybrid placement (backends.placement.Placement) of what the device holds; the rest stays in the file,
+        for the C core (the routed experts through the expert cache under offload)."""
         self.args, self.device = args, device
-        if device is not None and offload is not None:
-            raise ValueError(f"ram_budget: the expert cache runs on the CPU backend only, not on device {device}")
+        if device is not None and offload is not None and placer is None:
+            raise ValueError(f"ram_budget: on device {device} the expert cache holds the routed experts that gpu_mem "
+                             f"(--gpu-mem) leaves on the CPU; without gpu_mem every expert is on the device")
         spec = expected_tensors(args)
         t = {}
         for name, (ne, use) in spec.items():
             t[name] = f.load(name, ne, use)
             if use == INDEX and t[name].size and not 0 <= t[name].min() <= t[name].max() < args.n_routed_experts:
                 raise ValueError(f"{f.path}: tensor '{name}' names experts outside 0..{args.n_routed_experts - 1}")
-            if device is not None:
-                t[name] = device.upload(t[name])
+        views = dict(t)  # as the file holds them: the expert cache reads its experts from there
+        if device is not None:
+            placement = placer(views) if placer is not None else None
+            for name, view in views.items():
+                t[name] = device.upload(view, placement.resident(name) if placement is not None else None)
         self.mtp = {n: v for n, v in f.tensors.items() if n not in spec and n.startswith(f"blk.{args.n_layers}.")}
         self.embed = t["token_embd.weight"]
         self.head = t["output.weight"]
@@ -647,13 +654,14 @@ class Transformer:
         if offload is not None:
             offload = dict(offload)
             prefetch = offload.pop("prefetch", True)
-            mats = [tuple(t[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down"))
+            mats = [tuple(views[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down"))
                     for i in range(args.n_layers)]
             self.offload = ExpertCache(f.path, mats, args.n_routed_experts, **offload)
             f.keep_out([w.name for layer in mats for w in layer])
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
                        for i in range(args.n_layers)]
-        self.prefetch = self.offload is not None and prefetch
+        # (not on a device, whose router's picks would come to the host a layer early for it: a next increment)
+        self.prefetch = self.offload is not None and prefetch and device is None
         # Prefetch: the disk starts on the first layer's experts, predicted from the embedding, and on those of
         # every hash-routed layer, which the token ids decide, as soon as the ids are known: the later of these
         # get several layers of compute to arrive in. Each other layer's are predicted by the layer before it.
