@@ -60,7 +60,9 @@ class ExpertCache:
 
     def __init__(self, path: str, layers: list[tuple[WeightView, WeightView, WeightView]], n_expert: int,
                  ram_budget: int, policy: str = "lru", io_threads: int = 2, usage_path: str | os.PathLike | None =
-                 None, pin_fraction: float = 0.5, direct_io: bool = True):
+                 None, pin_fraction: float = 0.5, direct_io: bool = True, elsewhere: list | None = None):
+        """elsewhere: per layer the ids of experts a device holds (hybrid placement), never asked of this cache and
+        so never pinned."""
         if policy not in POLICIES:
             raise ValueError(f"expert_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if not 0.0 <= pin_fraction < 1.0:
@@ -91,7 +93,10 @@ class ExpertCache:
         self._finalizer = weakref.finalize(self, _shut_down, self._c, self.n_layer, self.n_expert, self.usage_path,
                                            self._saved_usage)
         if self._saved_usage is not None and pin_fraction > 0:
-            self._pin_hottest(self._saved_usage, pin_fraction)
+            counts = self._saved_usage.copy()
+            for layer, ids in enumerate(elsewhere or []):
+                counts[layer, ids] = 0
+            self._pin_hottest(counts, pin_fraction)
         lib.fl_expert_cache_reset_stats(self._c)
 
     @property

@@ -226,3 +226,24 @@ def test_run_with_gpu_mem_reports_the_placement_and_gives_the_cpu_tokens(torch, 
     assert all(r.exit_code == 0 for r in runs), runs[1].output
     assert runs[0].stdout == runs[1].stdout
     assert "routed experts 10/48" in runs[1].stderr and "on the CPU: routed experts" in runs[1].stderr
+
+
+def test_the_expert_cache_pins_the_hottest_of_the_hosts_experts(torch, f32_gguf, tmp_path, monkeypatch):
+    """With ram_budget the expert cache pins the hottest experts of the saved histogram; those the device holds
+    are never asked of it, so it pins the hottest of the others."""
+    from flashlite.expert_offload import ExpertCache
+
+    pinned = []
+    pin = ExpertCache._pin_hottest
+    monkeypatch.setattr(ExpertCache, "_pin_hottest", lambda self, counts, fraction: (
+        pinned.append([np.argsort(-row, kind="stable")[0] for row in counts]), pin(self, counts, fraction)))
+    _, base, per_expert = _sizes(f32_gguf)
+    usage = np.zeros((6, 8), np.int64)
+    usage[:, 0] = 9  # each layer's hottest: the device takes layer 0's to 3's
+    usage[:, 5] = 4
+    np.save(tmp_path / "usage.npy", usage)
+    model = load(f32_gguf, device="torch-cpu", threads=1, gpu_mem=base + 4 * per_expert, ram_budget="4M",
+                 expert_usage=tmp_path / "usage.npy", pin_fraction=0.5)
+    assert [e.tolist() for e in model.device.placement.experts] == [[0], [0], [0], [0], [], []]
+    assert pinned == [[5, 5, 5, 5, 0, 0]]  # one slot of three per layer
+    model.close()

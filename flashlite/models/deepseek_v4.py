@@ -656,6 +656,8 @@ class Transformer:
             prefetch = offload.pop("prefetch", True)
             mats = [tuple(views[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down"))
                     for i in range(args.n_layers)]
+            if device is not None:
+                offload["elsewhere"] = placement.experts
             self.offload = ExpertCache(f.path, mats, args.n_routed_experts, **offload)
             f.keep_out([w.name for layer in mats for w in layer])
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
