@@ -116,6 +116,46 @@ def test_triton_kernels_serve_the_block_weights(torch, tiny_gguf, monkeypatch):
     ids = np.array([3, 0, 511, 3])
     np.testing.assert_array_equal(blocks.net.embed_tokens(ids).cpu().numpy(),
                                   decoded.net.embed_tokens(ids).cpu().numpy())
+    # a MoE layer's routed and shared experts: one grouped_gemm per matrix over the block bytes
+    from flashlite.backends.torch_device import moe_experts
+    x = torch.from_numpy(rng.standard_normal((5, blocks.args.dim)).astype(np.float32)).to(device)
+    idx = torch.tensor([[0, 3], [3, 7], [1, 0], [7, 6], [3, 2]], device=device)
+    w = torch.rand(idx.shape, device=device)
+    ys = []
+    for m in (blocks, decoded):
+        f, y = m.net.layers[3].ffn, torch.zeros_like(x)
+        moe_experts(x, idx, w, f.w1, f.w3, f.w2, f.limit, y)
+        moe_experts(x, torch.zeros((5, 1), dtype=torch.int64), torch.ones((5, 1)), f.s1, f.s3, f.s2, f.shared_limit, y)
+        ys.append(y.cpu().numpy())
+    np.testing.assert_allclose(ys[0], ys[1], rtol=0, atol=1e-5 * np.abs(ys[1]).max())
+
+
+def test_device_experts_bring_nothing_to_the_host(torch, torch_model, goldens, monkeypatch):
+    """The routed experts on the device are sorted and multiplied there (grouped products): a MoE layer reads no
+    value back to the host, so on an accelerator it queues without waiting. Every way a tensor's values reach
+    Python raises while the layer runs; the result is still the C core's."""
+    from flashlite.backends import cpu
+    from flashlite.backends.torch_device import moe_experts
+
+    f = torch_model.net.layers[3].ffn
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, torch_model.args.dim)).astype(np.float32)
+    idx = rng.permuted(np.tile(np.arange(8), (6, 1)), axis=1)[:, :2]
+    w = rng.uniform(0.2, 1.5, idx.shape).astype(np.float32)
+    args = [torch.from_numpy(a) for a in (x, idx, w)]
+    out = torch.zeros(x.shape)
+
+    def refuse(*_, **__):
+        raise AssertionError("a tensor's values came to the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__index__", "__float__", "__array__"):
+            m.setattr(torch.Tensor, name, refuse)
+        moe_experts(*args, f.w1, f.w3, f.w2, f.limit, out)
+    ref = np.zeros_like(x)
+    views = [torch_model.file.tensors[f"blk.3.ffn_{n}_exps.weight"] for n in ("gate", "up", "down")]
+    cpu.moe_experts(x, idx.astype(np.int32), w, *views, f.limit, ref)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_run_on_torch_cpu_gives_the_cpu_tokens(torch, f32_gguf):

@@ -167,6 +167,33 @@ def test_gemm(tk, device, qtype):
     _assert_within(np.abs(got - core), _q8_activation_bound(x, w64) + 2 * bound)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_grouped_gemm(tk, device, qtype):
+    """A stack of 3 experts' matrices; 21 rows sorted by expert (expert 1 with none, expert 2 with more than a
+    16-row tile, 3 rows left out at the end): each row against its expert's float64 product."""
+    import torch
+    k = _k(qtype)
+    stacks = [_weights(qtype, 20 + e) for e in range(3)]
+    w = torch.from_numpy(np.concatenate([q.reshape(-1) for q, _ in stacks])).to(device)
+    experts = np.array([0] * 2 + [2] * 16 + [3] * 3)
+    x = _activations(experts.size, k, 21)
+    got = tk.grouped_gemm(w, qtype, 3, ROWS, k, torch.from_numpy(x).to(device), torch.from_numpy(experts).to(device),
+                          precision="ieee").cpu().numpy()
+    for e in (0, 2):
+        rows = experts == e
+        w64 = stacks[e][1]
+        _assert_within(np.abs(got[rows] - x[rows].astype(np.float64) @ w64.T), _float32_bound(x[rows], w64))
+
+
+def test_expert_tiles_cover_each_row_once(tk, device):
+    import torch
+    experts = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 3, 5, 5], device=device)  # 5: left out (of 4 experts)
+    expert, lo, hi = (t.cpu().numpy() for t in tk.expert_tiles(experts, 4, 2))
+    assert expert.size == 4 + 6  # min(rows, experts) + ceil(rows / block): fixed by the shapes
+    tiles = [(int(e), int(a), int(b)) for e, a, b in zip(expert, lo, hi) if b > a]
+    assert tiles == [(0, 0, 2), (0, 2, 3), (2, 3, 5), (2, 5, 7), (2, 7, 8), (3, 8, 9)]
+
+
 @pytest.mark.parametrize("precision,unit", [("tf32", 2.0 ** -11), ("fp16", 2.0 ** -11)])
 def test_gemm_reduced_precision(tk, device, precision, unit):
     """tf32 and fp16 tiles round x and w to 10 stored mantissa bits (unit roundoff 2^-11) before the product:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compile the Triton device kernels for a CUDA architecture without a GPU, with the configurations the wrappers
-launch (flashlite.device.triton_kernels: gemv_config, GEMM_CONFIG, DEQUANTIZE_CONFIG), and print each kernel's
-registers and spills as ptxas reports them.
+launch (flashlite.device.triton_kernels: gemv_config, GEMM_CONFIG, grouped_gemm's 16-row tiles, DEQUANTIZE_CONFIG),
+and print each kernel's registers and spills as ptxas reports them.
 
 Triton's interpreter (the tests' CPU path) accepts some code the compiler rejects, and says nothing of register
 pressure; this closes both gaps on a machine without a GPU: triton's wheel carries ptxas. Exit status 1 when a
@@ -66,6 +66,14 @@ def main() -> int:
             consts = {"QTYPE": type_id, "PRECISION": precision,
                       **{k: v for k, v in tk.GEMM_CONFIG.items() if k != "num_warps"}}
             kernels.append((f"gemm {precision}", tk._gemm_kernel, operands, consts, tk.GEMM_CONFIG["num_warps"]))
+        grouped = {"w_ptr": "*u8", "table_ptr": table, "x_ptr": "*fp32", "y_ptr": "*fp32", "tile_expert_ptr": "*i32",
+                   "tile_lo_ptr": "*i32", "tile_hi_ptr": "*i32", "rows": "i32", "k": "i32", "row_bytes": "i32",
+                   "expert_bytes": "i32", "stride_x": "i32", "stride_y": "i32"}
+        for block_m in (16, tk.GEMM_CONFIG["BLOCK_M"]):
+            consts = {"QTYPE": type_id, "PRECISION": "tf32",
+                      **{k: v for k, v in tk.GEMM_CONFIG.items() if k != "num_warps"}, "BLOCK_M": block_m}
+            kernels.append((f"grouped {block_m} rows", tk._grouped_gemm_kernel, grouped, consts,
+                            tk.GEMM_CONFIG["num_warps"]))
         for gather in (True,) if args.quick else (False, True):
             consts = {"QTYPE": type_id, "GATHER": gather,
                       **{k: v for k, v in tk.DEQUANTIZE_CONFIG.items() if k != "num_warps"}}

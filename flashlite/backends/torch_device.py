@@ -440,19 +440,18 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Te
 def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: torch.Tensor, offload=None,
                 layer: int = 0) -> None:
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights: on the
-    device (DeviceWeight), on the host through the C core (HostWeight; from the expert cache `offload` when
-    given), or divided between them (SplitExperts: split_experts). The expert ids come to the host: one
-    synchronisation."""
+    device (DeviceWeight: grouped products, nothing comes to the host), on the host through the C core
+    (HostWeight; from the expert cache `offload` when given), or divided between them (SplitExperts:
+    split_experts)."""
     if isinstance(w1, SplitExperts):
         split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer)
-        return
-    idx_h, w_h = _host(idx, np.int32), _host(weights)
-    if isinstance(w1, HostWeight):
-        rows = np.arange(idx_h.shape[0])
-        _add_host_experts(x, rows, idx_h, w_h, (w1.view, w3.view, w2.view), limit, out, offload, layer)
+    elif isinstance(w1, HostWeight):
+        idx_h = _host(idx, np.int32)
+        _add_host_experts(x, np.arange(idx_h.shape[0]), idx_h, _host(weights), (w1.view, w3.view, w2.view), limit,
+                          out, offload, layer)
     else:
-        _device_experts(x, idx_h.reshape(-1), idx_h.shape[1], _on(w_h, x.device).reshape(-1), (w1, w3, w2), limit,
-                        out)
+        _device_experts(x, _on(idx, x.device, torch.int64).reshape(-1), idx.shape[1],
+                        _on(weights, x.device, torch.float32).reshape(-1), (w1, w3, w2), limit, out)
 
 
 def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExperts, w2: SplitExperts,
@@ -461,12 +460,14 @@ def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExpe
     run there (by their slot in the device stack), the others on the host through the C core (from the expert
     cache `offload` when given), their tokens' inputs brought over and their weighted sum sent back. The host side
     takes the tokens with at least one host expert, each with its host experts, padded to the longest such list
-    with a repeat of its first at weight 0 (so that no other expert is read). The ids and inputs come over first,
-    then the device's products are queued, so that on an accelerator they run while the C core computes."""
+    with a repeat of its first at weight 0 (so that no other expert is read). The ids and inputs come over first
+    (one synchronisation), then the device's products are queued, so that on an accelerator they run while the C
+    core computes."""
     k = idx.shape[1]
     idx_d = _on(idx, x.device, torch.int64)
-    idx_h, w_h, slot_h = _host(idx_d, np.int32), _host(weights), _host(w1.slot[idx_d], np.int64)
-    on_host = slot_h < 0
+    w_d = _on(weights, x.device, torch.float32)
+    slot = w1.slot[idx_d]
+    idx_h, w_h, on_host = _host(idx_d, np.int32), _host(w_d), _host(slot < 0, np.bool_)
     rows = np.nonzero(on_host.any(1))[0]
     if rows.size:
         first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
@@ -476,33 +477,37 @@ def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExpe
         pad = np.arange(n.max())[None, :] >= n[:, None]
         ids = np.where(pad, ids[:, :1], ids[:, :n.max()])
         wts = np.where(pad, np.float32(0), wts[:, :n.max()])
-        x_h = _host(x[_on(rows, x.device)])
-    _device_experts(x, slot_h.reshape(-1), k, _on(w_h, x.device).reshape(-1), (w1.device, w3.device, w2.device),
-                    limit, out)
+        x_h = _host(x[_on(rows, x.device, torch.int64)])
+    _device_experts(x, slot.reshape(-1), k, w_d.reshape(-1), (w1.device, w3.device, w2.device), limit, out)
     if rows.size:
         _add_host_experts(x_h, rows, ids, wts, (w1.host, w3.host, w2.host), limit, out, offload, layer)
 
 
-def _device_experts(x: torch.Tensor, flat: np.ndarray, k: int, wflat: torch.Tensor, weights: tuple, limit: float,
+def _device_experts(x: torch.Tensor, flat: torch.Tensor, k: int, wflat: torch.Tensor, weights: tuple, limit: float,
                     out: torch.Tensor) -> None:
     """out += the device's experts of the (token, slot) pairs: flat [T * k] the index of each pair's expert in the
-    device stack (-1: computed elsewhere), wflat its weights; one expert at a time in ascending index."""
+    device stack (-1: computed elsewhere), wflat its weights. The pairs are sorted by expert on the device and each
+    matrix is one grouped product over them (_grouped), so nothing comes to the host; the sums go into out in
+    ascending expert id, tokens ascending within one, as the C core adds them."""
     w1, w3, w2 = weights
-    stacked = len(w1.ne) == 3
-    order = np.argsort(flat, kind="stable")  # pairs grouped by expert, tokens ascending
-    bounds = np.searchsorted(flat[order], np.arange(-1, int(flat.max(initial=-1)) + 2))
-    for e in range(bounds.size - 2):
-        lo, hi = bounds[e + 1], bounds[e + 2]
-        if lo == hi:
-            continue
-        at = _on(order[lo:hi], x.device, torch.int64)
-        tok = at // k
-        xs = x[tok]
-        d1, d3, d2 = (w.data[e] if stacked else None for w in (w1, w3, w2))
-        g = _product(w1, d1, xs).clamp(max=limit)
-        u = _product(w3, d3, xs).clamp(-limit, limit)
-        y = _product(w2, d2, g / (1 + torch.exp(-g)) * u)
-        out.index_add_(0, tok, y * wflat[at, None])
+    n = w1.ne[2] if len(w1.ne) == 3 else 1
+    expert, order = torch.sort(torch.where(flat < 0, n, flat), stable=True)  # the pairs left out last
+    tok = order // k
+    xs = x[tok]
+    g = _grouped(w1, n, xs, expert).clamp(max=limit)
+    u = _grouped(w3, n, xs, expert).clamp(-limit, limit)
+    y = _grouped(w2, n, g / (1 + torch.exp(-g)) * u, expert)
+    out.index_add_(0, tok, torch.where((expert < n)[:, None], y * wflat[order, None], 0))
+
+
+def _grouped(w: DeviceWeight, n: int, xs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """xs[i] @ W[expert[i]]^T in one call, for rows sorted by expert (n or more: left out, their result unset)."""
+    if w.blocks:
+        from flashlite.device import triton_kernels as tk
+        return tk.grouped_gemm(w.data, w.type, n, w.rows, w.k, xs, expert, w.precision)
+    stack = w.data if w.data.ndim == 3 else w.data[None]
+    ends = torch.cumsum(torch.bincount(expert.clamp(max=n), minlength=n + 1)[:n], 0).to(torch.int32)
+    return torch.nn.functional.grouped_mm(xs, stack.transpose(1, 2), offs=ends)
 
 
 def _add_host_experts(x, rows: np.ndarray, idx: np.ndarray, weights: np.ndarray, views: tuple, limit: float,

@@ -60,6 +60,8 @@ def gemv_config(tokens: int) -> dict:
 # spilled 150-560 bytes: each element of the weight tile carries its own addresses and scales)
 GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64} if _INTERPRETED else \
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8}
+# grouped_gemm takes 16-row tiles up to this many rows (a decode step's few tokens per expert), else GEMM_CONFIG's
+GROUPED_SMALL = 256
 DEQUANTIZE_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64} if _INTERPRETED else {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}
 
 _MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # ggml's kvalues_mxfp4: 2 x e2m1
@@ -103,6 +105,35 @@ def _gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stri
     tok_ok = m < n_tok
     row_ok = r < rows
     row_base = r.to(tl.int64)[:, None] * row_bytes
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        e = k0 + tl.arange(0, BLOCK_K)
+        k_ok = e < k
+        w = dequant_tile(w_ptr, table_ptr, row_base, e[None, :], row_ok[:, None] & k_ok[None, :], QTYPE)
+        x = tl.load(x_rows + e[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
+        if PRECISION == "fp16":
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(y_ptr + m.to(tl.int64)[:, None] * stride_y + r[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _grouped_gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, tile_expert_ptr, tile_lo_ptr, tile_hi_ptr, rows, k,
+                         row_bytes, expert_bytes, stride_x, stride_y, QTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _gemm_kernel on one tile of rows lo..hi of x, all routed to one expert, whose matrix starts expert_bytes
+    # into w; a tile past the last (lo == hi) stores nothing
+    j = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + j).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + j)
+    hi = tl.load(tile_hi_ptr + j)
+    m = lo + tl.arange(0, BLOCK_M)
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_ok = m < hi
+    row_ok = r < rows
+    row_base = expert * expert_bytes + r.to(tl.int64)[:, None] * row_bytes
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, k, BLOCK_K):
@@ -237,6 +268,52 @@ def matmul(w, wtype, rows: int, k: int, x, precision: str = "tf32") -> torch.Ten
     return gemm(w, wtype, rows, k, x, precision)
 
 
+def expert_tiles(experts, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiles of at most `block` rows over rows grouped by expert: `experts` [P] the expert of each row, ascending
+    (n_experts or more: rows left out, after the others). Returns (expert, lo, hi) per tile, int32 tensors of a
+    length fixed by P and n_experts alone (min(P, n_experts) + ceil(P / block), so nothing comes to the host); the
+    tiles past the last have lo == hi. Torch ops on the device."""
+    p = experts.numel()
+    n_tiles = min(p, n_experts) + triton.cdiv(p, block)
+    counts = torch.bincount(experts.clamp(max=n_experts), minlength=n_experts + 1)[:n_experts]
+    ends = torch.cumsum(counts, 0)
+    tiles = (counts + block - 1) // block
+    tile_ends = torch.cumsum(tiles, 0)
+    j = torch.arange(n_tiles, device=experts.device)
+    expert = torch.searchsorted(tile_ends, j, right=True)
+    valid = expert < n_experts
+    e = expert.clamp(max=n_experts - 1)
+    lo = ends[e] - counts[e] + (j - (tile_ends[e] - tiles[e])) * block
+    hi = torch.minimum(lo + block, ends[e])
+    zero = torch.zeros_like(lo)
+    return (torch.where(valid, e, 0).to(torch.int32), torch.where(valid, lo, zero).to(torch.int32),
+            torch.where(valid, hi, zero).to(torch.int32))
+
+
+def grouped_gemm(w, wtype, n_experts: int, rows: int, k: int, x, experts, precision: str = "tf32") -> torch.Tensor:
+    """y[i] = x[i] @ W[experts[i]].T for rows grouped by expert, in one launch: W a stack of n_experts matrices of
+    `rows` x `k` elements of `wtype` (block bytes, uint8 [n_experts, rows, row_bytes]), x [P, k], experts [P]
+    ascending on x's device (a row with expert >= n_experts is left out, after the others: its y is not written).
+    Nothing comes to the host: the tiles are found on the device (expert_tiles), so a MoE layer's routed experts
+    need no synchronisation. float32 [P, rows]."""
+    type_id = _type_id(wtype)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    row_bytes = _checked_weight(w, type_id, n_experts * rows, k)
+    xs = _checked_activations(x, k, w.device)
+    if not isinstance(experts, torch.Tensor) or experts.shape != (xs.shape[0],) or experts.device != w.device:
+        raise ValueError(f"experts: expected a tensor of {xs.shape[0]} expert ids on {w.device}")
+    y = torch.empty((xs.shape[0], rows), dtype=torch.float32, device=w.device)
+    if xs.shape[0]:
+        config = dict(GEMM_CONFIG, BLOCK_M=16) if xs.shape[0] <= GROUPED_SMALL else GEMM_CONFIG
+        expert, lo, hi = expert_tiles(experts, n_experts, config["BLOCK_M"])
+        grid = (expert.numel(), triton.cdiv(rows, config["BLOCK_N"]))
+        _grouped_gemm_kernel[grid](w, _table(type_id, str(w.device)), xs, y, expert, lo, hi, rows, k, row_bytes,
+                                   rows * row_bytes, xs.stride(0), y.stride(0), QTYPE=type_id, PRECISION=precision,
+                                   **config)
+    return y
+
+
 def dequantize_rows(w, wtype, rows: int, k: int, ids=None) -> torch.Tensor:
     """Rows of W as float32: all of them ([rows, k]), or those listed in `ids` (an integer tensor of row indices,
     on w's device; result [len(ids), k]), as an embedding lookup does. Row ids are not range-checked on the
@@ -261,4 +338,5 @@ def dequantize_rows(w, wtype, rows: int, k: int, ids=None) -> torch.Tensor:
     return out
 
 
-__all__ = ["TYPES", "GEMV_MAX_TOKENS", "PRECISIONS", "gemv", "gemm", "matmul", "dequantize_rows"]
+__all__ = ["TYPES", "GEMV_MAX_TOKENS", "PRECISIONS", "gemv", "gemm", "matmul", "grouped_gemm", "expert_tiles",
+           "dequantize_rows"]
