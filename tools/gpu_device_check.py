@@ -7,10 +7,13 @@ minutes on an H200, printing a summary and writing it as JSON.
    positions) and its greedy continuation; the quantized files (mxfp4-q8_0, q4_k; the Triton kernels at "ieee" and
    "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
    float32 rounding (measured on a CPU torch device: 8e-6).
+   The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
+   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back).
 2. Speed on a full-width synthetic V4 (tools/make_synthetic.py --preset flash: V4-Flash's widths, --layers layers,
    --experts routed experts, quantized with the default recipe): prefill (--prompt tokens) and greedy decode
    (--gen tokens) in tok/s on the device with the Triton kernels, on the device with weights decoded to float32
-   (torch matmuls: a second implementation, whose logits the kernels' are compared with), and on the CPU backend;
+   (torch matmuls: a second implementation, whose logits the kernels' are compared with), in hybrid placement with
+   every routed expert on the CPU (the C core), and on the CPU backend;
    decode's weight bytes per token over its time, next to the device's read bandwidth (a float32 sum over 2 GiB).
 
     python tools/gpu_device_check.py --json $OUT/device_check.json
@@ -67,6 +70,29 @@ def correctness(base, work: Path, out: dict) -> None:
                                                           "seconds": round(time.perf_counter() - t0, 2)}
     greedy = list(model.generate(ids, len(g["greedy_ids"])))
     out["f32 greedy == goldens"] = {"ok": greedy == g["greedy_ids"].tolist()}
+    hybrid = device_with(base)
+    f32 = work / "f32.gguf"
+    budget = all_but_routed(f32, hybrid) + 20 * (expert_bytes(f32, hybrid))  # 20 of 48 routed experts
+    model = load(f32, device=hybrid, gpu_mem=budget)
+    delta = np.abs(model.logits(ids) - g["logits"]).max(axis=1)[clear].max()
+    out["f32 hybrid (20/48 routed experts on the device) vs goldens"] = {
+        "max_delta": float(delta), "ok": bool(delta <= 1e-4), "placement": str(hybrid.placement)}
+    if base.device.type == "cuda":  # a MoE layer all on the device queues without waiting for the host
+        import torch
+        from flashlite.backends.torch_device import moe_experts
+        f = load(f32, device=base).net.layers[3].ffn
+        x = torch.randn(5, f.args.dim, device=base.device)
+        idx = torch.randint(0, 8, (5, 2), device=base.device)
+        y = torch.zeros_like(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            moe_experts(x, idx, torch.rand(5, 2, device=base.device), f.w1, f.w3, f.w2, f.limit, y)
+            out["routed experts without a synchronisation"] = {"ok": True}
+        except RuntimeError as exc:
+            out["routed experts without a synchronisation"] = {"ok": False, "error": str(exc)[:300]}
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     for recipe in ((), ("--type", "q4_k")):
         name = recipe[-1] if recipe else "mxfp4-q8_0"
         path = quantize(FIXTURE, work / f"{name}.gguf", *recipe)
@@ -78,6 +104,31 @@ def correctness(base, work: Path, out: dict) -> None:
             out[f"{name} ({device}, {precision}) vs cpu on decoded f32"] = {
                 "max_delta": delta, "decoded_on_device": device.decoded,
                 "ok": delta <= (1e-3 if precision == "ieee" else 5e-2)}
+
+
+def _placement(path: Path, device):
+    """The hybrid placement of the file at path on device with room for everything (its bytes per class)."""
+    from flashlite.backends import placement
+    from flashlite.gguf_file import GGUFFile
+    from flashlite.models.deepseek_v4 import ModelArgs, expected_tensors
+
+    f = GGUFFile(path)
+    args = ModelArgs.from_gguf(f)
+    views = {name: f.load(name, ne, use) for name, (ne, use) in expected_tensors(args).items()}  # as load has them
+    return placement.plan(args, views, device.nbytes, 1 << 60, placement.kv_cache_bytes(args, args.max_seq_len,
+                                                                                         256))
+
+
+def all_but_routed(path: Path, device) -> int:
+    """gpu_mem that holds the KV cache (at the default context), the dense weights, the head and the shared
+    experts of the file at path on device, and no routed expert."""
+    p = _placement(path, device)
+    return sum(p.device_bytes[c] for c in ("kv_cache", "dense", "head_embed", "shared_experts"))
+
+
+def expert_bytes(path: Path, device) -> int:
+    p = _placement(path, device)
+    return p.device_bytes["routed_experts"] // (len(p.experts) * p.n_expert)
 
 
 def read_bandwidth(torch, device) -> float:
@@ -114,10 +165,11 @@ def speed(base, work: Path, args, out: dict) -> None:
     path = quantize(syn, work / "synthetic.gguf")
     ids = np.random.default_rng(0).integers(0, 129280, args.prompt)  # V4-Flash's vocabulary (--preset flash)
     logits = {}
-    for name, device in (("device", base), ("device, decoded f32", device_with(base, kernels="dequantized")),
-                         ("cpu", "cpu")):
+    runs = (("device", base, None), ("device, decoded f32", device_with(base, kernels="dequantized"), None),
+            ("hybrid, routed experts on the cpu", device_with(base), all_but_routed(path, base)), ("cpu", "cpu", None))
+    for name, device, gpu_mem in runs:
         t0 = time.perf_counter()
-        model = load(path, device=device)
+        model = load(path, device=device, gpu_mem=gpu_mem)
         loaded = time.perf_counter() - t0
         model.forward(ids[:16], logits="last")  # compile the kernels of every shape met below
         for token in ids[:9]:
