@@ -13,8 +13,9 @@ The small operations are torch ops in the C core's order where it shows (normali
 their max, the sink in the denominator, ties of a top-k to the lower index). The KV cache's logs live on the device
 (DeviceRowLog); its checkpoints and saved files are host bytes, as the CPU backend's.
 
-What comes back to the host during a forward: the logits, the indexer's picks, and the experts a MoE layer routes
-to (one synchronisation per layer; grouped expert matmuls and a captured decode graph come next, docs/gpu.md).
+What comes back to the host during a forward: the logits and the indexer's picks. A MoE layer's routed experts on
+the device are grouped products over the pairs sorted by expert on the device, and read nothing back (a captured
+decode graph comes next, docs/gpu.md).
 
 Hybrid placement (flashlite/backends/placement.py) leaves some weights in host memory: a HostWeight (a matrix the
 C core multiplies: its input comes to the host, its product goes back) or, for a stack of routed experts of which
