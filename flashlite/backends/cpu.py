@@ -257,9 +257,6 @@ class AttnPlan:
 
     def __init__(self, args, hc, attn_norm, attn, compressor, indexer):
         p = self.struct = ffi.new("struct fl_v4_attn *")
-        # the log pointers of the step being run, set per call: one forward at a time (model.py's lock)
-        self.cache = ffi.new("struct fl_v4_attn_cache *")
-        self.logs = [getattr(self.cache, name) for name in ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")]
         a = args
         keep = self._keep = [ffi.from_buffer(hc.fn.data)]
         p.dim, p.hc, p.n_heads, p.head_dim, p.rope_dim = a.dim, a.hc_mult, a.n_heads, a.head_dim, a.rope_head_dim
@@ -317,37 +314,81 @@ def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.nd
     batch such as a verified draft), in one C call (fl_v4_attn) that appends their rows to the layer's cache (a
     kv_cache.LayerCache) in place. cs_tok [T, rope_dim]: RoPE's table at each position; cs_row [T, rope_dim]: at
     each token's closing compressed row (None when no window closes)."""
-    logs = _bind(plan, cache, h.shape[0])
+    _ready(plan, cache, h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_attn(plan.struct, plan.cache, pos, h.shape[0], f32(cs_tok),
+    check(lib.fl_v4_attn(plan.struct, cache.c, pos, h.shape[0], f32(cs_tok),
                          ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_attn at positions {pos}..{pos + h.shape[0] - 1}")
-    for log, bound in zip(logs, plan.logs):
-        log.end = bound.end
     return h_out
 
 
-def _bind(plan: AttnPlan, cache, n: int) -> list:
-    """Point the plan's C logs at the cache's (room for n rows each); the cache's logs, for taking the ends back."""
+def _ready(plan: AttnPlan, cache, n: int) -> None:
+    """The plan's row formats those of the cache's logs, which get room for n more rows each (the C core appends
+    to them in place, through cache.c)."""
     if plan.kv_format != cache.kv_format:
         plan._set_format(cache)
-    logs = cache.logs()  # window rows, then each compressor's kv, score and rows: the order of plan.logs
-    for log, bound in zip(logs, plan.logs):
-        log.bind(bound, n)
-    return logs
+    cache.reserve(n)
 
 
 def layer_step(attn: AttnPlan, ffn: FfnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
                h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """attn_step then ffn_step, in one C call (fl_v4_layer): whole layers for the T tokens of h."""
-    logs = _bind(attn, cache, h.shape[0])
+    _ready(attn, cache, h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
     token_ids = np.ascontiguousarray(token_ids, np.int64)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_layer(attn.struct, attn.cache, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
+    check(lib.fl_v4_layer(attn.struct, cache.c, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
                           f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_layer at positions {pos}..{pos + h.shape[0] - 1}")
-    for log, bound in zip(logs, attn.logs):
-        log.end = bound.end
+    return h_out
+
+
+class StepPlan:
+    """Every layer of a model, planned (AttnPlan, FfnPlan), for one C call per decode step (fl_v4_step). tables:
+    for each layer, the index of the RoPE tables it reads among those model_step is given."""
+
+    def __init__(self, attn: list, ffn: list, tables: list[int]):
+        self.attn, self.ffn, self.tables = attn, ffn, tables
+        self._layers = {}  # id(model cache) -> (cache, its struct fl_v4_step_layer array): logs' pointers are stable
+        self._short = np.zeros(len(attn), np.int8)
+
+    def layers(self, cache):
+        """The struct fl_v4_step_layer array of this plan over a ModelCache's layers (made once per cache)."""
+        held = self._layers.get(id(cache))
+        if held is None or held[0] is not cache:
+            if len(self._layers) >= 8:  # caches come and go (speculative drafts, tests): keep the recent ones
+                self._layers.clear()
+            items = ffi.new("struct fl_v4_step_layer[]", [
+                {"attn": a.struct, "ffn": f.struct, "cache": layer.c, "table": t}
+                for a, f, layer, t in zip(self.attn, self.ffn, cache.layers, self.tables)])
+            held = self._layers[id(cache)] = (cache, items)
+        return held[1]
+
+
+plan_step = StepPlan
+
+
+def model_step(plan: StepPlan, cache, pos: int, tables: list, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """h [T, hc, D] through every layer for the T tokens at positions pos.. (a decode step, or a short batch), in
+    one C call (fl_v4_step) that appends their rows to the ModelCache's logs in place. tables: (cs_tok, cs_row)
+    pairs as attn_step takes them, indexed by the plan's tables."""
+    n = h.shape[0]
+    if any(a.kv_format != cache.kv_format for a in plan.attn):  # the plans follow the cache's row formats
+        for a, layer in zip(plan.attn, cache.layers):
+            a._set_format(layer)
+    items = plan.layers(cache)
+    short = plan._short
+    n_short = lib.fl_v4_step_short(len(plan.attn), items, n, ffi.from_buffer("int8_t[]", short))
+    check(min(n_short, 0), "fl_v4_step_short")
+    if n_short:
+        for i in np.flatnonzero(short):  # a log's buffer grows, now and then
+            cache.layers[i].reserve(n)
+    h = np.ascontiguousarray(h, np.float32)
+    token_ids = np.ascontiguousarray(token_ids, np.int64)
+    h_out = np.empty_like(h)
+    cs_tok = ffi.new("float *[]", [f32(t) for t, _ in tables])
+    cs_row = ffi.new("float *[]", [ffi.NULL if r is None else f32(r) for _, r in tables])
+    check(lib.fl_v4_step(len(plan.attn), items, pos, n, ffi.from_buffer("int64_t[]", token_ids), cs_tok, cs_row,
+                         f32(h), f32(h_out)), f"fl_v4_step at positions {pos}..{pos + n - 1}")
     return h_out

@@ -803,6 +803,35 @@ static void test_fused_attention(void) {
               memcmp(h_out, want, sizeof want) == 0,
           "fl_v4_layer differs from fl_v4_attn then fl_v4_ffn");
     CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, 1, &token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
+    /* a whole step of two layers (the same plans over the two sets of logs): the two layer calls, in one */
+    static float stepped[HC * D];
+    struct fl_v4_attn_cache *two[2] = {&c, &cb};
+    for (int k = 0; k < 2; k++) {
+        two[k]->kv.end = two[k]->ckv.end = two[k]->cscore.end = two[k]->ikv.end = two[k]->iscore.end = POS - 2;
+        two[k]->crows.end = two[k]->irows.end = (POS - 2) / 4;
+    }
+    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, 1, &token, cs, cs, h, mid) == FL_OK &&
+              fl_v4_layer(&p, &cb, &layer_ffn, POS - 2, 1, &token, cs, cs, mid, want) == FL_OK,
+          "two layer calls failed");
+    for (int k = 0; k < 2; k++) {
+        two[k]->kv.end = two[k]->ckv.end = two[k]->cscore.end = two[k]->ikv.end = two[k]->iscore.end = POS - 2;
+        two[k]->crows.end = two[k]->irows.end = (POS - 2) / 4;
+    }
+    struct fl_v4_step_layer layers[2] = {{&p, &layer_ffn, &c, 0}, {&p, &layer_ffn, &cb, 0}};
+    const float *tables[1] = {cs};
+    int8_t short_of[2] = {1, 1};
+    CHECK(fl_v4_step_short(2, layers, 2, short_of) == 0 && !short_of[0] && !short_of[1],
+          "logs with room for two rows reported short");
+    CHECK(fl_v4_step(2, layers, POS - 2, 1, &token, tables, tables, h, stepped) == FL_OK &&
+              memcmp(stepped, want, sizeof want) == 0,
+          "fl_v4_step differs from its layer calls");
+    CHECK(c.kv.end == POS - 1 && cb.kv.end == POS - 1, "fl_v4_step log ends %lld %lld", (long long)c.kv.end,
+          (long long)cb.kv.end);
+    c.kv.cap = POS - 1;
+    CHECK(fl_v4_step_short(2, layers, 1, short_of) == 1 && short_of[0] && !short_of[1], "a full window log not short");
+    c.kv.cap = POS;
+    layers[1].table = -1;
+    CHECK(fl_v4_step(2, layers, POS - 1, 1, &token, tables, tables, h, stepped) == FL_EINVAL, "a bad table accepted");
     c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
     c.crows.end = c.irows.end = (POS - 1) / 4;
