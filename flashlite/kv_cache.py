@@ -327,9 +327,11 @@ class ModelCache:
         for s in range((start // step + 1) * step, self.pos + 1, step):
             self._checkpoints[s] = [layer.checkpoint(s) for layer in self.layers]
         self._thin_checkpoints()
-        self._floor = max(self._floor, self.pos - self.rewind)
-        for layer in self.layers:
-            layer.trim(self._floor)
+        floor = max(self._floor, self.pos - self.rewind)
+        if floor != self._floor:  # nothing to drop while the sequence is shorter than `rewind` (43 layers' logs)
+            self._floor = floor
+            for layer in self.layers:
+                layer.trim(floor)
 
     def _thin_checkpoints(self) -> None:
         step, keep = self.checkpoint_every, self.checkpoint_keep

@@ -408,6 +408,27 @@ static void test_hyper_connections(void) {
             }
     }
     CHECK(worst < 1e-5, "hyper-connections: worst relative error %g against double precision", worst);
+    /* the Sinkhorn rounds past the first in float32, as the core's generic code runs them (sums in order, one
+     * division each), from the core's first round: the bits the four-stream path gives */
+    float comb1[T * HC * HC], post1[T * HC];
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 1, hc_eps, norm_eps, x, post1, comb1) == FL_OK,
+          "fl_hc_pre with one Sinkhorn round failed");
+    for (int t = 0; t < T; t++) {
+        float *c = comb1 + t * HC * HC;
+        for (int round = 1; round < ITERS; round++) {
+            for (int a = 0; a < HC; a++) {
+                float sum = 0.0f;
+                for (int b = 0; b < HC; b++) sum += c[a * HC + b];
+                for (int b = 0; b < HC; b++) c[a * HC + b] /= sum + hc_eps;
+            }
+            for (int b = 0; b < HC; b++) {
+                float sum = 0.0f;
+                for (int a = 0; a < HC; a++) sum += c[a * HC + b];
+                for (int a = 0; a < HC; a++) c[a * HC + b] /= sum + hc_eps;
+            }
+        }
+    }
+    CHECK(memcmp(comb1, comb, sizeof comb) == 0, "four-stream Sinkhorn differs from the rounds in float32 order");
     /* the final collapse: pre weights only, the same x from the first HC rows of fn */
     float x_head[T * D];
     CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 1, hc_eps, norm_eps, x_head, NULL, NULL) == FL_OK,
