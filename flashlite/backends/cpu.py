@@ -6,6 +6,7 @@ A weight is a gguf_file.WeightView, or (WeightView, data) for one slice of a sta
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -252,11 +253,11 @@ def ffn_step(plan: FfnPlan, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
 
 
 class AttnPlan:
-    """A layer's attention sublayer with its hyper-connection, resolved once for fl_v4_attn. The row formats
-    follow the cache a step is given (its kv_format)."""
+    """A layer's attention sublayer with its hyper-connection, resolved once for fl_v4_attn: one C struct per row
+    format of the caches it steps (struct_for)."""
 
     def __init__(self, args, hc, attn_norm, attn, compressor, indexer):
-        p = self.struct = ffi.new("struct fl_v4_attn *")
+        p = self._base = ffi.new("struct fl_v4_attn *")
         a = args
         keep = self._keep = [ffi.from_buffer(hc.fn.data)]
         p.dim, p.hc, p.n_heads, p.head_dim, p.rope_dim = a.dim, a.hc_mult, a.n_heads, a.head_dim, a.rope_head_dim
@@ -293,16 +294,18 @@ class AttnPlan:
         if indexer is not None:
             weight(p.iq_b, indexer.wq_b)
             weight(p.iproj, indexer.weights_proj)
-        self.kv_format = None
+        self._by_format = {}
 
-    def _set_format(self, cache) -> None:
-        """The row formats of the cache's logs (flashlite/kv_cache.py's LayerCache)."""
-        p = self.struct
-        p.kv_kind = cache.kv_row.kind or 0
-        p.comp.row_kind, p.comp.row_rope_dim, p.comp.rotated = p.kv_kind, cache.kv_row.rope_dim, 0
-        p.icomp.row_kind, p.icomp.row_rope_dim = cache.index_row.kind or 0, 0
-        p.icomp.rotated = int(cache.index_row.kind is not None)
-        self.kv_format = cache.kv_format
+    def struct_for(self, cache):
+        """The plan's C struct for the row formats of a LayerCache's logs (made once per kv_format)."""
+        p = self._by_format.get(cache.kv_format)
+        if p is None:
+            p = self._by_format[cache.kv_format] = ffi.new("struct fl_v4_attn *", self._base[0])
+            p.kv_kind = cache.kv_row.kind or 0
+            p.comp.row_kind, p.comp.row_rope_dim, p.comp.rotated = p.kv_kind, cache.kv_row.rope_dim, 0
+            p.icomp.row_kind, p.icomp.row_rope_dim = cache.index_row.kind or 0, 0
+            p.icomp.rotated = int(cache.index_row.kind is not None)
+        return p
 
 
 plan_attn = AttnPlan
@@ -314,31 +317,23 @@ def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.nd
     batch such as a verified draft), in one C call (fl_v4_attn) that appends their rows to the layer's cache (a
     kv_cache.LayerCache) in place. cs_tok [T, rope_dim]: RoPE's table at each position; cs_row [T, rope_dim]: at
     each token's closing compressed row (None when no window closes)."""
-    _ready(plan, cache, h.shape[0])
+    cache.reserve(h.shape[0])  # room for the rows the C core appends in place, through cache.c
     h = np.ascontiguousarray(h, np.float32)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_attn(plan.struct, cache.c, pos, h.shape[0], f32(cs_tok),
+    check(lib.fl_v4_attn(plan.struct_for(cache), cache.c, pos, h.shape[0], f32(cs_tok),
                          ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_attn at positions {pos}..{pos + h.shape[0] - 1}")
     return h_out
 
 
-def _ready(plan: AttnPlan, cache, n: int) -> None:
-    """The plan's row formats those of the cache's logs, which get room for n more rows each (the C core appends
-    to them in place, through cache.c)."""
-    if plan.kv_format != cache.kv_format:
-        plan._set_format(cache)
-    cache.reserve(n)
-
-
 def layer_step(attn: AttnPlan, ffn: FfnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
                h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """attn_step then ffn_step, in one C call (fl_v4_layer): whole layers for the T tokens of h."""
-    _ready(attn, cache, h.shape[0])
+    cache.reserve(h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
     token_ids = np.ascontiguousarray(token_ids, np.int64)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_layer(attn.struct, cache.c, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
+    check(lib.fl_v4_layer(attn.struct_for(cache), cache.c, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
                           f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_layer at positions {pos}..{pos + h.shape[0] - 1}")
     return h_out
@@ -350,20 +345,19 @@ class StepPlan:
 
     def __init__(self, attn: list, ffn: list, tables: list[int]):
         self.attn, self.ffn, self.tables = attn, ffn, tables
-        self._layers = {}  # id(model cache) -> (cache, its struct fl_v4_step_layer array): logs' pointers are stable
-        self._short = np.zeros(len(attn), np.int8)
+        # per ModelCache, its struct fl_v4_step_layer array (the pointers to its logs' C structs never change)
+        self._layers = weakref.WeakKeyDictionary()
+        self.short = np.zeros(len(attn), np.int8)  # the layers whose logs lack room, as fl_v4_step_short says
+        self._short_ptr = ffi.from_buffer("int8_t[]", self.short)
 
     def layers(self, cache):
         """The struct fl_v4_step_layer array of this plan over a ModelCache's layers (made once per cache)."""
-        held = self._layers.get(id(cache))
-        if held is None or held[0] is not cache:
-            if len(self._layers) >= 8:  # caches come and go (speculative drafts, tests): keep the recent ones
-                self._layers.clear()
-            items = ffi.new("struct fl_v4_step_layer[]", [
-                {"attn": a.struct, "ffn": f.struct, "cache": layer.c, "table": t}
+        items = self._layers.get(cache)
+        if items is None:
+            items = self._layers[cache] = ffi.new("struct fl_v4_step_layer[]", [
+                {"attn": a.struct_for(layer), "ffn": f.struct, "cache": layer.c, "table": t}
                 for a, f, layer, t in zip(self.attn, self.ffn, cache.layers, self.tables)])
-            held = self._layers[id(cache)] = (cache, items)
-        return held[1]
+        return items
 
 
 plan_step = StepPlan
@@ -374,15 +368,11 @@ def model_step(plan: StepPlan, cache, pos: int, tables: list, h: np.ndarray, tok
     one C call (fl_v4_step) that appends their rows to the ModelCache's logs in place. tables: (cs_tok, cs_row)
     pairs as attn_step takes them, indexed by the plan's tables."""
     n = h.shape[0]
-    if any(a.kv_format != cache.kv_format for a in plan.attn):  # the plans follow the cache's row formats
-        for a, layer in zip(plan.attn, cache.layers):
-            a._set_format(layer)
     items = plan.layers(cache)
-    short = plan._short
-    n_short = lib.fl_v4_step_short(len(plan.attn), items, n, ffi.from_buffer("int8_t[]", short))
+    n_short = lib.fl_v4_step_short(len(plan.attn), items, n, plan._short_ptr)
     check(min(n_short, 0), "fl_v4_step_short")
     if n_short:
-        for i in np.flatnonzero(short):  # a log's buffer grows, now and then
+        for i in np.flatnonzero(plan.short):  # a log's buffer grows, now and then
             cache.layers[i].reserve(n)
     h = np.ascontiguousarray(h, np.float32)
     token_ids = np.ascontiguousarray(token_ids, np.int64)
