@@ -345,6 +345,23 @@ int fl_v4_attn(const struct fl_v4_attn *p, struct fl_v4_attn_cache *cache, int64
 int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, const struct fl_v4_ffn *ffn,
                 int64_t pos, int64_t n_tok, const int64_t *tokens, const float *cs_tok, const float *cs_row,
                 const float *h, float *h_out);
+/* A layer of a whole step: its plans, its logs, and which of the step's RoPE tables it reads (layers of one RoPE
+ * and compress ratio share them). */
+struct fl_v4_step_layer {
+    const struct fl_v4_attn *attn;
+    const struct fl_v4_ffn *ffn;
+    struct fl_v4_attn_cache *cache;
+    int table;
+};
+/* The layers whose logs lack room for n_tok more rows each (the caller grows them, then steps): short[i] = 1 for
+ * such a layer i, else 0; returns how many. FL_EINVAL for bad arguments. */
+int64_t fl_v4_step_short(int64_t n_layers, const struct fl_v4_step_layer *layers, int64_t n_tok, int8_t *short_of);
+/* A whole decode step (or a verified draft's batch): fl_v4_layer for each of the n_layers layers in turn, from
+ * h [n_tok, hc, dim] to h_out, with no caller code in between. Layer i reads cs_tok[layers[i].table] and
+ * cs_row[layers[i].table] (each as fl_v4_attn's; cs_row may be NULL or hold NULLs). Bitwise the layer calls. */
+int fl_v4_step(int64_t n_layers, const struct fl_v4_step_layer *layers, int64_t pos, int64_t n_tok,
+               const int64_t *tokens, const float *const *cs_tok, const float *const *cs_row, const float *h,
+               float *h_out);
 
 /* ---------------------------------------------------------------- KV cache rows (kv_pack.c) */
 enum fl_kv_kind {

@@ -287,6 +287,11 @@ int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x,
     return fl_matmul_batch(1, &item);
 }
 
+/* products a batch describes on the stack (a decode step's are 1-8); more take the heap */
+#define LOCAL_ITEMS 16
+/* prepared activations a batch keeps on the stack (a decode step's few rows); more take the heap */
+#define LOCAL_PREP_BYTES 16384
+
 int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
     if (n < 0 || (n && !items))
         return FL_EINVAL;
@@ -295,14 +300,25 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
         if (status != FL_OK)
             return status;
     }
-    struct matmul_job *jobs = malloc(sizeof(*jobs) * (size_t)(n + 1));
-    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n + 1));
-    int64_t *first_prep = malloc(sizeof(int64_t) * (size_t)(n + 1));
-    uint8_t **owned = calloc((size_t)n + 1, sizeof(uint8_t *));
-    const float **x_of = malloc(sizeof(float *) * (size_t)(n + 1));
-    const void **prep_of = malloc(sizeof(void *) * (size_t)(n + 1));
-    int status = jobs && first && first_prep && owned && x_of && prep_of ? FL_OK : FL_ENOMEM;
+    /* per job: its description, its first task and preparation task, its x, its activations' preparation, and
+     * where its prepared activations are: at an offset >= 0 into one buffer for all jobs, those of job j for
+     * -2 - j, or (-1) its x itself, read as f32 */
+    struct matmul_job local_jobs[LOCAL_ITEMS];
+    int64_t local_first[LOCAL_ITEMS + 1], local_first_prep[LOCAL_ITEMS + 1], local_at[LOCAL_ITEMS];
+    const float *local_x_of[LOCAL_ITEMS];
+    const void *local_prep_of[LOCAL_ITEMS];
+    _Alignas(64) uint8_t local_prep[LOCAL_PREP_BYTES];
+    int heap = n > LOCAL_ITEMS;
+    struct matmul_job *jobs = heap ? malloc(sizeof(*jobs) * (size_t)n) : local_jobs;
+    int64_t *first = heap ? malloc(sizeof(int64_t) * (size_t)(n + 1)) : local_first;
+    int64_t *first_prep = heap ? malloc(sizeof(int64_t) * (size_t)(n + 1)) : local_first_prep;
+    int64_t *at = heap ? malloc(sizeof(int64_t) * (size_t)n) : local_at;
+    const float **x_of = heap ? malloc(sizeof(float *) * (size_t)n) : local_x_of;
+    const void **prep_of = heap ? malloc(sizeof(void *) * (size_t)n) : local_prep_of;
+    uint8_t *prepared = NULL;
+    int status = jobs && first && first_prep && at && x_of && prep_of ? FL_OK : FL_ENOMEM;
     int64_t n_jobs = 0, prep_tokens = 0;
+    size_t prep_bytes = 0;
     if (status == FL_OK)
         first[0] = first_prep[0] = 0;
     for (int64_t i = 0; i < n && status == FL_OK; i++) {
@@ -310,29 +326,35 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
         if (it->n_tok == 0)
             continue;
         /* products by the same activations share their quantized form */
-        const uint8_t *shared = NULL;
+        int64_t shared = -1;
         prep_of[n_jobs] = activation_prep(it->wtype);
         const struct fl_gemm_kernel *gemm = gemm_kernel(it->wtype, it->n_tok);
-        for (int64_t j = 0; j < n_jobs && !shared && prep_of[n_jobs]; j++)
+        for (int64_t j = 0; j < n_jobs && shared < 0 && prep_of[n_jobs]; j++)
             if (x_of[j] == it->x && prep_of[j] == prep_of[n_jobs] && jobs[j].k == it->k && jobs[j].n_tok == it->n_tok &&
                 (jobs[j].gemm ? jobs[j].gemm->pack : NULL) == (gemm ? gemm->pack : NULL))
-                shared = jobs[j].xq;
+                shared = j;
         x_of[n_jobs] = it->x;
         struct matmul_job *job = &jobs[n_jobs];
-        status = matmul_setup(job, it, shared);
-        if (status == FL_OK && job->x) {
-            owned[n_jobs] = aligned_alloc(64, (prepared_bytes(job) + 63) & ~(size_t)63);
-            job->xq = owned[n_jobs];
-            if (!job->xq)
-                status = FL_ENOMEM;
-        }
+        /* it->x stands for the shared activations until every job's are placed */
+        status = matmul_setup(job, it, shared >= 0 ? (const uint8_t *)it->x : NULL);
         if (status == FL_OK) {
+            at[n_jobs] = job->x ? (int64_t)prep_bytes : shared >= 0 ? -2 - shared : -1;
+            if (job->x)
+                prep_bytes += (prepared_bytes(job) + 63) & ~(size_t)63;
             first[n_jobs + 1] = first[n_jobs] + job_tasks(job);
             first_prep[n_jobs + 1] = first_prep[n_jobs] + (job->x ? (job->n_tok + tokens_per_prep(job) - 1) / tokens_per_prep(job) : 0);
             prep_tokens += job->x ? job->n_tok : 0;
             n_jobs++;
         }
     }
+    if (status == FL_OK && prep_bytes) {
+        prepared = prep_bytes <= LOCAL_PREP_BYTES ? local_prep : aligned_alloc(64, prep_bytes);
+        if (!prepared)
+            status = FL_ENOMEM;
+    }
+    for (int64_t j = 0; j < n_jobs && status == FL_OK; j++) /* a job shares an earlier one's, placed before it */
+        if (at[j] != -1)
+            jobs[j].xq = at[j] >= 0 ? prepared + at[j] : jobs[-2 - at[j]].xq;
     if (status == FL_OK && n_jobs) {
         struct batch_job prep = {jobs, first_prep, n_jobs}, run = {jobs, first, n_jobs};
         if (prep_tokens < PREP_INLINE_TOKENS) /* a decode's few rows: cheaper here than waking the pool */
@@ -342,13 +364,15 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
             fl_parallel_for(first_prep[n_jobs], 0, prep_task, &prep);
         fl_parallel_for(first[n_jobs], 0, batch_task, &run);
     }
-    for (int64_t j = 0; j < n_jobs; j++)
-        free(owned[j]);
-    free(jobs);
-    free(first);
-    free(first_prep);
-    free(owned);
-    free(x_of);
-    free(prep_of);
+    if (prepared != local_prep)
+        free(prepared);
+    if (heap) {
+        free(jobs);
+        free(first);
+        free(first_prep);
+        free(at);
+        free(x_of);
+        free(prep_of);
+    }
     return status;
 }

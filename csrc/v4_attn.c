@@ -379,3 +379,50 @@ int fl_v4_layer(const struct fl_v4_attn *attn, struct fl_v4_attn_cache *cache, c
     free(mid);
     return status;
 }
+
+/* whether log has room for n more rows */
+static int has_room(const struct fl_row_log *log, int64_t n) { return log->end + n <= log->start + log->cap; }
+
+int64_t fl_v4_step_short(int64_t n_layers, const struct fl_v4_step_layer *layers, int64_t n_tok, int8_t *short_of) {
+    if (n_layers < 0 || n_tok < 0 || (n_layers && (!layers || !short_of))) return FL_EINVAL;
+    int64_t n_short = 0;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const struct fl_v4_attn *p = layers[i].attn;
+        const struct fl_v4_attn_cache *c = layers[i].cache;
+        if (!p || !c) return FL_EINVAL;
+        /* the logs a step appends to: the window's; a compressor's kv, score and (at most n_tok) rows */
+        int room = has_room(&c->kv, n_tok);
+        if (p->ratio)
+            room = room && has_room(&c->ckv, n_tok) && has_room(&c->cscore, n_tok) && has_room(&c->crows, n_tok);
+        if (p->ratio == 4)
+            room = room && has_room(&c->ikv, n_tok) && has_room(&c->iscore, n_tok) && has_room(&c->irows, n_tok);
+        short_of[i] = (int8_t)!room;
+        n_short += !room;
+    }
+    return n_short;
+}
+
+int fl_v4_step(int64_t n_layers, const struct fl_v4_step_layer *layers, int64_t pos, int64_t n_tok,
+               const int64_t *tokens, const float *const *cs_tok, const float *const *cs_row, const float *h,
+               float *h_out) {
+    if (n_layers <= 0 || !layers || n_tok <= 0 || !cs_tok || !h || !h_out || !layers[0].attn) return FL_EINVAL;
+    for (int64_t i = 0; i < n_layers; i++) /* every layer checked before the first one writes its logs */
+        if (!layers[i].attn || layers[i].attn->hc != layers[0].attn->hc || layers[i].attn->dim != layers[0].attn->dim ||
+            layers[i].table < 0)
+            return FL_EINVAL;
+    /* the streams between layers go back and forth between two buffers, the last layer writes h_out */
+    size_t bytes = sizeof(float) * (size_t)(n_tok * layers[0].attn->hc * layers[0].attn->dim);
+    float *mid[2] = {malloc(bytes), malloc(bytes)};
+    int status = mid[0] && mid[1] ? FL_OK : FL_ENOMEM;
+    const float *in = h;
+    for (int64_t i = 0; i < n_layers && status == FL_OK; i++) {
+        const struct fl_v4_step_layer *l = &layers[i];
+        float *out = i == n_layers - 1 ? h_out : mid[i & 1];
+        status = fl_v4_layer(l->attn, l->cache, l->ffn, pos, n_tok, tokens, cs_tok[l->table],
+                             cs_row ? cs_row[l->table] : NULL, in, out);
+        in = out;
+    }
+    free(mid[0]);
+    free(mid[1]);
+    return status;
+}

@@ -120,6 +120,25 @@ int fl_rope(int64_t n_tok, int64_t n_rows, int64_t dim, int64_t rope_dim, const 
 
 static float sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }
 
+typedef float v4f __attribute__((vector_size(16)));
+
+/* The rounds of sinkhorn() for hc = 4 on rows of four lanes: the same sums, in the same order, and the same
+ * divisions, so the same bits (each lane's arithmetic is the scalar code's for its column). */
+static void sinkhorn4(float *comb, int iters, float eps) {
+    v4f r[4];
+    memcpy(r, comb, sizeof(r));
+    for (int round = 0; round < iters; round++) {
+        if (round > 0)
+            for (int a = 0; a < 4; a++) {
+                float d = ((((0.0f + r[a][0]) + r[a][1]) + r[a][2]) + r[a][3]) + eps;
+                r[a] = r[a] / (v4f){d, d, d, d};
+            }
+        v4f d = ((((v4f){0.0f, 0.0f, 0.0f, 0.0f} + r[0]) + r[1]) + r[2]) + r[3] + (v4f){eps, eps, eps, eps};
+        for (int a = 0; a < 4; a++) r[a] = r[a] / d;
+    }
+    memcpy(comb, r, sizeof(r));
+}
+
 /* comb [hc][hc] (comb[a][b]: from stream a to stream b): softmax over b, plus eps; one column normalisation, then
  * iters - 1 rounds of row then column normalisation, each dividing by the sum plus eps (it ends on a column step) */
 static void sinkhorn(float *comb, int64_t hc, int iters, float eps) {
@@ -131,6 +150,10 @@ static void sinkhorn(float *comb, int64_t hc, int iters, float eps) {
             sum += row[b];
         }
         for (int64_t b = 0; b < hc; b++) row[b] = row[b] / sum + eps;
+    }
+    if (hc == 4) { /* V4's four streams: a row of comb in one vector, each column's division in one instruction */
+        sinkhorn4(comb, iters, eps);
+        return;
     }
     for (int round = 0; round < iters; round++) {
         if (round > 0)

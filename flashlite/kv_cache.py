@@ -63,11 +63,25 @@ class RowFormat:
 
 
 class RowLog:
-    """Rows of positions [start, end) in a RowFormat, appended at the end and trimmed from the front."""
+    """Rows of positions [start, end) in a RowFormat, appended at the end and trimmed from the front.
+
+    start and end live in a C struct fl_row_log (`c`), which also points at the stored rows: the C core's decode
+    step appends to the log in place and moves its end, with no Python per log (LayerCache.c gathers a layer's)."""
 
     def __init__(self, fmt: RowFormat):
         self.fmt = fmt
+        self.c = ffi.new("struct fl_row_log *")
         self.restore(0, np.empty((0, fmt.nbytes), np.uint8))
+
+    start = property(lambda self: self.c.start, lambda self, v: setattr(self.c, "start", v))
+    end = property(lambda self: self.c.end, lambda self, v: setattr(self.c, "end", v))
+
+    def attach(self, slot) -> None:
+        """Keep the log's C struct in `slot` (a struct fl_row_log * into a larger struct, which the caller keeps
+        alive) from now on."""
+        slot.start, slot.end = self.start, self.end
+        self.c = slot
+        self._point()
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -90,6 +104,7 @@ class RowLog:
             buf = self._empty(max(16, used + n, (used + n) * 3 // 2))
             buf[:used] = self._buf[self._off:self._off + used]
             self._buf, self._off = buf, 0
+            self._point()
 
     def _stored(self, rows: np.ndarray) -> np.ndarray:
         """Rows as the buffer holds them: packed in the format."""
@@ -99,14 +114,12 @@ class RowLog:
         """A buffer for capacity stored rows."""
         return np.empty((capacity, self.fmt.nbytes), np.uint8)
 
-    def bind(self, log, n: int) -> None:
-        """Point `log`, a C struct fl_row_log, at the stored rows, with room for n more after the end: the C core
-        appends there in place and moves log.end, which the caller then takes back into `end`."""
-        self.reserve(n)
+    def _point(self) -> None:
+        """Point the C struct at the stored rows after the buffer or its offset changed."""
         if self._bound is not self._buf:  # a C pointer made once per buffer, not per step
             self._bound, self._pointer = self._buf, ffi.from_buffer("uint8_t[]", self._buf)
-        log.buf = self._pointer + self._off * self.fmt.nbytes
-        log.start, log.end, log.cap = self.start, self.end, self._buf.shape[0] - self._off
+        self.c.buf = self._pointer + self._off * self.fmt.nbytes
+        self.c.cap = self._buf.shape[0] - self._off
 
     def _span(self, lo: int, hi: int):
         """The buffer's stored rows of positions [lo, hi), a view."""
@@ -134,8 +147,10 @@ class RowLog:
     def trim(self, keep_from: int) -> None:
         """Forget positions before keep_from."""
         keep_from = min(max(keep_from, self.start), self.end)
-        self._off += keep_from - self.start
-        self.start = keep_from
+        if keep_from != self.start:
+            self._off += keep_from - self.start
+            self.start = keep_from
+            self._point()
 
     def truncate(self, pos: int) -> None:
         if pos < self.start:
@@ -145,9 +160,10 @@ class RowLog:
     def restore(self, start: int, packed: np.ndarray) -> None:
         """Hold exactly the stored rows `packed` of positions start.., dropping everything else."""
         self._buf = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
-        self._bound = None  # the buffer bind() last pointed C at
+        self._bound = None  # the buffer _point() last made a C pointer of
         self._off = 0
         self.start, self.end = start, start + self._buf.shape[0]
+        self._point()
 
     def nbytes(self) -> int:
         return len(self) * self.fmt.nbytes
@@ -197,6 +213,9 @@ class LayerCache:
         packed = kv_format == "fp8"
         self.kv_row = RowFormat(head_dim, lib.FL_KV_FP8, rope_dim) if packed else RowFormat(head_dim)
         self.index_row = RowFormat(index_head_dim, lib.FL_KV_FP4) if packed else RowFormat(index_head_dim)
+        # the layer's logs as the C core's decode step takes them (struct fl_v4_attn_cache): each log keeps its
+        # C struct here, so this one pointer stays valid for the cache's life
+        self.c = ffi.new("struct fl_v4_attn_cache *")
         self.clear()
 
     def clear(self) -> None:
@@ -210,6 +229,13 @@ class LayerCache:
             if overlap:
                 self.indexer = CompressorState(self.ratio, 2 * self.index_head_dim, True, self.index_row,
                                                rotated=self.index_row.kind is not None, row_log=self.row_log)
+        for log, field in zip(self.logs(), ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")):
+            log.attach(ffi.addressof(self.c[0], field))
+
+    def reserve(self, n: int) -> None:
+        """Room for n more rows in every log (what a step of n tokens may append)."""
+        for log in self.logs():
+            log.reserve(n)
 
     def states(self) -> list[CompressorState]:
         return [s for s in (self.compressor, self.indexer) if s is not None]
@@ -301,9 +327,11 @@ class ModelCache:
         for s in range((start // step + 1) * step, self.pos + 1, step):
             self._checkpoints[s] = [layer.checkpoint(s) for layer in self.layers]
         self._thin_checkpoints()
-        self._floor = max(self._floor, self.pos - self.rewind)
-        for layer in self.layers:
-            layer.trim(self._floor)
+        floor = max(self._floor, self.pos - self.rewind)
+        if floor != self._floor:  # nothing to drop while the sequence is shorter than `rewind` (43 layers' logs)
+            self._floor = floor
+            for layer in self.layers:
+                layer.trim(floor)
 
     def _thin_checkpoints(self) -> None:
         step, keep = self.checkpoint_every, self.checkpoint_keep

@@ -79,15 +79,15 @@ VERIFY_SIZES = (2, 3, 4, 5, 6, 7, 8, 9, v4.STEP_MAX_TOKENS)
 @pytest.mark.parametrize("kv_format", ["f32", "fp8"])
 @pytest.mark.parametrize("weights", ["f32", "default", "q8_0", "Q4_K_M", "bf16", "small"])
 def test_verified_batches_are_bitwise_planned_steps(tiny_gguf, small_gguf, weights, kv_format, monkeypatch):
-    """Batches of 2..16 tokens (y and the drafts of a round) through the planned layer calls, each rolled back past
+    """Batches of 2..16 tokens (y and the drafts of a round) through the planned whole-step call, each rolled back past
     part of it as after a partial acceptance, from position 5 across window, ratio-4 and indexer boundaries and
     the first ratio-128 row: every row is the bits of the same tokens fed one planned step at a time, and of the
     batch run op by op."""
     path = small_gguf if weights == "small" else tiny_gguf(*(() if weights == "default" else ("--type", weights)))
     m = load(path, kv_format=kv_format)
     planned = []
-    step = v4.backend.layer_step  # the seam the model calls
-    monkeypatch.setattr(v4.backend, "layer_step", lambda *a: planned.append(a[6].shape[0]) or step(*a))
+    step = v4.backend.model_step  # the seam the model calls: every layer in one call
+    monkeypatch.setattr(v4.backend, "model_step", lambda *a: planned.append(a[4].shape[0]) or step(*a))
     ids = np.random.default_rng(7).integers(0, m.vocab_size, 400).tolist()
     batched, single, defined = m.new_cache(), m.new_cache(), m.new_cache()
     for cache in (batched, single, defined):

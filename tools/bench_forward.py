@@ -26,7 +26,8 @@ class CoreTimer:
 
     NAMES = ("fl_attn_sink", "fl_compress_pool", "fl_moe_experts", "fl_moe_experts_cached", "fl_kv_pack",
              "fl_kv_unpack", "fl_matmul_batch", "fl_hc_pre", "fl_hc_post", "fl_rms_norm", "fl_moe_route",
-             "fl_v4_ffn", "fl_v4_attn", "fl_v4_layer", "fl_hadamard", "fl_indexer_topk")
+             "fl_v4_ffn", "fl_v4_attn", "fl_v4_layer", "fl_v4_step", "fl_v4_step_short", "fl_hadamard",
+             "fl_indexer_topk")
     MODULES = (cpu_backend, kv_cache)
 
     def __init__(self):

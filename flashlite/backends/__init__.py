@@ -16,6 +16,7 @@ The model is written once, in terms of these named operations; a backend impleme
     moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache
     plan_ffn / ffn_step, plan_attn / attn_step, layer_step   a decode step's sublayers planned at load, one call
                    each (a backend without plans returns None from plan_*, and the model runs op by op)
+    plan_step / model_step   every layer's plans together: one call for a whole decode step
     embed          rows of the embedding as float32
     contiguous, zeros_like, concat, to_host   the array glue between the operations (to_host: a numpy array)
 
@@ -104,7 +105,8 @@ def plan_attn(args, hc, attn_norm, attn, compressor, indexer):
 
 
 # only a backend with plans gets here: the CPU's
-ffn_step, attn_step, layer_step = cpu.ffn_step, cpu.attn_step, cpu.layer_step
+ffn_step, attn_step, layer_step, plan_step, model_step = (cpu.ffn_step, cpu.attn_step, cpu.layer_step, cpu.plan_step,
+                                                          cpu.model_step)
 
 
 def embed(w, token_ids: np.ndarray):

@@ -6,6 +6,7 @@ A weight is a gguf_file.WeightView, or (WeightView, data) for one slice of a sta
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -252,14 +253,11 @@ def ffn_step(plan: FfnPlan, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
 
 
 class AttnPlan:
-    """A layer's attention sublayer with its hyper-connection, resolved once for fl_v4_attn. The row formats
-    follow the cache a step is given (its kv_format)."""
+    """A layer's attention sublayer with its hyper-connection, resolved once for fl_v4_attn: one C struct per row
+    format of the caches it steps (struct_for)."""
 
     def __init__(self, args, hc, attn_norm, attn, compressor, indexer):
-        p = self.struct = ffi.new("struct fl_v4_attn *")
-        # the log pointers of the step being run, set per call: one forward at a time (model.py's lock)
-        self.cache = ffi.new("struct fl_v4_attn_cache *")
-        self.logs = [getattr(self.cache, name) for name in ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")]
+        p = self._base = ffi.new("struct fl_v4_attn *")
         a = args
         keep = self._keep = [ffi.from_buffer(hc.fn.data)]
         p.dim, p.hc, p.n_heads, p.head_dim, p.rope_dim = a.dim, a.hc_mult, a.n_heads, a.head_dim, a.rope_head_dim
@@ -296,16 +294,18 @@ class AttnPlan:
         if indexer is not None:
             weight(p.iq_b, indexer.wq_b)
             weight(p.iproj, indexer.weights_proj)
-        self.kv_format = None
+        self._by_format = {}
 
-    def _set_format(self, cache) -> None:
-        """The row formats of the cache's logs (flashlite/kv_cache.py's LayerCache)."""
-        p = self.struct
-        p.kv_kind = cache.kv_row.kind or 0
-        p.comp.row_kind, p.comp.row_rope_dim, p.comp.rotated = p.kv_kind, cache.kv_row.rope_dim, 0
-        p.icomp.row_kind, p.icomp.row_rope_dim = cache.index_row.kind or 0, 0
-        p.icomp.rotated = int(cache.index_row.kind is not None)
-        self.kv_format = cache.kv_format
+    def struct_for(self, cache):
+        """The plan's C struct for the row formats of a LayerCache's logs (made once per kv_format)."""
+        p = self._by_format.get(cache.kv_format)
+        if p is None:
+            p = self._by_format[cache.kv_format] = ffi.new("struct fl_v4_attn *", self._base[0])
+            p.kv_kind = cache.kv_row.kind or 0
+            p.comp.row_kind, p.comp.row_rope_dim, p.comp.rotated = p.kv_kind, cache.kv_row.rope_dim, 0
+            p.icomp.row_kind, p.icomp.row_rope_dim = cache.index_row.kind or 0, 0
+            p.icomp.rotated = int(cache.index_row.kind is not None)
+        return p
 
 
 plan_attn = AttnPlan
@@ -317,37 +317,68 @@ def attn_step(plan: AttnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.nd
     batch such as a verified draft), in one C call (fl_v4_attn) that appends their rows to the layer's cache (a
     kv_cache.LayerCache) in place. cs_tok [T, rope_dim]: RoPE's table at each position; cs_row [T, rope_dim]: at
     each token's closing compressed row (None when no window closes)."""
-    logs = _bind(plan, cache, h.shape[0])
+    cache.reserve(h.shape[0])  # room for the rows the C core appends in place, through cache.c
     h = np.ascontiguousarray(h, np.float32)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_attn(plan.struct, plan.cache, pos, h.shape[0], f32(cs_tok),
+    check(lib.fl_v4_attn(plan.struct_for(cache), cache.c, pos, h.shape[0], f32(cs_tok),
                          ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_attn at positions {pos}..{pos + h.shape[0] - 1}")
-    for log, bound in zip(logs, plan.logs):
-        log.end = bound.end
     return h_out
-
-
-def _bind(plan: AttnPlan, cache, n: int) -> list:
-    """Point the plan's C logs at the cache's (room for n rows each); the cache's logs, for taking the ends back."""
-    if plan.kv_format != cache.kv_format:
-        plan._set_format(cache)
-    logs = cache.logs()  # window rows, then each compressor's kv, score and rows: the order of plan.logs
-    for log, bound in zip(logs, plan.logs):
-        log.bind(bound, n)
-    return logs
 
 
 def layer_step(attn: AttnPlan, ffn: FfnPlan, cache, pos: int, cs_tok: np.ndarray, cs_row: np.ndarray | None,
                h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """attn_step then ffn_step, in one C call (fl_v4_layer): whole layers for the T tokens of h."""
-    logs = _bind(attn, cache, h.shape[0])
+    cache.reserve(h.shape[0])
     h = np.ascontiguousarray(h, np.float32)
     token_ids = np.ascontiguousarray(token_ids, np.int64)
     h_out = np.empty_like(h)
-    check(lib.fl_v4_layer(attn.struct, attn.cache, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
+    check(lib.fl_v4_layer(attn.struct_for(cache), cache.c, ffn.struct, pos, h.shape[0], ffi.from_buffer("int64_t[]", token_ids),
                           f32(cs_tok), ffi.NULL if cs_row is None else f32(cs_row), f32(h), f32(h_out)),
           f"fl_v4_layer at positions {pos}..{pos + h.shape[0] - 1}")
-    for log, bound in zip(logs, attn.logs):
-        log.end = bound.end
+    return h_out
+
+
+class StepPlan:
+    """Every layer of a model, planned (AttnPlan, FfnPlan), for one C call per decode step (fl_v4_step). tables:
+    for each layer, the index of the RoPE tables it reads among those model_step is given."""
+
+    def __init__(self, attn: list, ffn: list, tables: list[int]):
+        self.attn, self.ffn, self.tables = attn, ffn, tables
+        # per ModelCache, its struct fl_v4_step_layer array (the pointers to its logs' C structs never change)
+        self._layers = weakref.WeakKeyDictionary()
+        self.short = np.zeros(len(attn), np.int8)  # the layers whose logs lack room, as fl_v4_step_short says
+        self._short_ptr = ffi.from_buffer("int8_t[]", self.short)
+
+    def layers(self, cache):
+        """The struct fl_v4_step_layer array of this plan over a ModelCache's layers (made once per cache)."""
+        items = self._layers.get(cache)
+        if items is None:
+            items = self._layers[cache] = ffi.new("struct fl_v4_step_layer[]", [
+                {"attn": a.struct_for(layer), "ffn": f.struct, "cache": layer.c, "table": t}
+                for a, f, layer, t in zip(self.attn, self.ffn, cache.layers, self.tables)])
+        return items
+
+
+plan_step = StepPlan
+
+
+def model_step(plan: StepPlan, cache, pos: int, tables: list, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """h [T, hc, D] through every layer for the T tokens at positions pos.. (a decode step, or a short batch), in
+    one C call (fl_v4_step) that appends their rows to the ModelCache's logs in place. tables: (cs_tok, cs_row)
+    pairs as attn_step takes them, indexed by the plan's tables."""
+    n = h.shape[0]
+    items = plan.layers(cache)
+    n_short = lib.fl_v4_step_short(len(plan.attn), items, n, plan._short_ptr)
+    check(min(n_short, 0), "fl_v4_step_short")
+    if n_short:
+        for i in np.flatnonzero(plan.short):  # a log's buffer grows, now and then
+            cache.layers[i].reserve(n)
+    h = np.ascontiguousarray(h, np.float32)
+    token_ids = np.ascontiguousarray(token_ids, np.int64)
+    h_out = np.empty_like(h)
+    cs_tok = ffi.new("float *[]", [f32(t) for t, _ in tables])
+    cs_row = ffi.new("float *[]", [ffi.NULL if r is None else f32(r) for _, r in tables])
+    check(lib.fl_v4_step(len(plan.attn), items, pos, n, ffi.from_buffer("int64_t[]", token_ids), cs_tok, cs_row,
+                         f32(h), f32(h_out)), f"fl_v4_step at positions {pos}..{pos + n - 1}")
     return h_out

@@ -221,8 +221,8 @@ class DeviceRowLog(RowLog):
     def _empty(self, capacity: int) -> torch.Tensor:
         return torch.empty((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
 
-    def bind(self, log, n: int) -> None:
-        raise TypeError("a device log has no C pointer: the CPU backend's fused decode does not run on it")
+    def _point(self) -> None:
+        """A device log has no C pointer: the CPU backend's fused decode does not run on it."""
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         return self._span(lo, hi)

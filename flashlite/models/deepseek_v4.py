@@ -681,6 +681,13 @@ class Transformer:
         for block in self.layers:
             block.attn_plan = block.plan_attn() if on else None
             block.ffn_plan = block.plan_ffn() if on and block.next is None else None
+        # the whole step in one call where every layer is planned: its RoPE tables, one per RoPE and compress ratio
+        self.step_plan, self.step_ropes = None, []
+        if on and all(b.attn_plan is not None and b.ffn_plan is not None for b in self.layers):
+            ropes = [(b.attn.rope, b.attn.ratio) for b in self.layers]
+            self.step_ropes = list(dict.fromkeys(ropes))
+            self.step_plan = backend.plan_step([b.attn_plan for b in self.layers], [b.ffn_plan for b in self.layers],
+                                               [self.step_ropes.index(r) for r in ropes])
 
     def _block(self, i: int, w: dict) -> Block:
         return build_block(self.args, i, w, self.rope_main, self.rope_compress, self.offload)
@@ -716,10 +723,17 @@ class Transformer:
             for block in self.prefetch_at_start:
                 block.prefetch_experts(y, token_ids)
         h = backend.hc_streams(e, self.args.hc_mult)
-        for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
-            if taps is not None and i in taps:
-                taps[i] = h.mean(axis=1)
-            h = block(h, positions, token_ids, layer_cache, dump)
+        if self.step_plan is not None and dump is None and taps is None and OBSERVER is None and \
+                len(token_ids) <= STEP_MAX_TOKENS:
+            # a decode step or a verified draft: every layer in one call, as the blocks' planned calls would run
+            pos = int(positions[0])
+            tables = [rope.step_tables(pos, len(token_ids), ratio) for rope, ratio in self.step_ropes]
+            h = backend.model_step(self.step_plan, cache, pos, tables, h, token_ids)
+        else:
+            for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+                if taps is not None and i in taps:
+                    taps[i] = h.mean(axis=1)
+                h = block(h, positions, token_ids, layer_cache, dump)
         if taps is not None and len(self.layers) in taps:
             taps[len(self.layers)] = h.mean(axis=1)
         if hidden is not None:

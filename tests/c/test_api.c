@@ -408,6 +408,27 @@ static void test_hyper_connections(void) {
             }
     }
     CHECK(worst < 1e-5, "hyper-connections: worst relative error %g against double precision", worst);
+    /* the Sinkhorn rounds past the first in float32, as the core's generic code runs them (sums in order, one
+     * division each), from the core's first round: the bits the four-stream path gives */
+    float comb1[T * HC * HC], post1[T * HC];
+    CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 1, hc_eps, norm_eps, x, post1, comb1) == FL_OK,
+          "fl_hc_pre with one Sinkhorn round failed");
+    for (int t = 0; t < T; t++) {
+        float *c = comb1 + t * HC * HC;
+        for (int round = 1; round < ITERS; round++) {
+            for (int a = 0; a < HC; a++) {
+                float sum = 0.0f;
+                for (int b = 0; b < HC; b++) sum += c[a * HC + b];
+                for (int b = 0; b < HC; b++) c[a * HC + b] /= sum + hc_eps;
+            }
+            for (int b = 0; b < HC; b++) {
+                float sum = 0.0f;
+                for (int a = 0; a < HC; a++) sum += c[a * HC + b];
+                for (int a = 0; a < HC; a++) c[a * HC + b] /= sum + hc_eps;
+            }
+        }
+    }
+    CHECK(memcmp(comb1, comb, sizeof comb) == 0, "four-stream Sinkhorn differs from the rounds in float32 order");
     /* the final collapse: pre weights only, the same x from the first HC rows of fn */
     float x_head[T * D];
     CHECK(fl_hc_pre(T, HC, D, h, FL_TYPE_F32, fn, base, scale, 1, hc_eps, norm_eps, x_head, NULL, NULL) == FL_OK,
@@ -803,6 +824,35 @@ static void test_fused_attention(void) {
               memcmp(h_out, want, sizeof want) == 0,
           "fl_v4_layer differs from fl_v4_attn then fl_v4_ffn");
     CHECK(fl_v4_layer(&p, &c, NULL, POS - 2, 1, &token, cs, cs, h, h_out) == FL_EINVAL, "a layer without its MoE plan");
+    /* a whole step of two layers (the same plans over the two sets of logs): the two layer calls, in one */
+    static float stepped[HC * D];
+    struct fl_v4_attn_cache *two[2] = {&c, &cb};
+    for (int k = 0; k < 2; k++) {
+        two[k]->kv.end = two[k]->ckv.end = two[k]->cscore.end = two[k]->ikv.end = two[k]->iscore.end = POS - 2;
+        two[k]->crows.end = two[k]->irows.end = (POS - 2) / 4;
+    }
+    CHECK(fl_v4_layer(&p, &c, &layer_ffn, POS - 2, 1, &token, cs, cs, h, mid) == FL_OK &&
+              fl_v4_layer(&p, &cb, &layer_ffn, POS - 2, 1, &token, cs, cs, mid, want) == FL_OK,
+          "two layer calls failed");
+    for (int k = 0; k < 2; k++) {
+        two[k]->kv.end = two[k]->ckv.end = two[k]->cscore.end = two[k]->ikv.end = two[k]->iscore.end = POS - 2;
+        two[k]->crows.end = two[k]->irows.end = (POS - 2) / 4;
+    }
+    struct fl_v4_step_layer layers[2] = {{&p, &layer_ffn, &c, 0}, {&p, &layer_ffn, &cb, 0}};
+    const float *tables[1] = {cs};
+    int8_t short_of[2] = {1, 1};
+    CHECK(fl_v4_step_short(2, layers, 2, short_of) == 0 && !short_of[0] && !short_of[1],
+          "logs with room for two rows reported short");
+    CHECK(fl_v4_step(2, layers, POS - 2, 1, &token, tables, tables, h, stepped) == FL_OK &&
+              memcmp(stepped, want, sizeof want) == 0,
+          "fl_v4_step differs from its layer calls");
+    CHECK(c.kv.end == POS - 1 && cb.kv.end == POS - 1, "fl_v4_step log ends %lld %lld", (long long)c.kv.end,
+          (long long)cb.kv.end);
+    c.kv.cap = POS - 1;
+    CHECK(fl_v4_step_short(2, layers, 1, short_of) == 1 && short_of[0] && !short_of[1], "a full window log not short");
+    c.kv.cap = POS;
+    layers[1].table = -1;
+    CHECK(fl_v4_step(2, layers, POS - 1, 1, &token, tables, tables, h, stepped) == FL_EINVAL, "a bad table accepted");
     c.kv.cap = c.ckv.cap = c.cscore.cap = c.ikv.cap = c.iscore.cap = POS + 1;
     c.kv.end = c.ckv.end = c.cscore.end = c.ikv.end = c.iscore.end = POS - 1;
     c.crows.end = c.irows.end = (POS - 1) / 4;
