@@ -712,38 +712,66 @@ STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_
 #define dot_iq1_m_sb_init acc1_init
 #define dot_iq1_m_sb_finish eighth_finish
 
-STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                            const struct none *c) {
+/* A superblock of IQ1_S unpacked: its four vectors of grid points + 1, the scale times 8 in the low word of each
+ * dword of qword q (sub-block q), the scale times 8 - delta in each qword, and d. A four-token dot unpacks it
+ * once for its four tokens: the gathers are most of the work. */
+struct iq1s_weights {
+    __m512i g[4], ls8, shift;
+    fl_half d;
+};
+
+STEP struct iq1s_weights dot_iq1_s_sb_weights(const void *vx, int64_t i, int64_t n, const struct none *c) {
     (void)n, (void)c;
     const block_iq1_s *x = (const block_iq1_s *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
+    struct iq1s_weights w;
     /* qh[q]: the top 3 bits of the four indices of sub-block q, its scale in bits 12..14, its shift's sign on top */
     __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
     __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
-    __m512i sum = _mm512_setzero_si512();
     for (int z = 0; z < 4; z++) {
         __m512i top = z == 3 ? _mm512_srli_epi64(qh, 1) : _mm512_slli_epi64(qh, 8 - 3 * z);
         __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
-        sum = _mm512_dpbusd_epi32(sum, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
-                                  _mm512_load_si512(y->a[z]));
+        w.g[z] = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
     }
     __m512i ls = _mm512_ternarylogic_epi64(_mm512_srli_epi64(qh, 11), _mm512_set1_epi64(14), _mm512_set1_epi64(1),
                                            0xea); /* (A & B) | C: 2 s + 1 */
     __m512i eight_minus_delta = _mm512_add_epi64(_mm512_slli_epi64(_mm512_srli_epi64(qh, 15), 1), _mm512_set1_epi64(7));
-    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, both_dwords(_mm512_slli_epi64(ls, 3)));
-    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), _mm512_mul_epu32(ls, eight_minus_delta));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
+    w.ls8 = both_dwords(_mm512_slli_epi64(ls, 3));
+    w.shift = _mm512_mul_epu32(ls, eight_minus_delta);
+    w.d = x->d;
+    return w;
 }
 
-ROW_DOTS(dot_iq1_s_sb, struct none, struct acc1, superblocks)
+STEP void iq1s_acc(struct acc1 *st, const struct iq1s_weights *w, int64_t i, const void *vy) {
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++)
+        sum = _mm512_dpbusd_epi32(sum, w->g[z], _mm512_load_si512(y->a[z]));
+    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, w->ls8);
+    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), w->shift);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(w->d, y->d), st->acc);
+}
 
-STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
                             const struct none *c) {
+    struct iq1s_weights w = dot_iq1_s_sb_weights(vx, i, n, c);
+    iq1s_acc(st, &w, i, vy);
+}
+
+ROW_DOTS_SPLIT(dot_iq1_s_sb, struct none, struct acc1, superblocks, struct iq1s_weights, iq1s_acc)
+
+/* A superblock of IQ1_M unpacked: the coefficients of its shifts on the sums of 8 activations, its four vectors
+ * of grid points + 1, the scales of the two pairs of them (see below) and d; unpacked once for four tokens */
+struct iq1m_weights {
+    __m512i coef, g[4], mul[2];
+    fl_half d;
+};
+
+STEP struct iq1m_weights dot_iq1_m_sb_weights(const void *vx, int64_t i, int64_t n, const struct none *c) {
     (void)n, (void)c;
     const block_iq1_m *x = (const block_iq1_m *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
+    struct iq1m_weights w;
     uint16_t sc[4];
     memcpy(sc, x->scales, sizeof(sc));
     /* word l (grid point l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word
@@ -764,35 +792,47 @@ STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
         _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
     __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
     /* ls (delta - 8) = -ls (7 + 2 [negative]) on each grid point's sum of 8 activations */
-    __m512i coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
-    __m512i sum = _mm512_madd_epi16(coef, _mm512_load_si512(y->sum8));
+    w.coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
     /* qword q: the qs bytes of sub-block q (grid points 4 q + z) and its two qh bytes (nibble z: point 4 q + z) */
     __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
     __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
+    for (int h = 0; h < 4; h++) {
+        __m512i top = h < 2 ? _mm512_slli_epi64(qh, 8 - 4 * h) : _mm512_srli_epi64(qh, 4 * h - 8);
+        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, h), top, _mm512_set1_epi64(0x700), 0xf8);
+        w.g[h] = _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8);
+    }
+    /* the scale of points 4 q + z, 4 q + z + 1 (z even: word 4 q + z) in the low word of both dwords of qword q */
     __m512i ls8 = _mm512_slli_epi16(ls, 3);
-    /* points 4 q + z and 4 q + z + 1 (z even) are one 16 of the same scale: their products are summed (8 products
-     * of at most 2 * 128 a dword, well within 16 bits) and scaled once */
-    for (int z = 0; z < 4; z += 2) {
-        __m512i dot = _mm512_setzero_si512();
-        for (int h = z; h < z + 2; h++) {
-            __m512i top = h < 2 ? _mm512_slli_epi64(qh, 8 - 4 * h) : _mm512_srli_epi64(qh, 4 * h - 8);
-            __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, h), top, _mm512_set1_epi64(0x700), 0xf8);
-            dot = _mm512_dpbusd_epi32(dot, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
-                                      _mm512_load_si512(y->a[h]));
-        }
-        /* the scale of points 4 q + z, 4 q + z + 1 (word 4 q + z) in the low word of both dwords of qword q */
-        __m512i mul = _mm512_maskz_permutexvar_epi16(
+    for (int z = 0; z < 4; z += 2)
+        w.mul[z / 2] = _mm512_maskz_permutexvar_epi16(
             0x55555555u,
             _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
                               24 + z, 28 + z, 28 + z),
             ls8);
-        sum = _mm512_dpwssd_epi32(sum, dot, mul);
-    }
-    fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
+    w.d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    return w;
 }
 
-ROW_DOTS(dot_iq1_m_sb, struct none, struct acc1, superblocks)
+STEP void iq1m_acc(struct acc1 *st, const struct iq1m_weights *w, int64_t i, const void *vy) {
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    __m512i sum = _mm512_madd_epi16(w->coef, _mm512_load_si512(y->sum8));
+    /* points 4 q + z and 4 q + z + 1 (z even) are one 16 of the same scale: their products are summed (8 products
+     * of at most 2 * 128 a dword, well within 16 bits) and scaled once */
+    for (int z = 0; z < 4; z += 2) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w->g[z], _mm512_load_si512(y->a[z]));
+        dot = _mm512_dpbusd_epi32(dot, w->g[z + 1], _mm512_load_si512(y->a[z + 1]));
+        sum = _mm512_dpwssd_epi32(sum, dot, w->mul[z / 2]);
+    }
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(w->d, y->d), st->acc);
+}
+
+STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct none *c) {
+    struct iq1m_weights w = dot_iq1_m_sb_weights(vx, i, n, c);
+    iq1m_acc(st, &w, i, vy);
+}
+
+ROW_DOTS_SPLIT(dot_iq1_m_sb, struct none, struct acc1, superblocks, struct iq1m_weights, iq1m_acc)
 
 /* ---------------------------------------------------------------- TQ2_0 */
 
