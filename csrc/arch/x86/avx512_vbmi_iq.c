@@ -690,6 +690,7 @@ static void prep_ilv(int64_t k, const float *x, void *out) {
 struct iq1_consts {
     __m512i pick[2];  /* for vpermb, bytes 4 q + 2 h + b of qs in the low bytes of dwords, the rest zeroed */
     __m512i spread;   /* for vpermw: word q of the sub-block words in the high half of dword 2 q + h */
+    __m512i coef;     /* IQ1_M: word s + 8 n, -(2 s + 1) (7 + 2 n), the coefficient of a shift (below) */
 };
 
 STEP struct iq1_consts iq1_consts(void) {
@@ -707,6 +708,10 @@ STEP struct iq1_consts iq1_consts(void) {
     c.pick[0] = _mm512_loadu_si512(pick[0]);
     c.pick[1] = _mm512_loadu_si512(pick[1]);
     c.spread = _mm512_loadu_si512(spread);
+    int16_t coef[32] = {0};
+    for (int t = 0; t < 16; t++)
+        coef[t] = (int16_t)(-(2 * (t % 8) + 1) * (7 + 2 * (t / 8)));
+    c.coef = _mm512_loadu_si512(coef);
     return c;
 }
 
@@ -810,22 +815,25 @@ STEP struct iq1m_weights dot_iq1_m_sb_weights(const void *vx, int64_t i, int64_t
         _mm512_srlv_epi16(sw, _mm512_setr_epi32(0, 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009, 0,
                                                 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
         _mm512_set1_epi16(7));
-    __m512i ls = _mm512_or_si512(_mm512_add_epi16(s3, s3), _mm512_set1_epi16(1));
-    /* word l = qh[l / 2], then its nibble's bit 3: bit 3 for even l, bit 7 for odd */
+    /* word l = qh[l / 2], its nibble's bit 3 (bit 3 for even l, bit 7 for odd) at bit 3 */
     __m512i qhw = _mm512_permutexvar_epi16(
         _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006, 0x70007, 0x80008, 0x90009, 0xa000a,
                           0xb000b, 0xc000c, 0xd000d, 0xe000e, 0xf000f),
         _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
-    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
-    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each grid point's sum of 8 activations */
-    w.coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
+    __m512i neg8 = _mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x40000));
+    /* ls (delta - 8) = -(2 s + 1) (7 + 2 [negative]) on each grid point's sum of 8 activations, looked up by
+     * s + 8 [negative] */
+    w.coef = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(s3, neg8, _mm512_set1_epi16(8), 0xf8), /* A | (B & C) */
+                                      c->coef);
     /* the two qh bytes of sub-block q, nibble z for point z, in the high half of dwords 2 q, 2 q + 1 */
     __m512i words = _mm512_maskz_permutexvar_epi16(0xaaaaaaaau, c->spread,
                                                    _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)x->qh)));
     iq1_gather(x->qs, words, _mm512_set_epi32(16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8),
                _mm512_set_epi32(20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12), c, w.g);
-    /* dword 2 q + h: points 4 q + 2 h and 4 q + 2 h + 1, one 16 of one scale, word 2 (2 q + h) of ls: its low word */
-    w.mul = _mm512_and_si512(_mm512_slli_epi16(ls, 3), _mm512_set1_epi32(0xffff));
+    /* dword 2 q + h: points 4 q + 2 h and 4 q + 2 h + 1, one 16 of one scale, its s in word 2 (2 q + h) of s3,
+     * the dword's low word */
+    w.mul = _mm512_ternarylogic_epi32(_mm512_slli_epi16(s3, 4), _mm512_set1_epi32(8), _mm512_set1_epi32(0xffff),
+                                      0xec); /* (A & C) | B: 8 (2 s + 1) */
     w.d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
     return w;
 }
