@@ -73,7 +73,9 @@ static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
  * 1 + 2k in bits 0..2 and 3..5; bits 6 and 7 are left for the two coordinates' signs */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
 
-static uint64_t iq1s_grid_plus1[2048] __attribute__((aligned(64)));
+/* IQ1_S and IQ1_M: byte j of iq1s_pairs[i] holds coordinates 2 j (low nibble) and 2 j + 1 (high nibble) of grid
+ * point i, each + 1 (0, 1, 2 for -1, 0, 1) */
+static uint32_t iq1s_pairs[2048] __attribute__((aligned(64)));
 
 /* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinates 0..3 (lo) and 4..7 (hi) of n grid points, 2 bits each */
 static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *hi) {
@@ -88,10 +90,10 @@ static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *h
 
 static void build_codes(void) {
     for (int i = 0; i < 2048; i++) {
-        uint64_t v = 0;
-        for (int j = 0; j < 8; j++)
-            v |= (uint64_t)(uint8_t)((int8_t)(fl_iq1s_grid[i] >> (8 * j)) + 1) << (8 * j);
-        iq1s_grid_plus1[i] = v;
+        uint32_t v = 0;
+        for (int c = 0; c < 8; c++)
+            v |= (uint32_t)((int8_t)(fl_iq1s_grid[i] >> (8 * c)) + 1) << (8 * (c / 2) + 4 * (c % 2));
+        iq1s_pairs[i] = v;
     }
     for (int i = 0; i < 256; i++) {
         for (int h = 0; h < 2; h++) {
@@ -648,14 +650,15 @@ ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
 
 /* ---------------------------------------------------------------- IQ1_S, IQ1_M: gathered grids */
 
-/* Grids of 2048 points do not fit in registers (IQ2_S's 1024 fill them): their points are gathered, 8 a zmm by
- * vpgatherqq, whose ~4 cycles bound these types, so everything else is kept off the shuffle port where it can be.
- * Vector z of a superblock holds grid point (group) z of each of the 8 sub-blocks of 32: qword q is group z of
- * sub-block q, so the indices of all four vectors are shifts of one vector of the qs bytes (dword q of qs in qword q),
- * and the two dwords of qword q always belong to sub-block q, whichever the vector: one scale vector serves all four
- * (IQ1_S) or two each (IQ1_M, a scale per 16). One superblock of activations in that order: a[z] byte 8 q + j is
- * element 32 q + 8 z + j; bsn dword 2 q: minus the sum of sub-block q's 32 elements (0 in the odd dwords); sum8: the
- * sums of each 8 elements, in element order. */
+/* Grids of 2048 points do not fit in registers (IQ2_S's 1024 fill them): their points are gathered, and the
+ * gathers bound these types, so each point is gathered as a dword of two coordinates a byte (iq1s_pairs), 16
+ * points a vpgatherdd, which measured 1.7 ns where two vpgatherqq of 8 points as bytes took 2.4; a mask and a
+ * gf2p8affineqb split the nibbles into two vectors of weights. A superblock is two gathers: dword 2 q + h of gather b
+ * is grid point z = 2 h + b of sub-block q, so that each qword of either belongs to one sub-block and each dword
+ * to one pair of points that share IQ1_M's scale (z = 0, 1 or 2, 3): one scale vector serves all. One
+ * superblock of activations in that order: a[2 b + n] byte 4 (2 q + h) + j is element 32 q + 8 (2 h + b) + 2 j
+ * + n, what nibble n of byte j of that dword multiplies; bsn dword 2 q: minus the sum of sub-block q's 32
+ * elements (0 in the odd dwords); sum8: the sums of each 8 elements, in element order. */
 struct q8k_ilv {
     int8_t a[4][64];
     int32_t bsn[16];
@@ -673,126 +676,191 @@ static void prep_ilv(int64_t k, const float *x, void *out) {
         memset(&sb[i], 0, sizeof(sb[i]));
         sb[i].d = q8k_block(x + i * QK_K, q);
         for (int e = 0; e < QK_K; e++) {
-            int s = e / 32, z = e % 32 / 8, j = e % 8;
-            sb[i].a[z][8 * s + j] = q[e];
+            int s = e / 32, z = e % 32 / 8, c = e % 8;
+            sb[i].a[2 * (z % 2) + c % 2][4 * (2 * s + z / 2) + c / 2] = q[e];
             sb[i].bsn[2 * s] -= q[e];
             sb[i].sum8[e / 8] = (int16_t)(sb[i].sum8[e / 8] + q[e]);
         }
     }
 }
 
-/* the low dword of each qword copied to the high one */
-static inline __m512i both_dwords(__m512i v) {
-    return _mm512_shuffle_epi32(v, _MM_PERM_CCAA);
+/* The two gathers' indices: low 8 bits from qs byte 4 q + z of dword 2 q + h (z = 2 h + b), zero-extended, by
+ * vpermb; the top 3 bits from the word of each sub-block (IQ1_S: qh[q], IQ1_M: its two qh bytes) in the high
+ * half of every dword (`words`), shifted down by shift[b] */
+struct iq1_consts {
+    __m512i pick[2];  /* for vpermb, bytes 4 q + 2 h + b of qs in the low bytes of dwords, the rest zeroed */
+    __m512i spread;   /* for vpermw: word q of the sub-block words in the high half of dword 2 q + h */
+    __m512i coef;     /* IQ1_M: word s + 8 n, -(2 s + 1) (7 + 2 n), the coefficient of a shift (below) */
+};
+
+STEP struct iq1_consts iq1_consts(void) {
+    struct iq1_consts c;
+    uint8_t pick[2][64];
+    int16_t spread[32];
+    for (int d = 0; d < 16; d++) {
+        for (int b = 0; b < 2; b++) {
+            pick[b][4 * d] = (uint8_t)(4 * (d / 2) + 2 * (d % 2) + b);
+            pick[b][4 * d + 1] = pick[b][4 * d + 2] = pick[b][4 * d + 3] = 0x80; /* any byte: masked off */
+        }
+        spread[2 * d] = 0;
+        spread[2 * d + 1] = (int16_t)(d / 2);
+    }
+    c.pick[0] = _mm512_loadu_si512(pick[0]);
+    c.pick[1] = _mm512_loadu_si512(pick[1]);
+    c.spread = _mm512_loadu_si512(spread);
+    int16_t coef[32] = {0};
+    for (int t = 0; t < 16; t++)
+        coef[t] = (int16_t)(-(2 * (t % 8) + 1) * (7 + 2 * (t / 8)));
+    c.coef = _mm512_loadu_si512(coef);
+    return c;
 }
 
-/* grid point z of each sub-block: index byte z of qs dword q (the low 8 bits), top bits from the caller */
-static inline __m512i index_low(__m512i qs, int z) {
-    __m512i v = _mm512_srli_epi64(qs, 8 * z);
-    return z == 3 ? v : _mm512_and_si512(v, _mm512_set1_epi64(0xff));
+/* a byte's high nibble, moved to the low one: one uop where a shift and a mask are two */
+#define HIGH_NIBBLE AFFINE(0x10, 0x20, 0x40, 0x80, 0, 0, 0, 0)
+
+STEP void iq1_gather(const uint8_t *qs, __m512i words, __m512i shift0, __m512i shift1, const struct iq1_consts *c,
+                     __m512i g[4]) {
+    __m512i q = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)qs));
+    for (int b = 0; b < 2; b++) {
+        __m512i low = _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, c->pick[b], q);
+        __m512i idx = _mm512_ternarylogic_epi32(low, _mm512_srlv_epi32(words, b ? shift1 : shift0),
+                                                _mm512_set1_epi32(0x700), 0xf8); /* A | (B & C) */
+        __m512i pairs = _mm512_i32gather_epi32(idx, (const void *)iq1s_pairs, 4);
+        g[2 * b] = _mm512_and_si512(pairs, _mm512_set1_epi8(0x0f));
+        g[2 * b + 1] = _mm512_gf2p8affine_epi64_epi8(pairs, _mm512_set1_epi64(HIGH_NIBBLE), 0);
+    }
 }
+
+STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+
+/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2; with ls the scale and delta = +-1 the sign
+ * of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q) - (8 - delta) (sum of q)), whose
+ * second part goes through the prepared sums. */
+#define dot_iq1_s_sb_consts iq1_consts
+#define dot_iq1_s_sb_init acc1_init
+#define dot_iq1_s_sb_finish eighth_finish
+#define dot_iq1_m_sb_consts iq1_consts
+#define dot_iq1_m_sb_init acc1_init
+#define dot_iq1_m_sb_finish eighth_finish
+
+/* A superblock of IQ1_S unpacked: its grid points + 1 (in the order of struct q8k_ilv), the scale times 8 in the
+ * low word of each dword of qword q (sub-block q), the scale times 8 - delta in each qword, and d. A four-token dot
+ * unpacks it once for its four tokens: the gathers are most of the work. */
+struct iq1s_weights {
+    __m512i g[4], ls8, shift;
+    fl_half d;
+};
+
+STEP struct iq1s_weights dot_iq1_s_sb_weights(const void *vx, int64_t i, int64_t n, const struct iq1_consts *c) {
+    (void)n;
+    const block_iq1_s *x = (const block_iq1_s *)vx + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
+    struct iq1s_weights w;
+    /* qh[q]: the top 3 bits of the four indices of sub-block q (point z at bit 3 z), its scale in bits 12..14, its
+     * shift's sign on top; in the high half of dwords 2 q, 2 q + 1 */
+    __m512i words = _mm512_maskz_permutexvar_epi16(0xaaaaaaaau, c->spread,
+                                                   _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)x->qh)));
+    iq1_gather(x->qs, words, _mm512_set_epi32(14, 8, 14, 8, 14, 8, 14, 8, 14, 8, 14, 8, 14, 8, 14, 8),
+               _mm512_set_epi32(17, 11, 17, 11, 17, 11, 17, 11, 17, 11, 17, 11, 17, 11, 17, 11), c, w.g);
+    __m512i qh = _mm512_srli_epi32(words, 16);
+    __m512i ls = _mm512_ternarylogic_epi32(_mm512_srli_epi32(qh, 11), _mm512_set1_epi32(14), _mm512_set1_epi32(1),
+                                           0xea); /* (A & B) | C: 2 s + 1 */
+    __m512i eight_minus_delta = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(qh, 15), 1), _mm512_set1_epi32(7));
+    w.ls8 = _mm512_slli_epi32(ls, 3);
+    /* in the low dword of each qword only: bsn's odd dwords are 0 but vpdpwssd reads both */
+    w.shift = _mm512_mul_epu32(ls, eight_minus_delta);
+    w.d = x->d;
+    return w;
+}
+
+STEP void iq1s_acc(struct acc1 *st, const struct iq1s_weights *w, int64_t i, const void *vy) {
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    __m512i sum = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++)
+        sum = _mm512_dpbusd_epi32(sum, w->g[z], _mm512_load_si512(y->a[z]));
+    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, w->ls8);
+    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), w->shift);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(w->d, y->d), st->acc);
+}
+
+STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct iq1_consts *c) {
+    struct iq1s_weights w = dot_iq1_s_sb_weights(vx, i, n, c);
+    iq1s_acc(st, &w, i, vy);
+}
+
+ROW_DOTS_SPLIT(dot_iq1_s_sb, struct iq1_consts, struct acc1, superblocks, struct iq1s_weights, iq1s_acc)
+
+/* A superblock of IQ1_M unpacked: the coefficients of its shifts on the sums of 8 activations, its grid points + 1,
+ * the scale times 8 of each dword's pair of points and d; unpacked once for four tokens */
+struct iq1m_weights {
+    __m512i coef, g[4], mul;
+    fl_half d;
+};
+
+STEP struct iq1m_weights dot_iq1_m_sb_weights(const void *vx, int64_t i, int64_t n, const struct iq1_consts *c) {
+    (void)n;
+    const block_iq1_m *x = (const block_iq1_m *)vx + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
+    struct iq1m_weights w;
+    uint16_t sc[4];
+    memcpy(sc, x->scales, sizeof(sc));
+    /* word l (grid point l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word
+     * l / 8, and its qh nibble, whose bit 3 is the sign of its shift */
+    __m512i sw = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002, 0x20002, 0x30003,
+                          0x30003, 0x30003, 0x30003),
+        _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sc)));
+    __m512i s3 = _mm512_and_si512(
+        _mm512_srlv_epi16(sw, _mm512_setr_epi32(0, 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009, 0,
+                                                0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
+        _mm512_set1_epi16(7));
+    /* word l = qh[l / 2], its nibble's bit 3 (bit 3 for even l, bit 7 for odd) at bit 3 */
+    __m512i qhw = _mm512_permutexvar_epi16(
+        _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006, 0x70007, 0x80008, 0x90009, 0xa000a,
+                          0xb000b, 0xc000c, 0xd000d, 0xe000e, 0xf000f),
+        _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
+    __m512i neg8 = _mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x40000));
+    /* ls (delta - 8) = -(2 s + 1) (7 + 2 [negative]) on each grid point's sum of 8 activations, looked up by
+     * s + 8 [negative] */
+    w.coef = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(s3, neg8, _mm512_set1_epi16(8), 0xf8), /* A | (B & C) */
+                                      c->coef);
+    /* the two qh bytes of sub-block q, nibble z for point z, in the high half of dwords 2 q, 2 q + 1 */
+    __m512i words = _mm512_maskz_permutexvar_epi16(0xaaaaaaaau, c->spread,
+                                                   _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)x->qh)));
+    iq1_gather(x->qs, words, _mm512_set_epi32(16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8, 16, 8),
+               _mm512_set_epi32(20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12, 20, 12), c, w.g);
+    /* dword 2 q + h: points 4 q + 2 h and 4 q + 2 h + 1, one 16 of one scale, its s in word 2 (2 q + h) of s3,
+     * the dword's low word */
+    w.mul = _mm512_ternarylogic_epi32(_mm512_slli_epi16(s3, 4), _mm512_set1_epi32(8), _mm512_set1_epi32(0xffff),
+                                      0xec); /* (A & C) | B: 8 (2 s + 1) */
+    w.d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
+    return w;
+}
+
+STEP void iq1m_acc(struct acc1 *st, const struct iq1m_weights *w, int64_t i, const void *vy) {
+    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
+    /* a dword's 16 products of at most 2 * 127 are well within 16 bits */
+    __m512i dot = _mm512_setzero_si512();
+    for (int z = 0; z < 4; z++)
+        dot = _mm512_dpbusd_epi32(dot, w->g[z], _mm512_load_si512(y->a[z]));
+    __m512i sum = _mm512_dpwssd_epi32(_mm512_madd_epi16(w->coef, _mm512_load_si512(y->sum8)), dot, w->mul);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(w->d, y->d), st->acc);
+}
+
+STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                            const struct iq1_consts *c) {
+    struct iq1m_weights w = dot_iq1_m_sb_weights(vx, i, n, c);
+    iq1m_acc(st, &w, i, vy);
+}
+
+ROW_DOTS_SPLIT(dot_iq1_m_sb, struct iq1_consts, struct acc1, superblocks, struct iq1m_weights, iq1m_acc)
 
 struct none {
     char unused;
 };
 
 STEP struct none no_consts(void) { return (struct none){0}; }
-
-
-STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
-
-
-/* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2, from iq1s_grid_plus1; with ls
- * the scale and delta = +-1 the sign of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q)
- * - (8 - delta) (sum of q)), whose second part goes through the prepared sums. */
-#define dot_iq1_s_sb_consts no_consts
-#define dot_iq1_s_sb_init acc1_init
-#define dot_iq1_s_sb_finish eighth_finish
-#define dot_iq1_m_sb_consts no_consts
-#define dot_iq1_m_sb_init acc1_init
-#define dot_iq1_m_sb_finish eighth_finish
-
-STEP void dot_iq1_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                            const struct none *c) {
-    (void)n, (void)c;
-    const block_iq1_s *x = (const block_iq1_s *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_s));
-    /* qh[q]: the top 3 bits of the four indices of sub-block q, its scale in bits 12..14, its shift's sign on top */
-    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
-    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
-    __m512i sum = _mm512_setzero_si512();
-    for (int z = 0; z < 4; z++) {
-        __m512i top = z == 3 ? _mm512_srli_epi64(qh, 1) : _mm512_slli_epi64(qh, 8 - 3 * z);
-        __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, z), top, _mm512_set1_epi64(0x700), 0xf8);
-        sum = _mm512_dpbusd_epi32(sum, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
-                                  _mm512_load_si512(y->a[z]));
-    }
-    __m512i ls = _mm512_ternarylogic_epi64(_mm512_srli_epi64(qh, 11), _mm512_set1_epi64(14), _mm512_set1_epi64(1),
-                                           0xea); /* (A & B) | C: 2 s + 1 */
-    __m512i eight_minus_delta = _mm512_add_epi64(_mm512_slli_epi64(_mm512_srli_epi64(qh, 15), 1), _mm512_set1_epi64(7));
-    sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), sum, both_dwords(_mm512_slli_epi64(ls, 3)));
-    sum = _mm512_dpwssd_epi32(sum, _mm512_load_si512(y->bsn), _mm512_mul_epu32(ls, eight_minus_delta));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(x->d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq1_s_sb, struct none, struct acc1, superblocks)
-
-STEP void dot_iq1_m_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                            const struct none *c) {
-    (void)n, (void)c;
-    const block_iq1_m *x = (const block_iq1_m *)vx + i;
-    const struct q8k_ilv *y = (const struct q8k_ilv *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq1_m));
-    uint16_t sc[4];
-    memcpy(sc, x->scales, sizeof(sc));
-    /* word l (grid point l, weights 8 l .. 8 l + 7): the scale 2 s + 1 of its 16, s bits 3 (l / 2 % 4) of word
-     * l / 8, and its qh nibble, whose bit 3 is the sign of its shift */
-    __m512i words = _mm512_permutexvar_epi16(
-        _mm512_setr_epi32(0, 0, 0, 0, 0x10001, 0x10001, 0x10001, 0x10001, 0x20002, 0x20002, 0x20002, 0x20002, 0x30003,
-                          0x30003, 0x30003, 0x30003),
-        _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sc)));
-    __m512i s3 = _mm512_and_si512(
-        _mm512_srlv_epi16(words, _mm512_setr_epi32(0, 0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009, 0,
-                                                   0x30003, 0x60006, 0x90009, 0, 0x30003, 0x60006, 0x90009)),
-        _mm512_set1_epi16(7));
-    __m512i ls = _mm512_or_si512(_mm512_add_epi16(s3, s3), _mm512_set1_epi16(1));
-    /* word l = qh[l / 2], then its nibble's bit 3: bit 3 for even l, bit 7 for odd */
-    __m512i qhw = _mm512_permutexvar_epi16(
-        _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006, 0x70007, 0x80008, 0x90009, 0xa000a,
-                          0xb000b, 0xc000c, 0xd000d, 0xe000e, 0xf000f),
-        _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x->qh))));
-    __m512i neg = _mm512_and_si512(_mm512_srlv_epi16(qhw, _mm512_set1_epi32(0x70003)), _mm512_set1_epi16(1));
-    /* ls (delta - 8) = -ls (7 + 2 [negative]) on each grid point's sum of 8 activations */
-    __m512i coef = _mm512_mullo_epi16(ls, _mm512_sub_epi16(_mm512_set1_epi16(-7), _mm512_add_epi16(neg, neg)));
-    __m512i sum = _mm512_madd_epi16(coef, _mm512_load_si512(y->sum8));
-    /* qword q: the qs bytes of sub-block q (grid points 4 q + z) and its two qh bytes (nibble z: point 4 q + z) */
-    __m512i qs = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)x->qs));
-    __m512i qh = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)x->qh));
-    __m512i ls8 = _mm512_slli_epi16(ls, 3);
-    /* points 4 q + z and 4 q + z + 1 (z even) are one 16 of the same scale: their products are summed (8 products
-     * of at most 2 * 128 a dword, well within 16 bits) and scaled once */
-    for (int z = 0; z < 4; z += 2) {
-        __m512i dot = _mm512_setzero_si512();
-        for (int h = z; h < z + 2; h++) {
-            __m512i top = h < 2 ? _mm512_slli_epi64(qh, 8 - 4 * h) : _mm512_srli_epi64(qh, 4 * h - 8);
-            __m512i idx = _mm512_ternarylogic_epi64(index_low(qs, h), top, _mm512_set1_epi64(0x700), 0xf8);
-            dot = _mm512_dpbusd_epi32(dot, _mm512_i64gather_epi64(idx, (const void *)iq1s_grid_plus1, 8),
-                                      _mm512_load_si512(y->a[h]));
-        }
-        /* the scale of points 4 q + z, 4 q + z + 1 (word 4 q + z) in the low word of both dwords of qword q */
-        __m512i mul = _mm512_maskz_permutexvar_epi16(
-            0x55555555u,
-            _mm512_setr_epi32(z, z, 4 + z, 4 + z, 8 + z, 8 + z, 12 + z, 12 + z, 16 + z, 16 + z, 20 + z, 20 + z, 24 + z,
-                              24 + z, 28 + z, 28 + z),
-            ls8);
-        sum = _mm512_dpwssd_epi32(sum, dot, mul);
-    }
-    fl_half d = (fl_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d_times(d, y->d), st->acc);
-}
-
-ROW_DOTS(dot_iq1_m_sb, struct none, struct acc1, superblocks)
 
 /* ---------------------------------------------------------------- TQ2_0 */
 
