@@ -863,27 +863,27 @@ ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
 ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4,
-                                                    dot_q8_0_groups_t4, &fl_gemm_q8_0_vbmi};
+                                                    dot_q8_0_groups_tn, &fl_gemm_q8_0_vbmi};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups, dot_mxfp4_groups_x4,
-                                                     dot_mxfp4_groups_t4, &fl_gemm_mxfp4_vbmi};
+                                                     dot_mxfp4_groups_tn, &fl_gemm_mxfp4_vbmi};
 static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4,
-                                                    dot_q4_K_sb_t4, &fl_gemm_q4_K_vbmi};
+                                                    dot_q4_K_sb_tn, &fl_gemm_q4_K_vbmi};
 static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,
-                                                    dot_q5_K_sb_t4, &fl_gemm_q5_K_vbmi};
+                                                    dot_q5_K_sb_tn, &fl_gemm_q5_K_vbmi};
 static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
-                                                    dot_q2_K_sb_t4, &fl_gemm_q2_K_vbmi};
+                                                    dot_q2_K_sb_tn, &fl_gemm_q2_K_vbmi};
 static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
-                                                    dot_q3_K_sb_t4, &fl_gemm_q3_K_vbmi};
+                                                    dot_q3_K_sb_tn, &fl_gemm_q3_K_vbmi};
 static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,
-                                                    dot_q6_K_sb_t4, &fl_gemm_q6_K_vbmi};
+                                                    dot_q6_K_sb_tn, &fl_gemm_q6_K_vbmi};
 static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4,
-                                                    dot_q4_0_groups_t4};
+                                                    dot_q4_0_groups_tn};
 static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4,
-                                                    dot_q4_1_groups_t4};
+                                                    dot_q4_1_groups_tn};
 static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4,
-                                                    dot_q5_0_groups_t4, &fl_gemm_q5_0_vbmi};
+                                                    dot_q5_0_groups_tn, &fl_gemm_q5_0_vbmi};
 static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4,
-                                                    dot_q5_1_groups_t4};
+                                                    dot_q5_1_groups_tn};
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     switch (type) {
