@@ -25,11 +25,12 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
-/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the empty
- * lanes of its panel of FL_PANEL tokens cost more than the token dot's per-token work (one thread, in cache, time
- * of n tokens over one token's: token dot 2: 1.6-1.9, 4: 2.6-3.1, 6: 3.2-4.2, 8: 4.8-5.2; prefill kernel 2-10:
- * 3.5-4.6 whatever n) */
-#define GEMM_MIN_TOKENS 7
+/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it, below the token dots
+ * (tools/bench_batch_cost.py, one thread, time of n tokens over one token's, Q8_0, MXFP4, Q4_K, Q6_K): with weights
+ * from memory, as V4-Flash's are, token dots cost 2.3-3.9 at 8 tokens and the prefill kernel 2.8-6.1 (its empty lanes
+ * and rows without prefetch), at 12 tokens 3.4-7.9 against 3.0-5.7; in cache the prefill kernel wins from 7-8 tokens
+ * (8: 3.1-4.4 against 4.0-5.4) */
+#define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
