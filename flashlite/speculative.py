@@ -254,11 +254,14 @@ class DraftControl:
     """Chooses each round's draft length k in 0..n_max by the expected tokens per second:
 
         tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
-        seconds(k) = verify(k + 1 tokens) + k * draft(one token)
+        seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)
 
     where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
     towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2),
-    and the seconds are medians of the last rounds' measurements (DraftControl.seconds). Before anything is
+    and the seconds are medians of the last rounds' measurements (DraftControl.seconds); rest is what a round
+    spends besides the pass and the drafts (picking the tokens, rolling back, the drafter's bookkeeping), measured
+    apart for rounds with and without drafts: on a small model it is a sizable share of a pass, which a control
+    that left it out took for free and so kept drafting where plain decoding was faster. Before anything is
     measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
     estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
     token. adaptive=False always asks for n_max."""
@@ -274,6 +277,8 @@ class DraftControl:
         self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
         self.draft_med = 0.0
+        self.rest: tuple[list[float], list[float]] = ([], [])  # recent seconds beyond pass and drafts: plain, drafting
+        self.rest_med = [0.0, 0.0]
         self.choice = None  # the last choice, kept until a measurement changes
         self.plain_rounds = 0
         self.rounds = 0
@@ -325,12 +330,12 @@ class DraftControl:
         if self.choice is None:
             t1 = self.seconds(1)
             a = self.rates()
-            best_k, best = 0, 1.0 / t1
+            best_k, best = 0, 1.0 / (t1 + self.rest_med[0])
             tokens, reach = 1.0, 1.0
             for k in range(1, self.n_max + 1):
                 reach *= a[k]
                 tokens += reach
-                rate = tokens / (self.seconds(k + 1) + k * self.draft_med)
+                rate = tokens / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
                 if rate > best:
                     best_k, best = k, rate
             self.choice = best_k
@@ -341,7 +346,15 @@ class DraftControl:
                 return 1
         return best_k
 
-    def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+    def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
+               round_seconds: float | None = None) -> None:
+        """A round's outcome and measures; round_seconds, when given, the whole round's (drafting, the pass, picking
+        the tokens, rolling back, the drafter's bookkeeping)."""
+        if round_seconds is not None:
+            rest = self.rest[drafted > 0]
+            rest.append(max(0.0, round_seconds - verify_seconds - draft_seconds))
+            del rest[:-self.KEEP]
+            self.rest_med[drafted > 0] = _median(rest)
         times = self.verify.setdefault(drafted + 1, [])
         times.append(verify_seconds)
         del times[:-self.KEEP]
@@ -477,8 +490,9 @@ class Speculator:
                     model.count_speculation(len(drafts), a)
                     self.drafted += len(drafts)
                     self.accepted += a
-                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost)
                 drafter.observe(captured, q_pos, a + 1)
+                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost,
+                                    time.perf_counter() - t0)
                 for t in out:
                     yielded += 1
                     yield t

@@ -352,6 +352,23 @@ def test_draft_control_turns_down_and_off():
     assert c.next_k() == 0
 
 
+def test_draft_control_counts_what_a_round_spends_beyond_the_pass():
+    """Half the drafts pass and a verified token costs a quarter of a pass: by the passes alone one draft pays (1.5
+    tokens for 1.25 + 0.2 passes), but when a drafting round also spends 0.6 of a pass on its bookkeeping
+    (picking, rolling back, the drafter's state) and a plain round 0.02, plain decoding is faster and the control
+    turns drafting off."""
+    def control(rest_drafting, rest_plain):
+        c = sp.DraftControl(n_max=4)
+        for i in range(40):
+            c.record(1, i % 2, 1.25, 0.2, 1.25 + 0.2 + rest_drafting)
+            c.record(0, 0, 1.0, 0.0, 1.0 + rest_plain)
+        return c.next_k()
+
+    assert control(0.0, 0.0) == 1
+    assert control(0.6, 0.02) == 0
+    assert control(0.6, 0.6) == 1  # what every round spends alike does not tip the choice
+
+
 # ------------------------------------------------------------------------- the MTP draft file and block
 
 def test_mtp_draft_file_is_llamacpp_layout(files):
