@@ -26,7 +26,9 @@ plain decoding.
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -262,12 +264,16 @@ class DraftControl:
     spends besides the pass and the drafts (picking the tokens, rolling back, the drafter's bookkeeping), measured
     apart for rounds with and without drafts: on a small model it is a sizable share of a pass, which a control
     that left it out took for free and so kept drafting where plain decoding was faster. Before anything is
-    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
-    estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
-    token. adaptive=False always asks for n_max."""
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins,
+    a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe
+    that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first runs the block over the
+    positions it skipped, a window's worth, which every 16 rounds cost small_v4 a tenth of its speed), and while
+    drafting wins, a plain round every `measure_plain` rounds measures the cost of one token. adaptive=False
+    always asks for n_max."""
 
     DECAY = 0.9
     KEEP = 9  # measurements per batch size the medians take
+    MAX_PROBE_GAP = 512  # plain rounds between probes at most
 
     def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
         self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
@@ -280,7 +286,7 @@ class DraftControl:
         self.rest: tuple[list[float], list[float]] = ([], [])  # recent seconds beyond pass and drafts: plain, drafting
         self.rest_med = [0.0, 0.0]
         self.choice = None  # the last choice, kept until a measurement changes
-        self.plain_rounds = 0
+        self.probe_gap = self.until_probe = probe  # plain rounds between probes, and before the next
         self.rounds = 0
 
     def rates(self) -> list[float]:
@@ -325,8 +331,6 @@ class DraftControl:
         if not self.adaptive:
             return self.n_max
         self.rounds += 1
-        if self.rounds % self.measure_plain == 2:
-            return 0  # a plain round now and then measures what drafting has to beat
         if self.choice is None:
             t1 = self.seconds(1)
             a = self.rates()
@@ -340,11 +344,15 @@ class DraftControl:
                     best_k, best = k, rate
             self.choice = best_k
         best_k = self.choice
-        if best_k == 0:
-            self.plain_rounds += 1
-            if self.plain_rounds % self.probe == 0:
-                return 1
-        return best_k
+        if best_k:
+            self.probe_gap = self.until_probe = self.probe
+            # a plain round now and then measures what drafting has to beat
+            return 0 if self.rounds % self.measure_plain == 2 else best_k
+        self.until_probe -= 1
+        if self.until_probe > 0:
+            return 0
+        self.until_probe = self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)
+        return 1
 
     def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
                round_seconds: float | None = None) -> None:
@@ -359,7 +367,8 @@ class DraftControl:
         times.append(verify_seconds)
         del times[:-self.KEEP]
         self.med[drafted + 1] = _median(times)
-        self.choice = None
+        if drafted or self.choice != 0:  # while drafting is off, only a probe's outcome can turn it on
+            self.choice = None
         if drafted:
             tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
             for j in range(1, self.n_max + 1):
@@ -436,6 +445,23 @@ class WithoutHistory:
         return self.sampler.probs(logits)
 
 
+# what drafting measured, per model and drafter: a generation starts from what the previous ones learnt instead of
+# paying again for the first rounds' guesses (one draft at an assumed acceptance of 1/2), which in a short answer are
+# a large share of its rounds; concurrent sequences of one model feed the same measures
+_CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONTROLS_LOCK = threading.Lock()
+
+
+def draft_control(model, options: SpecOptions) -> DraftControl:
+    """The DraftControl that `model`'s generations with `options` share."""
+    with _CONTROLS_LOCK:
+        per_model = _CONTROLS.setdefault(model, {})
+        key = (options.type, options.draft, options.n_max, options.adaptive)
+        if key not in per_model:
+            per_model[key] = DraftControl(options.n_max, options.adaptive)
+        return per_model[key]
+
+
 class Speculator:
     """Speculative decoding of one sequence in `cache` (the model's forward passes take model.lock)."""
 
@@ -451,7 +477,7 @@ class Speculator:
             self.drafter = DSparkDrafter(model.draft_head(options.draft, "dspark"), cache, model.lock)
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
-        self.control = DraftControl(options.n_max, options.adaptive)
+        self.control = draft_control(model, options)
         self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
 
     def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:

@@ -369,6 +369,44 @@ def test_draft_control_counts_what_a_round_spends_beyond_the_pass():
     assert control(0.6, 0.6) == 1  # what every round spends alike does not tip the choice
 
 
+def test_draft_control_probes_less_often_while_probes_fail():
+    """While plain decoding wins, the gap between one-draft probes doubles after each probe that fails, up to
+    MAX_PROBE_GAP; once drafting wins again, it drafts."""
+    c = sp.DraftControl(n_max=4)
+    for _ in range(40):  # a draft never passes
+        c.record(1, 0, 1.3, 0.2, 1.6)
+        c.record(0, 0, 1.0, 0.0, 1.0)
+    probes = []
+    for i in range(4000):
+        k = c.next_k()
+        c.record(k, 0, 1.3 if k else 1.0, 0.2 * k, 1.6 if k else 1.0)
+        if k:
+            probes.append(i)
+    gaps = np.diff(probes).tolist()
+    assert probes[0] < c.probe and gaps[:4] == [2 * c.probe, 4 * c.probe, 8 * c.probe, 16 * c.probe], gaps
+    assert max(gaps) == gaps[-1] == c.MAX_PROBE_GAP, gaps
+    for _ in range(40):  # drafts pass from now on
+        c.record(1, 1, 1.3, 0.2, 1.6)
+    assert c.next_k() >= 1
+
+
+def test_generations_continue_what_drafting_measured(models):
+    """A model's generations with the same drafter and options continue one DraftControl, so that a short answer
+    does not pay again for the first rounds' guesses; other options get their own; the output stays plain
+    decoding's."""
+    m = models("tiny")
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 20))
+    options = sp.SpecOptions("ngram", 3)
+    assert list(m.generate(prompt, 20, spec_type=options)) == plain
+    control = sp.draft_control(m, options)
+    rounds = control.rounds
+    assert rounds > 0
+    assert list(m.generate(prompt, 20, spec_type=sp.SpecOptions("ngram", 3))) == plain
+    assert sp.draft_control(m, sp.SpecOptions("ngram", 3)) is control and control.rounds > rounds
+    assert sp.draft_control(m, sp.SpecOptions("ngram", 4)) is not control
+
+
 # ------------------------------------------------------------------------- the MTP draft file and block
 
 def test_mtp_draft_file_is_llamacpp_layout(files):
