@@ -267,7 +267,7 @@ class DraftControl:
     measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins,
     a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe
     that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first runs the block over the
-    positions it skipped, a window's worth, which every 16 rounds cost small_v4 a tenth of its speed), and while
+    positions it skipped, up to a window of them, and the probe's draft is the round's extra work), and while
     drafting wins, a plain round every `measure_plain` rounds measures the cost of one token. adaptive=False
     always asks for n_max."""
 
