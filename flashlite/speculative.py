@@ -277,17 +277,23 @@ class DraftControl:
 
     def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
         self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
-        self.hits = [0.0] * (n_max + 1)
-        self.trials = [0.0] * (n_max + 1)
         self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
         self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
         self.draft_med = 0.0
         self.rest: tuple[list[float], list[float]] = ([], [])  # recent seconds beyond pass and drafts: plain, drafting
         self.rest_med = [0.0, 0.0]
-        self.choice = None  # the last choice, kept until a measurement changes
-        self.probe_gap = self.until_probe = probe  # plain rounds between probes, and before the next
         self.rounds = 0
+        self.start()
+
+    def start(self) -> None:
+        """A new generation: what drafts pass depends on the text (prompt lookup passes where the answer repeats
+        its prompt, not elsewhere), so acceptance is learnt afresh from the prior and probing starts at its first
+        gap; what rounds cost (the seconds above) is the model's and the machine's, and carries over."""
+        self.hits = [0.0] * (self.n_max + 1)
+        self.trials = [0.0] * (self.n_max + 1)
+        self.probe_gap = self.until_probe = self.probe  # plain rounds between probes, and before the next
+        self.choice = None  # the last choice, kept until a measurement changes
 
     def rates(self) -> list[float]:
         """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
@@ -445,9 +451,9 @@ class WithoutHistory:
         return self.sampler.probs(logits)
 
 
-# what drafting measured, per model and drafter: a generation starts from what the previous ones learnt instead of
-# paying again for the first rounds' guesses (one draft at an assumed acceptance of 1/2), which in a short answer are
-# a large share of its rounds; concurrent sequences of one model feed the same measures
+# what drafting measured, per model and drafter: a generation starts from what the earlier ones measured rounds to
+# cost instead of guessing (a verified token at a quarter of a pass, the rest of a round free), which in a short
+# answer decides a large share of its rounds; concurrent sequences of one model feed the same measures
 _CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CONTROLS_LOCK = threading.Lock()
 
@@ -478,6 +484,7 @@ class Speculator:
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
         self.control = draft_control(model, options)
+        self.control.start()
         self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
 
     def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:

@@ -390,20 +390,22 @@ def test_draft_control_probes_less_often_while_probes_fail():
     assert c.next_k() >= 1
 
 
-def test_generations_continue_what_drafting_measured(models):
-    """A model's generations with the same drafter and options continue one DraftControl, so that a short answer
-    does not pay again for the first rounds' guesses; other options get their own; the output stays plain
-    decoding's."""
+def test_generations_continue_what_rounds_cost(models):
+    """A model's generations with the same drafter and options continue one DraftControl's measures of what rounds
+    cost (other options get their own), but learn acceptance afresh, since it depends on the text; the output
+    stays plain decoding's."""
     m = models("tiny")
     prompt = _prompt(m)
     plain = list(m.generate(prompt, 20))
     options = sp.SpecOptions("ngram", 3)
     assert list(m.generate(prompt, 20, spec_type=options)) == plain
     control = sp.draft_control(m, options)
-    rounds = control.rounds
-    assert rounds > 0
+    rounds, costs = control.rounds, dict(control.med)
+    assert rounds > 0 and 1 in costs and sum(control.trials) > 0
+    speculator = sp.Speculator(m, m.new_cache(), sp.SpecOptions("ngram", 3))
+    assert speculator.control is control and control.med == costs and sum(control.trials) == 0
     assert list(m.generate(prompt, 20, spec_type=sp.SpecOptions("ngram", 3))) == plain
-    assert sp.draft_control(m, sp.SpecOptions("ngram", 3)) is control and control.rounds > rounds
+    assert control.rounds > rounds
     assert sp.draft_control(m, sp.SpecOptions("ngram", 4)) is not control
 
 
