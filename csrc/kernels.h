@@ -20,6 +20,11 @@ typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *v
 typedef void (*fl_vec_dot4_fn)(int64_t n, float *s, const void *const *vx, const void *vy);
 /* s[0..3] = the dots of one weight row with four activation rows vy[0..3], each bitwise as the one-row dot. */
 typedef void (*fl_vec_dot_t4_fn)(int64_t n, float *s, const void *vx, const void *const *vy);
+/* s[0..count-1] = the dots of one weight row with count (1..FL_DOT_TOKENS) activation rows vy[0..count-1], each
+ * bitwise as the one-row dot, the row's weights unpacked once for all of them. */
+typedef void (*fl_vec_dot_tn_fn)(int64_t n, float *s, const void *vx, const void *const *vy, int count);
+/* the most tokens a token dot takes: a verified batch of drafts is 2..15 tokens, one or two calls */
+#define FL_DOT_TOKENS 8
 
 struct fl_type_traits {
     const char *name;
@@ -56,7 +61,7 @@ struct fl_decode_kernel {
     void (*prep)(int64_t k, const float *x, void *out);
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;   /* four rows at a time; NULL where not written */
-    fl_vec_dot_t4_fn dot_t4; /* four tokens at a time (prefill) */
+    fl_vec_dot_tn_fn dot_tn; /* 1..FL_DOT_TOKENS tokens at a time (verification, short prefills) */
     const struct fl_gemm_kernel *gemm; /* many tokens at a time (prefill); NULL where not written */
 };
 

@@ -25,15 +25,18 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
-/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the empty
- * lanes of its panel of FL_PANEL tokens cost more than it gains (8 tokens: Q6_K 125 -> 110 GFLOP/s, the others
- * even; 10 tokens: all faster, Q4_K 107 -> 149) */
+/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it, below the token dots
+ * (tools/bench_batch_cost.py, one thread, time of n tokens over one token's, Q8_0, MXFP4, Q4_K, Q6_K): with weights
+ * from memory, as V4-Flash's are, token dots cost 2.3-3.9 at 8 tokens and the prefill kernel 2.8-6.1 (its empty lanes
+ * and rows without prefetch), at 12 tokens 3.4-7.9 against 3.0-5.7; in cache the prefill kernel wins from 7-8 tokens
+ * (8: 3.1-4.4 against 4.0-5.4) */
 #define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;
-    fl_vec_dot_t4_fn dot_t4;
+    fl_vec_dot_t4_fn dot_t4;   /* the generic SIMD dots' four-token dot, where there is no token dot */
+    fl_vec_dot_tn_fn dot_tn;
     const struct fl_gemm_kernel *gemm; /* many tokens through the prefill kernel: x_row is then a panel's bytes */
     const uint8_t *w;
     size_t w_row;
@@ -87,9 +90,9 @@ static void one_token(const struct matmul_job *j, int64_t r0, int64_t r1) {
     }
 }
 
-/* Tokens t0..t1 by rows r0..r1, a group of rows at a time: four tokens at once through the format's four-token
- * dot where it has one, else four rows at once through its four-row dot. Each result of either is bitwise the
- * one-row dot's, so the grouping changes no output. */
+/* Tokens t0..t1 by rows r0..r1, a group of rows at a time: up to FL_DOT_TOKENS tokens at once through the format's
+ * token dot where it has one (four through a four-token dot), else four rows at once through its four-row dot. Each
+ * result of either is bitwise the one-row dot's, so the grouping changes no output. */
 static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     for (int64_t g0 = r0; g0 < r1; g0 += j->group) {
         int64_t g1 = min64(g0 + j->group, r1);
@@ -98,6 +101,21 @@ static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64
                  p += 64)
                 __builtin_prefetch(p, 0, 2);
         int64_t t = t0;
+        while (j->dot_tn && t < t1) {
+            /* chunks as even as FL_DOT_TOKENS allows: 9 tokens go as 5 + 4, not as 8 and a lone one */
+            int64_t chunks = (t1 - t + FL_DOT_TOKENS - 1) / FL_DOT_TOKENS;
+            int count = (int)((t1 - t + chunks - 1) / chunks);
+            const void *xs[FL_DOT_TOKENS];
+            float s[FL_DOT_TOKENS];
+            for (int c = 0; c < count; c++)
+                xs[c] = j->xq + (t + c) * j->x_row;
+            for (int64_t r = g0; r < g1; r++) {
+                j->dot_tn(j->k, s, j->w + r * j->w_row, xs, count);
+                for (int c = 0; c < count; c++)
+                    j->y[(t + c) * j->rows + r] = s[c];
+            }
+            t += count;
+        }
         if (j->dot_t4)
             for (; t + 4 <= t1; t += 4) {
                 const void *xs[4] = {j->xq + t * j->x_row, j->xq + (t + 1) * j->x_row, j->xq + (t + 2) * j->x_row,
@@ -153,7 +171,7 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
     int64_t k = it->k;
     *job = (struct matmul_job){.dot = dk ? dk->dot : fl_vec_dot(it->wtype), .dot4 = dk ? dk->dot4 : fl_vec_dot4(fl_vec_dot(it->wtype)),
-                               .dot_t4 = dk ? dk->dot_t4 : fl_vec_dot_t4(fl_vec_dot(it->wtype)),
+                               .dot_t4 = dk ? NULL : fl_vec_dot_t4(fl_vec_dot(it->wtype)), .dot_tn = dk ? dk->dot_tn : NULL,
                                .w = it->w, .w_row = (size_t)fl_row_bytes(it->wtype, k),
                                .xq = (const uint8_t *)it->x, .x_row = (size_t)k * sizeof(float),
                                .rows = it->rows, .k = k, .n_tok = it->n_tok, .y = it->y,

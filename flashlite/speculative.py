@@ -26,7 +26,9 @@ plain decoding.
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -254,29 +256,44 @@ class DraftControl:
     """Chooses each round's draft length k in 0..n_max by the expected tokens per second:
 
         tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
-        seconds(k) = verify(k + 1 tokens) + k * draft(one token)
+        seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)
 
     where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
     towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2),
-    and the seconds are medians of the last rounds' measurements (DraftControl.seconds). Before anything is
-    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one draft every `probe` rounds keeps the
-    estimates fresh, and while drafting wins, a plain round every `measure_plain` rounds measures the cost of one
-    token. adaptive=False always asks for n_max."""
+    and the seconds are medians of the last rounds' measurements (DraftControl.seconds); rest is what a round
+    spends besides the pass and the drafts (picking the tokens, rolling back, the drafter's bookkeeping), measured
+    apart for rounds with and without drafts: on a small model it is a sizable share of a pass, which a control
+    that left it out took for free and so kept drafting where plain decoding was faster. Before anything is
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins,
+    a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe
+    that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first runs the block over the
+    positions it skipped, up to a window of them, and the probe's draft is the round's extra work), and while
+    drafting wins, a plain round every `measure_plain` rounds measures the cost of one token. adaptive=False
+    always asks for n_max."""
 
     DECAY = 0.9
     KEEP = 9  # measurements per batch size the medians take
+    MAX_PROBE_GAP = 512  # plain rounds between probes at most
 
     def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
         self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
-        self.hits = [0.0] * (n_max + 1)
-        self.trials = [0.0] * (n_max + 1)
         self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
         self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
         self.draft_med = 0.0
-        self.choice = None  # the last choice, kept until a measurement changes
-        self.plain_rounds = 0
+        self.rest: tuple[list[float], list[float]] = ([], [])  # recent seconds beyond pass and drafts: plain, drafting
+        self.rest_med = [0.0, 0.0]
         self.rounds = 0
+        self.start()
+
+    def start(self) -> None:
+        """A new generation: what drafts pass depends on the text (prompt lookup passes where the answer repeats
+        its prompt, not elsewhere), so acceptance is learnt afresh from the prior and probing starts at its first
+        gap; what rounds cost (the seconds above) is the model's and the machine's, and carries over."""
+        self.hits = [0.0] * (self.n_max + 1)
+        self.trials = [0.0] * (self.n_max + 1)
+        self.probe_gap = self.until_probe = self.probe  # plain rounds between probes, and before the next
+        self.choice = None  # the last choice, kept until a measurement changes
 
     def rates(self) -> list[float]:
         """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
@@ -320,33 +337,44 @@ class DraftControl:
         if not self.adaptive:
             return self.n_max
         self.rounds += 1
-        if self.rounds % self.measure_plain == 2:
-            return 0  # a plain round now and then measures what drafting has to beat
         if self.choice is None:
             t1 = self.seconds(1)
             a = self.rates()
-            best_k, best = 0, 1.0 / t1
+            best_k, best = 0, 1.0 / (t1 + self.rest_med[0])
             tokens, reach = 1.0, 1.0
             for k in range(1, self.n_max + 1):
                 reach *= a[k]
                 tokens += reach
-                rate = tokens / (self.seconds(k + 1) + k * self.draft_med)
+                rate = tokens / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
                 if rate > best:
                     best_k, best = k, rate
             self.choice = best_k
         best_k = self.choice
-        if best_k == 0:
-            self.plain_rounds += 1
-            if self.plain_rounds % self.probe == 0:
-                return 1
-        return best_k
+        if best_k:
+            self.probe_gap = self.until_probe = self.probe
+            # a plain round now and then measures what drafting has to beat
+            return 0 if self.rounds % self.measure_plain == 2 else best_k
+        self.until_probe -= 1
+        if self.until_probe > 0:
+            return 0
+        self.until_probe = self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)
+        return 1
 
-    def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+    def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
+               round_seconds: float | None = None) -> None:
+        """A round's outcome and measures; round_seconds, when given, the whole round's (drafting, the pass, picking
+        the tokens, rolling back, the drafter's bookkeeping)."""
+        if round_seconds is not None:
+            rest = self.rest[drafted > 0]
+            rest.append(max(0.0, round_seconds - verify_seconds - draft_seconds))
+            del rest[:-self.KEEP]
+            self.rest_med[drafted > 0] = _median(rest)
         times = self.verify.setdefault(drafted + 1, [])
         times.append(verify_seconds)
         del times[:-self.KEEP]
         self.med[drafted + 1] = _median(times)
-        self.choice = None
+        if drafted or self.choice != 0:  # while drafting is off, only a probe's outcome can turn it on
+            self.choice = None
         if drafted:
             tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
             for j in range(1, self.n_max + 1):
@@ -423,6 +451,23 @@ class WithoutHistory:
         return self.sampler.probs(logits)
 
 
+# what drafting measured, per model and drafter: a generation starts from what the earlier ones measured rounds to
+# cost instead of guessing (a verified token at a quarter of a pass, the rest of a round free), which in a short
+# answer decides a large share of its rounds; concurrent sequences of one model feed the same measures
+_CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONTROLS_LOCK = threading.Lock()
+
+
+def draft_control(model, options: SpecOptions) -> DraftControl:
+    """The DraftControl that `model`'s generations with `options` share."""
+    with _CONTROLS_LOCK:
+        per_model = _CONTROLS.setdefault(model, {})
+        key = (options.type, options.draft, options.n_max, options.adaptive)
+        if key not in per_model:
+            per_model[key] = DraftControl(options.n_max, options.adaptive)
+        return per_model[key]
+
+
 class Speculator:
     """Speculative decoding of one sequence in `cache` (the model's forward passes take model.lock)."""
 
@@ -438,7 +483,8 @@ class Speculator:
             self.drafter = DSparkDrafter(model.draft_head(options.draft, "dspark"), cache, model.lock)
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
-        self.control = DraftControl(options.n_max, options.adaptive)
+        self.control = draft_control(model, options)
+        self.control.start()
         self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
 
     def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:
@@ -477,8 +523,9 @@ class Speculator:
                     model.count_speculation(len(drafts), a)
                     self.drafted += len(drafts)
                     self.accepted += a
-                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost)
                 drafter.observe(captured, q_pos, a + 1)
+                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost,
+                                    time.perf_counter() - t0)
                 for t in out:
                     yielded += 1
                     yield t

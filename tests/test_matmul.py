@@ -138,11 +138,13 @@ def test_products_against_float64(wtype, level):
 
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
 def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
-    """However many tokens one call takes (across the old prefill threshold of 16, odd counts, past the kernels'
-    groups of four), each token's outputs are the bits of a call with that token alone: a prompt gives the same
-    logits in one prefill, in chunks or token by token."""
+    """However many tokens one call takes (across the old prefill threshold of 16, odd counts, the token dots' 1..8
+    tokens and their chunks, 9 as 5 + 4), each token's outputs are the bits of a call with that token alone: a
+    prompt gives the same logits in one prefill, in chunks or token by token, and a verified batch of drafts the
+    logits of plain decoding. k has an odd count of blocks, so that the dots' last group or pair is not full."""
     rng = np.random.default_rng(300 + int(wtype))
-    k = 2 * max(block_formats.block_elems(wtype), 128)
+    block = block_formats.block_elems(wtype)
+    k = 2 * max(block, 128) + block
     rows = 37
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((40, k)).astype(np.float32)

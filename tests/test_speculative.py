@@ -352,6 +352,63 @@ def test_draft_control_turns_down_and_off():
     assert c.next_k() == 0
 
 
+def test_draft_control_counts_what_a_round_spends_beyond_the_pass():
+    """Half the drafts pass and a verified token costs a quarter of a pass: by the passes alone one draft pays (1.5
+    tokens for 1.25 + 0.2 passes), but when a drafting round also spends 0.6 of a pass on its bookkeeping
+    (picking, rolling back, the drafter's state) and a plain round 0.02, plain decoding is faster and the control
+    turns drafting off."""
+    def control(rest_drafting, rest_plain):
+        c = sp.DraftControl(n_max=4)
+        for i in range(40):
+            c.record(1, i % 2, 1.25, 0.2, 1.25 + 0.2 + rest_drafting)
+            c.record(0, 0, 1.0, 0.0, 1.0 + rest_plain)
+        return c.next_k()
+
+    assert control(0.0, 0.0) == 1
+    assert control(0.6, 0.02) == 0
+    assert control(0.6, 0.6) == 1  # what every round spends alike does not tip the choice
+
+
+def test_draft_control_probes_less_often_while_probes_fail():
+    """While plain decoding wins, the gap between one-draft probes doubles after each probe that fails, up to
+    MAX_PROBE_GAP; once drafting wins again, it drafts."""
+    c = sp.DraftControl(n_max=4)
+    for _ in range(40):  # a draft never passes
+        c.record(1, 0, 1.3, 0.2, 1.6)
+        c.record(0, 0, 1.0, 0.0, 1.0)
+    probes = []
+    for i in range(4000):
+        k = c.next_k()
+        c.record(k, 0, 1.3 if k else 1.0, 0.2 * k, 1.6 if k else 1.0)
+        if k:
+            probes.append(i)
+    gaps = np.diff(probes).tolist()
+    assert probes[0] < c.probe and gaps[:4] == [2 * c.probe, 4 * c.probe, 8 * c.probe, 16 * c.probe], gaps
+    assert max(gaps) == gaps[-1] == c.MAX_PROBE_GAP, gaps
+    for _ in range(40):  # drafts pass from now on
+        c.record(1, 1, 1.3, 0.2, 1.6)
+    assert c.next_k() >= 1
+
+
+def test_generations_continue_what_rounds_cost(models):
+    """A model's generations with the same drafter and options continue one DraftControl's measures of what rounds
+    cost (other options get their own), but learn acceptance afresh, since it depends on the text; the output
+    stays plain decoding's."""
+    m = models("tiny")
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 20))
+    options = sp.SpecOptions("ngram", 3)
+    assert list(m.generate(prompt, 20, spec_type=options)) == plain
+    control = sp.draft_control(m, options)
+    rounds, costs = control.rounds, dict(control.med)
+    assert rounds > 0 and 1 in costs and sum(control.trials) > 0
+    speculator = sp.Speculator(m, m.new_cache(), sp.SpecOptions("ngram", 3))
+    assert speculator.control is control and control.med == costs and sum(control.trials) == 0
+    assert list(m.generate(prompt, 20, spec_type=sp.SpecOptions("ngram", 3))) == plain
+    assert control.rounds > rounds
+    assert sp.draft_control(m, sp.SpecOptions("ngram", 4)) is not control
+
+
 # ------------------------------------------------------------------------- the MTP draft file and block
 
 def test_mtp_draft_file_is_llamacpp_layout(files):

@@ -585,14 +585,25 @@ STEP float dot_q4_K_sb_finish(const struct ksb_state *st) {
 #define dot_q5_K_sb_init dot_q4_K_sb_init
 #define dot_q5_K_sb_finish dot_q4_K_sb_finish
 
-/* sums of the products of unsigned quants q[c] with the activations, each pair times its 16-bit scale */
-STEP __m512i scaled_sums(const __m512i q[4], const struct q8k_sb *y, __m512i scales, const __m512i pick[4]) {
-    __m512i sumi = _mm512_setzero_si512();
+/* a Q4_K / Q5_K superblock unpacked, what every token's products share: quants q[c], the scale words each quant
+ * pair of vector c meets, the scales and mins as words and d, dmin */
+struct k4_weights {
+    __m512i q[4], scales[4];
+    __m256i sm;
+    __m128 dm;
+};
+
+STEP struct k4_weights k4_weights(const void *head, const __m512i q[4], const struct q4_K_consts *k) {
+    struct k4_weights w;
+    w.sm = _mm256_cvtepu8_epi16(unpack_scales_mins((const uint8_t *)head + 4)); /* words sc0..7, m0..7 */
     for (int c = 0; c < 4; c++) {
-        __m512i p16 = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(y->q[c]));
-        sumi = _mm512_dpwssd_epi32(sumi, p16, _mm512_permutexvar_epi16(pick[c], scales));
+        w.q[c] = q[c];
+        w.scales[c] = _mm512_permutexvar_epi16(k->pick[c], _mm512_castsi256_si512(w.sm));
     }
-    return sumi;
+    uint32_t dd;
+    memcpy(&dd, head, sizeof(dd));
+    w.dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)); /* d, dmin */
+    return w;
 }
 
 /* the totals of the 16 dwords of sumi and of the 8 of mins, in dwords 0 and 1 */
@@ -603,41 +614,50 @@ STEP __m128i two_totals(__m512i sumi, __m256i mins) {
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* a Q4_K / Q5_K superblock, from its 16 leading bytes (d, dmin, scales) and its quants q[c] */
-STEP void k4_sb_acc(struct ksb_state *st, const void *head, const __m512i q[4], const struct q8k_sb *y,
-                    const struct q4_K_consts *k) {
-    __m256i sm = _mm256_cvtepu8_epi16(unpack_scales_mins((const uint8_t *)head + 4)); /* words sc0..7, m0..7 */
-    __m512i sumi = scaled_sums(q, y, _mm512_castsi256_si512(sm), k->pick);
-    __m128i totals = two_totals(sumi, _mm256_madd_epi16(sm, _mm256_loadu_si256((const __m256i *)y->sums)));
-    uint32_t dd;
-    memcpy(&dd, head, sizeof(dd));
-    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y->d)); /* d, dmin */
-    st->acc = _mm_fmadd_ps(f, _mm_cvtepi32_ps(totals), st->acc);
+/* a Q4_K / Q5_K superblock's products with one token: the unsigned quants times the activations, each pair times
+ * its 16-bit scale, the mins with the activation's sums in one vpmaddwd */
+STEP void k4_sb_acc(struct ksb_state *st, const struct k4_weights *w, int64_t i, const void *vy) {
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++)
+        sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(w->q[c], _mm512_loadu_si512(y->q[c])), w->scales[c]);
+    __m128i totals = two_totals(sumi, _mm256_madd_epi16(w->sm, _mm256_loadu_si256((const __m256i *)y->sums)));
+    st->acc = _mm_fmadd_ps(_mm_mul_ps(w->dm, _mm_set1_ps(y->d)), _mm_cvtepi32_ps(totals), st->acc);
 }
 
-STEP void dot_q4_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                           const struct q4_K_consts *k) {
+STEP struct k4_weights dot_q4_K_sb_weights(const void *vx, int64_t i, int64_t n, const struct q4_K_consts *k) {
     (void)n;
     const block_q4_K *x = (const block_q4_K *)vx + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q4_K));
     __m512i q[4];
     nibble_quants(x->qs, q);
-    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
+    return k4_weights(x, q, k);
 }
 
-STEP void dot_q5_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
-                           const struct q4_K_consts *k) {
+STEP struct k4_weights dot_q5_K_sb_weights(const void *vx, int64_t i, int64_t n, const struct q4_K_consts *k) {
     (void)n;
     const block_q5_K *x = (const block_q5_K *)vx + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q5_K));
     __m512i q[4];
     nibble_quants(x->qs, q);
     add_fifth_bits(x->qh, q);
-    k4_sb_acc(st, x, q, (const struct q8k_sb *)vy + i, k);
+    return k4_weights(x, q, k);
 }
 
-ROW_DOTS(dot_q4_K_sb, struct q4_K_consts, struct ksb_state, superblocks)
-ROW_DOTS(dot_q5_K_sb, struct q4_K_consts, struct ksb_state, superblocks)
+STEP void dot_q4_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct q4_K_consts *k) {
+    const struct k4_weights w = dot_q4_K_sb_weights(vx, i, n, k);
+    k4_sb_acc(st, &w, i, vy);
+}
+
+STEP void dot_q5_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
+                           const struct q4_K_consts *k) {
+    const struct k4_weights w = dot_q5_K_sb_weights(vx, i, n, k);
+    k4_sb_acc(st, &w, i, vy);
+}
+
+ROW_DOTS_SPLIT(dot_q4_K_sb, struct q4_K_consts, struct ksb_state, superblocks, struct k4_weights, k4_sb_acc)
+ROW_DOTS_SPLIT(dot_q5_K_sb, struct q4_K_consts, struct ksb_state, superblocks, struct k4_weights, k4_sb_acc)
 
 /* ---------------------------------------------------------------- Q2_K, Q3_K and Q6_K, the bit-pair order
  * Their quant bytes hold four 2-bit fields (Q2_K, Q3_K's low bits, Q6_K's high bits) of values 32 apart; one
@@ -698,14 +718,12 @@ STEP struct bit_pair_consts dot_q3_K_sb_consts(void) { return bit_pair_consts(1)
 
 /* the sums of vector c's products with the activations, four a dword; two vectors' dwords packed to words and
  * scaled by their 16-bit scales */
-STEP __m512i packed_sums(__m512i seed, const __m512i q[4], const struct q8k_sb *y, __m512i scales,
-                         const struct bit_pair_consts *k) {
+STEP __m512i packed_sums(__m512i seed, const __m512i q[4], const struct q8k_sb *y, const __m512i picked[2]) {
     __m512i d[4], sumi = seed;
     for (int c = 0; c < 4; c++)
         d[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(y->q[c]));
     for (int p = 0; p < 2; p++)
-        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]),
-                                   _mm512_permutexvar_epi16(k->pick[p], scales));
+        sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(d[2 * p], d[2 * p + 1]), picked[p]);
     return sumi;
 }
 
@@ -840,19 +858,39 @@ void fl_vbmi_q3_K_values(const uint8_t *w, size_t w_row, int rows, int64_t i, ui
     }
 }
 
+/* a Q6_K superblock unpacked, what every token's products share: quants q[c], its scales as words and as the scale
+ * words each pair of vectors meets (bit_pair_consts' pick), d */
+struct q6_weights {
+    __m512i q[4], picked[2];
+    __m256i scales;
+    float d;
+};
+
+STEP struct q6_weights dot_q6_K_sb_weights(const void *vx, int64_t i, int64_t n, const struct bit_pair_consts *k) {
+    (void)n;
+    const block_q6_K *x = (const block_q6_K *)vx + i;
+    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q6_K));
+    struct q6_weights w;
+    q6_K_quants(x, w.q);
+    w.scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+    for (int p = 0; p < 2; p++)
+        w.picked[p] = _mm512_permutexvar_epi16(k->pick[p], _mm512_castsi256_si512(w.scales));
+    w.d = half_to_float(x->d);
+    return w;
+}
+
+STEP void q6_K_sb_acc(struct ksb_state *st, const struct q6_weights *w, int64_t i, const void *vy) {
+    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
+    __m512i sumi = packed_sums(offset_seed(w->scales, y, 5), w->q, y, w->picked);
+    __m128 f = _mm_set_ss(w->d * y->d);
+    st->acc = _mm_fmadd_ss(f, _mm_cvtsi32_ss(_mm_setzero_ps(), _mm512_reduce_add_epi32(sumi)), st->acc);
+}
+
 /* Q6_K (quants: vbmi_layouts.h): a superblock's sums added up to one integer and scaled in floats as vbmi_layouts.h says */
 STEP void dot_q6_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int64_t n, const void *vy,
                            const struct bit_pair_consts *k) {
-    (void)n;
-    const block_q6_K *x = (const block_q6_K *)vx + i;
-    const struct q8k_sb *y = (const struct q8k_sb *)vy + i;
-    prefetch_ahead((const uint8_t *)x, (int)sizeof(block_q6_K));
-    __m512i q[4];
-    q6_K_quants(x, q);
-    __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
-    __m512i sumi = packed_sums(offset_seed(scales, y, 5), q, y, _mm512_castsi256_si512(scales), k);
-    __m128 f = _mm_set_ss(half_to_float(x->d) * y->d);
-    st->acc = _mm_fmadd_ss(f, _mm_cvtsi32_ss(_mm_setzero_ps(), _mm512_reduce_add_epi32(sumi)), st->acc);
+    const struct q6_weights w = dot_q6_K_sb_weights(vx, i, n, k);
+    q6_K_sb_acc(st, &w, i, vy);
 }
 
 #define dot_q6_K_sb_init dot_q4_K_sb_init
@@ -860,30 +898,30 @@ STEP void dot_q6_K_sb_step(struct ksb_state *st, const void *vx, int64_t i, int6
 
 ROW_DOTS(dot_q2_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
 ROW_DOTS(dot_q3_K_sb, struct bit_pair_consts, struct q3_K_state, superblocks)
-ROW_DOTS(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks)
+ROW_DOTS_SPLIT(dot_q6_K_sb, struct bit_pair_consts, struct ksb_state, superblocks, struct q6_weights, q6_K_sb_acc)
 
 static const struct fl_decode_kernel q8_0_kernel = {q8_group_bytes, prep_q8_0, dot_q8_0_groups, dot_q8_0_groups_x4,
-                                                    dot_q8_0_groups_t4, &fl_gemm_q8_0_vbmi};
+                                                    dot_q8_0_groups_tn, &fl_gemm_q8_0_vbmi};
 static const struct fl_decode_kernel mxfp4_kernel = {q8_group_bytes, prep_mxfp4, dot_mxfp4_groups, dot_mxfp4_groups_x4,
-                                                     dot_mxfp4_groups_t4, &fl_gemm_mxfp4_vbmi};
+                                                     dot_mxfp4_groups_tn, &fl_gemm_mxfp4_vbmi};
 static const struct fl_decode_kernel q4_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q4_K_sb, dot_q4_K_sb_x4,
-                                                    dot_q4_K_sb_t4, &fl_gemm_q4_K_vbmi};
+                                                    dot_q4_K_sb_tn, &fl_gemm_q4_K_vbmi};
 static const struct fl_decode_kernel q5_K_kernel = {q8k_sb_bytes, prep_q8k_nibbles, dot_q5_K_sb, dot_q5_K_sb_x4,
-                                                    dot_q5_K_sb_t4, &fl_gemm_q5_K_vbmi};
+                                                    dot_q5_K_sb_tn, &fl_gemm_q5_K_vbmi};
 static const struct fl_decode_kernel q2_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q2_K_sb, dot_q2_K_sb_x4,
-                                                    dot_q2_K_sb_t4, &fl_gemm_q2_K_vbmi};
+                                                    dot_q2_K_sb_tn, &fl_gemm_q2_K_vbmi};
 static const struct fl_decode_kernel q3_K_kernel = {q8k_seeded_bytes, prep_q3_K, dot_q3_K_sb, dot_q3_K_sb_x4,
-                                                    dot_q3_K_sb_t4, &fl_gemm_q3_K_vbmi};
+                                                    dot_q3_K_sb_tn, &fl_gemm_q3_K_vbmi};
 static const struct fl_decode_kernel q6_K_kernel = {q8k_sb_bytes, prep_q8k_bit_pairs, dot_q6_K_sb, dot_q6_K_sb_x4,
-                                                    dot_q6_K_sb_t4, &fl_gemm_q6_K_vbmi};
+                                                    dot_q6_K_sb_tn, &fl_gemm_q6_K_vbmi};
 static const struct fl_decode_kernel q4_0_kernel = {q8_group_bytes, prep_q4_0, dot_q4_0_groups, dot_q4_0_groups_x4,
-                                                    dot_q4_0_groups_t4};
+                                                    dot_q4_0_groups_tn};
 static const struct fl_decode_kernel q4_1_kernel = {q8_group_bytes, prep_q8_1, dot_q4_1_groups, dot_q4_1_groups_x4,
-                                                    dot_q4_1_groups_t4};
+                                                    dot_q4_1_groups_tn};
 static const struct fl_decode_kernel q5_0_kernel = {q8_group_bytes, prep_q5_0, dot_q5_0_groups, dot_q5_0_groups_x4,
-                                                    dot_q5_0_groups_t4, &fl_gemm_q5_0_vbmi};
+                                                    dot_q5_0_groups_tn, &fl_gemm_q5_0_vbmi};
 static const struct fl_decode_kernel q5_1_kernel = {q8_group_bytes, prep_q8_1, dot_q5_1_groups, dot_q5_1_groups_x4,
-                                                    dot_q5_1_groups_t4};
+                                                    dot_q5_1_groups_tn};
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi(int type) {
     switch (type) {

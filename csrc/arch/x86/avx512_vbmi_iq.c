@@ -912,23 +912,23 @@ ROW_DOTS(dot_tq2_0_sb, struct none, struct acc1, superblocks)
 /* ---------------------------------------------------------------- the table */
 
 static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, dot_iq4_xs_sb, dot_iq4_xs_sb_x4,
-                                                      dot_iq4_xs_sb_t4};
+                                                      dot_iq4_xs_sb_tn};
 static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xxs_pair,
-                                                       dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_t4};
+                                                       dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_tn};
 static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
-                                                       dot_iq3_xxs_sb_t4};
+                                                       dot_iq3_xxs_sb_tn};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
-                                                     dot_iq3_s_sb_t4};
+                                                     dot_iq3_s_sb_tn};
 static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
-                                                      dot_iq2_xs_pair_x4, dot_iq2_xs_pair_t4};
+                                                      dot_iq2_xs_pair_x4, dot_iq2_xs_pair_tn};
 static const struct fl_decode_kernel iq2_s_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_s_pair,
-                                                     dot_iq2_s_pair_x4, dot_iq2_s_pair_t4};
+                                                     dot_iq2_s_pair_x4, dot_iq2_s_pair_tn};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
-                                                     dot_iq1_s_sb_t4};
+                                                     dot_iq1_s_sb_tn};
 static const struct fl_decode_kernel tq2_0_kernel = {tq2_bytes, prep_tq2, dot_tq2_0_sb, dot_tq2_0_sb_x4,
-                                                     dot_tq2_0_sb_t4};
+                                                     dot_tq2_0_sb_tn};
 static const struct fl_decode_kernel iq1_m_kernel = {ilv_bytes, prep_ilv, dot_iq1_m_sb, dot_iq1_m_sb_x4,
-                                                     dot_iq1_m_sb_t4};
+                                                     dot_iq1_m_sb_tn};
 
 static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
 

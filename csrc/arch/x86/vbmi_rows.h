@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include "kernels.h"
 
+#define STEP static inline __attribute__((always_inline))
+
 /* the lines from p + FL_PREFETCH_BYTES on, into L2, for a group of `bytes` weight bytes at p: prefetching
  * evenly as the dot consumes the row measured faster than a burst per row (decode_task) */
 static inline void prefetch_ahead(const uint8_t *p, int bytes) {
@@ -15,46 +17,56 @@ static inline void prefetch_ahead(const uint8_t *p, int bytes) {
         _mm_prefetch((const char *)p + FL_PREFETCH_BYTES + off, _MM_HINT_T1);
 }
 
-/* ROW_DOTS makes of a format's step (ROW_DOTS_ROWS below) its one-row and four-row dots and a four-token dot:
- * one row against four activation rows (prefill), the same steps run for each of them in turn, so each (row,
- * token) pair is summed exactly as the one-row dot sums it. The compiler computes the four steps' identical weight
- * work once where it sees that it is (Q4_K, Q6_K; not past Q8_0's and MXFP4's branch on a row's last group). A
- * format whose step is written in two halves, name_weights() (step g's weights unpacked, a weights_t) and
- * acc(state, &weights, g, vy) (their products with one activation row), takes ROW_DOTS_SPLIT instead, whose
- * four-token dot unpacks each step once. */
+/* ROW_DOTS makes of a format's step (ROW_DOTS_ROWS below) its one-row and four-row dots and its token dot
+ * (struct fl_decode_kernel's dot_tn): one row against 1..FL_DOT_TOKENS activation rows, as verifying drafted tokens
+ * and short prefills multiply. Each (row, token) pair runs the same steps in the same order as the one-row dot, so
+ * its result is the one-row dot's bits; the weight work of a step is the same for every token, and the compiler
+ * computes it once for all of them where it sees that it is (Q4_K, Q6_K; not past Q8_0's and MXFP4's branch on a
+ * row's last group). A format whose step is written in two halves, name_weights() (step g's weights unpacked, a
+ * weights_t) and acc(state, &weights, g, vy) (their products with one activation row), takes ROW_DOTS_SPLIT
+ * instead, whose token dot unpacks each step once by construction. */
 #define ROW_DOTS(name, consts_t, state_t, n_steps)                                                  \
     ROW_DOTS_ROWS(name, consts_t, state_t, n_steps)                                                 \
-    static void name##_t4(int64_t n, float *s, const void *vx, const void *const *vy) {             \
+    STEP void name##_tokens(int count, int64_t n, float *s, const void *vx, const void *const *vy) { \
         const consts_t c = name##_consts();                                                         \
-        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
+        state_t st[FL_DOT_TOKENS];                                                                  \
+        _Pragma("GCC unroll 8") for (int t = 0; t < count; t++) st[t] = name##_init();              \
         for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
-            name##_step(&st0, vx, g, n, vy[0], &c);                                                 \
-            name##_step(&st1, vx, g, n, vy[1], &c);                                                 \
-            name##_step(&st2, vx, g, n, vy[2], &c);                                                 \
-            name##_step(&st3, vx, g, n, vy[3], &c);                                                 \
+            _Pragma("GCC unroll 8") for (int t = 0; t < count; t++)                                 \
+                name##_step(&st[t], vx, g, n, vy[t], &c);                                           \
         }                                                                                           \
-        s[0] = name##_finish(&st0);                                                                 \
-        s[1] = name##_finish(&st1);                                                                 \
-        s[2] = name##_finish(&st2);                                                                 \
-        s[3] = name##_finish(&st3);                                                                 \
-    }
+        _Pragma("GCC unroll 8") for (int t = 0; t < count; t++) s[t] = name##_finish(&st[t]);       \
+    }                                                                                               \
+    TOKEN_COUNTS(name)
 
 #define ROW_DOTS_SPLIT(name, consts_t, state_t, n_steps, weights_t, acc)                            \
     ROW_DOTS_ROWS(name, consts_t, state_t, n_steps)                                                 \
-    static void name##_t4(int64_t n, float *s, const void *vx, const void *const *vy) {             \
+    STEP void name##_tokens(int count, int64_t n, float *s, const void *vx, const void *const *vy) { \
         const consts_t c = name##_consts();                                                         \
-        state_t st0 = name##_init(), st1 = st0, st2 = st0, st3 = st0;                               \
+        state_t st[FL_DOT_TOKENS];                                                                  \
+        _Pragma("GCC unroll 8") for (int t = 0; t < count; t++) st[t] = name##_init();              \
         for (int64_t g = 0; g < n_steps(n); g++) {                                                  \
             const weights_t w = name##_weights(vx, g, n, &c);                                       \
-            acc(&st0, &w, g, vy[0]);                                                                \
-            acc(&st1, &w, g, vy[1]);                                                                \
-            acc(&st2, &w, g, vy[2]);                                                                \
-            acc(&st3, &w, g, vy[3]);                                                                \
+            _Pragma("GCC unroll 8") for (int t = 0; t < count; t++) acc(&st[t], &w, g, vy[t]);      \
         }                                                                                           \
-        s[0] = name##_finish(&st0);                                                                 \
-        s[1] = name##_finish(&st1);                                                                 \
-        s[2] = name##_finish(&st2);                                                                 \
-        s[3] = name##_finish(&st3);                                                                 \
+        _Pragma("GCC unroll 8") for (int t = 0; t < count; t++) s[t] = name##_finish(&st[t]);       \
+    }                                                                                               \
+    TOKEN_COUNTS(name)
+
+/* name_tn: name_tokens with each count a constant of its own, so that every token's accumulators stay in
+ * registers; one token is the one-row dot itself */
+#define TOKEN_COUNTS(name)                                                                          \
+    static void name##_tn(int64_t n, float *s, const void *vx, const void *const *vy, int count) {  \
+        switch (count) {                                                                            \
+        case 1: name(n, s, vx, vy[0]); break;                                                       \
+        case 2: name##_tokens(2, n, s, vx, vy); break;                                              \
+        case 3: name##_tokens(3, n, s, vx, vy); break;                                              \
+        case 4: name##_tokens(4, n, s, vx, vy); break;                                              \
+        case 5: name##_tokens(5, n, s, vx, vy); break;                                              \
+        case 6: name##_tokens(6, n, s, vx, vy); break;                                              \
+        case 7: name##_tokens(7, n, s, vx, vy); break;                                              \
+        default: name##_tokens(8, n, s, vx, vy); break;                                             \
+        }                                                                                           \
     }
 
 /* A format's decode dot is a step over one group (or superblock) of a row, written once; ROW_DOTS_ROWS makes of
@@ -112,7 +124,5 @@ static inline int q8k_load_scale(const float *x, __m512 v[16], float *iscale) {
     }
     return 1;
 }
-
-#define STEP static inline __attribute__((always_inline))
 
 #endif
