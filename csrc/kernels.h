@@ -79,6 +79,8 @@ struct fl_gemm_kernel {
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */
 const struct fl_decode_kernel *fl_decode_kernel(int type);
+/* The prefill kernel of a weight type at the SIMD level in use (AMX where it has one and is on), or NULL. */
+const struct fl_gemm_kernel *fl_gemm_kernel(int type);
 
 /* A float's bits and back, without breaking aliasing rules. */
 static inline uint32_t fl_float_bits(float f) {

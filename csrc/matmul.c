@@ -140,8 +140,7 @@ static void matmul_task(const struct matmul_job *j, int64_t task) {
 
 /* The prefill kernel that a product of n_tok tokens by weights of wtype takes, or NULL. */
 static const struct fl_gemm_kernel *gemm_kernel(int wtype, int64_t n_tok) {
-    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    return dk && dk->gemm && n_tok >= GEMM_MIN_TOKENS ? dk->gemm : NULL;
+    return n_tok >= GEMM_MIN_TOKENS ? fl_gemm_kernel(wtype) : NULL;
 }
 
 /* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read

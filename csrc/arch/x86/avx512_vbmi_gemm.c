@@ -21,15 +21,7 @@
 /* rows whose accumulators a kernel keeps in registers, two vectors each (a sub-block's sum and the superblock's) */
 #define ROWS 8
 
-/* A superblock of a panel: dword j of y[j] holds bytes 4j..4j+3 of each token's prepared quants (struct q8k_sb's
- * q, flat), word pairs of its activation sums meet the weights' min (or scale) pairs, and d is each token's scale. */
-struct panel_sb {
-    int32_t y[64][FL_PANEL];
-    int32_t sums[8][FL_PANEL];
-    float d[FL_PANEL];
-};
-
-static size_t panel_bytes(int64_t k) {
+size_t fl_vbmi_panel_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct panel_sb);
 }
 
@@ -46,12 +38,12 @@ static void pack_sb(const struct q8k_sb *sb, struct panel_sb *p, int lane, int f
     p->d[lane] = sb->d;
 }
 
-static void pack_nibbles(int64_t k, const void *prepared, void *panel, int lane) {
+void fl_vbmi_pack_nibbles(int64_t k, const void *prepared, void *panel, int lane) {
     for (int64_t i = 0; i < k / QK_K; i++)
         pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 8, 4);
 }
 
-static void pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
+void fl_vbmi_pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
     for (int64_t i = 0; i < k / QK_K; i++)
         pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 0, 8);
 }
@@ -395,9 +387,9 @@ static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, cons
 const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
 const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
 const struct fl_gemm_kernel fl_gemm_q5_0_vbmi = {group_panel_bytes, pack_groups, run_q5_0};
-const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {panel_bytes, pack_bit_pairs, run_q2_K};
-const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {panel_bytes, pack_seeded, run_q3_K};
-const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
-const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
-const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};
+const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q2_K};
+const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {fl_vbmi_panel_bytes, pack_seeded, run_q3_K};
+const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q4_K};
+const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q5_K};
+const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q6_K};
 #endif
