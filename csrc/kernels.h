@@ -73,6 +73,9 @@ struct fl_gemm_kernel {
      * FL_GEMM_TOKENS) of consecutive panels */
     void (*run)(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok, float *y,
                 int64_t y_stride);
+    /* from this many tokens on the kernel beats the four-token dots: below, the empty lanes of a panel cost more
+     * than it gains (its results are the same bits either way) */
+    int64_t min_tokens;
 };
 /* the most tokens one run takes */
 #define FL_GEMM_TOKENS 256

@@ -25,10 +25,6 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
-/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it: below, the empty
- * lanes of its panel of FL_PANEL tokens cost more than it gains (8 tokens: Q6_K 125 -> 110 GFLOP/s, the others
- * even; 10 tokens: all faster, Q4_K 107 -> 149) */
-#define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
@@ -140,7 +136,8 @@ static void matmul_task(const struct matmul_job *j, int64_t task) {
 
 /* The prefill kernel that a product of n_tok tokens by weights of wtype takes, or NULL. */
 static const struct fl_gemm_kernel *gemm_kernel(int wtype, int64_t n_tok) {
-    return n_tok >= GEMM_MIN_TOKENS ? fl_gemm_kernel(wtype) : NULL;
+    const struct fl_gemm_kernel *gemm = fl_gemm_kernel(wtype);
+    return gemm && n_tok >= gemm->min_tokens ? gemm : NULL;
 }
 
 /* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read

@@ -192,7 +192,7 @@ def test_prefill_kernels_are_bitwise_one_token_each(wtype, threads, prefill_unit
     assert rel_err(alone, ref) < TIGHT
     for n_threads in (1, 2, 3):
         threads(n_threads)
-        for n_tok in (7, 8, 9, 16, 17, 31, 33, 47, 64, 100, 257, 300):
+        for n_tok in (3, 5, 7, 8, 9, 16, 17, 31, 33, 47, 64, 100, 257, 300):
             for r0, r1 in ((0, rows), (3, 12), (0, 1)):  # a row range that starts inside a block of 8
                 y = fm.matmul(np.ascontiguousarray(w[r0:r1]), wtype, r1 - r0, k, x[:n_tok]).reshape(n_tok, r1 - r0)
                 assert np.array_equal(y, alone[:n_tok, r0:r1]), (n_threads, n_tok, r0, r1)

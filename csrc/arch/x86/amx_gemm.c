@@ -31,6 +31,8 @@
 /* weight tiles per superblock at most: Q6_K's four digits and its plain quants */
 #define MAX_PASSES 5
 
+
+
 /* 16 rows of one superblock, unpacked: q[pass][r] the quants of row r times the pass's digits of their scales, in
  * the order of struct q8k_sb's q; pairs the words that meet the panel's sums; d and dmin per row */
 struct amx_weights {
@@ -300,9 +302,14 @@ static void run_q6_K(int64_t k, const void *w, size_t w_row, int64_t rows, const
     run_rows(k, w, w_row, rows, panels, n_tok, y, y_stride, unpack_q6_K, 0, sb_q6_K);
 }
 
-static const struct fl_gemm_kernel gemm_q4_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q4_K};
-static const struct fl_gemm_kernel gemm_q5_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q5_K};
-static const struct fl_gemm_kernel gemm_q6_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q6_K};
+/* From how many tokens on each beats the four-token dots, one thread, CPU time, 2048 x 4096 and 4096 x 2048 (GFLOP/s,
+ * dots -> AMX): Q4_K 2 tokens 58 -> 51, 3: 63 -> 79, 4: 100 -> 105, 6: 87 -> 148, 9: 96 -> 225; Q6_K 5 tokens 88 -> 74,
+ * 6: 82 -> 90, 8: 96 -> 116 (the AVX-512 kernel takes over from 10). */
+#define AMX_MIN_NIBBLES 3
+#define AMX_MIN_Q6 6
+static const struct fl_gemm_kernel gemm_q4_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q4_K, AMX_MIN_NIBBLES};
+static const struct fl_gemm_kernel gemm_q5_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q5_K, AMX_MIN_NIBBLES};
+static const struct fl_gemm_kernel gemm_q6_K = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q6_K, AMX_MIN_Q6};
 
 const struct fl_gemm_kernel *fl_gemm_amx(const struct fl_gemm_kernel *avx512) {
     if (avx512 == &fl_gemm_q4_K_vbmi)
