@@ -240,8 +240,9 @@ STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const v
             ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
 #undef ROW_CASE
         }
-        for (int r = 0; r < n; r++)
-            for (int64_t t = 0; t < n_tok; t++)
+        /* token by token: a token's rows are neighbours in y (rows outside cost a TLB miss per store) */
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int r = 0; r < n; r++)
                 y[t * y_stride + r0 + r] = negated_mins ? acc[r * stride + t] + acc_m[r * stride + t]
                                                         : acc[r * stride + t] - acc_m[r * stride + t];
     }
@@ -361,11 +362,11 @@ static void run_groups(int64_t k, const void *w, size_t w_row, int64_t rows, con
             ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
 #undef ROW_CASE
         }
-        for (int r = 0; r < n; r++) {
-            const float *a = acc + r * GROUP * stride;
-            for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t t = 0; t < n_tok; t++) /* token by token, as run_rows */
+            for (int r = 0; r < n; r++) {
+                const float *a = acc + r * GROUP * stride;
                 y[t * y_stride + r0 + r] = (a[t] + a[stride + t]) + (a[2 * stride + t] + a[3 * stride + t]);
-        }
+            }
     }
 }
 
