@@ -252,6 +252,39 @@ static void sb_q6_K(int rows, const struct amx_weights *w, const struct panel_sb
 }
 
 /* an unpacker and the order of its quants (1: nibbles, 0: bit pairs), for its digit indices */
+/* y[t * y_stride + r] = acc - acc_m of rows r < n by tokens t < n_tok, 16 tokens at a time: the 16 rows x 16 tokens
+ * transposed in registers, so that a token's rows, neighbours in y, go out as one store (row by row, each store
+ * landed on a page of its own: 15% of a prefill) */
+static void store_tokens(const float *acc, const float *acc_m, int64_t stride, int n, int64_t n_tok, float *y,
+                         int64_t y_stride) {
+    const __mmask16 rows = (__mmask16)((1u << n) - 1);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += FL_PANEL) {
+        __m512 r[16], a[16], b[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < n ? _mm512_sub_ps(_mm512_loadu_ps(acc + i * stride + t0), _mm512_loadu_ps(acc_m + i * stride + t0))
+                         : _mm512_setzero_ps();
+        for (int i = 0; i < 8; i++) { /* per 128-bit lane: pairs of rows, element by element */
+            a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; i++) { /* b[4i + m], lane l: rows 4i..4i+3 of token 4l + m */
+            b[4 * i] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+            b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+            b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+            b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+        }
+        for (int m = 0; m < 4; m++) { /* token 4l + m: lane l of b[m], b[4 + m], b[8 + m], b[12 + m] */
+            const __m512 c0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x88), c1 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xDD);
+            const __m512 c2 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x88), c3 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xDD);
+            const __m512 out[4] = {_mm512_shuffle_f32x4(c0, c2, 0x88), _mm512_shuffle_f32x4(c1, c3, 0x88),
+                                   _mm512_shuffle_f32x4(c0, c2, 0xDD), _mm512_shuffle_f32x4(c1, c3, 0xDD)};
+            for (int l = 0; l < 4; l++)
+                if (t0 + 4 * l + m < n_tok)
+                    _mm512_mask_storeu_ps(y + (t0 + 4 * l + m) * y_stride, rows, out[l]);
+        }
+    }
+}
+
 typedef void (*unpack_fn)(const uint8_t *w, size_t w_row, int rows, int64_t i, struct amx_weights *out,
                           const __m512i idx[4]);
 typedef void (*sb_fn)(int rows, const struct amx_weights *w, const struct panel_sb *panels, int64_t n_sb,
@@ -280,11 +313,7 @@ static void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const
             unpack(wr, w_row, n, i, &ws, idx);
             sb(n, &ws, (const struct panel_sb *)panels + i, n_sb, n_panels, acc, acc_m, stride);
         }
-        /* a token's rows are neighbours in y: token by token, each store lands in the line of the one before (rows
-         * outside cost a TLB miss per store at a prefill's widths, 15% of the prefill) */
-        for (int64_t t = 0; t < n_tok; t++)
-            for (int r = 0; r < n; r++)
-                y[t * y_stride + r0 + r] = acc[r * stride + t] - acc_m[r * stride + t];
+        store_tokens(acc, acc_m, stride, n, n_tok, y + r0, y_stride);
     }
     _tile_release();
 }
