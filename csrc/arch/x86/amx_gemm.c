@@ -31,8 +31,6 @@
 /* weight tiles per superblock at most: Q6_K's four digits and its plain quants */
 #define MAX_PASSES 5
 
-
-
 /* 16 rows of one superblock, unpacked: q[pass][r] the quants of row r times the pass's digits of their scales, in
  * the order of struct q8k_sb's q; pairs the words that meet the panel's sums; d and dmin per row */
 struct amx_weights {
