@@ -17,7 +17,7 @@
  *
  * Each run loads the tile configuration of its thread and releases the tiles at the end, so a thread that ran
  * one holds no tile state between calls. The process asks Linux for the tile data once (cpu.c). */
-#if defined(__x86_64__)
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11) /* GCC has AMX intrinsics from 11 on */
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,amx-tile,amx-int8")
 #include <immintrin.h>
 #include <string.h>
@@ -347,6 +347,14 @@ const struct fl_gemm_kernel *fl_gemm_amx(const struct fl_gemm_kernel *avx512) {
         return &gemm_q5_K;
     if (avx512 == &fl_gemm_q6_K_vbmi)
         return &gemm_q6_K;
+    return NULL;
+}
+#elif defined(__x86_64__)
+#include "simd.h"
+
+/* built without AMX intrinsics: the AVX-512 kernels stay */
+const struct fl_gemm_kernel *fl_gemm_amx(const struct fl_gemm_kernel *avx512) {
+    (void)avx512;
     return NULL;
 }
 #endif
