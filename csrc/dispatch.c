@@ -64,3 +64,15 @@ const struct fl_decode_kernel *fl_decode_kernel(int type) {
     (void)type;
     return NULL;
 }
+
+const struct fl_gemm_kernel *fl_gemm_kernel(int type) {
+    const struct fl_decode_kernel *dk = fl_decode_kernel(type);
+    const struct fl_gemm_kernel *gemm = dk ? dk->gemm : NULL;
+#if defined(__x86_64__)
+    /* the AMX kernels replace AVX-512 ones, so they run only where those would */
+    const struct fl_gemm_kernel *amx = gemm && fl_simd_has_amx() ? fl_gemm_amx(gemm) : NULL;
+    if (amx)
+        return amx;
+#endif
+    return gemm;
+}

@@ -104,6 +104,11 @@ int fl_simd_level(void);
 int fl_simd_set(int level);
 /* 1 when the AVX-512 path uses VNNI instructions on this CPU. */
 int fl_simd_has_vnni(void);
+/* 1 when the AVX-512 prefill kernels of Q4_K, Q5_K and Q6_K run on AMX-INT8 tiles: the CPU has them, Linux granted
+ * the tile data (once, at the first call) and fl_amx_set did not turn them off. Results are the same bits either way. */
+int fl_simd_has_amx(void);
+/* Turn the AMX kernels on (1) or off (0); FL_EINVAL to turn them on where the CPU or the OS lacks them. */
+int fl_amx_set(int on);
 
 /* ---------------------------------------------------------------- threads */
 /* The persistent pool of the core; n <= 0 means fl_threads_default(). */

@@ -78,12 +78,17 @@ struct fl_gemm_kernel {
      * FL_GEMM_TOKENS) of consecutive panels */
     void (*run)(int64_t k, const void *w, size_t w_row, int64_t rows, const void *panels, int64_t n_tok, float *y,
                 int64_t y_stride);
+    /* from this many tokens on the kernel beats the token dots: below, the empty lanes of a panel cost more
+     * than it gains (its results are the same bits either way) */
+    int64_t min_tokens;
 };
 /* the most tokens one run takes */
 #define FL_GEMM_TOKENS 256
 
 /* The prepared-activation decode kernel of a weight type at the SIMD level in use, or NULL (use fl_vec_dot). */
 const struct fl_decode_kernel *fl_decode_kernel(int type);
+/* The prefill kernel of a weight type at the SIMD level in use (AMX where it has one and is on), or NULL. */
+const struct fl_gemm_kernel *fl_gemm_kernel(int type);
 
 /* A float's bits and back, without breaking aliasing rules. */
 static inline uint32_t fl_float_bits(float f) {

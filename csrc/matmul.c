@@ -25,12 +25,6 @@
 #define PREP_TOKENS 8
 /* below this many tokens to quantize in all, the caller quantizes them alone */
 #define PREP_INLINE_TOKENS 32
-/* from this many tokens on, a format with a prefill kernel (struct fl_gemm_kernel) takes it, below the token dots
- * (tools/bench_batch_cost.py, one thread, time of n tokens over one token's, Q8_0, MXFP4, Q4_K, Q6_K): with weights
- * from memory, as V4-Flash's are, token dots cost 2.3-3.9 at 8 tokens and the prefill kernel 2.8-6.1 (its empty lanes
- * and rows without prefetch), at 12 tokens 3.4-7.9 against 3.0-5.7; in cache the prefill kernel wins from 7-8 tokens
- * (8: 3.1-4.4 against 4.0-5.4) */
-#define GEMM_MIN_TOKENS 10
 
 struct matmul_job {
     fl_vec_dot_fn dot;
@@ -158,8 +152,8 @@ static void matmul_task(const struct matmul_job *j, int64_t task) {
 
 /* The prefill kernel that a product of n_tok tokens by weights of wtype takes, or NULL. */
 static const struct fl_gemm_kernel *gemm_kernel(int wtype, int64_t n_tok) {
-    const struct fl_decode_kernel *dk = fl_decode_kernel(wtype);
-    return dk && dk->gemm && n_tok >= GEMM_MIN_TOKENS ? dk->gemm : NULL;
+    const struct fl_gemm_kernel *gemm = fl_gemm_kernel(wtype);
+    return gemm && n_tok >= gemm->min_tokens ? gemm : NULL;
 }
 
 /* Fill the job for W (rows x k) by the n_tok rows of x into y. Activations of a quantized act type are read

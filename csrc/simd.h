@@ -25,5 +25,7 @@ const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type);
 /* the prefill kernels of some decode kernels of fl_decode_avx512_vbmi (avx512_vbmi_gemm.c) */
 extern const struct fl_gemm_kernel fl_gemm_q8_0_vbmi, fl_gemm_mxfp4_vbmi, fl_gemm_q5_0_vbmi, fl_gemm_q2_K_vbmi,
     fl_gemm_q3_K_vbmi, fl_gemm_q4_K_vbmi, fl_gemm_q5_K_vbmi, fl_gemm_q6_K_vbmi;
+/* the AMX-INT8 prefill kernel that replaces one of those, bitwise alike (amx_gemm.c), or NULL */
+const struct fl_gemm_kernel *fl_gemm_amx(const struct fl_gemm_kernel *avx512);
 
 #endif

@@ -153,6 +153,17 @@ def has_vnni() -> bool:
     return bool(lib.fl_simd_has_vnni())
 
 
+def has_amx() -> bool:
+    """Whether the prefill kernels of Q4_K, Q5_K and Q6_K run on AMX-INT8 tiles now (the same bits either way)."""
+    return bool(lib.fl_simd_has_amx())
+
+
+def set_amx(on: bool) -> None:
+    """Turn the AMX prefill kernels on or off (ValueError to turn them on where the CPU or the OS lacks them)."""
+    if lib.fl_amx_set(1 if on else 0) != lib.FL_OK:
+        raise ValueError("on: this CPU or OS does not offer AMX-INT8 tiles")
+
+
 def set_threads(n: int) -> None:
     """Size the core's thread pool; n <= 0 means default_threads()."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
@@ -171,5 +182,5 @@ def threads() -> int:
     return int(lib.fl_threads_get())
 
 
-__all__ = ["matmul", "matmul_batch", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni",
+__all__ = ["matmul", "matmul_batch", "simd_level", "simd_best", "simd_levels", "set_simd_level", "has_vnni", "has_amx", "set_amx",
            "set_threads", "default_threads", "threads", "SIMD_LEVELS"]

@@ -158,14 +158,31 @@ def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
 
 # formats with a prefill kernel on AVX512-VNNI CPUs with VBMI (csrc/arch/x86/avx512_vbmi_gemm.c)
 PREFILL_KERNELS = [T.Q8_0, T.MXFP4, T.Q5_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+# formats whose prefill kernel runs on AMX-INT8 tiles where the CPU and OS offer them (csrc/arch/x86/amx_gemm.c)
+AMX_KERNELS = [T.Q4_K, T.Q5_K, T.Q6_K]
+AMX = fm.has_amx()  # on by default where offered
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def prefill_unit(request):
+    """The AMX prefill kernels, or the AVX-512 ones that CPUs without AMX take, for the test, restored after."""
+    if request.param == "amx" and not AMX:
+        pytest.skip("this CPU or OS offers no AMX-INT8 tiles")
+    fm.set_amx(request.param == "amx")
+    yield request.param
+    fm.set_amx(AMX)
 
 
 @pytest.mark.parametrize("wtype", PREFILL_KERNELS, ids=lambda t: t.name)
-def test_prefill_kernels_are_bitwise_one_token_each(wtype, threads):
-    """The prefill kernels (many tokens, 16 to a panel, 8 rows at a time) against one-token calls, which take the
-    decode dot, on shapes that leave every remainder: rows past a multiple of 8 and of the threads' shares, a last
-    panel with 1..15 tokens, more tokens than one task takes (256), and for Q8_0, MXFP4 and Q5_0 a last group of
-    blocks that is not full. At levels without the kernels this checks the four-token dots the same way."""
+def test_prefill_kernels_are_bitwise_one_token_each(wtype, threads, prefill_unit):
+    """The prefill kernels (many tokens, 16 to a panel, 8 rows (AMX: 16) at a time) against one-token calls, which
+    take the decode dot, on shapes that leave every remainder: rows past a multiple of 8 and 16 and of the threads'
+    shares, a last panel with 1..15 tokens, an odd number of panels, more tokens than one task takes (256), and for
+    Q8_0, MXFP4 and Q5_0 a last group of blocks that is not full. The k-quants' random blocks take every scale and
+    min (Q6_K: -128..127), which the AMX kernels cut into digits. At levels without the kernels this checks the
+    four-token dots the same way."""
+    if prefill_unit == "amx" and wtype not in AMX_KERNELS:
+        pytest.skip("no AMX kernel for this format")
     rng = np.random.default_rng(700 + int(wtype))
     k = 5 * 32 if wtype in (T.Q8_0, T.MXFP4, T.Q5_0) else 3 * 256
     rows = 29
@@ -177,10 +194,38 @@ def test_prefill_kernels_are_bitwise_one_token_each(wtype, threads):
     assert rel_err(alone, ref) < TIGHT
     for n_threads in (1, 2, 3):
         threads(n_threads)
-        for n_tok in (7, 8, 9, 16, 17, 31, 33, 47, 64, 100, 257, 300):
+        for n_tok in (3, 5, 7, 8, 9, 16, 17, 31, 33, 47, 64, 100, 257, 300):
             for r0, r1 in ((0, rows), (3, 12), (0, 1)):  # a row range that starts inside a block of 8
                 y = fm.matmul(np.ascontiguousarray(w[r0:r1]), wtype, r1 - r0, k, x[:n_tok]).reshape(n_tok, r1 - r0)
                 assert np.array_equal(y, alone[:n_tok, r0:r1]), (n_threads, n_tok, r0, r1)
+
+
+def test_amx_switch():
+    """AMX turns off and back on where offered; elsewhere turning it on is refused and the AVX-512 kernels stay."""
+    if not AMX:
+        with pytest.raises(ValueError, match="^on:"):
+            fm.set_amx(True)
+        assert not fm.has_amx()
+        return
+    try:
+        fm.set_amx(False)
+        assert not fm.has_amx()
+        fm.set_amx(True)
+        assert fm.has_amx()
+    finally:
+        fm.set_amx(AMX)
+
+
+@pytest.mark.parametrize("wtype", AMX_KERNELS, ids=lambda t: t.name)
+def test_amx_prefill_matches_dequantized_weights(wtype, prefill_unit):
+    """Many tokens against float64 on weights dequantized by gguf-py and the activations quantized as the kernels
+    see them: the AMX kernels' digits add up to the scales, not merely to what the AVX-512 kernel computes."""
+    rng = np.random.default_rng(900 + int(wtype))
+    rows, k, n_tok = 37, 4 * 256, 45
+    w = make_weights(wtype, rows, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    y = fm.matmul(w, wtype, rows, k, x).reshape(n_tok, rows)
+    assert rel_err(y, decode_reference(x, w, wtype, rows, k)) < TIGHT
 
 
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)

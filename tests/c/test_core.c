@@ -270,20 +270,28 @@ static void test_matmul(void) {
     static const char *names[] = {"scalar", "avx2", "avx512", "neon"};
     const int64_t rows_list[] = {1, 7, 37};
     const int64_t tok_list[] = {1, 3, 17, 45};
+    const int amx = fl_simd_has_amx();
+    CHECK(amx || fl_amx_set(1) == FL_EINVAL, "AMX turned on where the CPU or OS lacks it");
     for (int level = 0; level < 4; level++) {
         if (fl_simd_set(level) != FL_OK)
             continue;
-        for (int threads = 1; threads <= 3; threads++) {
-            CHECK(fl_threads_set(threads) == FL_OK && fl_threads_get() == threads, "threads %d", threads);
-            for (int f = 0; f < N_FORMATS; f++) {
-                const struct fl_type_traits *t = fl_traits(formats[f]);
-                int64_t k = t->blck == 1 ? 33 : t->blck == 32 ? 96 : 256;
-                for (int ri = 0; ri < 3; ri++)
-                    for (int ti = 0; ti < 4; ti++)
-                        check_matmul(formats[f], rows_list[ri], k, tok_list[ti], names[level], threads);
+        /* at AVX-512 also the AMX prefill kernels where offered; first the AVX-512 ones, which CPUs without AMX run */
+        for (int use_amx = 0; use_amx <= (level == FL_SIMD_AVX512 && amx); use_amx++) {
+            CHECK(fl_amx_set(use_amx) == FL_OK && fl_simd_has_amx() == use_amx, "AMX %s", use_amx ? "on" : "off");
+            for (int threads = 1; threads <= 3; threads++) {
+                CHECK(fl_threads_set(threads) == FL_OK && fl_threads_get() == threads, "threads %d", threads);
+                for (int f = 0; f < N_FORMATS; f++) {
+                    const struct fl_type_traits *t = fl_traits(formats[f]);
+                    int64_t k = t->blck == 1 ? 33 : t->blck == 32 ? 96 : 256;
+                    for (int ri = 0; ri < 3; ri++)
+                        for (int ti = 0; ti < 4; ti++)
+                            check_matmul(formats[f], rows_list[ri], k, tok_list[ti], use_amx ? "amx" : names[level],
+                                         threads);
+                }
             }
         }
     }
+    fl_amx_set(amx);
     fl_simd_set(fl_simd_best());
 }
 

@@ -21,15 +21,7 @@
 /* rows whose accumulators a kernel keeps in registers, two vectors each (a sub-block's sum and the superblock's) */
 #define ROWS 8
 
-/* A superblock of a panel: dword j of y[j] holds bytes 4j..4j+3 of each token's prepared quants (struct q8k_sb's
- * q, flat), word pairs of its activation sums meet the weights' min (or scale) pairs, and d is each token's scale. */
-struct panel_sb {
-    int32_t y[64][FL_PANEL];
-    int32_t sums[8][FL_PANEL];
-    float d[FL_PANEL];
-};
-
-static size_t panel_bytes(int64_t k) {
+size_t fl_vbmi_panel_bytes(int64_t k) {
     return (size_t)(k / QK_K) * sizeof(struct panel_sb);
 }
 
@@ -46,12 +38,12 @@ static void pack_sb(const struct q8k_sb *sb, struct panel_sb *p, int lane, int f
     p->d[lane] = sb->d;
 }
 
-static void pack_nibbles(int64_t k, const void *prepared, void *panel, int lane) {
+void fl_vbmi_pack_nibbles(int64_t k, const void *prepared, void *panel, int lane) {
     for (int64_t i = 0; i < k / QK_K; i++)
         pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 8, 4);
 }
 
-static void pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
+void fl_vbmi_pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane) {
     for (int64_t i = 0; i < k / QK_K; i++)
         pack_sb((const struct q8k_sb *)prepared + i, (struct panel_sb *)panel + i, lane, 0, 8);
 }
@@ -248,8 +240,9 @@ STEP void run_rows(int64_t k, const void *w, size_t w_row, int64_t rows, const v
             ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
 #undef ROW_CASE
         }
-        for (int r = 0; r < n; r++)
-            for (int64_t t = 0; t < n_tok; t++)
+        /* token by token: a token's rows are neighbours in y (rows outside cost a TLB miss per store) */
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int r = 0; r < n; r++)
                 y[t * y_stride + r0 + r] = negated_mins ? acc[r * stride + t] + acc_m[r * stride + t]
                                                         : acc[r * stride + t] - acc_m[r * stride + t];
     }
@@ -369,11 +362,11 @@ static void run_groups(int64_t k, const void *w, size_t w_row, int64_t rows, con
             ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
 #undef ROW_CASE
         }
-        for (int r = 0; r < n; r++) {
-            const float *a = acc + r * GROUP * stride;
-            for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t t = 0; t < n_tok; t++) /* token by token, as run_rows */
+            for (int r = 0; r < n; r++) {
+                const float *a = acc + r * GROUP * stride;
                 y[t * y_stride + r0 + r] = (a[t] + a[stride + t]) + (a[2 * stride + t] + a[3 * stride + t]);
-        }
+            }
     }
 }
 
@@ -392,12 +385,18 @@ static void run_mxfp4(int64_t k, const void *w, size_t w_row, int64_t rows, cons
     run_groups(k, w, w_row, rows, panels, n_tok, y, y_stride, fl_vbmi_mxfp4_groups);
 }
 
-const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0};
-const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4};
-const struct fl_gemm_kernel fl_gemm_q5_0_vbmi = {group_panel_bytes, pack_groups, run_q5_0};
-const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {panel_bytes, pack_bit_pairs, run_q2_K};
-const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {panel_bytes, pack_seeded, run_q3_K};
-const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {panel_bytes, pack_nibbles, run_q4_K};
-const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {panel_bytes, pack_nibbles, run_q5_K};
-const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {panel_bytes, pack_bit_pairs, run_q6_K};
+/* from 10 tokens on, below the token dots (tools/bench_batch_cost.py, one thread, time of n tokens over one token's,
+ * Q8_0, MXFP4, Q4_K, Q6_K): with weights from memory, as V4-Flash's are, the token dots cost 2.3-3.9 at 8 tokens and
+ * these kernels 2.8-6.1 (empty lanes, rows without prefetch), at 12 tokens 3.4-7.9 against 3.0-5.7; in cache these
+ * win from 7-8 tokens (8: 3.1-4.4 against 4.0-5.4) */
+#define MIN_TOKENS 10
+
+const struct fl_gemm_kernel fl_gemm_q8_0_vbmi = {group_panel_bytes, pack_groups, run_q8_0, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_mxfp4_vbmi = {group_panel_bytes, pack_groups, run_mxfp4, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q5_0_vbmi = {group_panel_bytes, pack_groups, run_q5_0, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q2_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q2_K, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q3_K_vbmi = {fl_vbmi_panel_bytes, pack_seeded, run_q3_K, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q4_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q4_K, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q5_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_nibbles, run_q5_K, MIN_TOKENS};
+const struct fl_gemm_kernel fl_gemm_q6_K_vbmi = {fl_vbmi_panel_bytes, fl_vbmi_pack_bit_pairs, run_q6_K, MIN_TOKENS};
 #endif

@@ -5,6 +5,7 @@
 #define FLASHLITE_VBMI_LAYOUTS_H
 #include <immintrin.h>
 #include <stdint.h>
+#include "kernels.h"
 #include "quants.h"
 
 /* ---------------------------------------------------------------- Q8_0 activations, four blocks a group */
@@ -116,6 +117,20 @@ void fl_vbmi_q2_K_products(const uint8_t *w, size_t w_row, int rows, int64_t i, 
  * scales + r * out_stride (in bytes) for the superblock i of each row r < rows at w + r * w_row */
 void fl_vbmi_q3_K_values(const uint8_t *w, size_t w_row, int rows, int64_t i, uint8_t *values, int16_t *scales,
                          size_t out_stride);
+
+/* A superblock of a panel of FL_PANEL tokens, the prefill kernels' activations (avx512_vbmi_gemm.c, amx_gemm.c):
+ * dword j of y[j] holds bytes 4j..4j+3 of each token's prepared quants (struct q8k_sb's q, flat), word pairs of its
+ * activation sums meet the weights' min (or scale) pairs, and d is each token's scale. */
+struct panel_sb {
+    int32_t y[64][FL_PANEL];
+    int32_t sums[8][FL_PANEL];
+    float d[FL_PANEL];
+};
+size_t fl_vbmi_panel_bytes(int64_t k);
+/* token `lane` of a panel, from its prepared row: Q4_K's and Q5_K's 32-sub-block sums (four pairs), or Q2_K's and
+ * Q6_K's negated 16-sub-block sums (eight pairs) */
+void fl_vbmi_pack_nibbles(int64_t k, const void *prepared, void *panel, int lane);
+void fl_vbmi_pack_bit_pairs(int64_t k, const void *prepared, void *panel, int lane);
 
 /* Q3_K's prepared activations: the bit-pair layout, and per vector c the seeds of its dword sums, -4 * the sum of
  * the four activations that a dword of vpdpbusd multiplies */
