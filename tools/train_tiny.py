@@ -16,6 +16,12 @@ and carried); `train` needs only torch and numpy (cpu or cuda) and writes DeepSe
 e4m3 128x128-block linears, MXFP4 experts, BF16, F32, I64) with tools/make_reference.py's quantizers and writer;
 `export` needs the dev extra (transformers) for the goldens. Everything is seeded and recorded in train.json.
 
+Three texts, kept apart by whole top-level modules: training; validation (one module in VALID_EVERY, by a
+seeded hash; `prepare --valid-every 0` for none), whose loss, measured on the release grids at `--evals` points of
+the run, chooses the weights written (the best one; `--patience N` ends the run N evaluations after it); and the
+held-out text (heldout.txt), which no training decision reads: train.json gets its loss once, on the written
+weights. `prepare --tokenizer FILE` reuses a tokenizer (the fixture's) so that per-token figures compare.
+
 The model is the real V4 architecture at small sizes (SMALL_ARGS): hyper-connections with Sinkhorn, window-only,
 CSA (compressed sparse attention with the lightning indexer) and HCA layers, attention sinks, hash-routed and
 score-routed MoE with a shared expert, and the MTP block. Its forward is transformers' DeepseekV4ForCausalLM's
