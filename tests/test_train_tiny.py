@@ -84,3 +84,63 @@ def test_written_release_reloads_in_transformers_with_the_quantized_forward(tmp_
         logits, _, _ = own(ids)
         expected = hf(ids, use_cache=False).logits[0].numpy()
     assert np.abs(logits[0].numpy() - expected).max() < 1e-4
+
+
+def test_validation_split_takes_whole_modules_by_a_seeded_rule():
+    records = [{"module": f"mod{i}{sub}", "name": "x"} for i in range(400) for sub in ("", ".sub")]
+    picked = {r["module"] for r in records if tt.validation(r, seed=1)}
+    tops = {m.split(".")[0] for m in picked}
+    assert picked == {m for t in tops for m in (t, t + ".sub")}  # a module goes with its submodules
+    assert 400 / tt.VALID_EVERY / 2 < len(tops) < 400 / tt.VALID_EVERY * 2
+    assert tops != {r["module"].split(".")[0] for r in records if tt.validation(r, seed=2)}
+    assert not any(tt.validation(r, seed=1, every=0) for r in records)
+
+
+def _work(path, rng, vocab=512):
+    """A prepared folder of random documents: 8 training documents that the model can memorize (seen again
+    and again, so that the validation loss on other documents turns up) and 40 validation documents."""
+    def docs(name, n):
+        lengths = rng.integers(20, 60, n)
+        np.save(path / f"{name}_ids.npy", rng.integers(3, vocab, lengths.sum()).astype(np.uint16))
+        np.save(path / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+
+    docs("train", 8)
+    docs("valid", 40)
+    docs("heldout", 10)
+    (path / "corpus.json").write_text(json.dumps({"vocab_size": vocab}))
+    (path / "prompts.json").write_text("[]")
+    return path
+
+
+def test_early_stopping_writes_the_best_validation_weights(tmp_path, monkeypatch):
+    """The run stops `patience` evaluations after the best validation loss, and the weights written are those of
+    that evaluation (recomputed here on the written model), not the last step's."""
+    monkeypatch.setattr(tt, "SMALL_ARGS", ARGS)
+    work = _work(tmp_path, np.random.default_rng(5))
+    written = {}
+
+    def keep(model, a, out):  # the weights to be written, without writing them
+        out.mkdir(parents=True, exist_ok=True)
+        written["model"] = model
+
+    monkeypatch.setattr(tt, "write_release", keep)
+    torch.set_num_threads(1)
+    record = tt.train(work, tmp_path / "out", steps=60, batch=2, seq_len=32, lr=1e-2, n_evals=30, valid_rows=6,
+                      patience=3)
+    losses = [e["valid_loss"] for e in record["evals"]]
+    best = record["best"]
+    assert best["valid_loss"] == min(losses) and losses.index(best["valid_loss"]) == len(losses) - 4
+    assert record["steps"] < 60 and best["step"] < record["evals"][-1]["step"]
+
+    ids = np.load(work / "valid_ids.npy").astype(np.int64)
+    pieces = tt.pieces_of(np.load(work / "valid_offsets.npy"), 33)
+    rows = tt.pack_rows(ids, pieces, np.random.default_rng(tt.SEED + 1).permutation(len(pieces)), 33)[:6]
+    model = written["model"].eval()
+    model.quant.on = True
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), 2):
+            x, y, _, _ = tt.batch_tensors(rows[i:i + 2], "cpu")
+            logits, _, _ = model(x)
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())) * len(rows[i:i + 2])
+    assert abs(total / len(rows) - best["valid_loss"]) < 1e-3

@@ -16,6 +16,12 @@ and carried); `train` needs only torch and numpy (cpu or cuda) and writes DeepSe
 e4m3 128x128-block linears, MXFP4 experts, BF16, F32, I64) with tools/make_reference.py's quantizers and writer;
 `export` needs the dev extra (transformers) for the goldens. Everything is seeded and recorded in train.json.
 
+Three texts, kept apart by whole top-level modules: training; validation (one module in VALID_EVERY, by a
+seeded hash; `prepare --valid-every 0` for none), whose loss, measured on the release grids at `--evals` points of
+the run, chooses the weights written (the best one; `--patience N` ends the run N evaluations after it); and the
+held-out text (heldout.txt), which no training decision reads: train.json gets its loss once, on the written
+weights. `prepare --tokenizer FILE` reuses a tokenizer (the fixture's) so that per-token figures compare.
+
 The model is the real V4 architecture at small sizes (SMALL_ARGS): hyper-connections with Sinkhorn, window-only,
 CSA (compressed sparse attention with the lightning indexer) and HCA layers, attention sinks, hash-routed and
 score-routed MoE with a shared expert, and the MTP block. Its forward is transformers' DeepseekV4ForCausalLM's
@@ -127,6 +133,9 @@ SKIP_MODULES = {
     "xxlimited", "xxlimited_35", "xxsubtype", "msvcrt", "winreg", "winsound", "nt", "distutils", "venv", "pip",
 }
 HELDOUT_EVERY = 25  # one top-level module (or topic) in 25, by name hash, is held out for perplexity
+# One training module in VALID_EVERY, by a seeded name hash, is kept out of training to choose when to stop: the
+# held-out text stays the untouched test that no training decision ever reads.
+VALID_EVERY = 25
 
 GREETINGS = (
     "Hello! Who are you?", "Hello!", "Hi!", "Hi there.", "Hey!", "Who are you?", "What are you?", "What can you do?",
@@ -305,6 +314,15 @@ def held_out(record):
     return int(hashlib.sha256(top.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
 
 
+def validation(record, seed, every=VALID_EVERY):
+    """Whether a (not held-out) record belongs to the validation split: whole top-level modules, by a hash of the
+    module name salted with the seed, so that another seed picks other modules; every=0: no split."""
+    if not every:
+        return False
+    top = record["module"].split(".")[0]
+    return int(hashlib.sha256(f"valid:{seed}:{top}".encode()).hexdigest(), 16) % every == 0
+
+
 def answer_of(rec):
     text = summary(rec["doc"])
     if rec["kind"] == "module":
@@ -396,8 +414,9 @@ SAMPLE_PROMPTS = ("Hello! Who are you?", "What does json.dumps do?", "What is th
                   "What does os.path.join do?")
 
 
-def prepare(work, seed=SEED, vocab_size=None):
-    """Corpus, held-out split and tokenizer into `work`; returns the corpus record."""
+def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer=None):
+    """Corpus, validation and held-out splits and tokenizer into `work`; returns the corpus record. `tokenizer`: a
+    tokenizer.json to use instead of training one (another model's, so that per-token figures compare)."""
     from tokenizers import Tokenizer
 
     t0 = time.time()
@@ -407,12 +426,18 @@ def prepare(work, seed=SEED, vocab_size=None):
     with warnings.catch_warnings():  # deprecated modules warn on import and on attribute access
         warnings.simplefilter("ignore")
         records = documented_objects(stdlib_modules()) + topic_records()
-    train_recs = [r for r in records if not held_out(r)]
     heldout_recs = [r for r in records if held_out(r)]
+    valid_recs = [r for r in records if not held_out(r) and validation(r, seed, valid_every)]
+    train_recs = [r for r in records if not held_out(r) and not validation(r, seed, valid_every)]
     docs = build_documents(train_recs, rng, chat)
     heldout_text = "\n\n".join(prose_of(r) for r in heldout_recs)
     vocab_size = vocab_size or SMALL_ARGS["vocab_size"]
-    tokenizer_json = ref.build_tokenizer(vocab_size, [text for _, text in docs])
+    if tokenizer:
+        tokenizer_json = Path(tokenizer).read_text()
+        spec = json.loads(tokenizer_json)
+        vocab_size = 1 + max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])])
+    else:
+        tokenizer_json = ref.build_tokenizer(vocab_size, [text for _, text in docs])
     ref.write_atomic(work / "tokenizer.json", tokenizer_json.encode())
     write_json(work / "tokenizer_config.json", ref.tokenizer_config())
     ref.write_atomic(work / "heldout.txt", heldout_text.encode())
@@ -427,6 +452,9 @@ def prepare(work, seed=SEED, vocab_size=None):
     train_ids, train_offsets = encode(text for _, text in docs)
     heldout_docs = [BOS + prose_of(r) + EOS for r in heldout_recs]
     heldout_ids, heldout_offsets = encode(heldout_docs)
+    valid_ids, valid_offsets = encode(BOS + prose_of(r) + EOS for r in valid_recs)  # prose, as the held-out text
+    np.save(work / "valid_ids.npy", valid_ids)
+    np.save(work / "valid_offsets.npy", valid_offsets)
     np.save(work / "train_ids.npy", train_ids)
     np.save(work / "train_offsets.npy", train_offsets)
     np.save(work / "heldout_ids.npy", heldout_ids)
@@ -448,6 +476,8 @@ def prepare(work, seed=SEED, vocab_size=None):
         "format": FORMAT_VERSION, "seed": seed, "python": platform.python_version(), "vocab_size": vocab_size,
         "records": len(records), "train_records": len(train_recs), "heldout_records": len(heldout_recs),
         "heldout_modules": sorted({r["module"].split(".")[0] for r in heldout_recs}),
+        "valid_every": valid_every, "valid_records": len(valid_recs), "valid_tokens": int(valid_ids.size),
+        "valid_modules": sorted({r["module"].split(".")[0] for r in valid_recs}),
         "documents": kinds, "train_chars": sum(len(t) for _, t in docs), "train_tokens": int(train_ids.size),
         "heldout_chars": len(heldout_text), "heldout_tokens": int(heldout_ids.size),
         "corpus_sha256": digest.hexdigest(),
@@ -458,7 +488,8 @@ def prepare(work, seed=SEED, vocab_size=None):
     examples = [text for kind, text in docs if kind in ("chat", "think", "hello")][:3]
     ref.write_atomic(work / "examples.txt", "\n\n----\n\n".join(examples).encode())
     print(f"prepare: {record['train_tokens']} training tokens from {len(docs)} documents "
-          f"({record['train_chars'] / record['train_tokens']:.2f} chars/token), {record['heldout_tokens']} held out; "
+          f"({record['train_chars'] / record['train_tokens']:.2f} chars/token), {record['heldout_tokens']} held out, "
+          f"{record['valid_tokens']} for validation ({len(record['valid_modules'])} modules); "
           f"{record['seconds']} s -> {work}")
     return record
 
@@ -1029,8 +1060,16 @@ def decode(work, ids):
 
 
 def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=None, lr=2e-3, seed=SEED,
-          quant_fraction=0.2, mtp_weight=0.3, indexer_weight=0.1, threads=None, compile_model=False):
-    """Train on the prepared corpus in `work`; write the release-layout checkpoint and train.json into `out`."""
+          quant_fraction=0.2, mtp_weight=0.3, indexer_weight=0.1, threads=None, compile_model=False,
+          weight_decay=0.1, n_evals=8, valid_rows=None, patience=None):
+    """Train on the prepared corpus in `work`; write the release-layout checkpoint and train.json into `out`.
+
+    With a validation split (prepare's valid_ids.npy), `n_evals` evaluations spread over the run measure the loss
+    on it as the release will be written (fake quantization on); the weights of the best one are the ones written
+    (early stopping), and after `patience` evaluations without a better one the run ends. The held-out text is
+    evaluated once, on the written weights, for the record only."""
+    import copy
+
     torch = _torch()
     import torch.nn.functional as F
 
@@ -1049,7 +1088,7 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("_fn")]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.endswith("_fn"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
 
     ids = np.load(work / "train_ids.npy").astype(np.int64)
@@ -1057,6 +1096,15 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     held_ids = np.load(work / "heldout_ids.npy").astype(np.int64)
     held_pieces = pieces_of(np.load(work / "heldout_offsets.npy"), seq_len + 1)
     held_rows = pack_rows(held_ids, held_pieces, range(len(held_pieces)), seq_len + 1)[:16 if cuda else 4]
+    valid_rows = valid_rows or (64 if cuda else 16)
+    if (work / "valid_ids.npy").exists() and np.load(work / "valid_ids.npy").size:
+        valid_ids = np.load(work / "valid_ids.npy").astype(np.int64)
+        valid_pieces = pieces_of(np.load(work / "valid_offsets.npy"), seq_len + 1)
+        # a seeded sample of the validation documents, the same rows at every evaluation
+        order = np.random.default_rng(seed + 1).permutation(len(valid_pieces))
+        eval_rows = pack_rows(valid_ids, valid_pieces, order, seq_len + 1)[:valid_rows]
+    else:  # a corpus prepared without a validation split: the schedule runs to its end, the last weights are kept
+        eval_rows = None
     prompts = json.loads((work / "prompts.json").read_text())
 
     def autocast():
@@ -1071,16 +1119,22 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
             idx = torch.stack(ctx.indexer_losses).mean() if ctx.indexer_losses else ce.new_zeros(())
         return ce, mtp, idx, ctx
 
-    def evaluate():
+    def evaluate(rows, quant):
         model.eval()
+        was, model.quant.on = model.quant.on, quant
         with torch.no_grad():
-            ce, mtp, _, _ = losses(held_rows)
+            ce, mtp = 0.0, 0.0
+            for i in range(0, len(rows), batch):  # in training-sized batches: bounded memory
+                c, m, _, _ = losses(rows[i:i + batch])
+                n = len(rows[i:i + batch])
+                ce, mtp = ce + float(c) * n, mtp + float(m) * n
+        model.quant.on = was
         model.train()
-        return float(ce), float(mtp)
+        return ce / len(rows), mtp / len(rows)
 
     budget = minutes * 60.0
     warmup = 100 if cuda else 20
-    n_evals = 8
+    best, since_best = None, 0
     log, evals, epoch, rows_left, step, tokens, skipped = [], [], 0, np.empty((0, seq_len + 1), np.int64), 0, 0, 0
     print(f"train: {n_params / 1e6:.2f}M parameters on {device}, batch {batch} x {seq_len}, "
           f"{len(pieces)} pieces of {ids.size} tokens, "
@@ -1134,11 +1188,20 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
                     print(f"  step {step:5d} {entry['s']:7.1f}s loss {entry['loss']:.3f} mtp {entry['mtp']:.3f} "
                           f"idx {entry['indexer_kl']:.3f} lr {rate:.2e}{' q' if model.quant.on else ''} ep {epoch}",
                           flush=True)
-            if last or int(progress() * n_evals) > len(evals):
-                ce_h, mtp_h = evaluate()
-                evals.append({"step": step, "heldout_loss": round(ce_h, 4), "heldout_mtp": round(mtp_h, 4),
-                              "quant": model.quant.on})
-                print(f"  held-out loss {ce_h:.3f} (ppl {math.exp(ce_h):.1f}), mtp {mtp_h:.3f}", flush=True)
+            if eval_rows is not None and (last or int(progress() * n_evals) > len(evals)):
+                ce_v, mtp_v = evaluate(eval_rows, quant=True)
+                evals.append({"step": step, "s": round(time.time() - t_train, 1), "tokens": tokens,
+                              "valid_loss": round(ce_v, 4), "valid_mtp": round(mtp_v, 4), "quant": model.quant.on})
+                better = best is None or ce_v < best["valid_loss"]
+                print(f"  validation loss {ce_v:.3f} (ppl {math.exp(ce_v):.1f}), mtp {mtp_v:.3f}"
+                      f"{' best' if better else ''}", flush=True)
+                if better:
+                    best, since_best = dict(evals[-1], state=copy.deepcopy(model.state_dict())), 0
+                else:
+                    since_best += 1
+                    if patience is not None and since_best >= patience:
+                        print(f"  early stop: {patience} evaluations without a better validation loss", flush=True)
+                        break
     except (KeyboardInterrupt, RuntimeError, ValueError) as exc:  # keep what was learned
         stopped = f"{type(exc).__name__}: {exc}"
         print(f"  stopped at step {step}: {stopped}", flush=True)
@@ -1146,6 +1209,11 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
             raise
     seconds = time.time() - t_train
 
+    if best is not None:
+        model.load_state_dict(best.pop("state"))
+        print(f"  keeping step {best['step']}: validation loss {best['valid_loss']:.3f}", flush=True)
+    ce_h, mtp_h = evaluate(held_rows, quant=True)  # the record's figure; no decision reads it
+    print(f"  held-out loss {ce_h:.3f} (ppl {math.exp(ce_h):.1f}), mtp {mtp_h:.3f}", flush=True)
     model.eval()
     model.quant.on = True
     samples = []
@@ -1158,7 +1226,9 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     record = {
         "format": FORMAT_VERSION, "args": a, "seed": seed, "device": device, "minutes": minutes,
         "steps": step, "schedule_by": "steps" if steps else "time", "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
-        "schedule": "linear warmup, cosine to 0.1x; AdamW (0.9, 0.95), wd 0.1 on matrices, clip 1.0",
+        "schedule": f"linear warmup, cosine to 0.1x; AdamW (0.9, 0.95), wd {weight_decay} on matrices, clip 1.0",
+        "weight_decay": weight_decay, "n_evals": n_evals, "valid_rows": None if eval_rows is None else len(eval_rows),
+        "patience": patience, "best": best, "heldout_loss": round(ce_h, 4), "heldout_mtp": round(mtp_h, 4),
         "quant_fraction": quant_fraction, "mtp_weight": mtp_weight, "indexer_weight": indexer_weight,
         "stopped": stopped, "bias_update": 1e-3, "parameters": n_params, "tokens_seen": tokens, "epochs": epoch, "skipped_steps": skipped,
         "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
@@ -1299,7 +1369,7 @@ def export(work, release, fixture):
 
     gap = goldens["decision_gap"]
     last = record["log"][-1] if record["log"] else {}
-    heldout = record["evals"][-1]["heldout_loss"] if record["evals"] else float("nan")
+    heldout = record.get("heldout_loss", record["evals"][-1].get("heldout_loss") if record["evals"] else float("nan"))
     samples = "\n".join(f"- [{s['think']}] {s['prompt']!r} -> {s['text']!r}" for s in record["samples"])
     text = README.format(
         params=record["parameters"] / 1e6, python=record["corpus"]["python"],
@@ -1337,9 +1407,20 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=SEED)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+        p.add_argument("--evals", type=int, default=8, help="validation evaluations over the run (default: %(default)s)")
+        p.add_argument("--valid-rows", type=int, default=None,
+                       help="validation sequences per evaluation (default: 64 on cuda, 16 on cpu)")
+        p.add_argument("--patience", type=int, default=None,
+                       help="stop after this many evaluations without a better validation loss (default: never; "
+                            "the best evaluation's weights are written either way)")
 
     p = sub.add_parser("prepare", help="corpus, held-out split and tokenizer")
     add_work(p)
+    p.add_argument("--valid-every", type=int, default=VALID_EVERY,
+                   help="one training module in N goes to the validation split (0: none; default: %(default)s)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="use this tokenizer.json (e.g. the fixture's) instead of training one")
     p = sub.add_parser("train", help="train; write the release-layout checkpoint and train.json")
     add_work(p)
     add_train(p)
@@ -1354,12 +1435,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=FIXTURE, help="fixture folder (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    if args.command in ("prepare", "all"):
+    if args.command == "prepare":
+        prepare(args.work, valid_every=args.valid_every, tokenizer=args.tokenizer)
+    if args.command == "all":
         prepare(args.work)
     if args.command in ("train", "all"):
         release = args.out if args.command == "train" and args.out else args.work / "release"
         train(args.work, release, device=args.device, minutes=args.minutes, steps=args.steps, batch=args.batch,
-              seq_len=args.seq_len, lr=args.lr, seed=args.seed, threads=args.threads, compile_model=args.compile)
+              seq_len=args.seq_len, lr=args.lr, seed=args.seed, threads=args.threads, compile_model=args.compile,
+              weight_decay=args.weight_decay, n_evals=args.evals, valid_rows=args.valid_rows, patience=args.patience)
     if args.command == "export":
         export(args.work, args.release or args.work / "release", args.out)
     if args.command == "all":
