@@ -8,8 +8,10 @@ at position i and the embedding of the token x_{i+1} to logits for x_{i+2}:
     hm = Block(hm)                                           a full V4 block: window-only attention, score-routed MoE
     logits = head(shared_head_norm(hc_head(hm)))             its own hc_head and norm, the model's head
 
-Its attention keeps its own window of rows (one per position it saw), so the block runs over every position the
-main model decodes, not only when drafting. Drafting k tokens chains it: draft j+1 feeds the block's own output
+Its attention keeps its own window of rows (one per position it saw), so it needs a row for every position the
+main model decodes, not only when drafting; a row is its own position's input alone through the attention's KV
+projection (window-only attention, no compressor), so rows a query only sees are made without the block's attention
+and MoE (catch_up). Drafting k tokens chains it: draft j+1 feeds the block's own output
 streams hm and draft j instead of the main model's h (llama.cpp does the same).
 
 Files: the draft GGUF holds token_embd, output and output_norm (llama.cpp's loader requires them), the block as
@@ -91,23 +93,40 @@ class MTPHead:
         the tokens after them. logits [T, vocab] ("all"), [1, vocab] ("last") or none ("none"); hm [T, hc, dim]
         the block's output streams (the h of the next draft step)."""
         a = self.args
-        t, hc, d = h.shape
         token_ids = np.asarray(token_ids, np.int64)
-        e = rms_norm(self.main.embed_tokens(token_ids), self.enorm, a.norm_eps)
-        x = np.concatenate([np.broadcast_to(e[:, None, :], (t, hc, d)), rms_norm(h, self.hnorm, a.norm_eps)],
-                           axis=2)
-        hm = linear(self.eh_proj, np.ascontiguousarray(x.reshape(t * hc, 2 * d))).reshape(t, hc, d)
-        # in chunks that the block's planned layer call takes, each row's result the same bits as in one batch: a
-        # catch-up after rounds without drafts (a window's positions, or the prompt's) would otherwise run op by op,
-        # on small_v4 15-40 ms where the chunks take a few
+        hm = self.block_input(h, token_ids)
+        # in chunks that the block's planned layer call takes, each row's result the same bits as in one batch (a
+        # longer batch would otherwise run op by op)
         step = v4.STEP_MAX_TOKENS
         positions = np.asarray(positions)
         hm = np.concatenate([self.block(hm[c:c + step], positions[c:c + step], token_ids[c:c + step], cache)
-                             for c in range(0, t, step)])
+                             for c in range(0, len(token_ids), step)])
         if logits == "none":
             return np.empty((0, a.vocab_size), np.float32), hm
         y = hm[-1:] if logits == "last" else hm
         return linear(self.main.head, rms_norm(self.hc_head(y), self.norm, a.norm_eps)), hm
+
+    def block_input(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        """The block's input streams [T, hc, dim]: eh_proj of the token's embedding and the main model's streams."""
+        a = self.args
+        t, hc, d = h.shape
+        e = rms_norm(self.main.embed_tokens(token_ids), self.enorm, a.norm_eps)
+        x = np.concatenate([np.broadcast_to(e[:, None, :], (t, hc, d)), rms_norm(h, self.hnorm, a.norm_eps)],
+                           axis=2)
+        return linear(self.eh_proj, np.ascontiguousarray(x.reshape(t * hc, 2 * d))).reshape(t, hc, d)
+
+    def catch_up(self, h: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, cache: LayerCache) -> None:
+        """Only the block's KV rows of T positions (h [T, hc, dim] and token_ids [T] as for __call__), the bits a
+        run of the block writes: a row is a function of its own position's input alone (window-only attention, no
+        compressor), so the rows a later query sees need neither the attention nor the MoE of these positions,
+        which are most of the block's work."""
+        a, blk = self.args, self.block
+        at = blk.attn
+        x, _, _ = blk.attn_hc(self.block_input(h, np.asarray(token_ids, np.int64)))
+        kv = linear(at.wkv, rms_norm(x, blk.attn_norm, a.norm_eps))
+        cos, sin = at.rope.cos_sin(np.asarray(positions))
+        at.rope.apply(rms_norm(kv, at.kv_norm, a.norm_eps, out=kv), cos, sin)
+        cache.kv.append(kv)
 
     def close(self) -> None:
         self.file.close()

@@ -207,21 +207,27 @@ class MTPDrafter:
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k drafts after `tokens` (y, the token just decided, last: main position len(tokens) - 1): the
-        rows of every position up to len(tokens) - 2 not run yet, in one batch (their pair tokens are known),
-        whose last gives draft 1; then k - 1 single steps on the block's own streams, rolled back afterwards."""
+        KV rows of the positions up to len(tokens) - 2 not run yet that its window holds (their pair tokens are
+        known), then the block on the last of them, which gives draft 1; then k - 1 single steps on the block's own streams, rolled back afterwards."""
         s = self.state
         last = len(tokens) - 2  # the row that pairs h_last with y predicts the token after y
         if k <= 0 or last not in s.hidden:
             return []
         done = s.row_main[-1] if s.row_main else -1
-        todo = sorted(i for i in s.hidden if done < i <= last)
+        # the last row's query sees the window's rows before it and nothing earlier, nor does any later query: a
+        # catch-up after rounds without drafts runs over one window of positions at most, however many it skipped
+        todo = sorted(i for i in s.hidden if done < i <= last)[-s.layer.window:]
         h = np.stack([s.hidden[i] for i in todo])
         ids = np.array([tokens[i + 1] for i in todo], np.int64)
         drafts = []
         with self.lock:
             t0 = time.perf_counter()
             positions = np.arange(s.rows, s.rows + len(todo))
-            logits, hm = self.head(h, ids, positions, s.layer, logits="last")
+            # the rows before the last are only seen, so only their KV rows are made (most of the block's work,
+            # its attention and MoE, is the last row's alone); the last row gives draft 1
+            if len(todo) > 1:
+                self.head.catch_up(h[:-1], ids[:-1], positions[:-1], s.layer)
+            logits, hm = self.head(h[-1:], ids[-1:], positions[-1:], s.layer, logits="last")
             first = time.perf_counter() - t0
             s.row_main.extend(todo)
             for i in [i for i in s.hidden if i <= last]:
@@ -266,8 +272,8 @@ class DraftControl:
     that left it out took for free and so kept drafting where plain decoding was faster. Before anything is
     measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins,
     a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe
-    that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first runs the block over the
-    positions it skipped, up to a window of them, and the probe's draft is the round's extra work), and while
+    that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the
+    positions it skipped, a window of them at most, and the probe's draft is the round's extra work), and while
     drafting wins, a plain round every `measure_plain` rounds measures the cost of one token. adaptive=False
     always asks for n_max."""
 

@@ -540,6 +540,58 @@ def test_mtp_block_runs_the_planned_calls_bitwise(models, files, name, kv_format
     assert {1, 7, 13, 15} <= set(planned)
 
 
+@pytest.mark.parametrize("skipped", [40, 300])
+def test_an_mtp_probe_runs_the_block_on_one_row_however_many_it_skipped(models, files, skipped):
+    """A probe after rounds without drafts runs the whole MTP block on its last row only and makes the KV rows of
+    at most a window's positions before it (all its attention sees), not of every position skipped; its draft is
+    the block run in full over the positions its window holds."""
+    m = models("small")
+    head = m.draft_head(files["mtp-small"])
+    window = head.args.window_size
+    ids = np.random.default_rng(9).integers(3, m.vocab_size, 12 + skipped).tolist()
+    cache = m.new_cache()
+    drafter = sp.MTPDrafter(head, cache, m.lock)
+    streams = {}  # the main model's last streams by position
+
+    class Spy:  # what the drafter asks of the block: rows run in full, rows only caught up
+        def __init__(self):
+            self.full, self.kv_only, self.calls = [], [], []
+
+        def __call__(self, h, token_ids, positions, layer, logits="last"):
+            self.full.append(h.shape[0])
+            out = head(h, token_ids, positions, layer, logits)
+            self.calls.append((positions.copy(), out[0]))
+            return out
+
+        def catch_up(self, h, token_ids, positions, layer):
+            self.kv_only.append(h.shape[0])
+            head.catch_up(h, token_ids, positions, layer)
+
+    def feed(lo, hi):
+        captured = drafter.capture()
+        m.forward(ids[lo:hi], cache=cache, logits="none", **captured)
+        drafter.observe(captured, lo, hi - lo)
+        streams.update(zip(range(lo, hi), captured["hidden"][0]))
+
+    feed(0, 10)
+    drafter.propose(ids[:11], 1)  # drafting on: the block has run over positions 0..9 (its rows 0..9)
+    for p in range(10, 11 + skipped):  # then `skipped` rounds without drafts
+        feed(p, p + 1)
+    drafter.head = spy = Spy()
+    drafter.propose(ids[:12 + skipped], 1)
+    assert spy.full == [1]
+    assert spy.kv_only == [min(skipped + 1, window) - 1]
+    # the independent run: the whole block over the rows the probe's query sees, after zero rows it does not see
+    (positions, logits), = spy.calls
+    last = int(positions[0])
+    seen = np.arange(max(0, last - window + 1), last + 1)
+    main = [q if q < 10 else 10 + skipped - (last - q) for q in seen]  # the block's row q pairs main position main[q]
+    run = head.make_cache(cache.kv_format)
+    run.kv.restore(0, np.zeros((int(seen[0]), run.kv_row.nbytes), np.uint8))
+    expected, _ = head(np.stack([streams[i] for i in main]), [ids[i + 1] for i in main], seen, run)
+    assert np.array_equal(logits, expected)
+
+
 # ------------------------------------------------------------------------- the commands
 
 def test_run_and_chat_commands_take_llamacpps_options(files):
