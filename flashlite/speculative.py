@@ -227,8 +227,9 @@ class MTPDrafter:
             # its attention and MoE, is the last row's alone); the last row gives draft 1
             if len(todo) > 1:
                 self.head.catch_up(h[:-1], ids[:-1], positions[:-1], s.layer)
+            t1 = time.perf_counter()
             logits, hm = self.head(h[-1:], ids[-1:], positions[-1:], s.layer, logits="last")
-            first = time.perf_counter() - t0
+            caught_up, first = t1 - t0, time.perf_counter() - t1
             s.row_main.extend(todo)
             for i in [i for i in s.hidden if i <= last]:
                 del s.hidden[i]
@@ -243,9 +244,11 @@ class MTPDrafter:
                 pos = valid + step
                 logits, hm = self.head(hm[-1:], np.array([d]), np.arange(pos, pos + 1), s.layer, logits="last")
             s.layer.truncate(valid)
-            # what drafting costs: the steps, and the first call as a round's catch-up makes it (a long catch-up
-            # after rounds without drafts, or the prompt's, counts as one row)
-            self.cost = time.perf_counter() - t0 + (first / len(todo) if len(todo) > k + 1 else first)
+            # what drafting costs: the steps, the last row's block, and the catch-up as a round that drafts makes
+            # it (the KV rows of up to k accepted drafts: a probe's longer catch-up counts k of its rows, since
+            # the control weighs rounds that keep drafting; the rest of it is the round's own, not the drafts')
+            rows = len(todo) - 1
+            self.cost = time.perf_counter() - t0 + first + (caught_up * min(1.0, k / rows) if rows else 0.0)
         return drafts
 
     def trim(self) -> None:
