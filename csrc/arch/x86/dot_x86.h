@@ -83,7 +83,7 @@ static inline __m256i load256(const void *p) {
 #define SCALAR_F16(x, i) half(((const uint16_t *)(x))[i])
 #define SCALAR_BF16(x, i) fl_bf16_to_fp32(((const uint16_t *)(x))[i])
 
-/* The token dot of the float formats (struct fl_decode_kernel's dot_tn): one weight row against 1..FL_DOT_TOKENS
+/* The token dot of the float formats (kernels.h's fl_vec_dot_tn_fn): one weight row against 1..FL_DOT_TOKENS
  * activation rows, a weight vector (converted once) meeting every token, one load per FMA where the one-row dot
  * needs two. Each token keeps the one-row dot's four accumulators (a0..a3, elements i..i+7, ..., i+24..i+31 of each
  * 32) and its tail and sum, so its result is the one-row dot's bits. With AVX-512 two of them go side by side in a
