@@ -30,15 +30,15 @@ fl_vec_dot_fn fl_vec_dot(int type) {
     return dot ? dot : traits->vec_dot_generic;
 }
 
-fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot) {
-    fl_vec_dot_t4_fn t4 = NULL;
+fl_vec_dot_tn_fn fl_vec_dot_tn(fl_vec_dot_fn dot) {
+    fl_vec_dot_tn_fn tn = NULL;
 #if defined(__x86_64__)
-    if (!(t4 = fl_tokens_avx512_vnni(dot)) && !(t4 = fl_tokens_avx512(dot)))
-        t4 = fl_tokens_avx2(dot);
+    if (!(tn = fl_tokens_avx512_vnni(dot)) && !(tn = fl_tokens_avx512(dot)))
+        tn = fl_tokens_avx2(dot);
 #else
     (void)dot;
 #endif
-    return t4;
+    return tn;
 }
 
 fl_vec_dot4_fn fl_vec_dot4(fl_vec_dot_fn dot) {

@@ -18,8 +18,6 @@ typedef void (*fl_quantize_rows_fn)(const float *src, void *dst, int64_t n_rows,
 typedef void (*fl_vec_dot_fn)(int64_t n, float *s, const void *vx, const void *vy);
 /* s[0..3] = the dots of four weight rows vx[0..3] with one activation row, each bitwise as the one-row dot. */
 typedef void (*fl_vec_dot4_fn)(int64_t n, float *s, const void *const *vx, const void *vy);
-/* s[0..3] = the dots of one weight row with four activation rows vy[0..3], each bitwise as the one-row dot. */
-typedef void (*fl_vec_dot_t4_fn)(int64_t n, float *s, const void *vx, const void *const *vy);
 /* s[0..count-1] = the dots of one weight row with count (1..FL_DOT_TOKENS) activation rows vy[0..count-1], each
  * bitwise as the one-row dot, the row's weights unpacked once for all of them. */
 typedef void (*fl_vec_dot_tn_fn)(int64_t n, float *s, const void *vx, const void *const *vy, int count);
@@ -43,8 +41,8 @@ const struct fl_type_traits *fl_traits(int type);
 /* The dot kernel of a weight type at the SIMD level in use (falls back to the generic one). */
 fl_vec_dot_fn fl_vec_dot(int type);
 
-/* The four-token dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
-fl_vec_dot_t4_fn fl_vec_dot_t4(fl_vec_dot_fn dot);
+/* The token dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
+fl_vec_dot_tn_fn fl_vec_dot_tn(fl_vec_dot_fn dot);
 /* The four-row dot made for `dot` (one returned by fl_vec_dot), whose results are bitwise its own, or NULL. */
 fl_vec_dot4_fn fl_vec_dot4(fl_vec_dot_fn dot);
 

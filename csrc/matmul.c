@@ -4,9 +4,9 @@
  * format's SIMD dot. So a token's outputs are the same bits whether it arrives alone, in a chunk or in a
  * prefill, and a cache filled by a prefill continues exactly as one filled token by token.
  * One token streams each weight row once through the dot, bound by memory bandwidth. Many tokens are cut in
- * tiles of rows x tokens: a group of rows that fits L1 meets, four tokens at a time, every token of a tile
- * whose activations fit L2, so a weight row comes from memory once per tile of tokens, the dots run from cache
- * (ggml's mul_mat blocks its vec_dots the same way), and a four-token dot unpacks a row's weights once for four
+ * tiles of rows x tokens: a group of rows that fits L1 meets, up to FL_DOT_TOKENS tokens at a time, every token of a
+ * tile whose activations fit L2, so a weight row comes from memory once per tile of tokens, the dots run from cache
+ * (ggml's mul_mat blocks its vec_dots the same way), and a token dot unpacks a row's weights once for all of its
  * tokens. */
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +29,6 @@
 struct matmul_job {
     fl_vec_dot_fn dot;
     fl_vec_dot4_fn dot4;
-    fl_vec_dot_t4_fn dot_t4;   /* the generic SIMD dots' four-token dot, where there is no token dot */
     fl_vec_dot_tn_fn dot_tn;
     const struct fl_gemm_kernel *gemm; /* many tokens through the prefill kernel: x_row is then a panel's bytes */
     const uint8_t *w;
@@ -84,8 +83,27 @@ static void one_token(const struct matmul_job *j, int64_t r0, int64_t r1) {
     }
 }
 
+/* Up to FL_DOT_TOKENS tokens t0..t1 by rows r0..r1 through the token dot, which reads each row once for all of them:
+ * rows from four quarters of the range in turn, four streams far apart as one_token reads them, where one row after
+ * another kept one stream in flight and cost 1.6x one token's time at 2 tokens (BF16 from memory). */
+static void few_tokens(const struct matmul_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    int count = (int)(t1 - t0);
+    const void *xs[FL_DOT_TOKENS];
+    float s[FL_DOT_TOKENS];
+    for (int c = 0; c < count; c++)
+        xs[c] = j->xq + (t0 + c) * j->x_row;
+    int64_t q = (r1 - r0) / 4;
+    for (int64_t i = 0; i < (r1 - r0); i++) {
+        /* rows r0 + v q + i' for v = 0..3 in turn, then the last (r1 - r0) % 4 in order */
+        int64_t r = i < 4 * q ? r0 + (i % 4) * q + i / 4 : r0 + i;
+        j->dot_tn(j->k, s, j->w + r * j->w_row, xs, count);
+        for (int c = 0; c < count; c++)
+            j->y[(t0 + c) * j->rows + r] = s[c];
+    }
+}
+
 /* Tokens t0..t1 by rows r0..r1, a group of rows at a time: up to FL_DOT_TOKENS tokens at once through the format's
- * token dot where it has one (four through a four-token dot), else four rows at once through its four-row dot. Each
+ * token dot where it has one, else four rows at once through its four-row dot. Each
  * result of either is bitwise the one-row dot's, so the grouping changes no output. */
 static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     for (int64_t g0 = r0; g0 < r1; g0 += j->group) {
@@ -110,17 +128,6 @@ static void token_tile(const struct matmul_job *j, int64_t r0, int64_t r1, int64
             }
             t += count;
         }
-        if (j->dot_t4)
-            for (; t + 4 <= t1; t += 4) {
-                const void *xs[4] = {j->xq + t * j->x_row, j->xq + (t + 1) * j->x_row, j->xq + (t + 2) * j->x_row,
-                                     j->xq + (t + 3) * j->x_row};
-                float s[4];
-                for (int64_t r = g0; r < g1; r++) {
-                    j->dot_t4(j->k, s, j->w + r * j->w_row, xs);
-                    for (int c = 0; c < 4; c++)
-                        j->y[(t + c) * j->rows + r] = s[c];
-                }
-            }
         for (; t < t1; t++) {
             const uint8_t *xt = j->xq + t * j->x_row;
             float *yt = j->y + t * j->rows;
@@ -146,6 +153,8 @@ static void matmul_task(const struct matmul_job *j, int64_t task) {
                      j->y + t0 * j->rows + r0, j->rows);
     else if (j->n_tok == 1)
         one_token(j, r0, r1);
+    else if (j->dot_tn && t1 - t0 <= FL_DOT_TOKENS)
+        few_tokens(j, r0, r1, t0, t1);
     else
         token_tile(j, r0, r1, t0, t1);
 }
@@ -165,7 +174,7 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
     int64_t k = it->k;
     *job = (struct matmul_job){.dot = dk ? dk->dot : fl_vec_dot(it->wtype), .dot4 = dk ? dk->dot4 : fl_vec_dot4(fl_vec_dot(it->wtype)),
-                               .dot_t4 = dk ? NULL : fl_vec_dot_t4(fl_vec_dot(it->wtype)), .dot_tn = dk ? dk->dot_tn : NULL,
+                               .dot_tn = dk ? dk->dot_tn : fl_vec_dot_tn(fl_vec_dot(it->wtype)),
                                .w = it->w, .w_row = (size_t)fl_row_bytes(it->wtype, k),
                                .xq = (const uint8_t *)it->x, .x_row = (size_t)k * sizeof(float),
                                .rows = it->rows, .k = k, .n_tok = it->n_tok, .y = it->y,

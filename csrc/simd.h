@@ -11,10 +11,10 @@ fl_vec_dot_fn fl_dot_avx2(int type);
 fl_vec_dot_fn fl_dot_avx512(int type);
 fl_vec_dot_fn fl_dot_avx512_vnni(int type);
 fl_vec_dot_fn fl_dot_neon(int type);
-/* the four-token dot of a dot of that level's table (NULL where it has none) */
-fl_vec_dot_t4_fn fl_tokens_avx2(fl_vec_dot_fn dot);
-fl_vec_dot_t4_fn fl_tokens_avx512(fl_vec_dot_fn dot);
-fl_vec_dot_t4_fn fl_tokens_avx512_vnni(fl_vec_dot_fn dot);
+/* the token dot of a dot of that level's table (NULL where it has none) */
+fl_vec_dot_tn_fn fl_tokens_avx2(fl_vec_dot_fn dot);
+fl_vec_dot_tn_fn fl_tokens_avx512(fl_vec_dot_fn dot);
+fl_vec_dot_tn_fn fl_tokens_avx512_vnni(fl_vec_dot_fn dot);
 fl_vec_dot4_fn fl_rows_avx2(fl_vec_dot_fn dot);
 fl_vec_dot4_fn fl_rows_avx512(fl_vec_dot_fn dot);
 fl_vec_dot4_fn fl_rows_avx512_vnni(fl_vec_dot_fn dot);

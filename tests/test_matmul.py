@@ -141,10 +141,11 @@ def test_many_tokens_are_bitwise_one_token_each(wtype, level, threads):
     """However many tokens one call takes (across the old prefill threshold of 16, odd counts, the token dots' 1..8
     tokens and their chunks, 9 as 5 + 4), each token's outputs are the bits of a call with that token alone: a
     prompt gives the same logits in one prefill, in chunks or token by token, and a verified batch of drafts the
-    logits of plain decoding. k has an odd count of blocks, so that the dots' last group or pair is not full."""
+    logits of plain decoding. k has an odd count of blocks, so that the dots' last group or pair is not full (the
+    float formats: 265 = 8 x 32 + 8 + 1, through the dots' 32-wide loop, their 8-wide tail and their scalar one)."""
     rng = np.random.default_rng(300 + int(wtype))
     block = block_formats.block_elems(wtype)
-    k = 2 * max(block, 128) + block
+    k = 2 * max(block, 128) + max(block, 9)
     rows = 37
     w = make_weights(wtype, rows, k, rng)
     x = rng.standard_normal((40, k)).astype(np.float32)
