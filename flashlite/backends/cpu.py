@@ -164,13 +164,22 @@ def indexer_topk(q: np.ndarray, keys: np.ndarray, head_weights: np.ndarray, visi
 
 
 def attention_sink(q: np.ndarray, window: np.ndarray, ranges: np.ndarray, rows: np.ndarray, idx: np.ndarray,
-                   sinks: np.ndarray, scale: float, what: str, out: np.ndarray | None = None) -> np.ndarray:
+                   sinks: np.ndarray, scale: float, what: str, out: np.ndarray | None = None,
+                   groups: int | None = None) -> np.ndarray:
     """Softmax with sink per head of q [T, H, hd] over its window rows window[ranges[t, 0]:ranges[t, 1]] and its
-    compressed rows rows[idx[t]] (-1 = none): [T, H, hd], into out when given (which may be q itself)."""
+    compressed rows rows[idx[t]] (-1 = none): [T, H, hd], into out when given (which may be q itself). groups: the
+    output laid out by groups of consecutive heads instead, [groups, T, H / groups, hd], into a fresh array (each
+    group is then the contiguous input of its output projection, without a copy)."""
     t, n_heads, head_dim = q.shape
-    out = np.empty_like(q) if out is None else out
-    check(lib.fl_attn_sink(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges), f32(rows),
-                           rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, f32(out)), what)
+    if groups is None:
+        out = np.empty_like(q) if out is None else out
+        check(lib.fl_attn_sink(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges), f32(rows),
+                               rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, f32(out)), what)
+        return out
+    out = np.empty((groups, t, n_heads // groups, head_dim), np.float32)
+    check(lib.fl_attn_sink_grouped(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges),
+                                   f32(rows), rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, groups,
+                                   f32(out)), what)
     return out
 
 
