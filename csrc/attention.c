@@ -15,7 +15,7 @@
 /* One task: the heads [h0, h0 + n) of token t. Each task owns its outputs, so the split (and the thread count)
  * changes no bit of them. */
 struct attn_job {
-    int64_t n_head, head_dim, heads_per_task, tasks_per_tok, max_seen;
+    int64_t n_tok, n_head, head_dim, heads_per_task, tasks_per_tok, max_seen, heads_per_group;
     const float *q, *win, *cmp, *sinks;
     const int32_t *win_range, *cmp_idx;
     int64_t k_cmp;
@@ -50,14 +50,29 @@ static void attn_task(void *ctx, int64_t task, int thread) {
         }
         for (int64_t i = 0; i < n; i++) ph[i] = ph[i] / sum;
     }
-    a->kernels->mix(nh, p, n, rows, hd, a->out + (t * a->n_head + h0) * hd);
+    /* each run of heads that stays within one output group is contiguous in out: [group][token][head][dim] */
+    const int64_t hg = a->heads_per_group;
+    for (int64_t h = h0; h < h0 + nh;) {
+        const int64_t g = h / hg, end = (g + 1) * hg < h0 + nh ? (g + 1) * hg : h0 + nh;
+        a->kernels->mix(end - h, p + (h - h0) * n, n, rows, hd, a->out + ((g * a->n_tok + t) * hg + h % hg) * hd);
+        h = end;
+    }
 }
 
 int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
                  const float *win, int64_t n_win, const int32_t *win_range,
                  const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
                  const float *sinks, float scale, float *out) {
+    return fl_attn_sink_grouped(n_tok, n_head, head_dim, q, win, n_win, win_range, cmp, n_cmp, cmp_idx, k_cmp, sinks,
+                                scale, 1, out);
+}
+
+int fl_attn_sink_grouped(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
+                         const float *win, int64_t n_win, const int32_t *win_range,
+                         const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
+                         const float *sinks, float scale, int64_t n_group, float *out) {
     if (n_tok < 0 || n_head <= 0 || head_dim <= 0 || n_win < 0 || n_cmp < 0 || k_cmp < 0) return FL_EINVAL;
+    if (n_group <= 0 || n_head % n_group || (n_group > 1 && out == q)) return FL_EINVAL;
     if (!q || !sinks || !out || !win_range || (n_win && !win) || (k_cmp && (!cmp_idx || (n_cmp && !cmp))))
         return FL_EINVAL;
     for (int64_t t = 0; t < n_tok; t++) {
@@ -75,8 +90,9 @@ int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q
     int64_t per_task = n_head;
     while (per_task > 4 && n_tok * ((n_head + per_task - 1) / per_task) < 4 * (int64_t)threads)
         per_task = (per_task / 2 + 3) & ~(int64_t)3;
-    struct attn_job a = {n_head, head_dim, per_task, (n_head + per_task - 1) / per_task, n_win + k_cmp + 1,
-                         q, win, cmp, sinks, win_range, cmp_idx, k_cmp, scale, out, fl_f32_kernels(), NULL, 0};
+    struct attn_job a = {n_tok, n_head, head_dim, per_task, (n_head + per_task - 1) / per_task, n_win + k_cmp + 1,
+                         n_head / n_group, q, win, cmp, sinks, win_range, cmp_idx, k_cmp, scale, out,
+                         fl_f32_kernels(), NULL, 0};
     a.scratch_bytes = ((sizeof(float *) + sizeof(float) * (size_t)per_task) * (size_t)a.max_seen + 63) & ~(size_t)63;
     a.scratch = malloc(a.scratch_bytes * (size_t)threads);
     if (!a.scratch) return FL_ENOMEM;

@@ -155,6 +155,13 @@ int fl_attn_sink(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q
                  const float *win, int64_t n_win, const int32_t *win_range,
                  const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
                  const float *sinks, float scale, float *out);
+/* fl_attn_sink with out laid out by the n_group groups of consecutive heads that the output projection takes
+ * apart: out[g, t, h - g * n_head / n_group] = the above's out[t, h], each group a contiguous [n_tok, n_head /
+ * n_group, head_dim] (n_group divides n_head; with n_group > 1 out may not be q). The same bits as fl_attn_sink. */
+int fl_attn_sink_grouped(int64_t n_tok, int64_t n_head, int64_t head_dim, const float *q,
+                         const float *win, int64_t n_win, const int32_t *win_range,
+                         const float *cmp, int64_t n_cmp, const int32_t *cmp_idx, int64_t k_cmp,
+                         const float *sinks, float scale, int64_t n_group, float *out);
 /* Compressor rows before their norm: out[j, c] = sum_s softmax_s(score[s, c]) * kv[s, c] over the slots of row j.
  * Token logs kv, score: [tokens, width], width = 2d with overlap (ratio 4) and d without. Without overlap row j
  * pools tokens [j*ratio, (j+1)*ratio). With overlap it pools features [0, d) of the window before and [d, 2d) of

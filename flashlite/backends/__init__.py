@@ -84,8 +84,9 @@ def indexer_topk(q, keys, head_weights, visible: np.ndarray, topk: int, scale: f
     return _of(q).indexer_topk(q, keys, head_weights, visible, topk, scale)
 
 
-def attention_sink(q, window, ranges: np.ndarray, rows, idx: np.ndarray, sinks, scale: float, what: str, out=None):
-    return _of(q).attention_sink(q, window, ranges, rows, idx, sinks, scale, what, out)
+def attention_sink(q, window, ranges: np.ndarray, rows, idx: np.ndarray, sinks, scale: float, what: str, out=None,
+                   groups: int | None = None):
+    return _of(q).attention_sink(q, window, ranges, rows, idx, sinks, scale, what, out, groups)
 
 
 def moe_route(logits, bias, tid2eid, token_ids: np.ndarray, n_used: int, route_scale: float):

@@ -6,6 +6,7 @@ A weight is a gguf_file.WeightView, or (WeightView, data) for one slice of a sta
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -163,14 +164,37 @@ def indexer_topk(q: np.ndarray, keys: np.ndarray, head_weights: np.ndarray, visi
     return picks
 
 
+_scratch = threading.local()
+
+
+def _grouped_scratch(size: int) -> np.ndarray:
+    """size floats of this thread's buffer for attention's grouped output, grown as needed and kept: a prefill's
+    output is 64 MB a layer at V4-Flash width, above malloc's mmap threshold, so a fresh array would be mapped anew
+    and page-faulted in every layer (more than the copy it replaces); a layer's output is consumed within the layer."""
+    buf = getattr(_scratch, "attn_out", None)
+    if buf is None or buf.size < size:
+        buf = _scratch.attn_out = np.empty(size, np.float32)
+    return buf[:size]
+
+
 def attention_sink(q: np.ndarray, window: np.ndarray, ranges: np.ndarray, rows: np.ndarray, idx: np.ndarray,
-                   sinks: np.ndarray, scale: float, what: str, out: np.ndarray | None = None) -> np.ndarray:
+                   sinks: np.ndarray, scale: float, what: str, out: np.ndarray | None = None,
+                   groups: int | None = None) -> np.ndarray:
     """Softmax with sink per head of q [T, H, hd] over its window rows window[ranges[t, 0]:ranges[t, 1]] and its
-    compressed rows rows[idx[t]] (-1 = none): [T, H, hd], into out when given (which may be q itself)."""
+    compressed rows rows[idx[t]] (-1 = none): [T, H, hd], into out when given (which may be q itself). groups: the
+    output laid out by groups of consecutive heads instead, [groups, T, H / groups, hd] (each group is then the
+    contiguous input of its output projection, without a copy), in this thread's scratch, which the next grouped
+    call overwrites."""
     t, n_heads, head_dim = q.shape
-    out = np.empty_like(q) if out is None else out
-    check(lib.fl_attn_sink(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges), f32(rows),
-                           rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, f32(out)), what)
+    if groups is None:
+        out = np.empty_like(q) if out is None else out
+        check(lib.fl_attn_sink(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges), f32(rows),
+                               rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, f32(out)), what)
+        return out
+    out = _grouped_scratch(t * n_heads * head_dim).reshape(groups, t, n_heads // groups, head_dim)
+    check(lib.fl_attn_sink_grouped(t, n_heads, head_dim, f32(q), f32(window), window.shape[0], i32(ranges),
+                                   f32(rows), rows.shape[0], i32(idx), idx.shape[1], f32(sinks), scale, groups,
+                                   f32(out)), what)
     return out
 
 

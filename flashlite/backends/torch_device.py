@@ -398,9 +398,15 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, head_weights: torch.Tensor
 
 
 def attention_sink(q: torch.Tensor, window: torch.Tensor, ranges: np.ndarray, rows, idx: np.ndarray,
-                   sinks: torch.Tensor, scale: float, what: str, out: torch.Tensor | None = None) -> torch.Tensor:
+                   sinks: torch.Tensor, scale: float, what: str, out: torch.Tensor | None = None,
+                   groups: int | None = None) -> torch.Tensor:
     """cpu.attention_sink: query t of q [T, H, hd] over window[ranges[t, 0]:ranges[t, 1]] and rows[idx[t]] (-1 =
-    none), softmax with the per-head sink in the denominator: [T, H, hd], into out when given (which may be q)."""
+    none), softmax with the per-head sink in the denominator: [T, H, hd], into out when given (which may be q);
+    groups: laid out [groups, T, H / groups, hd] instead."""
+    if groups is not None:
+        t, n_heads, hd = q.shape
+        o = attention_sink(q, window, ranges, rows, idx, sinks, scale, what)
+        return o.reshape(t, groups, n_heads // groups, hd).transpose(0, 1).contiguous()
     t, n_heads, _ = q.shape
     ranges = _on(ranges, q.device, torch.int64)
     compressed = idx.shape[1] > 0 and rows.shape[0] > 0

@@ -401,13 +401,16 @@ class Attention:
             self.compressor(compressed, start, cache.compressor)
         if self.indexer is not None:
             picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
-        o = self.rope.apply(self.attend(q, positions, cache, picks, causal, out=q), cos, sin, inverse=True)
+        # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
+        o = self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+        for group in o:
+            self.rope.apply(group, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
 
     def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
-               causal: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+               causal: bool = True, out: np.ndarray | None = None, groups: int | None = None) -> np.ndarray:
         """Softmax with sink over each query's window rows and visible compressed rows: [T, H, hd], into out
-        when given (which may be q)."""
+        when given (which may be q); or with groups, [groups, T, H/groups, hd] (backend.attention_sink)."""
         a, t = self.args, q.shape[0]
         lo, hi = max(0, int(positions[0]) - a.window_size + 1), int(positions[-1]) + 1
         window = cache.kv.rows(lo, hi)
@@ -422,18 +425,18 @@ class Attention:
                 picks = np.where(k[None, :] < visible[:, None], k[None, :], -1).astype(np.int32)
             rows, idx = cache.compressor.rows.gather(picks)
         return backend.attention_sink(q, window, ranges, rows, idx, self.attn_sink, a.head_dim ** -0.5,
-                                      f"fl_attn_sink (layer {self.layer})", out)
+                                      f"fl_attn_sink (layer {self.layer})", out, groups)
 
     def grouped_output(self, o: np.ndarray) -> np.ndarray:
-        """Group g (heads g*H/G..) goes through its own o_lora_rank rows of wo_a: [T, H, hd] -> [T, G*rank]."""
-        a, t = self.args, o.shape[0]
-        groups = o.reshape(t, a.o_groups, -1)
+        """Group g (heads g*H/G..) goes through its own o_lora_rank rows of wo_a: [G, T, H/G, hd] -> [T, G*rank]."""
+        a, t = self.args, o.shape[1]
+        groups = o.reshape(a.o_groups, t, -1)
         w = self.wo_a.data.reshape(a.o_groups, a.o_lora_rank, -1)
-        if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input
-            OBSERVER(self.wo_a, groups.reshape(-1, groups.shape[2]), None)
+        if OBSERVER is not None:  # every group's input is a row of the one [k, G*rank] matrix's input, token-major
+            OBSERVER(self.wo_a, groups.transpose(1, 0, 2).reshape(-1, groups.shape[2]), None)
         # one run of the core for all groups: eight small products then stream like one large one
-        return backend.concat(backend.matmul_batch([((self.wo_a, w[g]), backend.contiguous(groups[:, g]))
-                                                     for g in range(a.o_groups)]), axis=1)
+        return backend.concat(backend.matmul_batch([((self.wo_a, w[g]), groups[g]) for g in range(a.o_groups)]),
+                              axis=1)
 
 
 # ---------------------------------------------------------------- MoE

@@ -123,9 +123,24 @@ static void test_attn_sink_split(void) {
                 CHECK(memcmp(want, got, sizeof(float) * (size_t)(n_tok * H * D)) == 0,
                       "fl_attn_sink: level %d with %d threads differs from the plain loops (%d tokens)", level, th,
                       n_tok);
+                /* by 3 groups of 3 heads (a task's heads cross group ends): each output row where its group puts it */
+                memset(got, 0xff, sizeof(float) * T * H * D);
+                CHECK(fl_attn_sink_grouped(n_tok, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, 3, got) ==
+                          FL_OK, "fl_attn_sink_grouped: level %d, %d threads", level, th);
+                int moved = 0;
+                for (int t = 0; t < n_tok; t++)
+                    for (int h = 0; h < H; h++)
+                        moved |= memcmp(want + (t * H + h) * D, got + ((h / 3 * n_tok + t) * 3 + h % 3) * D,
+                                        sizeof(float) * D);
+                CHECK(!moved, "fl_attn_sink_grouped: level %d with %d threads differs from fl_attn_sink (%d tokens)",
+                      level, th, n_tok);
             }
         }
     }
+    CHECK(fl_attn_sink_grouped(T, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, 2, got) == FL_EINVAL,
+          "fl_attn_sink_grouped: 2 groups of 9 heads accepted");
+    CHECK(fl_attn_sink_grouped(T, H, D, q, win, NW, range, cmp, NC, idx, K, sinks, 0.1f, 3, q) == FL_EINVAL,
+          "fl_attn_sink_grouped: grouped output in place of q accepted");
     fl_simd_set(best);
     fl_threads_set(threads);
     free(q), free(win), free(cmp), free(want), free(got);
