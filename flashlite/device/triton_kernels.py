@@ -96,16 +96,10 @@ def _gemv_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stri
 
 
 @triton.jit
-def _gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stride_x, stride_y,
-                 QTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # token tiles vary fastest, so the programs that share a weight tile run together and find it in L2
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_ok = m < n_tok
-    row_ok = r < rows
-    row_base = r.to(tl.int64)[:, None] * row_bytes
-    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
+def _tile_product(w_ptr, table_ptr, row_base, row_ok, x_rows, tok_ok, k, QTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """X W^T of a [BLOCK_M tokens, BLOCK_N rows] tile over all of k, on tensor cores at PRECISION (gemm and
+    grouped_gemm: they differ only in where the tile's rows and tokens are)"""
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, k, BLOCK_K):
         e = k0 + tl.arange(0, BLOCK_K)
@@ -116,6 +110,22 @@ def _gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stri
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, n_tok, rows, k, row_bytes, stride_x, stride_y,
+                 QTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # token tiles vary fastest, so the programs that share a weight tile run together and find it in L2
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_ok = m < n_tok
+    row_ok = r < rows
+    row_base = r.to(tl.int64)[:, None] * row_bytes
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
+    acc = _tile_product(w_ptr, table_ptr, row_base, row_ok, x_rows, tok_ok, k, QTYPE, PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
     tl.store(y_ptr + m.to(tl.int64)[:, None] * stride_y + r[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
@@ -135,16 +145,8 @@ def _grouped_gemm_kernel(w_ptr, table_ptr, x_ptr, y_ptr, tile_expert_ptr, tile_l
     row_ok = r < rows
     row_base = expert * expert_bytes + r.to(tl.int64)[:, None] * row_bytes
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_x
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        e = k0 + tl.arange(0, BLOCK_K)
-        k_ok = e < k
-        w = dequant_tile(w_ptr, table_ptr, row_base, e[None, :], row_ok[:, None] & k_ok[None, :], QTYPE)
-        x = tl.load(x_rows + e[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
-        if PRECISION == "fp16":
-            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-        else:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=PRECISION)
+    acc = _tile_product(w_ptr, table_ptr, row_base, row_ok, x_rows, tok_ok, k, QTYPE, PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
     tl.store(y_ptr + m.to(tl.int64)[:, None] * stride_y + r[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
