@@ -123,10 +123,8 @@ class MTPHead:
         a, blk = self.args, self.block
         at = blk.attn
         x, _, _ = blk.attn_hc(self.block_input(h, np.asarray(token_ids, np.int64)))
-        kv = linear(at.wkv, rms_norm(x, blk.attn_norm, a.norm_eps))
         cos, sin = at.rope.cos_sin(np.asarray(positions))
-        at.rope.apply(rms_norm(kv, at.kv_norm, a.norm_eps, out=kv), cos, sin)
-        cache.kv.append(kv)
+        at.store_kv(linear(at.wkv, rms_norm(x, blk.attn_norm, a.norm_eps)), cos, sin, cache)
 
     def close(self) -> None:
         self.file.close()

@@ -394,8 +394,7 @@ class Attention:
         # q is 64 MB a layer, and each fresh array of that size costs its page faults)
         q = q.reshape(t, a.n_heads, a.head_dim)
         self.rope.apply(rms_norm(q, None, a.norm_eps, out=q), cos, sin)
-        self.rope.apply(rms_norm(kv, self.kv_norm, a.norm_eps, out=kv), cos, sin)
-        cache.kv.append(kv)
+        self.store_kv(kv, cos, sin, cache)
         picks = None
         if self.compressor is not None:
             self.compressor(compressed, start, cache.compressor)
@@ -406,6 +405,12 @@ class Attention:
         for group in o:
             self.rope.apply(group, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
+
+    def store_kv(self, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerCache) -> None:
+        """The window's rows of T positions from their wkv products kv [T, head_dim]: normed and rotated in place,
+        then appended to the cache."""
+        self.rope.apply(rms_norm(kv, self.kv_norm, self.args.norm_eps, out=kv), cos, sin)
+        cache.kv.append(kv)
 
     def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
                causal: bool = True, out: np.ndarray | None = None, groups: int | None = None) -> np.ndarray:
