@@ -62,6 +62,13 @@ class RowFormat:
         return self.unpack(self.pack(rows)).reshape(np.shape(rows))
 
 
+def row_formats(head_dim: int, index_head_dim: int, rope_dim: int, kv_format: str) -> tuple[RowFormat, RowFormat]:
+    """The formats of a layer's KV rows (window and compressed) and of its indexer rows, for a kv_format."""
+    if kv_format == "fp8":
+        return RowFormat(head_dim, lib.FL_KV_FP8, rope_dim), RowFormat(index_head_dim, lib.FL_KV_FP4)
+    return RowFormat(head_dim), RowFormat(index_head_dim)
+
+
 class RowLog:
     """Rows of positions [start, end) in a RowFormat, appended at the end and trimmed from the front.
 
@@ -144,6 +151,10 @@ class RowLog:
         rows = self.fmt.unpack(self.packed(self.start, self.end), named - self.start)
         return rows, np.where(idx >= 0, np.searchsorted(named, idx), -1).astype(np.int32)
 
+    def round(self, rows: np.ndarray) -> np.ndarray:
+        """rows as this log would store them (the rounding of its format)."""
+        return self.fmt.round(rows)
+
     def trim(self, keep_from: int) -> None:
         """Forget positions before keep_from."""
         keep_from = min(max(keep_from, self.start), self.end)
@@ -210,9 +221,7 @@ class LayerCache:
             raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
         self.head_dim, self.window, self.ratio, self.index_head_dim = head_dim, window, ratio, index_head_dim
         self.rope_dim, self.kv_format, self.row_log = rope_dim, kv_format, row_log
-        packed = kv_format == "fp8"
-        self.kv_row = RowFormat(head_dim, lib.FL_KV_FP8, rope_dim) if packed else RowFormat(head_dim)
-        self.index_row = RowFormat(index_head_dim, lib.FL_KV_FP4) if packed else RowFormat(index_head_dim)
+        self.kv_row, self.index_row = row_formats(head_dim, index_head_dim, rope_dim, kv_format)
         # the layer's logs as the C core's decode step takes them (struct fl_v4_attn_cache): each log keeps its
         # C struct here, so this one pointer stays valid for the cache's life
         self.c = ffi.new("struct fl_v4_attn_cache *")

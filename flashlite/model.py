@@ -150,7 +150,7 @@ class Model:
             offload = dict(ram_budget=parse_bytes(ram_budget), policy=expert_policy, prefetch=expert_prefetch,
                            usage_path=usage or None, pin_fraction=pin_fraction, io_threads=io_threads,
                            direct_io=direct_io)
-        placer = self._placer(gpu_mem, rewind, expert_usage)
+        placer = self._placer(gpu_mem, rewind, kv_format, expert_usage)
         cpu.avoid_compaction_stalls()
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
             self.net = deepseek_v4.Transformer(self.args, self.file, offload, self.device, placer)
@@ -165,7 +165,7 @@ class Model:
         self.speculation = self.spec_options(spec_type, spec_draft_n_max, model_draft)
         report(1.0)
 
-    def _placer(self, gpu_mem, rewind: int, expert_usage):
+    def _placer(self, gpu_mem, rewind: int, kv_format: str, expert_usage):
         """The hybrid placement's callable for the Transformer (backends/placement.py), or None when the device
         holds everything: on the CPU backend, and on a CPU torch device without gpu_mem. The budget is gpu_mem,
         else what the accelerator has free less placement.DEFAULT_RESERVE; the hottest routed experts are those
@@ -185,7 +185,7 @@ class Model:
             budget = max(free - placement.DEFAULT_RESERVE, 0)
         usage_path = default_usage_path(self.file.path) if expert_usage is True else expert_usage or None
         usage = read_usage(usage_path, self.args.n_layers, self.args.n_routed_experts)
-        kv_bytes = placement.kv_cache_bytes(self.args, self.ctx, rewind)
+        kv_bytes = placement.kv_cache_bytes(self.args, self.ctx, rewind, kv_format)
 
         def place(views):
             self.device.placement = placement.plan(self.args, views, self.device.nbytes, budget, kv_bytes, usage)
@@ -501,7 +501,8 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     NPU through torch_npu and triton-ascend; not yet run on one), "torch-cpu" (the same torch backend on the CPU,
     matmuls of weights decoded to float32 once), or "auto" (CUDA when torch sees a GPU, else "cpu"). The device
     backends need `pip install 'flashlite[cuda]'`; one asked for and not available raises a RuntimeError that says
-    what is missing. They hold kv_format "f32" only, without draft models (docs/gpu.md).
+    what is missing. They hold either kv_format (fp8 rows packed on the device as the CPU packs them), without draft
+    models (docs/gpu.md).
 
     gpu_mem (bytes, or a size such as "20G"): the device's memory budget for hybrid placement (docs/gpu.md):
     what fits goes to the device in this order: the KV cache at ctx, attention and dense weights, head and

@@ -129,7 +129,7 @@ def test_a_split_layer_is_the_sum_of_its_two_sides(torch, tiny_gguf, recipe):
 
 def _args(n_layers=2, n_expert=4):
     return SimpleNamespace(n_layers=n_layers, n_routed_experts=n_expert, compress_ratios=(0,) * n_layers,
-                           window_size=8, head_dim=16, index_head_dim=8)
+                           window_size=8, head_dim=16, index_head_dim=8, rope_head_dim=8)
 
 
 def _views(n_layers=2, expert_bytes=(100, 100)):

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flashlite.kv_cache import row_formats
+
 DEFAULT_RESERVE = 1 << 30  # of an accelerator's free memory, kept for activations and kernels when no gpu_mem is given
 CLASSES = ("kv_cache", "dense", "head_embed", "shared_experts", "routed_experts")
 TITLES = {"kv_cache": "KV cache", "dense": "attention and dense", "head_embed": "head and embeddings",
@@ -40,21 +42,22 @@ def tensor_class(name: str) -> str:
     return "head_embed" if name in _HEAD_EMBED else "dense"
 
 
-def kv_cache_bytes(args, ctx: int, rewind: int) -> int:
-    """Bytes of a full f32 decode cache at ctx tokens: per layer the window's rows (window + rewind), and for a
+def kv_cache_bytes(args, ctx: int, rewind: int, kv_format: str = "f32") -> int:
+    """Bytes of a full decode cache at ctx tokens: per layer the window's rows (window + rewind), and for a
     compressed layer its compressed rows (ctx / ratio) and the compressor's pending window (two windows + rewind)
-    of kv and score, for ratio 4 the indexer's as well. Growth slack is not counted; checkpoints live on the host."""
+    of kv and score, for ratio 4 the indexer's as well; rows in the kv_format's sizes (the pending windows are
+    float32 in both). Growth slack is not counted; checkpoints live on the host."""
+    kv_row, index_row = row_formats(args.head_dim, args.index_head_dim, args.rope_head_dim, kv_format)
     total = 0
     for ratio in args.compress_ratios:
-        rows = (args.window_size + rewind) * args.head_dim
+        total += (args.window_size + rewind) * kv_row.nbytes
         if ratio:
             overlap = ratio == 4
-            states = [(args.head_dim, (2 if overlap else 1) * args.head_dim)]
+            states = [(kv_row, (2 if overlap else 1) * args.head_dim)]
             if overlap:
-                states.append((args.index_head_dim, 2 * args.index_head_dim))
-            for dim, width in states:
-                rows += ctx // ratio * dim + 2 * (2 * ratio + rewind) * width
-        total += 4 * rows
+                states.append((index_row, 2 * args.index_head_dim))
+            for row, width in states:
+                total += ctx // ratio * row.nbytes + 4 * 2 * (2 * ratio + rewind) * width
     return total
 
 

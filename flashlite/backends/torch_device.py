@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashlite._native import lib
 from flashlite.backends import cpu
+from flashlite.device import kv_rows
 from flashlite.gguf_file import MatrixShape, WeightView
 from flashlite.kv_cache import RowFormat, RowLog
 
@@ -198,41 +200,68 @@ class TorchDevice:
         return DeviceWeight(view.name, view.type, view.ne, torch.from_numpy(values).to(self.device), False)
 
     def row_log(self, kv_format: str):
-        """The class of the KV cache's logs on this device (kv_cache.LayerCache's row_log)."""
-        if kv_format != "f32":
-            raise ValueError(f"kv_format {kv_format!r}: the cache on device {self.device} holds f32 rows only "
-                             f"(fp8 rows are packed by the C core: the CPU backend)")
+        """The class of the KV cache's logs on this device (kv_cache.LayerCache's row_log), for either format."""
         return functools.partial(DeviceRowLog, device=self.device)
 
 
 # ---------------------------------------------------------------- the KV cache on the device
 
 class DeviceRowLog(RowLog):
-    """kv_cache.RowLog with its float32 rows in a device tensor [capacity, dim]; what leaves it as bytes (packed:
-    checkpoints, saved caches) is host memory, as the CPU's logs give."""
+    """kv_cache.RowLog with its rows in a device tensor: float32 [capacity, dim], or a packed format's bytes
+    [capacity, nbytes], the C core's layout packed and unpacked by torch (flashlite/device/kv_rows.py), so that an
+    fp8 cache takes the CPU's 3.5 KB a token on the device too. What leaves it as bytes (checkpoints, saved caches)
+    is host memory in the CPU's layout, so a cache saved from one backend loads in the other."""
 
     def __init__(self, fmt: RowFormat, device: torch.device):
         self.device = device
         super().__init__(fmt)
 
+    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.fmt.kind == lib.FL_KV_FP8:
+            return kv_rows.pack_fp8(rows, self.fmt.rope_dim)
+        return kv_rows.pack_fp4(rows)
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        if self.fmt.kind == lib.FL_KV_FP8:
+            return kv_rows.unpack_fp8(packed, self.fmt.dim, self.fmt.rope_dim)
+        return kv_rows.unpack_fp4(packed, self.fmt.dim)
+
     def _stored(self, rows) -> torch.Tensor:
-        return rows.reshape(-1, self.fmt.dim)
+        rows = rows.reshape(-1, self.fmt.dim)
+        return rows if self.fmt.kind is None else self._pack(rows)
 
     def _empty(self, capacity: int) -> torch.Tensor:
-        return torch.empty((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
+        if self.fmt.kind is None:
+            return torch.empty((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
+        return torch.empty((capacity, self.fmt.nbytes), dtype=torch.uint8, device=self.device)
 
     def _point(self) -> None:
         """A device log has no C pointer: the CPU backend's fused decode does not run on it."""
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        return self._span(lo, hi)
+        span = self._span(lo, hi)
+        return span if self.fmt.kind is None else self._unpack(span)
+
+    def gather(self, idx: np.ndarray):
+        if self.fmt.kind is None:
+            return super().gather(idx)
+        named = np.unique(idx[idx >= 0]).astype(np.int64)
+        stored = self._span(self.start, self.end)[torch.from_numpy(named - self.start).to(self.device)]
+        return self._unpack(stored), np.where(idx >= 0, np.searchsorted(named, idx), -1).astype(np.int32)
+
+    def round(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.fmt.kind is None:
+            return rows
+        return self._unpack(self._pack(rows.reshape(-1, self.fmt.dim))).reshape(rows.shape)
 
     def packed(self, lo: int, hi: int) -> np.ndarray:
         return self._span(lo, hi).cpu().numpy().view(np.uint8)
 
     def restore(self, start: int, packed) -> None:
-        rows = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes).view(np.float32)
-        self._buf = torch.from_numpy(rows.copy()).to(self.device)
+        stored = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
+        if self.fmt.kind is None:
+            stored = stored.view(np.float32)
+        self._buf = torch.from_numpy(stored.copy()).to(self.device)
         self._off = 0
         self.start, self.end = start, start + self._buf.shape[0]
 

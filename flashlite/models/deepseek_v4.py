@@ -349,7 +349,7 @@ class Indexer:
         q = q.reshape(crowded.size, a.index_n_heads, a.index_head_dim)
         q = self.rope.apply(q, cos[crowded], sin[crowded])
         if state.rotated:
-            q = state.rows.fmt.round(hadamard(q))
+            q = state.rows.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
         picks[crowded] = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5),
                                               visible[crowded], a.index_topk, a.index_head_dim ** -0.5)
