@@ -63,6 +63,11 @@ def test_hybrid_logits_match_goldens(torch, f32_gguf, goldens, tmp_path, what):
     if what == "expert-cache":
         st = model.stats()
         assert st["expert_misses"] > 0 and st["expert_bytes_read"] > 0  # the host's experts came through the cache
+        # the disk prefetch runs on a device too (the predicted ids brought to the host), and changes no bit
+        assert st["prefetches"] + st["prefetch_dropped"] > 0
+        unfetched = load(f32_gguf, device="torch-cpu", threads=1, gpu_mem=budget, expert_prefetch=False, **extra)
+        np.testing.assert_array_equal(unfetched.logits(goldens["prompt_ids"]), logits)
+        assert unfetched.stats()["prefetches"] == 0
     ids = list(model.generate(goldens["prompt_ids"][:40], 8))
     assert ids == list(load(f32_gguf).generate(goldens["prompt_ids"][:40], 8))  # decode through the split too
 

@@ -462,7 +462,7 @@ class MoEGate:
         """The experts this gate will likely pick, most picked first: exact on hash layers, else the top-k for x
         (another layer's hidden state put through this layer's norm)."""
         idx = self.tid2eid[token_ids] if self.tid2eid is not None else self(x, token_ids)[1]
-        experts, counts = np.unique(idx, return_counts=True)
+        experts, counts = np.unique(backend.to_host(idx), return_counts=True)
         return experts[np.argsort(-counts, kind="stable")]
 
 
@@ -670,8 +670,9 @@ class Transformer:
             f.keep_out([w.name for layer in mats for w in layer])
         self.layers = [self._block(i, {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")})
                        for i in range(args.n_layers)]
-        # (not on a device, whose router's picks would come to the host a layer early for it: a next increment)
-        self.prefetch = self.offload is not None and prefetch and device is None
+        # On a device the predicted ids come to the host for it (a few bytes, just before the layer's own routed
+        # ids come over for its host experts); the cache never reads the experts the device holds.
+        self.prefetch = self.offload is not None and prefetch
         # Prefetch: the disk starts on the first layer's experts, predicted from the embedding, and on those of
         # every hash-routed layer, which the token ids decide, as soon as the ids are known: the later of these
         # get several layers of compute to arrive in. Each other layer's are predicted by the layer before it.
