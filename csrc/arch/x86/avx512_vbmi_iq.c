@@ -60,8 +60,8 @@ static float q8k_block(const float *x, int8_t *q) {
 
 /* ---------------------------------------------------------------- grid codes, built once */
 
-/* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
- * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
+/* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_hi[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate 4 + f of
+ * grid point i; iq2xxs_lo[i] holds those of coordinates 2, 3, 0, 1 in that order (dot_iq2_xxs_pair_step) */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
 /* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
 static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
@@ -88,6 +88,24 @@ static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *h
     }
 }
 
+/* IQ2_XXS's signed weights come from vpermb lookups on a byte that holds two coordinates' levels and signs in
+ * its low 6 bits (the bits vpermb reads): 43 + the weight, an unsigned byte 0..86 for vpdpbusd, the offset
+ * undone by the activations' base. Of the four such bytes a position has, two put the signs in bits 0 and 1 and
+ * the levels in bits 2..5 (layout P), two the levels in bits 0..3 and the signs in bits 4 and 5 (layout Q):
+ * table[n] of the layout is the first coordinate's weight (n = 0) or the second's (n = 1). */
+static uint8_t iq2xxs_weight_p[2][64] __attribute__((aligned(64))), iq2xxs_weight_q[2][64] __attribute__((aligned(64)));
+
+static void build_iq2xxs_weights(void) {
+    static const int level[4] = {0x08, 0x19, 0x2b, 0x2b}; /* code 3 is never looked up */
+    for (int x = 0; x < 64; x++)
+        for (int n = 0; n < 2; n++) {
+            int p_level = level[x >> (2 + 2 * n) & 3], p_sign = x >> n & 1;
+            int q_level = level[x >> (2 * n) & 3], q_sign = x >> (4 + n) & 1;
+            iq2xxs_weight_p[n][x] = (uint8_t)(43 + (p_sign ? -p_level : p_level));
+            iq2xxs_weight_q[n][x] = (uint8_t)(43 + (q_sign ? -q_level : q_level));
+        }
+}
+
 static void build_codes(void) {
     for (int i = 0; i < 2048; i++) {
         uint32_t v = 0;
@@ -106,6 +124,9 @@ static void build_codes(void) {
         }
     }
     build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
+    for (int i = 0; i < 256; i++)
+        iq2xxs_lo[i] = (uint8_t)(iq2xxs_lo[i] >> 4 | iq2xxs_lo[i] << 4);
+    build_iq2xxs_weights();
     build_iq2_codes(fl_iq2xs_grid, 512, iq2xs_lo, iq2xs_hi);
     build_iq2_codes(fl_iq2s_grid, 1024, iq2s_lo, iq2s_hi);
     for (int i = 0; i < 512; i++)
@@ -246,12 +267,13 @@ ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
 
 /* Position i = 8 s + 4 b + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), so
  * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
- * the activation of its coordinate c, element 32 s + 8 l + c of superblock b, and neg[c] its negation, which the
- * signs pick by a blend. d: superblock b's d in the dwords 2 s + b. A missing second superblock (an odd count)
- * is all zeros. */
+ * the activation of its coordinate c, element 32 s + 8 l + c of superblock b. base dword 2 s + b: -43 times the
+ * sum of sub-block s of superblock b, which takes out the offset of 43 that the signed weights carry
+ * (iq2xxs_weight below) and seeds the sums; d: superblock b's d in the dwords 2 s + b. A missing second
+ * superblock (an odd count) is all zeros. */
 struct iq2xxs_pair {
     int8_t a[8][64];
-    int8_t neg[8][64];
+    int32_t base[16];
     float d[16];
 };
 
@@ -270,7 +292,7 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
             for (int l = 0; l < 4; l++)
                 for (int c = 0; c < 8; c++) {
                     dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
-                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                    dst->base[2 * s + b] -= 43 * q[32 * s + 8 * l + c];
                 }
         }
     }
@@ -278,12 +300,17 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
 
 struct iq2xxs_consts {
     const __m512i *lo, *hi; /* the code tables */
+    __m512i weight_p[2], weight_q[2];
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
     c.lo = (const __m512i *)iq2xxs_lo;
     c.hi = (const __m512i *)iq2xxs_hi;
+    for (int n = 0; n < 2; n++) {
+        c.weight_p[n] = _mm512_load_si512(iq2xxs_weight_p[n]);
+        c.weight_q[n] = _mm512_load_si512(iq2xxs_weight_q[n]);
+    }
     return c;
 }
 
@@ -293,11 +320,17 @@ STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm5
 
 STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
 
-/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' */
-STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const struct iq2xxs_pair *y) {
+/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' d
+ * (dword 2 s + b of yd) */
+STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const float *yd) {
     __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(yd)), st->acc);
 }
+
+/* the sign bits 7 j .. 7 j + 6 of a sub-block's word -> s0..s6 in bits 0..6 of byte j (bit 7 is not a sign) */
+#define IQ2XXS_SIGN_SHIFTS BYTES8(0, 7, 14, 21, 32, 39, 46, 53)
+/* bits 0..6 the signs s0..s6 -> s6 in bit 0, the parity sign s7 in bit 1, s2 and s3 in bits 4 and 5 */
+#define IQ2XXS_SIGNS_MOVED AFFINE(0x40, 0x7f, 0, 0, 0x04, 0x08, 0, 0)
 
 STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct iq2xxs_consts *c) {
@@ -312,34 +345,68 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     __m512i words = _mm512_ternarylogic_epi64(high, q1, _mm512_srli_epi64(q0, 32), 0xca);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
-    /* byte i: the eight signs of position i, the eighth by parity */
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 32, 39, 46, 53)), words),
-        _mm512_set1_epi64(PARITY_SIGN), 0);
-    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
-    for (int f = 0; f < 4; f++) {
-        __m512i w = _mm512_gf2p8affine_epi64_epi8(lo, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << f)));
-        sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f]),
-                                                                    _mm512_load_si512(y->neg[f])));
-        w = _mm512_gf2p8affine_epi64_epi8(hi, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(16 << f)));
-        sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + 4]),
-                                                                    _mm512_load_si512(y->neg[f + 4])));
-    }
+    /* byte i: the signs of position i, s0..s6 in bits 0..6 (raw), and moved with the parity sign (moved) */
+    __m512i raw = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(IQ2XXS_SIGN_SHIFTS), words);
+    __m512i moved = _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64(IQ2XXS_SIGNS_MOVED), 0);
+    /* the four bytes a position's weights are looked up with, each two coordinates' levels and signs (lo holds
+     * the levels of coordinates 2, 3, 0, 1 in its bit pairs, hi those of 4..7): coordinates 0, 1 and 6, 7 in
+     * layout P, 2, 3 and 4, 5 in layout Q */
+    const __m512i bits01 = _mm512_set1_epi8(0x03), bits45 = _mm512_set1_epi8(0x30);
+    __m512i x01 = _mm512_ternarylogic_epi64(bits01, raw, _mm512_srli_epi16(lo, 2), 0xca);
+    __m512i x23 = _mm512_ternarylogic_epi64(bits45, moved, lo, 0xca);
+    __m512i x45 = _mm512_ternarylogic_epi64(bits45, raw, hi, 0xca);
+    __m512i x67 = _mm512_ternarylogic_epi64(bits01, moved, _mm512_srli_epi16(hi, 2), 0xca);
+    __m512i sum0 = _mm512_load_si512(y->base), sum1 = _mm512_setzero_si512();
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x01, c->weight_p[0]), _mm512_load_si512(y->a[0]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x01, c->weight_p[1]), _mm512_load_si512(y->a[1]));
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x23, c->weight_q[0]), _mm512_load_si512(y->a[2]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x23, c->weight_q[1]), _mm512_load_si512(y->a[3]));
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x45, c->weight_q[0]), _mm512_load_si512(y->a[4]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x45, c->weight_q[1]), _mm512_load_si512(y->a[5]));
+    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x67, c->weight_p[0]), _mm512_load_si512(y->a[6]));
+    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x67, c->weight_p[1]), _mm512_load_si512(y->a[7]));
     /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
-    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
 
-/* Both take IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is grid point 4 s + l
- * of superblock b, its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code, as IQ2_XXS's. Their scales
- * are per 16 weights, two positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1
- * share a scale) and vpdpwssd applies the scales a word at a time. */
+/* Both take IQ2_XXS's positions (struct iq2_pair): position 8 s + 4 b + l is grid point 4 s + l of superblock b,
+ * its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code. Their scales are per 16 weights, two
+ * positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd
+ * applies the scales a word at a time; the signs go on the activations, a[c] or its negation neg[c] picked by a
+ * blend (IQ2_XXS's offset weights would overflow vpmaddubsw's word sums). d: superblock b's d in the dwords
+ * 2 s + b; a missing second superblock is all zeros. */
+struct iq2_pair {
+    int8_t a[8][64];
+    int8_t neg[8][64];
+    float d[16];
+};
+
+static size_t iq2_bytes(int64_t k) { return (size_t)((k / QK_K + 1) / 2) * sizeof(struct iq2_pair); }
+
+static void prep_iq2(int64_t k, const float *x, void *out) {
+    struct iq2_pair *p = out;
+    memset(out, 0, iq2_bytes(k));
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        struct iq2_pair *dst = &p[i / 2];
+        int b = (int)(i % 2);
+        float d = q8k_block(x + i * QK_K, q);
+        for (int s = 0; s < 8; s++) {
+            dst->d[2 * s + b] = d;
+            for (int l = 0; l < 4; l++)
+                for (int c = 0; c < 8; c++) {
+                    dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
+                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                }
+        }
+    }
+}
+
 
 /* word j of the result, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale
  * nibble j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's
@@ -355,7 +422,7 @@ STEP __m512i iq2_pair_scales(const uint8_t *sc0, const uint8_t *sc1) {
 /* The sums of a pair's weights (codes lo, hi; signs: byte i the 8 signs of position i) times activations times
  * scales ls: dword 2 s + b, sub-block s of superblock b. Two coordinates' word sums stay below 2^15 in
  * magnitude. */
-STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2xxs_pair *y) {
+STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2_pair *y) {
     __m512i sum = _mm512_setzero_si512();
     for (int f = 0; f < 8; f += 2) {
         __m512i pair = _mm512_setzero_si512();
@@ -404,7 +471,7 @@ STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
 STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct iq2xs_consts *c) {
     const block_iq2_xs *x = (const block_iq2_xs *)vx + 2 * g;
-    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const struct iq2_pair *y = (const struct iq2_pair *)vy + g;
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xs));
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
@@ -415,7 +482,7 @@ STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64
     __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
     __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
@@ -453,7 +520,7 @@ static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mma
 STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                               const struct iq2s_consts *c) {
     const block_iq2_s *x = (const block_iq2_s *)vx + 2 * g;
-    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const struct iq2_pair *y = (const struct iq2_pair *)vy + g;
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_s));
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
@@ -468,7 +535,7 @@ STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_
     __mmask64 b9 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32((int)0x80200802u));
     __m512i lo = lookup1024(idx, top, b8, b9, c->lo), hi = lookup1024(idx, top, b8, b9, c->hi);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
@@ -919,9 +986,9 @@ static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_
                                                        dot_iq3_xxs_sb_tn};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_tn};
-static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
+static const struct fl_decode_kernel iq2_xs_kernel = {iq2_bytes, prep_iq2, dot_iq2_xs_pair,
                                                       dot_iq2_xs_pair_x4, dot_iq2_xs_pair_tn};
-static const struct fl_decode_kernel iq2_s_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_s_pair,
+static const struct fl_decode_kernel iq2_s_kernel = {iq2_bytes, prep_iq2, dot_iq2_s_pair,
                                                      dot_iq2_s_pair_x4, dot_iq2_s_pair_tn};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
                                                      dot_iq1_s_sb_tn};
