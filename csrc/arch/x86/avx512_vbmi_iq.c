@@ -66,9 +66,15 @@ static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __att
 /* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
 static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
 static uint8_t iq2s_lo[1024] __attribute__((aligned(64))), iq2s_hi[1024] __attribute__((aligned(64)));
-/* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
- * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
+/* IQ3_XXS: the levels k (0..7 for 4, 12, .., 52, 62) of coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3
+ * (iq3xxs_code[1]) of grid point i, each coordinate c's three bits at iq3xxs_level_bits[c] (lowest first), so that
+ * its sign can take bit c (dot_iq3_xxs_sb_step) */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
+static const int iq3xxs_level_bits[4][3] = {{1, 2, 3}, {0, 4, 5}, {0, 1, 3}, {2, 4, 5}};
+/* IQ3_XXS's signed weights, 62 + the weight (an unsigned byte 0..124 for vpdpbusd, the offset undone by the
+ * activations' base), looked up by vpermb for coordinate c from a byte with its sign in bit c and its level at
+ * iq3xxs_level_bits[c] */
+static uint8_t iq3xxs_weight[4][64] __attribute__((aligned(64)));
 /* IQ3_S: coordinates 0 and 1 (iq3s_code[0]) or 2 and 3 (iq3s_code[1]) of its 512 points, as the levels k of
  * 1 + 2k in bits 0..2 and 3..5; bits 6 and 7 are left for the two coordinates' signs */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
@@ -113,16 +119,24 @@ static void build_codes(void) {
             v |= (uint32_t)((int8_t)(fl_iq1s_grid[i] >> (8 * c)) + 1) << (8 * (c / 2) + 4 * (c % 2));
         iq1s_pairs[i] = v;
     }
-    for (int i = 0; i < 256; i++) {
+    static const int iq3xxs_levels[8] = {0x04, 0x0c, 0x14, 0x1c, 0x24, 0x2c, 0x34, 0x3e};
+    for (int i = 0; i < 256; i++)
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
-            for (int c = 0; c < 2; c++) {
-                int k = (int)(((fl_iq3xxs_grid[i] >> (8 * (2 * h + c))) & 0xff) - 0x04) / 8;
-                code |= (uint8_t)((k | (k == 7) << 3) << (4 * c));
+            for (int c = 2 * h; c < 2 * h + 2; c++) {
+                int k = (int)(((fl_iq3xxs_grid[i] >> (8 * c)) & 0xff) - 0x04) / 8;
+                for (int j = 0; j < 3; j++)
+                    code |= (uint8_t)((k >> j & 1) << iq3xxs_level_bits[c][j]);
             }
             iq3xxs_code[h][i] = code;
         }
-    }
+    for (int c = 0; c < 4; c++)
+        for (int x = 0; x < 64; x++) {
+            int k = 0;
+            for (int j = 0; j < 3; j++)
+                k |= (x >> iq3xxs_level_bits[c][j] & 1) << j;
+            iq3xxs_weight[c][x] = (uint8_t)(62 + (x >> c & 1 ? -iq3xxs_levels[k] : iq3xxs_levels[k]));
+        }
     build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
     for (int i = 0; i < 256; i++)
         iq2xxs_lo[i] = (uint8_t)(iq2xxs_lo[i] >> 4 | iq2xxs_lo[i] << 4);
@@ -146,8 +160,6 @@ static void build_codes(void) {
 #define PARITY_SIGN AFFINE(0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x7f)
 /* IQ2_XXS: the level (b0, b1) in bits 2f, 2f+1 -> 0x08 ^ b0 * 0x11 ^ b1 * 0x23 (with the constant 0x08) */
 #define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
-/* IQ3_XXS: nibble code (k, k == 7) at bit 4h -> 4 + 8k + 2 (k == 7) (with the constant 0x04) */
-#define IQ3XXS_LEVEL(h) AFFINE(0, 8 << (4 * (h)), 0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0)
 /* IQ3_S: level k at bit 3h, sign bit at 6 + h -> 16 + 1 + 2k (0x11 ^ 2k) if the sign bit is clear, 16 - 1 - 2k
  * (0x0f ^ 2k) if set: a signed weight offset to an unsigned byte, its sign one XOR (0x1e), so one
  * gf2p8affineqb applies sign and magnitude (with the constant 0x11) */
@@ -543,54 +555,43 @@ ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
 /* One superblock of activations for IQ3_XXS: position i (0..63) stands for grid index i (4 weights,
- * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
-struct iq3_sb {
+ * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c; base dword d: -62 times
+ * the sum of the 16 activations dword d of the four a[c] holds, which takes out the offset of 62 the signed
+ * weights carry (iq3xxs_weight) and seeds the sums */
+struct iq3xxs_sb {
     int8_t a[4][64];
-    int8_t neg[4][64];
+    int32_t base[16];
     float d;
     uint8_t pad[60];
 };
 
-static size_t iq3_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3_sb); }
+static size_t iq3xxs_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3xxs_sb); }
 
-static void prep_iq3(int64_t k, const float *x, void *out) {
-    struct iq3_sb *sb = out;
+static void prep_iq3_xxs(int64_t k, const float *x, void *out) {
+    struct iq3xxs_sb *sb = out;
     for (int64_t i = 0; i < k / QK_K; i++) {
         int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
         sb[i].d = q8k_block(x + i * QK_K, q);
         for (int p = 0; p < 64; p++)
             for (int c = 0; c < 4; c++) {
                 sb[i].a[c][p] = q[4 * p + c];
-                sb[i].neg[c][p] = (int8_t)-q[4 * p + c];
+                sb[i].base[p / 4] -= 62 * q[4 * p + c];
             }
-        memset(sb[i].pad, 0, sizeof(sb[i].pad));
     }
-}
-
-/* The magnitudes of the 64 x 4 weights (m[c]: coordinate c, in position order) against the activations with
- * their signs, summed: dword d holds sub-block d / 2. Byte i of signs is the sign byte of position i, which
- * covers it and its neighbour (position i covers weights 4 (i % 2) .. + 3 of the byte's 8). */
-static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3_sb *y) {
-    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
-    for (int c = 0; c < 4; c++) {
-        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi16((short)((1 << c) | (16 << c) << 8)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[c]), _mm512_load_si512(y->neg[c]));
-        if (c % 2)
-            sum1 = _mm512_dpbusd_epi32(sum1, m[c], a);
-        else
-            sum0 = _mm512_dpbusd_epi32(sum0, m[c], a);
-    }
-    return _mm512_add_epi32(sum0, sum1);
 }
 
 struct iq3xxs_consts {
     const __m512i *code[2];
+    __m512i weight[4];
 };
 
 STEP struct iq3xxs_consts dot_iq3_xxs_sb_consts(void) {
     struct iq3xxs_consts c;
     c.code[0] = (const __m512i *)iq3xxs_code[0];
     c.code[1] = (const __m512i *)iq3xxs_code[1];
+    for (int j = 0; j < 4; j++)
+        c.weight[j] = _mm512_load_si512(iq3xxs_weight[j]);
     return c;
 }
 
@@ -602,23 +603,32 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
                               const struct iq3xxs_consts *c) {
     (void)n;
     const block_iq3_xxs *x = (const block_iq3_xxs *)vx + i;
-    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    const struct iq3xxs_sb *y = (const struct iq3xxs_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_xxs));
     __m512i idx = _mm512_loadu_si512(x->qs);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i code01 = lookup256(idx, top, c->code[0]), code23 = lookup256(idx, top, c->code[1]);
-    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04)};
-    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> byte j: sign byte j / 2, with
-     * parity */
+    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> bytes 0..3: its four sign bytes, with
+     * parity -> byte p: the low nibble of sign byte p / 2 (p even) or its high nibble (p odd), the signs of
+     * position p's four coordinates in bits 0..3 */
     __m256i words = _mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4));
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 7, 7, 14, 14, 21, 21)),
+    __m512i sign_bytes = _mm512_gf2p8affine_epi64_epi8(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 0, 0, 0, 0)),
                                      _mm512_cvtepu32_epi64(words)),
         _mm512_set1_epi64(PARITY_SIGN), 0);
-    __m512i sum = iq3_sums(m, signs, y);
+    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 4, 8, 12, 16, 20, 24, 28)), sign_bytes);
+    /* coordinate c: its sign in bit c beside its level (iq3xxs_level_bits), looked up as a signed weight; dword d
+     * sums sub-block d / 2's positions 4 d .. 4 d + 3 */
+    __m512i sum0 = _mm512_load_si512(y->base), sum1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        __m512i byte = _mm512_ternarylogic_epi64(_mm512_set1_epi8((char)(1 << j)), signs, j < 2 ? code01 : code23, 0xca);
+        __m512i w = _mm512_permutexvar_epi8(byte, c->weight[j]);
+        if (j % 2)
+            sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_load_si512(y->a[j]));
+        else
+            sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_load_si512(y->a[j]));
+    }
+    __m512i sum = _mm512_add_epi32(sum0, sum1);
     /* dword d: sub-block d / 2, times 2 scale + 1 */
     __m512i ls = _mm512_or_si512(
         _mm512_srli_epi32(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
@@ -982,7 +992,7 @@ static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, 
                                                       dot_iq4_xs_sb_tn};
 static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xxs_pair,
                                                        dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_tn};
-static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
+static const struct fl_decode_kernel iq3_xxs_kernel = {iq3xxs_bytes, prep_iq3_xxs, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
                                                        dot_iq3_xxs_sb_tn};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_tn};
