@@ -61,7 +61,7 @@ static float q8k_block(const float *x, int8_t *q) {
 /* ---------------------------------------------------------------- grid codes, built once */
 
 /* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_hi[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate 4 + f of
- * grid point i; iq2xxs_lo[i] holds those of coordinates 2, 3, 0, 1 in that order (dot_iq2_xxs_pair_step) */
+ * grid point i; iq2xxs_lo[i] holds those of coordinates 2, 3, 0, 1 in that order (iq2_signed_weights) */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
 /* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
 static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
@@ -83,32 +83,35 @@ static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
  * point i, each + 1 (0, 1, 2 for -1, 0, 1) */
 static uint32_t iq1s_pairs[2048] __attribute__((aligned(64)));
 
-/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinates 0..3 (lo) and 4..7 (hi) of n grid points, 2 bits each */
+/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of n grid points, 2 bits each: of coordinates 2, 3, 0, 1 in lo, of
+ * 4..7 in hi (the order iq2_signed_weights takes) */
 static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *hi) {
+    static const int lo_slot[4] = {2, 3, 0, 1}; /* coordinate f's bit pair in lo */
     for (int i = 0; i < n; i++) {
         lo[i] = hi[i] = 0;
         for (int f = 0; f < 4; f++) {
-            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * lo_slot[f]));
             hi[i] |= (uint8_t)((((grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
         }
     }
 }
 
-/* IQ2_XXS's signed weights come from vpermb lookups on a byte that holds two coordinates' levels and signs in
- * its low 6 bits (the bits vpermb reads): 43 + the weight, an unsigned byte 0..86 for vpdpbusd, the offset
- * undone by the activations' base. Of the four such bytes a position has, two put the signs in bits 0 and 1 and
- * the levels in bits 2..5 (layout P), two the levels in bits 0..3 and the signs in bits 4 and 5 (layout Q):
- * table[n] of the layout is the first coordinate's weight (n = 0) or the second's (n = 1). */
-static uint8_t iq2xxs_weight_p[2][64] __attribute__((aligned(64))), iq2xxs_weight_q[2][64] __attribute__((aligned(64)));
+/* The IQ2 types' signed weights come from vpermb lookups on a byte that holds two coordinates' levels and signs
+ * in its low 6 bits (the bits vpermb reads): 43 + the weight, an unsigned byte 0..86 for vpdpbusd and
+ * vpmaddubsw, the offset undone by a sum prepared with the activations. Of the four such bytes a position has,
+ * two put the signs in bits 0 and 1 and the levels in bits 2..5 (layout P), two the levels in bits 0..3 and the
+ * signs in bits 4 and 5 (layout Q): table[n] of the layout is the first coordinate's weight (n = 0) or the
+ * second's (n = 1). */
+static uint8_t iq2_weight_p[2][64] __attribute__((aligned(64))), iq2_weight_q[2][64] __attribute__((aligned(64)));
 
-static void build_iq2xxs_weights(void) {
+static void build_iq2_weights(void) {
     static const int level[4] = {0x08, 0x19, 0x2b, 0x2b}; /* code 3 is never looked up */
     for (int x = 0; x < 64; x++)
         for (int n = 0; n < 2; n++) {
             int p_level = level[x >> (2 + 2 * n) & 3], p_sign = x >> n & 1;
             int q_level = level[x >> (2 * n) & 3], q_sign = x >> (4 + n) & 1;
-            iq2xxs_weight_p[n][x] = (uint8_t)(43 + (p_sign ? -p_level : p_level));
-            iq2xxs_weight_q[n][x] = (uint8_t)(43 + (q_sign ? -q_level : q_level));
+            iq2_weight_p[n][x] = (uint8_t)(43 + (p_sign ? -p_level : p_level));
+            iq2_weight_q[n][x] = (uint8_t)(43 + (q_sign ? -q_level : q_level));
         }
 }
 
@@ -137,10 +140,8 @@ static void build_codes(void) {
                 k |= (x >> iq3xxs_level_bits[c][j] & 1) << j;
             iq3xxs_weight[c][x] = (uint8_t)(62 + (x >> c & 1 ? -iq3xxs_levels[k] : iq3xxs_levels[k]));
         }
+    build_iq2_weights();
     build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
-    for (int i = 0; i < 256; i++)
-        iq2xxs_lo[i] = (uint8_t)(iq2xxs_lo[i] >> 4 | iq2xxs_lo[i] << 4);
-    build_iq2xxs_weights();
     build_iq2_codes(fl_iq2xs_grid, 512, iq2xs_lo, iq2xs_hi);
     build_iq2_codes(fl_iq2s_grid, 1024, iq2s_lo, iq2s_hi);
     for (int i = 0; i < 512; i++)
@@ -158,8 +159,6 @@ static void build_codes(void) {
                  (uint64_t)(r4) << 24 | (uint64_t)(r5) << 16 | (uint64_t)(r6) << 8 | (uint64_t)(r7)))
 /* bits 0..6 kept, bit 7 their parity: the eighth sign of IQ2_XXS / IQ3_XXS (fl_iq2_signs) */
 #define PARITY_SIGN AFFINE(0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x7f)
-/* IQ2_XXS: the level (b0, b1) in bits 2f, 2f+1 -> 0x08 ^ b0 * 0x11 ^ b1 * 0x23 (with the constant 0x08) */
-#define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
 /* IQ3_S: level k at bit 3h, sign bit at 6 + h -> 16 + 1 + 2k (0x11 ^ 2k) if the sign bit is clear, 16 - 1 - 2k
  * (0x0f ^ 2k) if set: a signed weight offset to an unsigned byte, its sign one XOR (0x1e), so one
  * gf2p8affineqb applies sign and magnitude (with the constant 0x11) */
@@ -281,7 +280,7 @@ ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
  * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
  * the activation of its coordinate c, element 32 s + 8 l + c of superblock b. base dword 2 s + b: -43 times the
  * sum of sub-block s of superblock b, which takes out the offset of 43 that the signed weights carry
- * (iq2xxs_weight below) and seeds the sums; d: superblock b's d in the dwords 2 s + b. A missing second
+ * (iq2_signed_weights) and seeds the sums; d: superblock b's d in the dwords 2 s + b. A missing second
  * superblock (an odd count) is all zeros. */
 struct iq2xxs_pair {
     int8_t a[8][64];
@@ -310,19 +309,49 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
     }
 }
 
+/* the weight tables of layouts P and Q (iq2_weight_p, iq2_weight_q) */
+struct iq2_weight_tables {
+    __m512i p[2], q[2];
+};
+
+STEP struct iq2_weight_tables iq2_weight_tables(void) {
+    struct iq2_weight_tables t;
+    for (int n = 0; n < 2; n++) {
+        t.p[n] = _mm512_load_si512(iq2_weight_p[n]);
+        t.q[n] = _mm512_load_si512(iq2_weight_q[n]);
+    }
+    return t;
+}
+
+/* w[c]: 43 + the signed weight of coordinate c of the 64 positions, from their level codes (lo: coordinates 2, 3,
+ * 0, 1 in its bit pairs, hi: 4..7) and signs (raw: s0, s1 in bits 0, 1 and s4, s5 in bits 4, 5; moved: s6, s7
+ * in bits 0, 1 and s2, s3 in bits 4, 5). The four bytes looked up each hold two coordinates' levels and signs:
+ * coordinates 0, 1 and 6, 7 in layout P, 2, 3 and 4, 5 in layout Q. */
+STEP void iq2_signed_weights(__m512i lo, __m512i hi, __m512i raw, __m512i moved, const struct iq2_weight_tables *t,
+                             __m512i w[8]) {
+    const __m512i bits01 = _mm512_set1_epi8(0x03), bits45 = _mm512_set1_epi8(0x30);
+    __m512i x01 = _mm512_ternarylogic_epi64(bits01, raw, _mm512_srli_epi16(lo, 2), 0xca); /* A ? B : C */
+    __m512i x23 = _mm512_ternarylogic_epi64(bits45, moved, lo, 0xca);
+    __m512i x45 = _mm512_ternarylogic_epi64(bits45, raw, hi, 0xca);
+    __m512i x67 = _mm512_ternarylogic_epi64(bits01, moved, _mm512_srli_epi16(hi, 2), 0xca);
+    for (int n = 0; n < 2; n++) {
+        w[n] = _mm512_permutexvar_epi8(x01, t->p[n]);
+        w[2 + n] = _mm512_permutexvar_epi8(x23, t->q[n]);
+        w[4 + n] = _mm512_permutexvar_epi8(x45, t->q[n]);
+        w[6 + n] = _mm512_permutexvar_epi8(x67, t->p[n]);
+    }
+}
+
 struct iq2xxs_consts {
     const __m512i *lo, *hi; /* the code tables */
-    __m512i weight_p[2], weight_q[2];
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
     c.lo = (const __m512i *)iq2xxs_lo;
     c.hi = (const __m512i *)iq2xxs_hi;
-    for (int n = 0; n < 2; n++) {
-        c.weight_p[n] = _mm512_load_si512(iq2xxs_weight_p[n]);
-        c.weight_q[n] = _mm512_load_si512(iq2xxs_weight_q[n]);
-    }
+    c.weights = iq2_weight_tables();
     return c;
 }
 
@@ -360,23 +389,13 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     /* byte i: the signs of position i, s0..s6 in bits 0..6 (raw), and moved with the parity sign (moved) */
     __m512i raw = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(IQ2XXS_SIGN_SHIFTS), words);
     __m512i moved = _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64(IQ2XXS_SIGNS_MOVED), 0);
-    /* the four bytes a position's weights are looked up with, each two coordinates' levels and signs (lo holds
-     * the levels of coordinates 2, 3, 0, 1 in its bit pairs, hi those of 4..7): coordinates 0, 1 and 6, 7 in
-     * layout P, 2, 3 and 4, 5 in layout Q */
-    const __m512i bits01 = _mm512_set1_epi8(0x03), bits45 = _mm512_set1_epi8(0x30);
-    __m512i x01 = _mm512_ternarylogic_epi64(bits01, raw, _mm512_srli_epi16(lo, 2), 0xca);
-    __m512i x23 = _mm512_ternarylogic_epi64(bits45, moved, lo, 0xca);
-    __m512i x45 = _mm512_ternarylogic_epi64(bits45, raw, hi, 0xca);
-    __m512i x67 = _mm512_ternarylogic_epi64(bits01, moved, _mm512_srli_epi16(hi, 2), 0xca);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, raw, moved, &c->weights, w);
     __m512i sum0 = _mm512_load_si512(y->base), sum1 = _mm512_setzero_si512();
-    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x01, c->weight_p[0]), _mm512_load_si512(y->a[0]));
-    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x01, c->weight_p[1]), _mm512_load_si512(y->a[1]));
-    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x23, c->weight_q[0]), _mm512_load_si512(y->a[2]));
-    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x23, c->weight_q[1]), _mm512_load_si512(y->a[3]));
-    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x45, c->weight_q[0]), _mm512_load_si512(y->a[4]));
-    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x45, c->weight_q[1]), _mm512_load_si512(y->a[5]));
-    sum0 = _mm512_dpbusd_epi32(sum0, _mm512_permutexvar_epi8(x67, c->weight_p[0]), _mm512_load_si512(y->a[6]));
-    sum1 = _mm512_dpbusd_epi32(sum1, _mm512_permutexvar_epi8(x67, c->weight_p[1]), _mm512_load_si512(y->a[7]));
+    for (int f = 0; f < 8; f += 2) {
+        sum0 = _mm512_dpbusd_epi32(sum0, w[f], _mm512_load_si512(y->a[f]));
+        sum1 = _mm512_dpbusd_epi32(sum1, w[f + 1], _mm512_load_si512(y->a[f + 1]));
+    }
     /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
     pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y->d);
@@ -386,15 +405,16 @@ ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
 
-/* Both take IQ2_XXS's positions (struct iq2_pair): position 8 s + 4 b + l is grid point 4 s + l of superblock b,
- * its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code. Their scales are per 16 weights, two
- * positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd
- * applies the scales a word at a time; the signs go on the activations, a[c] or its negation neg[c] picked by a
- * blend (IQ2_XXS's offset weights would overflow vpmaddubsw's word sums). d: superblock b's d in the dwords
- * 2 s + b; a missing second superblock is all zeros. */
+/* Both take IQ2_XXS's positions and signed weights (iq2_signed_weights): position 8 s + 4 b + l is grid point
+ * 4 s + l of superblock b. Their scales are per 16 weights, two positions, so the products go through vpmaddubsw
+ * (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a word at a time, one
+ * coordinate at a time (two coordinates' word sums of offset weights could overflow). The activations: a[c] byte
+ * i, coordinate c of position i, element 32 s + 8 l + c of superblock b; base word j: minus the sum of the 16
+ * activations of positions 2 j and 2 j + 1, which times 43 and the scales takes out the weights' offset; d:
+ * superblock b's d in the dwords 2 s + b. A missing second superblock is all zeros. */
 struct iq2_pair {
     int8_t a[8][64];
-    int8_t neg[8][64];
+    int16_t base[32];
     float d[16];
 };
 
@@ -413,12 +433,12 @@ static void prep_iq2(int64_t k, const float *x, void *out) {
             for (int l = 0; l < 4; l++)
                 for (int c = 0; c < 8; c++) {
                     dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
-                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                    dst->base[(8 * s + 4 * b + l) / 2] = (int16_t)(dst->base[(8 * s + 4 * b + l) / 2] -
+                                                                   q[32 * s + 8 * l + c]);
                 }
         }
     }
 }
-
 
 /* word j of the result, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale
  * nibble j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's
@@ -431,22 +451,17 @@ STEP __m512i iq2_pair_scales(const uint8_t *sc0, const uint8_t *sc1) {
         _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
 }
 
-/* The sums of a pair's weights (codes lo, hi; signs: byte i the 8 signs of position i) times activations times
- * scales ls: dword 2 s + b, sub-block s of superblock b. Two coordinates' word sums stay below 2^15 in
- * magnitude. */
-STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2_pair *y) {
-    __m512i sum = _mm512_setzero_si512();
+/* The sums of a pair's weights (w: iq2_signed_weights) times activations times scales ls: dword 2 s + b,
+ * sub-block s of superblock b. A coordinate's word sums stay below 2 * 86 * 127 in magnitude; the offset's
+ * share, 43 times the scales times the base, is one vpmaddwd (43 * 31 * 2032 < 2^31). */
+STEP __m512i iq2_pair_sums(const __m512i w[8], __m512i ls, const struct iq2_pair *y) {
+    __m512i sum0 = _mm512_madd_epi16(_mm512_mullo_epi16(ls, _mm512_set1_epi16(43)), _mm512_load_si512(y->base));
+    __m512i sum1 = _mm512_setzero_si512();
     for (int f = 0; f < 8; f += 2) {
-        __m512i pair = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++) {
-            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
-            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
-            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
-            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
-        }
-        sum = _mm512_dpwssd_epi32(sum, pair, ls);
+        sum0 = _mm512_dpwssd_epi32(sum0, _mm512_maddubs_epi16(w[f], _mm512_load_si512(y->a[f])), ls);
+        sum1 = _mm512_dpwssd_epi32(sum1, _mm512_maddubs_epi16(w[f + 1], _mm512_load_si512(y->a[f + 1])), ls);
     }
-    return sum;
+    return _mm512_add_epi32(sum0, sum1);
 }
 
 /* byte i: position i's index in the 128 bytes of two blocks' fields read as one table, position 8 s + 4 b + l at
@@ -463,6 +478,7 @@ static inline __m512i pair_pick(int stride, int offset) {
 struct iq2xs_consts {
     const __m512i *lo, *hi;      /* the code tables, read where they are (see IQ2_S) */
     __m512i pick_low, pick_high; /* the low and high bytes of the positions' qs words */
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
@@ -471,14 +487,16 @@ STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
     c.hi = (const __m512i *)iq2xs_hi;
     c.pick_low = pair_pick(2, 0);
     c.pick_high = pair_pick(2, 1);
+    c.weights = iq2_weight_tables();
     return c;
 }
 
 #define dot_iq2_xs_pair_init acc1_init
 #define dot_iq2_xs_pair_finish dot_iq2_xxs_pair_finish
 
-/* the high byte of an IQ2_XS qs word -> its 8 signs: bits 1..7 down to 0..6, bit 7 their parity */
-#define SIGNS_ABOVE_NINTH AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)
+/* the high byte of an IQ2_XS qs word (the ninth index bit, then s0..s6) -> s6 in bit 0, the parity sign s7 in
+ * bit 1, s2 and s3 in bits 4 and 5 */
+#define IQ2XS_SIGNS_MOVED AFFINE(0x80, 0xfe, 0, 0, 0x08, 0x10, 0, 0)
 
 STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct iq2xs_consts *c) {
@@ -492,9 +510,13 @@ STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64
     __mmask64 top = _mm512_movepi8_mask(idx), ninth = _mm512_test_epi8_mask(high, _mm512_set1_epi8(1));
     __m512i lo = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->lo), lookup256(idx, top, c->lo + 4));
     __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
+    /* the signs, raw: s_f in bit f (a shift past the ninth bit), moved: as iq2_signed_weights wants them */
+    __m512i raw = _mm512_srli_epi16(high, 1);
+    __m512i moved = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(IQ2XS_SIGNS_MOVED), 0);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, raw, moved, &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y->d);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
@@ -505,6 +527,7 @@ ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
 struct iq2s_consts {
     const __m512i *lo, *hi;
     __m512i pick_low, pick_signs, pick_qh; /* bytes from the two blocks' qs, and from their qh side by side */
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
@@ -517,11 +540,15 @@ STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
     for (int i = 0; i < 64; i++)
         pick[i] = (uint8_t)(8 * (i / 4 % 2) + i / 8);
     c.pick_qh = _mm512_loadu_si512(pick);
+    c.weights = iq2_weight_tables();
     return c;
 }
 
 #define dot_iq2_s_pair_init acc1_init
 #define dot_iq2_s_pair_finish dot_iq2_xxs_pair_finish
+
+/* an IQ2_S sign byte (s0..s7) -> s6, s7 in bits 0, 1 and s2, s3 in bits 4, 5 */
+#define IQ2S_SIGNS_MOVED AFFINE(0x40, 0x80, 0, 0, 0x04, 0x08, 0, 0)
 
 /* t[idx] for 64 10-bit indices, bits 0..6 in idx, bit 7 in top, 8 and 9 in b8 and b9, from a 1024-byte table */
 static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mmask64 b9, const __m512i *t) {
@@ -546,8 +573,11 @@ STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_
     __mmask64 b8 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32(0x40100401));
     __mmask64 b9 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32((int)0x80200802u));
     __m512i lo = lookup1024(idx, top, b8, b9, c->lo), hi = lookup1024(idx, top, b8, b9, c->hi);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, signs, _mm512_gf2p8affine_epi64_epi8(signs, _mm512_set1_epi64(IQ2S_SIGNS_MOVED), 0),
+                       &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y->d);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
