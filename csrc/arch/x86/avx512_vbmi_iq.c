@@ -7,17 +7,18 @@
  * types whose grids are small enough look their points up in registers instead: a table of 256 bytes is four zmm, and
  * vpermi2b reads 128 of them for 64 indices at a time (IQ2_S's 1024-byte tables are read from memory the same way; only
  * the 2048-point grids of IQ1_S and IQ1_M are gathered). The byte looked up is not the weights but a code of their
- * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3-4 bits (IQ3: two a
- * byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2) every grid's level ->
- * magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the arithmetic line, gets a bit of its
- * own in the code). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the
- * activations are prepared in that same order, and so that the four bytes of every dword belong to one sub-block:
- * vpdpbusd's sums then need one scale per dword. Signs are applied to the activations by masked subtraction, the masks
- * picked out of the sign bytes by vpshufbitqmb; the parity sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one
- * more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15 allow better: offset by 16, a weight's negative is its XOR with 0x1e,
- * so its signs join the codes and the one gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone
- * by a precomputed sum. IQ4_XS needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose
- * cost is precomputed with the activations, as avx512_vbmi.c does for MXFP4.
+ * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3 bits (IQ3: two a
+ * byte). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the activations are
+ * prepared in that same order, and so that the four bytes of every dword belong to one sub-block: vpdpbusd's sums
+ * then need one scale per dword. The IQ2 types and IQ3_XXS look their weights up from the codes already signed: one
+ * bit select merges a coordinate's level code and sign bit (or two coordinates', IQ2) into the low 6 bits of a byte,
+ * and a vpermb on a 64-byte table yields the signed weight offset to an unsigned byte, the offset undone by a sum
+ * prepared with the activations; the parity sign (the eighth, not stored) is one gf2p8affineqb. IQ3_S's levels 1, 3,
+ * .., 15 let one gf2p8affineqb per 64 weights do it instead: offset by 16, a weight's negative is its XOR with 0x1e,
+ * and over GF(2) the level -> magnitude map is affine in the level's bits, so its signs join the codes and the affine
+ * map yields signed weights (unsigned bytes 1..31), the offset undone by a precomputed sum. IQ4_XS needs no grid:
+ * its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed with the activations,
+ * as avx512_vbmi.c does for MXFP4.
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
