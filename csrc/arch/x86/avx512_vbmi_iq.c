@@ -7,17 +7,18 @@
  * types whose grids are small enough look their points up in registers instead: a table of 256 bytes is four zmm, and
  * vpermi2b reads 128 of them for 64 indices at a time (IQ2_S's 1024-byte tables are read from memory the same way; only
  * the 2048-point grids of IQ1_S and IQ1_M are gathered). The byte looked up is not the weights but a code of their
- * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3-4 bits (IQ3: two a
- * byte), and one gf2p8affineqb per 64 weights turns the code into magnitudes: over GF(2) every grid's level ->
- * magnitude map is affine in the level's bits (IQ3_XXS's 62, the one level off the arithmetic line, gets a bit of its
- * own in the code). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the
- * activations are prepared in that same order, and so that the four bytes of every dword belong to one sub-block:
- * vpdpbusd's sums then need one scale per dword. Signs are applied to the activations by masked subtraction, the masks
- * picked out of the sign bytes by vpshufbitqmb; the parity sign of IQ2_XXS / IQ3_XXS (the eighth, not stored) is one
- * more gf2p8affineqb. IQ3_S's levels 1, 3, .., 15 allow better: offset by 16, a weight's negative is its XOR with 0x1e,
- * so its signs join the codes and the one gf2p8affineqb yields signed weights (unsigned bytes 1..31), the offset undone
- * by a precomputed sum. IQ4_XS needs no grid: its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose
- * cost is precomputed with the activations, as avx512_vbmi.c does for MXFP4.
+ * levels, 2 bits a coordinate (IQ2_XXS, IQ2_XS, IQ2_S: four coordinates a byte, two tables) or 3 bits (IQ3: two a
+ * byte). Which coordinate of which grid point each output byte holds is fixed by the lookups, so the activations are
+ * prepared in that same order, and so that the four bytes of every dword belong to one sub-block: vpdpbusd's sums
+ * then need one scale per dword. The IQ2 types and IQ3_XXS look their weights up from the codes already signed: one
+ * bit select merges a coordinate's level code and sign bit (or two coordinates', IQ2) into the low 6 bits of a byte,
+ * and a vpermb on a 64-byte table yields the signed weight offset to an unsigned byte, the offset undone by a sum
+ * prepared with the activations; the parity sign (the eighth, not stored) is one gf2p8affineqb. IQ3_S's levels 1, 3,
+ * .., 15 let one gf2p8affineqb per 64 weights do it instead: offset by 16, a weight's negative is its XOR with 0x1e,
+ * and over GF(2) the level -> magnitude map is affine in the level's bits, so its signs join the codes and the affine
+ * map yields signed weights (unsigned bytes 1..31), the offset undone by a precomputed sum. IQ4_XS needs no grid:
+ * its 16 values are a vpermb lookup, offset to unsigned bytes (+128) whose cost is precomputed with the activations,
+ * as avx512_vbmi.c does for MXFP4.
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
@@ -60,15 +61,21 @@ static float q8k_block(const float *x, int8_t *q) {
 
 /* ---------------------------------------------------------------- grid codes, built once */
 
-/* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_lo[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate f of grid
- * point i, of iq2xxs_hi[i] that of coordinate 4 + f */
+/* IQ2_XXS: bits 2f, 2f+1 of iq2xxs_hi[i] are the level (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinate 4 + f of
+ * grid point i; iq2xxs_lo[i] holds those of coordinates 2, 3, 0, 1 in that order (iq2_signed_weights) */
 static uint8_t iq2xxs_lo[256] __attribute__((aligned(64))), iq2xxs_hi[256] __attribute__((aligned(64)));
 /* IQ2_XS and IQ2_S: the same codes for their 512 and 1024 points */
 static uint8_t iq2xs_lo[512] __attribute__((aligned(64))), iq2xs_hi[512] __attribute__((aligned(64)));
 static uint8_t iq2s_lo[1024] __attribute__((aligned(64))), iq2s_hi[1024] __attribute__((aligned(64)));
-/* IQ3_XXS: coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3 (iq3xxs_code[1]) of grid point i, one a nibble, as
- * the level k (0..7 for 4, 12, .., 52, 62) with bit 3 set for k = 7 */
+/* IQ3_XXS: the levels k (0..7 for 4, 12, .., 52, 62) of coordinates 0 and 1 (iq3xxs_code[0]) or 2 and 3
+ * (iq3xxs_code[1]) of grid point i, each coordinate c's three bits at iq3xxs_level_bits[c] (lowest first), so that
+ * its sign can take bit c (dot_iq3_xxs_sb_step) */
 static uint8_t iq3xxs_code[2][256] __attribute__((aligned(64)));
+static const int iq3xxs_level_bits[4][3] = {{1, 2, 3}, {0, 4, 5}, {0, 1, 3}, {2, 4, 5}};
+/* IQ3_XXS's signed weights, 62 + the weight (an unsigned byte 0..124 for vpdpbusd, the offset undone by the
+ * activations' base), looked up by vpermb for coordinate c from a byte with its sign in bit c and its level at
+ * iq3xxs_level_bits[c] */
+static uint8_t iq3xxs_weight[4][64] __attribute__((aligned(64)));
 /* IQ3_S: coordinates 0 and 1 (iq3s_code[0]) or 2 and 3 (iq3s_code[1]) of its 512 points, as the levels k of
  * 1 + 2k in bits 0..2 and 3..5; bits 6 and 7 are left for the two coordinates' signs */
 static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
@@ -77,15 +84,36 @@ static uint8_t iq3s_code[2][512] __attribute__((aligned(64)));
  * point i, each + 1 (0, 1, 2 for -1, 0, 1) */
 static uint32_t iq1s_pairs[2048] __attribute__((aligned(64)));
 
-/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of coordinates 0..3 (lo) and 4..7 (hi) of n grid points, 2 bits each */
+/* the levels (0, 1, 2 for 0x08, 0x19, 0x2b) of n grid points, 2 bits each: of coordinates 2, 3, 0, 1 in lo, of
+ * 4..7 in hi (the order iq2_signed_weights takes) */
 static void build_iq2_codes(const uint64_t *grid, int n, uint8_t *lo, uint8_t *hi) {
+    static const int lo_slot[4] = {2, 3, 0, 1}; /* coordinate f's bit pair in lo */
     for (int i = 0; i < n; i++) {
         lo[i] = hi[i] = 0;
         for (int f = 0; f < 4; f++) {
-            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * f));
+            lo[i] |= (uint8_t)((((grid[i] >> (8 * f)) & 0xff) - 0x08) / 17 << (2 * lo_slot[f]));
             hi[i] |= (uint8_t)((((grid[i] >> (8 * (f + 4))) & 0xff) - 0x08) / 17 << (2 * f));
         }
     }
+}
+
+/* The IQ2 types' signed weights come from vpermb lookups on a byte that holds two coordinates' levels and signs
+ * in its low 6 bits (the bits vpermb reads): 43 + the weight, an unsigned byte 0..86 for vpdpbusd and
+ * vpmaddubsw, the offset undone by a sum prepared with the activations. Of the four such bytes a position has,
+ * two put the signs in bits 0 and 1 and the levels in bits 2..5 (layout P), two the levels in bits 0..3 and the
+ * signs in bits 4 and 5 (layout Q): table[n] of the layout is the first coordinate's weight (n = 0) or the
+ * second's (n = 1). */
+static uint8_t iq2_weight_p[2][64] __attribute__((aligned(64))), iq2_weight_q[2][64] __attribute__((aligned(64)));
+
+static void build_iq2_weights(void) {
+    static const int level[4] = {0x08, 0x19, 0x2b, 0x2b}; /* code 3 is never looked up */
+    for (int x = 0; x < 64; x++)
+        for (int n = 0; n < 2; n++) {
+            int p_level = level[x >> (2 + 2 * n) & 3], p_sign = x >> n & 1;
+            int q_level = level[x >> (2 * n) & 3], q_sign = x >> (4 + n) & 1;
+            iq2_weight_p[n][x] = (uint8_t)(43 + (p_sign ? -p_level : p_level));
+            iq2_weight_q[n][x] = (uint8_t)(43 + (q_sign ? -q_level : q_level));
+        }
 }
 
 static void build_codes(void) {
@@ -95,16 +123,25 @@ static void build_codes(void) {
             v |= (uint32_t)((int8_t)(fl_iq1s_grid[i] >> (8 * c)) + 1) << (8 * (c / 2) + 4 * (c % 2));
         iq1s_pairs[i] = v;
     }
-    for (int i = 0; i < 256; i++) {
+    static const int iq3xxs_levels[8] = {0x04, 0x0c, 0x14, 0x1c, 0x24, 0x2c, 0x34, 0x3e};
+    for (int i = 0; i < 256; i++)
         for (int h = 0; h < 2; h++) {
             uint8_t code = 0;
-            for (int c = 0; c < 2; c++) {
-                int k = (int)(((fl_iq3xxs_grid[i] >> (8 * (2 * h + c))) & 0xff) - 0x04) / 8;
-                code |= (uint8_t)((k | (k == 7) << 3) << (4 * c));
+            for (int c = 2 * h; c < 2 * h + 2; c++) {
+                int k = (int)(((fl_iq3xxs_grid[i] >> (8 * c)) & 0xff) - 0x04) / 8;
+                for (int j = 0; j < 3; j++)
+                    code |= (uint8_t)((k >> j & 1) << iq3xxs_level_bits[c][j]);
             }
             iq3xxs_code[h][i] = code;
         }
-    }
+    for (int c = 0; c < 4; c++)
+        for (int x = 0; x < 64; x++) {
+            int k = 0;
+            for (int j = 0; j < 3; j++)
+                k |= (x >> iq3xxs_level_bits[c][j] & 1) << j;
+            iq3xxs_weight[c][x] = (uint8_t)(62 + (x >> c & 1 ? -iq3xxs_levels[k] : iq3xxs_levels[k]));
+        }
+    build_iq2_weights();
     build_iq2_codes(fl_iq2xxs_grid, 256, iq2xxs_lo, iq2xxs_hi);
     build_iq2_codes(fl_iq2xs_grid, 512, iq2xs_lo, iq2xs_hi);
     build_iq2_codes(fl_iq2s_grid, 1024, iq2s_lo, iq2s_hi);
@@ -123,10 +160,6 @@ static void build_codes(void) {
                  (uint64_t)(r4) << 24 | (uint64_t)(r5) << 16 | (uint64_t)(r6) << 8 | (uint64_t)(r7)))
 /* bits 0..6 kept, bit 7 their parity: the eighth sign of IQ2_XXS / IQ3_XXS (fl_iq2_signs) */
 #define PARITY_SIGN AFFINE(0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x7f)
-/* IQ2_XXS: the level (b0, b1) in bits 2f, 2f+1 -> 0x08 ^ b0 * 0x11 ^ b1 * 0x23 (with the constant 0x08) */
-#define IQ2_LEVEL(f) AFFINE(3 << (2 * (f)), 2 << (2 * (f)), 0, 0, 1 << (2 * (f)), 2 << (2 * (f)), 0, 0)
-/* IQ3_XXS: nibble code (k, k == 7) at bit 4h -> 4 + 8k + 2 (k == 7) (with the constant 0x04) */
-#define IQ3XXS_LEVEL(h) AFFINE(0, 8 << (4 * (h)), 0, 1 << (4 * (h)), 2 << (4 * (h)), 4 << (4 * (h)), 0, 0)
 /* IQ3_S: level k at bit 3h, sign bit at 6 + h -> 16 + 1 + 2k (0x11 ^ 2k) if the sign bit is clear, 16 - 1 - 2k
  * (0x0f ^ 2k) if set: a signed weight offset to an unsigned byte, its sign one XOR (0x1e), so one
  * gf2p8affineqb applies sign and magnitude (with the constant 0x11) */
@@ -246,12 +279,13 @@ ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
 
 /* Position i = 8 s + 4 b + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), so
  * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
- * the activation of its coordinate c, element 32 s + 8 l + c of superblock b, and neg[c] its negation, which the
- * signs pick by a blend. d: superblock b's d in the dwords 2 s + b. A missing second superblock (an odd count)
- * is all zeros. */
+ * the activation of its coordinate c, element 32 s + 8 l + c of superblock b. base dword 2 s + b: -43 times the
+ * sum of sub-block s of superblock b, which takes out the offset of 43 that the signed weights carry
+ * (iq2_signed_weights) and seeds the sums; d: superblock b's d in the dwords 2 s + b. A missing second
+ * superblock (an odd count) is all zeros. */
 struct iq2xxs_pair {
     int8_t a[8][64];
-    int8_t neg[8][64];
+    int32_t base[16];
     float d[16];
 };
 
@@ -270,20 +304,55 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
             for (int l = 0; l < 4; l++)
                 for (int c = 0; c < 8; c++) {
                     dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
-                    dst->neg[c][8 * s + 4 * b + l] = (int8_t)-q[32 * s + 8 * l + c];
+                    dst->base[2 * s + b] -= 43 * q[32 * s + 8 * l + c];
                 }
         }
     }
 }
 
+/* the weight tables of layouts P and Q (iq2_weight_p, iq2_weight_q) */
+struct iq2_weight_tables {
+    __m512i p[2], q[2];
+};
+
+STEP struct iq2_weight_tables iq2_weight_tables(void) {
+    struct iq2_weight_tables t;
+    for (int n = 0; n < 2; n++) {
+        t.p[n] = _mm512_load_si512(iq2_weight_p[n]);
+        t.q[n] = _mm512_load_si512(iq2_weight_q[n]);
+    }
+    return t;
+}
+
+/* w[c]: 43 + the signed weight of coordinate c of the 64 positions, from their level codes (lo: coordinates 2, 3,
+ * 0, 1 in its bit pairs, hi: 4..7) and signs (raw: s0, s1 in bits 0, 1 and s4, s5 in bits 4, 5; moved: s6, s7
+ * in bits 0, 1 and s2, s3 in bits 4, 5). The four bytes looked up each hold two coordinates' levels and signs:
+ * coordinates 0, 1 and 6, 7 in layout P, 2, 3 and 4, 5 in layout Q. */
+STEP void iq2_signed_weights(__m512i lo, __m512i hi, __m512i raw, __m512i moved, const struct iq2_weight_tables *t,
+                             __m512i w[8]) {
+    const __m512i bits01 = _mm512_set1_epi8(0x03), bits45 = _mm512_set1_epi8(0x30);
+    __m512i x01 = _mm512_ternarylogic_epi64(bits01, raw, _mm512_srli_epi16(lo, 2), 0xca); /* A ? B : C */
+    __m512i x23 = _mm512_ternarylogic_epi64(bits45, moved, lo, 0xca);
+    __m512i x45 = _mm512_ternarylogic_epi64(bits45, raw, hi, 0xca);
+    __m512i x67 = _mm512_ternarylogic_epi64(bits01, moved, _mm512_srli_epi16(hi, 2), 0xca);
+    for (int n = 0; n < 2; n++) {
+        w[n] = _mm512_permutexvar_epi8(x01, t->p[n]);
+        w[2 + n] = _mm512_permutexvar_epi8(x23, t->q[n]);
+        w[4 + n] = _mm512_permutexvar_epi8(x45, t->q[n]);
+        w[6 + n] = _mm512_permutexvar_epi8(x67, t->p[n]);
+    }
+}
+
 struct iq2xxs_consts {
     const __m512i *lo, *hi; /* the code tables */
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
     struct iq2xxs_consts c;
     c.lo = (const __m512i *)iq2xxs_lo;
     c.hi = (const __m512i *)iq2xxs_hi;
+    c.weights = iq2_weight_tables();
     return c;
 }
 
@@ -293,11 +362,17 @@ STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm5
 
 STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
 
-/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' */
-STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const struct iq2xxs_pair *y) {
+/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' d
+ * (dword 2 s + b of yd) */
+STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const float *yd) {
     __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(y->d)), st->acc);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(yd)), st->acc);
 }
+
+/* the sign bits 7 j .. 7 j + 6 of a sub-block's word -> s0..s6 in bits 0..6 of byte j (bit 7 is not a sign) */
+#define IQ2XXS_SIGN_SHIFTS BYTES8(0, 7, 14, 21, 32, 39, 46, 53)
+/* bits 0..6 the signs s0..s6 -> s6 in bit 0, the parity sign s7 in bit 1, s2 and s3 in bits 4 and 5 */
+#define IQ2XXS_SIGNS_MOVED AFFINE(0x40, 0x7f, 0, 0, 0x04, 0x08, 0, 0)
 
 STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                 const struct iq2xxs_consts *c) {
@@ -312,34 +387,59 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     __m512i words = _mm512_ternarylogic_epi64(high, q1, _mm512_srli_epi64(q0, 32), 0xca);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
-    /* byte i: the eight signs of position i, the eighth by parity */
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 32, 39, 46, 53)), words),
-        _mm512_set1_epi64(PARITY_SIGN), 0);
-    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
-    for (int f = 0; f < 4; f++) {
-        __m512i w = _mm512_gf2p8affine_epi64_epi8(lo, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << f)));
-        sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f]),
-                                                                    _mm512_load_si512(y->neg[f])));
-        w = _mm512_gf2p8affine_epi64_epi8(hi, _mm512_set1_epi64(IQ2_LEVEL(f)), 0x08);
-        neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(16 << f)));
-        sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + 4]),
-                                                                    _mm512_load_si512(y->neg[f + 4])));
+    /* byte i: the signs of position i, s0..s6 in bits 0..6 (raw), and moved with the parity sign (moved) */
+    __m512i raw = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(IQ2XXS_SIGN_SHIFTS), words);
+    __m512i moved = _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64(IQ2XXS_SIGNS_MOVED), 0);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, raw, moved, &c->weights, w);
+    __m512i sum0 = _mm512_load_si512(y->base), sum1 = _mm512_setzero_si512();
+    for (int f = 0; f < 8; f += 2) {
+        sum0 = _mm512_dpbusd_epi32(sum0, w[f], _mm512_load_si512(y->a[f]));
+        sum1 = _mm512_dpbusd_epi32(sum1, w[f + 1], _mm512_load_si512(y->a[f + 1]));
     }
     /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
-    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
 
-/* Both take IQ2_XXS's positions and activations (struct iq2xxs_pair): position 8 s + 4 b + l is grid point 4 s + l
- * of superblock b, its 8 weights coordinates 0..3 in the lo code, 4..7 in the hi code, as IQ2_XXS's. Their scales
- * are per 16 weights, two positions, so the products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1
- * share a scale) and vpdpwssd applies the scales a word at a time. */
+/* Both take IQ2_XXS's positions and signed weights (iq2_signed_weights): position 8 s + 4 b + l is grid point
+ * 4 s + l of superblock b. Their scales are per 16 weights, two positions, so the products go through vpmaddubsw
+ * (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a word at a time, one
+ * coordinate at a time (two coordinates' word sums of offset weights could overflow). The activations: a[c] byte
+ * i, coordinate c of position i, element 32 s + 8 l + c of superblock b; base word j: minus the sum of the 16
+ * activations of positions 2 j and 2 j + 1, which times 43 and the scales takes out the weights' offset; d:
+ * superblock b's d in the dwords 2 s + b. A missing second superblock is all zeros. */
+struct iq2_pair {
+    int8_t a[8][64];
+    int16_t base[32];
+    float d[16];
+};
+
+static size_t iq2_bytes(int64_t k) { return (size_t)((k / QK_K + 1) / 2) * sizeof(struct iq2_pair); }
+
+static void prep_iq2(int64_t k, const float *x, void *out) {
+    struct iq2_pair *p = out;
+    memset(out, 0, iq2_bytes(k));
+    for (int64_t i = 0; i < k / QK_K; i++) {
+        int8_t q[QK_K];
+        struct iq2_pair *dst = &p[i / 2];
+        int b = (int)(i % 2);
+        float d = q8k_block(x + i * QK_K, q);
+        for (int s = 0; s < 8; s++) {
+            dst->d[2 * s + b] = d;
+            for (int l = 0; l < 4; l++)
+                for (int c = 0; c < 8; c++) {
+                    dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
+                    dst->base[(8 * s + 4 * b + l) / 2] = (int16_t)(dst->base[(8 * s + 4 * b + l) / 2] -
+                                                                   q[32 * s + 8 * l + c]);
+                }
+        }
+    }
+}
 
 /* word j of the result, positions 2 j and 2 j + 1 (sub-block j / 4 of superblock j / 2 % 2): 2 s + 1 of its scale
  * nibble j % 2. Qword s holds the two superblocks' scale bytes s, which vpmultishiftqb shifts to each word's
@@ -352,22 +452,17 @@ STEP __m512i iq2_pair_scales(const uint8_t *sc0, const uint8_t *sc1) {
         _mm512_set1_epi16(0x1e), _mm512_set1_epi16(1), 0xea); /* (A & B) | C */
 }
 
-/* The sums of a pair's weights (codes lo, hi; signs: byte i the 8 signs of position i) times activations times
- * scales ls: dword 2 s + b, sub-block s of superblock b. Two coordinates' word sums stay below 2^15 in
- * magnitude. */
-STEP __m512i iq2_pair_sums(__m512i lo, __m512i hi, __m512i signs, __m512i ls, const struct iq2xxs_pair *y) {
-    __m512i sum = _mm512_setzero_si512();
+/* The sums of a pair's weights (w: iq2_signed_weights) times activations times scales ls: dword 2 s + b,
+ * sub-block s of superblock b. A coordinate's word sums stay below 2 * 86 * 127 in magnitude; the offset's
+ * share, 43 times the scales times the base, is one vpmaddwd (43 * 31 * 2032 < 2^31). */
+STEP __m512i iq2_pair_sums(const __m512i w[8], __m512i ls, const struct iq2_pair *y) {
+    __m512i sum0 = _mm512_madd_epi16(_mm512_mullo_epi16(ls, _mm512_set1_epi16(43)), _mm512_load_si512(y->base));
+    __m512i sum1 = _mm512_setzero_si512();
     for (int f = 0; f < 8; f += 2) {
-        __m512i pair = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++) {
-            __m512i w = _mm512_gf2p8affine_epi64_epi8(f < 4 ? lo : hi, _mm512_set1_epi64(IQ2_LEVEL((f + h) % 4)), 0x08);
-            __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi8((char)(1 << (f + h))));
-            __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[f + h]), _mm512_load_si512(y->neg[f + h]));
-            pair = _mm512_add_epi16(pair, _mm512_maddubs_epi16(w, a));
-        }
-        sum = _mm512_dpwssd_epi32(sum, pair, ls);
+        sum0 = _mm512_dpwssd_epi32(sum0, _mm512_maddubs_epi16(w[f], _mm512_load_si512(y->a[f])), ls);
+        sum1 = _mm512_dpwssd_epi32(sum1, _mm512_maddubs_epi16(w[f + 1], _mm512_load_si512(y->a[f + 1])), ls);
     }
-    return sum;
+    return _mm512_add_epi32(sum0, sum1);
 }
 
 /* byte i: position i's index in the 128 bytes of two blocks' fields read as one table, position 8 s + 4 b + l at
@@ -384,6 +479,7 @@ static inline __m512i pair_pick(int stride, int offset) {
 struct iq2xs_consts {
     const __m512i *lo, *hi;      /* the code tables, read where they are (see IQ2_S) */
     __m512i pick_low, pick_high; /* the low and high bytes of the positions' qs words */
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
@@ -392,19 +488,21 @@ STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
     c.hi = (const __m512i *)iq2xs_hi;
     c.pick_low = pair_pick(2, 0);
     c.pick_high = pair_pick(2, 1);
+    c.weights = iq2_weight_tables();
     return c;
 }
 
 #define dot_iq2_xs_pair_init acc1_init
 #define dot_iq2_xs_pair_finish dot_iq2_xxs_pair_finish
 
-/* the high byte of an IQ2_XS qs word -> its 8 signs: bits 1..7 down to 0..6, bit 7 their parity */
-#define SIGNS_ABOVE_NINTH AFFINE(0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xfe)
+/* the high byte of an IQ2_XS qs word (the ninth index bit, then s0..s6) -> s6 in bit 0, the parity sign s7 in
+ * bit 1, s2 and s3 in bits 4 and 5 */
+#define IQ2XS_SIGNS_MOVED AFFINE(0x80, 0xfe, 0, 0, 0x08, 0x10, 0, 0)
 
 STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                                const struct iq2xs_consts *c) {
     const block_iq2_xs *x = (const block_iq2_xs *)vx + 2 * g;
-    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const struct iq2_pair *y = (const struct iq2_pair *)vy + g;
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xs));
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
@@ -413,9 +511,13 @@ STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64
     __mmask64 top = _mm512_movepi8_mask(idx), ninth = _mm512_test_epi8_mask(high, _mm512_set1_epi8(1));
     __m512i lo = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->lo), lookup256(idx, top, c->lo + 4));
     __m512i hi = _mm512_mask_blend_epi8(ninth, lookup256(idx, top, c->hi), lookup256(idx, top, c->hi + 4));
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(SIGNS_ABOVE_NINTH), 0);
+    /* the signs, raw: s_f in bit f (a shift past the ninth bit), moved: as iq2_signed_weights wants them */
+    __m512i raw = _mm512_srli_epi16(high, 1);
+    __m512i moved = _mm512_gf2p8affine_epi64_epi8(high, _mm512_set1_epi64(IQ2XS_SIGNS_MOVED), 0);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, raw, moved, &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
@@ -426,6 +528,7 @@ ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
 struct iq2s_consts {
     const __m512i *lo, *hi;
     __m512i pick_low, pick_signs, pick_qh; /* bytes from the two blocks' qs, and from their qh side by side */
+    struct iq2_weight_tables weights;
 };
 
 STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
@@ -438,11 +541,15 @@ STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
     for (int i = 0; i < 64; i++)
         pick[i] = (uint8_t)(8 * (i / 4 % 2) + i / 8);
     c.pick_qh = _mm512_loadu_si512(pick);
+    c.weights = iq2_weight_tables();
     return c;
 }
 
 #define dot_iq2_s_pair_init acc1_init
 #define dot_iq2_s_pair_finish dot_iq2_xxs_pair_finish
+
+/* an IQ2_S sign byte (s0..s7) -> s6, s7 in bits 0, 1 and s2, s3 in bits 4, 5 */
+#define IQ2S_SIGNS_MOVED AFFINE(0x40, 0x80, 0, 0, 0x04, 0x08, 0, 0)
 
 /* t[idx] for 64 10-bit indices, bits 0..6 in idx, bit 7 in top, 8 and 9 in b8 and b9, from a 1024-byte table */
 static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mmask64 b9, const __m512i *t) {
@@ -453,7 +560,7 @@ static inline __m512i lookup1024(__m512i idx, __mmask64 top, __mmask64 b8, __mma
 STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_t n, const void *vy,
                               const struct iq2s_consts *c) {
     const block_iq2_s *x = (const block_iq2_s *)vx + 2 * g;
-    const struct iq2xxs_pair *y = (const struct iq2xxs_pair *)vy + g;
+    const struct iq2_pair *y = (const struct iq2_pair *)vy + g;
     const int two = n / QK_K - 2 * g >= 2;
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_s));
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
@@ -467,8 +574,11 @@ STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_
     __mmask64 b8 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32(0x40100401));
     __mmask64 b9 = _mm512_test_epi8_mask(qhv, _mm512_set1_epi32((int)0x80200802u));
     __m512i lo = lookup1024(idx, top, b8, b9, c->lo), hi = lookup1024(idx, top, b8, b9, c->hi);
+    __m512i w[8];
+    iq2_signed_weights(lo, hi, signs, _mm512_gf2p8affine_epi64_epi8(signs, _mm512_set1_epi64(IQ2S_SIGNS_MOVED), 0),
+                       &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(lo, hi, signs, ls, y), x[0].d, two ? x[1].d : 0, y);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
 }
 
 ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
@@ -476,54 +586,43 @@ ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
 /* ---------------------------------------------------------------- IQ3_XXS and IQ3_S */
 
 /* One superblock of activations for IQ3_XXS: position i (0..63) stands for grid index i (4 weights,
- * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c, neg[c] its negation */
-struct iq3_sb {
+ * sub-block i / 8), a[c] byte i is the activation of its coordinate c, element 4 i + c; base dword d: -62 times
+ * the sum of the 16 activations dword d of the four a[c] holds, which takes out the offset of 62 the signed
+ * weights carry (iq3xxs_weight) and seeds the sums */
+struct iq3xxs_sb {
     int8_t a[4][64];
-    int8_t neg[4][64];
+    int32_t base[16];
     float d;
     uint8_t pad[60];
 };
 
-static size_t iq3_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3_sb); }
+static size_t iq3xxs_bytes(int64_t k) { return (size_t)(k / QK_K) * sizeof(struct iq3xxs_sb); }
 
-static void prep_iq3(int64_t k, const float *x, void *out) {
-    struct iq3_sb *sb = out;
+static void prep_iq3_xxs(int64_t k, const float *x, void *out) {
+    struct iq3xxs_sb *sb = out;
     for (int64_t i = 0; i < k / QK_K; i++) {
         int8_t q[QK_K];
+        memset(&sb[i], 0, sizeof(sb[i]));
         sb[i].d = q8k_block(x + i * QK_K, q);
         for (int p = 0; p < 64; p++)
             for (int c = 0; c < 4; c++) {
                 sb[i].a[c][p] = q[4 * p + c];
-                sb[i].neg[c][p] = (int8_t)-q[4 * p + c];
+                sb[i].base[p / 4] -= 62 * q[4 * p + c];
             }
-        memset(sb[i].pad, 0, sizeof(sb[i].pad));
     }
-}
-
-/* The magnitudes of the 64 x 4 weights (m[c]: coordinate c, in position order) against the activations with
- * their signs, summed: dword d holds sub-block d / 2. Byte i of signs is the sign byte of position i, which
- * covers it and its neighbour (position i covers weights 4 (i % 2) .. + 3 of the byte's 8). */
-static inline __m512i iq3_sums(const __m512i *m, __m512i signs, const struct iq3_sb *y) {
-    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0;
-    for (int c = 0; c < 4; c++) {
-        __mmask64 neg = _mm512_test_epi8_mask(signs, _mm512_set1_epi16((short)((1 << c) | (16 << c) << 8)));
-        __m512i a = _mm512_mask_blend_epi8(neg, _mm512_load_si512(y->a[c]), _mm512_load_si512(y->neg[c]));
-        if (c % 2)
-            sum1 = _mm512_dpbusd_epi32(sum1, m[c], a);
-        else
-            sum0 = _mm512_dpbusd_epi32(sum0, m[c], a);
-    }
-    return _mm512_add_epi32(sum0, sum1);
 }
 
 struct iq3xxs_consts {
     const __m512i *code[2];
+    __m512i weight[4];
 };
 
 STEP struct iq3xxs_consts dot_iq3_xxs_sb_consts(void) {
     struct iq3xxs_consts c;
     c.code[0] = (const __m512i *)iq3xxs_code[0];
     c.code[1] = (const __m512i *)iq3xxs_code[1];
+    for (int j = 0; j < 4; j++)
+        c.weight[j] = _mm512_load_si512(iq3xxs_weight[j]);
     return c;
 }
 
@@ -535,23 +634,32 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
                               const struct iq3xxs_consts *c) {
     (void)n;
     const block_iq3_xxs *x = (const block_iq3_xxs *)vx + i;
-    const struct iq3_sb *y = (const struct iq3_sb *)vy + i;
+    const struct iq3xxs_sb *y = (const struct iq3xxs_sb *)vy + i;
     prefetch_ahead((const uint8_t *)x, (int)sizeof(block_iq3_xxs));
     __m512i idx = _mm512_loadu_si512(x->qs);
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i code01 = lookup256(idx, top, c->code[0]), code23 = lookup256(idx, top, c->code[1]);
-    __m512i m[4] = {_mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code01, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(0)), 0x04),
-                    _mm512_gf2p8affine_epi64_epi8(code23, _mm512_set1_epi64(IQ3XXS_LEVEL(1)), 0x04)};
-    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> byte j: sign byte j / 2, with
-     * parity */
+    /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> bytes 0..3: its four sign bytes, with
+     * parity -> byte p: the low nibble of sign byte p / 2 (p even) or its high nibble (p odd), the signs of
+     * position p's four coordinates in bits 0..3 */
     __m256i words = _mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4));
-    __m512i signs = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 0, 7, 7, 14, 14, 21, 21)),
+    __m512i sign_bytes = _mm512_gf2p8affine_epi64_epi8(
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 0, 0, 0, 0)),
                                      _mm512_cvtepu32_epi64(words)),
         _mm512_set1_epi64(PARITY_SIGN), 0);
-    __m512i sum = iq3_sums(m, signs, y);
+    __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 4, 8, 12, 16, 20, 24, 28)), sign_bytes);
+    /* coordinate c: its sign in bit c beside its level (iq3xxs_level_bits), looked up as a signed weight; dword d
+     * sums sub-block d / 2's positions 4 d .. 4 d + 3 */
+    __m512i sum0 = _mm512_load_si512(y->base), sum1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        __m512i byte = _mm512_ternarylogic_epi64(_mm512_set1_epi8((char)(1 << j)), signs, j < 2 ? code01 : code23, 0xca);
+        __m512i w = _mm512_permutexvar_epi8(byte, c->weight[j]);
+        if (j % 2)
+            sum1 = _mm512_dpbusd_epi32(sum1, w, _mm512_load_si512(y->a[j]));
+        else
+            sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_load_si512(y->a[j]));
+    }
+    __m512i sum = _mm512_add_epi32(sum0, sum1);
     /* dword d: sub-block d / 2, times 2 scale + 1 */
     __m512i ls = _mm512_or_si512(
         _mm512_srli_epi32(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
@@ -915,13 +1023,13 @@ static const struct fl_decode_kernel iq4_xs_kernel = {iq4xs_bytes, prep_iq4_xs, 
                                                       dot_iq4_xs_sb_tn};
 static const struct fl_decode_kernel iq2_xxs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xxs_pair,
                                                        dot_iq2_xxs_pair_x4, dot_iq2_xxs_pair_tn};
-static const struct fl_decode_kernel iq3_xxs_kernel = {iq3_bytes, prep_iq3, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
+static const struct fl_decode_kernel iq3_xxs_kernel = {iq3xxs_bytes, prep_iq3_xxs, dot_iq3_xxs_sb, dot_iq3_xxs_sb_x4,
                                                        dot_iq3_xxs_sb_tn};
 static const struct fl_decode_kernel iq3_s_kernel = {iq3s_bytes, prep_iq3_s, dot_iq3_s_sb, dot_iq3_s_sb_x4,
                                                      dot_iq3_s_sb_tn};
-static const struct fl_decode_kernel iq2_xs_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_xs_pair,
+static const struct fl_decode_kernel iq2_xs_kernel = {iq2_bytes, prep_iq2, dot_iq2_xs_pair,
                                                       dot_iq2_xs_pair_x4, dot_iq2_xs_pair_tn};
-static const struct fl_decode_kernel iq2_s_kernel = {iq2xxs_bytes, prep_iq2_xxs, dot_iq2_s_pair,
+static const struct fl_decode_kernel iq2_s_kernel = {iq2_bytes, prep_iq2, dot_iq2_s_pair,
                                                      dot_iq2_s_pair_x4, dot_iq2_s_pair_tn};
 static const struct fl_decode_kernel iq1_s_kernel = {ilv_bytes, prep_ilv, dot_iq1_s_sb, dot_iq1_s_sb_x4,
                                                      dot_iq1_s_sb_tn};
