@@ -14,14 +14,14 @@
 #include "kernels.h"
 #include "threadpool.h"
 
-/* a task takes at least this many weight bytes (and rows), enough for four long read streams */
+/* A task takes at least this many weight bytes (and rows), enough for four long read streams. A batch that reads
+ * fewer weight bytes (times tokens) runs on the caller alone: handing a worker part of it and waiting for the last
+ * task costs about what the split saves (a 256 x 256 Q8_0 product of 68 KB takes 3 us on one thread and no less on
+ * two), a worker woken for it spins on afterwards while another program may need its core, and a worker whose core
+ * another program holds can stall the job. Every decode product of a full-width V4 reads more than this; a tiny
+ * model's read less, so its decode steps never wake the pool. */
 #define TASK_BYTES (512 << 10)
 #define TASK_ROWS 64
-/* A batch that reads fewer weight bytes (times tokens) than this runs on the caller alone: handing its tasks to a
- * worker and waiting for the last costs about as much as the split saves (a 256 x 256 Q8_0 product of 68 KB takes
- * 3 us on one thread and no less on two), and a worker whose core another program holds can stall such a job for a
- * scheduler slice. Every decode product of a full-width model reads more, a tiny model's fewer. */
-#define SPLIT_BYTES (192 << 10)
 /* weight rows multiplied together by each token of a tile: they stay in L1 (48 KiB on the CPUs measured) */
 #define GROUP_BYTES (32 << 10)
 /* a tile's prepared activations: they stay in L2 (1-2 MiB) while every group of rows passes over them */
@@ -327,10 +327,10 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
         int status = check_item(&items[i]);
         if (status != FL_OK)
             return status;
-        if (work < SPLIT_BYTES) /* and no further: no overflow */
+        if (work < TASK_BYTES) /* and no further: no overflow */
             work += fl_row_bytes(items[i].wtype, items[i].k) * items[i].rows * items[i].n_tok;
     }
-    int threads = work < SPLIT_BYTES ? 1 : fl_pool_width();
+    int threads = work < TASK_BYTES ? 1 : fl_pool_width();
     /* per job: its description, its first task and preparation task, its x, its activations' preparation, and
      * where its prepared activations are: at an offset >= 0 into one buffer for all jobs, those of job j for
      * -2 - j, or (-1) its x itself, read as f32 */

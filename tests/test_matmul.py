@@ -329,8 +329,8 @@ def test_decode_row_does_not_depend_on_its_neighbours(wtype, level, threads):
             assert np.array_equal(fm.matmul(w, wtype, rows, k, x), alone), (rows, n_threads)
 
 
-# weight bytes (times tokens) under which a product runs on the calling thread alone (csrc/matmul.c: SPLIT_BYTES)
-SPLIT_BYTES = 192 << 10
+# weight bytes (times tokens) under which a product runs on the calling thread alone (csrc/matmul.c: TASK_BYTES)
+SPLIT_BYTES = 512 << 10
 
 
 @pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
