@@ -292,7 +292,8 @@ struct fl_v4_ffn {
 };
 /* h_out [n_tok, hc, dim] = h + the MoE sublayer of h (the token ids route hash layers): fl_hc_pre, fl_rms_norm
  * with the ffn norm, the router's fl_matmul, fl_moe_route, the routed experts (fl_moe_experts or, with a cache,
- * fl_moe_experts_cached), the shared expert, fl_hc_post: the calls, in the order, of the Python definition. */
+ * fl_moe_experts_cached), the shared expert, fl_hc_post: the calls of the Python definition, their sums in its
+ * order (the shared expert's gate and up products run with the router's, which changes no bit). */
 int fl_v4_ffn(const struct fl_v4_ffn *p, int64_t n_tok, const float *h, const int64_t *token_ids, float *h_out);
 
 /* The Walsh-Hadamard rotation of each of n_rows rows of dim (a power of two) floats, natural (Sylvester) order,

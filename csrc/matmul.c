@@ -14,7 +14,12 @@
 #include "kernels.h"
 #include "threadpool.h"
 
-/* a task takes at least this many weight bytes (and rows), enough for four long read streams */
+/* A task takes at least this many weight bytes (and rows), enough for four long read streams. A batch that reads
+ * fewer weight bytes (times tokens) runs on the caller alone: handing a worker part of it and waiting for the last
+ * task costs about what the split saves (a 256 x 256 Q8_0 product of 68 KB takes 3 us on one thread and no less on
+ * two), a worker woken for it spins on afterwards while another program may need its core, and a worker whose core
+ * another program holds can stall the job. Every decode product of a full-width V4 reads more than this; a tiny
+ * model's read less, so its decode steps never wake the pool. */
 #define TASK_BYTES (512 << 10)
 #define TASK_ROWS 64
 /* weight rows multiplied together by each token of a tile: they stay in L1 (48 KiB on the CPUs measured) */
@@ -169,7 +174,7 @@ static const struct fl_gemm_kernel *gemm_kernel(int wtype, int64_t n_tok) {
  * from `shared` where it already holds them prepared for the same x and kernel; otherwise the job names what
  * to quantize (x, dk, from_float), for the caller to do into n_tok rows of x_row bytes at xq (with a prefill
  * kernel, into panels of FL_PANEL tokens of x_row bytes each). */
-static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it, const uint8_t *shared) {
+static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it, const uint8_t *shared, int64_t threads) {
     const struct fl_type_traits *wt = fl_traits(it->wtype);
     const struct fl_decode_kernel *dk = fl_decode_kernel(it->wtype);
     int64_t k = it->k;
@@ -197,8 +202,9 @@ static int matmul_setup(struct matmul_job *job, const struct fl_matmul_item *it,
     /* tasks of at most about TASK_BYTES of weights, as many as a multiple of the threads that will run them and of
      * equal rows: with tasks of the full size and a short last one, one thread could be left finishing a full task
      * while the others wait (Q2_K expert_down, 4096 rows in 6 tasks: 5 x 780 + 196, the slower thread 14% over
-     * the mean). Many tokens already make many tasks, one per tile of tokens, so the rows are not cut finer. */
-    int64_t threads = fl_pool_width(), round = threads * TASK_BYTES;
+     * the mean). Many tokens already make many tasks, one per tile of tokens, so the rows are not cut finer.
+     * threads: those that will run the batch (fl_matmul_batch). */
+    int64_t round = threads * TASK_BYTES;
     int64_t tasks = threads * (((int64_t)job->w_row * job->rows + round - 1) / round);
     int64_t per_thread = (job->rows + threads - 1) / threads, even = (job->rows + tasks - 1) / tasks;
     if (even < TASK_ROWS)
@@ -316,11 +322,15 @@ int fl_matmul(int wtype, const void *w, int64_t rows, int64_t k, const float *x,
 int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
     if (n < 0 || (n && !items))
         return FL_EINVAL;
+    int64_t work = 0; /* weight bytes times tokens */
     for (int64_t i = 0; i < n; i++) {
         int status = check_item(&items[i]);
         if (status != FL_OK)
             return status;
+        if (work < TASK_BYTES) /* and no further: no overflow */
+            work += fl_row_bytes(items[i].wtype, items[i].k) * items[i].rows * items[i].n_tok;
     }
+    int threads = work < TASK_BYTES ? 1 : fl_pool_width();
     /* per job: its description, its first task and preparation task, its x, its activations' preparation, and
      * where its prepared activations are: at an offset >= 0 into one buffer for all jobs, those of job j for
      * -2 - j, or (-1) its x itself, read as f32 */
@@ -357,7 +367,7 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
         x_of[n_jobs] = it->x;
         struct matmul_job *job = &jobs[n_jobs];
         /* it->x stands for the shared activations until every job's are placed */
-        status = matmul_setup(job, it, shared >= 0 ? (const uint8_t *)it->x : NULL);
+        status = matmul_setup(job, it, shared >= 0 ? (const uint8_t *)it->x : NULL, threads);
         if (status == FL_OK) {
             at[n_jobs] = job->x ? (int64_t)prep_bytes : shared >= 0 ? -2 - shared : -1;
             if (job->x)
@@ -382,8 +392,8 @@ int fl_matmul_batch(int64_t n, const struct fl_matmul_item *items) {
             for (int64_t task = 0; task < first_prep[n_jobs]; task++)
                 prep_task(&prep, task, 0);
         else
-            fl_parallel_for(first_prep[n_jobs], 0, prep_task, &prep);
-        fl_parallel_for(first[n_jobs], 0, batch_task, &run);
+            fl_parallel_for(first_prep[n_jobs], threads, prep_task, &prep);
+        fl_parallel_for(first[n_jobs], threads, batch_task, &run);
     }
     if (prepared != local_prep)
         free(prepared);

@@ -9,6 +9,14 @@
 #include "flashlite.h"
 #include "moe.h"
 
+void moe_swiglu(int64_t n, float *g, const float *u, float limit) {
+    for (int64_t r = 0; r < n; r++) {
+        float gi = g[r] < limit ? g[r] : limit;
+        float ui = u[r] < -limit ? -limit : (u[r] > limit ? limit : u[r]);
+        g[r] = gi / (1.0f + expf(-gi)) * ui;
+    }
+}
+
 int moe_run(const struct moe_source *src, const int32_t *order, int64_t n_order, int64_t n_tok, int64_t dim,
             int64_t inter, int64_t n_used, int64_t n_expert, const float *x, const int32_t *idx,
             const float *weights, float limit, float *out) {
@@ -65,11 +73,7 @@ int moe_run(const struct moe_source *src, const int32_t *order, int64_t n_order,
         if (status == FL_OK) status = fl_matmul_batch(2 * n_wave, items);
         for (int64_t j = 0; j < n_wave && status == FL_OK; j++) {
             int64_t lo = first[wave[j]], n = first[wave[j] + 1] - lo;
-            for (int64_t r = lo * inter; r < (lo + n) * inter; r++) {
-                float gi = g[r] < limit ? g[r] : limit;
-                float ui = u[r] < -limit ? -limit : (u[r] > limit ? limit : u[r]);
-                g[r] = gi / (1.0f + expf(-gi)) * ui;
-            }
+            moe_swiglu(n * inter, g + lo * inter, u + lo * inter, limit);
             items[j] = (struct fl_matmul_item){src->type[2], wts[j][2], dim, inter, g + lo * inter, n, y + lo * dim};
         }
         if (status == FL_OK) status = fl_matmul_batch(n_wave, items);

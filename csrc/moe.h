@@ -23,6 +23,9 @@ int moe_run(const struct moe_source *src, const int32_t *order, int64_t n_order,
             int64_t inter, int64_t n_used, int64_t n_expert, const float *x, const int32_t *idx,
             const float *weights, float limit, float *out);
 
+/* g[i] = silu(min(g[i], limit)) * clamp(u[i], -limit, limit) for the n gate and up outputs of an expert. */
+void moe_swiglu(int64_t n, float *g, const float *u, float limit);
+
 /* FL_OK when the sizes are positive, the pointers set and every route an expert id below n_expert. */
 int moe_check_routes(int64_t n_tok, int64_t dim, int64_t inter, int64_t n_used, int64_t n_expert,
                      const float *x, const int32_t *idx, const float *weights, const float *out);

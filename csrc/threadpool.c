@@ -296,7 +296,7 @@ int fl_pool_width(void) {
     pthread_mutex_lock(&submit_lock);
     if (n_threads == 0)
         resize(0);
-    int n = alone_until && now_ns() < alone_until ? 1 : n_threads;
+    int n = n_threads > 1 && alone_until && now_ns() < alone_until ? 1 : n_threads;
     pthread_mutex_unlock(&submit_lock);
     return n;
 }
@@ -327,6 +327,12 @@ void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx)
     if (n_threads == 0)
         resize(0);
     int threads = max_threads > 0 && max_threads < n_threads ? max_threads : n_threads;
+    if (threads == 1 || n_tasks == 1) { /* the pool's state untouched: the previous job is judged by the next */
+        for (int64_t t = 0; t < n_tasks; t++)
+            fn(ctx, t, 0);
+        pthread_mutex_unlock(&submit_lock);
+        return;
+    }
     int64_t now = now_ns();
     if (last_gen) { /* a spinning worker that has its core sees every job before the next one comes */
         int late = 0;
@@ -340,7 +346,7 @@ void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx)
         }
         last_gen = 0;
     }
-    if (threads == 1 || n_tasks == 1 || now < alone_until) {
+    if (now < alone_until) {
         for (int64_t t = 0; t < n_tasks; t++)
             fn(ctx, t, 0);
         pthread_mutex_unlock(&submit_lock);

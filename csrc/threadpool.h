@@ -7,7 +7,8 @@
 
 /* fn(ctx, task, thread) for every task < n_tasks, on at most max_threads threads (<= 0: the whole pool);
  * thread < max_threads names the executing thread, so a caller can hand each one its own scratch sized
- * before the call even if the pool is resized meanwhile. Returns when all tasks are done. */
+ * before the call even if the pool is resized meanwhile. Returns when all tasks are done. One thread (or one task)
+ * runs on the caller without waking or judging the workers: a job too small to split costs no more than a loop. */
 typedef void (*fl_task_fn)(void *ctx, int64_t task, int thread);
 void fl_parallel_for(int64_t n_tasks, int max_threads, fl_task_fn fn, void *ctx);
 

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "flashlite.h"
+#include "moe.h"
 
 int fl_moe_route(int64_t n_tok, int64_t n_expert, int64_t n_used, const float *logits, const float *bias,
                  const int32_t *tid2eid, int64_t vocab, const int64_t *token_ids, float route_scale, float *weights,
@@ -60,24 +61,36 @@ int fl_moe_route(int64_t n_tok, int64_t n_expert, int64_t n_used, const float *l
 
 int fl_v4_ffn(const struct fl_v4_ffn *p, int64_t n_tok, const float *h, const int64_t *token_ids, float *h_out) {
     if (!p || n_tok < 0 || !h || !h_out || !token_ids || p->dim <= 0 || p->hc <= 0 || p->n_used <= 0 ||
-        p->n_used > p->n_expert)
+        p->n_used > p->n_expert || p->shared_inter <= 0)
         return FL_EINVAL;
     if (n_tok == 0) return FL_OK;
-    int64_t dim = p->dim, hc = p->hc, used = n_tok * p->n_used;
-    float *x = malloc(sizeof(float) * (size_t)(n_tok * dim));
-    float *xn = malloc(sizeof(float) * (size_t)(n_tok * dim));
-    float *out = calloc((size_t)(n_tok * dim), sizeof(float));
-    float *post = malloc(sizeof(float) * (size_t)(n_tok * hc));
-    float *comb = malloc(sizeof(float) * (size_t)(n_tok * hc * hc));
-    float *logits = malloc(sizeof(float) * (size_t)(n_tok * p->n_expert));
-    float *weights = malloc(sizeof(float) * (size_t)(used + n_tok));
-    int32_t *idx = malloc(sizeof(int32_t) * (size_t)(used + n_tok));
-    int status = x && xn && out && post && comb && logits && weights && idx ? FL_OK : FL_ENOMEM;
-    if (status == FL_OK)
-        status = fl_hc_pre(n_tok, hc, dim, h, p->hc_fn_type, p->hc_fn, p->hc_base, p->hc_scale, p->sinkhorn_iters,
+    int64_t dim = p->dim, hc = p->hc, used = n_tok * p->n_used, si = p->shared_inter;
+    /* every buffer of the sublayer in one allocation, each on its own cache lines */
+    int64_t sizes[] = {
+        n_tok * dim, n_tok * dim, n_tok * dim,  /* x: the collapse; xn: normed; out: the experts' sum */
+        n_tok * hc, n_tok * hc * hc,            /* post, comb */
+        n_tok * p->n_expert, used, used,        /* the router's logits; the routes' weights and expert ids */
+        n_tok * si, n_tok * si, n_tok * dim,    /* the shared expert's gate, up and down outputs */
+    };
+    enum { N_BUF = sizeof(sizes) / sizeof(sizes[0]) };
+    float *buf[N_BUF];
+    int64_t total = 0;
+    for (int i = 0; i < N_BUF; i++) total += (sizes[i] + 15) & ~(int64_t)15;
+    float *mem = malloc(sizeof(float) * (size_t)total);
+    if (!mem) return FL_ENOMEM;
+    for (int64_t i = 0, off = 0; i < N_BUF; off += (sizes[i] + 15) & ~(int64_t)15, i++) buf[i] = mem + off;
+    float *x = buf[0], *xn = buf[1], *out = buf[2], *post = buf[3], *comb = buf[4], *logits = buf[5];
+    float *weights = buf[6], *sg = buf[8], *su = buf[9], *ys = buf[10];
+    int32_t *idx = (int32_t *)buf[7];
+    memset(out, 0, sizeof(float) * (size_t)(n_tok * dim));
+    int status = fl_hc_pre(n_tok, hc, dim, h, p->hc_fn_type, p->hc_fn, p->hc_base, p->hc_scale, p->sinkhorn_iters,
                            p->hc_eps, p->norm_eps, x, post, comb);
     if (status == FL_OK) status = fl_rms_norm(n_tok, dim, x, p->norm, p->norm_eps, xn);
-    if (status == FL_OK) status = fl_matmul(p->gate_type, p->gate_w, p->n_expert, dim, xn, n_tok, logits);
+    /* the router and the shared expert's gate and up read the same normed rows: one run of the core */
+    struct fl_matmul_item first[3] = {{p->gate_type, p->gate_w, p->n_expert, dim, xn, n_tok, logits},
+                                      {p->shared_type[0], p->shared_w[0], si, dim, xn, n_tok, sg},
+                                      {p->shared_type[1], p->shared_w[1], si, dim, xn, n_tok, su}};
+    if (status == FL_OK) status = fl_matmul_batch(3, first);
     if (status == FL_OK)
         status = fl_moe_route(n_tok, p->n_expert, p->n_used, logits, p->bias, p->tid2eid, p->vocab, token_ids,
                               p->route_scale, weights, idx);
@@ -89,25 +102,14 @@ int fl_v4_ffn(const struct fl_v4_ffn *p, int64_t n_tok, const float *h, const in
                                            p->exp_w[1], p->exp_stride[1], p->exp_type[2], p->exp_w[2],
                                            p->exp_stride[2], p->limit, out);
     if (status == FL_OK) {
-        /* the shared expert: every token through expert 0 of a one-expert stack, weight 1 */
-        int32_t *zero = idx + used;
-        float *one = weights + used;
-        for (int64_t t = 0; t < n_tok; t++) {
-            zero[t] = 0;
-            one[t] = 1.0f;
-        }
-        status = fl_moe_experts(n_tok, dim, p->shared_inter, 1, 1, xn, zero, one, p->shared_type[0], p->shared_w[0],
-                                0, p->shared_type[1], p->shared_w[1], 0, p->shared_type[2], p->shared_w[2], 0,
-                                p->shared_limit, out);
+        /* the shared expert: every token, weight 1 (exact), added after the routed ones as the definition does */
+        moe_swiglu(n_tok * si, sg, su, p->shared_limit);
+        status = fl_matmul(p->shared_type[2], p->shared_w[2], dim, si, sg, n_tok, ys);
     }
-    if (status == FL_OK) status = fl_hc_post(n_tok, hc, dim, out, h, post, comb, h_out);
-    free(x);
-    free(xn);
-    free(out);
-    free(post);
-    free(comb);
-    free(logits);
-    free(weights);
-    free(idx);
+    if (status == FL_OK) {
+        for (int64_t i = 0; i < n_tok * dim; i++) out[i] += ys[i];
+        status = fl_hc_post(n_tok, hc, dim, out, h, post, comb, h_out);
+    }
+    free(mem);
     return status;
 }

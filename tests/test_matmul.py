@@ -329,6 +329,29 @@ def test_decode_row_does_not_depend_on_its_neighbours(wtype, level, threads):
             assert np.array_equal(fm.matmul(w, wtype, rows, k, x), alone), (rows, n_threads)
 
 
+# weight bytes (times tokens) under which a product runs on the calling thread alone (csrc/matmul.c: TASK_BYTES)
+SPLIT_BYTES = 512 << 10
+
+
+@pytest.mark.parametrize("wtype", FORMATS, ids=lambda t: t.name)
+def test_decode_split_across_threads_is_one_threads_bits(wtype, threads):
+    """A product the size of a tiny model's stays on the calling thread, a larger one is cut into row ranges for the
+    pool's threads (with four-row dots over four quarters of each): either way every row comes out as one thread
+    computes it, rows past every boundary included (an odd count)."""
+    rng = np.random.default_rng(21)
+    k = 256 * max(1, block_formats.block_elems(wtype) // 256)
+    row_bytes = k // block_formats.block_elems(wtype) * block_formats.block_bytes(wtype)
+    x = rng.standard_normal(k).astype(np.float32)
+    for rows in (SPLIT_BYTES // row_bytes - 1, 2 * SPLIT_BYTES // row_bytes + 7):
+        w = make_weights(wtype, rows, k, rng)
+        threads(1)
+        alone = fm.matmul(w, wtype, rows, k, x)
+        for n_threads in (2, 3):
+            threads(n_threads)
+            assert np.array_equal(fm.matmul(w, wtype, rows, k, x).view(np.uint32), alone.view(np.uint32)), \
+                (rows, n_threads)
+
+
 def test_unsupported_level_is_refused():
     other = "neon" if fm.simd_best() != "neon" else "avx2"
     with pytest.raises(ValueError, match="^name:"):

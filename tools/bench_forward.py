@@ -94,13 +94,14 @@ def run(opts):
     prefill = time.perf_counter() - t0
     print(f"prefill: {opts.prompt} tokens, {opts.prompt / prefill:.2f} tok/s")
     with CoreTimer() as core:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(opts.decode):
             row = m.forward([int(np.argmax(row))])[-1]
-        decode = time.perf_counter() - t0
+        decode, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     outside = decode - core.seconds
     print(f"decode: {opts.decode} tokens, {opts.decode / decode:.2f} tok/s, "
-          f"{decode / opts.decode / m.args.n_layers * 1e3:.3f} ms per layer; outside the C core "
+          f"{decode / opts.decode / m.args.n_layers * 1e3:.3f} ms per layer (CPU time of all threads "
+          f"{cpu / opts.decode / m.args.n_layers * 1e3:.3f}); outside the C core "
           f"{outside / opts.decode * 1e3:.2f} ms/token = {100 * outside / decode:.1f}% of decode time")
     print(f"compressed KV rows as stored now ({opts.kv_format}): {m.cache.row_bytes_per_token():.0f} B/token")
     if opts.ram_budget:
