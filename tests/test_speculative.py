@@ -390,23 +390,99 @@ def test_draft_control_probes_less_often_while_probes_fail():
     assert c.next_k() >= 1
 
 
-def test_generations_continue_what_rounds_cost(models):
-    """A model's generations with the same drafter and options continue one DraftControl's measures of what rounds
-    cost (other options get their own), but learn acceptance afresh, since it depends on the text; the output
-    stays plain decoding's."""
+def test_sequences_share_costs_but_learn_their_own_acceptance():
+    """Two sequences of one model interleave their rounds: the seconds they measure go to one DraftCosts, the
+    acceptance to each its own control, so the one whose drafts always pass drafts long while the one whose drafts
+    never pass turns drafting off (a shared estimate would have put both in between)."""
+    costs = sp.DraftCosts()
+    passing, failing = sp.DraftControl(6, costs=costs), sp.DraftControl(6, costs=costs)
+    for _ in range(40):
+        for control, accepted in ((passing, lambda k: k), (failing, lambda k: 0)):
+            k = control.next_k()
+            control.record(k, accepted(k), 1.0 + 0.25 * k, 0.01 * k, 1.05 + 0.26 * k)
+    assert passing.costs is failing.costs and set(costs.med) >= {1, 2}
+    assert passing.next_k() >= 4 and failing.next_k() == 0
+    assert passing.acceptance > 0.9 and failing.acceptance < 0.1
+
+
+class _Scripted:
+    """A drafter that proposes the given continuation (plain decoding's: every draft passes), or, with `miss`,
+    each of its tokens plus one (no draft passes)."""
+
+    cost, context_rows = None, 0
+
+    def __init__(self, prompt, continuation, miss=False):
+        self.at, self.continuation, self.miss = len(prompt), continuation, miss
+
+    def propose(self, tokens, k):
+        out = self.continuation[len(tokens) - self.at:][:k]
+        return [(t + 1) % 4096 if self.miss else t for t in out]
+
+    def capture(self):
+        return {}
+
+    def observe(self, captured, start, rows):
+        pass
+
+
+def test_interleaved_sequences_share_costs_and_keep_their_own_draft_length(models):
+    """Two generations of one model with the same options, their rounds interleaved as the server's threads run
+    them: each yields plain decoding's tokens, they share one DraftCosts (the model's: draft_costs) and each has
+    its own control, whose choice follows its own drafts (always passing: drafting; never passing: off)."""
     m = models("tiny")
     prompt = _prompt(m)
-    plain = list(m.generate(prompt, 20))
-    options = sp.SpecOptions("ngram", 3)
-    assert list(m.generate(prompt, 20, spec_type=options)) == plain
-    control = sp.draft_control(m, options)
-    rounds, costs = control.rounds, dict(control.med)
-    assert rounds > 0 and 1 in costs and sum(control.trials) > 0
-    speculator = sp.Speculator(m, m.new_cache(), sp.SpecOptions("ngram", 3))
-    assert speculator.control is control and control.med == costs and sum(control.trials) == 0
-    assert list(m.generate(prompt, 20, spec_type=sp.SpecOptions("ngram", 3))) == plain
-    assert control.rounds > rounds
-    assert sp.draft_control(m, sp.SpecOptions("ngram", 4)) is not control
+    plain = list(m.generate(prompt, 41))
+    options = sp.SpecOptions("ngram", 4)
+    speculators = [sp.Speculator(m, m.new_cache(), options) for _ in range(2)]
+    speculators[0].drafter = _Scripted(prompt, plain)
+    speculators[1].drafter = _Scripted(prompt, plain, miss=True)
+    histories = [list(prompt), list(prompt)]
+    streams = [s.tokens(list(prompt), h) for s, h in zip(speculators, histories)]
+    outs = [[], []]
+    for _ in range(40):
+        for out, stream in zip(outs, streams):
+            out.append(next(stream))
+    for stream in streams:
+        stream.close()
+    assert outs == [plain[:40], plain[:40]]
+    passing, failing = (s.control for s in speculators)
+    assert passing is not failing and passing.costs is failing.costs is sp.draft_costs(m, options)
+    assert passing.acceptance == 1.0 and failing.acceptance == 0.0
+    assert passing.next_k() >= 1 and failing.choice == 0  # drafting off (until its next probe)
+    assert sp.draft_costs(m, sp.SpecOptions("ngram", 3)) is not passing.costs
+
+
+@pytest.mark.parametrize("name,kind", [("tiny", "ngram"), ("tiny", "mtp"), ("small", "mtp")])
+def test_rounds_while_drafting_is_off_decode_as_plain(models, files, name, kind, monkeypatch):
+    """While drafting is off, the rounds before a probe run as plain decoding (DraftControl.plain_ahead) and the
+    drafter sees only the last context_rows of them: the output is plain decoding's, the probes draft, and each
+    probe's drafts are those of a drafter that saw every row (the MTP block's window before the probe)."""
+    m = models(name)
+    draft = str(files["mtp-" + name]) if kind == "mtp" else None
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 200))
+    monkeypatch.setattr(sp.DraftCosts, "rates", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)  # plain wins
+    drafter = sp.MTPDrafter if kind == "mtp" else sp.NgramDrafter
+    propose = drafter.propose
+    runs = []
+
+    def spy(self, tokens, k):
+        out = propose(self, tokens, k)
+        runs[-1].append((len(tokens), k, out))
+        return out
+
+    monkeypatch.setattr(drafter, "propose", spy)
+    for every_row in (False, True):
+        if every_row:
+            monkeypatch.setattr(drafter, "context_rows", 10 ** 9)
+        runs.append([])
+        m.reset_stats()
+        assert list(m.generate(prompt, 200, spec_type=sp.SpecOptions(kind, 4, draft))) == plain
+        st = m.stats()
+        assert st["spec_rounds"] == 199 - st["accepted_tokens"]
+    skipping, seeing_all = runs
+    assert len([k for _, k, _ in skipping if k]) == 3  # probes after 16, 32 and 64 plain rounds
+    assert skipping == seeing_all
 
 
 # ------------------------------------------------------------------------- the MTP draft file and block
