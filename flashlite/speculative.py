@@ -85,45 +85,72 @@ class SpecOptions:
 # ---------------------------------------------------------------------------------------------------
 
 class NgramDrafter:
-    """Prompt lookup: the longest n-gram (n_max..n_min tokens) that ends the sequence and occurred before in it
-    (prompt and output), most recent occurrence first; the draft is what followed that occurrence. Free to run,
-    strong where the output repeats its input (code edits, quotes, lists)."""
+    """Prompt lookup as llama.cpp's ngram-cache (common/ngram-cache.cpp, context cache): every n-gram of the
+    sequence (prompt and output, n = n_min..n_max) counts the tokens that followed it. A draft grows a token at a
+    time: the longest n-gram ending the sequence (with the drafts so far) whose continuations are confident gives
+    its most frequent continuation (the most recent among equals); confident means at least MIN_SAMPLES[n]
+    occurrences of which the token took at least MIN_SHARE[n] (llama.cpp's lax thresholds: a 1-gram must have been
+    followed by the same token 2 times in 3, a 2-gram half of 2 times, a 3- or 4-gram once). The draft stops where
+    no n-gram is confident, so its length varies (k at most). Free to run, strong where the output repeats its
+    input (code edits, quotes, lists); where it does not, a bare 1-gram match no longer makes a draft that misses."""
 
     cost = None
     context_rows = 0  # of the rows the model decodes, how many of the latest a draft reads: none
+    MIN_SAMPLES = {1: 2, 2: 2, 3: 1, 4: 1}  # llama.cpp's draft_min_sample_size_lax
+    MIN_SHARE = {1: 0.66, 2: 0.5, 3: 0.5, 4: 0.5}  # draft_min_percent_lax
 
     def __init__(self, n_min: int = 1, n_max: int = 4):
-        if not 1 <= n_min <= n_max:
-            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max, got {n_min}, {n_max}")
+        if not 1 <= n_min <= n_max <= max(self.MIN_SAMPLES):
+            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max <= {max(self.MIN_SAMPLES)}, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
-        self._index: list[dict] = [{} for _ in range(n_max + 1)]
-        self._seen: list[int] = []  # the sequence indexed so far
+        self._counts: list[dict] = [{} for _ in range(n_max + 1)]  # per n: n-gram -> {next token: count}
+        self._seen: list[int] = []  # the sequence counted so far
 
     def _sync(self, tokens: Sequence[int]) -> None:
         seen = self._seen
-        # not a continuation of what is indexed (a generation's history only grows: its last indexed token tells)
+        # not a continuation of what is counted (a generation's history only grows: its last counted token tells)
         if len(tokens) < len(seen) or (seen and (tokens[len(seen) - 1] != seen[-1] or tokens[0] != seen[0])):
-            self._index = [{} for _ in range(self.n_max + 1)]
+            self._counts = [{} for _ in range(self.n_max + 1)]
             seen = self._seen = []
         start = len(seen)
         seen.extend(int(t) for t in tokens[start:])
-        # n-grams ending at j - 1 (seen[j - n:j]) map to j, the token that followed: j < len(seen) only, so the
-        # n-gram that ends the sequence never matches itself
+        # the n-grams ending at j - 1 (seen[j - n:j]) count seen[j], the token that followed: j < len(seen) only,
+        # so the n-gram that ends the sequence is not counted before its continuation is known
         for j in range(max(start, 1), len(seen)):
+            t = seen[j]
             for n in range(self.n_min, min(self.n_max, j) + 1):
-                self._index[n][tuple(seen[j - n:j])] = j
+                follow = self._counts[n].setdefault(tuple(seen[j - n:j]), {})
+                follow[t] = follow.pop(t, 0) + 1  # re-inserted: the latest continuation iterates last
+
+    def _next(self, context: list[int]) -> int | None:
+        """The confident continuation of the longest n-gram that ends `context` (None: none is)."""
+        for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
+            follow = self._counts[n].get(tuple(context[len(context) - n:]))
+            if follow is None:
+                continue
+            best, top, total = None, 0, 0
+            for t, c in follow.items():
+                total += c
+                if c >= top:  # ties go to the latest continuation
+                    best, top = t, c
+            if total >= self.MIN_SAMPLES[n] and top >= self.MIN_SHARE[n] * total:
+                return best
+        return None
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k drafts for what follows `tokens` (every token so far, the one just decided last)."""
         if k <= 0:
             return []
         self._sync(tokens)
-        seen = self._seen
-        for n in range(min(self.n_max, len(seen)), self.n_min - 1, -1):
-            j = self._index[n].get(tuple(seen[len(seen) - n:]))
-            if j is not None:
-                return seen[j:j + k]
-        return []
+        context = self._seen[len(self._seen) - self.n_max:]
+        drafts = []
+        while len(drafts) < k:
+            t = self._next(context)
+            if t is None:
+                break
+            drafts.append(t)
+            context = context[1:] + [t] if len(context) == self.n_max else context + [t]
+        return drafts
 
     def capture(self) -> dict:
         return {}  # an n-gram drafter reads only the tokens

@@ -323,13 +323,25 @@ def test_sampled_generation_keeps_the_distribution(models, files):
 
 # ------------------------------------------------------------------------- drafters and the draft-length control
 
-def test_ngram_drafter_finds_the_longest_latest_match():
+def test_ngram_drafter_finds_the_longest_confident_match():
+    """llama.cpp's ngram-cache rule: the longest n-gram ending the sequence whose continuations are confident, its
+    most frequent continuation (the latest among equals), a token at a time through the drafts' own n-grams,
+    stopping where no n-gram is confident."""
     d = sp.NgramDrafter(n_min=2, n_max=3)
     seq = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 2, 3]
-    assert d.propose(seq, 3) == [5, 7, 2]  # "2 3" last seen before 5 (the 3-gram "7 2 3" never)
-    assert d.propose(seq + [5], 2) == [7, 2]  # incremental: "2 3 5" -> 7
-    assert d.propose([8, 8, 9], 4) == []  # a new sequence is indexed afresh; "8 9" never occurred before
-    assert d.propose([1, 2, 1, 2], 5) == [1, 2]  # what followed, up to the end of the sequence
+    # "7 2 3" never occurred; "2 3" twice, followed by 4 and 5 (half each: the latest, 5); then "2 3 5" -> 7 and
+    # "3 5 7" -> 2, once each (enough for a 3-gram); "5 7 2" -> 3
+    assert d.propose(seq, 3) == [5, 7, 2]
+    assert d.propose(seq + [5], 2) == [7, 2]  # counted incrementally
+    assert d.propose([8, 8, 9], 4) == []  # a new sequence is counted afresh; "8 9" never occurred before
+    d = sp.NgramDrafter()
+    assert d.propose([1, 2, 1, 2], 5) == []  # "1 2" and "2" were followed once each: too few for 1- and 2-grams
+    assert d.propose([1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # "1 2 1 2" -> 1 once, then through the drafts
+    d = sp.NgramDrafter(n_min=1, n_max=1)
+    assert d.propose([5, 1, 5, 1, 5, 2, 5], 3) == [1, 5, 1]  # "5" -> 1 two times in three: the most frequent
+    assert d.propose([5, 1, 5, 2, 5], 3) == []  # "5" -> 1 once, 2 once: not confident
+    with pytest.raises(ValueError, match="n-gram sizes"):
+        sp.NgramDrafter(n_min=1, n_max=5)
 
 
 def test_draft_control_turns_down_and_off():
