@@ -557,6 +557,32 @@ def _release_values(folder: Path) -> dict:
     return out
 
 
+@pytest.mark.parametrize("name", ["small", "small-f32"])
+def test_mtp_block_input_is_eh_proj_over_the_token_and_the_streams(models, files, name):
+    """The block's input runs eh_proj as e_proj (the token's half, once per position) plus h_proj (per stream):
+    its halves are eh_proj's column halves exactly (Q8_0 rows cut between blocks), and the input equals a float64
+    eh_proj over [enorm(embed(x)) ; hnorm(h)] per stream, as far as the products' 8-bit activations allow."""
+    m = models(name)
+    head = m.draft_head(files["mtp-" + name])
+    a = head.args
+    full = GGUFFile(files["mtp-" + name]).tensors[f"blk.{head.layer}.nextn.eh_proj.weight"].to_f32()
+    assert np.array_equal(head.e_proj.to_f32(), full[:, :a.dim])
+    assert np.array_equal(head.h_proj.to_f32(), full[:, a.dim:])
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((3, a.hc_mult, a.dim)).astype(np.float32)
+    ids = rng.integers(3, a.vocab_size, 3)
+
+    def norm(x, w):
+        x = x.astype(np.float64)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + a.norm_eps) * w
+
+    e = norm(m.net.embed_tokens(ids), head.enorm)
+    x = np.concatenate([np.broadcast_to(e[:, None, :], h.shape), norm(h, head.hnorm)], axis=2)
+    expected = x @ full.astype(np.float64).T
+    tol = 1e-5 if name.endswith("f32") else 2e-2
+    assert np.abs(head.block_input(h, ids) - expected).max() <= tol * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("fixture,name", [(SMALL, "small"), (TINY, "tiny")])
 def test_mtp_block_is_the_trainers_mtp_block(models, files, fixture, name):
     """flashlite's MTP block on the f32 files equals tools/train_tiny.py's MTPBlock (DeepSeek's) on the release
