@@ -20,9 +20,9 @@ Output is unchanged:
 Drafters: NgramDrafter (prompt lookup over the prompt and the output so far), MTPDrafter (V4's MTP block,
 flashlite.mtp) and DSparkDrafter (a DSpark draft, flashlite.dspark). A drafter names what of the main model's forward
 passes it reads (capture(): extra Model.forward arguments) and sees it for the rows the cache keeps (observe()).
-DraftControl sizes each round's draft from the measured acceptance rate and the measured cost of
-verifying k drafts and of drafting them, and turns drafting off (probing again now and then) when no length beats
-plain decoding.
+DraftControl sizes each round's draft of one sequence from its measured acceptance rate and the model's measured
+cost of verifying k drafts and of drafting them (DraftCosts, shared by the model's sequences), and turns drafting
+off (probing again now and then) when no length beats plain decoding.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class NgramDrafter:
     no n-gram is confident, so its length varies (k at most). Free to run, strong where the output repeats its
     input (code edits, quotes, lists); where it does not, a bare 1-gram match no longer makes a draft that misses."""
 
-    cost = None
+    cost = None  # seconds the last propose() spent drafting (DraftControl's measure)
     context_rows = 0  # of the rows the model decodes, how many of the latest a draft reads: none
     MIN_SAMPLES = {1: 2, 2: 2, 3: 1, 4: 1}  # llama.cpp's draft_min_sample_size_lax
     MIN_SHARE = {1: 0.66, 2: 0.5, 3: 0.5, 4: 0.5}  # draft_min_percent_lax
@@ -141,7 +141,10 @@ class NgramDrafter:
         """Up to k drafts for what follows `tokens` (every token so far, the one just decided last)."""
         if k <= 0:
             return []
+        t0 = time.perf_counter()
+        new = len(tokens) - len(self._seen)
         self._sync(tokens)
+        t1 = time.perf_counter()
         context = self._seen[len(self._seen) - self.n_max:]
         drafts = []
         while len(drafts) < k:
@@ -150,6 +153,10 @@ class NgramDrafter:
                 break
             drafts.append(t)
             context = context[1:] + [t] if len(context) == self.n_max else context + [t]
+        # what drafting costs: the lookup, and counting the tokens a drafting round adds (up to k + 1: the accepted
+        # drafts and the one decided); a probe counts the tokens of the rounds before it too, which is not the
+        # drafts' cost
+        self.cost = time.perf_counter() - t1 + (t1 - t0) * min(1.0, (k + 1) / new if new > 0 else 1.0)
         return drafts
 
     def capture(self) -> dict:
@@ -600,8 +607,11 @@ class Speculator:
                     self.drafted += len(drafts)
                     self.accepted += a
                 drafter.observe(captured, q_pos, a + 1)
-                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost,
-                                    time.perf_counter() - t0)
+                # a drafter's cost is what drafting costs a round that keeps drafting; the rest of its propose()
+                # (catching up on positions decided while drafting was off: a probe's) is left out of the
+                # measures, else the probes' rest would keep drafting off where drafts pass
+                draft = t1 - t0 if drafter.cost is None else drafter.cost
+                self.control.record(len(drafts), a, t2 - t1, draft, draft + time.perf_counter() - t1)
                 for t in out:
                     yielded += 1
                     yield t

@@ -2,6 +2,7 @@
 what feeding its tokens one by one computes, so greedy output with any drafter and draft length is plain decoding's,
 token for token, on the oracle (tiny_v4) and the trained model (small_v4); sampled output keeps the model's
 distribution; the MTP draft file is llama.cpp's layout and its block is the trainer's MTPBlock."""
+import itertools
 import json
 import math
 import os
@@ -462,6 +463,36 @@ def test_interleaved_sequences_share_costs_and_keep_their_own_draft_length(model
     assert passing.acceptance == 1.0 and failing.acceptance == 0.0
     assert passing.next_k() >= 1 and failing.choice == 0  # drafting off (until its next probe)
     assert sp.draft_costs(m, sp.SpecOptions("ngram", 3)) is not passing.costs
+
+
+def test_a_probes_catch_up_is_not_counted_as_drafting(models, monkeypatch):
+    """A drafter's cost is what drafting costs a round that keeps drafting; the rest of its propose() (a probe's
+    catch-up on the positions decided while drafting was off) is neither draft nor rest seconds, else the probes'
+    rest would keep drafting off where drafts pass. On a clock that only the drafter moves: 10 s in propose(), of
+    which it reports 1 s as its cost."""
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
+
+    class CatchingUp(_Scripted):
+        def propose(self, tokens, k):
+            Clock.now += 10.0
+            self.cost = 1.0
+            return super().propose(tokens, k)
+
+    m = models("tiny")
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 8))
+    monkeypatch.setattr(sp, "time", Clock)
+    options = sp.SpecOptions("ngram", 2, adaptive=False)
+    speculator = sp.Speculator(m, m.new_cache(), options)
+    speculator.drafter = CatchingUp(prompt, plain)
+    assert list(itertools.islice(speculator.tokens(list(prompt), list(prompt)), 8)) == plain
+    costs = speculator.control.costs
+    assert costs.draft_med == 0.5 and costs.rest_med[1] == 0.0 and set(costs.med.values()) == {0.0}
 
 
 @pytest.mark.parametrize("name,kind", [("tiny", "ngram"), ("tiny", "mtp"), ("small", "mtp")])
