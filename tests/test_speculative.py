@@ -490,6 +490,7 @@ def test_a_probes_catch_up_is_not_counted_as_drafting(models, monkeypatch):
     options = sp.SpecOptions("ngram", 2, adaptive=False)
     speculator = sp.Speculator(m, m.new_cache(), options)
     speculator.drafter = CatchingUp(prompt, plain)
+    speculator.control = sp.DraftControl(2, adaptive=False)  # costs of its own: none measured on the real clock
     assert list(itertools.islice(speculator.tokens(list(prompt), list(prompt)), 8)) == plain
     costs = speculator.control.costs
     assert costs.draft_med == 0.5 and costs.rest_med[1] == 0.0 and set(costs.med.values()) == {0.0}
