@@ -101,7 +101,8 @@ class NgramDrafter:
 
     def __init__(self, n_min: int = 1, n_max: int = 4):
         if not 1 <= n_min <= n_max <= max(self.MIN_SAMPLES):
-            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max <= {max(self.MIN_SAMPLES)}, got {n_min}, {n_max}")
+            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max <= {max(self.MIN_SAMPLES)}, "
+                             f"got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
         self._counts: list[dict] = [{} for _ in range(n_max + 1)]  # per n: n-gram -> {next token: count}
         self._seen: list[int] = []  # the sequence counted so far
@@ -340,12 +341,13 @@ class DraftCosts:
                 del self.draft[:-self.KEEP]
                 self.draft_med = _median(self.draft)
 
-    def rates(self, n_max: int, tokens: list[float]) -> list[float]:
+    def tokens_per_second(self, n_max: int, tokens: list[float]) -> list[float]:
         """Tokens per second of k = 0..n_max drafts a round, tokens[k] the tokens such a round is expected to
         yield: seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)."""
         with self.lock:
             return [tokens[0] / (self.seconds(1) + self.rest_med[0])] + \
-                [tokens[k] / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1]) for k in range(1, n_max + 1)]
+                [tokens[k] / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
+                 for k in range(1, n_max + 1)]
 
     def seconds(self, m: int) -> float:
         """Estimated seconds of verifying a batch of m tokens (the caller holds `lock`): the median of the last
@@ -430,7 +432,7 @@ class DraftControl:
             for k in range(1, self.n_max + 1):
                 reach *= a[k]
                 tokens.append(tokens[-1] + reach)
-            per_second = self.costs.rates(self.n_max, tokens)
+            per_second = self.costs.tokens_per_second(self.n_max, tokens)
             self.choice = max(range(self.n_max + 1), key=lambda k: (per_second[k], -k))  # ties: the shorter
         best_k = self.choice
         if best_k:

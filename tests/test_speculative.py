@@ -505,7 +505,8 @@ def test_rounds_while_drafting_is_off_decode_as_plain(models, files, name, kind,
     draft = str(files["mtp-" + name]) if kind == "mtp" else None
     prompt = _prompt(m)
     plain = list(m.generate(prompt, 200))
-    monkeypatch.setattr(sp.DraftCosts, "rates", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)  # plain wins
+    # plain decoding wins
+    monkeypatch.setattr(sp.DraftCosts, "tokens_per_second", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)
     drafter = sp.MTPDrafter if kind == "mtp" else sp.NgramDrafter
     propose = drafter.propose
     runs = []
