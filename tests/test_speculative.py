@@ -530,6 +530,17 @@ def test_rounds_while_drafting_is_off_decode_as_plain(models, files, name, kind,
     assert skipping == seeing_all
 
 
+def test_sampled_rounds_while_drafting_is_off_are_plain_decodings(models, monkeypatch):
+    """Up to the first probe (the 16 tokens before it), a sampled generation with drafting off draws what plain
+    decoding with the same sampler and seed draws: the plain rounds call the sampler as Model.generate does."""
+    m = models("tiny")
+    prompt = _prompt(m)
+    monkeypatch.setattr(sp.DraftCosts, "tokens_per_second", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)
+    plain = list(m.generate(prompt, 16, sampler=Sampler(seed=3, temperature=1.5)))
+    spec = list(m.generate(prompt, 16, sampler=Sampler(seed=3, temperature=1.5), spec_type=sp.SpecOptions("ngram")))
+    assert spec == plain and len(set(plain)) > 4
+
+
 # ------------------------------------------------------------------------- the MTP draft file and block
 
 def test_mtp_draft_file_is_llamacpp_layout(files):
