@@ -215,6 +215,10 @@ class DSparkDrafter:
         self.head, self.lock = head, lock
         self.state = draft_state(head, cache, DSparkState)
 
+    @property
+    def context_rows(self) -> int:
+        return self.state.caches[0].window  # a draft reads the context rows of the window before it
+
     def capture(self) -> dict:
         return {"taps": {layer: None for layer in self.head.target_layers}}
 

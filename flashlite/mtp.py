@@ -4,7 +4,7 @@ writes with `--mtp` (and `flashlite quantize --mtp`), run with the main model's 
 The block (DeepSeek's MTPBlock, as tools/train_tiny.py trains it) maps the main model's last streams h_i [hc, dim]
 at position i and the embedding of the token x_{i+1} to logits for x_{i+2}:
 
-    hm = eh_proj([enorm(embed(x_{i+1})) ; hnorm(h_i)])      per stream ([e_proj | h_proj], so e_proj(e) + h_proj(h))
+    hm = eh_proj([enorm(embed(x_{i+1})) ; hnorm(h_i)])      per stream: [e_proj | h_proj], run as e_proj(e) + h_proj(h)
     hm = Block(hm)                                           a full V4 block: window-only attention, score-routed MoE
     logits = head(shared_head_norm(hc_head(hm)))             its own hc_head and norm, the model's head
 
@@ -25,10 +25,11 @@ import os
 
 import numpy as np
 
-from flashlite.gguf_file import GGUFFile
+from flashlite.block_formats import row_bytes
+from flashlite.gguf_file import GGUFFile, WeightView
 from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
-from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
+from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, linear_groups, rms_norm
 from flashlite.models.v4_spec import layer_tensors, mtp_tensors
 
 _SHAPE_KEYS = ("dim", "hc_mult", "vocab_size", "head_dim", "rope_head_dim", "n_heads", "window_size")
@@ -38,6 +39,16 @@ def is_mtp_draft(f: GGUFFile) -> bool:
     """Whether a GGUF is an MTP draft (llama.cpp's test: its last block has nextn.eh_proj)."""
     blocks = f.get(f"{v4.ARCH}.block_count")
     return isinstance(blocks, int) and f"blk.{blocks - 1}.nextn.eh_proj.weight" in f.tensors
+
+
+def _column_halves(w: WeightView) -> tuple[WeightView, WeightView]:
+    """eh_proj [dim, 2 dim] as e_proj and h_proj, its first and last dim columns, each a weight of its own (a copy:
+    the core's products read whole rows). Every row's blocks split there, V4's dim being a multiple of the block
+    size of every format (row_bytes refuses one that is not)."""
+    d = w.k // 2
+    cut = row_bytes(w.type, d) if w.data.dtype == np.uint8 else d
+    return tuple(WeightView(f"{w.name}[{part}]", w.type, (d, w.rows), np.ascontiguousarray(data))
+                 for part, data in (("e_proj", w.data[:, :cut]), ("h_proj", w.data[:, cut:])))
 
 
 class MTPHead:
@@ -74,7 +85,7 @@ class MTPHead:
         def load(name):
             return f.load(name, *own[name])
 
-        self.eh_proj = load(f"blk.{n}.nextn.eh_proj.weight")
+        self.e_proj, self.h_proj = _column_halves(load(f"blk.{n}.nextn.eh_proj.weight"))
         self.enorm = load(f"blk.{n}.nextn.enorm.weight")
         self.hnorm = load(f"blk.{n}.nextn.hnorm.weight")
         norm = f"blk.{n}.nextn.shared_head_norm.weight"
@@ -107,13 +118,15 @@ class MTPHead:
         return linear(self.main.head, rms_norm(self.hc_head(y), self.norm, a.norm_eps)), hm
 
     def block_input(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-        """The block's input streams [T, hc, dim]: eh_proj of the token's embedding and the main model's streams."""
+        """The block's input streams [T, hc, dim]: eh_proj of the token's embedding and the main model's streams,
+        as e_proj(enorm(embed(x))) + h_proj(hnorm(h)): the token's half is the same for every stream, so it is
+        computed once per position rather than once per stream (hc times)."""
         a = self.args
         t, hc, d = h.shape
         e = rms_norm(self.main.embed_tokens(token_ids), self.enorm, a.norm_eps)
-        x = np.concatenate([np.broadcast_to(e[:, None, :], (t, hc, d)), rms_norm(h, self.hnorm, a.norm_eps)],
-                           axis=2)
-        return linear(self.eh_proj, np.ascontiguousarray(x.reshape(t * hc, 2 * d))).reshape(t, hc, d)
+        hn = rms_norm(h, self.hnorm, a.norm_eps).reshape(t * hc, d)
+        (pe, ph), = linear_groups([(self.e_proj, e), (self.h_proj, hn)])  # one call of the backend for both
+        return ph.reshape(t, hc, d) + pe[:, None, :]
 
     def catch_up(self, h: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, cache: LayerCache) -> None:
         """Only the block's KV rows of T positions (h [T, hc, dim] and token_ids [T] as for __call__), the bits a

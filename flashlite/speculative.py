@@ -20,9 +20,9 @@ Output is unchanged:
 Drafters: NgramDrafter (prompt lookup over the prompt and the output so far), MTPDrafter (V4's MTP block,
 flashlite.mtp) and DSparkDrafter (a DSpark draft, flashlite.dspark). A drafter names what of the main model's forward
 passes it reads (capture(): extra Model.forward arguments) and sees it for the rows the cache keeps (observe()).
-DraftControl sizes each round's draft from the measured acceptance rate and the measured cost of
-verifying k drafts and of drafting them, and turns drafting off (probing again now and then) when no length beats
-plain decoding.
+DraftControl sizes each round's draft of one sequence from its measured acceptance rate and the model's measured
+cost of verifying k drafts and of drafting them (DraftCosts, shared by the model's sequences), and turns drafting
+off (probing again now and then) when no length beats plain decoding.
 """
 from __future__ import annotations
 
@@ -85,44 +85,80 @@ class SpecOptions:
 # ---------------------------------------------------------------------------------------------------
 
 class NgramDrafter:
-    """Prompt lookup: the longest n-gram (n_max..n_min tokens) that ends the sequence and occurred before in it
-    (prompt and output), most recent occurrence first; the draft is what followed that occurrence. Free to run,
-    strong where the output repeats its input (code edits, quotes, lists)."""
+    """Prompt lookup as llama.cpp's ngram-cache (common/ngram-cache.cpp, context cache): every n-gram of the
+    sequence (prompt and output, n = n_min..n_max) counts the tokens that followed it. A draft grows a token at a
+    time: the longest n-gram ending the sequence (with the drafts so far) whose continuations are confident gives
+    its most frequent continuation (the most recent among equals); confident means at least MIN_SAMPLES[n]
+    occurrences of which the token took at least MIN_SHARE[n] (llama.cpp's lax thresholds: a 1-gram must have been
+    followed by the same token 2 times in 3, a 2-gram half of 2 times, a 3- or 4-gram once). The draft stops where
+    no n-gram is confident, so its length varies (k at most). Free to run, strong where the output repeats its
+    input (code edits, quotes, lists); where it does not, a bare 1-gram match no longer makes a draft that misses."""
 
-    cost = None
+    cost = None  # seconds the last propose() spent drafting (DraftControl's measure)
+    context_rows = 0  # of the rows the model decodes, how many of the latest a draft reads: none
+    MIN_SAMPLES = {1: 2, 2: 2, 3: 1, 4: 1}  # llama.cpp's draft_min_sample_size_lax
+    MIN_SHARE = {1: 0.66, 2: 0.5, 3: 0.5, 4: 0.5}  # draft_min_percent_lax
 
     def __init__(self, n_min: int = 1, n_max: int = 4):
-        if not 1 <= n_min <= n_max:
-            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max, got {n_min}, {n_max}")
+        if not 1 <= n_min <= n_max <= max(self.MIN_SAMPLES):
+            raise ValueError(f"n-gram sizes: need 1 <= n_min <= n_max <= {max(self.MIN_SAMPLES)}, "
+                             f"got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
-        self._index: list[dict] = [{} for _ in range(n_max + 1)]
-        self._seen: list[int] = []  # the sequence indexed so far
+        self._counts: list[dict] = [{} for _ in range(n_max + 1)]  # per n: n-gram -> {next token: count}
+        self._seen: list[int] = []  # the sequence counted so far
 
     def _sync(self, tokens: Sequence[int]) -> None:
         seen = self._seen
-        # not a continuation of what is indexed (a generation's history only grows: its last indexed token tells)
+        # not a continuation of what is counted (a generation's history only grows: its last counted token tells)
         if len(tokens) < len(seen) or (seen and (tokens[len(seen) - 1] != seen[-1] or tokens[0] != seen[0])):
-            self._index = [{} for _ in range(self.n_max + 1)]
+            self._counts = [{} for _ in range(self.n_max + 1)]
             seen = self._seen = []
         start = len(seen)
         seen.extend(int(t) for t in tokens[start:])
-        # n-grams ending at j - 1 (seen[j - n:j]) map to j, the token that followed: j < len(seen) only, so the
-        # n-gram that ends the sequence never matches itself
+        # the n-grams ending at j - 1 (seen[j - n:j]) count seen[j], the token that followed: j < len(seen) only,
+        # so the n-gram that ends the sequence is not counted before its continuation is known
         for j in range(max(start, 1), len(seen)):
+            t = seen[j]
             for n in range(self.n_min, min(self.n_max, j) + 1):
-                self._index[n][tuple(seen[j - n:j])] = j
+                follow = self._counts[n].setdefault(tuple(seen[j - n:j]), {})
+                follow[t] = follow.pop(t, 0) + 1  # re-inserted: the latest continuation iterates last
+
+    def _next(self, context: list[int]) -> int | None:
+        """The confident continuation of the longest n-gram that ends `context` (None: none is)."""
+        for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
+            follow = self._counts[n].get(tuple(context[len(context) - n:]))
+            if follow is None:
+                continue
+            best, top, total = None, 0, 0
+            for t, c in follow.items():
+                total += c
+                if c >= top:  # ties go to the latest continuation
+                    best, top = t, c
+            if total >= self.MIN_SAMPLES[n] and top >= self.MIN_SHARE[n] * total:
+                return best
+        return None
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k drafts for what follows `tokens` (every token so far, the one just decided last)."""
         if k <= 0:
             return []
+        t0 = time.perf_counter()
+        new = len(tokens) - len(self._seen)
         self._sync(tokens)
-        seen = self._seen
-        for n in range(min(self.n_max, len(seen)), self.n_min - 1, -1):
-            j = self._index[n].get(tuple(seen[len(seen) - n:]))
-            if j is not None:
-                return seen[j:j + k]
-        return []
+        t1 = time.perf_counter()
+        context = self._seen[len(self._seen) - self.n_max:]
+        drafts = []
+        while len(drafts) < k:
+            t = self._next(context)
+            if t is None:
+                break
+            drafts.append(t)
+            context = context[1:] + [t] if len(context) == self.n_max else context + [t]
+        # what drafting costs: the lookup, and counting the tokens a drafting round adds (up to k + 1: the accepted
+        # drafts and the one decided); a probe counts the tokens of the rounds before it too, which is not the
+        # drafts' cost
+        self.cost = time.perf_counter() - t1 + (t1 - t0) * min(1.0, (k + 1) / new if new > 0 else 1.0)
+        return drafts
 
     def capture(self) -> dict:
         return {}  # an n-gram drafter reads only the tokens
@@ -199,6 +235,10 @@ class MTPDrafter:
         self.head, self.lock = head, lock
         self.state = draft_state(head, cache, MTPState)
 
+    @property
+    def context_rows(self) -> int:
+        return self.state.layer.window  # a catch-up reads the streams of the last window's positions
+
     def capture(self) -> dict:
         return {"hidden": []}
 
@@ -261,67 +301,59 @@ class MTPDrafter:
 # how long to draft
 # ---------------------------------------------------------------------------------------------------
 
-class DraftControl:
-    """Chooses each round's draft length k in 0..n_max by the expected tokens per second:
+class DraftCosts:
+    """What rounds cost on a model with one drafter and its options: the seconds of verifying a batch of m tokens,
+    of drafting one token, and of the rest of a round (picking the tokens, rolling back, the drafter's
+    bookkeeping: measured apart for rounds with and without drafts), as medians of the last KEEP measurements.
+    They are the model's and the machine's, not a text's, so every sequence of the model shares them: a
+    generation starts from what the earlier ones measured instead of guessing (a verified token at a quarter of a
+    pass, the rest of a round free), which in a short answer decides a large share of its rounds.
 
-        tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
-        seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)
+    Sequences may run on different threads (the server's), each recording its rounds here: `lock` guards every
+    read and write of the measurements, so that a median is never taken over a list another thread is trimming;
+    it is held for a few list operations only, never across a forward pass."""
 
-    where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
-    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2),
-    and the seconds are medians of the last rounds' measurements (DraftControl.seconds); rest is what a round
-    spends besides the pass and the drafts (picking the tokens, rolling back, the drafter's bookkeeping), measured
-    apart for rounds with and without drafts: on a small model it is a sizable share of a pass, which a control
-    that left it out took for free and so kept drafting where plain decoding was faster. Before anything is
-    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins,
-    a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe
-    that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the
-    positions it skipped, a window of them at most, and the probe's draft is the round's extra work), and while
-    drafting wins, a plain round every `measure_plain` rounds measures the cost of one token. adaptive=False
-    always asks for n_max."""
-
-    DECAY = 0.9
     KEEP = 9  # measurements per batch size the medians take
-    MAX_PROBE_GAP = 512  # plain rounds between probes at most
 
-    def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32):
-        self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
+    def __init__(self):
+        self.lock = threading.Lock()
         self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
         self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
         self.draft_med = 0.0
         self.rest: tuple[list[float], list[float]] = ([], [])  # recent seconds beyond pass and drafts: plain, drafting
         self.rest_med = [0.0, 0.0]
-        self.rounds = 0
-        self.start()
 
-    def start(self) -> None:
-        """A new generation: what drafts pass depends on the text (prompt lookup passes where the answer repeats
-        its prompt, not elsewhere), so acceptance is learnt afresh from the prior and probing starts at its first
-        gap; what rounds cost (the seconds above) is the model's and the machine's, and carries over."""
-        self.hits = [0.0] * (self.n_max + 1)
-        self.trials = [0.0] * (self.n_max + 1)
-        self.probe_gap = self.until_probe = self.probe  # plain rounds between probes, and before the next
-        self.choice = None  # the last choice, kept until a measurement changes
+    def record(self, drafted: int, verify_seconds: float, draft_seconds: float,
+               round_seconds: float | None = None) -> None:
+        with self.lock:
+            if round_seconds is not None:
+                rest = self.rest[drafted > 0]
+                rest.append(max(0.0, round_seconds - verify_seconds - draft_seconds))
+                del rest[:-self.KEEP]
+                self.rest_med[drafted > 0] = _median(rest)
+            times = self.verify.setdefault(drafted + 1, [])
+            times.append(verify_seconds)
+            del times[:-self.KEEP]
+            self.med[drafted + 1] = _median(times)
+            if drafted:
+                self.draft.append(draft_seconds / drafted)
+                del self.draft[:-self.KEEP]
+                self.draft_med = _median(self.draft)
 
-    def rates(self) -> list[float]:
-        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
-        a = [0.0] * (self.n_max + 1)
-        prev, weight = 0.5, 2.0
-        for j in range(1, self.n_max + 1):
-            a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
-            weight = 1.0
-        return a
-
-    @property
-    def acceptance(self) -> float:
-        return sum(self.hits[1:]) / sum(self.trials[1:]) if sum(self.trials[1:]) else 0.5
+    def tokens_per_second(self, n_max: int, tokens: list[float]) -> list[float]:
+        """Tokens per second of k = 0..n_max drafts a round, tokens[k] the tokens such a round is expected to
+        yield: seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)."""
+        with self.lock:
+            return [tokens[0] / (self.seconds(1) + self.rest_med[0])] + \
+                [tokens[k] / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
+                 for k in range(1, n_max + 1)]
 
     def seconds(self, m: int) -> float:
-        """Estimated seconds of verifying a batch of m tokens: the median of the last measurements of m, else
-        linear in m through the sizes measured (a quarter of a pass per token before two sizes are); never
-        below one token's pass plus MIN_SLOPE of it per further token, so that noise on a loaded machine does not
-        make drafted tokens look free."""
+        """Estimated seconds of verifying a batch of m tokens (the caller holds `lock`): the median of the last
+        measurements of m, else linear in m through the sizes measured (a quarter of a pass per token before two
+        sizes are); never below one token's pass plus MIN_SLOPE of it per further token, so that noise on a loaded
+        machine does not make drafted tokens look free."""
         med = self.med
         known = sorted(med)
         if not known:
@@ -342,22 +374,66 @@ class DraftControl:
         guess = (med[near] + slope * (m - near)) if known else t1 + slope * (m - 1)
         return max(guess, t1 + MIN_SLOPE * t1 * (m - 1))
 
+
+class DraftControl:
+    """Chooses one sequence's draft length k in 0..n_max each round by the expected tokens per second:
+
+        tokens(k) = 1 + sum_{j<=k} a_1 a_2 .. a_j     (accepted drafts + the one decided token)
+        seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)
+
+    where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
+    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2), and
+    the seconds are `costs` (DraftCosts: the model's, shared by its sequences; rest is a sizable share of a pass on
+    a small model, which a control that left it out took for free and so kept drafting where plain decoding was
+    faster). What drafts pass depends on the text (prompt lookup passes where the answer repeats its prompt, not
+    elsewhere), so the acceptance counts and the probing below are the sequence's own: concurrent sequences of one
+    model do not share an estimate, nor does one's start reset another's. Before anything is measured this makes
+    k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one
+    draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe that leaves
+    drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the positions it
+    skipped, a window of them at most, and the probe's draft is the round's extra work); the rounds before a probe
+    are known to be plain (plain_ahead), so the caller runs them as plain decoding does. While drafting wins, a
+    plain round every `measure_plain` rounds measures the cost of one token. adaptive=False always asks for
+    n_max."""
+
+    DECAY = 0.9
+    MAX_PROBE_GAP = 512  # plain rounds between probes at most
+
+    def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32,
+                 costs: DraftCosts | None = None):
+        self.n_max, self.adaptive, self.probe, self.measure_plain = n_max, adaptive, probe, measure_plain
+        self.costs = DraftCosts() if costs is None else costs
+        self.rounds = 0
+        self.hits = [0.0] * (n_max + 1)
+        self.trials = [0.0] * (n_max + 1)
+        self.probe_gap = self.until_probe = probe  # plain rounds between probes, and before the next
+        self.choice = None  # the last choice, kept until a measurement changes
+
+    def rates(self) -> list[float]:
+        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
+        a = [0.0] * (self.n_max + 1)
+        prev, weight = 0.5, 2.0
+        for j in range(1, self.n_max + 1):
+            a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
+            weight = 1.0
+        return a
+
+    @property
+    def acceptance(self) -> float:
+        return sum(self.hits[1:]) / sum(self.trials[1:]) if sum(self.trials[1:]) else 0.5
+
     def next_k(self) -> int:
         if not self.adaptive:
             return self.n_max
         self.rounds += 1
         if self.choice is None:
-            t1 = self.seconds(1)
             a = self.rates()
-            best_k, best = 0, 1.0 / (t1 + self.rest_med[0])
-            tokens, reach = 1.0, 1.0
+            tokens, reach = [1.0], 1.0
             for k in range(1, self.n_max + 1):
                 reach *= a[k]
-                tokens += reach
-                rate = tokens / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
-                if rate > best:
-                    best_k, best = k, rate
-            self.choice = best_k
+                tokens.append(tokens[-1] + reach)
+            per_second = self.costs.tokens_per_second(self.n_max, tokens)
+            self.choice = max(range(self.n_max + 1), key=lambda k: (per_second[k], -k))  # ties: the shorter
         best_k = self.choice
         if best_k:
             self.probe_gap = self.until_probe = self.probe
@@ -369,19 +445,24 @@ class DraftControl:
         self.until_probe = self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)
         return 1
 
+    def plain_ahead(self) -> int:
+        """After a round of next_k() == 0: how many rounds after it are plain for sure (those before the next
+        probe while drafting is off; none while drafting wins), counted as taken. The caller decodes them as
+        plain decoding does, without drafting, timing or recording: what they would measure is what the round
+        before them did, and their bookkeeping is what made a control that has turned drafting off cost 2-4% more
+        than plain decoding on a small model."""
+        if not self.adaptive or self.choice != 0 or self.until_probe <= 1:
+            return 0
+        n = self.until_probe - 1
+        self.until_probe = 1
+        self.rounds += n
+        return n
+
     def record(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float,
                round_seconds: float | None = None) -> None:
         """A round's outcome and measures; round_seconds, when given, the whole round's (drafting, the pass, picking
         the tokens, rolling back, the drafter's bookkeeping)."""
-        if round_seconds is not None:
-            rest = self.rest[drafted > 0]
-            rest.append(max(0.0, round_seconds - verify_seconds - draft_seconds))
-            del rest[:-self.KEEP]
-            self.rest_med[drafted > 0] = _median(rest)
-        times = self.verify.setdefault(drafted + 1, [])
-        times.append(verify_seconds)
-        del times[:-self.KEEP]
-        self.med[drafted + 1] = _median(times)
+        self.costs.record(drafted, verify_seconds, draft_seconds, round_seconds)
         if drafted or self.choice != 0:  # while drafting is off, only a probe's outcome can turn it on
             self.choice = None
         if drafted:
@@ -389,9 +470,6 @@ class DraftControl:
             for j in range(1, self.n_max + 1):
                 self.hits[j] = self.DECAY * self.hits[j] + (j <= accepted)
                 self.trials[j] = self.DECAY * self.trials[j] + (j <= tried)
-            self.draft.append(draft_seconds / drafted)
-            del self.draft[:-self.KEEP]
-            self.draft_med = _median(self.draft)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,20 +538,19 @@ class WithoutHistory:
         return self.sampler.probs(logits)
 
 
-# what drafting measured, per model and drafter: a generation starts from what the earlier ones measured rounds to
-# cost instead of guessing (a verified token at a quarter of a pass, the rest of a round free), which in a short
-# answer decides a large share of its rounds; concurrent sequences of one model feed the same measures
-_CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CONTROLS_LOCK = threading.Lock()
+# what rounds cost, per model and drafter (DraftCosts): concurrent and later sequences of one model feed and read
+# the same measures
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COSTS_LOCK = threading.Lock()
 
 
-def draft_control(model, options: SpecOptions) -> DraftControl:
-    """The DraftControl that `model`'s generations with `options` share."""
-    with _CONTROLS_LOCK:
-        per_model = _CONTROLS.setdefault(model, {})
+def draft_costs(model, options: SpecOptions) -> DraftCosts:
+    """The DraftCosts that `model`'s sequences with `options` share."""
+    with _COSTS_LOCK:
+        per_model = _COSTS.setdefault(model, {})
         key = (options.type, options.draft, options.n_max, options.adaptive)
         if key not in per_model:
-            per_model[key] = DraftControl(options.n_max, options.adaptive)
+            per_model[key] = DraftCosts()
         return per_model[key]
 
 
@@ -492,8 +569,7 @@ class Speculator:
             self.drafter = DSparkDrafter(model.draft_head(options.draft, "dspark"), cache, model.lock)
         else:
             raise ValueError(f"spec_type {options.type!r}: no drafter")
-        self.control = draft_control(model, options)
-        self.control.start()
+        self.control = DraftControl(options.n_max, options.adaptive, costs=draft_costs(model, options))
         self.drafted = self.accepted = 0  # this sequence's (the model's stats() count every sequence's)
 
     def tokens(self, feed: Sequence[int], history: list[int]) -> Iterator[int]:
@@ -533,14 +609,38 @@ class Speculator:
                     self.drafted += len(drafts)
                     self.accepted += a
                 drafter.observe(captured, q_pos, a + 1)
-                self.control.record(len(drafts), a, t2 - t1, t1 - t0 if drafter.cost is None else drafter.cost,
-                                    time.perf_counter() - t0)
+                # a drafter's cost is what drafting costs a round that keeps drafting; the rest of its propose()
+                # (catching up on positions decided while drafting was off: a probe's) is left out of the
+                # measures, else the probes' rest would keep drafting off where drafts pass
+                draft = t1 - t0 if drafter.cost is None else drafter.cost
+                self.control.record(len(drafts), a, t2 - t1, draft, draft + time.perf_counter() - t1)
                 for t in out:
                     yielded += 1
                     yield t
                 y = out[-1]
+                if not drafts:
+                    for y in self.plain(y, self.control.plain_ahead(), history):
+                        yielded += 1
+                        yield y
         finally:
             plain = base + yielded - 1  # plain decoding holds every yielded token but the last
             if yielded and cache.pos > plain:
                 with model.lock:
                     model.truncate(plain, cache=cache)
+
+    def plain(self, y: int, rounds: int, history: list[int]) -> Iterator[int]:
+        """`rounds` rounds of plain decoding after y, as Model.generate runs them: the forward pass and the pick,
+        no drafting, timing or recording; the drafter sees the rows of the last `context_rows` of them (all that a
+        draft after them reads)."""
+        model, cache, drafter = self.model, self.cache, self.drafter
+        for i in range(rounds):
+            captured = drafter.capture() if rounds - i <= drafter.context_rows else {}
+            with model.lock:
+                start = cache.pos
+                row = model.forward([y], cache=cache, logits="last", **captured)[-1]
+                model.count_speculation(0, 0)
+            if captured:
+                drafter.observe(captured, start, 1)
+            y = int(np.argmax(row)) if self.sampler is None else self.sampler(row, history)
+            history.append(y)
+            yield y

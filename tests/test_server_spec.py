@@ -156,8 +156,10 @@ def test_a_server_without_a_draft_drafts_by_lookup_only(files):
         before = _metrics(server)
         out = client.chat.completions.create(model="m", messages=CAT, max_tokens=TOKENS, temperature=0)
         assert _delta(_metrics(server), before)["rounds"] == 0 and "draft_n" not in out.timings  # no default
-        out = client.chat.completions.create(model="m", messages=CAT, max_tokens=TOKENS, temperature=0,
-                                             extra_body={"speculative.type": "ngram"})
+        # asked again, the model says again what it said: something for prompt lookup to draft
+        again = CAT + [{"role": "assistant", "content": out.choices[0].message.content}] + CAT
+        client.chat.completions.create(model="m", messages=again, max_tokens=TOKENS, temperature=0,
+                                       extra_body={"speculative.type": "ngram"})
         assert _delta(_metrics(server), before)["draft_tokens"] > 0
 
 

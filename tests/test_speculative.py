@@ -2,6 +2,7 @@
 what feeding its tokens one by one computes, so greedy output with any drafter and draft length is plain decoding's,
 token for token, on the oracle (tiny_v4) and the trained model (small_v4); sampled output keeps the model's
 distribution; the MTP draft file is llama.cpp's layout and its block is the trainer's MTPBlock."""
+import itertools
 import json
 import math
 import os
@@ -323,13 +324,25 @@ def test_sampled_generation_keeps_the_distribution(models, files):
 
 # ------------------------------------------------------------------------- drafters and the draft-length control
 
-def test_ngram_drafter_finds_the_longest_latest_match():
+def test_ngram_drafter_finds_the_longest_confident_match():
+    """llama.cpp's ngram-cache rule: the longest n-gram ending the sequence whose continuations are confident, its
+    most frequent continuation (the latest among equals), a token at a time through the drafts' own n-grams,
+    stopping where no n-gram is confident."""
     d = sp.NgramDrafter(n_min=2, n_max=3)
     seq = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 2, 3]
-    assert d.propose(seq, 3) == [5, 7, 2]  # "2 3" last seen before 5 (the 3-gram "7 2 3" never)
-    assert d.propose(seq + [5], 2) == [7, 2]  # incremental: "2 3 5" -> 7
-    assert d.propose([8, 8, 9], 4) == []  # a new sequence is indexed afresh; "8 9" never occurred before
-    assert d.propose([1, 2, 1, 2], 5) == [1, 2]  # what followed, up to the end of the sequence
+    # "7 2 3" never occurred; "2 3" twice, followed by 4 and 5 (half each: the latest, 5); then "2 3 5" -> 7 and
+    # "3 5 7" -> 2, once each (enough for a 3-gram); "5 7 2" -> 3
+    assert d.propose(seq, 3) == [5, 7, 2]
+    assert d.propose(seq + [5], 2) == [7, 2]  # counted incrementally
+    assert d.propose([8, 8, 9], 4) == []  # a new sequence is counted afresh; "8 9" never occurred before
+    d = sp.NgramDrafter()
+    assert d.propose([1, 2, 1, 2], 5) == []  # "1 2" and "2" were followed once each: too few for 1- and 2-grams
+    assert d.propose([1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # "1 2 1 2" -> 1 once, then through the drafts
+    d = sp.NgramDrafter(n_min=1, n_max=1)
+    assert d.propose([5, 1, 5, 1, 5, 2, 5], 3) == [1, 5, 1]  # "5" -> 1 two times in three: the most frequent
+    assert d.propose([5, 1, 5, 2, 5], 3) == []  # "5" -> 1 once, 2 once: not confident
+    with pytest.raises(ValueError, match="n-gram sizes"):
+        sp.NgramDrafter(n_min=1, n_max=5)
 
 
 def test_draft_control_turns_down_and_off():
@@ -390,23 +403,142 @@ def test_draft_control_probes_less_often_while_probes_fail():
     assert c.next_k() >= 1
 
 
-def test_generations_continue_what_rounds_cost(models):
-    """A model's generations with the same drafter and options continue one DraftControl's measures of what rounds
-    cost (other options get their own), but learn acceptance afresh, since it depends on the text; the output
-    stays plain decoding's."""
+def test_sequences_share_costs_but_learn_their_own_acceptance():
+    """Two sequences of one model interleave their rounds: the seconds they measure go to one DraftCosts, the
+    acceptance to each its own control, so the one whose drafts always pass drafts long while the one whose drafts
+    never pass turns drafting off (a shared estimate would have put both in between)."""
+    costs = sp.DraftCosts()
+    passing, failing = sp.DraftControl(6, costs=costs), sp.DraftControl(6, costs=costs)
+    for _ in range(40):
+        for control, accepted in ((passing, lambda k: k), (failing, lambda k: 0)):
+            k = control.next_k()
+            control.record(k, accepted(k), 1.0 + 0.25 * k, 0.01 * k, 1.05 + 0.26 * k)
+    assert passing.costs is failing.costs and set(costs.med) >= {1, 2}
+    assert passing.next_k() >= 4 and failing.next_k() == 0
+    assert passing.acceptance > 0.9 and failing.acceptance < 0.1
+
+
+class _Scripted:
+    """A drafter that proposes the given continuation (plain decoding's: every draft passes), or, with `miss`,
+    each of its tokens plus one (no draft passes)."""
+
+    cost, context_rows = None, 0
+
+    def __init__(self, prompt, continuation, miss=False):
+        self.at, self.continuation, self.miss = len(prompt), continuation, miss
+
+    def propose(self, tokens, k):
+        out = self.continuation[len(tokens) - self.at:][:k]
+        return [(t + 1) % 4096 if self.miss else t for t in out]
+
+    def capture(self):
+        return {}
+
+    def observe(self, captured, start, rows):
+        pass
+
+
+def test_interleaved_sequences_share_costs_and_keep_their_own_draft_length(models):
+    """Two generations of one model with the same options, their rounds interleaved as the server's threads run
+    them: each yields plain decoding's tokens, they share one DraftCosts (the model's: draft_costs) and each has
+    its own control, whose choice follows its own drafts (always passing: drafting; never passing: off)."""
     m = models("tiny")
     prompt = _prompt(m)
-    plain = list(m.generate(prompt, 20))
-    options = sp.SpecOptions("ngram", 3)
-    assert list(m.generate(prompt, 20, spec_type=options)) == plain
-    control = sp.draft_control(m, options)
-    rounds, costs = control.rounds, dict(control.med)
-    assert rounds > 0 and 1 in costs and sum(control.trials) > 0
-    speculator = sp.Speculator(m, m.new_cache(), sp.SpecOptions("ngram", 3))
-    assert speculator.control is control and control.med == costs and sum(control.trials) == 0
-    assert list(m.generate(prompt, 20, spec_type=sp.SpecOptions("ngram", 3))) == plain
-    assert control.rounds > rounds
-    assert sp.draft_control(m, sp.SpecOptions("ngram", 4)) is not control
+    plain = list(m.generate(prompt, 41))
+    options = sp.SpecOptions("ngram", 4)
+    speculators = [sp.Speculator(m, m.new_cache(), options) for _ in range(2)]
+    speculators[0].drafter = _Scripted(prompt, plain)
+    speculators[1].drafter = _Scripted(prompt, plain, miss=True)
+    histories = [list(prompt), list(prompt)]
+    streams = [s.tokens(list(prompt), h) for s, h in zip(speculators, histories)]
+    outs = [[], []]
+    for _ in range(40):
+        for out, stream in zip(outs, streams):
+            out.append(next(stream))
+    for stream in streams:
+        stream.close()
+    assert outs == [plain[:40], plain[:40]]
+    passing, failing = (s.control for s in speculators)
+    assert passing is not failing and passing.costs is failing.costs is sp.draft_costs(m, options)
+    assert passing.acceptance == 1.0 and failing.acceptance == 0.0
+    assert passing.next_k() >= 1 and failing.choice == 0  # drafting off (until its next probe)
+    assert sp.draft_costs(m, sp.SpecOptions("ngram", 3)) is not passing.costs
+
+
+def test_a_probes_catch_up_is_not_counted_as_drafting(models, monkeypatch):
+    """A drafter's cost is what drafting costs a round that keeps drafting; the rest of its propose() (a probe's
+    catch-up on the positions decided while drafting was off) is neither draft nor rest seconds, else the probes'
+    rest would keep drafting off where drafts pass. On a clock that only the drafter moves: 10 s in propose(), of
+    which it reports 1 s as its cost."""
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
+
+    class CatchingUp(_Scripted):
+        def propose(self, tokens, k):
+            Clock.now += 10.0
+            self.cost = 1.0
+            return super().propose(tokens, k)
+
+    m = models("tiny")
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 8))
+    monkeypatch.setattr(sp, "time", Clock)
+    options = sp.SpecOptions("ngram", 2, adaptive=False)
+    speculator = sp.Speculator(m, m.new_cache(), options)
+    speculator.drafter = CatchingUp(prompt, plain)
+    speculator.control = sp.DraftControl(2, adaptive=False)  # costs of its own: none measured on the real clock
+    assert list(itertools.islice(speculator.tokens(list(prompt), list(prompt)), 8)) == plain
+    costs = speculator.control.costs
+    assert costs.draft_med == 0.5 and costs.rest_med[1] == 0.0 and set(costs.med.values()) == {0.0}
+
+
+@pytest.mark.parametrize("name,kind", [("tiny", "ngram"), ("tiny", "mtp"), ("small", "mtp")])
+def test_rounds_while_drafting_is_off_decode_as_plain(models, files, name, kind, monkeypatch):
+    """While drafting is off, the rounds before a probe run as plain decoding (DraftControl.plain_ahead) and the
+    drafter sees only the last context_rows of them: the output is plain decoding's, the probes draft, and each
+    probe's drafts are those of a drafter that saw every row (the MTP block's window before the probe)."""
+    m = models(name)
+    draft = str(files["mtp-" + name]) if kind == "mtp" else None
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 200))
+    # plain decoding wins
+    monkeypatch.setattr(sp.DraftCosts, "tokens_per_second", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)
+    drafter = sp.MTPDrafter if kind == "mtp" else sp.NgramDrafter
+    propose = drafter.propose
+    runs = []
+
+    def spy(self, tokens, k):
+        out = propose(self, tokens, k)
+        runs[-1].append((len(tokens), k, out))
+        return out
+
+    monkeypatch.setattr(drafter, "propose", spy)
+    for every_row in (False, True):
+        if every_row:
+            monkeypatch.setattr(drafter, "context_rows", 10 ** 9)
+        runs.append([])
+        m.reset_stats()
+        assert list(m.generate(prompt, 200, spec_type=sp.SpecOptions(kind, 4, draft))) == plain
+        st = m.stats()
+        assert st["spec_rounds"] == 199 - st["accepted_tokens"]
+    skipping, seeing_all = runs
+    assert len([k for _, k, _ in skipping if k]) == 3  # probes after 16, 32 and 64 plain rounds
+    assert skipping == seeing_all
+
+
+def test_sampled_rounds_while_drafting_is_off_are_plain_decodings(models, monkeypatch):
+    """Up to the first probe (the 16 tokens before it), a sampled generation with drafting off draws what plain
+    decoding with the same sampler and seed draws: the plain rounds call the sampler as Model.generate does."""
+    m = models("tiny")
+    prompt = _prompt(m)
+    monkeypatch.setattr(sp.DraftCosts, "tokens_per_second", lambda self, n_max, tokens: [1.0] + [0.5] * n_max)
+    plain = list(m.generate(prompt, 16, sampler=Sampler(seed=3, temperature=1.5)))
+    spec = list(m.generate(prompt, 16, sampler=Sampler(seed=3, temperature=1.5), spec_type=sp.SpecOptions("ngram")))
+    assert spec == plain and len(set(plain)) > 4
 
 
 # ------------------------------------------------------------------------- the MTP draft file and block
@@ -467,6 +599,32 @@ def _release_values(folder: Path) -> dict:
             out[name] = a.astype(np.int64 if t.dtype == "I64" else np.float32)
     ck.close()
     return out
+
+
+@pytest.mark.parametrize("name", ["small", "small-f32"])
+def test_mtp_block_input_is_eh_proj_over_the_token_and_the_streams(models, files, name):
+    """The block's input runs eh_proj as e_proj (the token's half, once per position) plus h_proj (per stream):
+    its halves are eh_proj's column halves exactly (Q8_0 rows cut between blocks), and the input equals a float64
+    eh_proj over [enorm(embed(x)) ; hnorm(h)] per stream, as far as the products' 8-bit activations allow."""
+    m = models(name)
+    head = m.draft_head(files["mtp-" + name])
+    a = head.args
+    full = GGUFFile(files["mtp-" + name]).tensors[f"blk.{head.layer}.nextn.eh_proj.weight"].to_f32()
+    assert np.array_equal(head.e_proj.to_f32(), full[:, :a.dim])
+    assert np.array_equal(head.h_proj.to_f32(), full[:, a.dim:])
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((3, a.hc_mult, a.dim)).astype(np.float32)
+    ids = rng.integers(3, a.vocab_size, 3)
+
+    def norm(x, w):
+        x = x.astype(np.float64)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + a.norm_eps) * w
+
+    e = norm(m.net.embed_tokens(ids), head.enorm)
+    x = np.concatenate([np.broadcast_to(e[:, None, :], h.shape), norm(h, head.hnorm)], axis=2)
+    expected = x @ full.astype(np.float64).T
+    tol = 1e-5 if name.endswith("f32") else 2e-2
+    assert np.abs(head.block_input(h, ids) - expected).max() <= tol * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("fixture,name", [(SMALL, "small"), (TINY, "tiny")])

@@ -21,7 +21,8 @@ greedy and stops at EOS or --tokens, so every variant yields the same tokens (ch
 back each time, sizes taking turns), whatever a drafter would accept: what verifying k = m - 1 drafts costs at
 this model's widths, from which the speedup at an acceptance rate follows (docs/speculative.md).
 
-The bytes come from one extra, instrumented run per variant (np.unique over each layer's routing, outside the
+Tokens per pass are the last timed run's (an adaptive control's choices follow its timings). The bytes come
+from one extra, instrumented run per variant (np.unique over each layer's routing, outside the
 timed runs, op by op so that Python sees the routing): dense = every main-model tensor but the routed experts and the embedding (read by rows), experts =
 the union of the experts the batch's tokens pick, per layer, times an expert's bytes.
 """
@@ -105,12 +106,18 @@ class ByteCounter:
         # the planned layer calls route in C, out of the patched gate's sight: the op-by-op definition routes the
         # same (bitwise the same forward)
         self.model.net.use_fused_decode(False)
+        # op by op, rounds take several times as long: what they measure must not reach the costs (DraftCosts, the
+        # model's) that the timed runs after this one choose their draft lengths by
+        self.costs = sp._COSTS.pop(self.model, None)
         self.forwards = []
         return self
 
     def __exit__(self, *exc):
         v4.MoEGate.__call__ = self._patch[0]
         del self.model.forward
+        sp._COSTS.pop(self.model, None)
+        if self.costs is not None:
+            sp._COSTS[self.model] = self.costs
         self.model.net.use_fused_decode(True)
 
 
@@ -197,7 +204,9 @@ def main(argv=None):
                 "drafted": st["drafted_tokens"], "accepted": st["accepted_tokens"],
                 "acceptance": st["accepted_tokens"] / st["drafted_tokens"] if st["drafted_tokens"] else None,
                 "batches": len(batches),
-                "tokens_per_batch": (n_out - 1) / max(len(batches), 1),
+                # the last timed run's passes (an adaptive control chooses by its timings, which the counted run's
+                # op-by-op passes do not have); plain's from the counted run
+                "tokens_per_batch": (n_out - 1) / (st["spec_rounds"] or max(len(batches), 1)),
                 "expert_bytes_per_batch": float(np.mean([b for _, b in batches])) if batches else 0.0,
                 "weight_bytes_per_token": (counter.dense * len(batches) + sum(b for _, b in batches))
                                           / max(n_out - 1, 1),
