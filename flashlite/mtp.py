@@ -1,5 +1,6 @@
 """DeepSeek V4's multi-token-prediction (MTP) block as a drafter: read from the draft GGUF llama.cpp's converter
-writes with `--mtp` (and `flashlite quantize --mtp`), run with the main model's numpy / C-core blocks.
+writes with `--mtp` (and `flashlite quantize --mtp`), run with the main model's blocks on its backend (the C core, or
+a torch device where the main model runs, its weights and rows uploaded there).
 
 The block (DeepSeek's MTPBlock, as tools/train_tiny.py trains it) maps the main model's last streams h_i [hc, dim]
 at position i and the embedding of the token x_{i+1} to logits for x_{i+2}:
@@ -25,9 +26,10 @@ import os
 
 import numpy as np
 
+from flashlite import backends as backend
 from flashlite.block_formats import row_bytes
 from flashlite.gguf_file import GGUFFile, WeightView
-from flashlite.kv_cache import LayerCache
+from flashlite.kv_cache import LayerCache, RowLog
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, linear_groups, rms_norm
 from flashlite.models.v4_spec import layer_tensors, mtp_tensors
@@ -74,8 +76,12 @@ class MTPHead:
             raise ValueError(f"{self.path}: the MTP block has compress ratio {a.compress_ratios[n]}; V4's is 0")
         if n < a.n_hash_layers:
             raise ValueError(f"{self.path}: a hash-routed MTP block is not supported (llama.cpp's neither)")
+        # on a device (main.device) the block's weights go where the main model's are, whole (no placement: the
+        # block is one layer), and its rows where the main cache's are
+        self.device = main.device
+        upload = (lambda value: value) if self.device is None else self.device.upload
         spec = {f"blk.{n}." + k: use for k, use in layer_tensors(a, n).items()}
-        w = {name[len(f"blk.{n}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
+        w = {name[len(f"blk.{n}."):]: upload(f.load(name, ne, use)) for name, (ne, use) in spec.items()}
         self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)
         # its draft steps and catch-ups (up to STEP_MAX_TOKENS) run the backend's planned layer call, as the main
         # model's decode steps do: bitwise the same as op by op
@@ -85,24 +91,24 @@ class MTPHead:
         def load(name):
             return f.load(name, *own[name])
 
-        self.e_proj, self.h_proj = _column_halves(load(f"blk.{n}.nextn.eh_proj.weight"))
-        self.enorm = load(f"blk.{n}.nextn.enorm.weight")
-        self.hnorm = load(f"blk.{n}.nextn.hnorm.weight")
+        self.e_proj, self.h_proj = map(upload, _column_halves(load(f"blk.{n}.nextn.eh_proj.weight")))
+        self.enorm = upload(load(f"blk.{n}.nextn.enorm.weight"))
+        self.hnorm = upload(load(f"blk.{n}.nextn.hnorm.weight"))
         norm = f"blk.{n}.nextn.shared_head_norm.weight"
-        self.norm = load(norm) if norm in f.tensors else main.net.norm
-        self.hc_head = HyperHead(a, load("output_hc_fn.weight"), load("output_hc_base.weight"),
-                                 load("output_hc_scale.weight"))
+        self.norm = upload(load(norm)) if norm in f.tensors else main.net.norm
+        self.hc_head = HyperHead(a, *(upload(load(f"output_hc_{part}.weight")) for part in ("fn", "base", "scale")))
         self.main = main.net
 
     def make_cache(self, kv_format: str = "f32") -> LayerCache:
         a = self.args
-        return LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format)
+        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        return LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format, row_log)
 
     def __call__(self, h: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, cache: LayerCache,
                  logits: str = "last") -> tuple[np.ndarray, np.ndarray]:
         """(logits, hm): the block over T positions, h [T, hc, dim] the streams at positions and token_ids [T]
-        the tokens after them. logits [T, vocab] ("all"), [1, vocab] ("last") or none ("none"); hm [T, hc, dim]
-        the block's output streams (the h of the next draft step)."""
+        the tokens after them. logits [T, vocab] ("all"), [1, vocab] ("last") or none ("none"), a host array;
+        hm [T, hc, dim] the block's output streams (the h of the next draft step), where the model computes."""
         a = self.args
         token_ids = np.asarray(token_ids, np.int64)
         hm = self.block_input(h, token_ids)
@@ -110,12 +116,12 @@ class MTPHead:
         # longer batch would otherwise run op by op)
         step = v4.STEP_MAX_TOKENS
         positions = np.asarray(positions)
-        hm = np.concatenate([self.block(hm[c:c + step], positions[c:c + step], token_ids[c:c + step], cache)
-                             for c in range(0, len(token_ids), step)])
+        hm = backend.concat([self.block(hm[c:c + step], positions[c:c + step], token_ids[c:c + step], cache)
+                             for c in range(0, len(token_ids), step)], axis=0)
         if logits == "none":
             return np.empty((0, a.vocab_size), np.float32), hm
         y = hm[-1:] if logits == "last" else hm
-        return linear(self.main.head, rms_norm(self.hc_head(y), self.norm, a.norm_eps)), hm
+        return backend.to_host(linear(self.main.head, rms_norm(self.hc_head(y), self.norm, a.norm_eps))), hm
 
     def block_input(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """The block's input streams [T, hc, dim]: eh_proj of the token's embedding and the main model's streams,

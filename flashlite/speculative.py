@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flashlite import backends as backend
+
 SPEC_TYPES = ("none", "ngram", "mtp", "dspark")
 # llama.cpp's --spec-type names (common/speculative.cpp) for the same drafters
 ALIASES = {"draft-mtp": "mtp", "draft-dspark": "dspark", "ngram-simple": "ngram", "ngram-map-k": "ngram",
@@ -257,7 +259,7 @@ class MTPDrafter:
         # the last row's query sees the window's rows before it and nothing earlier, nor does any later query: a
         # catch-up after rounds without drafts runs over one window of positions at most, however many it skipped
         todo = sorted(i for i in s.hidden if done < i <= last)[-s.layer.window:]
-        h = np.stack([s.hidden[i] for i in todo])
+        h = backend.concat([s.hidden[i][None] for i in todo], axis=0)  # where the model computes
         ids = np.array([tokens[i + 1] for i in todo], np.int64)
         drafts = []
         with self.lock:

@@ -772,3 +772,39 @@ def test_run_and_chat_commands_take_llamacpps_options(files):
     assert spec.stdout == plain.stdout
     bad = runner.invoke(main, base + ["--spec-type", "mtp"])
     assert bad.exit_code != 0 and "MTP draft" in bad.output
+
+
+# ------------------------------------------------------------------------- the MTP draft on a torch device
+
+def test_the_mtp_block_on_a_torch_device_drafts_as_on_the_cpu(models, files):
+    """With the main model on a device, its MTP block runs there too (weights uploaded, rows in the device's
+    logs): on the f32 files the block's logits follow the CPU backend's to float32 rounding, catch-up included;
+    greedy speculation on the device gives plain decoding's tokens with drafts accepted as on the CPU; a DSpark
+    draft is refused there, naming what runs."""
+    pytest.importorskip("torch")
+    on_cpu = models("small-f32")
+    on_dev = models("small-f32", device="torch-cpu", threads=1)
+    draft = str(files["mtp-small-f32"])
+    ids = _prompt(on_cpu, 40, 0, seed=3)
+    got = {}
+    for name, m in (("cpu", on_cpu), ("device", on_dev)):
+        head, hidden, cache = m.draft_head(draft), [], m.new_cache()
+        m.net(np.asarray(ids), cache, logits="none", hidden=hidden)
+        h, rows = hidden[0], head.make_cache(cache.kv_format)
+        head.catch_up(h[:30], ids[1:31], np.arange(30), rows)
+        logits, _ = head(h[30:39], ids[31:40], np.arange(30, 39), rows, logits="all")
+        assert isinstance(logits, np.ndarray)
+        got[name] = logits
+    delta = np.abs(got["device"] - got["cpu"]).max()
+    print(f"MTP block logits, torch-cpu against cpu: max |delta| {delta:.3g}")
+    assert delta <= 1e-4
+    prompt = _prompt(on_dev)
+    plain = list(on_dev.generate(prompt, 24))
+    accepted = {}
+    for name, m in (("cpu", on_cpu), ("device", on_dev)):
+        m.reset_stats()
+        assert list(m.generate(prompt, 24, spec_type=sp.SpecOptions("mtp", 3, draft, adaptive=False))) == plain
+        accepted[name] = m.stats()["accepted_tokens"]
+    assert accepted["device"] == accepted["cpu"] > 0, accepted
+    with pytest.raises(ValueError, match="spec_type 'dspark': the DSpark draft runs on the CPU backend only"):
+        on_dev.draft_head(draft, "dspark")
