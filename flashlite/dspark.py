@@ -29,8 +29,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flashlite import backends as backend
 from flashlite.gguf_file import WHOLE, GGUFFile
-from flashlite.kv_cache import LayerCache
+from flashlite.kv_cache import LayerCache, RowLog
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
 from flashlite.models.v4_spec import DSPARK_ARCH, dspark_tensors, layer_tensors
@@ -82,10 +83,15 @@ class DSparkHead:
             raise ValueError(f"{self.path}: {ARCH}.sample_from_anchor false (a bonus-anchor draft) is not supported")
         self.causal = f.get(f"{ARCH}.attention.causal", False) is True
         rope = RoPE(a.rope_head_dim, a.rope_theta)
+        # on a device (main.device) the stages, the feature projection and the norms go where the main model's
+        # weights are, and the context rows where its cache's are; the Markov head stays on the host, where the
+        # draft logits come for the chaining
+        self.device = main.device
+        upload = (lambda value: value) if self.device is None else self.device.upload
         self.stages = []
         for s in range(a.n_layers):
             spec = {f"blk.{s}." + k: use for k, use in layer_tensors(a, s).items()}
-            w = {name[len(f"blk.{s}."):]: f.load(name, ne, use) for name, (ne, use) in spec.items()}
+            w = {name[len(f"blk.{s}."):]: upload(f.load(name, ne, use)) for name, (ne, use) in spec.items()}
             self.stages.append(v4.build_block(a, s, w, rope, None))
         rank = f.tensors["markov_w1.weight"].ne[0]
         own = dspark_tensors(a, len(self.target_layers), rank)  # a.vocab_size is the target's
@@ -93,12 +99,11 @@ class DSparkHead:
         def load(name):
             return f.load(name, *own[name])
 
-        self.fc = load("fc.weight")
+        self.fc = upload(load("fc.weight"))
         self.fc_scale = self._scale(f, "fc.scale")
-        self.enc_norm = load("enc.output_norm.weight")
-        self.norm = load("output_norm.weight")
-        self.hc_head = HyperHead(a, load("output_hc_fn.weight"), load("output_hc_base.weight"),
-                                 load("output_hc_scale.weight"))
+        self.enc_norm = upload(load("enc.output_norm.weight"))
+        self.norm = upload(load("output_norm.weight"))
+        self.hc_head = HyperHead(a, *(upload(load(f"output_hc_{part}.weight")) for part in ("fn", "base", "scale")))
         self.markov_w1 = load("markov_w1.weight")  # rows by token: [vocab, rank]
         self.markov_w2 = load("markov_w2.weight")
         self.markov_scale = self._scale(f, "markov_w2.scale")
@@ -111,17 +116,18 @@ class DSparkHead:
 
     def make_caches(self, kv_format: str = "f32") -> list[LayerCache]:
         a = self.args
-        return [LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format)
+        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        return [LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format, row_log)
                 for _ in self.stages]
 
     def features(self, taps: dict) -> np.ndarray:
-        """The feature rows [T, n_layers * dim] of a forward's taps (Model.forward(taps=...))."""
-        return np.concatenate([taps[layer] for layer in self.target_layers], axis=1)
+        """The feature rows [T, n_layers * dim] of a forward's taps (Model.forward(taps=...)), where they are."""
+        return backend.concat([taps[layer] for layer in self.target_layers], axis=1)
 
     def inject(self, features: np.ndarray, start: int, caches: list[LayerCache]) -> None:
         """Append the context rows of positions start.. to each stage's cache."""
         a = self.args
-        g = linear(self.fc, np.ascontiguousarray(features, np.float32))
+        g = linear(self.fc, backend.contiguous(features))
         if self.fc_scale != 1.0:
             g = g * np.float32(self.fc_scale)
         g = rms_norm(g, self.enc_norm, a.norm_eps)
@@ -132,11 +138,11 @@ class DSparkHead:
             cache.kv.append(attn.rope.apply(rms_norm(linear(attn.wkv, g), attn.kv_norm, a.norm_eps), cos, sin))
 
     def block_logits(self, anchor: int, k: int, start: int, caches: list[LayerCache]) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [k, vocab], z [k, dim]) of the block [anchor, MASK x (k-1)] at positions start.., the caches
-        holding the context rows before start; the block's rows are dropped from them again."""
+        """(logits [k, vocab], a host array, and z [k, dim]) of the block [anchor, MASK x (k-1)] at positions
+        start.., the caches holding the context rows before start; the block's rows are dropped from them again."""
         ids = np.array([anchor] + [self.mask_id] * (k - 1), np.int64)
         positions = np.arange(start, start + k)
-        h = np.repeat(self.main.embed_tokens(ids)[:, None, :], self.args.hc_mult, axis=1)
+        h = backend.hc_streams(self.main.embed_tokens(ids), self.args.hc_mult)
         try:
             for stage, cache in zip(self.stages, caches):
                 h = stage(h, positions, ids, cache, causal=self.causal)
@@ -144,7 +150,7 @@ class DSparkHead:
             for cache in caches:
                 cache.truncate(start)
         z = self.hc_head(h)
-        return linear(self.main.head, rms_norm(z, self.norm, self.args.norm_eps)), z
+        return backend.to_host(linear(self.main.head, rms_norm(z, self.norm, self.args.norm_eps))), z
 
     def markov(self, logits: np.ndarray, anchor: int) -> list[int]:
         """The drafts: each row biased by the Markov head on the token before it, chained greedily."""

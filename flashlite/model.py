@@ -248,9 +248,6 @@ class Model:
         """The draft of the GGUF at path, loaded once: kind 'mtp' an MTP block (flashlite.mtp.MTPHead), 'dspark'
         a DSpark draft (flashlite.dspark.DSparkHead)."""
         path = os.fspath(path)
-        if self.device is not None and kind == "dspark":
-            raise ValueError(f"spec_type 'dspark': the DSpark draft runs on the CPU backend only, not on device "
-                             f"{self.device} (spec_type 'mtp' and 'ngram' run there)")
         with self.lock:
             head = self._drafts.get(path)
             if head is None:
@@ -502,7 +499,7 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     matmuls of weights decoded to float32 once), or "auto" (CUDA when torch sees a GPU, else "cpu"). The device
     backends need `pip install 'flashlite[cuda]'`; one asked for and not available raises a RuntimeError that says
     what is missing. They hold either kv_format (fp8 rows packed on the device as the CPU packs them) and run the
-    MTP draft, not yet the DSpark draft (docs/gpu.md).
+    MTP and DSpark drafts there (docs/gpu.md).
 
     gpu_mem (bytes, or a size such as "20G"): the device's memory budget for hybrid placement (docs/gpu.md):
     what fits goes to the device in this order: the KV cache at ctx, attention and dense weights, head and

@@ -163,3 +163,40 @@ def test_quantize_writes_a_dspark_checkpoints_draft(files, tmp_path):
     m.close()
     result = CliRunner().invoke(main, ["quantize", str(SMALL), str(tmp_path / "x.gguf"), "--dspark", "--quiet"])
     assert result.exit_code != 0 and "dspark_target_layer_ids" in result.output
+
+
+def test_dspark_on_a_torch_device_drafts_as_on_the_cpu(files):
+    """With the main model on a device the DSpark stages run there (context rows in the device's logs, the target
+    features taken where they are), the Markov chaining on the host: on the f32 file its block logits follow the CPU
+    backend's to float32 rounding and its drafts are the CPU's; greedy speculation with a draft that knows the
+    answer gives plain decoding's tokens, accepting what the CPU accepts."""
+    pytest.importorskip("torch")
+    on_cpu, on_dev = load(files["tiny"]), load(files["tiny"], device="torch-cpu", threads=1)
+    ids = _prompt(on_cpu.vocab_size, 21)
+    prompt, anchor = ids[:-1], ids[-1]
+    got = {}
+    for name, m in (("cpu", on_cpu), ("device", on_dev)):
+        head = m.draft_head(files["dspark-tiny"], "dspark")
+        taps = {layer: None for layer in head.target_layers}
+        m.forward(prompt, cache=m.new_cache(), logits="none", taps=taps)
+        state = DSparkState(head, "f32")
+        state.observe(head.features(taps), 0)
+        logits, _ = head.block_logits(anchor, 5, len(prompt), state.caches)
+        assert isinstance(logits, np.ndarray) and state.end == len(prompt)
+        got[name] = logits, head.markov(logits, anchor)
+    delta = np.abs(got["device"][0] - got["cpu"][0]).max()
+    print(f"DSpark block logits, torch-cpu against cpu: max |delta| {delta:.3g}")
+    assert delta <= 1e-4 and got["device"][1] == got["cpu"][1]
+    plain = list(on_dev.generate(ids, 24))
+    answer = [ids[-1]] + plain
+    bigrams = {}
+    for prev, nxt in zip(answer, answer[1:]):
+        bigrams.setdefault(prev, nxt)
+    knowing = write_dspark(str(files["tiny"]), str(Path(files["dspark-tiny"]).with_name("knowing-dev.gguf")),
+                           target_layers=[1, 4, 6], bigrams=bigrams)
+    accepted = {}
+    for name, m in (("cpu", on_cpu), ("device", on_dev)):
+        m.reset_stats()
+        assert list(m.generate(ids, 24, spec_type=sp.SpecOptions("dspark", 7, knowing, adaptive=False))) == plain
+        accepted[name] = m.stats()["accepted_tokens"]
+    assert accepted["device"] == accepted["cpu"] > 0, accepted

@@ -779,8 +779,7 @@ def test_run_and_chat_commands_take_llamacpps_options(files):
 def test_the_mtp_block_on_a_torch_device_drafts_as_on_the_cpu(models, files):
     """With the main model on a device, its MTP block runs there too (weights uploaded, rows in the device's
     logs): on the f32 files the block's logits follow the CPU backend's to float32 rounding, catch-up included;
-    greedy speculation on the device gives plain decoding's tokens with drafts accepted as on the CPU; a DSpark
-    draft is refused there, naming what runs."""
+    greedy speculation on the device gives plain decoding's tokens with drafts accepted as on the CPU."""
     pytest.importorskip("torch")
     on_cpu = models("small-f32")
     on_dev = models("small-f32", device="torch-cpu", threads=1)
@@ -806,5 +805,3 @@ def test_the_mtp_block_on_a_torch_device_drafts_as_on_the_cpu(models, files):
         assert list(m.generate(prompt, 24, spec_type=sp.SpecOptions("mtp", 3, draft, adaptive=False))) == plain
         accepted[name] = m.stats()["accepted_tokens"]
     assert accepted["device"] == accepted["cpu"] > 0, accepted
-    with pytest.raises(ValueError, match="spec_type 'dspark': the DSpark draft runs on the CPU backend only"):
-        on_dev.draft_head(draft, "dspark")
