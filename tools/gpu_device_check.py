@@ -70,6 +70,10 @@ def correctness(base, work: Path, out: dict) -> None:
                                                           "seconds": round(time.perf_counter() - t0, 2)}
     greedy = list(model.generate(ids, len(g["greedy_ids"])))
     out["f32 greedy == goldens"] = {"ok": greedy == g["greedy_ids"].tolist()}
+    # the fp8 KV cache packed on the device follows the CPU's (tests/test_device_kv.py: median 5.9e-5 on torch-cpu)
+    fp8 = load(work / "f32.gguf", device=base, kv_format="fp8").logits(ids)
+    delta = np.median(np.abs(fp8 - load(work / "f32.gguf", kv_format="fp8").logits(ids)).max(axis=1))
+    out["f32, fp8 KV cache vs cpu's fp8 cache"] = {"median_delta": float(delta), "ok": bool(delta <= 3e-4)}
     hybrid = device_with(base)
     f32 = work / "f32.gguf"
     budget = all_but_routed(f32, hybrid) + 20 * (expert_bytes(f32, hybrid))  # 20 of 48 routed experts
