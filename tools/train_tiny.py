@@ -1115,7 +1115,7 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cuda = device.startswith("cuda")
-    batch = batch or (64 if cuda else 2)
+    batch = batch or (64 if cuda else 4)  # on a CPU 4 x 256 has the most tokens/s (docs/quality.md)
     seq_len = seq_len or (512 if cuda else 256)
     model = build_model(a, seed, device)
     net = torch.compile(model) if compile_model else model
@@ -1243,17 +1243,17 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
             tokens += int((rows >= 0).sum())
             last = progress() >= 1.0
             if step % (10 if cuda else 5) == 0 or step == 1 or last:
-                entry = {"step": step, "s": round(time.time() - t_train, 1), "loss": round(ce.item(), 4),
+                entry = {"step": step, "s": round(elapsed(), 1), "loss": round(ce.item(), 4),
                          "mtp": round(mtp.item(), 4), "indexer_kl": round(idx.item(), 4), "lr": round(rate, 6),
-                         "quant": model.quant.on, "epoch": epoch}
+                         "quant": model.quant.on, "epoch": epoch, "tokens": tokens}
                 log.append(entry)
                 if step % (100 if cuda else 20) == 0 or step == 1 or last:
-                    print(f"  step {step:5d} {entry['s']:7.1f}s loss {entry['loss']:.3f} mtp {entry['mtp']:.3f} "
-                          f"idx {entry['indexer_kl']:.3f} lr {rate:.2e}{' q' if model.quant.on else ''} ep {epoch}",
-                          flush=True)
+                    print(f"  step {step:5d} {entry['s']:7.1f}s {tokens / 1e6:6.3f}M tok loss {entry['loss']:.3f} "
+                          f"mtp {entry['mtp']:.3f} idx {entry['indexer_kl']:.3f} lr {rate:.2e}"
+                          f"{' q' if model.quant.on else ''} ep {epoch}", flush=True)
             if eval_rows is not None and (last or int(progress() * n_evals) > len(evals)):
                 ce_v, mtp_v = evaluate(eval_rows, quant=True)
-                evals.append({"step": step, "s": round(time.time() - t_train, 1), "tokens": tokens,
+                evals.append({"step": step, "s": round(elapsed(), 1), "tokens": tokens,
                               "valid_loss": round(ce_v, 4), "valid_mtp": round(mtp_v, 4), "quant": model.quant.on})
                 better = best is None or ce_v < best["valid_loss"]
                 print(f"  validation loss {ce_v:.3f} (ppl {math.exp(ce_v):.1f}), mtp {mtp_v:.3f}"
@@ -1473,7 +1473,7 @@ def main(argv=None):
         p.add_argument("--steps", type=int, default=None, help="exact number of steps (default: as many as fit)")
         p.add_argument("--tokens", type=float, default=None,
                        help="training tokens the schedule runs to, e.g. 8.5e6 (default: as many as --minutes fit)")
-        p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 64 on cuda, 2 on cpu)")
+        p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 64 on cuda, 4 on cpu)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on cuda, 256 on cpu)")
         p.add_argument("--lr", type=float, default=2e-3)
         p.add_argument("--seed", type=int, default=SEED)
