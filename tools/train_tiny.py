@@ -5,6 +5,11 @@
     python tools/train_tiny.py export                       # + transformers goldens = tests/fixtures/small_v4
     python tools/train_tiny.py all --minutes 3              # the three in a row (the CPU proof of the pipeline)
 
+A long run (hours on a CPU) by a token target, checkpointed, that outlives a session (docs/quality.md):
+
+    python tools/train_tiny.py train --tokens 8.5e6 --checkpoint-every 10 --out DIR   # SIGTERM: ends at a step
+    python tools/train_tiny.py train --resume DIR                                      # ... continues exactly
+
 On a GPU machine (torch and numpy are all `train` needs there), with the prepared folder carried along:
 
     python tools/train_tiny.py prepare                                          # here: build/small_v4
@@ -1073,7 +1078,8 @@ def resume(out, threads=None, compile_model=False, checkpoint_every=None):
         raise SystemExit(f"train --resume: no {CHECKPOINT} in {out}")
     state = _torch().load(path, weights_only=False)  # our own file: numpy arrays and RNG states besides tensors
     if state.get("format") != FORMAT_VERSION:
-        raise SystemExit(f"train --resume: {path} has format {state.get('format')}, this script writes {FORMAT_VERSION}")
+        raise SystemExit(f"train --resume: {path} has format {state.get('format')}, "
+                         f"this script writes {FORMAT_VERSION}")
     settings = dict(state["settings"], work=Path(state["settings"]["work"]))
     if checkpoint_every is None:
         checkpoint_every = settings.pop("checkpoint_every")
@@ -1109,13 +1115,14 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     settings = {"work": str(work), "device": device, "minutes": minutes, "steps": steps, "tokens_target": tokens_target,
                 "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "quant_fraction": quant_fraction,
                 "mtp_weight": mtp_weight, "indexer_weight": indexer_weight, "weight_decay": weight_decay,
-                "n_evals": n_evals, "valid_rows": valid_rows, "patience": patience, "checkpoint_every": checkpoint_every}
+                "n_evals": n_evals, "valid_rows": valid_rows, "patience": patience,
+                "checkpoint_every": checkpoint_every}
     corpus = json.loads((work / "corpus.json").read_text())
     a = dict(SMALL_ARGS, vocab_size=corpus["vocab_size"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cuda = device.startswith("cuda")
-    batch = batch or (64 if cuda else 4)  # on a CPU 4 x 256 has the most tokens/s (docs/quality.md)
+    batch = batch or (64 if cuda else 4)  # on a CPU 4 x 256: the most tokens/s (docs/quality.md)
     seq_len = seq_len or (512 if cuda else 256)
     model = build_model(a, seed, device)
     net = torch.compile(model) if compile_model else model
@@ -1295,7 +1302,8 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     write_release(model, a, out)
     record = {
         "format": FORMAT_VERSION, "args": a, "seed": seed, "device": device, "minutes": minutes,
-        "steps": step, "schedule_by": schedule_by, "tokens_target": tokens_target, "resumed_at": resumed_at, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
+        "steps": step, "schedule_by": schedule_by, "tokens_target": tokens_target, "resumed_at": resumed_at,
+        "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
         "schedule": f"linear warmup, cosine to 0.1x; AdamW (0.9, 0.95), wd {weight_decay} on matrices, clip 1.0",
         "weight_decay": weight_decay, "n_evals": n_evals, "valid_rows": None if eval_rows is None else len(eval_rows),
         "patience": patience, "best": best, "heldout_loss": round(ce_h, 4), "heldout_mtp": round(mtp_h, 4),
