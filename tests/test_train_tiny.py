@@ -4,6 +4,8 @@ The trainer's forward must be the oracle's (docs/oracle.md) so that what it lear
 fake quantization must land on the values the release writer stores, so that writing the release loses nothing.
 Needs the dev extra (torch, transformers)."""
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import make_reference as ref  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 import train_tiny as tt  # noqa: E402
 
 ARGS = dict(tt.SMALL_ARGS, vocab_size=512)
@@ -144,3 +147,50 @@ def test_early_stopping_writes_the_best_validation_weights(tmp_path, monkeypatch
             logits, _, _ = model(x)
             total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())) * len(rows[i:i + 2])
     assert abs(total / len(rows) - best["valid_loss"]) < 1e-3
+
+
+def _final_state(out):
+    return torch.load(out / tt.CHECKPOINT, weights_only=False)
+
+
+def test_resumed_run_equals_the_run_in_one_go(tmp_path, monkeypatch):
+    """N steps in one go and N/2 steps, a SIGTERM, then `resume`: the same weights, optimizer state, losses,
+    validation history and early-stopping state, bit for bit (same thread count, CPU)."""
+    monkeypatch.setattr(tt, "SMALL_ARGS", ARGS)
+    monkeypatch.setattr(tt, "write_release", lambda model, a, out: out.mkdir(parents=True, exist_ok=True))
+    work = _work(tmp_path, np.random.default_rng(5))
+    torch.set_num_threads(1)
+    settings = dict(steps=12, batch=2, seq_len=32, lr=1e-2, n_evals=6, valid_rows=4, patience=20, checkpoint_every=60)
+    whole = tt.train(work, tmp_path / "whole", **settings)
+
+    def term_after_half(opt, args, kwargs):  # a kill mid-run: the run ends at the step boundary after it
+        if opt.state_dict()["state"][0]["step"] == settings["steps"] // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    hook = register_optimizer_step_post_hook(term_after_half)
+    try:
+        first = tt.train(work, tmp_path / "parts", **settings)
+    finally:
+        hook.remove()
+    assert first["steps"] == 6 and first["stopped"] == f"signal {signal.SIGTERM}"
+    assert _final_state(tmp_path / "parts")["step"] == 6
+    second = tt.resume(tmp_path / "parts")
+    assert second["resumed_at"] == [6] and second["steps"] == 12 and second["stopped"] is None
+
+    def untimed(entries):
+        return [{k: v for k, v in e.items() if k != "s"} for e in entries]
+
+    assert untimed(second["log"]) == untimed(whole["log"]) and untimed(second["evals"]) == untimed(whole["evals"])
+    assert len(whole["evals"]) == 6 and whole["best"]["step"] < 12  # the early-stopping state crossed the resume
+    a, b = _final_state(tmp_path / "whole"), _final_state(tmp_path / "parts")
+    assert a["since_best"] == b["since_best"] > 0 and a["best"]["step"] == b["best"]["step"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        assert torch.equal(a["best"]["state"][name], b["best"]["state"][name]), name
+    for i, s in a["opt"]["state"].items():
+        assert all(torch.equal(s[k], b["opt"]["state"][i][k]) for k in s)
+
+
+def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
+    with pytest.raises(SystemExit, match=f"no {tt.CHECKPOINT} in {tmp_path}"):
+        tt.resume(tmp_path)

@@ -5,6 +5,11 @@
     python tools/train_tiny.py export                       # + transformers goldens = tests/fixtures/small_v4
     python tools/train_tiny.py all --minutes 3              # the three in a row (the CPU proof of the pipeline)
 
+A long run (hours on a CPU) by a token target, checkpointed, that outlives a session (docs/quality.md):
+
+    python tools/train_tiny.py train --tokens 8.5e6 --checkpoint-every 10 --out DIR   # SIGTERM: ends at a step
+    python tools/train_tiny.py train --resume DIR                                      # ... continues exactly
+
 On a GPU machine (torch and numpy are all `train` needs there), with the prepared folder carried along:
 
     python tools/train_tiny.py prepare                                          # here: build/small_v4
@@ -64,6 +69,7 @@ WORK = ROOT / "build" / "small_v4"
 FIXTURE = ROOT / "tests" / "fixtures" / "small_v4"
 SEED = 20260501
 FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint.pt"  # train's resumable state in its output folder
 
 # DeepSeek's inference/config.json keys (REF ModelArgs), at sizes that train in minutes on one GPU and stay a few MB
 # in the release layout. compress_ratios: L0-1 window-only (hash-routed, as V4-Flash's first layers), then CSA / HCA
@@ -1023,10 +1029,6 @@ def batch_tensors(rows, device):
     return tokens[:, :-1], labels[:, 1:], tokens[:, 1:-1], labels[:, 2:]
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def versions():
     torch = _torch()
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
@@ -1059,15 +1061,48 @@ def decode(work, ids):
     return Tokenizer.from_file(str(work / "tokenizer.json")).decode(ids, skip_special_tokens=False)
 
 
-def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=None, lr=2e-3, seed=SEED,
-          quant_fraction=0.2, mtp_weight=0.3, indexer_weight=0.1, threads=None, compile_model=False,
-          weight_decay=0.1, n_evals=8, valid_rows=None, patience=None):
+def save_checkpoint(out, state):
+    """The run's whole state in out/checkpoint.pt, atomically: a kill at any moment leaves the previous one whole."""
+    torch = _torch()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    out.mkdir(parents=True, exist_ok=True)
+    ref.write_atomic(out / CHECKPOINT, buffer.getvalue())
+
+
+def resume(out, threads=None, compile_model=False, checkpoint_every=None):
+    """Continue the run whose checkpoint is in `out` where it stopped, with its own settings; only how this
+    session runs (threads, compile, checkpoint interval) is chosen anew."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise SystemExit(f"train --resume: no {CHECKPOINT} in {out}")
+    state = _torch().load(path, weights_only=False)  # our own file: numpy arrays and RNG states besides tensors
+    if state.get("format") != FORMAT_VERSION:
+        raise SystemExit(f"train --resume: {path} has format {state.get('format')}, "
+                         f"this script writes {FORMAT_VERSION}")
+    settings = dict(state["settings"], work=Path(state["settings"]["work"]))
+    if checkpoint_every is None:
+        checkpoint_every = settings.pop("checkpoint_every")
+    else:
+        settings.pop("checkpoint_every")
+    return train(out=Path(out), threads=threads, compile_model=compile_model, checkpoint_every=checkpoint_every,
+                 state=state, **settings)
+
+
+def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, batch=None, seq_len=None, lr=2e-3,
+          seed=SEED, quant_fraction=0.2, mtp_weight=0.3, indexer_weight=0.1, threads=None, compile_model=False,
+          weight_decay=0.1, n_evals=8, valid_rows=None, patience=None, checkpoint_every=None, state=None):
     """Train on the prepared corpus in `work`; write the release-layout checkpoint and train.json into `out`.
 
     With a validation split (prepare's valid_ids.npy), `n_evals` evaluations spread over the run measure the loss
     on it as the release will be written (fake quantization on); the weights of the best one are the ones written
     (early stopping), and after `patience` evaluations without a better one the run ends. The held-out text is
-    evaluated once, on the written weights, for the record only."""
+    evaluated once, on the written weights, for the record only.
+
+    The schedule runs to `steps`, else to `tokens_target` training tokens, else to `minutes` of training time.
+    With `checkpoint_every` (minutes; 0: after every step) the run's whole state goes to out/checkpoint.pt at that
+    interval and when the run ends (finished, early-stopped or SIGTERM, which ends it at the next step boundary);
+    `state` is such a checkpoint (see resume), from which the run continues as if it had not stopped."""
     import copy
 
     torch = _torch()
@@ -1076,12 +1111,18 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     t_begin = time.time()
     if threads:
         torch.set_num_threads(threads)
+    work = Path(work).resolve()
+    settings = {"work": str(work), "device": device, "minutes": minutes, "steps": steps, "tokens_target": tokens_target,
+                "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "quant_fraction": quant_fraction,
+                "mtp_weight": mtp_weight, "indexer_weight": indexer_weight, "weight_decay": weight_decay,
+                "n_evals": n_evals, "valid_rows": valid_rows, "patience": patience,
+                "checkpoint_every": checkpoint_every}
     corpus = json.loads((work / "corpus.json").read_text())
     a = dict(SMALL_ARGS, vocab_size=corpus["vocab_size"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cuda = device.startswith("cuda")
-    batch = batch or (64 if cuda else 2)
+    batch = batch or (64 if cuda else 4)  # on a CPU 4 x 256: the most tokens/s (docs/quality.md)
     seq_len = seq_len or (512 if cuda else 256)
     model = build_model(a, seed, device)
     net = torch.compile(model) if compile_model else model
@@ -1136,21 +1177,50 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     warmup = 100 if cuda else 20
     best, since_best = None, 0
     log, evals, epoch, rows_left, step, tokens, skipped = [], [], 0, np.empty((0, seq_len + 1), np.int64), 0, 0, 0
+    seconds_before, resumed_at = 0.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, tokens, epoch, skipped = state["step"], state["tokens"], state["epoch"], state["skipped"]
+        rows_left, log, evals = state["rows_left"], state["log"], state["evals"]
+        best, since_best, seconds_before = state["best"], state["since_best"], state["seconds"]
+        resumed_at = state["resumed_at"] + [step]
+    schedule_by = "steps" if steps else "tokens" if tokens_target else "time"
     print(f"train: {n_params / 1e6:.2f}M parameters on {device}, batch {batch} x {seq_len}, "
           f"{len(pieces)} pieces of {ids.size} tokens, "
-          + (f"{steps} steps" if steps else f"{minutes} min"), flush=True)
+          + {"steps": f"{steps} steps", "tokens": f"{tokens_target} tokens", "time": f"{minutes} min"}[schedule_by]
+          + (f", resumed at step {step}" if state is not None else ""), flush=True)
     model.train()
-    stopped = None
-    signal.signal(signal.SIGTERM, _interrupt)  # a timeout's TERM still leaves the weights written
+    stopped, signalled = None, []
+    # TERM (a timeout, a kill) ends the run at the next step boundary, so that what is saved is a whole step's state
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: signalled.append(signum))
     t_train = time.time()
 
-    def progress():
-        """Fraction of the run done: by steps when --steps is given, else by time (the schedule follows the
-        budget on any machine; train.json records the steps it came to)."""
-        return step / steps if steps else (time.time() - t_train) / budget
+    def elapsed():
+        return seconds_before + time.time() - t_train
 
+    def progress():
+        """Fraction of the run done: by steps or tokens when given (a run paused or slowed keeps its schedule),
+        else by training time over all sessions (the schedule follows the budget on any machine; train.json
+        records the steps it came to)."""
+        return step / steps if steps else tokens / tokens_target if tokens_target else elapsed() / budget
+
+    def checkpoint():
+        save_checkpoint(out, {
+            "format": FORMAT_VERSION, "settings": settings, "model": model.state_dict(), "opt": opt.state_dict(),
+            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step, "tokens": tokens,
+            "epoch": epoch, "skipped": skipped, "rows_left": rows_left, "log": log, "evals": evals, "best": best,
+            "since_best": since_best, "seconds": elapsed(), "resumed_at": resumed_at})
+
+    last_saved = time.time()
     try:
         while True:
+            if signalled:
+                stopped = f"signal {signalled[0]}"
+                print(f"  stopped at step {step}: {stopped}", flush=True)
+                break
             frac = progress()
             if frac >= 1.0:
                 break
@@ -1180,17 +1250,17 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
             tokens += int((rows >= 0).sum())
             last = progress() >= 1.0
             if step % (10 if cuda else 5) == 0 or step == 1 or last:
-                entry = {"step": step, "s": round(time.time() - t_train, 1), "loss": round(ce.item(), 4),
+                entry = {"step": step, "s": round(elapsed(), 1), "loss": round(ce.item(), 4),
                          "mtp": round(mtp.item(), 4), "indexer_kl": round(idx.item(), 4), "lr": round(rate, 6),
-                         "quant": model.quant.on, "epoch": epoch}
+                         "quant": model.quant.on, "epoch": epoch, "tokens": tokens}
                 log.append(entry)
                 if step % (100 if cuda else 20) == 0 or step == 1 or last:
-                    print(f"  step {step:5d} {entry['s']:7.1f}s loss {entry['loss']:.3f} mtp {entry['mtp']:.3f} "
-                          f"idx {entry['indexer_kl']:.3f} lr {rate:.2e}{' q' if model.quant.on else ''} ep {epoch}",
-                          flush=True)
+                    print(f"  step {step:5d} {entry['s']:7.1f}s {tokens / 1e6:6.3f}M tok loss {entry['loss']:.3f} "
+                          f"mtp {entry['mtp']:.3f} idx {entry['indexer_kl']:.3f} lr {rate:.2e}"
+                          f"{' q' if model.quant.on else ''} ep {epoch}", flush=True)
             if eval_rows is not None and (last or int(progress() * n_evals) > len(evals)):
                 ce_v, mtp_v = evaluate(eval_rows, quant=True)
-                evals.append({"step": step, "s": round(time.time() - t_train, 1), "tokens": tokens,
+                evals.append({"step": step, "s": round(elapsed(), 1), "tokens": tokens,
                               "valid_loss": round(ce_v, 4), "valid_mtp": round(mtp_v, 4), "quant": model.quant.on})
                 better = best is None or ce_v < best["valid_loss"]
                 print(f"  validation loss {ce_v:.3f} (ppl {math.exp(ce_v):.1f}), mtp {mtp_v:.3f}"
@@ -1202,12 +1272,19 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
                     if patience is not None and since_best >= patience:
                         print(f"  early stop: {patience} evaluations without a better validation loss", flush=True)
                         break
-    except (KeyboardInterrupt, RuntimeError, ValueError) as exc:  # keep what was learned
+            if checkpoint_every is not None and time.time() - last_saved >= checkpoint_every * 60:
+                checkpoint()
+                last_saved = time.time()
+        if checkpoint_every is not None:
+            checkpoint()
+    except (KeyboardInterrupt, RuntimeError, ValueError) as exc:  # keep what was learned (not saved: mid-step)
         stopped = f"{type(exc).__name__}: {exc}"
         print(f"  stopped at step {step}: {stopped}", flush=True)
         if step < 10:
             raise
-    seconds = time.time() - t_train
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    seconds = elapsed()
 
     if best is not None:
         model.load_state_dict(best.pop("state"))
@@ -1225,14 +1302,15 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, batch=None, seq_len=
     write_release(model, a, out)
     record = {
         "format": FORMAT_VERSION, "args": a, "seed": seed, "device": device, "minutes": minutes,
-        "steps": step, "schedule_by": "steps" if steps else "time", "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
+        "steps": step, "schedule_by": schedule_by, "tokens_target": tokens_target, "resumed_at": resumed_at,
+        "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
         "schedule": f"linear warmup, cosine to 0.1x; AdamW (0.9, 0.95), wd {weight_decay} on matrices, clip 1.0",
         "weight_decay": weight_decay, "n_evals": n_evals, "valid_rows": None if eval_rows is None else len(eval_rows),
         "patience": patience, "best": best, "heldout_loss": round(ce_h, 4), "heldout_mtp": round(mtp_h, 4),
         "quant_fraction": quant_fraction, "mtp_weight": mtp_weight, "indexer_weight": indexer_weight,
         "stopped": stopped, "bias_update": 1e-3, "parameters": n_params, "tokens_seen": tokens, "epochs": epoch, "skipped_steps": skipped,
         "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "train_seconds": round(seconds, 1), "total_seconds": round(time.time() - t_begin, 1),
+        "train_seconds": round(seconds, 1), "session_seconds": round(time.time() - t_begin, 1),
         "corpus": corpus, "versions": versions(), "log": log, "evals": evals, "samples": samples,
     }
     write_json(out / "train.json", record)
@@ -1401,7 +1479,9 @@ def main(argv=None):
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: %(default)s)")
         p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: %(default)s)")
         p.add_argument("--steps", type=int, default=None, help="exact number of steps (default: as many as fit)")
-        p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 64 on cuda, 2 on cpu)")
+        p.add_argument("--tokens", type=float, default=None,
+                       help="training tokens the schedule runs to, e.g. 8.5e6 (default: as many as --minutes fit)")
+        p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 64 on cuda, 4 on cpu)")
         p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on cuda, 256 on cpu)")
         p.add_argument("--lr", type=float, default=2e-3)
         p.add_argument("--seed", type=int, default=SEED)
@@ -1425,6 +1505,11 @@ def main(argv=None):
     add_work(p)
     add_train(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: WORK/release)")
+    p.add_argument("--checkpoint-every", type=float, default=None, metavar="MINUTES",
+                   help="save the run's state to OUT/checkpoint.pt at this interval and at its end (default: never)")
+    p.add_argument("--resume", type=Path, default=None, metavar="OUT",
+                   help="continue the run checkpointed in OUT with its own settings; only --threads, --compile and "
+                        "--checkpoint-every apply (default: the run's interval)")
     p = sub.add_parser("export", help="fixture folder with transformers goldens")
     add_work(p)
     p.add_argument("--release", type=Path, default=None, help="trained checkpoint (default: WORK/release)")
@@ -1439,11 +1524,15 @@ def main(argv=None):
         prepare(args.work, valid_every=args.valid_every, tokenizer=args.tokenizer)
     if args.command == "all":
         prepare(args.work)
-    if args.command in ("train", "all"):
+    if args.command == "train" and args.resume:
+        resume(args.resume, threads=args.threads, compile_model=args.compile, checkpoint_every=args.checkpoint_every)
+    elif args.command in ("train", "all"):
         release = args.out if args.command == "train" and args.out else args.work / "release"
-        train(args.work, release, device=args.device, minutes=args.minutes, steps=args.steps, batch=args.batch,
-              seq_len=args.seq_len, lr=args.lr, seed=args.seed, threads=args.threads, compile_model=args.compile,
-              weight_decay=args.weight_decay, n_evals=args.evals, valid_rows=args.valid_rows, patience=args.patience)
+        train(args.work, release, device=args.device, minutes=args.minutes, steps=args.steps,
+              tokens_target=args.tokens and int(args.tokens), batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+              seed=args.seed, threads=args.threads, compile_model=args.compile, weight_decay=args.weight_decay,
+              n_evals=args.evals, valid_rows=args.valid_rows, patience=args.patience,
+              checkpoint_every=getattr(args, "checkpoint_every", None))
     if args.command == "export":
         export(args.work, args.release or args.work / "release", args.out)
     if args.command == "all":
