@@ -1,4 +1,4 @@
-/* avx512_vbmi_iq.c: the decode kernels of the i-quants for CPUs with AVX512-VNNI, VBMI, GFNI and BITALG, each on
+/* avx512_vbmi_iq.c: the decode kernels of the i-quants for CPUs with AVX512-VNNI, VBMI, IFMA, GFNI and BITALG, each on
  * a Q8_K activation row prepared once per call in a layout made for it (struct fl_decode_kernel).
  *
  * Why this shape: an i-quant spends its time turning grid indices into weights. ggml's x86 dots look each grid point up
@@ -22,7 +22,7 @@
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,gfni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,avx512ifma,gfni")
 #include <float.h>
 #include <immintrin.h>
 #include <pthread.h>
@@ -181,6 +181,17 @@ static inline __m512i lookup256(__m512i idx, __mmask64 top, const __m512i *t) {
 /* the product of a weight block's fp16 d and the activation block's d, in every lane */
 static inline __m512 d_times(fl_half dx, float dy) {
     return _mm512_set1_ps(_cvtsh_ss(dx) * dy);
+}
+
+/* d_times for a weight d in memory, with no uop on the shuffle port that bounds the grid kernels: the fp16 d
+ * converted by vcvtph2ps from memory (it reads 8 bytes, d and the 6 after it: every block's fields follow d), and
+ * the product broadcast from memory where vpinsrw and a register vbroadcastss each took a shuffle-port uop. The
+ * product is the same single rounding, so the same bits. */
+static inline __m512 d_times_mem(const fl_half *dx, const float *dy) {
+    float product = _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)dx))) * *dy;
+    __m512 lanes;
+    __asm__("vbroadcastss %1, %0" : "=v"(lanes) : "m"(product)); /* compilers broadcast a register otherwise */
+    return lanes;
 }
 
 /* one float accumulator; the sums are per-block floats, so one FMA a block */
@@ -642,10 +653,9 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
     /* qword s: sub-block s's word of 4 x 7 sign bits and the scale on top -> bytes 0..3: its four sign bytes, with
      * parity -> byte p: the low nibble of sign byte p / 2 (p even) or its high nibble (p odd), the signs of
      * position p's four coordinates in bits 0..3 */
-    __m256i words = _mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4));
+    __m512i words = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i *)(x->qs + QK_K / 4)));
     __m512i sign_bytes = _mm512_gf2p8affine_epi64_epi8(
-        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 0, 0, 0, 0)),
-                                     _mm512_cvtepu32_epi64(words)),
+        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 7, 14, 21, 0, 0, 0, 0)), words),
         _mm512_set1_epi64(PARITY_SIGN), 0);
     __m512i signs = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(BYTES8(0, 4, 8, 12, 16, 20, 24, 28)), sign_bytes);
     /* coordinate c: its sign in bit c beside its level (iq3xxs_level_bits), looked up as a signed weight; dword d
@@ -660,13 +670,12 @@ STEP void dot_iq3_xxs_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_
             sum0 = _mm512_dpbusd_epi32(sum0, w, _mm512_load_si512(y->a[j]));
     }
     __m512i sum = _mm512_add_epi32(sum0, sum1);
-    /* dword d: sub-block d / 2, times 2 scale + 1 */
-    __m512i ls = _mm512_or_si512(
-        _mm512_srli_epi32(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-                                                   _mm512_castsi256_si512(words)),
-                          27),
-        _mm512_set1_epi32(1));
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times(x->d, y->d), st->acc);
+    /* dword d: sub-block d / 2, times 2 scale + 1. Qword s of words is word s, its scale in bits 28..31: one
+     * vpmadd52luq makes 2 scale + 1 in both dwords, (2 scale) (2^32 + 1) + (2^32 + 1), two uops off the shuffle
+     * port where a vpermd spread the words */
+    const __m512i both = _mm512_set1_epi64((long long)0x100000001ull);
+    __m512i ls = _mm512_madd52lo_epu64(both, _mm512_srli_epi64(words, 28), _mm512_add_epi64(both, both));
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(sum, ls)), d_times_mem(&x->d, &y->d), st->acc);
 }
 
 ROW_DOTS(dot_iq3_xxs_sb, struct iq3xxs_consts, struct acc1, superblocks)
@@ -1042,7 +1051,8 @@ static pthread_once_t codes_once = PTHREAD_ONCE_INIT;
 
 const struct fl_decode_kernel *fl_decode_avx512_vbmi_iq(int type) {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("gfni") || !__builtin_cpu_supports("avx512bitalg"))
+    if (!__builtin_cpu_supports("gfni") || !__builtin_cpu_supports("avx512bitalg") ||
+        !__builtin_cpu_supports("avx512ifma"))
         return NULL;
     pthread_once(&codes_once, build_codes);
     switch (type) {
