@@ -760,7 +760,7 @@ STEP void dot_iq3_s_sb_step(struct acc1 *st, const void *vx, int64_t i, int64_t 
     __m512i ls = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(15)), 1),
                                  _mm512_set1_epi32(1));
     /* |sum| <= 16 * 15 * 127 fits its low word, so vpmaddwd multiplies it exactly: one uop, vpmulld's two */
-    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(sum, ls)), d_times(x->d, y->d), st->acc);
+    st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(sum, ls)), d_times_mem(&x->d, &y->d), st->acc);
 }
 
 ROW_DOTS(dot_iq3_s_sb, struct iq3s_consts, struct acc1, superblocks)
