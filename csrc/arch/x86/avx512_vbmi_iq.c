@@ -183,15 +183,28 @@ static inline __m512 d_times(fl_half dx, float dy) {
     return _mm512_set1_ps(_cvtsh_ss(dx) * dy);
 }
 
-/* d_times for a weight d in memory, with no uop on the shuffle port that bounds the grid kernels: the fp16 d
- * converted by vcvtph2ps from memory (it reads 8 bytes, d and the 6 after it: every block's fields follow d), and
- * the product broadcast from memory where vpinsrw and a register vbroadcastss each took a shuffle-port uop. The
- * product is the same single rounding, so the same bits. */
-static inline __m512 d_times_mem(const fl_half *dx, const float *dy) {
-    float product = _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)dx))) * *dy;
+/* Loads that stand in for shuffles: IQ3_XXS and IQ3_S are bound by the shuffle port, where a broadcast from a
+ * register and vpinsrw go; a broadcast from memory takes a load port instead, and vcvtph2ps from memory needs no
+ * vpinsrw. Compilers keep a value just computed in a register, so the memory operands are asked for in assembly
+ * (a store and its reload cost no vector port). */
+static inline __m512 broadcast32_from(const void *p) {
     __m512 lanes;
-    __asm__("vbroadcastss %1, %0" : "=v"(lanes) : "m"(product)); /* compilers broadcast a register otherwise */
+    __asm__("vbroadcastss %1, %0" : "=v"(lanes) : "m"(*(const float *)p));
     return lanes;
+}
+
+/* the four fp16 values of the qword at p as floats */
+static inline __m128 halves_from(const void *p) {
+    __m128 f;
+    __asm__("vcvtph2ps %1, %0" : "=v"(f) : "m"(*(const uint64_t *)p));
+    return f;
+}
+
+/* d_times for a weight d in memory (halves_from reads it and the 6 bytes after it: every block's fields follow
+ * d), with no shuffle-port uop; the product is the same single rounding, so the same bits */
+static inline __m512 d_times_mem(const fl_half *dx, const float *dy) {
+    float product = _mm_cvtss_f32(halves_from(dx)) * *dy;
+    return broadcast32_from(&product);
 }
 
 /* one float accumulator; the sums are per-block floats, so one FMA a block */
