@@ -22,7 +22,8 @@
  *
  * The activations are quantized here, vectorized, bit for bit as fl_quantize_row_q8_K_ref does. */
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,avx512ifma,gfni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,avx512ifma", \
+                     "gfni")
 #include <float.h>
 #include <immintrin.h>
 #include <pthread.h>
@@ -216,6 +217,9 @@ STEP struct acc1 acc1_init(void) { return (struct acc1){_mm512_setzero_ps()}; }
 
 STEP float acc1_finish(const struct acc1 *st) { return _mm512_reduce_add_ps(st->acc); }
 
+/* for the types whose integer sums are 8 times the products (IQ2: scales 2 s + 1 for (0.5 + s) / 4; IQ1) */
+STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+
 STEP int64_t superblocks(int64_t n) { return n / QK_K; }
 
 /* ---------------------------------------------------------------- IQ4_XS */
@@ -301,17 +305,20 @@ ROW_DOTS(dot_iq4_xs_sb, struct iq4xs_consts, struct acc1, superblocks)
 
 /* ---------------------------------------------------------------- IQ2_XXS, two superblocks a step */
 
-/* Position i = 8 s + 4 b + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), so
- * that the indices are the two superblocks' qs merged dword by dword (index dwords in place): a[c] byte i is
- * the activation of its coordinate c, element 32 s + 8 l + c of superblock b. base dword 2 s + b: -43 times the
- * sum of sub-block s of superblock b, which takes out the offset of 43 that the signed weights carry
- * (iq2_signed_weights) and seeds the sums; d: superblock b's d in the dwords 2 s + b. A missing second
- * superblock (an odd count) is all zeros. */
+/* Position i = 4 j + l of a pair stands for grid index l of sub-block s of superblock b (8 weights), where dword j
+ * is the one vshufps puts sub-block s's index dword in: in 128-bit lane j / 4, superblock b = j % 4 / 2's
+ * sub-block s = 2 (j / 4) + j % 2 (iq2xxs_pair_dword). a[c] byte i is the activation of its coordinate c,
+ * element 32 s + 8 l + c of superblock b. base dword j: -43 times the sum of its sub-block, which takes out the
+ * offset of 43 that the signed weights carry (iq2_signed_weights) and seeds the sums; d: superblock b's d in
+ * dword j. A missing second superblock (an odd count) is all zeros. */
 struct iq2xxs_pair {
     int8_t a[8][64];
     int32_t base[16];
     float d[16];
 };
+
+/* the dword of a pair that holds sub-block s of superblock b (struct iq2xxs_pair) */
+static int iq2xxs_pair_dword(int b, int s) { return 4 * (s / 2) + 2 * b + s % 2; }
 
 static size_t iq2xxs_bytes(int64_t k) { return (size_t)((k / QK_K + 1) / 2) * sizeof(struct iq2xxs_pair); }
 
@@ -324,11 +331,12 @@ static void prep_iq2_xxs(int64_t k, const float *x, void *out) {
         int b = (int)(i % 2);
         float d = q8k_block(x + i * QK_K, q);
         for (int s = 0; s < 8; s++) {
-            dst->d[2 * s + b] = d;
+            int j = iq2xxs_pair_dword(b, s);
+            dst->d[j] = d;
             for (int l = 0; l < 4; l++)
                 for (int c = 0; c < 8; c++) {
-                    dst->a[c][8 * s + 4 * b + l] = q[32 * s + 8 * l + c];
-                    dst->base[2 * s + b] -= 43 * q[32 * s + 8 * l + c];
+                    dst->a[c][4 * j + l] = q[32 * s + 8 * l + c];
+                    dst->base[j] -= 43 * q[32 * s + 8 * l + c];
                 }
         }
     }
@@ -382,14 +390,20 @@ STEP struct iq2xxs_consts dot_iq2_xxs_pair_consts(void) {
 
 #define dot_iq2_xxs_pair_init acc1_init
 
-STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
+/* the lanes put back in the order of sub-block s of superblock b in lane 2 s + b before they are added, the order
+ * IQ2_XS and IQ2_S sum in (the same bits as when IQ2_XXS's pairs had that layout too) */
+STEP float dot_iq2_xxs_pair_finish(const struct acc1 *st) {
+    __m512 lanes = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15),
+                                         st->acc);
+    return 0.125f * _mm512_reduce_add_ps(lanes);
+}
 
 STEP int64_t superblock_pairs(int64_t n) { return (n / QK_K + 1) / 2; }
 
-/* the pair's sums, dword 2 s + b superblock b's, times its d (d1 = 0 for a missing one) and the activations' d
- * (dword 2 s + b of yd) */
-STEP void pair_accumulate(struct acc1 *st, __m512i sum, fl_half d0, fl_half d1, const float *yd) {
-    __m512 dx = _mm512_cvtph_ps(_mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)));
+/* the pair's sums times their superblock's d, dword j's the fp16 d in half j of d_halves (0 for a missing
+ * superblock), and times the activations' d (dword j of yd) */
+STEP void pair_accumulate(struct acc1 *st, __m512i sum, __m256i d_halves, const float *yd) {
+    __m512 dx = _mm512_cvtph_ps(d_halves);
     st->acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dx, _mm512_load_ps(yd)), st->acc);
 }
 
@@ -406,9 +420,12 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
     prefetch_ahead((const uint8_t *)x, 2 * (int)sizeof(block_iq2_xxs));
     /* qs dword 2 s: the grid indices of sub-block s, 2 s + 1 its word of 4 x 7 sign bits and the scale on top */
     __m512i q0 = _mm512_loadu_si512(x[0].qs), q1 = two ? _mm512_loadu_si512(x[1].qs) : _mm512_setzero_si512();
-    const __m512i high = _mm512_set1_epi64((long long)0xffffffff00000000ull); /* a bit select, not a k-mask blend */
-    __m512i idx = _mm512_ternarylogic_epi64(high, _mm512_slli_epi64(q1, 32), q0, 0xca);   /* A ? B : C */
-    __m512i words = _mm512_ternarylogic_epi64(high, q1, _mm512_srli_epi64(q0, 32), 0xca);
+    /* one vshufps each (a shift and a bit select each took two uops): in each 128-bit lane, the index dwords
+     * (words) of sub-blocks 2 k, 2 k + 1 of superblock 0, then of superblock 1 (iq2xxs_pair_dword) */
+    __m512i idx = _mm512_castps_si512(
+        _mm512_shuffle_ps(_mm512_castsi512_ps(q0), _mm512_castsi512_ps(q1), _MM_SHUFFLE(2, 0, 2, 0)));
+    __m512i words = _mm512_castps_si512(
+        _mm512_shuffle_ps(_mm512_castsi512_ps(q0), _mm512_castsi512_ps(q1), _MM_SHUFFLE(3, 1, 3, 1)));
     __mmask64 top = _mm512_movepi8_mask(idx);
     __m512i lo = lookup256(idx, top, c->lo), hi = lookup256(idx, top, c->hi);
     /* byte i: the signs of position i, s0..s6 in bits 0..6 (raw), and moved with the parity sign (moved) */
@@ -421,22 +438,24 @@ STEP void dot_iq2_xxs_pair_step(struct acc1 *st, const void *vx, int64_t g, int6
         sum0 = _mm512_dpbusd_epi32(sum0, w[f], _mm512_load_si512(y->a[f]));
         sum1 = _mm512_dpbusd_epi32(sum1, w[f + 1], _mm512_load_si512(y->a[f + 1]));
     }
-    /* dword 2 s + b holds sub-block s of superblock b: times its 2 scale + 1, (word >> 27) | 1 */
+    /* each dword holds one sub-block: times its 2 scale + 1, (word >> 27) | 1 */
     __m512i ls = _mm512_or_si512(_mm512_srli_epi32(words, 27), _mm512_set1_epi32(1));
-    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls), x[0].d, two ? x[1].d : 0, y->d);
+    fl_half d1 = two ? x[1].d : 0;
+    pair_accumulate(st, _mm512_mullo_epi32(_mm512_add_epi32(sum0, sum1), ls),
+                    _mm256_set1_epi64x((long long)(x[0].d * 0x10001ull | d1 * 0x1000100000000ull)), y->d);
 }
 
 ROW_DOTS(dot_iq2_xxs_pair, struct iq2xxs_consts, struct acc1, superblock_pairs)
 
 /* ---------------------------------------------------------------- IQ2_XS and IQ2_S, two superblocks a step */
 
-/* Both take IQ2_XXS's positions and signed weights (iq2_signed_weights): position 8 s + 4 b + l is grid point
- * 4 s + l of superblock b. Their scales are per 16 weights, two positions, so the products go through vpmaddubsw
- * (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a word at a time, one
- * coordinate at a time (two coordinates' word sums of offset weights could overflow). The activations: a[c] byte
- * i, coordinate c of position i, element 32 s + 8 l + c of superblock b; base word j: minus the sum of the 16
- * activations of positions 2 j and 2 j + 1, which times 43 and the scales takes out the weights' offset; d:
- * superblock b's d in the dwords 2 s + b. A missing second superblock is all zeros. */
+/* Both take IQ2_XXS's signed weights (iq2_signed_weights); position 8 s + 4 b + l is grid point 4 s + l of superblock
+ * b, picked by vpermt2b from the two blocks' qs (pair_pick). Their scales are per 16 weights, two positions, so the
+ * products go through vpmaddubsw (adjacent positions 2 j, 2 j + 1 share a scale) and vpdpwssd applies the scales a
+ * word at a time, one coordinate at a time (two coordinates' word sums of offset weights could overflow). The
+ * activations: a[c] byte i, coordinate c of position i, element 32 s + 8 l + c of superblock b; base word j: minus the
+ * sum of the 16 activations of positions 2 j and 2 j + 1, which times 43 and the scales takes out the weights' offset;
+ * d: superblock b's d in the dwords 2 s + b. A missing second superblock is all zeros. */
 struct iq2_pair {
     int8_t a[8][64];
     int16_t base[32];
@@ -498,6 +517,9 @@ static inline __m512i pair_pick(int stride, int offset) {
     return _mm512_loadu_si512(pick);
 }
 
+/* d0 in the even halves, d1 in the odd: dword 2 s + b of the pair's sums is superblock b's */
+STEP __m256i iq2_pair_d(fl_half d0, fl_half d1) { return _mm256_set1_epi32((int)(d0 | (uint32_t)d1 << 16)); }
+
 /* IQ2_XS: qs word 4 s + l of superblock b is grid point 4 s + l, its low byte the low 8 bits of a 9-bit index,
  * its high byte the ninth bit and 7 signs */
 struct iq2xs_consts {
@@ -517,7 +539,7 @@ STEP struct iq2xs_consts dot_iq2_xs_pair_consts(void) {
 }
 
 #define dot_iq2_xs_pair_init acc1_init
-#define dot_iq2_xs_pair_finish dot_iq2_xxs_pair_finish
+#define dot_iq2_xs_pair_finish eighth_finish
 
 /* the high byte of an IQ2_XS qs word (the ninth index bit, then s0..s6) -> s6 in bit 0, the parity sign s7 in
  * bit 1, s2 and s3 in bits 4 and 5 */
@@ -541,7 +563,7 @@ STEP void dot_iq2_xs_pair_step(struct acc1 *st, const void *vx, int64_t g, int64
     __m512i w[8];
     iq2_signed_weights(lo, hi, raw, moved, &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), iq2_pair_d(x[0].d, two ? x[1].d : 0), y->d);
 }
 
 ROW_DOTS(dot_iq2_xs_pair, struct iq2xs_consts, struct acc1, superblock_pairs)
@@ -570,7 +592,7 @@ STEP struct iq2s_consts dot_iq2_s_pair_consts(void) {
 }
 
 #define dot_iq2_s_pair_init acc1_init
-#define dot_iq2_s_pair_finish dot_iq2_xxs_pair_finish
+#define dot_iq2_s_pair_finish eighth_finish
 
 /* an IQ2_S sign byte (s0..s7) -> s6, s7 in bits 0, 1 and s2, s3 in bits 4, 5 */
 #define IQ2S_SIGNS_MOVED AFFINE(0x40, 0x80, 0, 0, 0x04, 0x08, 0, 0)
@@ -602,7 +624,7 @@ STEP void dot_iq2_s_pair_step(struct acc1 *st, const void *vx, int64_t g, int64_
     iq2_signed_weights(lo, hi, signs, _mm512_gf2p8affine_epi64_epi8(signs, _mm512_set1_epi64(IQ2S_SIGNS_MOVED), 0),
                        &c->weights, w);
     __m512i ls = iq2_pair_scales(x[0].scales, two ? x[1].scales : NULL);
-    pair_accumulate(st, iq2_pair_sums(w, ls, y), x[0].d, two ? x[1].d : 0, y->d);
+    pair_accumulate(st, iq2_pair_sums(w, ls, y), iq2_pair_d(x[0].d, two ? x[1].d : 0), y->d);
 }
 
 ROW_DOTS(dot_iq2_s_pair, struct iq2s_consts, struct acc1, superblock_pairs)
@@ -860,8 +882,6 @@ STEP void iq1_gather(const uint8_t *qs, __m512i words, __m512i shift0, __m512i s
         g[2 * b + 1] = _mm512_gf2p8affine_epi64_epi8(pairs, _mm512_set1_epi64(HIGH_NIBBLE), 0);
     }
 }
-
-STEP float eighth_finish(const struct acc1 *st) { return 0.125f * _mm512_reduce_add_ps(st->acc); }
 
 /* IQ1_S and IQ1_M: the grid's -1, 0, 1 are gathered + 1, as 0, 1, 2; with ls the scale and delta = +-1 the sign
  * of the shift, 8 times a run of weights contributes ls (8 (sum of (g + 1) q) - (8 - delta) (sum of q)), whose
