@@ -87,7 +87,7 @@ class DSparkHead:
         # weights are, and the context rows where its cache's are; the Markov head stays on the host, where the
         # draft logits come for the chaining
         self.device = main.device
-        upload = (lambda value: value) if self.device is None else self.device.upload
+        upload = backend.uploader(self.device)
         self.stages = []
         for s in range(a.n_layers):
             spec = {f"blk.{s}." + k: use for k, use in layer_tensors(a, s).items()}

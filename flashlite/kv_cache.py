@@ -148,8 +148,12 @@ class RowLog:
         if self.fmt.kind is None:
             return self.rows(self.start, self.end), idx
         named = np.unique(idx[idx >= 0]).astype(np.int32)
-        rows = self.fmt.unpack(self.packed(self.start, self.end), named - self.start)
-        return rows, np.where(idx >= 0, np.searchsorted(named, idx), -1).astype(np.int32)
+        remapped = np.where(idx >= 0, np.searchsorted(named, idx), -1).astype(np.int32)
+        return self._unpacked(named - self.start), remapped
+
+    def _unpacked(self, offsets: np.ndarray):
+        """The float32 rows at these offsets from the start of a packed log."""
+        return self.fmt.unpack(self.packed(self.start, self.end), offsets)
 
     def round(self, rows: np.ndarray) -> np.ndarray:
         """rows as this log would store them (the rounding of its format)."""

@@ -79,7 +79,7 @@ class MTPHead:
         # on a device (main.device) the block's weights go where the main model's are, whole (no placement: the
         # block is one layer), and its rows where the main cache's are
         self.device = main.device
-        upload = (lambda value: value) if self.device is None else self.device.upload
+        upload = backend.uploader(self.device)
         spec = {f"blk.{n}." + k: use for k, use in layer_tensors(a, n).items()}
         w = {name[len(f"blk.{n}."):]: upload(f.load(name, ne, use)) for name, (ne, use) in spec.items()}
         self.block = v4.build_block(a, n, w, RoPE(a.rope_head_dim, a.rope_theta), None)

@@ -39,6 +39,14 @@ def _prompt(vocab: int, n: int, seed: int = 3) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
+def _first_bigrams(answer: list[int]) -> dict[int, int]:
+    """Each token of an answer -> the token that first follows it: what a draft that knows the answer drafts."""
+    bigrams = {}
+    for prev, nxt in zip(answer, answer[1:]):
+        bigrams.setdefault(prev, nxt)
+    return bigrams
+
+
 def test_features_are_the_hc_means_of_the_blocks_inputs(tiny):
     ids = _prompt(tiny.vocab_size, 12)
     taps, dump = {1: None, 4: None, 6: None}, {}
@@ -83,11 +91,8 @@ def test_greedy_generate_with_dspark_is_plain_decoding(files, name):
         assert m.stats()["drafted_tokens"] > 0
     # a draft whose Markov head knows the answer's bigrams (the first next token of each): its drafts pass until
     # a token with another next than its first, several tokens a pass
-    answer = [ids[-1]] + plain
-    bigrams = {}
-    for prev, nxt in zip(answer, answer[1:]):
-        bigrams.setdefault(prev, nxt)
-    knowing = write_dspark(str(files[name]), str(Path(draft).with_name(f"knowing-{name}.gguf")), bigrams=bigrams)
+    knowing = write_dspark(str(files[name]), str(Path(draft).with_name(f"knowing-{name}.gguf")),
+                           bigrams=_first_bigrams([ids[-1]] + plain))
     m.reset_stats()
     out = list(m.generate(ids, 40, spec_type=sp.SpecOptions("dspark", 7, knowing, adaptive=False)))
     st = m.stats()
@@ -188,12 +193,8 @@ def test_dspark_on_a_torch_device_drafts_as_on_the_cpu(files):
     print(f"DSpark block logits, torch-cpu against cpu: max |delta| {delta:.3g}")
     assert delta <= 1e-4 and got["device"][1] == got["cpu"][1]
     plain = list(on_dev.generate(ids, 24))
-    answer = [ids[-1]] + plain
-    bigrams = {}
-    for prev, nxt in zip(answer, answer[1:]):
-        bigrams.setdefault(prev, nxt)
     knowing = write_dspark(str(files["tiny"]), str(Path(files["dspark-tiny"]).with_name("knowing-dev.gguf")),
-                           target_layers=[1, 4, 6], bigrams=bigrams)
+                           target_layers=[1, 4, 6], bigrams=_first_bigrams([ids[-1]] + plain))
     accepted = {}
     for name, m in (("cpu", on_cpu), ("device", on_dev)):
         m.reset_stats()

@@ -130,6 +130,12 @@ def to_host(x) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else _of(x).to_host(x)
 
 
+def uploader(device):
+    """A callable that puts a tensor of the model (a file's weight view or array) where `device` (open_device's)
+    keeps it: the device's upload, or the tensor itself on the CPU backend, which reads the file in place."""
+    return (lambda value: value) if device is None else device.upload
+
+
 def open_device(name: str | object = "cpu"):
     """The backend's device for load's `device` option: None for "cpu" (the C core; needs nothing more), else a
     torch_device.TorchDevice: "cuda" or "cuda:N" (Triton kernels on an NVIDIA GPU), "npu" or "npu:N" (an Ascend

@@ -242,12 +242,9 @@ class DeviceRowLog(RowLog):
         span = self._span(lo, hi)
         return span if self.fmt.kind is None else self._unpack(span)
 
-    def gather(self, idx: np.ndarray):
-        if self.fmt.kind is None:
-            return super().gather(idx)
-        named = np.unique(idx[idx >= 0]).astype(np.int64)
-        stored = self._span(self.start, self.end)[torch.from_numpy(named - self.start).to(self.device)]
-        return self._unpack(stored), np.where(idx >= 0, np.searchsorted(named, idx), -1).astype(np.int32)
+    def _unpacked(self, offsets: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(offsets.astype(np.int64)).to(self.device)
+        return self._unpack(self._span(self.start, self.end)[rows])
 
     def round(self, rows: torch.Tensor) -> torch.Tensor:
         if self.fmt.kind is None:

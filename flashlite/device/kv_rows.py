@@ -8,6 +8,9 @@ compares the bytes), and nothing here needs a dtype an accelerator's torch may l
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 FP8_BLOCK, FP4_BLOCK = 64, 32
@@ -29,14 +32,16 @@ def _float(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).contiguous().view(torch.float32)
 
 
-def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
-    """v rounded to float32 as the C core's float constants are (1.0f / 448.0f, 1e-4f), on like's device."""
-    return torch.tensor(v, dtype=torch.float32, device=like.device)
+def _f32(v: float) -> float:
+    """v rounded to float32, as the C core's float constants are (1.0f / 448.0f, 1e-4f): a product or maximum of a
+    float32 tensor with it is then the C core's whether torch computes it in float32 or double (the exact product of
+    two float32 values fits a double), and no tensor is made per call."""
+    return float(np.float32(v))
 
 
 def _scale_exp(amax: torch.Tensor, floor: float, recip: float) -> torch.Tensor:
     """e of the block scale 2^e: ceil(log2(max(amax, floor) * recip)), read off the float32 bits, in [-127, 127]."""
-    u = _bits(torch.maximum(amax, _f32(floor, amax)) * _f32(recip, amax))
+    u = _bits(torch.clamp(amax, min=_f32(floor)) * _f32(recip))
     e = ((u >> 23) & 0xFF) - 127 + ((u & 0x7FFFFF) != 0).to(torch.int64)
     return torch.clamp(e, -127, 127)
 
@@ -82,6 +87,12 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, ((u >> 16) & 0xFFFF) | 64, rounded)
 
 
+@functools.lru_cache(maxsize=8)
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """The 16 e2m1 codes' values (sign in bit 3), made once per device rather than each unpack."""
+    return torch.tensor(E2M1 + tuple(-m for m in E2M1), dtype=torch.float32, device=device)
+
+
 def _bytes(codes: torch.Tensor, n: int) -> torch.Tensor:
     """int64 [..., m] holding n-byte little-endian values -> uint8 [..., m * n]."""
     parts = [(codes >> (8 * i)) & 0xFF for i in range(n)]
@@ -122,6 +133,6 @@ def unpack_fp4(packed: torch.Tensor, dim: int) -> torch.Tensor:
     p = packed.to(torch.int64)
     pairs = p[:, :dim // 2]
     codes = torch.stack([pairs & 15, pairs >> 4], -1).reshape(n, dim // FP4_BLOCK, FP4_BLOCK)
-    table = torch.tensor(E2M1 + tuple(-m for m in E2M1), dtype=torch.float32, device=packed.device)
+    table = _e2m1_table(packed.device)
     scales = _pow2(p[:, dim // 2:] - 127)
     return (table[codes] * scales[..., None]).reshape(n, dim)
