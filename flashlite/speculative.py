@@ -316,9 +316,11 @@ class DraftCosts:
     it is held for a few list operations only, never across a forward pass."""
 
     KEEP = 9  # measurements per batch size the medians take
+    FIRST_DECAY = 0.98  # the pooled first-draft outcomes: about the last 50 drafting rounds of all sequences
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.first = [0.0, 0.0]  # decayed passes and tries of the first draft, over every sequence's rounds
         self.verify: dict[int, list[float]] = {}  # tokens in the batch -> recent seconds
         self.med: dict[int, float] = {}  # their medians
         self.draft: list[float] = []  # recent seconds per drafted token
@@ -342,6 +344,18 @@ class DraftCosts:
                 self.draft.append(draft_seconds / drafted)
                 del self.draft[:-self.KEEP]
                 self.draft_med = _median(self.draft)
+
+    def record_first(self, passed: bool) -> None:
+        with self.lock:
+            self.first = [self.FIRST_DECAY * self.first[0] + passed, self.FIRST_DECAY * self.first[1] + 1]
+
+    def first_prior(self) -> float:
+        """The rate at which first drafts passed in this model's recent rounds, all sequences together, with one
+        pass in two tries added (1/2 before any): where a new sequence's own estimate starts. On a model whose
+        drafter seldom passes, a sequence that started from 1/2 drafted its first rounds at a loss, most of what
+        a short answer loses against plain decoding; the sequence's own outcomes outweigh it within a few rounds."""
+        with self.lock:
+            return (self.first[0] + 1.0) / (self.first[1] + 2.0)
 
     def tokens_per_second(self, n_max: int, tokens: list[float]) -> list[float]:
         """Tokens per second of k = 0..n_max drafts a round, tokens[k] the tokens such a round is expected to
@@ -384,16 +398,18 @@ class DraftControl:
         seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)
 
     where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
-    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 starts at 1/2), and
+    towards the one before it, so that a position seldom reached borrows its estimate; draft 1 towards the rate
+    of the model's recent first drafts, `costs.first_prior`, 1/2 before any), and
     the seconds are `costs` (DraftCosts: the model's, shared by its sequences; rest is a sizable share of a pass on
     a small model, which a control that left it out took for free and so kept drafting where plain decoding was
     faster). What drafts pass depends on the text (prompt lookup passes where the answer repeats its prompt, not
     elsewhere), so the acceptance counts and the probing below are the sequence's own: concurrent sequences of one
-    model do not share an estimate, nor does one's start reset another's. Before anything is measured this makes
-    k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one
+    model share only where a new estimate starts, and one's start does not reset another's. Before anything is
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one
     draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe that leaves
     drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the positions it
-    skipped, a window of them at most, and the probe's draft is the round's extra work); the rounds before a probe
+    skipped, a window of them at most, and the probe's draft is the round's extra work), and at MAX_PROBE_GAP
+    at once where drafts that all passed would still lose (a drafter that costs a pass per token); the rounds before a probe
     are known to be plain (plain_ahead), so the caller runs them as plain decoding does. While drafting wins, a
     plain round every `measure_plain` rounds measures the cost of one token. adaptive=False always asks for
     n_max."""
@@ -412,9 +428,10 @@ class DraftControl:
         self.choice = None  # the last choice, kept until a measurement changes
 
     def rates(self) -> list[float]:
-        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from a prior of 1/2 (one pass in two tries)."""
+        """a_j for j = 1..n_max (index 0 unused): draft 1 starts from the model's recent first-draft rate, with the
+        weight of two tries."""
         a = [0.0] * (self.n_max + 1)
-        prev, weight = 0.5, 2.0
+        prev, weight = self.costs.first_prior(), 2.0
         for j in range(1, self.n_max + 1):
             a[j] = prev = (self.hits[j] + weight * prev) / (self.trials[j] + weight)
             weight = 1.0
@@ -436,6 +453,10 @@ class DraftControl:
                 tokens.append(tokens[-1] + reach)
             per_second = self.costs.tokens_per_second(self.n_max, tokens)
             self.choice = max(range(self.n_max + 1), key=lambda k: (per_second[k], -k))  # ties: the shorter
+            if self.choice == 0 and not self._could_pay():
+                # no acceptance could make drafting win at these costs: a probe would only lose a round, so probe
+                # at the longest gap, just often enough to notice the costs change
+                self.probe_gap = self.until_probe = self.MAX_PROBE_GAP
         best_k = self.choice
         if best_k:
             self.probe_gap = self.until_probe = self.probe
@@ -446,6 +467,11 @@ class DraftControl:
             return 0
         self.until_probe = self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)
         return 1
+
+    def _could_pay(self) -> bool:
+        """Whether drafting k tokens that all pass would beat plain decoding for some k, at the measured costs."""
+        per_second = self.costs.tokens_per_second(self.n_max, [k + 1.0 for k in range(self.n_max + 1)])
+        return max(per_second[1:]) > per_second[0]
 
     def plain_ahead(self) -> int:
         """After a round of next_k() == 0: how many rounds after it are plain for sure (those before the next
@@ -468,6 +494,7 @@ class DraftControl:
         if drafted or self.choice != 0:  # while drafting is off, only a probe's outcome can turn it on
             self.choice = None
         if drafted:
+            self.costs.record_first(accepted > 0)
             tried = min(drafted, accepted + 1)  # drafts 1..accepted passed, the next one (if any) failed
             for j in range(1, self.n_max + 1):
                 self.hits[j] = self.DECAY * self.hits[j] + (j <= accepted)

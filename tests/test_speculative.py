@@ -403,6 +403,21 @@ def test_draft_control_probes_less_often_while_probes_fail():
     assert c.next_k() >= 1
 
 
+def test_no_probes_but_the_rarest_where_even_passing_drafts_lose():
+    """Every draft passes, but drafting a token costs 1.2 passes and a verified token half a pass: no draft length
+    beats plain decoding, so the control turns drafting off and probes only every MAX_PROBE_GAP rounds (where
+    drafting could pay at some acceptance, the gaps start at `probe`: test above)."""
+    c = sp.DraftControl(n_max=4)
+    for _ in range(20):
+        c.record(1, 1, 1.5, 1.2, 2.7)
+        c.record(0, 0, 1.0, 0.0, 1.0)
+    ks = []
+    for _ in range(2 * c.MAX_PROBE_GAP):
+        ks.append(c.next_k())
+        c.record(ks[-1], ks[-1], 1.0 + 0.5 * ks[-1], 1.2 * ks[-1], 1.0 + 1.7 * ks[-1])
+    assert ks[0] == 0 and sum(ks) == 2 and np.diff(np.nonzero(ks)[0]).tolist() == [c.MAX_PROBE_GAP], np.nonzero(ks)
+
+
 def test_sequences_share_costs_but_learn_their_own_acceptance():
     """Two sequences of one model interleave their rounds: the seconds they measure go to one DraftCosts, the
     acceptance to each its own control, so the one whose drafts always pass drafts long while the one whose drafts
@@ -416,6 +431,30 @@ def test_sequences_share_costs_but_learn_their_own_acceptance():
     assert passing.costs is failing.costs and set(costs.med) >= {1, 2}
     assert passing.next_k() >= 4 and failing.next_k() == 0
     assert passing.acceptance > 0.9 and failing.acceptance < 0.1
+
+
+def test_a_new_sequence_starts_from_the_models_recent_first_drafts():
+    """Where earlier sequences' first drafts seldom passed, a new sequence of the model starts with drafting off
+    instead of drafting its first rounds at a loss (it starts from 1/2 only on a model with no rounds yet), and its
+    own outcomes still decide within a few rounds."""
+    def new_sequence(costs):
+        return sp.DraftControl(4, costs=costs)
+
+    fresh = sp.DraftCosts()
+    assert fresh.first_prior() == 0.5 and new_sequence(fresh).next_k() == 1
+    costs = sp.DraftCosts()
+    earlier = new_sequence(costs)
+    for _ in range(30):  # a drafted token costs 0.3 of a pass: one draft pays only if it passes 30% of the time
+        earlier.record(1, 0, 1.3, 0.0, 1.3)
+        earlier.record(0, 0, 1.0, 0.0, 1.0)
+    prior = costs.first_prior()
+    tries = sum(costs.FIRST_DECAY ** i for i in range(30))
+    assert prior == pytest.approx(1 / (tries + 2))
+    assert new_sequence(costs).next_k() == 0
+    later = new_sequence(costs)
+    for _ in range(6):  # this sequence's drafts pass: after a few rounds it drafts although the pool says no
+        later.record(1, 1, 1.3, 0.0, 1.3)
+    assert later.next_k() >= 1 and later.rates()[1] > 0.7
 
 
 class _Scripted:
