@@ -345,6 +345,20 @@ class DraftCosts:
                 del self.draft[:-self.KEEP]
                 self.draft_med = _median(self.draft)
 
+    def could_pay(self, n_max: int, sure: int) -> bool:
+        """Whether drafting k tokens that all passed could beat plain decoding for some k in 1..n_max, with the
+        batches and the drafts at the fastest of their recent measurements (plain decoding at its median): on a
+        machine shared with other work a batch now and then takes a scheduler slice (ten passes on a small model),
+        and such figures must not end the probing. True until a probe's batch (2 tokens) and a draft have been
+        measured `sure` times each."""
+        with self.lock:
+            if len(self.verify.get(2, ())) < sure or len(self.draft) < sure:
+                return True
+            fastest = {m: (self.med[m] if m == 1 else min(times)) for m, times in self.verify.items()}
+            plain = 1.0 / (self._seconds(1, fastest) + self.rest_med[0])
+            return any((k + 1) / (self._seconds(k + 1, fastest) + k * min(self.draft) + self.rest_med[1]) > plain
+                       for k in range(1, n_max + 1))
+
     def record_first(self, passed: bool) -> None:
         with self.lock:
             self.first = [self.FIRST_DECAY * self.first[0] + passed, self.FIRST_DECAY * self.first[1] + 1]
@@ -370,7 +384,11 @@ class DraftCosts:
         measurements of m, else linear in m through the sizes measured (a quarter of a pass per token before two
         sizes are); never below one token's pass plus MIN_SLOPE of it per further token, so that noise on a loaded
         machine does not make drafted tokens look free."""
-        med = self.med
+        return self._seconds(m, self.med)
+
+    @staticmethod
+    def _seconds(m: int, med: dict[int, float]) -> float:
+        """seconds(m) from the seconds per measured batch size `med`."""
         known = sorted(med)
         if not known:
             t1, slope = 1.0, PRIOR_SLOPE  # nothing measured: in units of one pass
@@ -416,6 +434,7 @@ class DraftControl:
 
     DECAY = 0.9
     MAX_PROBE_GAP = 512  # plain rounds between probes at most
+    SURE = 3  # measurements of a probe's costs before they may end the probing
 
     def __init__(self, n_max: int, adaptive: bool = True, probe: int = 16, measure_plain: int = 32,
                  costs: DraftCosts | None = None):
@@ -453,7 +472,7 @@ class DraftControl:
                 tokens.append(tokens[-1] + reach)
             per_second = self.costs.tokens_per_second(self.n_max, tokens)
             self.choice = max(range(self.n_max + 1), key=lambda k: (per_second[k], -k))  # ties: the shorter
-            if self.choice == 0 and not self._could_pay():
+            if self.choice == 0 and not self.costs.could_pay(self.n_max, self.SURE):
                 # no acceptance could make drafting win at these costs: a probe would only lose a round, so probe
                 # at the longest gap, just often enough to notice the costs change
                 self.probe_gap = self.until_probe = self.MAX_PROBE_GAP
@@ -467,11 +486,6 @@ class DraftControl:
             return 0
         self.until_probe = self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)
         return 1
-
-    def _could_pay(self) -> bool:
-        """Whether drafting k tokens that all pass would beat plain decoding for some k, at the measured costs."""
-        per_second = self.costs.tokens_per_second(self.n_max, [k + 1.0 for k in range(self.n_max + 1)])
-        return max(per_second[1:]) > per_second[0]
 
     def plain_ahead(self) -> int:
         """After a round of next_k() == 0: how many rounds after it are plain for sure (those before the next

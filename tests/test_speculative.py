@@ -408,6 +408,9 @@ def test_no_probes_but_the_rarest_where_even_passing_drafts_lose():
     beats plain decoding, so the control turns drafting off and probes only every MAX_PROBE_GAP rounds (where
     drafting could pay at some acceptance, the gaps start at `probe`: test above)."""
     c = sp.DraftControl(n_max=4)
+    c.record(1, 1, 15.0, 1.2, 16.2)  # a first 2-token batch ten times too slow does not end the probing alone
+    c.record(0, 0, 1.0, 0.0, 1.0)
+    assert c.next_k() == 0 and c.until_probe == c.probe - 1
     for _ in range(20):
         c.record(1, 1, 1.5, 1.2, 2.7)
         c.record(0, 0, 1.0, 0.0, 1.0)
