@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flashlite.server.app import MAX_BODY, json_depth
+from flashlite.server.app import MAX_BODY
+from flashlite.server.requests import json_depth
 from serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent

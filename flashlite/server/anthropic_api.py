@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flashlite.chat.completion import show
+from flashlite.server.requests import typed_field
 
 # Anthropic's `thinking` switches reasoning on; V4 has two reasoning modes, output_config.effort picks the higher
 EFFORTS = {"low": "high", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
@@ -40,17 +41,7 @@ class MessagesRequest:
 
 
 def _typed(body: dict, name: str, kind: type, where: str | None = None):
-    value = body.get(name)
-    where = where or name
-    if value is None:
-        return None
-    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
-        return value
-    if (kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (kind is float or float(value).is_integer())):
-        return kind(value)
-    what = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[kind]
-    raise AnthropicError(f"{where}: expected {what}, got {show(value)}", where)
+    return typed_field(body, name, kind, where, AnthropicError)
 
 
 def _text_of(blocks, where: str) -> str:
