@@ -8,7 +8,8 @@ minutes on an H200, printing a summary and writing it as JSON.
    "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
    float32 rounding (measured on a CPU torch device: 8e-6).
    The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
-   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back).
+   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
+   and decode steps under its "warn" mode (one synchronisation a step: the logits).
 2. Speed on a full-width synthetic V4 (tools/make_synthetic.py --preset flash: V4-Flash's widths, --layers layers,
    --experts routed experts, quantized with the default recipe): prefill (--prompt tokens) and greedy decode
    (--gen tokens) in tok/s on the device with the Triton kernels, on the device with weights decoded to float32
@@ -97,6 +98,10 @@ def correctness(base, work: Path, out: dict) -> None:
             out["routed experts without a synchronisation"] = {"ok": False, "error": str(exc)[:300]}
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    if base.device.type == "cuda":
+        for kv_format in ("f32", "fp8"):
+            out[f"decode steps ({kv_format} KV) synchronise once, for the logits"] = step_syncs(
+                load(f32, device=base, kv_format=kv_format), ids)
     for recipe in ((), ("--type", "q4_k")):
         name = recipe[-1] if recipe else "mxfp4-q8_0"
         path = quantize(FIXTURE, work / f"{name}.gguf", *recipe)
@@ -108,6 +113,29 @@ def correctness(base, work: Path, out: dict) -> None:
             out[f"{name} ({device}, {precision}) vs cpu on decoded f32"] = {
                 "max_delta": delta, "decoded_on_device": device.decoded,
                 "ok": delta <= (1e-3 if precision == "ieee" else 5e-2)}
+
+
+def step_syncs(model, ids) -> dict:
+    """Five decode steps (positions 126..130: past the indexer's top-k, across the checkpoint at 128) of a model
+    all on a CUDA device under torch's sync debug mode: every synchronisation torch makes is a warning, and the
+    only one a step may make is bringing its logits over (tests/test_device_sync.py counts the reads Python makes
+    on torch-cpu; this also sees those inside torch's operations and blocking uploads)."""
+    import warnings
+
+    import torch
+    model.reset()
+    model.forward(ids[:126])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for token in ids[126:131]:
+                model.forward([int(token)], logits="last")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}"[:200] for w in caught if "synchroniz" in str(w.message)]
+    return {"syncs": len(syncs), "ok": len(syncs) == 5, "first": syncs[:4]}
 
 
 def _placement(path: Path, device):

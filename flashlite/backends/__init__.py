@@ -18,7 +18,8 @@ The model is written once, in terms of these named operations; a backend impleme
                    each (a backend without plans returns None from plan_*, and the model runs op by op)
     plan_step / model_step   every layer's plans together: one call for a whole decode step
     embed          rows of the embedding as float32
-    contiguous, zeros_like, concat, to_host   the array glue between the operations (to_host: a numpy array)
+    contiguous, zeros_like, concat, put, to_host   the array glue between the operations (put: a host array where
+                   another array lives; to_host: a numpy array)
 
 `cpu` (numpy and the C core) and `torch_device` (torch tensors on a CUDA, Ascend or CPU torch device, matmuls in
 Triton) implement them. The functions here pick the backend from the data they are given: numpy arrays and file
@@ -124,6 +125,10 @@ def zeros_like(x):
 
 def concat(xs: list, axis: int):
     return _of(xs[0]).concat(xs, axis)
+
+
+def put(a: np.ndarray, like):
+    return _of(like).put(a, like)
 
 
 def to_host(x) -> np.ndarray:

@@ -77,6 +77,11 @@ def concat(xs: list, axis: int) -> np.ndarray:
     return np.concatenate(xs, axis=axis)
 
 
+def put(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The host array a where this backend keeps `like`: here, a itself."""
+    return a
+
+
 def embed(w, token_ids: np.ndarray) -> np.ndarray:
     """The embedding rows of token_ids as float32, each row decoded as it is read."""
     rows = w.data[token_ids]

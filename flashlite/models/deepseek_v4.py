@@ -333,11 +333,13 @@ class Indexer:
         return [(self.wq_b, _rows(qr, crowded))] if crowded.size else []
 
     def __call__(self, projected: list, projected_q: list, positions, cos, sin, state: CompressorState,
-                 crowded: np.ndarray) -> np.ndarray:
+                 crowded: np.ndarray):
         """Per query of the chunk, the picked compressed rows [T, k] (-1 pads): all visible rows while no more
         than index_topk are visible, else the index_topk best scores. projected and projected_q: the results of
-        projections() and query_projections()."""
-        a = self.args
+        projections() and query_projections(). Scored picks are the backend's array (on a device they stay
+        there: the attention gathers by them without a read back); picks that follow from the positions alone
+        are a host array."""
+        a, t = self.args, len(positions)
         self.compressor(projected[:2], int(positions[0]), state)  # projections() lists the compressor's first
         visible = (positions + 1) // 4
         k = int(min(a.index_topk, visible.max()))
@@ -351,9 +353,13 @@ class Indexer:
         if state.rotated:
             q = state.rows.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
-        picks[crowded] = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5),
-                                              visible[crowded], a.index_topk, a.index_head_dim ** -0.5)
-        return picks.astype(np.int32)
+        scored = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5), visible[crowded],
+                                      a.index_topk, a.index_head_dim ** -0.5)
+        if crowded.size == t:
+            return scored
+        # visibility grows with the position, so the crowded queries are the chunk's last: the ones before them
+        # take every visible row (k = index_topk here, the scored width)
+        return backend.concat([backend.put(picks[:t - crowded.size], scored), scored], axis=0)
 
 
 class Attention:
