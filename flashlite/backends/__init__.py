@@ -13,7 +13,8 @@ The model is written once, in terms of these named operations; a backend impleme
     indexer_topk   the lightning indexer's scores of compressed rows and their top-k
     attention_sink sparse attention over window rows and picked compressed rows, with a per-head sink
     moe_route      the router: sqrt-softplus scores, hash or biased top-k, renormalised weights
-    moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache
+    moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache; ids None:
+                   the one expert of plain weights at weight 1 (the shared expert), its ids made where it runs
     plan_ffn / ffn_step, plan_attn / attn_step, layer_step   a decode step's sublayers planned at load, one call
                    each (a backend without plans returns None from plan_*, and the model runs op by op)
     plan_step / model_step   every layer's plans together: one call for a whole decode step

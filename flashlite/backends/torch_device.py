@@ -25,6 +25,7 @@ the device holds the hottest, a SplitExperts; split_experts is where a MoE layer
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -307,10 +308,33 @@ class HostCopy:
 
 # ---------------------------------------------------------------- array glue
 
+_UPLOADS_REFUSED: list[str] = []  # the static segments running now (step_graphs), where no host array may go up
+
+
+@contextlib.contextmanager
+def refuse_uploads(segment: str):
+    """Within it, uploading a host array raises: inside a captured CUDA graph an upload would replay the bytes the
+    array held at the capture, or fail to capture at all (flashlite/device/step_graphs.py)."""
+    _UPLOADS_REFUSED.append(segment)
+    try:
+        yield
+    finally:
+        _UPLOADS_REFUSED.pop()
+
+
+def resident(weights) -> bool:
+    """Whether every weight is wholly on the device (none of it left on the host by the placement)."""
+    return not any(isinstance(w, (HostWeight, SplitExperts)) for w in weights)
+
+
 def _on(a, device, dtype=None) -> torch.Tensor:
     """a (a host array or a tensor) as a tensor on device."""
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype, non_blocking=True)
+    if _UPLOADS_REFUSED:
+        raise RuntimeError(f"{_UPLOADS_REFUSED[-1]}: a host array of shape {np.shape(a)} uploaded inside a static "
+                           f"segment (its values must come in through the segment's inputs)")
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -523,7 +547,14 @@ def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: to
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights: on the
     device (DeviceWeight: grouped products, nothing comes to the host), on the host through the C core
     (HostWeight; from the expert cache `offload` when given), or divided between them (SplitExperts:
-    split_experts)."""
+    split_experts). idx and weights None: the one expert of plain weights at weight 1, its ids made where it runs."""
+    if idx is None:
+        t = x.shape[0]
+        if isinstance(w1, HostWeight):
+            idx, weights = np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32)
+        else:
+            idx = torch.zeros((t, 1), dtype=torch.int64, device=x.device)
+            weights = torch.ones((t, 1), device=x.device)
     if isinstance(w1, SplitExperts):
         split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer)
     elif isinstance(w1, HostWeight):

@@ -484,7 +484,8 @@ class MoE:
 
     @staticmethod
     def experts(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
-        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights."""
+        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights (idx and
+        weights None: the one expert of plain weights at weight 1)."""
         backend.moe_experts(x, idx, weights, w1, w3, w2, limit, out)
 
     @staticmethod
@@ -492,6 +493,8 @@ class MoE:
         """experts() computed the way the core's moe_run computes it (each expert's tokens in ascending order, the
         sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
         its SwiGLU output, the down projection's input."""
+        if idx is None:  # the one expert of plain weights, at weight 1
+            idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
         stacked = len(w1.ne) == 3
         t, k = idx.shape
         flat = idx.reshape(-1)
@@ -520,9 +523,9 @@ class MoE:
             experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
         else:
             backend.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out, self.offload, self.layer)
-        t = x.shape[0]
-        experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
-                self.shared_limit, out)
+        # the shared expert: the one expert of plain weights for every token at weight 1 (idx None: the backend makes
+        # its ids where it computes, so a device step uploads nothing for it)
+        experts(x, None, None, self.s1, self.s3, self.s2, self.shared_limit, out)
         return out
 
 
@@ -548,6 +551,10 @@ class Block:
         # decode step or short batch; None runs them op by op, as prefill always does. Transformer.use_fused_decode
         # sets them.
         self.attn_plan = self.ffn_plan = None
+        # On a torch device, attn_collapse and ffn_sublayer for a batch of one token run from static buffers
+        # (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by Transformer.use_step_graphs;
+        # None runs them op by op.
+        self.attn_segment = self.ffn_segment = None
 
     def plan_attn(self):
         """The backend's one-call plan of the attention sublayer: the same operations as attn_sublayer."""
@@ -585,7 +592,7 @@ class Block:
         if step and self.ffn_plan is not None:
             h = backend.ffn_step(self.ffn_plan, h, token_ids)
         else:
-            h = self.ffn_sublayer(h, token_ids)
+            h = (self.ffn_segment or self.ffn_sublayer)(h, token_ids)
         if dump is not None:
             dump[f"blk.{self.layer}.ffn"] = h.copy()
         return h
@@ -593,9 +600,14 @@ class Block:
     def attn_sublayer(self, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
                       causal: bool = True) -> np.ndarray:
         """h plus the attention of its collapse, expanded back into the streams."""
+        x, post, comb = (self.attn_segment or self.attn_collapse)(h)
+        return HyperConnection.expand(self.attn(x, positions, cache, causal), h, post, comb)
+
+    def attn_collapse(self, h: np.ndarray) -> tuple:
+        """The attention's input (h collapsed by its hyper-connection, normed) with the expansion's post and comb:
+        the part of the attention sublayer that neither the position nor the cache changes."""
         x, post, comb = self.attn_hc(h)
-        return HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, causal), h,
-                                      post, comb)
+        return rms_norm(x, self.attn_norm, self.eps), post, comb
 
     def ffn_sublayer(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """h plus the MoE of its collapse, expanded back into the streams."""
@@ -688,6 +700,7 @@ class Transformer:
             for block, following in zip(self.layers, self.layers[1:]):
                 block.next = None if following in self.prefetch_at_start else following
         self.use_fused_decode(True)
+        self.use_step_graphs("off")
 
     def use_fused_decode(self, on: bool = True) -> None:
         """Whether a decode step (or a chunk of up to STEP_MAX_TOKENS, such as a verified draft) runs each block's
@@ -758,8 +771,39 @@ class Transformer:
             return np.empty((0, self.args.vocab_size), np.float32)
         if logits == "last":
             h = h[-1:]
-        x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
         if dump is not None:
+            x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
             dump["output_norm"] = x.copy()
+            y = linear(self.head, x)
+        else:
+            y = (self.head_segment or self.head_logits)(h)
         cache.advance(token_ids)
-        return backend.to_host(linear(self.head, x))
+        return backend.to_host(y)
+
+    def head_logits(self, h: np.ndarray) -> np.ndarray:
+        """The logits of the last block's streams h [T, hc, dim]: collapsed, normed, through the head."""
+        return linear(self.head, rms_norm(self.hc_head(h), self.norm, self.args.norm_eps))
+
+    def use_step_graphs(self, mode: str = "off") -> None:
+        """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
+        captured CUDA graphs of its segments (each layer's attention collapse and MoE sublayer, the head), "static"
+        runs the same segments from the same static buffers without a capture (how a CPU torch device tests it),
+        "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
+        prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
+        for block in self.layers:
+            block.attn_segment = block.ffn_segment = None
+        self.head_segment = self.graphs = None
+        if mode == "off":
+            return
+        if self.device is None:
+            raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
+        from flashlite.device.step_graphs import StepGraphs
+        self.graphs = g = StepGraphs(mode, self.device.device)
+        for block in self.layers:
+            f = block.ffn
+            block.attn_segment = g.segment(block.attn_collapse, f"blk.{block.layer} attention collapse",
+                                           [block.attn_hc.fn])
+            if block.next is None:
+                block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
+                                              [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
+        self.head_segment = g.segment(self.head_logits, "head", [self.hc_head.fn, self.head])
