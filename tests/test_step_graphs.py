@@ -27,16 +27,16 @@ def _decode(model, ids, mode: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kv_format", ["f32", "fp8"])
 def test_static_segments_give_the_op_by_op_logits(torch, f32_gguf, goldens, kv_format):
-    """Every layer's attention collapse and MoE sublayer and the head run from static buffers at each step (the
-    prefill, a batch of 126, runs op by op), the buffers stay where they are, and the logits are the op-by-op ones
-    bit for bit."""
+    """Every layer's attention collapse, attention output and MoE sublayer and the head run from static buffers at
+    each step (the prefill, a batch of 126, runs op by op), the buffers stay where they are, and the logits are the
+    op-by-op ones bit for bit."""
     model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format)
     ids = goldens["prompt_ids"]
     eager = _decode(model, ids, "off")
     assert model.net.graphs is None
     model.net.use_step_graphs("static")
     g = model.net.graphs
-    n_steps, n_segments = STEPS.stop - STEPS.start, 2 * model.args.n_layers + 1
+    n_steps, n_segments = STEPS.stop - STEPS.start, 3 * model.args.n_layers + 1
     assert len(g.segments) == n_segments
     model.reset()
     model.forward(ids[:STEPS.start])
@@ -71,8 +71,8 @@ def test_an_upload_inside_a_segment_is_refused(torch, f32_gguf, goldens, monkeyp
 
 def test_host_weights_end_segments(torch, f32_gguf, goldens):
     """Hybrid placement with 20 of 48 routed experts on the device (layers 0 and 1 whole, 2 split, 3-5 on the
-    host): only layers 0 and 1 get a MoE segment; every attention collapse and the head get theirs; the logits are
-    the op-by-op ones."""
+    host): only layers 0 and 1 get a MoE segment; every attention collapse and output and the head get theirs; the
+    logits are the op-by-op ones."""
     from flashlite.backends.torch_device import HostWeight
 
     full = load(f32_gguf, device="torch-cpu", threads=1, gpu_mem="1T").device.placement
@@ -85,7 +85,8 @@ def test_host_weights_end_segments(torch, f32_gguf, goldens):
     layers = model.net.layers
     assert [b.ffn_segment is not None for b in layers] == [True, True, False, False, False, False]
     assert isinstance(layers[3].ffn.w1, HostWeight)
-    assert all(b.attn_segment is not None for b in layers) and model.net.head_segment is not None
+    assert all(b.attn_segment is not None and b.attn_finish_segment is not None for b in layers)
+    assert model.net.head_segment is not None
     np.testing.assert_array_equal(stepped, eager)
 
 

@@ -38,8 +38,8 @@ def load_options(command):
                           "shared experts, then the hottest routed experts go there, the rest run on the CPU; "
                           "default: what the GPU has free less 1 GiB (torch-cpu: everything)"),
         click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-                     help="with -dev cuda: replay a decode step's position-independent parts as captured CUDA "
-                          "graphs; --no-cuda-graphs runs every step op by op"),
+                     help="with -dev cuda: replay the parts of a decode step whose shapes the position does not "
+                          "change as captured CUDA graphs; --no-cuda-graphs runs every step op by op"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
         click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),

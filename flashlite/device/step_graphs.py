@@ -8,11 +8,13 @@ into static buffers in place before it, outputs read from static buffers after i
 inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
 
 What of V4's step meets them, for a batch of one token: each layer's attention collapse (hyper-connection and
-norm: Block.attn_collapse), each MoE sublayer (hyper-connections, router, grouped routed experts, shared expert:
-Block.ffn_sublayer) and the head (Transformer.head_logits). These are segments. Between them the attention runs op
-by op: it appends to the KV logs and reads a window and compressed rows whose count grows with the position, and
-the compressor pools a row only when a window closes, so its kernels and shapes change from one position to the
-next. A segment is not made (the part runs op by op) when one of its weights was left on the host by hybrid
+norm: Block.attn_collapse), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
+the streams: Block.attn_finish, the position's cos and sin among its inputs), each MoE sublayer
+(hyper-connections, router, grouped routed experts, shared expert: Block.ffn_sublayer) and the head
+(Transformer.head_logits). These are segments. Between them the attention's heads run op by op (Attention.heads):
+they append to the KV logs and read a window and compressed rows whose count grows with the position, the
+compressor pools a row only when a window closes and the indexer scores only past index_topk rows, so their
+kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one of its weights was left on the host by hybrid
 placement (its product brings the input over: a split MoE layer ends a segment) or when the MoE sublayer
 prefetches the next layer's experts from disk (the predicted ids come to the host).
 
@@ -64,10 +66,10 @@ class StepGraphs:
 
 
 class Segment:
-    """fn (tensors and token ids in, a tensor or a tuple of tensors out, no side effects) for a batch of one token:
-    its arguments copied into static buffers, then its captured graph replayed ("cuda") or fn run on the buffers
-    ("static"), its results copied out of the static outputs (the next replay overwrites them). Another batch
-    size runs fn as it is."""
+    """fn (tensors and host arrays in, the first one's first dim the tokens; a tensor or a tuple of tensors out; no
+    side effects beyond its own inputs) for a batch of one token: its arguments copied into static buffers, then its
+    captured graph replayed ("cuda") or fn run on the buffers ("static"), its results copied out of the static
+    outputs (the next replay overwrites them). Another batch size runs fn as it is."""
 
     def __init__(self, graphs: StepGraphs, fn, name: str):
         self.graphs, self.fn, self.name = graphs, fn, name

@@ -378,9 +378,15 @@ class Attention:
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
         """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
         runs without the causal mask)."""
+        cos, sin = self.rope.cos_sin(positions)
+        return self.output(self.heads(x, positions, cos, sin, cache, causal), cos, sin)
+
+    def heads(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerCache,
+              causal: bool = True) -> np.ndarray:
+        """The attention heads' outputs before the output projection, laid out by wo_a's groups [G, T, H/G, hd]
+        (still rotated); the chunk's rows appended to the cache."""
         a, t = self.args, x.shape[0]
         start = int(positions[0])
-        cos, sin = self.rope.cos_sin(positions)
         crowded = self.indexer.crowded(positions) if self.indexer is not None else None
         # The products of x in one run of the core, then those of the query latent qr in another.
         (qa, kv), compressed, indexed = linear_groups(
@@ -407,7 +413,11 @@ class Attention:
         if self.indexer is not None:
             picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
         # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
-        o = self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+        return self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+
+    def output(self, o: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """The output projection of the heads' outputs o [G, T, H/G, hd] (rotated back in place, by cos and sin of
+        the chunk's positions): wo_a by groups, then wo_b."""
         for group in o:
             self.rope.apply(group, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
@@ -551,10 +561,10 @@ class Block:
         # decode step or short batch; None runs them op by op, as prefill always does. Transformer.use_fused_decode
         # sets them.
         self.attn_plan = self.ffn_plan = None
-        # On a torch device, attn_collapse and ffn_sublayer for a batch of one token run from static buffers
-        # (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by Transformer.use_step_graphs;
-        # None runs them op by op.
-        self.attn_segment = self.ffn_segment = None
+        # On a torch device, attn_collapse, attn_finish and ffn_sublayer for a batch of one token run from static
+        # buffers (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by
+        # Transformer.use_step_graphs; None runs them op by op.
+        self.attn_segment = self.attn_finish_segment = self.ffn_segment = None
 
     def plan_attn(self):
         """The backend's one-call plan of the attention sublayer: the same operations as attn_sublayer."""
@@ -601,13 +611,21 @@ class Block:
                       causal: bool = True) -> np.ndarray:
         """h plus the attention of its collapse, expanded back into the streams."""
         x, post, comb = (self.attn_segment or self.attn_collapse)(h)
-        return HyperConnection.expand(self.attn(x, positions, cache, causal), h, post, comb)
+        cos, sin = self.attn.rope.cos_sin(positions)
+        o = self.attn.heads(x, positions, cos, sin, cache, causal)
+        return (self.attn_finish_segment or self.attn_finish)(h, post, comb, o, cos, sin)
 
     def attn_collapse(self, h: np.ndarray) -> tuple:
         """The attention's input (h collapsed by its hyper-connection, normed) with the expansion's post and comb:
         the part of the attention sublayer that neither the position nor the cache changes."""
         x, post, comb = self.attn_hc(h)
         return rms_norm(x, self.attn_norm, self.eps), post, comb
+
+    def attn_finish(self, h: np.ndarray, post: np.ndarray, comb: np.ndarray, o: np.ndarray, cos: np.ndarray,
+                    sin: np.ndarray) -> np.ndarray:
+        """The attention sublayer's end, which the position changes only through cos and sin: the heads' outputs
+        o through the output projection, expanded into the streams h by post and comb."""
+        return HyperConnection.expand(self.attn.output(o, cos, sin), h, post, comb)
 
     def ffn_sublayer(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """h plus the MoE of its collapse, expanded back into the streams."""
@@ -786,12 +804,12 @@ class Transformer:
 
     def use_step_graphs(self, mode: str = "off") -> None:
         """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
-        captured CUDA graphs of its segments (each layer's attention collapse and MoE sublayer, the head), "static"
-        runs the same segments from the same static buffers without a capture (how a CPU torch device tests it),
-        "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
+        captured CUDA graphs of its segments (each layer's attention collapse, attention output and MoE sublayer,
+        the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
+        torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
         prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
         for block in self.layers:
-            block.attn_segment = block.ffn_segment = None
+            block.attn_segment = block.attn_finish_segment = block.ffn_segment = None
         self.head_segment = self.graphs = None
         if mode == "off":
             return
@@ -801,8 +819,11 @@ class Transformer:
         self.graphs = g = StepGraphs(mode, self.device.device)
         for block in self.layers:
             f = block.ffn
+            at = block.attn
             block.attn_segment = g.segment(block.attn_collapse, f"blk.{block.layer} attention collapse",
                                            [block.attn_hc.fn])
+            block.attn_finish_segment = g.segment(block.attn_finish, f"blk.{block.layer} attention output",
+                                                  [at.wo_a, at.wo_b])
             if block.next is None:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
