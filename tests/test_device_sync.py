@@ -49,12 +49,14 @@ class ReadBacks:
         return read
 
 
-@pytest.mark.parametrize("kv_format", ["f32", "fp8"])
-def test_a_resident_decode_step_reads_back_only_its_logits(torch, f32_gguf, goldens, monkeypatch, kv_format):
+@pytest.mark.parametrize("kv_format, graphs", [("f32", "off"), ("fp8", "off"), ("f32", "static")])
+def test_a_resident_decode_step_reads_back_only_its_logits(torch, f32_gguf, goldens, monkeypatch, kv_format, graphs):
     """Steps at positions 126..130 of the f32 file: the ratio-4 layers' indexer scores (more than index_topk rows
-    are visible), the hash and the scored routing, and the checkpoint at 128. Each step brings over one [1, vocab]
-    array and reads nothing else; the logits are those of the same steps with nothing counted."""
+    are visible), the hash and the scored routing, and the checkpoint at 128; op by op, and with the step's
+    segments from static buffers (step_graphs). Each step brings over one [1, vocab] array and reads nothing
+    else; the logits are those of the same steps with nothing counted."""
     model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format)
+    model.net.use_step_graphs(graphs)
     ids = goldens["prompt_ids"]
     model.reset()
     model.forward(ids[:126])
