@@ -103,9 +103,9 @@ def correctness(base, work: Path, out: dict) -> None:
             torch.cuda.set_sync_debug_mode("default")
     if base.device.type == "cuda":
         out["cuda graphs vs op by op, f32"] = graphs_vs_eager(f32, base, g)
-        for kv_format in ("f32", "fp8"):
-            out[f"decode steps ({kv_format} KV) synchronise once, for the logits"] = step_syncs(
-                load(f32, device=base, kv_format=kv_format), ids)
+        for kv_format, graphs in (("f32", True), ("fp8", True), ("f32", False)):
+            out[f"decode steps ({kv_format} KV, cuda graphs {'on' if graphs else 'off'}) synchronise once, for the "
+                f"logits"] = step_syncs(load(f32, device=base, kv_format=kv_format, cuda_graphs=graphs), ids)
     for recipe in ((), ("--type", "q4_k")):
         name = recipe[-1] if recipe else "mxfp4-q8_0"
         path = quantize(FIXTURE, work / f"{name}.gguf", *recipe)
@@ -143,12 +143,14 @@ def step_syncs(model, ids) -> dict:
     """Five decode steps (positions 126..130: past the indexer's top-k, across the checkpoint at 128) of a model
     all on a CUDA device under torch's sync debug mode: every synchronisation torch makes is a warning, and the
     only one a step may make is bringing its logits over (tests/test_device_sync.py counts the reads Python makes
-    on torch-cpu; this also sees those inside torch's operations and blocking uploads)."""
+    on torch-cpu; this also sees those inside torch's operations and blocking uploads). A step before them captures
+    the step graphs' segments, when the model has them (a capture synchronises)."""
     import warnings
 
     import torch
     model.reset()
-    model.forward(ids[:126])
+    model.forward(ids[:125])
+    model.forward(ids[125:126])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:

@@ -14,9 +14,10 @@ the streams: Block.attn_finish, the position's cos and sin among its inputs), ea
 (Transformer.head_logits). These are segments. Between them the attention's heads run op by op (Attention.heads):
 they append to the KV logs and read a window and compressed rows whose count grows with the position, the
 compressor pools a row only when a window closes and the indexer scores only past index_topk rows, so their
-kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one of its weights was left on the host by hybrid
-placement (its product brings the input over: a split MoE layer ends a segment) or when the MoE sublayer
-prefetches the next layer's experts from disk (the predicted ids come to the host).
+kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
+of its weights was left on the host by hybrid placement (its product brings the input over: a split MoE layer ends
+a segment) or when the MoE sublayer prefetches the next layer's experts from disk (the predicted ids come to the
+host).
 
 Modes (Transformer.use_step_graphs): "cuda" captures each segment at its first batch of one token and replays it
 after; "static" runs the same segments from the same static buffers, the function run again in place of a replay,
@@ -90,7 +91,8 @@ class Segment:
             if self.graph is None and not self._capture():
                 self.graphs.eager += 1
                 return self.fn(*args)
-            self.graph.replay()
+            with torch.cuda.device(self.graphs.device):  # a graph launches on its own device's current stream
+                self.graph.replay()
         else:
             self._store(self._run())
         self.graphs.replays += 1
@@ -114,14 +116,15 @@ class Segment:
         capture), then capture it into a graph whose outputs are the static outputs. False, with the reason in
         graphs.failures, when torch refuses the capture."""
         try:
-            side = torch.cuda.Stream(self.graphs.device)
-            side.wait_stream(torch.cuda.current_stream(self.graphs.device))
-            with torch.cuda.stream(side):
-                self._run()
-            torch.cuda.current_stream(self.graphs.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graphs.pool):
-                self.outputs = self._run()
+            with torch.cuda.device(self.graphs.device):  # torch.cuda.graph captures on the current device
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graphs.pool):
+                    self.outputs = self._run()
         except RuntimeError as exc:
             self.graphs.failures[self.name] = f"{type(exc).__name__}: {exc}"[:500]
             self.outputs = None
