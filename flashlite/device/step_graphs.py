@@ -2,7 +2,7 @@
 (issue 15, docs/gpu.md "CUDA graphs").
 
 On a GPU a decode step of one token is a few hundred small kernels a layer (the hyper-connections' Sinkhorn alone
-is sixty), and launching them, not their work, takes most of the step. A CUDA graph records such a sequence once
+is over a hundred), and launching them, not their work, takes most of the step. A CUDA graph records such a sequence once
 and replays it with one launch, on conditions: the same shapes and the same memory at every replay (inputs copied
 into static buffers in place before it, outputs read from static buffers after it), no value read back to the host
 inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
