@@ -84,3 +84,29 @@ def test_the_counter_sees_a_read_back(torch, f32_gguf, goldens, monkeypatch):
     counted = ReadBacks(torch, monkeypatch)
     model.forward(goldens["prompt_ids"][40:41], logits="last")
     assert counted.reads == ["cpu", "numpy"] * 2  # two ratio-4 layers
+
+
+@pytest.mark.parametrize("kv_format", ["f32", "fp8"])
+def test_a_device_checkpoint_restores_and_saves(torch, f32_gguf, goldens, tmp_path, kv_format):
+    """The checkpoint at 128 (host copies queued behind the step, HostCopy) brings a device cache back from 150 to
+    133, past a rewind of 8: the tokens from 128 fed again, the continuation is bitwise that of a run fed in the
+    same chunks without the detour; a cache saved with the checkpoint and loaded again does the same."""
+    from flashlite.backends.torch_device import HostCopy
+
+    model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format, rewind=8)
+    ids = goldens["prompt_ids"]
+    model.reset()
+    model.forward(ids[:128])
+    model.forward(ids[128:133])
+    straight = model.forward(ids[133:160])
+    model.reset()
+    model.forward(ids[:128])
+    model.forward(ids[128:150])
+    assert model.cache.checkpoint_positions() == [128]
+    assert all(isinstance(packed, HostCopy) for layer in model.cache._checkpoints[128] for _, packed in layer)
+    model.save_cache(tmp_path / "c.npz")
+    model.truncate(133)  # 128's checkpoint, then ids[128:133] in one chunk
+    np.testing.assert_array_equal(model.forward(ids[133:160]), straight)
+    resumed = model.load_cache(tmp_path / "c.npz")
+    model.truncate(133, cache=resumed)
+    np.testing.assert_array_equal(model.forward(ids[133:160], cache=resumed), straight)
