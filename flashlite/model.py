@@ -511,7 +511,7 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     everything is placed on the device. model.device.placement says what went where.
 
     cuda_graphs (on a CUDA device; default True): a decode step's parts whose shapes the position does not change
-    (each layer's attention collapse, attention output and MoE sublayer, the head) are captured as CUDA graphs at
+    (each layer's attention collapse, projections, output and MoE sublayer, the head) are captured as CUDA graphs at
     the first step and replayed after (docs/gpu.md); False runs every step op by op. model.net.graphs counts the
     replays."""
     return Model(path, threads=threads, ctx=ctx, **options)

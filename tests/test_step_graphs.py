@@ -27,8 +27,9 @@ def _decode(model, ids, mode: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kv_format", ["f32", "fp8"])
 def test_static_segments_give_the_op_by_op_logits(torch, f32_gguf, goldens, kv_format):
-    """Every layer's attention collapse, attention output and MoE sublayer and the head run from static buffers at
-    each step (the prefill, a batch of 126, runs op by op), the buffers stay where they are, and the logits are the
+    """Every layer's attention collapse, projections, output and MoE sublayer and the head run from static buffers
+    at each step (the prefill, a batch of 126, runs op by op; the ratio-4 layers' projections in their variant with
+    the indexer's, which scores from position 19 on), the buffers stay where they are, and the logits are the
     op-by-op ones bit for bit."""
     model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format)
     ids = goldens["prompt_ids"]
@@ -36,17 +37,38 @@ def test_static_segments_give_the_op_by_op_logits(torch, f32_gguf, goldens, kv_f
     assert model.net.graphs is None
     model.net.use_step_graphs("static")
     g = model.net.graphs
-    n_steps, n_segments = STEPS.stop - STEPS.start, 3 * model.args.n_layers + 1
-    assert len(g.segments) == n_segments
+    n_steps, n_layers = STEPS.stop - STEPS.start, model.args.n_layers
+    n_scored = sum(r == 4 for r in model.args.compress_ratios)
+    assert len(g.segments) == 4 * n_layers + 1 + n_scored  # the ratio-4 layers' projections in two variants
     model.reset()
     model.forward(ids[:STEPS.start])
-    assert (g.replays, g.eager) == (0, n_segments)
+    assert (g.replays, g.eager) == (0, 3 * n_layers + 1)  # the prefill: every segment's function but projections
     steps = [model.forward([ids[STEPS.start]], logits="last")]
-    addresses = [[b.data_ptr() for b in s.inputs + list(s.outputs)] for s in g.segments]
+    used = [s for s in g.segments if s.inputs is not None]
+    assert len(used) == 4 * n_layers + 1 and all("scoring" in s.name for s in used if "projections" in s.name
+                                                  and model.args.compress_ratios[int(s.name[4])] == 4)
+    addresses = [[b.data_ptr() for b in s.inputs + list(s.outputs)] for s in used]
     steps += [model.forward([t], logits="last") for t in ids[STEPS.start + 1:STEPS.stop]]
-    assert [[b.data_ptr() for b in s.inputs + list(s.outputs)] for s in g.segments] == addresses
-    assert g.replays == n_steps * n_segments and not g.failures
+    assert [[b.data_ptr() for b in s.inputs + list(s.outputs)] for s in used] == addresses
+    assert g.replays == n_steps * len(used) and not g.failures
     np.testing.assert_array_equal(np.concatenate(steps), eager)
+
+
+def test_the_indexers_first_scores_switch_the_projections_variant(torch, f32_gguf, goldens):
+    """Steps at 12..24 cross position 19, from which the ratio-4 layers' indexer scores (more than index_topk = 4
+    rows visible): both variants of their projections' segment run, and the logits are the op-by-op ones."""
+    model = load(f32_gguf, device="torch-cpu", threads=1)
+    ids = goldens["prompt_ids"]
+    logits = {}
+    for mode in ("off", "static"):
+        model.net.use_step_graphs(mode)
+        model.reset()
+        model.forward(ids[:12])
+        logits[mode] = np.concatenate([model.forward([t], logits="last") for t in ids[12:25]])
+    for block in model.net.layers:
+        if block.attn.indexer is not None:
+            assert all(s.inputs is not None for s in block.attn.project_segments.values()), block.layer
+    np.testing.assert_array_equal(logits["static"], logits["off"])
 
 
 def test_an_upload_inside_a_segment_is_refused(torch, f32_gguf, goldens, monkeypatch):

@@ -1,20 +1,22 @@
 """A decode step's segments on a torch device, run from static buffers and, on CUDA, replayed as captured graphs
 (issue 15, docs/gpu.md "CUDA graphs").
 
-On a GPU a decode step of one token is a few hundred small kernels a layer (the hyper-connections' Sinkhorn alone
-is over a hundred), and launching them, not their work, takes most of the step. A CUDA graph records such a sequence once
-and replays it with one launch, on conditions: the same shapes and the same memory at every replay (inputs copied
-into static buffers in place before it, outputs read from static buffers after it), no value read back to the host
-inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
+On a GPU a decode step of one token is a few hundred small kernels a layer (the hyper-connections' Sinkhorn alone is
+over a hundred), and launching them, not their work, takes most of the step. A CUDA graph records such a sequence
+once and replays it with one launch, on conditions: the same shapes and the same memory at every replay (inputs
+copied into static buffers in place before it, outputs read from static buffers after it), no value read back to the
+host inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
 
 What of V4's step meets them, for a batch of one token: each layer's attention collapse (hyper-connection and
-norm: Block.attn_collapse), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
+norm: Block.attn_collapse), its attention projections (q, KV row, compressor and indexer products, normed and
+rotated: Attention.project, cos and sin among its inputs; two variants in a ratio-4 layer, without and with the
+indexer's products), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
 the streams: Block.attn_finish, the position's cos and sin among its inputs), each MoE sublayer
 (hyper-connections, router, grouped routed experts, shared expert: Block.ffn_sublayer) and the head
-(Transformer.head_logits). These are segments. Between them the attention's heads run op by op (Attention.heads):
-they append to the KV logs and read a window and compressed rows whose count grows with the position, the
-compressor pools a row only when a window closes and the indexer scores only past index_topk rows, so their
-kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
+(Transformer.head_logits). These are segments. Between them the rest of the attention's heads runs op by op
+(Attention.heads): it appends to the KV logs and reads a window and compressed rows whose count grows with the
+position, the compressor pools a row only when a window closes and the indexer scores only past index_topk rows,
+so its kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
 of its weights was left on the host by hybrid placement (its product brings the input over: a split MoE layer ends
 a segment) or when the MoE sublayer prefetches the next layer's experts from disk (the predicted ids come to the
 host).

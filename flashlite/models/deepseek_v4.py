@@ -5,6 +5,7 @@ Shapes: T tokens of one chunk, D = dim, hc = hyper-connection streams, H heads o
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -374,6 +375,9 @@ class Attention:
         self.wkv, self.kv_norm = w["attn_kv"], w["attn_kv_a_norm"]
         self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
         self.rope, self.compressor, self.indexer = rope, compressor, indexer
+        # On a torch device, project() for one token from static buffers (step_graphs), by whether the indexer
+        # scores (True) or not: set by Transformer.use_step_graphs; None runs it op by op.
+        self.project_segments: dict | None = None
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
         """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
@@ -388,6 +392,30 @@ class Attention:
         a, t = self.args, x.shape[0]
         start = int(positions[0])
         crowded = self.indexer.crowded(positions) if self.indexer is not None else None
+        scored = crowded is not None and crowded.size > 0
+        if t == 1 and self.project_segments is not None:  # a decode step: from static buffers (step_graphs)
+            q, kv, *products = self.project_segments[scored](x, cos, sin)
+        else:
+            q, kv, *products = self.project(x, cos, sin, crowded)
+        n_compressed = 2 if self.compressor is not None else 0
+        n_indexed = 2 + scored if self.indexer is not None else 0
+        compressed, indexed = products[:n_compressed], products[n_compressed:n_compressed + n_indexed]
+        indexed_q = products[n_compressed + n_indexed:]
+        cache.kv.append(kv)
+        picks = None
+        if self.compressor is not None:
+            self.compressor(compressed, start, cache.compressor)
+        if self.indexer is not None:
+            picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
+        # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
+        return self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+
+    def project(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, crowded: np.ndarray | None) -> tuple:
+        """The products of the chunk's input x and of its query latent, q [T, H, hd] and the window's rows kv
+        [T, head_dim] normed and rotated by cos and sin: (q, kv, the compressor's products, the indexer's of x, the
+        indexer's of the latent), the indexer's for the crowded queries only. What the position changes here comes
+        in through cos, sin and crowded."""
+        a, t = self.args, x.shape[0]
         # The products of x in one run of the core, then those of the query latent qr in another.
         (qa, kv), compressed, indexed = linear_groups(
             [(self.wq_a, x), (self.wkv, x)],
@@ -406,14 +434,7 @@ class Attention:
         # q is 64 MB a layer, and each fresh array of that size costs its page faults)
         q = q.reshape(t, a.n_heads, a.head_dim)
         self.rope.apply(rms_norm(q, None, a.norm_eps, out=q), cos, sin)
-        self.store_kv(kv, cos, sin, cache)
-        picks = None
-        if self.compressor is not None:
-            self.compressor(compressed, start, cache.compressor)
-        if self.indexer is not None:
-            picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
-        # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
-        return self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+        return (q, self.rotated_kv(kv, cos, sin), *compressed, *indexed, *indexed_q)
 
     def output(self, o: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """The output projection of the heads' outputs o [G, T, H/G, hd] (rotated back in place, by cos and sin of
@@ -422,11 +443,13 @@ class Attention:
             self.rope.apply(group, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
 
+    def rotated_kv(self, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """The window's rows of T positions from their wkv products kv [T, head_dim]: normed and rotated in place."""
+        return self.rope.apply(rms_norm(kv, self.kv_norm, self.args.norm_eps, out=kv), cos, sin)
+
     def store_kv(self, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerCache) -> None:
-        """The window's rows of T positions from their wkv products kv [T, head_dim]: normed and rotated in place,
-        then appended to the cache."""
-        self.rope.apply(rms_norm(kv, self.kv_norm, self.args.norm_eps, out=kv), cos, sin)
-        cache.kv.append(kv)
+        """The window's rows from their wkv products kv, normed and rotated in place, appended to the cache."""
+        cache.kv.append(self.rotated_kv(kv, cos, sin))
 
     def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
                causal: bool = True, out: np.ndarray | None = None, groups: int | None = None) -> np.ndarray:
@@ -804,12 +827,12 @@ class Transformer:
 
     def use_step_graphs(self, mode: str = "off") -> None:
         """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
-        captured CUDA graphs of its segments (each layer's attention collapse, attention output and MoE sublayer,
-        the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
+        captured CUDA graphs of its segments (each layer's attention collapse, projections, output and MoE
+        sublayer, the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
         torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
         prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
         for block in self.layers:
-            block.attn_segment = block.attn_finish_segment = block.ffn_segment = None
+            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.project_segments = None
         self.head_segment = self.graphs = None
         if mode == "off":
             return
@@ -824,6 +847,17 @@ class Transformer:
                                            [block.attn_hc.fn])
             block.attn_finish_segment = g.segment(block.attn_finish, f"blk.{block.layer} attention output",
                                                   [at.wo_a, at.wo_b])
+            weights = [at.wq_a, at.wkv, at.wq_b]
+            weights += [at.compressor.wkv, at.compressor.wgate] if at.compressor is not None else []
+            ix = at.indexer
+            if ix is not None:
+                weights += [ix.weights_proj, ix.wq_b, ix.compressor.wkv, ix.compressor.wgate]
+            segments = {scored: g.segment(functools.partial(at.project, crowded=np.arange(int(scored))),
+                                          f"blk.{block.layer} attention projections"
+                                          + (", indexer scoring" if scored else ""), weights)
+                        for scored in ((False, True) if ix is not None else (False,))}
+            if all(s is not None for s in segments.values()):
+                at.project_segments = segments
             if block.next is None:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
