@@ -138,6 +138,11 @@ class RowLog:
         """A view of the stored bytes of positions [lo, hi)."""
         return self._span(lo, hi)
 
+    def snapshot(self, lo: int, hi: int) -> np.ndarray:
+        """A copy of the stored bytes of positions [lo, hi) in host memory, for a checkpoint (restore takes it
+        back; np.asarray gives its bytes)."""
+        return self.packed(lo, hi).copy()
+
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """The float32 rows of positions [lo, hi) (a view for float32 logs)."""
         return self.fmt.unpack(self.packed(lo, hi))
@@ -278,7 +283,7 @@ class LayerCache:
 
     def checkpoint(self, pos: int) -> list[tuple[int, np.ndarray]]:
         """Copies of what continuing from position pos reads besides the compressed rows (which are never dropped)."""
-        return [(first(pos), log.packed(first(pos), pos).copy()) for log, first in self.checkpoint_logs()]
+        return [(first(pos), log.snapshot(first(pos), pos)) for log, first in self.checkpoint_logs()]
 
     def restore(self, pos: int, checkpoint: list[tuple[int, np.ndarray]]) -> None:
         """Go back to position pos from checkpoint(pos)."""
@@ -395,7 +400,7 @@ class ModelCache:
             for i, parts in enumerate(layers):
                 for j, (lo, packed) in enumerate(parts):
                     out[f"ckpt.{at}.{i}.{j}.start"] = np.array(lo)
-                    out[f"ckpt.{at}.{i}.{j}"] = packed
+                    out[f"ckpt.{at}.{i}.{j}"] = np.asarray(packed)
         return out
 
     def load_arrays(self, arrays) -> None:

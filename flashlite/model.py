@@ -124,7 +124,7 @@ class Model:
                  progress: Callable[[float], object] | None = None, check_tensors: bool = False,
                  spec_type: str | None = None, spec_draft_n_max: int | None = None,
                  model_draft: str | os.PathLike | None = None, device: str = "cpu",
-                 gpu_mem: int | str | None = None):
+                 gpu_mem: int | str | None = None, cuda_graphs: bool = True):
         report = _LoadProgress(progress)
         self.device = open_device(device)  # None: the CPU backend
         if threads is not None and self.device is not None:
@@ -154,6 +154,8 @@ class Model:
         cpu.avoid_compaction_stalls()
         with report.counting(self.file, len(deepseek_v4.expected_tensors(self.args))):
             self.net = deepseek_v4.Transformer(self.args, self.file, offload, self.device, placer)
+        if cuda_graphs and self.device is not None and self.device.device.type == "cuda":
+            self.net.use_step_graphs("cuda")
         self.tokens = 0
         self.cache = self.net.make_cache(rewind, kv_format)
         # every forward pass takes it: the core's thread pool runs one at a time, and a call that uses the model's
@@ -506,5 +508,10 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     embeddings, shared experts, then the hottest routed experts (by the expert-usage histogram when there is one,
     else layer by layer); the other routed experts run on the CPU through the C core, memory-mapped or, with
     ram_budget, through the expert cache. Default: what the accelerator has free less 1 GiB; on "torch-cpu"
-    everything is placed on the device. model.device.placement says what went where."""
+    everything is placed on the device. model.device.placement says what went where.
+
+    cuda_graphs (on a CUDA device; default True): a decode step's parts whose shapes the position does not change
+    (each layer's attention collapse, projections, output and MoE sublayer, the head) are captured as CUDA graphs at
+    the first step and replayed after (docs/gpu.md); False runs every step op by op. model.net.graphs counts the
+    replays."""
     return Model(path, threads=threads, ctx=ctx, **options)

@@ -8,10 +8,14 @@ minutes on an H200, printing a summary and writing it as JSON.
    "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
    float32 rounding (measured on a CPU torch device: 8e-6).
    The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
-   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back).
+   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
+   decode steps under its "warn" mode (one synchronisation a step: the logits), and the decode step's segments
+   replayed as captured CUDA graphs against op by op (cuda_graphs=False): the same greedy tokens, logits within
+   1e-4, every segment captured.
 2. Speed on a full-width synthetic V4 (tools/make_synthetic.py --preset flash: V4-Flash's widths, --layers layers,
    --experts routed experts, quantized with the default recipe): prefill (--prompt tokens) and greedy decode
-   (--gen tokens) in tok/s on the device with the Triton kernels, on the device with weights decoded to float32
+   (--gen tokens) in tok/s on the device with the Triton kernels (with CUDA graphs, and without: the decode
+   speed-up, the same tokens), on the device with weights decoded to float32
    (torch matmuls: a second implementation, whose logits the kernels' are compared with), in hybrid placement with
    every routed expert on the CPU (the C core), and on the CPU backend;
    decode's weight bytes per token over its time, next to the device's read bandwidth (a float32 sum over 2 GiB).
@@ -97,6 +101,11 @@ def correctness(base, work: Path, out: dict) -> None:
             out["routed experts without a synchronisation"] = {"ok": False, "error": str(exc)[:300]}
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    if base.device.type == "cuda":
+        out["cuda graphs vs op by op, f32"] = graphs_vs_eager(f32, base, g)
+        for kv_format, graphs in (("f32", True), ("fp8", True), ("f32", False)):
+            out[f"decode steps ({kv_format} KV, cuda graphs {'on' if graphs else 'off'}) synchronise once, for the "
+                f"logits"] = step_syncs(load(f32, device=base, kv_format=kv_format, cuda_graphs=graphs), ids)
     for recipe in ((), ("--type", "q4_k")):
         name = recipe[-1] if recipe else "mxfp4-q8_0"
         path = quantize(FIXTURE, work / f"{name}.gguf", *recipe)
@@ -108,6 +117,51 @@ def correctness(base, work: Path, out: dict) -> None:
             out[f"{name} ({device}, {precision}) vs cpu on decoded f32"] = {
                 "max_delta": delta, "decoded_on_device": device.decoded,
                 "ok": delta <= (1e-3 if precision == "ieee" else 5e-2)}
+
+
+def graphs_vs_eager(path: Path, base, g) -> dict:
+    """The file at path on CUDA with its decode step's segments captured (load's default) and op by op
+    (cuda_graphs=False): greedy tokens (both the goldens'), and the last logits of steps 126..139 against each
+    other; every segment captured, none failed."""
+    ids, n = g["prompt_ids"], len(g["greedy_ids"])
+    graphed, eager = load(path, device=base), load(path, device=base, cuda_graphs=False)
+    tokens = [list(m.generate(ids, n)) for m in (graphed, eager)]
+    rows = []
+    for m in (graphed, eager):
+        m.reset()
+        m.forward(ids[:126])
+        rows.append(np.concatenate([m.forward([int(t)], logits="last") for t in ids[126:140]]))
+    graphs = graphed.net.graphs
+    delta = float(np.abs(rows[0] - rows[1]).max())
+    return {"same_greedy": tokens[0] == tokens[1] == g["greedy_ids"].tolist(), "max_delta": delta,
+            "graphs": str(graphs), "failures": graphs.failures,
+            "ok": bool(tokens[0] == tokens[1] and delta <= 1e-4 and not graphs.failures
+                       and all(s.graph is not None for s in graphs.segments))}
+
+
+def step_syncs(model, ids) -> dict:
+    """Five decode steps (positions 126..130: past the indexer's top-k, across the checkpoint at 128) of a model
+    all on a CUDA device under torch's sync debug mode: every synchronisation torch makes is a warning, and the
+    only one a step may make is bringing its logits over (tests/test_device_sync.py counts the reads Python makes
+    on torch-cpu; this also sees those inside torch's operations and blocking uploads). A step before them captures
+    the step graphs' segments, when the model has them (a capture synchronises)."""
+    import warnings
+
+    import torch
+    model.reset()
+    model.forward(ids[:125])
+    model.forward(ids[125:126])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for token in ids[126:131]:
+                model.forward([int(token)], logits="last")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}"[:200] for w in caught if "synchroniz" in str(w.message)]
+    return {"syncs": len(syncs), "ok": len(syncs) == 5, "first": syncs[:4]}
 
 
 def _placement(path: Path, device):
@@ -169,11 +223,14 @@ def speed(base, work: Path, args, out: dict) -> None:
     path = quantize(syn, work / "synthetic.gguf")
     ids = np.random.default_rng(0).integers(0, 129280, args.prompt)  # V4-Flash's vocabulary (--preset flash)
     logits = {}
-    runs = (("device", base, None), ("device, decoded f32", device_with(base, kernels="dequantized"), None),
-            ("hybrid, routed experts on the cpu", device_with(base), all_but_routed(path, base)), ("cpu", "cpu", None))
-    for name, device, gpu_mem in runs:
+    runs = [("device", base, None, {}), ("device, decoded f32", device_with(base, kernels="dequantized"), None, {}),
+            ("hybrid, routed experts on the cpu", device_with(base), all_but_routed(path, base), {}),
+            ("cpu", "cpu", None, {})]
+    if base.device.type == "cuda":  # "device" replays its step's captured segments; this one runs op by op
+        runs.insert(1, ("device, no cuda graphs", device_with(base), None, {"cuda_graphs": False}))
+    for name, device, gpu_mem, options in runs:
         t0 = time.perf_counter()
-        model = load(path, device=device, gpu_mem=gpu_mem)
+        model = load(path, device=device, gpu_mem=gpu_mem, **options)
         loaded = time.perf_counter() - t0
         model.forward(ids[:16], logits="last")  # compile the kernels of every shape met below
         for token in ids[:9]:
@@ -190,6 +247,8 @@ def speed(base, work: Path, args, out: dict) -> None:
         logits[name] = row
         out[f"speed {name}"] = {"load_s": round(loaded, 1), "prefill_tok_s": round(args.prompt / prefill, 1),
                                 "decode_tok_s": round(args.gen / decode, 2), "tokens": tokens[:8]}
+        if getattr(model.net, "graphs", None) is not None:
+            out[f"speed {name}"]["graphs"] = str(model.net.graphs)
         if name == "device":
             per_token = decode_bytes(model)
             out[f"speed {name}"].update(weight_bytes_per_token=per_token,
@@ -199,6 +258,13 @@ def speed(base, work: Path, args, out: dict) -> None:
         del model
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
+    if "device, no cuda graphs" in logits:
+        a, b = logits["device"], logits["device, no cuda graphs"]
+        out["synthetic: cuda graphs vs op by op, last decode logits"] = {
+            "max_delta_over_max": float(np.abs(a - b).max() / np.abs(b).max()),
+            "same_tokens": out["speed device"]["tokens"] == out["speed device, no cuda graphs"]["tokens"],
+            "decode_speedup": round(out["speed device"]["decode_tok_s"]
+                                    / out["speed device, no cuda graphs"]["decode_tok_s"], 2)}
     a, b = logits["device"], logits["device, decoded f32"]
     out["synthetic: kernels vs decoded f32, last decode logits"] = {
         "max_delta_over_max": float(np.abs(a - b).max() / np.abs(b).max()), "same_tokens":

@@ -13,12 +13,14 @@ The model is written once, in terms of these named operations; a backend impleme
     indexer_topk   the lightning indexer's scores of compressed rows and their top-k
     attention_sink sparse attention over window rows and picked compressed rows, with a per-head sink
     moe_route      the router: sqrt-softplus scores, hash or biased top-k, renormalised weights
-    moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache
+    moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache; ids None:
+                   the one expert of plain weights at weight 1 (the shared expert), its ids made where it runs
     plan_ffn / ffn_step, plan_attn / attn_step, layer_step   a decode step's sublayers planned at load, one call
                    each (a backend without plans returns None from plan_*, and the model runs op by op)
     plan_step / model_step   every layer's plans together: one call for a whole decode step
     embed          rows of the embedding as float32
-    contiguous, zeros_like, concat, to_host   the array glue between the operations (to_host: a numpy array)
+    contiguous, zeros_like, concat, put, to_host   the array glue between the operations (put: a host array where
+                   another array lives; to_host: a numpy array)
 
 `cpu` (numpy and the C core) and `torch_device` (torch tensors on a CUDA, Ascend or CPU torch device, matmuls in
 Triton) implement them. The functions here pick the backend from the data they are given: numpy arrays and file
@@ -124,6 +126,10 @@ def zeros_like(x):
 
 def concat(xs: list, axis: int):
     return _of(xs[0]).concat(xs, axis)
+
+
+def put(a: np.ndarray, like):
+    return _of(like).put(a, like)
 
 
 def to_host(x) -> np.ndarray:

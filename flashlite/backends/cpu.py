@@ -77,6 +77,11 @@ def concat(xs: list, axis: int) -> np.ndarray:
     return np.concatenate(xs, axis=axis)
 
 
+def put(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The host array a where this backend keeps `like`: here, a itself."""
+    return a
+
+
 def embed(w, token_ids: np.ndarray) -> np.ndarray:
     """The embedding rows of token_ids as float32, each row decoded as it is read."""
     rows = w.data[token_ids]
@@ -219,7 +224,10 @@ def _stride(w) -> int:
 def moe_experts(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, w1, w3, w2, limit: float, out: np.ndarray,
                 offload=None, layer: int = 0) -> None:
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights; from
-    the expert cache `offload` (an ExpertCache) when given."""
+    the expert cache `offload` (an ExpertCache) when given. idx and weights None: the one expert of plain weights
+    at weight 1."""
+    if idx is None:
+        idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
     if offload is not None:
         check(lib.fl_moe_experts_cached(offload.handle, layer, x.shape[0], x.shape[1], w1.rows, idx.shape[1],
                                         f32(x), i32(idx), f32(weights), limit, f32(out)),

@@ -13,9 +13,11 @@ The small operations are torch ops in the C core's order where it shows (normali
 their max, the sink in the denominator, ties of a top-k to the lower index). The KV cache's logs live on the device
 (DeviceRowLog); its checkpoints and saved files are host bytes, as the CPU backend's.
 
-What comes back to the host during a forward: the logits and the indexer's picks. A MoE layer's routed experts on
-the device are grouped products over the pairs sorted by expert on the device, and read nothing back (a captured
-decode graph comes next, docs/gpu.md).
+What comes back to the host during a forward of a model whose weights are all on the device: the logits, and
+nothing else (tests/test_device_sync.py counts it). The indexer's picks stay on the device and the attention
+gathers its compressed rows by them there; a MoE layer's routed experts are grouped products over the pairs sorted
+by expert on the device; a checkpoint of the KV cache is a copy to host memory queued behind the step (HostCopy).
+What only the positions decide (RoPE tables, window ranges, the picks before the indexer scores) is uploaded.
 
 Hybrid placement (flashlite/backends/placement.py) leaves some weights in host memory: a HostWeight (a matrix the
 C core multiplies: its input comes to the host, its product goes back) or, for a stack of routed experts of which
@@ -23,6 +25,7 @@ the device holds the hottest, a SplitExperts; split_experts is where a MoE layer
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -242,9 +245,20 @@ class DeviceRowLog(RowLog):
         span = self._span(lo, hi)
         return span if self.fmt.kind is None else self._unpack(span)
 
+    def gather(self, idx) -> tuple[torch.Tensor, np.ndarray | torch.Tensor]:
+        """RowLog.gather; for picks on the device (the indexer's) a packed log unpacks each named row where it is,
+        once per pick (no unique ids: those would need their count on the host)."""
+        if self.fmt.kind is None or not isinstance(idx, torch.Tensor) or len(self) == 0:
+            return super().gather(idx)
+        named = self._span(self.start, self.end)[idx.clamp_min(0).reshape(-1) - self.start]
+        at = torch.arange(idx.numel(), device=idx.device).reshape(idx.shape)
+        return self._unpack(named), torch.where(idx >= 0, at, -1)
+
+    def snapshot(self, lo: int, hi: int) -> "HostCopy":
+        return HostCopy(self._span(lo, hi))
+
     def _unpacked(self, offsets: np.ndarray) -> torch.Tensor:
-        rows = torch.from_numpy(offsets.astype(np.int64)).to(self.device)
-        return self._unpack(self._span(self.start, self.end)[rows])
+        return self._unpack(self._span(self.start, self.end)[_on(offsets, self.device, torch.int64)])
 
     def round(self, rows: torch.Tensor) -> torch.Tensor:
         if self.fmt.kind is None:
@@ -255,20 +269,72 @@ class DeviceRowLog(RowLog):
         return self._span(lo, hi).cpu().numpy().view(np.uint8)
 
     def restore(self, start: int, packed) -> None:
-        stored = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
-        if self.fmt.kind is None:
-            stored = stored.view(np.float32)
-        self._buf = torch.from_numpy(stored.copy()).to(self.device)
+        if isinstance(packed, HostCopy):  # a live checkpoint: queued behind the copy that filled it
+            self._buf = packed.rows.to(self.device, copy=True, non_blocking=True)
+        else:
+            stored = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
+            if self.fmt.kind is None:
+                stored = stored.view(np.float32)
+            self._buf = torch.from_numpy(stored.copy()).to(self.device)
         self._off = 0
         self.start, self.end = start, start + self._buf.shape[0]
 
 
+class HostCopy:
+    """A device log's stored rows copied to host memory without waiting for them (a checkpoint): on CUDA into
+    pinned memory, queued behind the work that wrote them, so a decode step that checkpoints reads nothing back.
+    The host waits only when it reads the bytes (np.asarray: saving a cache); a restore copies them back behind
+    the same queue."""
+
+    def __init__(self, rows: torch.Tensor):
+        cuda = rows.device.type == "cuda"
+        self.rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=cuda)
+        self.rows.copy_(rows, non_blocking=cuda)
+        self.done = None
+        if cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        a = self.rows.numpy().view(np.uint8)
+        return a if dtype is None else a.astype(dtype)
+
+
 # ---------------------------------------------------------------- array glue
+
+_UPLOADS_REFUSED: list[str] = []  # the static segments running now (step_graphs), where no host array may go up
+
+
+@contextlib.contextmanager
+def refuse_uploads(segment: str):
+    """Within it, uploading a host array raises: inside a captured CUDA graph an upload would replay the bytes the
+    array held at the capture, or fail to capture at all (flashlite/device/step_graphs.py)."""
+    _UPLOADS_REFUSED.append(segment)
+    try:
+        yield
+    finally:
+        _UPLOADS_REFUSED.pop()
+
+
+def resident(weights) -> bool:
+    """Whether every weight is wholly on the device (none of it left on the host by the placement)."""
+    return not any(isinstance(w, (HostWeight, SplitExperts)) for w in weights)
+
 
 def _on(a, device, dtype=None) -> torch.Tensor:
     """a (a host array or a tensor) as a tensor on device."""
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype, non_blocking=True)
+    if _UPLOADS_REFUSED:
+        raise RuntimeError(f"{_UPLOADS_REFUSED[-1]}: a host array of shape {np.shape(a)} uploaded inside a static "
+                           f"segment (its values must come in through the segment's inputs)")
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +347,11 @@ def zeros_like(x: torch.Tensor) -> torch.Tensor:
 
 def concat(xs: list, axis: int) -> torch.Tensor:
     return torch.cat(xs, dim=axis)
+
+
+def put(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """The host array a on like's device (an upload, which reads nothing back)."""
+    return _on(a, like.device)
 
 
 def to_host(x: torch.Tensor) -> np.ndarray:
@@ -405,9 +476,10 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 
 def indexer_topk(q: torch.Tensor, keys: torch.Tensor, head_weights: torch.Tensor, visible: np.ndarray, topk: int,
-                 scale: float) -> np.ndarray:
+                 scale: float) -> torch.Tensor:
     """cpu.indexer_topk: the topk rows of the best sum_h relu(q_h . k) * scale * w_h among each query's first
-    visible[i] rows, best first, ties to the lower row, -1 past the visible rows: host int32 [t, topk]."""
+    visible[i] rows, best first, ties to the lower row, -1 past the visible rows: int64 [t, topk] on the device,
+    where the attention gathers its rows by them (nothing comes to the host)."""
     t, n = q.shape[0], keys.shape[0]
     vis = _on(visible, q.device, torch.int64)
     picks = torch.full((t, topk), -1, dtype=torch.int64, device=q.device)
@@ -420,7 +492,7 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, head_weights: torch.Tensor
         best = torch.sort(total, dim=-1, descending=True, stable=True).indices[:, :width]
         picks[lo:hi, :width] = torch.where(torch.arange(width, device=q.device)[None, :] < vis[lo:hi, None],
                                            best, -1)
-    return picks.to(torch.int32).cpu().numpy()
+    return picks
 
 
 def attention_sink(q: torch.Tensor, window: torch.Tensor, ranges: np.ndarray, rows, idx: np.ndarray,
@@ -475,7 +547,14 @@ def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: to
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights: on the
     device (DeviceWeight: grouped products, nothing comes to the host), on the host through the C core
     (HostWeight; from the expert cache `offload` when given), or divided between them (SplitExperts:
-    split_experts)."""
+    split_experts). idx and weights None: the one expert of plain weights at weight 1, its ids made where it runs."""
+    if idx is None:
+        t = x.shape[0]
+        if isinstance(w1, HostWeight):
+            idx, weights = np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32)
+        else:
+            idx = torch.zeros((t, 1), dtype=torch.int64, device=x.device)
+            weights = torch.ones((t, 1), device=x.device)
     if isinstance(w1, SplitExperts):
         split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer)
     elif isinstance(w1, HostWeight):
@@ -539,7 +618,8 @@ def _grouped(w: DeviceWeight, n: int, xs: torch.Tensor, expert: torch.Tensor) ->
         from flashlite.device import triton_kernels as tk
         return tk.grouped_gemm(w.data, w.type, n, w.rows, w.k, xs, expert, w.precision)
     stack = w.data if w.data.ndim == 3 else w.data[None]
-    ends = torch.cumsum(torch.bincount(expert.clamp(max=n), minlength=n + 1)[:n], 0).to(torch.int32)
+    # each expert's end in the sorted rows (a bincount would read its largest value back to size its output)
+    ends = torch.searchsorted(expert, torch.arange(n, device=expert.device), right=True).to(torch.int32)
     return torch.nn.functional.grouped_mm(xs, stack.transpose(1, 2), offs=ends)
 
 

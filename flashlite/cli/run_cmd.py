@@ -18,9 +18,10 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def load_options(command):
-    """-hf, -dev, --gpu-mem, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared by every command
-    that loads a model; the command receives them as one `load_opts` dict for load_model."""
-    names = ("hf_repo", "device", "gpu_mem", "ram_budget", "expert_policy", "kv_format", "check_tensors")
+    """-hf, -dev, --gpu-mem, --no-cuda-graphs, --ram-budget, --expert-policy, --kv-format and --check-tensors, shared
+    by every command that loads a model; the command receives them as one `load_opts` dict for load_model."""
+    names = ("hf_repo", "device", "gpu_mem", "cuda_graphs", "ram_budget", "expert_policy", "kv_format",
+             "check_tensors")
 
     @functools.wraps(command)
     def with_load_opts(**kwargs):
@@ -36,6 +37,9 @@ def load_options(command):
                      help="with -dev: the device's memory for the model (e.g. 20G); KV cache, dense weights, head, "
                           "shared experts, then the hottest routed experts go there, the rest run on the CPU; "
                           "default: what the GPU has free less 1 GiB (torch-cpu: everything)"),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+                     help="with -dev cuda: replay the parts of a decode step whose shapes the position does not "
+                          "change as captured CUDA graphs; --no-cuda-graphs runs every step op by op"),
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="keep routed experts on disk with a cache of SIZE (e.g. 24G); default: all mapped"),
         click.option("--expert-policy", default="lru", show_default=True, type=click.Choice(["lru", "lfu"]),

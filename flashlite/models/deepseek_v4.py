@@ -5,6 +5,7 @@ Shapes: T tokens of one chunk, D = dim, hc = hyper-connection streams, H heads o
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -333,11 +334,13 @@ class Indexer:
         return [(self.wq_b, _rows(qr, crowded))] if crowded.size else []
 
     def __call__(self, projected: list, projected_q: list, positions, cos, sin, state: CompressorState,
-                 crowded: np.ndarray) -> np.ndarray:
+                 crowded: np.ndarray):
         """Per query of the chunk, the picked compressed rows [T, k] (-1 pads): all visible rows while no more
         than index_topk are visible, else the index_topk best scores. projected and projected_q: the results of
-        projections() and query_projections()."""
-        a = self.args
+        projections() and query_projections(). Scored picks are the backend's array (on a device they stay
+        there: the attention gathers by them without a read back); picks that follow from the positions alone
+        are a host array."""
+        a, t = self.args, len(positions)
         self.compressor(projected[:2], int(positions[0]), state)  # projections() lists the compressor's first
         visible = (positions + 1) // 4
         k = int(min(a.index_topk, visible.max()))
@@ -351,9 +354,13 @@ class Indexer:
         if state.rotated:
             q = state.rows.round(hadamard(q))
         keys = state.rows.rows(0, int(visible[crowded].max()))
-        picks[crowded] = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5),
-                                              visible[crowded], a.index_topk, a.index_head_dim ** -0.5)
-        return picks.astype(np.int32)
+        scored = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5), visible[crowded],
+                                      a.index_topk, a.index_head_dim ** -0.5)
+        if crowded.size == t:
+            return scored
+        # visibility grows with the position, so the crowded queries are the chunk's last: the ones before them
+        # take every visible row (k = index_topk here, the scored width)
+        return backend.concat([backend.put(picks[:t - crowded.size], scored), scored], axis=0)
 
 
 class Attention:
@@ -368,14 +375,47 @@ class Attention:
         self.wkv, self.kv_norm = w["attn_kv"], w["attn_kv_a_norm"]
         self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
         self.rope, self.compressor, self.indexer = rope, compressor, indexer
+        # On a torch device, project() for one token from static buffers (step_graphs), by whether the indexer
+        # scores (True) or not: set by Transformer.use_step_graphs; None runs it op by op.
+        self.project_segments: dict | None = None
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
         """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
         runs without the causal mask)."""
+        cos, sin = self.rope.cos_sin(positions)
+        return self.output(self.heads(x, positions, cos, sin, cache, causal), cos, sin)
+
+    def heads(self, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerCache,
+              causal: bool = True) -> np.ndarray:
+        """The attention heads' outputs before the output projection, laid out by wo_a's groups [G, T, H/G, hd]
+        (still rotated); the chunk's rows appended to the cache."""
         a, t = self.args, x.shape[0]
         start = int(positions[0])
-        cos, sin = self.rope.cos_sin(positions)
         crowded = self.indexer.crowded(positions) if self.indexer is not None else None
+        scored = crowded is not None and crowded.size > 0
+        if t == 1 and self.project_segments is not None:  # a decode step: from static buffers (step_graphs)
+            q, kv, *products = self.project_segments[scored](x, cos, sin)
+        else:
+            q, kv, *products = self.project(x, cos, sin, crowded)
+        n_compressed = 2 if self.compressor is not None else 0
+        n_indexed = 2 + scored if self.indexer is not None else 0
+        compressed, indexed = products[:n_compressed], products[n_compressed:n_compressed + n_indexed]
+        indexed_q = products[n_compressed + n_indexed:]
+        cache.kv.append(kv)
+        picks = None
+        if self.compressor is not None:
+            self.compressor(compressed, start, cache.compressor)
+        if self.indexer is not None:
+            picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
+        # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
+        return self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+
+    def project(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, crowded: np.ndarray | None) -> tuple:
+        """The products of the chunk's input x and of its query latent, q [T, H, hd] and the window's rows kv
+        [T, head_dim] normed and rotated by cos and sin: (q, kv, the compressor's products, the indexer's of x, the
+        indexer's of the latent), the indexer's for the crowded queries only. What the position changes here comes
+        in through cos, sin and crowded."""
+        a, t = self.args, x.shape[0]
         # The products of x in one run of the core, then those of the query latent qr in another.
         (qa, kv), compressed, indexed = linear_groups(
             [(self.wq_a, x), (self.wkv, x)],
@@ -394,23 +434,22 @@ class Attention:
         # q is 64 MB a layer, and each fresh array of that size costs its page faults)
         q = q.reshape(t, a.n_heads, a.head_dim)
         self.rope.apply(rms_norm(q, None, a.norm_eps, out=q), cos, sin)
-        self.store_kv(kv, cos, sin, cache)
-        picks = None
-        if self.compressor is not None:
-            self.compressor(compressed, start, cache.compressor)
-        if self.indexer is not None:
-            picks = self.indexer(indexed, indexed_q, positions, cos, sin, cache.indexer, crowded)
-        # the output comes laid out by wo_a's groups, [G, T, H/G, hd]: each group is its product's input as it is
-        o = self.attend(q, positions, cache, picks, causal, groups=a.o_groups)
+        return (q, self.rotated_kv(kv, cos, sin), *compressed, *indexed, *indexed_q)
+
+    def output(self, o: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """The output projection of the heads' outputs o [G, T, H/G, hd] (rotated back in place, by cos and sin of
+        the chunk's positions): wo_a by groups, then wo_b."""
         for group in o:
             self.rope.apply(group, cos, sin, inverse=True)
         return linear(self.wo_b, self.grouped_output(o))
 
+    def rotated_kv(self, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """The window's rows of T positions from their wkv products kv [T, head_dim]: normed and rotated in place."""
+        return self.rope.apply(rms_norm(kv, self.kv_norm, self.args.norm_eps, out=kv), cos, sin)
+
     def store_kv(self, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: LayerCache) -> None:
-        """The window's rows of T positions from their wkv products kv [T, head_dim]: normed and rotated in place,
-        then appended to the cache."""
-        self.rope.apply(rms_norm(kv, self.kv_norm, self.args.norm_eps, out=kv), cos, sin)
-        cache.kv.append(kv)
+        """The window's rows from their wkv products kv, normed and rotated in place, appended to the cache."""
+        cache.kv.append(self.rotated_kv(kv, cos, sin))
 
     def attend(self, q: np.ndarray, positions: np.ndarray, cache: LayerCache, picks,
                causal: bool = True, out: np.ndarray | None = None, groups: int | None = None) -> np.ndarray:
@@ -478,7 +517,8 @@ class MoE:
 
     @staticmethod
     def experts(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
-        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights."""
+        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights (idx and
+        weights None: the one expert of plain weights at weight 1)."""
         backend.moe_experts(x, idx, weights, w1, w3, w2, limit, out)
 
     @staticmethod
@@ -486,6 +526,8 @@ class MoE:
         """experts() computed the way the core's moe_run computes it (each expert's tokens in ascending order, the
         sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
         its SwiGLU output, the down projection's input."""
+        if idx is None:  # the one expert of plain weights, at weight 1
+            idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
         stacked = len(w1.ne) == 3
         t, k = idx.shape
         flat = idx.reshape(-1)
@@ -514,9 +556,9 @@ class MoE:
             experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
         else:
             backend.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out, self.offload, self.layer)
-        t = x.shape[0]
-        experts(x, np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32), self.s1, self.s3, self.s2,
-                self.shared_limit, out)
+        # the shared expert: the one expert of plain weights for every token at weight 1 (idx None: the backend makes
+        # its ids where it computes, so a device step uploads nothing for it)
+        experts(x, None, None, self.s1, self.s3, self.s2, self.shared_limit, out)
         return out
 
 
@@ -542,6 +584,10 @@ class Block:
         # decode step or short batch; None runs them op by op, as prefill always does. Transformer.use_fused_decode
         # sets them.
         self.attn_plan = self.ffn_plan = None
+        # On a torch device, attn_collapse, attn_finish and ffn_sublayer for a batch of one token run from static
+        # buffers (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by
+        # Transformer.use_step_graphs; None runs them op by op.
+        self.attn_segment = self.attn_finish_segment = self.ffn_segment = None
 
     def plan_attn(self):
         """The backend's one-call plan of the attention sublayer: the same operations as attn_sublayer."""
@@ -579,7 +625,7 @@ class Block:
         if step and self.ffn_plan is not None:
             h = backend.ffn_step(self.ffn_plan, h, token_ids)
         else:
-            h = self.ffn_sublayer(h, token_ids)
+            h = (self.ffn_segment or self.ffn_sublayer)(h, token_ids)
         if dump is not None:
             dump[f"blk.{self.layer}.ffn"] = h.copy()
         return h
@@ -587,9 +633,22 @@ class Block:
     def attn_sublayer(self, h: np.ndarray, positions: np.ndarray, cache: LayerCache,
                       causal: bool = True) -> np.ndarray:
         """h plus the attention of its collapse, expanded back into the streams."""
+        x, post, comb = (self.attn_segment or self.attn_collapse)(h)
+        cos, sin = self.attn.rope.cos_sin(positions)
+        o = self.attn.heads(x, positions, cos, sin, cache, causal)
+        return (self.attn_finish_segment or self.attn_finish)(h, post, comb, o, cos, sin)
+
+    def attn_collapse(self, h: np.ndarray) -> tuple:
+        """The attention's input (h collapsed by its hyper-connection, normed) with the expansion's post and comb:
+        the part of the attention sublayer that neither the position nor the cache changes."""
         x, post, comb = self.attn_hc(h)
-        return HyperConnection.expand(self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, causal), h,
-                                      post, comb)
+        return rms_norm(x, self.attn_norm, self.eps), post, comb
+
+    def attn_finish(self, h: np.ndarray, post: np.ndarray, comb: np.ndarray, o: np.ndarray, cos: np.ndarray,
+                    sin: np.ndarray) -> np.ndarray:
+        """The attention sublayer's end, which the position changes only through cos and sin: the heads' outputs
+        o through the output projection, expanded into the streams h by post and comb."""
+        return HyperConnection.expand(self.attn.output(o, cos, sin), h, post, comb)
 
     def ffn_sublayer(self, h: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """h plus the MoE of its collapse, expanded back into the streams."""
@@ -682,6 +741,7 @@ class Transformer:
             for block, following in zip(self.layers, self.layers[1:]):
                 block.next = None if following in self.prefetch_at_start else following
         self.use_fused_decode(True)
+        self.use_step_graphs("off")
 
     def use_fused_decode(self, on: bool = True) -> None:
         """Whether a decode step (or a chunk of up to STEP_MAX_TOKENS, such as a verified draft) runs each block's
@@ -752,8 +812,53 @@ class Transformer:
             return np.empty((0, self.args.vocab_size), np.float32)
         if logits == "last":
             h = h[-1:]
-        x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
         if dump is not None:
+            x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
             dump["output_norm"] = x.copy()
+            y = linear(self.head, x)
+        else:
+            y = (self.head_segment or self.head_logits)(h)
         cache.advance(token_ids)
-        return backend.to_host(linear(self.head, x))
+        return backend.to_host(y)
+
+    def head_logits(self, h: np.ndarray) -> np.ndarray:
+        """The logits of the last block's streams h [T, hc, dim]: collapsed, normed, through the head."""
+        return linear(self.head, rms_norm(self.hc_head(h), self.norm, self.args.norm_eps))
+
+    def use_step_graphs(self, mode: str = "off") -> None:
+        """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
+        captured CUDA graphs of its segments (each layer's attention collapse, projections, output and MoE
+        sublayer, the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
+        torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
+        prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
+        for block in self.layers:
+            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.project_segments = None
+        self.head_segment = self.graphs = None
+        if mode == "off":
+            return
+        if self.device is None:
+            raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
+        from flashlite.device.step_graphs import StepGraphs
+        self.graphs = g = StepGraphs(mode, self.device.device)
+        for block in self.layers:
+            f = block.ffn
+            at = block.attn
+            block.attn_segment = g.segment(block.attn_collapse, f"blk.{block.layer} attention collapse",
+                                           [block.attn_hc.fn])
+            block.attn_finish_segment = g.segment(block.attn_finish, f"blk.{block.layer} attention output",
+                                                  [at.wo_a, at.wo_b])
+            weights = [at.wq_a, at.wkv, at.wq_b]
+            weights += [at.compressor.wkv, at.compressor.wgate] if at.compressor is not None else []
+            ix = at.indexer
+            if ix is not None:
+                weights += [ix.weights_proj, ix.wq_b, ix.compressor.wkv, ix.compressor.wgate]
+            segments = {scored: g.segment(functools.partial(at.project, crowded=np.arange(int(scored))),
+                                          f"blk.{block.layer} attention projections"
+                                          + (", indexer scoring" if scored else ""), weights)
+                        for scored in ((False, True) if ix is not None else (False,))}
+            if all(s is not None for s in segments.values()):
+                at.project_segments = segments
+            if block.next is None:
+                block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
+                                              [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
+        self.head_segment = g.segment(self.head_logits, "head", [self.hc_head.fn, self.head])

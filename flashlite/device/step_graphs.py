@@ -1,0 +1,139 @@
+"""A decode step's segments on a torch device, run from static buffers and, on CUDA, replayed as captured graphs
+(issue 15, docs/gpu.md "CUDA graphs").
+
+On a GPU a decode step of one token is a few hundred small kernels a layer (the hyper-connections' Sinkhorn alone is
+over a hundred), and launching them, not their work, takes most of the step. A CUDA graph records such a sequence
+once and replays it with one launch, on conditions: the same shapes and the same memory at every replay (inputs
+copied into static buffers in place before it, outputs read from static buffers after it), no value read back to the
+host inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
+
+What of V4's step meets them, for a batch of one token: each layer's attention collapse (hyper-connection and
+norm: Block.attn_collapse), its attention projections (q, KV row, compressor and indexer products, normed and
+rotated: Attention.project, cos and sin among its inputs; two variants in a ratio-4 layer, without and with the
+indexer's products), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
+the streams: Block.attn_finish, the position's cos and sin among its inputs), each MoE sublayer
+(hyper-connections, router, grouped routed experts, shared expert: Block.ffn_sublayer) and the head
+(Transformer.head_logits). These are segments. Between them the rest of the attention's heads runs op by op
+(Attention.heads): it appends to the KV logs and reads a window and compressed rows whose count grows with the
+position, the compressor pools a row only when a window closes and the indexer scores only past index_topk rows,
+so its kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
+of its weights was left on the host by hybrid placement (its product brings the input over: a split MoE layer ends
+a segment) or when the MoE sublayer prefetches the next layer's experts from disk (the predicted ids come to the
+host).
+
+Modes (Transformer.use_step_graphs): "cuda" captures each segment at its first batch of one token and replays it
+after; "static" runs the same segments from the same static buffers, the function run again in place of a replay,
+with uploads refused as under a capture (on any torch device: how a CPU torch device tests everything but
+torch.cuda.graph itself); "off" runs op by op.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashlite.backends import torch_device
+
+MODES = ("off", "static", "cuda")
+
+
+class StepGraphs:
+    """The segments of one model on one device and what they share: the mode, the captured graphs' memory pool,
+    counts of replays and of segments run op by op, and the reasons a capture failed (then that segment runs op by
+    op: a failure is recorded, not raised, so a model still decodes)."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in MODES[1:]:
+            raise ValueError(f"step graphs: expected one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "cuda" and device.type != "cuda":
+            raise ValueError(f"step graphs 'cuda' on device {device}: CUDA graphs need a CUDA device")
+        self.mode, self.device = mode, device
+        # one pool for every graph: the segments replay one after another in the order they were captured, so
+        # their intermediates may share memory (a pool each would hold a block of its own per segment)
+        self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        self.segments: list[Segment] = []
+        self.replays = self.eager = 0
+        self.failures: dict[str, str] = {}
+
+    def segment(self, fn, name: str, weights: list) -> Segment | None:
+        """A segment running fn, or None (the caller runs fn op by op) when a weight of it is on the host."""
+        if not torch_device.resident(weights):
+            return None
+        s = Segment(self, fn, name)
+        self.segments.append(s)
+        return s
+
+    def __str__(self) -> str:
+        captured = sum(s.graph is not None for s in self.segments)
+        return (f"{self.mode} step graphs: {len(self.segments)} segments ({captured} captured), {self.replays} "
+                f"replays, {self.eager} op-by-op runs" + (f", {len(self.failures)} failed captures"
+                                                          if self.failures else ""))
+
+
+class Segment:
+    """fn (tensors and host arrays in, the first one's first dim the tokens; a tensor or a tuple of tensors out; no
+    side effects beyond its own inputs) for a batch of one token: its arguments copied into static buffers, then its
+    captured graph replayed ("cuda") or fn run on the buffers ("static"), its results copied out of the static
+    outputs (the next replay overwrites them). Another batch size runs fn as it is."""
+
+    def __init__(self, graphs: StepGraphs, fn, name: str):
+        self.graphs, self.fn, self.name = graphs, fn, name
+        self.inputs: list[torch.Tensor] | None = None
+        self.outputs: tuple | None = None
+        self.graph = None
+        self.single = False  # fn returns one tensor, not a tuple
+
+    def __call__(self, *args):
+        if args[0].shape[0] != 1 or self.name in self.graphs.failures:
+            self.graphs.eager += 1
+            return self.fn(*args)
+        if self.inputs is None:
+            self.inputs = [torch.empty(tuple(a.shape), dtype=_dtype(a), device=self.graphs.device) for a in args]
+        for buf, a in zip(self.inputs, args):  # in place: the graph reads these addresses
+            buf.copy_(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), non_blocking=True)
+        if self.graphs.mode == "cuda":
+            if self.graph is None and not self._capture():
+                self.graphs.eager += 1
+                return self.fn(*args)
+            with torch.cuda.device(self.graphs.device):  # a graph launches on its own device's current stream
+                self.graph.replay()
+        else:
+            self._store(self._run())
+        self.graphs.replays += 1
+        out = tuple(o.clone() for o in self.outputs)
+        return out[0] if self.single else out
+
+    def _run(self) -> tuple:
+        with torch_device.refuse_uploads(self.name):
+            result = self.fn(*self.inputs)
+        self.single = isinstance(result, torch.Tensor)
+        return (result,) if self.single else tuple(result)
+
+    def _store(self, results: tuple) -> None:
+        if self.outputs is None:
+            self.outputs = tuple(torch.empty_like(r) for r in results)
+        for o, r in zip(self.outputs, results):
+            o.copy_(r)
+
+    def _capture(self) -> bool:
+        """Warm fn up on a side stream (Triton compiles, cuBLAS and the allocator settle, as torch asks before a
+        capture), then capture it into a graph whose outputs are the static outputs. False, with the reason in
+        graphs.failures, when torch refuses the capture."""
+        try:
+            with torch.cuda.device(self.graphs.device):  # torch.cuda.graph captures on the current device
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graphs.pool):
+                    self.outputs = self._run()
+        except RuntimeError as exc:
+            self.graphs.failures[self.name] = f"{type(exc).__name__}: {exc}"[:500]
+            self.outputs = None
+            return False
+        self.graph = graph
+        return True
+
+
+def _dtype(a) -> torch.dtype:
+    return a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(a[:0]).dtype
