@@ -372,8 +372,9 @@ class StallByLayer:
         return self
 
     def __exit__(self, *exc):
+        # the model stays op by op: its gates may be the recording or replaying stand-ins, which a fused plan
+        # cannot take, and run_config closes it next
         cpu_backend.lib = self.real
-        self.model.net.use_fused_decode(True)
 
 
 def run_config(path: Path, layout: ExpertLayout, cfg: dict, routing: dict, opts, budget: int) -> dict:
