@@ -1,5 +1,6 @@
-"""The trained default model (tests/fixtures/small_v4, made by tools/train_tiny.py): the release layout, the
-transformers goldens, flashlite's forward against them, and its tokenizer against HF `tokenizers`.
+"""The trained small models (tests/fixtures/small_v4, the default, and small_v4_general, trained to its best
+validation loss; made by tools/train_tiny.py): the release layout, the transformers goldens, flashlite's forward
+against them, and their tokenizer against HF `tokenizers`.
 
 The layout and the float64 numpy forward reuse the oracle's checks (test_oracle_fixture.py); what differs here is a
 model whose weights learned something, so near-ties are rare and the answers mean something."""
@@ -16,35 +17,42 @@ from flashlite.cli import main
 from flashlite.model import load
 from quant.tokenizer_meta import tokenizer_fields
 
-FIXTURE = Path(__file__).parent / "fixtures" / "small_v4"
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "small_v4"  # both trained models share its tokenizer and held-out text
 CLEAR = 1e-4  # decision gaps at or below this are near-ties: judged apart (docs/oracle.md)
 
 
-@pytest.fixture(scope="module")
-def config():
-    return json.loads((FIXTURE / "config.json").read_text())
+@pytest.fixture(scope="module", params=["small_v4", "small_v4_general"])
+def folder(request):
+    """The default model (it recites its training data) and the one trained to its best validation loss."""
+    return FIXTURES / request.param
 
 
 @pytest.fixture(scope="module")
-def record():
-    return json.loads((FIXTURE / "train.json").read_text())
+def config(folder):
+    return json.loads((folder / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return read_checkpoint(FIXTURE)
+def record(folder):
+    return json.loads((folder / "train.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def goldens():
-    with np.load(FIXTURE / "goldens.npz", allow_pickle=False) as g:
+def checkpoint(folder):
+    return read_checkpoint(folder)
+
+
+@pytest.fixture(scope="module")
+def goldens(folder):
+    with np.load(folder / "goldens.npz", allow_pickle=False) as g:
         return {k: g[k] for k in g.files}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("small") / "small_v4-f32.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(FIXTURE), str(out), "--type", "f32", "--quiet"])
+def model(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / f"{folder.name}-f32.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(folder), str(out), "--type", "f32", "--quiet"])
     assert result.exit_code == 0, result.output
     return load(out)
 

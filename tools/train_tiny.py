@@ -1351,16 +1351,22 @@ GOLDEN_MESSAGES = [
 FIXTURE_FILES = ("config.json", "inference/config.json", "model-00001-of-00002.safetensors",
                  "model-00002-of-00002.safetensors", "model.safetensors.index.json", "train.json")
 
+# What each committed fixture is for (export's README says it); another folder gets the first sentence alone.
+ROLES = {
+    "small_v4": ("the trained default model", "It is the README's embedded default: `flashlite quantize "
+                 "tests/fixtures/small_v4 small_v4.gguf` and chat with it."),
+    "small_v4_general": ("the model trained to its best validation loss", "It generalizes where small_v4 "
+                         "recites: the yardstick for quantization quality (docs/quality.md), not the default."),
+}
 README = """\
-# small_v4: the trained default model (generated, do not edit)
+# {name}: {role} (generated, do not edit)
 
 A small DeepSeek V4 ({params:.1f}M parameters) trained by `tools/train_tiny.py` on the Python standard library's own
-documentation, in DeepSeek's release layout. It is the README's embedded default: `flashlite quantize
-tests/fixtures/small_v4 small_v4.gguf` and chat with it. The random-weight oracle `tiny_v4` stays the reference for
+documentation, in DeepSeek's release layout. {purpose} The random-weight oracle `tiny_v4` stays the reference for
 the exactness tests it serves; this model adds a forward pass on weights that learned something.
 
 Made with: `prepare` on Python {python} (corpus sha256 {corpus}), `train` on {device} for {steps} steps
-({minutes} min budget; {tokens} tokens, {epochs} epochs; seed {seed}), `export` with {versions}.
+({schedule}; {tokens} tokens, {epochs} epochs; seed {seed}), `export` with {versions}.
 Final training loss {loss}, held-out loss {heldout} (perplexity {ppl}). `train.json` holds the whole record
 (configuration, schedule, loss curve, evaluations, sample answers, versions).
 
@@ -1449,10 +1455,18 @@ def export(work, release, fixture):
     last = record["log"][-1] if record["log"] else {}
     heldout = record.get("heldout_loss", record["evals"][-1].get("heldout_loss") if record["evals"] else float("nan"))
     samples = "\n".join(f"- [{s['think']}] {s['prompt']!r} -> {s['text']!r}" for s in record["samples"])
+    role, purpose = ROLES.get(fixture.name, ("a trained small V4", ""))
+    schedule = {"steps": "a step target", "tokens": f"{record.get('tokens_target')} token target"}.get(
+        record.get("schedule_by"), f"{record['minutes']} min budget")
+    best = record.get("best")
+    if best and best["step"] != record["steps"]:
+        schedule += (f", early-stopped; the weights of the best validation evaluation, step {best['step']} "
+                     f"(validation loss {best['valid_loss']})")
     text = README.format(
+        name=fixture.name, role=role, purpose=purpose, schedule=schedule,
         params=record["parameters"] / 1e6, python=record["corpus"]["python"],
         corpus=record["corpus"]["corpus_sha256"][:16], device=record["versions"].get("device_name", record["device"]),
-        steps=record["steps"], minutes=record["minutes"], tokens=record["tokens_seen"], epochs=record["epochs"],
+        steps=record["steps"], tokens=record["tokens_seen"], epochs=record["epochs"],
         seed=record["seed"], versions=", ".join(f"{k} {v}" for k, v in ref.versions().items()),
         loss=last.get("loss"), heldout=heldout, ppl=round(math.exp(heldout), 1), vocab=a["vocab_size"],
         heldout_modules=", ".join(record["corpus"]["heldout_modules"]), T=len(ids),
