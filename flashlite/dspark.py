@@ -31,7 +31,7 @@ import numpy as np
 
 from flashlite import backends as backend
 from flashlite.gguf_file import WHOLE, GGUFFile
-from flashlite.kv_cache import LayerCache, RowLog
+from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, rms_norm
 from flashlite.models.v4_spec import DSPARK_ARCH, dspark_tensors, layer_tensors
@@ -116,7 +116,7 @@ class DSparkHead:
 
     def make_caches(self, kv_format: str = "f32") -> list[LayerCache]:
         a = self.args
-        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        row_log = backend.row_log(self.device, kv_format)
         return [LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format, row_log)
                 for _ in self.stages]
 

@@ -29,7 +29,7 @@ import numpy as np
 from flashlite import backends as backend
 from flashlite.block_formats import row_bytes
 from flashlite.gguf_file import GGUFFile, WeightView
-from flashlite.kv_cache import LayerCache, RowLog
+from flashlite.kv_cache import LayerCache
 from flashlite.models import deepseek_v4 as v4
 from flashlite.models.deepseek_v4 import HyperHead, ModelArgs, RoPE, linear, linear_groups, rms_norm
 from flashlite.models.v4_spec import layer_tensors, mtp_tensors
@@ -101,7 +101,7 @@ class MTPHead:
 
     def make_cache(self, kv_format: str = "f32") -> LayerCache:
         a = self.args
-        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        row_log = backend.row_log(self.device, kv_format)
         return LayerCache(a.head_dim, a.window_size, 0, a.index_head_dim, a.rope_head_dim, kv_format, row_log)
 
     def __call__(self, h: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, cache: LayerCache,

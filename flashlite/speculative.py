@@ -355,9 +355,8 @@ class DraftCosts:
             if len(self.verify.get(2, ())) < sure or len(self.draft) < sure:
                 return True
             fastest = {m: (self.med[m] if m == 1 else min(times)) for m, times in self.verify.items()}
-            plain = 1.0 / (self._seconds(1, fastest) + self.rest_med[0])
-            return any((k + 1) / (self._seconds(k + 1, fastest) + k * min(self.draft) + self.rest_med[1]) > plain
-                       for k in range(1, n_max + 1))
+            rates = self._per_second([k + 1.0 for k in range(n_max + 1)], fastest, min(self.draft))
+            return max(rates[1:]) > rates[0]
 
     def record_first(self, passed: bool) -> None:
         with self.lock:
@@ -375,9 +374,13 @@ class DraftCosts:
         """Tokens per second of k = 0..n_max drafts a round, tokens[k] the tokens such a round is expected to
         yield: seconds(k) = verify(k + 1 tokens) + k * draft(one token) + rest(k > 0)."""
         with self.lock:
-            return [tokens[0] / (self.seconds(1) + self.rest_med[0])] + \
-                [tokens[k] / (self.seconds(k + 1) + k * self.draft_med + self.rest_med[1])
-                 for k in range(1, n_max + 1)]
+            return self._per_second(tokens[:n_max + 1], self.med, self.draft_med)
+
+    def _per_second(self, tokens: list[float], med: dict[int, float], draft: float) -> list[float]:
+        """tokens[k] / seconds(k) for k = 0..len(tokens) - 1, the batches' seconds from `med` (_seconds) and a
+        drafted token's from `draft` (the caller holds `lock`)."""
+        return [tokens[0] / (self._seconds(1, med) + self.rest_med[0])] + \
+            [tokens[k] / (self._seconds(k + 1, med) + k * draft + self.rest_med[1]) for k in range(1, len(tokens))]
 
     def seconds(self, m: int) -> float:
         """Estimated seconds of verifying a batch of m tokens (the caller holds `lock`): the median of the last
@@ -417,20 +420,20 @@ class DraftControl:
 
     where a_j is the rate at which draft j passes once drafts 1..j-1 did (decayed counts, each position shrunk
     towards the one before it, so that a position seldom reached borrows its estimate; draft 1 towards the rate
-    of the model's recent first drafts, `costs.first_prior`, 1/2 before any), and
-    the seconds are `costs` (DraftCosts: the model's, shared by its sequences; rest is a sizable share of a pass on
+    of the model's recent first drafts, `costs.first_prior`, 1/2 before any), and the seconds are `costs`
+    (DraftCosts: the model's, shared by its sequences; rest is a sizable share of a pass on
     a small model, which a control that left it out took for free and so kept drafting where plain decoding was
     faster). What drafts pass depends on the text (prompt lookup passes where the answer repeats its prompt, not
     elsewhere), so the acceptance counts and the probing below are the sequence's own: concurrent sequences of one
     model share only where a new estimate starts, and one's start does not reset another's. Before anything is
-    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it wins, a round of one
-    draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each probe that leaves
-    drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the positions it
-    skipped, a window of them at most, and the probe's draft is the round's extra work), and at MAX_PROBE_GAP
-    at once where drafts that all passed would still lose (a drafter that costs a pass per token); the rounds before a probe
-    are known to be plain (plain_ahead), so the caller runs them as plain decoding does. While drafting wins, a
-    plain round every `measure_plain` rounds measures the cost of one token. adaptive=False always asks for
-    n_max."""
+    measured this makes k = 1, and lengths grow as drafts prove themselves. k = 0 is plain decoding; while it
+    wins, a round of one draft after `probe` plain rounds keeps the estimates fresh, the gap doubling after each
+    probe that leaves drafting off (up to MAX_PROBE_GAP: a probe of V4's MTP block first makes the KV rows of the
+    positions it skipped, a window of them at most, and the probe's draft is the round's extra work), and at
+    MAX_PROBE_GAP at once where drafts that all passed would still lose (a drafter that costs a pass per token);
+    the rounds before a probe are known to be plain (plain_ahead), so the caller runs them as plain decoding does.
+    While drafting wins, a plain round every `measure_plain` rounds measures the cost of one token.
+    adaptive=False always asks for n_max."""
 
     DECAY = 0.9
     MAX_PROBE_GAP = 512  # plain rounds between probes at most

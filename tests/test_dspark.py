@@ -15,6 +15,7 @@ from flashlite.cli import main
 from flashlite.dspark import DSparkState
 from flashlite.model import load
 from quantized import quantized
+from test_speculative import accepted_on_each
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny_v4"
@@ -195,9 +196,6 @@ def test_dspark_on_a_torch_device_drafts_as_on_the_cpu(files):
     plain = list(on_dev.generate(ids, 24))
     knowing = write_dspark(str(files["tiny"]), str(Path(files["dspark-tiny"]).with_name("knowing-dev.gguf")),
                            target_layers=[1, 4, 6], bigrams=_first_bigrams([ids[-1]] + plain))
-    accepted = {}
-    for name, m in (("cpu", on_cpu), ("device", on_dev)):
-        m.reset_stats()
-        assert list(m.generate(ids, 24, spec_type=sp.SpecOptions("dspark", 7, knowing, adaptive=False))) == plain
-        accepted[name] = m.stats()["accepted_tokens"]
+    accepted = accepted_on_each({"cpu": on_cpu, "device": on_dev}, ids, plain,
+                                sp.SpecOptions("dspark", 7, knowing, adaptive=False))
     assert accepted["device"] == accepted["cpu"] > 0, accepted

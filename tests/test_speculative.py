@@ -460,6 +460,17 @@ def test_a_new_sequence_starts_from_the_models_recent_first_drafts():
     assert later.next_k() >= 1 and later.rates()[1] > 0.7
 
 
+def accepted_on_each(models: dict, prompt, plain: list, spec) -> dict:
+    """Each model's drafts accepted while it generates len(plain) tokens of prompt with speculation `spec`; its
+    output must be `plain`, plain decoding's."""
+    accepted = {}
+    for name, m in models.items():
+        m.reset_stats()
+        assert list(m.generate(prompt, len(plain), spec_type=spec)) == plain, name
+        accepted[name] = m.stats()["accepted_tokens"]
+    return accepted
+
+
 class _Scripted:
     """A drafter that proposes the given continuation (plain decoding's: every draft passes), or, with `miss`,
     each of its tokens plus one (no draft passes)."""
@@ -841,9 +852,6 @@ def test_the_mtp_block_on_a_torch_device_drafts_as_on_the_cpu(models, files):
     assert delta <= 1e-4
     prompt = _prompt(on_dev)
     plain = list(on_dev.generate(prompt, 24))
-    accepted = {}
-    for name, m in (("cpu", on_cpu), ("device", on_dev)):
-        m.reset_stats()
-        assert list(m.generate(prompt, 24, spec_type=sp.SpecOptions("mtp", 3, draft, adaptive=False))) == plain
-        accepted[name] = m.stats()["accepted_tokens"]
+    accepted = accepted_on_each({"cpu": on_cpu, "device": on_dev}, prompt, plain,
+                                sp.SpecOptions("mtp", 3, draft, adaptive=False))
     assert accepted["device"] == accepted["cpu"] > 0, accepted

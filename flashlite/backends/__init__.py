@@ -34,6 +34,7 @@ import numpy as np
 
 from flashlite.backends import cpu
 from flashlite.gguf_file import WeightView
+from flashlite.kv_cache import RowLog
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "npu", "npu:N", "torch-cpu")
 
@@ -140,6 +141,12 @@ def uploader(device):
     """A callable that puts a tensor of the model (a file's weight view or array) where `device` (open_device's)
     keeps it: the device's upload, or the tensor itself on the CPU backend, which reads the file in place."""
     return (lambda value: value) if device is None else device.upload
+
+
+def row_log(device, kv_format: str):
+    """The class of a KV cache's logs (kv_cache.LayerCache's row_log) where `device` (open_device's) keeps them:
+    kv_cache.RowLog in host memory for the CPU backend, else the device's own."""
+    return RowLog if device is None else device.row_log(kv_format)
 
 
 def open_device(name: str | object = "cpu"):

@@ -221,13 +221,18 @@ def _stride(w) -> int:
     return w.data.strides[0] if len(w.ne) == 3 else 0
 
 
+def one_expert(t: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and weights [t, 1] of the one expert of plain weights at weight 1 (the shared expert), on the host."""
+    return np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32)
+
+
 def moe_experts(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, w1, w3, w2, limit: float, out: np.ndarray,
                 offload=None, layer: int = 0) -> None:
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights; from
     the expert cache `offload` (an ExpertCache) when given. idx and weights None: the one expert of plain weights
     at weight 1."""
     if idx is None:
-        idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
+        idx, weights = one_expert(x.shape[0])
     if offload is not None:
         check(lib.fl_moe_experts_cached(offload.handle, layer, x.shape[0], x.shape[1], w1.rows, idx.shape[1],
                                         f32(x), i32(idx), f32(weights), limit, f32(out)),

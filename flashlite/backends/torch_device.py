@@ -551,7 +551,7 @@ def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: to
     if idx is None:
         t = x.shape[0]
         if isinstance(w1, HostWeight):
-            idx, weights = np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32)
+            idx, weights = cpu.one_expert(t)
         else:
             idx = torch.zeros((t, 1), dtype=torch.int64, device=x.device)
             weights = torch.ones((t, 1), device=x.device)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flashlite import backends as backend
+from flashlite.backends.cpu import one_expert
 from flashlite.expert_offload import ExpertCache
 from flashlite.gguf_file import INDEX, GGUFFile, WeightView
-from flashlite.kv_cache import CompressorState, LayerCache, ModelCache, RowLog
+from flashlite.kv_cache import CompressorState, LayerCache, ModelCache
 from flashlite.models.v4_spec import ARCH, HPARAM_KEYS, SQRT_SOFTPLUS, checked_value, expected_tensors
 
 # While an importance matrix is collected (flashlite.imatrix), a callable observer(w, x, expert) that sees the input
@@ -527,7 +528,7 @@ class MoE:
         sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
         its SwiGLU output, the down projection's input."""
         if idx is None:  # the one expert of plain weights, at weight 1
-            idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
+            idx, weights = one_expert(x.shape[0])
         stacked = len(w1.ne) == 3
         t, k = idx.shape
         flat = idx.reshape(-1)
@@ -765,7 +766,7 @@ class Transformer:
         """A decode cache; kv_format "f32" (rows as computed, transformers' semantics) or "fp8" (rows rounded and
         packed as DeepSeek's reference stores them, a quarter of the bytes: see flashlite/kv_cache.py)."""
         a = self.args
-        row_log = RowLog if self.device is None else self.device.row_log(kv_format)
+        row_log = backend.row_log(self.device, kv_format)
         return ModelCache([LayerCache(a.head_dim, a.window_size, r, a.index_head_dim, a.rope_head_dim, kv_format,
                                       row_log) for r in a.compress_ratios], rewind)
 
