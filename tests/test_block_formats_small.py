@@ -17,7 +17,7 @@ from ggml_oracle import dot as ggml_dot
 from ggml_oracle import needs_ggml
 from ggml_oracle import quantize as ggml_quantize
 from test_block_formats import (ADVERSARIAL_HALFS, PAYLOADS, assert_bits_equal, exact_inputs, gguf_dequantize,
-                                gguf_quantize, lcg_inputs, vec_dot_ref)
+                                gguf_quantize, lcg_importance, lcg_inputs, vec_dot_ref)
 
 from flashlite import block_formats
 from flashlite._native import lib
@@ -194,16 +194,6 @@ def test_nvfp4_scale_bytes_match_gguf_conversion_on_bit_patterns():
     got = block_formats.quantize(x, T.NVFP4)[:, :4].reshape(-1)
     want = gq.NVFP4.fp32_to_ue4m3(np.abs(x.reshape(-1, 16)).max(1) / np.float32(6))
     np.testing.assert_array_equal(got, want)
-
-
-def lcg_importance(n: int) -> np.ndarray:
-    """A positive importance vector of n, the same bits on every platform: the mean square of lcg_inputs(8, n, 2)
-    over its 24 rows (summed in order in float64) plus 2^-8."""
-    rows = lcg_inputs(8, n, 2).astype(np.float64)
-    total = np.zeros(n)
-    for row in rows:
-        total = total + row * row
-    return (total / len(rows) + 2.0**-8).astype(np.float32)
 
 
 # sha256 of ggml_quantize_chunk's output on lcg_inputs(8, 1024, 1) through tools/ggml_oracle.py (llama.cpp of
