@@ -50,7 +50,7 @@ from flashlite.model import load  # noqa: E402
 from flashlite.models import deepseek_v4 as v4  # noqa: E402
 from flashlite.models.deepseek_v4 import linear, rms_norm  # noqa: E402
 
-FLASH_EXPERTS, FLASH_PICKS = 256, 6
+FLASH_EXPERTS, FLASH_PICKS, FLASH_DIM = 256, 6, 4096
 EXPERT_CALLS = 6  # routed expert calls timed per batch size and round (a layer's worth at one token)
 EVICT_BYTES = 1 << 30  # read before a part timed alone, so that its weights come from memory as in decoding
 
@@ -336,8 +336,8 @@ def project(args) -> None:
     # a layer's dense part over m tokens: its repeated-token time less its experts at m tokens each
     dense = {m: [t - k_picks * expert[m] for t in p["layers"][f"same:{m}"]] for m in ms}
     print(f"parts ({p['model']}, {p['prompt']} prompt tokens, one thread, median of {p['rounds']} rounds; ms)\n")
-    print("| m | direct forward | predicted from parts | error | head | dense per layer | one expert at m tokens "
-          "| routed experts per layer (their union) |")
+    print(f"| m | direct forward | predicted from parts | error | head | dense per layer | one expert "
+          f"({p['expert_bytes'] / 1e6:.1f} MB) at m tokens | routed experts per layer (their union) |")
     print("|---|---|---|---|---|---|---|---|")
     for m in ms:
         pairs = p["pairs"][str(m)]
@@ -402,10 +402,14 @@ def project(args) -> None:
     print(f"\nV4-Flash, {n_layers} layers, projected: a pass {t_pass * 1e3:.0f} ms (dense parts "
           f"{dense_all(1) * 1e3:.0f}, routed experts {routed_all(1, 'random') * 1e3:.0f}, head {head[1] * 1e3:.1f}, "
           f"rest {rest[1] * 1e3:.1f}); a verification of m = k + 1 tokens, ms (x a pass):\n")
-    print("| k | random union | sticky union |")
-    print("|---|---|---|")
-    for m in ms[1:]:
-        print(f"| {m - 1} | {verify['random'][m] * 1e3:.0f} ({verify['random'][m] / t_pass:.2f}) | "
+    print("| k | random union: experts (MB) a layer | ms (x a pass) | sticky union: experts (MB) a layer "
+          "| ms (x a pass) |")
+    print("|---|---|---|---|---|")
+    mb = p["expert_bytes"] / 1e6
+    for m in ms:
+        print(f"| {m - 1} | {sim['random', m][0]:.1f} ({sim['random', m][0] * mb:.0f}) | "
+              f"{verify['random'][m] * 1e3:.0f} ({verify['random'][m] / t_pass:.2f}) | "
+              f"{sim['sticky', m][0]:.1f} ({sim['sticky', m][0] * mb:.0f}) | "
               f"{verify['sticky'][m] * 1e3:.0f} ({verify['sticky'][m] / t_pass:.2f}) |")
 
     def best_lookup(acc: float, kind: str) -> tuple[float, int]:
@@ -443,6 +447,36 @@ def project(args) -> None:
             print(f"| {name} | {k} | {t:.2f} | {speedup(t, k, 'random', draft):.2f} / "
                   f"{speedup(t, k, 'sticky', draft):.2f} | {speedup(t, k, 'random', draft_fr):.2f} / "
                   f"{speedup(t, k, 'sticky', draft_fr):.2f} |")
+
+    # where memory alone sets the time (cores that outrun it: many threads), seconds go as the bytes read
+    from flashlite.gguf_file import GGUFFile
+
+    lb, eb, hb = p["layer_bytes"], p["expert_bytes"], p["head_bytes"]
+    router_b = FLASH_EXPERTS * FLASH_DIM * 2  # BF16
+    dense_b = (2 * statistics.mean(lb[i] for i in r0) + (n_layers - 2) * statistics.mean(lb[i] for i in r4)
+               + (n_layers - n_hash) * router_b)
+    pass_b = dense_b + n_layers * FLASH_PICKS * eb + hb
+    verify_b = {kind: {m: dense_b + hb + eb * (n_hash * sim["random", m][0] + (n_layers - n_hash) * sim[kind, m][0])
+                       for m in ms} for kind in ("random", "sticky")}
+    f = GGUFFile(p["draft"])
+    n = f.get("deepseek4.block_count") - 1
+    draft_b = (sum(t.data.nbytes for name, t in f.tensors.items() if name.startswith(f"blk.{n}.") and "_exps" not in name)
+               + FLASH_PICKS * eb + router_b + hb)
+    f.close()
+    print(f"\nbound by memory alone (seconds as bytes read): a pass {pass_b / 1e9:.2f} GB, a draft "
+          f"{draft_b / 1e6:.0f} MB ({draft_b / pass_b:.1%}, the head {hb / draft_b:.0%} of it); verification of k+1 "
+          "tokens (x a pass) random / sticky: "
+          + ", ".join(f"{m - 1}: {verify_b['random'][m] / pass_b:.2f} / {verify_b['sticky'][m] / pass_b:.2f}"
+                      for m in ms[1:]))
+    for name, per_k in args.mtp_tokens.items():
+        print(f"MTP {name}: " + ", ".join(
+            f"k={k} {t * pass_b / (verify_b['random'][int(k) + 1] + int(k) * draft_b):.2f} / "
+            f"{t * pass_b / (verify_b['sticky'][int(k) + 1] + int(k) * draft_b):.2f}" for k, t in per_k.items()))
+    print("prompt lookup, best k: " + ", ".join(
+        f"{acc:.0%}: " + " / ".join(
+            f"{max((1 - acc ** (k + 1)) / (1 - acc) * pass_b / verify_b[kind][k + 1] for k in ms[:-1]):.2f}"
+            for kind in ("random", "sticky"))
+        for acc in (0.5, 0.6, 0.7, 0.8, 0.9)))
 
 
 def main(argv=None):
