@@ -13,8 +13,10 @@ parts (one thread, CPU seconds of the process; every figure the median over roun
   forward (embedding, streams);
 - one routed expert over j = 1..max_k+1 tokens (the core's expert call alone), and a score router at V4-Flash's 256
   experts (the synthetic file's layers are hash-routed, with 16 experts);
-- the whole forward of m distinct tokens as decoding runs it (every layer in one call), to check the parts against;
-- one MTP draft step (block input, the block, the head) and the KV-only catch-up of r rows a round makes.
+- the whole forward of m distinct tokens as decoding runs it (every layer in one call), to check the parts against
+  (its wall time too, to see what sharing the core cost);
+- one MTP draft step (block input, the block, the head), the head's product over its first --vocab-subset rows (a
+  frequency-ranked draft head's cost, FR-Spec) and the KV-only catch-up of r rows a round makes.
 Each part starts with its weights out of the cache (1 GB read first), as in a 43-layer model, whose pass reads far
 more than a large L3 holds; an expert is timed on a different one each call. A layer's dense part (attention, hyper-connections, shared expert) over m tokens is its repeated-token time less its
 6 experts at m tokens; a batch's routed part is the sum over the experts it routes to of an expert's time at the
@@ -134,7 +136,7 @@ def parts(args) -> None:
                 if all(len(set(x[t].tolist())) == x.shape[1] for x in tid2eids))
     distinct = {m: rng.integers(3, a.vocab_size, m).tolist() for m in ms}
     batches = {("same", m): [same] * m for m in ms} | {("distinct", m): distinct[m] for m in ms}
-    direct = {m: [] for m in ms}
+    direct, direct_wall = {m: [] for m in ms}, {m: [] for m in ms}
     layer_t = {key: [] for key in batches}
     head_t = {m: [] for m in ms}
     rest_t = {m: [] for m in ms}
@@ -142,11 +144,13 @@ def parts(args) -> None:
 
     evict = np.ones(EVICT_BYTES // 8)
 
-    def run(ids):
+    def run(ids, wall=None):
         evict.sum()
-        t0 = clock()
+        t0, w0 = clock(), time.perf_counter()
         model.forward(ids, cache=cache, logits="all")
         seconds = clock() - t0
+        if wall is not None:
+            wall.append(time.perf_counter() - w0)
         model.truncate(base, cache=cache)
         return seconds
 
@@ -164,7 +168,7 @@ def parts(args) -> None:
     # pass reads far more than the L3 holds; the 3-layer file's would otherwise stay partly there between passes
     for r in range(args.rounds + 1):  # the first round warms up and is dropped
         for m in ms:
-            direct[m].append(run(distinct[m]))
+            direct[m].append(run(distinct[m], direct_wall[m]))
             with timer:
                 for kind in ("same", "distinct"):
                     timer.reset()
@@ -195,6 +199,7 @@ def parts(args) -> None:
         "ratios": list(a.compress_ratios[:len(net.layers)]), "picks": int(tid2eids[0].shape[1]),
         "vocab": a.vocab_size,
         "direct": {m: med(direct[m][drop]) for m in ms},
+        "direct_wall": {m: med(direct_wall[m][drop]) for m in ms},  # beside the CPU seconds: the core's sharing
         "layers": layers,
         "head": {m: med(head_t[m][drop]) for m in ms},
         "rest": {m: med(rest_t[m][drop]) for m in ms},
@@ -223,7 +228,12 @@ def mtp_parts(model, args, h, prompt) -> dict:
     head(h[:n - 1], ids[:n - 1], np.arange(n - 1), cache, logits="none")  # the window's rows, as decoding left them
     base = n - 1
     rs = list(range(1, args.max_k + 2))
-    step, block_in, head_t, catch = [], [], [], {r: [] for r in rs}
+    step, block_in, head_t, subset_t, catch = [], [], [], [], {r: [] for r in rs}
+    # a draft head over the vocab_subset most frequent tokens (FR-Spec): the head's rows of those tokens, whichever
+    # they are (the cost is the rows'); the full head verifies, so the output stays exact
+    w = head.main.head
+    subset = WeightView(f"{w.name}[:{args.vocab_subset}]", w.type, (w.k, args.vocab_subset),
+                        w.data[:args.vocab_subset])
     y = h[n - 1:n]
     evict = np.ones(EVICT_BYTES // 8)
     for _ in range(args.rounds + 1):
@@ -240,6 +250,11 @@ def mtp_parts(model, args, h, prompt) -> dict:
         t0 = clock()
         backend.to_host(linear(head.main.head, rms_norm(head.hc_head(hm[-1:]), head.norm, a.norm_eps)))
         head_t.append(clock() - t0)
+        x = rms_norm(head.hc_head(hm[-1:]), head.norm, a.norm_eps)
+        evict.sum()
+        t0 = clock()
+        backend.to_host(linear(subset, x))
+        subset_t.append(clock() - t0)
         for r in rs:
             evict.sum()
             t0 = clock()
@@ -248,6 +263,7 @@ def mtp_parts(model, args, h, prompt) -> dict:
             cache.truncate(base)
     drop = slice(1, None)
     return {"step": med(step[drop]), "block_input": med(block_in[drop]), "head": med(head_t[drop]),
+            "vocab_subset": args.vocab_subset, "head_subset": med(subset_t[drop]),
             "catch_up": {r: med(catch[r][drop]) for r in rs}}
 
 
@@ -336,7 +352,7 @@ def project(args) -> None:
     # a layer's dense part over m tokens: its repeated-token time less its experts at m tokens each
     dense = {m: [t - k_picks * expert[m] for t in p["layers"][f"same:{m}"]] for m in ms}
     print(f"parts ({p['model']}, {p['prompt']} prompt tokens, one thread, median of {p['rounds']} rounds; ms)\n")
-    print(f"| m | direct forward | predicted from parts | error | head | dense per layer | one expert "
+    print(f"| m | direct forward (wall) | predicted from parts | error | head | dense per layer | one expert "
           f"({p['expert_bytes'] / 1e6:.1f} MB) at m tokens | routed experts per layer (their union) |")
     print("|---|---|---|---|---|---|---|---|")
     for m in ms:
@@ -344,7 +360,7 @@ def project(args) -> None:
         routed = [sum(expert_seconds(c) for c in q.values()) for q in pairs]
         pred = sum(dense[m]) + sum(routed) + p["head"][str(m)] + p["rest"][str(m)]
         d = p["direct"][str(m)]
-        print(f"| {m} | {d * 1e3:.1f} | {pred * 1e3:.1f} | {pred / d - 1:+.1%} | {p['head'][str(m)] * 1e3:.1f} | "
+        print(f"| {m} | {d * 1e3:.1f} ({p['direct_wall'][str(m)] * 1e3:.1f}) | {pred * 1e3:.1f} | {pred / d - 1:+.1%} | {p['head'][str(m)] * 1e3:.1f} | "
               f"{', '.join(f'{x * 1e3:.1f}' for x in dense[m])} | {expert[m] * 1e3:.2f} | "
               f"{', '.join(f'{t * 1e3:.1f} ({len(q)})' for t, q in zip(routed, pairs))} |")
 
@@ -425,12 +441,12 @@ def project(args) -> None:
         return
     draft = mtp["step"] + router[1]
     catch = {int(k): t for k, t in mtp["catch_up"].items()}
-    # a draft head over the most frequent vocab_subset tokens (FR-Spec): the head's product shrinks in proportion
-    subset = args.vocab_subset / p["vocab"]
-    draft_fr = draft - mtp["head"] * (1 - subset)
+    # a draft head over the most frequent vocab_subset tokens (FR-Spec): the subset's rows, measured, for the head's
+    draft_fr = draft - mtp["head"] + mtp["head_subset"]
     print(f"\nan MTP draft {draft * 1e3:.1f} ms = {draft / t_pass:.1%} of a pass: block input "
           f"{mtp['block_input'] * 1e3:.1f}, head {mtp['head'] * 1e3:.1f} ({mtp['head'] / draft:.0%} of the draft), "
-          f"the block and router the rest; with a head over {args.vocab_subset} tokens {draft_fr * 1e3:.1f} ms; "
+          f"the block and router the rest; with a head over {mtp['vocab_subset']} tokens "
+          f"({mtp['head_subset'] * 1e3:.1f} ms) {draft_fr * 1e3:.1f} ms; "
           f"a round's KV-only catch-up of r rows (ms): "
           + ", ".join(f"{k}: {t * 1e3:.1f}" for k, t in catch.items()))
 
@@ -489,6 +505,7 @@ def main(argv=None):
     pp.add_argument("--max-k", type=int, default=8)
     pp.add_argument("--prompt", type=int, default=64)
     pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--vocab-subset", type=int, default=32768, help="the frequency-ranked draft head's tokens")
     pp.add_argument("--json", required=True)
     rp = sub.add_parser("routing")
     rp.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/small_v4_general"))
@@ -504,7 +521,6 @@ def main(argv=None):
     jp.add_argument("--layers", type=int, default=43)
     jp.add_argument("--hash-layers", type=int, default=3)
     jp.add_argument("--trials", type=int, default=2000)
-    jp.add_argument("--vocab-subset", type=int, default=32768, help="the frequency-ranked draft head's tokens")
     jp.add_argument("--mtp-tokens", type=json.loads, default={},
                     help='tokens a pass per draft length, e.g. \'{"chat": {"1": 1.89, "2": 2.40}}\'')
     args = ap.parse_args(argv)
