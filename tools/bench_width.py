@@ -18,10 +18,10 @@ parts (one thread, CPU seconds of the process; every figure the median over roun
 - one MTP draft step (block input, the block, the head), the head's product over its first --vocab-subset rows (a
   frequency-ranked draft head's cost, FR-Spec) and the KV-only catch-up of r rows a round makes.
 Each part starts with its weights out of the cache (1 GB read first), as in a 43-layer model, whose pass reads far
-more than a large L3 holds; an expert is timed on a different one each call. A layer's dense part (attention, hyper-connections, shared expert) over m tokens is its repeated-token time less its
-6 experts at m tokens; a batch's routed part is the sum over the experts it routes to of an expert's time at the
-number of its (token, slot) pairs. Every file's layers must be hash-routed (the routing is then known from the
-token ids).
+more than a large L3 holds; an expert is timed on a different one each call. A layer's dense part (attention,
+hyper-connections, shared expert) over m tokens is its repeated-token time less its 6 experts at m tokens; a
+batch's routed part is the sum over the experts it routes to of an expert's time at the number of its (token, slot)
+pairs. Every file's layers must be hash-routed (the routing is then known from the token ids).
 
 routing: the routed experts the trained small model (8 experts, top 2) picks on held-out text, in windows of m
 consecutive tokens: the mean union, and how often a pick repeats one of the token before's, against chance.
@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from flashlite import backends as backend  # noqa: E402
 from flashlite.gguf_file import WeightView  # noqa: E402
@@ -360,7 +361,8 @@ def project(args) -> None:
         routed = [sum(expert_seconds(c) for c in q.values()) for q in pairs]
         pred = sum(dense[m]) + sum(routed) + p["head"][str(m)] + p["rest"][str(m)]
         d = p["direct"][str(m)]
-        print(f"| {m} | {d * 1e3:.1f} ({p['direct_wall'][str(m)] * 1e3:.1f}) | {pred * 1e3:.1f} | {pred / d - 1:+.1%} | {p['head'][str(m)] * 1e3:.1f} | "
+        print(f"| {m} | {d * 1e3:.1f} ({p['direct_wall'][str(m)] * 1e3:.1f}) | {pred * 1e3:.1f} | "
+              f"{pred / d - 1:+.1%} | {p['head'][str(m)] * 1e3:.1f} | "
               f"{', '.join(f'{x * 1e3:.1f}' for x in dense[m])} | {expert[m] * 1e3:.2f} | "
               f"{', '.join(f'{t * 1e3:.1f} ({len(q)})' for t, q in zip(routed, pairs))} |")
 
@@ -476,7 +478,8 @@ def project(args) -> None:
                        for m in ms} for kind in ("random", "sticky")}
     f = GGUFFile(p["draft"])
     n = f.get("deepseek4.block_count") - 1
-    draft_b = (sum(t.data.nbytes for name, t in f.tensors.items() if name.startswith(f"blk.{n}.") and "_exps" not in name)
+    draft_b = (sum(t.data.nbytes for name, t in f.tensors.items()
+                   if name.startswith(f"blk.{n}.") and "_exps" not in name)
                + FLASH_PICKS * eb + router_b + hb)
     f.close()
     print(f"\nbound by memory alone (seconds as bytes read): a pass {pass_b / 1e9:.2f} GB, a draft "
@@ -508,8 +511,8 @@ def main(argv=None):
     pp.add_argument("--vocab-subset", type=int, default=32768, help="the frequency-ranked draft head's tokens")
     pp.add_argument("--json", required=True)
     rp = sub.add_parser("routing")
-    rp.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/small_v4_general"))
-    rp.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/small_v4_general/heldout.txt"))
+    rp.add_argument("--model", default=str(REPO / "tests/fixtures/small_v4_general"))
+    rp.add_argument("--text", default=str(REPO / "tests/fixtures/small_v4_general/heldout.txt"))
     rp.add_argument("--tokens", type=int, default=4096)
     rp.add_argument("--chunk", type=int, default=512)
     rp.add_argument("--max-k", type=int, default=8)
