@@ -613,6 +613,34 @@ def test_mtp_draft_file_is_llamacpp_layout(files):
     assert not any("nextn" in t or t.startswith("blk.6.") for t in GGUFFile(files["small"]).tensors)
 
 
+def test_a_synthetic_release_with_mtp_makes_a_draft_that_runs(tmp_path):
+    """tools/make_synthetic.py --mtp writes the release's mtp.0.* (FP8 e_proj and h_proj, FP4 experts): quantize
+    --mtp makes a draft whose tensors are the checkpoint's (eh_proj = [e_proj | h_proj]), and greedy output drafted
+    by it is plain decoding's."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_synthetic
+
+    ck = tmp_path / "ck"
+    make_synthetic.write_checkpoint(ck, "tiny", n_layers=4, n_experts=8, seed=2, mtp=True)
+    model = quantized(ck, tmp_path / "model.gguf", "--type", "f32")
+    draft = quantized(ck, tmp_path / "mtp.gguf", "--type", "f32", "--mtp")
+    release = _release_values(ck)
+    f = GGUFFile(draft)
+    assert f.get("deepseek4.block_count") == 5 and f.get("deepseek4.nextn_predict_layers") == 1
+    assert np.array_equal(f.tensors["blk.4.nextn.eh_proj.weight"].to_f32(),
+                          np.concatenate([release["mtp.0.e_proj.weight"], release["mtp.0.h_proj.weight"]], axis=1))
+    assert np.array_equal(f.tensors["blk.4.attn_q_a.weight"].to_f32(), release["mtp.0.attn.wq_a.weight"])
+    assert np.array_equal(f.tensors["blk.4.ffn_down_exps.weight"].to_f32()[5], release["mtp.0.ffn.experts.5.w2.weight"])
+    assert not any("nextn" in t for t in GGUFFile(model).tensors)
+    m = load(model)
+    prompt = _prompt(m)
+    plain = list(m.generate(prompt, 24))
+    for n in (1, 3):
+        m.reset_stats()
+        assert list(m.generate(prompt, 24, spec_type=sp.SpecOptions("mtp", n, str(draft), adaptive=False))) == plain
+        assert m.stats()["drafted_tokens"] > 0
+
+
 @pytest.mark.skipif(not os.environ.get("FLASHLITE_LLAMACPP_PYTHON"),
                     reason="FLASHLITE_LLAMACPP_PYTHON (a llama-cpp-python venv) is not set")
 def test_llamacpp_loads_the_mtp_draft(files):

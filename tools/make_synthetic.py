@@ -1,12 +1,13 @@
 """Write a synthetic DeepSeek V4 checkpoint in the release's layout, fast, from random bytes in the right formats.
 
 `--preset flash` has V4-Flash's real widths (hidden 4096, 64 heads of 512, 129280 vocab, experts 2048 wide) with
-the number of layers and routed experts you choose; `--preset tiny` is a few MB for tests. The weights are noise
+the number of layers and routed experts you choose; `--preset tiny` is a few MB for tests. `--mtp` adds the release's
+MTP block (`mtp.0.*`, num_nextn_predict_layers 1), which `flashlite quantize --mtp` turns into a draft GGUF. The weights are noise
 (e4m3 bytes with e8m0 128x128 scales, packed e2m1 experts with per-32 scales, bf16 norms and embeddings, f32
 hyper-connections) and exist to exercise converters: sizes, formats, streaming, memory. Tensors are written one
 slab at a time, one shard per layer, so memory stays small whatever the size.
 
-    python tools/make_synthetic.py OUT_DIR --preset flash --layers 2 --experts 64
+    python tools/make_synthetic.py OUT_DIR --preset flash --layers 2 --experts 64 [--mtp]
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ PRESETS = {
 }
 
 
-def make_config(preset: str, n_layers: int, n_experts: int) -> dict:
+def make_config(preset: str, n_layers: int, n_experts: int, mtp: bool = False) -> dict:
     p = dict(PRESETS[preset])
     pattern = FLASH_RATIOS if preset == "flash" else TINY_RATIOS
     ratios = [pattern[i % len(pattern)] for i in range(n_layers)] + [0]
@@ -58,7 +59,7 @@ def make_config(preset: str, n_layers: int, n_experts: int) -> dict:
         "bos_token_id": 0, "eos_token_id": 1, "compress_ratios": ratios, "compress_rope_theta": 160000,
         "expert_dtype": "fp4", "hc_eps": 1e-6, "hc_mult": 4, "hc_sinkhorn_iters": 20, "hidden_act": "silu",
         "n_routed_experts": n_experts, "n_shared_experts": 1, "norm_topk_prob": True,
-        "num_hidden_layers": n_layers, "num_key_value_heads": 1, "num_nextn_predict_layers": 0,
+        "num_hidden_layers": n_layers, "num_key_value_heads": 1, "num_nextn_predict_layers": int(mtp),
         "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                 "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
         "rms_norm_eps": 1e-6, "rope_theta": 10000, "routed_scaling_factor": 1.5, "scoring_func": "sqrtsoftplus",
@@ -120,16 +121,21 @@ def make_tokenizer(vocab_size: int) -> dict:
 # tensors: (dtype, stored shape, generator of byte chunks)
 # ---------------------------------------------------------------------------------------------------
 
-FP8_LINEARS = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
+FP8_LINEARS = ("e_proj.weight", "h_proj.weight", "attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
                "attn.indexer.wq_b.weight", "shared_experts.w1.weight", "shared_experts.w2.weight",
                "shared_experts.w3.weight")
 F32_NAMES = ("hc_", "attn_sink", ".ape", "gate.bias")
 
 
 def stored_tensors(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Release name -> (safetensors dtype, stored shape), FP8 and FP4 scales included."""
+    """Release name -> (safetensors dtype, stored shape), FP8 and FP4 scales included; the MTP block's too where
+    the config has one (its window-only block after the trunk's, e_proj and h_proj FP8 as the release stores them)."""
+    h = parse_hparams(config, Path("config.json"))
+    shapes = expected_tensors(h)
+    if h.n_mtp_layers:
+        shapes.update({k: v for k, v in expected_tensors(h, mtp=True).items() if k.startswith("mtp.0.")})
     out = {}
-    for name, shape in expected_tensors(parse_hparams(config, Path("config.json"))).items():
+    for name, shape in shapes.items():
         if ".experts." in name:
             out[name] = ("I8", (shape[0], shape[1] // 2))
             out[name[:-len(".weight")] + ".scale"] = ("F8_E8M0", (shape[0], shape[1] // 32))
@@ -191,18 +197,20 @@ def write_shard(path: Path, tensors: dict, rng, n_experts: int) -> int:
 
 
 def write_checkpoint(out: Path, preset: str, n_layers: int, n_experts: int, seed: int = 0,
-                     log=lambda msg: None) -> int:
-    """Write config.json, tokenizer.json, shards and index into `out`; returns the tensor bytes written."""
+                     log=lambda msg: None, mtp: bool = False) -> int:
+    """Write config.json, tokenizer.json, shards and index into `out` (the MTP block in a last shard of its own with
+    mtp); returns the tensor bytes written."""
     out.mkdir(parents=True, exist_ok=True)
-    config = make_config(preset, n_layers, n_experts)
+    config = make_config(preset, n_layers, n_experts, mtp)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "tokenizer.json").write_text(json.dumps(make_tokenizer(config["vocab_size"]), ensure_ascii=False))
     stored = stored_tensors(config)
     groups: dict[str, dict] = {}
     for name, entry in stored.items():
-        key = name.split(".")[1] if name.startswith("layers.") else "globals"
+        key = name.split(".")[1] if name.startswith("layers.") else name.split(".")[0] if name.startswith("mtp.") \
+            else "globals"
         groups.setdefault(key, {})[name] = entry
-    keys = sorted(groups, key=lambda k: -1 if k == "globals" else int(k))
+    keys = sorted(groups, key=lambda k: -1 if k == "globals" else n_layers if k == "mtp" else int(k))
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for i, key in enumerate(keys):
@@ -222,11 +230,12 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--experts", type=int, default=None, help="routed experts (default: 256 flash, 8 tiny)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mtp", action="store_true", help="also the MTP block mtp.0.* (for `flashlite quantize --mtp`)")
     args = ap.parse_args(argv)
     experts = args.experts or (256 if args.preset == "flash" else 8)
     if args.layers < 1 or experts < 1:
         ap.error("--layers and --experts must be positive")
-    total = write_checkpoint(args.out, args.preset, args.layers, experts, args.seed, log=print)
+    total = write_checkpoint(args.out, args.preset, args.layers, experts, args.seed, log=print, mtp=args.mtp)
     print(f"wrote {args.out}: {total / 1e9:.2f} GB of tensors")
 
 
