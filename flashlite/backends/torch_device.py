@@ -242,26 +242,15 @@ class DeviceRowLog(RowLog):
         """The ring slots of positions (any, negative ones too: a fixed-capacity read masks what is not held)."""
         return np.asarray(positions, np.int64) % self.capacity
 
-    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind == lib.FL_KV_FP8:
-            return kv_rows.pack_fp8(rows, self.fmt.rope_dim)
-        return kv_rows.pack_fp4(rows)
-
-    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind == lib.FL_KV_FP8:
-            return kv_rows.unpack_fp8(packed, self.fmt.dim, self.fmt.rope_dim)
-        return kv_rows.unpack_fp4(packed, self.fmt.dim)
-
     def stored(self, rows) -> torch.Tensor:
         """float32 rows [n, dim] as the buffer holds them (packed in a packed format)."""
-        rows = rows.reshape(-1, self.fmt.dim)
-        return rows if self.fmt.kind is None else self._pack(rows)
+        return store_rows(self.fmt, rows)
 
     _stored = stored
 
     def unpacked(self, stored: torch.Tensor) -> torch.Tensor:
         """Stored rows [n, ...] as float32 [n, dim]."""
-        return stored if self.fmt.kind is None else self._unpack(stored)
+        return load_rows(self.fmt, stored)
 
     def _empty(self, capacity: int) -> torch.Tensor:
         if self.fmt.kind is None:
@@ -319,18 +308,16 @@ class DeviceRowLog(RowLog):
             return super().gather(idx)
         named = self._buf[idx.clamp_min(0).reshape(-1) % self.capacity]
         at = torch.arange(idx.numel(), device=idx.device).reshape(idx.shape)
-        return self._unpack(named), torch.where(idx >= 0, at, -1)
+        return self.unpacked(named), torch.where(idx >= 0, at, -1)
 
     def snapshot(self, lo: int, hi: int) -> "HostCopy":
         return HostCopy(self._span(lo, hi))
 
     def _unpacked(self, offsets: np.ndarray) -> torch.Tensor:
-        return self._unpack(self._buf[_on(self.slots(self.start + offsets), self.device)])
+        return self.unpacked(self._buf[_on(self.slots(self.start + offsets), self.device)])
 
     def round(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind is None:
-            return rows
-        return self._unpack(self._pack(rows.reshape(-1, self.fmt.dim))).reshape(rows.shape)
+        return round_rows(self.fmt, rows)
 
     def packed(self, lo: int, hi: int) -> np.ndarray:
         return self._span(lo, hi).cpu().numpy().view(np.uint8)
@@ -353,6 +340,28 @@ class DeviceRowLog(RowLog):
             self._buf = self._empty(cap)
         self.start, self.end = start, start + n
         self._write(start, rows)
+
+
+def store_rows(fmt: RowFormat, rows: torch.Tensor) -> torch.Tensor:
+    """float32 rows [n, dim] (or [..., dim]) as a log of format fmt stores them: themselves, or packed bytes."""
+    rows = rows.reshape(-1, fmt.dim)
+    if fmt.kind is None:
+        return rows
+    return kv_rows.pack_fp8(rows, fmt.rope_dim) if fmt.kind == lib.FL_KV_FP8 else kv_rows.pack_fp4(rows)
+
+
+def load_rows(fmt: RowFormat, stored: torch.Tensor) -> torch.Tensor:
+    """Stored rows [n, ...] of format fmt as float32 [n, dim]."""
+    if fmt.kind is None:
+        return stored
+    if fmt.kind == lib.FL_KV_FP8:
+        return kv_rows.unpack_fp8(stored, fmt.dim, fmt.rope_dim)
+    return kv_rows.unpack_fp4(stored, fmt.dim)
+
+
+def round_rows(fmt: RowFormat, rows: torch.Tensor) -> torch.Tensor:
+    """rows [..., dim] as format fmt would store them (its rounding)."""
+    return rows if fmt.kind is None else load_rows(fmt, store_rows(fmt, rows)).reshape(rows.shape)
 
 
 class HostCopy:

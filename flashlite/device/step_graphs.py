@@ -70,9 +70,13 @@ class StepGraphs:
 
 class Segment:
     """fn (tensors and host arrays in, the first one's first dim the tokens; a tensor or a tuple of tensors out; no
-    side effects beyond its own inputs) for a batch of one token: its arguments copied into static buffers, then its
-    captured graph replayed ("cuda") or fn run on the buffers ("static"), its results copied out of the static
-    outputs (the next replay overwrites them). Another batch size runs fn as it is."""
+    side effects beyond its own inputs and the `state` tensors) for a batch of one token: its arguments copied into
+    static buffers, then its captured graph replayed ("cuda") or fn run on the buffers ("static"), its results
+    copied out of the static outputs (the next replay overwrites them). Another batch size runs fn as it is.
+
+    state: tensors fn reads and writes in place after its arguments (the KV cache's rings), passed as they are, not
+    copied: a graph holds their addresses, so when one of them moves (a ring doubled, another cache) the segment is
+    captured again (`bindings` counts the states it was bound to)."""
 
     def __init__(self, graphs: StepGraphs, fn, name: str):
         self.graphs, self.fn, self.name = graphs, fn, name
@@ -80,19 +84,26 @@ class Segment:
         self.outputs: tuple | None = None
         self.graph = None
         self.single = False  # fn returns one tensor, not a tuple
+        self.state: tuple = ()
+        self.bound: tuple | None = None  # the state's addresses and shapes the graph was captured with
+        self.bindings = 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, state: tuple = ()):
         if args[0].shape[0] != 1 or self.name in self.graphs.failures:
             self.graphs.eager += 1
-            return self.fn(*args)
+            return self.fn(*args, *state)
         if self.inputs is None:
             self.inputs = [torch.empty(tuple(a.shape), dtype=_dtype(a), device=self.graphs.device) for a in args]
         for buf, a in zip(self.inputs, args):  # in place: the graph reads these addresses
             buf.copy_(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), non_blocking=True)
+        bound = tuple((t.data_ptr(), tuple(t.shape)) for t in state)
+        if bound != self.bound:
+            self.state, self.bound, self.graph = state, bound, None
+            self.bindings += 1
         if self.graphs.mode == "cuda":
             if self.graph is None and not self._capture():
                 self.graphs.eager += 1
-                return self.fn(*args)
+                return self.fn(*args, *state)
             with torch.cuda.device(self.graphs.device):  # a graph launches on its own device's current stream
                 self.graph.replay()
         else:
@@ -103,7 +114,7 @@ class Segment:
 
     def _run(self) -> tuple:
         with torch_device.refuse_uploads(self.name):
-            result = self.fn(*self.inputs)
+            result = self.fn(*self.inputs, *self.state)
         self.single = isinstance(result, torch.Tensor)
         return (result,) if self.single else tuple(result)
 

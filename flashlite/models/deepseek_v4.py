@@ -5,7 +5,6 @@ Shapes: T tokens of one chunk, D = dim, hc = hyper-connection streams, H heads o
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -307,10 +306,13 @@ class Compressor:
         lo = (first - 1) * r if has_prev else first * r
         kv, score = state.kv.rows(lo, last * r), state.score.rows(lo, last * r)
         pooled = backend.compress_pool(last - first, r, d, self.overlap, has_prev, kv, score, self.wkv.name)
-        rows = rms_norm(pooled, self.norm, self.args.norm_eps)
-        cos, sin = self.rope.cos_sin(np.arange(first, last) * r)
-        rows = self.rope.apply(rows, cos, sin)
-        state.rows.append(hadamard(rows) if state.rotated else rows)
+        state.rows.append(self.finish_rows(pooled, *self.rope.cos_sin(np.arange(first, last) * r), state.rotated))
+
+    def finish_rows(self, pooled, cos, sin, rotated: bool):
+        """Pooled rows as the cache takes them: normed, rotated by RoPE at each row's first position (cos, sin), and
+        for an FP4 indexer's rows (`rotated`) through the Hadamard rotation."""
+        rows = self.rope.apply(rms_norm(pooled, self.norm, self.args.norm_eps), cos, sin)
+        return hadamard(rows) if rotated else rows
 
 
 class Indexer:
@@ -350,10 +352,8 @@ class Indexer:
             return picks.astype(np.int32)
         head_weights, = projected[2:]
         q, = projected_q
-        q = q.reshape(crowded.size, a.index_n_heads, a.index_head_dim)
-        q = self.rope.apply(q, cos[crowded], sin[crowded])
-        if state.rotated:
-            q = state.rows.round(hadamard(q))
+        q = self.queries(q.reshape(crowded.size, a.index_n_heads, a.index_head_dim), cos[crowded], sin[crowded],
+                         state.rows.round if state.rotated else None)
         keys = state.rows.rows(0, int(visible[crowded].max()))
         scored = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5), visible[crowded],
                                       a.index_topk, a.index_head_dim ** -0.5)
@@ -362,6 +362,13 @@ class Indexer:
         # visibility grows with the position, so the crowded queries are the chunk's last: the ones before them
         # take every visible row (k = index_topk here, the scored width)
         return backend.concat([backend.put(picks[:t - crowded.size], scored), scored], axis=0)
+
+
+    def queries(self, q, cos, sin, round_rows=None):
+        """The indexer's queries [T, heads, index_head_dim] rotated by RoPE (cos, sin); with FP4 rows, through the
+        Hadamard rotation and rounded as the rows are (round_rows)."""
+        q = self.rope.apply(q, cos, sin)
+        return q if round_rows is None else round_rows(hadamard(q))
 
 
 class Attention:
@@ -376,9 +383,10 @@ class Attention:
         self.wkv, self.kv_norm = w["attn_kv"], w["attn_kv_a_norm"]
         self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
         self.rope, self.compressor, self.indexer = rope, compressor, indexer
-        # On a torch device, project() for one token from static buffers (step_graphs), by whether the indexer
-        # scores (True) or not: set by Transformer.use_step_graphs; None runs it op by op.
-        self.project_segments: dict | None = None
+        # On a torch device, heads() for one token: its projections and the rest over the KV cache's fixed-capacity
+        # rings, each from static buffers (step_graphs; flashlite/device/step_heads.py): set by
+        # Transformer.use_step_graphs; None runs it op by op.
+        self.step_heads = None
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
         """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
@@ -391,13 +399,12 @@ class Attention:
         """The attention heads' outputs before the output projection, laid out by wo_a's groups [G, T, H/G, hd]
         (still rotated); the chunk's rows appended to the cache."""
         a, t = self.args, x.shape[0]
+        if t == 1 and self.step_heads is not None:  # a decode step: from static buffers (step_graphs)
+            return self.step_heads(x, positions, cos, sin, cache)
         start = int(positions[0])
         crowded = self.indexer.crowded(positions) if self.indexer is not None else None
         scored = crowded is not None and crowded.size > 0
-        if t == 1 and self.project_segments is not None:  # a decode step: from static buffers (step_graphs)
-            q, kv, *products = self.project_segments[scored](x, cos, sin)
-        else:
-            q, kv, *products = self.project(x, cos, sin, crowded)
+        q, kv, *products = self.project(x, cos, sin, crowded)
         n_compressed = 2 if self.compressor is not None else 0
         n_indexed = 2 + scored if self.indexer is not None else 0
         compressed, indexed = products[:n_compressed], products[n_compressed:n_compressed + n_indexed]
@@ -833,13 +840,14 @@ class Transformer:
         torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
         prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
         for block in self.layers:
-            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.project_segments = None
+            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.step_heads = None
         self.head_segment = self.graphs = None
         if mode == "off":
             return
         if self.device is None:
             raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
         from flashlite.device.step_graphs import StepGraphs
+        from flashlite.device.step_heads import StepHeads
         self.graphs = g = StepGraphs(mode, self.device.device)
         for block in self.layers:
             f = block.ffn
@@ -848,17 +856,7 @@ class Transformer:
                                            [block.attn_hc.fn])
             block.attn_finish_segment = g.segment(block.attn_finish, f"blk.{block.layer} attention output",
                                                   [at.wo_a, at.wo_b])
-            weights = [at.wq_a, at.wkv, at.wq_b]
-            weights += [at.compressor.wkv, at.compressor.wgate] if at.compressor is not None else []
-            ix = at.indexer
-            if ix is not None:
-                weights += [ix.weights_proj, ix.wq_b, ix.compressor.wkv, ix.compressor.wgate]
-            segments = {scored: g.segment(functools.partial(at.project, crowded=np.arange(int(scored))),
-                                          f"blk.{block.layer} attention projections"
-                                          + (", indexer scoring" if scored else ""), weights)
-                        for scored in ((False, True) if ix is not None else (False,))}
-            if all(s is not None for s in segments.values()):
-                at.project_segments = segments
+            at.step_heads = StepHeads(g, at)
             if block.next is None:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
