@@ -28,6 +28,7 @@ torch.cuda.graph itself); "off" runs op by op.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flashlite.backends import torch_device
@@ -93,9 +94,17 @@ class Segment:
             self.graphs.eager += 1
             return self.fn(*args, *state)
         if self.inputs is None:
-            self.inputs = [torch.empty(tuple(a.shape), dtype=_dtype(a), device=self.graphs.device) for a in args]
-        for buf, a in zip(self.inputs, args):  # in place: the graph reads these addresses
-            buf.copy_(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), non_blocking=True)
+            self._allocate(args)
+        for i, a in enumerate(args):  # in place: the graph reads these addresses
+            if isinstance(a, torch.Tensor):
+                self.inputs[i].copy_(a, non_blocking=True)
+            else:
+                lo, hi, dtype, shape = self.host_layout[i]
+                if a.dtype != dtype or a.shape != shape:
+                    raise ValueError(f"{self.name}: host input {i} is {a.dtype} {a.shape}, the segment's {dtype} {shape}")
+                self.staging[lo:hi] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        if self.host_layout:  # every host array in one copy (pageable memory: the host may write it again at once)
+            self.host_inputs.copy_(torch.from_numpy(self.staging), non_blocking=True)
         bound = tuple((t.data_ptr(), tuple(t.shape)) for t in state)
         if bound != self.bound:
             self.state, self.bound, self.graph = state, bound, None
@@ -111,6 +120,25 @@ class Segment:
         self.graphs.replays += 1
         out = tuple(o.clone() for o in self.outputs)
         return out[0] if self.single else out
+
+    def _allocate(self, args) -> None:
+        """The static inputs: a buffer per tensor argument, and the host arrays (RoPE tables, slots, counts) as views
+        into one device buffer that one copy fills, at 8-byte aligned offsets."""
+        self.inputs, self.host_layout, end = [], {}, 0
+        for i, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):
+                a = np.asarray(a)
+                self.host_layout[i] = (end, end + a.nbytes, a.dtype, a.shape)
+                end += -(-a.nbytes // 8) * 8
+        self.staging = np.zeros(end, np.uint8)
+        self.host_inputs = torch.zeros(end, dtype=torch.uint8, device=self.graphs.device)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self.inputs.append(torch.empty(tuple(a.shape), dtype=a.dtype, device=self.graphs.device))
+            else:
+                lo, hi, dtype, shape = self.host_layout[i]
+                self.inputs.append(self.host_inputs[lo:hi].view(torch.from_numpy(np.empty(0, dtype)).dtype)
+                                   .view(shape))
 
     def _run(self) -> tuple:
         with torch_device.refuse_uploads(self.name):
@@ -145,6 +173,3 @@ class Segment:
         self.graph = graph
         return True
 
-
-def _dtype(a) -> torch.dtype:
-    return a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(a[:0]).dtype
