@@ -62,6 +62,11 @@ class StepGraphs:
         self.segments.append(s)
         return s
 
+    def drop(self, segments: list) -> None:
+        """Leave these segments out (a larger one runs their functions)."""
+        for s in segments:
+            self.segments.remove(s)
+
     def __str__(self) -> str:
         captured = sum(s.graph is not None for s in self.segments)
         return (f"{self.mode} step graphs: {len(self.segments)} segments ({captured} captured), {self.replays} "

@@ -60,6 +60,9 @@ class StepHeads:
             weights += [ix.weights_proj, ix.wq_b, ix.compressor.wkv, ix.compressor.wgate]
         self.project = functools.partial(attn.project, crowded=np.arange(int(ix is not None)))
         self.project_segment = graphs.segment(self.project, f"blk.{attn.layer} attention projections", weights)
+        n_states = (attn.compressor is not None) + (attn.indexer is not None)
+        # how many arrays positional() gives and how many rings a layer has (LayerCache.logs)
+        self.n_positional, self.n_rings = 2 + len(_COMPRESSOR_INPUTS) * n_states, 1 + 3 * n_states
         self.segments = {
             fmt: graphs.segment(functools.partial(self.compute, row_formats(a.head_dim, a.index_head_dim,
                                                                             a.rope_head_dim, fmt)),
@@ -69,18 +72,28 @@ class StepHeads:
     def __call__(self, x, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache):
         """Attention.heads for one token x [1, D]: the heads' outputs [G, 1, H/G, hd], the cache advanced by it."""
         q, kv, *products = (self.project_segment or self.project)(x, cos, sin)
+        p = int(positions[0])
+        rings = self.rings(cache)  # first: a ring that doubles changes the slots
+        o = self.segments[cache.kv_format](q, kv, *products, cos, sin, *self.positional(p, cache), state=rings)
+        self.advance(p, cache)
+        return o
+
+    @staticmethod
+    def rings(cache) -> tuple:
+        """The layer's rings, with room for the step's rows (a ring that doubles here moves: before positional())."""
         logs = cache.logs()
         for log in logs:
             log.reserve(1)
-        p = int(positions[0])
-        o = self.segments[cache.kv_format](q, kv, *products, cos, sin, *self.positional(p, cache),
-                                           state=tuple(log.buffer for log in logs))
+        return tuple(log.buffer for log in logs)
+
+    @staticmethod
+    def advance(p: int, cache) -> None:
+        """The logs' ends moved past the rows the step at p wrote into the rings."""
         cache.kv.end += 1
         for s in cache.states():
             s.kv.end += 1
             s.score.end += 1
             s.rows.end += (p + 1) % s.ratio == 0
-        return o
 
     def positional(self, p: int, cache) -> list[np.ndarray]:
         """What position p decides, as small host arrays the segment takes among its inputs: the window's slots

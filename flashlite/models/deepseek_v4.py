@@ -794,6 +794,7 @@ class Transformer:
         if token_ids.min() < 0 or token_ids.max() >= self.args.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
         positions = np.arange(cache.pos, cache.pos + len(token_ids))
+        run_logits = None  # the logits of a run of layers that ends with the head
         e = self.embed_tokens(token_ids)
         if self.prefetch_at_start:
             y = rms_norm(e, None, self.args.norm_eps)
@@ -807,10 +808,21 @@ class Transformer:
             tables = [rope.step_tables(pos, len(token_ids), ratio) for rope, ratio in self.step_ropes]
             h = backend.model_step(self.step_plan, cache, pos, tables, h, token_ids)
         else:
-            for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            # a decode step on a torch device: runs of resident layers as one segment each (step graphs)
+            runs = self.step_runs if len(token_ids) == 1 and dump is None and taps is None and OBSERVER is None else {}
+            i = 0
+            while i < len(self.layers):
+                run = runs.get(i)
+                if run is not None:
+                    h = run(h, positions, token_ids, cache.layers[run.start:run.stop])
+                    if run.head is not None:
+                        h, run_logits = h
+                    i = run.stop
+                    continue
                 if taps is not None and i in taps:
                     taps[i] = h.mean(axis=1)
-                h = block(h, positions, token_ids, layer_cache, dump)
+                h = self.layers[i](h, positions, token_ids, cache.layers[i], dump)
+                i += 1
         if taps is not None and len(self.layers) in taps:
             taps[len(self.layers)] = h.mean(axis=1)
         if hidden is not None:
@@ -824,6 +836,8 @@ class Transformer:
             x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
             dump["output_norm"] = x.copy()
             y = linear(self.head, x)
+        elif run_logits is not None:
+            y = run_logits
         else:
             y = (self.head_segment or self.head_logits)(h)
         cache.advance(token_ids)
@@ -842,10 +856,12 @@ class Transformer:
         for block in self.layers:
             block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.step_heads = None
         self.head_segment = self.graphs = None
+        self.step_runs = {}
         if mode == "off":
             return
         if self.device is None:
             raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
+        from flashlite.device.layer_runs import LayerRun
         from flashlite.device.step_graphs import StepGraphs
         from flashlite.device.step_heads import StepHeads
         self.graphs = g = StepGraphs(mode, self.device.device)
@@ -861,3 +877,24 @@ class Transformer:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
         self.head_segment = g.segment(self.head_logits, "head", [self.hc_head.fn, self.head])
+        # each run of layers whose every part got a segment becomes one (the head with it when it ends the model):
+        # their parts' segments are left out (the functions still serve a batch of several tokens, op by op)
+        run = []
+        for block in self.layers + [None]:
+            parts = [] if block is None else [block.attn_segment, block.attn.step_heads.project_segment,
+                                              block.attn_finish_segment, block.ffn_segment]
+            if parts and all(s is not None for s in parts):
+                run.append(block)
+                continue
+            if run:
+                with_head = run[-1] is self.layers[-1] and self.head_segment is not None
+                merged = LayerRun(g, run, self.head_logits if with_head else None)
+                self.step_runs[merged.start] = merged
+                for b in run:
+                    g.drop([b.attn_segment, b.attn.step_heads.project_segment, b.attn_finish_segment, b.ffn_segment,
+                            *b.attn.step_heads.segments.values()])
+                    b.attn_segment = b.attn_finish_segment = b.ffn_segment = b.attn.step_heads = None
+                if with_head:
+                    g.drop([self.head_segment])
+                    self.head_segment = None
+            run = []

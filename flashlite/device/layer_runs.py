@@ -1,0 +1,72 @@
+"""Consecutive layers of a decode step as one step-graph segment (issue 15, docs/gpu.md "CUDA graphs").
+
+Where every part of a layer is on the device (no weight left on the host by hybrid placement, no disk prefetch of
+the next layer's experts), its attention collapse, projections, heads over the KV rings, output and MoE sublayer
+have no reason to be separate segments: a run of such layers is one, the head with it when the run ends the model
+and the head is on the device. On CUDA a step of a resident model is then one graph launch; a split or host layer
+ends a run and runs as its parts' segments, with the host's work between them.
+
+The functions are the layers' own (Block.attn_collapse, Attention.project, StepHeads.compute, Block.attn_finish,
+Block.ffn_sublayer, Transformer.head_logits), in Block's order; the host does what StepHeads does for one layer
+(the rings' room, the positional inputs, the logs' ends) for each layer of the run.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from flashlite.kv_cache import KV_FORMATS, row_formats
+
+
+class LayerRun:
+    """blocks (consecutive, each with its StepHeads) as one segment per KV format; head: the model's head_logits
+    when the run ends the model (then a run returns the streams and the logits)."""
+
+    def __init__(self, graphs, blocks: list, head=None):
+        self.blocks, self.head = blocks, head
+        self.heads = [b.attn.step_heads for b in blocks]  # kept here: the blocks' own are unset (see use_step_graphs)
+        self.ropes = list(dict.fromkeys(b.attn.rope for b in blocks))
+        a = blocks[0].attn.args
+        name = f"blk.{blocks[0].layer}-{blocks[-1].layer}" + (" and head" if head is not None else "")
+        self.segments = {fmt: graphs.segment(functools.partial(self.compute, row_formats(
+            a.head_dim, a.index_head_dim, a.rope_head_dim, fmt)), f"{name} ({fmt} KV)", []) for fmt in KV_FORMATS}
+
+    @property
+    def start(self) -> int:
+        return self.blocks[0].layer
+
+    @property
+    def stop(self) -> int:
+        return self.blocks[-1].layer + 1
+
+    def __call__(self, h, positions: np.ndarray, token_ids: np.ndarray, caches: list):
+        """The run's layers for one token (the streams h [1, hc, D]), their caches advanced: the streams after the
+        last, or with the head (streams, logits)."""
+        p = int(positions[0])
+        tables = [t for rope in self.ropes for t in rope.cos_sin(positions)]
+        positional, rings = [], []
+        for heads, cache in zip(self.heads, caches):
+            rings += heads.rings(cache)  # first: a ring that doubles changes the slots
+            positional += heads.positional(p, cache)
+        out = self.segments[caches[0].kv_format](h, token_ids, *tables, *positional, state=tuple(rings))
+        for heads, cache in zip(self.heads, caches):
+            heads.advance(p, cache)
+        return out
+
+    def compute(self, formats, h, token_ids, *rest):
+        """The segment's function: inputs as __call__ passes them, then every layer's rings in place."""
+        tables, rest = rest[:2 * len(self.ropes)], rest[2 * len(self.ropes):]
+        n_positional = sum(heads.n_positional for heads in self.heads)
+        positional, rings = rest[:n_positional], rest[n_positional:]
+        for block, heads in zip(self.blocks, self.heads):
+            r = self.ropes.index(block.attn.rope)
+            cos, sin = tables[2 * r:2 * r + 2]
+            n, n_rings = heads.n_positional, heads.n_rings
+            mine, positional = positional[:n], positional[n:]
+            layer_rings, rings = rings[:n_rings], rings[n_rings:]
+            x, post, comb = block.attn_collapse(h)
+            q, kv, *products = heads.project(x, cos, sin)
+            o = heads.compute(formats, q, kv, *products, cos, sin, *mine, *layer_rings)
+            h = block.ffn_sublayer(block.attn_finish(h, post, comb, o, cos, sin), token_ids)
+        return h if self.head is None else (h, self.head(h))
