@@ -106,7 +106,8 @@ class Segment:
             else:
                 lo, hi, dtype, shape = self.host_layout[i]
                 if a.dtype != dtype or a.shape != shape:
-                    raise ValueError(f"{self.name}: host input {i} is {a.dtype} {a.shape}, the segment's {dtype} {shape}")
+                    raise ValueError(f"{self.name}: host input {i} is {a.dtype} {a.shape}, the segment's is "
+                                     f"{dtype} {shape}")
                 self.staging[lo:hi] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self.host_layout:  # every host array in one copy (pageable memory: the host may write it again at once)
             self.host_inputs.copy_(torch.from_numpy(self.staging), non_blocking=True)
