@@ -276,17 +276,20 @@ class DeviceRowLog(RowLog):
 
     def reserve(self, n: int) -> None:
         """Room for n more positions: the capacity doubled (rows laid out again) until the log's fit."""
-        need = len(self) + n
-        if need > self.capacity:
-            held = self._span(self.start, self.end)
-            cap = self.capacity
-            while cap < need:
-                cap *= 2
-            self._buf = self._empty(cap)
-            self._write(self.start, held)
+        if len(self) + n > self.capacity:
+            self._relayout(_power_of_two(len(self) + n, self.capacity))
 
     def trim(self, keep_from: int) -> None:
+        """RowLog.trim; a ring left over four times larger than its rows (a long prefill chunk's, now trimmed to the
+        window and the rewind) gives the memory back, down to twice their number."""
         self.start = min(max(keep_from, self.start), self.end)
+        if self.capacity > 4 * max(len(self), self.MIN_CAPACITY):
+            self._relayout(_power_of_two(2 * max(len(self), self.MIN_CAPACITY), self.MIN_CAPACITY))
+
+    def _relayout(self, capacity: int) -> None:
+        held = self._span(self.start, self.end)
+        self._buf = self._empty(capacity)
+        self._write(self.start, held)
 
     def _span(self, lo: int, hi: int) -> torch.Tensor:
         """The stored rows of positions [lo, hi): a view where they do not wrap around the ring, else a copy."""
@@ -334,12 +337,16 @@ class DeviceRowLog(RowLog):
             rows = torch.from_numpy(stored.copy()).to(self.device)
         n = rows.shape[0]
         if self._buf is None or n > self.capacity:
-            cap = self.MIN_CAPACITY
-            while cap < n:
-                cap *= 2
-            self._buf = self._empty(cap)
+            self._buf = self._empty(_power_of_two(n, self.MIN_CAPACITY))
         self.start, self.end = start, start + n
         self._write(start, rows)
+
+
+def _power_of_two(n: int, start: int) -> int:
+    """The least start * 2^k >= n."""
+    while start < n:
+        start *= 2
+    return start
 
 
 def store_rows(fmt: RowFormat, rows: torch.Tensor) -> torch.Tensor:
