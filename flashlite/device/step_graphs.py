@@ -7,19 +7,15 @@ once and replays it with one launch, on conditions: the same shapes and the same
 copied into static buffers in place before it, outputs read from static buffers after it), no value read back to the
 host inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
 
-What of V4's step meets them, for a batch of one token: each layer's attention collapse (hyper-connection and
-norm: Block.attn_collapse), its attention projections (q, KV row, compressor and indexer products, normed and
-rotated: Attention.project, cos and sin among its inputs; two variants in a ratio-4 layer, without and with the
-indexer's products), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
-the streams: Block.attn_finish, the position's cos and sin among its inputs), each MoE sublayer
-(hyper-connections, router, grouped routed experts, shared expert: Block.ffn_sublayer) and the head
-(Transformer.head_logits). These are segments. Between them the rest of the attention's heads runs op by op
-(Attention.heads): it appends to the KV logs and reads a window and compressed rows whose count grows with the
-position, the compressor pools a row only when a window closes and the indexer scores only past index_topk rows,
-so its kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
-of its weights was left on the host by hybrid placement (its product brings the input over: a split MoE layer ends
-a segment) or when the MoE sublayer prefetches the next layer's experts from disk (the predicted ids come to the
-host).
+What of V4's step meets them, for a batch of one token: the position-independent parts (each layer's attention
+collapse: Block.attn_collapse; its projections: Attention.project, cos and sin among its inputs; its output:
+Block.attn_finish; its MoE sublayer: Block.ffn_sublayer; the head: Transformer.head_logits), and the attention
+heads once they run over the KV cache's fixed-capacity rings with masks, the position coming in through small
+inputs (flashlite/device/step_heads.py). A run of layers whose every part is on the device is one segment, the
+head with the last (flashlite/device/layer_runs.py): a resident model's whole step. A part is not made a segment (it
+runs op by op) when one of its weights was left on the host by hybrid placement (its product brings the input
+over: a split MoE layer ends a run) or when the MoE sublayer prefetches the next layer's experts from disk (the
+predicted ids come to the host).
 
 Modes (Transformer.use_step_graphs): "cuda" captures each segment at its first batch of one token and replays it
 after; "static" runs the same segments from the same static buffers, the function run again in place of a replay,

@@ -594,7 +594,8 @@ class Block:
         self.attn_plan = self.ffn_plan = None
         # On a torch device, attn_collapse, attn_finish and ffn_sublayer for a batch of one token run from static
         # buffers (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by
-        # Transformer.use_step_graphs; None runs them op by op.
+        # Transformer.use_step_graphs; None runs them op by op (or, in a run of resident layers, the run's segment
+        # does the layer's whole step: Transformer.step_runs).
         self.attn_segment = self.attn_finish_segment = self.ffn_segment = None
 
     def plan_attn(self):
@@ -849,10 +850,13 @@ class Transformer:
 
     def use_step_graphs(self, mode: str = "off") -> None:
         """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
-        captured CUDA graphs of its segments (each layer's attention collapse, projections, output and MoE
-        sublayer, the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
-        torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
-        prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
+        captured CUDA graphs of its segments, "static" runs the same segments from the same static buffers without a
+        capture (how a CPU torch device tests it), "off" runs op by op. The segments: each run of layers whose every
+        part is on the device, the head with the last (flashlite/device/layer_runs.py: a resident model's whole
+        step); in the other layers, the attention collapse, projections, heads over the KV rings
+        (flashlite/device/step_heads.py) and output each. A part with a weight the placement left on the host, and a
+        MoE sublayer that prefetches the next layer's experts from disk, run op by op (both bring values to the
+        host)."""
         for block in self.layers:
             block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.step_heads = None
         self.head_segment = self.graphs = None
