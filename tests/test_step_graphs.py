@@ -149,6 +149,27 @@ def test_a_rollback_restores_the_rings(torch, f32_gguf, goldens, kv_format):
     assert (got["static"].argmax(1) == got["off"].argmax(1)).all()
 
 
+def test_sequences_taking_turns_keep_their_bindings(torch, f32_gguf, goldens):
+    """Two sequences' caches taking turns, a step each (a server's way): the step's segment is bound once to each
+    cache's rings and then replays the one it is handed (Segment.kept), where each turn would capture again; each
+    sequence's logits are those of decoding it alone."""
+    model = load(f32_gguf, device="torch-cpu", threads=1)
+    ids = goldens["prompt_ids"]
+    alone = [_decode(model, ids[k:], "static", slice(36, 44)) for k in (0, 50)]
+    caches = [model.new_cache(), model.new_cache()]
+    for k, cache in zip((0, 50), caches):
+        model.forward(ids[k:k + 36], cache=cache)
+    segment = model.net.step_runs[0].segments["f32"]
+    before = segment.bindings
+    turns = [[], []]
+    for i in range(36, 44):
+        for k, cache, out in zip((0, 50), caches, turns):
+            out.append(model.forward([ids[k + i]], cache=cache, logits="last"))
+    assert segment.bindings == before + 2 and len(segment.kept) == 2  # the other turn's, and the solo cache's
+    for got, expected in zip(turns, alone):
+        np.testing.assert_allclose(np.concatenate(got), expected, rtol=0, atol=ATOL)
+
+
 class _WrongThird:
     """A drafter that, every other round, proposes plain decoding's continuation with the third token of each
     draft wrong (a draft of three or more passes in part, and the rows of its rejected tokens are rolled back),

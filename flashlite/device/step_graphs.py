@@ -77,8 +77,12 @@ class Segment:
     copied out of the static outputs (the next replay overwrites them). Another batch size runs fn as it is.
 
     state: tensors fn reads and writes in place after its arguments (the KV cache's rings), passed as they are, not
-    copied: a graph holds their addresses, so when one of them moves (a ring doubled, another cache) the segment is
-    captured again (`bindings` counts the states it was bound to)."""
+    copied: a graph holds their addresses, so state at other addresses (a ring doubled) is captured again
+    (`bindings` counts the captures, or in the "static" mode the states that would be). The graphs of the last
+    KEEP_BOUND other states are kept (by their addresses, which their tensors own while they live): sequences whose
+    caches take turns (a server's) replay their own graphs instead of capturing at each turn."""
+
+    KEEP_BOUND = 4
 
     def __init__(self, graphs: StepGraphs, fn, name: str):
         self.graphs, self.fn, self.name = graphs, fn, name
@@ -88,6 +92,7 @@ class Segment:
         self.single = False  # fn returns one tensor, not a tuple
         self.state: tuple = ()
         self.bound: tuple | None = None  # the state's addresses and shapes the graph was captured with
+        self.kept: dict[tuple, tuple] = {}  # other states' (graph, outputs), by their addresses, oldest first
         self.bindings = 0
 
     def __call__(self, *args, state: tuple = ()):
@@ -107,10 +112,7 @@ class Segment:
                 self.staging[lo:hi] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self.host_layout:  # every host array in one copy (pageable memory: the host may write it again at once)
             self.host_inputs.copy_(torch.from_numpy(self.staging), non_blocking=True)
-        bound = tuple((t.data_ptr(), tuple(t.shape)) for t in state)
-        if bound != self.bound:
-            self.state, self.bound, self.graph = state, bound, None
-            self.bindings += 1
+        self._bind(state)
         if self.graphs.mode == "cuda":
             if self.graph is None and not self._capture():
                 self.graphs.eager += 1
@@ -122,6 +124,23 @@ class Segment:
         self.graphs.replays += 1
         out = tuple(o.clone() for o in self.outputs)
         return out[0] if self.single else out
+
+    def _bind(self, state: tuple) -> None:
+        """Make state the one the graph reads and writes: its kept graph, else one to capture."""
+        bound = tuple((t.data_ptr(), tuple(t.shape)) for t in state)
+        if bound == self.bound:
+            return
+        if self.bound is not None:
+            self.kept[self.bound] = (self.graph, self.outputs)
+            while len(self.kept) > self.KEEP_BOUND:
+                del self.kept[next(iter(self.kept))]
+        self.state, self.bound = state, bound
+        if bound in self.kept:
+            self.graph, self.outputs = self.kept.pop(bound)
+        else:
+            self.graph = None
+            self.outputs = None if self.graphs.mode == "cuda" else self.outputs  # a capture makes its own
+            self.bindings += 1
 
     def _allocate(self, args) -> None:
         """The static inputs: a buffer per tensor argument, and the host arrays (RoPE tables, slots, counts) as views

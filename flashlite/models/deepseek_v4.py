@@ -363,7 +363,6 @@ class Indexer:
         # take every visible row (k = index_topk here, the scored width)
         return backend.concat([backend.put(picks[:t - crowded.size], scored), scored], axis=0)
 
-
     def queries(self, q, cos, sin, round_rows=None):
         """The indexer's queries [T, heads, index_head_dim] rotated by RoPE (cos, sin); with FP4 rows, through the
         Hadamard rotation and rounded as the rows are (round_rows)."""
