@@ -43,12 +43,12 @@ def test_a_resident_step_is_one_segment_that_follows_op_by_op(torch, f32_gguf, g
     steps that cross the ratio-4 windows' closings and the indexer's first scores (from position 19, more than
     index_topk = 4 rows visible), the doublings of the rings (16 -> 32 -> 64 positions; 128 -> 256) and the
     ratio-128 layers' first row (position 127); the prefill runs the same functions op by op. The static buffers
-    stay where they are; the rings move only when one doubles, and the segment is bound again exactly then. The
-    logits follow op by op's to ATOL, the greedy tokens are the same."""
-    model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format)
+    stay where they are; the rings move only when one doubles, and the segment is bound again exactly then (not
+    after a reset, which empties the rings in place). The logits follow op by op's to ATOL, the greedy tokens are
+    the same."""
     ids = goldens["prompt_ids"]
-    eager = _decode(model, ids, "off", steps)
-    assert model.net.graphs is None
+    eager = _decode(load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format), ids, "off", steps)
+    model = load(f32_gguf, device="torch-cpu", threads=1, kv_format=kv_format)  # rings of a fresh cache
     model.net.use_step_graphs("static")
     g = model.net.graphs
     assert [s.name for s in g.segments] == ["blk.0-5 and head (f32 KV)", "blk.0-5 and head (fp8 KV)"]
@@ -67,6 +67,10 @@ def test_a_resident_step_is_one_segment_that_follows_op_by_op(torch, f32_gguf, g
     assert g.replays == steps.stop - steps.start and not g.failures
     moves = sum(a != b for a, b in zip(rings, rings[1:]))
     assert moves >= 1 and used.bindings == 1 + moves  # a ring doubled within the steps
+    model.reset()  # the cache emptied in place: the same rings, no new binding (no capture on CUDA)
+    model.forward(ids[:steps.start])
+    model.forward([ids[steps.start]], logits="last")
+    assert used.bindings == 1 + moves and _rings(model) == rings[-1]
     stepped = np.concatenate(stepped)
     np.testing.assert_allclose(stepped, eager, rtol=0, atol=ATOL)
     assert (stepped.argmax(1) == eager.argmax(1)).all()
