@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from flashlite import backends as backend
 from flashlite.cli import main
 from flashlite.model import load
 
@@ -172,6 +173,23 @@ def test_sequences_taking_turns_keep_their_bindings(torch, f32_gguf, goldens):
     assert segment.bindings == before + 2 and len(segment.kept) == 2  # the other turn's, and the solo cache's
     for got, expected in zip(turns, alone):
         np.testing.assert_allclose(np.concatenate(got), expected, rtol=0, atol=ATOL)
+
+
+def test_a_step_in_one_segment_gives_the_taps(torch, f32_gguf, goldens):
+    """A DSpark draft reads the mean of the streams entering layers of the target (taps): a resident step in one
+    segment gives them too (the run's second output), as op by op does, to ATOL."""
+    model = load(f32_gguf, device="torch-cpu", threads=1)
+    ids = goldens["prompt_ids"]
+    got = {}
+    for mode in ("off", "static"):
+        model.net.use_step_graphs(mode)
+        model.reset()
+        model.forward(ids[:30])
+        taps = {1: None, 4: None, 6: None}
+        model.forward(ids[30:31], taps=taps)
+        got[mode] = np.concatenate([np.asarray(backend.to_host(taps[k])) for k in sorted(taps)])
+    assert model.net.graphs.replays == 1
+    np.testing.assert_allclose(got["static"], got["off"], rtol=0, atol=ATOL)
 
 
 class _WrongThird:

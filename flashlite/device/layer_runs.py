@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 from flashlite.kv_cache import KV_FORMATS, row_formats
 
@@ -41,8 +42,9 @@ class LayerRun:
         return self.blocks[-1].layer + 1
 
     def __call__(self, h, positions: np.ndarray, token_ids: np.ndarray, caches: list):
-        """The run's layers for one token (the streams h [1, hc, D]), their caches advanced: the streams after the
-        last, or with the head (streams, logits)."""
+        """The run's layers for one token (the streams h [1, hc, D]), their caches advanced: (the streams after the
+        last, the mean of the streams entering each layer [layers, 1, D] (a DSpark draft's taps), and with the head
+        its logits)."""
         p = int(positions[0])
         tables = [t for rope in self.ropes for t in rope.cos_sin(positions)]
         positional, rings = [], []
@@ -59,7 +61,9 @@ class LayerRun:
         tables, rest = rest[:2 * len(self.ropes)], rest[2 * len(self.ropes):]
         n_positional = sum(heads.n_positional for heads in self.heads)
         positional, rings = rest[:n_positional], rest[n_positional:]
+        entering = []
         for block, heads in zip(self.blocks, self.heads):
+            entering.append(h.mean(axis=1))
             r = self.ropes.index(block.attn.rope)
             cos, sin = tables[2 * r:2 * r + 2]
             n, n_rings = heads.n_positional, heads.n_rings
@@ -69,4 +73,5 @@ class LayerRun:
             q, kv, *products = heads.project(x, cos, sin)
             o = heads.compute(formats, q, kv, *products, cos, sin, *mine, *layer_rings)
             h = block.ffn_sublayer(block.attn_finish(h, post, comb, o, cos, sin), token_ids)
-        return h if self.head is None else (h, self.head(h))
+        entering = torch.stack(entering)
+        return (h, entering) if self.head is None else (h, entering, self.head(h))

@@ -809,14 +809,16 @@ class Transformer:
             h = backend.model_step(self.step_plan, cache, pos, tables, h, token_ids)
         else:
             # a decode step on a torch device: runs of resident layers as one segment each (step graphs)
-            runs = self.step_runs if len(token_ids) == 1 and dump is None and taps is None and OBSERVER is None else {}
+            runs = self.step_runs if len(token_ids) == 1 and dump is None and OBSERVER is None else {}
             i = 0
             while i < len(self.layers):
                 run = runs.get(i)
                 if run is not None:
-                    h = run(h, positions, token_ids, cache.layers[run.start:run.stop])
-                    if run.head is not None:
-                        h, run_logits = h
+                    h, entering, *logits = run(h, positions, token_ids, cache.layers[run.start:run.stop])
+                    run_logits = logits[0] if logits else None
+                    for j in range(run.start, run.stop):
+                        if taps is not None and j in taps:
+                            taps[j] = entering[j - run.start]
                     i = run.stop
                     continue
                 if taps is not None and i in taps:
