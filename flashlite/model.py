@@ -512,6 +512,6 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
 
     cuda_graphs (on a CUDA device; default True): a decode step is captured as CUDA graphs at the first step and
     replayed after (docs/gpu.md): a model all on the device as one graph, its attention heads over fixed-capacity
-    KV rings; in hybrid placement a graph per run of resident layers and per part of the others. False runs every
-    step op by op. model.net.graphs counts the replays."""
+    KV rings; in hybrid placement a graph per run of layers, a layer's MoE with host weights op by op between them.
+    False runs every step op by op. model.net.graphs counts the replays."""
     return Model(path, threads=threads, ctx=ctx, **options)

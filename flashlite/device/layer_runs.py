@@ -3,8 +3,9 @@
 Where every part of a layer is on the device (no weight left on the host by hybrid placement, no disk prefetch of
 the next layer's experts), its attention collapse, projections, heads over the KV rings, output and MoE sublayer
 have no reason to be separate segments: a run of such layers is one, the head with it when the run ends the model
-and the head is on the device. On CUDA a step of a resident model is then one graph launch; a split or host layer
-ends a run and runs as its parts' segments, with the host's work between them.
+and the head is on the device. On CUDA a step of a resident model is then one graph launch. A layer whose MoE
+sublayer has a weight on the host (or prefetches) ends a run after its attention sublayer; its MoE runs op by op,
+with the host's work, and the next layer starts the next run.
 
 The functions are the layers' own (Block.attn_collapse, Attention.project, StepHeads.compute, Block.attn_finish,
 Block.ffn_sublayer, Transformer.head_logits), in Block's order; the host does what StepHeads does for one layer
@@ -22,14 +23,16 @@ from flashlite.kv_cache import KV_FORMATS, row_formats
 
 class LayerRun:
     """blocks (consecutive, each with its StepHeads) as one segment per KV format; head: the model's head_logits
-    when the run ends the model (then a run returns the streams and the logits)."""
+    when the run ends the model (then a run returns the streams and the logits); attention_only: the last block's
+    attention sublayer alone (its MoE sublayer is the caller's, op by op)."""
 
-    def __init__(self, graphs, blocks: list, head=None):
-        self.blocks, self.head = blocks, head
+    def __init__(self, graphs, blocks: list, head=None, attention_only: bool = False):
+        self.blocks, self.head, self.attention_only = blocks, head, attention_only
         self.heads = [b.attn.step_heads for b in blocks]  # kept here: the blocks' own are unset (see use_step_graphs)
         self.ropes = list(dict.fromkeys(b.attn.rope for b in blocks))
         a = blocks[0].attn.args
-        name = f"blk.{blocks[0].layer}-{blocks[-1].layer}" + (" and head" if head is not None else "")
+        name = f"blk.{blocks[0].layer}-{blocks[-1].layer}" + (" and head" if head is not None else "") + \
+            (f" (blk.{blocks[-1].layer}'s attention)" if attention_only else "")
         self.segments = {fmt: graphs.segment(functools.partial(self.compute, row_formats(
             a.head_dim, a.index_head_dim, a.rope_head_dim, fmt)), f"{name} ({fmt} KV)", []) for fmt in KV_FORMATS}
 
@@ -72,6 +75,8 @@ class LayerRun:
             x, post, comb = block.attn_collapse(h)
             q, kv, *products = heads.project(x, cos, sin)
             o = heads.compute(formats, q, kv, *products, cos, sin, *mine, *layer_rings)
-            h = block.ffn_sublayer(block.attn_finish(h, post, comb, o, cos, sin), token_ids)
+            h = block.attn_finish(h, post, comb, o, cos, sin)
+            if not (self.attention_only and block is self.blocks[-1]):
+                h = block.ffn_sublayer(h, token_ids)
         entering = torch.stack(entering)
         return (h, entering) if self.head is None else (h, entering, self.head(h))

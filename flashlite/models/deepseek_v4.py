@@ -819,6 +819,8 @@ class Transformer:
                     for j in range(run.start, run.stop):
                         if taps is not None and j in taps:
                             taps[j] = entering[j - run.start]
+                    if run.attention_only:  # the last layer's MoE sublayer, op by op
+                        h = self.layers[run.stop - 1].ffn_sublayer(h, token_ids)
                     i = run.stop
                     continue
                 if taps is not None and i in taps:
@@ -852,12 +854,12 @@ class Transformer:
     def use_step_graphs(self, mode: str = "off") -> None:
         """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
         captured CUDA graphs of its segments, "static" runs the same segments from the same static buffers without a
-        capture (how a CPU torch device tests it), "off" runs op by op. The segments: each run of layers whose every
-        part is on the device, the head with the last (flashlite/device/layer_runs.py: a resident model's whole
-        step); in the other layers, the attention collapse, projections, heads over the KV rings
-        (flashlite/device/step_heads.py) and output each. A part with a weight the placement left on the host, and a
-        MoE sublayer that prefetches the next layer's experts from disk, run op by op (both bring values to the
-        host)."""
+        capture (how a CPU torch device tests it), "off" runs op by op. The segments: runs of layers, each ending
+        after a whole layer, or after the attention sublayer of a layer whose MoE sublayer has a weight the placement
+        left on the host or prefetches the next layer's experts from disk (both bring values to the host: it runs
+        op by op), the head with the last run when that ends the model (flashlite/device/layer_runs.py: a resident
+        model's whole step is one). A layer whose attention has a host weight keeps a segment per part that has
+        none (attention collapse, projections, heads over the KV rings: flashlite/device/step_heads.py, output)."""
         for block in self.layers:
             block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.step_heads = None
         self.head_segment = self.graphs = None
@@ -866,7 +868,6 @@ class Transformer:
             return
         if self.device is None:
             raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
-        from flashlite.device.layer_runs import LayerRun
         from flashlite.device.step_graphs import StepGraphs
         from flashlite.device.step_heads import StepHeads
         self.graphs = g = StepGraphs(mode, self.device.device)
@@ -882,24 +883,32 @@ class Transformer:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
         self.head_segment = g.segment(self.head_logits, "head", [self.hc_head.fn, self.head])
-        # each run of layers whose every part got a segment becomes one (the head with it when it ends the model):
-        # their parts' segments are left out (the functions still serve a batch of several tokens, op by op)
+        # each run of layers whose parts got segments becomes one: the layers whole, the last one's attention alone
+        # when its MoE sublayer has no segment (a weight on the host, the disk prefetch: it runs op by op after the
+        # run), the head with it when it ends the model. The parts' segments are left out (their functions still
+        # serve a batch of several tokens, op by op).
         run = []
         for block in self.layers + [None]:
-            parts = [] if block is None else [block.attn_segment, block.attn.step_heads.project_segment,
-                                              block.attn_finish_segment, block.ffn_segment]
-            if parts and all(s is not None for s in parts):
+            attention = block is not None and all(s is not None for s in (
+                block.attn_segment, block.attn.step_heads.project_segment, block.attn_finish_segment))
+            if attention:
                 run.append(block)
-                continue
+                if block.ffn_segment is not None:
+                    continue
             if run:
-                with_head = run[-1] is self.layers[-1] and self.head_segment is not None
-                merged = LayerRun(g, run, self.head_logits if with_head else None)
-                self.step_runs[merged.start] = merged
-                for b in run:
-                    g.drop([b.attn_segment, b.attn.step_heads.project_segment, b.attn_finish_segment, b.ffn_segment,
-                            *b.attn.step_heads.segments.values()])
-                    b.attn_segment = b.attn_finish_segment = b.ffn_segment = b.attn.step_heads = None
-                if with_head:
-                    g.drop([self.head_segment])
-                    self.head_segment = None
+                self._merge(g, run, attention_only=attention)
             run = []
+
+    def _merge(self, g, run: list, attention_only: bool) -> None:
+        """run's blocks as one LayerRun (see use_step_graphs), their parts' segments left out."""
+        from flashlite.device.layer_runs import LayerRun
+        with_head = not attention_only and run[-1] is self.layers[-1] and self.head_segment is not None
+        merged = LayerRun(g, run, self.head_logits if with_head else None, attention_only)
+        self.step_runs[merged.start] = merged
+        for b in run:
+            g.drop([s for s in (b.attn_segment, b.attn.step_heads.project_segment, b.attn_finish_segment,
+                                b.ffn_segment, *b.attn.step_heads.segments.values()) if s is not None])
+            b.attn_segment = b.attn_finish_segment = b.ffn_segment = b.attn.step_heads = None
+        if with_head:
+            g.drop([self.head_segment])
+            self.head_segment = None
