@@ -124,9 +124,9 @@ def correctness(base, work: Path, out: dict) -> None:
 
 def graphs_vs_eager(path: Path, base, g, kv_format: str, gpu_mem=None) -> dict:
     """The file at path on CUDA with its decode step captured (load's default: a resident model's whole step is
-    one graph, flashlite/device/layer_runs.py; a hybrid one's runs and parts) and op by op (cuda_graphs=False):
-    greedy tokens (the goldens' too with an f32 cache), and the last logits of steps 126..139, then, rolled back to 131, of steps
-    131..139 again, against each other (the heads over the KV rings differ from op by op by float32 rounding:
+    one graph, flashlite/device/layer_runs.py; a hybrid one's a graph per run) and op by op (cuda_graphs=False):
+    greedy tokens (the goldens' too with an f32 cache), and the last logits of steps 126..139, then, rolled back
+    to 131, of steps 131..139 again, against each other (the heads over the KV rings differ from op by op by float32 rounding:
     tests/test_step_graphs.py's ATOL); every segment used captured, none failed; the graphs launched per step and
     how often each segment was captured (again at each doubling of a ring: 128 -> 256 among these steps)."""
     ids, n = g["prompt_ids"], len(g["greedy_ids"])
@@ -254,21 +254,30 @@ def speed(base, work: Path, args, out: dict) -> None:
         t0 = time.perf_counter()
         row = model.forward(ids, logits="last")[-1]
         prefill = time.perf_counter() - t0
-        tokens, t0 = [], time.perf_counter()
-        for _ in range(args.gen):
+        # The KV rings made room for the whole decode, so that its graph is captured once, at its first step (timed
+        # apart: first_step_s), and not again at a ring's doubling within the timed steps.
+        for layer in model.cache.layers:
+            layer.reserve(args.gen + 1)
+        tokens = [int(np.argmax(row))]
+        t0 = time.perf_counter()
+        row = model.forward([tokens[-1]], logits="last")[-1]
+        first_step = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.gen - 1):
             tokens.append(int(np.argmax(row)))
             row = model.forward([tokens[-1]], logits="last")[-1]
         decode = time.perf_counter() - t0
         logits[name] = row
         out[f"speed {name}"] = {"load_s": round(loaded, 1), "prefill_tok_s": round(args.prompt / prefill, 1),
-                                "decode_tok_s": round(args.gen / decode, 2), "tokens": tokens[:8]}
+                                "decode_tok_s": round((args.gen - 1) / decode, 2), "first_step_s": round(first_step, 3),
+                                "tokens": tokens[:8]}
         if getattr(model.net, "graphs", None) is not None:  # a resident model's step: one graph launch
             out[f"speed {name}"]["graphs"] = str(model.net.graphs)
             out[f"speed {name}"]["graphs_per_step"] = round(model.net.graphs.replays / (args.gen + 9), 2)
         if name == "device":
             per_token = decode_bytes(model)
             out[f"speed {name}"].update(weight_bytes_per_token=per_token,
-                                        decode_weight_gb_s=round(per_token * args.gen / decode / 1e9, 1))
+                                        decode_weight_gb_s=round(per_token * (args.gen - 1) / decode / 1e9, 1))
             if base.device.type == "cuda":
                 out[f"speed {name}"]["device_read_gb_s"] = round(read_bandwidth(torch, base.device), 1)
         del model
