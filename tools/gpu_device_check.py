@@ -126,9 +126,9 @@ def graphs_vs_eager(path: Path, base, g, kv_format: str, gpu_mem=None) -> dict:
     """The file at path on CUDA with its decode step captured (load's default: a resident model's whole step is
     one graph, flashlite/device/layer_runs.py; a hybrid one's a graph per run) and op by op (cuda_graphs=False):
     greedy tokens (the goldens' too with an f32 cache), and the last logits of steps 126..139, then, rolled back
-    to 131, of steps 131..139 again, against each other (the heads over the KV rings differ from op by op by float32 rounding:
-    tests/test_step_graphs.py's ATOL); every segment used captured, none failed; the graphs launched per step and
-    how often each segment was captured (again at each doubling of a ring: 128 -> 256 among these steps)."""
+    to 131, of steps 131..139 again, against each other (the heads over the KV rings differ from op by op by
+    float32 rounding: tests/test_step_graphs.py's ATOL); every segment used captured, none failed; the graphs
+    launched per step and how often each segment was captured (again at each doubling of a ring)."""
     ids, n = g["prompt_ids"], len(g["greedy_ids"])
     graphed, eager = (load(path, device=base, kv_format=kv_format, gpu_mem=gpu_mem, cuda_graphs=graphs)
                       for graphs in (True, False))
