@@ -87,6 +87,7 @@ class Segment:
     def __init__(self, graphs: StepGraphs, fn, name: str):
         self.graphs, self.fn, self.name = graphs, fn, name
         self.inputs: list[torch.Tensor] | None = None
+        self.signature: tuple | None = None  # the arguments' types, dtypes and shapes the inputs were made for
         self.outputs: tuple | None = None
         self.graph = None
         self.single = False  # fn returns one tensor, not a tuple
@@ -99,16 +100,15 @@ class Segment:
         if args[0].shape[0] != 1 or self.name in self.graphs.failures:
             self.graphs.eager += 1
             return self.fn(*args, *state)
-        if self.inputs is None:
+        signature = tuple((type(a), a.dtype, tuple(a.shape)) for a in args)
+        if signature != self.signature:  # the first call, or other arguments (a graph reads fixed addresses)
             self._allocate(args)
+            self.signature, self.graph, self.bound, self.kept = signature, None, None, {}
         for i, a in enumerate(args):  # in place: the graph reads these addresses
             if isinstance(a, torch.Tensor):
                 self.inputs[i].copy_(a, non_blocking=True)
             else:
-                lo, hi, dtype, shape = self.host_layout[i]
-                if a.dtype != dtype or a.shape != shape:
-                    raise ValueError(f"{self.name}: host input {i} is {a.dtype} {a.shape}, the segment's is "
-                                     f"{dtype} {shape}")
+                lo, hi = self.host_layout[i]
                 self.staging[lo:hi] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self.host_layout:  # every host array in one copy (pageable memory: the host may write it again at once)
             self.host_inputs.copy_(torch.from_numpy(self.staging), non_blocking=True)
@@ -148,8 +148,7 @@ class Segment:
         self.inputs, self.host_layout, end = [], {}, 0
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
-                a = np.asarray(a)
-                self.host_layout[i] = (end, end + a.nbytes, a.dtype, a.shape)
+                self.host_layout[i] = (end, end + a.nbytes)
                 end += -(-a.nbytes // 8) * 8
         self.staging = np.zeros(end, np.uint8)
         self.host_inputs = torch.zeros(end, dtype=torch.uint8, device=self.graphs.device)
@@ -157,9 +156,9 @@ class Segment:
             if isinstance(a, torch.Tensor):
                 self.inputs.append(torch.empty(tuple(a.shape), dtype=a.dtype, device=self.graphs.device))
             else:
-                lo, hi, dtype, shape = self.host_layout[i]
-                self.inputs.append(self.host_inputs[lo:hi].view(torch.from_numpy(np.empty(0, dtype)).dtype)
-                                   .view(shape))
+                lo, hi = self.host_layout[i]
+                self.inputs.append(self.host_inputs[lo:hi].view(torch.from_numpy(np.empty(0, a.dtype)).dtype)
+                                   .view(a.shape))
 
     def _run(self) -> tuple:
         with torch_device.refuse_uploads(self.name):
