@@ -240,6 +240,24 @@ def test_speculation_with_the_step_graphs_decodes_as_plain(torch, f32_gguf, gold
     assert drafter.proposed > 0 and model.net.graphs.replays > 0
 
 
+def test_a_segment_handed_other_shapes_makes_new_inputs(torch):
+    """A segment's host arrays go up in one copy into views of one buffer; arguments of other shapes (more or
+    fewer positional inputs) get new static inputs, and a state at other addresses a new binding."""
+    from flashlite.device.step_graphs import StepGraphs
+
+    g = StepGraphs("static", torch.device("cpu"))
+    seg = g.segment(lambda x, k, slots, ring: (ring.index_copy_(0, slots, x), x.sum(1) * k.sum())[1], "t", [])
+    ring = torch.zeros(4, 3)
+    x = torch.ones(1, 3)
+    assert seg(x, np.array([2.0], np.float32), np.array([1]), state=(ring,)).tolist() == [6.0]
+    first = seg.inputs
+    assert seg(2 * x, np.array([1.0, 2.0], np.float32), np.array([3]), state=(ring,)).tolist() == [18.0]
+    assert seg.inputs is not first and seg.bindings == 2  # new inputs: bound again
+    assert ring[:, 0].tolist() == [0.0, 1.0, 0.0, 2.0]
+    assert seg(x, np.array([1.0, 1.0], np.float32), np.array([0]), state=(torch.zeros(4, 3),)).tolist() == [6.0]
+    assert seg.bindings == 3 and g.replays == 3
+
+
 def test_step_graph_modes_are_checked(torch, f32_gguf):
     model = load(f32_gguf, device="torch-cpu", threads=1)
     with pytest.raises(ValueError, match="step graphs: expected one of off, static, cuda, got 'graph'"):
