@@ -159,12 +159,15 @@ def step_syncs(model, ids) -> dict:
     all on a CUDA device under torch's sync debug mode: every synchronisation torch makes is a warning, and the
     only one a step may make is bringing its logits over (tests/test_device_sync.py counts the reads Python makes
     on torch-cpu; this also sees those inside torch's operations and blocking uploads). A step before them captures
-    the step graphs' segments, when the model has them (a capture synchronises)."""
+    the step graphs' segments, when the model has them (a capture synchronises), with the KV rings reserved for
+    all five."""
     import warnings
 
     import torch
     model.reset()
     model.forward(ids[:125])
+    for layer in model.cache.layers:  # the rings hold the counted steps: no capture among them at a doubling (128)
+        layer.reserve(8)
     model.forward(ids[125:126])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
