@@ -237,6 +237,10 @@ class LayerCache:
         self.clear()
 
     def clear(self) -> None:
+        if hasattr(self, "kv"):  # emptied in place: a device's rings stay where they are, so a captured step replays
+            for log in self.logs():
+                log.restore(0, np.empty((0, log.fmt.nbytes), np.uint8))
+            return
         self.kv = self.row_log(self.kv_row)
         self.compressor = None
         self.indexer = None

@@ -510,8 +510,8 @@ def load(path: str | os.PathLike, threads: int | None = None, ctx: int | None = 
     ram_budget, through the expert cache. Default: what the accelerator has free less 1 GiB; on "torch-cpu"
     everything is placed on the device. model.device.placement says what went where.
 
-    cuda_graphs (on a CUDA device; default True): a decode step's parts whose shapes the position does not change
-    (each layer's attention collapse, projections, output and MoE sublayer, the head) are captured as CUDA graphs at
-    the first step and replayed after (docs/gpu.md); False runs every step op by op. model.net.graphs counts the
-    replays."""
+    cuda_graphs (on a CUDA device; default True): a decode step is captured as CUDA graphs at the first step and
+    replayed after (docs/gpu.md): a model all on the device as one graph, its attention heads over fixed-capacity
+    KV rings; in hybrid placement a graph per run of layers, a layer's MoE with host weights op by op between them.
+    False runs every step op by op. model.net.graphs counts the replays."""
     return Model(path, threads=threads, ctx=ctx, **options)

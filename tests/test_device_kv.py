@@ -135,3 +135,32 @@ def test_a_device_fp8_cache_rolls_back_exactly(fp8_models, goldens):
     on_device.forward(ids[150:220])
     on_device.truncate(150)
     np.testing.assert_array_equal(on_device.forward(ids[150:170]), straight)
+
+
+def test_a_device_ring_keeps_its_slots_doubles_and_gives_back_memory():
+    """A device log's ring (DeviceRowLog): position p at slot p % capacity; appends and trims do not move it; it
+    doubles when it holds more positions than it has slots (the rows laid out again), and after a long chunk is
+    trimmed away it shrinks to twice the rows left; the rows read back as appended throughout."""
+    from flashlite.backends.torch_device import DeviceRowLog
+
+    log = DeviceRowLog(RowFormat(4), torch.device("cpu"))
+    rows = np.arange(4 * 300, dtype=np.float32).reshape(300, 4)
+    log.append(torch.from_numpy(rows[:10]))
+    ring = log.buffer
+    assert log.capacity == 16
+    log.trim(6)
+    log.append(torch.from_numpy(rows[10:20]))  # 14 positions in 16 slots, wrapping around
+    assert log.buffer is ring and log.slots([6, 15, 16, 19]).tolist() == [6, 15, 0, 3]
+    np.testing.assert_array_equal(log.rows(6, 20).numpy(), rows[6:20])
+    log.append(torch.from_numpy(rows[20:23]))  # 17 positions: doubled
+    assert log.capacity == 32 and log.buffer is not ring
+    np.testing.assert_array_equal(log.rows(6, 23).numpy(), rows[6:23])
+    log.append(torch.from_numpy(rows[23:300]))
+    assert log.capacity == 512
+    log.trim(280)  # 20 positions left
+    assert log.capacity == 64
+    np.testing.assert_array_equal(log.rows(280, 300).numpy(), rows[280:300])
+    log.truncate(290)
+    log.restore(283, log.packed(283, 290))  # fits: in place
+    assert log.capacity == 64 and log.start == 283 and log.end == 290
+    np.testing.assert_array_equal(log.rows(283, 290).numpy(), rows[283:290])

@@ -49,7 +49,7 @@ class ReadBacks:
         return read
 
 
-@pytest.mark.parametrize("kv_format, graphs", [("f32", "off"), ("fp8", "off"), ("f32", "static")])
+@pytest.mark.parametrize("kv_format, graphs", [("f32", "off"), ("fp8", "off"), ("f32", "static"), ("fp8", "static")])
 def test_a_resident_decode_step_reads_back_only_its_logits(torch, f32_gguf, goldens, monkeypatch, kv_format, graphs):
     """Steps at positions 126..130 of the f32 file: the ratio-4 layers' indexer scores (more than index_topk rows
     are visible), the hash and the scored routing, and the checkpoint at 128; op by op, and with the step's

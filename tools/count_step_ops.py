@@ -27,10 +27,10 @@ class Where:
         self.in_fn = self.in_segment = 0
 
     def wrap(self, method, counter: str):
-        def wrapped(segment, *args):
+        def wrapped(segment, *args, **kwargs):
             setattr(self, counter, getattr(self, counter) + 1)
             try:
-                return method(segment, *args)
+                return method(segment, *args, **kwargs)
             finally:
                 setattr(self, counter, getattr(self, counter) - 1)
         return wrapped
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="torch-cpu", help="load's device (default torch-cpu)")
     ap.add_argument("--prefill", type=int, default=126, help="prompt tokens before the counted steps")
     ap.add_argument("--steps", type=int, default=3, help="decode steps counted, one line each")
+    ap.add_argument("--kv-format", default="f32", help="the KV cache's format (f32, fp8)")
     args = ap.parse_args(argv)
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,18 +58,19 @@ def main(argv=None) -> int:
             counts[part] = counts.get(part, 0) + 1
             return func(*args, **(kwargs or {}))
 
-    model = load(args.model, device=args.device, threads=1, cuda_graphs=False)
+    model = load(args.model, device=args.device, threads=1, cuda_graphs=False, kv_format=args.kv_format)
     model.net.use_step_graphs("static")
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, args.prefill + args.steps)
     model.forward(ids[:args.prefill])
     print(f"{len(model.net.graphs.segments)} segments; torch operations per decode step:")
     for pos in range(args.prefill, args.prefill + args.steps):
         counts.clear()
+        replays = model.net.graphs.replays
         with torch.no_grad(), Count():
             model.forward([int(ids[pos])], logits="last")
         total = sum(counts.values())
-        print(f"position {pos}: {total} in all, " + ", ".join(f"{k} {v} ({v / total:.0%})"
-                                                             for k, v in sorted(counts.items())))
+        print(f"position {pos}: {model.net.graphs.replays - replays} segments run, {total} operations in all, "
+              + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in sorted(counts.items())))
     return 0
 
 

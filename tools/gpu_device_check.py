@@ -9,9 +9,10 @@ minutes on an H200, printing a summary and writing it as JSON.
    float32 rounding (measured on a CPU torch device: 8e-6).
    The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
    goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
-   decode steps under its "warn" mode (one synchronisation a step: the logits), and the decode step's segments
-   replayed as captured CUDA graphs against op by op (cuda_graphs=False): the same greedy tokens, logits within
-   1e-4, every segment captured.
+   decode steps under its "warn" mode (one synchronisation a step: the logits), and the decode step replayed as
+   captured CUDA graphs (a resident model's whole step one graph, its heads over the KV rings) against op by op
+   (cuda_graphs=False), in both KV formats and in hybrid placement, across a rollback: the same greedy tokens,
+   logits within 1e-4, every segment used captured, the graphs launched per step and the captures per segment.
 2. Speed on a full-width synthetic V4 (tools/make_synthetic.py --preset flash: V4-Flash's widths, --layers layers,
    --experts routed experts, quantized with the default recipe): prefill (--prompt tokens) and greedy decode
    (--gen tokens) in tok/s on the device with the Triton kernels (with CUDA graphs, and without: the decode
@@ -102,7 +103,9 @@ def correctness(base, work: Path, out: dict) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     if base.device.type == "cuda":
-        out["cuda graphs vs op by op, f32"] = graphs_vs_eager(f32, base, g)
+        for kv_format in ("f32", "fp8"):
+            out[f"cuda graphs vs op by op, f32 file, {kv_format} KV"] = graphs_vs_eager(f32, base, g, kv_format)
+        out["cuda graphs vs op by op, hybrid"] = graphs_vs_eager(f32, hybrid, g, "f32", gpu_mem=budget)
         for kv_format, graphs in (("f32", True), ("fp8", True), ("f32", False)):
             out[f"decode steps ({kv_format} KV, cuda graphs {'on' if graphs else 'off'}) synchronise once, for the "
                 f"logits"] = step_syncs(load(f32, device=base, kv_format=kv_format, cuda_graphs=graphs), ids)
@@ -119,24 +122,36 @@ def correctness(base, work: Path, out: dict) -> None:
                 "ok": delta <= (1e-3 if precision == "ieee" else 5e-2)}
 
 
-def graphs_vs_eager(path: Path, base, g) -> dict:
-    """The file at path on CUDA with its decode step's segments captured (load's default) and op by op
-    (cuda_graphs=False): greedy tokens (both the goldens'), and the last logits of steps 126..139 against each
-    other; every segment captured, none failed."""
+def graphs_vs_eager(path: Path, base, g, kv_format: str, gpu_mem=None) -> dict:
+    """The file at path on CUDA with its decode step captured (load's default: a resident model's whole step is
+    one graph, flashlite/device/layer_runs.py; a hybrid one's a graph per run) and op by op (cuda_graphs=False):
+    greedy tokens (the goldens' too with an f32 cache), and the last logits of steps 126..139, then, rolled back
+    to 131, of steps 131..139 again, against each other (the heads over the KV rings differ from op by op by
+    float32 rounding: tests/test_step_graphs.py's ATOL); every segment used captured, none failed; the graphs
+    launched per step and how often each segment was captured (again at each doubling of a ring)."""
     ids, n = g["prompt_ids"], len(g["greedy_ids"])
-    graphed, eager = load(path, device=base), load(path, device=base, cuda_graphs=False)
+    graphed, eager = (load(path, device=base, kv_format=kv_format, gpu_mem=gpu_mem, cuda_graphs=graphs)
+                      for graphs in (True, False))
     tokens = [list(m.generate(ids, n)) for m in (graphed, eager)]
     rows = []
     for m in (graphed, eager):
         m.reset()
         m.forward(ids[:126])
-        rows.append(np.concatenate([m.forward([int(t)], logits="last") for t in ids[126:140]]))
+        got = [m.forward([int(t)], logits="last") for t in ids[126:140]]
+        m.truncate(131)
+        got += [m.forward([int(t)], logits="last") for t in ids[131:140]]
+        rows.append(np.concatenate(got))
     graphs = graphed.net.graphs
+    used = [s for s in graphs.segments if s.inputs is not None]
+    replays = graphs.replays
+    graphed.forward([int(ids[140])], logits="last")
     delta = float(np.abs(rows[0] - rows[1]).max())
-    return {"same_greedy": tokens[0] == tokens[1] == g["greedy_ids"].tolist(), "max_delta": delta,
-            "graphs": str(graphs), "failures": graphs.failures,
+    return {"same_greedy": tokens[0] == tokens[1], "greedy_is_goldens": tokens[0] == g["greedy_ids"].tolist(),
+            "max_delta": delta,
+            "graphs": str(graphs), "failures": graphs.failures, "graphs_per_step": graphs.replays - replays,
+            "captures": {s.name: s.bindings for s in used},
             "ok": bool(tokens[0] == tokens[1] and delta <= 1e-4 and not graphs.failures
-                       and all(s.graph is not None for s in graphs.segments))}
+                       and all(s.graph is not None for s in used))}
 
 
 def step_syncs(model, ids) -> dict:
@@ -144,12 +159,15 @@ def step_syncs(model, ids) -> dict:
     all on a CUDA device under torch's sync debug mode: every synchronisation torch makes is a warning, and the
     only one a step may make is bringing its logits over (tests/test_device_sync.py counts the reads Python makes
     on torch-cpu; this also sees those inside torch's operations and blocking uploads). A step before them captures
-    the step graphs' segments, when the model has them (a capture synchronises)."""
+    the step graphs' segments, when the model has them (a capture synchronises), with the KV rings reserved for
+    all five."""
     import warnings
 
     import torch
     model.reset()
     model.forward(ids[:125])
+    for layer in model.cache.layers:  # the rings hold the counted steps: no capture among them at a doubling (128)
+        layer.reserve(8)
     model.forward(ids[125:126])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -239,20 +257,30 @@ def speed(base, work: Path, args, out: dict) -> None:
         t0 = time.perf_counter()
         row = model.forward(ids, logits="last")[-1]
         prefill = time.perf_counter() - t0
-        tokens, t0 = [], time.perf_counter()
-        for _ in range(args.gen):
+        # The KV rings made room for the whole decode, so that its graph is captured once, at its first step (timed
+        # apart: first_step_s), and not again at a ring's doubling within the timed steps.
+        for layer in model.cache.layers:
+            layer.reserve(args.gen + 1)
+        tokens = [int(np.argmax(row))]
+        t0 = time.perf_counter()
+        row = model.forward([tokens[-1]], logits="last")[-1]
+        first_step = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.gen - 1):
             tokens.append(int(np.argmax(row)))
             row = model.forward([tokens[-1]], logits="last")[-1]
         decode = time.perf_counter() - t0
         logits[name] = row
         out[f"speed {name}"] = {"load_s": round(loaded, 1), "prefill_tok_s": round(args.prompt / prefill, 1),
-                                "decode_tok_s": round(args.gen / decode, 2), "tokens": tokens[:8]}
-        if getattr(model.net, "graphs", None) is not None:
+                                "decode_tok_s": round((args.gen - 1) / decode, 2), "first_step_s": round(first_step, 3),
+                                "tokens": tokens[:8]}
+        if getattr(model.net, "graphs", None) is not None:  # a resident model's step: one graph launch
             out[f"speed {name}"]["graphs"] = str(model.net.graphs)
+            out[f"speed {name}"]["graphs_per_step"] = round(model.net.graphs.replays / (args.gen + 9), 2)
         if name == "device":
             per_token = decode_bytes(model)
             out[f"speed {name}"].update(weight_bytes_per_token=per_token,
-                                        decode_weight_gb_s=round(per_token * args.gen / decode / 1e9, 1))
+                                        decode_weight_gb_s=round(per_token * (args.gen - 1) / decode / 1e9, 1))
             if base.device.type == "cuda":
                 out[f"speed {name}"]["device_read_gb_s"] = round(read_bandwidth(torch, base.device), 1)
         del model

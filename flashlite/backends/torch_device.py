@@ -213,71 +213,162 @@ class DeviceRowLog(RowLog):
     """kv_cache.RowLog with its rows in a device tensor: float32 [capacity, dim], or a packed format's bytes
     [capacity, nbytes], the C core's layout packed and unpacked by torch (flashlite/device/kv_rows.py), so that an
     fp8 cache takes the CPU's 3.5 KB a token on the device too. What leaves it as bytes (checkpoints, saved caches)
-    is host memory in the CPU's layout, so a cache saved from one backend loads in the other."""
+    is host memory in the CPU's layout, so a cache saved from one backend loads in the other.
+
+    The buffer is a ring: position p lives at slot p % capacity, a power of two, so that appending and trimming
+    never move the rows, and a window's rows (a trimmed log) stay in one buffer at fixed slots for the life of the
+    cache. The capacity doubles (the rows laid out again) only when a log holds more positions than it: a captured
+    decode step (step_graphs) reads and writes these buffers in place, and is captured again at each doubling,
+    log2 of the longest log's length times in all. The buffer starts zeroed, so that a fixed-capacity read of
+    slots no position has written yet (masked out of every softmax) multiplies finite values."""
+
+    MIN_CAPACITY = 16
 
     def __init__(self, fmt: RowFormat, device: torch.device):
         self.device = device
+        self._buf = None
         super().__init__(fmt)
 
-    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind == lib.FL_KV_FP8:
-            return kv_rows.pack_fp8(rows, self.fmt.rope_dim)
-        return kv_rows.pack_fp4(rows)
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The ring of stored rows, [capacity, dim] float32 or [capacity, nbytes] uint8."""
+        return self._buf
 
-    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind == lib.FL_KV_FP8:
-            return kv_rows.unpack_fp8(packed, self.fmt.dim, self.fmt.rope_dim)
-        return kv_rows.unpack_fp4(packed, self.fmt.dim)
+    @property
+    def capacity(self) -> int:
+        return self._buf.shape[0]
 
-    def _stored(self, rows) -> torch.Tensor:
-        rows = rows.reshape(-1, self.fmt.dim)
-        return rows if self.fmt.kind is None else self._pack(rows)
+    def slots(self, positions) -> np.ndarray:
+        """The ring slots of positions (any, negative ones too: a fixed-capacity read masks what is not held)."""
+        return np.asarray(positions, np.int64) % self.capacity
+
+    def stored(self, rows) -> torch.Tensor:
+        """float32 rows [n, dim] as the buffer holds them (packed in a packed format)."""
+        return store_rows(self.fmt, rows)
+
+    _stored = stored
+
+    def unpacked(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored rows [n, ...] as float32 [n, dim]."""
+        return load_rows(self.fmt, stored)
 
     def _empty(self, capacity: int) -> torch.Tensor:
         if self.fmt.kind is None:
-            return torch.empty((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
-        return torch.empty((capacity, self.fmt.nbytes), dtype=torch.uint8, device=self.device)
+            return torch.zeros((capacity, self.fmt.dim), dtype=torch.float32, device=self.device)
+        return torch.zeros((capacity, self.fmt.nbytes), dtype=torch.uint8, device=self.device)
 
     def _point(self) -> None:
         """A device log has no C pointer: the CPU backend's fused decode does not run on it."""
 
+    def _write(self, lo: int, stored: torch.Tensor) -> None:
+        """The stored rows of positions lo.. into their slots (in two pieces where they wrap around)."""
+        n, cap = stored.shape[0], self.capacity
+        a = lo % cap
+        first = min(n, cap - a)
+        self._buf[a:a + first] = stored[:first]
+        self._buf[:n - first] = stored[first:]
+
+    def append(self, rows) -> None:
+        stored = self.stored(rows)
+        self.reserve(stored.shape[0])
+        self._write(self.end, stored)
+        self.end += stored.shape[0]
+
+    def reserve(self, n: int) -> None:
+        """Room for n more positions: the capacity doubled (rows laid out again) until the log's fit."""
+        if len(self) + n > self.capacity:
+            self._relayout(_power_of_two(len(self) + n, self.capacity))
+
+    def trim(self, keep_from: int) -> None:
+        """RowLog.trim; a ring left over four times larger than its rows (a long prefill chunk's, now trimmed to the
+        window and the rewind) gives the memory back, down to twice their number."""
+        self.start = min(max(keep_from, self.start), self.end)
+        if self.capacity > 4 * max(len(self), self.MIN_CAPACITY):
+            self._relayout(_power_of_two(2 * max(len(self), self.MIN_CAPACITY), self.MIN_CAPACITY))
+
+    def _relayout(self, capacity: int) -> None:
+        held = self._span(self.start, self.end)
+        self._buf = self._empty(capacity)
+        self._write(self.start, held)
+
+    def _span(self, lo: int, hi: int) -> torch.Tensor:
+        """The stored rows of positions [lo, hi): a view where they do not wrap around the ring, else a copy."""
+        if lo < self.start or hi > self.end or lo > hi:
+            raise IndexError(f"rows [{lo}, {hi}) outside the log's [{self.start}, {self.end})")
+        cap = self.capacity
+        a = lo % cap
+        if a + hi - lo <= cap:
+            return self._buf[a:a + hi - lo]
+        return torch.cat([self._buf[a:], self._buf[:a + hi - lo - cap]])
+
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        span = self._span(lo, hi)
-        return span if self.fmt.kind is None else self._unpack(span)
+        return self.unpacked(self._span(lo, hi))
 
     def gather(self, idx) -> tuple[torch.Tensor, np.ndarray | torch.Tensor]:
         """RowLog.gather; for picks on the device (the indexer's) a packed log unpacks each named row where it is,
         once per pick (no unique ids: those would need their count on the host)."""
         if self.fmt.kind is None or not isinstance(idx, torch.Tensor) or len(self) == 0:
             return super().gather(idx)
-        named = self._span(self.start, self.end)[idx.clamp_min(0).reshape(-1) - self.start]
+        named = self._buf[idx.clamp_min(0).reshape(-1) % self.capacity]
         at = torch.arange(idx.numel(), device=idx.device).reshape(idx.shape)
-        return self._unpack(named), torch.where(idx >= 0, at, -1)
+        return self.unpacked(named), torch.where(idx >= 0, at, -1)
 
     def snapshot(self, lo: int, hi: int) -> "HostCopy":
         return HostCopy(self._span(lo, hi))
 
     def _unpacked(self, offsets: np.ndarray) -> torch.Tensor:
-        return self._unpack(self._span(self.start, self.end)[_on(offsets, self.device, torch.int64)])
+        return self.unpacked(self._buf[_on(self.slots(self.start + offsets), self.device)])
 
     def round(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind is None:
-            return rows
-        return self._unpack(self._pack(rows.reshape(-1, self.fmt.dim))).reshape(rows.shape)
+        return round_rows(self.fmt, rows)
 
     def packed(self, lo: int, hi: int) -> np.ndarray:
         return self._span(lo, hi).cpu().numpy().view(np.uint8)
 
     def restore(self, start: int, packed) -> None:
+        """Hold exactly the stored rows `packed` of positions start..: in the ring as it is when they fit (its
+        address kept, so a captured step goes on replaying), else in a larger one."""
         if isinstance(packed, HostCopy):  # a live checkpoint: queued behind the copy that filled it
-            self._buf = packed.rows.to(self.device, copy=True, non_blocking=True)
+            rows = packed.rows.to(self.device, non_blocking=True)
         else:
             stored = np.array(packed, np.uint8).reshape(-1, self.fmt.nbytes)
             if self.fmt.kind is None:
                 stored = stored.view(np.float32)
-            self._buf = torch.from_numpy(stored.copy()).to(self.device)
-        self._off = 0
-        self.start, self.end = start, start + self._buf.shape[0]
+            rows = torch.from_numpy(stored.copy()).to(self.device)
+        n = rows.shape[0]
+        if self._buf is None or n > self.capacity:
+            self._buf = self._empty(_power_of_two(n, self.MIN_CAPACITY))
+        self.start, self.end = start, start + n
+        self._write(start, rows)
+
+
+def _power_of_two(n: int, start: int) -> int:
+    """The least start * 2^k >= n."""
+    while start < n:
+        start *= 2
+    return start
+
+
+def store_rows(fmt: RowFormat, rows: torch.Tensor) -> torch.Tensor:
+    """float32 rows [n, dim] (or [..., dim]) as a log of format fmt stores them: themselves, or packed bytes."""
+    rows = rows.reshape(-1, fmt.dim)
+    if fmt.kind is None:
+        return rows
+    return kv_rows.pack_fp8(rows, fmt.rope_dim) if fmt.kind == lib.FL_KV_FP8 else kv_rows.pack_fp4(rows)
+
+
+def load_rows(fmt: RowFormat, stored: torch.Tensor) -> torch.Tensor:
+    """Stored rows [n, ...] of format fmt as float32 [n, dim]."""
+    if fmt.kind is None:
+        return stored
+    if fmt.kind == lib.FL_KV_FP8:
+        return kv_rows.unpack_fp8(stored, fmt.dim, fmt.rope_dim)
+    return kv_rows.unpack_fp4(stored, fmt.dim)
+
+
+def round_rows(fmt: RowFormat, rows: torch.Tensor) -> torch.Tensor:
+    """rows [..., dim] as format fmt would store them (its rounding)."""
+    return rows if fmt.kind is None else load_rows(fmt, store_rows(fmt, rows)).reshape(rows.shape)
 
 
 class HostCopy:

@@ -7,19 +7,15 @@ once and replays it with one launch, on conditions: the same shapes and the same
 copied into static buffers in place before it, outputs read from static buffers after it), no value read back to the
 host inside, and no host array uploaded inside (a captured upload would replay the bytes of the capture).
 
-What of V4's step meets them, for a batch of one token: each layer's attention collapse (hyper-connection and
-norm: Block.attn_collapse), its attention projections (q, KV row, compressor and indexer products, normed and
-rotated: Attention.project, cos and sin among its inputs; two variants in a ratio-4 layer, without and with the
-indexer's products), its attention output (the rotation undone, wo_a by groups, wo_b, the expansion into
-the streams: Block.attn_finish, the position's cos and sin among its inputs), each MoE sublayer
-(hyper-connections, router, grouped routed experts, shared expert: Block.ffn_sublayer) and the head
-(Transformer.head_logits). These are segments. Between them the rest of the attention's heads runs op by op
-(Attention.heads): it appends to the KV logs and reads a window and compressed rows whose count grows with the
-position, the compressor pools a row only when a window closes and the indexer scores only past index_topk rows,
-so its kernels and shapes change from one position to the next. A segment is not made (the part runs op by op) when one
-of its weights was left on the host by hybrid placement (its product brings the input over: a split MoE layer ends
-a segment) or when the MoE sublayer prefetches the next layer's experts from disk (the predicted ids come to the
-host).
+What of V4's step meets them, for a batch of one token: the position-independent parts (each layer's attention
+collapse: Block.attn_collapse; its projections: Attention.project, cos and sin among its inputs; its output:
+Block.attn_finish; its MoE sublayer: Block.ffn_sublayer; the head: Transformer.head_logits), and the attention
+heads once they run over the KV cache's fixed-capacity rings with masks, the position coming in through small
+inputs (flashlite/device/step_heads.py). A run of layers whose every part is on the device is one segment, the
+head with the last (flashlite/device/layer_runs.py): a resident model's whole step. A part is not made a segment (it
+runs op by op) when one of its weights was left on the host by hybrid placement (its product brings the input
+over: a split MoE layer ends a run) or when the MoE sublayer prefetches the next layer's experts from disk (the
+predicted ids come to the host).
 
 Modes (Transformer.use_step_graphs): "cuda" captures each segment at its first batch of one token and replays it
 after; "static" runs the same segments from the same static buffers, the function run again in place of a replay,
@@ -28,6 +24,7 @@ torch.cuda.graph itself); "off" runs op by op.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flashlite.backends import torch_device
@@ -61,6 +58,11 @@ class StepGraphs:
         self.segments.append(s)
         return s
 
+    def drop(self, segments: list) -> None:
+        """Leave these segments out (a larger one runs their functions)."""
+        for s in segments:
+            self.segments.remove(s)
+
     def __str__(self) -> str:
         captured = sum(s.graph is not None for s in self.segments)
         return (f"{self.mode} step graphs: {len(self.segments)} segments ({captured} captured), {self.replays} "
@@ -70,29 +72,51 @@ class StepGraphs:
 
 class Segment:
     """fn (tensors and host arrays in, the first one's first dim the tokens; a tensor or a tuple of tensors out; no
-    side effects beyond its own inputs) for a batch of one token: its arguments copied into static buffers, then its
-    captured graph replayed ("cuda") or fn run on the buffers ("static"), its results copied out of the static
-    outputs (the next replay overwrites them). Another batch size runs fn as it is."""
+    side effects beyond its own inputs and the `state` tensors) for a batch of one token: its arguments copied into
+    static buffers, then its captured graph replayed ("cuda") or fn run on the buffers ("static"), its results
+    copied out of the static outputs (the next replay overwrites them). Another batch size runs fn as it is.
+
+    state: tensors fn reads and writes in place after its arguments (the KV cache's rings), passed as they are, not
+    copied: a graph holds their addresses, so state at other addresses (a ring doubled) is captured again
+    (`bindings` counts the captures, or in the "static" mode the states that would be). The graphs of the last
+    KEEP_BOUND other states are kept (by their addresses, which their tensors own while they live): sequences whose
+    caches take turns (a server's) replay their own graphs instead of capturing at each turn."""
+
+    KEEP_BOUND = 4
 
     def __init__(self, graphs: StepGraphs, fn, name: str):
         self.graphs, self.fn, self.name = graphs, fn, name
         self.inputs: list[torch.Tensor] | None = None
+        self.signature: tuple | None = None  # the arguments' types, dtypes and shapes the inputs were made for
         self.outputs: tuple | None = None
         self.graph = None
         self.single = False  # fn returns one tensor, not a tuple
+        self.state: tuple = ()
+        self.bound: tuple | None = None  # the state's addresses and shapes the graph was captured with
+        self.kept: dict[tuple, tuple] = {}  # other states' (graph, outputs), by their addresses, oldest first
+        self.bindings = 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, state: tuple = ()):
         if args[0].shape[0] != 1 or self.name in self.graphs.failures:
             self.graphs.eager += 1
-            return self.fn(*args)
-        if self.inputs is None:
-            self.inputs = [torch.empty(tuple(a.shape), dtype=_dtype(a), device=self.graphs.device) for a in args]
-        for buf, a in zip(self.inputs, args):  # in place: the graph reads these addresses
-            buf.copy_(a if isinstance(a, torch.Tensor) else torch.from_numpy(a), non_blocking=True)
+            return self.fn(*args, *state)
+        signature = tuple((type(a), a.dtype, tuple(a.shape)) for a in args)
+        if signature != self.signature:  # the first call, or other arguments (a graph reads fixed addresses)
+            self._allocate(args)
+            self.signature, self.graph, self.bound, self.kept = signature, None, None, {}
+        for i, a in enumerate(args):  # in place: the graph reads these addresses
+            if isinstance(a, torch.Tensor):
+                self.inputs[i].copy_(a, non_blocking=True)
+            else:
+                lo, hi = self.host_layout[i]
+                self.staging[lo:hi] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        if self.host_layout:  # every host array in one copy (pageable memory: the host may write it again at once)
+            self.host_inputs.copy_(torch.from_numpy(self.staging), non_blocking=True)
+        self._bind(state)
         if self.graphs.mode == "cuda":
             if self.graph is None and not self._capture():
                 self.graphs.eager += 1
-                return self.fn(*args)
+                return self.fn(*args, *state)
             with torch.cuda.device(self.graphs.device):  # a graph launches on its own device's current stream
                 self.graph.replay()
         else:
@@ -101,9 +125,44 @@ class Segment:
         out = tuple(o.clone() for o in self.outputs)
         return out[0] if self.single else out
 
+    def _bind(self, state: tuple) -> None:
+        """Make state the one the graph reads and writes: its kept graph, else one to capture."""
+        bound = tuple((t.data_ptr(), tuple(t.shape)) for t in state)
+        if bound == self.bound:
+            return
+        if self.bound is not None:
+            self.kept[self.bound] = (self.graph, self.outputs)
+            while len(self.kept) > self.KEEP_BOUND:
+                del self.kept[next(iter(self.kept))]
+        self.state, self.bound = state, bound
+        if bound in self.kept:
+            self.graph, self.outputs = self.kept.pop(bound)
+        else:
+            self.graph = None
+            self.outputs = None if self.graphs.mode == "cuda" else self.outputs  # a capture makes its own
+            self.bindings += 1
+
+    def _allocate(self, args) -> None:
+        """The static inputs: a buffer per tensor argument, and the host arrays (RoPE tables, slots, counts) as views
+        into one device buffer that one copy fills, at 8-byte aligned offsets."""
+        self.inputs, self.host_layout, end = [], {}, 0
+        for i, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):
+                self.host_layout[i] = (end, end + a.nbytes)
+                end += -(-a.nbytes // 8) * 8
+        self.staging = np.zeros(end, np.uint8)
+        self.host_inputs = torch.zeros(end, dtype=torch.uint8, device=self.graphs.device)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self.inputs.append(torch.empty(tuple(a.shape), dtype=a.dtype, device=self.graphs.device))
+            else:
+                lo, hi = self.host_layout[i]
+                self.inputs.append(self.host_inputs[lo:hi].view(torch.from_numpy(np.empty(0, a.dtype)).dtype)
+                                   .view(a.shape))
+
     def _run(self) -> tuple:
         with torch_device.refuse_uploads(self.name):
-            result = self.fn(*self.inputs)
+            result = self.fn(*self.inputs, *self.state)
         self.single = isinstance(result, torch.Tensor)
         return (result,) if self.single else tuple(result)
 
@@ -134,6 +193,3 @@ class Segment:
         self.graph = graph
         return True
 
-
-def _dtype(a) -> torch.dtype:
-    return a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(a[:0]).dtype

@@ -5,7 +5,6 @@ Shapes: T tokens of one chunk, D = dim, hc = hyper-connection streams, H heads o
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -307,10 +306,13 @@ class Compressor:
         lo = (first - 1) * r if has_prev else first * r
         kv, score = state.kv.rows(lo, last * r), state.score.rows(lo, last * r)
         pooled = backend.compress_pool(last - first, r, d, self.overlap, has_prev, kv, score, self.wkv.name)
-        rows = rms_norm(pooled, self.norm, self.args.norm_eps)
-        cos, sin = self.rope.cos_sin(np.arange(first, last) * r)
-        rows = self.rope.apply(rows, cos, sin)
-        state.rows.append(hadamard(rows) if state.rotated else rows)
+        state.rows.append(self.finish_rows(pooled, *self.rope.cos_sin(np.arange(first, last) * r), state.rotated))
+
+    def finish_rows(self, pooled, cos, sin, rotated: bool):
+        """Pooled rows as the cache takes them: normed, rotated by RoPE at each row's first position (cos, sin), and
+        for an FP4 indexer's rows (`rotated`) through the Hadamard rotation."""
+        rows = self.rope.apply(rms_norm(pooled, self.norm, self.args.norm_eps), cos, sin)
+        return hadamard(rows) if rotated else rows
 
 
 class Indexer:
@@ -350,10 +352,8 @@ class Indexer:
             return picks.astype(np.int32)
         head_weights, = projected[2:]
         q, = projected_q
-        q = q.reshape(crowded.size, a.index_n_heads, a.index_head_dim)
-        q = self.rope.apply(q, cos[crowded], sin[crowded])
-        if state.rotated:
-            q = state.rows.round(hadamard(q))
+        q = self.queries(q.reshape(crowded.size, a.index_n_heads, a.index_head_dim), cos[crowded], sin[crowded],
+                         state.rows.round if state.rotated else None)
         keys = state.rows.rows(0, int(visible[crowded].max()))
         scored = backend.indexer_topk(q, keys, head_weights * np.float32(a.index_n_heads ** -0.5), visible[crowded],
                                       a.index_topk, a.index_head_dim ** -0.5)
@@ -362,6 +362,12 @@ class Indexer:
         # visibility grows with the position, so the crowded queries are the chunk's last: the ones before them
         # take every visible row (k = index_topk here, the scored width)
         return backend.concat([backend.put(picks[:t - crowded.size], scored), scored], axis=0)
+
+    def queries(self, q, cos, sin, round_rows=None):
+        """The indexer's queries [T, heads, index_head_dim] rotated by RoPE (cos, sin); with FP4 rows, through the
+        Hadamard rotation and rounded as the rows are (round_rows)."""
+        q = self.rope.apply(q, cos, sin)
+        return q if round_rows is None else round_rows(hadamard(q))
 
 
 class Attention:
@@ -376,9 +382,10 @@ class Attention:
         self.wkv, self.kv_norm = w["attn_kv"], w["attn_kv_a_norm"]
         self.wo_a, self.wo_b, self.attn_sink = w["attn_output_a"], w["attn_output_b"], w["attn_sinks"]
         self.rope, self.compressor, self.indexer = rope, compressor, indexer
-        # On a torch device, project() for one token from static buffers (step_graphs), by whether the indexer
-        # scores (True) or not: set by Transformer.use_step_graphs; None runs it op by op.
-        self.project_segments: dict | None = None
+        # On a torch device, heads() for one token: its projections and the rest over the KV cache's fixed-capacity
+        # rings, each from static buffers (step_graphs; flashlite/device/step_heads.py): set by
+        # Transformer.use_step_graphs; None runs it op by op.
+        self.step_heads = None
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, cache: LayerCache, causal: bool = True) -> np.ndarray:
         """causal=False: every query also sees the chunk's later rows (a DSpark draft's block, which llama.cpp
@@ -391,13 +398,12 @@ class Attention:
         """The attention heads' outputs before the output projection, laid out by wo_a's groups [G, T, H/G, hd]
         (still rotated); the chunk's rows appended to the cache."""
         a, t = self.args, x.shape[0]
+        if t == 1 and self.step_heads is not None:  # a decode step: from static buffers (step_graphs)
+            return self.step_heads(x, positions, cos, sin, cache)
         start = int(positions[0])
         crowded = self.indexer.crowded(positions) if self.indexer is not None else None
         scored = crowded is not None and crowded.size > 0
-        if t == 1 and self.project_segments is not None:  # a decode step: from static buffers (step_graphs)
-            q, kv, *products = self.project_segments[scored](x, cos, sin)
-        else:
-            q, kv, *products = self.project(x, cos, sin, crowded)
+        q, kv, *products = self.project(x, cos, sin, crowded)
         n_compressed = 2 if self.compressor is not None else 0
         n_indexed = 2 + scored if self.indexer is not None else 0
         compressed, indexed = products[:n_compressed], products[n_compressed:n_compressed + n_indexed]
@@ -587,7 +593,8 @@ class Block:
         self.attn_plan = self.ffn_plan = None
         # On a torch device, attn_collapse, attn_finish and ffn_sublayer for a batch of one token run from static
         # buffers (captured CUDA graphs): flashlite/device/step_graphs.py's segments, set by
-        # Transformer.use_step_graphs; None runs them op by op.
+        # Transformer.use_step_graphs; None runs them op by op (or, in a run of resident layers, the run's segment
+        # does the layer's whole step: Transformer.step_runs).
         self.attn_segment = self.attn_finish_segment = self.ffn_segment = None
 
     def plan_attn(self):
@@ -787,6 +794,7 @@ class Transformer:
         if token_ids.min() < 0 or token_ids.max() >= self.args.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.args.vocab_size - 1}")
         positions = np.arange(cache.pos, cache.pos + len(token_ids))
+        run_logits = None  # the logits of a run of layers that ends with the head
         e = self.embed_tokens(token_ids)
         if self.prefetch_at_start:
             y = rms_norm(e, None, self.args.norm_eps)
@@ -800,10 +808,25 @@ class Transformer:
             tables = [rope.step_tables(pos, len(token_ids), ratio) for rope, ratio in self.step_ropes]
             h = backend.model_step(self.step_plan, cache, pos, tables, h, token_ids)
         else:
-            for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            # a decode step on a torch device: runs of resident layers as one segment each (step graphs)
+            runs = self.step_runs if len(token_ids) == 1 and dump is None and OBSERVER is None else {}
+            i = 0
+            while i < len(self.layers):
+                run = runs.get(i)
+                if run is not None:
+                    h, entering, *logits = run(h, positions, token_ids, cache.layers[run.start:run.stop])
+                    run_logits = logits[0] if logits else None
+                    for j in range(run.start, run.stop):
+                        if taps is not None and j in taps:
+                            taps[j] = entering[j - run.start]
+                    if run.attention_only:  # the last layer's MoE sublayer, op by op
+                        h = self.layers[run.stop - 1].ffn_sublayer(h, token_ids)
+                    i = run.stop
+                    continue
                 if taps is not None and i in taps:
                     taps[i] = h.mean(axis=1)
-                h = block(h, positions, token_ids, layer_cache, dump)
+                h = self.layers[i](h, positions, token_ids, cache.layers[i], dump)
+                i += 1
         if taps is not None and len(self.layers) in taps:
             taps[len(self.layers)] = h.mean(axis=1)
         if hidden is not None:
@@ -817,6 +840,8 @@ class Transformer:
             x = rms_norm(self.hc_head(h), self.norm, self.args.norm_eps)
             dump["output_norm"] = x.copy()
             y = linear(self.head, x)
+        elif run_logits is not None:
+            y = run_logits
         else:
             y = (self.head_segment or self.head_logits)(h)
         cache.advance(token_ids)
@@ -828,18 +853,23 @@ class Transformer:
 
     def use_step_graphs(self, mode: str = "off") -> None:
         """How a decode step of one token runs on a torch device (flashlite/device/step_graphs.py): "cuda" replays
-        captured CUDA graphs of its segments (each layer's attention collapse, projections, output and MoE
-        sublayer, the head), "static" runs the same segments from the same static buffers without a capture (how a CPU
-        torch device tests it), "off" runs op by op. A segment with a weight the placement left on the host, and a MoE sublayer that
-        prefetches the next layer's experts from disk, run op by op (both bring values to the host)."""
+        captured CUDA graphs of its segments, "static" runs the same segments from the same static buffers without a
+        capture (how a CPU torch device tests it), "off" runs op by op. The segments: runs of layers, each ending
+        after a whole layer, or after the attention sublayer of a layer whose MoE sublayer has a weight the placement
+        left on the host or prefetches the next layer's experts from disk (both bring values to the host: it runs
+        op by op), the head with the last run when that ends the model (flashlite/device/layer_runs.py: a resident
+        model's whole step is one). A layer whose attention has a host weight keeps a segment per part that has
+        none (attention collapse, projections, heads over the KV rings: flashlite/device/step_heads.py, output)."""
         for block in self.layers:
-            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.project_segments = None
+            block.attn_segment = block.attn_finish_segment = block.ffn_segment = block.attn.step_heads = None
         self.head_segment = self.graphs = None
+        self.step_runs = {}
         if mode == "off":
             return
         if self.device is None:
             raise ValueError(f"step graphs {mode!r}: the CPU backend runs a decode step as one planned call")
         from flashlite.device.step_graphs import StepGraphs
+        from flashlite.device.step_heads import StepHeads
         self.graphs = g = StepGraphs(mode, self.device.device)
         for block in self.layers:
             f = block.ffn
@@ -848,18 +878,37 @@ class Transformer:
                                            [block.attn_hc.fn])
             block.attn_finish_segment = g.segment(block.attn_finish, f"blk.{block.layer} attention output",
                                                   [at.wo_a, at.wo_b])
-            weights = [at.wq_a, at.wkv, at.wq_b]
-            weights += [at.compressor.wkv, at.compressor.wgate] if at.compressor is not None else []
-            ix = at.indexer
-            if ix is not None:
-                weights += [ix.weights_proj, ix.wq_b, ix.compressor.wkv, ix.compressor.wgate]
-            segments = {scored: g.segment(functools.partial(at.project, crowded=np.arange(int(scored))),
-                                          f"blk.{block.layer} attention projections"
-                                          + (", indexer scoring" if scored else ""), weights)
-                        for scored in ((False, True) if ix is not None else (False,))}
-            if all(s is not None for s in segments.values()):
-                at.project_segments = segments
+            at.step_heads = StepHeads(g, at)
             if block.next is None:
                 block.ffn_segment = g.segment(block.ffn_sublayer, f"blk.{block.layer} MoE sublayer",
                                               [block.ffn_hc.fn, f.gate.weight, f.w1, f.w3, f.w2, f.s1, f.s3, f.s2])
         self.head_segment = g.segment(self.head_logits, "head", [self.hc_head.fn, self.head])
+        # each run of layers whose parts got segments becomes one: the layers whole, the last one's attention alone
+        # when its MoE sublayer has no segment (a weight on the host, the disk prefetch: it runs op by op after the
+        # run), the head with it when it ends the model. The parts' segments are left out (their functions still
+        # serve a batch of several tokens, op by op).
+        run = []
+        for block in self.layers + [None]:
+            attention = block is not None and all(s is not None for s in (
+                block.attn_segment, block.attn.step_heads.project_segment, block.attn_finish_segment))
+            if attention:
+                run.append(block)
+                if block.ffn_segment is not None:
+                    continue
+            if run:
+                self._merge(g, run, attention_only=attention)
+            run = []
+
+    def _merge(self, g, run: list, attention_only: bool) -> None:
+        """run's blocks as one LayerRun (see use_step_graphs), their parts' segments left out."""
+        from flashlite.device.layer_runs import LayerRun
+        with_head = not attention_only and run[-1] is self.layers[-1] and self.head_segment is not None
+        merged = LayerRun(g, run, self.head_logits if with_head else None, attention_only)
+        self.step_runs[merged.start] = merged
+        for b in run:
+            g.drop([s for s in (b.attn_segment, b.attn.step_heads.project_segment, b.attn_finish_segment,
+                                b.ffn_segment, *b.attn.step_heads.segments.values()) if s is not None])
+            b.attn_segment = b.attn_finish_segment = b.ffn_segment = b.attn.step_heads = None
+        if with_head:
+            g.drop([self.head_segment])
+            self.head_segment = None
