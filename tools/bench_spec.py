@@ -222,7 +222,8 @@ def main(argv=None):
                 "weight_bytes_per_token": (counter.dense * len(batches) + sum(b for _, b in batches))
                                           / max(n_out - 1, 1),
             }
-        report["prompts"][pname] = {"prompt_tokens": len(ids), "generated": len(outs["plain"]), "variants": rows}
+        report["prompts"][pname] = {"prompt_tokens": len(ids), "generated": len(outs["plain"]), "variants": rows,
+                                    "text": model.tokenizer.decode(outs["plain"])}
         print(f"\n{pname}: {len(ids)} prompt tokens, {len(outs['plain'])} generated, median of {args.rounds} rounds")
         print(f"  {'variant':<12} {'tok/s':>7} {'speedup':>7} {'accept':>7} {'tok/pass':>9} "
               f"{'expert MB/pass':>15} {'weight MB/token':>15}")

@@ -10,6 +10,12 @@ A long run (hours on a CPU) by a token target, checkpointed, that outlives a ses
     python tools/train_tiny.py train --tokens 8.5e6 --checkpoint-every 10 --out DIR   # SIGTERM: ends at a step
     python tools/train_tiny.py train --resume DIR                                      # ... continues exactly
 
+A fine-tune from a release checkpoint (a fixture, or a run's output) on the corpus with code-editing conversations
+added (tools/edit_corpus.py: the answer copies the function it is asked to edit), with the same tokenizer:
+
+    python tools/train_tiny.py prepare --work DIR --tokenizer FIXTURE/tokenizer.json --edits
+    python tools/train_tiny.py train --work DIR --init FIXTURE --lr 1e-3 --minutes 78 --out DIR/run
+
 On a GPU machine (torch and numpy are all `train` needs there), with the prepared folder carried along:
 
     python tools/train_tiny.py prepare                                          # here: build/small_v4
@@ -1436,6 +1442,9 @@ ROLES = {
                  "tests/fixtures/small_v4 small_v4.gguf` and chat with it."),
     "small_v4_general": ("the model trained to its best validation loss", "It generalizes where small_v4 "
                          "recites: the yardstick for quantization quality (docs/quality.md), not the default."),
+    "small_v4_edit": ("small_v4_general fine-tuned to copy the code it edits", "`train --init` from small_v4_general "
+                      "on its corpus plus code-editing conversations (`prepare --edits`): the model for prompt "
+                      "lookup's code-editing case (docs/speculative.md)."),
 }
 README = """\
 # {name}: {role} (generated, do not edit)
