@@ -13,7 +13,7 @@ A long run (hours on a CPU) by a token target, checkpointed, that outlives a ses
 A fine-tune from a release checkpoint (a fixture, or a run's output) on the corpus with code-editing conversations
 added (tools/edit_corpus.py: the answer copies the function it is asked to edit), with the same tokenizer:
 
-    python tools/train_tiny.py prepare --work DIR --tokenizer FIXTURE/tokenizer.json --edits
+    python tools/train_tiny.py prepare --work DIR --tokenizer FIXTURE/tokenizer.json --edits 4
     python tools/train_tiny.py train --work DIR --init FIXTURE --lr 1e-3 --minutes 78 --out DIR/run
 
 On a GPU machine (torch and numpy are all `train` needs there), with the prepared folder carried along:
@@ -427,12 +427,13 @@ SAMPLE_PROMPTS = ("Hello! Who are you?", "What does json.dumps do?", "What is th
                   "What does os.path.join do?")
 
 
-def edit_conversations(mods, seed, valid_every, chat):
-    """Code-editing conversations (tools/edit_corpus.py) on the functions of `mods`, split as the documentation
-    is, by top-level module: (training texts, validation texts, held-out edits)."""
+def edit_conversations(mods, seed, valid_every, chat, per_function=2):
+    """Code-editing conversations (tools/edit_corpus.py), up to `per_function` edits of different kinds on each
+    function of `mods`, split as the documentation is, by top-level module: (training texts, validation texts,
+    held-out edits)."""
     rng = np.random.default_rng(seed + 2)  # its own stream: the documentation's conversations stay as they were
     split = {"train": [], "valid": [], "heldout": []}
-    for edit in edit_corpus.edits_of(edit_corpus.source_functions(mods), rng):
+    for edit in edit_corpus.edits_of(edit_corpus.source_functions(mods), rng, per_function):
         where = {"module": MODULE_ALIASES.get(edit["module"], edit["module"])}
         part = "heldout" if held_out(where) else "valid" if validation(where, seed, valid_every) else "train"
         split[part].append(edit)
@@ -442,11 +443,11 @@ def edit_conversations(mods, seed, valid_every, chat):
     return texts["train"], texts["valid"], split["heldout"]
 
 
-def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer=None, edits=False):
+def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer=None, edits=0):
     """Corpus, validation and held-out splits and tokenizer into `work`; returns the corpus record. `tokenizer`: a
     tokenizer.json to use instead of training one (another model's, so that per-token figures compare). `edits`:
-    add the code-editing conversations (edit_conversations) to the training and validation texts, and write the
-    held-out modules' edits to heldout_edits.json."""
+    add code-editing conversations (edit_conversations, up to this many edits a function) to the training and
+    validation texts, and write the held-out modules' edits to heldout_edits.json."""
     from tokenizers import Tokenizer
 
     t0 = time.time()
@@ -464,7 +465,7 @@ def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer
     valid_docs = [BOS + prose_of(r) + EOS for r in valid_recs]  # prose, as the held-out text
     heldout_edits = []
     if edits:
-        train_edits, valid_edits, heldout_edits = edit_conversations(mods, seed, valid_every, chat)
+        train_edits, valid_edits, heldout_edits = edit_conversations(mods, seed, valid_every, chat, edits)
         docs += [("edit", text) for text in train_edits]
         valid_docs += valid_edits
         write_json(work / "heldout_edits.json", heldout_edits)
@@ -1603,8 +1604,9 @@ def main(argv=None):
                    help="one training module in N goes to the validation split (0: none; default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="use this tokenizer.json (e.g. the fixture's) instead of training one")
-    p.add_argument("--edits", action="store_true",
-                   help="add code-editing conversations on the standard library's source (tools/edit_corpus.py)")
+    p.add_argument("--edits", type=int, default=0, metavar="N",
+                   help="add code-editing conversations on the standard library's source (tools/edit_corpus.py), up "
+                        "to N edits of different kinds a function (default: none)")
     p = sub.add_parser("train", help="train; write the release-layout checkpoint and train.json")
     add_work(p)
     add_train(p)
