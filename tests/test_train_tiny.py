@@ -194,3 +194,71 @@ def test_resumed_run_equals_the_run_in_one_go(tmp_path, monkeypatch):
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
     with pytest.raises(SystemExit, match=f"no {tt.CHECKPOINT} in {tmp_path}"):
         tt.resume(tmp_path)
+
+
+def _written_release(path, seed=13):
+    """A release checkpoint of a (random, moved off its init) model at ARGS' sizes, as train writes one; its
+    sharp output head puts its loss far from a freshly initialised model's (ln 512)."""
+    model = tt.build_model(ARGS, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_sink", "ape", "_base")):
+                p.normal_()
+        dict(model.named_parameters())["head.weight"].mul_(50)
+    tt.write_release(model, ARGS, path)
+    return path
+
+
+def test_init_of_zero_steps_writes_the_input_release(tmp_path, monkeypatch):
+    """0 steps from --init: the written release holds the input's weights, value for value. (Not byte for byte: a
+    block whose largest code rounded to half the grid's top, e.g. 3 of FP4's 6, is stored again with half the scale
+    and double the codes, the same values.)"""
+    monkeypatch.setattr(tt, "SMALL_ARGS", ARGS)
+    source = _written_release(tmp_path / "source")
+    (tmp_path / "work").mkdir()
+    work = _work(tmp_path / "work", np.random.default_rng(5))
+    torch.set_num_threads(1)
+    record = tt.train(work, tmp_path / "out", steps=0, batch=2, seq_len=32, init=source)
+    assert record["steps"] == 0 and record["init"] == str(source)
+    before, after = tt.read_release(source), tt.read_release(tmp_path / "out")
+    assert set(before) == set(after) and len(before) == len(tt.official_tensors(tt.build_model(ARGS)))
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    for name in ("inference/config.json", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def test_init_first_step_loss_is_the_input_models_loss(tmp_path, monkeypatch):
+    """The first step's logged loss is transformers' loss of the --init checkpoint on that step's batch."""
+    from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
+
+    monkeypatch.setattr(tt, "SMALL_ARGS", ARGS)
+    source = _written_release(tmp_path / "source")
+    (tmp_path / "work").mkdir()
+    work = _work(tmp_path / "work", np.random.default_rng(5))
+    monkeypatch.setattr(tt, "write_release", lambda model, a, out: out.mkdir(parents=True, exist_ok=True))
+    torch.set_num_threads(1)
+    record = tt.train(work, tmp_path / "out", steps=1, batch=2, seq_len=32, init=source)
+
+    ids = np.load(work / "train_ids.npy").astype(np.int64)
+    pieces = tt.pieces_of(np.load(work / "train_offsets.npy"), 33)
+    rows = tt.pack_rows(ids, pieces, np.random.default_rng(tt.SEED).permutation(len(pieces)), 33)[:2]
+    x, y, _, _ = tt.batch_tensors(rows, "cpu")
+    quant = FineGrainedFP8Config(dequantize=True, scale_fmt="ue8m0", expert_dtype="fp4")
+    hf = DeepseekV4ForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(x, use_cache=False).logits
+    expected = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    assert abs(record["log"][0]["loss"] - expected) < 1e-3
+    fresh = tt.train(work, tmp_path / "fresh", steps=1, batch=2, seq_len=32)
+    assert abs(fresh["log"][0]["loss"] - expected) > 1  # the loss is the checkpoint's, not the seeded init's
+
+
+def test_init_names_a_config_that_differs(tmp_path, monkeypatch):
+    source = _written_release(tmp_path / "source")
+    monkeypatch.setattr(tt, "SMALL_ARGS", dict(ARGS, n_layers=5, compress_ratios=ARGS["compress_ratios"][1:]))
+    (tmp_path / "work").mkdir()
+    work = _work(tmp_path / "work", np.random.default_rng(5))
+    with pytest.raises(SystemExit, match=r"inference/config.json differs from this model in .*n_layers \(6 there, 5 here\)"):
+        tt.train(work, tmp_path / "out", steps=0, batch=2, seq_len=32, init=source)

@@ -14,6 +14,8 @@ greedy and stops at EOS or --tokens, so every variant yields the same tokens (ch
 
 - chat: "Hello! Who are you?" in V4's chat format (the trained model's own answer; MTP's case)
 - code: a code-editing request whose answer should repeat the code (prompt lookup's case, where the model copies)
+- edit: a held-out code-editing request in the format of tools/edit_corpus.py's conversations (a function of
+  xml.dom.minidom, a module that train_tiny's corpus holds out): what a model fine-tuned on them should copy
 - repeat: a question asked again after the model's own answer (the answer repeats: quoting)
 - text:FILE: the tokens of FILE as a raw prompt (a random-weight model's output loops: n-gram's only case there)
 
@@ -48,6 +50,13 @@ CODE = ("Rename the variable total to count in this function and show the whole 
         "def add_all(items):\n    total = 0\n    for item in items:\n        if item is None:\n"
         "            continue\n        total += item\n    return total\n")
 
+# tools/edit_corpus.py's user turn for a rename in xml.dom.minidom's _append_child (held out of its training)
+EDIT = ("Rename the parameter node to item in this function and show the whole function:\n\n```python\n"
+        "def _append_child(self, node):\n    # fast path with less checks; usable by DOM builders if careful\n"
+        "    childNodes = self.childNodes\n    if childNodes:\n        last = childNodes[-1]\n"
+        "        node.previousSibling = last\n        last.nextSibling = node\n    childNodes.append(node)\n"
+        "    node.parentNode = self\n```")
+
 
 def prompts(model, names: list[str]) -> dict[str, list[int]]:
     out = {}
@@ -56,6 +65,8 @@ def prompts(model, names: list[str]) -> dict[str, list[int]]:
             out[name] = prompt_ids(model, [{"role": "user", "content": "Hello! Who are you?"}])
         elif name == "code":
             out[name] = prompt_ids(model, [{"role": "user", "content": CODE}])
+        elif name == "edit":
+            out[name] = prompt_ids(model, [{"role": "user", "content": EDIT}])
         elif name == "repeat":
             q = [{"role": "user", "content": "What does os.path.join do?"}]
             said = "".join(p.text for p in model.chat(q, stream=False, max_tokens=96, temperature=0)
@@ -64,7 +75,7 @@ def prompts(model, names: list[str]) -> dict[str, list[int]]:
         elif name.startswith("text:"):
             out[name] = model.tokenizer.encode(Path(name[5:]).read_text())
         else:
-            raise SystemExit(f"unknown prompt {name!r}: chat, code, repeat or text:FILE")
+            raise SystemExit(f"unknown prompt {name!r}: chat, code, edit, repeat or text:FILE")
     return out
 
 
@@ -211,7 +222,8 @@ def main(argv=None):
                 "weight_bytes_per_token": (counter.dense * len(batches) + sum(b for _, b in batches))
                                           / max(n_out - 1, 1),
             }
-        report["prompts"][pname] = {"prompt_tokens": len(ids), "generated": len(outs["plain"]), "variants": rows}
+        report["prompts"][pname] = {"prompt_tokens": len(ids), "generated": len(outs["plain"]), "variants": rows,
+                                    "text": model.tokenizer.decode(outs["plain"])}
         print(f"\n{pname}: {len(ids)} prompt tokens, {len(outs['plain'])} generated, median of {args.rounds} rounds")
         print(f"  {'variant':<12} {'tok/s':>7} {'speedup':>7} {'accept':>7} {'tok/pass':>9} "
               f"{'expert MB/pass':>15} {'weight MB/token':>15}")

@@ -10,6 +10,12 @@ A long run (hours on a CPU) by a token target, checkpointed, that outlives a ses
     python tools/train_tiny.py train --tokens 8.5e6 --checkpoint-every 10 --out DIR   # SIGTERM: ends at a step
     python tools/train_tiny.py train --resume DIR                                      # ... continues exactly
 
+A fine-tune from a release checkpoint (a fixture, or a run's output) on the corpus with code-editing conversations
+added (tools/edit_corpus.py: the answer copies the function it is asked to edit), with the same tokenizer:
+
+    python tools/train_tiny.py prepare --work DIR --tokenizer FIXTURE/tokenizer.json --edits 4
+    python tools/train_tiny.py train --work DIR --init FIXTURE --lr 1e-3 --minutes 78 --out DIR/run
+
 On a GPU machine (torch and numpy are all `train` needs there), with the prepared folder carried along:
 
     python tools/train_tiny.py prepare                                          # here: build/small_v4
@@ -63,6 +69,7 @@ import numpy as np  # noqa: E402
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
+import edit_corpus  # noqa: E402
 import make_reference as ref  # noqa: E402
 
 WORK = ROOT / "build" / "small_v4"
@@ -420,9 +427,27 @@ SAMPLE_PROMPTS = ("Hello! Who are you?", "What does json.dumps do?", "What is th
                   "What does os.path.join do?")
 
 
-def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer=None):
+def edit_conversations(mods, seed, valid_every, chat, per_function=2):
+    """Code-editing conversations (tools/edit_corpus.py), up to `per_function` edits of different kinds on each
+    function of `mods`, split as the documentation is, by top-level module: (training texts, validation texts,
+    held-out edits)."""
+    rng = np.random.default_rng(seed + 2)  # its own stream: the documentation's conversations stay as they were
+    split = {"train": [], "valid": [], "heldout": []}
+    for edit in edit_corpus.edits_of(edit_corpus.source_functions(mods), rng, per_function):
+        where = {"module": MODULE_ALIASES.get(edit["module"], edit["module"])}
+        part = "heldout" if held_out(where) else "valid" if validation(where, seed, valid_every) else "train"
+        split[part].append(edit)
+    texts = {part: [chat.encode_messages([{"role": "user", "content": edit_corpus.user_text(e)},
+                                          {"role": "assistant", "content": edit_corpus.answer_text(e)}], think="none")
+                    for e in edits] for part, edits in split.items() if part != "heldout"}
+    return texts["train"], texts["valid"], split["heldout"]
+
+
+def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer=None, edits=0):
     """Corpus, validation and held-out splits and tokenizer into `work`; returns the corpus record. `tokenizer`: a
-    tokenizer.json to use instead of training one (another model's, so that per-token figures compare)."""
+    tokenizer.json to use instead of training one (another model's, so that per-token figures compare). `edits`:
+    add code-editing conversations (edit_conversations, up to this many edits a function) to the training and
+    validation texts, and write the held-out modules' edits to heldout_edits.json."""
     from tokenizers import Tokenizer
 
     t0 = time.time()
@@ -431,11 +456,19 @@ def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():  # deprecated modules warn on import and on attribute access
         warnings.simplefilter("ignore")
-        records = documented_objects(stdlib_modules()) + topic_records()
+        mods = stdlib_modules()
+        records = documented_objects(mods) + topic_records()
     heldout_recs = [r for r in records if held_out(r)]
     valid_recs = [r for r in records if not held_out(r) and validation(r, seed, valid_every)]
     train_recs = [r for r in records if not held_out(r) and not validation(r, seed, valid_every)]
     docs = build_documents(train_recs, rng, chat)
+    valid_docs = [BOS + prose_of(r) + EOS for r in valid_recs]  # prose, as the held-out text
+    heldout_edits = []
+    if edits:
+        train_edits, valid_edits, heldout_edits = edit_conversations(mods, seed, valid_every, chat, edits)
+        docs += [("edit", text) for text in train_edits]
+        valid_docs += valid_edits
+        write_json(work / "heldout_edits.json", heldout_edits)
     heldout_text = "\n\n".join(prose_of(r) for r in heldout_recs)
     vocab_size = vocab_size or SMALL_ARGS["vocab_size"]
     if tokenizer:
@@ -458,7 +491,7 @@ def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer
     train_ids, train_offsets = encode(text for _, text in docs)
     heldout_docs = [BOS + prose_of(r) + EOS for r in heldout_recs]
     heldout_ids, heldout_offsets = encode(heldout_docs)
-    valid_ids, valid_offsets = encode(BOS + prose_of(r) + EOS for r in valid_recs)  # prose, as the held-out text
+    valid_ids, valid_offsets = encode(valid_docs)
     np.save(work / "valid_ids.npy", valid_ids)
     np.save(work / "valid_offsets.npy", valid_offsets)
     np.save(work / "train_ids.npy", train_ids)
@@ -484,7 +517,9 @@ def prepare(work, seed=SEED, vocab_size=None, valid_every=VALID_EVERY, tokenizer
         "heldout_modules": sorted({r["module"].split(".")[0] for r in heldout_recs}),
         "valid_every": valid_every, "valid_records": len(valid_recs), "valid_tokens": int(valid_ids.size),
         "valid_modules": sorted({r["module"].split(".")[0] for r in valid_recs}),
-        "documents": kinds, "train_chars": sum(len(t) for _, t in docs), "train_tokens": int(train_ids.size),
+        "documents": kinds, "edit_tokens": int(sum(e - s for (kind, _), s, e in
+                                                  zip(docs, train_offsets[:-1], train_offsets[1:]) if kind == "edit")),
+        "heldout_edits": len(heldout_edits), "train_chars": sum(len(t) for _, t in docs), "train_tokens": int(train_ids.size),
         "heldout_chars": len(heldout_text), "heldout_tokens": int(heldout_ids.size),
         "corpus_sha256": digest.hexdigest(),
         "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
@@ -1091,7 +1126,7 @@ def resume(out, threads=None, compile_model=False, checkpoint_every=None):
 
 def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, batch=None, seq_len=None, lr=2e-3,
           seed=SEED, quant_fraction=0.2, mtp_weight=0.3, indexer_weight=0.1, threads=None, compile_model=False,
-          weight_decay=0.1, n_evals=8, valid_rows=None, patience=None, checkpoint_every=None, state=None):
+          weight_decay=0.1, n_evals=8, valid_rows=None, patience=None, checkpoint_every=None, init=None, state=None):
     """Train on the prepared corpus in `work`; write the release-layout checkpoint and train.json into `out`.
 
     With a validation split (prepare's valid_ids.npy), `n_evals` evaluations spread over the run measure the loss
@@ -1102,7 +1137,9 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     The schedule runs to `steps`, else to `tokens_target` training tokens, else to `minutes` of training time.
     With `checkpoint_every` (minutes; 0: after every step) the run's whole state goes to out/checkpoint.pt at that
     interval and when the run ends (finished, early-stopped or SIGTERM, which ends it at the next step boundary);
-    `state` is such a checkpoint (see resume), from which the run continues as if it had not stopped."""
+    `state` is such a checkpoint (see resume), from which the run continues as if it had not stopped. `init`: a
+    release checkpoint (DeepSeek's layout, e.g. a fixture) whose weights the run starts from (a fine-tune; fresh
+    optimizer state)."""
     import copy
 
     torch = _torch()
@@ -1116,7 +1153,7 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
                 "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "quant_fraction": quant_fraction,
                 "mtp_weight": mtp_weight, "indexer_weight": indexer_weight, "weight_decay": weight_decay,
                 "n_evals": n_evals, "valid_rows": valid_rows, "patience": patience,
-                "checkpoint_every": checkpoint_every}
+                "checkpoint_every": checkpoint_every, "init": init and str(init)}
     corpus = json.loads((work / "corpus.json").read_text())
     a = dict(SMALL_ARGS, vocab_size=corpus["vocab_size"])
     torch.manual_seed(seed)
@@ -1125,6 +1162,8 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     batch = batch or (64 if cuda else 4)  # on a CPU 4 x 256: the most tokens/s (docs/quality.md)
     seq_len = seq_len or (512 if cuda else 256)
     model = build_model(a, seed, device)
+    if init and state is None:
+        init_from_release(model, a, init)
     net = torch.compile(model) if compile_model else model
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("_fn")]
@@ -1187,7 +1226,7 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
         rows_left, log, evals = state["rows_left"], state["log"], state["evals"]
         best, since_best, seconds_before = state["best"], state["since_best"], state["seconds"]
         resumed_at = state["resumed_at"] + [step]
-    schedule_by = "steps" if steps else "tokens" if tokens_target else "time"
+    schedule_by = "steps" if steps is not None else "tokens" if tokens_target else "time"
     print(f"train: {n_params / 1e6:.2f}M parameters on {device}, batch {batch} x {seq_len}, "
           f"{len(pieces)} pieces of {ids.size} tokens, "
           + {"steps": f"{steps} steps", "tokens": f"{tokens_target} tokens", "time": f"{minutes} min"}[schedule_by]
@@ -1205,7 +1244,9 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
         """Fraction of the run done: by steps or tokens when given (a run paused or slowed keeps its schedule),
         else by training time over all sessions (the schedule follows the budget on any machine; train.json
         records the steps it came to)."""
-        return step / steps if steps else tokens / tokens_target if tokens_target else elapsed() / budget
+        if steps is not None:
+            return step / steps if steps else 1.0
+        return tokens / tokens_target if tokens_target else elapsed() / budget
 
     def checkpoint():
         save_checkpoint(out, {
@@ -1302,7 +1343,7 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     write_release(model, a, out)
     record = {
         "format": FORMAT_VERSION, "args": a, "seed": seed, "device": device, "minutes": minutes,
-        "steps": step, "schedule_by": schedule_by, "tokens_target": tokens_target, "resumed_at": resumed_at,
+        "steps": step, "schedule_by": schedule_by, "init": init and str(init), "tokens_target": tokens_target, "resumed_at": resumed_at,
         "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
         "schedule": f"linear warmup, cosine to 0.1x; AdamW (0.9, 0.95), wd {weight_decay} on matrices, clip 1.0",
         "weight_decay": weight_decay, "n_evals": n_evals, "valid_rows": None if eval_rows is None else len(eval_rows),
@@ -1316,6 +1357,51 @@ def train(work, out, device="cpu", minutes=3.0, steps=None, tokens_target=None, 
     write_json(out / "train.json", record)
     print(f"train: {step} steps, {tokens} tokens, {seconds:.0f} s; release checkpoint -> {out}", flush=True)
     return record
+
+
+def read_release(folder):
+    """official name -> float32 values (int64 for tid2eid) of a release-layout checkpoint, decoded exactly from
+    its FP8 / FP4 / BF16 storage (the inverse of write_release); `folder` also gives its inference/config.json."""
+    sys.path.insert(0, str(ROOT))
+    from quant import fp8
+    from quant.safetensors_source import Checkpoint
+
+    ck = Checkpoint(folder)
+    out = {}
+    try:
+        for name, tensor in ck.tensors.items():
+            if name.endswith(".scale"):
+                continue
+            stored = tensor.array()
+            if tensor.dtype == "F8_E4M3":
+                out[name] = fp8.dequant_fp8(stored, ck[name[:-len("weight")] + "scale"].array())
+            elif ".experts." in name and tensor.dtype == "I8":
+                out[name] = fp8.dequant_fp4(stored, ck[name[:-len("weight")] + "scale"].array())
+            elif tensor.dtype == "BF16":
+                out[name] = (stored.astype(np.uint32) << 16).view(np.float32)
+            elif tensor.dtype in ("F32", "I64"):
+                out[name] = np.array(stored)
+            else:
+                raise SystemExit(f"{tensor.file}: tensor {name} has dtype {tensor.dtype}, not a release format")
+    finally:
+        ck.close()
+    return out
+
+
+def init_from_release(model, a, folder):
+    """Set the model's weights from the release checkpoint in `folder` (train --init), whose
+    inference/config.json must be the model's."""
+    folder = Path(folder)
+    config = json.loads((folder / "inference" / "config.json").read_text())
+    differ = sorted(k for k in set(a) | set(config) if a.get(k) != config.get(k))
+    if differ:
+        raise SystemExit(f"train --init: {folder / 'inference' / 'config.json'} differs from this model in "
+                         + ", ".join(f"{k} ({config.get(k)!r} there, {a.get(k)!r} here)" for k in differ))
+    tensors = read_release(folder)
+    missing = sorted(set(official_tensors(model)) - set(tensors))
+    if missing:
+        raise SystemExit(f"train --init: {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    load_official(model, tensors)
 
 
 def write_release(model, a, out):
@@ -1357,6 +1443,9 @@ ROLES = {
                  "tests/fixtures/small_v4 small_v4.gguf` and chat with it."),
     "small_v4_general": ("the model trained to its best validation loss", "It generalizes where small_v4 "
                          "recites: the yardstick for quantization quality (docs/quality.md), not the default."),
+    "small_v4_edit": ("small_v4_general fine-tuned to copy the code it edits", "`train --init` from small_v4_general "
+                      "on its corpus plus code-editing conversations (`prepare --edits`): the model for prompt "
+                      "lookup's code-editing case (docs/speculative.md)."),
 }
 README = """\
 # {name}: {role} (generated, do not edit)
@@ -1515,12 +1604,17 @@ def main(argv=None):
                    help="one training module in N goes to the validation split (0: none; default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="use this tokenizer.json (e.g. the fixture's) instead of training one")
+    p.add_argument("--edits", type=int, default=0, metavar="N",
+                   help="add code-editing conversations on the standard library's source (tools/edit_corpus.py), up "
+                        "to N edits of different kinds a function (default: none)")
     p = sub.add_parser("train", help="train; write the release-layout checkpoint and train.json")
     add_work(p)
     add_train(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: WORK/release)")
     p.add_argument("--checkpoint-every", type=float, default=None, metavar="MINUTES",
                    help="save the run's state to OUT/checkpoint.pt at this interval and at its end (default: never)")
+    p.add_argument("--init", type=Path, default=None, metavar="RELEASE_DIR",
+                   help="start from this release checkpoint's weights (a fine-tune), e.g. tests/fixtures/small_v4_general")
     p.add_argument("--resume", type=Path, default=None, metavar="OUT",
                    help="continue the run checkpointed in OUT with its own settings; only --threads, --compile and "
                         "--checkpoint-every apply (default: the run's interval)")
@@ -1535,7 +1629,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "prepare":
-        prepare(args.work, valid_every=args.valid_every, tokenizer=args.tokenizer)
+        prepare(args.work, valid_every=args.valid_every, tokenizer=args.tokenizer, edits=args.edits)
     if args.command == "all":
         prepare(args.work)
     if args.command == "train" and args.resume:
@@ -1546,7 +1640,7 @@ def main(argv=None):
               tokens_target=args.tokens and int(args.tokens), batch=args.batch, seq_len=args.seq_len, lr=args.lr,
               seed=args.seed, threads=args.threads, compile_model=args.compile, weight_decay=args.weight_decay,
               n_evals=args.evals, valid_rows=args.valid_rows, patience=args.patience,
-              checkpoint_every=getattr(args, "checkpoint_every", None))
+              checkpoint_every=getattr(args, "checkpoint_every", None), init=getattr(args, "init", None))
     if args.command == "export":
         export(args.work, args.release or args.work / "release", args.out)
     if args.command == "all":
