@@ -645,8 +645,8 @@ def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExpe
     """A MoE layer whose routed experts the placement split: the (token, expert) pairs of experts on the device
     run there (by their slot in the device stack), the others on the host through the C core (from the expert
     cache `offload` when given), their tokens' inputs brought over and their weighted sum sent back. The host side
-    takes the tokens with at least one host expert, each with its host experts, padded to the longest such list
-    with a repeat of its first at weight 0 (so that no other expert is read). The ids and inputs come over first
+    takes the tokens with at least one host expert, each with its host experts (host_pairs). The ids and inputs
+    come over first
     (one synchronisation), the C core's call starts on the worker thread (w1.worker), then the device's products
     are queued (on torch-cpu: run) into out meanwhile; the host's sum is the returned HostSum, which the caller
     adds to out when it needs it (after the device's, as the C core adds a layer's experts)."""
@@ -654,23 +654,30 @@ def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExpe
     idx_d = _on(idx, x.device, torch.int64)
     w_d = _on(weights, x.device, torch.float32)
     slot = w1.slot[idx_d]
-    idx_h, w_h, on_host = _host(idx_d, np.int32), _host(w_d), _host(slot < 0, np.bool_)
-    rows = np.nonzero(on_host.any(1))[0]
+    rows, ids, wts = host_pairs(_host(idx_d, np.int32), _host(w_d), _host(slot < 0, np.bool_))
     host = None
     if rows.size:
-        first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
-        ids = np.take_along_axis(idx_h[rows], first, 1)
-        wts = np.take_along_axis(w_h[rows], first, 1)
-        n = on_host[rows].sum(1)
-        pad = np.arange(n.max())[None, :] >= n[:, None]
-        ids = np.where(pad, ids[:, :1], ids[:, :n.max()])
-        wts = np.where(pad, np.float32(0), wts[:, :n.max()])
         x_h = _host(x[_on(rows, x.device, torch.int64)])
         worker = w1.worker
         host = worker.submit(_host_experts_up, worker, x_h, ids, wts, (w1.host, w3.host, w2.host), limit, offload,
                              layer)
     _device_experts(x, slot.reshape(-1), k, w_d.reshape(-1), (w1.device, w3.device, w2.device), limit, out)
     return HostSum(host, _on(rows, out.device, torch.int64))
+
+
+def host_pairs(idx: np.ndarray, weights: np.ndarray, on_host: np.ndarray) -> tuple:
+    """(rows, ids, weights) of the host's side of a split layer from the routed ids and weights [T, k] and which
+    pairs are on the host: the tokens with a host expert, each with its host experts in slot order, padded to the
+    longest such list with a repeat of its first at weight 0."""
+    rows = np.nonzero(on_host.any(1))[0]
+    if not rows.size:
+        return rows, idx[:0], weights[:0]
+    first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
+    ids = np.take_along_axis(idx[rows], first, 1)
+    wts = np.take_along_axis(weights[rows], first, 1)
+    n = on_host[rows].sum(1)
+    pad = np.arange(n.max())[None, :] >= n[:, None]
+    return rows, np.where(pad, ids[:, :1], ids[:, :n.max()]), np.where(pad, np.float32(0), wts[:, :n.max()])
 
 
 class HostSum:
