@@ -3,6 +3,7 @@ torch device (the only overlap a machine without an accelerator can show: two si
 
     python tools/bench_hybrid_overlap.py -m flash3-Q4_K_M.gguf [--layer 0] [--device-experts 8] [--tokens 1]
         [--torch-threads 1] [--core-threads 1] [--rounds 7] [--calls 20] [--json out.json]
+    python tools/bench_hybrid_overlap.py -m flash3-Q4_K_M.gguf --decode 8 [--device-experts 1] ...
 
 One layer of the file is loaded as hybrid placement leaves it when the device holds its first --device-experts
 routed experts: those experts and the shared expert on the torch device (decoded to float32, as torch-cpu holds
@@ -17,6 +18,11 @@ each call, from a fixed seed). Timed, in turns within each round (the median ove
 
 The bound of an overlapped call is max(device side, host side), against their sum for a call in turn. Wall time
 (perf_counter), as overlap is about it; on a shared machine the figures are noisy.
+
+--decode N: the whole model instead, loaded on torch-cpu with gpu_mem holding everything but the routed experts
+plus each layer's first --device-experts (an expert-usage histogram that makes them the hottest), so every layer is
+split; each round prefills 4 tokens and decodes N, overlapped and in turn alternately; tok/s from the median step.
+On torch-cpu the device's matrices are float32 (the head and embedding of a full-width file alone 4.2 GB).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from flashlite.gguf_file import GGUFFile  # noqa: E402
 PICKS = 6  # V4-Flash's routed experts per token
 LIMIT = 10.0  # the SwiGLU clamp (its value does not change the time)
 MATRICES = ("gate", "up", "down")
+CTX = 256  # --decode's context: a small KV cache on the device (its memory, not its time, would change)
 
 
 def split_layer(path: Path, layer: int, n_device: int):
@@ -79,7 +86,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20, help="calls a variant times in one round")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--decode", type=int, default=0, help="decode steps a round of the whole model (0: one layer)")
     opts = ap.parse_args()
+    if opts.decode:
+        return decode(opts)
     torch.set_num_threads(opts.torch_threads)
     check(lib.fl_threads_set(opts.core_threads), "fl_threads_set")
     dev, routed, shared, n_expert = split_layer(opts.model, opts.layer, opts.device_experts)
@@ -120,9 +130,58 @@ def main() -> None:
                   rounds=opts.rounds, calls=opts.calls, ms=ms,
                   bound_ms=max(ms["device side"], ms["host side"]), sum_ms=ms["device side"] + ms["host side"],
                   speedup=ms["in turn"] / ms["overlap"])
+    report(result, opts.json)
+
+
+def report(result: dict, path: Path | None) -> None:
     print(json.dumps(result, indent=1))
-    if opts.json:
-        opts.json.write_text(json.dumps(result, indent=1) + "\n")
+    if path:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def decode(opts) -> None:
+    """The whole model's decode steps, overlapped and in turn (--decode)."""
+    import tempfile
+
+    from flashlite.model import load
+
+    f = GGUFFile(opts.model)
+    n_layers, n_expert = f.metadata["deepseek4.block_count"], f.metadata["deepseek4.expert_count"]
+    try:  # the least budget names what the device must hold (KV cache, attention and dense)
+        load(opts.model, device="torch-cpu", gpu_mem=1, ctx=CTX)
+    except ValueError as e:
+        need = int(str(e).split("must hold: ")[1].split(" bytes")[0])
+    floats = lambda name: 4 * int(np.prod(f.tensors[name].ne))  # noqa: E731  (what torch-cpu holds)
+    rest = sum(floats(n) for n in f.tensors if "_shexp." in n or n in ("output.weight", "token_embd.weight"))
+    per_expert = sum(floats(f"blk.0.ffn_{m}_exps.weight") for m in MATRICES) // n_expert
+    usage = np.zeros((n_layers, n_expert), np.int64)
+    usage[:, :opts.device_experts] = 100
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "usage.npy", usage)
+        model = load(opts.model, device="torch-cpu", threads=opts.torch_threads, ctx=CTX,
+                     expert_usage=Path(tmp) / "usage.npy",
+                     gpu_mem=need + rest + n_layers * opts.device_experts * per_expert + per_expert // 2)
+    torch.set_num_threads(opts.torch_threads)
+    check(lib.fl_threads_set(opts.core_threads), "fl_threads_set")
+    print(model.device.placement, file=sys.stderr)
+    rng = np.random.default_rng(0)
+    steps = {True: [], False: []}
+    for _ in range(opts.rounds):
+        for overlap in (True, False):
+            model.device.host_experts.overlap = overlap
+            ids = rng.integers(1000, 100000, 4 + opts.decode)
+            model.reset()
+            model.forward(ids[:4], logits="last")
+            for t in ids[4:]:
+                start = time.perf_counter()
+                model.forward([t], logits="last")
+                steps[overlap].append(time.perf_counter() - start)
+    model.close()
+    ms = {name: 1e3 * statistics.median(steps[o]) for name, o in (("overlap", True), ("in turn", False))}
+    report(dict(model=str(opts.model), decode=opts.decode, device_experts=opts.device_experts, experts=n_expert,
+                torch_threads=opts.torch_threads, core_threads=opts.core_threads, rounds=opts.rounds,
+                step_ms=ms, tok_s={k: 1e3 / v for k, v in ms.items()}, speedup=ms["in turn"] / ms["overlap"]),
+           opts.json)
 
 
 if __name__ == "__main__":
