@@ -8,7 +8,8 @@ minutes on an H200, printing a summary and writing it as JSON.
    "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
    float32 rounding (measured on a CPU torch device: 8e-6).
    The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
-   goldens, and its split layer's host experts overlapped (a worker thread, a stream) against in turn; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
+   goldens, and its split layer's host experts overlapped (a worker thread, a stream) against in turn; on CUDA,
+   a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
    decode steps under its "warn" mode (one synchronisation a step: the logits), and the decode step's segments
    replayed as captured CUDA graphs against op by op (cuda_graphs=False): the same greedy tokens, logits within
    1e-4, every segment captured.
