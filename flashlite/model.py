@@ -400,9 +400,12 @@ class Model:
             self.net.offload.reset_stats()
 
     def close(self) -> None:
-        """Save the expert-usage histogram and stop the expert cache's I/O threads (also done at exit)."""
+        """Save the expert-usage histogram and stop the expert cache's I/O threads (also done at exit) and a device's
+        worker thread of split MoE layers."""
         if self.net.offload is not None:
             self.net.offload.close()
+        if self.device is not None:
+            self.device.close()
         for draft in self._drafts.values():
             draft.close()
         self._drafts.clear()

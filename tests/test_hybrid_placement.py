@@ -3,6 +3,7 @@ the "device" and the rest in the file for the C core. The logits stay transforme
 as tests/test_forward.py); a MoE layer split between the two computes what each side computes alone (quantized
 files, exactly up to float32 rounding); the order in which classes and experts are placed; the errors.
 The placement's own arithmetic (the order) runs without torch."""
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,9 +22,9 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def _sizes(path):
+def _sizes(path, kv_format="f32"):
     """The placement's byte counts of a file on torch-cpu (a budget that holds everything)."""
-    p = load(path, device="torch-cpu", threads=1, gpu_mem="1T").device.placement
+    p = load(path, device="torch-cpu", threads=1, gpu_mem="1T", kv_format=kv_format).device.placement
     base = sum(p.device_bytes[c] for c in ("kv_cache", "dense", "head_embed", "shared_experts"))
     return p, base, p.device_bytes["routed_experts"] // (len(p.experts) * p.n_expert)
 
@@ -84,6 +85,92 @@ def test_hybrid_equals_the_device_and_the_cpu_backend(torch, f32_gguf, goldens):
         got = hybrid.logits(ids, chunk=chunk)
         np.testing.assert_allclose(got, device, rtol=0, atol=2e-5)
         np.testing.assert_allclose(got, cpu, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------- the host's share on a worker thread
+
+
+def _host_calls(monkeypatch):
+    """The threads the C core's expert calls run on, recorded (tests wrap backends.cpu.moe_experts)."""
+    from flashlite.backends import cpu
+
+    threads, call = [], cpu.moe_experts
+    monkeypatch.setattr(cpu, "moe_experts", lambda *a: (threads.append(threading.current_thread().name), call(*a)))
+    return threads
+
+
+def _steps(model, ids, n_prefill):
+    """Logits of a prefill of ids[:n_prefill] and of each later token as a decode step."""
+    model.reset()
+    return np.concatenate([model.forward(ids[:n_prefill])] + [model.forward([t]) for t in ids[n_prefill:]])
+
+
+@pytest.mark.parametrize("kv_format", ["f32", "fp8"])
+@pytest.mark.parametrize("what", ["plain", "expert-cache", "step-graphs"])
+def test_overlapped_host_experts_give_the_same_bits(torch, f32_gguf, goldens, monkeypatch, kv_format, what):
+    """The split layer's host experts run on the worker thread while the calling thread runs the device's routed
+    experts and the shared expert, and the logits of a prefill and of decode steps are bitwise those of the C call
+    on the calling thread after the device's share (overlap off, as before the worker); the CPU backend's within
+    float32 rounding (fp8: tests/test_device_kv.py's bound). expert-cache: the host's experts through the expert
+    cache with its disk prefetch; step-graphs: decode steps from static segments, the split layer's MoE sublayer
+    op by op between them."""
+    _, base, per_expert = _sizes(f32_gguf, kv_format)
+    extra = dict(ram_budget="4M", expert_usage=False) if what == "expert-cache" else {}
+    model = load(f32_gguf, device="torch-cpu", threads=1, gpu_mem=base + 20 * per_expert + per_expert // 2,
+                 kv_format=kv_format, **extra)
+    assert [type(layer.ffn.w1).__name__ for layer in model.net.layers][2] == "SplitExperts"
+    if what == "step-graphs":
+        model.net.use_step_graphs("static")
+    ids = goldens["prompt_ids"][:40]
+    threads = _host_calls(monkeypatch)
+    overlapped = _steps(model, ids, 32)
+    # every forward's split layer ran its C call on the worker, the host-only layers' on the caller
+    assert threads.count("MainThread") == 3 * 9 and len(threads) == 4 * 9
+    assert all(t.startswith("flashlite-host-experts") for t in threads if t != "MainThread")
+    if what == "step-graphs":
+        assert model.net.graphs.replays > 0 and model.net.layers[2].ffn_segment is None
+    if what == "expert-cache":
+        assert model.stats()["prefetches"] + model.stats()["prefetch_dropped"] > 0
+    model.device.host_experts.overlap = False
+    threads.clear()
+    in_turn = _steps(model, ids, 32)
+    assert threads == ["MainThread"] * 4 * 9
+    np.testing.assert_array_equal(overlapped, in_turn)
+    cpu = _steps(load(f32_gguf, kv_format=kv_format), ids, 32)
+    if kv_format == "f32":
+        np.testing.assert_allclose(overlapped, cpu, rtol=0, atol=2e-5)
+    else:  # float32 rounding may put a row's value on the other side of an fp8 boundary (tests/test_device_kv.py)
+        delta = np.abs(overlapped - cpu).max(axis=1)
+        assert np.median(delta) <= 3e-4 and (overlapped.argmax(1) == cpu.argmax(1)).mean() >= 0.95
+    model.close()
+
+
+def test_a_worker_error_surfaces_in_the_caller_and_close_stops_the_worker(torch, f32_gguf, goldens, monkeypatch):
+    from flashlite.backends import cpu
+
+    _, base, per_expert = _sizes(f32_gguf)
+    model = load(f32_gguf, device="torch-cpu", threads=1, gpu_mem=base + 20 * per_expert + per_expert // 2)
+    ids = goldens["prompt_ids"][:8]
+    expected = model.logits(ids)
+    call = cpu.moe_experts
+
+    def failing(*args):
+        if threading.current_thread().name.startswith("flashlite-host-experts"):
+            raise RuntimeError("blk.2.ffn_gate_exps.weight: the disk went away")
+        return call(*args)
+
+    monkeypatch.setattr(cpu, "moe_experts", failing)
+    with pytest.raises(RuntimeError, match="blk.2.ffn_gate_exps.weight: the disk went away"):
+        model.logits(ids)
+    monkeypatch.setattr(cpu, "moe_experts", call)
+    np.testing.assert_array_equal(model.logits(ids), expected)  # the worker survives its call's error
+    worker = model.device.host_experts.submit(threading.current_thread).result()
+    assert worker.is_alive() and worker.name.startswith("flashlite-host-experts")
+    model.close()
+    assert not worker.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("flashlite-host-experts")]
+    np.testing.assert_array_equal(model.logits(ids), expected)  # a later call starts a worker again
+    model.close()
 
 
 # ---------------------------------------------------------------- a split MoE layer on quantized files

@@ -80,19 +80,19 @@ def test_a_resident_step_is_one_segment_that_follows_op_by_op(torch, f32_gguf, g
 def test_an_upload_inside_a_segment_is_refused(torch, f32_gguf, goldens, monkeypatch):
     """Inside a captured graph an upload would replay the capture's bytes: the shared expert's ids made on the
     host (as they were before they were made on the device) stop the step, naming its segment (the whole step)."""
-    from flashlite.models import deepseek_v4
+    from flashlite.backends import torch_device
 
     model = load(f32_gguf, device="torch-cpu", threads=1)
     model.net.use_step_graphs("static")
     model.forward(goldens["prompt_ids"][:30])
-    experts = deepseek_v4.MoE.experts
+    experts = torch_device.moe_experts
 
     def host_ids(x, idx, weights, *rest):
         if idx is None:
             idx, weights = np.zeros((x.shape[0], 1), np.int32), np.ones((x.shape[0], 1), np.float32)
         experts(x, idx, weights, *rest)
 
-    monkeypatch.setattr(deepseek_v4.MoE, "experts", staticmethod(host_ids))
+    monkeypatch.setattr(torch_device, "moe_experts", host_ids)
     with pytest.raises(RuntimeError, match=r"blk.0-5 and head \(f32 KV\): a host array of shape .1, 1. uploaded"):
         model.forward(goldens["prompt_ids"][30:31])
 

@@ -8,7 +8,8 @@ minutes on an H200, printing a summary and writing it as JSON.
    "tf32") against the CPU backend on the same weights decoded to f32, which differs from the device only by
    float32 rounding (measured on a CPU torch device: 8e-6).
    The f32 file in hybrid placement (gpu_mem for 20 of 48 routed experts, the rest on the CPU) against the
-   goldens; on CUDA, a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
+   goldens, and its split layer's host experts overlapped (a worker thread, a stream) against in turn; on CUDA,
+   a MoE layer's routed experts under torch.cuda.set_sync_debug_mode("error") (nothing read back),
    decode steps under its "warn" mode (one synchronisation a step: the logits), and the decode step replayed as
    captured CUDA graphs (a resident model's whole step one graph, its heads over the KV rings) against op by op
    (cuda_graphs=False), in both KV formats and in hybrid placement, across a rollback: the same greedy tokens,
@@ -83,9 +84,19 @@ def correctness(base, work: Path, out: dict) -> None:
     f32 = work / "f32.gguf"
     budget = all_but_routed(f32, hybrid) + 20 * (expert_bytes(f32, hybrid))  # 20 of 48 routed experts
     model = load(f32, device=hybrid, gpu_mem=budget)
-    delta = np.abs(model.logits(ids) - g["logits"]).max(axis=1)[clear].max()
+    overlapped = model.logits(ids)
+    delta = np.abs(overlapped - g["logits"]).max(axis=1)[clear].max()
     out["f32 hybrid (20/48 routed experts on the device) vs goldens"] = {
         "max_delta": float(delta), "ok": bool(delta <= 1e-4), "placement": str(hybrid.placement)}
+    # the split layer's host experts on the worker thread (on CUDA: uploaded on its stream from pinned memory)
+    # against the C call on the caller after the device's share; bitwise on torch-cpu, and on CUDA unless the
+    # device's index_add (atomic) orders its sums differently from one run to the next
+    hybrid.host_experts.overlap = False
+    delta = float(np.abs(overlapped - model.logits(ids)).max())
+    hybrid.host_experts.overlap = True
+    out["f32 hybrid, host experts overlapped vs in turn"] = {"max_delta": delta, "bitwise": delta == 0,
+                                                             "ok": delta <= 1e-5}
+    model.close()
     if base.device.type == "cuda":  # a MoE layer all on the device queues without waiting for the host
         import torch
         from flashlite.backends.torch_device import moe_experts

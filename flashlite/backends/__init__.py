@@ -13,6 +13,8 @@ The model is written once, in terms of these named operations; a backend impleme
     indexer_topk   the lightning indexer's scores of compressed rows and their top-k
     attention_sink sparse attention over window rows and picked compressed rows, with a per-head sink
     moe_route      the router: sqrt-softplus scores, hash or biased top-k, renormalised weights
+    moe            a MoE layer's experts: the routed ones (moe_experts), then the shared expert (a split layer on a
+                   device runs the shared expert while the host computes its routed experts)
     moe_experts    routed expert dispatch (SwiGLU with clamps), from memory or from the expert cache; ids None:
                    the one expert of plain weights at weight 1 (the shared expert), its ids made where it runs
     plan_ffn / ffn_step, plan_attn / attn_step, layer_step   a decode step's sublayers planned at load, one call
@@ -94,6 +96,11 @@ def attention_sink(q, window, ranges: np.ndarray, rows, idx: np.ndarray, sinks, 
 
 def moe_route(logits, bias, tid2eid, token_ids: np.ndarray, n_used: int, route_scale: float):
     return _of(logits).moe_route(logits, bias, tid2eid, token_ids, n_used, route_scale)
+
+
+def moe(x, idx, weights, routed: tuple, limit: float, shared: tuple, shared_limit: float, out, offload=None,
+        layer: int = 0) -> None:
+    _of(x).moe(x, idx, weights, routed, limit, shared, shared_limit, out, offload, layer)
 
 
 def moe_experts(x, idx, weights, w1, w3, w2, limit: float, out, offload=None, layer: int = 0) -> None:

@@ -226,6 +226,14 @@ def one_expert(t: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((t, 1), np.int32), np.ones((t, 1), np.float32)
 
 
+def moe(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, routed: tuple, limit: float, shared: tuple,
+        shared_limit: float, out: np.ndarray, offload=None, layer: int = 0) -> None:
+    """out += the routed experts idx [T, k] (weighted) of the stacks routed (gate, up, down; from the expert cache
+    `offload` when given), then the shared expert (the plain weights shared) of every token at weight 1."""
+    moe_experts(x, idx, weights, *routed, limit, out, offload, layer)
+    moe_experts(x, None, None, *shared, shared_limit, out)
+
+
 def moe_experts(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, w1, w3, w2, limit: float, out: np.ndarray,
                 offload=None, layer: int = 0) -> None:
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights; from

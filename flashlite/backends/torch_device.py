@@ -21,13 +21,15 @@ What only the positions decide (RoPE tables, window ranges, the picks before the
 
 Hybrid placement (flashlite/backends/placement.py) leaves some weights in host memory: a HostWeight (a matrix the
 C core multiplies: its input comes to the host, its product goes back) or, for a stack of routed experts of which
-the device holds the hottest, a SplitExperts; split_experts is where a MoE layer divides its tokens between the two.
+the device holds the hottest, a SplitExperts; split_experts is where a MoE layer divides its tokens between the two,
+and the C core's share runs on a worker thread of the device's own (HostExperts) while the device computes its own.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,15 +77,61 @@ class HostWeight(MatrixShape):
         return self.view.ne
 
 
+class HostExperts:
+    """The worker thread on which a split MoE layer's host experts run through the C core while the calling thread
+    queues (on torch-cpu: runs) the device's share (split_experts). One thread, started at the first split layer's
+    call and stopped by close() (a later call starts it again). The C core releases the GIL for the call (cffi API
+    mode) and runs it on its own pool, so the worker takes the core's threads and torch keeps its own setting.
+    overlap=False runs a split layer as before the worker (for comparisons and benchmarks): the C call on the
+    calling thread once the device's routed experts are queued, its sum added, then the shared expert."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.overlap = True
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream = None  # CUDA: the stream the host's sums go up on
+
+    def submit(self, fn, *args) -> Future:
+        """fn(*args) on the worker (overlap) or, when its result is asked for, on the caller."""
+        if not self.overlap:
+            return _Deferred(fn, args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlite-host-experts")
+        return self._executor.submit(fn, *args)
+
+    def upload_stream(self):
+        """On CUDA, the stream of the host sums' uploads (None elsewhere: the upload is a plain copy)."""
+        if self.device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def close(self) -> None:
+        """Stop the worker thread, after the call it runs (if any)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+class _Deferred:
+    """A call made when its result is first asked for, on the thread that asks (HostExperts without overlap)."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
 @dataclass(frozen=True)
 class SplitExperts(MatrixShape):
     """One matrix of a MoE layer's routed experts, split by the placement: `device` stacks the experts the device
     holds (ascending id), `host` is the file's whole stack, `slot` [experts] int64 on the device maps an expert id
-    to its index in `device`, -1 for one on the host."""
+    to its index in `device`, -1 for one on the host; `worker` runs the host's share."""
 
     device: DeviceWeight
     host: WeightView
     slot: torch.Tensor
+    worker: HostExperts
 
     @property
     def name(self) -> str:
@@ -115,6 +163,11 @@ class TorchDevice:
         self.precision = precision
         self.decoded: list[str] = []  # block-type matrices decoded to float32 for want of a kernel
         self.placement = None  # what load placed where (placement.Placement) when it was given a budget
+        self.host_experts = HostExperts(self.device)  # the split MoE layers' worker thread
+
+    def close(self) -> None:
+        """Stop the split layers' worker thread (Model.close)."""
+        self.host_experts.close()
 
     def __str__(self) -> str:
         return f"{self.device} ({self.kernels} matmuls)"
@@ -183,7 +236,8 @@ class TorchDevice:
                 return HostWeight(value, self.device)
             slot = np.full(value.ne[2], -1, np.int64)
             slot[keep] = np.arange(keep.size)
-            return SplitExperts(self.weight(value, keep), value, torch.from_numpy(slot).to(self.device))
+            return SplitExperts(self.weight(value, keep), value, torch.from_numpy(slot).to(self.device),
+                                self.host_experts)
         if isinstance(value, WeightView):
             return self.weight(value)
         if value.dtype.kind in "iu":
@@ -633,6 +687,25 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Te
     return picked / (picked.sum(-1, keepdim=True) + 1e-20) * route_scale, idx
 
 
+def moe(x: torch.Tensor, idx, weights, routed: tuple, limit: float, shared: tuple, shared_limit: float,
+        out: torch.Tensor, offload=None, layer: int = 0) -> None:
+    """cpu.moe: out += the routed experts idx (weighted), then the shared expert of every token. In a split layer
+    the shared expert runs while the host computes its experts, into a buffer of its own that is added after the
+    host's sum, so that out sums in the same order as one after the other (which the layer runs when its worker
+    does not overlap: HostExperts.overlap)."""
+    if not isinstance(routed[0], SplitExperts) or not routed[0].worker.overlap:
+        moe_experts(x, idx, weights, *routed, limit, out, offload, layer)
+        moe_experts(x, None, None, *shared, shared_limit, out)
+        return
+    host = split_experts(x, idx, weights, *routed, limit, out, offload, layer)
+    own = zeros_like(out)
+    try:
+        moe_experts(x, None, None, *shared, shared_limit, own)
+    finally:  # the worker's call is waited for even when the device's work fails (its error comes first)
+        host.add_to(out)
+    out += own
+
+
 def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: torch.Tensor, offload=None,
                 layer: int = 0) -> None:
     """out += the experts idx [T, k] (weighted) of stacked (or, for one expert, plain) gate/up/down weights: on the
@@ -647,43 +720,99 @@ def moe_experts(x: torch.Tensor, idx, weights, w1, w3, w2, limit: float, out: to
             idx = torch.zeros((t, 1), dtype=torch.int64, device=x.device)
             weights = torch.ones((t, 1), device=x.device)
     if isinstance(w1, SplitExperts):
-        split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer)
+        split_experts(x, idx, weights, w1, w3, w2, limit, out, offload, layer).add_to(out)
     elif isinstance(w1, HostWeight):
         idx_h = _host(idx, np.int32)
-        _add_host_experts(x, np.arange(idx_h.shape[0]), idx_h, _host(weights), (w1.view, w3.view, w2.view), limit,
-                          out, offload, layer)
+        rows = np.arange(idx_h.shape[0])
+        y = _host_experts(_host(x), idx_h, _host(weights), (w1.view, w3.view, w2.view), limit, offload, layer)
+        out.index_add_(0, _on(rows, out.device, torch.int64), _on(y, out.device))
     else:
         _device_experts(x, _on(idx, x.device, torch.int64).reshape(-1), idx.shape[1],
                         _on(weights, x.device, torch.float32).reshape(-1), (w1, w3, w2), limit, out)
 
 
 def split_experts(x: torch.Tensor, idx, weights, w1: SplitExperts, w3: SplitExperts, w2: SplitExperts,
-                  limit: float, out: torch.Tensor, offload=None, layer: int = 0) -> None:
+                  limit: float, out: torch.Tensor, offload=None, layer: int = 0) -> HostSum:
     """A MoE layer whose routed experts the placement split: the (token, expert) pairs of experts on the device
     run there (by their slot in the device stack), the others on the host through the C core (from the expert
     cache `offload` when given), their tokens' inputs brought over and their weighted sum sent back. The host side
-    takes the tokens with at least one host expert, each with its host experts, padded to the longest such list
-    with a repeat of its first at weight 0 (so that no other expert is read). The ids and inputs come over first
-    (one synchronisation), then the device's products are queued, so that on an accelerator they run while the C
-    core computes."""
+    takes the tokens with at least one host expert, each with its host experts (host_pairs). The ids and inputs
+    come over first
+    (one synchronisation), the C core's call starts on the worker thread (w1.worker), then the device's products
+    are queued (on torch-cpu: run) into out meanwhile; the host's sum is the returned HostSum, which the caller
+    adds to out when it needs it (after the device's, as the C core adds a layer's experts)."""
     k = idx.shape[1]
     idx_d = _on(idx, x.device, torch.int64)
     w_d = _on(weights, x.device, torch.float32)
     slot = w1.slot[idx_d]
-    idx_h, w_h, on_host = _host(idx_d, np.int32), _host(w_d), _host(slot < 0, np.bool_)
-    rows = np.nonzero(on_host.any(1))[0]
+    rows, ids, wts = host_pairs(_host(idx_d, np.int32), _host(w_d), _host(slot < 0, np.bool_))
+    host = None
     if rows.size:
-        first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
-        ids = np.take_along_axis(idx_h[rows], first, 1)
-        wts = np.take_along_axis(w_h[rows], first, 1)
-        n = on_host[rows].sum(1)
-        pad = np.arange(n.max())[None, :] >= n[:, None]
-        ids = np.where(pad, ids[:, :1], ids[:, :n.max()])
-        wts = np.where(pad, np.float32(0), wts[:, :n.max()])
         x_h = _host(x[_on(rows, x.device, torch.int64)])
+        worker = w1.worker
+        host = worker.submit(_host_experts_up, worker, x_h, ids, wts, (w1.host, w3.host, w2.host), limit, offload,
+                             layer)
     _device_experts(x, slot.reshape(-1), k, w_d.reshape(-1), (w1.device, w3.device, w2.device), limit, out)
-    if rows.size:
-        _add_host_experts(x_h, rows, ids, wts, (w1.host, w3.host, w2.host), limit, out, offload, layer)
+    return HostSum(host, _on(rows, out.device, torch.int64))
+
+
+def host_pairs(idx: np.ndarray, weights: np.ndarray, on_host: np.ndarray) -> tuple:
+    """(rows, ids, weights) of the host's side of a split layer from the routed ids and weights [T, k] and which
+    pairs are on the host: the tokens with a host expert, each with its host experts in slot order, padded to the
+    longest such list with a repeat of its first at weight 0."""
+    rows = np.nonzero(on_host.any(1))[0]
+    if not rows.size:
+        return rows, idx[:0], weights[:0]
+    first = np.argsort(~on_host[rows], axis=1, kind="stable")  # each row's host pairs first, in slot order
+    ids = np.take_along_axis(idx[rows], first, 1)
+    wts = np.take_along_axis(weights[rows], first, 1)
+    n = on_host[rows].sum(1)
+    pad = np.arange(n.max())[None, :] >= n[:, None]
+    return rows, np.where(pad, ids[:, :1], ids[:, :n.max()]), np.where(pad, np.float32(0), wts[:, :n.max()])
+
+
+class HostSum:
+    """The host experts' weighted sum of a split layer's tokens `rows` as the worker computes it: add_to waits
+    for it (an error of the worker's call is raised here, in the caller) and adds it to the rows of out."""
+
+    def __init__(self, pending: Future | _Deferred | None, rows: torch.Tensor):
+        self.pending, self.rows = pending, rows
+
+    def add_to(self, out: torch.Tensor) -> None:
+        if self.pending is None:  # every pair was on the device
+            return
+        y, uploaded = self.pending.result()
+        self.pending = None
+        if uploaded is not None:  # CUDA: the device waits for the upload's event, not the host
+            torch.cuda.current_stream(out.device).wait_event(uploaded)
+            y.record_stream(torch.cuda.current_stream(out.device))
+        out.index_add_(0, self.rows, _on(y, out.device))
+
+
+def _host_experts_up(worker: HostExperts, x: np.ndarray, idx: np.ndarray, weights: np.ndarray, views: tuple,
+                     limit: float, offload, layer: int):
+    """(the C core's experts of x, an event or None) on the worker: on CUDA the sum is computed into pinned memory
+    and uploaded on the worker's stream without blocking (the event marks its end), elsewhere returned as is."""
+    stream = worker.upload_stream()
+    if stream is None:
+        return _host_experts(x, idx, weights, views, limit, offload, layer), None
+    pinned = torch.zeros(x.shape, dtype=torch.float32, pin_memory=True)
+    _host_experts(x, idx, weights, views, limit, offload, layer, pinned.numpy())
+    with torch.cuda.stream(stream):
+        y = pinned.to(worker.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return y, done
+
+
+def _host_experts(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, views: tuple, limit: float, offload,
+                  layer: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The C core's experts idx [R, k] (weighted) of the file's stacks `views` for the inputs x [R, D], into out
+    (zeros) or a new array: from the expert cache `offload` when given."""
+    y = np.zeros_like(x) if out is None else out
+    cpu.moe_experts(x, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32), *views,
+                    limit, y, offload, layer)
+    return y
 
 
 def _device_experts(x: torch.Tensor, flat: torch.Tensor, k: int, wflat: torch.Tensor, weights: tuple, limit: float,
@@ -712,17 +841,6 @@ def _grouped(w: DeviceWeight, n: int, xs: torch.Tensor, expert: torch.Tensor) ->
     # each expert's end in the sorted rows (a bincount would read its largest value back to size its output)
     ends = torch.searchsorted(expert, torch.arange(n, device=expert.device), right=True).to(torch.int32)
     return torch.nn.functional.grouped_mm(xs, stack.transpose(1, 2), offs=ends)
-
-
-def _add_host_experts(x, rows: np.ndarray, idx: np.ndarray, weights: np.ndarray, views: tuple, limit: float,
-                      out: torch.Tensor, offload, layer: int) -> None:
-    """out[rows] += the C core's experts idx [R, k] (weighted) of the file's stacks `views` for the inputs x [R, D]
-    (x[rows] when x is a device tensor of every token): from the expert cache `offload` when given."""
-    x_h = _host(x[_on(rows, x.device)]) if isinstance(x, torch.Tensor) else x
-    y = np.zeros_like(x_h)
-    cpu.moe_experts(x_h, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(weights, np.float32), *views,
-                    limit, y, offload, layer)
-    out.index_add_(0, _on(rows, out.device, torch.int64), _on(y, out.device))
 
 
 def plan_ffn(*args, **kwargs) -> None:

@@ -523,16 +523,10 @@ class MoE:
         self.s1, self.s3, self.s2 = w["ffn_gate_shexp"], w["ffn_up_shexp"], w["ffn_down_shexp"]
 
     @staticmethod
-    def experts(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
-        """out += the experts idx [T, k] of stacked (or, for one expert, plain) gate/up/down weights (idx and
-        weights None: the one expert of plain weights at weight 1)."""
-        backend.moe_experts(x, idx, weights, w1, w3, w2, limit, out)
-
-    @staticmethod
     def experts_visible(x, idx, weights, w1: WeightView, w3: WeightView, w2: WeightView, limit: float, out) -> None:
-        """experts() computed the way the core's moe_run computes it (each expert's tokens in ascending order, the
-        sums into out in ascending expert id), through linear(), so that an observer sees each expert's input and
-        its SwiGLU output, the down projection's input."""
+        """backend.moe_experts computed the way the core's moe_run computes it (each expert's tokens in ascending
+        order, the sums into out in ascending expert id), through linear(), so that an observer sees each expert's
+        input and its SwiGLU output, the down projection's input."""
         if idx is None:  # the one expert of plain weights, at weight 1
             idx, weights = one_expert(x.shape[0])
         stacked = len(w1.ne) == 3
@@ -558,14 +552,16 @@ class MoE:
         weights, idx = self.gate(x, token_ids)
         x = backend.contiguous(x)
         out = backend.zeros_like(x)
-        experts = self.experts if OBSERVER is None else self.experts_visible
+        routed, shared = (self.w1, self.w3, self.w2), (self.s1, self.s3, self.s2)
+        if OBSERVER is None:
+            backend.moe(x, idx, weights, routed, self.limit, shared, self.shared_limit, out, self.offload, self.layer)
+            return out
         if self.offload is None:
-            experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out)
+            self.experts_visible(x, idx, weights, *routed, self.limit, out)
         else:
-            backend.moe_experts(x, idx, weights, self.w1, self.w3, self.w2, self.limit, out, self.offload, self.layer)
-        # the shared expert: the one expert of plain weights for every token at weight 1 (idx None: the backend makes
-        # its ids where it computes, so a device step uploads nothing for it)
-        experts(x, None, None, self.s1, self.s3, self.s2, self.shared_limit, out)
+            backend.moe_experts(x, idx, weights, *routed, self.limit, out, self.offload, self.layer)
+        # the shared expert: the one expert of plain weights for every token at weight 1
+        self.experts_visible(x, None, None, *shared, self.shared_limit, out)
         return out
 
 
