@@ -234,13 +234,6 @@ class LayerCache:
         # the layer's logs as the C core's decode step takes them (struct fl_v4_attn_cache): each log keeps its
         # C struct here, so this one pointer stays valid for the cache's life
         self.c = ffi.new("struct fl_v4_attn_cache *")
-        self.clear()
-
-    def clear(self) -> None:
-        if hasattr(self, "kv"):  # emptied in place: a device's rings stay where they are, so a captured step replays
-            for log in self.logs():
-                log.restore(0, np.empty((0, log.fmt.nbytes), np.uint8))
-            return
         self.kv = self.row_log(self.kv_row)
         self.compressor = None
         self.indexer = None
@@ -253,6 +246,11 @@ class LayerCache:
                                                rotated=self.index_row.kind is not None, row_log=self.row_log)
         for log, field in zip(self.logs(), ("kv", "ckv", "cscore", "crows", "ikv", "iscore", "irows")):
             log.attach(ffi.addressof(self.c[0], field))
+
+    def clear(self) -> None:
+        """Every log emptied in place: a device's rings stay where they are, so a captured step replays."""
+        for log in self.logs():
+            log.restore(0, np.empty((0, log.fmt.nbytes), np.uint8))
 
     def reserve(self, n: int) -> None:
         """Room for n more rows in every log (what a step of n tokens may append)."""
